@@ -1,0 +1,271 @@
+//! The serde mirror of the TOML file, and a reader that collects *every* schema problem.
+//!
+//! Runs in the master (startup, `check`). Every key is optional here: missing keys, defaults
+//! and value checks belong to [`super::validate`]. This layer only rejects unknown keys and
+//! values of the wrong TOML type, each reported with its byte span.
+//!
+//! serde stops at the first error, so [`read`] removes the offending entry from the parsed
+//! document and deserializes again, until the document is clean; each round reports one issue.
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, Deserializer};
+
+/// The whole configuration file: `[daemon]`, `[log]` and any number of `[[listener]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[daemon]`: the process pool.
+    pub daemon: Option<DaemonSection>,
+    /// `[log]`: where log lines go.
+    pub log: Option<LogSection>,
+    /// `[[listener]]`: one per listening address, each with its own policy.
+    #[serde(default)]
+    pub listener: Vec<Spanned<ListenerSection>>,
+}
+
+/// `[daemon]` as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Number of workers, or `"auto"`.
+    pub workers: Option<Spanned<WorkersValue>>,
+    /// Graceful stop deadline, a humane duration string.
+    pub graceful_timeout: Option<Spanned<String>>,
+    /// Connection budget of one worker, all listeners together.
+    pub max_connections_per_worker: Option<Spanned<i64>>,
+}
+
+/// `[log]` as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `"stderr"` or `"syslog"`.
+    pub target: Option<Spanned<String>>,
+    /// `"error"`, `"warn"`, `"info"`, `"debug"`, `"trace"` or `"off"`.
+    pub level: Option<Spanned<String>>,
+    /// One line per closed connection.
+    pub access_log: Option<Spanned<bool>>,
+    /// syslog(3) facility name, for `target = "syslog"`.
+    pub facility: Option<Spanned<String>>,
+}
+
+/// One `[[listener]]` block as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    /// Unique name, used in logs.
+    pub name: Option<Spanned<String>>,
+    /// `IP:PORT` or `[IPv6]:PORT`.
+    pub address: Option<Spanned<String>>,
+    /// Built-in service name.
+    pub service: Option<Spanned<String>>,
+    /// listen(2) backlog.
+    pub backlog: Option<Spanned<i64>>,
+    /// Idle timeout before the first completed exchange.
+    pub short_idle_timeout: Option<Spanned<String>>,
+    /// Idle timeout of a kept-alive connection.
+    pub long_idle_timeout: Option<Spanned<String>>,
+    /// Connections per client address, across all workers.
+    pub max_connections_per_client: Option<Spanned<i64>>,
+    /// Kept-alive connections per client address, across all workers.
+    pub max_long_connections_per_client: Option<Spanned<i64>>,
+}
+
+/// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
+/// `[[listener]]`. Documentation tests check that the shipped config and the man page name
+/// each of them.
+pub const KEYS: &[&str] = &[
+    "daemon.workers",
+    "daemon.graceful_timeout",
+    "daemon.max_connections_per_worker",
+    "log.target",
+    "log.level",
+    "log.access_log",
+    "log.facility",
+    "listener.name",
+    "listener.address",
+    "listener.service",
+    "listener.backlog",
+    "listener.short_idle_timeout",
+    "listener.long_idle_timeout",
+    "listener.max_connections_per_client",
+    "listener.max_long_connections_per_client",
+];
+
+/// `workers = 4` or `workers = "auto"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkersValue {
+    /// An explicit count (checked to be in range later).
+    Count(i64),
+    /// A keyword; only `"auto"` is valid (checked later).
+    Keyword(String),
+}
+
+impl<'de> Deserialize<'de> for WorkersValue {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct WorkersVisitor;
+        impl Visitor<'_> for WorkersVisitor {
+            type Value = WorkersValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of workers or \"auto\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<WorkersValue, E> {
+                Ok(WorkersValue::Count(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<WorkersValue, E> {
+                Ok(WorkersValue::Count(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<WorkersValue, E> {
+                Ok(WorkersValue::Keyword(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(WorkersVisitor)
+    }
+}
+
+/// One schema or syntax problem, before it is turned into `line:col`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawIssue {
+    /// Byte range in the source the problem points at.
+    pub span: Range<usize>,
+    /// Dotted key path, such as `listener[1].address`, or `syntax`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Parses `source` and deserializes it into a [`FileConfig`], collecting every syntax error,
+/// unknown key and wrongly typed value instead of stopping at the first.
+///
+/// Returns the configuration with the offending entries left out (`None` when the document
+/// could not be read at all) and the problems found, in the order found.
+pub fn read(source: &str) -> (Option<FileConfig>, Vec<RawIssue>) {
+    let (mut document, errors) = DeTable::parse_recoverable(source);
+    if !errors.is_empty() {
+        let issues = errors
+            .iter()
+            .map(|e| RawIssue {
+                span: e.span().unwrap_or(0..0),
+                key: "syntax".to_owned(),
+                message: e.message().trim().to_owned(),
+            })
+            .collect();
+        return (None, issues);
+    }
+    let mut issues = Vec::new();
+    // Each round removes one entry, so the loop ends; the bound is a second guard.
+    for _ in 0..=source.len() {
+        match FileConfig::deserialize(Deserializer::from(document.clone())) {
+            Ok(config) => return (Some(config), issues),
+            Err(error) => {
+                let span = error.span().unwrap_or(0..0);
+                let removed = remove_entry_at(document.get_mut(), &span, "");
+                let key = removed.clone().unwrap_or_else(|| "(document)".to_owned());
+                issues.push(RawIssue {
+                    span,
+                    key,
+                    message: error.message().trim().to_owned(),
+                });
+                if removed.is_none() {
+                    return (None, issues);
+                }
+            }
+        }
+    }
+    (None, issues)
+}
+
+fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end.max(inner.start)
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Removes the innermost table entry whose key or value covers `span`; returns its key path.
+/// Nested tables are searched first: a `[section]` table's own span may cover only its header.
+fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>, prefix: &str) -> Option<String> {
+    let keys: Vec<_> = table.keys().cloned().collect();
+    for key in keys {
+        let path = join(prefix, key.get_ref());
+        let Some(value) = table.get_mut(&key) else {
+            continue;
+        };
+        let covers = contains(&key.span(), span) || contains(&value.span(), span);
+        let found = match value.get_mut() {
+            DeValue::Table(inner) => remove_entry_at(inner, span, &path),
+            DeValue::Array(items) => {
+                items
+                    .iter_mut()
+                    .enumerate()
+                    .find_map(|(index, item)| match item.get_mut() {
+                        DeValue::Table(inner) => {
+                            remove_entry_at(inner, span, &format!("{path}[{index}]"))
+                        }
+                        _ => None,
+                    })
+            }
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+        if covers {
+            table.remove(&key);
+            return Some(path);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_file_reads_without_issues() {
+        let (config, issues) = read("[daemon]\nworkers = \"auto\"\n[[listener]]\nname = \"a\"\n");
+        assert!(issues.is_empty(), "{issues:?}");
+        let config = config.unwrap();
+        let workers = config.daemon.unwrap().workers.unwrap().into_inner();
+        assert_eq!(workers, WorkersValue::Keyword("auto".into()));
+        assert_eq!(config.listener.len(), 1);
+    }
+
+    #[test]
+    fn every_unknown_key_and_type_error_is_reported() {
+        let source = "colour = 1\n[daemon]\nworkers = true\nspeed = 3\n\
+                      [[listener]]\nname = \"a\"\nbacklog = \"big\"\nadress = \"x\"\n";
+        let (config, issues) = read(source);
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert!(config.is_some(), "{issues:#?}");
+        for expected in [
+            "colour",
+            "daemon.workers",
+            "daemon.speed",
+            "listener[0].backlog",
+            "listener[0].adress",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        assert_eq!(issues.len(), 5, "{issues:?}");
+    }
+
+    #[test]
+    fn syntax_errors_stop_before_schema() {
+        let (config, issues) = read("[daemon\nworkers = 1\n");
+        assert!(config.is_none());
+        assert!(!issues.is_empty());
+        assert!(issues.iter().all(|i| i.key == "syntax"));
+    }
+}

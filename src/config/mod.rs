@@ -1,0 +1,146 @@
+//! Configuration: TOML file -> [`file::FileConfig`] (serde, unknown keys rejected) ->
+//! [`validate::validate`] -> [`Config`] with real types.
+//!
+//! Runs in the master, before anything is bound or forked. Workers receive the validated
+//! [`Config`] through `fork(2)` and never read the file. Every problem is collected and
+//! reported as `path:line:col: key: message` (see [`ConfigError`]).
+
+mod error;
+pub mod file;
+pub mod validate;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::Path;
+use std::time::Duration;
+
+pub use error::{ConfigError, Issue};
+
+use crate::services::ServiceKind;
+
+/// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
+pub const FD_SETSIZE: usize = 1024;
+
+/// Descriptors a worker holds besides listeners and connections: stdio, its signal pipe, the
+/// syslog socket, with room to spare. Part of the select budget check.
+pub const RESERVED_FDS: usize = 16;
+
+/// Upper bound of `daemon.workers`.
+pub const MAX_WORKERS: usize = 512;
+
+/// A validated configuration, with every default applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[[listener]]`, in file order; at least one.
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[daemon]`: the worker pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Worker processes to keep running. Default `"auto"`: one per CPU. 0 is an error.
+    pub workers: NonZeroUsize,
+    /// How long a graceful stop (SIGQUIT) lets open exchanges finish before the master sends
+    /// SIGKILL. Default 30 s; 0 kills at once.
+    pub graceful_timeout: Duration,
+    /// Connections one worker holds at most, all listeners together; a full worker stops
+    /// accepting until one closes. Default 512; must fit `select(2)`'s [`FD_SETSIZE`].
+    pub max_connections_per_worker: NonZeroUsize,
+}
+
+/// `[log]`: log target and verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Where lines go. Default [`LogTarget::Stderr`].
+    pub target: LogTarget,
+    /// Most verbose level written. Default `info`.
+    pub level: log::LevelFilter,
+    /// Write one access line per closed connection (at `info`). Default `true`.
+    pub access_log: bool,
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard error, one line per record with time, level, role and pid (systemd's journal
+    /// picks it up as is).
+    Stderr,
+    /// The local syslog daemon over `/dev/log` (RFC 3164), with this facility.
+    Syslog(SyslogFacility),
+}
+
+/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.
+#[derive(Debug, Clone, Copy)]
+pub struct SyslogFacility(pub syslog::Facility);
+
+impl PartialEq for SyslogFacility {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 as i32 == other.0 as i32
+    }
+}
+
+impl Eq for SyslogFacility {}
+
+/// One `[[listener]]`: an address, the service behind it and its connection policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs. Required.
+    pub name: String,
+    /// Address to bind; port 0 asks the kernel for a free port. Required.
+    pub address: SocketAddr,
+    /// The built-in service. Required.
+    pub service: ServiceKind,
+    /// listen(2) backlog; the kernel caps it at `net.core.somaxconn`. Default 1024.
+    pub backlog: NonZeroU32,
+    /// A connection that has not completed an exchange is closed after this long without
+    /// traffic. Default 10 s; `None` (written `"0s"`) disables it.
+    pub short_idle_timeout: Option<Duration>,
+    /// A kept-alive connection is closed after this long without traffic. Default 5 min;
+    /// `None` (written `"0s"`) disables it.
+    pub long_idle_timeout: Option<Duration>,
+    /// Open connections per client IP address on this listener, across all workers.
+    /// Default 32; `None` (written 0) is unlimited.
+    pub max_connections_per_client: Option<NonZeroU32>,
+    /// Kept-alive connections per client IP address on this listener, across all workers;
+    /// a connection beyond it is closed after its exchange. Default 8; `None` (written 0) is
+    /// unlimited.
+    pub max_long_connections_per_client: Option<NonZeroU32>,
+}
+
+impl ListenerConfig {
+    /// Whether connections on this listener need the shared per-client table at all.
+    pub fn has_client_limits(&self) -> bool {
+        self.max_connections_per_client.is_some() || self.max_long_connections_per_client.is_some()
+    }
+}
+
+/// Reads and validates the configuration file at `path`.
+///
+/// # Errors
+/// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
+/// problem found otherwise.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &source)
+}
+
+/// Validates configuration `source`; `path` only labels the problems.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] listing every syntax, schema and value problem found.
+pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
+    let (file, mut raw) = file::read(source);
+    let config = file.and_then(|file| validate::validate(file, &mut raw));
+    match config {
+        Some(config) if raw.is_empty() => Ok(config),
+        _ => Err(ConfigError::invalid(path, source, raw)),
+    }
+}

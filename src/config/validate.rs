@@ -1,0 +1,485 @@
+//! [`FileConfig`] -> [`Config`]: defaults, ranges, cross-key checks. Collects every problem.
+//!
+//! Pure: no I/O, so each rule is unit-tested here.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
+use super::{
+    Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget, MAX_WORKERS,
+    RESERVED_FDS, SyslogFacility,
+};
+use crate::services::ServiceKind;
+
+/// Default of `daemon.graceful_timeout`.
+pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `daemon.max_connections_per_worker`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 512;
+/// Default of `listener.backlog`.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Default of `listener.short_idle_timeout`.
+pub const DEFAULT_SHORT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `listener.long_idle_timeout`.
+pub const DEFAULT_LONG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default of `listener.max_connections_per_client`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 32;
+/// Default of `listener.max_long_connections_per_client`.
+pub const DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT: u32 = 8;
+
+struct Checker<'a> {
+    issues: &'a mut Vec<RawIssue>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(RawIssue {
+            span,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(duration) => duration,
+            Err(error) => {
+                self.report(
+                    value.span(),
+                    key,
+                    format!(
+                        "invalid duration {:?} ({error}); write a number with a unit, such as \"10s\", \"250ms\" or \"5m\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// An integer in `min..=max`, or the default.
+    fn integer(
+        &mut self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> i64 {
+        let Some(value) = value else { return default };
+        let n = *value.get_ref();
+        if (min..=max).contains(&n) {
+            n
+        } else {
+            self.report(
+                value.span(),
+                key,
+                format!("{n} is out of range: expected {min} to {max}"),
+            );
+            default
+        }
+    }
+
+    fn string<T>(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: T,
+        expected: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> T {
+        let Some(value) = value else { return default };
+        match parse(value.get_ref()) {
+            Some(parsed) => parsed,
+            None => {
+                self.report(
+                    value.span(),
+                    key,
+                    format!("unknown value {:?}: expected {expected}", value.get_ref()),
+                );
+                default
+            }
+        }
+    }
+}
+
+/// Checks every value of `file` and applies defaults, appending each problem to `issues`.
+///
+/// Returns the configuration only when `issues` holds no problem afterwards (including those
+/// found before, by [`super::file::read`]).
+pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> {
+    let mut check = Checker { issues };
+    let daemon_section = file.daemon.unwrap_or_default();
+    let log_section = file.log.unwrap_or_default();
+
+    let workers = match daemon_section.workers.as_ref() {
+        None => available_cpus(),
+        Some(value) => match value.get_ref() {
+            WorkersValue::Keyword(word) if word == "auto" => available_cpus(),
+            WorkersValue::Keyword(word) => {
+                check.report(
+                    value.span(),
+                    "daemon.workers",
+                    format!("unknown value {word:?}: expected a number or \"auto\""),
+                );
+                1
+            }
+            WorkersValue::Count(n) if (1..=MAX_WORKERS as i64).contains(n) => *n as usize,
+            WorkersValue::Count(n) => {
+                check.report(
+                    value.span(),
+                    "daemon.workers",
+                    format!("{n} is out of range: expected 1 to {MAX_WORKERS}, or \"auto\""),
+                );
+                1
+            }
+        },
+    };
+    let graceful_timeout = check.duration(
+        daemon_section.graceful_timeout.as_ref(),
+        "daemon.graceful_timeout",
+        DEFAULT_GRACEFUL_TIMEOUT,
+    );
+    let max_connections_per_worker = check.integer(
+        daemon_section.max_connections_per_worker.as_ref(),
+        "daemon.max_connections_per_worker",
+        1,
+        (FD_SETSIZE - RESERVED_FDS) as i64,
+        DEFAULT_MAX_CONNECTIONS_PER_WORKER as i64,
+    ) as usize;
+
+    let target = check.string(
+        log_section.target.as_ref(),
+        "log.target",
+        "stderr",
+        "\"stderr\" or \"syslog\"",
+        |s| ["stderr", "syslog"].into_iter().find(|t| *t == s),
+    );
+    let facility = check.string(
+        log_section.facility.as_ref(),
+        "log.facility",
+        syslog::Facility::LOG_DAEMON,
+        "a syslog facility such as \"daemon\" or \"local0\"",
+        |s| syslog::Facility::from_str(s).ok(),
+    );
+    let level = check.string(
+        log_section.level.as_ref(),
+        "log.level",
+        log::LevelFilter::Info,
+        "\"error\", \"warn\", \"info\", \"debug\", \"trace\" or \"off\"",
+        |s| log::LevelFilter::from_str(s).ok(),
+    );
+    let access_log = log_section.access_log.is_none_or(Spanned::into_inner);
+    let log = LogConfig {
+        target: if target == "syslog" {
+            LogTarget::Syslog(SyslogFacility(facility))
+        } else {
+            LogTarget::Stderr
+        },
+        level,
+        access_log,
+    };
+
+    if file.listener.is_empty() {
+        check.report(
+            0..0,
+            "listener",
+            "no [[listener]] is configured: at least one is required",
+        );
+    }
+    let mut listeners = Vec::with_capacity(file.listener.len());
+    let mut names: HashSet<String> = HashSet::new();
+    let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
+    for (index, section) in file.listener.into_iter().enumerate() {
+        let span = section.span();
+        if let Some(listener) =
+            validate_listener(&mut check, index, span.clone(), section.into_inner())
+        {
+            if !names.insert(listener.name.clone()) {
+                check.report(
+                    span.clone(),
+                    format!("listener[{index}].name"),
+                    format!("duplicate listener name {:?}", listener.name),
+                );
+            }
+            if listener.address.port() != 0 {
+                if let Some(first) = addresses.insert(listener.address, index) {
+                    check.report(
+                        span.clone(),
+                        format!("listener[{index}].address"),
+                        format!("{} is already used by listener[{first}]", listener.address),
+                    );
+                }
+            }
+            listeners.push(listener);
+        }
+    }
+
+    let fds_needed = max_connections_per_worker + listeners.len() + RESERVED_FDS;
+    if fds_needed > FD_SETSIZE {
+        let span = daemon_section
+            .max_connections_per_worker
+            .as_ref()
+            .map_or(0..0, Spanned::span);
+        check.report(
+            span,
+            "daemon.max_connections_per_worker",
+            format!(
+                "{max_connections_per_worker} connections with {} listeners need descriptors up to {fds_needed}, over select()'s FD_SETSIZE of {FD_SETSIZE}; at most {} fit",
+                listeners.len(),
+                FD_SETSIZE - RESERVED_FDS - listeners.len()
+            ),
+        );
+    }
+
+    if !check.issues.is_empty() {
+        return None;
+    }
+    Some(Config {
+        daemon: DaemonConfig {
+            workers: NonZeroUsize::new(workers)?,
+            graceful_timeout,
+            max_connections_per_worker: NonZeroUsize::new(max_connections_per_worker)?,
+        },
+        log,
+        listeners,
+    })
+}
+
+fn validate_listener(
+    check: &mut Checker<'_>,
+    index: usize,
+    span: Range<usize>,
+    section: ListenerSection,
+) -> Option<ListenerConfig> {
+    let key = |name: &str| format!("listener[{index}].{name}");
+    let mut complete = true;
+    let mut required =
+        |check: &mut Checker<'_>, value: Option<&Spanned<String>>, name: &str| -> Option<String> {
+            let value = value.map(|v| v.get_ref().clone());
+            if value.is_none() {
+                check.report(span.clone(), key(name), "missing: this key is required");
+                complete = false;
+            }
+            value
+        };
+    let name = required(check, section.name.as_ref(), "name");
+    let address_text = required(check, section.address.as_ref(), "address");
+    let service_text = required(check, section.service.as_ref(), "service");
+
+    if let (Some(name), Some(value)) = (&name, &section.name) {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            check.report(
+                value.span(),
+                key("name"),
+                "must be non-empty, without spaces or control characters",
+            );
+        }
+    }
+    let address = match (&address_text, &section.address) {
+        (Some(text), Some(value)) => match text.parse::<SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                check.report(
+                    value.span(),
+                    key("address"),
+                    format!("{text:?} is not an address: write IP:PORT, or [IPv6]:PORT"),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let service = match (&service_text, &section.service) {
+        (Some(text), Some(value)) => match text.parse::<ServiceKind>() {
+            Ok(service) => Some(service),
+            Err(_) => {
+                check.report(
+                    value.span(),
+                    key("service"),
+                    format!(
+                        "unknown service {text:?}: expected one of {}",
+                        ServiceKind::NAMES.join(", ")
+                    ),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let backlog = check.integer(
+        section.backlog.as_ref(),
+        &key("backlog"),
+        1,
+        65535,
+        DEFAULT_BACKLOG as i64,
+    );
+    let short = check.duration(
+        section.short_idle_timeout.as_ref(),
+        &key("short_idle_timeout"),
+        DEFAULT_SHORT_IDLE_TIMEOUT,
+    );
+    let long = check.duration(
+        section.long_idle_timeout.as_ref(),
+        &key("long_idle_timeout"),
+        DEFAULT_LONG_IDLE_TIMEOUT,
+    );
+    let per_client = check.integer(
+        section.max_connections_per_client.as_ref(),
+        &key("max_connections_per_client"),
+        0,
+        u32::MAX as i64,
+        DEFAULT_MAX_CONNECTIONS_PER_CLIENT as i64,
+    );
+    let long_per_client = check.integer(
+        section.max_long_connections_per_client.as_ref(),
+        &key("max_long_connections_per_client"),
+        0,
+        u32::MAX as i64,
+        DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT as i64,
+    );
+    if !complete {
+        return None;
+    }
+    Some(ListenerConfig {
+        name: name?,
+        address: address?,
+        service: service?,
+        backlog: NonZeroU32::new(backlog as u32)?,
+        short_idle_timeout: Some(short).filter(|d| !d.is_zero()),
+        long_idle_timeout: Some(long).filter(|d| !d.is_zero()),
+        max_connections_per_client: NonZeroU32::new(per_client as u32),
+        max_long_connections_per_client: NonZeroU32::new(long_per_client as u32),
+    })
+}
+
+/// One worker per CPU available to this process (`sched_getaffinity`), at least 1.
+fn available_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, NonZeroUsize::get)
+        .min(MAX_WORKERS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{ConfigError, parse};
+
+    const MINIMAL: &str =
+        "[[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:7788\"\nservice = \"echo\"\n";
+
+    fn issues(source: &str) -> Vec<String> {
+        match parse(Path::new("t.toml"), source) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { issues, .. }) => {
+                issues.iter().map(ToString::to_string).collect()
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(Path::new("t.toml"), MINIMAL).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.backlog.get(), DEFAULT_BACKLOG);
+        assert_eq!(
+            listener.short_idle_timeout,
+            Some(DEFAULT_SHORT_IDLE_TIMEOUT)
+        );
+        assert_eq!(listener.long_idle_timeout, Some(DEFAULT_LONG_IDLE_TIMEOUT));
+        assert_eq!(
+            listener.max_connections_per_client.map(NonZeroU32::get),
+            Some(32)
+        );
+        assert_eq!(config.daemon.graceful_timeout, DEFAULT_GRACEFUL_TIMEOUT);
+        assert_eq!(
+            config.daemon.max_connections_per_worker.get(),
+            DEFAULT_MAX_CONNECTIONS_PER_WORKER
+        );
+        assert_eq!(config.log.target, LogTarget::Stderr);
+        assert!(config.log.access_log);
+    }
+
+    #[test]
+    fn zero_means_disabled_or_unlimited() {
+        let source = format!(
+            "{MINIMAL}short_idle_timeout = \"0s\"\nlong_idle_timeout = \"0s\"\nmax_connections_per_client = 0\nmax_long_connections_per_client = 0\n"
+        );
+        let config = parse(Path::new("t.toml"), &source).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.short_idle_timeout, None);
+        assert_eq!(listener.long_idle_timeout, None);
+        assert_eq!(listener.max_connections_per_client, None);
+        assert!(!listener.has_client_limits());
+    }
+
+    #[test]
+    fn every_mistake_is_listed_with_its_location() {
+        let source = "[daemon]\nworkers = 0\ngraceful_timeout = \"soon\"\n\
+                      [[listener]]\nname = \"a\"\naddress = \"localhost\"\nservice = \"gopher\"\n\
+                      [[listener]]\nname = \"a\"\n";
+        let found = issues(source);
+        let expected = [
+            "2:11: daemon.workers: 0 is out of range",
+            "3:20: daemon.graceful_timeout: invalid duration",
+            "6:11: listener[0].address: \"localhost\" is not an address",
+            "7:11: listener[0].service: unknown service \"gopher\"",
+            "listener[1].address: missing",
+            "listener[1].service: missing",
+        ];
+        for e in expected {
+            assert!(
+                found.iter().any(|f| f.contains(e)),
+                "{e:?} not in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn select_budget_is_enforced() {
+        let source = format!("[daemon]\nmax_connections_per_worker = 1008\n{MINIMAL}");
+        let found = issues(&source);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("FD_SETSIZE"), "{found:?}");
+        assert!(
+            issues(&format!(
+                "[daemon]\nmax_connections_per_worker = 1007\n{MINIMAL}"
+            ))
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn duplicate_addresses_are_rejected_but_port_zero_may_repeat() {
+        let two = |port: u16| {
+            format!(
+                "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:{port}\"\nservice = \"echo\"\n\
+                 [[listener]]\nname = \"b\"\naddress = \"127.0.0.1:{port}\"\nservice = \"echo\"\n"
+            )
+        };
+        assert_eq!(issues(&two(7000)).len(), 1);
+        assert!(issues(&two(0)).is_empty());
+    }
+
+    #[test]
+    fn no_listener_is_an_error() {
+        let found = issues("[daemon]\nworkers = 2\n");
+        assert!(found.iter().any(|f| f.contains("listener")), "{found:?}");
+    }
+}

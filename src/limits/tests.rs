@@ -1,0 +1,159 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::*;
+
+fn key(listener: usize, last: u8) -> ClientKey {
+    ClientKey::new(listener, IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)))
+}
+
+fn limit(n: u32) -> Option<NonZeroU32> {
+    NonZeroU32::new(n)
+}
+
+fn admitted(admission: Admission) -> Ticket {
+    match admission {
+        Admission::Admitted(ticket) => ticket,
+        Admission::Refused { open } => panic!("refused at {open}"),
+    }
+}
+
+#[test]
+fn admits_exactly_the_limit_per_client_and_listener() {
+    let limits = Limits::new(2, 8).unwrap();
+    let (mut a, mut b) = (limits.ledger(0), limits.ledger(1));
+    let mut tickets = Vec::new();
+    for i in 0..5 {
+        let ledger = if i % 2 == 0 { &mut a } else { &mut b };
+        tickets.push(admitted(limits.admit(ledger, key(0, 1), limit(5)).unwrap()));
+    }
+    assert_eq!(
+        limits.admit(&mut a, key(0, 1), limit(5)).unwrap(),
+        Admission::Refused { open: 5 }
+    );
+    assert_eq!(
+        limits.admit(&mut b, key(0, 1), limit(5)).unwrap(),
+        Admission::Refused { open: 5 }
+    );
+    // Another client, and the same client on another listener, have their own quota.
+    admitted(limits.admit(&mut a, key(0, 2), limit(5)).unwrap());
+    admitted(limits.admit(&mut a, key(1, 1), limit(5)).unwrap());
+    let first = tickets.remove(0);
+    limits.release(&mut a, first).unwrap();
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (4, 0));
+    admitted(limits.admit(&mut b, key(0, 1), limit(5)).unwrap());
+}
+
+#[test]
+fn long_connections_have_their_own_limit() {
+    let limits = Limits::new(1, 8).unwrap();
+    let mut ledger = limits.ledger(0);
+    let tickets: Vec<Ticket> = (0..3)
+        .map(|_| admitted(limits.admit(&mut ledger, key(0, 3), None).unwrap()))
+        .collect();
+    assert!(limits.promote(&tickets[0], limit(2)).unwrap());
+    assert!(
+        limits.promote(&tickets[0], limit(2)).unwrap(),
+        "promoting twice counts once"
+    );
+    assert!(limits.promote(&tickets[1], limit(2)).unwrap());
+    assert!(!limits.promote(&tickets[2], limit(2)).unwrap());
+    assert_eq!(limits.counts(key(0, 3)).unwrap(), (3, 2));
+    let mut tickets = tickets.into_iter();
+    limits
+        .release(&mut ledger, tickets.next().unwrap())
+        .unwrap();
+    assert_eq!(limits.counts(key(0, 3)).unwrap(), (2, 1));
+    assert!(limits.promote(&tickets.nth(1).unwrap(), limit(2)).unwrap());
+}
+
+#[test]
+fn reclaim_releases_only_the_dead_slot() {
+    let limits = Limits::new(2, 4).unwrap();
+    let (mut a, mut b) = (limits.ledger(0), limits.ledger(1));
+    for _ in 0..3 {
+        let t = admitted(limits.admit(&mut a, key(0, 9), limit(5)).unwrap());
+        limits.promote(&t, None).unwrap();
+    }
+    admitted(limits.admit(&mut b, key(0, 9), limit(5)).unwrap());
+    assert_eq!(limits.reclaim(0).unwrap(), 3);
+    assert_eq!(limits.counts(key(0, 9)).unwrap(), (1, 0));
+    assert_eq!(limits.reclaim(0).unwrap(), 0, "reclaim is idempotent");
+    // A fresh worker in slot 0 gets every record back.
+    let mut fresh = limits.ledger(0);
+    for _ in 0..4 {
+        admitted(limits.admit(&mut fresh, key(0, 9), limit(5)).unwrap());
+    }
+    assert!(matches!(
+        limits.admit(&mut fresh, key(0, 9), None),
+        Err(LimitsError::SlotFull(0))
+    ));
+}
+
+#[test]
+fn table_never_fills_with_distinct_clients_and_churn() {
+    let (slots, per_slot) = (4, 64);
+    let limits = Limits::new(slots, per_slot).unwrap();
+    let mut ledgers: Vec<SlotLedger> = (0..slots).map(|s| limits.ledger(s)).collect();
+    let mut model: HashMap<ClientKey, u32> = HashMap::new();
+    let mut held: Vec<(usize, ClientKey, Ticket)> = Vec::new();
+    // A deterministic pseudo-random walk of admits and releases over many distinct IPv6 keys.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..20_000u32 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let slot = (state % slots as u64) as usize;
+        let full = ledgers[slot].free.is_empty();
+        if full || (state >> 32) % 3 == 0 && !held.is_empty() {
+            let index = (state >> 8) as usize % held.len();
+            let (slot, key, ticket) = held.swap_remove(index);
+            limits.release(&mut ledgers[slot], ticket).unwrap();
+            *model.get_mut(&key).unwrap() -= 1;
+        } else {
+            let ip = Ipv6Addr::from(((state >> 40) as u128 % 600) << 64 | u128::from(round % 3));
+            let key = ClientKey::new(0, IpAddr::V6(ip));
+            let ticket = admitted(limits.admit(&mut ledgers[slot], key, None).unwrap());
+            *model.entry(key).or_default() += 1;
+            held.push((slot, key, ticket));
+        }
+        if round % 997 == 0 {
+            for (key, open) in &model {
+                assert_eq!(limits.counts(*key).unwrap().0, *open, "round {round}");
+            }
+        }
+    }
+    for (slot, _, ticket) in held {
+        limits.release(&mut ledgers[slot], ticket).unwrap();
+    }
+    let table = limits.lock().unwrap();
+    assert!(
+        table.entries.iter().all(|e| e.open == 0 && e.long == 0),
+        "everything released"
+    );
+}
+
+#[test]
+fn rebuild_recomputes_entries_from_records() {
+    let limits = Limits::new(2, 4).unwrap();
+    let mut a = limits.ledger(0);
+    let t = admitted(limits.admit(&mut a, key(0, 1), None).unwrap());
+    limits.promote(&t, None).unwrap();
+    admitted(limits.admit(&mut a, key(0, 1), None).unwrap());
+    admitted(limits.admit(&mut a, key(0, 2), None).unwrap());
+    {
+        let mut table = limits.lock().unwrap();
+        // Simulate a half-done update by a process that died holding the lock.
+        table.entries.fill(Entry::default());
+        table.increment(key(0, 1), false);
+        table.rebuild();
+    }
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (2, 1));
+    assert_eq!(limits.counts(key(0, 2)).unwrap(), (1, 0));
+}
+
+#[test]
+fn ipv4_mapped_ipv6_counts_as_ipv4() {
+    let mapped: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+    assert_eq!(ClientKey::new(0, IpAddr::V6(mapped)), key(0, 1));
+}

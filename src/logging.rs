@@ -1,0 +1,210 @@
+//! Log targets behind the `log` facade.
+//!
+//! Runs in both processes. The master calls [`init`] first thing (stderr, `info`), then
+//! [`apply`] once the configuration is read. A worker calls [`set_worker`] right after
+//! `fork(2)`, so its lines carry its own role and pid. The master is single-threaded, so the
+//! state mutex is never held across `fork(2)`.
+//!
+//! stderr lines: `TIME LEVEL ROLE pid=PID: MESSAGE`, e.g.
+//! `2026-11-22T10:00:00.123Z INFO worker=0 gen=1 pid=4242: accepting`. Each line is written
+//! with one `write(2)`, so lines of several processes sharing a pipe do not interleave.
+//! syslog: RFC 3164 over `/dev/log` with the configured facility; the role leads the message.
+//! Access lines use the `access` target (see [`ACCESS_TARGET`]).
+
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use syslog::{Formatter3164, LoggerBackend};
+use thiserror::Error;
+
+use crate::config::{LogConfig, LogTarget};
+
+/// `log` target of access lines (one per closed connection).
+pub const ACCESS_TARGET: &str = "access";
+
+/// Which process is logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The supervising master.
+    Master,
+    /// A worker, by its slot in the master's table and its generation.
+    Worker {
+        /// Slot index, from 0.
+        slot: usize,
+        /// Configuration generation, from 1.
+        generation: u64,
+    },
+}
+
+enum Sink {
+    Stderr,
+    Syslog(syslog::Logger<LoggerBackend, Formatter3164>),
+}
+
+struct State {
+    role: Role,
+    pid: u32,
+    sink: Sink,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+static LOGGER: Logger = Logger;
+
+/// The log target could not be set up.
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// The syslog socket (`/dev/log`) could not be opened.
+    #[error("could not connect to syslog: {0}")]
+    Syslog(String),
+}
+
+/// Installs the logger: stderr, level `info`, role master. Call once, first thing.
+pub fn init() {
+    *lock() = Some(State {
+        role: Role::Master,
+        pid: std::process::id(),
+        sink: Sink::Stderr,
+    });
+    // Only fails if a logger is already installed, which leaves that one in place.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(LevelFilter::Info);
+}
+
+/// Switches to the configured target and level.
+///
+/// # Errors
+/// [`LogError::Syslog`] when `/dev/log` cannot be reached; logging stays on stderr then.
+pub fn apply(config: &LogConfig) -> Result<(), LogError> {
+    let sink = match config.target {
+        LogTarget::Stderr => Sink::Stderr,
+        LogTarget::Syslog(facility) => {
+            let formatter = Formatter3164 {
+                facility: facility.0,
+                hostname: None,
+                process: "preforkd".into(),
+                pid: std::process::id(),
+            };
+            Sink::Syslog(syslog::unix(formatter).map_err(|e| LogError::Syslog(e.to_string()))?)
+        }
+    };
+    if let Some(state) = lock().as_mut() {
+        state.sink = sink;
+    }
+    log::set_max_level(config.level);
+    Ok(())
+}
+
+/// Marks this process as a worker (call right after `fork(2)`, in the child).
+pub fn set_worker(slot: usize, generation: u64) {
+    if let Some(state) = lock().as_mut() {
+        state.role = Role::Worker { slot, generation };
+        state.pid = std::process::id();
+        if let Sink::Syslog(logger) = &mut state.sink {
+            logger.formatter.pid = state.pid;
+        }
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
+    // A panic while logging must not silence every later line.
+    STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Logger;
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut guard = lock();
+        let Some(state) = guard.as_mut() else { return };
+        let mut line = String::with_capacity(160);
+        match state.role {
+            Role::Master => line.push_str("master"),
+            Role::Worker { slot, generation } => {
+                let _ = write!(line, "worker={slot} gen={generation}");
+            }
+        }
+        let _ = write!(line, " pid={}: {}", state.pid, record.args());
+        match &mut state.sink {
+            Sink::Stderr => {
+                let time = humantime::format_rfc3339_millis(SystemTime::now());
+                let line = format!("{time} {} {line}\n", record.level());
+                // Nowhere to report a failed write to stderr; never panic over it.
+                let _ = io::stderr().lock().write_all(line.as_bytes());
+            }
+            Sink::Syslog(logger) => {
+                let _ = match record.level() {
+                    Level::Error => logger.err(line),
+                    Level::Warn => logger.warning(line),
+                    Level::Info => logger.info(line),
+                    Level::Debug | Level::Trace => logger.debug(line),
+                };
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Allows one log line per interval and counts the ones it held back, so that a flood of
+/// refusals or accept errors cannot flood the log.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// One line per `interval` at most.
+    pub const fn new(interval: std::time::Duration) -> Self {
+        RateLimit {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` if a line may be written at `now`, `n` being how many were held back since
+    /// the last one; `None` if this one is to be held back.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::RateLimit;
+
+    #[test]
+    fn rate_limit_counts_what_it_held_back() {
+        let mut limit = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(limit.allow(t0), Some(0));
+        assert_eq!(limit.allow(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.allow(t0 + Duration::from_secs(2)), None);
+        assert_eq!(limit.allow(t0 + Duration::from_secs(11)), Some(2));
+    }
+}

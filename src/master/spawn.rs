@@ -1,0 +1,61 @@
+//! Forking a worker. The only place that calls into the worker's entry point.
+
+use std::io;
+use std::time::Instant;
+
+use nix::unistd::{ForkResult, fork};
+
+use super::Master;
+use crate::signals::{self, MASTER_SIGNALS};
+use crate::worker::{self, WorkerContext};
+
+impl Master {
+    /// Forks the worker of `slot`. The child runs the worker loop and exits; it never
+    /// returns here. Signals stay blocked across `fork(2)`, so a signal that arrives meanwhile
+    /// is handled by the right process's actions once each unblocks.
+    ///
+    /// # Errors
+    /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
+    pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
+        signals::block(MASTER_SIGNALS)?;
+        // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
+        // mid-allocation at the fork; the child only runs the worker and then exits.
+        let forked = unsafe { fork() };
+        match forked {
+            Ok(ForkResult::Child) => {
+                let context = WorkerContext {
+                    slot,
+                    generation: self.generation,
+                    config: self.config.clone(),
+                    listeners: std::mem::take(&mut self.listeners),
+                    limits: &self.limits,
+                    master: self.pid,
+                };
+                let status = worker::run(context, &mut self.signals);
+                std::process::exit(status);
+            }
+            Ok(ForkResult::Parent { child }) => {
+                self.unblock_signals();
+                let entry = &mut self.slots[slot];
+                entry.pid = Some(child);
+                entry.started = Some(now);
+                entry.respawn_at = None;
+                log::debug!(
+                    "spawned worker {slot} (generation {}) as pid {child}",
+                    self.generation
+                );
+                Ok(())
+            }
+            Err(errno) => {
+                self.unblock_signals();
+                Err(errno.into())
+            }
+        }
+    }
+
+    fn unblock_signals(&self) {
+        if let Err(error) = signals::unblock(MASTER_SIGNALS) {
+            log::error!("could not unblock signals after fork: {error}");
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The master's worker table: one slot per worker, respawn backoff, exit classification.
+//!
+//! Pure: no system calls, time passed in, so the policies are unit-tested.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK};
+
+/// A worker that lived less than this before exiting counts as a crash-loop failure.
+pub const MIN_HEALTHY_UPTIME: Duration = Duration::from_secs(1);
+/// First respawn delay of a crash loop; doubles with each further failure.
+pub const RESPAWN_BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest respawn delay of a crash loop.
+pub const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// One worker slot. The slot index is also the worker's record range in the limits table.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSlot {
+    /// The running worker, if any.
+    pub pid: Option<Pid>,
+    /// When it was forked.
+    pub started: Option<Instant>,
+    /// Consecutive exits within [`MIN_HEALTHY_UPTIME`].
+    pub failures: u32,
+    /// When to fork a replacement, if one is due.
+    pub respawn_at: Option<Instant>,
+}
+
+impl WorkerSlot {
+    /// Records an exit at `now` and, while running, schedules the replacement: at once after
+    /// a healthy life, with exponential backoff (and `jitter`, from 0 to 1) in a crash loop.
+    /// Returns the delay chosen.
+    pub fn exited(&mut self, now: Instant, jitter: f64) -> Duration {
+        let lived = self
+            .started
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        self.pid = None;
+        self.started = None;
+        self.failures = if lived < MIN_HEALTHY_UPTIME {
+            self.failures.saturating_add(1)
+        } else {
+            0
+        };
+        let delay = respawn_delay(self.failures, jitter);
+        self.respawn_at = Some(now + delay);
+        delay
+    }
+}
+
+/// Delay before the next respawn after `failures` consecutive quick exits: none for 0, then
+/// [`RESPAWN_BACKOFF_BASE`] doubling up to [`RESPAWN_BACKOFF_MAX`], each stretched by up to
+/// 25% of `jitter` (0 to 1) so a pool of crashing workers does not retry in lockstep.
+pub fn respawn_delay(failures: u32, jitter: f64) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let doubled = RESPAWN_BACKOFF_BASE.saturating_mul(1u32 << (failures - 1).min(16));
+    doubled
+        .min(RESPAWN_BACKOFF_MAX)
+        .mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
+}
+
+/// How a worker ended, from `waitpid(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Exit status [`WORKER_EXIT_OK`].
+    Clean,
+    /// Exit status [`WORKER_BOOT_FAILURE`]: it could not set itself up.
+    BootFailure,
+    /// Another exit status.
+    Failed(i32),
+    /// Killed by a signal.
+    Killed(Signal),
+}
+
+/// The pid and the way it ended, for statuses that mean the process is gone.
+pub fn classify(status: WaitStatus) -> Option<(Pid, WorkerExit)> {
+    match status {
+        WaitStatus::Exited(pid, WORKER_EXIT_OK) => Some((pid, WorkerExit::Clean)),
+        WaitStatus::Exited(pid, WORKER_BOOT_FAILURE) => Some((pid, WorkerExit::BootFailure)),
+        WaitStatus::Exited(pid, code) => Some((pid, WorkerExit::Failed(code))),
+        WaitStatus::Signaled(pid, signal, _) => Some((pid, WorkerExit::Killed(signal))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(respawn_delay(0, 0.0), Duration::ZERO);
+        assert_eq!(respawn_delay(1, 0.0), Duration::from_millis(100));
+        assert_eq!(respawn_delay(2, 0.0), Duration::from_millis(200));
+        assert_eq!(respawn_delay(4, 0.0), Duration::from_millis(800));
+        assert_eq!(respawn_delay(40, 0.0), RESPAWN_BACKOFF_MAX);
+        assert_eq!(respawn_delay(40, 1.0), RESPAWN_BACKOFF_MAX.mul_f64(1.25));
+    }
+
+    #[test]
+    fn a_crash_loop_backs_off_and_a_healthy_life_resets_it() {
+        let t0 = Instant::now();
+        let mut slot = WorkerSlot {
+            pid: Some(Pid::from_raw(10)),
+            started: Some(t0),
+            ..Default::default()
+        };
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            now += Duration::from_millis(10);
+            delays.push(slot.exited(now, 0.0));
+            slot.started = Some(now);
+        }
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1600].map(Duration::from_millis)
+        );
+        // Crashes per second stay bounded: five quick failures took over three seconds.
+        assert!(delays.iter().sum::<Duration>() > Duration::from_secs(3));
+        now += MIN_HEALTHY_UPTIME * 2;
+        assert_eq!(slot.exited(now, 0.0), Duration::ZERO);
+        assert_eq!(slot.failures, 0);
+        assert_eq!(slot.pid, None);
+    }
+
+    #[test]
+    fn exits_are_classified() {
+        let pid = Pid::from_raw(7);
+        assert_eq!(
+            classify(WaitStatus::Exited(pid, 0)),
+            Some((pid, WorkerExit::Clean))
+        );
+        assert_eq!(
+            classify(WaitStatus::Exited(pid, WORKER_BOOT_FAILURE)),
+            Some((pid, WorkerExit::BootFailure))
+        );
+        assert_eq!(
+            classify(WaitStatus::Exited(pid, 9)),
+            Some((pid, WorkerExit::Failed(9)))
+        );
+        assert_eq!(
+            classify(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some((pid, WorkerExit::Killed(Signal::SIGKILL)))
+        );
+        assert_eq!(classify(WaitStatus::StillAlive), None);
+    }
+}

@@ -1,0 +1,160 @@
+//! A client connection as the worker loop sees it, and the idle-deadline rules.
+//!
+//! Pure data and pure functions of `now`, so the timeout policy is unit-tested without
+//! sockets or clocks.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::limits::Ticket;
+use crate::poller::Interest;
+use crate::services::{Progress, Session};
+
+/// Short until the first completed exchange, long (kept-alive) after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// No exchange completed yet: `short_idle_timeout` applies.
+    Short,
+    /// At least one exchange completed and the connection was kept: `long_idle_timeout`.
+    Long,
+}
+
+/// Why a connection was closed, as written in the access log (`reason=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side and every answer was sent.
+    ClientClose,
+    /// Silent for `short_idle_timeout` before its first exchange completed.
+    IdleShort,
+    /// Kept alive and silent for `long_idle_timeout`.
+    IdleLong,
+    /// Over `max_connections_per_client`: closed right after accept.
+    Limit,
+    /// Over `max_long_connections_per_client`: closed after its exchange.
+    LongLimit,
+    /// A socket error (reset, broken pipe ...) or an internal failure.
+    Error,
+    /// The worker is stopping (graceful or fast).
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The access-log spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClose => "client-close",
+            CloseReason::IdleShort => "idle-short",
+            CloseReason::IdleLong => "idle-long",
+            CloseReason::Limit => "limit",
+            CloseReason::LongLimit => "long-limit",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When a connection of `kind`, last active at `last_activity`, is to be closed as idle;
+/// `None` when the applicable timeout is disabled.
+pub fn idle_deadline(
+    kind: ConnKind,
+    last_activity: Instant,
+    short: Option<Duration>,
+    long: Option<Duration>,
+) -> Option<Instant> {
+    let timeout = match kind {
+        ConnKind::Short => short,
+        ConnKind::Long => long,
+    }?;
+    last_activity.checked_add(timeout)
+}
+
+/// The close reason for an idle connection of `kind`.
+pub fn idle_reason(kind: ConnKind) -> CloseReason {
+    match kind {
+        ConnKind::Short => CloseReason::IdleShort,
+        ConnKind::Long => CloseReason::IdleLong,
+    }
+}
+
+/// One accepted client connection.
+pub struct Conn {
+    /// The non-blocking socket.
+    pub stream: TcpStream,
+    /// Index of the listener it came in on.
+    pub listener: usize,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The service's per-connection state.
+    pub session: Box<dyn Session>,
+    /// Short or long.
+    pub kind: ConnKind,
+    /// Accept time.
+    pub opened: Instant,
+    /// Last time a byte moved (or accept time).
+    pub last_activity: Instant,
+    /// Bytes and exchanges so far.
+    pub totals: Progress,
+    /// The per-client limits record, when the listener has limits.
+    pub ticket: Option<Ticket>,
+    /// Close as soon as no exchange is in flight, for this reason.
+    pub close_at_rest: Option<CloseReason>,
+    /// Lingering close under way: our FIN is sent, the client's remaining input is read and
+    /// discarded until its FIN or the deadline, then the connection is closed for the reason.
+    pub lingering: Option<(CloseReason, Instant)>,
+    /// The interest registered with the poller.
+    pub interest: Interest,
+}
+
+impl Conn {
+    /// Adds one callback's progress; any byte moved counts as activity.
+    pub fn record(&mut self, progress: Progress, now: Instant) {
+        self.totals.bytes_in += progress.bytes_in;
+        self.totals.bytes_out += progress.bytes_out;
+        self.totals.exchanges += progress.exchanges;
+        if progress.moved() {
+            self.last_activity = now;
+        }
+    }
+
+    /// What the poller should watch for this connection now.
+    pub fn wanted_interest(&self) -> Interest {
+        Interest {
+            read: self.session.wants_read(),
+            write: self.session.wants_write(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_connections_get_their_own_timeout() {
+        let t0 = Instant::now();
+        let short = Some(Duration::from_secs(10));
+        let long = Some(Duration::from_secs(300));
+        assert_eq!(
+            idle_deadline(ConnKind::Short, t0, short, long),
+            Some(t0 + Duration::from_secs(10))
+        );
+        assert_eq!(
+            idle_deadline(ConnKind::Long, t0, short, long),
+            Some(t0 + Duration::from_secs(300))
+        );
+        assert_eq!(
+            idle_deadline(ConnKind::Short, t0, None, long),
+            None,
+            "0 disables"
+        );
+        assert_eq!(idle_reason(ConnKind::Short), CloseReason::IdleShort);
+        assert_eq!(idle_reason(ConnKind::Long).as_str(), "idle-long");
+    }
+}

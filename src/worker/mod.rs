@@ -1,0 +1,588 @@
+//! The worker process: one `select(2)` readiness loop over the shared listeners, its client
+//! connections and its signal pipe.
+//!
+//! Runs only in a forked worker; [`run`] never returns into the master's code (the caller
+//! exits with its result). Invariants:
+//! - every socket is non-blocking; accept, read and write go until `WouldBlock`;
+//! - the wait timeout is the earliest idle deadline (or accept pause), so a worker at rest
+//!   sleeps in `select(2)` without waking;
+//! - a connection's error closes that connection only;
+//! - no descriptor >= `FD_SETSIZE` is ever watched: such a connection is closed at accept;
+//! - out of descriptors (`EMFILE`/`ENFILE`), accepting pauses for [`ACCEPT_PAUSE`] instead of
+//!   spinning, and the error is logged at a bounded rate.
+//!
+//! Signals: TERM/INT stop fast (close everything, exit), QUIT stops gracefully: stop
+//! accepting, close each connection once no exchange is in flight and the client has been
+//! quiet for [`DRAIN_QUIET`], exit when none is left. The worker dies with its master
+//! (`PR_SET_PDEATHSIG`).
+//!
+//! Closes the worker starts while the client may still be sending (keep-alive refused,
+//! graceful stop) are *lingering closes*, as nginx does: FIN first, then the client's late
+//! input is read and discarded until its FIN or [`LINGER_TIMEOUT`]. A plain close with unread
+//! input would make the kernel send RST, and the client could lose answers already sent.
+
+pub mod conn;
+
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, getppid};
+
+use crate::config::Config;
+use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK};
+use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
+use crate::listener::Listener;
+use crate::logging::{self, ACCESS_TARGET, RateLimit};
+use crate::poller::{Event, Interest, Poller, SelectPoller};
+use crate::services::Progress;
+use crate::signals::{self, MASTER_SIGNALS, Signals};
+use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
+
+/// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully.
+pub const WORKER_SIGNALS: &[Signal] = &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT];
+
+/// How long accepting pauses after `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM`.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// During a graceful stop, a connection with no exchange in flight is closed once the client
+/// has sent nothing for this long (at once if it was already quiet that long). Closing at the
+/// first instant of rest would cut a client that is still streaming.
+pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+/// Longest a lingering close waits for the client's FIN.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections accepted per readiness event at most, so one worker does not take a whole
+/// burst while the others sleep.
+const ACCEPT_BATCH: usize = 32;
+
+/// Least interval between two log lines about refusals or accept errors.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a worker is given by the master at fork.
+pub struct WorkerContext<'a> {
+    /// Slot in the master's table (also its per-client records).
+    pub slot: usize,
+    /// Configuration generation.
+    pub generation: u64,
+    /// The validated configuration.
+    pub config: Config,
+    /// The listening sockets, inherited through fork; the worker closes its copies when it
+    /// stops accepting.
+    pub listeners: Vec<Listener>,
+    /// The shared per-client table.
+    pub limits: &'a Limits,
+    /// The master, to detect being orphaned.
+    pub master: Pid,
+}
+
+/// Runs a worker until it stops; returns its exit status ([`WORKER_EXIT_OK`], or
+/// [`WORKER_BOOT_FAILURE`] if it could not set itself up).
+///
+/// `master_signals` is the master's signal set, inherited through fork: its actions are
+/// removed before the worker installs its own. The master blocked [`MASTER_SIGNALS`] around
+/// `fork(2)`; they are unblocked once the worker's actions are in place.
+pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
+    logging::set_worker(context.slot, context.generation);
+    master_signals.uninstall();
+    let mut worker = match Worker::boot(context) {
+        Ok(worker) => worker,
+        Err(error) => {
+            log::error!("worker failed to boot: {error}");
+            return WORKER_BOOT_FAILURE;
+        }
+    };
+    worker.serve()
+}
+
+struct Worker<'a> {
+    context: WorkerContext<'a>,
+    signals: Signals,
+    poller: SelectPoller,
+    ledger: SlotLedger,
+    /// Connections by descriptor number.
+    conns: Vec<Option<Conn>>,
+    open: usize,
+    accepting: bool,
+    draining: bool,
+    accept_paused_until: Option<Instant>,
+    refusal_log: RateLimit,
+    accept_error_log: RateLimit,
+}
+
+impl<'a> Worker<'a> {
+    fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
+        let signals = Signals::install(WORKER_SIGNALS)?;
+        signals::unblock(MASTER_SIGNALS)?;
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+        if getppid() != context.master {
+            // The master died before PR_SET_PDEATHSIG was in place.
+            return Err(io::Error::other(
+                "the master exited while this worker started",
+            ));
+        }
+        let mut poller = SelectPoller::new();
+        poller.set(signals.raw_fd(), Interest::READ)?;
+        let ledger = context.limits.ledger(context.slot);
+        log::info!(
+            "worker started: {} listener(s), at most {} connections",
+            context.listeners.len(),
+            context.config.daemon.max_connections_per_worker
+        );
+        Ok(Worker {
+            context,
+            signals,
+            poller,
+            ledger,
+            conns: Vec::new(),
+            open: 0,
+            accepting: false,
+            draining: false,
+            accept_paused_until: None,
+            refusal_log: RateLimit::new(LOG_INTERVAL),
+            accept_error_log: RateLimit::new(LOG_INTERVAL),
+        })
+    }
+
+    fn serve(&mut self) -> i32 {
+        let mut events = Vec::new();
+        loop {
+            let now = Instant::now();
+            if let Err(error) = self.update_accepting(now) {
+                log::error!("cannot watch the listeners: {error}");
+                return WORKER_BOOT_FAILURE;
+            }
+            let deadline = self.next_deadline();
+            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            if let Err(error) = self.poller.wait(timeout, &mut events) {
+                log::error!("select failed: {error}");
+                return WORKER_BOOT_FAILURE;
+            }
+            let now = Instant::now();
+            let mut listeners_ready = Vec::new();
+            for event in &events {
+                if event.fd == self.signals.raw_fd() {
+                    if let Some(status) = self.handle_signals(now) {
+                        return status;
+                    }
+                } else if let Some(index) = self.listener_index(event.fd) {
+                    listeners_ready.push(index);
+                } else {
+                    self.on_ready(*event, now);
+                }
+            }
+            // Accept last, so that no event of this round can refer to a reused descriptor.
+            for index in listeners_ready {
+                if self.accepting {
+                    self.accept(index, now);
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.expire_idle(Instant::now());
+            }
+            if self.draining && self.open == 0 {
+                log::info!("graceful stop complete: no connection left");
+                return WORKER_EXIT_OK;
+            }
+        }
+    }
+
+    fn listener_index(&self, fd: RawFd) -> Option<usize> {
+        self.context
+            .listeners
+            .iter()
+            .position(|l| l.as_raw_fd() == fd)
+    }
+
+    /// Watches the listeners while the worker has room and is not pausing; stops otherwise.
+    fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+        }
+        let want = !self.draining
+            && self.accept_paused_until.is_none()
+            && self.open < self.context.config.daemon.max_connections_per_worker.get();
+        if want != self.accepting {
+            let interest = if want { Interest::READ } else { Interest::NONE };
+            for listener in &self.context.listeners {
+                self.poller.set(listener.as_raw_fd(), interest)?;
+            }
+            self.accepting = want;
+        }
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let conns = self
+            .conns
+            .iter()
+            .flatten()
+            .filter_map(|conn| self.deadline_of(conn));
+        conns.chain(self.accept_paused_until).min()
+    }
+
+    fn deadline_of(&self, conn: &Conn) -> Option<Instant> {
+        if let Some((_, until)) = conn.lingering {
+            return Some(until);
+        }
+        let policy = &self.context.config.listeners[conn.listener];
+        let idle = idle_deadline(
+            conn.kind,
+            conn.last_activity,
+            policy.short_idle_timeout,
+            policy.long_idle_timeout,
+        );
+        match self.drain_deadline(conn) {
+            Some(quiet) => Some(idle.map_or(quiet, |idle| idle.min(quiet))),
+            None => idle,
+        }
+    }
+
+    /// When a draining connection at rest is to be closed; `None` if not draining or an
+    /// exchange is in flight (then only its idle timeout applies).
+    fn drain_deadline(&self, conn: &Conn) -> Option<Instant> {
+        let draining = conn.close_at_rest == Some(CloseReason::Shutdown);
+        (draining && conn.session.is_at_rest()).then(|| conn.last_activity + DRAIN_QUIET)
+    }
+
+    fn handle_signals(&mut self, now: Instant) -> Option<i32> {
+        for signal in self.signals.drain() {
+            match signal {
+                Signal::SIGTERM | Signal::SIGINT => {
+                    log::info!("fast stop ({signal}): closing {} connection(s)", self.open);
+                    self.close_all(now);
+                    return Some(WORKER_EXIT_OK);
+                }
+                Signal::SIGQUIT if !self.draining => {
+                    log::info!(
+                        "graceful stop: no longer accepting; {} connection(s) open",
+                        self.open
+                    );
+                    self.start_drain();
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn start_drain(&mut self) {
+        self.draining = true;
+        for listener in &self.context.listeners {
+            let _ = self.poller.set(listener.as_raw_fd(), Interest::NONE);
+        }
+        self.accepting = false;
+        // Close this worker's copies: once every process has, clients are refused at once
+        // instead of waiting in a backlog nobody accepts from.
+        self.context.listeners.clear();
+        // Each connection closes once at rest and quiet (see `drain_deadline`); those already
+        // quiet go on the next turn of the loop.
+        for conn in self.conns.iter_mut().flatten() {
+            if conn.lingering.is_none() {
+                conn.close_at_rest = Some(CloseReason::Shutdown);
+            }
+        }
+    }
+
+    fn close_all(&mut self, now: Instant) {
+        for fd in 0..self.conns.len() {
+            let reason = match &self.conns[fd] {
+                Some(Conn {
+                    lingering: Some((reason, _)),
+                    ..
+                }) => *reason,
+                Some(_) => CloseReason::Shutdown,
+                None => continue,
+            };
+            self.finish(fd, reason, now);
+        }
+    }
+
+    fn accept(&mut self, index: usize, now: Instant) {
+        let max = self.context.config.daemon.max_connections_per_worker.get();
+        for _ in 0..ACCEPT_BATCH {
+            if self.open >= max {
+                return;
+            }
+            let accepted = crate::sys::accept_nonblocking(&self.context.listeners[index]);
+            match accepted {
+                Ok((stream, peer)) => self.admit(index, stream, peer, now),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // The client gave up between the handshake and accept: not our problem.
+                Err(e)
+                    if matches!(
+                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                        Errno::ECONNABORTED | Errno::EPROTO | Errno::EPERM
+                    ) => {}
+                Err(e) => {
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    if let Some(held_back) = self.accept_error_log.allow(now) {
+                        log::error!(
+                            "accept on {} failed: {e}; pausing accept for {ACCEPT_PAUSE:?} ({held_back} similar errors not logged)",
+                            self.context.listeners[index].config.name
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
+        let fd = stream.as_raw_fd();
+        let policy = &self.context.config.listeners[index];
+        let name = policy.name.clone();
+        if self.poller.set(fd, Interest::READ).is_err() {
+            if let Some(held_back) = self.accept_error_log.allow(now) {
+                log::warn!(
+                    "closing connection from {peer} on {name}: descriptor {fd} is over select()'s limit ({held_back} similar not logged)"
+                );
+            }
+            self.access_line(
+                &name,
+                peer,
+                Duration::ZERO,
+                Progress::default(),
+                CloseReason::Error,
+            );
+            return;
+        }
+        let mut ticket = None;
+        if policy.has_client_limits() {
+            let key = ClientKey::new(index, peer.ip());
+            let max = policy.max_connections_per_client;
+            match self.context.limits.admit(&mut self.ledger, key, max) {
+                Ok(Admission::Admitted(t)) => ticket = Some(t),
+                Ok(Admission::Refused { open }) => {
+                    let _ = self.poller.set(fd, Interest::NONE);
+                    if let Some(held_back) = self.refusal_log.allow(now) {
+                        log::warn!(
+                            "refused {} on {name}: {open} connections open, max_connections_per_client reached ({held_back} refusals not logged)",
+                            peer.ip()
+                        );
+                    }
+                    self.access_line(
+                        &name,
+                        peer,
+                        Duration::ZERO,
+                        Progress::default(),
+                        CloseReason::Limit,
+                    );
+                    return;
+                }
+                Err(error) => {
+                    let _ = self.poller.set(fd, Interest::NONE);
+                    log::error!("refused {peer} on {name}: {error}");
+                    self.access_line(
+                        &name,
+                        peer,
+                        Duration::ZERO,
+                        Progress::default(),
+                        CloseReason::Error,
+                    );
+                    return;
+                }
+            }
+        }
+        let session = policy.service.new_session();
+        let slot = fd as usize;
+        if self.conns.len() <= slot {
+            self.conns.resize_with(slot + 1, || None);
+        }
+        self.conns[slot] = Some(Conn {
+            stream,
+            listener: index,
+            peer,
+            session,
+            kind: ConnKind::Short,
+            opened: now,
+            last_activity: now,
+            totals: Progress::default(),
+            ticket,
+            close_at_rest: None,
+            lingering: None,
+            interest: Interest::READ,
+        });
+        self.open += 1;
+    }
+
+    fn on_ready(&mut self, event: Event, now: Instant) {
+        let fd = event.fd as usize;
+        let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some((reason, _)) = conn.lingering {
+            if discard_input(&mut conn.stream) {
+                self.finish(fd, reason, now);
+            }
+            return;
+        }
+        let result = if event.readable {
+            conn.session.on_readable(&mut conn.stream)
+        } else {
+            conn.session.on_writable(&mut conn.stream)
+        };
+        let progress = match result {
+            Ok(progress) => progress,
+            Err(error) => {
+                log::debug!("connection from {} failed: {error}", conn.peer);
+                self.finish(fd, CloseReason::Error, now);
+                return;
+            }
+        };
+        conn.record(progress, now);
+        if progress.exchanges > 0 && conn.kind == ConnKind::Short {
+            self.promote(fd);
+        }
+        let Some(conn) = self.conns[fd].as_mut() else {
+            return;
+        };
+        let at_rest = conn.session.is_at_rest();
+        if conn.session.is_done() {
+            self.finish(fd, CloseReason::ClientClose, now);
+        } else if let Some(reason) = conn
+            .close_at_rest
+            .filter(|r| at_rest && *r != CloseReason::Shutdown)
+        {
+            self.linger(fd, reason, now);
+        } else {
+            let wanted = conn.wanted_interest();
+            if wanted != conn.interest {
+                conn.interest = wanted;
+                // Cannot fail: the descriptor was accepted by this poller's check.
+                let _ = self.poller.set(event.fd, wanted);
+            }
+        }
+    }
+
+    /// The first exchange completed: keep the connection alive if the client's long quota
+    /// allows, else close it once the exchange is fully answered.
+    fn promote(&mut self, fd: usize) {
+        let Some(conn) = self.conns[fd].as_mut() else {
+            return;
+        };
+        let policy = &self.context.config.listeners[conn.listener];
+        let Some(ticket) = &conn.ticket else {
+            conn.kind = ConnKind::Long;
+            return;
+        };
+        match self
+            .context
+            .limits
+            .promote(ticket, policy.max_long_connections_per_client)
+        {
+            Ok(true) => conn.kind = ConnKind::Long,
+            Ok(false) => {
+                conn.close_at_rest.get_or_insert(CloseReason::LongLimit);
+            }
+            Err(error) => {
+                log::error!("connection from {}: {error}", conn.peer);
+                conn.close_at_rest.get_or_insert(CloseReason::Error);
+            }
+        }
+    }
+
+    fn expire_idle(&mut self, now: Instant) {
+        for fd in 0..self.conns.len() {
+            let Some(conn) = self.conns[fd].as_ref() else {
+                continue;
+            };
+            if self.deadline_of(conn).is_none_or(|deadline| now < deadline) {
+                continue;
+            }
+            if let Some((reason, _)) = conn.lingering {
+                self.finish(fd, reason, now);
+            } else if self.drain_deadline(conn).is_some_and(|quiet| now >= quiet) {
+                self.linger(fd, CloseReason::Shutdown, now);
+            } else {
+                let reason = idle_reason(conn.kind);
+                log::debug!("closing idle connection from {} ({reason})", conn.peer);
+                self.finish(fd, reason, now);
+            }
+        }
+    }
+
+    /// Starts a lingering close: sends FIN after everything written, then reads and discards
+    /// until the client's FIN or [`LINGER_TIMEOUT`].
+    fn linger(&mut self, fd: usize, reason: CloseReason, now: Instant) {
+        let Some(conn) = self.conns[fd].as_mut() else {
+            return;
+        };
+        if conn.stream.shutdown(std::net::Shutdown::Write).is_err()
+            || discard_input(&mut conn.stream)
+        {
+            self.finish(fd, reason, now);
+            return;
+        }
+        conn.lingering = Some((reason, now + LINGER_TIMEOUT));
+        if conn.interest != Interest::READ {
+            conn.interest = Interest::READ;
+            let _ = self.poller.set(fd as RawFd, Interest::READ);
+        }
+    }
+
+    /// Closes the connection now: releases its per-client count and writes the access line.
+    fn finish(&mut self, fd: usize, reason: CloseReason, now: Instant) {
+        let Some(conn) = self.conns[fd].take() else {
+            return;
+        };
+        // Unwatch before the descriptor is closed (the poller's contract).
+        let _ = self.poller.set(fd as RawFd, Interest::NONE);
+        self.open -= 1;
+        if let Some(ticket) = conn.ticket {
+            if let Err(error) = self.context.limits.release(&mut self.ledger, ticket) {
+                log::error!("could not release the count of {}: {error}", conn.peer);
+            }
+        }
+        let name = &self.context.config.listeners[conn.listener].name;
+        self.access_line(
+            name,
+            conn.peer,
+            now.saturating_duration_since(conn.opened),
+            conn.totals,
+            reason,
+        );
+        drop(conn.stream);
+    }
+
+    fn access_line(
+        &self,
+        listener: &str,
+        peer: SocketAddr,
+        duration: Duration,
+        totals: Progress,
+        reason: CloseReason,
+    ) {
+        if self.context.config.log.access_log {
+            log::info!(
+                target: ACCESS_TARGET,
+                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}",
+                duration.as_secs_f64(),
+                totals.bytes_in,
+                totals.bytes_out,
+                totals.exchanges,
+            );
+        }
+    }
+}
+
+/// Reads and throws away whatever the client sent; true once the client's FIN (or an error)
+/// is seen, i.e. the lingering close may finish.
+fn discard_input(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return e.kind() != ErrorKind::WouldBlock,
+        }
+    }
+    false
+}
