@@ -1,0 +1,122 @@
+//! `check`, `-t`, and startup on invalid configurations.
+
+use std::process::{Command, Stdio};
+
+use crate::harness::*;
+
+const BROKEN: &str = r#"colour = "blue"
+[daemon]
+workers = 0
+graceful_timeout = "soon"
+[[listener]]
+name = "echo"
+address = "127.0.0.1:0"
+service = "gopher"
+backlog = -1
+[[listener]]
+name = "second"
+address = "not-an-address"
+service = "echo"
+"#;
+
+const PROBLEMS: &[&str] = &[
+    ":1:1: colour: unknown field `colour`",
+    ":3:11: daemon.workers: 0 is out of range",
+    ":4:20: daemon.graceful_timeout: invalid duration",
+    ":8:11: listener[0].service: unknown service \"gopher\"",
+    ":9:11: listener[0].backlog: -1 is out of range",
+    ":12:11: listener[1].address: \"not-an-address\" is not an address",
+];
+
+fn assert_lists_every_problem(stderr: &str) {
+    for problem in PROBLEMS {
+        assert!(
+            stderr.contains(problem),
+            "{problem:?} missing from:\n{stderr}"
+        );
+    }
+    let lines = stderr.lines().filter(|l| l.contains(".toml:")).count();
+    assert_eq!(lines, PROBLEMS.len(), "one line per problem:\n{stderr}");
+}
+
+#[test]
+fn check_and_startup_list_every_problem_and_exit_78_binding_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, BROKEN).unwrap();
+    let path = path.to_str().unwrap();
+
+    let (status, stdout, stderr) = run_cli(&["check", "-c", path]);
+    assert_eq!(code(status), 78);
+    assert!(!stdout.contains("OK"));
+    assert_lists_every_problem(&stderr);
+
+    let (status, _, stderr) = run_cli(&["-t", "-c", path]);
+    assert_eq!(code(status), 78);
+    assert_lists_every_problem(&stderr);
+
+    let (status, _, stderr) = run_cli(&["-c", path]);
+    assert_eq!(code(status), 78, "startup refuses an invalid config");
+    assert_lists_every_problem(&stderr);
+    assert!(
+        !stderr.contains("listening on"),
+        "nothing may be bound:\n{stderr}"
+    );
+}
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let shipped = repo_file("config/preforkd.toml");
+    let (status, stdout, stderr) = run_cli(&["check", "-c", shipped.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+}
+
+#[test]
+fn the_shipped_config_documents_every_key() {
+    let shipped = std::fs::read_to_string(repo_file("config/preforkd.toml")).unwrap();
+    for key in preforkd::config::file::KEYS {
+        let name = key.rsplit('.').next().unwrap();
+        assert!(
+            shipped
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{name} ="))),
+            "config/preforkd.toml does not set {key}"
+        );
+    }
+}
+
+#[test]
+fn unreadable_config_and_bad_arguments_have_their_own_status() {
+    let (status, _, stderr) = run_cli(&["check", "-c", "/nonexistent/preforkd.toml"]);
+    assert_eq!(code(status), 66, "{stderr}");
+    assert!(
+        stderr.contains("could not read configuration /nonexistent/preforkd.toml"),
+        "{stderr}"
+    );
+    let (status, _, _) = run_cli(&["--no-such-flag"]);
+    assert_eq!(code(status), 64);
+}
+
+#[test]
+fn a_taken_address_fails_startup_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config =
+        echo_config(1, "", "").replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("taken.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(BINARY)
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code(output.status), 69, "{stderr}");
+    let expected = format!(
+        "could not bind {} (listener echo): Address already in use",
+        taken.local_addr().unwrap()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+}

@@ -1,0 +1,344 @@
+//! Runs the real `preforkd` binary on a temporary config and talks to it over loopback TCP.
+//!
+//! Readiness and addresses come from the daemon's own log (never a sleep); the daemon runs in
+//! its own process group, which is killed on drop; its log is printed when a test fails.
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use socket2::{Domain, Socket, Type};
+
+/// Upper bound of every wait in these tests; generous, since CI machines are small.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_preforkd");
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+type SharedLog = Arc<(Mutex<LogState>, Condvar)>;
+
+pub struct Daemon {
+    child: Child,
+    log: SharedLog,
+    _dir: tempfile::TempDir,
+    /// Listener addresses, in configuration order, as the daemon logged them.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// A config with `workers` workers and one echo listener on 127.0.0.1:0 with `policy` lines.
+pub fn echo_config(workers: usize, daemon_extra: &str, policy: &str) -> String {
+    format!(
+        "[daemon]\nworkers = {workers}\ngraceful_timeout = \"10s\"\n{daemon_extra}\n\
+         [log]\nlevel = \"debug\"\naccess_log = true\n\
+         [[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n{policy}\n"
+    )
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until the master reports every worker started.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("preforkd.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(BINARY)
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn preforkd");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: SharedLog = Arc::default();
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (state, changed) = &*sink;
+                state.lock().unwrap().lines.push(line);
+                changed.notify_all();
+            }
+            let (state, changed) = &*sink;
+            state.lock().unwrap().closed = true;
+            changed.notify_all();
+        });
+        let mut daemon = Daemon {
+            child,
+            log,
+            _dir: dir,
+            addrs: Vec::new(),
+        };
+        let started = daemon.wait_for_log("master started", |l| l.contains("master started:"));
+        let workers: usize = started
+            .split("master started: ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        daemon.wait_for_lines("every worker started", workers, |l| {
+            l.contains("worker started")
+        });
+        daemon.addrs = daemon
+            .lines()
+            .iter()
+            .filter_map(|l| l.split(" listening on ").nth(1))
+            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(!daemon.addrs.is_empty(), "no listener address in the log");
+        daemon
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().lines.clone()
+    }
+
+    /// Lines matching `predicate` so far.
+    pub fn matching(&self, predicate: impl Fn(&str) -> bool) -> Vec<String> {
+        self.lines().into_iter().filter(|l| predicate(l)).collect()
+    }
+
+    /// Waits until `count` lines match `predicate`; panics with `what` after [`PATIENCE`].
+    pub fn wait_for_lines(
+        &self,
+        what: &str,
+        count: usize,
+        predicate: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let (state, changed) = &*self.log;
+        let mut guard = state.lock().unwrap();
+        loop {
+            let found: Vec<String> = guard
+                .lines
+                .iter()
+                .filter(|l| predicate(l))
+                .cloned()
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline || guard.closed {
+                drop(guard);
+                panic!(
+                    "waited for {count} log line(s): {what}; found {}",
+                    found.len()
+                );
+            }
+            guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_for_log(&self, what: &str, predicate: impl Fn(&str) -> bool) -> String {
+        self.wait_for_lines(what, 1, predicate).remove(0)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal the master");
+    }
+
+    /// Waits for the master to exit: every process of the daemon has closed the log pipe,
+    /// then the status is collected. `None` if that takes longer than `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        {
+            let (state, changed) = &*self.log;
+            let mut guard = state.lock().unwrap();
+            while !guard.closed {
+                let now = Instant::now();
+                if now >= deadline {
+                    return None;
+                }
+                guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
+            }
+        }
+        // The pipe closes when the processes exit; the master is reaped right after.
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::yield_now();
+        }
+    }
+
+    /// Pids of workers from their `worker started` lines, in order.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.matching(|l| l.contains("worker started"))
+            .iter()
+            .map(|l| pid_of(l))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // The daemon's own process group: the master and its workers, nothing else.
+            let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            let mut err = io::stderr().lock();
+            let _ = writeln!(err, "---- preforkd log ----");
+            for line in self.lines() {
+                let _ = writeln!(err, "{line}");
+            }
+        }
+    }
+}
+
+/// The `pid=` field of a log line.
+pub fn pid_of(line: &str) -> i32 {
+    let rest = line.split(" pid=").nth(1).expect("pid field");
+    rest.split(':').next().unwrap().parse().expect("pid")
+}
+
+/// The `key=value` field of an access line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// A connection to `addr` from the loopback address `source` (127.0.0.x stands for client x).
+pub fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())
+        .expect("bind source");
+    socket
+        .connect_timeout(&addr.into(), PATIENCE)
+        .expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    connect_from(Ipv4Addr::LOCALHOST, addr)
+}
+
+/// What a read saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The expected bytes.
+    Echoed,
+    /// The server closed the connection (FIN or RST).
+    Closed,
+    /// Nothing within the timeout.
+    Silent,
+}
+
+/// Sends `message` and reads it back: [`Outcome::Echoed`], or how it failed.
+pub fn exchange(stream: &mut TcpStream, message: &[u8], timeout: Duration) -> Outcome {
+    if stream.write_all(message).is_err() {
+        return Outcome::Closed;
+    }
+    expect_bytes(stream, message, timeout)
+}
+
+/// Reads exactly `expected`, or reports a close or silence.
+pub fn expect_bytes(stream: &mut TcpStream, expected: &[u8], timeout: Duration) -> Outcome {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut got = vec![0; expected.len()];
+    let outcome = match stream.read_exact(&mut got) {
+        Ok(()) => {
+            assert_eq!(got, expected, "echo must return the same bytes");
+            Outcome::Echoed
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Outcome::Silent
+        }
+        Err(_) => Outcome::Closed,
+    };
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    outcome
+}
+
+/// Waits for end-of-file (or a reset) within `timeout`; true if the server closed.
+pub fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut byte = [0u8; 1];
+    let closed = match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("unexpected data"),
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    };
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    closed
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Runs `preforkd` with `args` to completion.
+pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run preforkd");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The exit code, or a panic naming the signal that killed the process.
+pub fn code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| panic!("killed by signal {:?}", status.signal()))
+}
+
+/// Resident memory of a process in KiB, from /proc.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}

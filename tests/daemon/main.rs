@@ -1,0 +1,9 @@
+//! Integration tests: the real `preforkd` binary, real TCP on 127.0.0.x.
+
+mod harness;
+
+mod config;
+mod echo;
+mod idle;
+mod lifecycle;
+mod limits;
