@@ -87,6 +87,19 @@ fn the_shipped_config_documents_every_key() {
 }
 
 #[test]
+fn the_man_page_documents_every_key() {
+    let page = std::fs::read_to_string(repo_file("man/preforkd.toml.5")).unwrap();
+    for key in preforkd::config::file::KEYS {
+        let name = key.rsplit('.').next().unwrap();
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with(&format!(".It Ic {name} "))),
+            "man/preforkd.toml.5 does not document {key}"
+        );
+    }
+}
+
+#[test]
 fn unreadable_config_and_bad_arguments_have_their_own_status() {
     let (status, _, stderr) = run_cli(&["check", "-c", "/nonexistent/preforkd.toml"]);
     assert_eq!(code(status), 66, "{stderr}");

@@ -13,7 +13,11 @@ const MIB: usize = 1024 * 1024;
 
 #[test]
 fn echo_round_trips_1_mib_on_100_concurrent_connections() {
-    let daemon = Daemon::start(&echo_config(4, "", "max_connections_per_client = 0"));
+    let daemon = Daemon::start(&echo_config(
+        4,
+        "",
+        "max_connections_per_client = 0\nmax_long_connections_per_client = 0",
+    ));
     let addr = daemon.addr();
     let clients: Vec<_> = (0..100u64)
         .map(|seed| {
@@ -106,7 +110,7 @@ fn connections_are_served_by_more_than_one_worker() {
     let daemon = Daemon::start(&echo_config(
         4,
         "max_connections_per_worker = 4",
-        "max_connections_per_client = 0",
+        "max_connections_per_client = 0\nmax_long_connections_per_client = 0",
     ));
     let mut streams: Vec<_> = (0..12).map(|_| connect(daemon.addr())).collect();
     for (i, stream) in streams.iter_mut().enumerate() {
