@@ -336,21 +336,14 @@ impl<'a> Worker<'a> {
     fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
         let fd = stream.as_raw_fd();
         let policy = &self.context.config.listeners[index];
-        let name = policy.name.clone();
         if self.poller.set(fd, Interest::READ).is_err() {
             if let Some(held_back) = self.accept_error_log.allow(now) {
                 log::warn!(
-                    "closing connection from {peer} on {name}: descriptor {fd} is over select()'s limit ({held_back} similar not logged)"
+                    "closing connection from {peer} on {}: descriptor {fd} is over select()'s limit ({held_back} similar not logged)",
+                    policy.name
                 );
             }
-            self.access_line(
-                &name,
-                peer,
-                Duration::ZERO,
-                Progress::default(),
-                CloseReason::Error,
-            );
-            return;
+            return self.refuse(fd, index, peer, CloseReason::Error);
         }
         let mut ticket = None;
         if policy.has_client_limits() {
@@ -359,33 +352,18 @@ impl<'a> Worker<'a> {
             match self.context.limits.admit(&mut self.ledger, key, max) {
                 Ok(Admission::Admitted(t)) => ticket = Some(t),
                 Ok(Admission::Refused { open }) => {
-                    let _ = self.poller.set(fd, Interest::NONE);
                     if let Some(held_back) = self.refusal_log.allow(now) {
                         log::warn!(
-                            "refused {} on {name}: {open} connections open, max_connections_per_client reached ({held_back} refusals not logged)",
-                            peer.ip()
+                            "refused {} on {}: {open} connections open, max_connections_per_client reached ({held_back} refusals not logged)",
+                            peer.ip(),
+                            policy.name
                         );
                     }
-                    self.access_line(
-                        &name,
-                        peer,
-                        Duration::ZERO,
-                        Progress::default(),
-                        CloseReason::Limit,
-                    );
-                    return;
+                    return self.refuse(fd, index, peer, CloseReason::Limit);
                 }
                 Err(error) => {
-                    let _ = self.poller.set(fd, Interest::NONE);
-                    log::error!("refused {peer} on {name}: {error}");
-                    self.access_line(
-                        &name,
-                        peer,
-                        Duration::ZERO,
-                        Progress::default(),
-                        CloseReason::Error,
-                    );
-                    return;
+                    log::error!("refused {peer} on {}: {error}", policy.name);
+                    return self.refuse(fd, index, peer, CloseReason::Error);
                 }
             }
         }
@@ -409,6 +387,13 @@ impl<'a> Worker<'a> {
             interest: Interest::READ,
         });
         self.open += 1;
+    }
+
+    /// Turns away a connection just accepted (its socket closes when the caller drops it).
+    fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
+        let _ = self.poller.set(fd, Interest::NONE);
+        let name = &self.context.config.listeners[index].name;
+        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason);
     }
 
     fn on_ready(&mut self, event: Event, now: Instant) {

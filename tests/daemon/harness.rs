@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use socket2::{Domain, Socket, Type};
@@ -49,18 +50,32 @@ pub fn echo_config(workers: usize, daemon_extra: &str, policy: &str) -> String {
 impl Daemon {
     /// Starts the daemon and waits until the master reports every worker started.
     pub fn start(config: &str) -> Daemon {
+        Daemon::start_with_nofile(config, None)
+    }
+
+    /// [`Daemon::start`], with `RLIMIT_NOFILE` set to `nofile` for the daemon if given.
+    pub fn start_with_nofile(config: &str, nofile: Option<u64>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("preforkd.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        command
             .arg("-c")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("spawn preforkd");
+            .process_group(0);
+        if let Some(limit) = nofile {
+            // SAFETY: the closure only makes the setrlimit(2) system call, which is
+            // async-signal-safe, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(io::Error::from)
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn preforkd");
         let stderr = child.stderr.take().expect("stderr");
         let log: SharedLog = Arc::default();
         let sink = Arc::clone(&log);
@@ -341,4 +356,38 @@ pub fn rss_kib(pid: i32) -> u64 {
 
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// CPU time (user + system) a process has used, in clock ticks, from /proc.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Whether `pid` is a live process: false once it is gone or a zombie (exited, not yet
+/// reaped by whoever adopted it).
+pub fn is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit(')').next().unwrap().split_whitespace().next(),
+            Some("Z" | "X")
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Polls `condition` until it holds; panics naming `what` after [`PATIENCE`].
+pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
 }

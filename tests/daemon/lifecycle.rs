@@ -104,3 +104,19 @@ fn sigint_stops_like_sigterm_and_unsupported_signals_are_not_fatal() {
     let status = daemon.wait_exit(PATIENCE).expect("master exits");
     assert_eq!(code(status), 0);
 }
+
+#[test]
+fn workers_exit_when_the_master_dies() {
+    let mut daemon = Daemon::start(&echo_config(2, "", ""));
+    let workers = daemon.worker_pids();
+    daemon.signal(Signal::SIGKILL);
+    // Every process of the daemon holds the log pipe: it closes once the workers are gone.
+    daemon
+        .wait_exit(PATIENCE)
+        .expect("workers exit after the master is killed");
+    for pid in workers {
+        eventually(&format!("worker {pid} exits after its master"), || {
+            !is_running(pid)
+        });
+    }
+}

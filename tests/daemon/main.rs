@@ -7,3 +7,4 @@ mod echo;
 mod idle;
 mod lifecycle;
 mod limits;
+mod resources;
