@@ -78,16 +78,20 @@ pub fn init() {
 /// # Errors
 /// [`LogError::Syslog`] when `/dev/log` cannot be reached; logging stays on stderr then.
 pub fn apply(config: &LogConfig) -> Result<(), LogError> {
-    let sink = match config.target {
+    let sink = match &config.target {
         LogTarget::Stderr => Sink::Stderr,
-        LogTarget::Syslog(facility) => {
+        LogTarget::Syslog { facility, socket } => {
             let formatter = Formatter3164 {
                 facility: facility.0,
                 hostname: None,
                 process: "preforkd".into(),
                 pid: std::process::id(),
             };
-            Sink::Syslog(syslog::unix(formatter).map_err(|e| LogError::Syslog(e.to_string()))?)
+            let logger = match socket {
+                Some(path) => syslog::unix_custom(formatter, path),
+                None => syslog::unix(formatter),
+            };
+            Sink::Syslog(logger.map_err(|e| LogError::Syslog(e.to_string()))?)
         }
     };
     if let Some(state) = lock().as_mut() {

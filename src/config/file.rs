@@ -52,6 +52,8 @@ pub struct LogSection {
     pub access_log: Option<Spanned<bool>>,
     /// syslog(3) facility name, for `target = "syslog"`.
     pub facility: Option<Spanned<String>>,
+    /// Path of the syslog socket, for `target = "syslog"`.
+    pub syslog_socket: Option<Spanned<String>>,
 }
 
 /// One `[[listener]]` block as written in the file.
@@ -87,6 +89,7 @@ pub const KEYS: &[&str] = &[
     "log.level",
     "log.access_log",
     "log.facility",
+    "log.syslog_socket",
     "listener.name",
     "listener.address",
     "listener.service",

@@ -54,7 +54,7 @@ pub struct DaemonConfig {
 }
 
 /// `[log]`: log target and verbosity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// Where lines go. Default [`LogTarget::Stderr`].
     pub target: LogTarget,
@@ -65,13 +65,18 @@ pub struct LogConfig {
 }
 
 /// Where log lines go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogTarget {
     /// Standard error, one line per record with time, level, role and pid (systemd's journal
     /// picks it up as is).
     Stderr,
-    /// The local syslog daemon over `/dev/log` (RFC 3164), with this facility.
-    Syslog(SyslogFacility),
+    /// The local syslog daemon (RFC 3164 over a unix datagram socket).
+    Syslog {
+        /// Facility of every message. Default `daemon`.
+        facility: SyslogFacility,
+        /// The syslog socket; `None` (the default) tries `/dev/log`, then `/var/run/syslog`.
+        socket: Option<std::path::PathBuf>,
+    },
 }
 
 /// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.

@@ -181,10 +181,25 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         "\"error\", \"warn\", \"info\", \"debug\", \"trace\" or \"off\"",
         |s| log::LevelFilter::from_str(s).ok(),
     );
+    let syslog_socket = match &log_section.syslog_socket {
+        Some(path) if path.get_ref().is_empty() => {
+            check.report(
+                path.span(),
+                "log.syslog_socket",
+                "must be a path, such as \"/dev/log\"",
+            );
+            None
+        }
+        Some(path) => Some(std::path::PathBuf::from(path.get_ref())),
+        None => None,
+    };
     let access_log = log_section.access_log.is_none_or(Spanned::into_inner);
     let log = LogConfig {
         target: if target == "syslog" {
-            LogTarget::Syslog(SyslogFacility(facility))
+            LogTarget::Syslog {
+                facility: SyslogFacility(facility),
+                socket: syslog_socket,
+            }
         } else {
             LogTarget::Stderr
         },

@@ -28,7 +28,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use thiserror::Error;
 
-use crate::config::Config;
+use crate::config::{Config, LogTarget};
 use crate::exit::ExitStatus;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
@@ -96,11 +96,18 @@ pub struct Master {
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
+/// A startup failure is also written to stderr when logs go elsewhere, so whoever started
+/// the daemon sees why it did not start.
 pub fn run(config: Config) -> ExitStatus {
+    let logs_elsewhere = config.log.target != LogTarget::Stderr;
     match Master::start(config) {
         Ok(mut master) => master.supervise(),
         Err(error) => {
             log::error!("{error}");
+            if logs_elsewhere {
+                use std::io::Write;
+                let _ = writeln!(io::stderr(), "preforkd: {error}");
+            }
             error.exit_status()
         }
     }

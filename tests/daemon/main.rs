@@ -8,3 +8,4 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod resources;
+mod syslog;
