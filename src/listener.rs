@@ -47,43 +47,22 @@ impl Listener {
     pub fn bind(config: &ListenerConfig) -> Result<Self, BindError> {
         let address = config.address;
         let fail = |step: &'static str| {
-            move |source: io::Error| BindError {
-                step,
-                address,
-                name: config.name.clone(),
-                source,
-            }
+            move |source: io::Error| BindError { step, address, name: config.name.clone(), source }
         };
         // socket2 creates the socket with SOCK_CLOEXEC.
-        let socket = Socket::new(
-            Domain::for_address(address),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )
-        .map_err(fail("create a socket for"))?;
-        socket
-            .set_reuse_address(true)
-            .map_err(fail("set SO_REUSEADDR on"))?;
+        let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))
+            .map_err(fail("create a socket for"))?;
+        socket.set_reuse_address(true).map_err(fail("set SO_REUSEADDR on"))?;
         if address.is_ipv6() {
-            socket
-                .set_only_v6(true)
-                .map_err(fail("set IPV6_V6ONLY on"))?;
+            socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY on"))?;
         }
         socket.bind(&address.into()).map_err(fail("bind"))?;
         let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
         socket.listen(backlog).map_err(fail("listen on"))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(fail("set O_NONBLOCK on"))?;
+        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
         let socket = TcpListener::from(socket);
-        let local_addr = socket
-            .local_addr()
-            .map_err(fail("read the bound address of"))?;
-        Ok(Listener {
-            config: config.clone(),
-            local_addr,
-            socket,
-        })
+        let local_addr = socket.local_addr().map_err(fail("read the bound address of"))?;
+        Ok(Listener { config: config.clone(), local_addr, socket })
     }
 
     /// Binds every listener in order; nothing stays bound if one fails.
@@ -138,10 +117,7 @@ mod tests {
         let first = Listener::bind(&config("127.0.0.1:0")).unwrap();
         let taken = config(&first.local_addr.to_string());
         let error = Listener::bind(&taken).unwrap_err().to_string();
-        assert!(
-            error.starts_with(&format!("could not bind {}", first.local_addr)),
-            "{error}"
-        );
+        assert!(error.starts_with(&format!("could not bind {}", first.local_addr)), "{error}");
         assert!(error.contains("in use"), "{error}");
     }
 }

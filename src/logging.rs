@@ -63,11 +63,7 @@ pub enum LogError {
 
 /// Installs the logger: stderr, level `info`, role master. Call once, first thing.
 pub fn init() {
-    *lock() = Some(State {
-        role: Role::Master,
-        pid: std::process::id(),
-        sink: Sink::Stderr,
-    });
+    *lock() = Some(State { role: Role::Master, pid: std::process::id(), sink: Sink::Stderr });
     // Only fails if a logger is already installed, which leaves that one in place.
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(LevelFilter::Info);
@@ -114,9 +110,7 @@ pub fn set_worker(slot: usize, generation: u64) {
 
 fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
     // A panic while logging must not silence every later line.
-    STATE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Logger;
@@ -173,11 +167,7 @@ pub struct RateLimit {
 impl RateLimit {
     /// One line per `interval` at most.
     pub const fn new(interval: std::time::Duration) -> Self {
-        RateLimit {
-            interval,
-            last: None,
-            suppressed: 0,
-        }
+        RateLimit { interval, last: None, suppressed: 0 }
     }
 
     /// `Some(n)` if a line may be written at `now`, `n` being how many were held back since

@@ -48,23 +48,14 @@ impl Signals {
     pub fn install(signals: &[Signal]) -> io::Result<Self> {
         let (wake, notify) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
-        let mut this = Signals {
-            wake,
-            flags: Vec::new(),
-            ids: Vec::new(),
-        };
+        let mut this = Signals { wake, flags: Vec::new(), ids: Vec::new() };
         for &signal in signals {
             let flag = Arc::new(AtomicBool::new(false));
             // Order matters: signal-hook runs actions in registration order, so the flag is
             // set before the byte that wakes the loop is written.
-            this.ids.push(signal_hook::flag::register(
-                signal as i32,
-                Arc::clone(&flag),
-            )?);
-            this.ids.push(signal_hook::low_level::pipe::register(
-                signal as i32,
-                notify.try_clone()?,
-            )?);
+            this.ids.push(signal_hook::flag::register(signal as i32, Arc::clone(&flag))?);
+            this.ids
+                .push(signal_hook::low_level::pipe::register(signal as i32, notify.try_clone()?)?);
             this.flags.push((signal, flag));
         }
         Ok(this)

@@ -45,19 +45,13 @@ pub struct Issue {
 
 impl fmt::Display for Issue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}: {}: {}",
-            self.line, self.column, self.key, self.message
-        )
+        write!(f, "{}:{}: {}: {}", self.line, self.column, self.key, self.message)
     }
 }
 
 fn render(path: &Path, issues: &[Issue]) -> String {
-    let lines: Vec<String> = issues
-        .iter()
-        .map(|issue| format!("{}:{issue}", path.display()))
-        .collect();
+    let lines: Vec<String> =
+        issues.iter().map(|issue| format!("{}:{issue}", path.display())).collect();
     lines.join("\n")
 }
 
@@ -87,18 +81,10 @@ impl ConfigError {
             .into_iter()
             .map(|issue| {
                 let (line, column) = line_column(source, issue.span.start);
-                Issue {
-                    line,
-                    column,
-                    key: issue.key,
-                    message: issue.message,
-                }
+                Issue { line, column, key: issue.key, message: issue.message }
             })
             .collect();
-        ConfigError::Invalid {
-            path: path.to_owned(),
-            issues,
-        }
+        ConfigError::Invalid { path: path.to_owned(), issues }
     }
 
     /// The process exit status for this error: [`ExitStatus::NoInput`] when the file cannot be

@@ -169,11 +169,7 @@ pub fn read(source: &str) -> (Option<FileConfig>, Vec<RawIssue>) {
                 let span = error.span().unwrap_or(0..0);
                 let removed = remove_entry_at(document.get_mut(), &span, "");
                 let key = removed.clone().unwrap_or_else(|| "(document)".to_owned());
-                issues.push(RawIssue {
-                    span,
-                    key,
-                    message: error.message().trim().to_owned(),
-                });
+                issues.push(RawIssue { span, key, message: error.message().trim().to_owned() });
                 if removed.is_none() {
                     return (None, issues);
                 }
@@ -188,11 +184,7 @@ fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
 }
 
 fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{prefix}.{key}")
-    }
+    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") }
 }
 
 /// Removes the innermost table entry whose key or value covers `span`; returns its key path.
@@ -208,15 +200,12 @@ fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>, prefix: &str) -
         let found = match value.get_mut() {
             DeValue::Table(inner) => remove_entry_at(inner, span, &path),
             DeValue::Array(items) => {
-                items
-                    .iter_mut()
-                    .enumerate()
-                    .find_map(|(index, item)| match item.get_mut() {
-                        DeValue::Table(inner) => {
-                            remove_entry_at(inner, span, &format!("{path}[{index}]"))
-                        }
-                        _ => None,
-                    })
+                items.iter_mut().enumerate().find_map(|(index, item)| match item.get_mut() {
+                    DeValue::Table(inner) => {
+                        remove_entry_at(inner, span, &format!("{path}[{index}]"))
+                    }
+                    _ => None,
+                })
             }
             _ => None,
         };

@@ -130,10 +130,8 @@ impl ListenerConfig {
 /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
 /// problem found otherwise.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let source = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let source = fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(path, &source)
 }
 

@@ -39,11 +39,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn report(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(RawIssue {
-            span,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.issues.push(RawIssue { span, key: key.into(), message: message.into() });
     }
 
     fn duration(
@@ -83,11 +79,7 @@ impl Checker<'_> {
         if (min..=max).contains(&n) {
             n
         } else {
-            self.report(
-                value.span(),
-                key,
-                format!("{n} is out of range: expected {min} to {max}"),
-            );
+            self.report(value.span(), key, format!("{n} is out of range: expected {min} to {max}"));
             default
         }
     }
@@ -183,11 +175,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
     );
     let syslog_socket = match &log_section.syslog_socket {
         Some(path) if path.get_ref().is_empty() => {
-            check.report(
-                path.span(),
-                "log.syslog_socket",
-                "must be a path, such as \"/dev/log\"",
-            );
+            check.report(path.span(), "log.syslog_socket", "must be a path, such as \"/dev/log\"");
             None
         }
         Some(path) => Some(std::path::PathBuf::from(path.get_ref())),
@@ -196,10 +184,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
     let access_log = log_section.access_log.is_none_or(Spanned::into_inner);
     let log = LogConfig {
         target: if target == "syslog" {
-            LogTarget::Syslog {
-                facility: SyslogFacility(facility),
-                socket: syslog_socket,
-            }
+            LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket }
         } else {
             LogTarget::Stderr
         },
@@ -208,11 +193,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
     };
 
     if file.listener.is_empty() {
-        check.report(
-            0..0,
-            "listener",
-            "no [[listener]] is configured: at least one is required",
-        );
+        check.report(0..0, "listener", "no [[listener]] is configured: at least one is required");
     }
     let mut listeners = Vec::with_capacity(file.listener.len());
     let mut names: HashSet<String> = HashSet::new();
@@ -244,10 +225,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
 
     let fds_needed = max_connections_per_worker + listeners.len() + RESERVED_FDS;
     if fds_needed > FD_SETSIZE {
-        let span = daemon_section
-            .max_connections_per_worker
-            .as_ref()
-            .map_or(0..0, Spanned::span);
+        let span = daemon_section.max_connections_per_worker.as_ref().map_or(0..0, Spanned::span);
         check.report(
             span,
             "daemon.max_connections_per_worker",
@@ -334,13 +312,8 @@ fn validate_listener(
         },
         _ => None,
     };
-    let backlog = check.integer(
-        section.backlog.as_ref(),
-        &key("backlog"),
-        1,
-        65535,
-        DEFAULT_BACKLOG as i64,
-    );
+    let backlog =
+        check.integer(section.backlog.as_ref(), &key("backlog"), 1, 65535, DEFAULT_BACKLOG as i64);
     let short = check.duration(
         section.short_idle_timeout.as_ref(),
         &key("short_idle_timeout"),
@@ -382,9 +355,7 @@ fn validate_listener(
 
 /// One worker per CPU available to this process (`sched_getaffinity`), at least 1.
 fn available_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, NonZeroUsize::get)
-        .min(MAX_WORKERS)
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get).min(MAX_WORKERS)
 }
 
 #[cfg(test)]
@@ -412,15 +383,9 @@ mod tests {
         let config = parse(Path::new("t.toml"), MINIMAL).unwrap();
         let listener = &config.listeners[0];
         assert_eq!(listener.backlog.get(), DEFAULT_BACKLOG);
-        assert_eq!(
-            listener.short_idle_timeout,
-            Some(DEFAULT_SHORT_IDLE_TIMEOUT)
-        );
+        assert_eq!(listener.short_idle_timeout, Some(DEFAULT_SHORT_IDLE_TIMEOUT));
         assert_eq!(listener.long_idle_timeout, Some(DEFAULT_LONG_IDLE_TIMEOUT));
-        assert_eq!(
-            listener.max_connections_per_client.map(NonZeroU32::get),
-            Some(32)
-        );
+        assert_eq!(listener.max_connections_per_client.map(NonZeroU32::get), Some(32));
         assert_eq!(config.daemon.graceful_timeout, DEFAULT_GRACEFUL_TIMEOUT);
         assert_eq!(
             config.daemon.max_connections_per_worker.get(),
@@ -458,10 +423,7 @@ mod tests {
             "listener[1].service: missing",
         ];
         for e in expected {
-            assert!(
-                found.iter().any(|f| f.contains(e)),
-                "{e:?} not in {found:#?}"
-            );
+            assert!(found.iter().any(|f| f.contains(e)), "{e:?} not in {found:#?}");
         }
         assert_eq!(found.len(), expected.len(), "{found:#?}");
     }
@@ -473,10 +435,7 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].contains("FD_SETSIZE"), "{found:?}");
         assert!(
-            issues(&format!(
-                "[daemon]\nmax_connections_per_worker = 1007\n{MINIMAL}"
-            ))
-            .is_empty()
+            issues(&format!("[daemon]\nmax_connections_per_worker = 1007\n{MINIMAL}")).is_empty()
         );
     }
 

@@ -82,12 +82,7 @@ impl ClientKey {
             }
             IpAddr::V6(v6) => (6, v6.octets()),
         };
-        ClientKey {
-            address,
-            listener: listener as u16,
-            family,
-            _pad: 0,
-        }
+        ClientKey { address, listener: listener as u16, family, _pad: 0 }
     }
 }
 
@@ -176,18 +171,12 @@ impl Limits {
     /// [`LimitsError::Map`] when mmap(2) fails, [`LimitsError::Lock`] when the robust,
     /// process-shared mutex cannot be initialised, [`LimitsError::TooLarge`] on overflow.
     pub fn new(slots: usize, per_slot: usize) -> Result<Self, LimitsError> {
-        let records = slots
-            .checked_mul(per_slot)
-            .filter(|&n| n < u32::MAX as usize / 4);
-        let records = records.ok_or(LimitsError::TooLarge {
-            records: usize::MAX,
-        })?;
+        let records = slots.checked_mul(per_slot).filter(|&n| n < u32::MAX as usize / 4);
+        let records = records.ok_or(LimitsError::TooLarge { records: usize::MAX })?;
         let entries_len = (records * 2).next_power_of_two().max(16);
         let entries_offset = align_up(size_of::<Header>(), align_of::<Entry>());
-        let records_offset = align_up(
-            entries_offset + entries_len * size_of::<Entry>(),
-            align_of::<Record>(),
-        );
+        let records_offset =
+            align_up(entries_offset + entries_len * size_of::<Entry>(), align_of::<Record>());
         let bytes = records_offset + records * size_of::<Record>();
         let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { records })?;
         // SAFETY: a fresh anonymous mapping, not aliasing anything; MAP_SHARED so that forked
@@ -222,11 +211,7 @@ impl Limits {
 
     fn init_mutex(&self) -> Result<(), LimitsError> {
         let check = |rc: i32| {
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(LimitsError::Lock(Errno::from_raw(rc)))
-            }
+            if rc == 0 { Ok(()) } else { Err(LimitsError::Lock(Errno::from_raw(rc))) }
         };
         // SAFETY: the attribute object lives on this stack frame and is initialised before use;
         // the mutex lives in the mapping created above, which no other process sees yet.
@@ -244,10 +229,7 @@ impl Limits {
                 ))
             })
             .and_then(|()| {
-                check(libc::pthread_mutex_init(
-                    &raw mut (*self.header()).mutex,
-                    attr.as_ptr(),
-                ))
+                check(libc::pthread_mutex_init(&raw mut (*self.header()).mutex, attr.as_ptr()))
             });
             libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
             result
@@ -318,10 +300,7 @@ impl Limits {
         key: ClientKey,
         max: Option<NonZeroU32>,
     ) -> Result<Admission, LimitsError> {
-        let record = *ledger
-            .free
-            .last()
-            .ok_or(LimitsError::SlotFull(ledger.slot))?;
+        let record = *ledger.free.last().ok_or(LimitsError::SlotFull(ledger.slot))?;
         let mut table = self.lock()?;
         let open = table.open(&key).0;
         if max.is_some_and(|max| open >= max.get()) {
@@ -455,8 +434,7 @@ impl Table<'_> {
     }
 
     fn open(&self, key: &ClientKey) -> (u32, u32) {
-        self.find(key)
-            .map_or((0, 0), |i| (self.entries[i].open, self.entries[i].long))
+        self.find(key).map_or((0, 0), |i| (self.entries[i].open, self.entries[i].long))
     }
 
     /// Adds one open connection (`long == false`) or turns one into a long one.
@@ -464,11 +442,7 @@ impl Table<'_> {
         let index = match self.find(&key) {
             Ok(index) => index,
             Err(empty) => {
-                self.entries[empty] = Entry {
-                    key,
-                    open: 0,
-                    long: 0,
-                };
+                self.entries[empty] = Entry { key, open: 0, long: 0 };
                 empty
             }
         };

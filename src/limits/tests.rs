@@ -27,14 +27,8 @@ fn admits_exactly_the_limit_per_client_and_listener() {
         let ledger = if i % 2 == 0 { &mut a } else { &mut b };
         tickets.push(admitted(limits.admit(ledger, key(0, 1), limit(5)).unwrap()));
     }
-    assert_eq!(
-        limits.admit(&mut a, key(0, 1), limit(5)).unwrap(),
-        Admission::Refused { open: 5 }
-    );
-    assert_eq!(
-        limits.admit(&mut b, key(0, 1), limit(5)).unwrap(),
-        Admission::Refused { open: 5 }
-    );
+    assert_eq!(limits.admit(&mut a, key(0, 1), limit(5)).unwrap(), Admission::Refused { open: 5 });
+    assert_eq!(limits.admit(&mut b, key(0, 1), limit(5)).unwrap(), Admission::Refused { open: 5 });
     // Another client, and the same client on another listener, have their own quota.
     admitted(limits.admit(&mut a, key(0, 2), limit(5)).unwrap());
     admitted(limits.admit(&mut a, key(1, 1), limit(5)).unwrap());
@@ -48,21 +42,15 @@ fn admits_exactly_the_limit_per_client_and_listener() {
 fn long_connections_have_their_own_limit() {
     let limits = Limits::new(1, 8).unwrap();
     let mut ledger = limits.ledger(0);
-    let tickets: Vec<Ticket> = (0..3)
-        .map(|_| admitted(limits.admit(&mut ledger, key(0, 3), None).unwrap()))
-        .collect();
+    let tickets: Vec<Ticket> =
+        (0..3).map(|_| admitted(limits.admit(&mut ledger, key(0, 3), None).unwrap())).collect();
     assert!(limits.promote(&tickets[0], limit(2)).unwrap());
-    assert!(
-        limits.promote(&tickets[0], limit(2)).unwrap(),
-        "promoting twice counts once"
-    );
+    assert!(limits.promote(&tickets[0], limit(2)).unwrap(), "promoting twice counts once");
     assert!(limits.promote(&tickets[1], limit(2)).unwrap());
     assert!(!limits.promote(&tickets[2], limit(2)).unwrap());
     assert_eq!(limits.counts(key(0, 3)).unwrap(), (3, 2));
     let mut tickets = tickets.into_iter();
-    limits
-        .release(&mut ledger, tickets.next().unwrap())
-        .unwrap();
+    limits.release(&mut ledger, tickets.next().unwrap()).unwrap();
     assert_eq!(limits.counts(key(0, 3)).unwrap(), (2, 1));
     assert!(limits.promote(&tickets.nth(1).unwrap(), limit(2)).unwrap());
 }
@@ -84,10 +72,7 @@ fn reclaim_releases_only_the_dead_slot() {
     for _ in 0..4 {
         admitted(limits.admit(&mut fresh, key(0, 9), limit(5)).unwrap());
     }
-    assert!(matches!(
-        limits.admit(&mut fresh, key(0, 9), None),
-        Err(LimitsError::SlotFull(0))
-    ));
+    assert!(matches!(limits.admit(&mut fresh, key(0, 9), None), Err(LimitsError::SlotFull(0))));
 }
 
 #[test]
@@ -127,10 +112,7 @@ fn table_never_fills_with_distinct_clients_and_churn() {
         limits.release(&mut ledgers[slot], ticket).unwrap();
     }
     let table = limits.lock().unwrap();
-    assert!(
-        table.entries.iter().all(|e| e.open == 0 && e.long == 0),
-        "everything released"
-    );
+    assert!(table.entries.iter().all(|e| e.open == 0 && e.long == 0), "everything released");
 }
 
 #[test]

@@ -74,11 +74,7 @@ impl StartError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
-    Stopping {
-        graceful: bool,
-        kill_at: Instant,
-        killed: bool,
-    },
+    Stopping { graceful: bool, kill_at: Instant, killed: bool },
 }
 
 /// The supervisor state.
@@ -153,10 +149,7 @@ impl Master {
                 return Err(StartError::Fork { slot, source });
             }
         }
-        log::info!(
-            "master started: {workers} workers, generation {}",
-            master.generation
-        );
+        log::info!("master started: {workers} workers, generation {}", master.generation);
         Ok(master)
     }
 
@@ -201,11 +194,7 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Running => self.slots.iter().filter_map(|slot| slot.respawn_at).min(),
-            Phase::Stopping {
-                kill_at,
-                killed: false,
-                ..
-            } => Some(kill_at),
+            Phase::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             // Killed: SIGCHLD will come; a periodic check covers a lost one.
             Phase::Stopping { killed: true, .. } => Some(Instant::now() + Duration::from_secs(1)),
         }
@@ -218,9 +207,7 @@ impl Master {
             Signal::SIGQUIT => match self.phase {
                 Phase::Running => self.handle_stop_graceful(),
                 Phase::Stopping { graceful: true, .. } => self.handle_stop_fast("second SIGQUIT"),
-                Phase::Stopping {
-                    graceful: false, ..
-                } => {}
+                Phase::Stopping { graceful: false, .. } => {}
             },
             Signal::SIGUSR1 => {
                 log::info!("SIGUSR1: logs go to stderr or syslog, nothing to reopen")
@@ -298,9 +285,7 @@ impl Master {
 
     fn jitter(&self) -> f64 {
         let mut hasher = self.random.build_hasher();
-        let since_epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         hasher.write_u128(since_epoch.as_nanos());
         (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
     }
@@ -311,15 +296,8 @@ impl Master {
             Phase::Stopping { kill_at, .. } => kill_at.min(now + FAST_STOP_GRACE),
             Phase::Running => now + FAST_STOP_GRACE,
         };
-        log::info!(
-            "fast stop ({why}): stopping {} workers",
-            self.live_workers()
-        );
-        self.phase = Phase::Stopping {
-            graceful: false,
-            kill_at,
-            killed: false,
-        };
+        log::info!("fast stop ({why}): stopping {} workers", self.live_workers());
+        self.phase = Phase::Stopping { graceful: false, kill_at, killed: false };
         self.listeners.clear();
         self.signal_workers(Signal::SIGTERM);
     }
@@ -330,11 +308,8 @@ impl Master {
             "graceful stop (SIGQUIT): {} workers finish open exchanges, {timeout:?} at most",
             self.live_workers()
         );
-        self.phase = Phase::Stopping {
-            graceful: true,
-            kill_at: Instant::now() + timeout,
-            killed: false,
-        };
+        self.phase =
+            Phase::Stopping { graceful: true, kill_at: Instant::now() + timeout, killed: false };
         // Close the master's listening sockets; workers close theirs as they stop accepting.
         self.listeners.clear();
         self.signal_workers(Signal::SIGQUIT);
@@ -358,18 +333,10 @@ impl Master {
                     }
                 }
             }
-            Phase::Stopping {
-                graceful,
-                kill_at,
-                killed: false,
-            } if now >= kill_at => {
+            Phase::Stopping { graceful, kill_at, killed: false } if now >= kill_at => {
                 log::error!("stop timed out: killing {} workers", self.live_workers());
                 self.signal_workers(Signal::SIGKILL);
-                self.phase = Phase::Stopping {
-                    graceful,
-                    kill_at,
-                    killed: true,
-                };
+                self.phase = Phase::Stopping { graceful, kill_at, killed: true };
             }
             Phase::Stopping { .. } => {}
         }

@@ -35,16 +35,11 @@ impl WorkerSlot {
     /// a healthy life, with exponential backoff (and `jitter`, from 0 to 1) in a crash loop.
     /// Returns the delay chosen.
     pub fn exited(&mut self, now: Instant, jitter: f64) -> Duration {
-        let lived = self
-            .started
-            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        let lived = self.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         self.pid = None;
         self.started = None;
-        self.failures = if lived < MIN_HEALTHY_UPTIME {
-            self.failures.saturating_add(1)
-        } else {
-            0
-        };
+        self.failures =
+            if lived < MIN_HEALTHY_UPTIME { self.failures.saturating_add(1) } else { 0 };
         let delay = respawn_delay(self.failures, jitter);
         self.respawn_at = Some(now + delay);
         delay
@@ -59,9 +54,7 @@ pub fn respawn_delay(failures: u32, jitter: f64) -> Duration {
         return Duration::ZERO;
     }
     let doubled = RESPAWN_BACKOFF_BASE.saturating_mul(1u32 << (failures - 1).min(16));
-    doubled
-        .min(RESPAWN_BACKOFF_MAX)
-        .mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
+    doubled.min(RESPAWN_BACKOFF_MAX).mul_f64(1.0 + 0.25 * jitter.clamp(0.0, 1.0))
 }
 
 /// How a worker ended, from `waitpid(2)`.
@@ -105,11 +98,8 @@ mod tests {
     #[test]
     fn a_crash_loop_backs_off_and_a_healthy_life_resets_it() {
         let t0 = Instant::now();
-        let mut slot = WorkerSlot {
-            pid: Some(Pid::from_raw(10)),
-            started: Some(t0),
-            ..Default::default()
-        };
+        let mut slot =
+            WorkerSlot { pid: Some(Pid::from_raw(10)), started: Some(t0), ..Default::default() };
         let mut now = t0;
         let mut delays = Vec::new();
         for _ in 0..5 {
@@ -117,10 +107,7 @@ mod tests {
             delays.push(slot.exited(now, 0.0));
             slot.started = Some(now);
         }
-        assert_eq!(
-            delays,
-            [100, 200, 400, 800, 1600].map(Duration::from_millis)
-        );
+        assert_eq!(delays, [100, 200, 400, 800, 1600].map(Duration::from_millis));
         // Crashes per second stay bounded: five quick failures took over three seconds.
         assert!(delays.iter().sum::<Duration>() > Duration::from_secs(3));
         now += MIN_HEALTHY_UPTIME * 2;
@@ -132,18 +119,12 @@ mod tests {
     #[test]
     fn exits_are_classified() {
         let pid = Pid::from_raw(7);
-        assert_eq!(
-            classify(WaitStatus::Exited(pid, 0)),
-            Some((pid, WorkerExit::Clean))
-        );
+        assert_eq!(classify(WaitStatus::Exited(pid, 0)), Some((pid, WorkerExit::Clean)));
         assert_eq!(
             classify(WaitStatus::Exited(pid, WORKER_BOOT_FAILURE)),
             Some((pid, WorkerExit::BootFailure))
         );
-        assert_eq!(
-            classify(WaitStatus::Exited(pid, 9)),
-            Some((pid, WorkerExit::Failed(9)))
-        );
+        assert_eq!(classify(WaitStatus::Exited(pid, 9)), Some((pid, WorkerExit::Failed(9))));
         assert_eq!(
             classify(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
             Some((pid, WorkerExit::Killed(Signal::SIGKILL)))

@@ -23,15 +23,9 @@ pub struct Interest {
 
 impl Interest {
     /// Not watched at all.
-    pub const NONE: Interest = Interest {
-        read: false,
-        write: false,
-    };
+    pub const NONE: Interest = Interest { read: false, write: false };
     /// Readable only.
-    pub const READ: Interest = Interest {
-        read: true,
-        write: false,
-    };
+    pub const READ: Interest = Interest { read: true, write: false };
 
     /// Whether anything is watched.
     pub fn is_none(self) -> bool {

@@ -117,37 +117,11 @@ mod tests {
         poller.wait(Some(Duration::ZERO), &mut events).unwrap();
         assert!(events.is_empty());
         a.write_all(b"x").unwrap();
-        poller
-            .wait(Some(Duration::from_secs(5)), &mut events)
-            .unwrap();
-        assert_eq!(
-            events,
-            vec![Event {
-                fd: b.as_raw_fd(),
-                readable: true,
-                writable: false
-            }]
-        );
-        poller
-            .set(
-                b.as_raw_fd(),
-                Interest {
-                    read: false,
-                    write: true,
-                },
-            )
-            .unwrap();
-        poller
-            .wait(Some(Duration::from_secs(5)), &mut events)
-            .unwrap();
-        assert_eq!(
-            events,
-            vec![Event {
-                fd: b.as_raw_fd(),
-                readable: false,
-                writable: true
-            }]
-        );
+        poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+        assert_eq!(events, vec![Event { fd: b.as_raw_fd(), readable: true, writable: false }]);
+        poller.set(b.as_raw_fd(), Interest { read: false, write: true }).unwrap();
+        poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+        assert_eq!(events, vec![Event { fd: b.as_raw_fd(), readable: false, writable: true }]);
         poller.set(b.as_raw_fd(), Interest::NONE).unwrap();
         poller.wait(Some(Duration::ZERO), &mut events).unwrap();
         assert!(events.is_empty());

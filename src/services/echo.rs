@@ -160,11 +160,7 @@ mod tests {
     impl Read for Fake {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.input.is_empty() {
-                return if self.eof {
-                    Ok(0)
-                } else {
-                    Err(ErrorKind::WouldBlock.into())
-                };
+                return if self.eof { Ok(0) } else { Err(ErrorKind::WouldBlock.into()) };
             }
             let n = buf.len().min(self.input.len());
             for (slot, byte) in buf.iter_mut().zip(self.input.drain(..n)) {
@@ -200,18 +196,8 @@ mod tests {
         let mut echo = Echo::new();
         let progress = echo.on_readable(&mut io).unwrap();
         assert_eq!(io.output, b"hello");
-        assert_eq!(
-            progress,
-            Progress {
-                bytes_in: 5,
-                bytes_out: 5,
-                exchanges: 1
-            }
-        );
-        assert!(
-            echo.is_at_rest(),
-            "answered, and the read reached WouldBlock"
-        );
+        assert_eq!(progress, Progress { bytes_in: 5, bytes_out: 5, exchanges: 1 });
+        assert!(echo.is_at_rest(), "answered, and the read reached WouldBlock");
         assert!(!echo.is_done());
     }
 
@@ -239,18 +225,11 @@ mod tests {
     #[test]
     fn stops_reading_when_the_client_does_not_read() {
         let data: Vec<u8> = (0..BUFFER_SIZE * 4).map(|i| (i * 7) as u8).collect();
-        let mut io = Fake {
-            input: data.iter().copied().collect(),
-            eof: true,
-            output: vec![],
-            window: 0,
-        };
+        let mut io =
+            Fake { input: data.iter().copied().collect(), eof: true, output: vec![], window: 0 };
         let mut echo = Echo::new();
         let progress = echo.on_readable(&mut io).unwrap();
-        assert_eq!(
-            progress.bytes_in, BUFFER_SIZE as u64,
-            "reads at most one buffer"
-        );
+        assert_eq!(progress.bytes_in, BUFFER_SIZE as u64, "reads at most one buffer");
         assert_eq!(progress.exchanges, 0);
         assert!(!echo.wants_read(), "full buffer: backpressure");
         assert!(echo.wants_write());

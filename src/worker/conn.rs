@@ -125,10 +125,7 @@ impl Conn {
 
     /// What the poller should watch for this connection now.
     pub fn wanted_interest(&self) -> Interest {
-        Interest {
-            read: self.session.wants_read(),
-            write: self.session.wants_write(),
-        }
+        Interest { read: self.session.wants_read(), write: self.session.wants_write() }
     }
 }
 
@@ -149,11 +146,7 @@ mod tests {
             idle_deadline(ConnKind::Long, t0, short, long),
             Some(t0 + Duration::from_secs(300))
         );
-        assert_eq!(
-            idle_deadline(ConnKind::Short, t0, None, long),
-            None,
-            "0 disables"
-        );
+        assert_eq!(idle_deadline(ConnKind::Short, t0, None, long), None, "0 disables");
         assert_eq!(idle_reason(ConnKind::Short), CloseReason::IdleShort);
         assert_eq!(idle_reason(ConnKind::Long).as_str(), "idle-long");
     }

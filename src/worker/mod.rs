@@ -121,9 +121,7 @@ impl<'a> Worker<'a> {
         nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
         if getppid() != context.master {
             // The master died before PR_SET_PDEATHSIG was in place.
-            return Err(io::Error::other(
-                "the master exited while this worker started",
-            ));
+            return Err(io::Error::other("the master exited while this worker started"));
         }
         let mut poller = SelectPoller::new();
         poller.set(signals.raw_fd(), Interest::READ)?;
@@ -192,10 +190,7 @@ impl<'a> Worker<'a> {
     }
 
     fn listener_index(&self, fd: RawFd) -> Option<usize> {
-        self.context
-            .listeners
-            .iter()
-            .position(|l| l.as_raw_fd() == fd)
+        self.context.listeners.iter().position(|l| l.as_raw_fd() == fd)
     }
 
     /// Watches the listeners while the worker has room and is not pausing; stops otherwise.
@@ -217,11 +212,7 @@ impl<'a> Worker<'a> {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let conns = self
-            .conns
-            .iter()
-            .flatten()
-            .filter_map(|conn| self.deadline_of(conn));
+        let conns = self.conns.iter().flatten().filter_map(|conn| self.deadline_of(conn));
         conns.chain(self.accept_paused_until).min()
     }
 
@@ -291,10 +282,7 @@ impl<'a> Worker<'a> {
     fn close_all(&mut self, now: Instant) {
         for fd in 0..self.conns.len() {
             let reason = match &self.conns[fd] {
-                Some(Conn {
-                    lingering: Some((reason, _)),
-                    ..
-                }) => *reason,
+                Some(Conn { lingering: Some((reason, _)), .. }) => *reason,
                 Some(_) => CloseReason::Shutdown,
                 None => continue,
             };
@@ -430,9 +418,8 @@ impl<'a> Worker<'a> {
         let at_rest = conn.session.is_at_rest();
         if conn.session.is_done() {
             self.finish(fd, CloseReason::ClientClose, now);
-        } else if let Some(reason) = conn
-            .close_at_rest
-            .filter(|r| at_rest && *r != CloseReason::Shutdown)
+        } else if let Some(reason) =
+            conn.close_at_rest.filter(|r| at_rest && *r != CloseReason::Shutdown)
         {
             self.linger(fd, reason, now);
         } else {
@@ -456,11 +443,7 @@ impl<'a> Worker<'a> {
             conn.kind = ConnKind::Long;
             return;
         };
-        match self
-            .context
-            .limits
-            .promote(ticket, policy.max_long_connections_per_client)
-        {
+        match self.context.limits.promote(ticket, policy.max_long_connections_per_client) {
             Ok(true) => conn.kind = ConnKind::Long,
             Ok(false) => {
                 conn.close_at_rest.get_or_insert(CloseReason::LongLimit);

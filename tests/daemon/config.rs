@@ -30,10 +30,7 @@ const PROBLEMS: &[&str] = &[
 
 fn assert_lists_every_problem(stderr: &str) {
     for problem in PROBLEMS {
-        assert!(
-            stderr.contains(problem),
-            "{problem:?} missing from:\n{stderr}"
-        );
+        assert!(stderr.contains(problem), "{problem:?} missing from:\n{stderr}");
     }
     let lines = stderr.lines().filter(|l| l.contains(".toml:")).count();
     assert_eq!(lines, PROBLEMS.len(), "one line per problem:\n{stderr}");
@@ -58,10 +55,7 @@ fn check_and_startup_list_every_problem_and_exit_78_binding_nothing() {
     let (status, _, stderr) = run_cli(&["-c", path]);
     assert_eq!(code(status), 78, "startup refuses an invalid config");
     assert_lists_every_problem(&stderr);
-    assert!(
-        !stderr.contains("listening on"),
-        "nothing may be bound:\n{stderr}"
-    );
+    assert!(!stderr.contains("listening on"), "nothing may be bound:\n{stderr}");
 }
 
 #[test]
@@ -78,9 +72,7 @@ fn the_shipped_config_documents_every_key() {
     for key in preforkd::config::file::KEYS {
         let name = key.rsplit('.').next().unwrap();
         assert!(
-            shipped
-                .lines()
-                .any(|l| l.trim_start().starts_with(&format!("{name} ="))),
+            shipped.lines().any(|l| l.trim_start().starts_with(&format!("{name} ="))),
             "config/preforkd.toml does not set {key}"
         );
     }
@@ -92,8 +84,7 @@ fn the_man_page_documents_every_key() {
     for key in preforkd::config::file::KEYS {
         let name = key.rsplit('.').next().unwrap();
         assert!(
-            page.lines()
-                .any(|l| l.starts_with(&format!(".It Ic {name} "))),
+            page.lines().any(|l| l.starts_with(&format!(".It Ic {name} "))),
             "man/preforkd.toml.5 does not document {key}"
         );
     }
@@ -103,10 +94,7 @@ fn the_man_page_documents_every_key() {
 fn unreadable_config_and_bad_arguments_have_their_own_status() {
     let (status, _, stderr) = run_cli(&["check", "-c", "/nonexistent/preforkd.toml"]);
     assert_eq!(code(status), 66, "{stderr}");
-    assert!(
-        stderr.contains("could not read configuration /nonexistent/preforkd.toml"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("could not read configuration /nonexistent/preforkd.toml"), "{stderr}");
     let (status, _, _) = run_cli(&["--no-such-flag"]);
     assert_eq!(code(status), 64);
 }
@@ -119,12 +107,7 @@ fn a_taken_address_fails_startup_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("taken.toml");
     std::fs::write(&path, config).unwrap();
-    let output = Command::new(BINARY)
-        .arg("-c")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = Command::new(BINARY).arg("-c").arg(&path).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(code(output.status), 69, "{stderr}");
     let expected = format!(

@@ -42,9 +42,8 @@ fn echo_round_trips_1_mib_on_100_concurrent_connections() {
         client.join().expect("client");
     }
     // Every connection was closed by the client's FIN after a full echo.
-    let lines = daemon.wait_for_lines("100 access lines", 100, |l| {
-        l.contains("access listener=echo")
-    });
+    let lines =
+        daemon.wait_for_lines("100 access lines", 100, |l| l.contains("access listener=echo"));
     for line in &lines {
         assert_eq!(field(line, "reason"), Some("client-close"), "{line}");
         assert_eq!(field(line, "in"), Some(&*MIB.to_string()), "{line}");
@@ -81,15 +80,9 @@ fn client_that_writes_everything_before_reading_gets_backpressure_then_all_its_d
             Err(e) => panic!("write failed after {written} bytes: {e}"),
         }
     }
-    assert!(
-        written < OFFER,
-        "the server took all {OFFER} bytes without the client reading"
-    );
+    assert!(written < OFFER, "the server took all {OFFER} bytes without the client reading");
     let grown = rss_kib(worker).saturating_sub(rss_before);
-    assert!(
-        grown < 4 * 1024,
-        "worker memory grew by {grown} KiB while the client did not read"
-    );
+    assert!(grown < 4 * 1024, "worker memory grew by {grown} KiB while the client did not read");
 
     // Now read everything back while finishing the writes.
     stream.set_nonblocking(false).unwrap();
@@ -114,27 +107,16 @@ fn connections_are_served_by_more_than_one_worker() {
     ));
     let mut streams: Vec<_> = (0..12).map(|_| connect(daemon.addr())).collect();
     for (i, stream) in streams.iter_mut().enumerate() {
-        assert_eq!(
-            exchange(stream, format!("hello {i}").as_bytes(), PATIENCE),
-            Outcome::Echoed
-        );
+        assert_eq!(exchange(stream, format!("hello {i}").as_bytes(), PATIENCE), Outcome::Echoed);
     }
     drop(streams);
-    let lines = daemon.wait_for_lines("12 access lines", 12, |l| {
-        l.contains("access listener=echo")
-    });
+    let lines =
+        daemon.wait_for_lines("12 access lines", 12, |l| l.contains("access listener=echo"));
     let pids: HashSet<i32> = lines.iter().map(|l| pid_of(l)).collect();
-    assert!(
-        pids.len() >= 3,
-        "served by {} worker(s): {pids:?}",
-        pids.len()
-    );
+    assert!(pids.len() >= 3, "served by {} worker(s): {pids:?}", pids.len());
     let workers: HashSet<i32> = daemon.worker_pids().into_iter().collect();
     assert!(pids.is_subset(&workers), "access lines come from workers");
-    assert!(
-        !pids.contains(&daemon.pid().as_raw()),
-        "the master never serves"
-    );
+    assert!(!pids.contains(&daemon.pid().as_raw()), "the master never serves");
 }
 
 #[test]
@@ -146,8 +128,5 @@ fn echo_is_binary_safe_and_honours_half_close() {
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut echoed = Vec::new();
     stream.read_to_end(&mut echoed).unwrap();
-    assert!(
-        echoed == data,
-        "half-closed echo returns every byte, then EOF"
-    );
+    assert!(echoed == data, "half-closed echo returns every byte, then EOF");
 }

@@ -90,12 +90,7 @@ impl Daemon {
             state.lock().unwrap().closed = true;
             changed.notify_all();
         });
-        let mut daemon = Daemon {
-            child,
-            log,
-            _dir: dir,
-            addrs: Vec::new(),
-        };
+        let mut daemon = Daemon { child, log, _dir: dir, addrs: Vec::new() };
         let started = daemon.wait_for_log("master started", |l| l.contains("master started:"));
         let workers: usize = started
             .split("master started: ")
@@ -106,9 +101,7 @@ impl Daemon {
             .unwrap()
             .parse()
             .unwrap();
-        daemon.wait_for_lines("every worker started", workers, |l| {
-            l.contains("worker started")
-        });
+        daemon.wait_for_lines("every worker started", workers, |l| l.contains("worker started"));
         daemon.addrs = daemon
             .lines()
             .iter()
@@ -147,22 +140,14 @@ impl Daemon {
         let (state, changed) = &*self.log;
         let mut guard = state.lock().unwrap();
         loop {
-            let found: Vec<String> = guard
-                .lines
-                .iter()
-                .filter(|l| predicate(l))
-                .cloned()
-                .collect();
+            let found: Vec<String> = guard.lines.iter().filter(|l| predicate(l)).cloned().collect();
             if found.len() >= count {
                 return found;
             }
             let now = Instant::now();
             if now >= deadline || guard.closed {
                 drop(guard);
-                panic!(
-                    "waited for {count} log line(s): {what}; found {}",
-                    found.len()
-                );
+                panic!("waited for {count} log line(s): {what}; found {}", found.len());
             }
             guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
         }
@@ -205,10 +190,7 @@ impl Daemon {
 
     /// Pids of workers from their `worker started` lines, in order.
     pub fn worker_pids(&self) -> Vec<i32> {
-        self.matching(|l| l.contains("worker started"))
-            .iter()
-            .map(|l| pid_of(l))
-            .collect()
+        self.matching(|l| l.contains("worker started")).iter().map(|l| pid_of(l)).collect()
     }
 }
 
@@ -237,19 +219,14 @@ pub fn pid_of(line: &str) -> i32 {
 
 /// The `key=value` field of an access line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace().find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// A connection to `addr` from the loopback address `source` (127.0.0.x stands for client x).
 pub fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into())
-        .expect("bind source");
-    socket
-        .connect_timeout(&addr.into(), PATIENCE)
-        .expect("connect");
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(source, 0)).into()).expect("bind source");
+    socket.connect_timeout(&addr.into(), PATIENCE).expect("connect");
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     stream.set_write_timeout(Some(PATIENCE)).unwrap();
@@ -325,11 +302,8 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Runs `preforkd` with `args` to completion.
 pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
-    let output = Command::new(BINARY)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run preforkd");
+    let output =
+        Command::new(BINARY).args(args).stdin(Stdio::null()).output().expect("run preforkd");
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -339,18 +313,13 @@ pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
 
 /// The exit code, or a panic naming the signal that killed the process.
 pub fn code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| panic!("killed by signal {:?}", status.signal()))
+    status.code().unwrap_or_else(|| panic!("killed by signal {:?}", status.signal()))
 }
 
 /// Resident memory of a process in KiB, from /proc.
 pub fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -362,12 +331,7 @@ pub fn repo_file(path: &str) -> PathBuf {
 pub fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
     // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
@@ -375,10 +339,9 @@ pub fn cpu_ticks(pid: i32) -> u64 {
 /// reaped by whoever adopted it).
 pub fn is_running(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit(')').next().unwrap().split_whitespace().next(),
-            Some("Z" | "X")
-        ),
+        Ok(stat) => {
+            !matches!(stat.rsplit(')').next().unwrap().split_whitespace().next(), Some("Z" | "X"))
+        }
         Err(_) => false,
     }
 }

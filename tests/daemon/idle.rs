@@ -24,18 +24,10 @@ fn a_silent_new_connection_is_closed_after_short_idle_timeout() {
     let daemon = daemon();
     let opened = Instant::now();
     let mut stream = connect(daemon.addr());
-    assert!(
-        closed_within(&mut stream, PATIENCE),
-        "a silent connection must be closed"
-    );
+    assert!(closed_within(&mut stream, PATIENCE), "a silent connection must be closed");
     let waited = opened.elapsed();
-    assert!(
-        waited >= SHORT,
-        "closed after {waited:?}, before short_idle_timeout"
-    );
-    let line = daemon.wait_for_log("idle-short access line", |l| {
-        l.contains("reason=idle-short")
-    });
+    assert!(waited >= SHORT, "closed after {waited:?}, before short_idle_timeout");
+    let line = daemon.wait_for_log("idle-short access line", |l| l.contains("reason=idle-short"));
     assert_eq!(field(&line, "exchanges"), Some("0"));
 }
 
@@ -45,21 +37,12 @@ fn a_kept_alive_connection_outlives_short_idle_timeout_and_closes_after_long() {
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"ping", PATIENCE), Outcome::Echoed);
     // Three short timeouts of silence: a long connection must still be open.
-    assert!(
-        !closed_within(&mut stream, SHORT * 3),
-        "a long connection was closed as short"
-    );
+    assert!(!closed_within(&mut stream, SHORT * 3), "a long connection was closed as short");
     assert_eq!(exchange(&mut stream, b"again", PATIENCE), Outcome::Echoed);
     let last = Instant::now();
-    assert!(
-        closed_within(&mut stream, PATIENCE),
-        "an idle long connection must be closed"
-    );
+    assert!(closed_within(&mut stream, PATIENCE), "an idle long connection must be closed");
     let waited = last.elapsed();
-    assert!(
-        waited >= LONG,
-        "closed after {waited:?}, before long_idle_timeout"
-    );
+    assert!(waited >= LONG, "closed after {waited:?}, before long_idle_timeout");
     let line = daemon.wait_for_log("idle-long access line", |l| l.contains("reason=idle-long"));
     assert_eq!(field(&line, "exchanges"), Some("2"));
 }

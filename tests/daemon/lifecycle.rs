@@ -43,17 +43,9 @@ fn sigquit_lets_an_in_flight_exchange_finish_then_exits_0_and_frees_the_port() {
     );
     stream.set_nonblocking(false).unwrap();
     let mut echoed = vec![0u8; written];
-    stream
-        .read_exact(&mut echoed)
-        .unwrap_or_else(|e| panic!("reading back {written} bytes: {e}"));
-    assert!(
-        echoed == data[..written],
-        "the in-flight exchange is echoed intact"
-    );
-    assert!(
-        closed_within(&mut stream, PATIENCE),
-        "closed once the exchange is answered"
-    );
+    stream.read_exact(&mut echoed).unwrap_or_else(|e| panic!("reading back {written} bytes: {e}"));
+    assert!(echoed == data[..written], "the in-flight exchange is echoed intact");
+    assert!(closed_within(&mut stream, PATIENCE), "closed once the exchange is answered");
     drop(stream);
     let status = daemon.wait_exit(PATIENCE).expect("master exits");
     assert_eq!(code(status), 0);
@@ -68,38 +60,24 @@ fn sigterm_stops_within_a_second() {
     assert_eq!(exchange(&mut stream, b"hi", PATIENCE), Outcome::Echoed);
     let sent = Instant::now();
     daemon.signal(Signal::SIGTERM);
-    let status = daemon
-        .wait_exit(Duration::from_secs(1))
-        .expect("stopped within a second");
+    let status = daemon.wait_exit(Duration::from_secs(1)).expect("stopped within a second");
     assert_eq!(code(status), 0);
     assert!(sent.elapsed() < Duration::from_secs(1));
-    assert!(
-        closed_within(&mut stream, PATIENCE),
-        "connections are closed by a fast stop"
-    );
+    assert!(closed_within(&mut stream, PATIENCE), "connections are closed by a fast stop");
     TcpListener::bind(daemon.addr()).expect("the port is free after a fast stop");
 }
 
 #[test]
 fn sigint_stops_like_sigterm_and_unsupported_signals_are_not_fatal() {
     let mut daemon = Daemon::start(&echo_config(2, "", ""));
-    for signal in [
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-        Signal::SIGTTIN,
-    ] {
+    for signal in
+        [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH, Signal::SIGTTIN]
+    {
         daemon.signal(signal);
     }
-    daemon.wait_for_log("SIGTTIN logged", |l| {
-        l.contains("SIGTTIN is not supported yet")
-    });
+    daemon.wait_for_log("SIGTTIN logged", |l| l.contains("SIGTTIN is not supported yet"));
     let mut stream = connect(daemon.addr());
-    assert_eq!(
-        exchange(&mut stream, b"still serving", PATIENCE),
-        Outcome::Echoed
-    );
+    assert_eq!(exchange(&mut stream, b"still serving", PATIENCE), Outcome::Echoed);
     daemon.signal(Signal::SIGINT);
     let status = daemon.wait_exit(PATIENCE).expect("master exits");
     assert_eq!(code(status), 0);
@@ -111,12 +89,8 @@ fn workers_exit_when_the_master_dies() {
     let workers = daemon.worker_pids();
     daemon.signal(Signal::SIGKILL);
     // Every process of the daemon holds the log pipe: it closes once the workers are gone.
-    daemon
-        .wait_exit(PATIENCE)
-        .expect("workers exit after the master is killed");
+    daemon.wait_exit(PATIENCE).expect("workers exit after the master is killed");
     for pid in workers {
-        eventually(&format!("worker {pid} exits after its master"), || {
-            !is_running(pid)
-        });
+        eventually(&format!("worker {pid} exits after its master"), || !is_running(pid));
     }
 }

@@ -17,9 +17,7 @@ fn client(last: u8) -> Ipv4Addr {
 /// Opens `n` connections from `source` at once, then tries one exchange on each; returns the
 /// streams that echoed and the number the server closed.
 fn open_many(daemon: &Daemon, source: Ipv4Addr, n: usize) -> (Vec<TcpStream>, usize) {
-    let streams: Vec<TcpStream> = (0..n)
-        .map(|_| connect_from(source, daemon.addr()))
-        .collect();
+    let streams: Vec<TcpStream> = (0..n).map(|_| connect_from(source, daemon.addr())).collect();
     let mut open = Vec::new();
     let mut closed = 0;
     for (i, mut stream) in streams.into_iter().enumerate() {
@@ -67,10 +65,7 @@ fn long_connection_limit_closes_after_the_exchange() {
     assert_eq!(exchange(&mut second, b"two", QUICK), Outcome::Echoed);
     // The third gets its answer, then is closed instead of kept alive.
     assert_eq!(exchange(&mut third, b"three", QUICK), Outcome::Echoed);
-    assert!(
-        closed_within(&mut third, QUICK),
-        "the third long connection must be closed"
-    );
+    assert!(closed_within(&mut third, QUICK), "the third long connection must be closed");
     drop(third); // Our FIN ends the server's lingering close.
     daemon.wait_for_log("long-limit close", |l| l.contains("reason=long-limit"));
     // The first two are kept alive; another client has its own long quota.
@@ -78,10 +73,7 @@ fn long_connection_limit_closes_after_the_exchange() {
     assert_eq!(exchange(&mut second, b"two again", QUICK), Outcome::Echoed);
     let mut elsewhere = connect_from(client(4), daemon.addr());
     assert_eq!(exchange(&mut elsewhere, b"four", QUICK), Outcome::Echoed);
-    assert_eq!(
-        exchange(&mut elsewhere, b"four again", QUICK),
-        Outcome::Echoed
-    );
+    assert_eq!(exchange(&mut elsewhere, b"four again", QUICK), Outcome::Echoed);
     // Once the first closes (and the server has seen it), a new one may stay long.
     let first_port = first.local_addr().unwrap().port();
     drop(first);
@@ -119,10 +111,7 @@ fn a_killed_worker_is_respawned_and_its_counts_released() {
         }
     }
     let lost = 5 - survivors.len();
-    assert!(
-        (2..=3).contains(&lost),
-        "the killed worker held {lost} connections"
-    );
+    assert!((2..=3).contains(&lost), "the killed worker held {lost} connections");
     // The dead worker's counts are released: the client gets exactly its quota back.
     let (again, refused) = open_many(&daemon, client(5), lost + 1);
     assert_eq!(again.len(), lost, "quota after the kill");

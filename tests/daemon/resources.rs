@@ -8,11 +8,7 @@ use crate::harness::*;
 #[test]
 fn out_of_descriptors_pauses_accept_without_spinning_and_recovers() {
     let daemon = Daemon::start_with_nofile(
-        &echo_config(
-            1,
-            "",
-            "max_connections_per_client = 0\nmax_long_connections_per_client = 0",
-        ),
+        &echo_config(1, "", "max_connections_per_client = 0\nmax_long_connections_per_client = 0"),
         Some(40),
     );
     let worker = daemon.worker_pids()[0];
@@ -29,11 +25,7 @@ fn out_of_descriptors_pauses_accept_without_spinning_and_recovers() {
             Outcome::Closed => panic!("connection {served} was closed"),
         }
     }
-    assert!(
-        served > 0 && served < streams.len(),
-        "served {served} of {}",
-        streams.len()
-    );
+    assert!(served > 0 && served < streams.len(), "served {served} of {}", streams.len());
     daemon.wait_for_log("EMFILE logged", |l| {
         l.contains("Too many open files") && l.contains("pausing accept")
     });

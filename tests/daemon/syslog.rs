@@ -51,29 +51,15 @@ fn syslog_target_sends_rfc3164_with_facility_and_each_process_pid() {
     let deadline = Instant::now() + PATIENCE;
     let mut messages = Vec::new();
     let mut buf = vec![0u8; 8192];
-    while messages
-        .iter()
-        .filter(|m: &&String| m.contains("worker started"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no worker start in syslog: {messages:#?}"
-        );
+    while messages.iter().filter(|m: &&String| m.contains("worker started")).count() < 2 {
+        assert!(Instant::now() < deadline, "no worker start in syslog: {messages:#?}");
         let n = syslog.recv(&mut buf).expect("a syslog datagram");
         messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     // local3 (19) * 8 + info (6) = 158; debug is 159.
-    let started = messages
-        .iter()
-        .find(|m| m.contains("master started"))
-        .expect("master line");
+    let started = messages.iter().find(|m| m.contains("master started")).expect("master line");
     assert!(started.starts_with("<158>"), "{started}");
-    assert!(
-        started.contains(&format!("preforkd[{master}]: master pid={master}: ")),
-        "{started}"
-    );
+    assert!(started.contains(&format!("preforkd[{master}]: master pid={master}: ")), "{started}");
     for line in messages.iter().filter(|m| m.contains("worker started")) {
         let pid = pid_of(line);
         assert_ne!(pid as u32, master);
@@ -93,10 +79,7 @@ fn an_unreachable_syslog_socket_fails_startup_with_69() {
     let missing = dir.path().join("no-such.sock");
     let config = echo_config(1, "", "").replace(
         "[log]\n",
-        &format!(
-            "[log]\ntarget = \"syslog\"\nsyslog_socket = {:?}\n",
-            missing.to_str().unwrap()
-        ),
+        &format!("[log]\ntarget = \"syslog\"\nsyslog_socket = {:?}\n", missing.to_str().unwrap()),
     );
     let path = dir.path().join("preforkd.toml");
     std::fs::write(&path, config).unwrap();
