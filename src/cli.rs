@@ -35,6 +35,20 @@ pub enum Command {
     Run,
     /// Validate the configuration, print every problem or `configuration OK`, and exit.
     Check,
+    /// Reload the running daemon's configuration (SIGHUP) and wait until it is applied or
+    /// rejected.
+    Reload,
+    /// Stop the running daemon fast (SIGTERM) and wait until it is gone.
+    Stop,
+    /// Stop the running daemon gracefully (SIGQUIT) and wait until it is gone.
+    Quit,
+    /// Have the running daemon reopen its log file (SIGUSR1).
+    Reopen,
+    /// Start the binary again on the same sockets (SIGUSR2) and wait until the new master
+    /// is ready.
+    Upgrade,
+    /// Print the master and each worker: pid, generation, state, connections, bytes, uptime.
+    Status,
 }
 
 impl Cli {

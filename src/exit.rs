@@ -16,12 +16,16 @@ pub enum ExitStatus {
     Usage = 64,
     /// 66 (`EX_NOINPUT`): the configuration file cannot be read.
     NoInput = 66,
-    /// 69 (`EX_UNAVAILABLE`): a listener cannot be bound, or the log target is unreachable.
+    /// 69 (`EX_UNAVAILABLE`): a listener cannot be bound, the log target is unreachable, or
+    /// (control commands) no daemon is running for this configuration.
     Unavailable = 69,
-    /// 70 (`EX_SOFTWARE`): workers cannot boot, or an internal invariant failed.
+    /// 70 (`EX_SOFTWARE`): workers cannot boot; for a control command, the daemon rejected
+    /// the reload or the upgrade failed.
     Software = 70,
     /// 71 (`EX_OSERR`): an operating system resource failed (fork, pipe, mmap, signals).
     OsErr = 71,
+    /// 75 (`EX_TEMPFAIL`): a control command saw no outcome in time.
+    TempFail = 75,
     /// 78 (`EX_CONFIG`): the configuration file is invalid.
     Config = 78,
 }

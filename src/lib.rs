@@ -16,6 +16,8 @@
 pub mod cli;
 /// TOML configuration: the file mirror, validation into real types, and error reporting.
 pub mod config;
+/// Control commands (`reload`, `stop`, `quit`, `reopen`, `upgrade`, `status`) for a running master.
+pub mod control;
 /// Process exit statuses (sysexits(3)) of the master and of workers.
 pub mod exit;
 /// Shared-memory per-client connection accounting, exact across workers.
@@ -26,8 +28,12 @@ pub mod listener;
 pub mod logging;
 /// The master process: supervision loop, worker table, spawn/reap/respawn, stop.
 pub mod master;
+/// The pid file: atomic write, flock, stale detection.
+pub mod pidfile;
 /// Readiness backends (`select(2)`) behind one small trait.
 pub mod poller;
+/// Shared-memory scoreboard of the master and workers, readable by `preforkd status`.
+pub mod scoreboard;
 /// Built-in services (RFC 862 echo) behind the `Service` trait.
 pub mod services;
 /// Signal handlers that only record, drained by a loop through a self-pipe.

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
@@ -21,6 +21,9 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// The address actually bound (the kernel's port when the configuration says 0).
     pub local_addr: SocketAddr,
+    /// Stable identity across reloads (assigned per listener name by the master): per-client
+    /// counts are keyed by it, so a client keeps its count when the configuration changes.
+    pub id: u16,
     socket: TcpListener,
 }
 
@@ -44,7 +47,7 @@ impl Listener {
     /// # Errors
     /// [`BindError`] naming the step that failed, e.g.
     /// `could not bind 127.0.0.1:7788 (listener echo): Address already in use`.
-    pub fn bind(config: &ListenerConfig) -> Result<Self, BindError> {
+    pub fn bind(config: &ListenerConfig, id: u16) -> Result<Self, BindError> {
         let address = config.address;
         let fail = |step: &'static str| {
             move |source: io::Error| BindError { step, address, name: config.name.clone(), source }
@@ -62,15 +65,60 @@ impl Listener {
         socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
         let socket = TcpListener::from(socket);
         let local_addr = socket.local_addr().map_err(fail("read the bound address of"))?;
-        Ok(Listener { config: config.clone(), local_addr, socket })
+        Ok(Listener { config: config.clone(), local_addr, id, socket })
     }
 
-    /// Binds every listener in order; nothing stays bound if one fails.
+    /// The same listening socket (a duplicate descriptor) serving `config`, for a reload that
+    /// keeps this address: no moment without a listening socket. A changed backlog is applied
+    /// with listen(2) on the live socket.
     ///
     /// # Errors
-    /// The first [`BindError`].
-    pub fn bind_all(configs: &[ListenerConfig]) -> Result<Vec<Self>, BindError> {
-        configs.iter().map(Listener::bind).collect()
+    /// [`BindError`] if the descriptor cannot be duplicated or the backlog set.
+    pub fn reuse(&self, config: &ListenerConfig, id: u16) -> Result<Self, BindError> {
+        let fail = |step: &'static str| {
+            let (address, name) = (config.address, config.name.clone());
+            move |source: io::Error| BindError { step, address, name, source }
+        };
+        let socket = self.socket.try_clone().map_err(fail("duplicate the socket of"))?;
+        if config.backlog != self.config.backlog {
+            let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
+            socket2::SockRef::from(&socket).listen(backlog).map_err(fail("listen on"))?;
+        }
+        Ok(Listener { config: config.clone(), local_addr: self.local_addr, id, socket })
+    }
+
+    /// Adopts a listening socket inherited from another process (binary upgrade), making it
+    /// non-blocking and close-on-exec again and applying the configured backlog.
+    ///
+    /// # Errors
+    /// [`BindError`] if `fd` is not a listening TCP socket or cannot be set up.
+    pub fn adopt(config: &ListenerConfig, id: u16, fd: OwnedFd) -> Result<Self, BindError> {
+        let address = config.address;
+        let fail = |step: &'static str| {
+            move |source: io::Error| BindError { step, address, name: config.name.clone(), source }
+        };
+        let socket = Socket::from(fd);
+        if !socket.is_listener().map_err(fail("inspect the inherited socket for"))? {
+            return Err(fail("adopt the inherited socket for")(io::Error::other(
+                "not a listening socket",
+            )));
+        }
+        socket.set_cloexec(true).map_err(fail("set FD_CLOEXEC on"))?;
+        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
+        let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
+        socket.listen(backlog).map_err(fail("listen on"))?;
+        let socket = TcpListener::from(socket);
+        let local_addr = socket.local_addr().map_err(fail("read the bound address of"))?;
+        Ok(Listener { config: config.clone(), local_addr, id, socket })
+    }
+
+    /// Lets the socket survive execve(2), for handing it to a new binary (in the forked
+    /// child only: the flag is per descriptor).
+    ///
+    /// # Errors
+    /// fcntl(2) failed.
+    pub fn set_inheritable(&self) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_cloexec(false)
     }
 }
 
@@ -103,7 +151,7 @@ mod tests {
 
     #[test]
     fn binds_port_zero_and_accepts_connections() {
-        let listener = Listener::bind(&config("127.0.0.1:0")).unwrap();
+        let listener = Listener::bind(&config("127.0.0.1:0"), 0).unwrap();
         assert_ne!(listener.local_addr.port(), 0);
         TcpStream::connect(listener.local_addr).unwrap();
         let (_client, peer) = crate::sys::accept_nonblocking(&listener).unwrap();
@@ -113,10 +161,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_socket_is_the_same_socket_and_an_adopted_one_is_checked() {
+        let first = Listener::bind(&config("127.0.0.1:0"), 3).unwrap();
+        let mut wider = config(&first.local_addr.to_string());
+        wider.backlog = NonZeroU32::new(64).unwrap();
+        let again = first.reuse(&wider, 3).unwrap();
+        drop(first);
+        TcpStream::connect(again.local_addr).expect("still listening after the original closed");
+        crate::sys::accept_nonblocking(&again).unwrap();
+        let not_listening = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let error = Listener::adopt(&wider, 3, OwnedFd::from(not_listening)).unwrap_err();
+        assert!(error.to_string().contains("inherited socket"), "{error}");
+    }
+
+    #[test]
     fn a_taken_address_names_the_step_and_the_address() {
-        let first = Listener::bind(&config("127.0.0.1:0")).unwrap();
+        let first = Listener::bind(&config("127.0.0.1:0"), 0).unwrap();
         let taken = config(&first.local_addr.to_string());
-        let error = Listener::bind(&taken).unwrap_err().to_string();
+        let error = Listener::bind(&taken, 0).unwrap_err().to_string();
         assert!(error.starts_with(&format!("could not bind {}", first.local_addr)), "{error}");
         assert!(error.contains("in use"), "{error}");
     }

@@ -9,10 +9,15 @@
 //! `2026-11-22T10:00:00.123Z INFO worker=0 gen=1 pid=4242: accepting`. Each line is written
 //! with one `write(2)`, so lines of several processes sharing a pipe do not interleave.
 //! syslog: RFC 3164 over `/dev/log` with the configured facility; the role leads the message.
+//! file: the stderr format, appended (`O_APPEND`) to a file that SIGUSR1 reopens; each process
+//! reopens its own descriptor (the master tells its workers).
 //! Access lines use the `access` target (see [`ACCESS_TARGET`]).
 
 use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -42,6 +47,7 @@ pub enum Role {
 enum Sink {
     Stderr,
     Syslog(syslog::Logger<LoggerBackend, Formatter3164>),
+    File { path: PathBuf, file: File },
 }
 
 struct State {
@@ -59,6 +65,37 @@ pub enum LogError {
     /// The syslog socket (`/dev/log`) could not be opened.
     #[error("could not connect to syslog: {0}")]
     Syslog(String),
+    /// The log file could not be opened.
+    #[error("could not open log file {}: {source}", path.display())]
+    File {
+        /// The log file.
+        path: PathBuf,
+        /// The system error.
+        source: io::Error,
+    },
+}
+
+fn open_log_file(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|source| LogError::File { path: path.to_owned(), source })
+}
+
+/// Reopens the log file (SIGUSR1, after logrotate moved it away); nothing to do for stderr
+/// and syslog. Returns whether a file was reopened.
+///
+/// # Errors
+/// [`LogError::File`] when the file cannot be opened again; logging goes on to the old one.
+pub fn reopen() -> Result<bool, LogError> {
+    let mut guard = lock();
+    let Some(State { sink: Sink::File { path, file }, .. }) = guard.as_mut() else {
+        return Ok(false);
+    };
+    *file = open_log_file(path)?;
+    Ok(true)
 }
 
 /// Installs the logger: stderr, level `info`, role master. Call once, first thing.
@@ -89,6 +126,7 @@ pub fn apply(config: &LogConfig) -> Result<(), LogError> {
             };
             Sink::Syslog(logger.map_err(|e| LogError::Syslog(e.to_string()))?)
         }
+        LogTarget::File(path) => Sink::File { path: path.clone(), file: open_log_file(path)? },
     };
     if let Some(state) = lock().as_mut() {
         state.sink = sink;
@@ -134,12 +172,18 @@ impl Log for Logger {
             }
         }
         let _ = write!(line, " pid={}: {}", state.pid, record.args());
+        let stamped = || {
+            let time = humantime::format_rfc3339_millis(SystemTime::now());
+            format!("{time} {} {line}\n", record.level())
+        };
         match &mut state.sink {
+            // Nowhere to report a failed write of a log line; never panic over it.
             Sink::Stderr => {
-                let time = humantime::format_rfc3339_millis(SystemTime::now());
-                let line = format!("{time} {} {line}\n", record.level());
-                // Nowhere to report a failed write to stderr; never panic over it.
-                let _ = io::stderr().lock().write_all(line.as_bytes());
+                let _ = io::stderr().lock().write_all(stamped().as_bytes());
+            }
+            // O_APPEND: each line lands whole at the end, whichever process writes it.
+            Sink::File { file, .. } => {
+                let _ = file.write_all(stamped().as_bytes());
             }
             Sink::Syslog(logger) => {
                 let _ = match record.level() {

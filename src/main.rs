@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 use preforkd::cli::{Cli, Command};
-use preforkd::config;
 use preforkd::exit::ExitStatus;
-use preforkd::{logging, master};
+use preforkd::master::Invocation;
+use preforkd::{config, control, logging, master};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -23,6 +23,10 @@ fn main() -> ExitCode {
         }
     };
     logging::init();
+    let command = cli.effective_command();
+    if command != Command::Run && command != Command::Check {
+        return control::run(command, &cli.config).into();
+    }
     let config = match config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
@@ -31,19 +35,21 @@ fn main() -> ExitCode {
             return error.exit_status().into();
         }
     };
-    match cli.effective_command() {
-        Command::Check => {
-            println!("{}: configuration OK", cli.config.display());
-            ExitStatus::Ok.into()
-        }
-        Command::Run => {
-            if let Err(error) = logging::apply(&config.log) {
-                log::error!("{error}");
-                return ExitStatus::Unavailable.into();
-            }
-            master::run(config).into()
-        }
+    if command == Command::Check {
+        println!("{}: configuration OK", cli.config.display());
+        return ExitStatus::Ok.into();
     }
+    if let Err(error) = logging::apply(&config.log) {
+        log::error!("{error}");
+        return ExitStatus::Unavailable.into();
+    }
+    let invocation = Invocation {
+        // Resolved now, before an upgrade may replace the file: USR2 runs whatever is there.
+        exe: std::env::current_exe().unwrap_or_else(|_| "preforkd".into()),
+        args: std::env::args_os().collect(),
+        config_path: std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone()),
+    };
+    master::run(config, invocation).into()
 }
 
 fn print_stderr(text: &str) {

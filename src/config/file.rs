@@ -38,6 +38,12 @@ pub struct DaemonSection {
     pub graceful_timeout: Option<Spanned<String>>,
     /// Connection budget of one worker, all listeners together.
     pub max_connections_per_worker: Option<Spanned<i64>>,
+    /// Pid file path.
+    pub pid_file: Option<Spanned<String>>,
+    /// Hung-worker timeout, a humane duration string.
+    pub worker_timeout: Option<Spanned<String>>,
+    /// Draining generations allowed at once.
+    pub max_draining_generations: Option<Spanned<i64>>,
 }
 
 /// `[log]` as written in the file.
@@ -54,6 +60,8 @@ pub struct LogSection {
     pub facility: Option<Spanned<String>>,
     /// Path of the syslog socket, for `target = "syslog"`.
     pub syslog_socket: Option<Spanned<String>>,
+    /// Log file, for `target = "file"`.
+    pub path: Option<Spanned<String>>,
 }
 
 /// One `[[listener]]` block as written in the file.
@@ -85,11 +93,15 @@ pub const KEYS: &[&str] = &[
     "daemon.workers",
     "daemon.graceful_timeout",
     "daemon.max_connections_per_worker",
+    "daemon.pid_file",
+    "daemon.worker_timeout",
+    "daemon.max_draining_generations",
     "log.target",
     "log.level",
     "log.access_log",
     "log.facility",
     "log.syslog_socket",
+    "log.path",
     "listener.name",
     "listener.address",
     "listener.service",

@@ -12,7 +12,7 @@ pub mod validate;
 use std::fs;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
@@ -50,7 +50,17 @@ pub struct DaemonConfig {
     pub graceful_timeout: Duration,
     /// Connections one worker holds at most, all listeners together; a full worker stops
     /// accepting until one closes. Default 512; must fit `select(2)`'s [`FD_SETSIZE`].
+    /// A reload cannot raise it above the value the daemon started with.
     pub max_connections_per_worker: NonZeroUsize,
+    /// The master's pid file; also locates the scoreboard (`PID_FILE.scoreboard`) that
+    /// `preforkd status` and the control commands read. Default: none (no control commands).
+    pub pid_file: Option<PathBuf>,
+    /// A worker whose loop has not turned for this long is sent SIGABRT, then SIGKILL, and
+    /// replaced. Default 30 s; `None` (written `"0s"`) disables the check.
+    pub worker_timeout: Option<Duration>,
+    /// Generations that may be draining after reloads at once; a reload beyond it stops the
+    /// oldest draining generation fast. Default 4, from 1 to 16.
+    pub max_draining_generations: NonZeroUsize,
 }
 
 /// `[log]`: log target and verbosity.
@@ -75,8 +85,10 @@ pub enum LogTarget {
         /// Facility of every message. Default `daemon`.
         facility: SyslogFacility,
         /// The syslog socket; `None` (the default) tries `/dev/log`, then `/var/run/syslog`.
-        socket: Option<std::path::PathBuf>,
+        socket: Option<PathBuf>,
     },
+    /// A file, opened for appending; reopened on SIGUSR1 (for logrotate).
+    File(PathBuf),
 }
 
 /// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.

@@ -22,6 +22,10 @@ use crate::services::ServiceKind;
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `daemon.max_connections_per_worker`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 512;
+/// Default of `daemon.worker_timeout`.
+pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `daemon.max_draining_generations`.
+pub const DEFAULT_MAX_DRAINING_GENERATIONS: usize = 4;
 /// Default of `listener.backlog`.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Default of `listener.short_idle_timeout`.
@@ -82,6 +86,16 @@ impl Checker<'_> {
             self.report(value.span(), key, format!("{n} is out of range: expected {min} to {max}"));
             default
         }
+    }
+
+    /// A non-empty path, or `None` when absent (an empty one is reported).
+    fn path(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<std::path::PathBuf> {
+        let value = value?;
+        if value.get_ref().is_empty() {
+            self.report(value.span(), key, "must be a path, not empty");
+            return None;
+        }
+        Some(std::path::PathBuf::from(value.get_ref()))
     }
 
     fn string<T>(
@@ -152,13 +166,32 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         DEFAULT_MAX_CONNECTIONS_PER_WORKER as i64,
     ) as usize;
 
+    let pid_file = check.path(daemon_section.pid_file.as_ref(), "daemon.pid_file");
+    let worker_timeout = check.duration(
+        daemon_section.worker_timeout.as_ref(),
+        "daemon.worker_timeout",
+        DEFAULT_WORKER_TIMEOUT,
+    );
+    let max_draining_generations = check.integer(
+        daemon_section.max_draining_generations.as_ref(),
+        "daemon.max_draining_generations",
+        1,
+        16,
+        DEFAULT_MAX_DRAINING_GENERATIONS as i64,
+    ) as usize;
+
     let target = check.string(
         log_section.target.as_ref(),
         "log.target",
         "stderr",
-        "\"stderr\" or \"syslog\"",
-        |s| ["stderr", "syslog"].into_iter().find(|t| *t == s),
+        "\"stderr\", \"syslog\" or \"file\"",
+        |s| ["stderr", "syslog", "file"].into_iter().find(|t| *t == s),
     );
+    let log_path = check.path(log_section.path.as_ref(), "log.path");
+    if target == "file" && log_path.is_none() && log_section.path.is_none() {
+        let span = log_section.target.as_ref().map_or(0..0, Spanned::span);
+        check.report(span, "log.path", "target = \"file\" needs a path");
+    }
     let facility = check.string(
         log_section.facility.as_ref(),
         "log.facility",
@@ -173,20 +206,15 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         "\"error\", \"warn\", \"info\", \"debug\", \"trace\" or \"off\"",
         |s| log::LevelFilter::from_str(s).ok(),
     );
-    let syslog_socket = match &log_section.syslog_socket {
-        Some(path) if path.get_ref().is_empty() => {
-            check.report(path.span(), "log.syslog_socket", "must be a path, such as \"/dev/log\"");
-            None
-        }
-        Some(path) => Some(std::path::PathBuf::from(path.get_ref())),
-        None => None,
-    };
+    let syslog_socket = check.path(log_section.syslog_socket.as_ref(), "log.syslog_socket");
     let access_log = log_section.access_log.is_none_or(Spanned::into_inner);
     let log = LogConfig {
-        target: if target == "syslog" {
-            LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket }
-        } else {
-            LogTarget::Stderr
+        target: match (target, log_path) {
+            ("syslog", _) => {
+                LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket }
+            }
+            ("file", Some(path)) => LogTarget::File(path),
+            _ => LogTarget::Stderr,
         },
         level,
         access_log,
@@ -210,14 +238,14 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
                     format!("duplicate listener name {:?}", listener.name),
                 );
             }
-            if listener.address.port() != 0 {
-                if let Some(first) = addresses.insert(listener.address, index) {
-                    check.report(
-                        span.clone(),
-                        format!("listener[{index}].address"),
-                        format!("{} is already used by listener[{first}]", listener.address),
-                    );
-                }
+            if listener.address.port() != 0
+                && let Some(first) = addresses.insert(listener.address, index)
+            {
+                check.report(
+                    span.clone(),
+                    format!("listener[{index}].address"),
+                    format!("{} is already used by listener[{first}]", listener.address),
+                );
             }
             listeners.push(listener);
         }
@@ -245,6 +273,9 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
             workers: NonZeroUsize::new(workers)?,
             graceful_timeout,
             max_connections_per_worker: NonZeroUsize::new(max_connections_per_worker)?,
+            pid_file,
+            worker_timeout: Some(worker_timeout).filter(|d| !d.is_zero()),
+            max_draining_generations: NonZeroUsize::new(max_draining_generations)?,
         },
         log,
         listeners,
@@ -272,14 +303,14 @@ fn validate_listener(
     let address_text = required(check, section.address.as_ref(), "address");
     let service_text = required(check, section.service.as_ref(), "service");
 
-    if let (Some(name), Some(value)) = (&name, &section.name) {
-        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            check.report(
-                value.span(),
-                key("name"),
-                "must be non-empty, without spaces or control characters",
-            );
-        }
+    if let (Some(name), Some(value)) = (&name, &section.name)
+        && (name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        check.report(
+            value.span(),
+            key("name"),
+            "must be non-empty, without spaces or control characters",
+        );
     }
     let address = match (&address_text, &section.address) {
         (Some(text), Some(value)) => match text.parse::<SocketAddr>() {

@@ -90,7 +90,7 @@ fn table_never_fills_with_distinct_clients_and_churn() {
         state ^= state << 17;
         let slot = (state % slots as u64) as usize;
         let full = ledgers[slot].free.is_empty();
-        if full || (state >> 32) % 3 == 0 && !held.is_empty() {
+        if full || (state >> 32).is_multiple_of(3) && !held.is_empty() {
             let index = (state >> 8) as usize % held.len();
             let (slot, key, ticket) = held.swap_remove(index);
             limits.release(&mut ledgers[slot], ticket).unwrap();

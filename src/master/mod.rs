@@ -2,23 +2,36 @@
 //!
 //! Runs in the process started by the user or systemd; single-threaded, so `fork(2)` is
 //! sound. It blocks in exactly one place, [`Master::wait`]: a poll(2) on the signal
-//! self-pipe whose timeout is the next deadline (respawn backoff, kill escalation). Signals
-//! become intents, each with one `handle_*` method:
+//! self-pipe whose timeout is the next deadline (respawn backoff, kill escalation, heartbeat
+//! check, reload start-up). Signals become intents, each with one `handle_*` method:
 //!
 //! | signal | intent |
 //! |---|---|
 //! | CHLD | reap: reclaim the worker's per-client counts, respawn with backoff |
 //! | TERM, INT | fast stop: workers get TERM, then KILL after [`FAST_STOP_GRACE`] |
 //! | QUIT | graceful stop: workers get QUIT, then KILL after `graceful_timeout`; a second QUIT or a TERM goes fast |
-//! | USR1 | reopen logs (nothing to reopen for stderr and syslog) |
-//! | HUP, USR2, WINCH, TTIN, TTOU | not supported yet: logged and ignored, never fatal |
+//! | HUP | reload the configuration as a new generation (see `reload.rs`) |
+//! | USR1 | reopen the log file, and have every worker reopen its own |
+//! | USR2 | binary upgrade: exec the binary again on the same listening sockets |
+//! | WINCH | gracefully stop every worker, keep the master and its sockets |
+//! | TTIN, TTOU | one worker more, one fewer |
+//!
+//! Workers live in slots (the limits records and the scoreboard entry of the same index).
+//! A slot is free, serving a generation (respawned when its worker dies, while that
+//! generation serves), or retiring (told to stop; freed when reaped).
 
+mod reload;
 mod spawn;
 pub mod table;
+mod upgrade;
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
+use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
@@ -32,11 +45,22 @@ use crate::config::{Config, LogTarget};
 use crate::exit::ExitStatus;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
+use crate::logging;
+use crate::pidfile::{PidFile, PidFileError};
+use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState};
 use crate::signals::{MASTER_SIGNALS, Signals};
-use table::{WorkerExit, WorkerSlot, classify};
+use table::{Role, WorkerExit, WorkerSlot, classify};
 
 /// How long a fast stop waits for workers to exit after SIGTERM before SIGKILL.
 pub const FAST_STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
+pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// Worker slots per configured worker and generation (room for TTIN and for respawns while
+/// old workers are still being reaped). Slots are fixed at start: the limits table and the
+/// scoreboard are sized for them.
+pub const SLOT_HEADROOM: usize = 2;
 
 /// The master could not start.
 #[derive(Debug, Error)]
@@ -47,6 +71,12 @@ pub enum StartError {
     /// The shared per-client table could not be created.
     #[error(transparent)]
     Limits(#[from] LimitsError),
+    /// The scoreboard could not be created.
+    #[error(transparent)]
+    Scoreboard(#[from] ScoreboardError),
+    /// The pid file is held by another master, or cannot be written.
+    #[error(transparent)]
+    PidFile(#[from] PidFileError),
     /// Signal handlers could not be installed.
     #[error("could not install signal handlers: {0}")]
     Signals(io::Error),
@@ -61,11 +91,13 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// The exit status for this failure ([`ExitStatus::Unavailable`] for bind errors,
-    /// [`ExitStatus::OsErr`] otherwise).
+    /// The exit status for this failure: [`ExitStatus::Unavailable`] for bind errors and a
+    /// pid file held by a running master, [`ExitStatus::OsErr`] otherwise.
     pub fn exit_status(&self) -> ExitStatus {
         match self {
-            StartError::Bind(_) => ExitStatus::Unavailable,
+            StartError::Bind(_) | StartError::PidFile(PidFileError::Running { .. }) => {
+                ExitStatus::Unavailable
+            }
             _ => ExitStatus::OsErr,
         }
     }
@@ -77,26 +109,52 @@ enum Phase {
     Stopping { graceful: bool, kill_at: Instant, killed: bool },
 }
 
+/// What the master was started with, to start itself again (binary upgrade).
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The executable, as resolved at start (`/proc/self/exe` before any replacement).
+    pub exe: PathBuf,
+    /// The full argument vector, `argv[0]` included.
+    pub args: Vec<OsString>,
+    /// The configuration file.
+    pub config_path: PathBuf,
+}
+
 /// The supervisor state.
 pub struct Master {
     pid: Pid,
+    invocation: Invocation,
+    /// The serving generation's configuration (the new one while a reload starts).
     config: Config,
+    generation: u64,
+    /// The serving generation's listeners (the master's copies).
     listeners: Vec<Listener>,
+    listener_ids: HashMap<String, u16>,
     limits: Limits,
+    /// Records per slot in the limits table: the most `max_connections_per_worker` can be.
+    per_slot: usize,
+    scoreboard: Scoreboard,
+    pidfile: Option<PidFile>,
     signals: Signals,
     slots: Vec<WorkerSlot>,
-    generation: u64,
     phase: Phase,
+    transition: Option<reload::Transition>,
+    reload_queued: bool,
+    /// The new master of a binary upgrade, while it is our child.
+    upgrade: Option<Pid>,
+    /// WINCH: every worker was stopped; none is respawned until HUP.
+    paused: bool,
     status: ExitStatus,
     random: RandomState,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
+///
 /// A startup failure is also written to stderr when logs go elsewhere, so whoever started
 /// the daemon sees why it did not start.
-pub fn run(config: Config) -> ExitStatus {
+pub fn run(config: Config, invocation: Invocation) -> ExitStatus {
     let logs_elsewhere = config.log.target != LogTarget::Stderr;
-    match Master::start(config) {
+    match Master::start(config, invocation) {
         Ok(mut master) => master.supervise(),
         Err(error) => {
             log::error!("{error}");
@@ -110,39 +168,72 @@ pub fn run(config: Config) -> ExitStatus {
 }
 
 impl Master {
-    /// Binds every listener, creates the limits table, installs the signal handlers and forks
-    /// the first generation of workers.
+    /// Binds (or adopts, after a binary upgrade) every listener, creates the limits table,
+    /// the scoreboard and the pid file, installs the signal handlers and forks the first
+    /// generation of workers.
     ///
     /// # Errors
     /// [`StartError`]; nothing stays bound and no worker stays running.
-    pub fn start(config: Config) -> Result<Self, StartError> {
-        let listeners = Listener::bind_all(&config.listeners)?;
-        for listener in &listeners {
+    pub fn start(config: Config, invocation: Invocation) -> Result<Self, StartError> {
+        let pid = nix::unistd::getpid();
+        let mut listener_ids = HashMap::new();
+        let mut inherited = upgrade::take_inherited_listeners();
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            let id = listener_id(&mut listener_ids, &listener.name);
+            let bound = match inherited.remove(&listener.address.to_string()) {
+                Some(fd) => Listener::adopt(listener, id, fd)?,
+                None => Listener::bind(listener, id)?,
+            };
             log::info!(
                 "listener {} ({}) listening on {}, backlog {}",
-                listener.config.name,
-                listener.config.service,
-                listener.local_addr,
-                listener.config.backlog
+                bound.config.name,
+                bound.config.service,
+                bound.local_addr,
+                bound.config.backlog
             );
+            listeners.push(bound);
         }
+        drop(inherited);
         let workers = config.daemon.workers.get();
-        let limits = Limits::new(workers, config.daemon.max_connections_per_worker.get())?;
+        let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
+        let per_slot = config.daemon.max_connections_per_worker.get();
+        let limits = Limits::new(capacity, per_slot)?;
+        let pidfile = match &config.daemon.pid_file {
+            Some(path) => Some(PidFile::create(path, pid.as_raw())?),
+            None => None,
+        };
+        let board_path = config.daemon.pid_file.as_deref().map(scoreboard::path_for);
+        let scoreboard = Scoreboard::create(board_path.as_deref(), capacity)?;
+        let header = scoreboard.header();
+        header.master_pid.store(pid.as_raw(), Ordering::Relaxed);
+        header.generation.store(1, Ordering::Relaxed);
+        header.target_workers.store(workers as u64, Ordering::Relaxed);
         let signals = Signals::install(MASTER_SIGNALS).map_err(StartError::Signals)?;
         let mut master = Master {
-            pid: nix::unistd::getpid(),
+            pid,
+            invocation,
             config,
-            listeners,
-            limits,
-            signals,
-            slots: vec![WorkerSlot::default(); workers],
             generation: 1,
+            listeners,
+            listener_ids,
+            limits,
+            per_slot,
+            scoreboard,
+            pidfile,
+            signals,
+            slots: vec![WorkerSlot::default(); capacity],
             phase: Phase::Running,
+            transition: None,
+            reload_queued: false,
+            upgrade: None,
+            paused: false,
             status: ExitStatus::Ok,
             random: RandomState::new(),
         };
         let now = Instant::now();
         for slot in 0..workers {
+            master.slots[slot].role = Role::Serving;
             if let Err(source) = master.spawn(slot, now) {
                 master.handle_stop_fast("startup failed");
                 master.supervise();
@@ -158,11 +249,11 @@ impl Master {
         loop {
             if matches!(self.phase, Phase::Stopping { .. }) {
                 self.handle_reap();
-                if self.slots.iter().all(|slot| slot.pid.is_none()) {
+                if self.live_workers() == 0 {
                     break;
                 }
             }
-            let deadline = self.next_deadline();
+            let deadline = self.next_deadline(Instant::now());
             self.wait(deadline);
             for signal in self.signals.drain() {
                 self.handle_signal(signal);
@@ -191,16 +282,49 @@ impl Master {
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let mut deadlines: Vec<Instant> = Vec::new();
         match self.phase {
-            Phase::Running => self.slots.iter().filter_map(|slot| slot.respawn_at).min(),
-            Phase::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Phase::Stopping { kill_at, killed: false, .. } => deadlines.push(kill_at),
             // Killed: SIGCHLD will come; a periodic check covers a lost one.
-            Phase::Stopping { killed: true, .. } => Some(Instant::now() + Duration::from_secs(1)),
+            Phase::Stopping { killed: true, .. } => deadlines.push(now + Duration::from_secs(1)),
+            Phase::Running => {
+                for slot in &self.slots {
+                    match slot.role {
+                        Role::Serving if slot.pid.is_none() && self.respawns(slot) => {
+                            deadlines.extend(slot.respawn_at);
+                        }
+                        Role::Retiring { kill_at: Some(at), .. } if slot.pid.is_some() => {
+                            deadlines.push(at)
+                        }
+                        _ => {}
+                    }
+                    if let Some(sent) = slot.abort_sent {
+                        deadlines.push(sent + ABORT_GRACE);
+                    }
+                }
+                if let Some(transition) = &self.transition {
+                    // Readiness is polled from the scoreboard while a reload starts.
+                    deadlines.push(transition.deadline.min(now + Duration::from_millis(20)));
+                }
+                if let Some(timeout) = self.config.daemon.worker_timeout
+                    && self.live_workers() > 0
+                {
+                    deadlines.push(now + timeout / 4);
+                }
+            }
         }
+        deadlines.into_iter().min()
+    }
+
+    /// Whether a serving slot is to be kept running: its generation serves and the pool is
+    /// not paused by WINCH.
+    fn respawns(&self, slot: &WorkerSlot) -> bool {
+        slot.role == Role::Serving && slot.generation == self.generation && !self.paused
     }
 
     fn handle_signal(&mut self, signal: Signal) {
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
         match signal {
             Signal::SIGCHLD => self.handle_reap(),
             Signal::SIGTERM | Signal::SIGINT => self.handle_stop_fast(signal.as_str()),
@@ -209,14 +333,18 @@ impl Master {
                 Phase::Stopping { graceful: true, .. } => self.handle_stop_fast("second SIGQUIT"),
                 Phase::Stopping { graceful: false, .. } => {}
             },
-            Signal::SIGUSR1 => {
-                log::info!("SIGUSR1: logs go to stderr or syslog, nothing to reopen")
-            }
-            other => log::warn!("{other} is not supported yet; ignored"),
+            _ if stopping => log::info!("{signal} ignored: stopping"),
+            Signal::SIGHUP => self.handle_reload(),
+            Signal::SIGUSR1 => self.handle_reopen_logs(),
+            Signal::SIGUSR2 => self.handle_upgrade(),
+            Signal::SIGWINCH => self.handle_winch(),
+            Signal::SIGTTIN => self.handle_add_worker(),
+            Signal::SIGTTOU => self.handle_remove_worker(),
+            other => log::warn!("{other} is not handled; ignored"),
         }
     }
 
-    /// Reaps every exited worker, reclaims its per-client counts and schedules a replacement.
+    /// Reaps every exited child: workers, and the new master of a binary upgrade.
     fn handle_reap(&mut self) {
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -228,10 +356,12 @@ impl Master {
                     return;
                 }
             };
-            let Some((pid, exit)) = classify(status) else {
-                return;
-            };
-            self.worker_exited(pid, exit);
+            let Some((pid, exit)) = classify(status) else { return };
+            if self.upgrade == Some(pid) {
+                self.upgrade_exited(exit);
+            } else {
+                self.worker_exited(pid, exit);
+            }
         }
     }
 
@@ -249,11 +379,26 @@ impl Master {
                 log::error!("could not release the counts of worker {slot} (pid {pid}): {error}")
             }
         }
+        self.scoreboard.slot(slot).release();
         let now = Instant::now();
         let jitter = self.jitter();
+        let generation = self.slots[slot].generation;
         let delay = self.slots[slot].exited(now, jitter);
+        if let Role::Retiring { .. } = self.slots[slot].role {
+            self.slots[slot].role = Role::Free;
+            self.slots[slot].respawn_at = None;
+            log::debug!("retired worker {slot} (pid {pid}, generation {generation}): {exit:?}");
+            return;
+        }
         if matches!(self.phase, Phase::Stopping { .. }) {
             log::debug!("worker {slot} (pid {pid}) exited: {exit:?}");
+            return;
+        }
+        if self.transition.as_ref().is_some_and(|t| t.generation == generation) {
+            self.slots[slot].role = Role::Free;
+            self.rollback(&format!(
+                "worker {slot} (pid {pid}) of generation {generation} exited while starting: {exit:?}"
+            ));
             return;
         }
         match exit {
@@ -273,7 +418,9 @@ impl Master {
                 log::error!("worker {slot} (pid {pid}) was killed by {signal}")
             }
         }
-        if delay.is_zero() {
+        if !self.respawns(&self.slots[slot]) {
+            self.slots[slot].respawn_at = None;
+        } else if delay.is_zero() {
             log::info!("respawning worker {slot}");
         } else {
             log::warn!(
@@ -298,7 +445,7 @@ impl Master {
         };
         log::info!("fast stop ({why}): stopping {} workers", self.live_workers());
         self.phase = Phase::Stopping { graceful: false, kill_at, killed: false };
-        self.listeners.clear();
+        self.close_listeners();
         self.signal_workers(Signal::SIGTERM);
     }
 
@@ -311,34 +458,182 @@ impl Master {
         self.phase =
             Phase::Stopping { graceful: true, kill_at: Instant::now() + timeout, killed: false };
         // Close the master's listening sockets; workers close theirs as they stop accepting.
-        self.listeners.clear();
+        self.close_listeners();
         self.signal_workers(Signal::SIGQUIT);
     }
 
-    /// Respawns due workers while running; escalates to SIGKILL when a stop times out.
+    fn close_listeners(&mut self) {
+        self.listeners.clear();
+        if let Some(transition) = self.transition.take() {
+            drop(transition);
+        }
+    }
+
+    /// SIGUSR1: reopen the master's log file, then have each worker reopen its own.
+    fn handle_reopen_logs(&mut self) {
+        match logging::reopen() {
+            Ok(true) => log::info!("log file reopened (SIGUSR1)"),
+            Ok(false) => log::info!("SIGUSR1: logs go to stderr or syslog, nothing to reopen"),
+            Err(error) => {
+                log::error!("{error}");
+                self.scoreboard.set_message(&error.to_string());
+            }
+        }
+        self.signal_workers(Signal::SIGUSR1);
+        self.scoreboard.header().reopens.fetch_add(1, Ordering::Release);
+    }
+
+    /// SIGWINCH: gracefully stop every worker but keep the master and its sockets, so that
+    /// after a binary upgrade the old master can be kept as a fallback (HUP starts its
+    /// workers again).
+    fn handle_winch(&mut self) {
+        if self.transition.is_some() {
+            self.rollback("SIGWINCH during a reload");
+        }
+        let now = Instant::now();
+        let serving: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.slots[i].role == Role::Serving).collect();
+        log::info!(
+            "SIGWINCH: stopping {} workers gracefully; listeners stay open, HUP starts workers again",
+            serving.len()
+        );
+        for slot in serving {
+            self.retire(slot, false, now);
+        }
+        self.paused = true;
+    }
+
+    /// SIGTTIN: one more worker in the serving generation.
+    fn handle_add_worker(&mut self) {
+        if self.paused {
+            log::warn!("SIGTTIN ignored: workers are stopped (WINCH); send HUP first");
+            return;
+        }
+        let Some(slot) = self.free_slot() else {
+            log::warn!("SIGTTIN ignored: all {} worker slots are in use", self.slots.len());
+            return;
+        };
+        let entry = &mut self.slots[slot];
+        entry.role = Role::Serving;
+        entry.generation = self.generation;
+        entry.failures = 0;
+        entry.respawn_at = Some(Instant::now());
+        let target = self.serving_count();
+        self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
+        log::info!("SIGTTIN: {target} workers");
+    }
+
+    /// SIGTTOU: one worker fewer (at least one stays).
+    fn handle_remove_worker(&mut self) {
+        let serving: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.respawns(&self.slots[i])).collect();
+        let Some(&last) = serving.last() else { return };
+        if serving.len() <= 1 {
+            log::warn!("SIGTTOU ignored: one worker is the minimum");
+            return;
+        }
+        self.retire(last, false, Instant::now());
+        let target = serving.len() - 1;
+        self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
+        log::info!("SIGTTOU: {target} workers");
+    }
+
+    /// Workers of the serving generation, running or due for a respawn.
+    fn serving_count(&self) -> usize {
+        self.slots.iter().filter(|slot| self.respawns(slot)).count()
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.role == Role::Free && slot.pid.is_none())
+    }
+
+    /// Tells a slot's worker to stop, gracefully (QUIT, KILL after `graceful_timeout`) or
+    /// fast (TERM, KILL after [`FAST_STOP_GRACE`]). A slot without a worker becomes free.
+    fn retire(&mut self, slot: usize, fast: bool, now: Instant) {
+        let grace = if fast { FAST_STOP_GRACE } else { self.config.daemon.graceful_timeout };
+        let entry = &mut self.slots[slot];
+        entry.respawn_at = None;
+        let Some(pid) = entry.pid else {
+            entry.role = Role::Free;
+            return;
+        };
+        entry.role = Role::Retiring { kill_at: Some(now + grace), fast };
+        let signal = if fast { Signal::SIGTERM } else { Signal::SIGQUIT };
+        if let Err(error) = kill(pid, signal) {
+            log::warn!("could not send {signal} to worker {slot} (pid {pid}): {error}");
+        }
+    }
+
+    /// Respawns due workers, completes or rolls back a reload, escalates stops, and checks
+    /// heartbeats.
     fn tick(&mut self, now: Instant) {
         match self.phase {
-            Phase::Running => {
-                for slot in 0..self.slots.len() {
-                    let due = self.slots[slot].pid.is_none()
-                        && self.slots[slot].respawn_at.is_some_and(|at| now >= at);
-                    if due {
-                        if let Err(error) = self.spawn(slot, now) {
-                            let jitter = self.jitter();
-                            let delay = self.slots[slot].exited(now, jitter);
-                            log::error!(
-                                "could not fork worker {slot}: {error}; retrying in {delay:.1?}"
-                            );
-                        }
-                    }
-                }
-            }
+            Phase::Running => {}
             Phase::Stopping { graceful, kill_at, killed: false } if now >= kill_at => {
                 log::error!("stop timed out: killing {} workers", self.live_workers());
                 self.signal_workers(Signal::SIGKILL);
                 self.phase = Phase::Stopping { graceful, kill_at, killed: true };
+                return;
             }
-            Phase::Stopping { .. } => {}
+            Phase::Stopping { .. } => return,
+        }
+        self.check_transition(now);
+        self.check_heartbeats(now);
+        for slot in 0..self.slots.len() {
+            let entry = &self.slots[slot];
+            match entry.role {
+                Role::Retiring { kill_at: Some(at), fast } if now >= at => {
+                    if let Some(pid) = entry.pid {
+                        log::error!("worker {slot} (pid {pid}) did not stop in time: SIGKILL");
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    self.slots[slot].role = Role::Retiring { kill_at: None, fast };
+                }
+                Role::Serving
+                    if entry.pid.is_none()
+                        && self.respawns(entry)
+                        && entry.respawn_at.is_some_and(|at| now >= at) =>
+                {
+                    if let Err(error) = self.spawn(slot, now) {
+                        let jitter = self.jitter();
+                        let delay = self.slots[slot].exited(now, jitter);
+                        log::error!(
+                            "could not fork worker {slot}: {error}; retrying in {delay:.1?}"
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A worker whose heartbeat is older than `worker_timeout` is hung: SIGABRT (for a core
+    /// dump), then SIGKILL after [`ABORT_GRACE`]; the reap replaces it.
+    fn check_heartbeats(&mut self, now: Instant) {
+        let Some(timeout) = self.config.daemon.worker_timeout else { return };
+        let now_ms = scoreboard::monotonic_ms();
+        for slot in 0..self.slots.len() {
+            let Some(pid) = self.slots[slot].pid else { continue };
+            if let Some(sent) = self.slots[slot].abort_sent {
+                if now >= sent + ABORT_GRACE {
+                    log::error!("worker {slot} (pid {pid}) survived SIGABRT: SIGKILL");
+                    let _ = kill(pid, Signal::SIGKILL);
+                    self.slots[slot].abort_sent = Some(now + Duration::from_secs(3600));
+                }
+                continue;
+            }
+            let score = self.scoreboard.slot(slot);
+            if score.state() == SlotState::Booting {
+                continue;
+            }
+            let silent = now_ms.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed));
+            if silent > timeout.as_millis() as u64 {
+                log::error!(
+                    "worker {slot} (pid {pid}) is hung: no heartbeat for {silent} ms (worker_timeout {timeout:?}): SIGABRT"
+                );
+                let _ = kill(pid, Signal::SIGABRT);
+                self.slots[slot].abort_sent = Some(now);
+            }
         }
     }
 
@@ -353,4 +648,10 @@ impl Master {
             }
         }
     }
+}
+
+/// The stable id of listener `name`, assigned on first sight.
+fn listener_id(ids: &mut HashMap<String, u16>, name: &str) -> u16 {
+    let next = ids.len() as u16;
+    *ids.entry(name.to_owned()).or_insert(next)
 }

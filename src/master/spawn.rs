@@ -1,6 +1,7 @@
 //! Forking a worker. The only place that calls into the worker's entry point.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use nix::unistd::{ForkResult, fork};
@@ -17,18 +18,26 @@ impl Master {
     /// # Errors
     /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
+        // Claimed before the fork: the child marks itself ready, and must not be overwritten.
+        self.scoreboard.slot(slot).claim(0, self.generation);
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the worker and then exits.
         let forked = unsafe { fork() };
         match forked {
             Ok(ForkResult::Child) => {
+                // Descriptors the worker must not keep: the previous generation's listeners
+                // (a removed address must close once its own workers are gone) and the pid
+                // file (dropping our copy in the child leaves the file alone).
+                self.transition = None;
+                self.pidfile = None;
                 let context = WorkerContext {
                     slot,
                     generation: self.generation,
                     config: self.config.clone(),
                     listeners: std::mem::take(&mut self.listeners),
                     limits: &self.limits,
+                    scoreboard: &self.scoreboard,
                     master: self.pid,
                 };
                 let status = worker::run(context, &mut self.signals);
@@ -36,10 +45,13 @@ impl Master {
             }
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
+                self.scoreboard.slot(slot).pid.store(child.as_raw(), Ordering::Release);
                 let entry = &mut self.slots[slot];
                 entry.pid = Some(child);
+                entry.generation = self.generation;
                 entry.started = Some(now);
                 entry.respawn_at = None;
+                entry.abort_sent = None;
                 log::debug!(
                     "spawned worker {slot} (generation {}) as pid {child}",
                     self.generation

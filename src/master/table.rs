@@ -17,9 +17,32 @@ pub const RESPAWN_BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest respawn delay of a crash loop.
 pub const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// One worker slot. The slot index is also the worker's record range in the limits table.
+/// What a slot is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Unused: available for a new worker.
+    #[default]
+    Free,
+    /// Part of a generation's pool: respawned when it dies, while its generation serves.
+    Serving,
+    /// Told to stop (graceful or fast); becomes free when reaped. `kill_at` is when SIGKILL
+    /// follows (`None` once sent); `fast` when it was sent SIGTERM rather than SIGQUIT.
+    Retiring {
+        /// When to send SIGKILL.
+        kill_at: Option<Instant>,
+        /// Fast stop (TERM) rather than graceful (QUIT).
+        fast: bool,
+    },
+}
+
+/// One worker slot. The slot index is also the worker's record range in the limits table and
+/// its entry in the scoreboard.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerSlot {
+    /// What the slot is for.
+    pub role: Role,
+    /// Configuration generation of the slot's worker.
+    pub generation: u64,
     /// The running worker, if any.
     pub pid: Option<Pid>,
     /// When it was forked.
@@ -28,6 +51,8 @@ pub struct WorkerSlot {
     pub failures: u32,
     /// When to fork a replacement, if one is due.
     pub respawn_at: Option<Instant>,
+    /// When the master sent SIGABRT to this worker for a stale heartbeat.
+    pub abort_sent: Option<Instant>,
 }
 
 impl WorkerSlot {
@@ -38,6 +63,7 @@ impl WorkerSlot {
         let lived = self.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         self.pid = None;
         self.started = None;
+        self.abort_sent = None;
         self.failures =
             if lived < MIN_HEALTHY_UPTIME { self.failures.saturating_add(1) } else { 0 };
         let delay = respawn_delay(self.failures, jitter);

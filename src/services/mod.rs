@@ -5,6 +5,7 @@
 //! new service plugs in without touching the loop. One file per service.
 
 mod echo;
+mod hang;
 
 use std::fmt;
 use std::io;
@@ -70,7 +71,14 @@ pub trait Session {
 pub enum ServiceKind {
     /// `echo`: RFC 862, everything received is sent back.
     Echo,
+    /// `test-hang`: for tests of hung-worker detection only. Its first read never returns,
+    /// wedging the worker. Accepted by the configuration only when the environment variable
+    /// [`TEST_SERVICES_ENV`] is set; never listed.
+    TestHang,
 }
+
+/// Environment variable that enables test-only services (`test-hang`) in the configuration.
+pub const TEST_SERVICES_ENV: &str = "PREFORKD_TEST_SERVICES";
 
 impl ServiceKind {
     /// Every service name the configuration accepts.
@@ -80,6 +88,7 @@ impl ServiceKind {
     pub fn name(self) -> &'static str {
         match self {
             ServiceKind::Echo => "echo",
+            ServiceKind::TestHang => "test-hang",
         }
     }
 
@@ -87,6 +96,7 @@ impl ServiceKind {
     pub fn new_session(self) -> Box<dyn Session> {
         match self {
             ServiceKind::Echo => Box::new(Echo::new()),
+            ServiceKind::TestHang => Box::new(hang::Hang),
         }
     }
 }
@@ -108,6 +118,9 @@ impl FromStr for ServiceKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "echo" => Ok(ServiceKind::Echo),
+            "test-hang" if std::env::var_os(TEST_SERVICES_ENV).is_some() => {
+                Ok(ServiceKind::TestHang)
+            }
             other => Err(UnknownService(other.to_owned())),
         }
     }

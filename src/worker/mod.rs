@@ -26,6 +26,7 @@ pub mod conn;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -38,20 +39,25 @@ use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
 use crate::poller::{Event, Interest, Poller, SelectPoller};
+use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
 use crate::services::Progress;
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
 
-/// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully.
-pub const WORKER_SIGNALS: &[Signal] = &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT];
+/// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
+/// the log file.
+pub const WORKER_SIGNALS: &[Signal] =
+    &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGUSR1];
 
 /// How long accepting pauses after `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM`.
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// During a graceful stop, a connection with no exchange in flight is closed once the client
 /// has sent nothing for this long (at once if it was already quiet that long). Closing at the
-/// first instant of rest would cut a client that is still streaming.
-pub const DRAIN_QUIET: Duration = Duration::from_secs(1);
+/// first instant of rest would cut a client that is still streaming (its next bytes are in
+/// flight while the window reopens); a keep-alive client that pauses between exchanges is
+/// closed in its first pause this long.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
 
 /// Longest a lingering close waits for the client's FIN.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,6 +82,8 @@ pub struct WorkerContext<'a> {
     pub listeners: Vec<Listener>,
     /// The shared per-client table.
     pub limits: &'a Limits,
+    /// The shared scoreboard; this worker writes its own slot.
+    pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
     pub master: Pid,
 }
@@ -126,6 +134,9 @@ impl<'a> Worker<'a> {
         let mut poller = SelectPoller::new();
         poller.set(signals.raw_fd(), Interest::READ)?;
         let ledger = context.limits.ledger(context.slot);
+        let score = context.scoreboard.slot(context.slot);
+        score.beat();
+        score.set_state(SlotState::Ready);
         log::info!(
             "worker started: {} listener(s), at most {} connections",
             context.listeners.len(),
@@ -154,8 +165,13 @@ impl<'a> Worker<'a> {
                 log::error!("cannot watch the listeners: {error}");
                 return WORKER_BOOT_FAILURE;
             }
+            self.score().beat();
             let deadline = self.next_deadline();
-            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
+            if let Some(beat) = self.context.config.daemon.worker_timeout.map(|t| t / 3) {
+                // Wake up often enough to prove to the master that this loop still turns.
+                timeout = Some(timeout.map_or(beat, |t| t.min(beat)));
+            }
             if let Err(error) = self.poller.wait(timeout, &mut events) {
                 log::error!("select failed: {error}");
                 return WORKER_BOOT_FAILURE;
@@ -187,6 +203,10 @@ impl<'a> Worker<'a> {
                 return WORKER_EXIT_OK;
             }
         }
+    }
+
+    fn score(&self) -> &WorkerScore {
+        self.context.scoreboard.slot(self.context.slot)
     }
 
     fn listener_index(&self, fd: RawFd) -> Option<usize> {
@@ -248,6 +268,11 @@ impl<'a> Worker<'a> {
                     self.close_all(now);
                     return Some(WORKER_EXIT_OK);
                 }
+                Signal::SIGUSR1 => {
+                    if let Err(error) = logging::reopen() {
+                        log::error!("{error}");
+                    }
+                }
                 Signal::SIGQUIT if !self.draining => {
                     log::info!(
                         "graceful stop: no longer accepting; {} connection(s) open",
@@ -263,6 +288,7 @@ impl<'a> Worker<'a> {
 
     fn start_drain(&mut self) {
         self.draining = true;
+        self.score().set_state(SlotState::Draining);
         for listener in &self.context.listeners {
             let _ = self.poller.set(listener.as_raw_fd(), Interest::NONE);
         }
@@ -335,7 +361,7 @@ impl<'a> Worker<'a> {
         }
         let mut ticket = None;
         if policy.has_client_limits() {
-            let key = ClientKey::new(index, peer.ip());
+            let key = ClientKey::new(self.context.listeners[index].id.into(), peer.ip());
             let max = policy.max_connections_per_client;
             match self.context.limits.admit(&mut self.ledger, key, max) {
                 Ok(Admission::Admitted(t)) => ticket = Some(t),
@@ -375,6 +401,9 @@ impl<'a> Worker<'a> {
             interest: Interest::READ,
         });
         self.open += 1;
+        let score = self.score();
+        score.accepted.fetch_add(1, Ordering::Relaxed);
+        score.open.store(self.open as u64, Ordering::Relaxed);
     }
 
     /// Turns away a connection just accepted (its socket closes when the caller drops it).
@@ -409,6 +438,9 @@ impl<'a> Worker<'a> {
             }
         };
         conn.record(progress, now);
+        let score = self.context.scoreboard.slot(self.context.slot);
+        score.bytes_in.fetch_add(progress.bytes_in, Ordering::Relaxed);
+        score.bytes_out.fetch_add(progress.bytes_out, Ordering::Relaxed);
         if progress.exchanges > 0 && conn.kind == ConnKind::Short {
             self.promote(fd);
         }
@@ -502,10 +534,11 @@ impl<'a> Worker<'a> {
         // Unwatch before the descriptor is closed (the poller's contract).
         let _ = self.poller.set(fd as RawFd, Interest::NONE);
         self.open -= 1;
-        if let Some(ticket) = conn.ticket {
-            if let Err(error) = self.context.limits.release(&mut self.ledger, ticket) {
-                log::error!("could not release the count of {}: {error}", conn.peer);
-            }
+        self.score().open.store(self.open as u64, Ordering::Relaxed);
+        if let Some(ticket) = conn.ticket
+            && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
+        {
+            log::error!("could not release the count of {}: {error}", conn.peer);
         }
         let name = &self.context.config.listeners[conn.listener].name;
         self.access_line(

@@ -33,7 +33,9 @@ type SharedLog = Arc<(Mutex<LogState>, Condvar)>;
 pub struct Daemon {
     child: Child,
     log: SharedLog,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// The configuration file; rewrite it and reload.
+    pub config_path: PathBuf,
     /// Listener addresses, in configuration order, as the daemon logged them.
     pub addrs: Vec<SocketAddr>,
 }
@@ -47,6 +49,13 @@ pub fn echo_config(workers: usize, daemon_extra: &str, policy: &str) -> String {
     )
 }
 
+/// [`echo_config`] with a pid file in the daemon's directory, for the control commands.
+/// A reload or an upgrade keeps the socket of the configured address `127.0.0.1:0`, so the
+/// port stays the one the kernel chose first.
+pub fn controlled_config(workers: usize, daemon_extra: &str, policy: &str) -> String {
+    echo_config(workers, &format!("pid_file = \"@DIR@/preforkd.pid\"\n{daemon_extra}"), policy)
+}
+
 impl Daemon {
     /// Starts the daemon and waits until the master reports every worker started.
     pub fn start(config: &str) -> Daemon {
@@ -55,8 +64,15 @@ impl Daemon {
 
     /// [`Daemon::start`], with `RLIMIT_NOFILE` set to `nofile` for the daemon if given.
     pub fn start_with_nofile(config: &str, nofile: Option<u64>) -> Daemon {
+        Daemon::launch(config, nofile, &[])
+    }
+
+    /// Starts the daemon with `env` added to its environment. In `config`, `@DIR@` stands
+    /// for the daemon's temporary directory (for pid and log files).
+    pub fn launch(config: &str, nofile: Option<u64>, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("preforkd.toml");
+        let config = config.replace("@DIR@", dir.path().to_str().unwrap());
         std::fs::write(&config_path, config).expect("write config");
         let mut command = Command::new(BINARY);
         command
@@ -66,14 +82,17 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        if let Some(limit) = nofile {
-            // SAFETY: the closure only makes the setrlimit(2) system call, which is
-            // async-signal-safe, between fork and exec.
-            unsafe {
-                command.pre_exec(move || {
-                    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(io::Error::from)
-                });
-            }
+        command.envs(env.iter().copied());
+        // SAFETY: the closure only makes setrlimit(2) system calls, which are
+        // async-signal-safe, between fork and exec. No core dumps from killed workers.
+        unsafe {
+            command.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(io::Error::from)?;
+                if let Some(limit) = nofile {
+                    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(io::Error::from)?;
+                }
+                Ok(())
+            });
         }
         let mut child = command.spawn().expect("spawn preforkd");
         let stderr = child.stderr.take().expect("stderr");
@@ -90,7 +109,7 @@ impl Daemon {
             state.lock().unwrap().closed = true;
             changed.notify_all();
         });
-        let mut daemon = Daemon { child, log, _dir: dir, addrs: Vec::new() };
+        let mut daemon = Daemon { child, log, dir, config_path, addrs: Vec::new() };
         let started = daemon.wait_for_log("master started", |l| l.contains("master started:"));
         let workers: usize = started
             .split("master started: ")
@@ -110,6 +129,22 @@ impl Daemon {
             .collect();
         assert!(!daemon.addrs.is_empty(), "no listener address in the log");
         daemon
+    }
+
+    /// The daemon's temporary directory (`@DIR@` in its configuration).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces the configuration file (`@DIR@` expanded), for a reload.
+    pub fn rewrite_config(&self, config: &str) {
+        let config = config.replace("@DIR@", self.dir.path().to_str().unwrap());
+        std::fs::write(&self.config_path, config).expect("rewrite config");
+    }
+
+    /// Runs a control command (`reload`, `status` ...) against this daemon.
+    pub fn control(&self, command: &str) -> (ExitStatus, String, String) {
+        run_cli(&[command, "-c", self.config_path.to_str().unwrap()])
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -196,11 +231,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // The daemon's own process group: the master and its workers, nothing else.
-            let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
+        // The daemon's own process group: the master, its workers and any master a binary
+        // upgrade started, nothing else.
+        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+        let _ = self.child.wait();
         if thread::panicking() {
             let mut err = io::stderr().lock();
             let _ = writeln!(err, "---- preforkd log ----");

@@ -1,0 +1,278 @@
+//! Reload (SIGHUP) by generation: build, validate, swap, drain.
+//!
+//! The whole file is read and validated first; on any problem the serving configuration is
+//! left untouched and every problem is logged (and published on the scoreboard for
+//! `preforkd reload`). Otherwise the listeners are prepared (an unchanged address keeps its
+//! socket; a new one is bound; a bind failure rejects the reload), the generation is bumped
+//! and its workers are forked. Only when all of them report ready on the scoreboard is the
+//! old generation told to stop gracefully; if one fails to start, the reload is rolled back
+//! and the old generation never stopped serving.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Master, Phase, Role, listener_id};
+use crate::config::{self, Config};
+use crate::listener::Listener;
+use crate::logging;
+use crate::scoreboard::SlotState;
+
+/// How long a new generation has to report ready before the reload is rolled back.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A reload whose new generation is starting.
+pub(super) struct Transition {
+    /// The new generation.
+    pub generation: u64,
+    /// When to give up and roll back.
+    pub deadline: Instant,
+    previous: Previous,
+}
+
+/// What a rollback restores.
+struct Previous {
+    config: Config,
+    listeners: Vec<Listener>,
+    generation: u64,
+}
+
+impl Master {
+    /// SIGHUP.
+    pub(super) fn handle_reload(&mut self) {
+        if self.transition.is_some() {
+            log::info!("reload queued: generation {} is still starting", self.generation);
+            self.reload_queued = true;
+            return;
+        }
+        if self.paused {
+            log::info!("SIGHUP after WINCH: starting workers again (configuration not re-read)");
+            self.paused = false;
+            self.fill_pool(Instant::now());
+            return;
+        }
+        let path = self.invocation.config_path.clone();
+        log::info!("reloading {}", path.display());
+        let new = match config::load(&path) {
+            Ok(new) => new,
+            Err(error) => return self.reload_failed(&error.to_string()),
+        };
+        if let Err(reason) = self.restart_only_changes(&new) {
+            return self.reload_failed(&reason);
+        }
+        let free = self.slots.iter().filter(|s| s.role == Role::Free && s.pid.is_none()).count();
+        let wanted = new.daemon.workers.get();
+        if free < wanted {
+            return self.reload_failed(&format!(
+                "{wanted} workers need {wanted} free slots, {free} are free while old generations drain; try again shortly"
+            ));
+        }
+        let mut listeners = Vec::with_capacity(new.listeners.len());
+        for config in &new.listeners {
+            let id = listener_id(&mut self.listener_ids, &config.name);
+            let prepared = match self.listeners.iter().find(|l| l.config.address == config.address)
+            {
+                Some(current) => current.reuse(config, id),
+                None => Listener::bind(config, id),
+            };
+            match prepared {
+                Ok(listener) => {
+                    if !self.listeners.iter().any(|l| l.config.address == config.address) {
+                        log::info!(
+                            "listener {} now listening on {}",
+                            config.name,
+                            listener.local_addr
+                        );
+                    }
+                    listeners.push(listener);
+                }
+                Err(error) => return self.reload_failed(&error.to_string()),
+            }
+        }
+        if new.log != self.config.log
+            && let Err(error) = logging::apply(&new.log)
+        {
+            return self.reload_failed(&error.to_string());
+        }
+        let previous = Previous {
+            config: std::mem::replace(&mut self.config, new),
+            listeners: std::mem::replace(&mut self.listeners, listeners),
+            generation: self.generation,
+        };
+        self.generation += 1;
+        let now = Instant::now();
+        self.transition = Some(Transition {
+            generation: self.generation,
+            deadline: now + START_TIMEOUT,
+            previous,
+        });
+        log::info!("generation {} starting: {wanted} workers", self.generation);
+        for _ in 0..wanted {
+            let Some(slot) = self.free_slot() else { break };
+            let entry = &mut self.slots[slot];
+            entry.role = Role::Serving;
+            entry.generation = self.generation;
+            entry.failures = 0;
+            if let Err(error) = self.spawn(slot, now) {
+                self.slots[slot].role = Role::Free;
+                return self.rollback(&format!("could not fork a worker: {error}"));
+            }
+        }
+    }
+
+    /// Settings that size shared memory or name files cannot change without a restart.
+    fn restart_only_changes(&self, new: &Config) -> Result<(), String> {
+        let max = new.daemon.max_connections_per_worker.get();
+        if max > self.per_slot {
+            return Err(format!(
+                "daemon.max_connections_per_worker can be at most {} without a restart (the shared limits table is sized at start), not {max}",
+                self.per_slot
+            ));
+        }
+        if new.daemon.pid_file != self.config.daemon.pid_file {
+            return Err("daemon.pid_file cannot change without a restart".into());
+        }
+        Ok(())
+    }
+
+    /// Completes the reload once every worker of the new generation is ready; rolls it
+    /// back if that takes longer than [`START_TIMEOUT`].
+    pub(super) fn check_transition(&mut self, now: Instant) {
+        let Some(transition) = &self.transition else { return };
+        let generation = transition.generation;
+        let ready = (0..self.slots.len())
+            .filter(|&i| {
+                let slot = &self.slots[i];
+                slot.role == Role::Serving
+                    && slot.generation == generation
+                    && slot.pid.is_some()
+                    && self.scoreboard.slot(i).state() == SlotState::Ready
+            })
+            .count();
+        let wanted = self.serving_count();
+        if ready >= wanted {
+            self.complete_transition(now);
+        } else if now >= transition.deadline {
+            self.rollback(&format!(
+                "generation {generation}: only {ready} of {wanted} workers ready after {START_TIMEOUT:?}"
+            ));
+        }
+    }
+
+    fn complete_transition(&mut self, now: Instant) {
+        let Some(transition) = self.transition.take() else { return };
+        let old: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i].role == Role::Serving
+                    && self.slots[i].generation < transition.generation
+            })
+            .collect();
+        for &slot in &old {
+            self.retire(slot, false, now);
+        }
+        // The old generation's listener copies close here; reused sockets stay open through
+        // their duplicates, removed ones close once the old workers have drained.
+        drop(transition.previous);
+        let header = self.scoreboard.header();
+        header.generation.store(self.generation, Ordering::Relaxed);
+        header.target_workers.store(self.serving_count() as u64, Ordering::Relaxed);
+        header.reloads_ok.fetch_add(1, Ordering::Release);
+        self.scoreboard.set_message("");
+        log::info!(
+            "reload complete: generation {} serving, {} old workers draining",
+            self.generation,
+            old.len()
+        );
+        self.enforce_draining_cap(now, self.config.daemon.max_draining_generations.get());
+        if std::mem::take(&mut self.reload_queued) {
+            self.handle_reload();
+        }
+    }
+
+    /// Undoes a starting reload: its workers are stopped fast and the previous generation
+    /// keeps (or resumes) serving.
+    pub(super) fn rollback(&mut self, reason: &str) {
+        let Some(transition) = self.transition.take() else { return };
+        let now = Instant::now();
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].role == Role::Serving
+                && self.slots[slot].generation == transition.generation
+            {
+                self.retire(slot, true, now);
+            }
+        }
+        let previous = transition.previous;
+        self.config = previous.config;
+        self.listeners = previous.listeners;
+        self.generation = previous.generation;
+        if let Err(error) = logging::apply(&self.config.log) {
+            log::error!("could not restore the log target: {error}");
+        }
+        self.fill_pool(now);
+        self.reload_queued = false;
+        self.reload_failed(&format!("rolled back: {reason}"));
+    }
+
+    /// Respawns, now, every serving slot of the serving generation that has no worker.
+    pub(super) fn fill_pool(&mut self, now: Instant) {
+        let target = self.config.daemon.workers.get();
+        let mut serving = 0;
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].role == Role::Serving
+                && self.slots[slot].generation == self.generation
+            {
+                serving += 1;
+                if self.slots[slot].pid.is_none() {
+                    self.slots[slot].respawn_at = Some(now);
+                }
+            }
+        }
+        while serving < target {
+            let Some(slot) = self.free_slot() else { break };
+            let entry = &mut self.slots[slot];
+            entry.role = Role::Serving;
+            entry.generation = self.generation;
+            entry.failures = 0;
+            entry.respawn_at = Some(now);
+            serving += 1;
+        }
+    }
+
+    pub(super) fn reload_failed(&mut self, reason: &str) {
+        for line in reason.lines() {
+            log::error!("reload failed, still serving generation {}: {line}", self.generation);
+        }
+        self.scoreboard.set_message(reason);
+        self.scoreboard.header().reloads_failed.fetch_add(1, Ordering::Release);
+    }
+
+    /// Stops the oldest draining generations fast while more than `max` are draining.
+    fn enforce_draining_cap(&mut self, now: Instant, max: usize) {
+        loop {
+            let mut draining: Vec<u64> = self
+                .slots
+                .iter()
+                .filter(|s| matches!(s.role, Role::Retiring { fast: false, .. }) && s.pid.is_some())
+                .filter(|s| s.generation < self.generation)
+                .map(|s| s.generation)
+                .collect();
+            draining.sort_unstable();
+            draining.dedup();
+            if draining.len() <= max || matches!(self.phase, Phase::Stopping { .. }) {
+                return;
+            }
+            let oldest = draining[0];
+            log::warn!(
+                "{} generations draining, more than max_draining_generations: stopping generation {oldest} fast",
+                draining.len()
+            );
+            for slot in 0..self.slots.len() {
+                let entry = &self.slots[slot];
+                if entry.generation == oldest
+                    && matches!(entry.role, Role::Retiring { fast: false, .. })
+                {
+                    self.retire(slot, true, now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The scoreboard: one shared-memory page range where the master and every worker publish
+//! their state, and where `preforkd status` and the control commands read it.
+//!
+//! Written by both processes (the master: header, slot ownership; a worker: its own slot),
+//! read by anyone who can open the file. When `daemon.pid_file` is set the region is a file
+//! beside it ([`path_for`]), mapped `MAP_SHARED`, so other processes can read it; otherwise it
+//! is anonymous. Every field is an atomic: no lock, no torn reads of a single field.
+//!
+//! Heartbeats are `CLOCK_MONOTONIC` milliseconds, comparable across processes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
+use nix::time::{ClockId, clock_gettime};
+use thiserror::Error;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb1");
+/// Bytes of the last error message kept in the header.
+pub const MESSAGE_BYTES: usize = 512;
+
+/// The scoreboard could not be created or opened.
+#[derive(Debug, Error)]
+pub enum ScoreboardError {
+    /// Creating, sizing, mapping or reading the file failed.
+    #[error("scoreboard {}: {source}", path.display())]
+    File {
+        /// The scoreboard file (empty for an anonymous one).
+        path: PathBuf,
+        /// The system error.
+        source: io::Error,
+    },
+    /// The file is not a scoreboard of this version.
+    #[error("{} is not a preforkd scoreboard", .0.display())]
+    Invalid(PathBuf),
+}
+
+/// A worker slot's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SlotState {
+    /// No worker.
+    Empty = 0,
+    /// Forked, setting itself up.
+    Booting = 1,
+    /// Accepting and serving.
+    Ready = 2,
+    /// Graceful stop: no longer accepting, finishing its connections.
+    Draining = 3,
+}
+
+impl SlotState {
+    fn from_u32(v: u32) -> Self {
+        match v {
+            1 => SlotState::Booting,
+            2 => SlotState::Ready,
+            3 => SlotState::Draining,
+            _ => SlotState::Empty,
+        }
+    }
+
+    /// Lower-case name, as `preforkd status` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Empty => "empty",
+            SlotState::Booting => "booting",
+            SlotState::Ready => "ready",
+            SlotState::Draining => "draining",
+        }
+    }
+}
+
+/// The master's part.
+#[repr(C)]
+pub struct Header {
+    magic: AtomicU64,
+    capacity: AtomicU64,
+    /// The master's pid.
+    pub master_pid: AtomicI32,
+    /// The serving configuration generation, from 1.
+    pub generation: AtomicU64,
+    /// Master start, Unix milliseconds.
+    pub started_unix_ms: AtomicU64,
+    /// Reloads applied.
+    pub reloads_ok: AtomicU64,
+    /// Reloads rejected or rolled back.
+    pub reloads_failed: AtomicU64,
+    /// Log reopens done.
+    pub reopens: AtomicU64,
+    /// Binary upgrades that failed (the new master did not come up).
+    pub upgrades_failed: AtomicU64,
+    /// Target worker count of the serving generation.
+    pub target_workers: AtomicU64,
+    message_len: AtomicU64,
+    message: [AtomicU32; MESSAGE_BYTES / 4],
+}
+
+/// One worker's part.
+#[repr(C)]
+pub struct WorkerScore {
+    /// Worker pid, 0 when empty.
+    pub pid: AtomicI32,
+    state: AtomicU32,
+    /// Configuration generation of the worker.
+    pub generation: AtomicU64,
+    /// Fork time, Unix milliseconds.
+    pub started_unix_ms: AtomicU64,
+    /// Last loop turn, `CLOCK_MONOTONIC` milliseconds.
+    pub heartbeat_ms: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections accepted since the worker started.
+    pub accepted: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+}
+
+impl WorkerScore {
+    /// The slot's state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u32(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the slot's state.
+    pub fn set_state(&self, state: SlotState) {
+        self.state.store(state as u32, Ordering::Release);
+    }
+
+    /// Records a loop turn.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Clears the slot and claims it for a new worker (called by the master at fork).
+    pub fn claim(&self, pid: i32, generation: u64) {
+        for counter in [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out] {
+            counter.store(0, Ordering::Relaxed);
+        }
+        self.generation.store(generation, Ordering::Relaxed);
+        self.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Relaxed);
+        self.set_state(SlotState::Booting);
+        self.pid.store(pid, Ordering::Release);
+    }
+
+    /// Marks the slot empty (called by the master after reaping).
+    pub fn release(&self) {
+        self.set_state(SlotState::Empty);
+        self.open.store(0, Ordering::Relaxed);
+        self.pid.store(0, Ordering::Release);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in milliseconds.
+pub fn monotonic_ms() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// Wall-clock Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The scoreboard file of a master whose pid file is `pid_file`.
+pub fn path_for(pid_file: &Path) -> PathBuf {
+    let mut name = pid_file.as_os_str().to_owned();
+    name.push(".scoreboard");
+    PathBuf::from(name)
+}
+
+/// A mapped scoreboard.
+#[derive(Debug)]
+pub struct Scoreboard {
+    base: NonNull<u8>,
+    bytes: usize,
+    capacity: usize,
+}
+
+fn layout(capacity: usize) -> usize {
+    std::mem::size_of::<Header>() + capacity * std::mem::size_of::<WorkerScore>()
+}
+
+impl Scoreboard {
+    /// Creates a scoreboard for `capacity` worker slots: at `path` (replacing any file there,
+    /// atomically), or anonymous when `path` is `None`.
+    ///
+    /// # Errors
+    /// [`ScoreboardError::File`] when the file cannot be created, sized or mapped.
+    pub fn create(path: Option<&Path>, capacity: usize) -> Result<Self, ScoreboardError> {
+        let bytes = layout(capacity);
+        let length = NonZeroUsize::new(bytes).expect("the header is not empty");
+        let fail = |source: io::Error| ScoreboardError::File {
+            path: path.map(Path::to_owned).unwrap_or_default(),
+            source,
+        };
+        let base = match path {
+            None => {
+                // SAFETY: a fresh anonymous shared mapping that aliases nothing.
+                unsafe {
+                    mmap_anonymous(
+                        None,
+                        length,
+                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                        MapFlags::MAP_SHARED,
+                    )
+                }
+                .map_err(|e| fail(e.into()))?
+            }
+            Some(path) => {
+                let dir =
+                    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let file = tempfile::Builder::new()
+                    .prefix(".preforkd-scoreboard")
+                    .tempfile_in(dir)
+                    .map_err(fail)?;
+                file.as_file().set_len(bytes as u64).map_err(fail)?;
+                // SAFETY: a shared mapping of a file we just created and sized; nothing else
+                // maps it yet. The mapping outlives the descriptor, as mmap(2) allows.
+                let base = unsafe {
+                    mmap(
+                        None,
+                        length,
+                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                        MapFlags::MAP_SHARED,
+                        file.as_file().as_fd(),
+                        0,
+                    )
+                }
+                .map_err(|e| fail(e.into()))?;
+                file.persist(path).map_err(|e| fail(e.error))?;
+                base
+            }
+        };
+        let board = Scoreboard { base: base.cast(), bytes, capacity };
+        let header = board.header();
+        header.capacity.store(capacity as u64, Ordering::Relaxed);
+        header.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        header.magic.store(MAGIC, Ordering::Release);
+        Ok(board)
+    }
+
+    /// Maps an existing scoreboard read-only, for `preforkd status` and the control commands.
+    ///
+    /// # Errors
+    /// [`ScoreboardError::File`] when it cannot be opened or mapped,
+    /// [`ScoreboardError::Invalid`] when it is not a scoreboard.
+    pub fn open(path: &Path) -> Result<Self, ScoreboardError> {
+        let fail = |source: io::Error| ScoreboardError::File { path: path.to_owned(), source };
+        let file: File = OpenOptions::new().read(true).open(path).map_err(fail)?;
+        let size = file.metadata().map_err(fail)?.len() as usize;
+        if size < layout(0) {
+            return Err(ScoreboardError::Invalid(path.to_owned()));
+        }
+        let length =
+            NonZeroUsize::new(size).ok_or_else(|| ScoreboardError::Invalid(path.to_owned()))?;
+        // SAFETY: a read-only shared mapping of a regular file; only atomics are read from it.
+        let base = unsafe {
+            mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file.as_fd(), 0)
+        }
+        .map_err(|e| fail(e.into()))?;
+        let mut board = Scoreboard { base: base.cast(), bytes: size, capacity: 0 };
+        let header = board.header();
+        let capacity = header.capacity.load(Ordering::Relaxed) as usize;
+        if header.magic.load(Ordering::Acquire) != MAGIC || layout(capacity) > size {
+            return Err(ScoreboardError::Invalid(path.to_owned()));
+        }
+        board.capacity = capacity;
+        Ok(board)
+    }
+
+    /// The master's part.
+    pub fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least `layout(0)` bytes, page-aligned, and lives as long
+        // as `self`; every field is an atomic, so shared references across processes are sound.
+        unsafe { self.base.cast::<Header>().as_ref() }
+    }
+
+    /// Every worker slot.
+    pub fn slots(&self) -> &[WorkerScore] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the slots follow the header, which has
+        // the alignment of its `u64` fields, like `WorkerScore`; all fields are atomics.
+        unsafe {
+            let first = self.base.as_ptr().add(std::mem::size_of::<Header>()).cast::<WorkerScore>();
+            std::slice::from_raw_parts(first, self.capacity)
+        }
+    }
+
+    /// One worker slot.
+    ///
+    /// # Panics
+    /// If `slot` is not below the capacity (a caller bug).
+    pub fn slot(&self, slot: usize) -> &WorkerScore {
+        &self.slots()[slot]
+    }
+
+    /// Publishes the last error (reload or upgrade failure), truncated to [`MESSAGE_BYTES`].
+    pub fn set_message(&self, message: &str) {
+        let header = self.header();
+        let bytes = message.as_bytes();
+        let len = bytes.len().min(MESSAGE_BYTES);
+        for (i, word) in header.message.iter().enumerate() {
+            let mut chunk = [0u8; 4];
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = bytes.get(i * 4 + j).copied().filter(|_| i * 4 + j < len).unwrap_or(0);
+            }
+            word.store(u32::from_le_bytes(chunk), Ordering::Relaxed);
+        }
+        header.message_len.store(len as u64, Ordering::Release);
+    }
+
+    /// The last error published with [`Scoreboard::set_message`].
+    pub fn message(&self) -> String {
+        let header = self.header();
+        let len = (header.message_len.load(Ordering::Acquire) as usize).min(MESSAGE_BYTES);
+        let bytes: Vec<u8> = header
+            .message
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+            .take(len)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created with this length and is not used after drop.
+        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_scoreboard_is_readable_by_another_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.pid.scoreboard");
+        let board = Scoreboard::create(Some(&path), 4).unwrap();
+        board.header().generation.store(3, Ordering::Relaxed);
+        board.slot(2).claim(4242, 3);
+        board.slot(2).set_state(SlotState::Ready);
+        board.slot(2).accepted.fetch_add(5, Ordering::Relaxed);
+        board.set_message("could not bind 127.0.0.1:80: Permission denied");
+        let reader = Scoreboard::open(&path).unwrap();
+        assert_eq!(reader.slots().len(), 4);
+        assert_eq!(reader.header().generation.load(Ordering::Relaxed), 3);
+        assert_eq!(reader.slot(2).pid.load(Ordering::Relaxed), 4242);
+        assert_eq!(reader.slot(2).state(), SlotState::Ready);
+        assert_eq!(reader.slot(2).accepted.load(Ordering::Relaxed), 5);
+        assert_eq!(reader.message(), "could not bind 127.0.0.1:80: Permission denied");
+        board.set_message("short");
+        assert_eq!(reader.message(), "short");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_scoreboard_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        assert!(matches!(Scoreboard::open(&path), Err(ScoreboardError::Invalid(_))));
+    }
+}
