@@ -223,6 +223,21 @@ impl Daemon {
         }
     }
 
+    /// Waits for the master process itself to exit (its workers or an upgraded master may
+    /// still hold the log pipe). `None` after `timeout`.
+    pub fn wait_master_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Pids of workers from their `worker started` lines, in order.
     pub fn worker_pids(&self) -> Vec<i32> {
         self.matching(|l| l.contains("worker started")).iter().map(|l| pid_of(l)).collect()
@@ -387,4 +402,147 @@ pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Exchanges echoed intact.
+    pub exchanges: u64,
+    /// Connections opened.
+    pub connections: u64,
+    /// Keep-alive connections the server closed cleanly (FIN) between exchanges, after which
+    /// the client reconnected and retried, as a keep-alive client does.
+    pub keepalive_closed: u64,
+    /// Everything else: refused or reset connections, wrong or missing echoes.
+    pub failures: Vec<String>,
+}
+
+/// Client loops against `addr` until stopped: `short` loops of connect, 64-byte exchange,
+/// close; and `long` loops that keep a connection and do an exchange every `pause`.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, short: usize, long: usize, pause: Duration) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for client in 0..short + long {
+            let stop = Arc::clone(&stop);
+            let keep_alive = client >= short;
+            threads.push(thread::spawn(move || {
+                if keep_alive {
+                    long_loop(addr, client as u64, &stop, pause)
+                } else {
+                    short_loop(addr, client as u64, &stop)
+                }
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    /// Stops the loops (each finishes its exchange) and adds up what they saw.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = LoadReport::default();
+        for thread in self.threads {
+            let report = thread.join().expect("load thread");
+            total.exchanges += report.exchanges;
+            total.connections += report.connections;
+            total.keepalive_closed += report.keepalive_closed;
+            total.failures.extend(report.failures);
+        }
+        total
+    }
+}
+
+const LOAD_MESSAGE: usize = 64;
+/// Bound on every load loop, whatever the test does.
+const LOAD_MAX_ITERATIONS: u64 = 1_000_000;
+
+fn short_loop(addr: SocketAddr, seed: u64, stop: &std::sync::atomic::AtomicBool) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut round = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && round < LOAD_MAX_ITERATIONS {
+        round += 1;
+        let message = random_bytes(LOAD_MESSAGE, seed << 32 | round);
+        let mut stream = match TcpStream::connect(addr) {
+            Ok(stream) => stream,
+            Err(e) => {
+                report.failures.push(format!("short {seed}: connect: {e}"));
+                continue;
+            }
+        };
+        report.connections += 1;
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut echoed = vec![0; LOAD_MESSAGE];
+        match stream.write_all(&message).and_then(|()| stream.read_exact(&mut echoed)) {
+            Ok(()) if echoed == message => report.exchanges += 1,
+            Ok(()) => report.failures.push(format!("short {seed}: wrong echo")),
+            Err(e) => report.failures.push(format!("short {seed}: {e}")),
+        }
+    }
+    report
+}
+
+fn long_loop(
+    addr: SocketAddr,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    pause: Duration,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut connection: Option<TcpStream> = None;
+    let mut round = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && round < LOAD_MAX_ITERATIONS {
+        round += 1;
+        let message = random_bytes(LOAD_MESSAGE, seed << 32 | round);
+        // One retry, on a fresh connection, if the server closed a kept-alive one cleanly.
+        for attempt in 0..2 {
+            let reused = connection.is_some();
+            let mut stream = match connection.take() {
+                Some(stream) => stream,
+                None => match TcpStream::connect(addr) {
+                    Ok(stream) => {
+                        report.connections += 1;
+                        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+                        stream
+                    }
+                    Err(e) => {
+                        report.failures.push(format!("long {seed}: connect: {e}"));
+                        break;
+                    }
+                },
+            };
+            let mut echoed = vec![0; LOAD_MESSAGE];
+            match stream.write_all(&message).and_then(|()| stream.read_exact(&mut echoed)) {
+                Ok(()) if echoed == message => {
+                    report.exchanges += 1;
+                    connection = Some(stream);
+                    break;
+                }
+                Ok(()) => {
+                    report.failures.push(format!("long {seed}: wrong echo"));
+                    break;
+                }
+                Err(e)
+                    if reused
+                        && attempt == 0
+                        && matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe) =>
+                {
+                    report.keepalive_closed += 1;
+                }
+                Err(e) => {
+                    report
+                        .failures
+                        .push(format!("long {seed}: {e} (attempt {attempt}, reused {reused})"));
+                    break;
+                }
+            }
+        }
+        thread::sleep(pause);
+    }
+    report
 }

@@ -8,4 +8,6 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod resources;
+mod supervision;
 mod syslog;
+mod upgrade;
