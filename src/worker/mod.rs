@@ -273,13 +273,7 @@ impl<'a> Worker<'a> {
                         log::error!("{error}");
                     }
                 }
-                Signal::SIGQUIT if !self.draining => {
-                    log::info!(
-                        "graceful stop: no longer accepting; {} connection(s) open",
-                        self.open
-                    );
-                    self.start_drain();
-                }
+                Signal::SIGQUIT if !self.draining => self.start_drain(),
                 _ => {}
             }
         }
@@ -296,6 +290,7 @@ impl<'a> Worker<'a> {
         // Close this worker's copies: once every process has, clients are refused at once
         // instead of waiting in a backlog nobody accepts from.
         self.context.listeners.clear();
+        log::info!("graceful stop: no longer accepting; {} connection(s) open", self.open);
         // Each connection closes once at rest and quiet (see `drain_deadline`); those already
         // quiet go on the next turn of the loop.
         for conn in self.conns.iter_mut().flatten() {
