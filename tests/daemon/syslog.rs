@@ -51,7 +51,11 @@ fn syslog_target_sends_rfc3164_with_facility_and_each_process_pid() {
     let deadline = Instant::now() + PATIENCE;
     let mut messages = Vec::new();
     let mut buf = vec![0u8; 8192];
-    while messages.iter().filter(|m: &&String| m.contains("worker started")).count() < 2 {
+    let complete = |messages: &[String]| {
+        messages.iter().filter(|m| m.contains("worker started")).count() == 2
+            && messages.iter().any(|m| m.contains("master started"))
+    };
+    while !complete(&messages) {
         assert!(Instant::now() < deadline, "no worker start in syslog: {messages:#?}");
         let n = syslog.recv(&mut buf).expect("a syslog datagram");
         messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
