@@ -129,8 +129,8 @@ impl Master {
     pub(super) fn upgrade_exited(&mut self, exit: WorkerExit) {
         let Some(pid) = self.upgrade.take() else { return };
         let reason = format!("new master pid {pid} exited ({exit:?})");
-        log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
         self.restore_after_upgrade(true);
+        log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);
     }
