@@ -39,6 +39,10 @@ impl From<ExitStatus> for ExitCode {
 /// Exit status of a worker that stopped normally (fast or graceful stop, or master gone).
 pub const WORKER_EXIT_OK: i32 = 0;
 
+/// Exit status of a worker whose loop failed after it started (select(2) error): the master
+/// respawns it, with backoff.
+pub const WORKER_RUNTIME_FAILURE: i32 = 4;
+
 /// Exit status of a worker that could not set itself up (signals, poller, privileges).
 ///
 /// The master does not respawn a worker that exits with this status: it stops the daemon with

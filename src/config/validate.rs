@@ -22,6 +22,10 @@ use crate::services::ServiceKind;
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `daemon.max_connections_per_worker`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 512;
+/// Longest duration any key accepts (365 days): deadlines stay far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Shortest non-zero `daemon.worker_timeout`: shorter would take a busy worker for a hung one.
+pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default of `daemon.worker_timeout`.
 pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `daemon.max_draining_generations`.
@@ -54,6 +58,14 @@ impl Checker<'_> {
     ) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(duration) if duration > MAX_DURATION => {
+                self.report(
+                    value.span(),
+                    key,
+                    format!("{:?} is too long: at most 365 days", value.get_ref()),
+                );
+                default
+            }
             Ok(duration) => duration,
             Err(error) => {
                 self.report(
@@ -172,6 +184,14 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         "daemon.worker_timeout",
         DEFAULT_WORKER_TIMEOUT,
     );
+    if !worker_timeout.is_zero() && worker_timeout < MIN_WORKER_TIMEOUT {
+        let span = daemon_section.worker_timeout.as_ref().map_or(0..0, Spanned::span);
+        check.report(
+            span,
+            "daemon.worker_timeout",
+            "must be at least \"1s\", or \"0s\" to disable",
+        );
+    }
     let max_draining_generations = check.integer(
         daemon_section.max_draining_generations.as_ref(),
         "daemon.max_draining_generations",
@@ -480,6 +500,16 @@ mod tests {
         };
         assert_eq!(issues(&two(7000)).len(), 1);
         assert!(issues(&two(0)).is_empty());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let long = format!("[daemon]\ngraceful_timeout = \"300000000000y\"\n{MINIMAL}");
+        assert!(issues(&long)[0].contains("too long"), "{:?}", issues(&long));
+        let tiny = format!("[daemon]\nworker_timeout = \"2ns\"\n{MINIMAL}");
+        assert!(issues(&tiny)[0].contains("at least"), "{:?}", issues(&tiny));
+        let off = format!("[daemon]\nworker_timeout = \"0s\"\n{MINIMAL}");
+        assert_eq!(parse(Path::new("t.toml"), &off).unwrap().daemon.worker_timeout, None);
     }
 
     #[test]

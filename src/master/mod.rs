@@ -370,15 +370,7 @@ impl Master {
             log::debug!("reaped pid {pid}, not a current worker");
             return;
         };
-        match self.limits.reclaim(slot) {
-            Ok(0) => {}
-            Ok(held) => {
-                log::info!("worker {slot} (pid {pid}) held {held} per-client count(s): released")
-            }
-            Err(error) => {
-                log::error!("could not release the counts of worker {slot} (pid {pid}): {error}")
-            }
-        }
+        self.reclaim(slot);
         self.scoreboard.slot(slot).release();
         let now = Instant::now();
         let jitter = self.jitter();
@@ -427,6 +419,27 @@ impl Master {
                 "worker {slot} is crash-looping ({} quick exits): respawning in {delay:.1?}",
                 self.slots[slot].failures
             );
+        }
+    }
+
+    /// Releases the per-client records of `slot`'s dead worker; on failure the slot waits,
+    /// and [`Master::tick`] tries again.
+    fn reclaim(&mut self, slot: usize) {
+        match self.limits.reclaim(slot) {
+            Ok(held) => {
+                if held > 0 {
+                    log::info!("worker slot {slot} held {held} per-client count(s): released");
+                }
+                self.slots[slot].needs_reclaim = false;
+            }
+            Err(error) => {
+                if !self.slots[slot].needs_reclaim {
+                    log::error!(
+                        "could not release the per-client counts of worker slot {slot}: {error}; retrying"
+                    );
+                }
+                self.slots[slot].needs_reclaim = true;
+            }
         }
     }
 
@@ -544,7 +557,9 @@ impl Master {
     }
 
     fn free_slot(&self) -> Option<usize> {
-        self.slots.iter().position(|slot| slot.role == Role::Free && slot.pid.is_none())
+        self.slots
+            .iter()
+            .position(|slot| slot.role == Role::Free && slot.pid.is_none() && !slot.needs_reclaim)
     }
 
     /// Tells a slot's worker to stop, gracefully (QUIT, KILL after `graceful_timeout`) or
@@ -580,6 +595,12 @@ impl Master {
         self.check_transition(now);
         self.check_heartbeats(now);
         for slot in 0..self.slots.len() {
+            if self.slots[slot].needs_reclaim {
+                self.reclaim(slot);
+                if self.slots[slot].needs_reclaim {
+                    continue;
+                }
+            }
             let entry = &self.slots[slot];
             match entry.role {
                 Role::Retiring { kill_at: Some(at), fast } if now >= at => {

@@ -53,6 +53,9 @@ pub struct WorkerSlot {
     pub respawn_at: Option<Instant>,
     /// When the master sent SIGABRT to this worker for a stale heartbeat.
     pub abort_sent: Option<Instant>,
+    /// The dead worker's per-client records could not be released yet: the slot is not
+    /// reused until they are (a new worker would overwrite records still counted).
+    pub needs_reclaim: bool,
 }
 
 impl WorkerSlot {

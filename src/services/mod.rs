@@ -58,8 +58,9 @@ pub trait Session {
     /// # Errors
     /// As for [`Session::on_readable`].
     fn on_writable(&mut self, io: &mut dyn Transport) -> io::Result<Progress>;
-    /// No exchange is in flight: every request received has been answered, so the connection
-    /// can be closed without losing anything (keep-alive limit, graceful stop).
+    /// No exchange is in flight: every request received has been answered. The loop also
+    /// checks that the socket holds no unread input before it closes an at-rest connection
+    /// (keep-alive limit, graceful stop), so nothing the client sent is dropped.
     fn is_at_rest(&self) -> bool;
     /// The session is over (the client closed its side and every answer was written): the
     /// loop closes the connection as `client-close`.

@@ -34,7 +34,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
-use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK};
+use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
 use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
@@ -58,6 +58,9 @@ pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// flight while the window reopens); a keep-alive client that pauses between exchanges is
 /// closed in its first pause this long.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// Shortest interval between heartbeats, whatever `worker_timeout` says.
+const MIN_BEAT: Duration = Duration::from_millis(100);
 
 /// Longest a lingering close waits for the client's FIN.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,18 +166,20 @@ impl<'a> Worker<'a> {
             let now = Instant::now();
             if let Err(error) = self.update_accepting(now) {
                 log::error!("cannot watch the listeners: {error}");
-                return WORKER_BOOT_FAILURE;
+                return WORKER_RUNTIME_FAILURE;
             }
             self.score().beat();
             let deadline = self.next_deadline();
             let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
-            if let Some(beat) = self.context.config.daemon.worker_timeout.map(|t| t / 3) {
+            let heartbeat =
+                self.context.config.daemon.worker_timeout.map(|t| (t / 3).max(MIN_BEAT));
+            if let Some(beat) = heartbeat {
                 // Wake up often enough to prove to the master that this loop still turns.
                 timeout = Some(timeout.map_or(beat, |t| t.min(beat)));
             }
             if let Err(error) = self.poller.wait(timeout, &mut events) {
                 log::error!("select failed: {error}");
-                return WORKER_BOOT_FAILURE;
+                return WORKER_RUNTIME_FAILURE;
             }
             let now = Instant::now();
             let mut listeners_ready = Vec::new();
@@ -257,7 +262,7 @@ impl<'a> Worker<'a> {
     /// exchange is in flight (then only its idle timeout applies).
     fn drain_deadline(&self, conn: &Conn) -> Option<Instant> {
         let draining = conn.close_at_rest == Some(CloseReason::Shutdown);
-        (draining && conn.session.is_at_rest()).then(|| conn.last_activity + DRAIN_QUIET)
+        (draining && at_rest(conn)).then(|| conn.last_activity + DRAIN_QUIET)
     }
 
     fn handle_signals(&mut self, now: Instant) -> Option<i32> {
@@ -295,7 +300,7 @@ impl<'a> Worker<'a> {
         // quiet go on the next turn of the loop.
         for conn in self.conns.iter_mut().flatten() {
             if conn.lingering.is_none() {
-                conn.close_at_rest = Some(CloseReason::Shutdown);
+                conn.close_at_rest.get_or_insert(CloseReason::Shutdown);
             }
         }
     }
@@ -371,7 +376,12 @@ impl<'a> Worker<'a> {
                     return self.refuse(fd, index, peer, CloseReason::Limit);
                 }
                 Err(error) => {
-                    log::error!("refused {peer} on {}: {error}", policy.name);
+                    if let Some(held_back) = self.refusal_log.allow(now) {
+                        log::error!(
+                            "refused {peer} on {}: {error} ({held_back} refusals not logged)",
+                            policy.name
+                        );
+                    }
                     return self.refuse(fd, index, peer, CloseReason::Error);
                 }
             }
@@ -436,13 +446,14 @@ impl<'a> Worker<'a> {
         let score = self.context.scoreboard.slot(self.context.slot);
         score.bytes_in.fetch_add(progress.bytes_in, Ordering::Relaxed);
         score.bytes_out.fetch_add(progress.bytes_out, Ordering::Relaxed);
-        if progress.exchanges > 0 && conn.kind == ConnKind::Short {
+        // A connection already bound to close (keep-alive refused, draining) is not promoted.
+        if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
         }
         let Some(conn) = self.conns[fd].as_mut() else {
             return;
         };
-        let at_rest = conn.session.is_at_rest();
+        let at_rest = conn.close_at_rest.is_some() && at_rest(conn);
         if conn.session.is_done() {
             self.finish(fd, CloseReason::ClientClose, now);
         } else if let Some(reason) =
@@ -564,6 +575,20 @@ impl<'a> Worker<'a> {
                 totals.exchanges,
             );
         }
+    }
+}
+
+/// Whether a connection can be closed without dropping anything: the session has answered
+/// everything it read, and the socket holds no unread input (a peek, which never blocks).
+fn at_rest(conn: &Conn) -> bool {
+    if !conn.session.is_at_rest() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    match conn.stream.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::Interrupted,
     }
 }
 

@@ -70,12 +70,13 @@ fn an_invalid_config_on_reload_keeps_the_old_policy() {
     });
     // Still the old policy: two connections per client.
     let client = Ipv4Addr::new(127, 0, 0, 6);
-    let mut first = connect_from(client, daemon.addr());
-    let mut second = connect_from(client, daemon.addr());
-    let mut third = connect_from(client, daemon.addr());
-    assert_eq!(exchange(&mut first, b"1", QUICK), Outcome::Echoed);
-    assert_eq!(exchange(&mut second, b"2", QUICK), Outcome::Echoed);
-    assert_eq!(exchange(&mut third, b"3", QUICK), Outcome::Closed);
+    let mut streams: Vec<_> = (0..3).map(|_| connect_from(client, daemon.addr())).collect();
+    // Whichever two a worker admits first are served; the other is refused. All stay open
+    // until the end, so no release can let a third one in.
+    let outcomes: Vec<Outcome> = streams.iter_mut().map(|s| exchange(s, b"n", QUICK)).collect();
+    let served = outcomes.iter().filter(|o| **o == Outcome::Echoed).count();
+    let refused = outcomes.iter().filter(|o| **o == Outcome::Closed).count();
+    assert_eq!((served, refused), (2, 1), "{outcomes:?}");
 }
 
 #[test]
@@ -141,13 +142,17 @@ fn a_lowered_limit_applies_to_new_connections_and_counts_carry_over() {
         }
         served
     });
-    let mut second = connect_from(client, daemon.addr());
-    let mut third = connect_from(client, daemon.addr());
-    assert_eq!(exchange(&mut second, b"2", QUICK), Outcome::Echoed);
-    let refused = usize::from(exchange(&mut third, b"3", QUICK) == Outcome::Closed);
-    kept.push(second);
+    // Two more at once: whichever a worker admits first is served, the other refused.
+    let mut refused = 0;
+    let more: Vec<_> = (0..2).map(|_| connect_from(client, daemon.addr())).collect();
+    for mut stream in more {
+        match exchange(&mut stream, b"n", QUICK) {
+            Outcome::Echoed => kept.push(stream),
+            Outcome::Closed => refused += 1,
+            Outcome::Silent => panic!("a connection was neither served nor refused"),
+        }
+    }
     assert_eq!((kept.len(), refused), (2, 1), "the new quota of 2");
-    drop(third);
 }
 
 fn ready_workers(daemon: &Daemon) -> usize {
@@ -242,5 +247,43 @@ fn a_second_master_on_the_same_pid_file_is_refused() {
     assert!(
         stderr.contains(&format!("another preforkd is running as pid {}", daemon.pid())),
         "{stderr}"
+    );
+}
+
+#[test]
+fn reloads_beyond_max_draining_generations_stop_the_oldest_fast() {
+    let config =
+        controlled_config(1, "max_draining_generations = 1", "max_connections_per_client = 0");
+    let daemon = Daemon::start(&config);
+    // A busy connection keeps each old generation draining (it is never quiet).
+    let busy_on_current_generation = || {
+        let mut stream = connect(daemon.addr());
+        assert_eq!(exchange(&mut stream, b"hold", QUICK), Outcome::Echoed);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) && rounds < 10_000 {
+                rounds += 1;
+                if exchange(&mut stream, b"busy", QUICK) != Outcome::Echoed {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            true
+        });
+        (stop, thread)
+    };
+    let (stop_first, first) = busy_on_current_generation();
+    assert_eq!(code(daemon.control("reload").0), 0);
+    let (stop_second, second) = busy_on_current_generation();
+    assert_eq!(code(daemon.control("reload").0), 0);
+    daemon.wait_for_log("the cap is enforced", |l| l.contains("stopping generation 1 fast"));
+    assert!(!first.join().unwrap(), "generation 1's connection was closed by the fast stop");
+    stop_second.store(true, std::sync::atomic::Ordering::SeqCst);
+    stop_first.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        second.join().unwrap(),
+        "generation 2 drains gracefully: its busy connection was served"
     );
 }
