@@ -287,3 +287,47 @@ fn reloads_beyond_max_draining_generations_stop_the_oldest_fast() {
         "generation 2 drains gracefully: its busy connection was served"
     );
 }
+
+#[test]
+fn reload_binds_new_listeners_closes_removed_ones_and_resizes_the_pool() {
+    let second =
+        "\n[[listener]]\nname = \"second\"\naddress = \"127.0.0.2:0\"\nservice = \"echo\"\n";
+    let daemon = Daemon::start(&format!("{}{second}", controlled_config(2, "", "")));
+    let removed = daemon.addrs[1];
+    let mut stream = connect(removed);
+    assert_eq!(exchange(&mut stream, b"second", QUICK), Outcome::Echoed);
+    drop(stream);
+
+    // A new listener on a taken address rejects the whole reload.
+    let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let clash = format!(
+        "{}\n[[listener]]\nname = \"clash\"\naddress = \"{}\"\nservice = \"echo\"\n",
+        controlled_config(3, "", ""),
+        taken.local_addr().unwrap()
+    );
+    daemon.rewrite_config(&clash);
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 70, "{stderr}");
+    assert!(
+        stderr.contains("could not bind") && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+    let mut stream = connect(removed);
+    assert_eq!(exchange(&mut stream, b"kept", QUICK), Outcome::Echoed, "nothing changed");
+    drop(stream);
+
+    // Without the second listener and with 3 workers: applied.
+    daemon.rewrite_config(&controlled_config(3, "", ""));
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    eventually("3 workers of generation 2", || {
+        let (_, status, _) = daemon.control("status");
+        status.lines().filter(|l| l.contains(" ready ")).count() == 3
+            && status
+                .lines()
+                .all(|l| !l.contains(" ready ") || l.split_whitespace().nth(2) == Some("2"))
+    });
+    eventually("the removed listener is closed", || std::net::TcpStream::connect(removed).is_err());
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"first", QUICK), Outcome::Echoed, "the kept listener serves");
+}
