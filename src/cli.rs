@@ -23,6 +23,10 @@ pub struct Cli {
     #[arg(short = 't', long = "test")]
     pub test: bool,
 
+    /// Detach from the terminal once ready (same as `daemonize = true`).
+    #[arg(short = 'd', long = "daemonize")]
+    pub daemonize: bool,
+
     /// What to do; the default is `run`.
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -12,12 +12,16 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+/// Socket activation: listening sockets passed by systemd (LISTEN_FDS).
+pub mod activation;
 /// Command-line interface (clap derive): `run`, `check`, `-c FILE`, `-t`.
 pub mod cli;
 /// TOML configuration: the file mirror, validation into real types, and error reporting.
 pub mod config;
 /// Control commands (`reload`, `stop`, `quit`, `reopen`, `upgrade`, `status`) for a running master.
 pub mod control;
+/// Classic daemon mode: double fork, setsid, readiness reported to the starting process.
+pub mod daemonize;
 /// Process exit statuses (sysexits(3)) of the master and of workers.
 pub mod exit;
 /// Shared-memory per-client connection accounting, exact across workers.
@@ -32,8 +36,12 @@ pub mod master;
 pub mod pidfile;
 /// Readiness backends (`select(2)`) behind one small trait.
 pub mod poller;
+/// Worker credentials (user, group) and the master's descriptor limit.
+pub mod privileges;
 /// Shared-memory scoreboard of the master and workers, readable by `preforkd status`.
 pub mod scoreboard;
+/// sd_notify(3) readiness, reload, stop and watchdog messages to systemd.
+pub mod sdnotify;
 /// Built-in services (RFC 862 echo) behind the `Service` trait.
 pub mod services;
 /// Signal handlers that only record, drained by a loop through a self-pipe.

@@ -135,6 +135,16 @@ pub fn apply(config: &LogConfig) -> Result<(), LogError> {
     Ok(())
 }
 
+/// Takes this process's pid again (after daemon mode forked the master).
+pub fn refresh_pid() {
+    if let Some(state) = lock().as_mut() {
+        state.pid = std::process::id();
+        if let Sink::Syslog(logger) = &mut state.sink {
+            logger.formatter.pid = state.pid;
+        }
+    }
+}
+
 /// Marks this process as a worker (call right after `fork(2)`, in the child).
 pub fn set_worker(slot: usize, generation: u64) {
     if let Some(state) = lock().as_mut() {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 use preforkd::cli::{Cli, Command};
+use preforkd::config::LogTarget;
+use preforkd::daemonize::{self, Side};
 use preforkd::exit::ExitStatus;
 use preforkd::master::Invocation;
 use preforkd::{config, control, logging, master};
@@ -27,7 +29,7 @@ fn main() -> ExitCode {
     if command != Command::Run && command != Command::Check {
         return control::run(command, &cli.config).into();
     }
-    let config = match config::load(&cli.config) {
+    let mut config = match config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             // Printed plainly (not through the logger) so each problem is one clean line.
@@ -39,9 +41,30 @@ fn main() -> ExitCode {
         println!("{}: configuration OK", cli.config.display());
         return ExitStatus::Ok.into();
     }
+    config.daemon.daemonize |= cli.daemonize;
+    if config.daemon.daemonize && config.log.target == LogTarget::Stderr {
+        print_stderr("daemon mode has no stderr: set log.target to \"syslog\" or \"file\"");
+        return ExitStatus::Config.into();
+    }
     if let Err(error) = logging::apply(&config.log) {
         log::error!("{error}");
         return ExitStatus::Unavailable.into();
+    }
+    let mut ready_pipe = None;
+    // The new master of a binary upgrade is already detached: it is the old daemon's child.
+    let upgrading = std::env::var_os(preforkd::master::INHERITED_LISTENERS_ENV).is_some();
+    if config.daemon.daemonize && !upgrading {
+        match daemonize::daemonize() {
+            Ok(Side::Starter(status)) => return status.into(),
+            Ok(Side::Daemon(pipe)) => {
+                logging::refresh_pid();
+                ready_pipe = Some(pipe);
+            }
+            Err(error) => {
+                log::error!("could not daemonize: {error}");
+                return ExitStatus::OsErr.into();
+            }
+        }
     }
     let invocation = Invocation {
         // Resolved now, before an upgrade may replace the file: USR2 runs whatever is there.
@@ -49,7 +72,7 @@ fn main() -> ExitCode {
         args: std::env::args_os().collect(),
         config_path: std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone()),
     };
-    master::run(config, invocation).into()
+    master::run(config, invocation, ready_pipe).into()
 }
 
 fn print_stderr(text: &str) {

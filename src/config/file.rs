@@ -44,6 +44,16 @@ pub struct DaemonSection {
     pub worker_timeout: Option<Spanned<String>>,
     /// Draining generations allowed at once.
     pub max_draining_generations: Option<Spanned<i64>>,
+    /// User the workers run as (when started as root).
+    pub user: Option<Spanned<String>>,
+    /// Group the workers run as (when started as root).
+    pub group: Option<Spanned<String>>,
+    /// Opt-in to workers running as root.
+    pub allow_root_workers: Option<Spanned<bool>>,
+    /// RLIMIT_NOFILE to set at start.
+    pub rlimit_nofile: Option<Spanned<i64>>,
+    /// Detach from the terminal (classic daemon mode).
+    pub daemonize: Option<Spanned<bool>>,
 }
 
 /// `[log]` as written in the file.
@@ -96,6 +106,11 @@ pub const KEYS: &[&str] = &[
     "daemon.pid_file",
     "daemon.worker_timeout",
     "daemon.max_draining_generations",
+    "daemon.user",
+    "daemon.group",
+    "daemon.allow_root_workers",
+    "daemon.rlimit_nofile",
+    "daemon.daemonize",
     "log.target",
     "log.level",
     "log.access_log",

@@ -61,6 +61,20 @@ pub struct DaemonConfig {
     /// Generations that may be draining after reloads at once; a reload beyond it stops the
     /// oldest draining generation fast. Default 4, from 1 to 16.
     pub max_draining_generations: NonZeroUsize,
+    /// User the workers switch to (setgroups, setgid, setuid) when the master runs as root;
+    /// ignored, with a warning, otherwise. Default: none.
+    pub user: Option<String>,
+    /// Group the workers switch to; default: the user's primary group.
+    pub group: Option<String>,
+    /// Lets workers run as root when the master does and no `user` is set; without it, that
+    /// is a startup error. Default `false`.
+    pub allow_root_workers: bool,
+    /// RLIMIT_NOFILE (soft and hard) to set at start; `None` (written 0, the default) keeps
+    /// the inherited limit.
+    pub rlimit_nofile: Option<u64>,
+    /// Detach (double fork, setsid, chdir /, stdio to /dev/null) once ready; the starting
+    /// process exits with the daemon's startup status. Default `false` (foreground).
+    pub daemonize: bool,
 }
 
 /// `[log]`: log target and verbosity.
@@ -141,10 +155,37 @@ impl ListenerConfig {
 /// # Errors
 /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
 /// problem found otherwise.
+///
+/// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
+/// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let source = fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse(path, &source)
+    let mut config = parse(path, &source)?;
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    config.resolve_paths(&base);
+    Ok(config)
+}
+
+impl Config {
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        if let Some(path) = self.daemon.pid_file.as_mut() {
+            resolve(path);
+        }
+        match &mut self.log.target {
+            LogTarget::File(path) | LogTarget::Syslog { socket: Some(path), .. } => resolve(path),
+            _ => {}
+        }
+    }
 }
 
 /// Validates configuration `source`; `path` only labels the problems.

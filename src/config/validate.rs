@@ -200,6 +200,24 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         DEFAULT_MAX_DRAINING_GENERATIONS as i64,
     ) as usize;
 
+    let user = daemon_section.user.as_ref().map(|u| u.get_ref().clone());
+    let group = daemon_section.group.as_ref().map(|g| g.get_ref().clone());
+    for (value, key) in
+        [(&daemon_section.user, "daemon.user"), (&daemon_section.group, "daemon.group")]
+    {
+        if let Some(value) = value
+            && value.get_ref().is_empty()
+        {
+            check.report(value.span(), key, "must be a name or number, not empty");
+        }
+    }
+    let allow_root_workers =
+        daemon_section.allow_root_workers.as_ref().is_some_and(|v| *v.get_ref());
+    let rlimit_nofile =
+        check.integer(daemon_section.rlimit_nofile.as_ref(), "daemon.rlimit_nofile", 0, 1 << 30, 0)
+            as u64;
+    let daemonize = daemon_section.daemonize.as_ref().is_some_and(|v| *v.get_ref());
+
     let target = check.string(
         log_section.target.as_ref(),
         "log.target",
@@ -285,6 +303,14 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         );
     }
 
+    if daemonize && log.target == LogTarget::Stderr {
+        let span = daemon_section.daemonize.as_ref().map_or(0..0, Spanned::span);
+        check.report(
+            span,
+            "daemon.daemonize",
+            "a daemon has no stderr: set log.target to \"syslog\" or \"file\"",
+        );
+    }
     if !check.issues.is_empty() {
         return None;
     }
@@ -296,6 +322,11 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
             pid_file,
             worker_timeout: Some(worker_timeout).filter(|d| !d.is_zero()),
             max_draining_generations: NonZeroUsize::new(max_draining_generations)?,
+            user,
+            group,
+            allow_root_workers,
+            rlimit_nofile: Some(rlimit_nofile).filter(|n| *n > 0),
+            daemonize,
         },
         log,
         listeners,

@@ -25,11 +25,14 @@ mod spawn;
 pub mod table;
 mod upgrade;
 
+pub use upgrade::INHERITED_LISTENERS_ENV;
+
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
+use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::io;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,16 +41,19 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, Uid};
 use thiserror::Error;
 
+use crate::activation;
 use crate::config::{Config, LogTarget};
 use crate::exit::ExitStatus;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
 use crate::logging;
 use crate::pidfile::{PidFile, PidFileError};
+use crate::privileges::{self, Credentials, PrivilegeError};
 use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState};
+use crate::sdnotify::Notifier;
 use crate::signals::{MASTER_SIGNALS, Signals};
 use table::{Role, WorkerExit, WorkerSlot, classify};
 
@@ -80,6 +86,17 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("could not install signal handlers: {0}")]
     Signals(io::Error),
+    /// The worker user or group cannot be used.
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    /// Started as root without `daemon.user` and without `allow_root_workers`.
+    #[error(
+        "the master runs as root and workers would too: set daemon.user (e.g. \"nobody\"), or allow_root_workers = true"
+    )]
+    RootWorkers,
+    /// A socket passed by systemd matches no listener, or the variables are malformed.
+    #[error("socket activation: {0}")]
+    Activation(String),
     /// The first workers could not be forked.
     #[error("could not fork worker {slot}: {source}")]
     Fork {
@@ -98,6 +115,9 @@ impl StartError {
             StartError::Bind(_) | StartError::PidFile(PidFileError::Running { .. }) => {
                 ExitStatus::Unavailable
             }
+            StartError::Privileges(PrivilegeError::Unknown { .. })
+            | StartError::RootWorkers
+            | StartError::Activation(_) => ExitStatus::Config,
             _ => ExitStatus::OsErr,
         }
     }
@@ -146,25 +166,98 @@ pub struct Master {
     paused: bool,
     status: ExitStatus,
     random: RandomState,
+    /// The user workers switch to, when the master runs as root.
+    credentials: Option<Credentials>,
+    /// How often workers beat their heartbeat (from `worker_timeout` and the watchdog).
+    heartbeat: Option<Duration>,
+    notifier: Notifier,
+    /// Until the first generation is ready: then READY=1 goes to systemd and a byte to the
+    /// process that daemonized us.
+    starting: bool,
+    ready_pipe: Option<File>,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
 ///
 /// A startup failure is also written to stderr when logs go elsewhere, so whoever started
 /// the daemon sees why it did not start.
-pub fn run(config: Config, invocation: Invocation) -> ExitStatus {
+///
+/// `ready_pipe` (daemon mode) gets one byte once the first generation is ready: 0, or the
+/// exit status if startup failed.
+pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>) -> ExitStatus {
     let logs_elsewhere = config.log.target != LogTarget::Stderr;
-    match Master::start(config, invocation) {
+    match Master::start(config, invocation, &mut ready_pipe) {
         Ok(mut master) => master.supervise(),
         Err(error) => {
             log::error!("{error}");
             if logs_elsewhere {
-                use std::io::Write;
                 let _ = writeln!(io::stderr(), "preforkd: {error}");
             }
-            error.exit_status()
+            let status = error.exit_status();
+            if let Some(mut pipe) = ready_pipe {
+                let _ = pipe.write_all(&[status as u8]);
+            }
+            status
         }
     }
+}
+
+/// Worker credentials for `config` in a master whose effective user is `euid`.
+fn worker_credentials(config: &Config, euid: Uid) -> Result<Option<Credentials>, StartError> {
+    let daemon = &config.daemon;
+    match (&daemon.user, euid.is_root()) {
+        (Some(user), true) => Ok(Some(Credentials::resolve(user, daemon.group.as_deref())?)),
+        (None, true) if daemon.allow_root_workers => Ok(None),
+        (None, true) => Err(StartError::RootWorkers),
+        (Some(user), false) => {
+            log::warn!(
+                "not running as root: daemon.user = {user:?} is ignored, workers run as uid {euid}"
+            );
+            Ok(None)
+        }
+        (None, false) => Ok(None),
+    }
+}
+
+/// Binds or adopts every configured listener: a socket handed over by an old master (binary
+/// upgrade, by configured address) or by systemd (by name, else by bound address) is
+/// adopted; the others are bound.
+fn open_listeners(
+    config: &Config,
+    ids: &mut HashMap<String, u16>,
+) -> Result<Vec<Listener>, StartError> {
+    let mut inherited = upgrade::take_inherited_listeners();
+    let mut activated = activation::take().map_err(StartError::Activation)?;
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        let id = listener_id(ids, &listener.name);
+        let by_name = activated.iter().position(|p| p.name.as_deref() == Some(&listener.name));
+        let by_address = || activated.iter().position(|p| p.address == Some(listener.address));
+        let (bound, how) = if let Some(fd) = inherited.remove(&listener.address.to_string()) {
+            (Listener::adopt(listener, id, fd)?, "inherited from the old master")
+        } else if let Some(index) = by_name.or_else(by_address) {
+            let passed = activated.remove(index);
+            (Listener::adopt(listener, id, passed.fd)?, "passed by systemd")
+        } else {
+            (Listener::bind(listener, id)?, "bound")
+        };
+        log::info!(
+            "listener {} ({}) listening on {}, backlog {} ({how})",
+            bound.config.name,
+            bound.config.service,
+            bound.local_addr,
+            bound.config.backlog
+        );
+        listeners.push(bound);
+    }
+    if let Some(extra) = activated.first() {
+        return Err(StartError::Activation(format!(
+            "a passed socket (name {:?}, address {:?}) matches no [[listener]] by name or address",
+            extra.name.as_deref().unwrap_or("none"),
+            extra.address
+        )));
+    }
+    Ok(listeners)
 }
 
 impl Master {
@@ -174,27 +267,23 @@ impl Master {
     ///
     /// # Errors
     /// [`StartError`]; nothing stays bound and no worker stays running.
-    pub fn start(config: Config, invocation: Invocation) -> Result<Self, StartError> {
+    pub fn start(
+        config: Config,
+        invocation: Invocation,
+        ready_pipe: &mut Option<File>,
+    ) -> Result<Self, StartError> {
         let pid = nix::unistd::getpid();
-        let mut listener_ids = HashMap::new();
-        let mut inherited = upgrade::take_inherited_listeners();
-        let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            let id = listener_id(&mut listener_ids, &listener.name);
-            let bound = match inherited.remove(&listener.address.to_string()) {
-                Some(fd) => Listener::adopt(listener, id, fd)?,
-                None => Listener::bind(listener, id)?,
-            };
-            log::info!(
-                "listener {} ({}) listening on {}, backlog {}",
-                bound.config.name,
-                bound.config.service,
-                bound.local_addr,
-                bound.config.backlog
-            );
-            listeners.push(bound);
+        if let Some(limit) = config.daemon.rlimit_nofile {
+            match privileges::set_nofile(limit) {
+                Ok(()) => log::info!("RLIMIT_NOFILE set to {limit}"),
+                Err(error) => log::warn!("{error}"),
+            }
         }
-        drop(inherited);
+        let credentials = worker_credentials(&config, nix::unistd::geteuid())?;
+        let mut listener_ids = HashMap::new();
+        let listeners = open_listeners(&config, &mut listener_ids)?;
+        let notifier = Notifier::from_env();
+        let heartbeat = heartbeat_interval(config.daemon.worker_timeout, notifier.watchdog());
         let workers = config.daemon.workers.get();
         let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
@@ -230,6 +319,11 @@ impl Master {
             paused: false,
             status: ExitStatus::Ok,
             random: RandomState::new(),
+            credentials,
+            heartbeat,
+            notifier,
+            starting: true,
+            ready_pipe: None,
         };
         let now = Instant::now();
         for slot in 0..workers {
@@ -241,7 +335,64 @@ impl Master {
             }
         }
         log::info!("master started: {workers} workers, generation {}", master.generation);
+        master.ready_pipe = ready_pipe.take();
         Ok(master)
+    }
+
+    /// One line for systemd's STATUS=: generation, workers, open connections.
+    fn status_line(&self) -> String {
+        let open: u64 =
+            self.scoreboard.slots().iter().map(|s| s.open.load(Ordering::Relaxed)).sum();
+        format!(
+            "generation {}, {} workers, {open} connections",
+            self.generation,
+            self.serving_count()
+        )
+    }
+
+    /// Ready: every listener bound and every worker of the serving generation accepting.
+    fn pool_ready(&self) -> bool {
+        let generation = self.generation;
+        let mut wanted = 0;
+        let mut ready = 0;
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.role == Role::Serving && slot.generation == generation {
+                wanted += 1;
+                if slot.pid.is_some() && self.scoreboard.slot(index).state() == SlotState::Ready {
+                    ready += 1;
+                }
+            }
+        }
+        wanted > 0 && ready == wanted
+    }
+
+    /// Healthy for the watchdog: some worker accepts and no live worker's heartbeat is stale.
+    fn pool_healthy(&self) -> bool {
+        let Some(beat) = self.heartbeat else { return true };
+        let stale = (beat * 3).max(Duration::from_secs(1)).as_millis() as u64;
+        let now = scoreboard::monotonic_ms();
+        let mut accepting = false;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let score = self.scoreboard.slot(index);
+            if slot.pid.is_none() || score.state() == SlotState::Booting {
+                continue;
+            }
+            if now.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)) > stale {
+                return false;
+            }
+            accepting |= score.state() == SlotState::Ready;
+        }
+        accepting
+    }
+
+    fn announce_ready(&mut self) {
+        self.starting = false;
+        let status = self.status_line();
+        log::info!("ready: {status}");
+        self.notifier.ready(&status);
+        if let Some(mut pipe) = self.ready_pipe.take() {
+            let _ = pipe.write_all(&[ExitStatus::Ok as u8]);
+        }
     }
 
     /// The supervision loop; returns when every worker is gone after a stop.
@@ -307,6 +458,10 @@ impl Master {
                     // Readiness is polled from the scoreboard while a reload starts.
                     deadlines.push(transition.deadline.min(now + Duration::from_millis(20)));
                 }
+                if self.starting {
+                    deadlines.push(now + Duration::from_millis(20));
+                }
+                deadlines.extend(self.notifier.next_ping(now));
                 if let Some(timeout) = self.config.daemon.worker_timeout
                     && self.live_workers() > 0
                 {
@@ -457,6 +612,7 @@ impl Master {
             Phase::Running => now + FAST_STOP_GRACE,
         };
         log::info!("fast stop ({why}): stopping {} workers", self.live_workers());
+        self.notifier.stopping();
         self.phase = Phase::Stopping { graceful: false, kill_at, killed: false };
         self.close_listeners();
         self.signal_workers(Signal::SIGTERM);
@@ -468,6 +624,7 @@ impl Master {
             "graceful stop (SIGQUIT): {} workers finish open exchanges, {timeout:?} at most",
             self.live_workers()
         );
+        self.notifier.stopping();
         self.phase =
             Phase::Stopping { graceful: true, kill_at: Instant::now() + timeout, killed: false };
         // Close the master's listening sockets; workers close theirs as they stop accepting.
@@ -592,6 +749,13 @@ impl Master {
             }
             Phase::Stopping { .. } => return,
         }
+        if self.starting && self.pool_ready() {
+            self.announce_ready();
+        }
+        if self.notifier.next_ping(now).is_some_and(|at| now >= at) {
+            let (healthy, status) = (self.pool_healthy(), self.status_line());
+            self.notifier.ping(now, healthy, &status);
+        }
         self.check_transition(now);
         self.check_heartbeats(now);
         for slot in 0..self.slots.len() {
@@ -669,6 +833,22 @@ impl Master {
             }
         }
     }
+}
+
+/// How often workers beat: a third of `worker_timeout` and a quarter of the systemd
+/// watchdog interval, whichever is shorter; `None` when neither is set (workers then only
+/// wake for their own deadlines).
+fn heartbeat_interval(
+    worker_timeout: Option<Duration>,
+    watchdog: Option<Duration>,
+) -> Option<Duration> {
+    let from_timeout = worker_timeout.map(|t| t / 3);
+    let from_watchdog = watchdog.map(|w| w / 4);
+    let beat = match (from_timeout, from_watchdog) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    beat.map(|b| b.max(Duration::from_millis(100)))
 }
 
 /// The stable id of listener `name`, assigned on first sight.

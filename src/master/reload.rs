@@ -50,15 +50,14 @@ impl Master {
             self.fill_pool(Instant::now());
             return;
         }
+        self.notifier.reloading();
         let path = self.invocation.config_path.clone();
         log::info!("reloading {}", path.display());
-        let new = match config::load(&path) {
+        let new = match config::load(&path).map_err(|e| e.to_string()).and_then(|c| self.checked(c))
+        {
             Ok(new) => new,
-            Err(error) => return self.reload_failed(&error.to_string()),
+            Err(reason) => return self.reload_failed(&reason),
         };
-        if let Err(reason) = self.restart_only_changes(&new) {
-            return self.reload_failed(&reason);
-        }
         let free = self.slots.iter().filter(|s| s.role == Role::Free && s.pid.is_none()).count();
         let wanted = new.daemon.workers.get();
         if free < wanted {
@@ -117,6 +116,23 @@ impl Master {
                 return self.rollback(&format!("could not fork a worker: {error}"));
             }
         }
+    }
+
+    /// `new` if it can be applied by a reload: settings that size shared memory, name files or
+    /// set process credentials cannot change without a restart.
+    fn checked(&self, new: Config) -> Result<Config, String> {
+        let restart = |key: &str| Err(format!("daemon.{key} cannot change without a restart"));
+        let (old, fresh) = (&self.config.daemon, &new.daemon);
+        if (&old.user, &old.group, old.allow_root_workers)
+            != (&fresh.user, &fresh.group, fresh.allow_root_workers)
+        {
+            return restart("user, group or allow_root_workers");
+        }
+        if old.daemonize != fresh.daemonize || old.rlimit_nofile != fresh.rlimit_nofile {
+            return restart("daemonize or rlimit_nofile");
+        }
+        self.restart_only_changes(&new)?;
+        Ok(new)
     }
 
     /// Settings that size shared memory or name files cannot change without a restart.
@@ -182,6 +198,8 @@ impl Master {
             self.generation,
             old.len()
         );
+        let status = self.status_line();
+        self.notifier.ready(&status);
         self.enforce_draining_cap(now, self.config.daemon.max_draining_generations.get());
         if std::mem::take(&mut self.reload_queued) {
             self.handle_reload();
@@ -243,6 +261,8 @@ impl Master {
         }
         self.scoreboard.set_message(reason);
         self.scoreboard.header().reloads_failed.fetch_add(1, Ordering::Release);
+        let status = format!("{}; last reload failed", self.status_line());
+        self.notifier.ready(&status);
     }
 
     /// Stops the oldest draining generations fast while more than `max` are draining.

@@ -31,6 +31,7 @@ impl Master {
                 // file (dropping our copy in the child leaves the file alone).
                 self.transition = None;
                 self.pidfile = None;
+                self.ready_pipe = None;
                 let context = WorkerContext {
                     slot,
                     generation: self.generation,
@@ -39,6 +40,8 @@ impl Master {
                     limits: &self.limits,
                     scoreboard: &self.scoreboard,
                     master: self.pid,
+                    credentials: self.credentials.clone(),
+                    heartbeat: self.heartbeat,
                 };
                 let status = worker::run(context, &mut self.signals);
                 std::process::exit(status);

@@ -39,6 +39,7 @@ use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
 use crate::poller::{Event, Interest, Poller, SelectPoller};
+use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
 use crate::services::Progress;
 use crate::signals::{self, MASTER_SIGNALS, Signals};
@@ -58,9 +59,6 @@ pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// flight while the window reopens); a keep-alive client that pauses between exchanges is
 /// closed in its first pause this long.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
-
-/// Shortest interval between heartbeats, whatever `worker_timeout` says.
-const MIN_BEAT: Duration = Duration::from_millis(100);
 
 /// Longest a lingering close waits for the client's FIN.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +87,10 @@ pub struct WorkerContext<'a> {
     pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
     pub master: Pid,
+    /// The user and group to switch to before serving (`None`: keep the master's).
+    pub credentials: Option<Credentials>,
+    /// How often to beat the heartbeat even when idle (`None`: only on activity).
+    pub heartbeat: Option<Duration>,
 }
 
 /// Runs a worker until it stops; returns its exit status ([`WORKER_EXIT_OK`], or
@@ -134,6 +136,11 @@ impl<'a> Worker<'a> {
             // The master died before PR_SET_PDEATHSIG was in place.
             return Err(io::Error::other("the master exited while this worker started"));
         }
+        if let Some(credentials) = &context.credentials {
+            credentials.apply().map_err(|e| {
+                io::Error::other(format!("switching to user {}: {e}", credentials.user))
+            })?;
+        }
         let mut poller = SelectPoller::new();
         poller.set(signals.raw_fd(), Interest::READ)?;
         let ledger = context.limits.ledger(context.slot);
@@ -171,9 +178,7 @@ impl<'a> Worker<'a> {
             self.score().beat();
             let deadline = self.next_deadline();
             let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
-            let heartbeat =
-                self.context.config.daemon.worker_timeout.map(|t| (t / 3).max(MIN_BEAT));
-            if let Some(beat) = heartbeat {
+            if let Some(beat) = self.context.heartbeat {
                 // Wake up often enough to prove to the master that this loop still turns.
                 timeout = Some(timeout.map_or(beat, |t| t.min(beat)));
             }

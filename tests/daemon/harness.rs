@@ -43,7 +43,7 @@ pub struct Daemon {
 /// A config with `workers` workers and one echo listener on 127.0.0.1:0 with `policy` lines.
 pub fn echo_config(workers: usize, daemon_extra: &str, policy: &str) -> String {
     format!(
-        "[daemon]\nworkers = {workers}\ngraceful_timeout = \"10s\"\n{daemon_extra}\n\
+        "[daemon]\nworkers = {workers}\ngraceful_timeout = \"10s\"\nallow_root_workers = true\n{daemon_extra}\n\
          [log]\nlevel = \"debug\"\naccess_log = true\n\
          [[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n{policy}\n"
     )
