@@ -17,12 +17,18 @@ pub struct Notifier {
     watchdog: Option<Duration>,
     last_ping: Option<Instant>,
     warned: bool,
+    unhealthy: bool,
 }
 
 impl Notifier {
     /// Reads `WATCHDOG_USEC`/`WATCHDOG_PID` from the environment.
     pub fn from_env() -> Self {
-        Notifier { watchdog: sd_notify::watchdog_enabled(), last_ping: None, warned: false }
+        Notifier {
+            watchdog: sd_notify::watchdog_enabled(),
+            last_ping: None,
+            warned: false,
+            unhealthy: false,
+        }
     }
 
     /// The watchdog interval systemd asked for, if any.
@@ -57,7 +63,8 @@ impl Notifier {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
 
-    /// When the next watchdog ping is due, if the watchdog is on.
+    /// When the next watchdog ping is due, if the watchdog is on. (systemd enforces the
+    /// watchdog once the service is ready; the master starts pinging then.)
     pub fn next_ping(&self, now: Instant) -> Option<Instant> {
         let interval = self.watchdog? / 2;
         Some(self.last_ping.map_or(now, |last| last + interval))
@@ -68,8 +75,11 @@ impl Notifier {
     pub fn ping(&mut self, now: Instant, healthy: bool, status: &str) {
         self.last_ping = Some(now);
         if healthy {
+            if std::mem::take(&mut self.unhealthy) {
+                log::warn!("worker pool healthy again: pinging the systemd watchdog");
+            }
             self.send(&[NotifyState::Watchdog, NotifyState::Status(status)]);
-        } else {
+        } else if !std::mem::replace(&mut self.unhealthy, true) {
             log::error!(
                 "worker pool unhealthy (stale heartbeats): not pinging the systemd watchdog"
             );

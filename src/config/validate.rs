@@ -355,12 +355,13 @@ fn validate_listener(
     let service_text = required(check, section.service.as_ref(), "service");
 
     if let (Some(name), Some(value)) = (&name, &section.name)
-        && (name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+        && (name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
         check.report(
             value.span(),
             key("name"),
-            "must be non-empty, without spaces or control characters",
+            "must be non-empty ASCII letters, digits, '-', '_' or '.' (it names the socket for systemd and upgrades)",
         );
     }
     let address = match (&address_text, &section.address) {

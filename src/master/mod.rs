@@ -220,8 +220,8 @@ fn worker_credentials(config: &Config, euid: Uid) -> Result<Option<Credentials>,
 }
 
 /// Binds or adopts every configured listener: a socket handed over by an old master (binary
-/// upgrade, by configured address) or by systemd (by name, else by bound address) is
-/// adopted; the others are bound.
+/// upgrade, by listener name) or by systemd (by name, else by bound address) is adopted;
+/// the others are bound.
 fn open_listeners(
     config: &Config,
     ids: &mut HashMap<String, u16>,
@@ -233,8 +233,15 @@ fn open_listeners(
         let id = listener_id(ids, &listener.name);
         let by_name = activated.iter().position(|p| p.name.as_deref() == Some(&listener.name));
         let by_address = || activated.iter().position(|p| p.address == Some(listener.address));
-        let (bound, how) = if let Some(fd) = inherited.remove(&listener.address.to_string()) {
-            (Listener::adopt(listener, id, fd)?, "inherited from the old master")
+        let (bound, how) = if let Some(fd) = inherited.remove(&listener.name) {
+            let adopted = Listener::adopt(listener, id, fd)?;
+            let moved = listener.address.port() != 0 && adopted.local_addr != listener.address;
+            if moved {
+                // The configuration changed the address since: bind the new one instead.
+                (Listener::bind(listener, id)?, "bound: the inherited socket is on another address")
+            } else {
+                (adopted, "inherited from the old master")
+            }
         } else if let Some(index) = by_name.or_else(by_address) {
             let passed = activated.remove(index);
             (Listener::adopt(listener, id, passed.fd)?, "passed by systemd")
@@ -461,7 +468,9 @@ impl Master {
                 if self.starting {
                     deadlines.push(now + Duration::from_millis(20));
                 }
-                deadlines.extend(self.notifier.next_ping(now));
+                if !self.starting {
+                    deadlines.extend(self.notifier.next_ping(now));
+                }
                 if let Some(timeout) = self.config.daemon.worker_timeout
                     && self.live_workers() > 0
                 {
@@ -752,7 +761,7 @@ impl Master {
         if self.starting && self.pool_ready() {
             self.announce_ready();
         }
-        if self.notifier.next_ping(now).is_some_and(|at| now >= at) {
+        if !self.starting && self.notifier.next_ping(now).is_some_and(|at| now >= at) {
             let (healthy, status) = (self.pool_healthy(), self.status_line());
             self.notifier.ping(now, healthy, &status);
         }

@@ -66,24 +66,33 @@ impl Master {
             ));
         }
         let mut listeners = Vec::with_capacity(new.listeners.len());
+        let mut reused = vec![false; self.listeners.len()];
         for config in &new.listeners {
             let id = listener_id(&mut self.listener_ids, &config.name);
-            let prepared = match self.listeners.iter().find(|l| l.config.address == config.address)
-            {
-                Some(current) => current.reuse(config, id),
-                None => Listener::bind(config, id),
+            // The same name and address keeps its socket; so does a renamed listener on an
+            // address nothing else took. A port-0 address only matches by name: two of them
+            // are two different sockets.
+            let same = |l: &Listener| l.config.address == config.address;
+            let by_name = (0..self.listeners.len()).find(|&i| {
+                !reused[i]
+                    && same(&self.listeners[i])
+                    && self.listeners[i].config.name == config.name
+            });
+            let by_address = || {
+                (0..self.listeners.len())
+                    .find(|&i| !reused[i] && same(&self.listeners[i]) && config.address.port() != 0)
+            };
+            let prepared = match by_name.or_else(by_address) {
+                Some(index) => {
+                    reused[index] = true;
+                    self.listeners[index].reuse(config, id)
+                }
+                None => Listener::bind(config, id).inspect(|listener| {
+                    log::info!("listener {} now listening on {}", config.name, listener.local_addr);
+                }),
             };
             match prepared {
-                Ok(listener) => {
-                    if !self.listeners.iter().any(|l| l.config.address == config.address) {
-                        log::info!(
-                            "listener {} now listening on {}",
-                            config.name,
-                            listener.local_addr
-                        );
-                    }
-                    listeners.push(listener);
-                }
+                Ok(listener) => listeners.push(listener),
                 Err(error) => return self.reload_failed(&error.to_string()),
             }
         }

@@ -3,9 +3,9 @@
 //! The master forks a child that executes the binary again (the path resolved at start, so a
 //! new file installed there is what runs) with the same arguments, handing over the listening
 //! sockets by descriptor inheritance: their numbers are in [`INHERITED_LISTENERS_ENV`] as
-//! `ADDRESS=FD` pairs separated by `;`, where ADDRESS is the configured address. The old
-//! master renames its pid file and scoreboard to `*.oldbin` and keeps serving; the new master
-//! adopts the sockets of listeners whose configured address matches, binds the others, and
+//! `NAME=FD` pairs separated by `;`, NAME being the listener's name. The old master renames
+//! its pid file and scoreboard to `*.oldbin` and keeps serving; the new master adopts the
+//! socket of each listener whose name and configured address match, binds the others, and
 //! writes the pid file. The operator then sends WINCH and QUIT to the old master (or, to
 //! roll back, HUP to the old master and QUIT to the new one). If the new master exits while
 //! the old one lives, the old one takes its pid file back and goes on as before.
@@ -35,7 +35,7 @@ pub fn oldbin(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Takes the listening sockets handed over by an old master, by configured address, and
+/// Takes the listening sockets handed over by an old master, by listener name, and
 /// removes the variable so that no later child sees it. Entries that do not name an open
 /// socket are ignored (logged).
 pub fn take_inherited_listeners() -> HashMap<String, OwnedFd> {
@@ -45,7 +45,7 @@ pub fn take_inherited_listeners() -> HashMap<String, OwnedFd> {
     unsafe { std::env::remove_var(INHERITED_LISTENERS_ENV) };
     let mut sockets = HashMap::new();
     for entry in value.to_string_lossy().split(';').filter(|e| !e.is_empty()) {
-        let Some((address, fd)) = entry.rsplit_once('=') else { continue };
+        let Some((name, fd)) = entry.rsplit_once('=') else { continue };
         let Ok(fd) = fd.parse::<RawFd>() else { continue };
         let is_socket = fd > 2
             && fstat(unsafe_borrow(fd)).is_ok_and(|st| {
@@ -53,15 +53,15 @@ pub fn take_inherited_listeners() -> HashMap<String, OwnedFd> {
             });
         if !is_socket {
             log::warn!(
-                "{INHERITED_LISTENERS_ENV}: descriptor {fd} for {address} is not an open socket; ignored"
+                "{INHERITED_LISTENERS_ENV}: descriptor {fd} for listener {name} is not an open socket; ignored"
             );
             continue;
         }
         // SAFETY: the old master put this descriptor in our environment for us to take, and
         // fstat just showed it is an open socket that nothing else in this process owns.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        log::info!("binary upgrade: adopting the socket of {address} (descriptor {fd})");
-        sockets.insert(address.to_owned(), owned);
+        log::info!("binary upgrade: adopting the socket of listener {name} (descriptor {fd})");
+        sockets.insert(name.to_owned(), owned);
     }
     sockets
 }
@@ -110,7 +110,7 @@ impl Master {
                 log::error!("binary upgrade: cannot hand over {}: {error}", listener.local_addr);
                 std::process::exit(crate::exit::ExitStatus::OsErr as i32);
             }
-            handover.push_str(&format!("{}={};", listener.config.address, listener.as_raw_fd()));
+            handover.push_str(&format!("{}={};", listener.config.name, listener.as_raw_fd()));
         }
         // SAFETY: this forked child is single-threaded and about to exec.
         unsafe { std::env::set_var(INHERITED_LISTENERS_ENV, &handover) };

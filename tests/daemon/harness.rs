@@ -70,11 +70,31 @@ impl Daemon {
     /// Starts the daemon with `env` added to its environment. In `config`, `@DIR@` stands
     /// for the daemon's temporary directory (for pid and log files).
     pub fn launch(config: &str, nofile: Option<u64>, env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon::spawn(&[], config, nofile, env);
+        daemon.wait_started();
+        daemon
+    }
+
+    /// Spawns the daemon behind `wrapper` (a command that execs the rest of its arguments,
+    /// such as `systemd-socket-activate -l ...`), without waiting for it to start.
+    pub fn spawn(
+        wrapper: &[&str],
+        config: &str,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("preforkd.toml");
         let config = config.replace("@DIR@", dir.path().to_str().unwrap());
         std::fs::write(&config_path, config).expect("write config");
-        let mut command = Command::new(BINARY);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BINARY);
+                command
+            }
+            None => Command::new(BINARY),
+        };
         command
             .arg("-c")
             .arg(&config_path)
@@ -109,7 +129,12 @@ impl Daemon {
             state.lock().unwrap().closed = true;
             changed.notify_all();
         });
-        let mut daemon = Daemon { child, log, dir, config_path, addrs: Vec::new() };
+        Daemon { child, log, dir, config_path, addrs: Vec::new() }
+    }
+
+    /// Waits until the master reports every worker started, and learns the addresses.
+    pub fn wait_started(&mut self) {
+        let daemon = self;
         let started = daemon.wait_for_log("master started", |l| l.contains("master started:"));
         let workers: usize = started
             .split("master started: ")
@@ -128,7 +153,6 @@ impl Daemon {
             .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
             .collect();
         assert!(!daemon.addrs.is_empty(), "no listener address in the log");
-        daemon
     }
 
     /// The daemon's temporary directory (`@DIR@` in its configuration).

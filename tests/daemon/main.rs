@@ -10,4 +10,5 @@ mod limits;
 mod resources;
 mod supervision;
 mod syslog;
+mod systemd;
 mod upgrade;

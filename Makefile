@@ -1,0 +1,39 @@
+# Install preforkd: `make install` (PREFIX=/usr/local), or `make install PREFIX=/usr
+# DESTDIR=/tmp/root` to stage a package. The configuration goes to /etc/preforkd (kept if
+# present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR).
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+BINDIR := $(PREFIX)/bin
+MANDIR := $(PREFIX)/share/man
+UNITDIR := $(PREFIX)/lib/systemd/system
+CARGO ?= cargo
+
+.PHONY: all build install uninstall
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+install: build
+	install -Dm755 target/release/preforkd $(DESTDIR)$(BINDIR)/preforkd
+	install -Dm644 man/preforkd.8 $(DESTDIR)$(MANDIR)/man8/preforkd.8
+	install -Dm644 man/preforkd.toml.5 $(DESTDIR)$(MANDIR)/man5/preforkd.toml.5
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e 's#/usr/bin/preforkd#$(BINDIR)/preforkd#g' -e 's#/etc/preforkd/#$(SYSCONFDIR)/preforkd/#g' \
+		systemd/preforkd.service > $(DESTDIR)$(UNITDIR)/preforkd.service
+	install -m644 systemd/preforkd.socket $(DESTDIR)$(UNITDIR)/preforkd.socket
+	install -Dm644 config/logrotate.d/preforkd $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
+	sed -i -e 's#/usr/bin/preforkd#$(BINDIR)/preforkd#g' -e 's#/etc/preforkd/#$(SYSCONFDIR)/preforkd/#g' \
+		$(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
+	install -d $(DESTDIR)$(SYSCONFDIR)/preforkd
+	test -e $(DESTDIR)$(SYSCONFDIR)/preforkd/preforkd.toml || \
+		sed 's#^pid_file = .*#pid_file = "/run/preforkd/preforkd.pid"#' config/preforkd.toml \
+		> $(DESTDIR)$(SYSCONFDIR)/preforkd/preforkd.toml
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/preforkd $(DESTDIR)$(MANDIR)/man8/preforkd.8 \
+		$(DESTDIR)$(MANDIR)/man5/preforkd.toml.5 $(DESTDIR)$(UNITDIR)/preforkd.service \
+		$(DESTDIR)$(UNITDIR)/preforkd.socket $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
