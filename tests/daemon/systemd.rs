@@ -147,10 +147,13 @@ fn as_root_workers_run_as_nobody_and_root_workers_need_an_opt_in() {
     }
     let nobody =
         nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user").uid.as_raw();
-    let config =
-        controlled_config(2, "user = \"nobody\"", "").replace("allow_root_workers = true\n", "");
+    let config = controlled_config(2, "user = \"nobody\"\nrlimit_nofile = 4096", "")
+        .replace("allow_root_workers = true\n", "");
     let daemon = Daemon::start(&config);
     assert_eq!(uid_of(daemon.pid().as_raw()), 0, "the master keeps root");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(nofile.split_whitespace().collect::<Vec<_>>()[3..5], ["4096", "4096"], "{nofile}");
     for worker in daemon.worker_pids() {
         assert_eq!(uid_of(worker), nobody, "worker {worker}");
     }
