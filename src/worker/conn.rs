@@ -110,6 +110,11 @@ pub struct Conn {
     pub lingering: Option<(CloseReason, Instant)>,
     /// The interest registered with the poller.
     pub interest: Interest,
+    /// Unique among this worker's connections: tells a timer entry for this connection from
+    /// one for an earlier connection on the same descriptor.
+    pub serial: u64,
+    /// The earliest deadline this connection has in the worker's timer heap, if any.
+    pub scheduled: Option<Instant>,
 }
 
 impl Conn {

@@ -23,6 +23,8 @@
 
 pub mod conn;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -119,6 +121,13 @@ struct Worker<'a> {
     ledger: SlotLedger,
     /// Connections by descriptor number.
     conns: Vec<Option<Conn>>,
+    /// Connection deadlines, earliest first: (deadline, descriptor, connection serial).
+    /// Entries go stale when a connection's deadline moves later (activity) or it closes;
+    /// they are checked when they come due, so activity costs no heap operation.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    next_serial: u64,
+    /// Listeners found ready in the current turn (kept to avoid an allocation per turn).
+    ready_listeners: Vec<usize>,
     open: usize,
     accepting: bool,
     draining: bool,
@@ -158,6 +167,9 @@ impl<'a> Worker<'a> {
             poller,
             ledger,
             conns: Vec::new(),
+            timers: BinaryHeap::new(),
+            next_serial: 0,
+            ready_listeners: Vec::new(),
             open: 0,
             accepting: false,
             draining: false,
@@ -187,26 +199,26 @@ impl<'a> Worker<'a> {
                 return WORKER_RUNTIME_FAILURE;
             }
             let now = Instant::now();
-            let mut listeners_ready = Vec::new();
+            self.ready_listeners.clear();
             for event in &events {
                 if event.fd == self.signals.raw_fd() {
                     if let Some(status) = self.handle_signals(now) {
                         return status;
                     }
                 } else if let Some(index) = self.listener_index(event.fd) {
-                    listeners_ready.push(index);
+                    self.ready_listeners.push(index);
                 } else {
                     self.on_ready(*event, now);
                 }
             }
             // Accept last, so that no event of this round can refer to a reused descriptor.
-            for index in listeners_ready {
+            for i in 0..self.ready_listeners.len() {
                 if self.accepting {
-                    self.accept(index, now);
+                    self.accept(self.ready_listeners[i], now);
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                self.expire_idle(Instant::now());
+                self.expire(Instant::now());
             }
             if self.draining && self.open == 0 {
                 log::info!("graceful stop complete: no connection left");
@@ -241,9 +253,24 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
+    /// The earliest timer (possibly stale, which only means an early wake-up) or the end of
+    /// an accept pause.
     fn next_deadline(&self) -> Option<Instant> {
-        let conns = self.conns.iter().flatten().filter_map(|conn| self.deadline_of(conn));
-        conns.chain(self.accept_paused_until).min()
+        let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        timer.into_iter().chain(self.accept_paused_until).min()
+    }
+
+    /// Puts the connection's current deadline in the timer heap, unless an entry at least as
+    /// early is there already. Called whenever a deadline may have moved *earlier* (accept,
+    /// keep-alive, drain, lingering close); later moves need nothing.
+    fn schedule(&mut self, fd: usize) {
+        let Some(conn) = self.conns[fd].as_ref() else { return };
+        let Some(deadline) = self.deadline_of(conn) else { return };
+        let conn = self.conns[fd].as_mut().expect("checked above");
+        if conn.scheduled.is_none_or(|scheduled| deadline < scheduled) {
+            conn.scheduled = Some(deadline);
+            self.timers.push(Reverse((deadline, fd, conn.serial)));
+        }
     }
 
     fn deadline_of(&self, conn: &Conn) -> Option<Instant> {
@@ -303,9 +330,12 @@ impl<'a> Worker<'a> {
         log::info!("graceful stop: no longer accepting; {} connection(s) open", self.open);
         // Each connection closes once at rest and quiet (see `drain_deadline`); those already
         // quiet go on the next turn of the loop.
-        for conn in self.conns.iter_mut().flatten() {
-            if conn.lingering.is_none() {
-                conn.close_at_rest.get_or_insert(CloseReason::Shutdown);
+        for fd in 0..self.conns.len() {
+            if let Some(conn) = self.conns[fd].as_mut() {
+                if conn.lingering.is_none() {
+                    conn.close_at_rest.get_or_insert(CloseReason::Shutdown);
+                }
+                self.schedule(fd);
             }
         }
     }
@@ -409,7 +439,11 @@ impl<'a> Worker<'a> {
             close_at_rest: None,
             lingering: None,
             interest: Interest::READ,
+            serial: self.next_serial,
+            scheduled: None,
         });
+        self.next_serial += 1;
+        self.schedule(slot);
         self.open += 1;
         let score = self.score();
         score.accepted.fetch_add(1, Ordering::Relaxed);
@@ -455,6 +489,10 @@ impl<'a> Worker<'a> {
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
         }
+        if self.draining {
+            // At rest now, the quiet deadline may be sooner than anything scheduled.
+            self.schedule(fd);
+        }
         let Some(conn) = self.conns[fd].as_mut() else {
             return;
         };
@@ -484,10 +522,15 @@ impl<'a> Worker<'a> {
         let policy = &self.context.config.listeners[conn.listener];
         let Some(ticket) = &conn.ticket else {
             conn.kind = ConnKind::Long;
+            self.schedule(fd);
             return;
         };
         match self.context.limits.promote(ticket, policy.max_long_connections_per_client) {
-            Ok(true) => conn.kind = ConnKind::Long,
+            Ok(true) => {
+                conn.kind = ConnKind::Long;
+                // A long timeout shorter than the short one moves the deadline earlier.
+                self.schedule(fd);
+            }
             Ok(false) => {
                 conn.close_at_rest.get_or_insert(CloseReason::LongLimit);
             }
@@ -498,13 +541,26 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn expire_idle(&mut self, now: Instant) {
-        for fd in 0..self.conns.len() {
-            let Some(conn) = self.conns[fd].as_ref() else {
-                continue;
-            };
-            if self.deadline_of(conn).is_none_or(|deadline| now < deadline) {
-                continue;
+    /// Handles every timer that is due: idle timeouts, drain quiet periods, lingering closes.
+    fn expire(&mut self, now: Instant) {
+        while let Some(Reverse((at, fd, serial))) = self.timers.peek().copied() {
+            if at > now {
+                return;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) else { continue };
+            if conn.serial != serial || conn.scheduled != Some(at) {
+                continue; // stale: closed, reused, or superseded by an earlier entry
+            }
+            conn.scheduled = None;
+            let conn = self.conns[fd].as_ref().expect("checked above");
+            match self.deadline_of(conn) {
+                Some(deadline) if deadline <= now => {}
+                // Moved later (activity): due again then.
+                _ => {
+                    self.schedule(fd);
+                    continue;
+                }
             }
             if let Some((reason, _)) = conn.lingering {
                 self.finish(fd, reason, now);
@@ -535,6 +591,7 @@ impl<'a> Worker<'a> {
             conn.interest = Interest::READ;
             let _ = self.poller.set(fd as RawFd, Interest::READ);
         }
+        self.schedule(fd);
     }
 
     /// Closes the connection now: releases its per-client count and writes the access line.
