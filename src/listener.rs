@@ -146,6 +146,7 @@ mod tests {
             long_idle_timeout: None,
             max_connections_per_client: None,
             max_long_connections_per_client: None,
+            tcp_nodelay: true,
         }
     }
 

@@ -54,6 +54,8 @@ pub struct DaemonSection {
     pub rlimit_nofile: Option<Spanned<i64>>,
     /// Detach from the terminal (classic daemon mode).
     pub daemonize: Option<Spanned<bool>>,
+    /// Readiness backend: select, poll or epoll.
+    pub event_backend: Option<Spanned<String>>,
 }
 
 /// `[log]` as written in the file.
@@ -94,6 +96,8 @@ pub struct ListenerSection {
     pub max_connections_per_client: Option<Spanned<i64>>,
     /// Kept-alive connections per client address, across all workers.
     pub max_long_connections_per_client: Option<Spanned<i64>>,
+    /// TCP_NODELAY on accepted connections.
+    pub tcp_nodelay: Option<Spanned<bool>>,
 }
 
 /// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
@@ -111,6 +115,7 @@ pub const KEYS: &[&str] = &[
     "daemon.allow_root_workers",
     "daemon.rlimit_nofile",
     "daemon.daemonize",
+    "daemon.event_backend",
     "log.target",
     "log.level",
     "log.access_log",
@@ -125,6 +130,7 @@ pub const KEYS: &[&str] = &[
     "listener.long_idle_timeout",
     "listener.max_connections_per_client",
     "listener.max_long_connections_per_client",
+    "listener.tcp_nodelay",
 ];
 
 /// `workers = 4` or `workers = "auto"`.

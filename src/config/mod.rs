@@ -75,6 +75,31 @@ pub struct DaemonConfig {
     /// Detach (double fork, setsid, chdir /, stdio to /dev/null) once ready; the starting
     /// process exits with the daemon's startup status. Default `false` (foreground).
     pub daemonize: bool,
+    /// How workers wait for readiness. Default [`EventBackend::Select`].
+    pub event_backend: EventBackend,
+}
+
+/// The readiness system call workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventBackend {
+    /// select(2): the classic; descriptors must stay below [`FD_SETSIZE`].
+    Select,
+    /// poll(2): no descriptor limit; cost grows with the number of connections.
+    Poll,
+    /// epoll(7): cost grows with activity only; listeners use `EPOLLEXCLUSIVE`, so one
+    /// incoming connection wakes one worker.
+    Epoll,
+}
+
+impl EventBackend {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventBackend::Select => "select",
+            EventBackend::Poll => "poll",
+            EventBackend::Epoll => "epoll",
+        }
+    }
 }
 
 /// `[log]`: log target and verbosity.
@@ -141,6 +166,9 @@ pub struct ListenerConfig {
     /// a connection beyond it is closed after its exchange. Default 8; `None` (written 0) is
     /// unlimited.
     pub max_long_connections_per_client: Option<NonZeroU32>,
+    /// Set `TCP_NODELAY` on accepted connections, so small answers are not held back by
+    /// Nagle's algorithm waiting for the client's delayed ACK. Default `true`.
+    pub tcp_nodelay: bool,
 }
 
 impl ListenerConfig {

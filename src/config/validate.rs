@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::EventBackend;
 use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
 use super::{
     Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget, MAX_WORKERS,
@@ -30,6 +31,8 @@ pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `daemon.max_draining_generations`.
 pub const DEFAULT_MAX_DRAINING_GENERATIONS: usize = 4;
+/// Upper bound of `daemon.max_connections_per_worker` with poll and epoll.
+pub const MAX_CONNECTIONS_PER_WORKER: usize = 1 << 20;
 /// Default of `listener.backlog`.
 pub const DEFAULT_BACKLOG: u32 = 1024;
 /// Default of `listener.short_idle_timeout`.
@@ -170,11 +173,26 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
         "daemon.graceful_timeout",
         DEFAULT_GRACEFUL_TIMEOUT,
     );
+    let event_backend = check.string(
+        daemon_section.event_backend.as_ref(),
+        "daemon.event_backend",
+        EventBackend::Select,
+        "\"select\", \"poll\" or \"epoll\"",
+        |s| {
+            [EventBackend::Select, EventBackend::Poll, EventBackend::Epoll]
+                .into_iter()
+                .find(|b| b.name() == s)
+        },
+    );
     let max_connections_per_worker = check.integer(
         daemon_section.max_connections_per_worker.as_ref(),
         "daemon.max_connections_per_worker",
         1,
-        (FD_SETSIZE - RESERVED_FDS) as i64,
+        if event_backend == EventBackend::Select {
+            (FD_SETSIZE - RESERVED_FDS) as i64
+        } else {
+            MAX_CONNECTIONS_PER_WORKER as i64
+        },
         DEFAULT_MAX_CONNECTIONS_PER_WORKER as i64,
     ) as usize;
 
@@ -290,7 +308,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
     }
 
     let fds_needed = max_connections_per_worker + listeners.len() + RESERVED_FDS;
-    if fds_needed > FD_SETSIZE {
+    if event_backend == EventBackend::Select && fds_needed > FD_SETSIZE {
         let span = daemon_section.max_connections_per_worker.as_ref().map_or(0..0, Spanned::span);
         check.report(
             span,
@@ -327,6 +345,7 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
             allow_root_workers,
             rlimit_nofile: Some(rlimit_nofile).filter(|n| *n > 0),
             daemonize,
+            event_backend,
         },
         log,
         listeners,
@@ -433,6 +452,7 @@ fn validate_listener(
         long_idle_timeout: Some(long).filter(|d| !d.is_zero()),
         max_connections_per_client: NonZeroU32::new(per_client as u32),
         max_long_connections_per_client: NonZeroU32::new(long_per_client as u32),
+        tcp_nodelay: section.tcp_nodelay.as_ref().is_none_or(|v| *v.get_ref()),
     })
 }
 

@@ -4,13 +4,40 @@
 //! epoll works; `select(2)` rebuilds its sets from that table on every wait. Adding an epoll
 //! or poll backend means one more implementation of [`Poller`], nothing else.
 
+mod epoll;
+mod poll;
 mod select;
 
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+pub use epoll::EpollPoller;
+pub use poll::PollPoller;
 pub use select::SelectPoller;
+
+use crate::config::EventBackend;
+
+/// A poller of the configured kind.
+///
+/// # Errors
+/// epoll_create1(2) failed.
+pub fn create(backend: EventBackend) -> io::Result<Box<dyn Poller>> {
+    Ok(match backend {
+        EventBackend::Select => Box::new(SelectPoller::new()),
+        EventBackend::Poll => Box::new(PollPoller::new()),
+        EventBackend::Epoll => Box::new(EpollPoller::new()?),
+    })
+}
+
+/// Milliseconds for poll(2)/epoll_wait(2), rounded up so a wait never ends just before its
+/// deadline (which would spin through the last partial millisecond); -1 is no timeout.
+pub(crate) fn timeout_millis(timeout: Option<Duration>) -> i32 {
+    match timeout {
+        None => -1,
+        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    }
+}
 
 /// What a descriptor is watched for.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -19,13 +46,18 @@ pub struct Interest {
     pub read: bool,
     /// Writable.
     pub write: bool,
+    /// A listening socket shared with other workers: with epoll, wake only one of them
+    /// (`EPOLLEXCLUSIVE`); select and poll cannot, and ignore it.
+    pub exclusive: bool,
 }
 
 impl Interest {
     /// Not watched at all.
-    pub const NONE: Interest = Interest { read: false, write: false };
+    pub const NONE: Interest = Interest { read: false, write: false, exclusive: false };
     /// Readable only.
-    pub const READ: Interest = Interest { read: true, write: false };
+    pub const READ: Interest = Interest { read: true, write: false, exclusive: false };
+    /// A shared listening socket.
+    pub const ACCEPT: Interest = Interest { read: true, write: false, exclusive: true };
 
     /// Whether anything is watched.
     pub fn is_none(self) -> bool {
@@ -60,4 +92,74 @@ pub trait Poller {
     /// # Errors
     /// The underlying system call failed for another reason than `EINTR`.
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn readable(fd: RawFd) -> Event {
+        Event { fd, readable: true, writable: false }
+    }
+
+    /// The same behaviour from every backend.
+    #[test]
+    fn every_backend_reports_readiness_and_forgets_unwatched_descriptors() {
+        for backend in [EventBackend::Select, EventBackend::Poll, EventBackend::Epoll] {
+            let mut poller = create(backend).unwrap();
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let (mut c, d) = UnixStream::pair().unwrap();
+            let mut events = Vec::new();
+            poller.set(b.as_raw_fd(), Interest::READ).unwrap();
+            poller.set(d.as_raw_fd(), Interest::ACCEPT).unwrap();
+            poller.wait(Some(Duration::ZERO), &mut events).unwrap();
+            assert!(events.is_empty(), "{backend:?}");
+            a.write_all(b"x").unwrap();
+            c.write_all(b"y").unwrap();
+            poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+            events.sort_by_key(|e| e.fd);
+            assert_eq!(
+                events,
+                vec![readable(b.as_raw_fd()), readable(d.as_raw_fd())],
+                "{backend:?}"
+            );
+            let write_only = Interest { read: false, write: true, exclusive: false };
+            poller.set(b.as_raw_fd(), write_only).unwrap();
+            poller.set(d.as_raw_fd(), Interest::NONE).unwrap();
+            poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+            assert_eq!(
+                events,
+                vec![Event { fd: b.as_raw_fd(), readable: false, writable: true }],
+                "{backend:?}"
+            );
+            poller.set(b.as_raw_fd(), Interest::NONE).unwrap();
+            poller.wait(Some(Duration::ZERO), &mut events).unwrap();
+            assert!(events.is_empty(), "{backend:?}");
+            // Watching again after forgetting works (re-registration).
+            poller.set(d.as_raw_fd(), Interest::READ).unwrap();
+            poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+            assert_eq!(events, vec![readable(d.as_raw_fd())], "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn poll_and_epoll_watch_descriptors_beyond_fd_setsize() {
+        for backend in [EventBackend::Poll, EventBackend::Epoll] {
+            let mut poller = create(backend).unwrap();
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let high = nix::fcntl::fcntl(&b, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(2000));
+            let Ok(high) = high else { return }; // RLIMIT_NOFILE too low to try
+            poller.set(high, Interest::READ).unwrap();
+            a.write_all(b"x").unwrap();
+            let mut events = Vec::new();
+            poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
+            assert_eq!(events, vec![readable(high)], "{backend:?}");
+            poller.set(high, Interest::NONE).unwrap();
+            nix::unistd::close(high).unwrap();
+        }
+    }
 }

@@ -102,30 +102,7 @@ fn libc_ebadf() -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
-
     use super::*;
-
-    #[test]
-    fn reports_readable_and_writable() {
-        let (mut a, b) = UnixStream::pair().unwrap();
-        let mut poller = SelectPoller::new();
-        poller.set(b.as_raw_fd(), Interest::READ).unwrap();
-        let mut events = Vec::new();
-        poller.wait(Some(Duration::ZERO), &mut events).unwrap();
-        assert!(events.is_empty());
-        a.write_all(b"x").unwrap();
-        poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
-        assert_eq!(events, vec![Event { fd: b.as_raw_fd(), readable: true, writable: false }]);
-        poller.set(b.as_raw_fd(), Interest { read: false, write: true }).unwrap();
-        poller.wait(Some(Duration::from_secs(5)), &mut events).unwrap();
-        assert_eq!(events, vec![Event { fd: b.as_raw_fd(), readable: false, writable: true }]);
-        poller.set(b.as_raw_fd(), Interest::NONE).unwrap();
-        poller.wait(Some(Duration::ZERO), &mut events).unwrap();
-        assert!(events.is_empty());
-    }
 
     #[test]
     fn refuses_descriptors_over_fd_setsize() {

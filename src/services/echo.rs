@@ -1,16 +1,15 @@
 //! Echo, RFC 862: everything received is sent back, byte for byte, until the client closes.
 //!
-//! One bounded buffer per connection ([`BUFFER_SIZE`]). When it is full the session stops
-//! reading, so a client that sends but never reads is held back by TCP flow control instead of
-//! growing the worker's memory. After the client's FIN, what is buffered is still sent, then
-//! the session is done (half-close).
+//! One bounded buffer per connection ([`BUFFER_SIZE`]), taken from the worker's pool when
+//! bytes arrive and given back once everything is echoed, so an idle connection holds none.
+//! When it is full the session stops reading, so a client that sends but never reads is held
+//! back by TCP flow control instead of growing the worker's memory. After the client's FIN,
+//! what is buffered is still sent, then the session is done (half-close).
 
 use std::io::{self, ErrorKind};
 
+use super::pool;
 use super::{Progress, Session, Transport};
-
-/// Bytes buffered per connection between reading and echoing back.
-pub const BUFFER_SIZE: usize = 16 * 1024;
 
 /// Read/write rounds per callback, so that one fast client cannot starve the others.
 const ROUNDS_PER_CALL: usize = 16;
@@ -18,7 +17,7 @@ const ROUNDS_PER_CALL: usize = 16;
 /// An echo session.
 #[derive(Debug, Default)]
 pub struct Echo {
-    /// Allocated on the first read, so a connection that never sends costs no buffer.
+    /// From the pool while bytes are in flight; empty (no allocation) at rest.
     buffer: Vec<u8>,
     /// Unsent data is `buffer[start..end]`.
     start: usize,
@@ -39,7 +38,7 @@ impl Echo {
             return Ok(false);
         }
         if self.buffer.is_empty() {
-            self.buffer = vec![0; BUFFER_SIZE];
+            self.buffer = pool::take();
         }
         if self.start == self.end {
             self.start = 0;
@@ -101,6 +100,11 @@ impl Echo {
                 break;
             }
         }
+        if self.start == self.end && !self.buffer.is_empty() {
+            self.start = 0;
+            self.end = 0;
+            pool::give(std::mem::take(&mut self.buffer));
+        }
         Ok(progress)
     }
 }
@@ -139,6 +143,7 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+    use crate::services::pool::BUFFER_SIZE;
 
     /// A fake socket: `input` is what the client sent, `window` how much the client will
     /// accept before writes would block.

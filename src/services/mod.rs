@@ -6,6 +6,7 @@
 
 mod echo;
 mod hang;
+pub mod pool;
 
 use std::fmt;
 use std::io;

@@ -130,7 +130,11 @@ impl Conn {
 
     /// What the poller should watch for this connection now.
     pub fn wanted_interest(&self) -> Interest {
-        Interest { read: self.session.wants_read(), write: self.session.wants_write() }
+        Interest {
+            read: self.session.wants_read(),
+            write: self.session.wants_write(),
+            exclusive: false,
+        }
     }
 }
 

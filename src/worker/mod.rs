@@ -40,7 +40,7 @@ use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
 use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
-use crate::poller::{Event, Interest, Poller, SelectPoller};
+use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
 use crate::services::Progress;
@@ -117,7 +117,7 @@ pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
 struct Worker<'a> {
     context: WorkerContext<'a>,
     signals: Signals,
-    poller: SelectPoller,
+    poller: Box<dyn Poller>,
     ledger: SlotLedger,
     /// Connections by descriptor number.
     conns: Vec<Option<Conn>>,
@@ -150,16 +150,17 @@ impl<'a> Worker<'a> {
                 io::Error::other(format!("switching to user {}: {e}", credentials.user))
             })?;
         }
-        let mut poller = SelectPoller::new();
+        let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
         let ledger = context.limits.ledger(context.slot);
         let score = context.scoreboard.slot(context.slot);
         score.beat();
         score.set_state(SlotState::Ready);
         log::info!(
-            "worker started: {} listener(s), at most {} connections",
+            "worker started: {} listener(s), at most {} connections, {}",
             context.listeners.len(),
-            context.config.daemon.max_connections_per_worker
+            context.config.daemon.max_connections_per_worker,
+            context.config.daemon.event_backend.name()
         );
         Ok(Worker {
             context,
@@ -195,7 +196,7 @@ impl<'a> Worker<'a> {
                 timeout = Some(timeout.map_or(beat, |t| t.min(beat)));
             }
             if let Err(error) = self.poller.wait(timeout, &mut events) {
-                log::error!("select failed: {error}");
+                log::error!("waiting for readiness failed: {error}");
                 return WORKER_RUNTIME_FAILURE;
             }
             let now = Instant::now();
@@ -244,7 +245,7 @@ impl<'a> Worker<'a> {
             && self.accept_paused_until.is_none()
             && self.open < self.context.config.daemon.max_connections_per_worker.get();
         if want != self.accepting {
-            let interest = if want { Interest::READ } else { Interest::NONE };
+            let interest = if want { Interest::ACCEPT } else { Interest::NONE };
             for listener in &self.context.listeners {
                 self.poller.set(listener.as_raw_fd(), interest)?;
             }
@@ -385,6 +386,10 @@ impl<'a> Worker<'a> {
     fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
         let fd = stream.as_raw_fd();
         let policy = &self.context.config.listeners[index];
+        if policy.tcp_nodelay {
+            // Best effort: an error here (the client already left) shows on the first read.
+            let _ = stream.set_nodelay(true);
+        }
         if self.poller.set(fd, Interest::READ).is_err() {
             if let Some(held_back) = self.accept_error_log.allow(now) {
                 log::warn!(

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod backends;
 mod config;
 mod echo;
 mod idle;
