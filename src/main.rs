@@ -50,6 +50,15 @@ fn main() -> ExitCode {
         log::error!("{error}");
         return ExitStatus::Unavailable.into();
     }
+    let config_path = std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone());
+    let exe = std::env::current_exe().unwrap_or_else(|_| "preforkd".into());
+    let invocation = Invocation {
+        // Resolved now, before an upgrade may replace the file (USR2 runs whatever is there)
+        // and before daemon mode changes to "/". The new master gets the absolute path.
+        args: vec![exe.clone().into(), "-c".into(), config_path.clone().into(), "run".into()],
+        exe,
+        config_path,
+    };
     let mut ready_pipe = None;
     // The new master of a binary upgrade is already detached: it is the old daemon's child.
     let upgrading = std::env::var_os(preforkd::master::INHERITED_LISTENERS_ENV).is_some();
@@ -66,12 +75,6 @@ fn main() -> ExitCode {
             }
         }
     }
-    let invocation = Invocation {
-        // Resolved now, before an upgrade may replace the file: USR2 runs whatever is there.
-        exe: std::env::current_exe().unwrap_or_else(|_| "preforkd".into()),
-        args: std::env::args_os().collect(),
-        config_path: std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone()),
-    };
     master::run(config, invocation, ready_pipe).into()
 }
 

@@ -93,6 +93,11 @@ impl PidFile {
         Ok(())
     }
 
+    /// Whether the path still names this pid file (and not a newer master's).
+    pub fn is_ours(&self) -> bool {
+        self.still_ours()
+    }
+
     /// Whether `self.path` still names our file (and not a newer master's).
     fn still_ours(&self) -> bool {
         match (std::fs::metadata(&self.path), self.file.metadata()) {

@@ -50,6 +50,13 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
+    /// `MAINPID=` (this process) with `READY=1`: the new master of a binary upgrade takes
+    /// over as the service's main process (needs `NotifyAccess=all`).
+    pub fn ready_as_main(&mut self, status: &str) {
+        let pid = std::process::id();
+        self.send(&[NotifyState::MainPid(pid), NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
     /// `RELOADING=1` with `MONOTONIC_USEC`.
     pub fn reloading(&mut self) {
         match NotifyState::monotonic_usec_now() {

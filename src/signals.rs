@@ -23,10 +23,11 @@ pub const MASTER_SIGNALS: &[Signal] = &[
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
+    // WINCH before HUP: "stop the workers, then start them again" must keep that order.
+    Signal::SIGWINCH,
     Signal::SIGHUP,
     Signal::SIGUSR1,
     Signal::SIGUSR2,
-    Signal::SIGWINCH,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
     Signal::SIGCHLD,

@@ -168,13 +168,13 @@ pub struct Master {
     random: RandomState,
     /// The user workers switch to, when the master runs as root.
     credentials: Option<Credentials>,
-    /// How often workers beat their heartbeat (from `worker_timeout` and the watchdog).
-    heartbeat: Option<Duration>,
     notifier: Notifier,
     /// Until the first generation is ready: then READY=1 goes to systemd and a byte to the
     /// process that daemonized us.
     starting: bool,
     ready_pipe: Option<File>,
+    /// Started by an old master's binary upgrade: announce itself as the main process.
+    upgraded: bool,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -206,7 +206,13 @@ pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>)
 fn worker_credentials(config: &Config, euid: Uid) -> Result<Option<Credentials>, StartError> {
     let daemon = &config.daemon;
     match (&daemon.user, euid.is_root()) {
-        (Some(user), true) => Ok(Some(Credentials::resolve(user, daemon.group.as_deref())?)),
+        (Some(user), true) => {
+            let credentials = Credentials::resolve(user, daemon.group.as_deref())?;
+            if credentials.uid.is_root() && !daemon.allow_root_workers {
+                return Err(StartError::RootWorkers);
+            }
+            Ok(Some(credentials))
+        }
         (None, true) if daemon.allow_root_workers => Ok(None),
         (None, true) => Err(StartError::RootWorkers),
         (Some(user), false) => {
@@ -287,10 +293,10 @@ impl Master {
             }
         }
         let credentials = worker_credentials(&config, nix::unistd::geteuid())?;
+        let upgraded = std::env::var_os(INHERITED_LISTENERS_ENV).is_some();
         let mut listener_ids = HashMap::new();
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
-        let heartbeat = heartbeat_interval(config.daemon.worker_timeout, notifier.watchdog());
         let workers = config.daemon.workers.get();
         let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
@@ -327,10 +333,10 @@ impl Master {
             status: ExitStatus::Ok,
             random: RandomState::new(),
             credentials,
-            heartbeat,
             notifier,
             starting: true,
-            ready_pipe: None,
+            ready_pipe: ready_pipe.take(),
+            upgraded,
         };
         let now = Instant::now();
         for slot in 0..workers {
@@ -338,11 +344,12 @@ impl Master {
             if let Err(source) = master.spawn(slot, now) {
                 master.handle_stop_fast("startup failed");
                 master.supervise();
+                *ready_pipe = master.ready_pipe.take();
                 return Err(StartError::Fork { slot, source });
             }
         }
         log::info!("master started: {workers} workers, generation {}", master.generation);
-        master.ready_pipe = ready_pipe.take();
+        master.chown_log_file();
         Ok(master)
     }
 
@@ -374,9 +381,8 @@ impl Master {
     }
 
     /// Healthy for the watchdog: some worker accepts and no live worker's heartbeat is stale.
+    /// (After WINCH the pool is empty on purpose: the master itself is the service then.)
     fn pool_healthy(&self) -> bool {
-        let Some(beat) = self.heartbeat else { return true };
-        let stale = (beat * 3).max(Duration::from_secs(1)).as_millis() as u64;
         let now = scoreboard::monotonic_ms();
         let mut accepting = false;
         for (index, slot) in self.slots.iter().enumerate() {
@@ -384,19 +390,44 @@ impl Master {
             if slot.pid.is_none() || score.state() == SlotState::Booting {
                 continue;
             }
-            if now.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)) > stale {
-                return false;
+            if let Some(beat) = slot.beat {
+                let stale = (beat * 3).max(Duration::from_secs(1)).as_millis() as u64;
+                if now.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)) > stale {
+                    return false;
+                }
             }
             accepting |= score.state() == SlotState::Ready;
         }
-        accepting
+        accepting || self.paused
+    }
+
+    /// How often a worker forked now must beat: from the serving `worker_timeout` and the
+    /// systemd watchdog.
+    fn heartbeat(&self) -> Option<Duration> {
+        heartbeat_interval(self.config.daemon.worker_timeout, self.notifier.watchdog())
+    }
+
+    /// A file log target is reopened by workers running as `daemon.user` too: give them
+    /// the file.
+    fn chown_log_file(&self) {
+        if let (LogTarget::File(path), Some(credentials)) =
+            (&self.config.log.target, &self.credentials)
+            && let Err(error) =
+                nix::unistd::chown(path, Some(credentials.uid), Some(credentials.gid))
+        {
+            log::warn!("could not give {} to the workers' user: {error}", path.display());
+        }
     }
 
     fn announce_ready(&mut self) {
         self.starting = false;
         let status = self.status_line();
         log::info!("ready: {status}");
-        self.notifier.ready(&status);
+        if self.upgraded {
+            self.notifier.ready_as_main(&status);
+        } else {
+            self.notifier.ready(&status);
+        }
         if let Some(mut pipe) = self.ready_pipe.take() {
             let _ = pipe.write_all(&[ExitStatus::Ok as u8]);
         }
@@ -419,6 +450,11 @@ impl Master {
             self.tick(Instant::now());
         }
         log::info!("master exiting with status {}", self.status as u8);
+        if let Some(pidfile) = &self.pidfile
+            && pidfile.is_ours()
+        {
+            let _ = std::fs::remove_file(scoreboard::path_for(pidfile.path()));
+        }
         self.status
     }
 
@@ -450,7 +486,11 @@ impl Master {
                 for slot in &self.slots {
                     match slot.role {
                         Role::Serving if slot.pid.is_none() && self.respawns(slot) => {
-                            deadlines.extend(slot.respawn_at);
+                            if slot.needs_reclaim {
+                                deadlines.push(now + Duration::from_secs(1));
+                            } else {
+                                deadlines.extend(slot.respawn_at);
+                            }
                         }
                         Role::Retiring { kill_at: Some(at), .. } if slot.pid.is_some() => {
                             deadlines.push(at)
@@ -471,8 +511,12 @@ impl Master {
                 if !self.starting {
                     deadlines.extend(self.notifier.next_ping(now));
                 }
-                if let Some(timeout) = self.config.daemon.worker_timeout
-                    && self.live_workers() > 0
+                if let Some(timeout) = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.pid.is_some())
+                    .filter_map(|s| s.hang_timeout)
+                    .min()
                 {
                     deadlines.push(now + timeout / 4);
                 }
@@ -651,11 +695,16 @@ impl Master {
     /// SIGUSR1: reopen the master's log file, then have each worker reopen its own.
     fn handle_reopen_logs(&mut self) {
         match logging::reopen() {
-            Ok(true) => log::info!("log file reopened (SIGUSR1)"),
+            Ok(true) => {
+                self.chown_log_file();
+                log::info!("log file reopened (SIGUSR1)");
+            }
             Ok(false) => log::info!("SIGUSR1: logs go to stderr or syslog, nothing to reopen"),
             Err(error) => {
+                // Not counted as done: `preforkd reopen` times out and says so.
                 log::error!("{error}");
                 self.scoreboard.set_message(&error.to_string());
+                return;
             }
         }
         self.signal_workers(Signal::SIGUSR1);
@@ -666,6 +715,13 @@ impl Master {
     /// after a binary upgrade the old master can be kept as a fallback (HUP starts its
     /// workers again).
     fn handle_winch(&mut self) {
+        if nix::unistd::isatty(std::io::stdin()).unwrap_or(false)
+            || nix::unistd::isatty(std::io::stderr()).unwrap_or(false)
+        {
+            // A terminal sends WINCH to its foreground group on every resize.
+            log::info!("SIGWINCH ignored: running in a terminal, where a resize sends it");
+            return;
+        }
         if self.transition.is_some() {
             self.rollback("SIGWINCH during a reload");
         }
@@ -804,10 +860,11 @@ impl Master {
     /// A worker whose heartbeat is older than `worker_timeout` is hung: SIGABRT (for a core
     /// dump), then SIGKILL after [`ABORT_GRACE`]; the reap replaces it.
     fn check_heartbeats(&mut self, now: Instant) {
-        let Some(timeout) = self.config.daemon.worker_timeout else { return };
         let now_ms = scoreboard::monotonic_ms();
         for slot in 0..self.slots.len() {
             let Some(pid) = self.slots[slot].pid else { continue };
+            // Judged by the timeout the worker was started with.
+            let Some(timeout) = self.slots[slot].hang_timeout else { continue };
             if let Some(sent) = self.slots[slot].abort_sent {
                 if now >= sent + ABORT_GRACE {
                     log::error!("worker {slot} (pid {pid}) survived SIGABRT: SIGKILL");

@@ -48,6 +48,7 @@ impl Master {
             log::info!("SIGHUP after WINCH: starting workers again (configuration not re-read)");
             self.paused = false;
             self.fill_pool(Instant::now());
+            self.scoreboard.header().reloads_ok.fetch_add(1, Ordering::Release);
             return;
         }
         self.notifier.reloading();
@@ -58,8 +59,18 @@ impl Master {
             Ok(new) => new,
             Err(reason) => return self.reload_failed(&reason),
         };
-        let free = self.slots.iter().filter(|s| s.role == Role::Free && s.pid.is_none()).count();
+        let free = self
+            .slots
+            .iter()
+            .filter(|s| s.role == Role::Free && s.pid.is_none() && !s.needs_reclaim)
+            .count();
         let wanted = new.daemon.workers.get();
+        if wanted > self.slots.len() / super::SLOT_HEADROOM {
+            return self.reload_failed(&format!(
+                "{wanted} workers need a restart: the shared tables were sized at start for {}",
+                self.slots.len() / super::SLOT_HEADROOM
+            ));
+        }
         if free < wanted {
             return self.reload_failed(&format!(
                 "{wanted} workers need {wanted} free slots, {free} are free while old generations drain; try again shortly"
@@ -235,8 +246,11 @@ impl Master {
             log::error!("could not restore the log target: {error}");
         }
         self.fill_pool(now);
-        self.reload_queued = false;
         self.reload_failed(&format!("rolled back: {reason}"));
+        // A reload asked for meanwhile may carry the fix: try it now.
+        if std::mem::take(&mut self.reload_queued) {
+            self.handle_reload();
+        }
     }
 
     /// Respawns, now, every serving slot of the serving generation that has no worker.

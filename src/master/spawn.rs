@@ -41,7 +41,7 @@ impl Master {
                     scoreboard: &self.scoreboard,
                     master: self.pid,
                     credentials: self.credentials.clone(),
-                    heartbeat: self.heartbeat,
+                    heartbeat: self.heartbeat(),
                 };
                 let status = worker::run(context, &mut self.signals);
                 std::process::exit(status);
@@ -49,12 +49,15 @@ impl Master {
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
                 self.scoreboard.slot(slot).pid.store(child.as_raw(), Ordering::Release);
+                let (hang_timeout, beat) = (self.config.daemon.worker_timeout, self.heartbeat());
                 let entry = &mut self.slots[slot];
                 entry.pid = Some(child);
                 entry.generation = self.generation;
                 entry.started = Some(now);
                 entry.respawn_at = None;
                 entry.abort_sent = None;
+                entry.hang_timeout = hang_timeout;
+                entry.beat = beat;
                 log::debug!(
                     "spawned worker {slot} (generation {}) as pid {child}",
                     self.generation

@@ -56,6 +56,11 @@ pub struct WorkerSlot {
     /// The dead worker's per-client records could not be released yet: the slot is not
     /// reused until they are (a new worker would overwrite records still counted).
     pub needs_reclaim: bool,
+    /// The hang timeout and heartbeat interval the worker was started with (a reload may
+    /// change them for later workers only).
+    pub hang_timeout: Option<Duration>,
+    /// See `hang_timeout`.
+    pub beat: Option<Duration>,
 }
 
 impl WorkerSlot {

@@ -113,7 +113,14 @@ impl Master {
             handover.push_str(&format!("{}={};", listener.config.name, listener.as_raw_fd()));
         }
         // SAFETY: this forked child is single-threaded and about to exec.
-        unsafe { std::env::set_var(INHERITED_LISTENERS_ENV, &handover) };
+        unsafe {
+            std::env::set_var(INHERITED_LISTENERS_ENV, &handover);
+            // The systemd watchdog, if any, now watches the new master (which must send
+            // MAINPID=; see NotifyAccess in the unit).
+            if std::env::var_os("WATCHDOG_USEC").is_some() {
+                std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+            }
+        }
         let _ = signals::unblock(MASTER_SIGNALS);
         let path = c_string(self.invocation.exe.as_os_str());
         let args: Vec<CString> = self.invocation.args.iter().map(|a| c_string(a)).collect();
@@ -131,6 +138,11 @@ impl Master {
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
+        if self.paused {
+            log::info!("workers were stopped (WINCH): starting them again");
+            self.paused = false;
+            self.fill_pool(std::time::Instant::now());
+        }
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);
     }
@@ -152,7 +164,7 @@ impl Master {
             (pid_path.clone(), scoreboard::path_for(&oldbin(&pid_path)), board)
         };
         let Some(pidfile) = self.pidfile.as_mut() else { return false };
-        if !aside && pid_to.exists() {
+        if !aside && crate::pidfile::running_pid(&pid_to).is_ok() {
             log::warn!(
                 "{} exists (another master?): keeping {}",
                 pid_to.display(),

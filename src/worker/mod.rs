@@ -140,15 +140,16 @@ impl<'a> Worker<'a> {
     fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
         let signals = Signals::install(WORKER_SIGNALS)?;
         signals::unblock(MASTER_SIGNALS)?;
-        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-        if getppid() != context.master {
-            // The master died before PR_SET_PDEATHSIG was in place.
-            return Err(io::Error::other("the master exited while this worker started"));
-        }
         if let Some(credentials) = &context.credentials {
             credentials.apply().map_err(|e| {
                 io::Error::other(format!("switching to user {}: {e}", credentials.user))
             })?;
+        }
+        // After the switch: changing credentials clears the parent-death signal.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+        if getppid() != context.master {
+            // The master died before PR_SET_PDEATHSIG was in place.
+            return Err(io::Error::other("the master exited while this worker started"));
         }
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;

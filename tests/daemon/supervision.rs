@@ -331,3 +331,19 @@ fn reload_binds_new_listeners_closes_removed_ones_and_resizes_the_pool() {
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"first", QUICK), Outcome::Echoed, "the kept listener serves");
 }
+
+#[test]
+fn a_reload_that_shortens_worker_timeout_does_not_abort_healthy_workers() {
+    let daemon = Daemon::start(&controlled_config(1, "worker_timeout = \"30s\"", ""));
+    daemon.rewrite_config(&controlled_config(1, "worker_timeout = \"1s\"", ""));
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    // Three timeouts of idleness: a worker still beating at the old pace would be aborted.
+    let mut stream = connect(daemon.addr());
+    assert!(!closed_within(&mut stream, Duration::from_secs(3)), "the idle connection survives");
+    assert!(
+        daemon.matching(|l| l.contains("is hung")).is_empty(),
+        "a healthy worker was taken for hung"
+    );
+    assert_eq!(exchange(&mut stream, b"alive", QUICK), Outcome::Echoed);
+}

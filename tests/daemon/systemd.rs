@@ -177,6 +177,14 @@ fn as_root_workers_run_as_nobody_and_root_workers_need_an_opt_in() {
         assert_eq!(uid_of(pid_of(line)), nobody, "{line}");
     }
 
+    // Workers that switched user still die with their master (the switch clears the
+    // parent-death signal; it is set after it).
+    let workers = daemon.worker_pids();
+    kill(daemon.pid(), Signal::SIGKILL).unwrap();
+    for worker in workers {
+        eventually(&format!("worker {worker} exits with its master"), || !is_running(worker));
+    }
+
     let root_workers = echo_config(1, "", "").replace("allow_root_workers = true\n", "");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("root.toml");
@@ -213,8 +221,10 @@ fn daemon_mode_detaches_writes_the_pid_file_and_stops_on_command() {
     std::fs::write(&config_path, config).unwrap();
     let _guard = PidFileGuard(pid_file.clone());
     let started = Instant::now();
+    // A relative -c: the daemon changes to "/", yet reloads and upgrades must find the file.
     let output = Command::new(BINARY)
-        .args(["-c", config_path.to_str().unwrap()])
+        .args(["-c", "preforkd.toml"])
+        .current_dir(dir.path())
         .stdin(Stdio::null())
         .process_group(0)
         .output()
@@ -234,6 +244,8 @@ fn daemon_mode_detaches_writes_the_pid_file_and_stops_on_command() {
     let mut stream = connect(addr);
     assert_eq!(exchange(&mut stream, b"detached", QUICK), Outcome::Echoed);
     drop(stream);
+    let (status, _, stderr) = run_cli(&["reload", "-c", config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "reload of a daemon started with a relative path: {stderr}");
     let (status, _, stderr) = run_cli(&["stop", "-c", config_path.to_str().unwrap()]);
     assert_eq!(code(status), 0, "{stderr}");
     assert!(!pid_file.exists(), "the pid file is removed");

@@ -162,3 +162,35 @@ fn usr1_after_the_log_file_is_moved_writes_a_new_file_and_loses_nothing() {
         "the master writes to the new file too"
     );
 }
+
+#[test]
+fn after_winch_the_old_master_resumes_when_the_new_one_dies_or_on_reload() {
+    let daemon = Daemon::start(&controlled_config(1, "", ""));
+    let old = daemon.pid();
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    let new: i32 =
+        stdout.split("new master pid ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    daemon.signal(Signal::SIGWINCH);
+    daemon.wait_for_log("old workers stop", |l| l.contains("SIGWINCH: stopping 1 workers"));
+    // The new master dies badly: the old one takes its pid file back and serves again.
+    kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
+    daemon.wait_for_log("the old master resumes", |l| {
+        l.contains("workers were stopped (WINCH): starting them again")
+    });
+    eventually("the pid file names the old master", || {
+        std::fs::read_to_string(daemon.dir().join("preforkd.pid"))
+            .is_ok_and(|t| t.trim() == old.to_string())
+    });
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"old again", QUICK), Outcome::Echoed);
+    // WINCH, then a reload starts the workers again, and says so at once.
+    daemon.signal(Signal::SIGWINCH);
+    daemon.wait_for_lines("stopped again", 2, |l| l.contains("SIGWINCH: stopping 1 workers"));
+    let started = std::time::Instant::now();
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(started.elapsed() < QUICK);
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"resumed", QUICK), Outcome::Echoed);
+}

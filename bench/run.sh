@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks preforkd against xinetd, tcpserver + cat, socat fork and a tokio echo server,
+# all on loopback, and prints a markdown report (see BENCHMARKS.md).
+# Usage: bench/run.sh [--seconds 5] [--short-clients 32] [--idle 10000] [--only preforkd,tokio]
+# Needs the peers installed (Debian: apt-get install xinetd ucspi-tcp socat); missing ones
+# are skipped. Takes about 6 minutes with the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p preforkd -p preforkd-bench >&2
+exec target/release/preforkd-bench run "$@"

@@ -1,0 +1,332 @@
+//! `preforkd-bench`: runs preforkd (each event backend) and its peers (xinetd, tcpserver +
+//! cat, socat fork, a tokio echo server) on loopback, one after the other, through the same
+//! scenarios, and prints one markdown report. See BENCHMARKS.md and bench/run.sh.
+
+mod load;
+mod servers;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+use load::Report;
+use servers::{Binaries, Kind, PreforkdOptions, Server};
+
+#[derive(Parser)]
+#[command(about = "Benchmark preforkd against xinetd, tcpserver, socat and a tokio echo server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Every scenario against every server; prints a markdown report.
+    Run {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client loops for `short`.
+        #[arg(long, default_value_t = 32)]
+        short_clients: usize,
+        /// Idle connections for epoll, poll and tokio (1000 for the others).
+        #[arg(long, default_value_t = 10_000)]
+        idle: usize,
+        /// Only these servers (labels as printed, comma-separated prefixes), default all.
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// One scenario against a server you started: short or long.
+    Load {
+        /// short or long.
+        scenario: String,
+        /// Server address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Client loops.
+        #[arg(short, long, default_value_t = 32)]
+        clients: usize,
+        /// Message size in bytes.
+        #[arg(short, long, default_value_t = 64)]
+        size: usize,
+        /// Seconds.
+        #[arg(short, long, default_value_t = 5)]
+        duration: u64,
+    },
+}
+
+fn main() {
+    raise_nofile();
+    match Cli::parse().command {
+        Verb::Load { scenario, addr, clients, size, duration } => {
+            let duration = Duration::from_secs(duration);
+            let report = match scenario.as_str() {
+                "short" => load::short(addr, clients, size, duration),
+                _ => load::long(addr, clients, size, duration),
+            };
+            println!(
+                "{:.0} ops/s, {:.1} MB/s, p50 {} us, p99 {} us, p999 {} us, {} errors",
+                report.rate(),
+                report.bytes as f64 / report.elapsed.as_secs_f64() / 1e6,
+                report.percentile(0.5),
+                report.percentile(0.99),
+                report.percentile(0.999),
+                report.errors
+            );
+        }
+        Verb::Run { seconds, short_clients, idle, only } => {
+            run(Duration::from_secs(seconds), short_clients, idle, only.as_deref())
+        }
+    }
+}
+
+fn raise_nofile() {
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(1 << 20), hard);
+    }
+}
+
+fn binaries() -> Binaries {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    Binaries { preforkd: dir.join("preforkd"), tokio: dir.join("tokio-echo") }
+}
+
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+const BACKENDS: [&str; 3] = ["select", "poll", "epoll"];
+
+fn all_servers(only: Option<&str>) -> Vec<Kind> {
+    let mut kinds: Vec<Kind> = BACKENDS.iter().map(|b| Kind::Preforkd(b)).collect();
+    for (kind, program) in
+        [(Kind::Xinetd, "xinetd"), (Kind::Tcpserver, "tcpserver"), (Kind::Socat, "socat")]
+    {
+        if installed(program) {
+            kinds.push(kind);
+        } else {
+            eprintln!("note: {program} is not installed; skipped");
+        }
+    }
+    kinds.push(Kind::Tokio);
+    match only {
+        None => kinds,
+        Some(list) => kinds
+            .into_iter()
+            .filter(|k| list.split(',').any(|p| k.label().starts_with(p)))
+            .collect(),
+    }
+}
+
+struct Row {
+    kind: Kind,
+    report: Report,
+    cores: f64,
+    extra: String,
+}
+
+fn ticks_per_second() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
+/// Starts `kind`, runs `scenario` against it, measures its CPU, stops it.
+fn measure(
+    kind: Kind,
+    options: &PreforkdOptions,
+    scenario: impl FnOnce(&Server) -> (Report, String),
+) -> Option<Row> {
+    let binaries = binaries();
+    let server = match Server::start(kind, &binaries, options) {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("{}: {error}", kind.label());
+            return None;
+        }
+    };
+    let before = server.cpu_ticks();
+    let (report, extra) = scenario(&server);
+    let used = server.cpu_ticks().saturating_sub(before) as f64 / ticks_per_second();
+    let cores = used / report.elapsed.as_secs_f64().max(1e-9);
+    server.stop();
+    eprintln!("  {:<20} {:>10.0}/s  {} errors", kind.label(), report.rate(), report.errors);
+    Some(Row { kind, report, cores, extra })
+}
+
+/// For preforkd: how evenly the workers shared the accepted connections.
+fn balance(server: &Server) -> String {
+    let Some(config) = &server.config else { return String::new() };
+    let Some(rows) = servers::status(&binaries().preforkd, config) else { return String::new() };
+    let counts: Vec<u64> = rows.iter().map(|r| r.accepted).collect();
+    let total: u64 = counts.iter().sum();
+    let busiest = counts.iter().copied().max().unwrap_or(0);
+    if total == 0 || counts.is_empty() {
+        return String::new();
+    }
+    let fair = total as f64 / counts.len() as f64;
+    format!("busiest worker {:.2}x fair share ({counts:?})", busiest as f64 / fair)
+}
+
+fn ms(us: u32) -> String {
+    format!("{:.2}", f64::from(us) / 1000.0)
+}
+
+fn ratio(value: f64, reference: Option<f64>) -> String {
+    reference.filter(|r| *r > 0.0).map_or("-".into(), |r| format!("{:.2}", value / r))
+}
+
+fn print_rate_table(title: &str, unit: &str, rows: &[Row], with_mb: bool) {
+    let reference = rows.iter().find(|r| r.kind == Kind::Tokio).map(|r| r.report.rate());
+    let reference_mb = rows
+        .iter()
+        .find(|r| r.kind == Kind::Tokio)
+        .map(|r| r.report.bytes as f64 / r.report.elapsed.as_secs_f64() / 1e6);
+    println!("\n### {title}\n");
+    if with_mb {
+        println!(
+            "| server | {unit} | MB/s | vs tokio | p50 ms | p99 ms | p999 ms | errors | CPU cores | notes |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    } else {
+        println!(
+            "| server | {unit} | vs tokio | p50 ms | p99 ms | p999 ms | errors | CPU cores | notes |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    }
+    for row in rows {
+        let r = &row.report;
+        let mb = r.bytes as f64 / r.elapsed.as_secs_f64() / 1e6;
+        let vs = if with_mb { ratio(mb, reference_mb) } else { ratio(r.rate(), reference) };
+        let mb_cell = if with_mb { format!(" {mb:.1} |") } else { String::new() };
+        println!(
+            "| {} | {:.0} |{mb_cell} {vs} | {} | {} | {} | {} | {:.2} | {} |",
+            row.kind.label(),
+            r.rate(),
+            ms(r.percentile(0.5)),
+            ms(r.percentile(0.99)),
+            ms(r.percentile(0.999)),
+            r.errors,
+            row.cores,
+            row.extra
+        );
+    }
+}
+
+fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>) {
+    let kinds = all_servers(only);
+    let plain = PreforkdOptions { workers: 2, per_client: 0 };
+    println!("## Results\n");
+    println!(
+        "{} s per run, servers one after the other on 127.0.0.1, clients from 127.0.0.2-201; preforkd with 2 workers.",
+        duration.as_secs()
+    );
+
+    eprintln!("short: {short_clients} loops of connect, 64 B exchange, close");
+    let rows: Vec<Row> = kinds
+        .iter()
+        .filter_map(|&kind| {
+            measure(kind, &plain, |server| {
+                let report = load::short(server.addr, short_clients, 64, duration);
+                (report, balance(server))
+            })
+        })
+        .collect();
+    print_rate_table(
+        &format!("short: {short_clients} client loops, connect + 64 B echo + close"),
+        "conn/s",
+        &rows,
+        false,
+    );
+
+    for (clients, size) in [(50, 64), (500, 64), (50, 16 * 1024), (500, 16 * 1024)] {
+        eprintln!("long: {clients} connections, {size} B request/response");
+        let rows: Vec<Row> = kinds
+            .iter()
+            .filter_map(|&kind| {
+                measure(kind, &plain, |server| {
+                    (load::long(server.addr, clients, size, duration), String::new())
+                })
+            })
+            .collect();
+        print_rate_table(
+            &format!("long: {clients} connections, {size} B request/response, every byte verified"),
+            "msg/s",
+            &rows,
+            true,
+        );
+    }
+
+    eprintln!("idle");
+    println!("\n### idle: connections held open, then each must still echo\n");
+    println!(
+        "| server | connections | served after holding | PSS before KiB | PSS with them KiB | KiB per connection |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for &kind in &kinds {
+        let scalable =
+            matches!(kind, Kind::Preforkd("epoll") | Kind::Preforkd("poll") | Kind::Tokio);
+        let count = if scalable { idle } else { idle.min(1000) };
+        let options = PreforkdOptions { workers: 1, per_client: 0 };
+        let Ok(server) = Server::start(kind, &binaries(), &options) else { continue };
+        let before = server.pss_kib();
+        let mut during = 0;
+        let report = load::idle(server.addr, count, || during = server.pss_kib());
+        server.stop();
+        let per = during.saturating_sub(before) as f64 / count as f64;
+        eprintln!("  {:<20} {}", kind.label(), report.note);
+        println!(
+            "| {} | {count} | {} | {before} | {during} | {per:.2} |",
+            kind.label(),
+            report.operations
+        );
+    }
+
+    if kinds.iter().any(|k| matches!(k, Kind::Preforkd(_))) {
+        eprintln!("limit");
+        println!("\n### limit: 50 connections from one address, max_connections_per_client = 10\n");
+        let options = PreforkdOptions { workers: 2, per_client: 10 };
+        if let Ok(server) = Server::start(Kind::Preforkd("select"), &binaries(), &options) {
+            let report = load::limit(server.addr, 50);
+            server.stop();
+            println!("preforkd (select): {}, {} errors.", report.note, report.errors);
+        }
+
+        eprintln!("limit cost");
+        let limited = PreforkdOptions { workers: 2, per_client: 1_000_000 };
+        let rate = |options: &PreforkdOptions| {
+            measure(Kind::Preforkd("select"), options, |s| {
+                (load::short(s.addr, short_clients, 64, duration), String::new())
+            })
+            .map(|row| row.report.rate())
+        };
+        let (without, with) = (rate(&plain), rate(&limited));
+        if let (Some(without), Some(with)) = (without, with) {
+            println!(
+                "\nPer-client limit path: short with max_connections_per_client = 1000000 (counted, never refused) \
+                 {with:.0} conn/s vs {without:.0} without limits: {:.1}% cost.",
+                (1.0 - with / without) * 100.0
+            );
+        }
+
+        eprintln!("wake-ups at rest");
+        println!("\n### wake-ups at rest (10 s, no traffic, default worker_timeout = 30s)\n");
+        println!("| server | wake-ups per second, all processes |");
+        println!("|---|---:|");
+        for backend in BACKENDS {
+            let Ok(server) = Server::start(Kind::Preforkd(backend), &binaries(), &plain) else {
+                continue;
+            };
+            let before = server.wakeups();
+            std::thread::sleep(Duration::from_secs(10));
+            let rate = server.wakeups().saturating_sub(before) as f64 / 10.0;
+            server.stop();
+            println!("| preforkd ({backend}) | {rate:.1} |");
+        }
+    }
+}

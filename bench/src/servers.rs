@@ -1,0 +1,304 @@
+//! The servers under test, each started on loopback in its own process group and stopped by
+//! its pid; CPU time and memory are read from /proc for the whole group.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A server to benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// preforkd with this event backend.
+    Preforkd(&'static str),
+    /// xinetd's internal echo service (a process per connection).
+    Xinetd,
+    /// ucspi-tcp's tcpserver running `cat` (a process per connection).
+    Tcpserver,
+    /// socat in fork mode with PIPE (a process per connection).
+    Socat,
+    /// The reference tokio echo server (bench/src/bin/tokio-echo.rs).
+    Tokio,
+}
+
+impl Kind {
+    /// Column label.
+    pub fn label(self) -> String {
+        match self {
+            Kind::Preforkd(backend) => format!("preforkd ({backend})"),
+            Kind::Xinetd => "xinetd".into(),
+            Kind::Tcpserver => "tcpserver + cat".into(),
+            Kind::Socat => "socat fork".into(),
+            Kind::Tokio => "tokio (reference)".into(),
+        }
+    }
+
+    /// Whether it forks a process per connection.
+    pub fn forks(self) -> bool {
+        matches!(self, Kind::Xinetd | Kind::Tcpserver | Kind::Socat)
+    }
+}
+
+/// How to run preforkd for a scenario.
+#[derive(Debug, Clone)]
+pub struct PreforkdOptions {
+    /// Worker processes.
+    pub workers: usize,
+    /// `max_connections_per_client` (0: unlimited).
+    pub per_client: u32,
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The preforkd release binary.
+    pub preforkd: PathBuf,
+    /// The tokio reference binary.
+    pub tokio: PathBuf,
+}
+
+/// A running server.
+pub struct Server {
+    /// What it is.
+    pub kind: Kind,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+    /// For preforkd: its configuration (status needs it).
+    pub config: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(0, |a| a.port())
+}
+
+impl Server {
+    /// Starts `kind` on a free loopback port and waits until it accepts connections.
+    pub fn start(
+        kind: Kind,
+        binaries: &Binaries,
+        options: &PreforkdOptions,
+    ) -> std::io::Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut config = None;
+        let mut command = match kind {
+            Kind::Preforkd(backend) => {
+                let max = if backend == "select" { 1000 } else { 30000 };
+                let text = format!(
+                    "[daemon]\nworkers = {}\nevent_backend = \"{backend}\"\nmax_connections_per_worker = {max}\n\
+                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
+                     [log]\nlevel = \"warn\"\naccess_log = false\n\
+                     [[listener]]\nname = \"echo\"\naddress = \"{addr}\"\nservice = \"echo\"\nbacklog = 4096\n\
+                     short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
+                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\n",
+                    options.workers,
+                    dir.path().join("preforkd.pid").display(),
+                    options.per_client
+                );
+                let path = dir.path().join("preforkd.toml");
+                std::fs::write(&path, text)?;
+                let mut command = Command::new(&binaries.preforkd);
+                command.arg("-c").arg(&path);
+                config = Some(path);
+                command
+            }
+            Kind::Xinetd => {
+                let path = dir.path().join("xinetd.conf");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "defaults\n{{\n instances = UNLIMITED\n per_source = UNLIMITED\n cps = 1000000 1\n}}\n\
+                         service echo\n{{\n type = INTERNAL UNLISTED\n id = echo-stream\n socket_type = stream\n\
+                         protocol = tcp\n wait = no\n user = root\n bind = 127.0.0.1\n port = {port}\n flags = REUSE\n}}\n"
+                    ),
+                )?;
+                let mut command = Command::new("xinetd");
+                command
+                    .args(["-dontfork", "-pidfile"])
+                    .arg(dir.path().join("xinetd.pid"))
+                    .arg("-f")
+                    .arg(&path);
+                command
+            }
+            Kind::Tcpserver => {
+                let mut command = Command::new("tcpserver");
+                command.args([
+                    "-q",
+                    "-H",
+                    "-R",
+                    "-l",
+                    "0",
+                    "-c",
+                    "20000",
+                    "-b",
+                    "1024",
+                    "127.0.0.1",
+                    &port.to_string(),
+                    "cat",
+                ]);
+                command
+            }
+            Kind::Socat => {
+                let mut command = Command::new("socat");
+                command
+                    .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"))
+                    .arg("PIPE");
+                command
+            }
+            Kind::Tokio => {
+                let mut command = Command::new(&binaries.tokio);
+                command.arg(addr.to_string());
+                command
+            }
+        };
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).process_group(0);
+        let mut child = command.spawn()?;
+        if let Some(out) = child.stdout.take() {
+            // Drain stdout so the server never blocks on it.
+            thread::spawn(move || for _ in BufReader::new(out).lines() {});
+        }
+        let server = Server { kind, addr, child, config, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "{} did not start on {addr}",
+                    kind.label()
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // preforkd: its listener accepts into the backlog at once; wait for the workers.
+        if let Some(config) = &server.config {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !preforkd_ready(&binaries.preforkd, config, options.workers)
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(server)
+    }
+
+    /// The pids of the server's process group.
+    fn members(&self) -> Vec<i32> {
+        let group = self.child.id() as i32;
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                stat_fields(*pid)
+                    .is_some_and(|f| f.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group))
+            })
+            .collect()
+    }
+
+    /// CPU time (user + system, clock ticks) of the group: live members, plus children the
+    /// leader already reaped.
+    pub fn cpu_ticks(&self) -> u64 {
+        let leader = self.child.id() as i32;
+        let mut total = 0;
+        for pid in self.members() {
+            if let Some(f) = stat_fields(pid) {
+                let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                total += field(11) + field(12);
+                if pid == leader {
+                    total += field(13) + field(14);
+                }
+            }
+        }
+        total
+    }
+
+    /// Proportional set size of the group, KiB.
+    pub fn pss_kib(&self) -> u64 {
+        self.members()
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+            .filter_map(|text| {
+                let line = text.lines().find(|l| l.starts_with("Pss:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+
+    /// Voluntary context switches (wake-ups) of the group's processes.
+    pub fn wakeups(&self) -> u64 {
+        self.members()
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|text| {
+                let line =
+                    text.lines().find(|l| l.starts_with("voluntary_ctxt_switches:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+
+    /// Stops the server: SIGTERM to its pid, then SIGKILL to its group.
+    pub fn stop(mut self) {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Fields of /proc/PID/stat after the command name (so index 0 is the state).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(text.rsplit(')').next()?.split_whitespace().map(str::to_owned).collect())
+}
+
+fn preforkd_ready(binary: &Path, config: &Path, workers: usize) -> bool {
+    status(binary, config).is_some_and(|rows| rows.iter().filter(|r| r.ready).count() >= workers)
+}
+
+/// One worker row of `preforkd status`.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    /// State is `ready`.
+    pub ready: bool,
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Worker pid.
+    pub pid: i32,
+}
+
+/// The worker rows of `preforkd status -c config`.
+pub fn status(binary: &Path, config: &Path) -> Option<Vec<WorkerRow>> {
+    let output = Command::new(binary).arg("status").arg("-c").arg(config).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    Some(
+        text.lines()
+            .skip(2)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                Some(WorkerRow {
+                    pid: f.get(1)?.parse().ok()?,
+                    ready: *f.get(3)? == "ready",
+                    accepted: f.get(5)?.parse().ok()?,
+                })
+            })
+            .collect(),
+    )
+}
