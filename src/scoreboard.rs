@@ -76,8 +76,9 @@ impl SlotState {
     }
 }
 
-/// The master's part.
-#[repr(C)]
+/// The master's part. Cache-line aligned, like each worker's part, so that workers writing
+/// their own counters never contend for a line (no false sharing).
+#[repr(C, align(128))]
 pub struct Header {
     magic: AtomicU64,
     capacity: AtomicU64,
@@ -101,8 +102,8 @@ pub struct Header {
     message: [AtomicU32; MESSAGE_BYTES / 4],
 }
 
-/// One worker's part.
-#[repr(C)]
+/// One worker's part, on cache lines of its own.
+#[repr(C, align(128))]
 pub struct WorkerScore {
     /// Worker pid, 0 when empty.
     pub pid: AtomicI32,
@@ -287,8 +288,9 @@ impl Scoreboard {
 
     /// Every worker slot.
     pub fn slots(&self) -> &[WorkerScore] {
-        // SAFETY: `layout(capacity)` bytes are mapped; the slots follow the header, which has
-        // the alignment of its `u64` fields, like `WorkerScore`; all fields are atomics.
+        // SAFETY: `layout(capacity)` bytes are mapped from a page-aligned base; the header's
+        // size is a multiple of its 128-byte alignment, so the slots that follow it are
+        // aligned for `WorkerScore`; all fields are atomics.
         unsafe {
             let first = self.base.as_ptr().add(std::mem::size_of::<Header>()).cast::<WorkerScore>();
             std::slice::from_raw_parts(first, self.capacity)

@@ -38,6 +38,10 @@ enum Verb {
         /// Only these servers (labels as printed, comma-separated prefixes), default all.
         #[arg(long)]
         only: Option<String>,
+        /// Rounds per scenario: the servers take turns each round, and each one's median
+        /// round is reported, so drift hits all alike.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// One scenario against a server you started: short or long.
     Load {
@@ -77,8 +81,8 @@ fn main() {
                 report.errors
             );
         }
-        Verb::Run { seconds, short_clients, idle, only } => {
-            run(Duration::from_secs(seconds), short_clients, idle, only.as_deref())
+        Verb::Run { seconds, short_clients, idle, only, rounds } => {
+            run(Duration::from_secs(seconds), short_clients, idle, only.as_deref(), rounds.max(1))
         }
     }
 }
@@ -106,9 +110,12 @@ const BACKENDS: [&str; 3] = ["select", "poll", "epoll"];
 
 fn all_servers(only: Option<&str>) -> Vec<Kind> {
     let mut kinds: Vec<Kind> = BACKENDS.iter().map(|b| Kind::Preforkd(b)).collect();
-    for (kind, program) in
-        [(Kind::Xinetd, "xinetd"), (Kind::Tcpserver, "tcpserver"), (Kind::Socat, "socat")]
-    {
+    for (kind, program) in [
+        (Kind::Xinetd, "xinetd"),
+        (Kind::XinetdCat, "xinetd"),
+        (Kind::Tcpserver, "tcpserver"),
+        (Kind::Socat, "socat"),
+    ] {
         if installed(program) {
             kinds.push(kind);
         } else {
@@ -218,25 +225,41 @@ fn print_rate_table(title: &str, unit: &str, rows: &[Row], with_mb: bool) {
     }
 }
 
-fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>) {
+/// Measures every server `rounds` times, taking turns, and keeps each one's median run.
+fn rounds_of(kinds: &[Kind], rounds: usize, mut one: impl FnMut(Kind) -> Option<Row>) -> Vec<Row> {
+    let mut runs: Vec<Vec<Row>> = kinds.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (index, &kind) in kinds.iter().enumerate() {
+            runs[index].extend(one(kind));
+        }
+    }
+    runs.into_iter()
+        .filter_map(|mut rows| {
+            rows.sort_by(|a, b| a.report.rate().total_cmp(&b.report.rate()));
+            let middle = rows.len() / 2;
+            (!rows.is_empty()).then(|| rows.swap_remove(middle))
+        })
+        .collect()
+}
+
+fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>, rounds: usize) {
     let kinds = all_servers(only);
     let plain = PreforkdOptions { workers: 2, per_client: 0 };
     println!("## Results\n");
     println!(
-        "{} s per run, servers one after the other on 127.0.0.1, clients from 127.0.0.2-201; preforkd with 2 workers.",
+        "{} s per run, {rounds} rounds with the servers taking turns (each server's median round is shown), \
+         servers on 127.0.0.1, clients from 127.0.0.2-201; preforkd with 2 workers. \
+         CPU cores: the server's CPU time over the run's wall time.",
         duration.as_secs()
     );
 
     eprintln!("short: {short_clients} loops of connect, 64 B exchange, close");
-    let rows: Vec<Row> = kinds
-        .iter()
-        .filter_map(|&kind| {
-            measure(kind, &plain, |server| {
-                let report = load::short(server.addr, short_clients, 64, duration);
-                (report, balance(server))
-            })
+    let rows = rounds_of(&kinds, rounds, |kind| {
+        measure(kind, &plain, |server| {
+            let report = load::short(server.addr, short_clients, 64, duration);
+            (report, balance(server))
         })
-        .collect();
+    });
     print_rate_table(
         &format!("short: {short_clients} client loops, connect + 64 B echo + close"),
         "conn/s",

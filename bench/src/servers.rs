@@ -17,8 +17,10 @@ use nix::unistd::Pid;
 pub enum Kind {
     /// preforkd with this event backend.
     Preforkd(&'static str),
-    /// xinetd's internal echo service (a process per connection).
+    /// xinetd's internal echo service.
     Xinetd,
+    /// xinetd running `cat` (a process per connection).
+    XinetdCat,
     /// ucspi-tcp's tcpserver running `cat` (a process per connection).
     Tcpserver,
     /// socat in fork mode with PIPE (a process per connection).
@@ -32,16 +34,12 @@ impl Kind {
     pub fn label(self) -> String {
         match self {
             Kind::Preforkd(backend) => format!("preforkd ({backend})"),
-            Kind::Xinetd => "xinetd".into(),
+            Kind::Xinetd => "xinetd (internal echo)".into(),
+            Kind::XinetdCat => "xinetd + cat".into(),
             Kind::Tcpserver => "tcpserver + cat".into(),
             Kind::Socat => "socat fork".into(),
             Kind::Tokio => "tokio (reference)".into(),
         }
-    }
-
-    /// Whether it forks a process per connection.
-    pub fn forks(self) -> bool {
-        matches!(self, Kind::Xinetd | Kind::Tcpserver | Kind::Socat)
     }
 }
 
@@ -65,8 +63,6 @@ pub struct Binaries {
 
 /// A running server.
 pub struct Server {
-    /// What it is.
-    pub kind: Kind,
     /// Where it listens.
     pub addr: SocketAddr,
     child: Child,
@@ -111,14 +107,21 @@ impl Server {
                 config = Some(path);
                 command
             }
-            Kind::Xinetd => {
+            Kind::Xinetd | Kind::XinetdCat => {
+                // No libwrap and no logging: no name lookups; no rate limit (cps).
+                let program = if kind == Kind::Xinetd {
+                    " type = INTERNAL UNLISTED\n id = echo-stream\n"
+                } else {
+                    " type = UNLISTED\n server = /bin/cat\n"
+                };
                 let path = dir.path().join("xinetd.conf");
                 std::fs::write(
                     &path,
                     format!(
-                        "defaults\n{{\n instances = UNLIMITED\n per_source = UNLIMITED\n cps = 1000000 1\n}}\n\
-                         service echo\n{{\n type = INTERNAL UNLISTED\n id = echo-stream\n socket_type = stream\n\
-                         protocol = tcp\n wait = no\n user = root\n bind = 127.0.0.1\n port = {port}\n flags = REUSE\n}}\n"
+                        "defaults\n{{\n log_type = FILE /dev/null\n log_on_success =\n log_on_failure =\n}}\n\
+                         service echo\n{{\n{program} socket_type = stream\n protocol = tcp\n wait = no\n user = root\n\
+                         bind = 127.0.0.1\n port = {port}\n flags = REUSE NOLIBWRAP\n cps = 100000 1\n\
+                         instances = UNLIMITED\n per_source = UNLIMITED\n}}\n"
                     ),
                 )?;
                 let mut command = Command::new("xinetd");
@@ -166,7 +169,7 @@ impl Server {
             // Drain stdout so the server never blocks on it.
             thread::spawn(move || for _ in BufReader::new(out).lines() {});
         }
-        let server = Server { kind, addr, child, config, _dir: dir };
+        let server = Server { addr, child, config, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             if Instant::now() > deadline {
@@ -244,9 +247,11 @@ impl Server {
             .sum()
     }
 
-    /// Stops the server: SIGTERM to its pid, then SIGKILL to its group.
+    /// Stops the server: SIGTERM to its pid, then SIGKILL to its group and to any
+    /// descendant that left it.
     pub fn stop(mut self) {
         let pid = Pid::from_raw(self.child.id() as i32);
+        let descendants = self.members();
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -256,6 +261,9 @@ impl Server {
             thread::sleep(Duration::from_millis(20));
         }
         let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+        for member in descendants.into_iter().filter(|m| *m != pid.as_raw()) {
+            let _ = kill(Pid::from_raw(member), Signal::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -277,8 +285,6 @@ pub struct WorkerRow {
     pub ready: bool,
     /// Connections accepted.
     pub accepted: u64,
-    /// Worker pid.
-    pub pid: i32,
 }
 
 /// The worker rows of `preforkd status -c config`.
@@ -293,11 +299,7 @@ pub fn status(binary: &Path, config: &Path) -> Option<Vec<WorkerRow>> {
             .skip(2)
             .filter_map(|line| {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                Some(WorkerRow {
-                    pid: f.get(1)?.parse().ok()?,
-                    ready: *f.get(3)? == "ready",
-                    accepted: f.get(5)?.parse().ok()?,
-                })
+                Some(WorkerRow { ready: *f.get(3)? == "ready", accepted: f.get(5)?.parse().ok()? })
             })
             .collect(),
     )

@@ -134,7 +134,24 @@ struct Worker<'a> {
     accept_paused_until: Option<Instant>,
     refusal_log: RateLimit,
     accept_error_log: RateLimit,
+    /// Counters not yet published on the scoreboard (published at most every
+    /// [`PUBLISH_INTERVAL`], so the hot path writes no shared memory).
+    unpublished: Unpublished,
+    last_published: Instant,
 }
+
+/// Scoreboard counters gathered since the last [`Worker::publish`].
+#[derive(Debug, Default)]
+struct Unpublished {
+    bytes_in: u64,
+    bytes_out: u64,
+    accepted: u64,
+    /// Anything happened (the open count may have changed too).
+    dirty: bool,
+}
+
+/// How often a busy worker publishes its heartbeat and counters on the scoreboard.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 impl<'a> Worker<'a> {
     fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
@@ -178,6 +195,8 @@ impl<'a> Worker<'a> {
             accept_paused_until: None,
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
+            unpublished: Unpublished::default(),
+            last_published: Instant::now(),
         })
     }
 
@@ -189,12 +208,18 @@ impl<'a> Worker<'a> {
                 log::error!("cannot watch the listeners: {error}");
                 return WORKER_RUNTIME_FAILURE;
             }
-            self.score().beat();
+            if now.saturating_duration_since(self.last_published) >= PUBLISH_INTERVAL {
+                self.publish(now);
+            }
             let deadline = self.next_deadline();
             let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
             if let Some(beat) = self.context.heartbeat {
                 // Wake up often enough to prove to the master that this loop still turns.
                 timeout = Some(timeout.map_or(beat, |t| t.min(beat)));
+            }
+            if self.unpublished.dirty {
+                // Counters from the last burst reach the scoreboard soon after it ends.
+                timeout = Some(timeout.map_or(PUBLISH_INTERVAL, |t| t.min(PUBLISH_INTERVAL)));
             }
             if let Err(error) = self.poller.wait(timeout, &mut events) {
                 log::error!("waiting for readiness failed: {error}");
@@ -231,6 +256,18 @@ impl<'a> Worker<'a> {
 
     fn score(&self) -> &WorkerScore {
         self.context.scoreboard.slot(self.context.slot)
+    }
+
+    /// Heartbeat and counters to the scoreboard.
+    fn publish(&mut self, now: Instant) {
+        let totals = std::mem::take(&mut self.unpublished);
+        let score = self.score();
+        score.beat();
+        score.bytes_in.fetch_add(totals.bytes_in, Ordering::Relaxed);
+        score.bytes_out.fetch_add(totals.bytes_out, Ordering::Relaxed);
+        score.accepted.fetch_add(totals.accepted, Ordering::Relaxed);
+        score.open.store(self.open as u64, Ordering::Relaxed);
+        self.last_published = now;
     }
 
     fn listener_index(&self, fd: RawFd) -> Option<usize> {
@@ -451,9 +488,8 @@ impl<'a> Worker<'a> {
         self.next_serial += 1;
         self.schedule(slot);
         self.open += 1;
-        let score = self.score();
-        score.accepted.fetch_add(1, Ordering::Relaxed);
-        score.open.store(self.open as u64, Ordering::Relaxed);
+        self.unpublished.accepted += 1;
+        self.unpublished.dirty = true;
     }
 
     /// Turns away a connection just accepted (its socket closes when the caller drops it).
@@ -488,9 +524,9 @@ impl<'a> Worker<'a> {
             }
         };
         conn.record(progress, now);
-        let score = self.context.scoreboard.slot(self.context.slot);
-        score.bytes_in.fetch_add(progress.bytes_in, Ordering::Relaxed);
-        score.bytes_out.fetch_add(progress.bytes_out, Ordering::Relaxed);
+        self.unpublished.bytes_in += progress.bytes_in;
+        self.unpublished.bytes_out += progress.bytes_out;
+        self.unpublished.dirty = true;
         // A connection already bound to close (keep-alive refused, draining) is not promoted.
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
@@ -608,7 +644,6 @@ impl<'a> Worker<'a> {
         // Unwatch before the descriptor is closed (the poller's contract).
         let _ = self.poller.set(fd as RawFd, Interest::NONE);
         self.open -= 1;
-        self.score().open.store(self.open as u64, Ordering::Relaxed);
         if let Some(ticket) = conn.ticket
             && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
         {
