@@ -56,6 +56,9 @@ impl Listener {
         let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))
             .map_err(fail("create a socket for"))?;
         socket.set_reuse_address(true).map_err(fail("set SO_REUSEADDR on"))?;
+        if config.reuseport {
+            socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT on"))?;
+        }
         if address.is_ipv6() {
             socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY on"))?;
         }
@@ -112,6 +115,32 @@ impl Listener {
         Ok(Listener { config: config.clone(), local_addr, id, socket })
     }
 
+    /// A socket of the calling worker's own on the same address, with `SO_REUSEPORT`, for
+    /// `reuseport = true`: the kernel spreads new connections over every such socket.
+    ///
+    /// # Errors
+    /// [`BindError`] if it cannot be created or bound (the shared socket must have been bound
+    /// with `SO_REUSEPORT` by the same user).
+    pub fn bind_own(&self) -> Result<TcpListener, BindError> {
+        let address = self.local_addr;
+        let fail = |step: &'static str| {
+            let name = self.config.name.clone();
+            move |source: io::Error| BindError { step, address, name, source }
+        };
+        let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))
+            .map_err(fail("create a socket for"))?;
+        socket.set_reuse_address(true).map_err(fail("set SO_REUSEADDR on"))?;
+        socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT on"))?;
+        if address.is_ipv6() {
+            socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY on"))?;
+        }
+        socket.bind(&address.into()).map_err(fail("bind a worker's own socket to"))?;
+        let backlog = i32::try_from(self.config.backlog.get()).unwrap_or(i32::MAX);
+        socket.listen(backlog).map_err(fail("listen on"))?;
+        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
+        Ok(TcpListener::from(socket))
+    }
+
     /// Lets the socket survive execve(2), for handing it to a new binary (in the forked
     /// child only: the flag is per descriptor).
     ///
@@ -147,6 +176,7 @@ mod tests {
             max_connections_per_client: None,
             max_long_connections_per_client: None,
             tcp_nodelay: true,
+            reuseport: false,
         }
     }
 

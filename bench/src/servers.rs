@@ -87,7 +87,11 @@ impl Server {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
         let mut config = None;
         let mut command = match kind {
-            Kind::Preforkd(backend) => {
+            Kind::Preforkd(variant) => {
+                let (backend, reuseport) = match variant.strip_suffix(" + reuseport") {
+                    Some(backend) => (backend, true),
+                    None => (variant, false),
+                };
                 let max = if backend == "select" { 1000 } else { 30000 };
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"{backend}\"\nmax_connections_per_worker = {max}\n\
@@ -95,7 +99,7 @@ impl Server {
                      [log]\nlevel = \"warn\"\naccess_log = false\n\
                      [[listener]]\nname = \"echo\"\naddress = \"{addr}\"\nservice = \"echo\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
-                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\n",
+                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\nreuseport = {reuseport}\n",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
                     options.per_client

@@ -98,6 +98,8 @@ pub struct ListenerSection {
     pub max_long_connections_per_client: Option<Spanned<i64>>,
     /// TCP_NODELAY on accepted connections.
     pub tcp_nodelay: Option<Spanned<bool>>,
+    /// One SO_REUSEPORT socket per worker.
+    pub reuseport: Option<Spanned<bool>>,
 }
 
 /// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
@@ -131,6 +133,7 @@ pub const KEYS: &[&str] = &[
     "listener.max_connections_per_client",
     "listener.max_long_connections_per_client",
     "listener.tcp_nodelay",
+    "listener.reuseport",
 ];
 
 /// `workers = 4` or `workers = "auto"`.

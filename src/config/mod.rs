@@ -169,6 +169,12 @@ pub struct ListenerConfig {
     /// Set `TCP_NODELAY` on accepted connections, so small answers are not held back by
     /// Nagle's algorithm waiting for the client's delayed ACK. Default `true`.
     pub tcp_nodelay: bool,
+    /// Each worker also binds a socket of its own with `SO_REUSEPORT`, and the kernel spreads
+    /// new connections over those sockets and the shared one. Trade-off: connections queued
+    /// on a worker's own socket when it closes are reset unless `net.ipv4.tcp_migrate_req`
+    /// is 1 (the worker accepts what is queued when it stops accepting, but a connection can
+    /// still land in between). Default `false`.
+    pub reuseport: bool,
 }
 
 impl ListenerConfig {

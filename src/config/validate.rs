@@ -453,6 +453,7 @@ fn validate_listener(
         max_connections_per_client: NonZeroU32::new(per_client as u32),
         max_long_connections_per_client: NonZeroU32::new(long_per_client as u32),
         tcp_nodelay: section.tcp_nodelay.as_ref().is_none_or(|v| *v.get_ref()),
+        reuseport: section.reuseport.as_ref().is_some_and(|v| *v.get_ref()),
     })
 }
 

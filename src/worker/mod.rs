@@ -126,8 +126,11 @@ struct Worker<'a> {
     /// they are checked when they come due, so activity costs no heap operation.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_serial: u64,
-    /// Listeners found ready in the current turn (kept to avoid an allocation per turn).
-    ready_listeners: Vec<usize>,
+    /// Listening sockets found ready in the current turn, with their listener index (kept
+    /// to avoid an allocation per turn).
+    ready_listeners: Vec<(RawFd, usize)>,
+    /// `reuseport`: this worker's own sockets, with their listener index.
+    own_listeners: Vec<(std::net::TcpListener, usize)>,
     open: usize,
     accepting: bool,
     draining: bool,
@@ -157,6 +160,13 @@ impl<'a> Worker<'a> {
     fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
         let signals = Signals::install(WORKER_SIGNALS)?;
         signals::unblock(MASTER_SIGNALS)?;
+        // Before dropping privileges: a port below 1024 needs them.
+        let mut own_listeners = Vec::new();
+        for (index, listener) in context.listeners.iter().enumerate() {
+            if listener.config.reuseport {
+                own_listeners.push((listener.bind_own().map_err(io::Error::other)?, index));
+            }
+        }
         if let Some(credentials) = &context.credentials {
             credentials.apply().map_err(|e| {
                 io::Error::other(format!("switching to user {}: {e}", credentials.user))
@@ -189,6 +199,7 @@ impl<'a> Worker<'a> {
             timers: BinaryHeap::new(),
             next_serial: 0,
             ready_listeners: Vec::new(),
+            own_listeners,
             open: 0,
             accepting: false,
             draining: false,
@@ -233,7 +244,7 @@ impl<'a> Worker<'a> {
                         return status;
                     }
                 } else if let Some(index) = self.listener_index(event.fd) {
-                    self.ready_listeners.push(index);
+                    self.ready_listeners.push((event.fd, index));
                 } else {
                     self.on_ready(*event, now);
                 }
@@ -241,7 +252,8 @@ impl<'a> Worker<'a> {
             // Accept last, so that no event of this round can refer to a reused descriptor.
             for i in 0..self.ready_listeners.len() {
                 if self.accepting {
-                    self.accept(self.ready_listeners[i], now);
+                    let (fd, index) = self.ready_listeners[i];
+                    self.accept(fd, index, now);
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -270,8 +282,20 @@ impl<'a> Worker<'a> {
         self.last_published = now;
     }
 
+    /// The listener index of a listening descriptor (shared or this worker's own).
     fn listener_index(&self, fd: RawFd) -> Option<usize> {
-        self.context.listeners.iter().position(|l| l.as_raw_fd() == fd)
+        self.context.listeners.iter().position(|l| l.as_raw_fd() == fd).or_else(|| {
+            self.own_listeners
+                .iter()
+                .find(|(own, _)| own.as_raw_fd() == fd)
+                .map(|(_, index)| *index)
+        })
+    }
+
+    /// Every listening descriptor this worker accepts from.
+    fn listening_fds(&self) -> Vec<RawFd> {
+        let shared = self.context.listeners.iter().map(AsRawFd::as_raw_fd);
+        shared.chain(self.own_listeners.iter().map(|(own, _)| own.as_raw_fd())).collect()
     }
 
     /// Watches the listeners while the worker has room and is not pausing; stops otherwise.
@@ -284,8 +308,8 @@ impl<'a> Worker<'a> {
             && self.open < self.context.config.daemon.max_connections_per_worker.get();
         if want != self.accepting {
             let interest = if want { Interest::ACCEPT } else { Interest::NONE };
-            for listener in &self.context.listeners {
-                self.poller.set(listener.as_raw_fd(), interest)?;
+            for fd in self.listening_fds() {
+                self.poller.set(fd, interest)?;
             }
             self.accepting = want;
         }
@@ -357,15 +381,23 @@ impl<'a> Worker<'a> {
     }
 
     fn start_drain(&mut self) {
+        // Connections queued on this worker's own sockets would be lost with them: take them
+        // in first (they are served, then closed like the others).
+        let now = Instant::now();
+        for i in 0..self.own_listeners.len() {
+            let (fd, index) = (self.own_listeners[i].0.as_raw_fd(), self.own_listeners[i].1);
+            self.accept(fd, index, now);
+        }
         self.draining = true;
         self.score().set_state(SlotState::Draining);
-        for listener in &self.context.listeners {
-            let _ = self.poller.set(listener.as_raw_fd(), Interest::NONE);
+        for fd in self.listening_fds() {
+            let _ = self.poller.set(fd, Interest::NONE);
         }
         self.accepting = false;
         // Close this worker's copies: once every process has, clients are refused at once
         // instead of waiting in a backlog nobody accepts from.
         self.context.listeners.clear();
+        self.own_listeners.clear();
         log::info!("graceful stop: no longer accepting; {} connection(s) open", self.open);
         // Each connection closes once at rest and quiet (see `drain_deadline`); those already
         // quiet go on the next turn of the loop.
@@ -390,13 +422,14 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn accept(&mut self, index: usize, now: Instant) {
+    /// Accepts a batch from listening descriptor `fd`, which serves listener `index`.
+    fn accept(&mut self, fd: RawFd, index: usize, now: Instant) {
         let max = self.context.config.daemon.max_connections_per_worker.get();
         for _ in 0..ACCEPT_BATCH {
             if self.open >= max {
                 return;
             }
-            let accepted = crate::sys::accept_nonblocking(&self.context.listeners[index]);
+            let accepted = crate::sys::accept_nonblocking(&fd);
             match accepted {
                 Ok((stream, peer)) => self.admit(index, stream, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -412,7 +445,7 @@ impl<'a> Worker<'a> {
                     if let Some(held_back) = self.accept_error_log.allow(now) {
                         log::error!(
                             "accept on {} failed: {e}; pausing accept for {ACCEPT_PAUSE:?} ({held_back} similar errors not logged)",
-                            self.context.listeners[index].config.name
+                            self.context.config.listeners[index].name
                         );
                     }
                     return;

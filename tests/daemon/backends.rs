@@ -94,3 +94,42 @@ fn epoll_holds_more_connections_than_select_can_watch() {
         assert_eq!(exchange(stream, b"still", QUICK), Outcome::Echoed, "connection {i}");
     }
 }
+
+/// Listening sockets on 127.0.0.1:`port`, from /proc/net/tcp.
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")
+        })
+        .count()
+}
+
+#[test]
+fn reuseport_gives_each_worker_a_socket_and_spreads_connections() {
+    let daemon = Daemon::start(&echo_config(
+        2,
+        "event_backend = \"epoll\"",
+        "reuseport = true\nmax_connections_per_client = 0\nmax_long_connections_per_client = 0",
+    ));
+    assert_eq!(listening_sockets(daemon.addr().port()), 3, "the shared socket and one per worker");
+    let mut streams: Vec<_> =
+        (0..40u8).map(|i| connect_from(Ipv4Addr::new(127, 0, 3, i + 1), daemon.addr())).collect();
+    for stream in &mut streams {
+        assert_eq!(exchange(stream, b"spread", QUICK), Outcome::Echoed);
+    }
+    drop(streams);
+    let lines =
+        daemon.wait_for_lines("40 access lines", 40, |l| l.contains("access listener=echo"));
+    let workers: std::collections::HashSet<i32> = lines.iter().map(|l| pid_of(l)).collect();
+    assert_eq!(workers.len(), 2, "both workers served: {workers:?}");
+    // A graceful stop closes the workers' own sockets with the shared one.
+    let mut daemon = daemon;
+    daemon.signal(nix::sys::signal::Signal::SIGQUIT);
+    assert_eq!(code(daemon.wait_exit(PATIENCE).expect("exits")), 0);
+    assert_eq!(listening_sockets(daemon.addr().port()), 0);
+}
