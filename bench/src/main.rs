@@ -293,8 +293,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for &kind in &kinds {
-        let scalable =
-            matches!(kind, Kind::Preforkd("epoll") | Kind::Preforkd("poll") | Kind::Tokio);
+        let scalable = matches!(kind, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
         let count = if scalable { idle } else { idle.min(1000) };
         let options = PreforkdOptions { workers: 1, per_client: 0 };
         let Ok(server) = Server::start(kind, &binaries(), &options) else { continue };

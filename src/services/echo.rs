@@ -33,6 +33,9 @@ impl Echo {
         Self::default()
     }
 
+    /// Reads what fits. True when the read filled the free space, so more may be waiting; a
+    /// short read means the socket is drained, and the next read would only say
+    /// `WouldBlock` (the poller is level-triggered: new data wakes the loop again).
     fn read_some(&mut self, io: &mut dyn Transport, progress: &mut Progress) -> io::Result<bool> {
         if self.peer_closed {
             return Ok(false);
@@ -58,10 +61,11 @@ impl Echo {
                     Ok(false)
                 }
                 Ok(n) => {
+                    let filled = self.end + n == self.buffer.len();
                     self.end += n;
                     self.unanswered = true;
                     progress.bytes_in += n as u64;
-                    Ok(true)
+                    Ok(filled)
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),

@@ -338,6 +338,9 @@ fn a_reload_that_shortens_worker_timeout_does_not_abort_healthy_workers() {
     daemon.rewrite_config(&controlled_config(1, "worker_timeout = \"1s\"", ""));
     let (status, _, stderr) = daemon.control("reload");
     assert_eq!(code(status), 0, "{stderr}");
+    // Only generation 2 from now on (an old worker may still take a connection just before
+    // it stops accepting, and close it as idle while it drains).
+    daemon.wait_for_log("the old worker is gone", |l| l.contains("generation 1): "));
     // Three timeouts of idleness: a worker still beating at the old pace would be aborted.
     let mut stream = connect(daemon.addr());
     assert!(!closed_within(&mut stream, Duration::from_secs(3)), "the idle connection survives");
