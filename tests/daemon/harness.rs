@@ -442,6 +442,21 @@ pub struct LoadReport {
     pub failures: Vec<String>,
 }
 
+impl LoadReport {
+    /// Panics unless nothing failed and at least `min_exchanges` exchanges were echoed.
+    pub fn assert_clean(&self, min_exchanges: u64) {
+        assert!(self.failures.is_empty(), "{} failures: {:#?}", self.failures.len(), self.failures);
+        assert!(self.exchanges >= min_exchanges, "too little load to prove anything: {self:?}");
+    }
+}
+
+/// The new master's pid from `preforkd upgrade`'s answer.
+pub fn new_master_pid(stdout: &str) -> i32 {
+    let rest = stdout.split("new master pid ").nth(1);
+    rest.and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no new master pid in {stdout:?}"))
+}
+
 /// Client loops against `addr` until stopped: `short` loops of connect, 64-byte exchange,
 /// close; and `long` loops that keep a connection and do an exchange every `pause`.
 pub struct Load {

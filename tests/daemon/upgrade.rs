@@ -22,12 +22,7 @@ fn usr2_upgrade_under_load_loses_nothing_then_the_old_master_leaves() {
     let load = Load::start(daemon.addr(), 4, 4, Duration::from_millis(200));
     let (status, stdout, stderr) = daemon.control("upgrade");
     assert_eq!(code(status), 0, "{stderr}");
-    let new: i32 = stdout
-        .split("new master pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    let new = new_master_pid(&stdout);
     assert_ne!(new, old.as_raw());
     let pid_file = daemon.dir().join("preforkd.pid");
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), new.to_string());
@@ -47,13 +42,7 @@ fn usr2_upgrade_under_load_loses_nothing_then_the_old_master_leaves() {
         exchange(&mut stream, b"new", QUICK) == Outcome::Echoed
     });
     let report = load.finish();
-    assert!(
-        report.failures.is_empty(),
-        "{} failures: {:#?}",
-        report.failures.len(),
-        report.failures
-    );
-    assert!(report.exchanges > 50, "too little load: {report:?}");
+    report.assert_clean(51);
     let (_, status, _) = daemon.control("status");
     assert!(status.starts_with(&format!("master pid {new},")), "{status}");
     let (status, _, stderr) = daemon.control("stop");
@@ -169,8 +158,7 @@ fn after_winch_the_old_master_resumes_when_the_new_one_dies_or_on_reload() {
     let old = daemon.pid();
     let (status, stdout, stderr) = daemon.control("upgrade");
     assert_eq!(code(status), 0, "{stderr}");
-    let new: i32 =
-        stdout.split("new master pid ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let new = new_master_pid(&stdout);
     daemon.signal(Signal::SIGWINCH);
     daemon.wait_for_log("old workers stop", |l| l.contains("SIGWINCH: stopping 1 workers"));
     // The new master dies badly: the old one takes its pid file back and serves again.
