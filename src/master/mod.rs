@@ -748,11 +748,8 @@ impl Master {
             log::warn!("SIGTTIN ignored: all {} worker slots are in use", self.slots.len());
             return;
         };
-        let entry = &mut self.slots[slot];
-        entry.role = Role::Serving;
-        entry.generation = self.generation;
-        entry.failures = 0;
-        entry.respawn_at = Some(Instant::now());
+        self.slots[slot].serve(self.generation);
+        self.slots[slot].respawn_at = Some(Instant::now());
         let target = self.serving_count();
         self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
         log::info!("SIGTTIN: {target} workers");
@@ -779,9 +776,7 @@ impl Master {
     }
 
     fn free_slot(&self) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|slot| slot.role == Role::Free && slot.pid.is_none() && !slot.needs_reclaim)
+        self.slots.iter().position(WorkerSlot::is_free)
     }
 
     /// Tells a slot's worker to stop, gracefully (QUIT, KILL after `graceful_timeout`) or

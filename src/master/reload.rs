@@ -59,11 +59,7 @@ impl Master {
             Ok(new) => new,
             Err(reason) => return self.reload_failed(&reason),
         };
-        let free = self
-            .slots
-            .iter()
-            .filter(|s| s.role == Role::Free && s.pid.is_none() && !s.needs_reclaim)
-            .count();
+        let free = self.slots.iter().filter(|s| s.is_free()).count();
         let wanted = new.daemon.workers.get();
         if wanted > self.slots.len() / super::SLOT_HEADROOM {
             return self.reload_failed(&format!(
@@ -127,10 +123,7 @@ impl Master {
         log::info!("generation {} starting: {wanted} workers", self.generation);
         for _ in 0..wanted {
             let Some(slot) = self.free_slot() else { break };
-            let entry = &mut self.slots[slot];
-            entry.role = Role::Serving;
-            entry.generation = self.generation;
-            entry.failures = 0;
+            self.slots[slot].serve(self.generation);
             if let Err(error) = self.spawn(slot, now) {
                 self.slots[slot].role = Role::Free;
                 return self.rollback(&format!("could not fork a worker: {error}"));
@@ -269,11 +262,8 @@ impl Master {
         }
         while serving < target {
             let Some(slot) = self.free_slot() else { break };
-            let entry = &mut self.slots[slot];
-            entry.role = Role::Serving;
-            entry.generation = self.generation;
-            entry.failures = 0;
-            entry.respawn_at = Some(now);
+            self.slots[slot].serve(self.generation);
+            self.slots[slot].respawn_at = Some(now);
             serving += 1;
         }
     }

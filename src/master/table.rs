@@ -64,6 +64,19 @@ pub struct WorkerSlot {
 }
 
 impl WorkerSlot {
+    /// Unused and reusable: no worker, not serving, no per-client records left to release.
+    pub fn is_free(&self) -> bool {
+        self.role == Role::Free && self.pid.is_none() && !self.needs_reclaim
+    }
+
+    /// Makes the slot part of `generation`'s pool, with a fresh crash-loop count; the caller
+    /// forks its worker or sets `respawn_at`.
+    pub fn serve(&mut self, generation: u64) {
+        self.role = Role::Serving;
+        self.generation = generation;
+        self.failures = 0;
+    }
+
     /// Records an exit at `now` and, while running, schedules the replacement: at once after
     /// a healthy life, with exponential backoff (and `jitter`, from 0 to 1) in a crash loop.
     /// Returns the delay chosen.

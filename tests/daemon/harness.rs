@@ -585,3 +585,14 @@ fn long_loop(
     }
     report
 }
+
+/// Kills the process group of a daemon a test started itself (outside [`Daemon`]) when the
+/// test ends, however it ends.
+pub struct GroupGuard(pub Child);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}

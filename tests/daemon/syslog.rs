@@ -2,25 +2,13 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::harness::*;
-
-/// Kills the daemon's process group if the test ends early.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
-            let _ = self.0.wait();
-        }
-    }
-}
 
 #[test]
 fn syslog_target_sends_rfc3164_with_facility_and_each_process_pid() {
@@ -45,7 +33,7 @@ fn syslog_target_sends_rfc3164_with_facility_and_each_process_pid() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let mut daemon = Guard(child);
+    let mut daemon = GroupGuard(child);
     let master = daemon.0.id();
 
     let deadline = Instant::now() + PATIENCE;

@@ -1,7 +1,7 @@
 //! Binary upgrade (USR2, WINCH, QUIT) and log file reopening (USR1).
 
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -74,16 +74,6 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
     assert_eq!(exchange(&mut stream, b"still here", QUICK), Outcome::Echoed);
 }
 
-/// Kills the daemon's process group if the test ends early.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
 fn access_lines(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path)
         .map_or(0, |text| text.lines().filter(|l| l.contains(" access ")).count())
@@ -111,7 +101,7 @@ fn usr1_after_the_log_file_is_moved_writes_a_new_file_and_loses_nothing() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let _guard = Guard(child);
+    let _guard = GroupGuard(child);
     eventually("two workers started", || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.matches("worker started").count() == 2)
     });
