@@ -21,14 +21,16 @@ use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
 use crate::scoreboard::{self, Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::services::Registry;
 
 /// How long `reload`, `reopen` and `upgrade` wait for the outcome.
 pub const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Runs a control command against the daemon of `config_path`.
-pub fn run(command: Command, config_path: &Path) -> ExitStatus {
-    match execute(command, config_path) {
+/// Runs a control command against the daemon of `config_path`, whose `service` names are
+/// those of `services`.
+pub fn run(command: Command, config_path: &Path, services: &Registry) -> ExitStatus {
+    match execute(command, config_path, services) {
         Ok(message) => {
             let _ = writeln!(std::io::stdout(), "{message}");
             ExitStatus::Ok
@@ -55,8 +57,9 @@ fn name(command: Command) -> &'static str {
 
 type Outcome = Result<String, (ExitStatus, String)>;
 
-fn execute(command: Command, config_path: &Path) -> Outcome {
-    let config = config::load(config_path).map_err(|e| (e.exit_status(), e.to_string()))?;
+fn execute(command: Command, config_path: &Path, services: &Registry) -> Outcome {
+    let config =
+        config::load(config_path, services).map_err(|e| (e.exit_status(), e.to_string()))?;
     let pid_path = config.daemon.pid_file.clone().ok_or_else(|| {
         (
             ExitStatus::Config,

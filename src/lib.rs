@@ -1,52 +1,90 @@
-//! preforkd: a preforking TCP server daemon.
+//! preforkd: a preforking TCP server daemon, and a library to run your own protocol under it.
 //!
-//! A master process reads a TOML configuration, binds every listener, creates a shared-memory
-//! region for per-client limits, and forks a pool of worker processes. Each worker runs a
-//! `select(2)` readiness loop over the shared listening sockets and its own connections. The
-//! master never serves clients: it supervises (reap, respawn with backoff, fast and graceful
-//! stop) and reclaims the per-client counts of workers that die.
+//! A master process reads a TOML configuration, binds every listener, and forks a pool of
+//! worker processes; each runs a readiness loop (`select(2)`, `poll(2)` or `epoll(7)`) over
+//! the shared listening sockets and its connections. The master supervises: signals, reload
+//! by generation, binary upgrade, hung and crashed workers, systemd. Workers apply the
+//! listener's policy (per-client limits exact across workers, short and long idle timeouts,
+//! graceful drain) to every connection, whatever its service.
 //!
-//! The crate is both the `preforkd` binary and a library, so that the pieces (configuration,
-//! limits table, services) can be tested and reused on their own.
+//! # Your own service
+//!
+//! A service makes a [`services::Session`] per connection; for a line protocol,
+//! [`services::Lines`] does the I/O and a [`services::LineHandler`] says what to answer.
+//! Register it by name and the program is the whole daemon (`run`, `check`, `reload`,
+//! `status` ...) with `service = "upper"` available in `[[listener]]` blocks, and the
+//! listener's `[listener.options]` read by your build function:
+//!
+//! ```no_run
+//! use preforkd::services::{ConnInfo, Invalid, LineAction, LineHandler, Lines, Options};
+//! use preforkd::services::{Service, Session};
+//!
+//! /// `[listener.options]` of an `upper` listener.
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct UpperOptions {
+//!     /// Longest line in bytes; default 1024.
+//!     max_line: Option<usize>,
+//! }
+//!
+//! /// Answers every line with the same line in capitals.
+//! struct Upper {
+//!     max_line: usize,
+//! }
+//!
+//! impl Upper {
+//!     fn from_options(options: &mut Options<'_>) -> Result<Upper, Invalid> {
+//!         let max_line = options.parse::<UpperOptions>()?.max_line.unwrap_or(1024);
+//!         if max_line == 0 {
+//!             options.report("max_line", "must be at least 1");
+//!         }
+//!         options.finish(Upper { max_line })
+//!     }
+//! }
+//!
+//! impl Service for Upper {
+//!     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
+//!         Box::new(Lines::new(Shout, self.max_line))
+//!     }
+//! }
+//!
+//! struct Shout;
+//!
+//! impl LineHandler for Shout {
+//!     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+//!         out.extend(line.to_ascii_uppercase());
+//!         out.extend(b"\r\n");
+//!         LineAction::Continue
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     preforkd::Daemon::new().service("upper", Upper::from_options).main()
+//! }
+//! ```
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-/// Socket activation: listening sockets passed by systemd (LISTEN_FDS).
 pub mod activation;
-/// Command-line interface (clap derive): `run`, `check`, `-c FILE`, `-t`.
 pub mod cli;
-/// TOML configuration: the file mirror, validation into real types, and error reporting.
 pub mod config;
-/// Control commands (`reload`, `stop`, `quit`, `reopen`, `upgrade`, `status`) for a running master.
 pub mod control;
-/// Classic daemon mode: double fork, setsid, readiness reported to the starting process.
+pub mod daemon;
 pub mod daemonize;
-/// Process exit statuses (sysexits(3)) of the master and of workers.
 pub mod exit;
-/// Shared-memory per-client connection accounting, exact across workers.
 pub mod limits;
-/// Binding listening sockets: address, backlog, `SO_REUSEADDR`, non-blocking, close-on-exec.
 pub mod listener;
-/// Log targets (stderr, syslog) behind the `log` facade, with role and pid on every line.
 pub mod logging;
-/// The master process: supervision loop, worker table, spawn/reap/respawn, stop.
 pub mod master;
-/// The pid file: atomic write, flock, stale detection.
 pub mod pidfile;
-/// Readiness backends (`select(2)`) behind one small trait.
 pub mod poller;
-/// Worker credentials (user, group) and the master's descriptor limit.
 pub mod privileges;
-/// Shared-memory scoreboard of the master and workers, readable by `preforkd status`.
 pub mod scoreboard;
-/// sd_notify(3) readiness, reload, stop and watchdog messages to systemd.
 pub mod sdnotify;
-/// Built-in services (RFC 862 echo) behind the `Service` trait.
 pub mod services;
-/// Signal handlers that only record, drained by a loop through a self-pipe.
 pub mod signals;
-/// The few raw system calls nix does not wrap.
 pub mod sys;
-/// The worker process: readiness loop, connections, idle deadlines.
 pub mod worker;
+
+pub use daemon::Daemon;

@@ -163,13 +163,12 @@ mod tests {
     use std::num::NonZeroU32;
 
     use super::*;
-    use crate::services::ServiceKind;
 
     fn config(address: &str) -> ListenerConfig {
         ListenerConfig {
             name: "t".into(),
             address: address.parse().unwrap(),
-            service: ServiceKind::Echo,
+            service: crate::services::ServiceConfig::builtin("echo").unwrap(),
             backlog: NonZeroU32::new(16).unwrap(),
             short_idle_timeout: None,
             long_idle_timeout: None,

@@ -100,6 +100,8 @@ pub struct ListenerSection {
     pub tcp_nodelay: Option<Spanned<bool>>,
     /// One SO_REUSEPORT socket per worker.
     pub reuseport: Option<Spanned<bool>>,
+    /// `[listener.options]`: the service's own options, read by the service.
+    pub options: Option<Spanned<toml::Table>>,
 }
 
 /// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
@@ -134,6 +136,7 @@ pub const KEYS: &[&str] = &[
     "listener.max_long_connections_per_client",
     "listener.tcp_nodelay",
     "listener.reuseport",
+    "listener.options",
 ];
 
 /// `workers = 4` or `workers = "auto"`.
@@ -182,8 +185,11 @@ pub struct RawIssue {
 /// unknown key and wrongly typed value instead of stopping at the first.
 ///
 /// Returns the configuration with the offending entries left out (`None` when the document
-/// could not be read at all) and the problems found, in the order found.
-pub fn read(source: &str) -> (Option<FileConfig>, Vec<RawIssue>) {
+/// could not be read at all), the `[listener.options]` table of each listener (with spans, for
+/// the services to read; `None` where absent), and the problems found, in the order found.
+pub fn read(
+    source: &str,
+) -> (Option<FileConfig>, Vec<Option<Spanned<DeTable<'_>>>>, Vec<RawIssue>) {
     let (mut document, errors) = DeTable::parse_recoverable(source);
     if !errors.is_empty() {
         let issues = errors
@@ -194,25 +200,57 @@ pub fn read(source: &str) -> (Option<FileConfig>, Vec<RawIssue>) {
                 message: e.message().trim().to_owned(),
             })
             .collect();
-        return (None, issues);
+        return (None, Vec::new(), issues);
     }
     let mut issues = Vec::new();
-    // Each round removes one entry, so the loop ends; the bound is a second guard.
-    for _ in 0..=source.len() {
-        match FileConfig::deserialize(Deserializer::from(document.clone())) {
-            Ok(config) => return (Some(config), issues),
+    let config = deserialize_collecting(&mut document, "", source.len(), &mut issues);
+    let options = match document.get_ref().get("listener").map(|l| l.get_ref()) {
+        Some(DeValue::Array(listeners)) => listeners
+            .iter()
+            .map(|listener| match listener.get_ref() {
+                DeValue::Table(table) => table.get("options").and_then(|options| {
+                    let span = options.span();
+                    match options.get_ref() {
+                        DeValue::Table(options) => Some(Spanned::new(span, options.clone())),
+                        _ => None,
+                    }
+                }),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (config, options, issues)
+}
+
+/// Deserializes `T` from `document`, removing each offending entry and trying again until the
+/// rest deserializes, so that every unknown key and wrongly typed value is reported (serde
+/// stops at the first). Key paths start with `prefix`. `None` when what is left cannot be
+/// deserialized at all (a required field is missing).
+///
+/// Each round removes one entry, so the loop ends; `max_rounds` (the source's length bounds
+/// the number of entries) is a second guard.
+pub(crate) fn deserialize_collecting<T: serde::de::DeserializeOwned>(
+    document: &mut Spanned<DeTable<'_>>,
+    prefix: &str,
+    max_rounds: usize,
+    issues: &mut Vec<RawIssue>,
+) -> Option<T> {
+    for _ in 0..=max_rounds {
+        match T::deserialize(Deserializer::from(document.clone())) {
+            Ok(value) => return Some(value),
             Err(error) => {
-                let span = error.span().unwrap_or(0..0);
-                let removed = remove_entry_at(document.get_mut(), &span, "");
-                let key = removed.clone().unwrap_or_else(|| "(document)".to_owned());
+                let span = error.span().unwrap_or_else(|| document.span());
+                let removed = remove_entry_at(document.get_mut(), &span, prefix);
+                let key = removed.clone().unwrap_or_else(|| {
+                    if prefix.is_empty() { "(document)".to_owned() } else { prefix.to_owned() }
+                });
                 issues.push(RawIssue { span, key, message: error.message().trim().to_owned() });
-                if removed.is_none() {
-                    return (None, issues);
-                }
+                removed.as_ref()?;
             }
         }
     }
-    (None, issues)
+    None
 }
 
 fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
@@ -262,7 +300,8 @@ mod tests {
 
     #[test]
     fn clean_file_reads_without_issues() {
-        let (config, issues) = read("[daemon]\nworkers = \"auto\"\n[[listener]]\nname = \"a\"\n");
+        let (config, _, issues) =
+            read("[daemon]\nworkers = \"auto\"\n[[listener]]\nname = \"a\"\n");
         assert!(issues.is_empty(), "{issues:?}");
         let config = config.unwrap();
         let workers = config.daemon.unwrap().workers.unwrap().into_inner();
@@ -274,7 +313,7 @@ mod tests {
     fn every_unknown_key_and_type_error_is_reported() {
         let source = "colour = 1\n[daemon]\nworkers = true\nspeed = 3\n\
                       [[listener]]\nname = \"a\"\nbacklog = \"big\"\nadress = \"x\"\n";
-        let (config, issues) = read(source);
+        let (config, _, issues) = read(source);
         let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
         assert!(config.is_some(), "{issues:#?}");
         for expected in [
@@ -291,7 +330,7 @@ mod tests {
 
     #[test]
     fn syntax_errors_stop_before_schema() {
-        let (config, issues) = read("[daemon\nworkers = 1\n");
+        let (config, _, issues) = read("[daemon\nworkers = 1\n");
         assert!(config.is_none());
         assert!(!issues.is_empty());
         assert!(issues.iter().all(|i| i.key == "syntax"));

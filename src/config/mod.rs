@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
 
-use crate::services::ServiceKind;
+use crate::services::{Registry, ServiceConfig};
 
 /// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
 pub const FD_SETSIZE: usize = 1024;
@@ -149,8 +149,8 @@ pub struct ListenerConfig {
     pub name: String,
     /// Address to bind; port 0 asks the kernel for a free port. Required.
     pub address: SocketAddr,
-    /// The built-in service. Required.
-    pub service: ServiceKind,
+    /// The service (`service = "NAME"`, required) built from `[listener.options]`.
+    pub service: ServiceConfig,
     /// listen(2) backlog; the kernel caps it at `net.core.somaxconn`. Default 1024.
     pub backlog: NonZeroU32,
     /// A connection that has not completed an exchange is closed after this long without
@@ -184,7 +184,8 @@ impl ListenerConfig {
     }
 }
 
-/// Reads and validates the configuration file at `path`.
+/// Reads and validates the configuration file at `path`; `services` are the names
+/// `service = "..."` may use.
 ///
 /// # Errors
 /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
@@ -192,10 +193,10 @@ impl ListenerConfig {
 ///
 /// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
 /// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+pub fn load(path: &Path, services: &Registry) -> Result<Config, ConfigError> {
     let source = fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let mut config = parse(path, &source)?;
+    let mut config = parse(path, &source, services)?;
     let base = std::path::absolute(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
@@ -222,13 +223,14 @@ impl Config {
     }
 }
 
-/// Validates configuration `source`; `path` only labels the problems.
+/// Validates configuration `source` with `services`; `path` only labels the problems.
 ///
 /// # Errors
-/// [`ConfigError::Invalid`] listing every syntax, schema and value problem found.
-pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
-    let (file, mut raw) = file::read(source);
-    let config = file.and_then(|file| validate::validate(file, &mut raw));
+/// [`ConfigError::Invalid`] listing every syntax, schema and value problem found, the
+/// services' own included.
+pub fn parse(path: &Path, source: &str, services: &Registry) -> Result<Config, ConfigError> {
+    let (file, options, mut raw) = file::read(source);
+    let config = file.and_then(|file| validate::validate(file, options, services, &mut raw));
     match config {
         Some(config) if raw.is_empty() => Ok(config),
         _ => Err(ConfigError::invalid(path, source, raw)),

@@ -17,7 +17,9 @@ use super::{
     Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget, MAX_WORKERS,
     RESERVED_FDS, SyslogFacility,
 };
-use crate::services::ServiceKind;
+use toml::de::DeTable;
+
+use crate::services::{Options, Registry, ServiceConfig};
 
 /// Default of `daemon.graceful_timeout`.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,7 +142,14 @@ impl Checker<'_> {
 ///
 /// Returns the configuration only when `issues` holds no problem afterwards (including those
 /// found before, by [`super::file::read`]).
-pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> {
+/// `options` holds each listener's `[listener.options]` table (by index), which the
+/// listener's service in `services` reads.
+pub fn validate(
+    file: FileConfig,
+    options: Vec<Option<Spanned<DeTable<'_>>>>,
+    services: &Registry,
+    issues: &mut Vec<RawIssue>,
+) -> Option<Config> {
     let mut check = Checker { issues };
     let daemon_section = file.daemon.unwrap_or_default();
     let log_section = file.log.unwrap_or_default();
@@ -282,11 +291,18 @@ pub fn validate(file: FileConfig, issues: &mut Vec<RawIssue>) -> Option<Config> 
     let mut listeners = Vec::with_capacity(file.listener.len());
     let mut names: HashSet<String> = HashSet::new();
     let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut options = options.into_iter();
     for (index, section) in file.listener.into_iter().enumerate() {
         let span = section.span();
-        if let Some(listener) =
-            validate_listener(&mut check, index, span.clone(), section.into_inner())
-        {
+        let table = options.next().flatten();
+        if let Some(listener) = validate_listener(
+            &mut check,
+            index,
+            span.clone(),
+            section.into_inner(),
+            table,
+            services,
+        ) {
             if !names.insert(listener.name.clone()) {
                 check.report(
                     span.clone(),
@@ -357,6 +373,8 @@ fn validate_listener(
     index: usize,
     span: Range<usize>,
     section: ListenerSection,
+    options_table: Option<Spanned<DeTable<'_>>>,
+    services: &Registry,
 ) -> Option<ListenerConfig> {
     let key = |name: &str| format!("listener[{index}].{name}");
     let mut complete = true;
@@ -398,20 +416,28 @@ fn validate_listener(
         _ => None,
     };
     let service = match (&service_text, &section.service) {
-        (Some(text), Some(value)) => match text.parse::<ServiceKind>() {
-            Ok(service) => Some(service),
-            Err(_) => {
-                check.report(
-                    value.span(),
-                    key("service"),
-                    format!(
-                        "unknown service {text:?}: expected one of {}",
-                        ServiceKind::NAMES.join(", ")
-                    ),
-                );
-                None
+        (Some(text), Some(value)) => {
+            let written = section.options.as_ref().map(|o| o.get_ref().clone()).unwrap_or_default();
+            let mut options =
+                Options::new(options_table, &key("options"), span.clone(), check.issues);
+            match services.build(text, &mut options) {
+                Some(Ok(service)) => {
+                    Some(ServiceConfig { name: text.clone(), options: written, service })
+                }
+                Some(Err(_)) => None,
+                None => {
+                    check.report(
+                        value.span(),
+                        key("service"),
+                        format!(
+                            "unknown service {text:?}: expected one of {}",
+                            services.names().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     let backlog =
@@ -473,7 +499,7 @@ mod tests {
         "[[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:7788\"\nservice = \"echo\"\n";
 
     fn issues(source: &str) -> Vec<String> {
-        match parse(Path::new("t.toml"), source) {
+        match parse(Path::new("t.toml"), source, &Registry::builtin()) {
             Ok(_) => Vec::new(),
             Err(ConfigError::Invalid { issues, .. }) => {
                 issues.iter().map(ToString::to_string).collect()
@@ -484,7 +510,7 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let config = parse(Path::new("t.toml"), MINIMAL).unwrap();
+        let config = parse(Path::new("t.toml"), MINIMAL, &Registry::builtin()).unwrap();
         let listener = &config.listeners[0];
         assert_eq!(listener.backlog.get(), DEFAULT_BACKLOG);
         assert_eq!(listener.short_idle_timeout, Some(DEFAULT_SHORT_IDLE_TIMEOUT));
@@ -504,7 +530,7 @@ mod tests {
         let source = format!(
             "{MINIMAL}short_idle_timeout = \"0s\"\nlong_idle_timeout = \"0s\"\nmax_connections_per_client = 0\nmax_long_connections_per_client = 0\n"
         );
-        let config = parse(Path::new("t.toml"), &source).unwrap();
+        let config = parse(Path::new("t.toml"), &source, &Registry::builtin()).unwrap();
         let listener = &config.listeners[0];
         assert_eq!(listener.short_idle_timeout, None);
         assert_eq!(listener.long_idle_timeout, None);
@@ -562,7 +588,10 @@ mod tests {
         let tiny = format!("[daemon]\nworker_timeout = \"2ns\"\n{MINIMAL}");
         assert!(issues(&tiny)[0].contains("at least"), "{:?}", issues(&tiny));
         let off = format!("[daemon]\nworker_timeout = \"0s\"\n{MINIMAL}");
-        assert_eq!(parse(Path::new("t.toml"), &off).unwrap().daemon.worker_timeout, None);
+        assert_eq!(
+            parse(Path::new("t.toml"), &off, &Registry::builtin()).unwrap().daemon.worker_timeout,
+            None
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The master process: binds, forks the pool, then only supervises.
 //!
 //! Runs in the process started by the user or systemd; single-threaded, so `fork(2)` is
-//! sound. It blocks in exactly one place, [`Master::wait`]: a poll(2) on the signal
+//! sound. It blocks in exactly one place, `Master::wait`: a poll(2) on the signal
 //! self-pipe whose timeout is the next deadline (respawn backoff, kill escalation, heartbeat
 //! check, reload start-up). Signals become intents, each with one `handle_*` method:
 //!
@@ -138,6 +138,8 @@ pub struct Invocation {
     pub args: Vec<OsString>,
     /// The configuration file.
     pub config_path: PathBuf,
+    /// The services the configuration may name (re-read at each reload).
+    pub services: crate::services::Registry,
 }
 
 /// The supervisor state.
@@ -257,7 +259,7 @@ fn open_listeners(
         log::info!(
             "listener {} ({}) listening on {}, backlog {} ({how})",
             bound.config.name,
-            bound.config.service,
+            bound.config.service.name,
             bound.local_addr,
             bound.config.backlog
         );

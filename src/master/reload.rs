@@ -54,7 +54,9 @@ impl Master {
         self.notifier.reloading();
         let path = self.invocation.config_path.clone();
         log::info!("reloading {}", path.display());
-        let new = match config::load(&path).map_err(|e| e.to_string()).and_then(|c| self.checked(c))
+        let new = match config::load(&path, &self.invocation.services)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.checked(c))
         {
             Ok(new) => new,
             Err(reason) => return self.reload_failed(&reason),

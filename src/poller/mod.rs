@@ -56,6 +56,10 @@ impl Interest {
     pub const NONE: Interest = Interest { read: false, write: false, exclusive: false };
     /// Readable only.
     pub const READ: Interest = Interest { read: true, write: false, exclusive: false };
+    /// Writable only.
+    pub const WRITE: Interest = Interest { read: false, write: true, exclusive: false };
+    /// Readable or writable.
+    pub const BOTH: Interest = Interest { read: true, write: true, exclusive: false };
     /// A shared listening socket.
     pub const ACCEPT: Interest = Interest { read: true, write: false, exclusive: true };
 

@@ -7,16 +7,42 @@
 //! what is buffered is still sent, then the session is done (half-close).
 
 use std::io::{self, ErrorKind};
+use std::sync::Arc;
 
-use super::pool;
-use super::{Progress, Session, Transport};
+use super::{ConnInfo, Context, Interest, Invalid, Options, Progress, Service, Session, pool};
+
+/// The name in `service = "..."`.
+pub(super) const NAME: &str = "echo";
+
+/// Builds the service; echo takes no options.
+pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Invalid> {
+    options.expect_none(NAME)?;
+    Ok(Arc::new(Echo::new()))
+}
+
+/// The echo service (RFC 862): every connection gets its own bounded buffer. No options.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Echo;
+
+impl Echo {
+    /// The service.
+    pub fn new() -> Self {
+        Echo
+    }
+}
+
+impl Service for Echo {
+    fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
+        Box::new(EchoSession::default())
+    }
+}
 
 /// Read/write rounds per callback, so that one fast client cannot starve the others.
 const ROUNDS_PER_CALL: usize = 16;
 
 /// An echo session.
 #[derive(Debug, Default)]
-pub struct Echo {
+struct EchoSession {
     /// From the pool while bytes are in flight; empty (no allocation) at rest.
     buffer: Vec<u8>,
     /// Unsent data is `buffer[start..end]`.
@@ -27,16 +53,11 @@ pub struct Echo {
     peer_closed: bool,
 }
 
-impl Echo {
-    /// A session with nothing received yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
+impl EchoSession {
     /// Reads what fits. True when the read filled the free space, so more may be waiting; a
     /// short read means the socket is drained, and the next read would only say
     /// `WouldBlock` (the poller is level-triggered: new data wakes the loop again).
-    fn read_some(&mut self, io: &mut dyn Transport, progress: &mut Progress) -> io::Result<bool> {
+    fn read_some(&mut self, io: &mut dyn super::Transport, progress: &mut Progress) -> io::Result<bool> {
         if self.peer_closed {
             return Ok(false);
         }
@@ -74,7 +95,7 @@ impl Echo {
         }
     }
 
-    fn write_some(&mut self, io: &mut dyn Transport, progress: &mut Progress) -> io::Result<bool> {
+    fn write_some(&mut self, io: &mut dyn super::Transport, progress: &mut Progress) -> io::Result<bool> {
         while self.start < self.end {
             match io.write(&self.buffer[self.start..self.end]) {
                 Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
@@ -95,7 +116,7 @@ impl Echo {
     }
 
     /// Read, echo, repeat, until the socket has nothing more or cannot take more.
-    fn pump(&mut self, io: &mut dyn Transport) -> io::Result<Progress> {
+    fn pump(&mut self, io: &mut dyn super::Transport) -> io::Result<Progress> {
         let mut progress = Progress::default();
         for _ in 0..ROUNDS_PER_CALL {
             let read = self.read_some(io, &mut progress)?;
@@ -113,22 +134,19 @@ impl Echo {
     }
 }
 
-impl Session for Echo {
-    fn wants_read(&self) -> bool {
-        !self.peer_closed
-            && (self.buffer.is_empty() || self.start > 0 || self.end < self.buffer.len())
+impl Session for EchoSession {
+    fn interest(&self) -> Interest {
+        let read = !self.peer_closed
+            && (self.buffer.is_empty() || self.start > 0 || self.end < self.buffer.len());
+        Interest { read, write: self.start < self.end, exclusive: false }
     }
 
-    fn wants_write(&self) -> bool {
-        self.start < self.end
+    fn on_readable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        self.pump(cx.io())
     }
 
-    fn on_readable(&mut self, io: &mut dyn Transport) -> io::Result<Progress> {
-        self.pump(io)
-    }
-
-    fn on_writable(&mut self, io: &mut dyn Transport) -> io::Result<Progress> {
-        self.pump(io)
+    fn on_writable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        self.pump(cx.io())
     }
 
     fn is_at_rest(&self) -> bool {
@@ -143,59 +161,15 @@ impl Session for Echo {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
-    use std::io::{Read, Write};
-
     use super::*;
     use crate::services::pool::BUFFER_SIZE;
-
-    /// A fake socket: `input` is what the client sent, `window` how much the client will
-    /// accept before writes would block.
-    struct Fake {
-        input: VecDeque<u8>,
-        eof: bool,
-        output: Vec<u8>,
-        window: usize,
-    }
-
-    impl Read for Fake {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.input.is_empty() {
-                return if self.eof { Ok(0) } else { Err(ErrorKind::WouldBlock.into()) };
-            }
-            let n = buf.len().min(self.input.len());
-            for (slot, byte) in buf.iter_mut().zip(self.input.drain(..n)) {
-                *slot = byte;
-            }
-            Ok(n)
-        }
-    }
-
-    impl Write for Fake {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let n = buf.len().min(self.window);
-            if n == 0 {
-                return Err(ErrorKind::WouldBlock.into());
-            }
-            self.window -= n;
-            self.output.extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::services::testing::{Fake, call};
 
     #[test]
     fn echoes_and_counts_one_exchange() {
-        let mut io = Fake {
-            input: b"hello".iter().copied().collect(),
-            eof: false,
-            output: vec![],
-            window: usize::MAX,
-        };
-        let mut echo = Echo::new();
-        let progress = echo.on_readable(&mut io).unwrap();
+        let mut io = Fake::new(b"hello", false, usize::MAX);
+        let mut echo = EchoSession::default();
+        let (progress, _) = call(&mut io, |cx| echo.on_readable(cx)).unwrap();
         assert_eq!(io.output, b"hello");
         assert_eq!(progress, Progress { bytes_in: 5, bytes_out: 5, exchanges: 1 });
         assert!(echo.is_at_rest(), "everything read was answered");
@@ -205,20 +179,19 @@ mod tests {
     #[test]
     fn stops_reading_when_the_client_does_not_read() {
         let data: Vec<u8> = (0..BUFFER_SIZE * 4).map(|i| (i * 7) as u8).collect();
-        let mut io =
-            Fake { input: data.iter().copied().collect(), eof: true, output: vec![], window: 0 };
-        let mut echo = Echo::new();
-        let progress = echo.on_readable(&mut io).unwrap();
+        let mut io = Fake::new(&data, true, 0);
+        let mut echo = EchoSession::default();
+        let (progress, _) = call(&mut io, |cx| echo.on_readable(cx)).unwrap();
         assert_eq!(progress.bytes_in, BUFFER_SIZE as u64, "reads at most one buffer");
         assert_eq!(progress.exchanges, 0);
-        assert!(!echo.wants_read(), "full buffer: backpressure");
-        assert!(echo.wants_write());
+        assert!(!echo.interest().read, "full buffer: backpressure");
+        assert!(echo.interest().write);
         assert!(!echo.is_at_rest());
         // The client reads: everything comes back in order, then the FIN ends the session.
         let mut rounds = 0;
         while !echo.is_done() {
             io.window = 1000;
-            echo.on_writable(&mut io).unwrap();
+            call(&mut io, |cx| echo.on_writable(cx)).unwrap();
             rounds += 1;
             assert!(rounds < 10_000);
         }

@@ -1,16 +1,53 @@
-//! Built-in services behind the [`Session`] trait.
+//! Services: what a listener serves, behind two traits.
 //!
-//! Runs in workers. The readiness loop owns the socket and the policy (idle timeouts, limits,
-//! shutdown); a session only moves bytes and says when an *exchange* has completed, so that a
-//! new service plugs in without touching the loop. One file per service.
+//! Runs in the master (building a [`Service`] from a listener's options, for `check`, start
+//! and reload) and in workers (a [`Session`] per accepted connection). The roles are those of
+//! every server framework (tower's `MakeService`, pingora's `ServerApp`):
+//!
+//! - a [`Service`] is built once per listener from that listener's validated options
+//!   (`[listener.options]`) and makes a [`Session`] for each accepted connection;
+//! - a [`Session`] moves bytes through its [`Context`] and reports *exchanges* and whether
+//!   it is at rest. It never blocks and never sees the poller: it tells the loop what it waits
+//!   for ([`Session::interest`], [`Context::watch`], [`Context::set_timer`]) and how it ends
+//!   ([`Context::close`], [`Session::is_done`]).
+//!
+//! The worker loop keeps every policy: per-client limits, short and long idle timeouts,
+//! graceful drain, lingering close and the access log. A new built-in service is one file in
+//! this folder plus one name in the `builtins!` list below. A program that embeds preforkd
+//! registers its own services by name with [`crate::Daemon::service`].
 
-mod echo;
-mod hang;
+mod context;
+mod lines;
+mod options;
 pub mod pool;
 
 use std::fmt;
 use std::io;
-use std::str::FromStr;
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::Arc;
+
+pub use context::Context;
+pub(crate) use context::{Extras, unwatch};
+pub use lines::{LineAction, LineHandler, Lines};
+pub use options::{Invalid, Options};
+
+pub use crate::poller::Interest;
+
+/// Declares the built-in services: each name is a module in this folder with a `NAME`
+/// constant, its RFC in the module doc, and `fn build(&mut Options) -> Result<Arc<dyn
+/// Service>, Invalid>`. Adding a built-in is one file plus one name here.
+macro_rules! builtins {
+    ($($module:ident),* $(,)?) => {
+        $(mod $module;)*
+        /// The built-in services, in the order `preforkd check` lists them.
+        const BUILTINS: &[(&str, BuildFn)] = &[$(($module::NAME, $module::build)),*];
+    };
+}
+
+builtins!(echo);
+
+mod test_only;
 
 pub use echo::Echo;
 
@@ -20,10 +57,12 @@ pub trait Transport: io::Read + io::Write {}
 
 impl<T: io::Read + io::Write> Transport for T {}
 
-/// What one I/O callback did.
+/// What one callback did, added to the connection's totals (the access log's `in=`, `out=`
+/// and `exchanges=`). Any byte moved, in either direction and on any descriptor of the
+/// session, counts as activity for the idle timeouts.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// Bytes read from the client.
+    /// Bytes read from the client (or, for a relay, moved from client to backend).
     pub bytes_in: u64,
     /// Bytes written to the client.
     pub bytes_out: u64,
@@ -38,92 +77,363 @@ impl Progress {
     }
 }
 
+/// Readiness of a descriptor a session registered with [`Context::watch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Readable, or end-of-file, or an error pending.
+    pub readable: bool,
+    /// Writable (for a connecting socket: the connect finished, successfully or not).
+    pub writable: bool,
+}
+
+/// Why a connection was closed, as written in the access log (`reason=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side and every answer was sent.
+    ClientClose,
+    /// The service ended the conversation after its answer (daytime, time).
+    ServerClose,
+    /// Silent for `short_idle_timeout` before its first exchange completed.
+    IdleShort,
+    /// Kept alive and silent for `long_idle_timeout`.
+    IdleLong,
+    /// Over `max_connections_per_client`: closed right after accept.
+    Limit,
+    /// Over `max_long_connections_per_client`: closed after its exchange.
+    LongLimit,
+    /// A socket error (reset, broken pipe ...) or an internal failure.
+    Error,
+    /// The worker is stopping (graceful or fast).
+    Shutdown,
+    /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
+    /// lowercase words joined by `-`, as the access log prints it.
+    Service(&'static str),
+}
+
+impl CloseReason {
+    /// The access-log spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClose => "client-close",
+            CloseReason::ServerClose => "server-close",
+            CloseReason::IdleShort => "idle-short",
+            CloseReason::IdleLong => "idle-long",
+            CloseReason::Limit => "limit",
+            CloseReason::LongLimit => "long-limit",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Service(reason) => reason,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The connection a session is made for.
+#[derive(Debug)]
+pub struct ConnInfo<'a> {
+    /// The listener's `name`.
+    pub listener: &'a str,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The accepted socket, for [`ConnInfo::local_addr`] or for a service that hands the
+    /// connection to something else (a child process). The worker owns it: do not close it.
+    pub socket: BorrowedFd<'a>,
+}
+
+impl ConnInfo<'_> {
+    /// The local address the client connected to (getsockname(2); one system call, so only
+    /// services that need it pay for it).
+    ///
+    /// # Errors
+    /// getsockname(2) failed (the socket is already gone).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        let address = socket2::SockRef::from(&self.socket).local_addr()?;
+        address.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))
+    }
+}
+
+/// A listener's service: built once from the listener's options, makes one [`Session`] per
+/// accepted connection.
+///
+/// The value is built in the master (for `preforkd check`, at start and at each reload, where
+/// a changed `[listener.options]` applies to the new generation's connections) and reaches
+/// the workers through fork(2), so each worker holds its own copy: state kept in it with
+/// interior mutability is per worker. Building must have no side effect (no socket, no
+/// thread, no file written): `check` builds every service and throws it away.
+pub trait Service {
+    /// A session for a newly accepted connection. Called in the worker; it must not block.
+    fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
+}
+
 /// The per-connection state of a service.
 ///
 /// An *exchange* is one request answered: for echo, everything received so far has been
-/// written back. The first completed exchange turns a short connection into a long one.
+/// written back. The first completed exchange turns a short connection into a long
+/// (kept-alive) one, with its own idle timeout and per-client quota.
+///
 /// Callbacks must not block: they read and write until `WouldBlock`, or stop earlier to be
-/// fair to other connections (the loop calls again while the socket stays ready).
+/// fair to other connections (readiness is level-triggered: the loop calls again while the
+/// socket stays ready). A callback may be called spuriously and must treat `WouldBlock` as
+/// "nothing to do". An `Err` closes the connection with reason `error`.
+///
+/// A session that speaks first (daytime, chargen) returns [`Interest`] with `write` set
+/// before it has read anything: the loop calls [`Session::on_writable`] right after accept.
 pub trait Session {
-    /// The loop should call [`Session::on_readable`] when the socket is readable.
-    fn wants_read(&self) -> bool;
-    /// The loop should call [`Session::on_writable`] when the socket is writable.
-    fn wants_write(&self) -> bool;
-    /// The socket is readable (or has an error or end-of-file pending).
+    /// What the loop should watch the client socket for now. Asked after every callback.
+    fn interest(&self) -> Interest;
+
+    /// The client socket is readable (or has end-of-file or an error pending).
     ///
     /// # Errors
-    /// An I/O error other than `WouldBlock`/`Interrupted`; the loop then closes the connection.
-    fn on_readable(&mut self, io: &mut dyn Transport) -> io::Result<Progress>;
-    /// The socket is writable.
+    /// An I/O error other than `WouldBlock`/`Interrupted`: the loop closes the connection.
+    fn on_readable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress>;
+
+    /// The client socket is writable.
     ///
     /// # Errors
     /// As for [`Session::on_readable`].
-    fn on_writable(&mut self, io: &mut dyn Transport) -> io::Result<Progress>;
+    fn on_writable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress>;
+
+    /// A descriptor registered with [`Context::watch`] is ready. Default: nothing.
+    ///
+    /// # Errors
+    /// As for [`Session::on_readable`].
+    fn on_extra(&mut self, fd: RawFd, ready: Ready, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let _ = (fd, ready, cx);
+        Ok(Progress::default())
+    }
+
+    /// The deadline set with [`Context::set_timer`] has passed (it is cleared before the
+    /// call). Default: nothing.
+    ///
+    /// # Errors
+    /// As for [`Session::on_readable`].
+    fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let _ = cx;
+        Ok(Progress::default())
+    }
+
     /// No exchange is in flight: every request received has been answered. The loop also
     /// checks that the socket holds no unread input before it closes an at-rest connection
     /// (keep-alive limit, graceful stop), so nothing the client sent is dropped.
     fn is_at_rest(&self) -> bool;
-    /// The session is over (the client closed its side and every answer was written): the
-    /// loop closes the connection as `client-close`.
+
+    /// The conversation is over because the client closed its side and every answer was
+    /// written: the loop closes the connection as `client-close`. (To end it from the
+    /// server's side, use [`Context::close`].)
     fn is_done(&self) -> bool;
 }
 
-/// The built-in services, by their `service = "..."` name in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ServiceKind {
-    /// `echo`: RFC 862, everything received is sent back.
-    Echo,
-    /// `test-hang`: for tests of hung-worker detection only. Its first read never returns,
-    /// wedging the worker. Accepted by the configuration only when the environment variable
-    /// [`TEST_SERVICES_ENV`] is set; never listed.
-    TestHang,
-}
+/// Builds a listener's service from its options; problems are reported through the
+/// [`Options`] and the result is then `Err(Invalid)`.
+pub type BuildFn = fn(&mut Options<'_>) -> Result<Arc<dyn Service>, Invalid>;
+
+type DynBuild = Arc<dyn Fn(&mut Options<'_>) -> Result<Arc<dyn Service>, Invalid>>;
 
 /// Environment variable that enables test-only services (`test-hang`) in the configuration.
 pub const TEST_SERVICES_ENV: &str = "PREFORKD_TEST_SERVICES";
 
-impl ServiceKind {
-    /// Every service name the configuration accepts.
-    pub const NAMES: &'static [&'static str] = &["echo"];
-
-    /// The configuration name of this service.
-    pub fn name(self) -> &'static str {
-        match self {
-            ServiceKind::Echo => "echo",
-            ServiceKind::TestHang => "test-hang",
-        }
-    }
-
-    /// A fresh session for a newly accepted connection.
-    pub fn new_session(self) -> Box<dyn Session> {
-        match self {
-            ServiceKind::Echo => Box::new(Echo::new()),
-            ServiceKind::TestHang => Box::new(hang::Hang),
-        }
-    }
+/// The services a configuration may name in `service = "..."`: the built-ins, plus those a
+/// program registers ([`crate::Daemon::service`]).
+#[derive(Clone)]
+pub struct Registry {
+    entries: Vec<(String, DynBuild)>,
 }
 
-impl fmt::Display for ServiceKind {
+impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.debug_list().entries(self.names()).finish()
     }
 }
 
-/// The name is not one of [`ServiceKind::NAMES`].
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+/// A name a service cannot be registered under.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown service {0:?}")]
-pub struct UnknownService(pub String);
+pub enum RegisterError {
+    /// Not 1 to 32 lowercase ASCII letters, digits or `-`, starting with a letter.
+    #[error(
+        "service name {0:?} must be 1 to 32 lowercase letters, digits or '-', starting with a letter"
+    )]
+    BadName(String),
+    /// A service of that name (perhaps a built-in) is registered already.
+    #[error("a service named {0:?} is registered already")]
+    Taken(String),
+}
 
-impl FromStr for ServiceKind {
-    type Err = UnknownService;
+impl Registry {
+    /// The built-in services.
+    pub fn builtin() -> Self {
+        let entries =
+            BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
+        Registry { entries: entries.collect() }
+    }
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "echo" => Ok(ServiceKind::Echo),
-            "test-hang" if std::env::var_os(TEST_SERVICES_ENV).is_some() => {
-                Ok(ServiceKind::TestHang)
-            }
-            other => Err(UnknownService(other.to_owned())),
+    /// Adds a service under `name`, built by `build` from each listener's options.
+    ///
+    /// # Errors
+    /// [`RegisterError`] when the name is malformed or taken.
+    pub fn register<S: Service + 'static>(
+        &mut self,
+        name: &str,
+        build: impl Fn(&mut Options<'_>) -> Result<S, Invalid> + 'static,
+    ) -> Result<(), RegisterError> {
+        let well_formed = (1..=32).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !well_formed {
+            return Err(RegisterError::BadName(name.to_owned()));
         }
+        if self.entries.iter().any(|(taken, _)| taken == name) {
+            return Err(RegisterError::Taken(name.to_owned()));
+        }
+        let build: DynBuild = Arc::new(move |options: &mut Options<'_>| {
+            build(options).map(|service| Arc::new(service) as Arc<dyn Service>)
+        });
+        self.entries.push((name.to_owned(), build));
+        Ok(())
+    }
+
+    /// The names a configuration may use, in registration order (test-only services are
+    /// not listed).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Builds the service `name` from `options`; `None` when no service has that name.
+    pub(crate) fn build(
+        &self,
+        name: &str,
+        options: &mut Options<'_>,
+    ) -> Option<Result<Arc<dyn Service>, Invalid>> {
+        if let Some((_, build)) = self.entries.iter().find(|(n, _)| n == name) {
+            return Some(build(options));
+        }
+        if std::env::var_os(TEST_SERVICES_ENV).is_some() {
+            return test_only::build(name, options);
+        }
+        None
+    }
+}
+
+/// A listener's service as configured: its name, its options as written, and the service
+/// built from them. Two are equal when name and options are.
+#[derive(Clone)]
+pub struct ServiceConfig {
+    /// The `service = "..."` name.
+    pub name: String,
+    /// `[listener.options]` as written (empty when absent).
+    pub options: toml::Table,
+    /// The service built from them.
+    pub service: Arc<dyn Service>,
+}
+
+impl ServiceConfig {
+    /// A built-in service with no options, such as `echo` (for tests and programs that
+    /// build a [`crate::config::Config`] by hand).
+    ///
+    /// # Errors
+    /// [`Invalid`] when `name` is not a built-in that takes no options.
+    pub fn builtin(name: &str) -> Result<ServiceConfig, Invalid> {
+        let mut issues = Vec::new();
+        let mut options = Options::absent("", 0..0, &mut issues);
+        let service = Registry::builtin().build(name, &mut options).ok_or(Invalid)??;
+        Ok(ServiceConfig { name: name.to_owned(), options: toml::Table::new(), service })
+    }
+}
+
+impl PartialEq for ServiceConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.options == other.options
+    }
+}
+
+impl Eq for ServiceConfig {}
+
+impl fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("name", &self.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for ServiceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// Reads and writes through `cx` until `WouldBlock`, at most `rounds` times: a helper for
+/// services whose input is thrown away (discard, chargen, daytime, time). Returns the bytes
+/// read and whether the client's FIN was seen.
+///
+/// # Errors
+/// A read error other than `WouldBlock`/`Interrupted`.
+pub fn discard_input(cx: &mut Context<'_>, rounds: usize) -> io::Result<(u64, bool)> {
+    let mut sink = [0u8; 4096];
+    let mut total = 0;
+    for _ in 0..rounds {
+        match cx.io().read(&mut sink) {
+            Ok(0) => return Ok((total, true)),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((total, false))
+}
+
+/// Writes `bytes` through `cx` until done or `WouldBlock`; returns how many were written.
+///
+/// # Errors
+/// A write error other than `WouldBlock`/`Interrupted`; a zero-length write is `WriteZero`.
+pub fn write_some(cx: &mut Context<'_>, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match cx.io().write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_are_listed_in_order_and_names_are_checked() {
+        let mut registry = Registry::builtin();
+        let names: Vec<_> = registry.names().collect();
+        assert_eq!(names, ["echo"]);
+        let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
+        assert_eq!(taken, RegisterError::Taken("echo".into()));
+        let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();
+        assert!(matches!(bad, RegisterError::BadName(_)));
+        registry.register("echo2", |_| Ok(Echo::new())).unwrap();
+        assert_eq!(registry.names().last(), Some("echo2"));
+        assert!(
+            !registry.names().any(|n| n.starts_with("test-")),
+            "test-only services are not listed"
+        );
     }
 }

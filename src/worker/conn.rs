@@ -3,12 +3,13 @@
 //! Pure data and pure functions of `now`, so the timeout policy is unit-tested without
 //! sockets or clocks.
 
-use std::fmt;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use crate::limits::Ticket;
 use crate::poller::Interest;
+pub use crate::services::CloseReason;
 use crate::services::{Progress, Session};
 
 /// Short until the first completed exchange, long (kept-alive) after it.
@@ -18,46 +19,6 @@ pub enum ConnKind {
     Short,
     /// At least one exchange completed and the connection was kept: `long_idle_timeout`.
     Long,
-}
-
-/// Why a connection was closed, as written in the access log (`reason=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client closed its side and every answer was sent.
-    ClientClose,
-    /// Silent for `short_idle_timeout` before its first exchange completed.
-    IdleShort,
-    /// Kept alive and silent for `long_idle_timeout`.
-    IdleLong,
-    /// Over `max_connections_per_client`: closed right after accept.
-    Limit,
-    /// Over `max_long_connections_per_client`: closed after its exchange.
-    LongLimit,
-    /// A socket error (reset, broken pipe ...) or an internal failure.
-    Error,
-    /// The worker is stopping (graceful or fast).
-    Shutdown,
-}
-
-impl CloseReason {
-    /// The access-log spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::ClientClose => "client-close",
-            CloseReason::IdleShort => "idle-short",
-            CloseReason::IdleLong => "idle-long",
-            CloseReason::Limit => "limit",
-            CloseReason::LongLimit => "long-limit",
-            CloseReason::Error => "error",
-            CloseReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// When a connection of `kind`, last active at `last_activity`, is to be closed as idle;
@@ -115,6 +76,10 @@ pub struct Conn {
     pub serial: u64,
     /// The earliest deadline this connection has in the worker's timer heap, if any.
     pub scheduled: Option<Instant>,
+    /// The session's timer ([`crate::services::Context::set_timer`]).
+    pub timer: Option<Instant>,
+    /// Descriptors the session watches besides the client socket.
+    pub extras: Vec<RawFd>,
 }
 
 impl Conn {
@@ -130,11 +95,8 @@ impl Conn {
 
     /// What the poller should watch for this connection now.
     pub fn wanted_interest(&self) -> Interest {
-        Interest {
-            read: self.session.wants_read(),
-            write: self.session.wants_write(),
-            exclusive: false,
-        }
+        let Interest { read, write, .. } = self.session.interest();
+        Interest { read, write, exclusive: false }
     }
 }
 

@@ -43,7 +43,7 @@ use crate::logging::{self, ACCESS_TARGET, RateLimit};
 use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
-use crate::services::Progress;
+use crate::services::{self, ConnInfo, Context, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
 
@@ -121,6 +121,11 @@ struct Worker<'a> {
     ledger: SlotLedger,
     /// Connections by descriptor number.
     conns: Vec<Option<Conn>>,
+    /// The connection owning each extra descriptor a session watches, by descriptor number:
+    /// (client descriptor, connection serial).
+    extra_owners: Vec<Option<(usize, u64)>>,
+    /// Extra descriptors watched by all sessions; they count against the connection budget.
+    extra_fds: usize,
     /// Connection deadlines, earliest first: (deadline, descriptor, connection serial).
     /// Entries go stale when a connection's deadline moves later (activity) or it closes;
     /// they are checked when they come due, so activity costs no heap operation.
@@ -196,6 +201,8 @@ impl<'a> Worker<'a> {
             poller,
             ledger,
             conns: Vec::new(),
+            extra_owners: Vec::new(),
+            extra_fds: 0,
             timers: BinaryHeap::new(),
             next_serial: 0,
             ready_listeners: Vec::new(),
@@ -303,9 +310,7 @@ impl<'a> Worker<'a> {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
         }
-        let want = !self.draining
-            && self.accept_paused_until.is_none()
-            && self.open < self.context.config.daemon.max_connections_per_worker.get();
+        let want = !self.draining && self.accept_paused_until.is_none() && self.room() > 0;
         if want != self.accepting {
             let interest = if want { Interest::ACCEPT } else { Interest::NONE };
             for fd in self.listening_fds() {
@@ -314,6 +319,13 @@ impl<'a> Worker<'a> {
             self.accepting = want;
         }
         Ok(())
+    }
+
+    /// Descriptors the budget (`max_connections_per_worker`) still allows: for connections
+    /// and for what their sessions watch.
+    fn room(&self) -> usize {
+        let max = self.context.config.daemon.max_connections_per_worker.get();
+        max.saturating_sub(self.open + self.extra_fds)
     }
 
     /// The earliest timer (possibly stale, which only means an early wake-up) or the end of
@@ -347,10 +359,7 @@ impl<'a> Worker<'a> {
             policy.short_idle_timeout,
             policy.long_idle_timeout,
         );
-        match self.drain_deadline(conn) {
-            Some(quiet) => Some(idle.map_or(quiet, |idle| idle.min(quiet))),
-            None => idle,
-        }
+        [idle, self.drain_deadline(conn), conn.timer].into_iter().flatten().min()
     }
 
     /// When a draining connection at rest is to be closed; `None` if not draining or an
@@ -424,9 +433,8 @@ impl<'a> Worker<'a> {
 
     /// Accepts a batch from listening descriptor `fd`, which serves listener `index`.
     fn accept(&mut self, fd: RawFd, index: usize, now: Instant) {
-        let max = self.context.config.daemon.max_connections_per_worker.get();
         for _ in 0..ACCEPT_BATCH {
-            if self.open >= max {
+            if self.room() == 0 {
                 return;
             }
             let accepted = crate::sys::accept_nonblocking(&fd);
@@ -497,7 +505,10 @@ impl<'a> Worker<'a> {
                 }
             }
         }
-        let session = policy.service.new_session();
+        let info =
+            ConnInfo { listener: &policy.name, peer, socket: std::os::fd::AsFd::as_fd(&stream) };
+        let session = policy.service.service.session(&info);
+        let interest = session.interest();
         let slot = fd as usize;
         if self.conns.len() <= slot {
             self.conns.resize_with(slot + 1, || None);
@@ -517,12 +528,21 @@ impl<'a> Worker<'a> {
             interest: Interest::READ,
             serial: self.next_serial,
             scheduled: None,
+            timer: None,
+            extras: Vec::new(),
         });
         self.next_serial += 1;
         self.schedule(slot);
         self.open += 1;
         self.unpublished.accepted += 1;
         self.unpublished.dirty = true;
+        if interest.write {
+            // The server speaks first: a new socket is writable, so write now rather than
+            // after one more turn of the loop.
+            self.dispatch(slot, Callback::Writable, now);
+        } else if interest != Interest::READ {
+            self.update_interest(slot);
+        }
     }
 
     /// Turns away a connection just accepted (its socket closes when the caller drops it).
@@ -534,20 +554,52 @@ impl<'a> Worker<'a> {
 
     fn on_ready(&mut self, event: Event, now: Instant) {
         let fd = event.fd as usize;
-        let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) else {
-            return;
-        };
-        if let Some((reason, _)) = conn.lingering {
-            if discard_input(&mut conn.stream) {
-                self.finish(fd, reason, now);
+        let ready = Ready { readable: event.readable, writable: event.writable };
+        if let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) {
+            if let Some((reason, _)) = conn.lingering {
+                if discard_input(&mut conn.stream) {
+                    self.finish(fd, reason, now);
+                }
+                return;
             }
-            return;
+            let callback = if event.readable { Callback::Readable } else { Callback::Writable };
+            self.dispatch(fd, callback, now);
+        } else if let Some(&Some((owner, serial))) = self.extra_owners.get(fd) {
+            let live = self
+                .conns
+                .get(owner)
+                .and_then(Option::as_ref)
+                .is_some_and(|conn| conn.serial == serial && conn.lingering.is_none());
+            if live {
+                self.dispatch(owner, Callback::Extra(event.fd, ready), now);
+            }
         }
-        let result = if event.readable {
-            conn.session.on_readable(&mut conn.stream)
-        } else {
-            conn.session.on_writable(&mut conn.stream)
+    }
+
+    /// Runs one session callback for the connection on descriptor `fd`, then applies what
+    /// the session asked for (close, timer) and the loop's policy (promotion, drain, interest).
+    fn dispatch(&mut self, fd: usize, callback: Callback, now: Instant) {
+        let room = self.room();
+        let Worker { conns, poller, extra_owners, extra_fds, .. } = self;
+        let Some(conn) = conns.get_mut(fd).and_then(Option::as_mut) else {
+            return;
         };
+        let extras = Extras {
+            poller: &mut **poller,
+            owners: extra_owners,
+            watched: &mut conn.extras,
+            in_use: extra_fds,
+            room,
+            owner: (fd, conn.serial),
+        };
+        let mut cx = Context::with_extras(&mut conn.stream, now, extras);
+        let result = match callback {
+            Callback::Readable => conn.session.on_readable(&mut cx),
+            Callback::Writable => conn.session.on_writable(&mut cx),
+            Callback::Extra(extra, ready) => conn.session.on_extra(extra, ready, &mut cx),
+            Callback::Timer => conn.session.on_timer(&mut cx),
+        };
+        let (close, timer) = (cx.close, cx.timer);
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {
@@ -557,15 +609,22 @@ impl<'a> Worker<'a> {
             }
         };
         conn.record(progress, now);
+        if let Some(timer) = timer {
+            conn.timer = timer;
+        }
         self.unpublished.bytes_in += progress.bytes_in;
         self.unpublished.bytes_out += progress.bytes_out;
         self.unpublished.dirty = true;
+        if let Some(reason) = close {
+            return self.linger(fd, reason, now);
+        }
         // A connection already bound to close (keep-alive refused, draining) is not promoted.
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
         }
-        if self.draining {
-            // At rest now, the quiet deadline may be sooner than anything scheduled.
+        if self.draining || timer.is_some() {
+            // At rest now, the quiet deadline may be sooner than anything scheduled; a new
+            // session timer may be too.
             self.schedule(fd);
         }
         let Some(conn) = self.conns[fd].as_mut() else {
@@ -579,12 +638,18 @@ impl<'a> Worker<'a> {
         {
             self.linger(fd, reason, now);
         } else {
-            let wanted = conn.wanted_interest();
-            if wanted != conn.interest {
-                conn.interest = wanted;
-                // Cannot fail: the descriptor was accepted by this poller's check.
-                let _ = self.poller.set(event.fd, wanted);
-            }
+            self.update_interest(fd);
+        }
+    }
+
+    /// Registers what the session now wants the client socket watched for, if it changed.
+    fn update_interest(&mut self, fd: usize) {
+        let Some(conn) = self.conns[fd].as_mut() else { return };
+        let wanted = conn.wanted_interest();
+        if wanted != conn.interest {
+            conn.interest = wanted;
+            // Cannot fail: the descriptor was accepted by this poller's check.
+            let _ = self.poller.set(fd as RawFd, wanted);
         }
     }
 
@@ -637,6 +702,14 @@ impl<'a> Worker<'a> {
                     continue;
                 }
             }
+            if conn.lingering.is_none() && conn.timer.is_some_and(|t| t <= now) {
+                // The session's own timer; the idle and drain deadlines are checked again
+                // after it (they may be due too).
+                self.conns[fd].as_mut().expect("checked above").timer = None;
+                self.dispatch(fd, Callback::Timer, now);
+                self.schedule(fd);
+                continue;
+            }
             if let Some((reason, _)) = conn.lingering {
                 self.finish(fd, reason, now);
             } else if self.drain_deadline(conn).is_some_and(|quiet| now >= quiet) {
@@ -655,6 +728,13 @@ impl<'a> Worker<'a> {
         let Some(conn) = self.conns[fd].as_mut() else {
             return;
         };
+        // The conversation is over: the session's own descriptors are no longer watched (a
+        // readable backend would otherwise wake the loop for nothing until the close).
+        let mut extras = std::mem::take(&mut conn.extras);
+        self.unwatch_extras(&mut extras);
+        let Some(conn) = self.conns[fd].as_mut() else {
+            return;
+        };
         if conn.stream.shutdown(std::net::Shutdown::Write).is_err()
             || discard_input(&mut conn.stream)
         {
@@ -669,13 +749,24 @@ impl<'a> Worker<'a> {
         self.schedule(fd);
     }
 
+    /// Stops watching a session's extra descriptors (before they are closed).
+    fn unwatch_extras(&mut self, extras: &mut Vec<RawFd>) {
+        while let Some(&extra) = extras.last() {
+            let poller = &mut *self.poller;
+            services::unwatch(poller, &mut self.extra_owners, extras, &mut self.extra_fds, extra);
+        }
+    }
+
     /// Closes the connection now: releases its per-client count and writes the access line.
     fn finish(&mut self, fd: usize, reason: CloseReason, now: Instant) {
         let Some(conn) = self.conns[fd].take() else {
             return;
         };
-        // Unwatch before the descriptor is closed (the poller's contract).
+        // Unwatch before the descriptors are closed (the poller's contract): the session's
+        // extra ones close when it is dropped, below.
         let _ = self.poller.set(fd as RawFd, Interest::NONE);
+        let mut extras = conn.extras;
+        self.unwatch_extras(&mut extras);
         self.open -= 1;
         if let Some(ticket) = conn.ticket
             && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
@@ -712,6 +803,15 @@ impl<'a> Worker<'a> {
             );
         }
     }
+}
+
+/// A session callback the loop makes.
+#[derive(Debug, Clone, Copy)]
+enum Callback {
+    Readable,
+    Writable,
+    Extra(RawFd, Ready),
+    Timer,
 }
 
 /// Whether a connection can be closed without dropping anything: the session has answered

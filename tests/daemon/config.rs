@@ -71,10 +71,11 @@ fn the_shipped_config_documents_every_key() {
     let shipped = std::fs::read_to_string(repo_file("config/preforkd.toml")).unwrap();
     for key in preforkd::config::file::KEYS {
         let name = key.rsplit('.').next().unwrap();
-        // Set, or shown commented out where no value suits every host (`group`).
+        // Set, or shown commented out where no value suits every host (`group`); a table
+        // by its header.
         let shown = |l: &str| {
             let l = l.trim_start().trim_start_matches('#').trim_start();
-            l.starts_with(&format!("{name} ="))
+            l.starts_with(&format!("{name} =")) || l == format!("[{key}]")
         };
         assert!(shipped.lines().any(shown), "config/preforkd.toml does not show {key}");
     }

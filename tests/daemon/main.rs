@@ -9,6 +9,7 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod resources;
+mod services;
 mod supervision;
 mod syslog;
 mod systemd;

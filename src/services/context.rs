@@ -1,0 +1,144 @@
+//! [`Context`]: what a session may ask of the worker loop during a callback.
+//!
+//! Runs in workers. The context borrows the client socket and, in the daemon, the loop's
+//! registration table for the session's extra descriptors; it records a close request and a
+//! timer change, which the loop applies after the callback returns.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::time::Instant;
+
+use super::{CloseReason, Interest, Transport};
+use crate::poller::Poller;
+
+/// What a session may ask of the worker loop during a callback: its client socket, extra
+/// descriptors to watch, a timer, and the end of the conversation.
+pub struct Context<'a> {
+    io: &'a mut dyn Transport,
+    now: Instant,
+    extras: Option<Extras<'a>>,
+    pub(crate) close: Option<CloseReason>,
+    pub(crate) timer: Option<Option<Instant>>,
+}
+
+/// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
+/// worker's descriptor budget.
+pub(crate) struct Extras<'a> {
+    pub poller: &'a mut dyn Poller,
+    /// Owner of each extra descriptor, by descriptor number: (client fd, connection serial).
+    pub owners: &'a mut Vec<Option<(usize, u64)>>,
+    /// The descriptors this session watches.
+    pub watched: &'a mut Vec<RawFd>,
+    /// Extra descriptors watched by all sessions of the worker.
+    pub in_use: &'a mut usize,
+    /// How many more descriptors the worker's budget allows.
+    pub room: usize,
+    /// This session's connection: (client fd, serial).
+    pub owner: (usize, u64),
+}
+
+impl<'a> Context<'a> {
+    /// A context over `io` alone, at time `now`: for unit tests of a session, and for running
+    /// a session outside the daemon. [`Context::watch`] then fails with `Unsupported`.
+    pub fn new(io: &'a mut dyn Transport, now: Instant) -> Self {
+        Context { io, now, extras: None, close: None, timer: None }
+    }
+
+    pub(crate) fn with_extras(io: &'a mut dyn Transport, now: Instant, extras: Extras<'a>) -> Self {
+        Context { io, now, extras: Some(extras), close: None, timer: None }
+    }
+
+    /// The client's socket (non-blocking): read and write until `WouldBlock`.
+    pub fn io(&mut self) -> &mut dyn Transport {
+        &mut *self.io
+    }
+
+    /// The time the loop woke up for this event (monotonic).
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Ends the conversation from the server's side once this callback returns, with
+    /// `reason` in the access log. The loop sends FIN after what was already written to the
+    /// socket, then reads and discards the client's late input until its FIN or 5 s
+    /// (a lingering close), so the client gets every byte written before the close. Bytes
+    /// still in the session's own buffers are not sent: close once they are written.
+    pub fn close(&mut self, reason: CloseReason) {
+        self.close = Some(reason);
+    }
+
+    /// Calls [`super::Session::on_timer`] once `at` has passed; `None` cancels. One timer
+    /// per session: setting it again replaces it. The connection's idle timeouts still apply.
+    pub fn set_timer(&mut self, at: Option<Instant>) {
+        self.timer = Some(at);
+    }
+
+    /// Watches a descriptor the session owns (a backend socket, a child's pipe) for
+    /// `interest`, replacing what was registered; [`super::Session::on_extra`] is called when
+    /// it is ready. Each watched descriptor counts against the worker's
+    /// `max_connections_per_worker` until [`Context::unwatch`] or the end of the connection.
+    /// The session must keep the descriptor open while it is watched, and unwatch it before
+    /// closing it earlier than the connection (the loop unwatches the rest when the
+    /// connection ends, before the session is dropped).
+    ///
+    /// # Errors
+    /// `Unsupported` outside the daemon; otherwise when the worker's descriptor budget is
+    /// spent, or the backend cannot watch the descriptor (with select(2): one at or above
+    /// `FD_SETSIZE`). The session should then end the connection with a reason of its own.
+    pub fn watch(&mut self, fd: BorrowedFd<'_>, interest: Interest) -> io::Result<()> {
+        let Some(extras) = self.extras.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "no poller outside the daemon"));
+        };
+        let raw = fd.as_raw_fd();
+        let index = usize::try_from(raw).map_err(|_| io::Error::other("negative descriptor"))?;
+        let new = !extras.watched.contains(&raw);
+        if new && extras.room == 0 {
+            return Err(io::Error::other(
+                "the worker's descriptor budget (max_connections_per_worker) is spent",
+            ));
+        }
+        if new && extras.owners.get(index).is_some_and(Option::is_some) {
+            return Err(io::Error::other(format!("descriptor {raw} is watched already")));
+        }
+        extras.poller.set(raw, interest)?;
+        if new {
+            if extras.owners.len() <= index {
+                extras.owners.resize(index + 1, None);
+            }
+            extras.owners[index] = Some(extras.owner);
+            extras.watched.push(raw);
+            *extras.in_use += 1;
+            extras.room -= 1;
+        }
+        Ok(())
+    }
+
+    /// Stops watching a descriptor registered with [`Context::watch`] (before the session
+    /// closes it). Unknown descriptors are ignored.
+    pub fn unwatch(&mut self, fd: BorrowedFd<'_>) {
+        if let Some(extras) = self.extras.as_mut()
+            && unwatch(extras.poller, extras.owners, extras.watched, extras.in_use, fd.as_raw_fd())
+        {
+            extras.room += 1;
+        }
+    }
+}
+
+/// Forgets extra descriptor `raw` of a session: poller, owner table, the session's list and
+/// the worker's count. False (and nothing done) when the session does not watch it.
+pub(crate) fn unwatch(
+    poller: &mut dyn Poller,
+    owners: &mut [Option<(usize, u64)>],
+    watched: &mut Vec<RawFd>,
+    in_use: &mut usize,
+    raw: RawFd,
+) -> bool {
+    let Some(position) = watched.iter().position(|&w| w == raw) else { return false };
+    watched.swap_remove(position);
+    let _ = poller.set(raw, Interest::NONE);
+    if let Some(owner) = usize::try_from(raw).ok().and_then(|i| owners.get_mut(i)) {
+        *owner = None;
+    }
+    *in_use -= 1;
+    true
+}
