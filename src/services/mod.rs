@@ -45,7 +45,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo);
+builtins!(echo, discard);
 
 mod test_only;
 
@@ -424,7 +424,7 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo"]);
+        assert_eq!(names, ["echo", "discard"]);
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();
