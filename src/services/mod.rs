@@ -45,11 +45,15 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard);
+builtins!(echo, discard, chargen, daytime, time);
 
 mod test_only;
 
+pub use chargen::Chargen;
+pub use daytime::Daytime;
+pub use discard::Discard;
 pub use echo::Echo;
+pub use time::Time;
 
 /// The byte stream a session reads and writes: a non-blocking socket in the daemon, any
 /// `Read + Write` in tests. Reads and writes return `WouldBlock` when they would block.
@@ -271,7 +275,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services.
+    /// The built-in services: echo, discard, chargen, daytime, time.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -424,7 +428,7 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard"]);
+        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time"]);
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();
