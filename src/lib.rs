@@ -62,6 +62,10 @@
 //!     preforkd::Daemon::new().service("upper", Upper::from_options).main()
 //! }
 //! ```
+//!
+//! `examples/upper.rs` is this program with a greeting and a `QUIT` command, and
+//! `examples/upper.toml` its configuration: `cargo run --example upper -- -c
+//! examples/upper.toml`.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

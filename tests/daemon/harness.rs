@@ -31,6 +31,8 @@ struct LogState {
 type SharedLog = Arc<(Mutex<LogState>, Condvar)>;
 
 pub struct Daemon {
+    /// The program: `preforkd`, or an example built on the library.
+    binary: PathBuf,
     child: Child,
     log: SharedLog,
     dir: tempfile::TempDir,
@@ -83,6 +85,17 @@ impl Daemon {
         nofile: Option<u64>,
         env: &[(&str, &str)],
     ) -> Daemon {
+        Daemon::spawn_program(Path::new(BINARY), wrapper, config, nofile, env)
+    }
+
+    /// [`Daemon::spawn`] for another program built on the preforkd library.
+    pub fn spawn_program(
+        binary: &Path,
+        wrapper: &[&str],
+        config: &str,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("preforkd.toml");
         let config = config.replace("@DIR@", dir.path().to_str().unwrap());
@@ -90,10 +103,10 @@ impl Daemon {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(BINARY);
+                command.args(args).arg(binary);
                 command
             }
-            None => Command::new(BINARY),
+            None => Command::new(binary),
         };
         command
             .arg("-c")
@@ -129,7 +142,7 @@ impl Daemon {
             state.lock().unwrap().closed = true;
             changed.notify_all();
         });
-        Daemon { child, log, dir, config_path, addrs: Vec::new() }
+        Daemon { binary: binary.to_owned(), child, log, dir, config_path, addrs: Vec::new() }
     }
 
     /// Waits until the master reports every worker started, and learns the addresses.
@@ -168,7 +181,7 @@ impl Daemon {
 
     /// Runs a control command (`reload`, `status` ...) against this daemon.
     pub fn control(&self, command: &str) -> (ExitStatus, String, String) {
-        run_cli(&[command, "-c", self.config_path.to_str().unwrap()])
+        run_program(&self.binary, &[command, "-c", self.config_path.to_str().unwrap()])
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -375,8 +388,16 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Runs `preforkd` with `args` to completion.
 pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
-    let output =
-        Command::new(BINARY).args(args).stdin(Stdio::null()).output().expect("run preforkd");
+    run_program(Path::new(BINARY), args)
+}
+
+/// Runs `program` with `args` to completion.
+pub fn run_program(program: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -394,6 +415,20 @@ pub fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// An example program of this package, as `cargo test` builds it (beside the test binary,
+/// in `target/PROFILE/examples/`).
+pub fn example(name: &str) -> PathBuf {
+    let test = std::env::current_exe().expect("test executable");
+    let profile = test.parent().and_then(Path::parent).expect("target/PROFILE");
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds it (or `cargo build --example {name}`)",
+        path.display()
+    );
+    path
 }
 
 pub fn repo_file(path: &str) -> PathBuf {
