@@ -26,7 +26,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// The daemon with the built-in services (echo, discard, chargen, daytime, time).
+    /// The daemon with the built-in services (echo, discard, chargen, daytime, time, exec).
     pub fn new() -> Self {
         Daemon { services: Registry::builtin() }
     }

@@ -36,3 +36,20 @@ pub fn accept_nonblocking(listener: &impl AsRawFd) -> io::Result<(TcpStream, Soc
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
     Ok((TcpStream::from(client), peer))
 }
+
+/// pidfd_open(2): a descriptor that becomes readable when process `pid` exits, so a worker
+/// waits for its children in its readiness loop (no SIGCHLD handler, no blocking waitpid).
+/// Close-on-exec. `pid` must be a child not yet reaped, so that it cannot have been reused.
+///
+/// # Errors
+/// The pidfd_open(2) error (`ENOSYS` before Linux 5.3, `ESRCH`, `EMFILE`).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it reads
+    // and writes no memory of ours.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns (pidfd_open sets O_CLOEXEC itself).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -15,6 +15,7 @@ use crate::poller::Poller;
 /// descriptors to watch, a timer, and the end of the conversation.
 pub struct Context<'a> {
     io: &'a mut dyn Transport,
+    socket: Option<BorrowedFd<'a>>,
     now: Instant,
     extras: Option<Extras<'a>>,
     pub(crate) close: Option<CloseReason>,
@@ -41,11 +42,23 @@ impl<'a> Context<'a> {
     /// A context over `io` alone, at time `now`: for unit tests of a session, and for running
     /// a session outside the daemon. [`Context::watch`] then fails with `Unsupported`.
     pub fn new(io: &'a mut dyn Transport, now: Instant) -> Self {
-        Context { io, now, extras: None, close: None, timer: None }
+        Context { io, socket: None, now, extras: None, close: None, timer: None }
     }
 
-    pub(crate) fn with_extras(io: &'a mut dyn Transport, now: Instant, extras: Extras<'a>) -> Self {
-        Context { io, now, extras: Some(extras), close: None, timer: None }
+    pub(crate) fn with_extras(
+        io: &'a mut dyn Transport,
+        socket: BorrowedFd<'a>,
+        now: Instant,
+        extras: Extras<'a>,
+    ) -> Self {
+        Context { io, socket: Some(socket), now, extras: Some(extras), close: None, timer: None }
+    }
+
+    /// The client's socket as a descriptor (in the daemon; `None` in a [`Context::new`]), for
+    /// what `io()` cannot do: shutdown(2), socket options, file status flags. The loop owns
+    /// it: do not close it.
+    pub fn socket(&self) -> Option<BorrowedFd<'_>> {
+        self.socket
     }
 
     /// The client's socket (non-blocking): read and write until `WouldBlock`.

@@ -45,7 +45,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time);
+builtins!(echo, discard, chargen, daytime, time, exec);
 
 mod test_only;
 
@@ -53,6 +53,7 @@ pub use chargen::Chargen;
 pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
+pub use exec::{Exec, StderrTo};
 pub use time::Time;
 
 /// The byte stream a session reads and writes: a non-blocking socket in the daemon, any
@@ -231,6 +232,20 @@ pub trait Session {
     /// written: the loop closes the connection as `client-close`. (To end it from the
     /// server's side, use [`Context::close`].)
     fn is_done(&self) -> bool;
+
+    /// Whether the listener's short and long idle timeouts apply to this connection now.
+    /// Default `true`; a session whose traffic the loop cannot see (a child process owns the
+    /// socket) returns `false`, and ends the connection itself.
+    fn idle_timeouts(&self) -> bool {
+        true
+    }
+
+    /// Appends `key=value` fields of the service's own to the connection's access line, each
+    /// with a leading space (` pid=4242 status=exit:0`). Called once, when the connection
+    /// closes. Default: nothing.
+    fn describe(&self, line: &mut String) {
+        let _ = line;
+    }
 }
 
 /// Builds a listener's service from its options; problems are reported through the
@@ -275,7 +290,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time.
+    /// The built-in services: echo, discard, chargen, daytime, time, exec.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -428,7 +443,7 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time"]);
+        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "exec"]);
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();

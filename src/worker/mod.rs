@@ -353,12 +353,18 @@ impl<'a> Worker<'a> {
             return Some(until);
         }
         let policy = &self.context.config.listeners[conn.listener];
-        let idle = idle_deadline(
-            conn.kind,
-            conn.last_activity,
-            policy.short_idle_timeout,
-            policy.long_idle_timeout,
-        );
+        let idle = conn
+            .session
+            .idle_timeouts()
+            .then(|| {
+                idle_deadline(
+                    conn.kind,
+                    conn.last_activity,
+                    policy.short_idle_timeout,
+                    policy.long_idle_timeout,
+                )
+            })
+            .flatten();
         [idle, self.drain_deadline(conn), conn.timer].into_iter().flatten().min()
     }
 
@@ -549,7 +555,7 @@ impl<'a> Worker<'a> {
     fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
         let name = &self.context.config.listeners[index].name;
-        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason);
+        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason, "");
     }
 
     fn on_ready(&mut self, event: Event, now: Instant) {
@@ -592,7 +598,10 @@ impl<'a> Worker<'a> {
             room,
             owner: (fd, conn.serial),
         };
-        let mut cx = Context::with_extras(&mut conn.stream, now, extras);
+        // SAFETY: the descriptor is `conn.stream`'s, which stays open for the whole call: the
+        // context (and so this borrow) is dropped before the connection can be finished.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
+        let mut cx = Context::with_extras(&mut conn.stream, socket, now, extras);
         let result = match callback {
             Callback::Readable => conn.session.on_readable(&mut cx),
             Callback::Writable => conn.session.on_writable(&mut cx),
@@ -774,12 +783,15 @@ impl<'a> Worker<'a> {
             log::error!("could not release the count of {}: {error}", conn.peer);
         }
         let name = &self.context.config.listeners[conn.listener].name;
+        let mut fields = String::new();
+        conn.session.describe(&mut fields);
         self.access_line(
             name,
             conn.peer,
             now.saturating_duration_since(conn.opened),
             conn.totals,
             reason,
+            &fields,
         );
         drop(conn.stream);
     }
@@ -791,11 +803,12 @@ impl<'a> Worker<'a> {
         duration: Duration,
         totals: Progress,
         reason: CloseReason,
+        fields: &str,
     ) {
         if self.context.config.log.access_log {
             log::info!(
                 target: ACCESS_TARGET,
-                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}",
+                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}{fields}",
                 duration.as_secs_f64(),
                 totals.bytes_in,
                 totals.bytes_out,

@@ -6,6 +6,7 @@ mod backends;
 mod config;
 mod echo;
 mod example;
+mod exec;
 mod idle;
 mod lifecycle;
 mod limits;
