@@ -93,7 +93,7 @@ pub struct Exec {
     pub directory: PathBuf,
     /// SIGTERM after this long; `None` (written "0s", the default) never.
     pub max_lifetime: Option<Duration>,
-    /// From SIGTERM to SIGKILL. Default [`DEFAULT_KILL_GRACE`].
+    /// From SIGTERM to SIGKILL. Default 2 s.
     pub kill_grace: Duration,
     /// Default [`StderrTo::Log`].
     pub stderr: StderrTo,
