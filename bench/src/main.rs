@@ -111,6 +111,7 @@ const BACKENDS: [&str; 3] = ["select", "poll", "epoll"];
 fn all_servers(only: Option<&str>) -> Vec<Kind> {
     let mut kinds: Vec<Kind> = BACKENDS.iter().map(|b| Kind::Preforkd(b)).collect();
     kinds.push(Kind::Preforkd("epoll + reuseport"));
+    kinds.push(Kind::PreforkdExec);
     for (kind, program) in [
         (Kind::Xinetd, "xinetd"),
         (Kind::XinetdCat, "xinetd"),

@@ -17,6 +17,8 @@ use nix::unistd::Pid;
 pub enum Kind {
     /// preforkd with this event backend.
     Preforkd(&'static str),
+    /// preforkd's `exec` service running `/bin/cat` (a process per connection), epoll.
+    PreforkdExec,
     /// xinetd's internal echo service.
     Xinetd,
     /// xinetd running `cat` (a process per connection).
@@ -34,6 +36,7 @@ impl Kind {
     pub fn label(self) -> String {
         match self {
             Kind::Preforkd(backend) => format!("preforkd ({backend})"),
+            Kind::PreforkdExec => "preforkd exec + cat".into(),
             Kind::Xinetd => "xinetd (internal echo)".into(),
             Kind::XinetdCat => "xinetd + cat".into(),
             Kind::Tcpserver => "tcpserver + cat".into(),
@@ -87,7 +90,11 @@ impl Server {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
         let mut config = None;
         let mut command = match kind {
-            Kind::Preforkd(variant) => {
+            Kind::Preforkd(_) | Kind::PreforkdExec => {
+                let (variant, service) = match kind {
+                    Kind::Preforkd(variant) => (variant, "echo"),
+                    _ => ("epoll", "exec"),
+                };
                 let (backend, reuseport) = match variant.strip_suffix(" + reuseport") {
                     Some(backend) => (backend, true),
                     None => (variant, false),
@@ -97,12 +104,17 @@ impl Server {
                     "[daemon]\nworkers = {}\nevent_backend = \"{backend}\"\nmax_connections_per_worker = {max}\n\
                      rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
                      [log]\nlevel = \"warn\"\naccess_log = false\n\
-                     [[listener]]\nname = \"echo\"\naddress = \"{addr}\"\nservice = \"echo\"\nbacklog = 4096\n\
+                     [[listener]]\nname = \"echo\"\naddress = \"{addr}\"\nservice = \"{service}\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
-                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\nreuseport = {reuseport}\n",
+                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\nreuseport = {reuseport}\n{}",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
-                    options.per_client
+                    options.per_client,
+                    if service == "exec" {
+                        "[listener.options]\nprogram = \"/bin/cat\"\nstderr = \"discard\"\n"
+                    } else {
+                        ""
+                    },
                 );
                 let path = dir.path().join("preforkd.toml");
                 std::fs::write(&path, text)?;
