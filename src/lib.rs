@@ -24,6 +24,8 @@ pub mod control;
 pub mod daemonize;
 /// Process exit statuses (sysexits(3)) of the master and of workers.
 pub mod exit;
+/// Opening operator-named files safely: no blocking, bounded reads, no symlink followed.
+pub mod files;
 /// Shared-memory per-client connection accounting, exact across workers.
 pub mod limits;
 /// Binding listening sockets: address, backlog, `SO_REUSEADDR`, non-blocking, close-on-exec.

@@ -9,7 +9,6 @@ mod error;
 pub mod file;
 pub mod validate;
 
-use std::fs;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -17,6 +16,7 @@ use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
 
+use crate::files;
 use crate::services::ServiceKind;
 
 /// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
@@ -186,15 +186,17 @@ impl ListenerConfig {
 
 /// Reads and validates the configuration file at `path`.
 ///
+/// Only a regular file of at most [`crate::files::MAX_CONFIG_BYTES`] (1 MiB) is read; a
+/// FIFO, a device or a larger file is refused with the reason, without blocking.
+///
 /// # Errors
-/// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
-/// problem found otherwise.
+/// [`ConfigError::Read`] when the file cannot be read (missing, not a regular file, too
+/// large, not UTF-8), [`ConfigError::Invalid`] with every problem found otherwise.
 ///
 /// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
 /// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let source = fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let source = read_source(path)?;
     let mut config = parse(path, &source)?;
     let base = std::path::absolute(path)
         .ok()
@@ -202,6 +204,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .unwrap_or_default();
     config.resolve_paths(&base);
     Ok(config)
+}
+
+/// The text of the configuration file at `path`, read with the bounds of [`load`].
+///
+/// # Errors
+/// [`ConfigError::Read`] when it cannot be read.
+pub fn read_source(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read { path: path.to_owned(), source };
+    let bytes = files::read_bounded(path, files::MAX_CONFIG_BYTES).map_err(read_error)?;
+    String::from_utf8(bytes).map_err(|_| {
+        read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, "is not UTF-8 text"))
+    })
 }
 
 impl Config {

@@ -596,3 +596,35 @@ impl Drop for GroupGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `preforkd` with `args`, killing it if it has not finished within `timeout`;
+/// `None` then (it hung).
+pub fn run_cli_within(args: &[&str], timeout: Duration) -> Option<(ExitStatus, String, String)> {
+    let child = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run preforkd");
+    let pid = child.id() as i32;
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let output = child.wait_with_output().expect("wait for preforkd");
+        let _ = done.send(());
+        output
+    });
+    if finished.recv_timeout(timeout).is_err() {
+        // Our own child's process group.
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        let _ = waiter.join();
+        return None;
+    }
+    let output = waiter.join().expect("waiter");
+    Some((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}

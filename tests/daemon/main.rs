@@ -5,6 +5,7 @@ mod harness;
 mod backends;
 mod config;
 mod echo;
+mod hardening;
 mod idle;
 mod lifecycle;
 mod limits;
