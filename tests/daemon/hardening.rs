@@ -30,3 +30,49 @@ fn check_and_startup_refuse_a_fifo_a_device_and_a_huge_file_without_hanging() {
         }
     }
 }
+
+/// A pid file naming `pid` and locked by this test process (as a running master's is),
+/// with the configuration that points at it; `status` and friends then look at `board`.
+struct FakeMaster {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    _lock: std::fs::File,
+}
+
+impl FakeMaster {
+    fn new(pid: u32) -> FakeMaster {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_path = dir.path().join("preforkd.pid");
+        std::fs::write(&pid_path, format!("{pid}\n")).unwrap();
+        let lock = std::fs::File::open(&pid_path).unwrap();
+        lock.lock().unwrap();
+        let config = dir.path().join("preforkd.toml");
+        let text = controlled_config(1, "", "").replace("@DIR@", dir.path().to_str().unwrap());
+        std::fs::write(&config, text).unwrap();
+        FakeMaster { dir, config, _lock: lock }
+    }
+
+    fn board(&self) -> std::path::PathBuf {
+        self.dir.path().join("preforkd.pid.scoreboard")
+    }
+
+    fn run(&self, command: &str) -> (std::process::ExitStatus, String, String) {
+        run_cli_within(&[command, "-c", self.config.to_str().unwrap()], PROMPT)
+            .unwrap_or_else(|| panic!("preforkd {command} hung"))
+    }
+}
+
+#[test]
+fn status_refuses_a_scoreboard_whose_header_claims_a_huge_capacity() {
+    use std::os::unix::fs::FileExt;
+    let fake = FakeMaster::new(std::process::id());
+    drop(preforkd::scoreboard::Scoreboard::create(Some(&fake.board()), 4).unwrap());
+    // The second field of the header is the slot count: 2^57 slots of 128 bytes is 2^64
+    // bytes, which wraps to 0 in an unchecked size computation.
+    let file = std::fs::OpenOptions::new().write(true).open(fake.board()).unwrap();
+    file.write_all_at(&(1u64 << 57).to_le_bytes(), 8).unwrap();
+    let (status, _, stderr) = fake.run("status");
+    assert_eq!(code(status), 69, "{stderr}");
+    assert!(stderr.contains("is not a preforkd scoreboard"), "{stderr}");
+    assert!(stderr.contains("claims 144115188075855872 slots"), "{stderr}");
+}
