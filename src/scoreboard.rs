@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -201,6 +202,8 @@ pub struct Scoreboard {
     base: NonNull<u8>,
     bytes: usize,
     capacity: usize,
+    /// The file's owner, for a scoreboard opened with [`Scoreboard::open`].
+    owner: Option<u32>,
 }
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`].
@@ -264,7 +267,7 @@ impl Scoreboard {
                 base
             }
         };
-        let board = Scoreboard { base: base.cast(), bytes, capacity };
+        let board = Scoreboard { base: base.cast(), bytes, capacity, owner: None };
         let header = board.header();
         header.capacity.store(capacity as u64, Ordering::Relaxed);
         header.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
@@ -286,7 +289,8 @@ impl Scoreboard {
         let invalid = |reason: String| ScoreboardError::Invalid { path: path.to_owned(), reason };
         let max_bytes = layout(MAX_SLOTS).expect("MAX_SLOTS fits") as u64;
         let file: File = files::open_regular(path, max_bytes, false).map_err(fail)?;
-        let size = file.metadata().map_err(fail)?.len() as usize;
+        let meta = file.metadata().map_err(fail)?;
+        let size = meta.len() as usize;
         let header_bytes = layout(0).expect("no slots fit");
         if size < header_bytes {
             return Err(invalid(format!("{size} bytes, less than a header")));
@@ -299,7 +303,8 @@ impl Scoreboard {
         .map_err(|e| fail(e.into()))?;
         // From here the mapping is unmapped on every path (Drop), and `capacity` 0 exposes
         // the header only.
-        let mut board = Scoreboard { base: base.cast(), bytes: size, capacity: 0 };
+        let mut board =
+            Scoreboard { base: base.cast(), bytes: size, capacity: 0, owner: Some(meta.uid()) };
         let header = board.header();
         if header.magic.load(Ordering::Acquire) != MAGIC {
             return Err(invalid("wrong magic: another program's file or another version".into()));
@@ -314,6 +319,12 @@ impl Scoreboard {
         };
         board.capacity = capacity;
         Ok(board)
+    }
+
+    /// The user id owning the file, for a scoreboard opened with [`Scoreboard::open`]: the
+    /// master's user, unless someone else wrote it.
+    pub fn owner(&self) -> Option<u32> {
+        self.owner
     }
 
     /// The master's part.

@@ -309,6 +309,11 @@ impl Master {
         let scoreboard = Scoreboard::create(board_path.as_deref(), capacity)?;
         let header = scoreboard.header();
         header.master_pid.store(pid.as_raw(), Ordering::Relaxed);
+        // Lets the control commands tell this master from a process that reuses its pid.
+        match crate::sys::process_start_ticks(pid.as_raw()) {
+            Ok(ticks) => header.master_start_ticks.store(ticks, Ordering::Relaxed),
+            Err(error) => log::warn!("cannot read this master's start time: {error}"),
+        }
         header.generation.store(1, Ordering::Relaxed);
         header.target_workers.store(workers as u64, Ordering::Relaxed);
         let signals = Signals::install(MASTER_SIGNALS).map_err(StartError::Signals)?;

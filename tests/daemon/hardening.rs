@@ -76,3 +76,78 @@ fn status_refuses_a_scoreboard_whose_header_claims_a_huge_capacity() {
     assert!(stderr.contains("is not a preforkd scoreboard"), "{stderr}");
     assert!(stderr.contains("claims 144115188075855872 slots"), "{stderr}");
 }
+
+/// A `sleep` process of our own, standing for an innocent process whose pid a forged file
+/// names: if a control command signals it, it dies (and the test sees it).
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn start() -> Bystander {
+        Bystander(std::process::Command::new("sleep").arg("600").spawn().expect("spawn sleep"))
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    fn untouched(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn control_commands_refuse_to_signal_a_pid_that_is_not_the_master() {
+    let mut daemon = Daemon::start(&controlled_config(1, "", ""));
+    let mut bystander = Bystander::start();
+    // The pid file rewritten in place: the master's lock on it stays.
+    std::fs::write(daemon.dir().join("preforkd.pid"), format!("{}\n", bystander.pid())).unwrap();
+    for command in ["stop", "quit", "reopen", "reload"] {
+        let (status, _, stderr) =
+            run_cli_within(&[command, "-c", daemon.config_path.to_str().unwrap()], PROMPT)
+                .unwrap_or_else(|| panic!("preforkd {command} hung"));
+        assert_eq!(code(status), 69, "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("refusing to signal pid {}", bystander.pid())),
+            "{stderr}"
+        );
+        assert!(bystander.untouched(), "preforkd {command} signalled the bystander");
+    }
+    // The real master is untouched too, and still answers to its own pid.
+    std::fs::write(daemon.dir().join("preforkd.pid"), format!("{}\n", daemon.pid())).unwrap();
+    let (status, _, stderr) = daemon.control("stop");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(daemon.wait_exit(PATIENCE).is_some());
+}
+
+#[test]
+fn a_forged_scoreboard_does_not_make_a_control_command_signal_its_pid() {
+    let mut bystander = Bystander::start();
+    let fake = FakeMaster::new(bystander.pid() as u32);
+    let board = preforkd::scoreboard::Scoreboard::create(Some(&fake.board()), 1).unwrap();
+    board.header().master_pid.store(bystander.pid(), std::sync::atomic::Ordering::Relaxed);
+    // Without the start time: refused.
+    let (status, _, stderr) = fake.run("stop");
+    assert_eq!(code(status), 69, "{stderr}");
+    assert!(stderr.contains("start time differs"), "{stderr}");
+    assert!(bystander.untouched());
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped the ownership half: needs root to give the file away (CI runs as root)");
+        return;
+    }
+    // With the right start time, but written by another user than the process runs as.
+    let ticks = preforkd::sys::process_start_ticks(bystander.pid()).unwrap();
+    board.header().master_start_ticks.store(ticks, std::sync::atomic::Ordering::Relaxed);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+    nix::unistd::chown(&fake.board(), Some(nobody.uid), None).unwrap();
+    let (status, _, stderr) = fake.run("stop");
+    assert_eq!(code(status), 69, "{stderr}");
+    assert!(stderr.contains(&format!("belongs to uid {}", nobody.uid)), "{stderr}");
+    assert!(bystander.untouched());
+}
