@@ -107,8 +107,15 @@ fn execute(command: Command, config_path: &Path) -> Outcome {
         }
         Command::Reopen => {
             let before = header.reopens.load(Ordering::Acquire);
+            let failed_before = header.reopens_failed.load(Ordering::Acquire);
             master.send(Signal::SIGUSR1)?;
             wait_for("the log reopen", || {
+                if header.reopens_failed.load(Ordering::Acquire) != failed_before {
+                    return Some(Err((
+                        ExitStatus::Software,
+                        format!("reopen failed: {}", board.message()),
+                    )));
+                }
                 (header.reopens.load(Ordering::Acquire) != before)
                     .then(|| Ok("logs reopened".to_owned()))
             })
@@ -270,13 +277,14 @@ fn status(board: &Scoreboard) -> String {
         humantime::format_duration(Duration::from_secs(now_unix.saturating_sub(since_ms) / 1000))
     };
     let mut out = format!(
-        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected\n",
+        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected, {} log lines dropped\n",
         header.master_pid.load(Ordering::Relaxed),
         header.generation.load(Ordering::Relaxed),
         age(header.started_unix_ms.load(Ordering::Relaxed)),
         header.target_workers.load(Ordering::Relaxed),
         header.reloads_ok.load(Ordering::Relaxed),
         header.reloads_failed.load(Ordering::Relaxed),
+        header.log_lines_dropped.load(Ordering::Relaxed),
     );
     out.push_str(
         "slot  pid      gen  state     open  accepted  bytes_in    bytes_out   uptime  heartbeat\n",

@@ -111,6 +111,8 @@ pub struct Header {
     pub reloads_failed: AtomicU64,
     /// Log reopens done.
     pub reopens: AtomicU64,
+    /// Log reopens that failed (the file could not be opened again; the old one is kept).
+    pub reopens_failed: AtomicU64,
     /// Binary upgrades that failed (the new master did not come up).
     pub upgrades_failed: AtomicU64,
     /// Target worker count of the serving generation.

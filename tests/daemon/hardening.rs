@@ -1,12 +1,18 @@
 //! Regressions of the fault-injection and local-attacker review (issue #14): privilege
 //! boundaries, bounded operator inputs, control commands that check what they signal.
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use crate::harness::*;
 
 /// How long a command that must not hang may take.
 const PROMPT: Duration = Duration::from_secs(5);
+/// Patience for one exchange.
+const QUICK: Duration = Duration::from_secs(10);
 
 #[test]
 fn check_and_startup_refuse_a_fifo_a_device_and_a_huge_file_without_hanging() {
@@ -150,4 +156,110 @@ fn a_forged_scoreboard_does_not_make_a_control_command_signal_its_pid() {
     assert_eq!(code(status), 69, "{stderr}");
     assert!(stderr.contains(&format!("belongs to uid {}", nobody.uid)), "{stderr}");
     assert!(bystander.untouched());
+}
+
+/// Starts the daemon of `config_path` (its log not on stderr) in its own process group and
+/// waits, through `preforkd status`, until `workers` workers are ready.
+fn start_quiet(config_path: &std::path::Path, workers: usize) -> GroupGuard {
+    let child = std::process::Command::new(BINARY)
+        .arg("-c")
+        .arg(config_path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let guard = GroupGuard(child);
+    eventually("the workers are ready", || ready_in_status(config_path) == workers);
+    guard
+}
+
+#[test]
+fn usr1_never_follows_a_symlink_planted_in_a_log_directory_the_worker_user_can_write() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to switch workers to another user (CI runs as root)");
+        return;
+    }
+    let worker = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The log directory belongs to the workers' user, as a careless setup would have it.
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    nix::unistd::chown(&logs, Some(worker.uid), Some(worker.gid)).unwrap();
+    let log = logs.join("preforkd.log");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "root's secret\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = controlled_config(1, "user = \"nobody\"", "")
+        .replace("allow_root_workers = true\n", "")
+        .replace(
+            "[log]\n",
+            &format!("[log]\ntarget = \"file\"\npath = {:?}\n", log.to_str().unwrap()),
+        )
+        .replace("@DIR@", dir.path().to_str().unwrap());
+    let config_path = dir.path().join("preforkd.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let guard = start_quiet(&config_path, 1);
+    let master = guard.0.id() as i32;
+
+    // The workers' user neither owns nor can write the log file.
+    let meta = std::fs::metadata(&log).unwrap();
+    assert_eq!(meta.uid(), 0, "the log file belongs to root");
+    assert_eq!(meta.mode() & 0o022, 0, "nobody else may write it: {:o}", meta.mode());
+
+    // What the workers' user can do in its directory: move the file away and plant a
+    // symlink to a root-owned file in its place.
+    std::fs::rename(&log, logs.join("preforkd.log.1")).unwrap();
+    std::os::unix::fs::symlink(&victim, &log).unwrap();
+    kill(Pid::from_raw(master), Signal::SIGUSR1).unwrap();
+    let (status, _, stderr) = run_cli(&["reopen", "-c", config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 70, "the reopen is refused: {stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    // Workers log an access line each; the master keeps writing the old file.
+    let addr = listening_addrs(master)[0];
+    let mut stream = connect(addr);
+    assert_eq!(exchange(&mut stream, b"after the plant", QUICK), Outcome::Echoed);
+    drop(stream);
+    let (status, _, stderr) = run_cli(&["stop", "-c", config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "{stderr}");
+
+    let meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the victim's owner is unchanged");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's secret\n");
+    let old = std::fs::read_to_string(logs.join("preforkd.log.1")).unwrap();
+    assert!(old.contains("access listener=echo"), "workers' lines still reach the old file");
+    assert!(old.contains("master exiting"), "{old}");
+}
+
+#[test]
+fn a_full_log_device_counts_dropped_lines_reports_them_once_and_status_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every write to /dev/full fails with ENOSPC, like a full log filesystem.
+    let config = controlled_config(1, "", "")
+        .replace("[log]\n", "[log]\ntarget = \"file\"\npath = \"/dev/full\"\n")
+        .replace("@DIR@", dir.path().to_str().unwrap());
+    let config_path = dir.path().join("preforkd.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut guard = start_quiet(&config_path, 1);
+    let addr = listening_addrs(guard.0.id() as i32)[0];
+    for round in 0..50 {
+        let mut stream = connect(addr);
+        assert_eq!(exchange(&mut stream, b"lost line", QUICK), Outcome::Echoed, "{round}");
+    }
+    let dropped = || {
+        let (_, stdout, _) = run_cli(&["status", "-c", config_path.to_str().unwrap()]);
+        let count = stdout.split(" log lines dropped").next().and_then(|s| s.rsplit(' ').next());
+        count.and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    // 50 access lines at least (and the debug lines around them).
+    eventually("status counts the dropped lines", || dropped() >= 50);
+    let (status, _, stderr) = run_cli(&["quit", "-c", config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "{stderr}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let reports = stderr.lines().filter(|l| l.contains("could not be written")).count();
+    // Once at the first drop, then at most once per 10 s, plus once at exit.
+    assert!((1..=4).contains(&reports), "{reports} reports:\n{stderr}");
 }

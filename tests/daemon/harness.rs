@@ -628,3 +628,45 @@ pub fn run_cli_within(args: &[&str], timeout: Duration) -> Option<(ExitStatus, S
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
 }
+
+/// The TCP addresses process `pid` listens on, from its descriptors and /proc/net/tcp: for
+/// a daemon whose log is not readable (or not on stderr).
+pub fn listening_addrs(pid: i32) -> Vec<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|entry| {
+                let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let target = target.to_str()?;
+                Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st (0A: LISTEN), inode.
+            if fields.get(3) != Some(&"0A")
+                || !inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))
+            {
+                return None;
+            }
+            let (ip, port) = fields[1].split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some(SocketAddr::from((Ipv4Addr::from(u32::from_be(ip)), port)))
+        })
+        .collect()
+}
+
+/// Workers in state `ready` in `preforkd status` of the daemon of `config`.
+pub fn ready_in_status(config: &Path) -> usize {
+    let (status, stdout, _) = run_cli(&["status", "-c", config.to_str().unwrap()]);
+    if !status.success() {
+        return 0;
+    }
+    stdout.lines().filter(|l| l.contains(" ready ")).count()
+}
