@@ -263,3 +263,47 @@ fn a_full_log_device_counts_dropped_lines_reports_them_once_and_status_shows_the
     // Once at the first drop, then at most once per 10 s, plus once at exit.
     assert!((1..=4).contains(&reports), "{reports} reports:\n{stderr}");
 }
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_shipped_setup_runs_workers_as_a_dedicated_user_not_nobody() {
+    let shipped = std::fs::read_to_string(repo_file("config/preforkd.toml")).unwrap();
+    assert!(shipped.contains("\nuser = \"preforkd\"\n"), "the shipped config uses preforkd");
+    let sysusers = std::fs::read_to_string(repo_file("systemd/preforkd.sysusers")).unwrap();
+    assert!(sysusers.lines().any(|l| l.starts_with("u preforkd ")), "{sysusers}");
+    let makefile = std::fs::read_to_string(repo_file("Makefile")).unwrap();
+    assert!(makefile.contains("$(SYSUSERSDIR)/preforkd.conf"), "make install installs it");
+    let Some(uid) = ensure_preforkd_user() else {
+        eprintln!("skipped running it: needs root (CI runs as root)");
+        return;
+    };
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().map(|u| u.uid.as_raw());
+    assert_ne!(Some(uid), nobody);
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped
+        .replace("127.0.0.1:7788", "127.0.0.1:0")
+        .replace("workers = 4", "workers = 2")
+        .replace("/tmp/preforkd-7788.pid", &format!("{}/preforkd.pid", dir.path().display()));
+    let config_path = dir.path().join("preforkd.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let (status, stdout, stderr) = run_cli(&["check", "-c", config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "{stdout}{stderr}");
+    let guard = start_quiet(&config_path, 2);
+    let (_, stdout, _) = run_cli(&["status", "-c", config_path.to_str().unwrap()]);
+    let workers: Vec<i32> = stdout
+        .lines()
+        .filter(|l| l.contains(" ready "))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{stdout}");
+    for worker in workers {
+        assert_eq!(uid_of(worker), uid, "worker {worker} runs as preforkd");
+    }
+    let mut stream = connect(listening_addrs(guard.0.id() as i32)[0]);
+    assert_eq!(exchange(&mut stream, b"as preforkd", QUICK), Outcome::Echoed);
+}

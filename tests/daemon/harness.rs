@@ -670,3 +670,30 @@ pub fn ready_in_status(config: &Path) -> usize {
     }
     stdout.lines().filter(|l| l.contains(" ready ")).count()
 }
+
+/// As root: makes sure the workers' system user of the shipped configuration exists,
+/// creating it from the shipped sysusers.d file as a package would (idempotent; a no-op when
+/// it exists). Returns its uid; `None` when not root (nothing to create then: a master that
+/// is not root ignores `daemon.user`).
+pub fn ensure_preforkd_user() -> Option<u32> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    if let Some(user) = nix::unistd::User::from_name("preforkd").unwrap() {
+        return Some(user.uid.as_raw());
+    }
+    let sysusers = repo_file("systemd/preforkd.sysusers");
+    assert!(sysusers.exists(), "{} is missing", sysusers.display());
+    let status = Command::new("systemd-sysusers").arg(&sysusers).status();
+    if !status.is_ok_and(|s| s.success()) {
+        // Without systemd-sysusers: what the sysusers.d line says, with useradd.
+        let status = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir", "/", "--shell"])
+            .args(["/usr/sbin/nologin", "--comment", "preforkd worker processes", "preforkd"])
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "could not create the preforkd user");
+    }
+    let user = nix::unistd::User::from_name("preforkd").unwrap().expect("preforkd was created");
+    Some(user.uid.as_raw())
+}
