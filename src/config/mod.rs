@@ -29,6 +29,18 @@ pub const RESERVED_FDS: usize = 16;
 /// Upper bound of `daemon.workers`.
 pub const MAX_WORKERS: usize = 512;
 
+/// Worker slots per configured worker and generation (room for TTIN and for respawns while
+/// old workers are still being reaped). Slots are fixed at start: the limits table and the
+/// scoreboard are sized for them.
+pub const SLOT_HEADROOM: usize = 2;
+
+/// Worker slots the master creates at start, which nothing changes until a restart:
+/// `workers` x [`SLOT_HEADROOM`] x (1 + `max_draining_generations`). It bounds the workers
+/// alive at once, those added by SIGTTIN included.
+pub fn worker_slots(workers: usize, max_draining_generations: usize) -> usize {
+    workers.saturating_mul(SLOT_HEADROOM).saturating_mul(1 + max_draining_generations)
+}
+
 /// A validated configuration, with every default applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

@@ -66,10 +66,7 @@ pub const DROPPED_LINES_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 
-/// Worker slots per configured worker and generation (room for TTIN and for respawns while
-/// old workers are still being reaped). Slots are fixed at start: the limits table and the
-/// scoreboard are sized for them.
-pub const SLOT_HEADROOM: usize = 2;
+pub use crate::config::SLOT_HEADROOM;
 
 /// The master could not start.
 #[derive(Debug, Error)]
@@ -303,7 +300,8 @@ impl Master {
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
         let workers = config.daemon.workers.get();
-        let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
+        let capacity =
+            crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
         let limits = Limits::new(capacity, per_slot)?;
         let pidfile = match &config.daemon.pid_file {
