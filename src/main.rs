@@ -29,7 +29,10 @@ fn main() -> ExitCode {
     if command != Command::Run && command != Command::Check {
         return control::run(command, &cli.config).into();
     }
-    let mut config = match config::load(&cli.config) {
+    // `check` also looks at this machine (users, directories, addresses, syslog), so that it
+    // finds everything startup would refuse; startup meets those itself, with their status.
+    let load = if command == Command::Check { config::load_checked } else { config::load };
+    let mut config = match load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             // Printed plainly (not through the logger) so each problem is one clean line.

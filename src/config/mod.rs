@@ -5,6 +5,7 @@
 //! [`Config`] through `fork(2)` and never read the file. Every problem is collected and
 //! reported as `path:line:col: key: message` (see [`ConfigError`]).
 
+pub mod environment;
 mod error;
 pub mod file;
 pub mod validate;
@@ -208,6 +209,21 @@ impl ListenerConfig {
 /// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
 /// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_source(path).map(|(config, _)| config)
+}
+
+/// [`load`], then the checks of [`environment::check`] against this machine as the current
+/// user: what `preforkd check` reports, so that it finds everything startup would refuse.
+///
+/// # Errors
+/// As [`load`]; [`ConfigError::Invalid`] also lists every problem startup would have here.
+pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+    let (config, source) = load_source(path)?;
+    let issues = environment::check(&config, &source, nix::unistd::geteuid());
+    if issues.is_empty() { Ok(config) } else { Err(ConfigError::invalid(path, &source, issues)) }
+}
+
+fn load_source(path: &Path) -> Result<(Config, String), ConfigError> {
     let source = read_source(path)?;
     let mut config = parse(path, &source)?;
     let base = std::path::absolute(path)
@@ -215,7 +231,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
     config.resolve_paths(&base);
-    Ok(config)
+    Ok((config, source))
 }
 
 /// The text of the configuration file at `path`, read with the bounds of [`load`].

@@ -307,3 +307,166 @@ fn the_shipped_setup_runs_workers_as_a_dedicated_user_not_nobody() {
     let mut stream = connect(listening_addrs(guard.0.id() as i32)[0]);
     assert_eq!(exchange(&mut stream, b"as preforkd", QUICK), Outcome::Echoed);
 }
+
+/// One configuration startup refuses: how to make it, and what `check` must say.
+struct Refusal {
+    what: &'static str,
+    /// Needs root (the credentials checks only apply to a root master).
+    root_only: bool,
+    /// `[daemon]` lines added to a valid one-listener config, and replacements in it.
+    daemon_extra: &'static str,
+    replace: &'static [(&'static str, &'static str)],
+    /// Prepares the temporary directory `@DIR@`.
+    setup: fn(&std::path::Path),
+    expected: &'static str,
+}
+
+fn nothing(_: &std::path::Path) {}
+
+/// Every startup refusal that follows from the configuration on this machine. What startup
+/// alone can see is left out on purpose: an address in use now, a running master holding the
+/// pid file, sockets passed by systemd, fork/mmap/signal failures (see config::environment).
+const REFUSALS: &[Refusal] = &[
+    Refusal {
+        what: "unknown user",
+        root_only: true,
+        daemon_extra: "user = \"no-such-user-preforkd\"",
+        replace: &[("allow_root_workers = true\n", "")],
+        setup: nothing,
+        expected: "daemon.user: unknown user \"no-such-user-preforkd\"",
+    },
+    Refusal {
+        what: "unknown group",
+        root_only: true,
+        daemon_extra: "user = \"nobody\"\ngroup = \"no-such-group-preforkd\"",
+        replace: &[("allow_root_workers = true\n", "")],
+        setup: nothing,
+        expected: "daemon.group: unknown group \"no-such-group-preforkd\"",
+    },
+    Refusal {
+        what: "root workers without the opt-in",
+        root_only: true,
+        daemon_extra: "",
+        replace: &[("allow_root_workers = true\n", "")],
+        setup: nothing,
+        expected: "daemon.user: the master runs as root and workers would too",
+    },
+    Refusal {
+        what: "a user that is root without the opt-in",
+        root_only: true,
+        daemon_extra: "user = \"root\"",
+        replace: &[("allow_root_workers = true\n", "")],
+        setup: nothing,
+        expected: "daemon.user: \"root\" is root",
+    },
+    Refusal {
+        what: "a pid file in a missing directory",
+        root_only: false,
+        daemon_extra: "pid_file = \"@DIR@/missing/preforkd.pid\"",
+        replace: &[],
+        setup: nothing,
+        expected: "daemon.pid_file: directory",
+    },
+    Refusal {
+        what: "a log file in a missing directory",
+        root_only: false,
+        daemon_extra: "",
+        replace: &[(
+            "[log]\n",
+            "[log]\ntarget = \"file\"\npath = \"@DIR@/missing/preforkd.log\"\n",
+        )],
+        setup: nothing,
+        expected: "missing: No such file or directory",
+    },
+    Refusal {
+        what: "a log path that is a symlink",
+        root_only: false,
+        daemon_extra: "",
+        replace: &[("[log]\n", "[log]\ntarget = \"file\"\npath = \"@DIR@/link.log\"\n")],
+        setup: |dir| {
+            std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join("link.log")).unwrap()
+        },
+        expected: "is a symbolic link",
+    },
+    Refusal {
+        what: "a log path that is a FIFO",
+        root_only: false,
+        daemon_extra: "",
+        replace: &[("[log]\n", "[log]\ntarget = \"file\"\npath = \"@DIR@/fifo.log\"\n")],
+        setup: |dir| {
+            let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+            nix::unistd::mkfifo(&dir.join("fifo.log"), mode).unwrap();
+        },
+        expected: "is a FIFO",
+    },
+    Refusal {
+        what: "an unreachable syslog socket",
+        root_only: false,
+        daemon_extra: "",
+        replace: &[(
+            "[log]\n",
+            "[log]\ntarget = \"syslog\"\nsyslog_socket = \"@DIR@/no-such-socket\"\n",
+        )],
+        setup: nothing,
+        expected: "log.syslog_socket: cannot reach syslog",
+    },
+    Refusal {
+        what: "an address of no local interface",
+        root_only: false,
+        daemon_extra: "",
+        // TEST-NET-1 (RFC 5737): never a local address.
+        replace: &[("127.0.0.1:0", "192.0.2.1:7")],
+        setup: nothing,
+        expected: "listener[0].address: could not bind 192.0.2.1:7",
+    },
+    Refusal {
+        what: "a limits table over its bound",
+        root_only: false,
+        daemon_extra: "event_backend = \"epoll\"\nmax_connections_per_worker = 1048576",
+        replace: &[("workers = 1\n", "workers = 512\n")],
+        setup: nothing,
+        expected: "per-client records, more than 4194304",
+    },
+    Refusal {
+        what: "a duplicate listener name on a listener with another error",
+        root_only: false,
+        daemon_extra: "",
+        replace: &[(
+            "[[listener]]",
+            "[[listener]]\nname = \"echo\"\naddress = \"nowhere\"\nservice = \"echo\"\n[[listener]]",
+        )],
+        setup: nothing,
+        expected: "duplicate listener name \"echo\"",
+    },
+];
+
+#[test]
+fn every_startup_refusal_has_a_check_twin() {
+    let root = nix::unistd::geteuid().is_root();
+    for refusal in REFUSALS {
+        if refusal.root_only && !root {
+            eprintln!("skipped {:?}: needs root (CI runs as root)", refusal.what);
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        (refusal.setup)(dir.path());
+        let mut config = echo_config(1, refusal.daemon_extra, "");
+        for (from, to) in refusal.replace {
+            config = config.replacen(from, to, 1);
+        }
+        let config = config.replace("@DIR@", dir.path().to_str().unwrap());
+        let path = dir.path().join("preforkd.toml");
+        std::fs::write(&path, config).unwrap();
+        let path = path.to_str().unwrap();
+
+        let (status, _, stderr) = run_cli_within(&["-c", path], PATIENCE)
+            .unwrap_or_else(|| panic!("{}: startup neither refused nor failed", refusal.what));
+        assert_ne!(code(status), 0, "{}: startup refuses it: {stderr}", refusal.what);
+
+        let (status, stdout, stderr) = run_cli_within(&["check", "-c", path], PROMPT)
+            .unwrap_or_else(|| panic!("{}: check hung", refusal.what));
+        assert_eq!(code(status), 78, "{}: check refuses it too: {stdout}{stderr}", refusal.what);
+        assert!(stderr.contains(refusal.expected), "{}: {stderr}", refusal.what);
+        assert!(stderr.contains("preforkd.toml:"), "{}: located: {stderr}", refusal.what);
+    }
+}
