@@ -28,9 +28,10 @@ use crate::sys;
 pub const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Runs a control command against the daemon of `config_path`.
-pub fn run(command: Command, config_path: &Path) -> ExitStatus {
-    match execute(command, config_path) {
+/// Runs a control command against the daemon of `config_path`, or of the pid file
+/// `pid_file` when given (`--pid-file`).
+pub fn run(command: Command, config_path: &Path, pid_file: Option<&Path>) -> ExitStatus {
+    match execute(command, config_path, pid_file) {
         Ok(message) => {
             let _ = writeln!(std::io::stdout(), "{message}");
             ExitStatus::Ok
@@ -57,17 +58,60 @@ fn name(command: Command) -> &'static str {
 
 type Outcome = Result<String, (ExitStatus, String)>;
 
-fn execute(command: Command, config_path: &Path) -> Outcome {
-    let config = config::load(config_path).map_err(|e| (e.exit_status(), e.to_string()))?;
-    let pid_path = config.daemon.pid_file.clone().ok_or_else(|| {
+/// Where a control command finds the master: the pid file, and the graceful timeout `quit`
+/// waits for.
+struct Located {
+    pid_path: std::path::PathBuf,
+    graceful_timeout: Duration,
+}
+
+/// Finds the master of `config_path` (or of `pid_file`). `status`, `stop` and `quit` also
+/// work while the file is invalid (an operator is editing it): they read `daemon.pid_file`
+/// leniently and say so on stderr. The others need a valid file.
+fn locate(
+    command: Command,
+    config_path: &Path,
+    pid_file: Option<&Path>,
+) -> Result<Located, (ExitStatus, String)> {
+    let not_set = || {
         (
             ExitStatus::Config,
             format!(
-                "daemon.pid_file is not set in {}: the running master cannot be found",
+                "daemon.pid_file is not set in {}: the running master cannot be found (or give --pid-file)",
                 config_path.display()
             ),
         )
-    })?;
+    };
+    let error = match config::load(config_path) {
+        Ok(config) => {
+            let pid_path =
+                pid_file.map(Path::to_owned).or(config.daemon.pid_file).ok_or_else(not_set)?;
+            return Ok(Located { pid_path, graceful_timeout: config.daemon.graceful_timeout });
+        }
+        Err(error) => error,
+    };
+    let lenient = matches!(command, Command::Status | Command::Stop | Command::Quit);
+    if !lenient {
+        return Err((error.exit_status(), error.to_string()));
+    }
+    let keys = config::lenient::control_keys(config_path).unwrap_or_default();
+    let Some(pid_path) = pid_file.map(Path::to_owned).or(keys.pid_file) else {
+        return Err((error.exit_status(), error.to_string()));
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "preforkd {}: {} is not valid now (`preforkd check -c {0}` lists why); the master is looked up through {}",
+        name(command),
+        config_path.display(),
+        pid_path.display()
+    );
+    let graceful_timeout =
+        keys.graceful_timeout.unwrap_or(config::validate::DEFAULT_GRACEFUL_TIMEOUT);
+    Ok(Located { pid_path, graceful_timeout })
+}
+
+fn execute(command: Command, config_path: &Path, pid_file: Option<&Path>) -> Outcome {
+    let Located { pid_path, graceful_timeout } = locate(command, config_path, pid_file)?;
     let pid =
         pidfile::running_pid(&pid_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
     let board_path = scoreboard::path_for(&pid_path);
@@ -80,9 +124,7 @@ fn execute(command: Command, config_path: &Path) -> Outcome {
     let header = board.header();
     match command {
         Command::Stop => stop(&master, Signal::SIGTERM, FAST_STOP_GRACE + Duration::from_secs(10)),
-        Command::Quit => {
-            stop(&master, Signal::SIGQUIT, config.daemon.graceful_timeout + Duration::from_secs(10))
-        }
+        Command::Quit => stop(&master, Signal::SIGQUIT, graceful_timeout + Duration::from_secs(10)),
         Command::Reload => {
             let before = (
                 header.reloads_ok.load(Ordering::Acquire),

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     logging::init();
     let command = cli.effective_command();
     if command != Command::Run && command != Command::Check {
-        return control::run(command, &cli.config).into();
+        return control::run(command, &cli.config, cli.pid_file.as_deref()).into();
     }
     // `check` also looks at this machine (users, directories, addresses, syslog), so that it
     // finds everything startup would refuse; startup meets those itself, with their status.

@@ -8,6 +8,7 @@
 pub mod environment;
 mod error;
 pub mod file;
+pub mod lenient;
 pub mod validate;
 
 use std::net::SocketAddr;

@@ -470,3 +470,37 @@ fn every_startup_refusal_has_a_check_twin() {
         assert!(stderr.contains("preforkd.toml:"), "{}: located: {stderr}", refusal.what);
     }
 }
+
+#[test]
+fn status_stop_and_quit_find_the_master_while_the_config_is_invalid() {
+    let mut daemon = Daemon::start(&controlled_config(1, "", ""));
+    let pid = daemon.pid().to_string();
+    // Mid-edit: a value out of range and a syntax error after the pid file.
+    let valid = std::fs::read_to_string(&daemon.config_path).unwrap();
+    let broken = valid.replace("workers = 1", "workers = 0") + "\n[log\nlevel = \n";
+    std::fs::write(&daemon.config_path, &broken).unwrap();
+    let (status, _, _) = run_cli(&["check", "-c", daemon.config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 78, "the file is invalid");
+    let (status, stdout, stderr) = daemon.control("status");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(stdout.contains(&format!("master pid {pid},")), "{stdout}");
+    assert!(stderr.contains("is not valid now"), "says why it read the file leniently: {stderr}");
+    // --pid-file needs no configuration at all.
+    let pid_file = daemon.dir().join("preforkd.pid");
+    let (status, stdout, stderr) = run_cli(&[
+        "status",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "-c",
+        "/nonexistent/preforkd.toml",
+    ]);
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(stdout.contains(&format!("master pid {pid},")), "{stdout}");
+    // A reload still refuses the invalid file, and changes nothing.
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 78, "{stderr}");
+    let (status, stdout, stderr) = daemon.control("quit");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert!(stdout.contains("stopped"), "{stdout}");
+    assert_eq!(code(daemon.wait_exit(PATIENCE).expect("exited")), 0);
+}
