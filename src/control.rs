@@ -319,7 +319,7 @@ fn status(board: &Scoreboard) -> String {
         humantime::format_duration(Duration::from_secs(now_unix.saturating_sub(since_ms) / 1000))
     };
     let mut out = format!(
-        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected, {} log lines dropped\n",
+        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected, {} log lines dropped, {} worker slots\n",
         header.master_pid.load(Ordering::Relaxed),
         header.generation.load(Ordering::Relaxed),
         age(header.started_unix_ms.load(Ordering::Relaxed)),
@@ -327,6 +327,7 @@ fn status(board: &Scoreboard) -> String {
         header.reloads_ok.load(Ordering::Relaxed),
         header.reloads_failed.load(Ordering::Relaxed),
         header.log_lines_dropped.load(Ordering::Relaxed),
+        board.slots().len(),
     );
     out.push_str(
         "slot  pid      gen  state     open  accepted  bytes_in    bytes_out   uptime  heartbeat\n",

@@ -766,7 +766,10 @@ impl Master {
             return;
         }
         let Some(slot) = self.free_slot() else {
-            log::warn!("SIGTTIN ignored: all {} worker slots are in use", self.slots.len());
+            log::warn!(
+                "SIGTTIN ignored: all {} worker slots are in use (fixed at start: workers x {SLOT_HEADROOM} x (1 + max_draining_generations); a restart with more workers raises it)",
+                self.slots.len()
+            );
             return;
         };
         self.slots[slot].serve(self.generation);

@@ -504,3 +504,30 @@ fn status_stop_and_quit_find_the_master_while_the_config_is_invalid() {
     assert!(stdout.contains("stopped"), "{stdout}");
     assert_eq!(code(daemon.wait_exit(PATIENCE).expect("exited")), 0);
 }
+
+#[test]
+fn ttin_stops_at_the_slots_fixed_at_start_and_says_so_in_status_and_the_docs() {
+    // 1 worker x 2 x (1 + 1 draining generation) = 4 slots.
+    let daemon = Daemon::start(&controlled_config(1, "max_draining_generations = 1", ""));
+    let (_, stdout, _) = daemon.control("status");
+    assert!(stdout.contains(", 4 worker slots"), "{stdout}");
+    for wanted in 2..=4 {
+        daemon.signal(Signal::SIGTTIN);
+        eventually(&format!("{wanted} ready workers"), || {
+            let (_, stdout, _) = daemon.control("status");
+            stdout.lines().filter(|l| l.contains(" ready ")).count() == wanted
+        });
+    }
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_for_log("the refusal", |l| {
+        l.contains("all 4 worker slots are in use (fixed at start")
+    });
+    for doc in ["README.md", "man/preforkd.8"] {
+        let text = std::fs::read_to_string(repo_file(doc)).unwrap().replace('\n', " ");
+        assert!(
+            text.contains("workers × 2 × (1 + max_draining_generations)")
+                || text.contains("workers \\(mu 2 \\(mu (1 +"),
+            "{doc} documents the TTIN cap"
+        );
+    }
+}
