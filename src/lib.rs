@@ -30,7 +30,7 @@ pub mod files;
 pub mod limits;
 /// Binding listening sockets: address, backlog, `SO_REUSEADDR`, non-blocking, close-on-exec.
 pub mod listener;
-/// Log targets (stderr, syslog) behind the `log` facade, with role and pid on every line.
+/// Log targets (stderr, syslog, a file the master alone writes) behind the `log` facade.
 pub mod logging;
 /// The master process: supervision loop, worker table, spawn/reap/respawn, stop.
 pub mod master;

@@ -13,7 +13,7 @@
 //! symlink followed, see [`crate::files::open_log`]) and reopens on SIGUSR1; workers write
 //! their lines through a pipe the master relays (see `relay.rs`), so they never own the file.
 //! A line that cannot be written (full disk, full pipe, syslog gone) is counted
-//! ([`dropped_lines`]); the master reports the count.
+//! (`dropped_lines`); the master reports the count.
 //! Access lines use the `access` target (see [`ACCESS_TARGET`]).
 
 mod relay;
