@@ -91,7 +91,7 @@ pub enum StartError {
     Privileges(#[from] PrivilegeError),
     /// Started as root without `daemon.user` and without `allow_root_workers`.
     #[error(
-        "the master runs as root and workers would too: set daemon.user (e.g. \"nobody\"), or allow_root_workers = true"
+        "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true"
     )]
     RootWorkers,
     /// A socket passed by systemd matches no listener, or the variables are malformed.
