@@ -1,6 +1,8 @@
 # Install preforkd: `make install` (PREFIX=/usr/local), or `make install PREFIX=/usr
 # DESTDIR=/tmp/root` to stage a package. The configuration goes to /etc/preforkd (kept if
-# present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR).
+# present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR), the
+# workers' system user to $(PREFIX)/lib/sysusers.d (and created when DESTDIR is empty).
+# uninstall leaves the user: files it owned may remain.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -8,6 +10,7 @@ SYSCONFDIR ?= /etc
 BINDIR := $(PREFIX)/bin
 MANDIR := $(PREFIX)/share/man
 UNITDIR := $(PREFIX)/lib/systemd/system
+SYSUSERSDIR := $(PREFIX)/lib/sysusers.d
 CARGO ?= cargo
 
 .PHONY: all build install uninstall
@@ -25,6 +28,10 @@ install: build
 	sed -e 's#/usr/bin/preforkd#$(BINDIR)/preforkd#g' -e 's#/etc/preforkd/#$(SYSCONFDIR)/preforkd/#g' \
 		systemd/preforkd.service > $(DESTDIR)$(UNITDIR)/preforkd.service
 	install -m644 systemd/preforkd.socket $(DESTDIR)$(UNITDIR)/preforkd.socket
+	install -Dm644 systemd/preforkd.sysusers $(DESTDIR)$(SYSUSERSDIR)/preforkd.conf
+	# The workers' user: created now on a live install (a package does it in postinst).
+	if [ -z "$(DESTDIR)" ] && command -v systemd-sysusers >/dev/null; then \
+		systemd-sysusers $(SYSUSERSDIR)/preforkd.conf; fi
 	install -Dm644 config/logrotate.d/preforkd $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
 	sed -i -e 's#/usr/bin/preforkd#$(BINDIR)/preforkd#g' -e 's#/etc/preforkd/#$(SYSCONFDIR)/preforkd/#g' \
 		$(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
@@ -36,4 +43,5 @@ install: build
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/preforkd $(DESTDIR)$(MANDIR)/man8/preforkd.8 \
 		$(DESTDIR)$(MANDIR)/man5/preforkd.toml.5 $(DESTDIR)$(UNITDIR)/preforkd.service \
-		$(DESTDIR)$(UNITDIR)/preforkd.socket $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
+		$(DESTDIR)$(UNITDIR)/preforkd.socket $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd \
+		$(DESTDIR)$(SYSUSERSDIR)/preforkd.conf

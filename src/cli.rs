@@ -19,6 +19,11 @@ pub struct Cli {
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG, global = true)]
     pub config: PathBuf,
 
+    /// Control commands: the running master's pid file, instead of `daemon.pid_file` from
+    /// the configuration (which may be invalid or missing while it is being edited).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub pid_file: Option<PathBuf>,
+
     /// Check the configuration and exit (same as the `check` command).
     #[arg(short = 't', long = "test")]
     pub test: bool,

@@ -6,6 +6,7 @@
 //! master ready) or for the master to be gone. Waiting polls with a deadline.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -22,15 +23,22 @@ use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
 use crate::scoreboard::{self, Scoreboard, SlotState, monotonic_ms, unix_ms};
 use crate::services::Registry;
+use crate::sys;
 
 /// How long `reload`, `reopen` and `upgrade` wait for the outcome.
 pub const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Runs a control command against the daemon of `config_path`, whose `service` names are
-/// those of `services`.
-pub fn run(command: Command, config_path: &Path, services: &Registry) -> ExitStatus {
-    match execute(command, config_path, services) {
+/// Runs a control command against the daemon of `config_path`, or of the pid file
+/// `pid_file` when given (`--pid-file`); `services` are the `service` names the
+/// configuration may use.
+pub fn run(
+    command: Command,
+    config_path: &Path,
+    pid_file: Option<&Path>,
+    services: &Registry,
+) -> ExitStatus {
+    match execute(command, config_path, pid_file, services) {
         Ok(message) => {
             let _ = writeln!(std::io::stdout(), "{message}");
             ExitStatus::Ok
@@ -57,36 +65,85 @@ fn name(command: Command) -> &'static str {
 
 type Outcome = Result<String, (ExitStatus, String)>;
 
-fn execute(command: Command, config_path: &Path, services: &Registry) -> Outcome {
-    let config =
-        config::load(config_path, services).map_err(|e| (e.exit_status(), e.to_string()))?;
-    let pid_path = config.daemon.pid_file.clone().ok_or_else(|| {
+/// Where a control command finds the master: the pid file, and the graceful timeout `quit`
+/// waits for.
+struct Located {
+    pid_path: std::path::PathBuf,
+    graceful_timeout: Duration,
+}
+
+/// Finds the master of `config_path` (or of `pid_file`). `status`, `stop` and `quit` also
+/// work while the file is invalid (an operator is editing it): they read `daemon.pid_file`
+/// leniently and say so on stderr. The others need a valid file.
+fn locate(
+    command: Command,
+    config_path: &Path,
+    pid_file: Option<&Path>,
+    services: &Registry,
+) -> Result<Located, (ExitStatus, String)> {
+    let not_set = || {
         (
             ExitStatus::Config,
             format!(
-                "daemon.pid_file is not set in {}: the running master cannot be found",
+                "daemon.pid_file is not set in {}: the running master cannot be found (or give --pid-file)",
                 config_path.display()
             ),
         )
-    })?;
+    };
+    let error = match config::load(config_path, services) {
+        Ok(config) => {
+            let pid_path =
+                pid_file.map(Path::to_owned).or(config.daemon.pid_file).ok_or_else(not_set)?;
+            return Ok(Located { pid_path, graceful_timeout: config.daemon.graceful_timeout });
+        }
+        Err(error) => error,
+    };
+    let lenient = matches!(command, Command::Status | Command::Stop | Command::Quit);
+    if !lenient {
+        return Err((error.exit_status(), error.to_string()));
+    }
+    let keys = config::lenient::control_keys(config_path).unwrap_or_default();
+    let Some(pid_path) = pid_file.map(Path::to_owned).or(keys.pid_file) else {
+        return Err((error.exit_status(), error.to_string()));
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "preforkd {}: {} is not valid now (`preforkd check -c {0}` lists why); the master is looked up through {}",
+        name(command),
+        config_path.display(),
+        pid_path.display()
+    );
+    let graceful_timeout =
+        keys.graceful_timeout.unwrap_or(config::validate::DEFAULT_GRACEFUL_TIMEOUT);
+    Ok(Located { pid_path, graceful_timeout })
+}
+
+fn execute(
+    command: Command,
+    config_path: &Path,
+    pid_file: Option<&Path>,
+    services: &Registry,
+) -> Outcome {
+    let Located { pid_path, graceful_timeout } = locate(command, config_path, pid_file, services)?;
     let pid =
         pidfile::running_pid(&pid_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
-    let master = Pid::from_raw(pid);
-    let board = Scoreboard::open(&scoreboard::path_for(&pid_path))
-        .map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
+    let board_path = scoreboard::path_for(&pid_path);
+    let board =
+        Scoreboard::open(&board_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
+    if command == Command::Status {
+        return Ok(status(&board));
+    }
+    let master = Target::verify(pid, &board, &board_path)?;
     let header = board.header();
     match command {
-        Command::Status => Ok(status(&board)),
-        Command::Stop => stop(master, Signal::SIGTERM, FAST_STOP_GRACE + Duration::from_secs(10)),
-        Command::Quit => {
-            stop(master, Signal::SIGQUIT, config.daemon.graceful_timeout + Duration::from_secs(10))
-        }
+        Command::Stop => stop(&master, Signal::SIGTERM, FAST_STOP_GRACE + Duration::from_secs(10)),
+        Command::Quit => stop(&master, Signal::SIGQUIT, graceful_timeout + Duration::from_secs(10)),
         Command::Reload => {
             let before = (
                 header.reloads_ok.load(Ordering::Acquire),
                 header.reloads_failed.load(Ordering::Acquire),
             );
-            send(master, Signal::SIGHUP)?;
+            master.send(Signal::SIGHUP)?;
             wait_for("the reload outcome", || {
                 let ok = header.reloads_ok.load(Ordering::Acquire);
                 let failed = header.reloads_failed.load(Ordering::Acquire);
@@ -105,21 +162,95 @@ fn execute(command: Command, config_path: &Path, services: &Registry) -> Outcome
         }
         Command::Reopen => {
             let before = header.reopens.load(Ordering::Acquire);
-            send(master, Signal::SIGUSR1)?;
+            let failed_before = header.reopens_failed.load(Ordering::Acquire);
+            master.send(Signal::SIGUSR1)?;
             wait_for("the log reopen", || {
+                if header.reopens_failed.load(Ordering::Acquire) != failed_before {
+                    return Some(Err((
+                        ExitStatus::Software,
+                        format!("reopen failed: {}", board.message()),
+                    )));
+                }
                 (header.reopens.load(Ordering::Acquire) != before)
                     .then(|| Ok("logs reopened".to_owned()))
             })
         }
-        Command::Upgrade => upgrade(master, &board, &pid_path),
-        Command::Run | Command::Check => unreachable!("handled by main"),
+        Command::Upgrade => upgrade(&master, &board, &pid_path),
+        Command::Run | Command::Check | Command::Status => unreachable!("handled above"),
     }
 }
 
-fn send(master: Pid, signal: Signal) -> Result<(), (ExitStatus, String)> {
-    kill(master, signal).map_err(|e| {
-        (ExitStatus::Unavailable, format!("could not send {signal} to master pid {master}: {e}"))
-    })
+/// The master a control command signals, verified to be the process that created the
+/// scoreboard, never just whatever pid a file holds.
+struct Target {
+    pid: Pid,
+    /// Refers to the verified process itself (pidfd_open(2)): a signal sent through it
+    /// cannot reach a process that reuses the pid. `None` on kernels before 5.3.
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Target {
+    /// Checks that `pid` (from the pid file) is the master recorded in `board`: the same pid,
+    /// the same start time (`/proc/PID/stat`), and a scoreboard file owned by the user that
+    /// process runs as (only the master's user can have written it).
+    fn verify(
+        pid: i32,
+        board: &Scoreboard,
+        board_path: &Path,
+    ) -> Result<Target, (ExitStatus, String)> {
+        let refuse = |why: String| {
+            Err((ExitStatus::Unavailable, format!("refusing to signal pid {pid}: {why}")))
+        };
+        let header = board.header();
+        let recorded = header.master_pid.load(Ordering::Acquire);
+        if recorded != pid {
+            return refuse(format!(
+                "the pid file names it, but the scoreboard {} was written by master pid {recorded}",
+                board_path.display()
+            ));
+        }
+        // Opened before the checks: if they pass, this descriptor is the checked process.
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => None,
+            Err(e) => return refuse(format!("{e}")),
+        };
+        let started = header.master_start_ticks.load(Ordering::Relaxed);
+        match sys::process_start_ticks(pid) {
+            Ok(ticks) if started != 0 && ticks == started => {}
+            Ok(_) => {
+                return refuse(format!(
+                    "it is not the master that wrote {} (its start time differs): the pid was reused or a file forged",
+                    board_path.display()
+                ));
+            }
+            Err(e) => return refuse(e.to_string()),
+        }
+        let owner = |path: &str| std::fs::metadata(path).map(|m| m.uid());
+        match (owner(&format!("/proc/{pid}")), board.owner()) {
+            (Ok(process), Some(file)) if process == file => {}
+            (Ok(process), file) => {
+                return refuse(format!(
+                    "it runs as uid {process} but {} belongs to uid {}",
+                    board_path.display(),
+                    file.map_or("unknown".into(), |u| u.to_string())
+                ));
+            }
+            (Err(e), _) => return refuse(e.to_string()),
+        }
+        Ok(Target { pid: Pid::from_raw(pid), pidfd })
+    }
+
+    fn send(&self, signal: Signal) -> Result<(), (ExitStatus, String)> {
+        let sent = match &self.pidfd {
+            Some(pidfd) => sys::pidfd_send_signal(pidfd, signal),
+            None => kill(self.pid, signal).map_err(std::io::Error::from),
+        };
+        sent.map_err(|e| {
+            let pid = self.pid;
+            (ExitStatus::Unavailable, format!("could not send {signal} to master pid {pid}: {e}"))
+        })
+    }
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> Option<Outcome>) -> Outcome {
@@ -152,8 +283,9 @@ fn alive(pid: Pid) -> bool {
     }
 }
 
-fn stop(master: Pid, signal: Signal, patience: Duration) -> Outcome {
-    send(master, signal)?;
+fn stop(target: &Target, signal: Signal, patience: Duration) -> Outcome {
+    target.send(signal)?;
+    let master = target.pid;
     let deadline = Instant::now() + patience;
     while alive(master) {
         if Instant::now() >= deadline {
@@ -167,10 +299,11 @@ fn stop(master: Pid, signal: Signal, patience: Duration) -> Outcome {
     Ok(format!("master pid {master} stopped"))
 }
 
-fn upgrade(master: Pid, board: &Scoreboard, pid_path: &Path) -> Outcome {
+fn upgrade(target: &Target, board: &Scoreboard, pid_path: &Path) -> Outcome {
     let header = board.header();
     let failed_before = header.upgrades_failed.load(Ordering::Acquire);
-    send(master, Signal::SIGUSR2)?;
+    target.send(Signal::SIGUSR2)?;
+    let master = target.pid;
     wait_for("the new master", || {
         if header.upgrades_failed.load(Ordering::Acquire) != failed_before {
             return Some(Err((ExitStatus::Software, board.message())));
@@ -199,13 +332,15 @@ fn status(board: &Scoreboard) -> String {
         humantime::format_duration(Duration::from_secs(now_unix.saturating_sub(since_ms) / 1000))
     };
     let mut out = format!(
-        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected\n",
+        "master pid {}, generation {}, up {}, {} workers wanted, reloads {} applied / {} rejected, {} log lines dropped, {} worker slots\n",
         header.master_pid.load(Ordering::Relaxed),
         header.generation.load(Ordering::Relaxed),
         age(header.started_unix_ms.load(Ordering::Relaxed)),
         header.target_workers.load(Ordering::Relaxed),
         header.reloads_ok.load(Ordering::Relaxed),
         header.reloads_failed.load(Ordering::Relaxed),
+        header.log_lines_dropped.load(Ordering::Relaxed),
+        board.slots().len(),
     );
     out.push_str(
         "slot  pid      gen  state     open  accepted  bytes_in    bytes_out   uptime  heartbeat\n",

@@ -78,9 +78,13 @@ impl Daemon {
         logging::init();
         let command = cli.effective_command();
         if command != Command::Run && command != Command::Check {
-            return control::run(command, &cli.config, &self.services);
+            return control::run(command, &cli.config, cli.pid_file.as_deref(), &self.services);
         }
-        let mut config = match config::load(&cli.config, &self.services) {
+        // `check` also looks at this machine (users, directories, addresses, syslog), so that
+        // it finds everything startup would refuse; startup meets those itself, with their
+        // status.
+        let load = if command == Command::Check { config::load_checked } else { config::load };
+        let mut config = match load(&cli.config, &self.services) {
             Ok(config) => config,
             Err(error) => {
                 // Printed plainly (not through the logger) so each problem is one clean line.

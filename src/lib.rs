@@ -77,6 +77,7 @@ pub mod control;
 pub mod daemon;
 pub mod daemonize;
 pub mod exit;
+pub mod files;
 pub mod limits;
 pub mod listener;
 pub mod logging;

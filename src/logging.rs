@@ -9,14 +9,19 @@
 //! `2026-11-22T10:00:00.123Z INFO worker=0 gen=1 pid=4242: accepting`. Each line is written
 //! with one `write(2)`, so lines of several processes sharing a pipe do not interleave.
 //! syslog: RFC 3164 over `/dev/log` with the configured facility; the role leads the message.
-//! file: the stderr format, appended (`O_APPEND`) to a file that SIGUSR1 reopens; each process
-//! reopens its own descriptor (the master tells its workers).
+//! file: the stderr format, appended (`O_APPEND`) to a file that only the master opens (no
+//! symlink followed, see [`crate::files::open_log`]) and reopens on SIGUSR1; workers write
+//! their lines through a pipe the master relays (see `relay.rs`), so they never own the file.
+//! A line that cannot be written (full disk, full pipe, syslog gone) is counted
+//! (`dropped_lines`); the master reports the count.
 //! Access lines use the `access` target (see [`ACCESS_TARGET`]).
 
+mod relay;
+
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -26,6 +31,8 @@ use syslog::{Formatter3164, LoggerBackend};
 use thiserror::Error;
 
 use crate::config::{LogConfig, LogTarget};
+use crate::files;
+pub use relay::{RELAY_PIPE_BYTES, dropped as dropped_lines};
 
 /// `log` target of access lines (one per closed connection).
 pub const ACCESS_TARGET: &str = "access";
@@ -47,13 +54,22 @@ pub enum Role {
 enum Sink {
     Stderr,
     Syslog(syslog::Logger<LoggerBackend, Formatter3164>),
-    File { path: PathBuf, file: File },
+    /// The master's log file.
+    File {
+        path: PathBuf,
+        file: File,
+    },
+    /// A worker's end of the relay pipe to the master, which writes the file.
+    Relay(OwnedFd),
 }
 
 struct State {
     role: Role,
     pid: u32,
     sink: Sink,
+    /// The master's relay pipe, created with the first file target and kept for the life
+    /// of the master (workers of every generation write to it).
+    relay: Option<relay::Relay>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -65,7 +81,7 @@ pub enum LogError {
     /// The syslog socket (`/dev/log`) could not be opened.
     #[error("could not connect to syslog: {0}")]
     Syslog(String),
-    /// The log file could not be opened.
+    /// The log file could not be opened (or it is a symlink, a FIFO, a hard link ...).
     #[error("could not open log file {}: {source}", path.display())]
     File {
         /// The log file.
@@ -76,19 +92,16 @@ pub enum LogError {
 }
 
 fn open_log_file(path: &Path) -> Result<File, LogError> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|source| LogError::File { path: path.to_owned(), source })
+    files::open_log(path).map_err(|source| LogError::File { path: path.to_owned(), source })
 }
 
 /// Reopens the log file (SIGUSR1, after logrotate moved it away); nothing to do for stderr
-/// and syslog. Returns whether a file was reopened.
+/// and syslog, nor in a worker (the master writes the file). Returns whether a file was
+/// reopened.
 ///
 /// # Errors
-/// [`LogError::File`] when the file cannot be opened again; logging goes on to the old one.
+/// [`LogError::File`] when the file cannot be opened again (a symlink planted at its path
+/// included); logging goes on to the old one.
 pub fn reopen() -> Result<bool, LogError> {
     let mut guard = lock();
     let Some(State { sink: Sink::File { path, file }, .. }) = guard.as_mut() else {
@@ -100,7 +113,12 @@ pub fn reopen() -> Result<bool, LogError> {
 
 /// Installs the logger: stderr, level `info`, role master. Call once, first thing.
 pub fn init() {
-    *lock() = Some(State { role: Role::Master, pid: std::process::id(), sink: Sink::Stderr });
+    *lock() = Some(State {
+        role: Role::Master,
+        pid: std::process::id(),
+        sink: Sink::Stderr,
+        relay: None,
+    });
     // Only fails if a logger is already installed, which leaves that one in place.
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(LevelFilter::Info);
@@ -128,11 +146,41 @@ pub fn apply(config: &LogConfig) -> Result<(), LogError> {
         }
         LogTarget::File(path) => Sink::File { path: path.clone(), file: open_log_file(path)? },
     };
+    relay::share_counter();
     if let Some(state) = lock().as_mut() {
+        if matches!(sink, Sink::File { .. }) && state.relay.is_none() {
+            state.relay = Some(relay::Relay::new().map_err(|source| LogError::File {
+                path: PathBuf::from("(relay pipe)"),
+                source,
+            })?);
+        }
         state.sink = sink;
     }
     log::set_max_level(config.level);
     Ok(())
+}
+
+/// The descriptor the master polls for workers' lines (file target only). It stays open for
+/// the life of the master.
+pub fn relay_fd() -> Option<RawFd> {
+    lock().as_ref()?.relay.as_ref().map(relay::Relay::read_fd)
+}
+
+/// Master: copies the workers' lines waiting in the relay pipe to the log file (to stderr if
+/// the target is no longer a file after a reload). Lines that cannot be written are counted.
+pub fn relay_workers_lines() {
+    let mut guard = lock();
+    let Some(State { sink, relay: Some(relay), .. }) = guard.as_mut() else { return };
+    relay.drain(|lines| {
+        let written = match sink {
+            Sink::File { file, .. } => file.write_all(lines),
+            _ => io::stderr().lock().write_all(lines),
+        };
+        if written.is_err() {
+            // Part of the batch may have landed; count it all, the disk said no.
+            relay::count_dropped(lines.iter().filter(|&&b| b == b'\n').count() as u64);
+        }
+    });
 }
 
 /// Takes this process's pid again (after daemon mode forked the master).
@@ -145,11 +193,16 @@ pub fn refresh_pid() {
     }
 }
 
-/// Marks this process as a worker (call right after `fork(2)`, in the child).
+/// Marks this process as a worker (call right after `fork(2)`, in the child). With a file
+/// target, the worker closes its copy of the file and keeps only the relay pipe's write end.
 pub fn set_worker(slot: usize, generation: u64) {
     if let Some(state) = lock().as_mut() {
         state.role = Role::Worker { slot, generation };
         state.pid = std::process::id();
+        let relay = state.relay.take();
+        if let (Sink::File { .. }, Some(relay)) = (&state.sink, relay) {
+            state.sink = Sink::Relay(relay.into_writer());
+        }
         if let Sink::Syslog(logger) = &mut state.sink {
             logger.formatter.pid = state.pid;
         }
@@ -186,23 +239,26 @@ impl Log for Logger {
             let time = humantime::format_rfc3339_millis(SystemTime::now());
             format!("{time} {} {line}\n", record.level())
         };
-        match &mut state.sink {
-            // Nowhere to report a failed write of a log line; never panic over it.
-            Sink::Stderr => {
-                let _ = io::stderr().lock().write_all(stamped().as_bytes());
+        // A failed write is counted, never reported here (that would fail too) nor a panic.
+        let written = match &mut state.sink {
+            Sink::Stderr => io::stderr().lock().write_all(stamped().as_bytes()).is_ok(),
+            // O_APPEND: each line lands whole at the end.
+            Sink::File { file, .. } => file.write_all(stamped().as_bytes()).is_ok(),
+            Sink::Relay(pipe) => {
+                // `send` counts a line the pipe cannot take.
+                relay::send(pipe, stamped().as_bytes());
+                true
             }
-            // O_APPEND: each line lands whole at the end, whichever process writes it.
-            Sink::File { file, .. } => {
-                let _ = file.write_all(stamped().as_bytes());
+            Sink::Syslog(logger) => match record.level() {
+                Level::Error => logger.err(line),
+                Level::Warn => logger.warning(line),
+                Level::Info => logger.info(line),
+                Level::Debug | Level::Trace => logger.debug(line),
             }
-            Sink::Syslog(logger) => {
-                let _ = match record.level() {
-                    Level::Error => logger.err(line),
-                    Level::Warn => logger.warning(line),
-                    Level::Info => logger.info(line),
-                    Level::Debug | Level::Trace => logger.debug(line),
-                };
-            }
+            .is_ok(),
+        };
+        if !written {
+            relay::count_dropped(1);
         }
     }
 
@@ -240,11 +296,62 @@ impl RateLimit {
     }
 }
 
+/// Decides when the master reports dropped log lines: at most once per interval, and only
+/// when the count grew. Pure: time and the count are passed in.
+#[derive(Debug, Clone)]
+pub struct DropReport {
+    limit: RateLimit,
+    reported: u64,
+}
+
+impl DropReport {
+    /// At most one report per `interval`.
+    pub const fn new(interval: std::time::Duration) -> Self {
+        DropReport { limit: RateLimit::new(interval), reported: 0 }
+    }
+
+    /// `Some(new)` if a report is due at `now` for a total of `total` dropped lines, `new`
+    /// being how many were dropped since the last report.
+    pub fn due(&mut self, now: std::time::Instant, total: u64) -> Option<u64> {
+        if total <= self.reported || now < self.next(now) {
+            return None;
+        }
+        self.limit.allow(now)?;
+        let new = total - self.reported;
+        self.reported = total;
+        Some(new)
+    }
+
+    /// When the next report may be made: `now` if one is allowed now.
+    fn next(&self, now: std::time::Instant) -> std::time::Instant {
+        self.limit.last.map_or(now, |last| last + self.limit.interval)
+    }
+
+    /// When a report of `total` lines will be due, for the master's wait; `None` when every
+    /// dropped line has been reported.
+    pub fn deadline(&self, now: std::time::Instant, total: u64) -> Option<std::time::Instant> {
+        (total > self.reported).then(|| self.next(now))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::RateLimit;
+    use super::{DropReport, RateLimit};
+
+    #[test]
+    fn dropped_lines_are_reported_once_per_interval_with_the_new_count() {
+        let mut report = DropReport::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(report.due(t0, 0), None);
+        assert_eq!(report.deadline(t0, 0), None);
+        assert_eq!(report.due(t0, 3), Some(3));
+        assert_eq!(report.due(t0 + Duration::from_secs(1), 50), None, "too soon");
+        assert_eq!(report.deadline(t0, 50), Some(t0 + Duration::from_secs(10)));
+        assert_eq!(report.due(t0 + Duration::from_secs(10), 50), Some(47));
+        assert_eq!(report.due(t0 + Duration::from_secs(30), 50), None, "nothing new");
+    }
 
     #[test]
     fn rate_limit_counts_what_it_held_back() {

@@ -6,12 +6,14 @@
 //! is free belongs to a dead master (stale) and is replaced; a locked one means another master
 //! is running.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+use crate::files;
 
 /// A pid file problem.
 #[derive(Debug, Error)]
@@ -59,9 +61,11 @@ impl PidFile {
     /// file cannot be written, locked or renamed into place.
     pub fn create(path: &Path, pid: i32) -> Result<Self, PidFileError> {
         let io_error = |source| PidFileError::Io { path: path.to_owned(), source };
-        if let Ok(existing) = File::open(path) {
+        // Whatever is not a regular file there (a symlink, a FIFO) is replaced by the rename
+        // below, never followed or read.
+        if let Ok(mut existing) = files::open_regular(path, files::MAX_PID_FILE_BYTES, false) {
             if existing.try_lock().is_err() {
-                let pid = read_pid(path).unwrap_or(0);
+                let pid = read_pid(&mut existing).unwrap_or(0);
                 return Err(PidFileError::Running { path: path.to_owned(), pid });
             }
             log::warn!("replacing stale pid file {}", path.display());
@@ -117,23 +121,32 @@ impl Drop for PidFile {
 
 /// The pid in the pid file at `path`, if a live master holds it (its lock is taken).
 ///
+/// The file must be a regular file of at most [`files::MAX_PID_FILE_BYTES`], not reached
+/// through a symlink, holding a pid above 1. That the pid is really the master is for the
+/// caller to verify (see `control`): the file only says where to look.
+///
 /// # Errors
-/// [`PidFileError::NotRunning`] when the file is missing, unreadable or not locked.
+/// [`PidFileError::NotRunning`] when the file is missing, unreadable, not locked or holds
+/// no valid pid.
 pub fn running_pid(path: &Path) -> Result<i32, PidFileError> {
     let not_running = |reason: String| PidFileError::NotRunning { path: path.to_owned(), reason };
-    let file = File::open(path).map_err(|e| not_running(e.to_string()))?;
+    let mut file = files::open_regular(path, files::MAX_PID_FILE_BYTES, false)
+        .map_err(|e| not_running(e.to_string()))?;
     if file.try_lock_shared().is_ok() {
         return Err(not_running("stale: no process holds its lock".into()));
     }
-    read_pid(path).map_err(|e| not_running(e.to_string()))
+    read_pid(&mut file).map_err(|e| not_running(e.to_string()))
 }
 
-fn read_pid(path: &Path) -> io::Result<i32> {
+/// The pid written in `file`: a number above 1 (0, 1 and negative numbers would make
+/// kill(2) signal a process group, init or every process).
+fn read_pid(file: &mut File) -> io::Result<i32> {
     let mut text = String::new();
-    OpenOptions::new().read(true).open(path)?.read_to_string(&mut text)?;
-    text.trim()
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("no pid in {text:?}")))
+    file.take(files::MAX_PID_FILE_BYTES).read_to_string(&mut text)?;
+    match text.trim().parse::<i32>() {
+        Ok(pid) if pid > 1 => Ok(pid),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("no pid in {text:?}"))),
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +158,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("preforkd.pid");
         let pidfile = PidFile::create(&path, 1234).unwrap();
+        for forged in ["1\n", "-1\n", "0\n", "junk\n"] {
+            // Rewritten in place: the lock stays, the content is not a pid to signal.
+            std::fs::write(&path, forged).unwrap();
+            assert!(matches!(running_pid(&path), Err(PidFileError::NotRunning { .. })), "{forged}");
+        }
+        std::fs::write(&path, "1234\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "1234\n");
         assert_eq!(running_pid(&path).unwrap(), 1234);
         assert!(matches!(PidFile::create(&path, 99), Err(PidFileError::Running { pid: 1234, .. })));

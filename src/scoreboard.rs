@@ -8,10 +8,11 @@
 //!
 //! Heartbeats are `CLOCK_MONOTONIC` milliseconds, comparable across processes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -21,7 +22,12 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb1");
+use crate::files;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb2");
+/// Most worker slots a scoreboard may claim: far above what any configuration needs
+/// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
+pub const MAX_SLOTS: usize = 1 << 16;
 /// Bytes of the last error message kept in the header.
 pub const MESSAGE_BYTES: usize = 512;
 
@@ -36,9 +42,14 @@ pub enum ScoreboardError {
         /// The system error.
         source: io::Error,
     },
-    /// The file is not a scoreboard of this version.
-    #[error("{} is not a preforkd scoreboard", .0.display())]
-    Invalid(PathBuf),
+    /// The file is not a scoreboard of this version, or its header is inconsistent.
+    #[error("{} is not a preforkd scoreboard ({reason})", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// A worker slot's state.
@@ -84,6 +95,12 @@ pub struct Header {
     capacity: AtomicU64,
     /// The master's pid.
     pub master_pid: AtomicI32,
+    /// The master's start time, in clock ticks after boot (field 22 of `/proc/PID/stat`):
+    /// with the pid, it identifies the master even after its pid is reused.
+    pub master_start_ticks: AtomicU64,
+    /// Log lines that could not be written (full disk, full relay pipe, syslog down), by
+    /// the master and every worker since the master started.
+    pub log_lines_dropped: AtomicU64,
     /// The serving configuration generation, from 1.
     pub generation: AtomicU64,
     /// Master start, Unix milliseconds.
@@ -94,6 +111,8 @@ pub struct Header {
     pub reloads_failed: AtomicU64,
     /// Log reopens done.
     pub reopens: AtomicU64,
+    /// Log reopens that failed (the file could not be opened again; the old one is kept).
+    pub reopens_failed: AtomicU64,
     /// Binary upgrades that failed (the new master did not come up).
     pub upgrades_failed: AtomicU64,
     /// Target worker count of the serving generation.
@@ -185,10 +204,16 @@ pub struct Scoreboard {
     base: NonNull<u8>,
     bytes: usize,
     capacity: usize,
+    /// The file's owner, for a scoreboard opened with [`Scoreboard::open`].
+    owner: Option<u32>,
 }
 
-fn layout(capacity: usize) -> usize {
-    std::mem::size_of::<Header>() + capacity * std::mem::size_of::<WorkerScore>()
+/// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`].
+fn layout(capacity: usize) -> Option<usize> {
+    if capacity > MAX_SLOTS {
+        return None;
+    }
+    Some(std::mem::size_of::<Header>() + capacity * std::mem::size_of::<WorkerScore>())
 }
 
 impl Scoreboard {
@@ -198,12 +223,14 @@ impl Scoreboard {
     /// # Errors
     /// [`ScoreboardError::File`] when the file cannot be created, sized or mapped.
     pub fn create(path: Option<&Path>, capacity: usize) -> Result<Self, ScoreboardError> {
-        let bytes = layout(capacity);
-        let length = NonZeroUsize::new(bytes).expect("the header is not empty");
         let fail = |source: io::Error| ScoreboardError::File {
             path: path.map(Path::to_owned).unwrap_or_default(),
             source,
         };
+        let bytes = layout(capacity).ok_or_else(|| {
+            fail(io::Error::other(format!("{capacity} worker slots, more than {MAX_SLOTS}")))
+        })?;
+        let length = NonZeroUsize::new(bytes).expect("the header is not empty");
         let base = match path {
             None => {
                 // SAFETY: a fresh anonymous shared mapping that aliases nothing.
@@ -242,7 +269,7 @@ impl Scoreboard {
                 base
             }
         };
-        let board = Scoreboard { base: base.cast(), bytes, capacity };
+        let board = Scoreboard { base: base.cast(), bytes, capacity, owner: None };
         let header = board.header();
         header.capacity.store(capacity as u64, Ordering::Relaxed);
         header.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
@@ -252,31 +279,54 @@ impl Scoreboard {
 
     /// Maps an existing scoreboard read-only, for `preforkd status` and the control commands.
     ///
+    /// Nothing in the file is trusted: it must be a regular file (not reached through a
+    /// symlink) no larger than [`MAX_SLOTS`] slots need, carry this version's magic, and
+    /// claim no more slots than its size holds, so no read goes past the mapping.
+    ///
     /// # Errors
     /// [`ScoreboardError::File`] when it cannot be opened or mapped,
-    /// [`ScoreboardError::Invalid`] when it is not a scoreboard.
+    /// [`ScoreboardError::Invalid`] when it is not a scoreboard or its header is inconsistent.
     pub fn open(path: &Path) -> Result<Self, ScoreboardError> {
         let fail = |source: io::Error| ScoreboardError::File { path: path.to_owned(), source };
-        let file: File = OpenOptions::new().read(true).open(path).map_err(fail)?;
-        let size = file.metadata().map_err(fail)?.len() as usize;
-        if size < layout(0) {
-            return Err(ScoreboardError::Invalid(path.to_owned()));
+        let invalid = |reason: String| ScoreboardError::Invalid { path: path.to_owned(), reason };
+        let max_bytes = layout(MAX_SLOTS).expect("MAX_SLOTS fits") as u64;
+        let file: File = files::open_regular(path, max_bytes, false).map_err(fail)?;
+        let meta = file.metadata().map_err(fail)?;
+        let size = meta.len() as usize;
+        let header_bytes = layout(0).expect("no slots fit");
+        if size < header_bytes {
+            return Err(invalid(format!("{size} bytes, less than a header")));
         }
-        let length =
-            NonZeroUsize::new(size).ok_or_else(|| ScoreboardError::Invalid(path.to_owned()))?;
+        let length = NonZeroUsize::new(size).expect("at least a header");
         // SAFETY: a read-only shared mapping of a regular file; only atomics are read from it.
         let base = unsafe {
             mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file.as_fd(), 0)
         }
         .map_err(|e| fail(e.into()))?;
-        let mut board = Scoreboard { base: base.cast(), bytes: size, capacity: 0 };
+        // From here the mapping is unmapped on every path (Drop), and `capacity` 0 exposes
+        // the header only.
+        let mut board =
+            Scoreboard { base: base.cast(), bytes: size, capacity: 0, owner: Some(meta.uid()) };
         let header = board.header();
-        let capacity = header.capacity.load(Ordering::Relaxed) as usize;
-        if header.magic.load(Ordering::Acquire) != MAGIC || layout(capacity) > size {
-            return Err(ScoreboardError::Invalid(path.to_owned()));
+        if header.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(invalid("wrong magic: another program's file or another version".into()));
         }
+        let claimed = header.capacity.load(Ordering::Relaxed);
+        let capacity =
+            usize::try_from(claimed).ok().filter(|&c| layout(c).is_some_and(|b| b <= size));
+        let Some(capacity) = capacity else {
+            return Err(invalid(format!(
+                "its header claims {claimed} slots; {size} bytes hold fewer"
+            )));
+        };
         board.capacity = capacity;
         Ok(board)
+    }
+
+    /// The user id owning the file, for a scoreboard opened with [`Scoreboard::open`]: the
+    /// master's user, unless someone else wrote it.
+    pub fn owner(&self) -> Option<u32> {
+        self.owner
     }
 
     /// The master's part.
@@ -371,6 +421,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("junk");
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
-        assert!(matches!(Scoreboard::open(&path), Err(ScoreboardError::Invalid(_))));
+        assert!(matches!(Scoreboard::open(&path), Err(ScoreboardError::Invalid { .. })));
+    }
+
+    /// Writes `value` at byte `offset` of the file at `path` (a forged header field).
+    fn forge(path: &Path, offset: u64, value: u64) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(&value.to_le_bytes(), offset).unwrap();
+    }
+
+    #[test]
+    fn a_header_claiming_more_slots_than_the_file_holds_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.pid.scoreboard");
+        let _board = Scoreboard::create(Some(&path), 4).unwrap();
+        let capacity_offset = std::mem::offset_of!(Header, capacity) as u64;
+        for claimed in [5, MAX_SLOTS as u64, u64::MAX, u64::MAX / 128 + 1, 1 << 57] {
+            forge(&path, capacity_offset, claimed);
+            let error = Scoreboard::open(&path).unwrap_err();
+            assert!(error.to_string().contains(&format!("claims {claimed} slots")), "{error}");
+        }
+        forge(&path, capacity_offset, 3);
+        assert_eq!(Scoreboard::open(&path).unwrap().slots().len(), 3, "fewer slots are safe");
+        let link = dir.path().join("link.scoreboard");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(Scoreboard::open(&link).is_err(), "a symlink is not followed");
     }
 }

@@ -37,12 +37,30 @@ pub fn accept_nonblocking(listener: &impl AsRawFd) -> io::Result<(TcpStream, Soc
     Ok((TcpStream::from(client), peer))
 }
 
-/// pidfd_open(2): a descriptor that becomes readable when process `pid` exits, so a worker
-/// waits for its children in its readiness loop (no SIGCHLD handler, no blocking waitpid).
-/// Close-on-exec. `pid` must be a child not yet reaped, so that it cannot have been reused.
+/// The start time of process `pid`, in clock ticks after boot: field 22 of
+/// `/proc/PID/stat` (proc(5)). With the pid it names one process, even after the pid is
+/// reused.
 ///
 /// # Errors
-/// The pidfd_open(2) error (`ENOSYS` before Linux 5.3, `ESRCH`, `EMFILE`).
+/// The process does not exist, or its stat line cannot be parsed.
+pub fn process_start_ticks(pid: i32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')': fields
+    // resume after the last ')', with the state (field 3) first.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(22 - 3))
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("cannot parse /proc/{pid}/stat")))
+}
+
+/// pidfd_open(2): a descriptor (close-on-exec) that refers to process `pid` for as long as
+/// it is open, so a signal sent through it ([`pidfd_send_signal`]) can never reach a process
+/// that took the pid over meanwhile; and that becomes readable when the process exits, so a
+/// worker waits for its children in its readiness loop (no SIGCHLD handler, no blocking
+/// waitpid).
+///
+/// # Errors
+/// `ESRCH` when there is no such process; `ENOSYS` before Linux 5.3; `EMFILE`.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it reads
     // and writes no memory of ours.
@@ -50,6 +68,24 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: a new descriptor that nothing else owns (pidfd_open sets O_CLOEXEC itself).
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// pidfd_send_signal(2): sends `signal` to the process `pidfd` refers to.
+///
+/// # Errors
+/// `ESRCH` when that process has exited; `EPERM` without permission.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Result<()> {
+    // SAFETY: a descriptor we own, a valid signal number, no siginfo, no flags.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as i32,
+            std::ptr::null::<nix::libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

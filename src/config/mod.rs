@@ -5,11 +5,12 @@
 //! [`Config`] through `fork(2)` and never read the file. Every problem is collected and
 //! reported as `path:line:col: key: message` (see [`ConfigError`]).
 
+pub mod environment;
 mod error;
 pub mod file;
+pub mod lenient;
 pub mod validate;
 
-use std::fs;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
 
+use crate::files;
 use crate::services::{Registry, ServiceConfig};
 
 /// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
@@ -28,6 +30,18 @@ pub const RESERVED_FDS: usize = 16;
 
 /// Upper bound of `daemon.workers`.
 pub const MAX_WORKERS: usize = 512;
+
+/// Worker slots per configured worker and generation (room for TTIN and for respawns while
+/// old workers are still being reaped). Slots are fixed at start: the limits table and the
+/// scoreboard are sized for them.
+pub const SLOT_HEADROOM: usize = 2;
+
+/// Worker slots the master creates at start, which nothing changes until a restart:
+/// `workers` x [`SLOT_HEADROOM`] x (1 + `max_draining_generations`). It bounds the workers
+/// alive at once, those added by SIGTTIN included.
+pub fn worker_slots(workers: usize, max_draining_generations: usize) -> usize {
+    workers.saturating_mul(SLOT_HEADROOM).saturating_mul(1 + max_draining_generations)
+}
 
 /// A validated configuration, with every default applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,22 +201,51 @@ impl ListenerConfig {
 /// Reads and validates the configuration file at `path`; `services` are the names
 /// `service = "..."` may use.
 ///
+/// Only a regular file of at most [`crate::files::MAX_CONFIG_BYTES`] (1 MiB) is read; a
+/// FIFO, a device or a larger file is refused with the reason, without blocking.
+///
 /// # Errors
-/// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
-/// problem found otherwise.
+/// [`ConfigError::Read`] when the file cannot be read (missing, not a regular file, too
+/// large, not UTF-8), [`ConfigError::Invalid`] with every problem found otherwise.
 ///
 /// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
 /// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
 pub fn load(path: &Path, services: &Registry) -> Result<Config, ConfigError> {
-    let source = fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    load_source(path, services).map(|(config, _)| config)
+}
+
+/// [`load`], then the checks of [`environment::check`] against this machine as the current
+/// user: what `preforkd check` reports, so that it finds everything startup would refuse.
+///
+/// # Errors
+/// As [`load`]; [`ConfigError::Invalid`] also lists every problem startup would have here.
+pub fn load_checked(path: &Path, services: &Registry) -> Result<Config, ConfigError> {
+    let (config, source) = load_source(path, services)?;
+    let issues = environment::check(&config, &source, nix::unistd::geteuid());
+    if issues.is_empty() { Ok(config) } else { Err(ConfigError::invalid(path, &source, issues)) }
+}
+
+fn load_source(path: &Path, services: &Registry) -> Result<(Config, String), ConfigError> {
+    let source = read_source(path)?;
     let mut config = parse(path, &source, services)?;
     let base = std::path::absolute(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
     config.resolve_paths(&base);
-    Ok(config)
+    Ok((config, source))
+}
+
+/// The text of the configuration file at `path`, read with the bounds of [`load`].
+///
+/// # Errors
+/// [`ConfigError::Read`] when it cannot be read.
+pub fn read_source(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read { path: path.to_owned(), source };
+    let bytes = files::read_bounded(path, files::MAX_CONFIG_BYTES).map_err(read_error)?;
+    String::from_utf8(bytes).map_err(|_| {
+        read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, "is not UTF-8 text"))
+    })
 }
 
 impl Config {

@@ -15,10 +15,11 @@ use super::EventBackend;
 use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
 use super::{
     Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget, MAX_WORKERS,
-    RESERVED_FDS, SyslogFacility,
+    RESERVED_FDS, SLOT_HEADROOM, SyslogFacility, worker_slots,
 };
 use toml::de::DeTable;
 
+use crate::limits::MAX_RECORDS;
 use crate::services::{Options, Registry, ServiceConfig};
 
 /// Default of `daemon.graceful_timeout`.
@@ -197,11 +198,8 @@ pub fn validate(
         daemon_section.max_connections_per_worker.as_ref(),
         "daemon.max_connections_per_worker",
         1,
-        if event_backend == EventBackend::Select {
-            (FD_SETSIZE - RESERVED_FDS) as i64
-        } else {
-            MAX_CONNECTIONS_PER_WORKER as i64
-        },
+        // select's lower bound depends on the listeners: checked below, in one message.
+        MAX_CONNECTIONS_PER_WORKER as i64,
         DEFAULT_MAX_CONNECTIONS_PER_WORKER as i64,
     ) as usize;
 
@@ -294,6 +292,16 @@ pub fn validate(
     let mut options = options.into_iter();
     for (index, section) in file.listener.into_iter().enumerate() {
         let span = section.span();
+        // Checked whatever else is wrong with the listener, so one run lists it all.
+        if let Some(name) = &section.get_ref().name
+            && !names.insert(name.get_ref().clone())
+        {
+            check.report(
+                name.span(),
+                format!("listener[{index}].name"),
+                format!("duplicate listener name {:?}", name.get_ref()),
+            );
+        }
         let table = options.next().flatten();
         if let Some(listener) = validate_listener(
             &mut check,
@@ -303,13 +311,6 @@ pub fn validate(
             table,
             services,
         ) {
-            if !names.insert(listener.name.clone()) {
-                check.report(
-                    span.clone(),
-                    format!("listener[{index}].name"),
-                    format!("duplicate listener name {:?}", listener.name),
-                );
-            }
             if listener.address.port() != 0
                 && let Some(first) = addresses.insert(listener.address, index)
             {
@@ -333,6 +334,23 @@ pub fn validate(
                 "{max_connections_per_worker} connections with {} listeners need descriptors up to {fds_needed}, over select()'s FD_SETSIZE of {FD_SETSIZE}; at most {} fit",
                 listeners.len(),
                 FD_SETSIZE - RESERVED_FDS - listeners.len()
+            ),
+        );
+    }
+
+    let slots = worker_slots(workers, max_draining_generations);
+    let records = slots.saturating_mul(max_connections_per_worker);
+    if records > MAX_RECORDS {
+        let span = daemon_section
+            .max_connections_per_worker
+            .as_ref()
+            .or(daemon_section.max_draining_generations.as_ref())
+            .map_or(0..0, Spanned::span);
+        check.report(
+            span,
+            "daemon.max_connections_per_worker",
+            format!(
+                "{workers} workers x {SLOT_HEADROOM} x (1 + {max_draining_generations} draining generations) = {slots} worker slots of {max_connections_per_worker} connections need {records} per-client records, more than {MAX_RECORDS}: lower workers, max_connections_per_worker or max_draining_generations"
             ),
         );
     }
@@ -551,6 +569,7 @@ mod tests {
             "7:11: listener[0].service: unknown service \"gopher\"",
             "listener[1].address: missing",
             "listener[1].service: missing",
+            "9:8: listener[1].name: duplicate listener name \"a\"",
         ];
         for e in expected {
             assert!(found.iter().any(|f| f.contains(e)), "{e:?} not in {found:#?}");
@@ -592,6 +611,38 @@ mod tests {
             parse(Path::new("t.toml"), &off, &Registry::builtin()).unwrap().daemon.worker_timeout,
             None
         );
+    }
+
+    #[test]
+    fn the_select_limit_is_stated_once_and_the_same_everywhere() {
+        for value in [1008, 1009, 2000, 60000] {
+            let found = issues(&format!(
+                "[daemon]\nworkers = 1\nmax_connections_per_worker = {value}\n{MINIMAL}"
+            ));
+            assert_eq!(found.len(), 1, "{value}: {found:?}");
+            assert!(found[0].contains("at most 1007 fit"), "{value}: {found:?}");
+            assert!(!found[0].contains("to 1008"), "{value}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_limits_table_is_refused_with_numbers_that_fit() {
+        let source = format!(
+            "[daemon]\nworkers = 512\nevent_backend = \"epoll\"\nmax_connections_per_worker = 1048576\n{MINIMAL}"
+        );
+        let found = issues(&source);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("= 5120 worker slots of 1048576 connections need 5368709120 per-client records, more than 4194304"), "{found:?}");
+        assert!(!found[0].contains(&usize::MAX.to_string()), "{found:?}");
+    }
+
+    #[test]
+    fn a_duplicate_name_is_reported_even_when_the_listener_has_another_error() {
+        let source = "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:7000\"\nservice = \"echo\"\n\
+                      [[listener]]\nname = \"a\"\naddress = \"nowhere\"\nservice = \"echo\"\n";
+        let found = issues(source);
+        assert!(found.iter().any(|f| f.contains("duplicate listener name \"a\"")), "{found:?}");
+        assert!(found.iter().any(|f| f.contains("is not an address")), "{found:?}");
     }
 
     #[test]

@@ -32,6 +32,11 @@ use nix::libc;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 use thiserror::Error;
 
+/// Most records (connections of all worker slots together) the shared table holds:
+/// 4,194,304, about 400 MiB of shared memory at most. The configuration check refuses a
+/// configuration that needs more (see `config::worker_slots`).
+pub const MAX_RECORDS: usize = 1 << 22;
+
 /// The shared limits table could not be created or used.
 #[derive(Debug, Error)]
 pub enum LimitsError {
@@ -43,11 +48,15 @@ pub enum LimitsError {
         /// The system error.
         source: Errno,
     },
-    /// The region would be larger than the address space allows.
-    #[error("per-client limits table for {records} connections is too large")]
+    /// More than [`MAX_RECORDS`] records: `slots` x `per_slot`.
+    #[error(
+        "per-client limits table for {slots} worker slots of {per_slot} connections is too large: at most {MAX_RECORDS} connections in all"
+    )]
     TooLarge {
-        /// Requested records.
-        records: usize,
+        /// Worker slots asked for.
+        slots: usize,
+        /// Connections per slot asked for.
+        per_slot: usize,
     },
     /// The process-shared mutex could not be set up or taken.
     #[error("per-client limits lock failed: {0}")]
@@ -171,14 +180,14 @@ impl Limits {
     /// [`LimitsError::Map`] when mmap(2) fails, [`LimitsError::Lock`] when the robust,
     /// process-shared mutex cannot be initialised, [`LimitsError::TooLarge`] on overflow.
     pub fn new(slots: usize, per_slot: usize) -> Result<Self, LimitsError> {
-        let records = slots.checked_mul(per_slot).filter(|&n| n < u32::MAX as usize / 4);
-        let records = records.ok_or(LimitsError::TooLarge { records: usize::MAX })?;
+        let records = slots.checked_mul(per_slot).filter(|&n| n <= MAX_RECORDS);
+        let records = records.ok_or(LimitsError::TooLarge { slots, per_slot })?;
         let entries_len = (records * 2).next_power_of_two().max(16);
         let entries_offset = align_up(size_of::<Header>(), align_of::<Entry>());
         let records_offset =
             align_up(entries_offset + entries_len * size_of::<Entry>(), align_of::<Record>());
         let bytes = records_offset + records * size_of::<Record>();
-        let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { records })?;
+        let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { slots, per_slot })?;
         // SAFETY: a fresh anonymous mapping, not aliasing anything; MAP_SHARED so that forked
         // workers see one region. Anonymous memory is zeroed: every entry empty, every record
         // free.

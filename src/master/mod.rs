@@ -60,13 +60,13 @@ use table::{Role, WorkerExit, WorkerSlot, classify};
 /// How long a fast stop waits for workers to exit after SIGTERM before SIGKILL.
 pub const FAST_STOP_GRACE: Duration = Duration::from_millis(500);
 
+/// Least interval between two reports of log lines that could not be written.
+pub const DROPPED_LINES_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
 
-/// Worker slots per configured worker and generation (room for TTIN and for respawns while
-/// old workers are still being reaped). Slots are fixed at start: the limits table and the
-/// scoreboard are sized for them.
-pub const SLOT_HEADROOM: usize = 2;
+pub use crate::config::SLOT_HEADROOM;
 
 /// The master could not start.
 #[derive(Debug, Error)]
@@ -91,7 +91,7 @@ pub enum StartError {
     Privileges(#[from] PrivilegeError),
     /// Started as root without `daemon.user` and without `allow_root_workers`.
     #[error(
-        "the master runs as root and workers would too: set daemon.user (e.g. \"nobody\"), or allow_root_workers = true"
+        "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true"
     )]
     RootWorkers,
     /// A socket passed by systemd matches no listener, or the variables are malformed.
@@ -177,6 +177,8 @@ pub struct Master {
     ready_pipe: Option<File>,
     /// Started by an old master's binary upgrade: announce itself as the main process.
     upgraded: bool,
+    /// When to report log lines that could not be written.
+    dropped_report: logging::DropReport,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -300,7 +302,8 @@ impl Master {
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
         let workers = config.daemon.workers.get();
-        let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
+        let capacity =
+            crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
         let limits = Limits::new(capacity, per_slot)?;
         let pidfile = match &config.daemon.pid_file {
@@ -311,6 +314,11 @@ impl Master {
         let scoreboard = Scoreboard::create(board_path.as_deref(), capacity)?;
         let header = scoreboard.header();
         header.master_pid.store(pid.as_raw(), Ordering::Relaxed);
+        // Lets the control commands tell this master from a process that reuses its pid.
+        match crate::sys::process_start_ticks(pid.as_raw()) {
+            Ok(ticks) => header.master_start_ticks.store(ticks, Ordering::Relaxed),
+            Err(error) => log::warn!("cannot read this master's start time: {error}"),
+        }
         header.generation.store(1, Ordering::Relaxed);
         header.target_workers.store(workers as u64, Ordering::Relaxed);
         let signals = Signals::install(MASTER_SIGNALS).map_err(StartError::Signals)?;
@@ -339,6 +347,7 @@ impl Master {
             starting: true,
             ready_pipe: ready_pipe.take(),
             upgraded,
+            dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
         };
         let now = Instant::now();
         for slot in 0..workers {
@@ -351,7 +360,6 @@ impl Master {
             }
         }
         log::info!("master started: {workers} workers, generation {}", master.generation);
-        master.chown_log_file();
         Ok(master)
     }
 
@@ -409,16 +417,20 @@ impl Master {
         heartbeat_interval(self.config.daemon.worker_timeout, self.notifier.watchdog())
     }
 
-    /// A file log target is reopened by workers running as `daemon.user` too: give them
-    /// the file.
-    fn chown_log_file(&self) {
-        if let (LogTarget::File(path), Some(credentials)) =
-            (&self.config.log.target, &self.credentials)
-            && let Err(error) =
-                nix::unistd::chown(path, Some(credentials.uid), Some(credentials.gid))
-        {
-            log::warn!("could not give {} to the workers' user: {error}", path.display());
+    /// Reports log lines that could not be written, at most once per
+    /// [`DROPPED_LINES_REPORT_INTERVAL`], on stderr as well when the log goes elsewhere (the
+    /// log itself may be what fails); publishes the count for `preforkd status`.
+    fn report_dropped_log_lines(&mut self, now: Instant) {
+        let total = logging::dropped_lines();
+        self.scoreboard.header().log_lines_dropped.store(total, Ordering::Relaxed);
+        let Some(new) = self.dropped_report.due(now, total) else { return };
+        let message = format!(
+            "{new} log line(s) could not be written (log target full or unreachable); {total} since start"
+        );
+        if self.config.log.target != LogTarget::Stderr {
+            let _ = writeln!(io::stderr(), "preforkd: master pid {}: {message}", self.pid);
         }
+        log::warn!("{message}");
     }
 
     fn announce_ready(&mut self) {
@@ -446,11 +458,16 @@ impl Master {
             }
             let deadline = self.next_deadline(Instant::now());
             self.wait(deadline);
+            logging::relay_workers_lines();
             for signal in self.signals.drain() {
                 self.handle_signal(signal);
             }
             self.tick(Instant::now());
+            self.report_dropped_log_lines(Instant::now());
         }
+        // The last lines of the workers, then the master's own.
+        logging::relay_workers_lines();
+        self.report_dropped_log_lines(Instant::now());
         log::info!("master exiting with status {}", self.status as u8);
         if let Some(pidfile) = &self.pidfile
             && pidfile.is_ours()
@@ -471,7 +488,12 @@ impl Master {
                 PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)
             }
         };
-        let mut fds = [PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        let relay = logging::relay_fd().map(|fd| {
+            // SAFETY: the relay pipe's read end stays open for the life of the master.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+        });
+        let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
+        fds.extend(relay.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(error) => log::error!("poll on the signal pipe failed: {error}"),
@@ -480,6 +502,7 @@ impl Master {
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let mut deadlines: Vec<Instant> = Vec::new();
+        deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         match self.phase {
             Phase::Stopping { kill_at, killed: false, .. } => deadlines.push(kill_at),
             // Killed: SIGCHLD will come; a periodic check covers a lost one.
@@ -697,15 +720,13 @@ impl Master {
     /// SIGUSR1: reopen the master's log file, then have each worker reopen its own.
     fn handle_reopen_logs(&mut self) {
         match logging::reopen() {
-            Ok(true) => {
-                self.chown_log_file();
-                log::info!("log file reopened (SIGUSR1)");
-            }
+            Ok(true) => log::info!("log file reopened (SIGUSR1)"),
             Ok(false) => log::info!("SIGUSR1: logs go to stderr or syslog, nothing to reopen"),
             Err(error) => {
-                // Not counted as done: `preforkd reopen` times out and says so.
-                log::error!("{error}");
+                // Logging goes on to the old file; `preforkd reopen` reports the reason.
+                log::error!("{error}; still writing to the old file");
                 self.scoreboard.set_message(&error.to_string());
+                self.scoreboard.header().reopens_failed.fetch_add(1, Ordering::Release);
                 return;
             }
         }
@@ -747,7 +768,10 @@ impl Master {
             return;
         }
         let Some(slot) = self.free_slot() else {
-            log::warn!("SIGTTIN ignored: all {} worker slots are in use", self.slots.len());
+            log::warn!(
+                "SIGTTIN ignored: all {} worker slots are in use (fixed at start: workers x {SLOT_HEADROOM} x (1 + max_draining_generations); a restart with more workers raises it)",
+                self.slots.len()
+            );
             return;
         };
         self.slots[slot].serve(self.generation);

@@ -60,6 +60,8 @@ fn check_and_startup_list_every_problem_and_exit_78_binding_nothing() {
 
 #[test]
 fn the_shipped_config_is_valid() {
+    // As root, `check` resolves daemon.user, which the shipped sysusers.d file creates.
+    ensure_preforkd_user();
     let shipped = repo_file("config/preforkd.toml");
     let (status, stdout, stderr) = run_cli(&["check", "-c", shipped.to_str().unwrap()]);
     assert_eq!(code(status), 0, "{stderr}");

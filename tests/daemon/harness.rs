@@ -631,3 +631,104 @@ impl Drop for GroupGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `preforkd` with `args`, killing it if it has not finished within `timeout`;
+/// `None` then (it hung).
+pub fn run_cli_within(args: &[&str], timeout: Duration) -> Option<(ExitStatus, String, String)> {
+    let child = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run preforkd");
+    let pid = child.id() as i32;
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let output = child.wait_with_output().expect("wait for preforkd");
+        let _ = done.send(());
+        output
+    });
+    if finished.recv_timeout(timeout).is_err() {
+        // Our own child's process group.
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        let _ = waiter.join();
+        return None;
+    }
+    let output = waiter.join().expect("waiter");
+    Some((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// The TCP addresses process `pid` listens on, from its descriptors and /proc/net/tcp: for
+/// a daemon whose log is not readable (or not on stderr).
+pub fn listening_addrs(pid: i32) -> Vec<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|entry| {
+                let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let target = target.to_str()?;
+                Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st (0A: LISTEN), inode.
+            if fields.get(3) != Some(&"0A")
+                || !inodes.iter().any(|i| Some(&i.as_str()) == fields.get(9))
+            {
+                return None;
+            }
+            let (ip, port) = fields[1].split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some(SocketAddr::from((Ipv4Addr::from(u32::from_be(ip)), port)))
+        })
+        .collect()
+}
+
+/// Workers in state `ready` in `preforkd status` of the daemon of `config`.
+pub fn ready_in_status(config: &Path) -> usize {
+    let (status, stdout, _) = run_cli(&["status", "-c", config.to_str().unwrap()]);
+    if !status.success() {
+        return 0;
+    }
+    stdout.lines().filter(|l| l.contains(" ready ")).count()
+}
+
+/// As root: makes sure the workers' system user of the shipped configuration exists,
+/// creating it from the shipped sysusers.d file as a package would (idempotent; a no-op when
+/// it exists). Returns its uid; `None` when not root (nothing to create then: a master that
+/// is not root ignores `daemon.user`).
+pub fn ensure_preforkd_user() -> Option<u32> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    if let Some(user) = nix::unistd::User::from_name("preforkd").unwrap() {
+        return Some(user.uid.as_raw());
+    }
+    let sysusers = repo_file("systemd/preforkd.sysusers");
+    assert!(sysusers.exists(), "{} is missing", sysusers.display());
+    let status = Command::new("systemd-sysusers").arg(&sysusers).status();
+    if !status.is_ok_and(|s| s.success()) {
+        // Without systemd-sysusers: what the sysusers.d line says, with useradd.
+        let status = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir", "/", "--shell"])
+            .args(["/usr/sbin/nologin", "--comment", "preforkd worker processes", "preforkd"])
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "could not create the preforkd user");
+    }
+    let user = nix::unistd::User::from_name("preforkd").unwrap().expect("preforkd was created");
+    Some(user.uid.as_raw())
+}

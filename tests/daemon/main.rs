@@ -7,6 +7,7 @@ mod config;
 mod echo;
 mod example;
 mod exec;
+mod hardening;
 mod idle;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,217 @@
+//! A valid [`Config`] checked against this machine: what startup would refuse although the
+//! file itself is fine. `preforkd check` runs these after [`super::validate`], so that every
+//! refusal of startup has a twin in `check` (a test enumerates them).
+//!
+//! Runs in `preforkd check`, as whoever runs it; the answers depend on that user exactly as
+//! startup's do (a master that is not root ignores `daemon.user`). Nothing is created,
+//! changed or left bound: files are looked at with stat(2), a listener address is tried with
+//! bind(2) and closed at once (without listen(2), so no client can connect to it), syslog with
+//! connect(2).
+//!
+//! Left to startup, as conditions of the moment rather than of the configuration: an address
+//! another process is using now (`EADDRINUSE`), a pid file held by a running master, sockets
+//! passed by systemd, and fork, mmap or signal failures.
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
+
+use nix::unistd::Uid;
+use socket2::{Domain, Protocol, Socket, Type};
+use toml::Spanned;
+
+use super::file::{self, RawIssue};
+use super::{Config, LogTarget};
+use crate::files;
+use crate::privileges::{Credentials, PrivilegeError};
+
+/// Syslog sockets tried when `log.syslog_socket` is not set, in order (as the syslog crate).
+const DEFAULT_SYSLOG_SOCKETS: [&str; 2] = ["/dev/log", "/var/run/syslog"];
+
+/// Every problem startup would have with `config` on this machine, run by a user whose
+/// effective id is `euid`. `source` is the file's text, for the locations.
+pub fn check(config: &Config, source: &str, euid: Uid) -> Vec<RawIssue> {
+    let spans = Spans::of(source);
+    let mut issues = Vec::new();
+    let mut report = |span: &Option<Range<usize>>, key: &str, message: String| {
+        issues.push(RawIssue { span: span.clone().unwrap_or(0..0), key: key.into(), message });
+    };
+    if euid.is_root() {
+        for (key, message) in credentials(config) {
+            let span = if key == "daemon.group" { &spans.group } else { &spans.user };
+            report(span, key, message);
+        }
+    }
+    if let Some(path) = &config.daemon.pid_file
+        && let Err(message) = files::check_parent_dir(path)
+    {
+        report(&spans.pid_file, "daemon.pid_file", message);
+    }
+    match &config.log.target {
+        LogTarget::File(path) => {
+            if let Err(message) = files::check_log_path(path) {
+                report(&spans.log_path, "log.path", format!("{}: {message}", path.display()));
+            }
+        }
+        LogTarget::Syslog { socket, .. } => {
+            if let Err(message) = syslog_reachable(socket.as_deref()) {
+                report(&spans.syslog_socket, "log.syslog_socket", message);
+            }
+        }
+        LogTarget::Stderr => {}
+    }
+    for (index, listener) in config.listeners.iter().enumerate() {
+        if let Err(error) = try_bind(listener.address, listener.reuseport) {
+            report(
+                &spans.addresses.get(index).cloned().flatten(),
+                &format!("listener[{index}].address"),
+                format!("could not bind {}: {error}", listener.address),
+            );
+        }
+    }
+    issues
+}
+
+/// What startup (`master::worker_credentials`) refuses when the master is root.
+fn credentials(config: &Config) -> Vec<(&'static str, String)> {
+    let daemon = &config.daemon;
+    let Some(user) = &daemon.user else {
+        if daemon.allow_root_workers {
+            return Vec::new();
+        }
+        return vec![(
+            "daemon.user",
+            "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true".into(),
+        )];
+    };
+    match Credentials::resolve(user, daemon.group.as_deref()) {
+        Ok(found) if found.uid.is_root() && !daemon.allow_root_workers => vec![(
+            "daemon.user",
+            format!(
+                "{user:?} is root: workers would run as root; set allow_root_workers = true to allow it"
+            ),
+        )],
+        Ok(_) => Vec::new(),
+        Err(PrivilegeError::Unknown { kind: "group", name }) => {
+            vec![("daemon.group", format!("unknown group {name:?}: workers cannot switch to it"))]
+        }
+        Err(PrivilegeError::Unknown { name, .. }) => vec![(
+            "daemon.user",
+            format!(
+                "unknown user {name:?}: workers cannot switch to it (create it, e.g. with systemd-sysusers or useradd --system)"
+            ),
+        )],
+        Err(error) => vec![("daemon.user", error.to_string())],
+    }
+}
+
+/// Whether startup could reach syslog at `socket` (or the default sockets).
+fn syslog_reachable(socket: Option<&Path>) -> Result<(), String> {
+    let candidates: Vec<&Path> = match socket {
+        Some(path) => vec![path],
+        None => DEFAULT_SYSLOG_SOCKETS.iter().map(Path::new).collect(),
+    };
+    let mut last = None;
+    for path in &candidates {
+        let datagram = UnixDatagram::unbound().and_then(|s| s.connect(path));
+        match datagram.or_else(|_| UnixStream::connect(path).map(drop)) {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                last = Some(format!("cannot reach syslog at {}: {error}", path.display()))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| "no syslog socket".into()))
+}
+
+/// Binds `address` as startup would, then closes the socket (no listen(2)). An address in
+/// use now is not a configuration problem and passes.
+fn try_bind(address: SocketAddr, reuseport: bool) -> io::Result<()> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    match socket.bind(&address.into()) {
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => Ok(()),
+        other => other,
+    }
+}
+
+/// Where the keys these checks report on are written in the file.
+#[derive(Debug, Default)]
+struct Spans {
+    user: Option<Range<usize>>,
+    group: Option<Range<usize>>,
+    pid_file: Option<Range<usize>>,
+    log_path: Option<Range<usize>>,
+    syslog_socket: Option<Range<usize>>,
+    addresses: Vec<Option<Range<usize>>>,
+}
+
+impl Spans {
+    /// Reads them from `source` again (the validated [`Config`] no longer has them).
+    fn of(source: &str) -> Spans {
+        let Some(file) = file::read(source).0 else { return Spans::default() };
+        let span = |value: Option<&Spanned<String>>| value.map(Spanned::span);
+        let (daemon, log) = (file.daemon.unwrap_or_default(), file.log.unwrap_or_default());
+        Spans {
+            user: span(daemon.user.as_ref()),
+            group: span(daemon.group.as_ref()),
+            pid_file: span(daemon.pid_file.as_ref()),
+            log_path: span(log.path.as_ref()).or(span(log.target.as_ref())),
+            syslog_socket: span(log.syslog_socket.as_ref()).or(span(log.target.as_ref())),
+            addresses: file
+                .listener
+                .iter()
+                .map(|l| l.get_ref().address.as_ref().map(Spanned::span))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse;
+
+    fn found(source: &str, euid: u32) -> Vec<String> {
+        let config = parse(Path::new("t.toml"), source, &crate::services::Registry::builtin())
+            .expect("a valid file");
+        check(&config, source, Uid::from_raw(euid)).into_iter().map(|i| i.message).collect()
+    }
+
+    const LISTENER: &str =
+        "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n";
+
+    #[test]
+    fn credentials_are_checked_only_as_root_as_startup_does() {
+        let unknown = format!("[daemon]\nuser = \"no-such-user-preforkd\"\n{LISTENER}");
+        assert!(found(&unknown, 0)[0].contains("unknown user"), "{:?}", found(&unknown, 0));
+        assert!(found(&unknown, 1000).is_empty(), "a non-root master ignores daemon.user");
+        let group = format!(
+            "[daemon]\nuser = \"root\"\ngroup = \"no-such-group-preforkd\"\nallow_root_workers = true\n{LISTENER}"
+        );
+        assert!(found(&group, 0)[0].contains("unknown group"));
+        let root = format!("[daemon]\nuser = \"root\"\n{LISTENER}");
+        assert!(found(&root, 0)[0].contains("allow_root_workers"));
+        assert!(found(LISTENER, 0)[0].contains("set daemon.user"));
+    }
+
+    #[test]
+    fn missing_directories_and_unbindable_addresses_are_found() {
+        let source = "[daemon]\npid_file = \"/nonexistent-preforkd/p.pid\"\nallow_root_workers = true\n\
+                      [log]\ntarget = \"file\"\npath = \"/nonexistent-preforkd/p.log\"\n\
+                      [[listener]]\nname = \"a\"\naddress = \"192.0.2.1:7\"\nservice = \"echo\"\n";
+        let issues = found(source, 0);
+        assert_eq!(issues.len(), 3, "{issues:?}");
+        assert!(issues[2].contains("could not bind 192.0.2.1:7"), "{issues:?}");
+    }
+}

@@ -1,0 +1,239 @@
+//! Opening the files an operator (or an attacker who can write a directory) names: the
+//! configuration, the pid file, the scoreboard and the log file.
+//!
+//! Runs in the master and in the control commands, usually as root. Invariants:
+//! - nothing blocks on open: every open is `O_NONBLOCK`, so a FIFO planted where a file is
+//!   expected is reported instead of hanging the process;
+//! - reads are bounded: only regular files are read, and never more than the caller's limit
+//!   (`/dev/zero` or a huge file cannot exhaust memory);
+//! - the files the master writes as root (the log file) and the state files the control
+//!   commands trust (pid file, scoreboard) are opened with `O_NOFOLLOW`, so a symlink planted
+//!   at their path is refused rather than followed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::libc;
+
+/// Largest configuration file read: 1 MiB. A real configuration is a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Largest pid file read: 64 bytes (a pid and a newline).
+pub const MAX_PID_FILE_BYTES: u64 = 64;
+
+/// Permission bits of a log file the master creates: owner read-write, group read.
+pub const LOG_FILE_MODE: u32 = 0o640;
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// What kind of file `meta` describes, in words, for error messages.
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Opens `path` for reading without blocking, and checks that it is a regular file of at
+/// most `max_bytes`. With `follow` false, a symlink at `path` is refused (`ELOOP`).
+///
+/// # Errors
+/// The open(2) error, or `InvalidInput` naming what the file is instead (a FIFO, a device,
+/// a directory) or saying that it is larger than `max_bytes`.
+pub fn open_regular(path: &Path, max_bytes: u64, follow: bool) -> io::Result<File> {
+    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new().read(true).custom_flags(flags).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) && !follow {
+            invalid("is a symbolic link, which is not followed".into())
+        } else {
+            e
+        }
+    })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(invalid(format!("is {}, not a regular file", kind_of(&meta))));
+    }
+    if meta.len() > max_bytes {
+        return Err(invalid(format!(
+            "is {} bytes, more than the limit of {max_bytes} bytes",
+            meta.len()
+        )));
+    }
+    Ok(file)
+}
+
+/// Reads the regular file at `path` (symlinks followed), at most `max_bytes` of it.
+///
+/// # Errors
+/// As [`open_regular`]; also when the file grew past `max_bytes` while being read.
+pub fn read_bounded(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path, max_bytes, true)?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(invalid(format!("is more than the limit of {max_bytes} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Opens the log file at `path` for appending, creating it with [`LOG_FILE_MODE`], as the
+/// master does (usually as root) at start and on SIGUSR1.
+///
+/// A symlink at `path` is refused (`O_NOFOLLOW`), so whoever can write the log directory
+/// cannot make the master append to another file. The file must be a regular file with a
+/// single link (a hard link to another file is refused for the same reason) or a character
+/// device such as `/dev/null`. A regular file owned by another user (an older preforkd gave
+/// it to the workers' user) is taken back: it is made ours and loses write permission for
+/// others, through the open descriptor, never through the path.
+///
+/// # Errors
+/// The open(2) error, or `InvalidInput` naming what is wrong with the file.
+pub fn open_log(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(LOG_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ELOOP) => {
+                    invalid("is a symbolic link, which the master does not follow".into())
+                }
+                // A FIFO nobody reads, opened for writing without blocking.
+                Some(libc::ENXIO) => invalid("is a FIFO, not a regular file".into()),
+                _ => e,
+            }
+        })?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        if meta.nlink() != 1 {
+            return Err(invalid(format!(
+                "has {} hard links: the master only writes a file with one",
+                meta.nlink()
+            )));
+        }
+        let euid = nix::unistd::geteuid();
+        if meta.uid() != euid.as_raw() {
+            nix::unistd::fchown(&file, Some(euid), None).map_err(io::Error::from)?;
+            log::warn!("log file {} belonged to uid {}: taken back", path.display(), meta.uid());
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 || mode & 0o7000 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(mode & LOG_FILE_MODE))?;
+        }
+    } else if !kind.is_char_device() {
+        return Err(invalid(format!(
+            "is {}, not a regular file or a character device",
+            kind_of(&meta)
+        )));
+    }
+    // Writes block as usual from here on (a character device may honour O_NONBLOCK).
+    let flags = OFlag::from_bits_truncate(fcntl(&file, FcntlArg::F_GETFL)?);
+    fcntl(&file, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(file)
+}
+
+/// What [`open_log`] would say about `path`, without creating or changing anything: for
+/// `preforkd check`. A missing file is fine if its directory exists.
+///
+/// # Errors
+/// A message saying what startup would refuse.
+pub fn check_log_path(path: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err("is a symbolic link, which the master does not follow".into())
+        }
+        Ok(meta) if meta.file_type().is_file() && meta.nlink() != 1 => {
+            Err(format!("has {} hard links: the master only writes a file with one", meta.nlink()))
+        }
+        Ok(meta) if meta.file_type().is_file() || meta.file_type().is_char_device() => Ok(()),
+        Ok(meta) => Err(format!("is {}, not a regular file or a character device", kind_of(&meta))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => check_parent_dir(path),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether the directory that will hold `path` exists and is a directory.
+///
+/// # Errors
+/// A message naming the directory and what is wrong with it.
+pub fn check_parent_dir(path: &Path) -> Result<(), String> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) => Err(format!("{} is {}, not a directory", dir.display(), kind_of(&meta))),
+        Err(e) => Err(format!("directory {}: {e}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let error = read_bounded(&fifo, MAX_CONFIG_BYTES).unwrap_err();
+        assert!(error.to_string().contains("a FIFO"), "{error}");
+        assert!(open_log(&fifo).unwrap_err().to_string().contains("a FIFO"));
+    }
+
+    #[test]
+    fn devices_and_large_files_are_not_read() {
+        let error = read_bounded(Path::new("/dev/zero"), MAX_CONFIG_BYTES).unwrap_err();
+        assert!(error.to_string().contains("character device"), "{error}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let error = read_bounded(&big, MAX_CONFIG_BYTES).unwrap_err();
+        assert!(error.to_string().contains("more than the limit of 1048576 bytes"), "{error}");
+        std::fs::write(&big, b"a = 1\n").unwrap();
+        assert_eq!(read_bounded(&big, MAX_CONFIG_BYTES).unwrap(), b"a = 1\n");
+    }
+
+    #[test]
+    fn the_log_file_is_never_reached_through_a_symlink_or_a_hard_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious\n").unwrap();
+        let link = dir.path().join("preforkd.log");
+        symlink(&victim, &link).unwrap();
+        assert!(open_log(&link).unwrap_err().to_string().contains("symbolic link"));
+        assert!(check_log_path(&link).unwrap_err().contains("symbolic link"));
+        std::fs::remove_file(&link).unwrap();
+        std::fs::hard_link(&victim, &link).unwrap();
+        assert!(open_log(&link).unwrap_err().to_string().contains("hard links"));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+        std::fs::remove_file(&link).unwrap();
+        let file = open_log(&link).unwrap();
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, LOG_FILE_MODE);
+        assert!(check_log_path(&dir.path().join("missing/preforkd.log")).is_err());
+        assert!(check_log_path(&dir.path().join("new.log")).is_ok());
+    }
+}
