@@ -20,6 +20,7 @@
 //! A slot is free, serving a generation (respawned when its worker dies, while that
 //! generation serves), or retiring (told to stop; freed when reaped).
 
+mod orphans;
 mod reload;
 mod spawn;
 pub mod table;
@@ -290,6 +291,9 @@ impl Master {
         ready_pipe: &mut Option<File>,
     ) -> Result<Self, StartError> {
         let pid = nix::unistd::getpid();
+        if let Err(error) = orphans::become_subreaper() {
+            log::warn!("cannot adopt the orphans of dead workers: {error}");
+        }
         if let Some(limit) = config.daemon.rlimit_nofile {
             match privileges::set_nofile(limit) {
                 Ok(()) => log::info!("RLIMIT_NOFILE set to {limit}"),
@@ -605,6 +609,11 @@ impl Master {
         };
         self.reclaim(slot);
         self.scoreboard.slot(slot).release();
+        let keep: Vec<Pid> = self.slots.iter().filter_map(|s| s.pid).chain(self.upgrade).collect();
+        let ended = orphans::kill_orphans(&keep);
+        if ended > 0 {
+            log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
+        }
         let now = Instant::now();
         let jitter = self.jitter();
         let generation = self.slots[slot].generation;
