@@ -21,7 +21,11 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb1");
+/// Version 2: [`WorkerScore::refused`] and [`WorkerScore::full`], in what was padding of the
+/// 128-byte slot, so a version 1 file (where they read as 0) has the same layout.
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb2");
+/// Version 1, still readable (a control command of a new binary reading an old master's).
+const MAGIC_V1: u64 = u64::from_le_bytes(*b"pfkdscb1");
 /// Bytes of the last error message kept in the header.
 pub const MESSAGE_BYTES: usize = 512;
 
@@ -76,6 +80,52 @@ impl SlotState {
     }
 }
 
+/// Why a connection was turned away or shed: the refusal counters of the scoreboard, in
+/// this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Refusal {
+    /// `deny` / `allow` refused the client.
+    Denied = 0,
+    /// `max_connection_rate_per_client`.
+    Rate = 1,
+    /// `max_connections_per_client`.
+    Limit = 2,
+    /// The listener's `max_connections`.
+    ListenerFull = 3,
+    /// Closed by a full worker to admit a newer client.
+    Shed = 4,
+    /// A trusted proxy's PROXY protocol header was malformed or late.
+    ProxyHeader = 5,
+}
+
+/// Number of [`Refusal`] reasons.
+pub const REFUSALS: usize = 6;
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; REFUSALS] = [
+        Refusal::Denied,
+        Refusal::Rate,
+        Refusal::Limit,
+        Refusal::ListenerFull,
+        Refusal::Shed,
+        Refusal::ProxyHeader,
+    ];
+
+    /// The access-log and `status` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Denied => "denied",
+            Refusal::Rate => "rate",
+            Refusal::Limit => "limit",
+            Refusal::ListenerFull => "listener-full",
+            Refusal::Shed => "shed",
+            Refusal::ProxyHeader => "proxy-header",
+        }
+    }
+}
+
 /// The master's part. Cache-line aligned, like each worker's part, so that workers writing
 /// their own counters never contend for a line (no false sharing).
 #[repr(C, align(128))]
@@ -122,7 +172,15 @@ pub struct WorkerScore {
     pub bytes_in: AtomicU64,
     /// Bytes written to clients.
     pub bytes_out: AtomicU64,
+    /// Connections refused or shed since the worker started, by [`Refusal`] (version 2).
+    pub refused: [AtomicU64; REFUSALS],
+    /// Times the worker became full (its `max_connections_per_worker` reached) since it
+    /// started (version 2).
+    pub full: AtomicU64,
 }
+
+// The version 2 counters live in what was padding: a slot stays one 128-byte line pair.
+const _: () = assert!(std::mem::size_of::<WorkerScore>() == 128);
 
 impl WorkerScore {
     /// The slot's state.
@@ -142,7 +200,8 @@ impl WorkerScore {
 
     /// Clears the slot and claims it for a new worker (called by the master at fork).
     pub fn claim(&self, pid: i32, generation: u64) {
-        for counter in [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out] {
+        let counters = [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out, &self.full];
+        for counter in counters.into_iter().chain(&self.refused) {
             counter.store(0, Ordering::Relaxed);
         }
         self.generation.store(generation, Ordering::Relaxed);
@@ -272,11 +331,29 @@ impl Scoreboard {
         let mut board = Scoreboard { base: base.cast(), bytes: size, capacity: 0 };
         let header = board.header();
         let capacity = header.capacity.load(Ordering::Relaxed) as usize;
-        if header.magic.load(Ordering::Acquire) != MAGIC || layout(capacity) > size {
+        let magic = header.magic.load(Ordering::Acquire);
+        if (magic != MAGIC && magic != MAGIC_V1) || layout(capacity) > size {
             return Err(ScoreboardError::Invalid(path.to_owned()));
         }
         board.capacity = capacity;
         Ok(board)
+    }
+
+    /// The layout version: 2, or 1 for a file written by an older master (its refusal
+    /// counters read as 0).
+    pub fn version(&self) -> u32 {
+        if self.header().magic.load(Ordering::Acquire) == MAGIC_V1 { 1 } else { 2 }
+    }
+
+    /// Refusals by reason, summed over the live worker slots.
+    pub fn refusals(&self) -> [u64; REFUSALS] {
+        let mut totals = [0; REFUSALS];
+        for score in self.slots().iter().filter(|s| s.state() != SlotState::Empty) {
+            for (total, counter) in totals.iter_mut().zip(&score.refused) {
+                *total += counter.load(Ordering::Relaxed);
+            }
+        }
+        totals
     }
 
     /// The master's part.
@@ -361,9 +438,22 @@ mod tests {
         assert_eq!(reader.slot(2).pid.load(Ordering::Relaxed), 4242);
         assert_eq!(reader.slot(2).state(), SlotState::Ready);
         assert_eq!(reader.slot(2).accepted.load(Ordering::Relaxed), 5);
+        board.slot(2).refused[Refusal::Rate as usize].fetch_add(3, Ordering::Relaxed);
+        assert_eq!(reader.refusals()[Refusal::Rate as usize], 3);
+        assert_eq!(reader.version(), 2);
         assert_eq!(reader.message(), "could not bind 127.0.0.1:80: Permission denied");
         board.set_message("short");
         assert_eq!(reader.message(), "short");
+    }
+
+    #[test]
+    fn a_version_1_scoreboard_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.scoreboard");
+        let board = Scoreboard::create(Some(&path), 2).unwrap();
+        board.header().magic.store(MAGIC_V1, Ordering::Release);
+        let reader = Scoreboard::open(&path).unwrap();
+        assert_eq!((reader.version(), reader.refusals()), (1, [0; REFUSALS]));
     }
 
     #[test]
