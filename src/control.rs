@@ -21,7 +21,7 @@ use crate::config;
 use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
-use crate::scoreboard::{self, Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::scoreboard::{self, Refusal, Scoreboard, SlotState, monotonic_ms, unix_ms};
 use crate::services::Registry;
 use crate::sys;
 
@@ -363,5 +363,20 @@ fn status(board: &Scoreboard) -> String {
             age(score.started_unix_ms.load(Ordering::Relaxed)).to_string(),
         ));
     }
+    out.push_str(&refusals(board));
     out.trim_end().to_owned()
+}
+
+/// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those
+/// of workers that have exited are gone with them).
+fn refusals(board: &Scoreboard) -> String {
+    let counts = board.refusals();
+    let reasons: Vec<String> = Refusal::ALL
+        .iter()
+        .zip(counts)
+        .map(|(reason, n)| format!("{} {n}", reason.name()))
+        .collect();
+    let live = board.slots().iter().filter(|s| s.state() != SlotState::Empty);
+    let full: u64 = live.map(|s| s.full.load(Ordering::Relaxed)).sum();
+    format!("refused: {}; workers became full {full} times\n", reasons.join(", "))
 }

@@ -85,6 +85,7 @@ pub mod master;
 pub mod pidfile;
 pub mod poller;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;

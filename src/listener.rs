@@ -176,6 +176,7 @@ mod tests {
             max_long_connections_per_client: None,
             tcp_nodelay: true,
             reuseport: false,
+            admission: Default::default(),
         }
     }
 

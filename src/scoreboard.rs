@@ -24,7 +24,11 @@ use thiserror::Error;
 
 use crate::files;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb2");
+/// Version 3: the master's start time in the header (control commands check it before they
+/// signal), and [`WorkerScore::refused`] and [`WorkerScore::full`] in what was padding of
+/// the 128-byte slot. Another version is refused: a control command cannot verify the master
+/// of an older layout.
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb3");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -87,6 +91,52 @@ impl SlotState {
     }
 }
 
+/// Why a connection was turned away or shed: the refusal counters of the scoreboard, in
+/// this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Refusal {
+    /// `deny` / `allow` refused the client.
+    Denied = 0,
+    /// `max_connection_rate_per_client`.
+    Rate = 1,
+    /// `max_connections_per_client`.
+    Limit = 2,
+    /// The listener's `max_connections`.
+    ListenerFull = 3,
+    /// Closed by a full worker to admit a newer client.
+    Shed = 4,
+    /// A trusted proxy's PROXY protocol header was malformed or late.
+    ProxyHeader = 5,
+}
+
+/// Number of [`Refusal`] reasons.
+pub const REFUSALS: usize = 6;
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; REFUSALS] = [
+        Refusal::Denied,
+        Refusal::Rate,
+        Refusal::Limit,
+        Refusal::ListenerFull,
+        Refusal::Shed,
+        Refusal::ProxyHeader,
+    ];
+
+    /// The access-log and `status` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Denied => "denied",
+            Refusal::Rate => "rate",
+            Refusal::Limit => "limit",
+            Refusal::ListenerFull => "listener-full",
+            Refusal::Shed => "shed",
+            Refusal::ProxyHeader => "proxy-header",
+        }
+    }
+}
+
 /// The master's part. Cache-line aligned, like each worker's part, so that workers writing
 /// their own counters never contend for a line (no false sharing).
 #[repr(C, align(128))]
@@ -141,7 +191,15 @@ pub struct WorkerScore {
     pub bytes_in: AtomicU64,
     /// Bytes written to clients.
     pub bytes_out: AtomicU64,
+    /// Connections refused or shed since the worker started, by [`Refusal`] (version 2).
+    pub refused: [AtomicU64; REFUSALS],
+    /// Times the worker became full (its `max_connections_per_worker` reached) since it
+    /// started (version 2).
+    pub full: AtomicU64,
 }
+
+// The version 2 counters live in what was padding: a slot stays one 128-byte line pair.
+const _: () = assert!(std::mem::size_of::<WorkerScore>() == 128);
 
 impl WorkerScore {
     /// The slot's state.
@@ -161,7 +219,8 @@ impl WorkerScore {
 
     /// Clears the slot and claims it for a new worker (called by the master at fork).
     pub fn claim(&self, pid: i32, generation: u64) {
-        for counter in [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out] {
+        let counters = [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out, &self.full];
+        for counter in counters.into_iter().chain(&self.refused) {
             counter.store(0, Ordering::Relaxed);
         }
         self.generation.store(generation, Ordering::Relaxed);
@@ -329,6 +388,17 @@ impl Scoreboard {
         self.owner
     }
 
+    /// Refusals by reason, summed over the live worker slots.
+    pub fn refusals(&self) -> [u64; REFUSALS] {
+        let mut totals = [0; REFUSALS];
+        for score in self.slots().iter().filter(|s| s.state() != SlotState::Empty) {
+            for (total, counter) in totals.iter_mut().zip(&score.refused) {
+                *total += counter.load(Ordering::Relaxed);
+            }
+        }
+        totals
+    }
+
     /// The master's part.
     pub fn header(&self) -> &Header {
         // SAFETY: the mapping is at least `layout(0)` bytes, page-aligned, and lives as long
@@ -411,9 +481,22 @@ mod tests {
         assert_eq!(reader.slot(2).pid.load(Ordering::Relaxed), 4242);
         assert_eq!(reader.slot(2).state(), SlotState::Ready);
         assert_eq!(reader.slot(2).accepted.load(Ordering::Relaxed), 5);
+        board.slot(2).refused[Refusal::Rate as usize].fetch_add(3, Ordering::Relaxed);
+        assert_eq!(reader.refusals()[Refusal::Rate as usize], 3);
         assert_eq!(reader.message(), "could not bind 127.0.0.1:80: Permission denied");
         board.set_message("short");
         assert_eq!(reader.message(), "short");
+    }
+
+    #[test]
+    fn another_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.scoreboard");
+        let board = Scoreboard::create(Some(&path), 2).unwrap();
+        board.header().magic.store(u64::from_le_bytes(*b"pfkdscb2"), Ordering::Release);
+        let Err(error) = Scoreboard::open(&path) else { panic!("another version was read") };
+        let error = error.to_string();
+        assert!(error.contains("another version"), "{error}");
     }
 
     #[test]

@@ -100,6 +100,26 @@ pub struct ListenerSection {
     pub tcp_nodelay: Option<Spanned<bool>>,
     /// One SO_REUSEPORT socket per worker.
     pub reuseport: Option<Spanned<bool>>,
+    /// CIDR prefixes served (when not empty, only these).
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    /// CIDR prefixes refused.
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Prefix length an IPv4 client is counted by.
+    pub client_ipv4_prefix: Option<Spanned<i64>>,
+    /// Prefix length an IPv6 client is counted by.
+    pub client_ipv6_prefix: Option<Spanned<i64>>,
+    /// New connections per client and unit of time, such as `"20/s"`.
+    pub max_connection_rate_per_client: Option<Spanned<String>>,
+    /// Connections a quiet client may open at once under the rate.
+    pub connection_rate_burst: Option<Spanned<i64>>,
+    /// Open connections of the whole listener, across all workers.
+    pub max_connections: Option<Spanned<i64>>,
+    /// Connections from `trusted_proxies` start with a PROXY protocol header.
+    pub accept_proxy_protocol: Option<Spanned<bool>>,
+    /// CIDR prefixes of the proxies whose PROXY protocol header is believed.
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
+    /// A full worker closes its oldest connection that has not completed an exchange.
+    pub shed_when_full: Option<Spanned<bool>>,
     /// `[listener.options]`: the service's own options, read by the service.
     pub options: Option<Spanned<toml::Table>>,
 }
@@ -136,6 +156,16 @@ pub const KEYS: &[&str] = &[
     "listener.max_long_connections_per_client",
     "listener.tcp_nodelay",
     "listener.reuseport",
+    "listener.allow",
+    "listener.deny",
+    "listener.client_ipv4_prefix",
+    "listener.client_ipv6_prefix",
+    "listener.max_connection_rate_per_client",
+    "listener.connection_rate_burst",
+    "listener.max_connections",
+    "listener.accept_proxy_protocol",
+    "listener.trusted_proxies",
+    "listener.shed_when_full",
     "listener.options",
 ];
 

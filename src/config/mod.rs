@@ -18,7 +18,11 @@ use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
 
+use ipnet::IpNet;
+
 use crate::files;
+use crate::limits::access::AccessList;
+use crate::limits::{Rate, Rules};
 use crate::services::{Registry, ServiceConfig};
 
 /// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
@@ -189,12 +193,78 @@ pub struct ListenerConfig {
     /// is 1 (the worker accepts what is queued when it stops accepting, but a connection can
     /// still land in between). Default `false`.
     pub reuseport: bool,
+    /// Who is served and how often: access lists, client keys, rate, listener cap, PROXY
+    /// protocol input, shedding.
+    pub admission: AdmissionConfig,
+}
+
+/// A listener's admission policy, applied by the worker to every connection before its
+/// session is made. The default admits everyone, keys clients by /32 and /64, and sheds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// `allow` / `deny`: client prefixes served and refused (reason `denied`), checked before
+    /// anything is counted; the rule is in [`crate::limits::access`]. Default: everyone.
+    pub access: AccessList,
+    /// Per-client counts, rates and refusal logs key on the client address cut to this many
+    /// bits (IPv4, and IPv4-mapped IPv6). Default 32: each address; 0 makes every IPv4
+    /// client one.
+    pub client_ipv4_prefix: u8,
+    /// The same for IPv6 addresses. Default 64: one /64 is one client; 128 counts each
+    /// address.
+    pub client_ipv6_prefix: u8,
+    /// New connections per client (token bucket, exact across workers; reason `rate`).
+    /// Default and `None` (written `"0"`): no rate limit.
+    pub max_connection_rate_per_client: Option<Rate>,
+    /// Open connections of this listener, all clients and workers together (reason
+    /// `listener-full`). Default `None` (written 0): only the workers' budgets bound it.
+    pub max_connections: Option<NonZeroU32>,
+    /// Connections from [`AdmissionConfig::trusted_proxies`] must open with a PROXY protocol
+    /// header (v1 or v2), whose source address is the client from then on. Default `false`.
+    pub accept_proxy_protocol: bool,
+    /// Proxies whose PROXY protocol header is believed; other peers are clients themselves
+    /// and must not send one. Default: none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// A full worker closes its oldest connection that has not completed an exchange to admit
+    /// a new one (reason `shed`). Default `true`.
+    pub shed_when_full: bool,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            access: AccessList::default(),
+            client_ipv4_prefix: crate::limits::DEFAULT_IPV4_PREFIX,
+            client_ipv6_prefix: crate::limits::DEFAULT_IPV6_PREFIX,
+            max_connection_rate_per_client: None,
+            max_connections: None,
+            accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+            shed_when_full: true,
+        }
+    }
 }
 
 impl ListenerConfig {
     /// Whether connections on this listener need the shared per-client table at all.
     pub fn has_client_limits(&self) -> bool {
         self.max_connections_per_client.is_some() || self.max_long_connections_per_client.is_some()
+    }
+
+    /// Whether connections on this listener are counted in the shared table: per-client
+    /// limits, the listener cap or a rate.
+    pub fn counts_connections(&self) -> bool {
+        self.has_client_limits()
+            || self.admission.max_connections.is_some()
+            || self.admission.max_connection_rate_per_client.is_some()
+    }
+
+    /// The rules [`crate::limits::Limits::admit_with`] applies for this listener.
+    pub fn rules(&self) -> Rules {
+        Rules {
+            per_client: self.max_connections_per_client,
+            listener: self.admission.max_connections,
+            rate: self.admission.max_connection_rate_per_client,
+        }
     }
 }
 

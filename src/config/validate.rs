@@ -3,7 +3,7 @@
 //! Pure: no I/O, so each rule is unit-tested here.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
 use std::str::FromStr;
@@ -14,12 +14,14 @@ use toml::Spanned;
 use super::EventBackend;
 use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
 use super::{
-    Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget, MAX_WORKERS,
-    RESERVED_FDS, SLOT_HEADROOM, SyslogFacility, worker_slots,
+    AdmissionConfig, Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget,
+    MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM, SyslogFacility, worker_slots,
 };
+use ipnet::IpNet;
 use toml::de::DeTable;
 
-use crate::limits::MAX_RECORDS;
+use crate::limits::access::AccessList;
+use crate::limits::{DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, MAX_RECORDS, Rate};
 use crate::services::{Options, Registry, ServiceConfig};
 
 /// Default of `daemon.graceful_timeout`.
@@ -114,6 +116,36 @@ impl Checker<'_> {
             return None;
         }
         Some(std::path::PathBuf::from(value.get_ref()))
+    }
+
+    /// A list of CIDR prefixes (`"192.0.2.0/24"`, `"2001:db8::/32"`; a bare address is its
+    /// own /32 or /128); each bad one is reported.
+    fn nets(&mut self, value: Option<&Spanned<Vec<Spanned<String>>>>, key: &str) -> Vec<IpNet> {
+        let Some(value) = value else { return Vec::new() };
+        let mut nets = Vec::new();
+        for item in value.get_ref() {
+            let text = item.get_ref().trim();
+            let parsed = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) if net.trunc() != net => self.report(
+                    item.span(),
+                    key,
+                    format!(
+                        "{text:?} has host bits set: write {} (or the address alone)",
+                        net.trunc()
+                    ),
+                ),
+                Ok(net) => nets.push(net),
+                Err(_) => self.report(
+                    item.span(),
+                    key,
+                    format!(
+                        "{text:?} is not a CIDR prefix: write ADDRESS/LENGTH, such as \"192.0.2.0/24\" or \"2001:db8::/32\""
+                    ),
+                ),
+            }
+        }
+        nets
     }
 
     fn string<T>(
@@ -484,6 +516,77 @@ fn validate_listener(
         u32::MAX as i64,
         DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT as i64,
     );
+    let allow = check.nets(section.allow.as_ref(), &key("allow"));
+    let deny = check.nets(section.deny.as_ref(), &key("deny"));
+    let client_ipv4_prefix = check.integer(
+        section.client_ipv4_prefix.as_ref(),
+        &key("client_ipv4_prefix"),
+        0,
+        32,
+        i64::from(DEFAULT_IPV4_PREFIX),
+    ) as u8;
+    let client_ipv6_prefix = check.integer(
+        section.client_ipv6_prefix.as_ref(),
+        &key("client_ipv6_prefix"),
+        0,
+        128,
+        i64::from(DEFAULT_IPV6_PREFIX),
+    ) as u8;
+    let burst = check.integer(
+        section.connection_rate_burst.as_ref(),
+        &key("connection_rate_burst"),
+        0,
+        u32::MAX as i64,
+        0,
+    ) as u32;
+    let rate = section.max_connection_rate_per_client.as_ref().and_then(|value| {
+        match parse_rate(value.get_ref()) {
+            Ok(rate) => rate.map(|(count, period)| Rate {
+                count,
+                period,
+                burst: NonZeroU32::new(burst).unwrap_or(count),
+            }),
+            Err(message) => {
+                check.report(value.span(), key("max_connection_rate_per_client"), message);
+                None
+            }
+        }
+    });
+    if let Some(value) = &section.connection_rate_burst
+        && rate.is_none()
+        && section.max_connection_rate_per_client.is_none()
+    {
+        check.report(
+            value.span(),
+            key("connection_rate_burst"),
+            "has no effect without max_connection_rate_per_client",
+        );
+    }
+    let max_connections = check.integer(
+        section.max_connections.as_ref(),
+        &key("max_connections"),
+        0,
+        u32::MAX as i64,
+        0,
+    );
+    let accept_proxy_protocol =
+        section.accept_proxy_protocol.as_ref().is_some_and(|v| *v.get_ref());
+    let trusted_proxies = check.nets(section.trusted_proxies.as_ref(), &key("trusted_proxies"));
+    if accept_proxy_protocol && trusted_proxies.is_empty() {
+        let span = section.accept_proxy_protocol.as_ref().map_or(span.clone(), Spanned::span);
+        check.report(
+            span,
+            key("trusted_proxies"),
+            "accept_proxy_protocol = true needs the proxies' prefixes: a header from anyone else is not believed",
+        );
+    }
+    if !accept_proxy_protocol && let Some(value) = &section.trusted_proxies {
+        check.report(
+            value.span(),
+            key("trusted_proxies"),
+            "has no effect without accept_proxy_protocol = true",
+        );
+    }
     if !complete {
         return None;
     }
@@ -498,7 +601,40 @@ fn validate_listener(
         max_long_connections_per_client: NonZeroU32::new(long_per_client as u32),
         tcp_nodelay: section.tcp_nodelay.as_ref().is_none_or(|v| *v.get_ref()),
         reuseport: section.reuseport.as_ref().is_some_and(|v| *v.get_ref()),
+        admission: AdmissionConfig {
+            access: AccessList { allow, deny },
+            client_ipv4_prefix,
+            client_ipv6_prefix,
+            max_connection_rate_per_client: rate,
+            max_connections: NonZeroU32::new(max_connections as u32),
+            accept_proxy_protocol,
+            trusted_proxies,
+            shed_when_full: section.shed_when_full.as_ref().is_none_or(|v| *v.get_ref()),
+        },
     })
+}
+
+/// `"20/s"`, `"600/m"` or `"1000/h"`: `Some((count, period))`; `"0"` (or `"0/s"`...): `None`,
+/// no limit. `Err` names what is wrong.
+pub fn parse_rate(text: &str) -> Result<Option<(NonZeroU32, Duration)>, String> {
+    let text = text.trim();
+    let expected = "write connections per unit of time, such as \"20/s\", \"600/m\" or \"1000/h\" (\"0\": no limit)";
+    if text == "0" {
+        return Ok(None);
+    }
+    let Some((count, unit)) = text.split_once('/') else {
+        return Err(format!("invalid rate {text:?}: {expected}"));
+    };
+    let period = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(format!("invalid unit in {text:?}: {expected}")),
+    };
+    match count.trim().parse::<u32>() {
+        Ok(n) => Ok(NonZeroU32::new(n).map(|n| (n, period))),
+        Err(_) => Err(format!("invalid count in {text:?}: {expected}")),
+    }
 }
 
 /// One worker per CPU available to this process (`sched_getaffinity`), at least 1.
@@ -643,6 +779,71 @@ mod tests {
         let found = issues(source);
         assert!(found.iter().any(|f| f.contains("duplicate listener name \"a\"")), "{found:?}");
         assert!(found.iter().any(|f| f.contains("is not an address")), "{found:?}");
+    }
+
+    #[test]
+    fn admission_keys_are_read_and_every_mistake_reported() {
+        let good = format!(
+            "{MINIMAL}allow = [\"127.0.0.0/8\", \"::1\"]\ndeny = [\"127.0.0.2/32\"]\n\
+             client_ipv4_prefix = 24\nclient_ipv6_prefix = 48\n\
+             max_connection_rate_per_client = \"20/s\"\nconnection_rate_burst = 40\n\
+             max_connections = 100\naccept_proxy_protocol = true\n\
+             trusted_proxies = [\"10.0.0.0/8\"]\nshed_when_full = false\n"
+        );
+        let config = parse(Path::new("t.toml"), &good, &Registry::builtin()).unwrap();
+        let l = &config.listeners[0].admission;
+        assert_eq!(l.access.allow.len(), 2);
+        assert_eq!(l.access.deny[0].to_string(), "127.0.0.2/32");
+        assert_eq!((l.client_ipv4_prefix, l.client_ipv6_prefix), (24, 48));
+        let rate = l.max_connection_rate_per_client.unwrap();
+        assert_eq!(
+            (rate.count.get(), rate.period, rate.burst.get()),
+            (20, Duration::from_secs(1), 40)
+        );
+        assert_eq!(l.max_connections.map(NonZeroU32::get), Some(100));
+        assert!(l.accept_proxy_protocol && !l.shed_when_full);
+        assert_eq!(l.trusted_proxies.len(), 1);
+
+        let defaults = parse(Path::new("t.toml"), MINIMAL, &Registry::builtin()).unwrap();
+        let l = &defaults.listeners[0].admission;
+        assert_eq!(*l, AdmissionConfig::default());
+        assert_eq!((l.client_ipv4_prefix, l.client_ipv6_prefix), (32, 64));
+        assert!(l.access.is_open() && l.shed_when_full && l.max_connections.is_none());
+        assert_eq!(l.max_connection_rate_per_client, None);
+
+        let bad = format!(
+            "{MINIMAL}allow = [\"127.0.0.1/8\", \"nowhere\"]\ndeny = [\"10.0.0.0/33\"]\n\
+             client_ipv4_prefix = 33\nclient_ipv6_prefix = -1\n\
+             max_connection_rate_per_client = \"fast\"\nmax_connections = -5\n\
+             accept_proxy_protocol = true\n"
+        );
+        let found = issues(&bad);
+        for expected in [
+            "listener[0].allow: \"127.0.0.1/8\" has host bits set: write 127.0.0.0/8",
+            "listener[0].allow: \"nowhere\" is not a CIDR prefix",
+            "listener[0].deny: \"10.0.0.0/33\" is not a CIDR prefix",
+            "listener[0].client_ipv4_prefix: 33 is out of range",
+            "listener[0].client_ipv6_prefix: -1 is out of range",
+            "listener[0].max_connection_rate_per_client: invalid rate \"fast\"",
+            "listener[0].max_connections: -5 is out of range",
+            "listener[0].trusted_proxies: accept_proxy_protocol = true needs",
+        ] {
+            assert!(found.iter().any(|f| f.contains(expected)), "{expected:?} not in {found:#?}");
+        }
+        assert_eq!(found.len(), 8, "{found:#?}");
+    }
+
+    #[test]
+    fn rates_have_units() {
+        let sec = Duration::from_secs(1);
+        assert_eq!(parse_rate("20/s"), Ok(Some((NonZeroU32::new(20).unwrap(), sec))));
+        assert_eq!(parse_rate(" 5 / m "), Ok(Some((NonZeroU32::new(5).unwrap(), 60 * sec))));
+        assert_eq!(parse_rate("1/h").unwrap().unwrap().1, 3600 * sec);
+        assert_eq!(parse_rate("0"), Ok(None));
+        assert_eq!(parse_rate("0/s"), Ok(None));
+        assert!(parse_rate("20").is_err());
+        assert!(parse_rate("20/d").is_err());
+        assert!(parse_rate("-1/s").is_err());
     }
 
     #[test]

@@ -3,30 +3,43 @@
 //! The master creates one anonymous `MAP_SHARED` region before forking; every worker inherits
 //! it. It holds:
 //! - a process-shared, *robust* pthread mutex (pthread_mutexattr_setrobust(3));
-//! - a table of entries keyed by (listener, client IP): open and long (kept-alive) counts.
-//!   Open addressing with linear probing and backward-shift deletion; sized to twice the
-//!   number of records, so it can never fill up: each live entry is backed by a record;
-//! - per worker slot, one record per possible connection: which key it counts and whether it
-//!   is long. Records are the source of truth; entries are the index that makes checks O(1).
+//! - a table of entries keyed by (listener, client key): open and long (kept-alive) counts,
+//!   and one entry per listener with its open connections (`max_connections`). Open
+//!   addressing with linear probing and backward-shift deletion; sized to four times the
+//!   number of records, so it can never fill up: each live entry is backed by a record, and
+//!   a record backs at most two (its client's and its listener's);
+//! - per worker slot, one record per possible connection, and one spare: which key it
+//!   counts and whether it is long. (A full worker admits a new client before it sheds an
+//!   older one for it: the spare holds the newcomer's count meanwhile.) Records are the source of truth; entries are the index that makes checks O(1);
+//! - a table of token buckets keyed by client key, for `max_connection_rate_per_client`. A
+//!   bucket outlives the client's connections (a client that connects and closes at once
+//!   still spends its tokens). Each key lives in one of [`BUCKET_PROBE`] places from its home;
+//!   a bucket that has refilled to its burst is the same as no bucket and may be taken by
+//!   another key; when all places hold partly spent buckets, the fullest one is taken (that
+//!   client gets a fresh burst: under a flood of distinct keys the rate is approximate, never
+//!   a refusal of a client that has not connected).
 //!
 //! Every check-and-update happens under the mutex, so a limit of N admits exactly N
-//! connections whatever the number of workers. When a worker dies, the master calls
+//! connections whatever the number of workers, and a rate of N per second admits exactly
+//! the burst, then N per second. When a worker dies, the master calls
 //! [`Limits::reclaim`] for its slot: its records are released, so no client stays locked out
 //! by a dead worker. If a process dies *while holding* the mutex, the next locker gets
 //! `EOWNERDEAD` and rebuilds every entry from the records before marking the mutex
 //! consistent, so a half-done update is never seen.
 //!
-//! IPv4 clients are counted per address; IPv6 clients per full address (an IPv4-mapped IPv6
-//! address counts as the IPv4 address).
+//! A client is its address reduced to a prefix ([`ClientKey::new`]): by default an IPv4
+//! address counts as itself (/32) and an IPv6 address by its /64, the block one host or one
+//! customer usually gets (RFC 6177); an IPv4-mapped IPv6 address counts as the IPv4 address.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::mem::{align_of, size_of};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
@@ -66,33 +79,150 @@ pub enum LimitsError {
     SlotFull(usize),
 }
 
-/// A client as counted: listener index and IP address.
+/// A client as counted: listener id and the client's address reduced to its prefix.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     address: [u8; 16],
     listener: u16,
+    /// 4 or 6 for a client; 0 for a whole listener's key.
     family: u8,
-    _pad: u8,
+    /// Prefix length the address was reduced to.
+    prefix: u8,
+}
+
+/// Default of `client_ipv4_prefix`: each IPv4 address is a client.
+pub const DEFAULT_IPV4_PREFIX: u8 = 32;
+/// Default of `client_ipv6_prefix`: each IPv6 /64 is a client (RFC 6177: the block one site
+/// usually gets; one host can pick any of its 2^64 addresses).
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+/// Plain IPv4 for an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), unchanged otherwise.
+pub fn unmap(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 impl ClientKey {
-    /// The key of `ip` on listener number `listener` (its index in the configuration).
+    /// The key of `ip` on listener `listener` (its stable id), the address kept whole: the
+    /// same as [`ClientKey::with_prefix`] with prefixes 32 and 128.
     pub fn new(listener: usize, ip: IpAddr) -> Self {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        let (family, address) = match ip {
+        ClientKey::with_prefix(listener, ip, 32, 128)
+    }
+
+    /// The key of `ip` on listener `listener`: an IPv4 address (or IPv4-mapped IPv6 address)
+    /// reduced to its first `v4_prefix` bits, an IPv6 address to its first `v6_prefix` bits.
+    /// Prefixes beyond the address size (32, 128) are taken as the size.
+    pub fn with_prefix(listener: usize, ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Self {
+        let net = match unmap(ip) {
             IpAddr::V4(v4) => {
+                IpNet::V4(Ipv4Net::new(v4, v4_prefix.min(32)).expect("prefix within 32").trunc())
+            }
+            IpAddr::V6(v6) => {
+                IpNet::V6(Ipv6Net::new(v6, v6_prefix.min(128)).expect("prefix within 128").trunc())
+            }
+        };
+        let (family, address) = match net {
+            IpNet::V4(v4) => {
                 let mut address = [0; 16];
-                address[..4].copy_from_slice(&v4.octets());
+                address[..4].copy_from_slice(&v4.addr().octets());
                 (4, address)
             }
-            IpAddr::V6(v6) => (6, v6.octets()),
+            IpNet::V6(v6) => (6, v6.addr().octets()),
         };
-        ClientKey { address, listener: listener as u16, family, _pad: 0 }
+        ClientKey { address, listener: listener as u16, family, prefix: net.prefix_len() }
     }
+
+    /// The key counting every connection of listener `listener`.
+    pub fn listener(listener: usize) -> Self {
+        ClientKey { address: [0; 16], listener: listener as u16, family: 0, prefix: 0 }
+    }
+
+    /// The client as logs show it: the address, or the network when the prefix is shorter
+    /// than the address (`2001:db8::/64`). `None` for a listener's key.
+    pub fn net(&self) -> Option<IpNet> {
+        match self.family {
+            4 => {
+                let octets: [u8; 4] = self.address[..4].try_into().expect("4 bytes");
+                Ipv4Net::new(Ipv4Addr::from(octets), self.prefix).ok().map(IpNet::V4)
+            }
+            6 => Ipv6Net::new(Ipv6Addr::from(self.address), self.prefix).ok().map(IpNet::V6),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.net() {
+            Some(net) if net.prefix_len() == net.max_prefix_len() => net.addr().fmt(f),
+            Some(net) => net.fmt(f),
+            None => write!(f, "listener #{}", self.listener),
+        }
+    }
+}
+
+/// A connection rate: `count` connections per `period`, with bursts of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Connections allowed per period.
+    pub count: NonZeroU32,
+    /// The period (1 s, 1 min or 1 h as written).
+    pub period: std::time::Duration,
+    /// Connections a client that has been quiet may open at once (the bucket's size).
+    pub burst: NonZeroU32,
+}
+
+/// The admission rules of one listener that need the shared table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// Open connections per client (`None`: no limit, only counted).
+    pub per_client: Option<NonZeroU32>,
+    /// Open connections of the whole listener (`None`: no limit).
+    pub listener: Option<NonZeroU32>,
+    /// New connections per client and unit of time (`None`: no limit).
+    pub rate: Option<Rate>,
+}
+
+/// Tokens are counted in millionths, so that a refill of a fraction of a token is kept.
+const TOKEN: u64 = 1_000_000;
+
+/// Places a rate bucket may occupy from its home index.
+pub const BUCKET_PROBE: usize = 8;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    key: ClientKey,
+    /// Tokens left, in millionths.
+    tokens: u64,
+    /// When `tokens` was computed, `CLOCK_MONOTONIC` nanoseconds.
+    updated_ns: u64,
+    /// 0: empty.
+    used: u64,
+}
+
+impl Bucket {
+    /// Tokens at `now_ns` for `rate`, in millionths, capped at the burst.
+    fn tokens_at(&self, rate: &Rate, now_ns: u64) -> u64 {
+        let full = u64::from(rate.burst.get()) * TOKEN;
+        if self.used == 0 {
+            return full;
+        }
+        let elapsed = u128::from(now_ns.saturating_sub(self.updated_ns));
+        let period = rate.period.as_nanos().max(1);
+        let refill = elapsed * u128::from(rate.count.get()) * u128::from(TOKEN) / period;
+        (u128::from(self.tokens) + refill).min(u128::from(full)) as u64
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the rate buckets, the same in every process.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 #[repr(C)]
@@ -153,6 +283,13 @@ pub enum Admission {
         /// Connections the client holds.
         open: u32,
     },
+    /// The listener already has `open` connections, its `max_connections`.
+    ListenerFull {
+        /// Connections the listener holds, all clients and workers together.
+        open: u32,
+    },
+    /// The client has spent its connection rate (its token bucket is empty).
+    RateLimited,
 }
 
 /// Handle to the shared region. Created by the master; workers use the copy `fork(2)` gave
@@ -164,6 +301,8 @@ pub struct Limits {
     entries_offset: usize,
     entries_len: usize,
     records_offset: usize,
+    buckets_offset: usize,
+    buckets_len: usize,
     slots: usize,
     per_slot: usize,
     hasher: RandomState,
@@ -174,19 +313,27 @@ fn align_up(n: usize, align: usize) -> usize {
 }
 
 impl Limits {
-    /// Maps and initialises a region for `slots` workers of `per_slot` connections each.
+    /// Maps and initialises a region for `slots` workers of `per_slot` connections each (and
+    /// one spare record per slot, see the module documentation).
     ///
     /// # Errors
     /// [`LimitsError::Map`] when mmap(2) fails, [`LimitsError::Lock`] when the robust,
     /// process-shared mutex cannot be initialised, [`LimitsError::TooLarge`] on overflow.
     pub fn new(slots: usize, per_slot: usize) -> Result<Self, LimitsError> {
-        let records = slots.checked_mul(per_slot).filter(|&n| n <= MAX_RECORDS);
+        // One spare record per slot: a full worker counts a new client before the connection
+        // it sheds is closed (see `worker::shed`).
+        let with_spare = per_slot + 1;
+        let records = slots.checked_mul(with_spare).filter(|&n| n <= MAX_RECORDS + slots);
         let records = records.ok_or(LimitsError::TooLarge { slots, per_slot })?;
-        let entries_len = (records * 2).next_power_of_two().max(16);
+        let per_slot = with_spare;
+        let entries_len = (records * 4).next_power_of_two().max(16);
+        let buckets_len = entries_len.max(1024);
         let entries_offset = align_up(size_of::<Header>(), align_of::<Entry>());
         let records_offset =
             align_up(entries_offset + entries_len * size_of::<Entry>(), align_of::<Record>());
-        let bytes = records_offset + records * size_of::<Record>();
+        let buckets_offset =
+            align_up(records_offset + records * size_of::<Record>(), align_of::<Bucket>());
+        let bytes = buckets_offset + buckets_len * size_of::<Bucket>();
         let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { slots, per_slot })?;
         // SAFETY: a fresh anonymous mapping, not aliasing anything; MAP_SHARED so that forked
         // workers see one region. Anonymous memory is zeroed: every entry empty, every record
@@ -206,6 +353,8 @@ impl Limits {
             entries_offset,
             entries_len,
             records_offset,
+            buckets_offset,
+            buckets_len,
             slots,
             per_slot,
             hasher: RandomState::new(),
@@ -268,6 +417,10 @@ impl Limits {
                     self.base.as_ptr().add(self.records_offset).cast::<Record>(),
                     self.slots * self.per_slot,
                 ),
+                buckets: std::slice::from_raw_parts_mut(
+                    self.base.as_ptr().add(self.buckets_offset).cast::<Bucket>(),
+                    self.buckets_len,
+                ),
                 hasher: &self.hasher,
                 mutex,
             }
@@ -298,24 +451,52 @@ impl Limits {
     }
 
     /// Counts a new connection of `key` unless the client already has `max` open ones
-    /// (`None`: no limit, only counted).
+    /// (`None`: no limit, only counted). [`Limits::admit_with`] with only that rule.
     ///
     /// # Errors
-    /// [`LimitsError::Lock`] if the lock fails, [`LimitsError::SlotFull`] if the ledger has no
-    /// free record. Callers refuse the connection then (fail closed).
+    /// As [`Limits::admit_with`].
     pub fn admit(
         &self,
         ledger: &mut SlotLedger,
         key: ClientKey,
         max: Option<NonZeroU32>,
     ) -> Result<Admission, LimitsError> {
+        self.admit_with(ledger, key, &Rules { per_client: max, ..Rules::default() }, 0)
+    }
+
+    /// Counts a new connection of `key` if `rules` allow it, all checks and the count under
+    /// one lock: first the client's rate (a token is spent by every attempt that gets this
+    /// far), then its open connections, then the listener's. `now_ns` is
+    /// [`monotonic_ns`] (injected for tests).
+    ///
+    /// # Errors
+    /// [`LimitsError::Lock`] if the lock fails, [`LimitsError::SlotFull`] if the ledger has no
+    /// free record. Callers refuse the connection then (fail closed).
+    pub fn admit_with(
+        &self,
+        ledger: &mut SlotLedger,
+        key: ClientKey,
+        rules: &Rules,
+        now_ns: u64,
+    ) -> Result<Admission, LimitsError> {
         let record = *ledger.free.last().ok_or(LimitsError::SlotFull(ledger.slot))?;
         let mut table = self.lock()?;
+        if let Some(rate) = &rules.rate
+            && !table.take_token(key, rate, now_ns)
+        {
+            return Ok(Admission::RateLimited);
+        }
         let open = table.open(&key).0;
-        if max.is_some_and(|max| open >= max.get()) {
+        if rules.per_client.is_some_and(|max| open >= max.get()) {
             return Ok(Admission::Refused { open });
         }
+        let listener = ClientKey::listener(key.listener.into());
+        let total = table.open(&listener).0;
+        if rules.listener.is_some_and(|max| total >= max.get()) {
+            return Ok(Admission::ListenerFull { open: total });
+        }
         table.increment(key, false);
+        table.increment(listener, false);
         let slot = &mut table.records[record as usize];
         slot.key = key;
         slot.long = 0;
@@ -387,6 +568,14 @@ impl Limits {
         Ok(self.lock()?.open(&key))
     }
 
+    /// Open connections of listener `listener` (its stable id) right now, across all workers.
+    ///
+    /// # Errors
+    /// [`LimitsError::Lock`].
+    pub fn listener_open(&self, listener: usize) -> Result<u32, LimitsError> {
+        Ok(self.lock()?.open(&ClientKey::listener(listener)).0)
+    }
+
     /// How often a process died holding the lock and the table was rebuilt.
     pub fn repairs(&self) -> u64 {
         // SAFETY: the header lives as long as the mapping; the field is atomic.
@@ -406,6 +595,7 @@ impl Drop for Limits {
 struct Table<'a> {
     entries: &'a mut [Entry],
     records: &'a mut [Record],
+    buckets: &'a mut [Bucket],
     hasher: &'a RandomState,
     mutex: *mut libc::pthread_mutex_t,
 }
@@ -427,7 +617,7 @@ impl Table<'_> {
     }
 
     /// `Ok(index)` of the key's entry, or `Err(index)` of the empty entry where it would go.
-    /// Terminates: the table is never full (entries > records >= live keys).
+    /// Terminates: the table is never full (entries >= 4 x records > live keys).
     fn find(&self, key: &ClientKey) -> Result<usize, usize> {
         let mut index = self.home(key);
         loop {
@@ -470,6 +660,11 @@ impl Table<'_> {
         }
         let (key, long) = (record.key, record.long != 0);
         record.state.store(RECORD_FREE, Ordering::Release);
+        self.decrement(key, long);
+        self.decrement(ClientKey::listener(key.listener.into()), false);
+    }
+
+    fn decrement(&mut self, key: ClientKey, long: bool) {
         if let Ok(entry) = self.find(&key) {
             let e = &mut self.entries[entry];
             e.open = e.open.saturating_sub(1);
@@ -478,6 +673,43 @@ impl Table<'_> {
             }
             if e.open == 0 {
                 self.remove_at(entry);
+            }
+        }
+    }
+
+    /// Spends one token of `key`'s bucket at `now_ns`; false if it has none left.
+    fn take_token(&mut self, key: ClientKey, rate: &Rate, now_ns: u64) -> bool {
+        let home = self.hasher.hash_one(key) as usize;
+        let mask = self.buckets.len() - 1;
+        let places = (0..BUCKET_PROBE).map(|i| (home + i) & mask);
+        let index = places
+            .clone()
+            .find(|&i| self.buckets[i].used != 0 && self.buckets[i].key == key)
+            .unwrap_or_else(|| {
+                // A new bucket: an empty place, else the fullest (a full one is as good as
+                // none).
+                places
+                    .max_by_key(|&i| {
+                        let bucket = &self.buckets[i];
+                        if bucket.used == 0 { u64::MAX } else { bucket.tokens_at(rate, now_ns) }
+                    })
+                    .expect("BUCKET_PROBE > 0")
+            });
+        let bucket = &mut self.buckets[index];
+        if bucket.used == 0 || bucket.key != key {
+            *bucket = Bucket { key, tokens: 0, updated_ns: now_ns, used: 0 };
+        }
+        let tokens = bucket.tokens_at(rate, now_ns);
+        bucket.updated_ns = now_ns;
+        bucket.used = 1;
+        match tokens.checked_sub(TOKEN) {
+            Some(left) => {
+                bucket.tokens = left;
+                true
+            }
+            None => {
+                bucket.tokens = tokens;
+                false
             }
         }
     }
@@ -498,7 +730,8 @@ impl Table<'_> {
         self.entries[hole] = Entry::default();
     }
 
-    /// Recomputes every entry from the held records.
+    /// Recomputes every entry from the held records. Rate buckets are kept as they are: a
+    /// bucket half-written by the dead owner is at worst one client's rate off once.
     fn rebuild(&mut self) {
         self.entries.fill(Entry::default());
         for index in 0..self.records.len() {
@@ -506,6 +739,7 @@ impl Table<'_> {
             if record.state.load(Ordering::Acquire) == RECORD_HELD {
                 let (key, long) = (record.key, record.long != 0);
                 self.increment(key, false);
+                self.increment(ClientKey::listener(key.listener.into()), false);
                 if long {
                     self.increment(key, true);
                 }
@@ -513,6 +747,8 @@ impl Table<'_> {
         }
     }
 }
+
+pub mod access;
 
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ fn limit(n: u32) -> Option<NonZeroU32> {
 fn admitted(admission: Admission) -> Ticket {
     match admission {
         Admission::Admitted(ticket) => ticket,
-        Admission::Refused { open } => panic!("refused at {open}"),
+        other => panic!("refused: {other:?}"),
     }
 }
 
@@ -67,10 +67,10 @@ fn reclaim_releases_only_the_dead_slot() {
     assert_eq!(limits.reclaim(0).unwrap(), 3);
     assert_eq!(limits.counts(key(0, 9)).unwrap(), (1, 0));
     assert_eq!(limits.reclaim(0).unwrap(), 0, "reclaim is idempotent");
-    // A fresh worker in slot 0 gets every record back.
+    // A fresh worker in slot 0 gets every record back: 4, and the spare.
     let mut fresh = limits.ledger(0);
-    for _ in 0..4 {
-        admitted(limits.admit(&mut fresh, key(0, 9), limit(5)).unwrap());
+    for _ in 0..5 {
+        admitted(limits.admit(&mut fresh, key(0, 9), limit(6)).unwrap());
     }
     assert!(matches!(limits.admit(&mut fresh, key(0, 9), None), Err(LimitsError::SlotFull(0))));
 }
@@ -138,4 +138,136 @@ fn rebuild_recomputes_entries_from_records() {
 fn ipv4_mapped_ipv6_counts_as_ipv4() {
     let mapped: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
     assert_eq!(ClientKey::new(0, IpAddr::V6(mapped)), key(0, 1));
+}
+
+fn v6(text: &str) -> IpAddr {
+    IpAddr::V6(text.parse::<Ipv6Addr>().unwrap())
+}
+
+#[test]
+fn clients_are_keyed_by_prefix() {
+    let (d4, d6) = (DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX);
+    let a = ClientKey::with_prefix(0, v6("2001:db8:1:2::1"), d4, d6);
+    let b = ClientKey::with_prefix(0, v6("2001:db8:1:2:ffff:ffff:ffff:fffe"), d4, d6);
+    let c = ClientKey::with_prefix(0, v6("2001:db8:1:3::1"), d4, d6);
+    assert_eq!(a, b, "one /64 is one client");
+    assert_ne!(a, c, "the next /64 is another");
+    assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+    // IPv4 by address by default; by /24 when asked; IPv4-mapped IPv6 counts as IPv4.
+    let v4 = |last| IpAddr::V4(Ipv4Addr::new(192, 0, 2, last));
+    assert_ne!(ClientKey::with_prefix(0, v4(1), d4, d6), ClientKey::with_prefix(0, v4(2), d4, d6));
+    assert_eq!(ClientKey::with_prefix(0, v4(1), 24, d6), ClientKey::with_prefix(0, v4(2), 24, d6));
+    assert_eq!(ClientKey::with_prefix(0, v4(1), 24, d6).to_string(), "192.0.2.0/24");
+    assert_eq!(ClientKey::with_prefix(0, v6("::ffff:192.0.2.1"), d4, d6).to_string(), "192.0.2.1");
+    assert_eq!(
+        ClientKey::with_prefix(0, v6("::ffff:192.0.2.1"), d4, d6),
+        ClientKey::with_prefix(0, v4(1), d4, d6)
+    );
+    // Full-length prefixes keep the address whole; other listeners are other clients.
+    assert_ne!(
+        ClientKey::with_prefix(0, v6("2001:db8::1"), d4, 128),
+        ClientKey::with_prefix(0, v6("2001:db8::2"), d4, 128)
+    );
+    assert_ne!(a, ClientKey::with_prefix(1, v6("2001:db8:1:2::1"), d4, d6));
+}
+
+#[test]
+fn a_64_shares_one_quota() {
+    let limits = Limits::new(1, 8).unwrap();
+    let mut ledger = limits.ledger(0);
+    let rules = Rules { per_client: limit(2), ..Rules::default() };
+    let key = |ip: &str| ClientKey::with_prefix(0, v6(ip), 32, 64);
+    admitted(limits.admit_with(&mut ledger, key("2001:db8::1"), &rules, 0).unwrap());
+    admitted(limits.admit_with(&mut ledger, key("2001:db8::2"), &rules, 0).unwrap());
+    assert_eq!(
+        limits.admit_with(&mut ledger, key("2001:db8::3"), &rules, 0).unwrap(),
+        Admission::Refused { open: 2 }
+    );
+    admitted(limits.admit_with(&mut ledger, key("2001:db8:0:1::1"), &rules, 0).unwrap());
+}
+
+#[test]
+fn the_listener_cap_is_exact_and_released() {
+    let limits = Limits::new(2, 8).unwrap();
+    let (mut a, mut b) = (limits.ledger(0), limits.ledger(1));
+    let rules = Rules { listener: limit(3), ..Rules::default() };
+    let mut tickets = Vec::new();
+    for last in 1..=3 {
+        let ledger = if last % 2 == 0 { &mut a } else { &mut b };
+        tickets.push(admitted(limits.admit_with(ledger, key(7, last), &rules, 0).unwrap()));
+    }
+    assert_eq!(
+        limits.admit_with(&mut a, key(7, 9), &rules, 0).unwrap(),
+        Admission::ListenerFull { open: 3 }
+    );
+    // Another listener is not affected.
+    admitted(limits.admit_with(&mut a, key(8, 9), &rules, 0).unwrap());
+    assert_eq!(limits.listener_open(7).unwrap(), 3);
+    limits.release(&mut b, tickets.remove(0)).unwrap();
+    assert_eq!(limits.listener_open(7).unwrap(), 2);
+    admitted(limits.admit_with(&mut a, key(7, 9), &rules, 0).unwrap());
+    // A dead worker's connections leave the listener's count too.
+    assert_eq!(limits.reclaim(0).unwrap(), 3);
+    assert_eq!(limits.listener_open(7).unwrap(), 1);
+}
+
+#[test]
+fn the_rate_is_a_token_bucket_shared_by_all_workers() {
+    let limits = Limits::new(2, 64).unwrap();
+    let (mut a, mut b) = (limits.ledger(0), limits.ledger(1));
+    let rate = Rate {
+        count: NonZeroU32::new(10).unwrap(),
+        period: std::time::Duration::from_secs(1),
+        burst: NonZeroU32::new(4).unwrap(),
+    };
+    let rules = Rules { rate: Some(rate), ..Rules::default() };
+    let t0 = 5_000_000_000;
+    let attempt = |ledger: &mut SlotLedger, last: u8, at: u64| match limits
+        .admit_with(ledger, key(0, last), &rules, at)
+        .unwrap()
+    {
+        Admission::Admitted(ticket) => {
+            limits.release(ledger, ticket).unwrap();
+            true
+        }
+        Admission::RateLimited => false,
+        other => panic!("{other:?}"),
+    };
+    // The burst, from two workers together, then nothing.
+    let burst: Vec<bool> =
+        (0..6).map(|i| attempt(if i % 2 == 0 { &mut a } else { &mut b }, 1, t0)).collect();
+    assert_eq!(burst, [true, true, true, true, false, false]);
+    // Another client has its own bucket.
+    assert!(attempt(&mut a, 2, t0));
+    // 10 per second: one token every 100 ms, fractions kept.
+    assert!(!attempt(&mut a, 1, t0 + 99_000_000));
+    assert!(attempt(&mut b, 1, t0 + 100_000_000));
+    assert!(!attempt(&mut a, 1, t0 + 150_000_000));
+    assert!(attempt(&mut a, 1, t0 + 200_000_000));
+    // Refills up to the burst, no further.
+    let later = t0 + 60_000_000_000;
+    let refilled: usize = (0..6).filter(|_| attempt(&mut a, 1, later)).count();
+    assert_eq!(refilled, 4);
+}
+
+#[test]
+fn rate_buckets_survive_a_flood_of_other_clients() {
+    // More distinct clients than buckets: the table never fails, and a client that spent
+    // its burst gets at most one fresh burst back, never a refusal it did not earn.
+    let limits = Limits::new(1, 4).unwrap();
+    let mut ledger = limits.ledger(0);
+    let rate = Rate {
+        count: NonZeroU32::new(1).unwrap(),
+        period: std::time::Duration::from_secs(3600),
+        burst: NonZeroU32::new(1).unwrap(),
+    };
+    let rules = Rules { rate: Some(rate), ..Rules::default() };
+    for n in 0..20_000u32 {
+        let ip = IpAddr::V6(Ipv6Addr::from(u128::from(n) << 64));
+        let key = ClientKey::with_prefix(0, ip, 32, 64);
+        match limits.admit_with(&mut ledger, key, &rules, 1).unwrap() {
+            Admission::Admitted(ticket) => limits.release(&mut ledger, ticket).unwrap(),
+            other => panic!("client {n}'s first connection: {other:?}"),
+        }
+    }
 }

@@ -110,6 +110,16 @@ pub enum CloseReason {
     Error,
     /// The worker is stopping (graceful or fast).
     Shutdown,
+    /// Refused by the listener's `allow` / `deny` lists, right after accept.
+    Denied,
+    /// Over `max_connection_rate_per_client`: closed right after accept.
+    Rate,
+    /// Over the listener's `max_connections`: closed right after accept.
+    ListenerFull,
+    /// Closed by a full worker, before its first exchange completed, to admit a new client.
+    Shed,
+    /// A trusted proxy's PROXY protocol header was malformed, or did not come in time.
+    ProxyHeader,
     /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
@@ -127,6 +137,11 @@ impl CloseReason {
             CloseReason::LongLimit => "long-limit",
             CloseReason::Error => "error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Denied => "denied",
+            CloseReason::Rate => "rate",
+            CloseReason::ListenerFull => "listener-full",
+            CloseReason::Shed => "shed",
+            CloseReason::ProxyHeader => "proxy-header",
             CloseReason::Service(reason) => reason,
         }
     }

@@ -64,6 +64,8 @@ pub struct Conn {
     pub totals: Progress,
     /// The per-client limits record, when the listener has limits.
     pub ticket: Option<Ticket>,
+    /// The PROXY protocol proxy it came through (`peer` is then the client the header named).
+    pub proxy: Option<SocketAddr>,
     /// Close as soon as no exchange is in flight, for this reason.
     pub close_at_rest: Option<CloseReason>,
     /// Lingering close under way: our FIN is sent, the client's remaining input is read and

@@ -22,9 +22,10 @@
 //! input would make the kernel send RST, and the client could lose answers already sent.
 
 pub mod conn;
+pub mod refusals;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -37,15 +38,17 @@ use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
-use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
+use crate::limits::{Admission, ClientKey, Limits, SlotLedger, access, monotonic_ns};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
 use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
-use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
+use crate::proxy_protocol::{self, Parsed};
+use crate::scoreboard::{REFUSALS, Refusal, Scoreboard, SlotState, WorkerScore};
 use crate::services::{self, ConnInfo, Context, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
+use refusals::Summaries;
 
 /// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
 /// the log file.
@@ -71,6 +74,16 @@ const ACCEPT_BATCH: usize = 32;
 
 /// Least interval between two log lines about refusals or accept errors.
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a full worker that could shed lets a waiting client be, before it accepts it
+/// and sheds: a worker with room takes the client in the meantime, and no connection is shed
+/// needlessly.
+pub const SHED_GRACE: Duration = Duration::from_millis(50);
+
+/// How long a trusted proxy has to send the whole PROXY protocol header after accept; the
+/// connection is closed with reason `proxy-header` then. Proxies send it with the connection,
+/// so this is short.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a worker is given by the master at fork.
 pub struct WorkerContext<'a> {
@@ -134,6 +147,8 @@ struct Worker<'a> {
     /// Listening sockets found ready in the current turn, with their listener index (kept
     /// to avoid an allocation per turn).
     ready_listeners: Vec<(RawFd, usize)>,
+    /// Stable id of each listener (by index), kept after a graceful stop closes the sockets.
+    listener_ids: Vec<u16>,
     /// `reuseport`: this worker's own sockets, with their listener index.
     own_listeners: Vec<(std::net::TcpListener, usize)>,
     open: usize,
@@ -142,6 +157,24 @@ struct Worker<'a> {
     accept_paused_until: Option<Instant>,
     refusal_log: RateLimit,
     accept_error_log: RateLimit,
+    /// Refusals logged per client and reason per interval.
+    summaries: Summaries,
+    /// Connections that may be shed, oldest first: (descriptor, serial). Entries go stale
+    /// when the connection closes or completes an exchange; they are dropped when they reach
+    /// the front (see [`Worker::can_shed`]).
+    shed_queue: VecDeque<(usize, u64)>,
+    /// The budget was reached and not yet relieved (to count and log each time it fills).
+    full: bool,
+    full_log: RateLimit,
+    /// Full and a client waits: when this worker accepts it, shedding (see [`SHED_GRACE`]).
+    shed_at: Option<Instant>,
+    /// Connections from trusted proxies whose PROXY protocol header is being read, by
+    /// descriptor; they count against the budget.
+    pending: Vec<Option<PendingProxy>>,
+    pending_open: usize,
+    /// Header deadlines in accept order (all [`PROXY_HEADER_TIMEOUT`] long, so sorted):
+    /// (deadline, descriptor, serial).
+    pending_deadlines: VecDeque<(Instant, usize, u64)>,
     /// Counters not yet published on the scoreboard (published at most every
     /// [`PUBLISH_INTERVAL`], so the hot path writes no shared memory).
     unpublished: Unpublished,
@@ -154,8 +187,23 @@ struct Unpublished {
     bytes_in: u64,
     bytes_out: u64,
     accepted: u64,
+    /// Refusals by [`Refusal`].
+    refused: [u64; REFUSALS],
+    /// Times the worker became full.
+    full: u64,
     /// Anything happened (the open count may have changed too).
     dirty: bool,
+}
+
+/// A connection from a trusted proxy, before its PROXY protocol header is complete.
+struct PendingProxy {
+    stream: std::net::TcpStream,
+    listener: usize,
+    /// The proxy's address.
+    proxy: SocketAddr,
+    /// Header bytes consumed so far (at most [`proxy_protocol::MAX_HEADER`]).
+    header: Vec<u8>,
+    serial: u64,
 }
 
 /// How often a busy worker publishes its heartbeat and counters on the scoreboard.
@@ -195,6 +243,7 @@ impl<'a> Worker<'a> {
             context.config.daemon.max_connections_per_worker,
             context.config.daemon.event_backend.name()
         );
+        let listener_ids = context.listeners.iter().map(|l| l.id).collect();
         Ok(Worker {
             context,
             signals,
@@ -206,6 +255,7 @@ impl<'a> Worker<'a> {
             timers: BinaryHeap::new(),
             next_serial: 0,
             ready_listeners: Vec::new(),
+            listener_ids,
             own_listeners,
             open: 0,
             accepting: false,
@@ -213,6 +263,14 @@ impl<'a> Worker<'a> {
             accept_paused_until: None,
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
+            summaries: Summaries::default(),
+            shed_queue: VecDeque::new(),
+            full: false,
+            full_log: RateLimit::new(LOG_INTERVAL),
+            shed_at: None,
+            pending: Vec::new(),
+            pending_open: 0,
+            pending_deadlines: VecDeque::new(),
             unpublished: Unpublished::default(),
             last_published: Instant::now(),
         })
@@ -229,7 +287,7 @@ impl<'a> Worker<'a> {
             if now.saturating_duration_since(self.last_published) >= PUBLISH_INTERVAL {
                 self.publish(now);
             }
-            let deadline = self.next_deadline();
+            let deadline = self.next_deadline(now);
             let mut timeout = deadline.map(|d| d.saturating_duration_since(now));
             if let Some(beat) = self.context.heartbeat {
                 // Wake up often enough to prove to the master that this loop still turns.
@@ -264,10 +322,14 @@ impl<'a> Worker<'a> {
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                self.expire(Instant::now());
+                let now = Instant::now();
+                self.expire(now);
+                self.expire_pending(now);
+                self.log_summaries(now, false);
             }
-            if self.draining && self.open == 0 {
+            if self.draining && self.open == 0 && self.pending_open == 0 {
                 log::info!("graceful stop complete: no connection left");
+                self.log_summaries(Instant::now(), true);
                 return WORKER_EXIT_OK;
             }
         }
@@ -285,7 +347,13 @@ impl<'a> Worker<'a> {
         score.bytes_in.fetch_add(totals.bytes_in, Ordering::Relaxed);
         score.bytes_out.fetch_add(totals.bytes_out, Ordering::Relaxed);
         score.accepted.fetch_add(totals.accepted, Ordering::Relaxed);
-        score.open.store(self.open as u64, Ordering::Relaxed);
+        for (counter, n) in score.refused.iter().zip(totals.refused) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        score.full.fetch_add(totals.full, Ordering::Relaxed);
+        score.open.store((self.open + self.pending_open) as u64, Ordering::Relaxed);
         self.last_published = now;
     }
 
@@ -310,7 +378,33 @@ impl<'a> Worker<'a> {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
         }
-        let want = !self.draining && self.accept_paused_until.is_none() && self.room() > 0;
+        let room = self.room() > 0;
+        if room {
+            self.full = false;
+            self.shed_at = None;
+        } else if !self.full && !self.draining {
+            self.full = true;
+            self.unpublished.full += 1;
+            self.unpublished.dirty = true;
+            let max = self.context.config.daemon.max_connections_per_worker;
+            let shedding = self.can_shed();
+            if let Some(held_back) = self.full_log.allow(now) {
+                let then = if shedding {
+                    "the oldest connection without a completed exchange is shed for each new client"
+                } else {
+                    "no connection can be shed: new clients wait in the backlog"
+                };
+                log::warn!(
+                    "worker full: {} connections open, max_connections_per_worker {max}; {then} ({held_back} similar not logged)",
+                    self.open + self.pending_open
+                );
+            }
+        }
+        // Full: watch the listeners to learn that a client waits, then not during the grace.
+        let shed_ready = self.shed_at.is_none_or(|at| now >= at);
+        let want = !self.draining
+            && self.accept_paused_until.is_none()
+            && (room || (self.full && shed_ready && self.can_shed()));
         if want != self.accepting {
             let interest = if want { Interest::ACCEPT } else { Interest::NONE };
             for fd in self.listening_fds() {
@@ -325,14 +419,53 @@ impl<'a> Worker<'a> {
     /// and for what their sessions watch.
     fn room(&self) -> usize {
         let max = self.context.config.daemon.max_connections_per_worker.get();
-        max.saturating_sub(self.open + self.extra_fds)
+        max.saturating_sub(self.open + self.extra_fds + self.pending_open)
+    }
+
+    /// Whether connection `fd` of serial `serial` may be shed: still open, short, no exchange
+    /// completed, not closing, on a listener that sheds.
+    fn sheddable(&self, fd: usize, serial: u64) -> bool {
+        self.conns.get(fd).and_then(Option::as_ref).is_some_and(|conn| {
+            conn.serial == serial
+                && conn.kind == ConnKind::Short
+                && conn.totals.exchanges == 0
+                && conn.lingering.is_none()
+                && conn.close_at_rest.is_none()
+        })
+    }
+
+    /// Whether some connection may be shed; drops stale entries from the front of the queue
+    /// (each entry is dropped once, so this is O(1) amortised).
+    fn can_shed(&mut self) -> bool {
+        while let Some(&(fd, serial)) = self.shed_queue.front() {
+            if self.sheddable(fd, serial) {
+                return true;
+            }
+            self.shed_queue.pop_front();
+        }
+        false
+    }
+
+    /// Closes the oldest connection that has not completed an exchange (reason `shed`), to
+    /// make room for a new client. False if there is none.
+    fn shed_oldest(&mut self, now: Instant) -> bool {
+        if !self.can_shed() {
+            return false;
+        }
+        let (fd, _) = self.shed_queue.pop_front().expect("can_shed checked");
+        self.finish(fd, CloseReason::Shed, now);
+        true
     }
 
     /// The earliest timer (possibly stale, which only means an early wake-up) or the end of
     /// an accept pause.
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        timer.into_iter().chain(self.accept_paused_until).min()
+        let header = self.pending_deadlines.front().map(|(at, _, _)| *at);
+        let summary = self.summaries.next_deadline();
+        let grace = self.shed_at.filter(|at| *at > now);
+        let deadlines = [self.accept_paused_until, header, summary, grace];
+        timer.into_iter().chain(deadlines.into_iter().flatten()).min()
     }
 
     /// Puts the connection's current deadline in the timer heap, unless an entry at least as
@@ -427,6 +560,9 @@ impl<'a> Worker<'a> {
     }
 
     fn close_all(&mut self, now: Instant) {
+        for fd in 0..self.pending.len() {
+            self.drop_pending(fd, None);
+        }
         for fd in 0..self.conns.len() {
             let reason = match &self.conns[fd] {
                 Some(Conn { lingering: Some((reason, _)), .. }) => *reason,
@@ -435,12 +571,34 @@ impl<'a> Worker<'a> {
             };
             self.finish(fd, reason, now);
         }
+        self.log_summaries(now, true);
     }
 
     /// Accepts a batch from listening descriptor `fd`, which serves listener `index`.
     fn accept(&mut self, fd: RawFd, index: usize, now: Instant) {
+        let mut shedding = false;
         for _ in 0..ACCEPT_BATCH {
-            if self.room() == 0 {
+            if self.room() == 0 && !shedding {
+                // A full worker takes a new client only if it can shed an older one for it,
+                // and only once the client has waited [`SHED_GRACE`] for a worker with room.
+                if !self.can_shed() {
+                    return;
+                }
+                match self.shed_at {
+                    Some(at) if now < at => return,
+                    // Still waiting right after the grace: take it, shedding.
+                    Some(at) if now < at + SHED_GRACE => {
+                        self.shed_at = None;
+                        shedding = true;
+                    }
+                    // A new wait (or one long past: that client went to another worker).
+                    _ => {
+                        self.shed_at = Some(now + SHED_GRACE);
+                        return;
+                    }
+                }
+            }
+            if self.room() == 0 && !self.can_shed() {
                 return;
             }
             let accepted = crate::sys::accept_nonblocking(&fd);
@@ -484,22 +642,65 @@ impl<'a> Worker<'a> {
             }
             return self.refuse(fd, index, peer, CloseReason::Error);
         }
+        if policy.admission.accept_proxy_protocol
+            && access::contains(&policy.admission.trusted_proxies, peer.ip())
+        {
+            // The client is whoever the header names: wait for it.
+            let slot = fd as usize;
+            if self.pending.len() <= slot {
+                self.pending.resize_with(slot + 1, || None);
+            }
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            self.pending[slot] = Some(PendingProxy {
+                stream,
+                listener: index,
+                proxy: peer,
+                header: Vec::new(),
+                serial,
+            });
+            if self.room() == 0 {
+                // Accepted because something could be shed; who the client is comes later.
+                self.shed_oldest(now);
+            }
+            self.pending_open += 1;
+            self.pending_deadlines.push_back((now + PROXY_HEADER_TIMEOUT, slot, serial));
+            self.unpublished.dirty = true;
+            return self.read_proxy_header(slot, now);
+        }
+        self.admit_client(index, stream, peer, None, now);
+    }
+
+    /// Applies the listener's admission rules to `client` (the peer, or the address a PROXY
+    /// protocol header gave) and makes the session: access list, then the shared table
+    /// (rate, per-client limit, listener cap), then room in this worker (shedding if full).
+    fn admit_client(
+        &mut self,
+        index: usize,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        proxy: Option<SocketAddr>,
+        now: Instant,
+    ) {
+        let fd = stream.as_raw_fd();
+        let policy = &self.context.config.listeners[index];
+        let key = self.client_key(index, peer);
+        if !policy.admission.access.is_open() && !policy.admission.access.allows(peer.ip()) {
+            return self.refuse(fd, index, peer, CloseReason::Denied);
+        }
         let mut ticket = None;
-        if policy.has_client_limits() {
-            let key = ClientKey::new(self.context.listeners[index].id.into(), peer.ip());
-            let max = policy.max_connections_per_client;
-            match self.context.limits.admit(&mut self.ledger, key, max) {
-                Ok(Admission::Admitted(t)) => ticket = Some(t),
-                Ok(Admission::Refused { open }) => {
-                    if let Some(held_back) = self.refusal_log.allow(now) {
-                        log::warn!(
-                            "refused {} on {}: {open} connections open, max_connections_per_client reached ({held_back} refusals not logged)",
-                            peer.ip(),
-                            policy.name
-                        );
-                    }
-                    return self.refuse(fd, index, peer, CloseReason::Limit);
+        if policy.counts_connections() {
+            let rules = policy.rules();
+            let admission =
+                self.context.limits.admit_with(&mut self.ledger, key, &rules, monotonic_ns());
+            let reason = match admission {
+                Ok(Admission::Admitted(t)) => {
+                    ticket = Some(t);
+                    None
                 }
+                Ok(Admission::Refused { .. }) => Some(CloseReason::Limit),
+                Ok(Admission::ListenerFull { .. }) => Some(CloseReason::ListenerFull),
+                Ok(Admission::RateLimited) => Some(CloseReason::Rate),
                 Err(error) => {
                     if let Some(held_back) = self.refusal_log.allow(now) {
                         log::error!(
@@ -507,10 +708,20 @@ impl<'a> Worker<'a> {
                             policy.name
                         );
                     }
-                    return self.refuse(fd, index, peer, CloseReason::Error);
+                    Some(CloseReason::Error)
                 }
+            };
+            if let Some(reason) = reason {
+                return self.refuse(fd, index, peer, reason);
             }
         }
+        if self.room() == 0 {
+            // Accepted because something could be shed: make the room now. (Should nothing be
+            // sheddable after all, the connection is served one over the budget; select()'s
+            // budget keeps spare descriptors for that.)
+            self.shed_oldest(now);
+        }
+        let policy = &self.context.config.listeners[index];
         let info =
             ConnInfo { listener: &policy.name, peer, socket: std::os::fd::AsFd::as_fd(&stream) };
         let session = policy.service.service.session(&info);
@@ -529,6 +740,7 @@ impl<'a> Worker<'a> {
             last_activity: now,
             totals: Progress::default(),
             ticket,
+            proxy,
             close_at_rest: None,
             lingering: None,
             interest: Interest::READ,
@@ -537,6 +749,18 @@ impl<'a> Worker<'a> {
             timer: None,
             extras: Vec::new(),
         });
+        if policy.admission.shed_when_full {
+            self.shed_queue.push_back((slot, self.next_serial));
+            if self.shed_queue.len() > 2 * self.conns.len() + 64 {
+                // Old short connections at the front keep stale entries behind them alive.
+                let conns = &self.conns;
+                self.shed_queue.retain(|&(fd, serial)| {
+                    conns.get(fd).and_then(Option::as_ref).is_some_and(|c| {
+                        c.serial == serial && c.kind == ConnKind::Short && c.totals.exchanges == 0
+                    })
+                });
+            }
+        }
         self.next_serial += 1;
         self.schedule(slot);
         self.open += 1;
@@ -554,12 +778,130 @@ impl<'a> Worker<'a> {
     /// Turns away a connection just accepted (its socket closes when the caller drops it).
     fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
-        let name = &self.context.config.listeners[index].name;
-        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason, "");
+        self.closed(Closed::refused(index, peer, None, reason));
+    }
+
+    /// The key `peer` is counted and logged by on listener `index`.
+    fn client_key(&self, index: usize, peer: SocketAddr) -> ClientKey {
+        let policy = &self.context.config.listeners[index];
+        let id = usize::from(self.listener_ids[index]);
+        ClientKey::with_prefix(
+            id,
+            peer.ip(),
+            policy.admission.client_ipv4_prefix,
+            policy.admission.client_ipv6_prefix,
+        )
+    }
+
+    /// Accounts for a closed connection: a refusal is counted and summarized (see
+    /// [`refusals`]), anything else gets its access line.
+    fn closed(&mut self, record: Closed<'_>) {
+        let Some(refusal) = refusal_of(record.reason) else {
+            return self.access_line(&record);
+        };
+        self.unpublished.refused[refusal as usize] += 1;
+        self.unpublished.dirty = true;
+        let key = self.client_key(record.listener, record.peer);
+        if let Some(line) = self.summaries.record(record.listener, key, refusal, Instant::now()) {
+            self.log_summary(&line);
+        }
+    }
+
+    /// Writes the summaries due at `now` (all of them with `all`).
+    fn log_summaries(&mut self, now: Instant, all: bool) {
+        for line in self.summaries.flush(now, all) {
+            self.log_summary(&line);
+        }
+    }
+
+    fn log_summary(&self, line: &refusals::Line) {
+        let listener = &self.context.config.listeners[line.listener].name;
+        let client = line.client.map_or_else(|| "other clients".to_owned(), |c| c.to_string());
+        let reason = line.reason.name();
+        if line.first {
+            log::warn!(
+                "refused a connection from {client} on {listener} ({reason}); more are counted and logged every {}s",
+                refusals::SUMMARY_INTERVAL.as_secs()
+            );
+        } else {
+            log::warn!(
+                "refused {} connections from {client} on {listener} ({reason}) in the last {}s",
+                line.count,
+                refusals::SUMMARY_INTERVAL.as_secs()
+            );
+        }
+    }
+
+    /// Reads what has come of the PROXY protocol header of pending connection `fd`; admits
+    /// the client it names once complete, closes on a malformed header or end of file.
+    fn read_proxy_header(&mut self, fd: usize, now: Instant) {
+        let Some(pending) = self.pending.get_mut(fd).and_then(Option::as_mut) else { return };
+        let mut peeked = [0u8; proxy_protocol::MAX_HEADER];
+        let room = proxy_protocol::MAX_HEADER - pending.header.len();
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK;
+        let n = match nix::sys::socket::recv(fd as RawFd, &mut peeked[..room], flags) {
+            Ok(0) => return self.drop_pending(fd, Some(CloseReason::ProxyHeader)),
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => return,
+            Err(_) => return self.drop_pending(fd, Some(CloseReason::Error)),
+        };
+        let mut candidate = std::mem::take(&mut pending.header);
+        let before = candidate.len();
+        candidate.extend_from_slice(&peeked[..n]);
+        let parsed = match proxy_protocol::parse(&candidate) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                log::debug!("connection from proxy {}: {error}", pending.proxy);
+                return self.drop_pending(fd, Some(CloseReason::ProxyHeader));
+            }
+        };
+        // Consume exactly the header's bytes: the client's data stays for the session.
+        let take = proxy_protocol::consumable(&candidate, &parsed) - before;
+        let mut sink = vec![0u8; take];
+        if std::io::Read::read_exact(&mut pending.stream, &mut sink).is_err() {
+            return self.drop_pending(fd, Some(CloseReason::Error));
+        }
+        candidate.truncate(before + take);
+        pending.header = candidate;
+        if let Parsed::Complete { source, .. } = parsed {
+            let pending = self.pending[fd].take().expect("checked above");
+            self.pending_open -= 1;
+            let client = source.unwrap_or(pending.proxy);
+            self.admit_client(pending.listener, pending.stream, client, Some(pending.proxy), now);
+        }
+    }
+
+    /// Closes pending connection `fd`, counting it as `reason` (`None`: a shutdown, not
+    /// counted).
+    fn drop_pending(&mut self, fd: usize, reason: Option<CloseReason>) {
+        let Some(pending) = self.pending.get_mut(fd).and_then(Option::take) else { return };
+        let _ = self.poller.set(fd as RawFd, Interest::NONE);
+        self.pending_open -= 1;
+        if let Some(reason) = reason {
+            self.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
+        }
+    }
+
+    /// Closes the pending connections whose header is late.
+    fn expire_pending(&mut self, now: Instant) {
+        while let Some(&(at, fd, serial)) = self.pending_deadlines.front() {
+            if at > now {
+                return;
+            }
+            self.pending_deadlines.pop_front();
+            let live =
+                self.pending.get(fd).and_then(Option::as_ref).is_some_and(|p| p.serial == serial);
+            if live {
+                self.drop_pending(fd, Some(CloseReason::ProxyHeader));
+            }
+        }
     }
 
     fn on_ready(&mut self, event: Event, now: Instant) {
         let fd = event.fd as usize;
+        if self.pending.get(fd).is_some_and(Option::is_some) {
+            return self.read_proxy_header(fd, now);
+        }
         let ready = Ready { readable: event.readable, writable: event.writable };
         if let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) {
             if let Some((reason, _)) = conn.lingering {
@@ -782,38 +1124,83 @@ impl<'a> Worker<'a> {
         {
             log::error!("could not release the count of {}: {error}", conn.peer);
         }
-        let name = &self.context.config.listeners[conn.listener].name;
         let mut fields = String::new();
         conn.session.describe(&mut fields);
-        self.access_line(
-            name,
-            conn.peer,
-            now.saturating_duration_since(conn.opened),
-            conn.totals,
+        self.closed(Closed {
+            listener: conn.listener,
+            peer: conn.peer,
+            proxy: conn.proxy,
+            duration: now.saturating_duration_since(conn.opened),
+            totals: conn.totals,
             reason,
-            &fields,
-        );
+            fields: &fields,
+        });
         drop(conn.stream);
     }
 
-    fn access_line(
-        &self,
-        listener: &str,
-        peer: SocketAddr,
-        duration: Duration,
-        totals: Progress,
-        reason: CloseReason,
-        fields: &str,
-    ) {
+    fn access_line(&self, record: &Closed<'_>) {
         if self.context.config.log.access_log {
+            let Closed { listener, peer, proxy, duration, totals, reason, fields } = *record;
+            let listener = &self.context.config.listeners[listener].name;
+            let via = proxy.map(|p| format!(" proxy={p}")).unwrap_or_default();
             log::info!(
                 target: ACCESS_TARGET,
-                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}{fields}",
+                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}{via}{fields}",
                 duration.as_secs_f64(),
                 totals.bytes_in,
                 totals.bytes_out,
                 totals.exchanges,
             );
+        }
+    }
+}
+
+/// The refusal counter a close reason counts in, if it is a refusal (summarized in the log
+/// instead of one access line each).
+fn refusal_of(reason: CloseReason) -> Option<Refusal> {
+    Some(match reason {
+        CloseReason::Denied => Refusal::Denied,
+        CloseReason::Rate => Refusal::Rate,
+        CloseReason::Limit => Refusal::Limit,
+        CloseReason::ListenerFull => Refusal::ListenerFull,
+        CloseReason::Shed => Refusal::Shed,
+        CloseReason::ProxyHeader => Refusal::ProxyHeader,
+        _ => return None,
+    })
+}
+
+/// A connection that ended (or was refused), for its access line or refusal count.
+#[derive(Debug, Clone, Copy)]
+struct Closed<'a> {
+    /// Listener index.
+    listener: usize,
+    /// The client (the one a PROXY header named, if any).
+    peer: SocketAddr,
+    /// The proxy it came through, if any.
+    proxy: Option<SocketAddr>,
+    duration: Duration,
+    totals: Progress,
+    reason: CloseReason,
+    /// The service's own `key=value` fields ([`crate::services::Session::describe`]).
+    fields: &'a str,
+}
+
+impl Closed<'_> {
+    /// Turned away before any exchange.
+    fn refused(
+        listener: usize,
+        peer: SocketAddr,
+        proxy: Option<SocketAddr>,
+        reason: CloseReason,
+    ) -> Self {
+        Closed {
+            listener,
+            peer,
+            proxy,
+            duration: Duration::ZERO,
+            totals: Progress::default(),
+            reason,
+            fields: "",
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod admission;
 mod backends;
 mod config;
 mod echo;
