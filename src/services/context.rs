@@ -17,8 +17,18 @@ pub struct Context<'a> {
     io: &'a mut dyn Transport,
     now: Instant,
     extras: Option<Extras<'a>>,
-    pub(crate) close: Option<CloseReason>,
+    pub(crate) close: Option<(CloseReason, Ending)>,
     pub(crate) timer: Option<Option<Instant>>,
+    pub(crate) shutdown_write: bool,
+}
+
+/// How the loop ends a connection a session closed ([`Context::close`], [`Context::reset`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// FIN after everything written, then a lingering close.
+    Graceful,
+    /// RST at once (`SO_LINGER` 0): whatever is unsent is dropped.
+    Reset,
 }
 
 /// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
@@ -41,11 +51,11 @@ impl<'a> Context<'a> {
     /// A context over `io` alone, at time `now`: for unit tests of a session, and for running
     /// a session outside the daemon. [`Context::watch`] then fails with `Unsupported`.
     pub fn new(io: &'a mut dyn Transport, now: Instant) -> Self {
-        Context { io, now, extras: None, close: None, timer: None }
+        Context { io, now, extras: None, close: None, timer: None, shutdown_write: false }
     }
 
     pub(crate) fn with_extras(io: &'a mut dyn Transport, now: Instant, extras: Extras<'a>) -> Self {
-        Context { io, now, extras: Some(extras), close: None, timer: None }
+        Context { io, now, extras: Some(extras), close: None, timer: None, shutdown_write: false }
     }
 
     /// The client's socket (non-blocking): read and write until `WouldBlock`.
@@ -64,7 +74,26 @@ impl<'a> Context<'a> {
     /// (a lingering close), so the client gets every byte written before the close. Bytes
     /// still in the session's own buffers are not sent: close once they are written.
     pub fn close(&mut self, reason: CloseReason) {
-        self.close = Some(reason);
+        self.close = Some((reason, Ending::Graceful));
+    }
+
+    /// Ends the conversation abortively once this callback returns: the loop sets
+    /// `SO_LINGER` to 0 and closes the client socket, so the client gets an RST (not a FIN)
+    /// and unsent bytes are dropped (tcp(7)). For a relay whose backend reset its connection,
+    /// so the client learns of the failure as it would have from the backend itself.
+    /// `reason` goes to the access log. Replaces an earlier [`Context::close`] in the same
+    /// callback, and is replaced by a later one.
+    pub fn reset(&mut self, reason: CloseReason) {
+        self.close = Some((reason, Ending::Reset));
+    }
+
+    /// Sends FIN to the client once this callback returns (shutdown(2) with `SHUT_WR`),
+    /// after every byte already written, while the client may still send: a half-close, as a
+    /// relay passes on its backend's FIN. Writing to the client afterwards fails with
+    /// `EPIPE`. Reading goes on; the connection ends as usual ([`super::Session::is_done`],
+    /// [`Context::close`], idle timeouts).
+    pub fn shutdown_write(&mut self) {
+        self.shutdown_write = true;
     }
 
     /// Calls [`super::Session::on_timer`] once `at` has passed; `None` cancels. One timer

@@ -28,7 +28,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 
 pub use context::Context;
-pub(crate) use context::{Extras, unwatch};
+pub(crate) use context::{Ending, Extras, unwatch};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
@@ -231,6 +231,13 @@ pub trait Session {
     /// written: the loop closes the connection as `client-close`. (To end it from the
     /// server's side, use [`Context::close`].)
     fn is_done(&self) -> bool;
+
+    /// Extra `key=value` fields for the connection's access-log line, appended after
+    /// `reason=` (space-separated, no newline), such as a relay's `backend=` and `connect=`.
+    /// Called once, when the connection closes. Default: none.
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Builds a listener's service from its options; problems are reported through the

@@ -43,7 +43,7 @@ use crate::logging::{self, ACCESS_TARGET, RateLimit};
 use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
-use crate::services::{self, ConnInfo, Context, Extras, Progress, Ready};
+use crate::services::{self, ConnInfo, Context, Ending, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
 
@@ -549,7 +549,7 @@ impl<'a> Worker<'a> {
     fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
         let name = &self.context.config.listeners[index].name;
-        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason);
+        self.access_line(name, peer, Duration::ZERO, Progress::default(), reason, None);
     }
 
     fn on_ready(&mut self, event: Event, now: Instant) {
@@ -599,7 +599,7 @@ impl<'a> Worker<'a> {
             Callback::Extra(extra, ready) => conn.session.on_extra(extra, ready, &mut cx),
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
-        let (close, timer) = (cx.close, cx.timer);
+        let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {
@@ -615,8 +615,13 @@ impl<'a> Worker<'a> {
         self.unpublished.bytes_in += progress.bytes_in;
         self.unpublished.bytes_out += progress.bytes_out;
         self.unpublished.dirty = true;
-        if let Some(reason) = close {
-            return self.linger(fd, reason, now);
+        if shutdown_write && let Err(error) = conn.stream.shutdown(std::net::Shutdown::Write) {
+            log::debug!("connection from {}: shutdown(SHUT_WR) failed: {error}", conn.peer);
+        }
+        match close {
+            Some((reason, Ending::Graceful)) => return self.linger(fd, reason, now),
+            Some((reason, Ending::Reset)) => return self.reset(fd, reason, now),
+            None => {}
         }
         // A connection already bound to close (keep-alive refused, draining) is not promoted.
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
@@ -749,6 +754,15 @@ impl<'a> Worker<'a> {
         self.schedule(fd);
     }
 
+    /// Closes the connection abortively: `SO_LINGER` 0, so the close sends RST (tcp(7)).
+    fn reset(&mut self, fd: usize, reason: CloseReason, now: Instant) {
+        if let Some(conn) = self.conns[fd].as_ref() {
+            // Best effort: if it fails, the close below sends FIN instead.
+            let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+        }
+        self.finish(fd, reason, now);
+    }
+
     /// Stops watching a session's extra descriptors (before they are closed).
     fn unwatch_extras(&mut self, extras: &mut Vec<RawFd>) {
         while let Some(&extra) = extras.last() {
@@ -774,12 +788,15 @@ impl<'a> Worker<'a> {
             log::error!("could not release the count of {}: {error}", conn.peer);
         }
         let name = &self.context.config.listeners[conn.listener].name;
+        let described =
+            if self.context.config.log.access_log { conn.session.describe() } else { None };
         self.access_line(
             name,
             conn.peer,
             now.saturating_duration_since(conn.opened),
             conn.totals,
             reason,
+            described.as_deref(),
         );
         drop(conn.stream);
     }
@@ -791,15 +808,18 @@ impl<'a> Worker<'a> {
         duration: Duration,
         totals: Progress,
         reason: CloseReason,
+        described: Option<&str>,
     ) {
         if self.context.config.log.access_log {
             log::info!(
                 target: ACCESS_TARGET,
-                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}",
+                "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}{}{}",
                 duration.as_secs_f64(),
                 totals.bytes_in,
                 totals.bytes_out,
                 totals.exchanges,
+                if described.is_some() { " " } else { "" },
+                described.unwrap_or(""),
             );
         }
     }
