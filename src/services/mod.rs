@@ -45,7 +45,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time);
+builtins!(echo, discard, chargen, daytime, time, relay);
 
 mod test_only;
 
@@ -53,6 +53,7 @@ pub use chargen::Chargen;
 pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
+pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
 
 /// The byte stream a session reads and writes: a non-blocking socket in the daemon, any
@@ -282,7 +283,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time.
+    /// The built-in services: echo, discard, chargen, daytime, time, relay.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -435,7 +436,7 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time"]);
+        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "relay"]);
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();

@@ -9,6 +9,7 @@ mod example;
 mod idle;
 mod lifecycle;
 mod limits;
+mod relay;
 mod resources;
 mod services;
 mod supervision;
