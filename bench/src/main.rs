@@ -3,6 +3,7 @@
 //! scenarios, and prints one markdown report. See BENCHMARKS.md and bench/run.sh.
 
 mod load;
+mod relay;
 mod servers;
 
 use std::net::SocketAddr;
@@ -43,6 +44,22 @@ enum Verb {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The relay scenario only: preforkd's relay, HAProxy and nginx stream in front of the
+    /// tokio echo server, and the direct path; prints a markdown report.
+    Relay {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client loops for `short`.
+        #[arg(long, default_value_t = 32)]
+        short_clients: usize,
+        /// Only these proxies (labels as printed, comma-separated prefixes), default all.
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds per scenario, the proxies taking turns; the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// One scenario against a server you started: short or long.
     Load {
         /// short or long.
@@ -80,6 +97,9 @@ fn main() {
                 report.percentile(0.999),
                 report.errors
             );
+        }
+        Verb::Relay { seconds, short_clients, only, rounds } => {
+            relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))
         }
         Verb::Run { seconds, short_clients, idle, only, rounds } => {
             run(Duration::from_secs(seconds), short_clients, idle, only.as_deref(), rounds.max(1))
@@ -246,7 +266,7 @@ fn rounds_of(kinds: &[Kind], rounds: usize, mut one: impl FnMut(Kind) -> Option<
 
 fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>, rounds: usize) {
     let kinds = all_servers(only);
-    let plain = PreforkdOptions { workers: 2, per_client: 0 };
+    let plain = PreforkdOptions { workers: 2, per_client: 0, backend: None };
     println!("## Results\n");
     println!(
         "{} s per run, {rounds} rounds with the servers taking turns (each server's median round is shown), \
@@ -296,7 +316,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     for &kind in &kinds {
         let scalable = matches!(kind, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
         let count = if scalable { idle } else { idle.min(1000) };
-        let options = PreforkdOptions { workers: 1, per_client: 0 };
+        let options = PreforkdOptions { workers: 1, per_client: 0, backend: None };
         let Ok(server) = Server::start(kind, &binaries(), &options) else { continue };
         let before = server.pss_kib();
         let mut during = 0;
@@ -314,7 +334,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     if kinds.iter().any(|k| matches!(k, Kind::Preforkd(_))) {
         eprintln!("limit");
         println!("\n### limit: 50 connections from one address, max_connections_per_client = 10\n");
-        let options = PreforkdOptions { workers: 2, per_client: 10 };
+        let options = PreforkdOptions { workers: 2, per_client: 10, backend: None };
         if let Ok(server) = Server::start(Kind::Preforkd("select"), &binaries(), &options) {
             let report = load::limit(server.addr, 50);
             server.stop();
@@ -322,7 +342,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
         }
 
         eprintln!("limit cost");
-        let limited = PreforkdOptions { workers: 2, per_client: 1_000_000 };
+        let limited = PreforkdOptions { workers: 2, per_client: 1_000_000, backend: None };
         let rate = |options: &PreforkdOptions| {
             measure(Kind::Preforkd("select"), options, |s| {
                 (load::short(s.addr, short_clients, 64, duration), String::new())

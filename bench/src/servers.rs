@@ -29,6 +29,12 @@ pub enum Kind {
     Socat,
     /// The reference tokio echo server (bench/src/bin/tokio-echo.rs).
     Tokio,
+    /// preforkd's relay (epoll) in front of [`PreforkdOptions::backend`].
+    PreforkdRelay,
+    /// HAProxy, `mode tcp`, `nbthread` = workers, in front of the backend.
+    Haproxy,
+    /// nginx's stream module, `proxy_pass`, `worker_processes` = workers.
+    NginxStream,
 }
 
 impl Kind {
@@ -42,6 +48,9 @@ impl Kind {
             Kind::Tcpserver => "tcpserver + cat".into(),
             Kind::Socat => "socat fork".into(),
             Kind::Tokio => "tokio (reference)".into(),
+            Kind::PreforkdRelay => "preforkd relay (epoll)".into(),
+            Kind::Haproxy => "HAProxy (mode tcp)".into(),
+            Kind::NginxStream => "nginx stream".into(),
         }
     }
 }
@@ -53,6 +62,8 @@ pub struct PreforkdOptions {
     pub workers: usize,
     /// `max_connections_per_client` (0: unlimited).
     pub per_client: u32,
+    /// For the proxies: the backend they relay to.
+    pub backend: Option<SocketAddr>,
 }
 
 /// Where the binaries are.
@@ -178,6 +189,63 @@ impl Server {
                 command.arg(addr.to_string());
                 command
             }
+            Kind::PreforkdRelay => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let text = format!(
+                    "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
+                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
+                     [log]\nlevel = \"warn\"\naccess_log = false\n\
+                     [[listener]]\nname = \"relay\"\naddress = \"{addr}\"\nservice = \"relay\"\nbacklog = 4096\n\
+                     short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
+                     max_connections_per_client = {}\nmax_long_connections_per_client = 0\n\
+                     [listener.options]\nbackends = [\"{backend}\"]\n",
+                    options.workers,
+                    dir.path().join("preforkd.pid").display(),
+                    options.per_client
+                );
+                let path = dir.path().join("preforkd.toml");
+                std::fs::write(&path, text)?;
+                let mut command = Command::new(&binaries.preforkd);
+                command.arg("-c").arg(&path);
+                config = Some(path);
+                command
+            }
+            Kind::Haproxy => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let path = dir.path().join("haproxy.cfg");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "global\n nbthread {}\n maxconn 8000\n\
+                         defaults\n mode tcp\n timeout connect 5s\n timeout client 5m\n timeout server 5m\n\
+                         listen relay\n bind {addr}\n server backend {backend}\n",
+                        options.workers
+                    ),
+                )?;
+                let mut command = Command::new("haproxy");
+                command.arg("-db").arg("-f").arg(&path);
+                command
+            }
+            Kind::NginxStream => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let path = dir.path().join("nginx.conf");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                         daemon off;\nworker_processes {};\nworker_rlimit_nofile 65536;\n\
+                         pid {}/nginx.pid;\nerror_log {}/error.log;\n\
+                         events {{ worker_connections 30000; }}\n\
+                         stream {{ server {{ listen {addr} backlog=4096; proxy_pass {backend}; }} }}\n",
+                        options.workers,
+                        dir.path().display(),
+                        dir.path().display()
+                    ),
+                )?;
+                let mut command = Command::new("nginx");
+                command.arg("-p").arg(dir.path()).arg("-c").arg(&path);
+                command
+            }
         };
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).process_group(0);
         let mut child = command.spawn()?;
@@ -189,6 +257,8 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             if Instant::now() > deadline {
+                // Reap it (it may have exited already), so no zombie is left behind.
+                server.stop();
                 return Err(std::io::Error::other(format!(
                     "{} did not start on {addr}",
                     kind.label()

@@ -18,8 +18,18 @@ pub struct Context<'a> {
     socket: Option<BorrowedFd<'a>>,
     now: Instant,
     extras: Option<Extras<'a>>,
-    pub(crate) close: Option<CloseReason>,
+    pub(crate) close: Option<(CloseReason, Ending)>,
     pub(crate) timer: Option<Option<Instant>>,
+    pub(crate) shutdown_write: bool,
+}
+
+/// How the loop ends a connection a session closed ([`Context::close`], [`Context::reset`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// FIN after everything written, then a lingering close.
+    Graceful,
+    /// RST at once (`SO_LINGER` 0): whatever is unsent is dropped.
+    Reset,
 }
 
 /// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
@@ -42,7 +52,15 @@ impl<'a> Context<'a> {
     /// A context over `io` alone, at time `now`: for unit tests of a session, and for running
     /// a session outside the daemon. [`Context::watch`] then fails with `Unsupported`.
     pub fn new(io: &'a mut dyn Transport, now: Instant) -> Self {
-        Context { io, socket: None, now, extras: None, close: None, timer: None }
+        Context {
+            io,
+            socket: None,
+            now,
+            extras: None,
+            close: None,
+            timer: None,
+            shutdown_write: false,
+        }
     }
 
     pub(crate) fn with_extras(
@@ -51,12 +69,21 @@ impl<'a> Context<'a> {
         now: Instant,
         extras: Extras<'a>,
     ) -> Self {
-        Context { io, socket: Some(socket), now, extras: Some(extras), close: None, timer: None }
+        Context {
+            io,
+            socket: Some(socket),
+            now,
+            extras: Some(extras),
+            close: None,
+            timer: None,
+            shutdown_write: false,
+        }
     }
 
     /// The client's socket as a descriptor (in the daemon; `None` in a [`Context::new`]), for
-    /// what `io()` cannot do: shutdown(2), socket options, file status flags. The loop owns
-    /// it: do not close it.
+    /// what `io()` cannot do: socket options, file status flags. The loop owns it: do not
+    /// close it, and end or half-close the connection through [`Context::close`],
+    /// [`Context::reset`] and [`Context::shutdown_write`].
     pub fn socket(&self) -> Option<BorrowedFd<'_>> {
         self.socket
     }
@@ -77,7 +104,26 @@ impl<'a> Context<'a> {
     /// (a lingering close), so the client gets every byte written before the close. Bytes
     /// still in the session's own buffers are not sent: close once they are written.
     pub fn close(&mut self, reason: CloseReason) {
-        self.close = Some(reason);
+        self.close = Some((reason, Ending::Graceful));
+    }
+
+    /// Ends the conversation abortively once this callback returns: the loop sets
+    /// `SO_LINGER` to 0 and closes the client socket, so the client gets an RST (not a FIN)
+    /// and unsent bytes are dropped (tcp(7)). For a relay whose backend reset its connection,
+    /// so the client learns of the failure as it would have from the backend itself.
+    /// `reason` goes to the access log. Replaces an earlier [`Context::close`] in the same
+    /// callback, and is replaced by a later one.
+    pub fn reset(&mut self, reason: CloseReason) {
+        self.close = Some((reason, Ending::Reset));
+    }
+
+    /// Sends FIN to the client once this callback returns (shutdown(2) with `SHUT_WR`),
+    /// after every byte already written, while the client may still send: a half-close, as a
+    /// relay passes on its backend's FIN. Writing to the client afterwards fails with
+    /// `EPIPE`. Reading goes on; the connection ends as usual ([`super::Session::is_done`],
+    /// [`Context::close`], idle timeouts).
+    pub fn shutdown_write(&mut self) {
+        self.shutdown_write = true;
     }
 
     /// Calls [`super::Session::on_timer`] once `at` has passed; `None` cancels. One timer

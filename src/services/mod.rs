@@ -28,7 +28,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 
 pub use context::Context;
-pub(crate) use context::{Extras, unwatch};
+pub(crate) use context::{Ending, Extras, unwatch};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
@@ -45,7 +45,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time, exec);
+builtins!(echo, discard, chargen, daytime, time, exec, relay);
 
 mod test_only;
 
@@ -54,6 +54,7 @@ pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
 pub use exec::{Exec, StderrTo};
+pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
 
 /// The byte stream a session reads and writes: a non-blocking socket in the daemon, any
@@ -256,8 +257,9 @@ pub trait Session {
     }
 
     /// Appends `key=value` fields of the service's own to the connection's access line, each
-    /// with a leading space (` pid=4242 status=exit:0`). Called once, when the connection
-    /// closes. Default: nothing.
+    /// with a leading space (` child=4242 status=exit:0`, a relay's ` backend=... connect=...`).
+    /// Called once, when the connection closes, and only when the access log is on.
+    /// Default: nothing.
     fn describe(&self, line: &mut String) {
         let _ = line;
     }
@@ -305,7 +307,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time, exec.
+    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -458,7 +460,7 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "exec"]);
+        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "exec", "relay"]);
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();

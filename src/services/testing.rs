@@ -56,5 +56,5 @@ pub fn call(
 ) -> io::Result<(Progress, Option<super::CloseReason>)> {
     let mut cx = Context::new(io, Instant::now());
     let progress = callback(&mut cx)?;
-    Ok((progress, cx.close))
+    Ok((progress, cx.close.map(|(reason, _)| reason)))
 }

@@ -45,7 +45,7 @@ use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
 use crate::proxy_protocol::{self, Parsed};
 use crate::scoreboard::{REFUSALS, Refusal, Scoreboard, SlotState, WorkerScore};
-use crate::services::{self, ConnInfo, Context, Extras, Progress, Ready};
+use crate::services::{self, ConnInfo, Context, Ending, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
 use refusals::Summaries;
@@ -950,7 +950,7 @@ impl<'a> Worker<'a> {
             Callback::Extra(extra, ready) => conn.session.on_extra(extra, ready, &mut cx),
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
-        let (close, timer) = (cx.close, cx.timer);
+        let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {
@@ -966,8 +966,13 @@ impl<'a> Worker<'a> {
         self.unpublished.bytes_in += progress.bytes_in;
         self.unpublished.bytes_out += progress.bytes_out;
         self.unpublished.dirty = true;
-        if let Some(reason) = close {
-            return self.linger(fd, reason, now);
+        if shutdown_write && let Err(error) = conn.stream.shutdown(std::net::Shutdown::Write) {
+            log::debug!("connection from {}: shutdown(SHUT_WR) failed: {error}", conn.peer);
+        }
+        match close {
+            Some((reason, Ending::Graceful)) => return self.linger(fd, reason, now),
+            Some((reason, Ending::Reset)) => return self.reset(fd, reason, now),
+            None => {}
         }
         // A connection already bound to close (keep-alive refused, draining) is not promoted.
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
@@ -1100,6 +1105,15 @@ impl<'a> Worker<'a> {
         self.schedule(fd);
     }
 
+    /// Closes the connection abortively: `SO_LINGER` 0, so the close sends RST (tcp(7)).
+    fn reset(&mut self, fd: usize, reason: CloseReason, now: Instant) {
+        if let Some(conn) = self.conns[fd].as_ref() {
+            // Best effort: if it fails, the close below sends FIN instead.
+            let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+        }
+        self.finish(fd, reason, now);
+    }
+
     /// Stops watching a session's extra descriptors (before they are closed).
     fn unwatch_extras(&mut self, extras: &mut Vec<RawFd>) {
         while let Some(&extra) = extras.last() {
@@ -1125,7 +1139,9 @@ impl<'a> Worker<'a> {
             log::error!("could not release the count of {}: {error}", conn.peer);
         }
         let mut fields = String::new();
-        conn.session.describe(&mut fields);
+        if self.context.config.log.access_log {
+            conn.session.describe(&mut fields);
+        }
         self.closed(Closed {
             listener: conn.listener,
             peer: conn.peer,
