@@ -1,4 +1,4 @@
-//! Control commands: `preforkd reload|stop|quit|reopen|upgrade|status -c FILE`.
+//! Control commands: `preforkd reload|stop|quit|reopen|upgrade|status [--json] -c FILE`.
 //!
 //! Runs in a short-lived process of its own. It reads the configuration for `pid_file`,
 //! finds the master through the locked pid file, sends the signal, and waits for the
@@ -21,6 +21,7 @@ use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
 use crate::scoreboard::{self, Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::status_json;
 
 /// How long `reload`, `reopen` and `upgrade` wait for the outcome.
 pub const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,7 +50,7 @@ fn name(command: Command) -> &'static str {
         Command::Quit => "quit",
         Command::Reopen => "reopen",
         Command::Upgrade => "upgrade",
-        Command::Status => "status",
+        Command::Status { .. } => "status",
     }
 }
 
@@ -73,7 +74,8 @@ fn execute(command: Command, config_path: &Path) -> Outcome {
         .map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
     let header = board.header();
     match command {
-        Command::Status => Ok(status(&board)),
+        Command::Status { json: false } => Ok(status(&board)),
+        Command::Status { json: true } => Ok(status_json::render(&board)),
         Command::Stop => stop(master, Signal::SIGTERM, FAST_STOP_GRACE + Duration::from_secs(10)),
         Command::Quit => {
             stop(master, Signal::SIGQUIT, config.daemon.graceful_timeout + Duration::from_secs(10))

@@ -46,6 +46,7 @@ pub mod sdnotify;
 pub mod services;
 /// Signal handlers that only record, drained by a loop through a self-pipe.
 pub mod signals;
+pub mod status_json;
 /// The few raw system calls nix does not wrap.
 pub mod sys;
 /// The worker process: readiness loop, connections, idle deadlines.

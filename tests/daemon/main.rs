@@ -9,6 +9,7 @@ mod idle;
 mod lifecycle;
 mod limits;
 mod resources;
+mod status;
 mod supervision;
 mod syslog;
 mod systemd;
