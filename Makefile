@@ -1,6 +1,8 @@
 # Install preforkd: `make install` (PREFIX=/usr/local), or `make install PREFIX=/usr
 # DESTDIR=/tmp/root` to stage a package. The configuration goes to /etc/preforkd (kept if
 # present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR).
+# `make deb` builds the Debian package target/debian/preforkd_VERSION_ARCH.deb with cargo-deb
+# (`cargo install cargo-deb --locked`); see [package.metadata.deb] in Cargo.toml.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -10,7 +12,7 @@ MANDIR := $(PREFIX)/share/man
 UNITDIR := $(PREFIX)/lib/systemd/system
 CARGO ?= cargo
 
-.PHONY: all build install uninstall
+.PHONY: all build install uninstall deb
 
 all: build
 
@@ -37,3 +39,17 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/preforkd $(DESTDIR)$(MANDIR)/man8/preforkd.8 \
 		$(DESTDIR)$(MANDIR)/man5/preforkd.toml.5 $(DESTDIR)$(UNITDIR)/preforkd.service \
 		$(DESTDIR)$(UNITDIR)/preforkd.socket $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd
+
+# The packaged configuration: the shipped one, with the pid file where the unit's
+# RuntimeDirectory puts it and the workers as the user of systemd/preforkd.sysusers.
+target/deb-assets/preforkd.toml: config/preforkd.toml
+	mkdir -p $(@D)
+	sed -e 's#^pid_file = .*#pid_file = "/run/preforkd/preforkd.pid"#' \
+		-e 's#^user = .*#user = "preforkd"#' $< > $@.tmp
+	grep -qx 'pid_file = "/run/preforkd/preforkd.pid"' $@.tmp
+	grep -qx 'user = "preforkd"' $@.tmp
+	mv $@.tmp $@
+
+deb: target/deb-assets/preforkd.toml
+	rm -f target/debian/preforkd_*.deb target/debian/preforkd-dbgsym_*.ddeb
+	$(CARGO) deb --locked
