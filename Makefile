@@ -1,7 +1,7 @@
 # Install preforkd: `make install` (PREFIX=/usr/local), or `make install PREFIX=/usr
 # DESTDIR=/tmp/root` to stage a package. The configuration goes to /etc/preforkd (kept if
 # present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR).
-# `make deb` builds the Debian package target/debian/preforkd_VERSION_ARCH.deb with cargo-deb
+# `make deb` builds the Debian package target/debian/preforkd_VERSION-1_ARCH.deb with cargo-deb
 # (`cargo install cargo-deb --locked`); see [package.metadata.deb] in Cargo.toml.
 
 PREFIX ?= /usr/local
