@@ -3,6 +3,8 @@
 # present), units to $(PREFIX)/lib/systemd/system with paths rewritten to $(BINDIR), the
 # workers' system user to $(PREFIX)/lib/sysusers.d (and created when DESTDIR is empty).
 # uninstall leaves the user: files it owned may remain.
+# `make deb` builds the Debian package target/debian/preforkd_VERSION-1_ARCH.deb with cargo-deb
+# (`cargo install cargo-deb --locked`); see [package.metadata.deb] in Cargo.toml.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -13,7 +15,7 @@ UNITDIR := $(PREFIX)/lib/systemd/system
 SYSUSERSDIR := $(PREFIX)/lib/sysusers.d
 CARGO ?= cargo
 
-.PHONY: all build install uninstall
+.PHONY: all build install uninstall deb
 
 all: build
 
@@ -45,3 +47,17 @@ uninstall:
 		$(DESTDIR)$(MANDIR)/man5/preforkd.toml.5 $(DESTDIR)$(UNITDIR)/preforkd.service \
 		$(DESTDIR)$(UNITDIR)/preforkd.socket $(DESTDIR)$(SYSCONFDIR)/logrotate.d/preforkd \
 		$(DESTDIR)$(SYSUSERSDIR)/preforkd.conf
+
+# The packaged configuration: the shipped one, with the pid file where the unit's
+# RuntimeDirectory puts it and the workers as the user of systemd/preforkd.sysusers.
+target/deb-assets/preforkd.toml: config/preforkd.toml
+	mkdir -p $(@D)
+	sed -e 's#^pid_file = .*#pid_file = "/run/preforkd/preforkd.pid"#' \
+		-e 's#^user = .*#user = "preforkd"#' $< > $@.tmp
+	grep -qx 'pid_file = "/run/preforkd/preforkd.pid"' $@.tmp
+	grep -qx 'user = "preforkd"' $@.tmp
+	mv $@.tmp $@
+
+deb: target/deb-assets/preforkd.toml
+	rm -f target/debian/preforkd_*.deb target/debian/preforkd-dbgsym_*.ddeb
+	$(CARGO) deb --locked

@@ -57,7 +57,11 @@ pub enum Command {
     /// is ready.
     Upgrade,
     /// Print the master and each worker: pid, generation, state, connections, bytes, uptime.
-    Status,
+    Status {
+        /// Print one JSON document instead of the table (schema in preforkd(8)).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {

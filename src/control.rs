@@ -1,4 +1,4 @@
-//! Control commands: `preforkd reload|stop|quit|reopen|upgrade|status -c FILE`.
+//! Control commands: `preforkd reload|stop|quit|reopen|upgrade|status [--json] -c FILE`.
 //!
 //! Runs in a short-lived process of its own. It reads the configuration for `pid_file`,
 //! finds the master through the locked pid file, sends the signal, and waits for the
@@ -23,6 +23,7 @@ use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
 use crate::scoreboard::{self, Refusal, Scoreboard, SlotState, monotonic_ms, unix_ms};
 use crate::services::Registry;
+use crate::status_json;
 use crate::sys;
 
 /// How long `reload`, `reopen` and `upgrade` wait for the outcome.
@@ -59,7 +60,7 @@ fn name(command: Command) -> &'static str {
         Command::Quit => "quit",
         Command::Reopen => "reopen",
         Command::Upgrade => "upgrade",
-        Command::Status => "status",
+        Command::Status { .. } => "status",
     }
 }
 
@@ -98,7 +99,7 @@ fn locate(
         }
         Err(error) => error,
     };
-    let lenient = matches!(command, Command::Status | Command::Stop | Command::Quit);
+    let lenient = matches!(command, Command::Status { .. } | Command::Stop | Command::Quit);
     if !lenient {
         return Err((error.exit_status(), error.to_string()));
     }
@@ -130,8 +131,9 @@ fn execute(
     let board_path = scoreboard::path_for(&pid_path);
     let board =
         Scoreboard::open(&board_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
-    if command == Command::Status {
-        return Ok(status(&board));
+    if let Command::Status { json } = command {
+        // Reading the scoreboard signals nothing: no master to verify.
+        return Ok(if json { status_json::render(&board) } else { status(&board) });
     }
     let master = Target::verify(pid, &board, &board_path)?;
     let header = board.header();
@@ -176,7 +178,7 @@ fn execute(
             })
         }
         Command::Upgrade => upgrade(&master, &board, &pid_path),
-        Command::Run | Command::Check | Command::Status => unreachable!("handled above"),
+        Command::Run | Command::Check | Command::Status { .. } => unreachable!("handled above"),
     }
 }
 

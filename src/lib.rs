@@ -90,6 +90,7 @@ pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
 pub mod signals;
+pub mod status_json;
 pub mod sys;
 pub mod worker;
 

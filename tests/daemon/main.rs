@@ -15,6 +15,7 @@ mod limits;
 mod relay;
 mod resources;
 mod services;
+mod status;
 mod supervision;
 mod syslog;
 mod systemd;

@@ -1,0 +1,235 @@
+//! `preforkd status --json`: the scoreboard as one JSON document, for scripts and monitoring
+//! agents.
+//!
+//! Runs in the short-lived control process, over a scoreboard it mapped read-only; it never
+//! writes to it. The document is a [`Snapshot`] serialized on one line (RFC 8259). Its field
+//! names, units and meanings are the schema, versioned by [`SCHEMA`]: within a version fields
+//! may be added, never renamed, removed or given another meaning or unit. README.md and
+//! preforkd(8) document it.
+//!
+//! Every field is read with its own atomic load while the daemon runs, so the document is not
+//! one instant: a connection accepted during the read may show in `accepted` and not yet in
+//! `open`. Counters are monotonic for a worker's lifetime and start again at 0 for a new pid.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::scoreboard::{Scoreboard, SlotState, monotonic_ms, unix_ms};
+
+/// Version of the document's schema, its `"schema"` field. Raised only for a change that
+/// would break a reader of the previous version.
+pub const SCHEMA: u32 = 1;
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// When the snapshot was taken: Unix time in milliseconds.
+    pub time_unix_ms: u64,
+    /// The master's part.
+    pub master: Master,
+    /// Every worker with a process (booting, ready or draining), by slot number. Empty
+    /// slots are left out.
+    pub workers: Vec<Worker>,
+}
+
+/// The master's part of a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Master {
+    /// The master's pid.
+    pub pid: i32,
+    /// The serving configuration generation: 1 at start, one more per applied reload.
+    pub generation: u64,
+    /// Master start: Unix time in milliseconds.
+    pub started_unix_ms: u64,
+    /// Milliseconds since the master started (wall clock).
+    pub uptime_ms: u64,
+    /// Workers the serving generation should have (`daemon.workers`, changed by TTIN/TTOU).
+    pub target_workers: u64,
+    /// Reloads applied since the master started.
+    pub reloads_applied: u64,
+    /// Reloads rejected (invalid file, bind failure) or rolled back since the master started.
+    pub reloads_rejected: u64,
+    /// Log reopens (USR1) done since the master started.
+    pub log_reopens: u64,
+    /// Binary upgrades (USR2) whose new master did not come up.
+    pub upgrades_failed: u64,
+    /// The message of the last failed reload, upgrade or log reopen; `null` when there is
+    /// none, or once a reload was applied after it.
+    pub last_error: Option<String>,
+}
+
+/// One worker of a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Worker {
+    /// The scoreboard slot, from 0; a respawned worker may take another slot.
+    pub slot: usize,
+    /// The worker's pid.
+    pub pid: i32,
+    /// The configuration generation the worker runs; older than the master's while it drains
+    /// after a reload.
+    pub generation: u64,
+    /// `"booting"` (forked, setting up), `"ready"` (accepting and serving) or `"draining"`
+    /// (graceful stop: no longer accepting, finishing its connections).
+    pub state: &'static str,
+    /// Connections open now.
+    pub open: u64,
+    /// Connections accepted since the worker started.
+    pub accepted: u64,
+    /// Bytes read from clients since the worker started.
+    pub bytes_in: u64,
+    /// Bytes written to clients since the worker started.
+    pub bytes_out: u64,
+    /// Worker start (fork): Unix time in milliseconds.
+    pub started_unix_ms: u64,
+    /// Milliseconds since the worker started (wall clock).
+    pub uptime_ms: u64,
+    /// Milliseconds since the worker's loop last turned (monotonic clock); a ready worker
+    /// beats at least every third of `worker_timeout`.
+    pub heartbeat_age_ms: u64,
+}
+
+/// Reads `board` into a [`Snapshot`], with the clocks given: `now_unix_ms` (wall clock, Unix
+/// milliseconds) and `now_monotonic_ms` (`CLOCK_MONOTONIC` milliseconds). Ages that would be
+/// negative (a clock stepped back) are 0.
+pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> Snapshot {
+    let header = board.header();
+    let started = header.started_unix_ms.load(Ordering::Relaxed);
+    let message = board.message();
+    let master = Master {
+        pid: header.master_pid.load(Ordering::Relaxed),
+        generation: header.generation.load(Ordering::Relaxed),
+        started_unix_ms: started,
+        uptime_ms: now_unix_ms.saturating_sub(started),
+        target_workers: header.target_workers.load(Ordering::Relaxed),
+        reloads_applied: header.reloads_ok.load(Ordering::Relaxed),
+        reloads_rejected: header.reloads_failed.load(Ordering::Relaxed),
+        log_reopens: header.reopens.load(Ordering::Relaxed),
+        upgrades_failed: header.upgrades_failed.load(Ordering::Relaxed),
+        last_error: (!message.is_empty()).then_some(message),
+    };
+    let workers = board
+        .slots()
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, score)| {
+            let pid = score.pid.load(Ordering::Acquire);
+            let state = score.state();
+            if pid == 0 || state == SlotState::Empty {
+                return None;
+            }
+            let started = score.started_unix_ms.load(Ordering::Relaxed);
+            Some(Worker {
+                slot,
+                pid,
+                generation: score.generation.load(Ordering::Relaxed),
+                state: state.name(),
+                open: score.open.load(Ordering::Relaxed),
+                accepted: score.accepted.load(Ordering::Relaxed),
+                bytes_in: score.bytes_in.load(Ordering::Relaxed),
+                bytes_out: score.bytes_out.load(Ordering::Relaxed),
+                started_unix_ms: started,
+                uptime_ms: now_unix_ms.saturating_sub(started),
+                heartbeat_age_ms: now_monotonic_ms
+                    .saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)),
+            })
+        })
+        .collect();
+    Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers }
+}
+
+/// The JSON document of `board` now, on one line without a trailing newline.
+pub fn render(board: &Scoreboard) -> String {
+    let snapshot = snapshot(board, unix_ms(), monotonic_ms());
+    serde_json::to_string(&snapshot).expect("a Snapshot has string keys and no maps")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn the_document_holds_the_master_and_every_live_worker() {
+        let board = Scoreboard::create(None, 4).unwrap();
+        let header = board.header();
+        header.master_pid.store(100, Ordering::Relaxed);
+        header.generation.store(2, Ordering::Relaxed);
+        header.started_unix_ms.store(1_000, Ordering::Relaxed);
+        header.target_workers.store(2, Ordering::Relaxed);
+        header.reloads_ok.store(1, Ordering::Relaxed);
+        header.reloads_failed.store(3, Ordering::Relaxed);
+        board.set_message("could not bind 127.0.0.1:80: Permission denied");
+        board.slot(1).claim(101, 2);
+        board.slot(1).set_state(SlotState::Ready);
+        board.slot(1).started_unix_ms.store(4_000, Ordering::Relaxed);
+        board.slot(1).heartbeat_ms.store(500, Ordering::Relaxed);
+        board.slot(1).accepted.store(7, Ordering::Relaxed);
+        board.slot(1).open.store(2, Ordering::Relaxed);
+        board.slot(1).bytes_in.store(70, Ordering::Relaxed);
+        board.slot(1).bytes_out.store(69, Ordering::Relaxed);
+        board.slot(3).claim(99, 1);
+        board.slot(3).set_state(SlotState::Draining);
+        board.slot(3).started_unix_ms.store(2_000, Ordering::Relaxed);
+        board.slot(3).heartbeat_ms.store(800, Ordering::Relaxed);
+        // A released slot keeps its last counters but has no process: left out.
+        board.slot(2).claim(98, 1);
+        board.slot(2).release();
+
+        let text = serde_json::to_string(&snapshot(&board, 10_000, 900)).unwrap();
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            parsed,
+            json!({
+                "schema": 1,
+                "time_unix_ms": 10_000,
+                "master": {
+                    "pid": 100, "generation": 2, "started_unix_ms": 1_000, "uptime_ms": 9_000,
+                    "target_workers": 2, "reloads_applied": 1, "reloads_rejected": 3,
+                    "log_reopens": 0, "upgrades_failed": 0,
+                    "last_error": "could not bind 127.0.0.1:80: Permission denied"
+                },
+                "workers": [
+                    {
+                        "slot": 1, "pid": 101, "generation": 2, "state": "ready", "open": 2,
+                        "accepted": 7, "bytes_in": 70, "bytes_out": 69,
+                        "started_unix_ms": 4_000, "uptime_ms": 6_000, "heartbeat_age_ms": 400
+                    },
+                    {
+                        "slot": 3, "pid": 99, "generation": 1, "state": "draining", "open": 0,
+                        "accepted": 0, "bytes_in": 0, "bytes_out": 0,
+                        "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100
+                    }
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn no_error_is_null_and_clocks_stepped_back_give_zero_ages() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        board.header().started_unix_ms.store(5_000, Ordering::Relaxed);
+        board.slot(0).claim(7, 1);
+        board.slot(0).started_unix_ms.store(5_000, Ordering::Relaxed);
+        board.slot(0).heartbeat_ms.store(900, Ordering::Relaxed);
+        let snapshot = snapshot(&board, 4_000, 100);
+        assert_eq!(snapshot.master.last_error, None);
+        assert_eq!(snapshot.master.uptime_ms, 0);
+        assert_eq!(snapshot.workers[0].state, "booting");
+        assert_eq!((snapshot.workers[0].uptime_ms, snapshot.workers[0].heartbeat_age_ms), (0, 0));
+        let parsed: Value = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(parsed["master"]["last_error"], Value::Null);
+    }
+
+    #[test]
+    fn render_is_one_line_of_json() {
+        let board = Scoreboard::create(None, 2).unwrap();
+        let text = render(&board);
+        assert!(!text.contains('\n'), "{text}");
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["schema"], 1);
+        assert_eq!(parsed["workers"], json!([]));
+    }
+}
