@@ -590,10 +590,12 @@ fn validate_listener(
     if !complete {
         return None;
     }
+    let service = service?;
+    let service_cap = service.service.max_connections();
     Some(ListenerConfig {
         name: name?,
         address: address?,
-        service: service?,
+        service,
         backlog: NonZeroU32::new(backlog as u32)?,
         short_idle_timeout: Some(short).filter(|d| !d.is_zero()),
         long_idle_timeout: Some(long).filter(|d| !d.is_zero()),
@@ -606,7 +608,10 @@ fn validate_listener(
             client_ipv4_prefix,
             client_ipv6_prefix,
             max_connection_rate_per_client: rate,
-            max_connections: NonZeroU32::new(max_connections as u32),
+            max_connections: [NonZeroU32::new(max_connections as u32), service_cap]
+                .into_iter()
+                .flatten()
+                .min(),
             accept_proxy_protocol,
             trusted_proxies,
             shed_when_full: section.shed_when_full.as_ref().is_none_or(|v| *v.get_ref()),

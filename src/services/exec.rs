@@ -17,7 +17,9 @@
 //! `waitpid(WNOHANG)`, so there is no zombie and no blocking wait. The connection (and its
 //! per-client count) lives until the child exits; idle timeouts do not apply meanwhile (the
 //! worker cannot see the traffic), `max_lifetime` does: SIGTERM to the child's process
-//! group, SIGKILL `kill_grace` later. A graceful stop waits for the children (until the
+//! group, SIGKILL `kill_grace` later. `max_instances` caps the children running at once on
+//! the listener, exact across workers: it is the listener's connection cap (see
+//! [`Service::max_connections`]), refusing with reason `listener-full`. A graceful stop waits for the children (until the
 //! master's `graceful_timeout` ends the worker, and the children with it); a fast stop kills
 //! them. The access line gives the child (`child=PID`) and how it ended (`status=exit:N` or
 //! `status=signal:NAME`, and `max_lifetime=SIGNAL` when it was stopped for its age).
@@ -27,6 +29,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::ffi::CString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -72,6 +75,7 @@ struct ExecOptions {
     max_lifetime: Option<String>,
     kill_grace: Option<String>,
     stderr: Option<String>,
+    max_instances: Option<u32>,
 }
 
 /// Where the child's standard error goes.
@@ -101,6 +105,10 @@ pub struct Exec {
     pub kill_grace: Duration,
     /// Default [`StderrTo::Log`].
     pub stderr: StderrTo,
+    /// Children running at once on this listener, exact across workers (the listener's
+    /// connection cap, since a connection lasts as long as its child); `None` (written 0,
+    /// the default) is unlimited.
+    pub max_instances: Option<NonZeroU32>,
     /// `program`, `argv` (`program` then `args`) and `directory` as C strings, made once.
     program_c: CString,
     argv: Vec<CString>,
@@ -179,6 +187,7 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         max_lifetime: Some(max_lifetime).filter(|d| !d.is_zero()),
         kill_grace,
         stderr,
+        max_instances: written.max_instances.and_then(NonZeroU32::new),
         program_c,
         argv,
         directory_c,
@@ -235,6 +244,10 @@ impl Exec {
 }
 
 impl Service for Exec {
+    fn max_connections(&self) -> Option<NonZeroU32> {
+        self.max_instances
+    }
+
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session> {
         let started = Instant::now();
         let spawned = conn

@@ -24,6 +24,7 @@ pub mod pool;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 
@@ -189,6 +190,14 @@ impl ConnInfo<'_> {
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
+
+    /// A cap of the service's own on the listener's open connections, counted exactly across
+    /// workers like the listener's `max_connections` (the lower of the two applies; a
+    /// connection over it is refused with reason `listener-full`): exec's `max_instances`.
+    /// Default: none.
+    fn max_connections(&self) -> Option<NonZeroU32> {
+        None
+    }
 }
 
 /// The per-connection state of a service.

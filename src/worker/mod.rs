@@ -431,6 +431,8 @@ impl<'a> Worker<'a> {
                 && conn.totals.exchanges == 0
                 && conn.lingering.is_none()
                 && conn.close_at_rest.is_none()
+                // Whose traffic the loop cannot see (a child owns the socket) is never idle.
+                && conn.session.idle_timeouts()
         })
     }
 

@@ -12,7 +12,8 @@ use crate::harness::*;
 /// A daemon with one exec listener per `(name, options)`, in order.
 fn exec_daemon(workers: usize, listeners: &[(&str, &str)], env: &[(&str, &str)]) -> Daemon {
     let mut config = format!(
-        "[daemon]\nworkers = {workers}\nallow_root_workers = true\n[log]\nlevel = \"debug\"\n"
+        "[daemon]\nworkers = {workers}\nallow_root_workers = true\npid_file = \"@DIR@/p.pid\"\n\
+         [log]\nlevel = \"debug\"\n"
     );
     for (name, options) in listeners {
         config.push_str(&format!(
@@ -246,4 +247,27 @@ fn check_refuses_what_exec_cannot_run() {
         assert!(stderr.contains(expected), "{expected:?} missing from:\n{stderr}");
     }
     assert_eq!(stderr.lines().count(), 6, "{stderr}");
+}
+
+#[test]
+fn max_instances_caps_the_children_running_at_once_across_workers() {
+    let daemon = exec_daemon(2, &[("cat", "program = \"/bin/cat\"\nmax_instances = 3")], &[]);
+    // Ten clients (distinct addresses, so no per-client limit is in play), each trying one
+    // exchange while all keep their connections: exactly three are served.
+    let mut streams: Vec<_> =
+        (0..10).map(|i| connect_from(Ipv4Addr::new(127, 0, 3, 10 + i), daemon.addr())).collect();
+    let outcomes: Vec<Outcome> =
+        streams.iter_mut().map(|s| exchange(s, b"hello", Duration::from_secs(2))).collect();
+    let served = outcomes.iter().filter(|o| **o == Outcome::Echoed).count();
+    assert_eq!(served, 3, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Closed).count(), 7, "{outcomes:?}");
+    crate::admission::expect_refused(&daemon, "listener-full", 7);
+    // One child ends (its client closes): one more fits, and only one.
+    let first = outcomes.iter().position(|o| *o == Outcome::Echoed).unwrap();
+    drop(streams.remove(first));
+    access_line(&daemon, "cat", 1);
+    let mut again = connect_from(Ipv4Addr::new(127, 0, 3, 30), daemon.addr());
+    assert_eq!(exchange(&mut again, b"again", PATIENCE), Outcome::Echoed);
+    let mut over = connect_from(Ipv4Addr::new(127, 0, 3, 31), daemon.addr());
+    assert_eq!(exchange(&mut over, b"over", PATIENCE), Outcome::Closed);
 }
