@@ -282,27 +282,41 @@ impl Server {
     fn members(&self) -> Vec<i32> {
         let group = self.child.id() as i32;
         let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-        entries
+        // (pid, parent, process group) of every process.
+        let all: Vec<(i32, i32, i32)> = entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|pid| {
-                stat_fields(*pid)
-                    .is_some_and(|f| f.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(group))
+            .filter_map(|pid| {
+                let f = stat_fields(pid)?;
+                Some((pid, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
             })
-            .collect()
+            .collect();
+        // The group, and the descendants of its members: preforkd's exec children lead
+        // process groups of their own.
+        let mut members: Vec<i32> =
+            all.iter().filter(|(_, _, g)| *g == group).map(|(pid, _, _)| *pid).collect();
+        loop {
+            let more: Vec<i32> = all
+                .iter()
+                .filter(|(pid, parent, _)| members.contains(parent) && !members.contains(pid))
+                .map(|(pid, _, _)| *pid)
+                .collect();
+            if more.is_empty() {
+                return members;
+            }
+            members.extend(more);
+        }
     }
 
-    /// CPU time (user + system, clock ticks) of the group: live members, plus children the
-    /// leader already reaped.
+    /// CPU time (user + system, clock ticks) of the server: live members, plus the children
+    /// each of them already reaped.
     pub fn cpu_ticks(&self) -> u64 {
-        let leader = self.child.id() as i32;
         let mut total = 0;
         for pid in self.members() {
             if let Some(f) = stat_fields(pid) {
                 let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-                total += field(11) + field(12);
-                if pid == leader {
-                    total += field(13) + field(14);
-                }
+                // Its own time, and that of the children it reaped (tcpserver and xinetd reap
+                // theirs in the leader, preforkd's workers reap the programs exec starts).
+                total += field(11) + field(12) + field(13) + field(14);
             }
         }
         total
