@@ -29,7 +29,7 @@ impl Master {
                 // Descriptors the worker must not keep: the previous generation's listeners
                 // (a removed address must close once its own workers are gone) and the pid
                 // file (dropping our copy in the child leaves the file alone).
-                self.transition = None;
+                self.previous = None;
                 self.pidfile = None;
                 self.ready_pipe = None;
                 let context = WorkerContext {

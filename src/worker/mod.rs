@@ -72,6 +72,24 @@ const ACCEPT_BATCH: usize = 32;
 /// Least interval between two log lines about refusals or accept errors.
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Whether the worker takes new connections: one state, so that "watching the listeners",
+/// "pausing after an accept error" and "stopping" cannot contradict each other.
+/// Invariant: the listening descriptors are registered with the poller exactly while
+/// [`Intake::Accepting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intake {
+    /// The listeners are watched.
+    Accepting,
+    /// Not watched: the connection budget is spent (`until` is `None`), or accepting pauses
+    /// until `until` after `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM`.
+    Held {
+        /// End of an accept pause.
+        until: Option<Instant>,
+    },
+    /// Graceful stop: the listeners are closed; connections finish (or are handed off).
+    Draining,
+}
+
 /// What a worker is given by the master at fork.
 pub struct WorkerContext<'a> {
     /// Slot in the master's table (also its per-client records).
@@ -137,9 +155,7 @@ struct Worker<'a> {
     /// `reuseport`: this worker's own sockets, with their listener index.
     own_listeners: Vec<(std::net::TcpListener, usize)>,
     open: usize,
-    accepting: bool,
-    draining: bool,
-    accept_paused_until: Option<Instant>,
+    intake: Intake,
     refusal_log: RateLimit,
     accept_error_log: RateLimit,
     /// Counters not yet published on the scoreboard (published at most every
@@ -208,9 +224,7 @@ impl<'a> Worker<'a> {
             ready_listeners: Vec::new(),
             own_listeners,
             open: 0,
-            accepting: false,
-            draining: false,
-            accept_paused_until: None,
+            intake: Intake::Held { until: None },
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
             unpublished: Unpublished::default(),
@@ -258,7 +272,7 @@ impl<'a> Worker<'a> {
             }
             // Accept last, so that no event of this round can refer to a reused descriptor.
             for i in 0..self.ready_listeners.len() {
-                if self.accepting {
+                if self.intake == Intake::Accepting {
                     let (fd, index) = self.ready_listeners[i];
                     self.accept(fd, index, now);
                 }
@@ -266,7 +280,7 @@ impl<'a> Worker<'a> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(Instant::now());
             }
-            if self.draining && self.open == 0 {
+            if self.intake == Intake::Draining && self.open == 0 {
                 log::info!("graceful stop complete: no connection left");
                 return WORKER_EXIT_OK;
             }
@@ -307,18 +321,33 @@ impl<'a> Worker<'a> {
 
     /// Watches the listeners while the worker has room and is not pausing; stops otherwise.
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-        }
-        let want = !self.draining && self.accept_paused_until.is_none() && self.room() > 0;
-        if want != self.accepting {
-            let interest = if want { Interest::ACCEPT } else { Interest::NONE };
-            for fd in self.listening_fds() {
-                self.poller.set(fd, interest)?;
+        let want = match self.intake {
+            Intake::Draining => return Ok(()),
+            Intake::Held { until: Some(until) } if now < until => return Ok(()),
+            Intake::Accepting | Intake::Held { .. } => self.room() > 0,
+        };
+        match (self.intake, want) {
+            (Intake::Accepting, true) => {}
+            (Intake::Accepting, false) => self.hold(None),
+            (_, true) => {
+                for fd in self.listening_fds() {
+                    self.poller.set(fd, Interest::ACCEPT)?;
+                }
+                self.intake = Intake::Accepting;
             }
-            self.accepting = want;
+            (_, false) => self.intake = Intake::Held { until: None },
         }
         Ok(())
+    }
+
+    /// Stops watching the listeners, until `until` (an accept pause) or until there is room.
+    fn hold(&mut self, until: Option<Instant>) {
+        if self.intake == Intake::Accepting {
+            for fd in self.listening_fds() {
+                let _ = self.poller.set(fd, Interest::NONE);
+            }
+        }
+        self.intake = Intake::Held { until };
     }
 
     /// Descriptors the budget (`max_connections_per_worker`) still allows: for connections
@@ -332,7 +361,11 @@ impl<'a> Worker<'a> {
     /// an accept pause.
     fn next_deadline(&self) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        timer.into_iter().chain(self.accept_paused_until).min()
+        let pause = match self.intake {
+            Intake::Held { until } => until,
+            Intake::Accepting | Intake::Draining => None,
+        };
+        timer.into_iter().chain(pause).min()
     }
 
     /// Puts the connection's current deadline in the timer heap, unless an entry at least as
@@ -388,7 +421,7 @@ impl<'a> Worker<'a> {
                         log::error!("{error}");
                     }
                 }
-                Signal::SIGQUIT if !self.draining => self.start_drain(),
+                Signal::SIGQUIT if self.intake != Intake::Draining => self.start_drain(),
                 _ => {}
             }
         }
@@ -403,12 +436,9 @@ impl<'a> Worker<'a> {
             let (fd, index) = (self.own_listeners[i].0.as_raw_fd(), self.own_listeners[i].1);
             self.accept(fd, index, now);
         }
-        self.draining = true;
+        self.hold(None);
+        self.intake = Intake::Draining;
         self.score().set_state(SlotState::Draining);
-        for fd in self.listening_fds() {
-            let _ = self.poller.set(fd, Interest::NONE);
-        }
-        self.accepting = false;
         // Close this worker's copies: once every process has, clients are refused at once
         // instead of waiting in a backlog nobody accepts from.
         self.context.listeners.clear();
@@ -455,7 +485,7 @@ impl<'a> Worker<'a> {
                         Errno::ECONNABORTED | Errno::EPROTO | Errno::EPERM
                     ) => {}
                 Err(e) => {
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    self.hold(Some(now + ACCEPT_PAUSE));
                     if let Some(held_back) = self.accept_error_log.allow(now) {
                         log::error!(
                             "accept on {} failed: {e}; pausing accept for {ACCEPT_PAUSE:?} ({held_back} similar errors not logged)",
@@ -631,7 +661,7 @@ impl<'a> Worker<'a> {
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
         }
-        if self.draining || timer.is_some() {
+        if self.intake == Intake::Draining || timer.is_some() {
             // At rest now, the quiet deadline may be sooner than anything scheduled; a new
             // session timer may be too.
             self.schedule(fd);
