@@ -20,6 +20,7 @@
 //! A slot is free, serving a generation (respawned when its worker dies, while that
 //! generation serves), or retiring (told to stop; freed when reaped).
 
+mod handoff;
 mod reload;
 mod spawn;
 pub mod supervisor;
@@ -160,6 +161,8 @@ pub struct Master {
     supervisor: Supervisor,
     /// What a rollback restores: `Some` exactly while the supervisor is reloading.
     previous: Option<reload::Previous>,
+    /// Hand-off channels and the offers in flight.
+    routing: handoff::Routing,
     status: ExitStatus,
     random: RandomState,
     /// The user workers switch to, when the master runs as root.
@@ -330,6 +333,7 @@ impl Master {
             slots: vec![WorkerSlot::default(); capacity],
             supervisor: Supervisor::new(origin),
             previous: None,
+            routing: handoff::Routing::new(capacity),
             status: ExitStatus::Ok,
             random: RandomState::new(),
             credentials,
@@ -509,6 +513,7 @@ impl Master {
             for signal in self.signals.drain() {
                 self.handle_signal(signal);
             }
+            self.pump_channels();
             self.tick(Instant::now());
             self.report_dropped_log_lines(Instant::now());
         }
@@ -541,6 +546,16 @@ impl Master {
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         fds.extend(relay.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+        for channel in self.routing.channels.iter().flatten() {
+            let events = if channel.backlogged() {
+                PollFlags::POLLIN | PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            // SAFETY: the channel outlives this poll call; nothing closes it meanwhile.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(channel.raw_fd()) };
+            fds.push(PollFd::new(fd, events));
+        }
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(error) => log::error!("poll on the signal pipe failed: {error}"),
@@ -641,7 +656,10 @@ impl Master {
             log::debug!("reaped pid {pid}, not a current worker");
             return;
         };
+        // Its counts first: a sender told its receiver died learns from them whether the
+        // connection is still its own.
         self.reclaim(slot);
+        self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
         let now = Instant::now();
         let jitter = self.jitter();

@@ -22,9 +22,10 @@
 //! input would make the kernel send RST, and the client could lose answers already sent.
 
 pub mod conn;
+mod handoff;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -45,7 +46,7 @@ use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
 use crate::services::{self, ConnInfo, Context, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
-use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
+use conn::{CloseReason, Conn, ConnKind, HandOff, idle_deadline, idle_reason};
 
 /// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
 /// the log file.
@@ -111,6 +112,8 @@ pub struct WorkerContext<'a> {
     pub credentials: Option<Credentials>,
     /// How often to beat the heartbeat even when idle (`None`: only on activity).
     pub heartbeat: Option<Duration>,
+    /// The hand-off channel to the master (`None`: connections are never handed off).
+    pub channel: Option<crate::handoff::Channel>,
 }
 
 /// Runs a worker until it stops; returns its exit status ([`WORKER_EXIT_OK`], or
@@ -156,6 +159,11 @@ struct Worker<'a> {
     own_listeners: Vec<(std::net::TcpListener, usize)>,
     open: usize,
     intake: Intake,
+    /// The hand-off channel to the master, and what it is watched for.
+    channel: Option<crate::handoff::Channel>,
+    channel_interest: Interest,
+    /// Connections offered for hand-off, by token (their serial): descriptor.
+    offered: HashMap<u64, usize>,
     refusal_log: RateLimit,
     accept_error_log: RateLimit,
     /// Counters not yet published on the scoreboard (published at most every
@@ -178,7 +186,7 @@ struct Unpublished {
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 impl<'a> Worker<'a> {
-    fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
+    fn boot(mut context: WorkerContext<'a>) -> io::Result<Self> {
         let signals = Signals::install(WORKER_SIGNALS)?;
         signals::unblock(MASTER_SIGNALS)?;
         // Before dropping privileges: a port below 1024 needs them.
@@ -201,6 +209,10 @@ impl<'a> Worker<'a> {
         }
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
+        let channel = context.channel.take();
+        if let Some(channel) = &channel {
+            poller.set(channel.raw_fd(), Interest::READ)?;
+        }
         let ledger = context.limits.ledger(context.slot);
         let score = context.scoreboard.slot(context.slot);
         score.beat();
@@ -225,6 +237,9 @@ impl<'a> Worker<'a> {
             own_listeners,
             open: 0,
             intake: Intake::Held { until: None },
+            channel,
+            channel_interest: Interest::READ,
+            offered: HashMap::new(),
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
             unpublished: Unpublished::default(),
@@ -266,6 +281,8 @@ impl<'a> Worker<'a> {
                     }
                 } else if let Some(index) = self.listener_index(event.fd) {
                     self.ready_listeners.push((event.fd, index));
+                } else if self.is_channel(event.fd) {
+                    self.on_channel(*event, now);
                 } else {
                     self.on_ready(*event, now);
                 }
@@ -281,6 +298,9 @@ impl<'a> Worker<'a> {
                 self.expire(Instant::now());
             }
             if self.intake == Intake::Draining && self.open == 0 {
+                if let Some(channel) = self.channel.as_mut() {
+                    let _ = channel.flush();
+                }
                 log::info!("graceful stop complete: no connection left");
                 return WORKER_EXIT_OK;
             }
@@ -385,6 +405,11 @@ impl<'a> Worker<'a> {
         if let Some((_, until)) = conn.lingering {
             return Some(until);
         }
+        let retry = match conn.handoff {
+            HandOff::Offered { .. } => return None,
+            HandOff::Retry { at, .. } => Some(at),
+            HandOff::Local | HandOff::Pending { .. } | HandOff::Never => None,
+        };
         let policy = &self.context.config.listeners[conn.listener];
         let idle = conn
             .session
@@ -398,14 +423,19 @@ impl<'a> Worker<'a> {
                 )
             })
             .flatten();
-        [idle, self.drain_deadline(conn), conn.timer].into_iter().flatten().min()
+        [idle, self.drain_deadline(conn), conn.timer, retry].into_iter().flatten().min()
     }
 
     /// When a draining connection at rest is to be closed; `None` if not draining or an
     /// exchange is in flight (then only its idle timeout applies).
     fn drain_deadline(&self, conn: &Conn) -> Option<Instant> {
         let draining = conn.close_at_rest == Some(CloseReason::Shutdown);
-        (draining && at_rest(conn)).then(|| conn.last_activity + DRAIN_QUIET)
+        // A connection on its way to another worker is not closed meanwhile.
+        let handing = matches!(
+            conn.handoff,
+            HandOff::Offered { .. } | HandOff::Retry { .. } | HandOff::Pending { .. }
+        );
+        (draining && !handing && at_rest(conn)).then(|| conn.last_activity + DRAIN_QUIET)
     }
 
     fn handle_signals(&mut self, now: Instant) -> Option<i32> {
@@ -451,7 +481,10 @@ impl<'a> Worker<'a> {
                 if conn.lingering.is_none() {
                     conn.close_at_rest.get_or_insert(CloseReason::Shutdown);
                 }
-                self.schedule(fd);
+                // At rest now and movable: offered to the serving generation at once.
+                if !self.offer(fd, now) {
+                    self.schedule(fd);
+                }
             }
         }
     }
@@ -566,6 +599,7 @@ impl<'a> Worker<'a> {
             scheduled: None,
             timer: None,
             extras: Vec::new(),
+            handoff: HandOff::Local,
         });
         self.next_serial += 1;
         self.schedule(slot);
@@ -592,6 +626,9 @@ impl<'a> Worker<'a> {
         let fd = event.fd as usize;
         let ready = Ready { readable: event.readable, writable: event.writable };
         if let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) {
+            if let HandOff::Offered { .. } = conn.handoff {
+                return; // not ours to touch until the answer
+            }
             if let Some((reason, _)) = conn.lingering {
                 if discard_input(&mut conn.stream) {
                     self.finish(fd, reason, now);
@@ -676,7 +713,7 @@ impl<'a> Worker<'a> {
             conn.close_at_rest.filter(|r| at_rest && *r != CloseReason::Shutdown)
         {
             self.linger(fd, reason, now);
-        } else {
+        } else if !self.offer(fd, now) {
             self.update_interest(fd);
         }
     }
@@ -740,6 +777,17 @@ impl<'a> Worker<'a> {
                     self.schedule(fd);
                     continue;
                 }
+            }
+            if let HandOff::Retry { at, tries } = conn.handoff
+                && at <= now
+            {
+                // Offered again now if at rest, else at its next rest (see `dispatch`).
+                self.conns[fd].as_mut().expect("checked above").handoff =
+                    HandOff::Pending { tries };
+                if !self.offer(fd, now) {
+                    self.schedule(fd);
+                }
+                continue;
             }
             if conn.lingering.is_none() && conn.timer.is_some_and(|t| t <= now) {
                 // The session's own timer; the idle and drain deadlines are checked again
