@@ -41,6 +41,15 @@ impl Service for Upper {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(Lines::new(Shout { greeting: self.greeting.clone() }, self.max_line))
     }
+
+    /// A connection handed over by a reload or an upgrade: Shout keeps no state between
+    /// lines (the greeting was sent already), so any handler state is empty.
+    fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let session = Lines::import(state, self.max_line, |own| {
+            own.is_empty().then_some(Shout { greeting: None })
+        })?;
+        Some(Box::new(session))
+    }
 }
 
 /// One connection's handler.
@@ -64,6 +73,11 @@ impl LineHandler for Shout {
         out.extend(line.to_ascii_uppercase());
         out.extend(b"\r\n");
         LineAction::Continue
+    }
+
+    /// Between lines there is nothing to carry: the connection can be handed off.
+    fn export(&self) -> Option<Vec<u8>> {
+        Some(Vec::new())
     }
 }
 

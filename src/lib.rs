@@ -78,6 +78,7 @@ pub mod daemon;
 pub mod daemonize;
 pub mod exit;
 pub mod files;
+pub mod handoff;
 pub mod limits;
 pub mod listener;
 pub mod logging;

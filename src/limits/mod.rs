@@ -27,6 +27,17 @@
 //! `EOWNERDEAD` and rebuilds every entry from the records before marking the mutex
 //! consistent, so a half-done update is never seen.
 //!
+//! Hand-off (`transfer`): a connection handed from one worker to another keeps its count.
+//! Records stay the truth, and whoever holds a connection's record owns the connection: the
+//! receiving worker moves the record from the sender's slot into one of its own, under the
+//! mutex, in one step (the entries do not change, unless the listener's id did). Each
+//! admission tags its record with a number never used before, so a record that was reclaimed
+//! and taken again by a new connection is never mistaken for the one offered. If the
+//! receiver dies before the move, the sender still holds the record and keeps the
+//! connection; if it dies after, its slot is reclaimed with the record; if the sender dies
+//! first, its slot is reclaimed and the move finds nothing to take: no count is ever held
+//! twice or leaked.
+//!
 //! A client is its address reduced to a prefix ([`ClientKey::new`]): by default an IPv4
 //! address counts as itself (/32) and an IPv6 address by its /64, the block one host or one
 //! customer usually gets (RFC 6177); an IPv4-mapped IPv6 address counts as the IPv4 address.
@@ -241,6 +252,8 @@ const RECORD_HELD: u8 = 1;
 #[repr(C)]
 struct Record {
     key: ClientKey,
+    /// Unique per admission (see [`Ticket`]); tells a handed-off record from a reused one.
+    tag: u64,
     long: u8,
     /// Written last (release) when taken, first when freed, so a record is never seen
     /// half-written by a rebuild.
@@ -252,11 +265,24 @@ struct Header {
     mutex: libc::pthread_mutex_t,
     /// How often a dead lock owner forced a rebuild.
     repairs: AtomicU64,
+    /// The next record tag; written under the mutex.
+    next_tag: AtomicU64,
 }
 
-/// One counted connection: the record index a worker got from [`Limits::admit`].
+/// One counted connection: the record a worker got from [`Limits::admit`] (or
+/// [`Limits::transfer`]), and the tag of that admission.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ticket(u32);
+pub struct Ticket {
+    record: u32,
+    tag: u64,
+}
+
+impl Ticket {
+    /// What a hand-off message carries to name this count: (record index, tag).
+    pub fn handed(&self) -> (u32, u64) {
+        (self.record, self.tag)
+    }
+}
 
 /// A worker's private list of its free records. Only the worker owning the slot takes and
 /// frees its records (and the master, once that worker is dead).
@@ -497,12 +523,75 @@ impl Limits {
         }
         table.increment(key, false);
         table.increment(listener, false);
-        let slot = &mut table.records[record as usize];
-        slot.key = key;
-        slot.long = 0;
-        slot.state.store(RECORD_HELD, Ordering::Release);
+        let tag = self.take_tag();
+        table.hold(record, key, tag, false);
         ledger.free.pop();
-        Ok(Admission::Admitted(Ticket(record)))
+        Ok(Admission::Admitted(Ticket { record, tag }))
+    }
+
+    /// A tag never used before; call with the lock held.
+    fn take_tag(&self) -> u64 {
+        // SAFETY: the header lives as long as the mapping; the field is atomic.
+        unsafe { (*self.header()).next_tag.fetch_add(1, Ordering::Relaxed) + 1 }
+    }
+
+    /// Hand-off: moves the count of a connection another worker holds in `record` with
+    /// `tag` into one of this ledger's records, keyed `key` from now on (the listener's id
+    /// may differ in the receiving generation). Returns the new ticket, or `None` when that
+    /// record no longer holds that admission (the sender released it, or died and was
+    /// reclaimed): the connection is not the receiver's to serve then. Never refuses for the
+    /// limit: the connection was admitted already.
+    ///
+    /// # Errors
+    /// [`LimitsError::Lock`]; [`LimitsError::SlotFull`] when the ledger has no free record.
+    pub fn transfer(
+        &self,
+        ledger: &mut SlotLedger,
+        (record, tag): (u32, u64),
+        key: ClientKey,
+    ) -> Result<Option<Ticket>, LimitsError> {
+        let own = *ledger.free.last().ok_or(LimitsError::SlotFull(ledger.slot))?;
+        let mut table = self.lock()?;
+        let Some(from) = table.records.get(record as usize) else { return Ok(None) };
+        let mine = record as usize / self.per_slot == ledger.slot;
+        if mine || from.state.load(Ordering::Acquire) != RECORD_HELD || from.tag != tag {
+            return Ok(None);
+        }
+        let (old_key, long) = (from.key, from.long != 0);
+        if old_key != key {
+            table.free_record(record as usize);
+            table.increment(key, false);
+            table.increment(ClientKey::listener(key.listener.into()), false);
+            if long {
+                table.increment(key, true);
+            }
+        } else {
+            from.state.store(RECORD_FREE, Ordering::Release);
+        }
+        let tag = self.take_tag();
+        table.hold(own, key, tag, long);
+        ledger.free.pop();
+        Ok(Some(Ticket { record: own, tag }))
+    }
+
+    /// After offering a connection: whether this worker still holds its count (the
+    /// receiver never took it). When it does not, the record goes back to the ledger and
+    /// the ticket is spent.
+    ///
+    /// # Errors
+    /// [`LimitsError::Lock`]; the ticket is kept then, as if still held.
+    pub fn settle(
+        &self,
+        ledger: &mut SlotLedger,
+        ticket: Ticket,
+    ) -> Result<Option<Ticket>, LimitsError> {
+        let table = self.lock()?;
+        let record = &table.records[ticket.record as usize];
+        if record.state.load(Ordering::Acquire) == RECORD_HELD && record.tag == ticket.tag {
+            return Ok(Some(ticket));
+        }
+        ledger.free.push(ticket.record);
+        Ok(None)
     }
 
     /// Makes the ticket's connection long (kept-alive) unless its client already has
@@ -516,7 +605,7 @@ impl Limits {
         max_long: Option<NonZeroU32>,
     ) -> Result<bool, LimitsError> {
         let mut table = self.lock()?;
-        let record = &table.records[ticket.0 as usize];
+        let record = &table.records[ticket.record as usize];
         if record.long != 0 {
             return Ok(true);
         }
@@ -525,7 +614,7 @@ impl Limits {
         if max_long.is_some_and(|max| long >= max.get()) {
             return Ok(false);
         }
-        table.records[ticket.0 as usize].long = 1;
+        table.records[ticket.record as usize].long = 1;
         table.increment(key, true);
         Ok(true)
     }
@@ -537,8 +626,12 @@ impl Limits {
     /// exits.
     pub fn release(&self, ledger: &mut SlotLedger, ticket: Ticket) -> Result<(), LimitsError> {
         let mut table = self.lock()?;
-        table.free_record(ticket.0 as usize);
-        ledger.free.push(ticket.0);
+        let record = &table.records[ticket.record as usize];
+        // Not ours any more when a hand-off moved it: the count went with it.
+        if record.tag == ticket.tag {
+            table.free_record(ticket.record as usize);
+        }
+        ledger.free.push(ticket.record);
         Ok(())
     }
 
@@ -651,6 +744,16 @@ impl Table<'_> {
         } else {
             entry.open += 1;
         }
+    }
+
+    /// Marks record `index` held for `key`, the state last so a rebuild never sees it half
+    /// written.
+    fn hold(&mut self, index: u32, key: ClientKey, tag: u64, long: bool) {
+        let record = &mut self.records[index as usize];
+        record.key = key;
+        record.tag = tag;
+        record.long = u8::from(long);
+        record.state.store(RECORD_HELD, Ordering::Release);
     }
 
     fn free_record(&mut self, index: usize) {

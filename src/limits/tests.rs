@@ -271,3 +271,53 @@ fn rate_buckets_survive_a_flood_of_other_clients() {
         }
     }
 }
+
+#[test]
+fn a_transfer_moves_the_count_once_and_the_sender_learns_of_it() {
+    let limits = Limits::new(2, 4).unwrap();
+    let (mut sender, mut receiver) = (limits.ledger(0), limits.ledger(1));
+    let ticket = admitted(limits.admit(&mut sender, key(0, 1), limit(2)).unwrap());
+    limits.promote(&ticket, None).unwrap();
+    let moved = limits.transfer(&mut receiver, ticket.handed(), key(0, 1)).unwrap().unwrap();
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (1, 1), "counted once, still long");
+    assert_eq!(limits.transfer(&mut receiver, ticket.handed(), key(0, 1)).unwrap(), None);
+    // The sender learns the record moved; its record is free for it again.
+    assert_eq!(limits.settle(&mut sender, ticket).unwrap(), None);
+    assert_eq!(sender.free.len(), 4 + 1, "every record free again (4 and the spare one)");
+    // The sender's death no longer touches the count; the receiver's releases it.
+    assert_eq!(limits.reclaim(0).unwrap(), 0);
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (1, 1));
+    assert_eq!(limits.reclaim(1).unwrap(), 1);
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (0, 0));
+    let _ = moved;
+}
+
+#[test]
+fn a_transfer_after_the_sender_was_reclaimed_takes_nothing() {
+    let limits = Limits::new(2, 4).unwrap();
+    let (mut sender, mut receiver) = (limits.ledger(0), limits.ledger(1));
+    let ticket = admitted(limits.admit(&mut sender, key(0, 1), limit(2)).unwrap());
+    let handed = ticket.handed();
+    assert_eq!(limits.reclaim(0).unwrap(), 1, "the sender died mid hand-off");
+    // A new worker in the same slot admits into the same record: another admission.
+    let mut fresh = limits.ledger(0);
+    let again = admitted(limits.admit(&mut fresh, key(0, 1), limit(2)).unwrap());
+    assert_eq!(again.handed().0, handed.0, "the same record, reused");
+    assert_eq!(limits.transfer(&mut receiver, handed, key(0, 1)).unwrap(), None);
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (1, 0), "neither doubled nor lost");
+    // A receiver that died before moving anything leaves the sender its count.
+    assert_eq!(limits.settle(&mut fresh, again).unwrap().map(|t| t.handed().0), Some(handed.0));
+}
+
+#[test]
+fn a_transfer_to_a_renumbered_listener_moves_the_entry() {
+    let limits = Limits::new(2, 4).unwrap();
+    let (mut sender, mut receiver) = (limits.ledger(0), limits.ledger(1));
+    let ticket = admitted(limits.admit(&mut sender, key(0, 1), None).unwrap());
+    limits.promote(&ticket, None).unwrap();
+    let moved = limits.transfer(&mut receiver, ticket.handed(), key(3, 1)).unwrap().unwrap();
+    assert_eq!(limits.counts(key(0, 1)).unwrap(), (0, 0));
+    assert_eq!(limits.counts(key(3, 1)).unwrap(), (1, 1));
+    limits.release(&mut receiver, moved).unwrap();
+    assert_eq!(limits.counts(key(3, 1)).unwrap(), (0, 0));
+}

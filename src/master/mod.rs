@@ -20,9 +20,11 @@
 //! A slot is free, serving a generation (respawned when its worker dies, while that
 //! generation serves), or retiring (told to stop; freed when reaped).
 
+mod handoff;
 mod orphans;
 mod reload;
 mod spawn;
+pub mod supervisor;
 pub mod table;
 mod upgrade;
 
@@ -56,6 +58,7 @@ use crate::privileges::{self, Credentials, PrivilegeError};
 use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState};
 use crate::sdnotify::Notifier;
 use crate::signals::{MASTER_SIGNALS, Signals};
+use supervisor::{Action, Lifecycle, Notice, Origin, Supervisor};
 use table::{Role, WorkerExit, WorkerSlot, classify};
 
 /// How long a fast stop waits for workers to exit after SIGTERM before SIGKILL.
@@ -124,12 +127,6 @@ impl StartError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Running,
-    Stopping { graceful: bool, kill_at: Instant, killed: bool },
-}
-
 /// What the master was started with, to start itself again (binary upgrade).
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -160,24 +157,20 @@ pub struct Master {
     pidfile: Option<PidFile>,
     signals: Signals,
     slots: Vec<WorkerSlot>,
-    phase: Phase,
-    transition: Option<reload::Transition>,
-    reload_queued: bool,
-    /// The new master of a binary upgrade, while it is our child.
-    upgrade: Option<Pid>,
-    /// WINCH: every worker was stopped; none is respawned until HUP.
-    paused: bool,
+    /// The lifecycle: starting, serving, reloading, paused, stopping; and the successor of
+    /// a binary upgrade.
+    supervisor: Supervisor,
+    /// What a rollback restores: `Some` exactly while the supervisor is reloading.
+    previous: Option<reload::Previous>,
+    /// Hand-off channels and the offers in flight.
+    routing: handoff::Routing,
     status: ExitStatus,
     random: RandomState,
     /// The user workers switch to, when the master runs as root.
     credentials: Option<Credentials>,
     notifier: Notifier,
-    /// Until the first generation is ready: then READY=1 goes to systemd and a byte to the
-    /// process that daemonized us.
-    starting: bool,
+    /// Gets one byte once the first generation is ready (daemon mode).
     ready_pipe: Option<File>,
-    /// Started by an old master's binary upgrade: announce itself as the main process.
-    upgraded: bool,
     /// When to report log lines that could not be written.
     dropped_report: logging::DropReport,
 }
@@ -301,7 +294,10 @@ impl Master {
             }
         }
         let credentials = worker_credentials(&config, nix::unistd::geteuid())?;
-        let upgraded = std::env::var_os(INHERITED_LISTENERS_ENV).is_some();
+        let origin = match std::env::var_os(INHERITED_LISTENERS_ENV) {
+            Some(_) => Origin::Upgrade,
+            None => Origin::Fresh,
+        };
         let mut listener_ids = HashMap::new();
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
@@ -339,18 +335,14 @@ impl Master {
             pidfile,
             signals,
             slots: vec![WorkerSlot::default(); capacity],
-            phase: Phase::Running,
-            transition: None,
-            reload_queued: false,
-            upgrade: None,
-            paused: false,
+            supervisor: Supervisor::new(origin),
+            previous: None,
+            routing: handoff::Routing::new(capacity),
             status: ExitStatus::Ok,
             random: RandomState::new(),
             credentials,
             notifier,
-            starting: true,
             ready_pipe: ready_pipe.take(),
-            upgraded,
             dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
         };
         let now = Instant::now();
@@ -412,7 +404,7 @@ impl Master {
             }
             accepting |= score.state() == SlotState::Ready;
         }
-        accepting || self.paused
+        accepting || self.supervisor.is_paused()
     }
 
     /// How often a worker forked now must beat: from the serving `worker_timeout` and the
@@ -438,23 +430,82 @@ impl Master {
     }
 
     fn announce_ready(&mut self) {
-        self.starting = false;
-        let status = self.status_line();
-        log::info!("ready: {status}");
-        if self.upgraded {
-            self.notifier.ready_as_main(&status);
-        } else {
-            self.notifier.ready(&status);
-        }
+        log::info!("ready: {}", self.status_line());
         if let Some(mut pipe) = self.ready_pipe.take() {
             let _ = pipe.write_all(&[ExitStatus::Ok as u8]);
+        }
+    }
+
+    fn notify(&mut self, notice: Notice) {
+        let status = self.status_line();
+        match notice {
+            Notice::Ready => self.notifier.ready(&status),
+            Notice::ReadyAsMain => self.notifier.ready_as_main(&status),
+            Notice::Reloading => self.notifier.reloading(),
+            Notice::Stopping => self.notifier.stopping(),
+        }
+    }
+
+    /// Carries out the supervisor's decisions, in order.
+    fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            self.act(action);
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        let now = Instant::now();
+        match action {
+            Action::Reap => self.handle_reap(),
+            Action::StartReload => self.handle_reload(),
+            Action::Resume { reload } => {
+                if reload {
+                    log::info!(
+                        "SIGHUP after WINCH: starting workers again (configuration not re-read)"
+                    );
+                    self.scoreboard.header().reloads_ok.fetch_add(1, Ordering::Release);
+                } else {
+                    log::info!("workers were stopped (WINCH): starting them again");
+                }
+                self.fill_pool(now);
+            }
+            Action::ReopenLogs => self.handle_reopen_logs(),
+            Action::StartUpgrade => self.handle_upgrade(),
+            Action::RetireServing => self.handle_winch(),
+            Action::AddWorker => self.handle_add_worker(),
+            Action::RemoveWorker => self.handle_remove_worker(),
+            Action::RollBack(reason) => self.rollback(&reason),
+            Action::CompleteReload => self.complete_transition(now),
+            Action::StopWorkers { signal } => {
+                let (how, timeout) = if signal == Signal::SIGQUIT {
+                    ("graceful", self.config.daemon.graceful_timeout)
+                } else {
+                    ("fast", FAST_STOP_GRACE)
+                };
+                log::info!(
+                    "{how} stop ({signal}): stopping {} workers, {timeout:?} at most",
+                    self.live_workers()
+                );
+                // Close the master's listening sockets; workers close theirs as they stop
+                // accepting. A starting reload is dropped with its listeners.
+                self.listeners.clear();
+                self.previous = None;
+                self.signal_workers(signal);
+            }
+            Action::KillWorkers => {
+                log::error!("stop timed out: killing {} workers", self.live_workers());
+                self.signal_workers(Signal::SIGKILL);
+            }
+            Action::Notify(notice) => self.notify(notice),
+            Action::Announce => self.announce_ready(),
+            Action::Ignore(why) => log::info!("{why}"),
         }
     }
 
     /// The supervision loop; returns when every worker is gone after a stop.
     pub fn supervise(&mut self) -> ExitStatus {
         loop {
-            if matches!(self.phase, Phase::Stopping { .. }) {
+            if self.supervisor.is_stopping() {
                 self.handle_reap();
                 if self.live_workers() == 0 {
                     break;
@@ -466,6 +517,7 @@ impl Master {
             for signal in self.signals.drain() {
                 self.handle_signal(signal);
             }
+            self.pump_channels();
             self.tick(Instant::now());
             self.report_dropped_log_lines(Instant::now());
         }
@@ -498,6 +550,16 @@ impl Master {
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         fds.extend(relay.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+        for channel in self.routing.channels.iter().flatten() {
+            let events = if channel.backlogged() {
+                PollFlags::POLLIN | PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            // SAFETY: the channel outlives this poll call; nothing closes it meanwhile.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(channel.raw_fd()) };
+            fds.push(PollFd::new(fd, events));
+        }
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(error) => log::error!("poll on the signal pipe failed: {error}"),
@@ -507,11 +569,10 @@ impl Master {
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let mut deadlines: Vec<Instant> = Vec::new();
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
-        match self.phase {
-            Phase::Stopping { kill_at, killed: false, .. } => deadlines.push(kill_at),
-            // Killed: SIGCHLD will come; a periodic check covers a lost one.
-            Phase::Stopping { killed: true, .. } => deadlines.push(now + Duration::from_secs(1)),
-            Phase::Running => {
+        deadlines.extend(self.supervisor.deadline(now));
+        match self.supervisor.lifecycle() {
+            Lifecycle::Stopping { .. } => {}
+            _ => {
                 for slot in &self.slots {
                     match slot.role {
                         Role::Serving if slot.pid.is_none() && self.respawns(slot) => {
@@ -530,14 +591,7 @@ impl Master {
                         deadlines.push(sent + ABORT_GRACE);
                     }
                 }
-                if let Some(transition) = &self.transition {
-                    // Readiness is polled from the scoreboard while a reload starts.
-                    deadlines.push(transition.deadline.min(now + Duration::from_millis(20)));
-                }
-                if self.starting {
-                    deadlines.push(now + Duration::from_millis(20));
-                }
-                if !self.starting {
+                if self.supervisor.speaks_to_systemd() {
                     deadlines.extend(self.notifier.next_ping(now));
                 }
                 if let Some(timeout) = self
@@ -557,28 +611,25 @@ impl Master {
     /// Whether a serving slot is to be kept running: its generation serves and the pool is
     /// not paused by WINCH.
     fn respawns(&self, slot: &WorkerSlot) -> bool {
-        slot.role == Role::Serving && slot.generation == self.generation && !self.paused
+        slot.role == Role::Serving
+            && slot.generation == self.generation
+            && self.supervisor.keeps_pool()
     }
 
+    /// Hands a signal to the supervisor and carries out its decision.
     fn handle_signal(&mut self, signal: Signal) {
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        match signal {
-            Signal::SIGCHLD => self.handle_reap(),
-            Signal::SIGTERM | Signal::SIGINT => self.handle_stop_fast(signal.as_str()),
-            Signal::SIGQUIT => match self.phase {
-                Phase::Running => self.handle_stop_graceful(),
-                Phase::Stopping { graceful: true, .. } => self.handle_stop_fast("second SIGQUIT"),
-                Phase::Stopping { graceful: false, .. } => {}
-            },
-            _ if stopping => log::info!("{signal} ignored: stopping"),
-            Signal::SIGHUP => self.handle_reload(),
-            Signal::SIGUSR1 => self.handle_reopen_logs(),
-            Signal::SIGUSR2 => self.handle_upgrade(),
-            Signal::SIGWINCH => self.handle_winch(),
-            Signal::SIGTTIN => self.handle_add_worker(),
-            Signal::SIGTTOU => self.handle_remove_worker(),
-            other => log::warn!("{other} is not handled; ignored"),
+        if signal == Signal::SIGWINCH
+            && !self.supervisor.is_stopping()
+            && (nix::unistd::isatty(std::io::stdin()).unwrap_or(false)
+                || nix::unistd::isatty(std::io::stderr()).unwrap_or(false))
+        {
+            // A terminal sends WINCH to its foreground group on every resize.
+            log::info!("SIGWINCH ignored: running in a terminal, where a resize sends it");
+            return;
         }
+        let (graceful, now) = (self.config.daemon.graceful_timeout, Instant::now());
+        let actions = self.supervisor.on_signal(signal, now, graceful, FAST_STOP_GRACE);
+        self.perform(actions);
     }
 
     /// Reaps every exited child: workers, and the new master of a binary upgrade.
@@ -594,10 +645,12 @@ impl Master {
                 }
             };
             let Some((pid, exit)) = classify(status) else { return };
-            if self.upgrade == Some(pid) {
-                self.upgrade_exited(exit);
-            } else {
-                self.worker_exited(pid, exit);
+            match self.supervisor.successor_exited(pid) {
+                Some(actions) => {
+                    self.upgrade_exited(pid, exit);
+                    self.perform(actions);
+                }
+                None => self.worker_exited(pid, exit),
             }
         }
     }
@@ -607,9 +660,13 @@ impl Master {
             log::debug!("reaped pid {pid}, not a current worker");
             return;
         };
+        // Its counts first: a sender told its receiver died learns from them whether the
+        // connection is still its own.
         self.reclaim(slot);
+        self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
-        let keep: Vec<Pid> = self.slots.iter().filter_map(|s| s.pid).chain(self.upgrade).collect();
+        let keep: Vec<Pid> =
+            self.slots.iter().filter_map(|s| s.pid).chain(self.supervisor.successor()).collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
             log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
@@ -624,11 +681,11 @@ impl Master {
             log::debug!("retired worker {slot} (pid {pid}, generation {generation}): {exit:?}");
             return;
         }
-        if matches!(self.phase, Phase::Stopping { .. }) {
+        if self.supervisor.is_stopping() {
             log::debug!("worker {slot} (pid {pid}) exited: {exit:?}");
             return;
         }
-        if self.transition.as_ref().is_some_and(|t| t.generation == generation) {
+        if self.supervisor.reloading() == Some(generation) {
             self.slots[slot].role = Role::Free;
             self.rollback(&format!(
                 "worker {slot} (pid {pid}) of generation {generation} exited while starting: {exit:?}"
@@ -692,38 +749,11 @@ impl Master {
         (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// A fast stop the master decides itself.
     fn handle_stop_fast(&mut self, why: &str) {
-        let now = Instant::now();
-        let kill_at = match self.phase {
-            Phase::Stopping { kill_at, .. } => kill_at.min(now + FAST_STOP_GRACE),
-            Phase::Running => now + FAST_STOP_GRACE,
-        };
-        log::info!("fast stop ({why}): stopping {} workers", self.live_workers());
-        self.notifier.stopping();
-        self.phase = Phase::Stopping { graceful: false, kill_at, killed: false };
-        self.close_listeners();
-        self.signal_workers(Signal::SIGTERM);
-    }
-
-    fn handle_stop_graceful(&mut self) {
-        let timeout = self.config.daemon.graceful_timeout;
-        log::info!(
-            "graceful stop (SIGQUIT): {} workers finish open exchanges, {timeout:?} at most",
-            self.live_workers()
-        );
-        self.notifier.stopping();
-        self.phase =
-            Phase::Stopping { graceful: true, kill_at: Instant::now() + timeout, killed: false };
-        // Close the master's listening sockets; workers close theirs as they stop accepting.
-        self.close_listeners();
-        self.signal_workers(Signal::SIGQUIT);
-    }
-
-    fn close_listeners(&mut self) {
-        self.listeners.clear();
-        if let Some(transition) = self.transition.take() {
-            drop(transition);
-        }
+        log::info!("fast stop ({why})");
+        let actions = self.supervisor.stop_fast(Instant::now(), FAST_STOP_GRACE);
+        self.perform(actions);
     }
 
     /// SIGUSR1: reopen the master's log file, then have each worker reopen its own.
@@ -747,16 +777,6 @@ impl Master {
     /// after a binary upgrade the old master can be kept as a fallback (HUP starts its
     /// workers again).
     fn handle_winch(&mut self) {
-        if nix::unistd::isatty(std::io::stdin()).unwrap_or(false)
-            || nix::unistd::isatty(std::io::stderr()).unwrap_or(false)
-        {
-            // A terminal sends WINCH to its foreground group on every resize.
-            log::info!("SIGWINCH ignored: running in a terminal, where a resize sends it");
-            return;
-        }
-        if self.transition.is_some() {
-            self.rollback("SIGWINCH during a reload");
-        }
         let now = Instant::now();
         let serving: Vec<usize> =
             (0..self.slots.len()).filter(|&i| self.slots[i].role == Role::Serving).collect();
@@ -767,15 +787,10 @@ impl Master {
         for slot in serving {
             self.retire(slot, false, now);
         }
-        self.paused = true;
     }
 
     /// SIGTTIN: one more worker in the serving generation.
     fn handle_add_worker(&mut self) {
-        if self.paused {
-            log::warn!("SIGTTIN ignored: workers are stopped (WINCH); send HUP first");
-            return;
-        }
         let Some(slot) = self.free_slot() else {
             log::warn!(
                 "SIGTTIN ignored: all {} worker slots are in use (fixed at start: workers x {SLOT_HEADROOM} x (1 + max_draining_generations); a restart with more workers raises it)",
@@ -834,24 +849,18 @@ impl Master {
     /// Respawns due workers, completes or rolls back a reload, escalates stops, and checks
     /// heartbeats.
     fn tick(&mut self, now: Instant) {
-        match self.phase {
-            Phase::Running => {}
-            Phase::Stopping { graceful, kill_at, killed: false } if now >= kill_at => {
-                log::error!("stop timed out: killing {} workers", self.live_workers());
-                self.signal_workers(Signal::SIGKILL);
-                self.phase = Phase::Stopping { graceful, kill_at, killed: true };
-                return;
-            }
-            Phase::Stopping { .. } => return,
+        let pool_ready = !self.supervisor.is_stopping() && self.pool_ready();
+        let actions = self.supervisor.on_tick(now, pool_ready);
+        self.perform(actions);
+        if self.supervisor.is_stopping() {
+            return;
         }
-        if self.starting && self.pool_ready() {
-            self.announce_ready();
-        }
-        if !self.starting && self.notifier.next_ping(now).is_some_and(|at| now >= at) {
+        if self.supervisor.speaks_to_systemd()
+            && self.notifier.next_ping(now).is_some_and(|at| now >= at)
+        {
             let (healthy, status) = (self.pool_healthy(), self.status_line());
             self.notifier.ping(now, healthy, &status);
         }
-        self.check_transition(now);
         self.check_heartbeats(now);
         for slot in 0..self.slots.len() {
             if self.slots[slot].needs_reclaim {

@@ -11,47 +11,24 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Master, Phase, Role, listener_id};
+use super::{Master, Role, listener_id};
 use crate::config::{self, Config};
 use crate::listener::Listener;
 use crate::logging;
-use crate::scoreboard::SlotState;
 
 /// How long a new generation has to report ready before the reload is rolled back.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A reload whose new generation is starting.
-pub(super) struct Transition {
-    /// The new generation.
-    pub generation: u64,
-    /// When to give up and roll back.
-    pub deadline: Instant,
-    previous: Previous,
-}
-
-/// What a rollback restores.
-struct Previous {
+/// What a rollback restores, kept while a reload's new generation starts.
+pub(super) struct Previous {
     config: Config,
     listeners: Vec<Listener>,
     generation: u64,
 }
 
 impl Master {
-    /// SIGHUP.
+    /// SIGHUP, as the supervisor decided: read, validate and start a new generation.
     pub(super) fn handle_reload(&mut self) {
-        if self.transition.is_some() {
-            log::info!("reload queued: generation {} is still starting", self.generation);
-            self.reload_queued = true;
-            return;
-        }
-        if self.paused {
-            log::info!("SIGHUP after WINCH: starting workers again (configuration not re-read)");
-            self.paused = false;
-            self.fill_pool(Instant::now());
-            self.scoreboard.header().reloads_ok.fetch_add(1, Ordering::Release);
-            return;
-        }
-        self.notifier.reloading();
         let path = self.invocation.config_path.clone();
         log::info!("reloading {}", path.display());
         let new = match config::load(&path, &self.invocation.services)
@@ -110,18 +87,14 @@ impl Master {
         {
             return self.reload_failed(&error.to_string());
         }
-        let previous = Previous {
+        self.previous = Some(Previous {
             config: std::mem::replace(&mut self.config, new),
             listeners: std::mem::replace(&mut self.listeners, listeners),
             generation: self.generation,
-        };
+        });
         self.generation += 1;
         let now = Instant::now();
-        self.transition = Some(Transition {
-            generation: self.generation,
-            deadline: now + START_TIMEOUT,
-            previous,
-        });
+        self.supervisor.reload_started(self.generation, now + START_TIMEOUT);
         log::info!("generation {} starting: {wanted} workers", self.generation);
         for _ in 0..wanted {
             let Some(slot) = self.free_slot() else { break };
@@ -165,36 +138,12 @@ impl Master {
         Ok(())
     }
 
-    /// Completes the reload once every worker of the new generation is ready; rolls it
-    /// back if that takes longer than [`START_TIMEOUT`].
-    pub(super) fn check_transition(&mut self, now: Instant) {
-        let Some(transition) = &self.transition else { return };
-        let generation = transition.generation;
-        let ready = (0..self.slots.len())
-            .filter(|&i| {
-                let slot = &self.slots[i];
-                slot.role == Role::Serving
-                    && slot.generation == generation
-                    && slot.pid.is_some()
-                    && self.scoreboard.slot(i).state() == SlotState::Ready
-            })
-            .count();
-        let wanted = self.serving_count();
-        if ready >= wanted {
-            self.complete_transition(now);
-        } else if now >= transition.deadline {
-            self.rollback(&format!(
-                "generation {generation}: only {ready} of {wanted} workers ready after {START_TIMEOUT:?}"
-            ));
-        }
-    }
-
-    fn complete_transition(&mut self, now: Instant) {
-        let Some(transition) = self.transition.take() else { return };
+    /// Every worker of the new generation is ready: the old generation is told to stop.
+    pub(super) fn complete_transition(&mut self, now: Instant) {
+        let Some(previous) = self.previous.take() else { return };
         let old: Vec<usize> = (0..self.slots.len())
             .filter(|&i| {
-                self.slots[i].role == Role::Serving
-                    && self.slots[i].generation < transition.generation
+                self.slots[i].role == Role::Serving && self.slots[i].generation < self.generation
             })
             .collect();
         for &slot in &old {
@@ -202,7 +151,7 @@ impl Master {
         }
         // The old generation's listener copies close here; reused sockets stay open through
         // their duplicates, removed ones close once the old workers have drained.
-        drop(transition.previous);
+        drop(previous);
         let header = self.scoreboard.header();
         header.generation.store(self.generation, Ordering::Relaxed);
         header.target_workers.store(self.serving_count() as u64, Ordering::Relaxed);
@@ -216,24 +165,22 @@ impl Master {
         let status = self.status_line();
         self.notifier.ready(&status);
         self.enforce_draining_cap(now, self.config.daemon.max_draining_generations.get());
-        if std::mem::take(&mut self.reload_queued) {
-            self.handle_reload();
-        }
+        let queued = self.supervisor.reload_ended();
+        self.perform(queued);
     }
 
     /// Undoes a starting reload: its workers are stopped fast and the previous generation
     /// keeps (or resumes) serving.
     pub(super) fn rollback(&mut self, reason: &str) {
-        let Some(transition) = self.transition.take() else { return };
+        let Some(previous) = self.previous.take() else { return };
         let now = Instant::now();
         for slot in 0..self.slots.len() {
             if self.slots[slot].role == Role::Serving
-                && self.slots[slot].generation == transition.generation
+                && self.slots[slot].generation == self.generation
             {
                 self.retire(slot, true, now);
             }
         }
-        let previous = transition.previous;
         self.config = previous.config;
         self.listeners = previous.listeners;
         self.generation = previous.generation;
@@ -242,10 +189,9 @@ impl Master {
         }
         self.fill_pool(now);
         self.reload_failed(&format!("rolled back: {reason}"));
-        // A reload asked for meanwhile may carry the fix: try it now.
-        if std::mem::take(&mut self.reload_queued) {
-            self.handle_reload();
-        }
+        // A reload asked for meanwhile may carry the fix: the supervisor runs it now.
+        let queued = self.supervisor.reload_ended();
+        self.perform(queued);
     }
 
     /// Respawns, now, every serving slot of the serving generation that has no worker.
@@ -292,7 +238,7 @@ impl Master {
                 .collect();
             draining.sort_unstable();
             draining.dedup();
-            if draining.len() <= max || matches!(self.phase, Phase::Stopping { .. }) {
+            if draining.len() <= max || self.supervisor.is_stopping() {
                 return;
             }
             let oldest = draining[0];

@@ -7,6 +7,7 @@ use std::time::Instant;
 use nix::unistd::{ForkResult, fork};
 
 use super::Master;
+use crate::handoff::Channel;
 use crate::signals::{self, MASTER_SIGNALS};
 use crate::worker::{self, WorkerContext};
 
@@ -20,6 +21,14 @@ impl Master {
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
         self.scoreboard.slot(slot).claim(0, self.generation);
+        // The hand-off channel; without one the worker only never hands off or adopts.
+        let (master_end, worker_end) = match Channel::pair() {
+            Ok((master_end, worker_end)) => (Some(master_end), Some(worker_end)),
+            Err(error) => {
+                log::warn!("worker {slot}: no hand-off channel: {error}");
+                (None, None)
+            }
+        };
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the worker and then exits.
@@ -29,9 +38,12 @@ impl Master {
                 // Descriptors the worker must not keep: the previous generation's listeners
                 // (a removed address must close once its own workers are gone) and the pid
                 // file (dropping our copy in the child leaves the file alone).
-                self.transition = None;
+                self.previous = None;
                 self.pidfile = None;
                 self.ready_pipe = None;
+                // The other workers' channels are the master's, not this worker's.
+                self.routing.channels.clear();
+                drop(master_end);
                 let context = WorkerContext {
                     slot,
                     generation: self.generation,
@@ -42,12 +54,15 @@ impl Master {
                     master: self.pid,
                     credentials: self.credentials.clone(),
                     heartbeat: self.heartbeat(),
+                    channel: worker_end,
                 };
                 let status = worker::run(context, &mut self.signals);
                 std::process::exit(status);
             }
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
+                drop(worker_end);
+                self.routing.channels[slot] = master_end;
                 self.scoreboard.slot(slot).pid.store(child.as_raw(), Ordering::Release);
                 let (hang_timeout, beat) = (self.config.daemon.worker_timeout, self.heartbeat());
                 let entry = &mut self.slots[slot];

@@ -74,10 +74,6 @@ fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
 impl Master {
     /// SIGUSR2.
     pub(super) fn handle_upgrade(&mut self) {
-        if let Some(pid) = self.upgrade {
-            log::warn!("SIGUSR2 ignored: new master pid {pid} is already starting");
-            return;
-        }
         let renamed = self.rename_state_files(true);
         if let Err(error) = signals::block(MASTER_SIGNALS) {
             log::error!("binary upgrade failed: {error}");
@@ -93,7 +89,7 @@ impl Master {
                     "binary upgrade: new master pid {child} started from {}",
                     self.invocation.exe.display()
                 );
-                self.upgrade = Some(child);
+                self.supervisor.upgrade_started(child);
             }
             Err(error) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
@@ -132,17 +128,12 @@ impl Master {
         std::process::exit(127);
     }
 
-    /// The new master of an upgrade exited while we live: take the pid file back.
-    pub(super) fn upgrade_exited(&mut self, exit: WorkerExit) {
-        let Some(pid) = self.upgrade.take() else { return };
+    /// The new master of an upgrade (`pid`) exited while we live: take the pid file back.
+    /// (The supervisor resumes the pool if WINCH had stopped it.)
+    pub(super) fn upgrade_exited(&mut self, pid: nix::unistd::Pid, exit: WorkerExit) {
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
-        if self.paused {
-            log::info!("workers were stopped (WINCH): starting them again");
-            self.paused = false;
-            self.fill_pool(std::time::Instant::now());
-        }
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);
     }

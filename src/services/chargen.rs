@@ -64,7 +64,20 @@ impl Service for Chargen {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(ChargenSession { offset: 0, input_closed: false, peer_gone: false })
     }
+
+    fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let [STATE_V1, a, b, c, d, closed @ (0 | 1)] = *state else { return None };
+        let offset = u32::from_le_bytes([a, b, c, d]) as usize;
+        (offset < PERIOD && offset.is_multiple_of(LINE)).then(|| {
+            Box::new(ChargenSession { offset, input_closed: closed == 1, peer_gone: false })
+                as Box<dyn Session>
+        })
+    }
 }
+
+/// Hand-off state, version 1: this byte, the offset in the stream (u32, little-endian; at a
+/// line boundary) and whether the client's FIN was read (0 or 1).
+const STATE_V1: u8 = 1;
 
 #[derive(Debug)]
 struct ChargenSession {
@@ -118,6 +131,16 @@ impl Session for ChargenSession {
     fn is_done(&self) -> bool {
         self.peer_gone
     }
+
+    fn export(&self) -> Option<Vec<u8>> {
+        if self.peer_gone || !self.is_at_rest() {
+            return None;
+        }
+        let mut state = vec![STATE_V1];
+        state.extend((self.offset as u32).to_le_bytes());
+        state.push(u8::from(self.input_closed));
+        Some(state)
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +175,24 @@ mod tests {
         let (progress, _) = call(&mut io, |cx| session.on_writable(cx)).unwrap();
         assert_eq!(progress.bytes_out, 0);
         assert_eq!(session.offset, (LINE * 200 + 10) % PERIOD);
+    }
+
+    #[test]
+    fn the_stream_goes_on_where_it_stopped_after_a_hand_off() {
+        let mut io = Fake::new(b"", false, LINE * 3);
+        let mut session = ChargenSession { offset: 0, input_closed: false, peer_gone: false };
+        call(&mut io, |cx| session.on_writable(cx)).unwrap();
+        let state = session.export().expect("at a line boundary");
+        let stdin = std::io::stdin();
+        let socket = std::os::fd::AsFd::as_fd(&stdin);
+        let info = ConnInfo { listener: "c", peer: "127.0.0.1:1".parse().unwrap(), socket };
+        let mut moved = Chargen.import(&info, &state).expect("version 1");
+        io.window = LINE;
+        call(&mut io, |cx| moved.on_writable(cx)).unwrap();
+        let expected: String = (0..4).map(line).collect();
+        assert_eq!(io.output, expected.as_bytes());
+        assert!(Chargen.import(&info, &[1, 5, 0, 0, 0, 0]).is_none(), "not a line boundary");
+        assert!(Chargen.import(&info, &[2, 0, 0, 0, 0, 0]).is_none(), "unknown version");
     }
 
     #[test]

@@ -31,7 +31,15 @@ impl Service for Discard {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(DiscardSession { peer_closed: false })
     }
+
+    fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        (state == [STATE_V1])
+            .then(|| Box::new(DiscardSession { peer_closed: false }) as Box<dyn Session>)
+    }
 }
+
+/// Hand-off state, version 1: one byte; a discard session holds nothing else.
+const STATE_V1: u8 = 1;
 
 /// A discard session: only whether the client has closed.
 #[derive(Debug)]
@@ -60,6 +68,10 @@ impl Session for DiscardSession {
 
     fn is_done(&self) -> bool {
         self.peer_closed
+    }
+
+    fn export(&self) -> Option<Vec<u8>> {
+        (!self.peer_closed).then(|| vec![STATE_V1])
     }
 }
 

@@ -35,7 +35,14 @@ impl Service for Echo {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(EchoSession::default())
     }
+
+    fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        (state == [STATE_V1]).then(|| Box::new(EchoSession::default()) as Box<dyn Session>)
+    }
 }
+
+/// Hand-off state, version 1: one byte. At rest an echo session holds nothing else.
+const STATE_V1: u8 = 1;
 
 /// Read/write rounds per callback, so that one fast client cannot starve the others.
 const ROUNDS_PER_CALL: usize = 16;
@@ -157,6 +164,10 @@ impl Session for EchoSession {
     fn is_done(&self) -> bool {
         self.peer_closed && self.start == self.end
     }
+
+    fn export(&self) -> Option<Vec<u8>> {
+        (self.start == self.end && !self.peer_closed).then(|| vec![STATE_V1])
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +185,22 @@ mod tests {
         assert_eq!(progress, Progress { bytes_in: 5, bytes_out: 5, exchanges: 1 });
         assert!(echo.is_at_rest(), "everything read was answered");
         assert!(!echo.is_done());
+    }
+
+    #[test]
+    fn hands_off_only_at_rest_and_refuses_an_unknown_version() {
+        let mut io = Fake::new(b"hello", false, 2);
+        let mut echo = EchoSession::default();
+        call(&mut io, |cx| echo.on_readable(cx)).unwrap();
+        assert_eq!(echo.export(), None, "three bytes still to echo");
+        io.window = usize::MAX;
+        call(&mut io, |cx| echo.on_writable(cx)).unwrap();
+        let state = echo.export().expect("at rest");
+        let stdin = std::io::stdin();
+        let socket = std::os::fd::AsFd::as_fd(&stdin);
+        let info = ConnInfo { listener: "echo", peer: "127.0.0.1:1".parse().unwrap(), socket };
+        assert!(Echo.import(&info, &state).is_some());
+        assert!(Echo.import(&info, &[2]).is_none(), "a newer version is refused");
     }
 
     #[test]

@@ -28,7 +28,18 @@ pub trait LineHandler {
 
     /// Appends the answer to `line` (without its CR LF or LF) to `out`.
     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction;
+
+    /// The handler's state between lines, for a hand-off (see
+    /// [`super::Session::export`]); [`Lines::import`] gives it back to the service's
+    /// rebuild function. Default `None`: the connection is not handed off. A handler with
+    /// no state returns `Some(Vec::new())`.
+    fn export(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
+
+/// Hand-off state of [`Lines`], version 1: this byte, then the handler's own bytes.
+const STATE_V1: u8 = 1;
 
 /// Reads per callback at most (fairness).
 const ROUNDS_PER_CALL: usize = 16;
@@ -65,6 +76,27 @@ impl<H: LineHandler> Lines<H> {
             peer_closed: false,
             closing: false,
         }
+    }
+
+    /// Rebuilds a session handed off at rest from what its [`Session::export`] returned:
+    /// `handler` rebuilds the handler from its own bytes (`None` refuses). No greeting is
+    /// sent: the conversation goes on. `None` for an unknown version.
+    pub fn import(
+        state: &[u8],
+        max_line: usize,
+        handler: impl FnOnce(&[u8]) -> Option<H>,
+    ) -> Option<Self> {
+        let (&STATE_V1, own) = state.split_first()? else { return None };
+        Some(Lines {
+            handler: handler(own)?,
+            max_line,
+            input: Vec::new(),
+            output: Vec::new(),
+            sent: 0,
+            unanswered: 0,
+            peer_closed: false,
+            closing: false,
+        })
     }
 
     /// Hands every complete line in `input` to the handler; with `last`, the rest too.
@@ -162,6 +194,15 @@ impl<H: LineHandler> Session for Lines<H> {
     fn is_done(&self) -> bool {
         self.peer_closed && self.sent == self.output.len()
     }
+
+    fn export(&self) -> Option<Vec<u8>> {
+        if !self.is_at_rest() || self.peer_closed || self.closing {
+            return None;
+        }
+        let mut state = vec![STATE_V1];
+        state.extend(self.handler.export()?);
+        Some(state)
+    }
 }
 
 #[cfg(test)]
@@ -199,6 +240,34 @@ mod tests {
         let (progress, close) = call(&mut io, |cx| session.on_readable(cx)).unwrap();
         assert_eq!((progress.exchanges, close), (2, Some(CloseReason::ServerClose)));
         assert_eq!(io.output, b"hi\r\nABC\r\nDEF\r\nbye\r\n");
+    }
+
+    #[test]
+    fn hands_off_between_lines_only_when_the_handler_can() {
+        struct Counter(u8);
+        impl LineHandler for Counter {
+            fn on_line(&mut self, _line: &[u8], out: &mut Vec<u8>) -> LineAction {
+                self.0 += 1;
+                out.push(b'0' + self.0);
+                LineAction::Continue
+            }
+            fn export(&self) -> Option<Vec<u8>> {
+                Some(vec![self.0])
+            }
+        }
+        let mut session = Lines::new(Counter(0), 16);
+        let mut io = Fake::new(b"a\nb", false, usize::MAX);
+        call(&mut io, |cx| session.on_readable(cx)).unwrap();
+        assert_eq!(session.export(), None, "half a line is in flight");
+        io.input.extend(b"\n");
+        call(&mut io, |cx| session.on_readable(cx)).unwrap();
+        let state = session.export().expect("between lines");
+        let mut moved = Lines::import(&state, 16, |own| Some(Counter(own[0]))).unwrap();
+        io.input.extend(b"c\n");
+        call(&mut io, |cx| moved.on_readable(cx)).unwrap();
+        assert_eq!(io.output, b"123", "the count went on, no greeting again");
+        assert!(Lines::import(&[9], 16, |_| Some(Counter(0))).is_none(), "unknown version");
+        assert_eq!(Lines::new(Upper, 16).export(), None, "Upper keeps the default");
     }
 
     #[test]

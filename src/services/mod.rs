@@ -12,7 +12,12 @@
 //!   ([`Context::close`], [`Session::is_done`]).
 //!
 //! The worker loop keeps every policy: per-client limits, short and long idle timeouts,
-//! graceful drain, lingering close and the access log. A new built-in service is one file in
+//! graceful drain, hand-off, lingering close and the access log.
+//!
+//! Hand-off: when a generation retires, each connection at rest is moved to a worker of the
+//! serving generation if its session can be: [`Session::export`] gives its state as
+//! versioned bytes, and the receiving worker's [`Service::import`] rebuilds it. A session
+//! that cannot (the default) finishes in the old worker. A new built-in service is one file in
 //! this folder plus one name in the `builtins!` list below. A program that embeds preforkd
 //! registers its own services by name with [`crate::Daemon::service`].
 
@@ -198,6 +203,15 @@ pub trait Service {
     fn max_connections(&self) -> Option<NonZeroU32> {
         None
     }
+
+    /// Rebuilds a session handed off by a worker of an older generation (or an older
+    /// binary) from what its [`Session::export`] returned. `None` refuses it, and the old
+    /// worker keeps serving the connection: do so for a state version this code does not
+    /// know. Called in the receiving worker; it must not block. Default: `None`.
+    fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let _ = (conn, state);
+        None
+    }
 }
 
 /// The per-connection state of a service.
@@ -272,7 +286,21 @@ pub trait Session {
     fn describe(&self, line: &mut String) {
         let _ = line;
     }
+
+    /// The session's state, for a hand-off to a worker of the serving generation, as bytes
+    /// that start with a version of the service's own (at most [`MAX_EXPORT`] bytes). Asked
+    /// only when the connection is at rest ([`Session::is_at_rest`], no unread input, no
+    /// extra descriptor watched); return `None` when the session cannot be moved now or
+    /// ever (a child process owns the socket, a backend connection is open). The session is
+    /// dropped, without a close, once the receiver has taken the connection. Default: `None`.
+    fn export(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
+
+/// Largest [`Session::export`] state a hand-off carries, in bytes (64 KiB less room for
+/// the connection's own state); a larger one is not handed off.
+pub const MAX_EXPORT: usize = 60 * 1024;
 
 /// Builds a listener's service from its options; problems are reported through the
 /// [`Options`] and the result is then `Err(Invalid)`.

@@ -1,7 +1,9 @@
 //! Services for tests only, enabled by [`super::TEST_SERVICES_ENV`] and never listed:
 //! - `test-hang` wedges its worker, to test hung-worker detection;
 //! - `test-probe` uses every part of the session API a built-in does not: an extra
-//!   descriptor (a pipe) watched through the loop, a timer, and a close reason of its own.
+//!   descriptor (a pipe) watched through the loop, a timer, and a close reason of its own;
+//! - `test-sticky` echoes each line but refuses hand-off (its session keeps the default
+//!   [`Session::export`]), so its connections finish in the worker that accepted them.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -9,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    CloseReason, ConnInfo, Context, Interest, Invalid, Options, Progress, Ready, Service, Session,
-    write_some,
+    CloseReason, ConnInfo, Context, Interest, Invalid, LineAction, LineHandler, Lines, Options,
+    Progress, Ready, Service, Session, write_some,
 };
 
 /// Builds the test-only service `name`, if it is one.
@@ -23,7 +25,29 @@ pub(super) fn build(
         "test-probe" => {
             Some(options.expect_none(name).map(|()| Arc::new(Probe) as Arc<dyn Service>))
         }
+        "test-sticky" => {
+            Some(options.expect_none(name).map(|()| Arc::new(Sticky) as Arc<dyn Service>))
+        }
         _ => None,
+    }
+}
+
+/// Echoes lines; never handed off (neither [`LineHandler::export`] nor
+/// [`Service::import`]).
+#[derive(Debug)]
+struct Sticky;
+
+impl Service for Sticky {
+    fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
+        Box::new(Lines::new(Sticky, 4096))
+    }
+}
+
+impl LineHandler for Sticky {
+    fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        LineAction::Continue
     }
 }
 

@@ -44,6 +44,33 @@ pub fn idle_reason(kind: ConnKind) -> CloseReason {
     }
 }
 
+/// Where a connection stands in a hand-off to the serving generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOff {
+    /// Served here; once the worker retires, offered at its next rest.
+    Local,
+    /// Offered (the `tries`th time): the socket is not watched and not touched until the
+    /// answer.
+    Offered {
+        /// Offers made, this one included.
+        tries: u32,
+    },
+    /// A retry came due: offered again at its next rest. `tries` so far.
+    Pending {
+        /// Offers made.
+        tries: u32,
+    },
+    /// Nobody could take it: offered again at its first rest after `at`. `tries` so far.
+    Retry {
+        /// Not before.
+        at: Instant,
+        /// Offers made.
+        tries: u32,
+    },
+    /// Not to be handed off (refused, or its session cannot be): it finishes here.
+    Never,
+}
+
 /// One accepted client connection.
 pub struct Conn {
     /// The non-blocking socket.
@@ -82,6 +109,8 @@ pub struct Conn {
     pub timer: Option<Instant>,
     /// Descriptors the session watches besides the client socket.
     pub extras: Vec<RawFd>,
+    /// Hand-off to the serving generation.
+    pub handoff: HandOff,
 }
 
 impl Conn {

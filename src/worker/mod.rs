@@ -22,10 +22,11 @@
 //! input would make the kernel send RST, and the client could lose answers already sent.
 
 pub mod conn;
+mod handoff;
 pub mod refusals;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -47,7 +48,7 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::scoreboard::{REFUSALS, Refusal, Scoreboard, SlotState, WorkerScore};
 use crate::services::{self, ConnInfo, Context, Ending, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
-use conn::{CloseReason, Conn, ConnKind, idle_deadline, idle_reason};
+use conn::{CloseReason, Conn, ConnKind, HandOff, idle_deadline, idle_reason};
 use refusals::Summaries;
 
 /// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
@@ -85,6 +86,24 @@ pub const SHED_GRACE: Duration = Duration::from_millis(50);
 /// so this is short.
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Whether the worker takes new connections: one state, so that "watching the listeners",
+/// "pausing after an accept error" and "stopping" cannot contradict each other.
+/// Invariant: the listening descriptors are registered with the poller exactly while
+/// [`Intake::Accepting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intake {
+    /// The listeners are watched.
+    Accepting,
+    /// Not watched: the connection budget is spent (`until` is `None`), or accepting pauses
+    /// until `until` after `EMFILE`/`ENFILE`/`ENOBUFS`/`ENOMEM`.
+    Held {
+        /// End of an accept pause.
+        until: Option<Instant>,
+    },
+    /// Graceful stop: the listeners are closed; connections finish (or are handed off).
+    Draining,
+}
+
 /// What a worker is given by the master at fork.
 pub struct WorkerContext<'a> {
     /// Slot in the master's table (also its per-client records).
@@ -106,6 +125,8 @@ pub struct WorkerContext<'a> {
     pub credentials: Option<Credentials>,
     /// How often to beat the heartbeat even when idle (`None`: only on activity).
     pub heartbeat: Option<Duration>,
+    /// The hand-off channel to the master (`None`: connections are never handed off).
+    pub channel: Option<crate::handoff::Channel>,
 }
 
 /// Runs a worker until it stops; returns its exit status ([`WORKER_EXIT_OK`], or
@@ -152,9 +173,12 @@ struct Worker<'a> {
     /// `reuseport`: this worker's own sockets, with their listener index.
     own_listeners: Vec<(std::net::TcpListener, usize)>,
     open: usize,
-    accepting: bool,
-    draining: bool,
-    accept_paused_until: Option<Instant>,
+    intake: Intake,
+    /// The hand-off channel to the master, and what it is watched for.
+    channel: Option<crate::handoff::Channel>,
+    channel_interest: Interest,
+    /// Connections offered for hand-off, by token (their serial): descriptor.
+    offered: HashMap<u64, usize>,
     refusal_log: RateLimit,
     accept_error_log: RateLimit,
     /// Refusals logged per client and reason per interval.
@@ -210,7 +234,7 @@ struct PendingProxy {
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 impl<'a> Worker<'a> {
-    fn boot(context: WorkerContext<'a>) -> io::Result<Self> {
+    fn boot(mut context: WorkerContext<'a>) -> io::Result<Self> {
         let signals = Signals::install(WORKER_SIGNALS)?;
         signals::unblock(MASTER_SIGNALS)?;
         // Before dropping privileges: a port below 1024 needs them.
@@ -233,6 +257,10 @@ impl<'a> Worker<'a> {
         }
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
+        let channel = context.channel.take();
+        if let Some(channel) = &channel {
+            poller.set(channel.raw_fd(), Interest::READ)?;
+        }
         let ledger = context.limits.ledger(context.slot);
         let score = context.scoreboard.slot(context.slot);
         score.beat();
@@ -258,9 +286,10 @@ impl<'a> Worker<'a> {
             listener_ids,
             own_listeners,
             open: 0,
-            accepting: false,
-            draining: false,
-            accept_paused_until: None,
+            intake: Intake::Held { until: None },
+            channel,
+            channel_interest: Interest::READ,
+            offered: HashMap::new(),
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
             summaries: Summaries::default(),
@@ -310,13 +339,15 @@ impl<'a> Worker<'a> {
                     }
                 } else if let Some(index) = self.listener_index(event.fd) {
                     self.ready_listeners.push((event.fd, index));
+                } else if self.is_channel(event.fd) {
+                    self.on_channel(*event, now);
                 } else {
                     self.on_ready(*event, now);
                 }
             }
             // Accept last, so that no event of this round can refer to a reused descriptor.
             for i in 0..self.ready_listeners.len() {
-                if self.accepting {
+                if self.intake == Intake::Accepting {
                     let (fd, index) = self.ready_listeners[i];
                     self.accept(fd, index, now);
                 }
@@ -327,7 +358,10 @@ impl<'a> Worker<'a> {
                 self.expire_pending(now);
                 self.log_summaries(now, false);
             }
-            if self.draining && self.open == 0 && self.pending_open == 0 {
+            if self.intake == Intake::Draining && self.open == 0 && self.pending_open == 0 {
+                if let Some(channel) = self.channel.as_mut() {
+                    let _ = channel.flush();
+                }
                 log::info!("graceful stop complete: no connection left");
                 self.log_summaries(Instant::now(), true);
                 return WORKER_EXIT_OK;
@@ -375,14 +409,15 @@ impl<'a> Worker<'a> {
 
     /// Watches the listeners while the worker has room and is not pausing; stops otherwise.
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-        }
-        let room = self.room() > 0;
+        let room = match self.intake {
+            Intake::Draining => return Ok(()),
+            Intake::Held { until: Some(until) } if now < until => return Ok(()),
+            Intake::Accepting | Intake::Held { .. } => self.room() > 0,
+        };
         if room {
             self.full = false;
             self.shed_at = None;
-        } else if !self.full && !self.draining {
+        } else if !self.full {
             self.full = true;
             self.unpublished.full += 1;
             self.unpublished.dirty = true;
@@ -402,17 +437,29 @@ impl<'a> Worker<'a> {
         }
         // Full: watch the listeners to learn that a client waits, then not during the grace.
         let shed_ready = self.shed_at.is_none_or(|at| now >= at);
-        let want = !self.draining
-            && self.accept_paused_until.is_none()
-            && (room || (self.full && shed_ready && self.can_shed()));
-        if want != self.accepting {
-            let interest = if want { Interest::ACCEPT } else { Interest::NONE };
-            for fd in self.listening_fds() {
-                self.poller.set(fd, interest)?;
+        let want = room || (self.full && shed_ready && self.can_shed());
+        match (self.intake, want) {
+            (Intake::Accepting, true) => {}
+            (Intake::Accepting, false) => self.hold(None),
+            (_, true) => {
+                for fd in self.listening_fds() {
+                    self.poller.set(fd, Interest::ACCEPT)?;
+                }
+                self.intake = Intake::Accepting;
             }
-            self.accepting = want;
+            (_, false) => self.intake = Intake::Held { until: None },
         }
         Ok(())
+    }
+
+    /// Stops watching the listeners, until `until` (an accept pause) or until there is room.
+    fn hold(&mut self, until: Option<Instant>) {
+        if self.intake == Intake::Accepting {
+            for fd in self.listening_fds() {
+                let _ = self.poller.set(fd, Interest::NONE);
+            }
+        }
+        self.intake = Intake::Held { until };
     }
 
     /// Descriptors the budget (`max_connections_per_worker`) still allows: for connections
@@ -463,10 +510,14 @@ impl<'a> Worker<'a> {
     /// an accept pause.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let pause = match self.intake {
+            Intake::Held { until } => until,
+            Intake::Accepting | Intake::Draining => None,
+        };
         let header = self.pending_deadlines.front().map(|(at, _, _)| *at);
         let summary = self.summaries.next_deadline();
         let grace = self.shed_at.filter(|at| *at > now);
-        let deadlines = [self.accept_paused_until, header, summary, grace];
+        let deadlines = [pause, header, summary, grace];
         timer.into_iter().chain(deadlines.into_iter().flatten()).min()
     }
 
@@ -487,6 +538,11 @@ impl<'a> Worker<'a> {
         if let Some((_, until)) = conn.lingering {
             return Some(until);
         }
+        let retry = match conn.handoff {
+            HandOff::Offered { .. } => return None,
+            HandOff::Retry { at, .. } => Some(at),
+            HandOff::Local | HandOff::Pending { .. } | HandOff::Never => None,
+        };
         let policy = &self.context.config.listeners[conn.listener];
         let idle = conn
             .session
@@ -500,14 +556,19 @@ impl<'a> Worker<'a> {
                 )
             })
             .flatten();
-        [idle, self.drain_deadline(conn), conn.timer].into_iter().flatten().min()
+        [idle, self.drain_deadline(conn), conn.timer, retry].into_iter().flatten().min()
     }
 
     /// When a draining connection at rest is to be closed; `None` if not draining or an
     /// exchange is in flight (then only its idle timeout applies).
     fn drain_deadline(&self, conn: &Conn) -> Option<Instant> {
         let draining = conn.close_at_rest == Some(CloseReason::Shutdown);
-        (draining && at_rest(conn)).then(|| conn.last_activity + DRAIN_QUIET)
+        // A connection on its way to another worker is not closed meanwhile.
+        let handing = matches!(
+            conn.handoff,
+            HandOff::Offered { .. } | HandOff::Retry { .. } | HandOff::Pending { .. }
+        );
+        (draining && !handing && at_rest(conn)).then(|| conn.last_activity + DRAIN_QUIET)
     }
 
     fn handle_signals(&mut self, now: Instant) -> Option<i32> {
@@ -523,7 +584,7 @@ impl<'a> Worker<'a> {
                         log::error!("{error}");
                     }
                 }
-                Signal::SIGQUIT if !self.draining => self.start_drain(),
+                Signal::SIGQUIT if self.intake != Intake::Draining => self.start_drain(),
                 _ => {}
             }
         }
@@ -538,12 +599,9 @@ impl<'a> Worker<'a> {
             let (fd, index) = (self.own_listeners[i].0.as_raw_fd(), self.own_listeners[i].1);
             self.accept(fd, index, now);
         }
-        self.draining = true;
+        self.hold(None);
+        self.intake = Intake::Draining;
         self.score().set_state(SlotState::Draining);
-        for fd in self.listening_fds() {
-            let _ = self.poller.set(fd, Interest::NONE);
-        }
-        self.accepting = false;
         // Close this worker's copies: once every process has, clients are refused at once
         // instead of waiting in a backlog nobody accepts from.
         self.context.listeners.clear();
@@ -556,7 +614,10 @@ impl<'a> Worker<'a> {
                 if conn.lingering.is_none() {
                     conn.close_at_rest.get_or_insert(CloseReason::Shutdown);
                 }
-                self.schedule(fd);
+                // At rest now and movable: offered to the serving generation at once.
+                if !self.offer(fd, now) {
+                    self.schedule(fd);
+                }
             }
         }
     }
@@ -615,7 +676,7 @@ impl<'a> Worker<'a> {
                         Errno::ECONNABORTED | Errno::EPROTO | Errno::EPERM
                     ) => {}
                 Err(e) => {
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    self.hold(Some(now + ACCEPT_PAUSE));
                     if let Some(held_back) = self.accept_error_log.allow(now) {
                         log::error!(
                             "accept on {} failed: {e}; pausing accept for {ACCEPT_PAUSE:?} ({held_back} similar errors not logged)",
@@ -750,6 +811,7 @@ impl<'a> Worker<'a> {
             scheduled: None,
             timer: None,
             extras: Vec::new(),
+            handoff: HandOff::Local,
         });
         if policy.admission.shed_when_full {
             self.shed_queue.push_back((slot, self.next_serial));
@@ -906,6 +968,9 @@ impl<'a> Worker<'a> {
         }
         let ready = Ready { readable: event.readable, writable: event.writable };
         if let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) {
+            if let HandOff::Offered { .. } = conn.handoff {
+                return; // not ours to touch until the answer
+            }
             if let Some((reason, _)) = conn.lingering {
                 if discard_input(&mut conn.stream) {
                     self.finish(fd, reason, now);
@@ -980,7 +1045,7 @@ impl<'a> Worker<'a> {
         if progress.exchanges > 0 && conn.kind == ConnKind::Short && conn.close_at_rest.is_none() {
             self.promote(fd);
         }
-        if self.draining || timer.is_some() {
+        if self.intake == Intake::Draining || timer.is_some() {
             // At rest now, the quiet deadline may be sooner than anything scheduled; a new
             // session timer may be too.
             self.schedule(fd);
@@ -995,7 +1060,7 @@ impl<'a> Worker<'a> {
             conn.close_at_rest.filter(|r| at_rest && *r != CloseReason::Shutdown)
         {
             self.linger(fd, reason, now);
-        } else {
+        } else if !self.offer(fd, now) {
             self.update_interest(fd);
         }
     }
@@ -1059,6 +1124,17 @@ impl<'a> Worker<'a> {
                     self.schedule(fd);
                     continue;
                 }
+            }
+            if let HandOff::Retry { at, tries } = conn.handoff
+                && at <= now
+            {
+                // Offered again now if at rest, else at its next rest (see `dispatch`).
+                self.conns[fd].as_mut().expect("checked above").handoff =
+                    HandOff::Pending { tries };
+                if !self.offer(fd, now) {
+                    self.schedule(fd);
+                }
+                continue;
             }
             if conn.lingering.is_none() && conn.timer.is_some_and(|t| t <= now) {
                 // The session's own timer; the idle and drain deadlines are checked again

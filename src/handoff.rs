@@ -1,0 +1,461 @@
+//! Connection hand-off: the messages and their transport between workers and the master.
+//!
+//! Runs in the master and in workers. Each worker has one [`Channel`] to the master: a
+//! `SOCK_SEQPACKET` Unix socket pair the master creates before forking the worker, so the
+//! peer is authenticated by construction (no name to connect to, nothing to check with
+//! `SO_PEERCRED`); both ends are close-on-exec. A message is one datagram of at most
+//! [`MAX_MESSAGE`] bytes, and an [`Offer`] carries the client socket with `SCM_RIGHTS`
+//! (unix(7)).
+//!
+//! The route is old worker -> master -> new worker:
+//! 1. a retiring worker sends an [`Offer`] for a connection at rest, with its policy state
+//!    and the session's exported state, and stops watching that socket (it still owns it);
+//! 2. the master forwards it to a ready worker of the serving generation, under a route
+//!    number of its own, or answers [`Outcome::Busy`] / [`Outcome::Refused`] itself;
+//! 3. the receiver adopts the connection (moving its per-client count, see
+//!    `limits::Limits::transfer`) or declines, and answers; the master passes the answer
+//!    to the sender as [`Message::Resolved`], or [`Outcome::Lost`] if the receiver died.
+//!    The sender then closes its copy of the socket (adopted) or serves it on.
+//!
+//! The wire format is versioned ([`WIRE_VERSION`]): a message of another version is
+//! refused, so a master and workers of different binaries never misread each other.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
+
+/// Version of the message format; the first byte of every message.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Largest message, in bytes: the connection's state and the session's (see
+/// `services::MAX_EXPORT`).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Messages queued on a channel at most; beyond, [`Channel::send`] refuses (the caller
+/// serves the connection on instead of growing memory).
+pub const MAX_QUEUED: usize = 4096;
+
+const KIND_OFFER: u8 = 1;
+const KIND_RESOLVED: u8 = 2;
+
+/// A connection offered for hand-off, with everything the receiving worker needs to go on
+/// serving it: its policy state and its session's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The sender's name for this offer (the master rewrites it into its route number).
+    pub token: u64,
+    /// The listener's name: the receiver applies *its* policy for that name.
+    pub listener: String,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Kept alive (long) rather than short.
+    pub long: bool,
+    /// Time since accept.
+    pub age: Duration,
+    /// Time since the last byte moved: the idle deadline is computed from it, under the
+    /// receiver's timeouts.
+    pub quiet: Duration,
+    /// Bytes read so far.
+    pub bytes_in: u64,
+    /// Bytes written so far.
+    pub bytes_out: u64,
+    /// Exchanges so far.
+    pub exchanges: u64,
+    /// The per-client count: (record, tag) in the shared table, when counted.
+    pub record: Option<(u32, u64)>,
+    /// Time left on the session's timer, if set.
+    pub timer: Option<Duration>,
+    /// What `Session::export` returned.
+    pub state: Vec<u8>,
+}
+
+/// How an offer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver serves the connection now: close your copy, do not write to it.
+    Adopted,
+    /// Nobody could take it now (no ready worker, no room): serve it, offer again later.
+    Busy,
+    /// It will not be taken (the listener was removed, the session's state was refused,
+    /// the daemon stops): serve it until it ends, as a graceful stop does.
+    Refused,
+    /// The receiver died before answering: the connection is yours only if you still hold
+    /// its per-client count (see `limits::Limits::settle`).
+    Lost,
+}
+
+/// One message on a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A connection, with its socket as `SCM_RIGHTS`.
+    Offer(Offer),
+    /// The answer to the offer named `token`.
+    Resolved {
+        /// The offer's token (for the sender) or route (for the master).
+        token: u64,
+        /// How it ended.
+        outcome: Outcome,
+    },
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend(v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u64(v.len() as u64);
+        self.0.extend(v);
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> io::Result<&[u8]> {
+        if self.0.len() < n {
+            return Err(invalid("truncated message"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(&mut self) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(self.u64()?).map_err(|_| invalid("length"))?;
+        Ok(self.take(len)?.to_vec())
+    }
+    fn millis(&mut self) -> io::Result<Duration> {
+        Ok(Duration::from_millis(self.u64()?))
+    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("hand-off message: {what}"))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Message {
+    /// The message as bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(128));
+        w.u8(WIRE_VERSION);
+        match self {
+            Message::Offer(offer) => {
+                w.u8(KIND_OFFER);
+                w.u64(offer.token);
+                w.bytes(offer.listener.as_bytes());
+                let ip = match offer.peer.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                w.0.extend(ip.octets());
+                w.0.extend(offer.peer.port().to_le_bytes());
+                w.u8(u8::from(offer.peer.is_ipv4()) | u8::from(offer.long) << 1);
+                for value in [millis(offer.age), millis(offer.quiet)] {
+                    w.u64(value);
+                }
+                for value in [offer.bytes_in, offer.bytes_out, offer.exchanges] {
+                    w.u64(value);
+                }
+                match offer.record {
+                    Some((record, tag)) => {
+                        w.u8(1);
+                        w.u64(u64::from(record));
+                        w.u64(tag);
+                    }
+                    None => w.u8(0),
+                }
+                match offer.timer {
+                    Some(left) => {
+                        w.u8(1);
+                        w.u64(millis(left));
+                    }
+                    None => w.u8(0),
+                }
+                w.bytes(&offer.state);
+            }
+            Message::Resolved { token, outcome } => {
+                w.u8(KIND_RESOLVED);
+                w.u64(*token);
+                w.u8(match outcome {
+                    Outcome::Adopted => 0,
+                    Outcome::Busy => 1,
+                    Outcome::Refused => 2,
+                    Outcome::Lost => 3,
+                });
+            }
+        }
+        w.0
+    }
+
+    /// Parses a message.
+    ///
+    /// # Errors
+    /// `InvalidData`: another wire version, an unknown kind, a truncated or malformed body.
+    pub fn decode(bytes: &[u8]) -> io::Result<Message> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if version != WIRE_VERSION {
+            return Err(invalid(&format!("version {version}, this binary speaks {WIRE_VERSION}")));
+        }
+        let message = match r.u8()? {
+            KIND_OFFER => {
+                let token = r.u64()?;
+                let listener =
+                    String::from_utf8(r.bytes()?).map_err(|_| invalid("listener name"))?;
+                let ip = Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).expect("16 bytes"));
+                let port = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+                let flags = r.u8()?;
+                let ip = match (flags & 1 == 1, ip.to_ipv4_mapped()) {
+                    (true, Some(v4)) => IpAddr::V4(v4),
+                    (true, None) => return Err(invalid("IPv4 flag on an IPv6 address")),
+                    (false, _) => IpAddr::V6(ip),
+                };
+                let (age, quiet) = (r.millis()?, r.millis()?);
+                let (bytes_in, bytes_out, exchanges) = (r.u64()?, r.u64()?, r.u64()?);
+                let record = match r.u8()? {
+                    0 => None,
+                    _ => {
+                        let record = u32::try_from(r.u64()?).map_err(|_| invalid("record"))?;
+                        Some((record, r.u64()?))
+                    }
+                };
+                let timer = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.millis()?),
+                };
+                let state = r.bytes()?;
+                Message::Offer(Offer {
+                    token,
+                    listener,
+                    peer: SocketAddr::new(ip, port),
+                    long: flags & 2 == 2,
+                    age,
+                    quiet,
+                    bytes_in,
+                    bytes_out,
+                    exchanges,
+                    record,
+                    timer,
+                    state,
+                })
+            }
+            KIND_RESOLVED => {
+                let token = r.u64()?;
+                let outcome = match r.u8()? {
+                    0 => Outcome::Adopted,
+                    1 => Outcome::Busy,
+                    2 => Outcome::Refused,
+                    3 => Outcome::Lost,
+                    other => return Err(invalid(&format!("outcome {other}"))),
+                };
+                Message::Resolved { token, outcome }
+            }
+            other => return Err(invalid(&format!("kind {other}"))),
+        };
+        if !r.0.is_empty() {
+            return Err(invalid("trailing bytes"));
+        }
+        Ok(message)
+    }
+}
+
+/// One end of a hand-off channel, with the messages waiting for room in the socket.
+#[derive(Debug)]
+pub struct Channel {
+    socket: OwnedFd,
+    queue: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
+}
+
+impl Channel {
+    /// A connected pair (master end, worker end): non-blocking, close-on-exec.
+    ///
+    /// # Errors
+    /// socketpair(2) failed (`EMFILE`, `ENFILE`).
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)?;
+        Ok((Channel::from_fd(a), Channel::from_fd(b)))
+    }
+
+    fn from_fd(socket: OwnedFd) -> Channel {
+        Channel { socket, queue: VecDeque::new() }
+    }
+
+    /// The socket, to watch for readability (and writability while [`Channel::backlogged`]).
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Messages wait for room in the socket: watch it for writability, then [`Channel::flush`].
+    pub fn backlogged(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Queues `message` (with `fd` as `SCM_RIGHTS`) and sends what the socket takes.
+    ///
+    /// # Errors
+    /// `WouldBlock` when [`MAX_QUEUED`] messages wait already (nothing queued); a send
+    /// error other than `WouldBlock` (the peer is gone).
+    pub fn send(&mut self, message: &Message, fd: Option<OwnedFd>) -> io::Result<()> {
+        if self.queue.len() >= MAX_QUEUED {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.queue.push_back((message.encode(), fd));
+        self.flush()
+    }
+
+    /// Sends queued messages until the socket is full.
+    ///
+    /// # Errors
+    /// A send error other than `WouldBlock`/`EINTR`; too many descriptors in flight
+    /// (`ETOOMANYREFS`) counts as full.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while let Some((bytes, fd)) = self.queue.front() {
+            let raw = fd.as_ref().map(AsRawFd::as_raw_fd);
+            let fds = raw.as_slice();
+            let rights = [ControlMessage::ScmRights(fds)];
+            let cmsgs: &[ControlMessage<'_>] = if raw.is_some() { &rights } else { &[] };
+            let iov = [IoSlice::new(bytes)];
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            match sendmsg::<()>(self.socket.as_raw_fd(), &iov, cmsgs, flags, None) {
+                Ok(_) => {
+                    // Our copy of the descriptor closes here; the peer has its own now.
+                    self.queue.pop_front();
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN | Errno::ETOOMANYREFS | Errno::ENOBUFS) => return Ok(()),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next message, with its descriptor; `Ok(None)` when nothing is waiting.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the peer closed its end; `InvalidData` for a malformed message
+    /// (its descriptor, if any, is closed); another receive error.
+    pub fn recv(&mut self) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
+        let mut buffer = vec![0u8; MAX_MESSAGE + 1];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        loop {
+            let mut iov = [IoSliceMut::new(&mut buffer)];
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            let received =
+                match recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+                    Ok(received) => received,
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => return Ok(None),
+                    Err(error) => return Err(error.into()),
+                };
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            if let Ok(cmsgs) = received.cmsgs() {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: SCM_RIGHTS just installed these descriptors in this
+                        // process, and nothing else refers to them.
+                        fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+            }
+            let (bytes, truncated) = (
+                received.bytes,
+                received.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+            );
+            if bytes == 0 && fds.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if truncated || bytes > MAX_MESSAGE || fds.len() > 1 {
+                return Err(invalid("oversized, or more than one descriptor"));
+            }
+            let message = Message::decode(&buffer[..bytes])?;
+            let fd = fds.pop();
+            if matches!(message, Message::Offer(_)) != fd.is_some() {
+                return Err(invalid("an offer comes with exactly one descriptor"));
+            }
+            return Ok(Some((message, fd)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn offer() -> Offer {
+        Offer {
+            token: 7,
+            listener: "echo".into(),
+            peer: "127.0.0.2:4242".parse().unwrap(),
+            long: true,
+            age: Duration::from_millis(1500),
+            quiet: Duration::from_millis(20),
+            bytes_in: 10,
+            bytes_out: 10,
+            exchanges: 2,
+            record: Some((12, 99)),
+            timer: None,
+            state: vec![1],
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_other_versions_are_refused() {
+        let mut v6 = offer();
+        v6.peer = "[::1]:80".parse().unwrap();
+        v6.record = None;
+        v6.timer = Some(Duration::from_millis(5));
+        for message in [
+            Message::Offer(offer()),
+            Message::Offer(v6),
+            Message::Resolved { token: 3, outcome: Outcome::Lost },
+        ] {
+            assert_eq!(Message::decode(&message.encode()).unwrap(), message);
+        }
+        let mut bytes = Message::Offer(offer()).encode();
+        bytes[0] = WIRE_VERSION + 1;
+        assert!(Message::decode(&bytes).is_err());
+        let bytes = Message::Offer(offer()).encode();
+        assert!(Message::decode(&bytes[..bytes.len() - 1]).is_err(), "truncated");
+    }
+
+    #[test]
+    fn a_socket_crosses_the_channel_and_keeps_working() {
+        let (mut master, mut worker) = Channel::pair().unwrap();
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        worker.send(&Message::Offer(offer()), Some(OwnedFd::from(theirs))).unwrap();
+        let (message, fd) = master.recv().unwrap().expect("a message");
+        assert_eq!(message, Message::Offer(offer()));
+        let mut moved = std::os::unix::net::UnixStream::from(fd.expect("the socket"));
+        moved.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        ours.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        assert!(master.recv().unwrap().is_none(), "nothing more");
+        drop(worker);
+        assert_eq!(master.recv().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
