@@ -100,6 +100,10 @@ pub struct ListenerSection {
     pub tcp_nodelay: Option<Spanned<bool>>,
     /// One SO_REUSEPORT socket per worker.
     pub reuseport: Option<Spanned<bool>>,
+    /// `"tcp"` (default) or `"udp"`.
+    pub transport: Option<Spanned<String>>,
+    /// Datagrams per client address and period, across all workers (`"100/s"`), UDP only.
+    pub max_datagram_rate_per_client: Option<Spanned<String>>,
     /// `[listener.options]`: the service's own options, read by the service.
     pub options: Option<Spanned<toml::Table>>,
 }
@@ -136,6 +140,8 @@ pub const KEYS: &[&str] = &[
     "listener.max_long_connections_per_client",
     "listener.tcp_nodelay",
     "listener.reuseport",
+    "listener.transport",
+    "listener.max_datagram_rate_per_client",
     "listener.options",
 ];
 

@@ -32,6 +32,8 @@ use nix::libc;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 use thiserror::Error;
 
+pub mod rate;
+
 /// The shared limits table could not be created or used.
 #[derive(Debug, Error)]
 pub enum LimitsError {

@@ -45,8 +45,9 @@ use nix::unistd::{Pid, Uid};
 use thiserror::Error;
 
 use crate::activation;
-use crate::config::{Config, LogTarget};
+use crate::config::{Config, ListenerTransport, LogTarget};
 use crate::exit::ExitStatus;
+use crate::limits::rate::Rates;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
 use crate::logging;
@@ -153,6 +154,8 @@ pub struct Master {
     listeners: Vec<Listener>,
     listener_ids: HashMap<String, u16>,
     limits: Limits,
+    /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
+    rates: Rates,
     /// Records per slot in the limits table: the most `max_connections_per_worker` can be.
     per_slot: usize,
     scoreboard: Scoreboard,
@@ -256,13 +259,21 @@ fn open_listeners(
         } else {
             (Listener::bind(listener, id)?, "bound")
         };
-        log::info!(
-            "listener {} ({}) listening on {}, backlog {} ({how})",
-            bound.config.name,
-            bound.config.service.name,
-            bound.local_addr,
-            bound.config.backlog
-        );
+        match bound.config.transport {
+            ListenerTransport::Tcp => log::info!(
+                "listener {} ({}) listening on {}, backlog {} ({how})",
+                bound.config.name,
+                bound.config.service.name,
+                bound.local_addr,
+                bound.config.backlog
+            ),
+            ListenerTransport::Udp => log::info!(
+                "listener {} ({}) listening on {}, udp ({how})",
+                bound.config.name,
+                bound.config.service.name,
+                bound.local_addr,
+            ),
+        }
         listeners.push(bound);
     }
     if let Some(extra) = activated.first() {
@@ -303,6 +314,7 @@ impl Master {
         let capacity = workers * SLOT_HEADROOM * (1 + config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
         let limits = Limits::new(capacity, per_slot)?;
+        let rates = Rates::new()?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,
@@ -322,6 +334,7 @@ impl Master {
             listeners,
             listener_ids,
             limits,
+            rates,
             per_slot,
             scoreboard,
             pidfile,

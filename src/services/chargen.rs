@@ -64,6 +64,12 @@ impl Service for Chargen {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(ChargenSession { offset: 0, input_closed: false, peer_gone: false })
     }
+
+    fn datagram(&self) -> Result<&dyn super::DatagramService, &'static str> {
+        // RFC 864's UDP form answers any datagram with up to 512 bytes: a forged source
+        // address turns it into a traffic amplifier (CVE-1999-0103).
+        Err("a reply of up to 512 bytes to any datagram makes it an amplifier for spoofed requests")
+    }
 }
 
 #[derive(Debug)]

@@ -31,6 +31,10 @@ impl Service for Discard {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(DiscardSession { peer_closed: false })
     }
+
+    fn datagram(&self) -> Result<&dyn super::DatagramService, &'static str> {
+        Err("it never answers, so there is nothing to serve: drop the datagrams with a firewall rule instead")
+    }
 }
 
 /// A discard session: only whether the client has closed.

@@ -17,6 +17,7 @@
 //! registers its own services by name with [`crate::Daemon::service`].
 
 mod context;
+mod datagram;
 mod lines;
 mod options;
 pub mod pool;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use context::Context;
 pub(crate) use context::{Extras, unwatch};
+pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
@@ -172,6 +174,25 @@ impl ConnInfo<'_> {
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
+
+    /// Whether the service can serve a TCP listener; `Err(reason)` makes `preforkd check`
+    /// refuse `transport = "tcp"` with that reason ([`Service::session`] is then never
+    /// called). Default: `Ok`.
+    ///
+    /// # Errors
+    /// The reason the service has no stream form, e.g. `"TFTP is a UDP protocol"`.
+    fn stream(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    /// The service's datagram side, for `transport = "udp"` (see [`DatagramService`]).
+    ///
+    /// # Errors
+    /// The reason the service refuses UDP, which `preforkd check` prints; the default is
+    /// `"it has no datagram form"`.
+    fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
+        Err("it has no datagram form")
+    }
 }
 
 /// The per-connection state of a service.

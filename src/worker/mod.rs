@@ -20,8 +20,14 @@
 //! graceful stop) are *lingering closes*, as nginx does: FIN first, then the client's late
 //! input is read and discarded until its FIN or [`LINGER_TIMEOUT`]. A plain close with unread
 //! input would make the kernel send RST, and the client could lose answers already sent.
+//!
+//! UDP listeners take a small path of their own (`datagram.rs`): datagrams are received until
+//! `WouldBlock` (at most a batch per turn), each one checked against the client's datagram
+//! rate and handed to the service; a service's [`services::Flow`] (a TFTP transfer) is
+//! watched on its own socket with its own deadline, and counts as a connection.
 
 pub mod conn;
+mod datagram;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -36,7 +42,9 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
+use crate::config::ListenerTransport;
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
+use crate::limits::rate::Rates;
 use crate::limits::{Admission, ClientKey, Limits, SlotLedger};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
@@ -85,6 +93,8 @@ pub struct WorkerContext<'a> {
     pub listeners: Vec<Listener>,
     /// The shared per-client table.
     pub limits: &'a Limits,
+    /// The shared per-client datagram rates (UDP listeners).
+    pub rates: &'a Rates,
     /// The shared scoreboard; this worker writes its own slot.
     pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
@@ -135,7 +145,9 @@ struct Worker<'a> {
     /// to avoid an allocation per turn).
     ready_listeners: Vec<(RawFd, usize)>,
     /// `reuseport`: this worker's own sockets, with their listener index.
-    own_listeners: Vec<(std::net::TcpListener, usize)>,
+    own_listeners: Vec<(crate::listener::ListenSocket, usize)>,
+    /// UDP listeners' flows (TFTP transfers) and datagram counters.
+    datagrams: datagram::Datagrams,
     open: usize,
     accepting: bool,
     draining: bool,
@@ -186,6 +198,7 @@ impl<'a> Worker<'a> {
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
         let ledger = context.limits.ledger(context.slot);
+        let own_count = context.listeners.len();
         let score = context.scoreboard.slot(context.slot);
         score.beat();
         score.set_state(SlotState::Ready);
@@ -207,6 +220,7 @@ impl<'a> Worker<'a> {
             next_serial: 0,
             ready_listeners: Vec::new(),
             own_listeners,
+            datagrams: datagram::Datagrams::new(own_count),
             open: 0,
             accepting: false,
             draining: false,
@@ -252,6 +266,8 @@ impl<'a> Worker<'a> {
                     }
                 } else if let Some(index) = self.listener_index(event.fd) {
                     self.ready_listeners.push((event.fd, index));
+                } else if self.datagrams.owns(event.fd) {
+                    self.on_flow_ready(event.fd, now);
                 } else {
                     self.on_ready(*event, now);
                 }
@@ -260,13 +276,18 @@ impl<'a> Worker<'a> {
             for i in 0..self.ready_listeners.len() {
                 if self.accepting {
                     let (fd, index) = self.ready_listeners[i];
-                    self.accept(fd, index, now);
+                    match self.context.config.listeners[index].transport {
+                        ListenerTransport::Tcp => self.accept(fd, index, now),
+                        ListenerTransport::Udp => self.receive(fd, index, now),
+                    }
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(Instant::now());
+                self.expire_flows(Instant::now());
             }
-            if self.draining && self.open == 0 {
+            if self.draining && self.open == 0 && self.datagrams.flows() == 0 {
+                self.summarize_datagrams(now, true);
                 log::info!("graceful stop complete: no connection left");
                 return WORKER_EXIT_OK;
             }
@@ -285,8 +306,9 @@ impl<'a> Worker<'a> {
         score.bytes_in.fetch_add(totals.bytes_in, Ordering::Relaxed);
         score.bytes_out.fetch_add(totals.bytes_out, Ordering::Relaxed);
         score.accepted.fetch_add(totals.accepted, Ordering::Relaxed);
-        score.open.store(self.open as u64, Ordering::Relaxed);
+        score.open.store((self.open + self.datagrams.flows()) as u64, Ordering::Relaxed);
         self.last_published = now;
+        self.summarize_datagrams(now, false);
     }
 
     /// The listener index of a listening descriptor (shared or this worker's own).
@@ -325,14 +347,15 @@ impl<'a> Worker<'a> {
     /// and for what their sessions watch.
     fn room(&self) -> usize {
         let max = self.context.config.daemon.max_connections_per_worker.get();
-        max.saturating_sub(self.open + self.extra_fds)
+        max.saturating_sub(self.open + self.extra_fds + self.datagrams.flows())
     }
 
     /// The earliest timer (possibly stale, which only means an early wake-up) or the end of
     /// an accept pause.
     fn next_deadline(&self) -> Option<Instant> {
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-        timer.into_iter().chain(self.accept_paused_until).min()
+        let flow = self.datagrams.next_deadline();
+        timer.into_iter().chain(flow).chain(self.accept_paused_until).min()
     }
 
     /// Puts the connection's current deadline in the timer heap, unless an entry at least as
@@ -375,6 +398,8 @@ impl<'a> Worker<'a> {
                 Signal::SIGTERM | Signal::SIGINT => {
                     log::info!("fast stop ({signal}): closing {} connection(s)", self.open);
                     self.close_all(now);
+                    self.end_flows(now);
+                    self.summarize_datagrams(now, true);
                     return Some(WORKER_EXIT_OK);
                 }
                 Signal::SIGUSR1 => {
@@ -395,7 +420,10 @@ impl<'a> Worker<'a> {
         let now = Instant::now();
         for i in 0..self.own_listeners.len() {
             let (fd, index) = (self.own_listeners[i].0.as_raw_fd(), self.own_listeners[i].1);
-            self.accept(fd, index, now);
+            match self.context.config.listeners[index].transport {
+                ListenerTransport::Tcp => self.accept(fd, index, now),
+                ListenerTransport::Udp => self.receive(fd, index, now),
+            }
         }
         self.draining = true;
         self.score().set_state(SlotState::Draining);

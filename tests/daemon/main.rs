@@ -1,4 +1,4 @@
-//! Integration tests: the real `preforkd` binary, real TCP on 127.0.0.x.
+//! Integration tests: the real `preforkd` binary, real TCP and UDP on 127.0.0.x.
 
 mod harness;
 
@@ -14,4 +14,5 @@ mod services;
 mod supervision;
 mod syslog;
 mod systemd;
+mod udp;
 mod upgrade;
