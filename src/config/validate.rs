@@ -685,6 +685,13 @@ mod tests {
         assert!(chargen[0].contains("amplifier"), "{chargen:?}");
         let discard = issues(&udp("discard", ""));
         assert!(discard[0].contains("nothing to serve"), "{discard:?}");
+        let tftp_over_tcp = issues(
+            "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:69\"\nservice = \"tftp\"\n[listener.options]\nroot = \"/srv\"\n",
+        );
+        assert!(
+            tftp_over_tcp[0].contains("cannot serve TCP: TFTP is a UDP protocol"),
+            "{tftp_over_tcp:?}"
+        );
         let tcp_keys = issues(&udp("echo", "backlog = 5\ntcp_nodelay = false\n"));
         assert_eq!(tcp_keys.len(), 2, "{tcp_keys:?}");
         assert!(tcp_keys.iter().all(|i| i.contains("applies to TCP only")), "{tcp_keys:?}");

@@ -14,5 +14,6 @@ mod services;
 mod supervision;
 mod syslog;
 mod systemd;
+mod tftp;
 mod udp;
 mod upgrade;
