@@ -9,8 +9,9 @@
 //! - a flow is admitted like a connection: against the worker's descriptor budget and the
 //!   client's `max_connections_per_client` in the shared table, and its record is released
 //!   when it ends, whatever the way;
-//! - a flow's deadlines sit in their own heap; stale entries (a deadline replaced or a flow
-//!   gone) are skipped by serial when they come due;
+//! - a flow's deadlines sit in their own heap, about one entry per flow: a deadline that
+//!   moves later costs nothing until its entry comes due, then it is pushed again; entries
+//!   of flows gone are skipped by serial;
 //! - datagrams are not connections: they get a summary access line per listener at most
 //!   every [`SUMMARY_INTERVAL`], flows get one access line each.
 
@@ -47,8 +48,13 @@ struct FlowEntry {
     opened: Instant,
     ticket: Option<Ticket>,
     serial: u64,
-    /// The deadline in force (the heap may hold older, stale ones).
+    /// The deadline in force.
     deadline: Option<Instant>,
+    /// The earliest entry this flow has in the timer heap. A deadline that moves later
+    /// (every block sent) costs no heap operation: the entry is checked when it comes due
+    /// and pushed again at the deadline then in force, so the heap holds about one entry
+    /// per flow instead of one per packet.
+    scheduled: Option<Instant>,
 }
 
 /// Counters of one UDP listener since its last summary line.
@@ -259,6 +265,7 @@ impl Worker<'_> {
             ticket,
             serial,
             deadline: None,
+            scheduled: None,
         });
         self.datagrams.count += 1;
         self.unpublished.accepted += 1;
@@ -282,7 +289,10 @@ impl Worker<'_> {
         match step {
             Step::Wait(at) => {
                 entry.deadline = Some(at);
-                self.datagrams.timers.push(Reverse((at, fd, entry.serial)));
+                if entry.scheduled.is_none_or(|scheduled| at < scheduled) {
+                    entry.scheduled = Some(at);
+                    self.datagrams.timers.push(Reverse((at, fd, entry.serial)));
+                }
             }
             Step::Unchanged => {}
             Step::Done(result) => self.finish_flow(fd, result, now),
@@ -309,8 +319,19 @@ impl Worker<'_> {
             let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
                 continue;
             };
-            if entry.serial != serial || entry.deadline != Some(at) {
-                continue; // stale
+            if entry.serial != serial || entry.scheduled != Some(at) {
+                continue; // stale: the flow is gone, or an earlier entry replaced this one
+            }
+            entry.scheduled = None;
+            match entry.deadline {
+                Some(deadline) if deadline <= now => {}
+                Some(later) => {
+                    // Moved later since (activity): due again then.
+                    entry.scheduled = Some(later);
+                    self.datagrams.timers.push(Reverse((later, fd, serial)));
+                    continue;
+                }
+                None => continue,
             }
             entry.deadline = None;
             let step = entry.flow.on_timer(now);

@@ -180,6 +180,8 @@ pub struct Read {
     pub windowsize: u64,
     /// Netascii read buffer (`None`: octet).
     pub scratch: Option<Vec<u8>>,
+    /// Octet mode's read-ahead.
+    pub ahead: source::ReadAhead,
     /// Waiting for ACK 0 of the OACK.
     pub negotiating: bool,
     /// First block not acknowledged (blocks count from 1).
@@ -206,6 +208,7 @@ impl Read {
             blksize,
             windowsize,
             scratch: netascii.then(Vec::new),
+            ahead: source::ReadAhead::default(),
             base: 1,
             next: 1,
             positions: [Position::default()].into(),
@@ -220,7 +223,11 @@ impl Read {
         while self.next < self.base + self.windowsize && self.last.is_none_or(|l| self.next <= l) {
             let at = *self.positions.back().expect("the position of `next` is kept");
             self.packet.resize(4 + self.blksize, 0);
-            let filled = source::fill(&self.file, at, &mut self.packet[4..], self.scratch.as_mut());
+            let out = &mut self.packet[4..];
+            let filled = match self.scratch.as_mut() {
+                Some(scratch) => source::fill(&self.file, at, out, Some(scratch)),
+                None => self.ahead.fill(&self.file, at, out),
+            };
             let (n, following) = match filled {
                 Ok(read) => read,
                 Err(_) => {
@@ -303,7 +310,6 @@ impl Flow for Read {
 
     fn on_readable(&mut self, now: Instant) -> Step {
         let mut buffer = [0u8; 516];
-        let mut step = None;
         for _ in 0..PACKETS_PER_CALL {
             let n = match self.common.receive(&mut buffer) {
                 Ok(Some(n)) => n,
@@ -311,12 +317,12 @@ impl Flow for Read {
                 Err(result) => return Step::Done(result),
             };
             match packet::header(&buffer[..n]) {
+                // An ACK that moved the transfer sent the next window: the client's next
+                // ACK cannot be here yet, so skip the read that would say WouldBlock (the
+                // poller is level-triggered: anything else waiting wakes the loop again).
                 Some((ACK, block)) => {
                     if let Some(next) = self.on_ack(block, now) {
-                        if let Step::Done(_) = next {
-                            return next;
-                        }
-                        step = Some(next);
+                        return next;
                     }
                 }
                 Some((ERROR, _)) => return Step::Done("client-error"),
@@ -324,7 +330,7 @@ impl Flow for Read {
             }
         }
         // Nothing new (a duplicate, a stray packet): the deadline of the last send stands.
-        step.unwrap_or(Step::Unchanged)
+        Step::Unchanged
     }
 
     fn on_timer(&mut self, now: Instant) -> Step {
