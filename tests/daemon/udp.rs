@@ -119,3 +119,55 @@ fn chargen_and_discard_over_udp_are_refused_by_check_with_the_reason() {
         assert!(stderr.contains(reason), "{stderr}");
     }
 }
+
+#[test]
+fn a_udp_socket_is_kept_across_reload_and_handed_to_an_upgraded_master() {
+    // A TCP and a UDP echo listener; the reload must keep each its own socket.
+    let config = |rate: &str| {
+        format!(
+            "{}[[listener]]\nname = \"echo-udp\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"udp\"\nmax_datagram_rate_per_client = \"{rate}\"\n",
+            controlled_config(2, "", "")
+        )
+    };
+    let daemon = Daemon::start(&config("100/s"));
+    let udp = daemon.addrs[1];
+    let client = client_from(Ipv4Addr::LOCALHOST);
+    assert_eq!(ask(&client, udp, b"before"), b"before");
+
+    // A reload that lowers the rate to 1 per hour: the same socket, the new policy. The
+    // bucket is per listener and client, kept across generations, and now refills slowly.
+    daemon.rewrite_config(&config("1/h"));
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    eventually("generation 2 serves", || {
+        let (_, status, _) = daemon.control("status");
+        status.lines().filter(|l| l.contains(" ready ")).count() == 2
+            && status
+                .lines()
+                .all(|l| !l.contains(" ready ") || l.split_whitespace().nth(2) == Some("2"))
+    });
+    let fresh = client_from(Ipv4Addr::new(127, 0, 0, 4));
+    assert_eq!(ask(&fresh, udp, b"after"), b"after", "the reloaded listener answers");
+    // Its second datagram is over "1/h": a probe from another client is answered after it
+    // was taken from the queue, and no answer to it has arrived.
+    fresh.send_to(b"over", udp).unwrap();
+    let probe = client_from(Ipv4Addr::new(127, 0, 0, 6));
+    assert_eq!(ask(&probe, udp, b"probe"), b"probe");
+    fresh.set_nonblocking(true).unwrap();
+    let mut buffer = [0u8; 16];
+    let over = fresh.recv_from(&mut buffer).unwrap_err();
+    assert_eq!(over.kind(), std::io::ErrorKind::WouldBlock, "the new rate applies");
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"tcp", PATIENCE), Outcome::Echoed, "TCP kept its own");
+
+    // Binary upgrade: the new master adopts the UDP socket by name, on the same port.
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    let new = new_master_pid(&stdout);
+    daemon.wait_for_log("the new master adopts the UDP socket", |l| {
+        l.contains(&format!("pid={new}"))
+            && l.contains(&format!("echo-udp (echo) listening on {udp}, udp (inherited"))
+    });
+    let third = client_from(Ipv4Addr::new(127, 0, 0, 5));
+    assert_eq!(ask(&third, udp, b"upgraded"), b"upgraded");
+}
