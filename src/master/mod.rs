@@ -243,7 +243,15 @@ fn open_listeners(
     for listener in &config.listeners {
         let id = listener_id(ids, &listener.name);
         let by_name = activated.iter().position(|p| p.name.as_deref() == Some(&listener.name));
-        let by_address = || activated.iter().position(|p| p.address == Some(listener.address));
+        // By address, a TCP and a UDP socket on one port are told apart by their type.
+        let datagram = listener.transport == ListenerTransport::Udp;
+        let by_address = || {
+            activated.iter().position(|p| {
+                let kind = socket2::SockRef::from(&p.fd).r#type().ok();
+                p.address == Some(listener.address)
+                    && kind.is_some_and(|k| (k == socket2::Type::DGRAM) == datagram)
+            })
+        };
         let (bound, how) = if let Some(fd) = inherited.remove(&listener.name) {
             let adopted = Listener::adopt(listener, id, fd)?;
             let moved = listener.address.port() != 0 && adopted.local_addr != listener.address;
