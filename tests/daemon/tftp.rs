@@ -330,3 +330,31 @@ fn write_requests_create_new_files_only_within_the_size_limit() {
     assert_eq!(error_code(&packet), 3);
     assert!(!root.join("huge").exists());
 }
+
+#[test]
+fn ipv6_clients_are_served_from_an_ipv6_tid() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("note: no IPv6 loopback here; nothing to test");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("file"), random_bytes(100_000, 6)).unwrap();
+    let config = tftp_config(1, "", "")
+        .replace("127.0.0.1:0", "[::1]:0")
+        .replace("@ROOT@", root.path().to_str().unwrap());
+    let daemon = Daemon::start(&config);
+    let addr = daemon.addr();
+    assert!(addr.is_ipv6(), "{addr}");
+    let out = tempfile::tempdir().unwrap();
+    let local = out.path().join("file");
+    let url = format!("tftp://[::1]:{}/file", addr.port());
+    let output = run(
+        "curl",
+        &["-sS", "--tftp-blksize", "1428", "-o", local.to_str().unwrap(), &url],
+        out.path(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read(local).unwrap(), std::fs::read(root.path().join("file")).unwrap());
+    let line = daemon.wait_for_log("the transfer's access line", |l| l.contains("result=complete"));
+    assert!(field(&line, "peer").is_some_and(|p| p.starts_with("[::1]:")), "{line}");
+}
