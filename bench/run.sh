@@ -4,6 +4,7 @@
 # Usage: bench/run.sh [--seconds 5] [--short-clients 32] [--idle 10000] [--only preforkd,tokio]
 # Needs the peers installed (Debian: apt-get install xinetd ucspi-tcp socat); missing ones
 # are skipped. Takes about 6 minutes with the defaults.
+# TFTP against tftpd-hpa: target/release/preforkd-bench tftp (see BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p preforkd -p preforkd-bench >&2

@@ -312,7 +312,9 @@ fn upgrade(target: &Target, board: &Scoreboard, pid_path: &Path) -> Outcome {
         }
         let new = pidfile::running_pid(pid_path).ok().filter(|&pid| pid != master.as_raw())?;
         let new_board = Scoreboard::open(&scoreboard::path_for(pid_path)).ok()?;
-        if new_board.header().master_pid.load(Ordering::Acquire) != new {
+        if new_board.header().master_pid.load(Ordering::Acquire) != new
+            || new_board.header().ready_unix_ms.load(Ordering::Acquire) == 0
+        {
             return None;
         }
         let target = new_board.header().target_workers.load(Ordering::Relaxed) as usize;

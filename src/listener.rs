@@ -4,15 +4,99 @@
 //! IPv6 addresses (an `[::]` listener does not also take IPv4), the configured backlog,
 //! `O_NONBLOCK` (workers accept until `EAGAIN`) and `FD_CLOEXEC`. Workers inherit them
 //! through `fork(2)` and all accept on the same sockets.
+//!
+//! A `transport = "udp"` listener is a bound datagram socket with the same options (no
+//! listen, no backlog): every worker receives on it until `EAGAIN`, and it is handed over on
+//! reload and upgrade like a TCP one.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerTransport};
+
+/// A listener's socket: listening TCP or bound UDP.
+#[derive(Debug)]
+pub enum ListenSocket {
+    /// `transport = "tcp"`: accept connections.
+    Stream(TcpListener),
+    /// `transport = "udp"`: receive datagrams.
+    Datagram(UdpSocket),
+}
+
+impl ListenSocket {
+    /// The UDP socket, for a datagram listener.
+    pub fn datagram(&self) -> Option<&UdpSocket> {
+        match self {
+            ListenSocket::Datagram(socket) => Some(socket),
+            ListenSocket::Stream(_) => None,
+        }
+    }
+
+    fn sock_ref(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(self)
+    }
+
+    fn try_clone(&self) -> io::Result<ListenSocket> {
+        Ok(match self {
+            ListenSocket::Stream(s) => ListenSocket::Stream(s.try_clone()?),
+            ListenSocket::Datagram(s) => ListenSocket::Datagram(s.try_clone()?),
+        })
+    }
+}
+
+impl AsFd for ListenSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            ListenSocket::Stream(s) => s.as_fd(),
+            ListenSocket::Datagram(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for ListenSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// Creates, configures and binds a socket of `transport` on `address` (listening, for TCP),
+/// non-blocking and close-on-exec.
+fn open(
+    transport: ListenerTransport,
+    address: SocketAddr,
+    reuseport: bool,
+    backlog: u32,
+    fail: &dyn Fn(&'static str, io::Error) -> BindError,
+) -> Result<ListenSocket, BindError> {
+    let (kind, protocol) = match transport {
+        ListenerTransport::Tcp => (Type::STREAM, Protocol::TCP),
+        ListenerTransport::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    // socket2 creates the socket with SOCK_CLOEXEC.
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))
+        .map_err(|e| fail("create a socket for", e))?;
+    socket.set_reuse_address(true).map_err(|e| fail("set SO_REUSEADDR on", e))?;
+    if reuseport {
+        socket.set_reuse_port(true).map_err(|e| fail("set SO_REUSEPORT on", e))?;
+    }
+    if address.is_ipv6() {
+        socket.set_only_v6(true).map_err(|e| fail("set IPV6_V6ONLY on", e))?;
+    }
+    socket.bind(&address.into()).map_err(|e| fail("bind", e))?;
+    if transport == ListenerTransport::Tcp {
+        let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+        socket.listen(backlog).map_err(|e| fail("listen on", e))?;
+    }
+    socket.set_nonblocking(true).map_err(|e| fail("set O_NONBLOCK on", e))?;
+    Ok(match transport {
+        ListenerTransport::Tcp => ListenSocket::Stream(socket.into()),
+        ListenerTransport::Udp => ListenSocket::Datagram(socket.into()),
+    })
+}
 
 /// A bound, listening socket and the configuration it serves.
 #[derive(Debug)]
@@ -24,7 +108,7 @@ pub struct Listener {
     /// Stable identity across reloads (assigned per listener name by the master): per-client
     /// counts are keyed by it, so a client keeps its count when the configuration changes.
     pub id: u16,
-    socket: TcpListener,
+    socket: ListenSocket,
 }
 
 /// A listener could not be set up.
@@ -49,25 +133,15 @@ impl Listener {
     /// `could not bind 127.0.0.1:7788 (listener echo): Address already in use`.
     pub fn bind(config: &ListenerConfig, id: u16) -> Result<Self, BindError> {
         let address = config.address;
-        let fail = |step: &'static str| {
-            move |source: io::Error| BindError { step, address, name: config.name.clone(), source }
+        let fail = |step: &'static str, source: io::Error| BindError {
+            step,
+            address,
+            name: config.name.clone(),
+            source,
         };
-        // socket2 creates the socket with SOCK_CLOEXEC.
-        let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))
-            .map_err(fail("create a socket for"))?;
-        socket.set_reuse_address(true).map_err(fail("set SO_REUSEADDR on"))?;
-        if config.reuseport {
-            socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT on"))?;
-        }
-        if address.is_ipv6() {
-            socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY on"))?;
-        }
-        socket.bind(&address.into()).map_err(fail("bind"))?;
-        let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
-        socket.listen(backlog).map_err(fail("listen on"))?;
-        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
-        let socket = TcpListener::from(socket);
-        let local_addr = socket.local_addr().map_err(fail("read the bound address of"))?;
+        let socket =
+            open(config.transport, address, config.reuseport, config.backlog.get(), &fail)?;
+        let local_addr = local_addr(&socket).map_err(|e| fail("read the bound address of", e))?;
         Ok(Listener { config: config.clone(), local_addr, id, socket })
     }
 
@@ -83,35 +157,48 @@ impl Listener {
             move |source: io::Error| BindError { step, address, name, source }
         };
         let socket = self.socket.try_clone().map_err(fail("duplicate the socket of"))?;
-        if config.backlog != self.config.backlog {
+        if config.backlog != self.config.backlog && config.transport == ListenerTransport::Tcp {
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
-            socket2::SockRef::from(&socket).listen(backlog).map_err(fail("listen on"))?;
+            socket.sock_ref().listen(backlog).map_err(fail("listen on"))?;
         }
         Ok(Listener { config: config.clone(), local_addr: self.local_addr, id, socket })
     }
 
     /// Adopts a listening socket inherited from another process (binary upgrade), making it
-    /// non-blocking and close-on-exec again and applying the configured backlog.
+    /// non-blocking and close-on-exec again and applying the configured backlog (for UDP: a
+    /// bound datagram socket).
     ///
     /// # Errors
-    /// [`BindError`] if `fd` is not a listening TCP socket or cannot be set up.
+    /// [`BindError`] if `fd` is not a socket of the listener's transport or cannot be set up.
     pub fn adopt(config: &ListenerConfig, id: u16, fd: OwnedFd) -> Result<Self, BindError> {
         let address = config.address;
         let fail = |step: &'static str| {
             move |source: io::Error| BindError { step, address, name: config.name.clone(), source }
         };
         let socket = Socket::from(fd);
-        if !socket.is_listener().map_err(fail("inspect the inherited socket for"))? {
-            return Err(fail("adopt the inherited socket for")(io::Error::other(
-                "not a listening socket",
-            )));
-        }
-        socket.set_cloexec(true).map_err(fail("set FD_CLOEXEC on"))?;
-        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
-        let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
-        socket.listen(backlog).map_err(fail("listen on"))?;
-        let socket = TcpListener::from(socket);
-        let local_addr = socket.local_addr().map_err(fail("read the bound address of"))?;
+        let socket = if config.transport == ListenerTransport::Udp {
+            let kind = socket.r#type().map_err(fail("inspect the inherited socket for"))?;
+            if kind != Type::DGRAM {
+                return Err(fail("adopt the inherited socket for")(io::Error::other(
+                    "not a datagram socket",
+                )));
+            }
+            socket.set_cloexec(true).map_err(fail("set FD_CLOEXEC on"))?;
+            socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
+            ListenSocket::Datagram(socket.into())
+        } else {
+            if !socket.is_listener().map_err(fail("inspect the inherited socket for"))? {
+                return Err(fail("adopt the inherited socket for")(io::Error::other(
+                    "not a listening socket",
+                )));
+            }
+            socket.set_cloexec(true).map_err(fail("set FD_CLOEXEC on"))?;
+            socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
+            let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
+            socket.listen(backlog).map_err(fail("listen on"))?;
+            ListenSocket::Stream(socket.into())
+        };
+        let local_addr = local_addr(&socket).map_err(fail("read the bound address of"))?;
         Ok(Listener { config: config.clone(), local_addr, id, socket })
     }
 
@@ -121,24 +208,18 @@ impl Listener {
     /// # Errors
     /// [`BindError`] if it cannot be created or bound (the shared socket must have been bound
     /// with `SO_REUSEPORT` by the same user).
-    pub fn bind_own(&self) -> Result<TcpListener, BindError> {
+    pub fn bind_own(&self) -> Result<ListenSocket, BindError> {
         let address = self.local_addr;
-        let fail = |step: &'static str| {
-            let name = self.config.name.clone();
-            move |source: io::Error| BindError { step, address, name, source }
+        let fail = |step: &'static str, source: io::Error| {
+            let step = if step == "bind" { "bind a worker's own socket to" } else { step };
+            BindError { step, address, name: self.config.name.clone(), source }
         };
-        let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))
-            .map_err(fail("create a socket for"))?;
-        socket.set_reuse_address(true).map_err(fail("set SO_REUSEADDR on"))?;
-        socket.set_reuse_port(true).map_err(fail("set SO_REUSEPORT on"))?;
-        if address.is_ipv6() {
-            socket.set_only_v6(true).map_err(fail("set IPV6_V6ONLY on"))?;
-        }
-        socket.bind(&address.into()).map_err(fail("bind a worker's own socket to"))?;
-        let backlog = i32::try_from(self.config.backlog.get()).unwrap_or(i32::MAX);
-        socket.listen(backlog).map_err(fail("listen on"))?;
-        socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
-        Ok(TcpListener::from(socket))
+        open(self.config.transport, address, true, self.config.backlog.get(), &fail)
+    }
+
+    /// The socket: listening TCP or bound UDP.
+    pub fn socket(&self) -> &ListenSocket {
+        &self.socket
     }
 
     /// Lets the socket survive execve(2), for handing it to a new binary (in the forked
@@ -147,7 +228,15 @@ impl Listener {
     /// # Errors
     /// fcntl(2) failed.
     pub fn set_inheritable(&self) -> io::Result<()> {
-        socket2::SockRef::from(&self.socket).set_cloexec(false)
+        self.socket.sock_ref().set_cloexec(false)
+    }
+}
+
+/// The address a socket is bound to.
+fn local_addr(socket: &ListenSocket) -> io::Result<SocketAddr> {
+    match socket {
+        ListenSocket::Stream(s) => s.local_addr(),
+        ListenSocket::Datagram(s) => s.local_addr(),
     }
 }
 
@@ -177,6 +266,8 @@ mod tests {
             tcp_nodelay: true,
             reuseport: false,
             admission: Default::default(),
+            transport: ListenerTransport::Tcp,
+            max_datagram_rate_per_client: None,
         }
     }
 
@@ -203,6 +294,30 @@ mod tests {
         let not_listening = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let error = Listener::adopt(&wider, 3, OwnedFd::from(not_listening)).unwrap_err();
         assert!(error.to_string().contains("inherited socket"), "{error}");
+    }
+
+    #[test]
+    fn udp_listeners_bind_share_the_port_with_tcp_and_adopt_only_datagram_sockets() {
+        let tcp = Listener::bind(&config("127.0.0.1:0"), 0).unwrap();
+        let mut udp = config(&tcp.local_addr.to_string());
+        udp.transport = ListenerTransport::Udp;
+        let bound = Listener::bind(&udp, 1).expect("UDP and TCP ports are separate");
+        assert_eq!(bound.local_addr, tcp.local_addr);
+        let socket = bound.socket().datagram().expect("a datagram socket");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hi", bound.local_addr).unwrap();
+        let mut buffer = [0u8; 8];
+        let (n, from) = socket.recv_from(&mut buffer).unwrap();
+        assert_eq!((&buffer[..n], from), (&b"hi"[..], client.local_addr().unwrap()));
+        let again = socket.recv_from(&mut buffer).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::WouldBlock, "non-blocking");
+        // Handed over (reload, upgrade): the same socket, checked for its type.
+        let reused = bound.reuse(&udp, 1).unwrap();
+        let fd = OwnedFd::from(reused.socket().datagram().unwrap().try_clone().unwrap());
+        assert!(Listener::adopt(&udp, 1, fd).is_ok());
+        let stream = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let error = Listener::adopt(&udp, 1, stream).unwrap_err();
+        assert!(error.to_string().contains("not a datagram socket"), "{error}");
     }
 
     #[test]

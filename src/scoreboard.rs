@@ -24,11 +24,11 @@ use thiserror::Error;
 
 use crate::files;
 
-/// Version 3: the master's start time in the header (control commands check it before they
-/// signal), and [`WorkerScore::refused`] and [`WorkerScore::full`] in what was padding of
+/// Version 4: when the master became ready (`ready_unix_ms`); version 3: the master's start
+/// time in the header (control commands check it before they signal), and [`WorkerScore::refused`] and [`WorkerScore::full`] in what was padding of
 /// the 128-byte slot. Another version is refused: a control command cannot verify the master
 /// of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb3");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb4");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -167,6 +167,11 @@ pub struct Header {
     pub upgrades_failed: AtomicU64,
     /// Target worker count of the serving generation.
     pub target_workers: AtomicU64,
+    /// When the master's first generation became ready and the master had told systemd
+    /// (`READY=1`, or `MAINPID=` after an upgrade), Unix milliseconds; 0 before. `preforkd
+    /// upgrade` waits for it, so an old master stopped right after cannot leave systemd
+    /// without a main process.
+    pub ready_unix_ms: AtomicU64,
     message_len: AtomicU64,
     message: [AtomicU32; MESSAGE_BYTES / 4],
 }

@@ -5,6 +5,7 @@
 mod load;
 mod relay;
 mod servers;
+mod tftp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +61,21 @@ enum Verb {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// TFTP download throughput: preforkd against tftpd-hpa (`in.tftpd --listen`).
+    Tftp {
+        /// Rounds per cell: the two servers take turns, each one's median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// preforkd's event backend: select, poll or epoll.
+        #[arg(long, default_value = "select")]
+        backend: String,
+        /// Only the cells with this blksize (512 or 1428), default both.
+        #[arg(long)]
+        blksize: Option<usize>,
+        /// Only the cells with this windowsize (1 or 16), default both.
+        #[arg(long)]
+        windowsize: Option<u16>,
+    },
     /// One scenario against a server you started: short or long.
     Load {
         /// short or long.
@@ -100,6 +116,9 @@ fn main() {
         }
         Verb::Relay { seconds, short_clients, only, rounds } => {
             relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))
+        }
+        Verb::Tftp { rounds, backend, blksize, windowsize } => {
+            tftp::run(&binaries().preforkd, &backend, rounds.max(1), blksize, windowsize)
         }
         Verb::Run { seconds, short_clients, idle, only, rounds } => {
             run(Duration::from_secs(seconds), short_clients, idle, only.as_deref(), rounds.max(1))

@@ -120,6 +120,10 @@ pub struct ListenerSection {
     pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
     /// A full worker closes its oldest connection that has not completed an exchange.
     pub shed_when_full: Option<Spanned<bool>>,
+    /// `"tcp"` (default) or `"udp"`.
+    pub transport: Option<Spanned<String>>,
+    /// Datagrams per client address and period, across all workers (`"100/s"`), UDP only.
+    pub max_datagram_rate_per_client: Option<Spanned<String>>,
     /// `[listener.options]`: the service's own options, read by the service.
     pub options: Option<Spanned<toml::Table>>,
 }
@@ -166,6 +170,8 @@ pub const KEYS: &[&str] = &[
     "listener.accept_proxy_protocol",
     "listener.trusted_proxies",
     "listener.shed_when_full",
+    "listener.transport",
+    "listener.max_datagram_rate_per_client",
     "listener.options",
 ];
 

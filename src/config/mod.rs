@@ -196,6 +196,14 @@ pub struct ListenerConfig {
     /// Who is served and how often: access lists, client keys, rate, listener cap, PROXY
     /// protocol input, shedding.
     pub admission: AdmissionConfig,
+    /// Stream (TCP, the default) or datagram (UDP) socket (`transport = "tcp" | "udp"`).
+    pub transport: ListenerTransport,
+    /// UDP only: datagrams accepted per client IP address on this listener, across all
+    /// workers (a token bucket in shared memory, [`crate::limits::rate`]); datagrams over it
+    /// are dropped unanswered, so a spoofed flood cannot turn preforkd into an amplifier.
+    /// Default 100 per second for UDP; `None` (written `"0"`) is unlimited, and always for
+    /// TCP.
+    pub max_datagram_rate_per_client: Option<DatagramRate>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
@@ -241,6 +249,70 @@ impl Default for AdmissionConfig {
             trusted_proxies: Vec::new(),
             shed_when_full: true,
         }
+    }
+}
+
+/// The socket type of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ListenerTransport {
+    /// TCP: connections, accepted by the workers (default).
+    #[default]
+    Tcp,
+    /// UDP: datagrams, received by the workers on the shared socket (or on their own with
+    /// `reuseport`).
+    Udp,
+}
+
+impl ListenerTransport {
+    /// The configuration spelling: `"tcp"` or `"udp"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerTransport::Tcp => "tcp",
+            ListenerTransport::Udp => "udp",
+        }
+    }
+}
+
+/// A rate written `"COUNT/PERIOD"`: `"100/s"`, `"600/min"`, `"20/10s"`, `"1000/h"`. The
+/// token bucket holds at most `count` tokens (the burst) and gains `count` per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramRate {
+    /// Datagrams per period, and the burst; at least 1.
+    pub count: NonZeroU32,
+    /// The period: from 1 ms to 365 days.
+    pub period: Duration,
+}
+
+impl DatagramRate {
+    /// Parses `"COUNT/PERIOD"` (PERIOD a humane duration; a bare unit such as `s`, `min` or
+    /// `h` means one of it). `Ok(None)` for `"0"` (unlimited).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<Option<DatagramRate>, String> {
+        let text = text.trim();
+        if text == "0" {
+            return Ok(None);
+        }
+        let Some((count, period)) = text.split_once('/') else {
+            return Err(
+                "write COUNT/PERIOD, such as \"100/s\" or \"600/min\", or \"0\" for no limit"
+                    .into(),
+            );
+        };
+        let count: u32 = count.trim().parse().map_err(|_| format!("{count:?} is not a count"))?;
+        let period = period.trim();
+        let starts_with_digit = period.starts_with(|c: char| c.is_ascii_digit());
+        let spelled = if starts_with_digit { period.to_owned() } else { format!("1{period}") };
+        let period = humantime::parse_duration(&spelled)
+            .map_err(|e| format!("{period:?} is not a period ({e})"))?;
+        let Some(count) = NonZeroU32::new(count) else {
+            return Err("the count must be at least 1 (or write \"0\" for no limit)".into());
+        };
+        if period < Duration::from_millis(1) || period > Duration::from_secs(365 * 24 * 3600) {
+            return Err("the period must be from 1ms to 365 days".into());
+        }
+        Ok(Some(DatagramRate { count, period }))
     }
 }
 

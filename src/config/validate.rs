@@ -14,8 +14,9 @@ use toml::Spanned;
 use super::EventBackend;
 use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
 use super::{
-    AdmissionConfig, Config, DaemonConfig, FD_SETSIZE, ListenerConfig, LogConfig, LogTarget,
-    MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM, SyslogFacility, worker_slots,
+    AdmissionConfig, Config, DaemonConfig, DatagramRate, FD_SETSIZE, ListenerConfig,
+    ListenerTransport, LogConfig, LogTarget, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM,
+    SyslogFacility, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
@@ -48,6 +49,9 @@ pub const DEFAULT_LONG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 32;
 /// Default of `listener.max_long_connections_per_client`.
 pub const DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT: u32 = 8;
+/// Default of `listener.max_datagram_rate_per_client` (UDP listeners): 100 per second.
+pub const DEFAULT_DATAGRAM_RATE: DatagramRate =
+    DatagramRate { count: NonZeroU32::new(100).unwrap(), period: Duration::from_secs(1) };
 
 struct Checker<'a> {
     issues: &'a mut Vec<RawIssue>,
@@ -320,7 +324,7 @@ pub fn validate(
     }
     let mut listeners = Vec::with_capacity(file.listener.len());
     let mut names: HashSet<String> = HashSet::new();
-    let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut addresses: HashMap<(ListenerTransport, SocketAddr), usize> = HashMap::new();
     let mut options = options.into_iter();
     for (index, section) in file.listener.into_iter().enumerate() {
         let span = section.span();
@@ -344,7 +348,7 @@ pub fn validate(
             services,
         ) {
             if listener.address.port() != 0
-                && let Some(first) = addresses.insert(listener.address, index)
+                && let Some(first) = addresses.insert((listener.transport, listener.address), index)
             {
                 check.report(
                     span.clone(),
@@ -587,6 +591,75 @@ fn validate_listener(
             "has no effect without accept_proxy_protocol = true",
         );
     }
+    let transport = check.string(
+        section.transport.as_ref(),
+        &key("transport"),
+        ListenerTransport::Tcp,
+        "\"tcp\" or \"udp\"",
+        |s| match s {
+            "tcp" => Some(ListenerTransport::Tcp),
+            "udp" => Some(ListenerTransport::Udp),
+            _ => None,
+        },
+    );
+    let transport_span = section.transport.as_ref().map_or(span.clone(), Spanned::span);
+    if let (Some(service), Some(text)) = (&service, &service_text) {
+        let refusal = match transport {
+            ListenerTransport::Tcp => service.service.stream().err(),
+            ListenerTransport::Udp => service.service.datagram().err(),
+        };
+        if let Some(reason) = refusal {
+            check.report(
+                transport_span.clone(),
+                key("transport"),
+                format!(
+                    "service {text:?} cannot serve {}: {reason}",
+                    transport.name().to_uppercase()
+                ),
+            );
+        }
+    }
+    let mut datagram_rate = Some(DEFAULT_DATAGRAM_RATE);
+    if let Some(value) = &section.max_datagram_rate_per_client {
+        match DatagramRate::parse(value.get_ref()) {
+            Ok(parsed) => datagram_rate = parsed,
+            Err(message) => check.report(
+                value.span(),
+                key("max_datagram_rate_per_client"),
+                format!("invalid rate {:?}: {message}", value.get_ref()),
+            ),
+        }
+    }
+    if transport == ListenerTransport::Udp {
+        let tcp_only = [
+            ("backlog", section.backlog.as_ref().map(Spanned::span)),
+            ("tcp_nodelay", section.tcp_nodelay.as_ref().map(Spanned::span)),
+            ("short_idle_timeout", section.short_idle_timeout.as_ref().map(Spanned::span)),
+            ("long_idle_timeout", section.long_idle_timeout.as_ref().map(Spanned::span)),
+            (
+                "max_long_connections_per_client",
+                section.max_long_connections_per_client.as_ref().map(Spanned::span),
+            ),
+        ];
+        for (name, written) in tcp_only {
+            if let Some(written) = written {
+                check.report(
+                    written,
+                    key(name),
+                    "applies to TCP only: remove it, or set transport = \"tcp\"",
+                );
+            }
+        }
+    } else {
+        datagram_rate = None;
+        if let Some(value) = &section.max_datagram_rate_per_client {
+            check.report(
+                value.span(),
+                key("max_datagram_rate_per_client"),
+                "applies to UDP only: remove it, or set transport = \"udp\"",
+            );
+        }
+    }
     if !complete {
         return None;
     }
@@ -616,6 +689,8 @@ fn validate_listener(
             trusted_proxies,
             shed_when_full: section.shed_when_full.as_ref().is_none_or(|v| *v.get_ref()),
         },
+        transport,
+        max_datagram_rate_per_client: datagram_rate,
     })
 }
 
@@ -751,6 +826,71 @@ mod tests {
         assert_eq!(
             parse(Path::new("t.toml"), &off, &Registry::builtin()).unwrap().daemon.worker_timeout,
             None
+        );
+    }
+
+    fn udp(service: &str, extra: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"u\"\naddress = \"127.0.0.1:7\"\nservice = \"{service}\"\ntransport = \"udp\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn udp_listeners_refuse_what_cannot_be_served_and_say_why() {
+        for service in ["echo", "daytime", "time"] {
+            assert!(issues(&udp(service, "")).is_empty(), "{service}");
+        }
+        let chargen = issues(&udp("chargen", ""));
+        assert_eq!(chargen.len(), 1, "{chargen:?}");
+        assert!(chargen[0].contains("listener[0].transport: service \"chargen\" cannot serve UDP"));
+        assert!(chargen[0].contains("amplifier"), "{chargen:?}");
+        let discard = issues(&udp("discard", ""));
+        assert!(discard[0].contains("nothing to serve"), "{discard:?}");
+        let tftp_over_tcp = issues(
+            "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:69\"\nservice = \"tftp\"\n[listener.options]\nroot = \"/srv\"\n",
+        );
+        assert!(
+            tftp_over_tcp[0].contains("cannot serve TCP: TFTP is a UDP protocol"),
+            "{tftp_over_tcp:?}"
+        );
+        let tcp_keys = issues(&udp("echo", "backlog = 5\ntcp_nodelay = false\n"));
+        assert_eq!(tcp_keys.len(), 2, "{tcp_keys:?}");
+        assert!(tcp_keys.iter().all(|i| i.contains("applies to TCP only")), "{tcp_keys:?}");
+        let rate_on_tcp = issues(&format!("{MINIMAL}max_datagram_rate_per_client = \"5/s\"\n"));
+        assert!(rate_on_tcp[0].contains("applies to UDP only"), "{rate_on_tcp:?}");
+        // TCP and UDP may share an address; two UDP listeners may not.
+        let both = format!(
+            "{}{}",
+            MINIMAL.replace("7788", "7"),
+            udp("echo", "").replace("\"u\"", "\"v\"")
+        );
+        assert!(issues(&both).is_empty(), "{:?}", issues(&both));
+        let twice = format!("{}{}", udp("echo", ""), udp("echo", "").replace("\"u\"", "\"v\""));
+        assert!(issues(&twice)[0].contains("already used"), "{:?}", issues(&twice));
+    }
+
+    #[test]
+    fn datagram_rates_parse_and_default() {
+        let config = parse(Path::new("t.toml"), &udp("echo", ""), &Registry::builtin()).unwrap();
+        assert_eq!(config.listeners[0].max_datagram_rate_per_client, Some(DEFAULT_DATAGRAM_RATE));
+        let rate = |text: &str| DatagramRate::parse(text);
+        let per = |count: u32, secs: u64| {
+            Ok(Some(DatagramRate {
+                count: NonZeroU32::new(count).unwrap(),
+                period: Duration::from_secs(secs),
+            }))
+        };
+        assert_eq!(rate("100/s"), per(100, 1));
+        assert_eq!(rate("600/min"), per(600, 60));
+        assert_eq!(rate("20/10s"), per(20, 10));
+        assert_eq!(rate("0"), Ok(None));
+        for bad in ["100", "0/s", "x/s", "5/fortnight", "5/0s"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+        let found = issues(&udp("echo", "max_datagram_rate_per_client = \"lots\"\n"));
+        assert!(
+            found[0].contains("listener[0].max_datagram_rate_per_client: invalid rate"),
+            "{found:?}"
         );
     }
 

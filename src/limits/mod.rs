@@ -61,6 +61,8 @@ use thiserror::Error;
 /// configuration that needs more (see `config::worker_slots`).
 pub const MAX_RECORDS: usize = 1 << 22;
 
+pub mod rate;
+
 /// The shared limits table could not be created or used.
 #[derive(Debug, Error)]
 pub enum LimitsError {

@@ -48,14 +48,15 @@ use nix::unistd::{Pid, Uid};
 use thiserror::Error;
 
 use crate::activation;
-use crate::config::{Config, LogTarget};
+use crate::config::{Config, ListenerTransport, LogTarget};
 use crate::exit::ExitStatus;
+use crate::limits::rate::Rates;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
 use crate::logging;
 use crate::pidfile::{PidFile, PidFileError};
 use crate::privileges::{self, Credentials, PrivilegeError};
-use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState};
+use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState, unix_ms};
 use crate::sdnotify::Notifier;
 use crate::signals::{MASTER_SIGNALS, Signals};
 use supervisor::{Action, Lifecycle, Notice, Origin, Supervisor};
@@ -151,6 +152,8 @@ pub struct Master {
     listeners: Vec<Listener>,
     listener_ids: HashMap<String, u16>,
     limits: Limits,
+    /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
+    rates: Rates,
     /// Records per slot in the limits table: the most `max_connections_per_worker` can be.
     per_slot: usize,
     scoreboard: Scoreboard,
@@ -236,7 +239,15 @@ fn open_listeners(
     for listener in &config.listeners {
         let id = listener_id(ids, &listener.name);
         let by_name = activated.iter().position(|p| p.name.as_deref() == Some(&listener.name));
-        let by_address = || activated.iter().position(|p| p.address == Some(listener.address));
+        // By address, a TCP and a UDP socket on one port are told apart by their type.
+        let datagram = listener.transport == ListenerTransport::Udp;
+        let by_address = || {
+            activated.iter().position(|p| {
+                let kind = socket2::SockRef::from(&p.fd).r#type().ok();
+                p.address == Some(listener.address)
+                    && kind.is_some_and(|k| (k == socket2::Type::DGRAM) == datagram)
+            })
+        };
         let (bound, how) = if let Some(fd) = inherited.remove(&listener.name) {
             let adopted = Listener::adopt(listener, id, fd)?;
             let moved = listener.address.port() != 0 && adopted.local_addr != listener.address;
@@ -252,13 +263,21 @@ fn open_listeners(
         } else {
             (Listener::bind(listener, id)?, "bound")
         };
-        log::info!(
-            "listener {} ({}) listening on {}, backlog {} ({how})",
-            bound.config.name,
-            bound.config.service.name,
-            bound.local_addr,
-            bound.config.backlog
-        );
+        match bound.config.transport {
+            ListenerTransport::Tcp => log::info!(
+                "listener {} ({}) listening on {}, backlog {} ({how})",
+                bound.config.name,
+                bound.config.service.name,
+                bound.local_addr,
+                bound.config.backlog
+            ),
+            ListenerTransport::Udp => log::info!(
+                "listener {} ({}) listening on {}, udp ({how})",
+                bound.config.name,
+                bound.config.service.name,
+                bound.local_addr,
+            ),
+        }
         listeners.push(bound);
     }
     if let Some(extra) = activated.first() {
@@ -306,6 +325,7 @@ impl Master {
             crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
         let limits = Limits::new(capacity, per_slot)?;
+        let rates = Rates::new()?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,
@@ -330,6 +350,7 @@ impl Master {
             listeners,
             listener_ids,
             limits,
+            rates,
             per_slot,
             scoreboard,
             pidfile,
@@ -430,6 +451,9 @@ impl Master {
     }
 
     fn announce_ready(&mut self) {
+        // After the supervisor's Notify (READY=1 or MAINPID=): `preforkd upgrade` waits for
+        // this, so the old master may be stopped as soon as it returns.
+        self.scoreboard.header().ready_unix_ms.store(unix_ms(), Ordering::Release);
         log::info!("ready: {}", self.status_line());
         if let Some(mut pipe) = self.ready_pipe.take() {
             let _ = pipe.write_all(&[ExitStatus::Ok as u8]);

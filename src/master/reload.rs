@@ -58,7 +58,9 @@ impl Master {
             // The same name and address keeps its socket; so does a renamed listener on an
             // address nothing else took. A port-0 address only matches by name: two of them
             // are two different sockets.
-            let same = |l: &Listener| l.config.address == config.address;
+            let same = |l: &Listener| {
+                l.config.address == config.address && l.config.transport == config.transport
+            };
             let by_name = (0..self.listeners.len()).find(|&i| {
                 !reused[i]
                     && same(&self.listeners[i])

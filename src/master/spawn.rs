@@ -50,6 +50,7 @@ impl Master {
                     config: self.config.clone(),
                     listeners: std::mem::take(&mut self.listeners),
                     limits: &self.limits,
+                    rates: &self.rates,
                     scoreboard: &self.scoreboard,
                     master: self.pid,
                     credentials: self.credentials.clone(),

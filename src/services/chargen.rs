@@ -73,6 +73,12 @@ impl Service for Chargen {
                 as Box<dyn Session>
         })
     }
+
+    fn datagram(&self) -> Result<&dyn super::DatagramService, &'static str> {
+        // RFC 864's UDP form answers any datagram with up to 512 bytes: a forged source
+        // address turns it into a traffic amplifier (CVE-1999-0103).
+        Err("a reply of up to 512 bytes to any datagram makes it an amplifier for spoofed requests")
+    }
 }
 
 /// Hand-off state, version 1: this byte, the offset in the stream (u32, little-endian; at a

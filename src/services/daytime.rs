@@ -4,14 +4,18 @@
 //! (RFC 867 leaves the syntax free; this one is unambiguous and machine-readable). The line is
 //! taken at accept and sent at once, without waiting for input; input is thrown away. One
 //! exchange. No options.
+//!
+//! Over UDP (RFC 867's second form), any datagram is answered with one datagram holding the
+//! line; the request's content is ignored.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use super::{
-    CloseReason, ConnInfo, Context, Interest, Invalid, Options, Progress, Service, Session,
-    write_some,
+    CloseReason, ConnInfo, Context, DatagramService, Interest, Invalid, Options, Progress,
+    Service, Session, write_some,
 };
 
 /// The name in `service = "..."`.
@@ -35,6 +39,25 @@ pub fn daytime_line(now: SystemTime) -> String {
 impl Service for Daytime {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(Answer::new(daytime_line(SystemTime::now()).into_bytes()))
+    }
+
+    fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
+        Ok(self)
+    }
+}
+
+/// RFC 867's UDP form: any datagram gets one datagram with the line (22 bytes).
+impl DatagramService for Daytime {
+    fn on_datagram(
+        &self,
+        _request: &[u8],
+        _peer: SocketAddr,
+        _local: SocketAddr,
+        _now: Instant,
+        reply: &mut Vec<u8>,
+    ) -> super::Answer {
+        reply.extend_from_slice(daytime_line(SystemTime::now()).as_bytes());
+        super::Answer::Reply
     }
 }
 

@@ -36,6 +36,10 @@ impl Service for Discard {
         (state == [STATE_V1])
             .then(|| Box::new(DiscardSession { peer_closed: false }) as Box<dyn Session>)
     }
+
+    fn datagram(&self) -> Result<&dyn super::DatagramService, &'static str> {
+        Err("it never answers, so there is nothing to serve: drop the datagrams with a firewall rule instead")
+    }
 }
 
 /// Hand-off state, version 1: one byte; a discard session holds nothing else.

@@ -5,11 +5,18 @@
 //! When it is full the session stops reading, so a client that sends but never reads is held
 //! back by TCP flow control instead of growing the worker's memory. After the client's FIN,
 //! what is buffered is still sent, then the session is done (half-close).
+//!
+//! Over UDP, each datagram is sent back unchanged to its source.
 
 use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use super::{ConnInfo, Context, Interest, Invalid, Options, Progress, Service, Session, pool};
+use super::{
+    Answer, ConnInfo, Context, DatagramService, Interest, Invalid, Options, Progress, Service,
+    Session, pool,
+};
 
 /// The name in `service = "..."`.
 pub(super) const NAME: &str = "echo";
@@ -38,6 +45,26 @@ impl Service for Echo {
 
     fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
         (state == [STATE_V1]).then(|| Box::new(EchoSession::default()) as Box<dyn Session>)
+    }
+
+    fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
+        Ok(self)
+    }
+}
+
+/// RFC 862's UDP form: the datagram goes back as it came, so the reply is never larger than
+/// the request (no amplification; the loop's rate limit caps reflection).
+impl DatagramService for Echo {
+    fn on_datagram(
+        &self,
+        request: &[u8],
+        _peer: SocketAddr,
+        _local: SocketAddr,
+        _now: Instant,
+        reply: &mut Vec<u8>,
+    ) -> Answer {
+        reply.extend_from_slice(request);
+        Answer::Reply
     }
 }
 

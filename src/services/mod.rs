@@ -22,6 +22,7 @@
 //! registers its own services by name with [`crate::Daemon::service`].
 
 mod context;
+mod datagram;
 mod lines;
 mod options;
 pub mod pool;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 
 pub use context::Context;
 pub(crate) use context::{Ending, Extras, unwatch};
+pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
@@ -51,7 +53,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time, exec, relay);
+builtins!(echo, discard, chargen, daytime, time, exec, relay, tftp);
 
 mod test_only;
 
@@ -212,6 +214,25 @@ pub trait Service {
         let _ = (conn, state);
         None
     }
+
+    /// Whether the service can serve a TCP listener; `Err(reason)` makes `preforkd check`
+    /// refuse `transport = "tcp"` with that reason ([`Service::session`] is then never
+    /// called). Default: `Ok`.
+    ///
+    /// # Errors
+    /// The reason the service has no stream form, e.g. `"TFTP is a UDP protocol"`.
+    fn stream(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+
+    /// The service's datagram side, for `transport = "udp"` (see [`DatagramService`]).
+    ///
+    /// # Errors
+    /// The reason the service refuses UDP, which `preforkd check` prints; the default is
+    /// `"it has no datagram form"`.
+    fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
+        Err("it has no datagram form")
+    }
 }
 
 /// The per-connection state of a service.
@@ -344,7 +365,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay.
+    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay, tftp.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -497,7 +518,10 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "exec", "relay"]);
+        assert_eq!(
+            names,
+            ["echo", "discard", "chargen", "daytime", "time", "exec", "relay", "tftp"]
+        );
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();

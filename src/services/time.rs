@@ -5,12 +5,15 @@
 //! since that instant (modulo 2^32, era 1 in NTP's terms, RFC 5905), which is what clients
 //! that handle the wrap expect (they take small values as era 1). Sent at once on accept;
 //! input is thrown away. One exchange. No options.
+//!
+//! Over UDP (RFC 868's second form), any datagram is answered with the 4 bytes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::daytime::Answer;
-use super::{ConnInfo, Invalid, Options, Service, Session};
+use super::{ConnInfo, DatagramService, Invalid, Options, Service, Session};
 
 /// The name in `service = "..."`.
 pub(super) const NAME: &str = "time";
@@ -37,6 +40,25 @@ pub fn rfc868_seconds(now: SystemTime) -> u32 {
 impl Service for Time {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(Answer::new(rfc868_seconds(SystemTime::now()).to_be_bytes().to_vec()))
+    }
+
+    fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
+        Ok(self)
+    }
+}
+
+/// RFC 868's UDP form: any datagram (the RFC says an empty one) gets the 4 bytes.
+impl DatagramService for Time {
+    fn on_datagram(
+        &self,
+        _request: &[u8],
+        _peer: SocketAddr,
+        _local: SocketAddr,
+        _now: Instant,
+        reply: &mut Vec<u8>,
+    ) -> super::Answer {
+        reply.extend_from_slice(&rfc868_seconds(SystemTime::now()).to_be_bytes());
+        super::Answer::Reply
     }
 }
 

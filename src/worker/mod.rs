@@ -20,8 +20,14 @@
 //! graceful stop) are *lingering closes*, as nginx does: FIN first, then the client's late
 //! input is read and discarded until its FIN or [`LINGER_TIMEOUT`]. A plain close with unread
 //! input would make the kernel send RST, and the client could lose answers already sent.
+//!
+//! UDP listeners take a small path of their own (`datagram.rs`): datagrams are received until
+//! `WouldBlock` (at most a batch per turn), each one checked against the client's datagram
+//! rate and handed to the service; a service's [`services::Flow`] (a TFTP transfer) is
+//! watched on its own socket with its own deadline, and counts as a connection.
 
 pub mod conn;
+mod datagram;
 mod handoff;
 pub mod refusals;
 
@@ -38,7 +44,9 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
+use crate::config::ListenerTransport;
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
+use crate::limits::rate::Rates;
 use crate::limits::{Admission, ClientKey, Limits, SlotLedger, access, monotonic_ns};
 use crate::listener::Listener;
 use crate::logging::{self, ACCESS_TARGET, RateLimit};
@@ -117,6 +125,8 @@ pub struct WorkerContext<'a> {
     pub listeners: Vec<Listener>,
     /// The shared per-client table.
     pub limits: &'a Limits,
+    /// The shared per-client datagram rates (UDP listeners).
+    pub rates: &'a Rates,
     /// The shared scoreboard; this worker writes its own slot.
     pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
@@ -171,7 +181,9 @@ struct Worker<'a> {
     /// Stable id of each listener (by index), kept after a graceful stop closes the sockets.
     listener_ids: Vec<u16>,
     /// `reuseport`: this worker's own sockets, with their listener index.
-    own_listeners: Vec<(std::net::TcpListener, usize)>,
+    own_listeners: Vec<(crate::listener::ListenSocket, usize)>,
+    /// UDP listeners' flows (TFTP transfers) and datagram counters.
+    datagrams: datagram::Datagrams,
     open: usize,
     intake: Intake,
     /// The hand-off channel to the master, and what it is watched for.
@@ -262,6 +274,7 @@ impl<'a> Worker<'a> {
             poller.set(channel.raw_fd(), Interest::READ)?;
         }
         let ledger = context.limits.ledger(context.slot);
+        let own_count = context.listeners.len();
         let score = context.scoreboard.slot(context.slot);
         score.beat();
         score.set_state(SlotState::Ready);
@@ -285,6 +298,7 @@ impl<'a> Worker<'a> {
             ready_listeners: Vec::new(),
             listener_ids,
             own_listeners,
+            datagrams: datagram::Datagrams::new(own_count),
             open: 0,
             intake: Intake::Held { until: None },
             channel,
@@ -341,6 +355,8 @@ impl<'a> Worker<'a> {
                     self.ready_listeners.push((event.fd, index));
                 } else if self.is_channel(event.fd) {
                     self.on_channel(*event, now);
+                } else if self.datagrams.owns(event.fd) {
+                    self.on_flow_ready(event.fd, now);
                 } else {
                     self.on_ready(*event, now);
                 }
@@ -349,19 +365,28 @@ impl<'a> Worker<'a> {
             for i in 0..self.ready_listeners.len() {
                 if self.intake == Intake::Accepting {
                     let (fd, index) = self.ready_listeners[i];
-                    self.accept(fd, index, now);
+                    match self.context.config.listeners[index].transport {
+                        ListenerTransport::Tcp => self.accept(fd, index, now),
+                        ListenerTransport::Udp => self.receive(fd, index, now),
+                    }
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let now = Instant::now();
                 self.expire(now);
                 self.expire_pending(now);
+                self.expire_flows(now);
                 self.log_summaries(now, false);
             }
-            if self.intake == Intake::Draining && self.open == 0 && self.pending_open == 0 {
+            if self.intake == Intake::Draining
+                && self.open == 0
+                && self.pending_open == 0
+                && self.datagrams.flows() == 0
+            {
                 if let Some(channel) = self.channel.as_mut() {
                     let _ = channel.flush();
                 }
+                self.summarize_datagrams(now, true);
                 log::info!("graceful stop complete: no connection left");
                 self.log_summaries(Instant::now(), true);
                 return WORKER_EXIT_OK;
@@ -387,8 +412,12 @@ impl<'a> Worker<'a> {
             }
         }
         score.full.fetch_add(totals.full, Ordering::Relaxed);
-        score.open.store((self.open + self.pending_open) as u64, Ordering::Relaxed);
+        score.open.store(
+            (self.open + self.pending_open + self.datagrams.flows()) as u64,
+            Ordering::Relaxed,
+        );
         self.last_published = now;
+        self.summarize_datagrams(now, false);
     }
 
     /// The listener index of a listening descriptor (shared or this worker's own).
@@ -466,7 +495,7 @@ impl<'a> Worker<'a> {
     /// and for what their sessions watch.
     fn room(&self) -> usize {
         let max = self.context.config.daemon.max_connections_per_worker.get();
-        max.saturating_sub(self.open + self.extra_fds + self.pending_open)
+        max.saturating_sub(self.open + self.extra_fds + self.pending_open + self.datagrams.flows())
     }
 
     /// Whether connection `fd` of serial `serial` may be shed: still open, short, no exchange
@@ -517,7 +546,8 @@ impl<'a> Worker<'a> {
         let header = self.pending_deadlines.front().map(|(at, _, _)| *at);
         let summary = self.summaries.next_deadline();
         let grace = self.shed_at.filter(|at| *at > now);
-        let deadlines = [pause, header, summary, grace];
+        let flow = self.datagrams.next_deadline();
+        let deadlines = [pause, header, summary, grace, flow];
         timer.into_iter().chain(deadlines.into_iter().flatten()).min()
     }
 
@@ -577,6 +607,8 @@ impl<'a> Worker<'a> {
                 Signal::SIGTERM | Signal::SIGINT => {
                     log::info!("fast stop ({signal}): closing {} connection(s)", self.open);
                     self.close_all(now);
+                    self.end_flows(now);
+                    self.summarize_datagrams(now, true);
                     return Some(WORKER_EXIT_OK);
                 }
                 Signal::SIGUSR1 => {
@@ -597,7 +629,10 @@ impl<'a> Worker<'a> {
         let now = Instant::now();
         for i in 0..self.own_listeners.len() {
             let (fd, index) = (self.own_listeners[i].0.as_raw_fd(), self.own_listeners[i].1);
-            self.accept(fd, index, now);
+            match self.context.config.listeners[index].transport {
+                ListenerTransport::Tcp => self.accept(fd, index, now),
+                ListenerTransport::Udp => self.receive(fd, index, now),
+            }
         }
         self.hold(None);
         self.intake = Intake::Draining;

@@ -1,4 +1,4 @@
-//! Integration tests: the real `preforkd` binary, real TCP on 127.0.0.x.
+//! Integration tests: the real `preforkd` binary, real TCP and UDP on 127.0.0.x.
 
 mod harness;
 
@@ -20,4 +20,6 @@ mod status;
 mod supervision;
 mod syslog;
 mod systemd;
+mod tftp;
+mod udp;
 mod upgrade;

@@ -251,3 +251,40 @@ fn daemon_mode_detaches_writes_the_pid_file_and_stops_on_command() {
     assert!(!pid_file.exists(), "the pid file is removed");
     assert!(!is_running(pid));
 }
+
+#[test]
+fn a_passed_udp_socket_goes_to_the_udp_listener_on_its_port_not_the_tcp_one() {
+    // A port free for both TCP and UDP (the kernel picks each separately): a few tries.
+    let port = (0..50)
+        .find_map(|_| {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = tcp.local_addr().ok()?.port();
+            std::net::UdpSocket::bind(("127.0.0.1", port)).ok().map(|_| port)
+        })
+        .expect("a port free for TCP and UDP");
+    let listen = format!("127.0.0.1:{port}");
+    // A TCP and a UDP echo on the same port; the passed socket has no name, so it is matched
+    // by address, and by type: the TCP listener binds its own socket.
+    let config = format!(
+        "[daemon]\nworkers = 1\nallow_root_workers = true\n[log]\nlevel = \"debug\"\n\
+         [[listener]]\nname = \"echo\"\naddress = \"{listen}\"\nservice = \"echo\"\n\
+         [[listener]]\nname = \"echo-udp\"\naddress = \"{listen}\"\nservice = \"echo\"\ntransport = \"udp\"\n"
+    );
+    let wrapper = ["systemd-socket-activate", "--datagram", "-l", &listen];
+    let mut daemon = Daemon::spawn(&wrapper, &config, None, &[]);
+    daemon.wait_for_log("systemd-socket-activate listens", |l| {
+        l.contains(&format!("Listening on {listen}"))
+    });
+    // The wrapper starts the daemon on the first datagram, which waits on the socket.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    client.send_to(b"first", &listen).unwrap();
+    daemon.wait_started();
+    let line = daemon.wait_for_log("adoption", |l| l.contains("echo-udp (echo) listening on"));
+    assert!(line.contains("(passed by systemd)"), "{line}");
+    let mut buffer = [0u8; 16];
+    let (n, _) = client.recv_from(&mut buffer).expect("the queued datagram is echoed");
+    assert_eq!(&buffer[..n], b"first");
+    let mut stream = connect(listen.parse().unwrap());
+    assert_eq!(exchange(&mut stream, b"tcp", QUICK), Outcome::Echoed, "TCP bound its own");
+}

@@ -1,0 +1,360 @@
+//! TFTP with the real clients CI installs (tftp-hpa's `tftp`, `atftp`, `curl`), and with a
+//! raw client for the error cases, a client that stops acknowledging and write requests.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// The files every client downloads: name and size.
+const FILES: &[(&str, usize)] = &[
+    ("empty", 0),
+    ("short-511", 511),
+    ("exact-512", 512),
+    ("one-mib", 1 << 20),
+    // 81,920 blocks of 512 bytes: the block number rolls over past 65,535.
+    ("forty-mib", 40 << 20),
+];
+
+struct Server {
+    daemon: Daemon,
+    root: tempfile::TempDir,
+    /// Where clients write what they got.
+    out: tempfile::TempDir,
+}
+
+fn tftp_config(workers: usize, listener: &str, options: &str) -> String {
+    format!(
+        "[daemon]\nworkers = {workers}\nallow_root_workers = true\n[log]\nlevel = \"debug\"\n\
+         [[listener]]\nname = \"tftp\"\naddress = \"127.0.0.1:0\"\nservice = \"tftp\"\ntransport = \"udp\"\n{listener}\n\
+         [listener.options]\nroot = \"@ROOT@\"\n{options}\n"
+    )
+}
+
+impl Server {
+    fn start(workers: usize, listener: &str, options: &str, files: &[(&str, usize)]) -> Server {
+        let root = tempfile::tempdir().unwrap();
+        for (seed, (name, size)) in files.iter().enumerate() {
+            std::fs::write(root.path().join(name), random_bytes(*size, seed as u64 + 1)).unwrap();
+        }
+        let config = tftp_config(workers, listener, options)
+            .replace("@ROOT@", root.path().to_str().unwrap());
+        let daemon = Daemon::start(&config);
+        Server { daemon, root, out: tempfile::tempdir().unwrap() }
+    }
+
+    fn port(&self) -> String {
+        self.daemon.addr().port().to_string()
+    }
+
+    fn served(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.root.path().join(name)).unwrap()
+    }
+
+    fn got(&self, name: &str) -> PathBuf {
+        self.out.path().join(name)
+    }
+
+    /// Checks that `client` fetched `name` byte for byte (then removes the copy).
+    fn assert_same(&self, client: &str, name: &str) {
+        let copy = self.got(name);
+        let got = std::fs::read(&copy).unwrap_or_else(|e| panic!("{client}: no {name}: {e}"));
+        let want = self.served(name);
+        assert!(got == want, "{client}: {name} differs ({} bytes, want {})", got.len(), want.len());
+        std::fs::remove_file(copy).unwrap();
+    }
+}
+
+/// Runs a real client to completion within [`PATIENCE`].
+fn run(program: &str, args: &[&str], cwd: &Path) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} is needed for this test (.ci/run installs it): {e}"));
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("{program} {args:?} did not finish within {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn tftp_hpa(server: &Server, mode: &str, name: &str) -> Output {
+    let local = server.got(name);
+    let port = server.port();
+    let args = ["-m", mode, "127.0.0.1", &port, "-c", "get", name, local.to_str().unwrap()];
+    run("tftp", &args, server.out.path())
+}
+
+fn atftp(server: &Server, options: &[&str], name: &str) -> Output {
+    let local = server.got(name);
+    let port = server.port();
+    let mut args = vec!["-g", "-r", name, "-l", local.to_str().unwrap()];
+    for option in options {
+        args.extend(["--option", option]);
+    }
+    args.extend(["127.0.0.1", &port]);
+    run("atftp", &args, server.out.path())
+}
+
+fn curl(server: &Server, options: &[&str], name: &str) -> Output {
+    let url = format!("tftp://127.0.0.1:{}/{name}", server.port());
+    let local = server.got(name);
+    let mut args = vec!["-sS", "-o", local.to_str().unwrap()];
+    args.extend(options);
+    args.push(&url);
+    run("curl", &args, server.out.path())
+}
+
+#[test]
+fn real_clients_download_every_size_byte_exact_with_and_without_options() {
+    let server = Server::start(2, "", "", FILES);
+    let small = &FILES[..4];
+    for (name, _) in small {
+        assert!(tftp_hpa(&server, "binary", name).status.success());
+        server.assert_same("tftp", name);
+        for options in [&[][..], &["blksize 1428", "windowsize 16"][..]] {
+            let output = atftp(&server, options, name);
+            assert!(output.status.success(), "atftp {options:?} {name}: {output:?}");
+            server.assert_same("atftp", name);
+        }
+        for options in [&["--tftp-no-options"][..], &["--tftp-blksize", "1428"][..]] {
+            if *name == "empty" && options.len() == 2 {
+                // Debian's curl 7.88.1 fails an empty file after an OACK ("getpeername()
+                // failed with errno 107", curl/curl#13318); tftpd-hpa gets the same.
+                continue;
+            }
+            let output = curl(&server, options, name);
+            assert!(output.status.success(), "curl {options:?} {name}: {output:?}");
+            server.assert_same("curl", name);
+        }
+    }
+    // 40 MiB: tftp-hpa in lock-step with 512-byte blocks and atftp with a window of 16
+    // both roll the block number over; curl takes the larger blocks.
+    let (big, _) = FILES[4];
+    assert!(tftp_hpa(&server, "binary", big).status.success());
+    server.assert_same("tftp", big);
+    let output = atftp(&server, &["windowsize 16"], big);
+    assert!(output.status.success(), "{output:?}");
+    server.assert_same("atftp", big);
+    let output = curl(&server, &["--tftp-blksize", "1428"], big);
+    assert!(output.status.success(), "{output:?}");
+    server.assert_same("curl", big);
+
+    let lines = server.daemon.wait_for_lines("an access line per transfer", 4 * 5 - 1 + 3, |l| {
+        l.contains("access listener=tftp") && l.contains("result=complete")
+    });
+    let rollover = lines
+        .iter()
+        .find(|l| l.contains("forty-mib") && field(l, "options") == Some("-"))
+        .expect("the lock-step 40 MiB transfer");
+    assert_eq!(field(rollover, "blocks"), Some("81921"), "{rollover}");
+    assert_eq!(field(rollover, "bytes"), Some("41943040"), "{rollover}");
+    assert!(
+        lines.iter().any(|l| field(l, "options") == Some("blksize=1428,windowsize=16")),
+        "atftp's options were acknowledged: {lines:#?}"
+    );
+}
+
+#[test]
+fn netascii_turns_line_ends_into_cr_lf_and_back() {
+    let server = Server::start(1, "", "", &[]);
+    let text = b"line one\nline two\r\nbare cr\rend\n".repeat(40);
+    std::fs::write(server.root.path().join("text"), &text).unwrap();
+    // tftp-hpa translates back to local line ends: the file comes back as it was.
+    let output = tftp_hpa(&server, "ascii", "text");
+    assert!(output.status.success(), "{output:?}");
+    server.assert_same("tftp", "text");
+    // On the wire, every LF is CR LF and every CR is CR NUL.
+    let client = raw_client();
+    let first = request(&client, server.daemon.addr(), 1, "text", "netascii", &[]);
+    let (_, tid) = first;
+    assert_eq!(&first.0[..4], &[0, 3, 0, 1]);
+    assert_eq!(&first.0[4..24], b"line one\r\nline two\r\0");
+    client.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
+}
+
+fn raw_client() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket
+}
+
+/// Sends a request (opcode 1 read, 2 write) and returns the first packet back and its TID.
+fn request(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    opcode: u8,
+    name: &str,
+    mode: &str,
+    options: &[(&str, &str)],
+) -> (Vec<u8>, SocketAddr) {
+    let mut packet = vec![0, opcode];
+    for field in [name, mode].into_iter().chain(options.iter().flat_map(|(n, v)| [*n, *v])) {
+        packet.extend_from_slice(field.as_bytes());
+        packet.push(0);
+    }
+    socket.send_to(&packet, server).unwrap();
+    receive(socket)
+}
+
+fn receive(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buffer = vec![0u8; 70_000];
+    let (n, from) = socket.recv_from(&mut buffer).expect("an answer within the patience");
+    buffer.truncate(n);
+    (buffer, from)
+}
+
+/// The error code of an ERROR packet.
+fn error_code(packet: &[u8]) -> u16 {
+    assert_eq!(packet[..2], [0, 5], "an ERROR packet: {packet:?}");
+    u16::from_be_bytes([packet[2], packet[3]])
+}
+
+#[test]
+fn missing_files_and_escapes_get_their_errors_and_nothing_is_read() {
+    let server = Server::start(1, "", "", &[("inside", 100)]);
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+    let root = server.root.path();
+    std::os::unix::fs::symlink(outside.path().join("secret"), root.join("leak")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("leakdir")).unwrap();
+    let addr = server.daemon.addr();
+    let client = raw_client();
+    let code = |name: &str| {
+        let (packet, tid) = request(&client, addr, 1, name, "octet", &[]);
+        assert_ne!(tid, addr, "errors come from the transfer's own port");
+        error_code(&packet)
+    };
+    assert_eq!(code("missing"), 1, "file not found");
+    assert_eq!(code("../etc/passwd"), 2);
+    assert_eq!(code("/../etc/passwd"), 2);
+    let escape = format!("../{}/secret", outside.path().file_name().unwrap().to_str().unwrap());
+    assert_eq!(code(&escape), 2);
+    assert_eq!(code("leak"), 2, "a symlink that leaves root");
+    assert_eq!(code("leakdir/secret"), 2, "a directory symlink that leaves root");
+    // An absolute name is taken relative to root: the file outside is not what it names.
+    let absolute = outside.path().join("secret");
+    assert_eq!(code(absolute.to_str().unwrap()), 1);
+    for name in ["/inside", "inside"] {
+        let (packet, tid) = request(&client, addr, 1, name, "octet", &[]);
+        assert_eq!(packet[..4], [0, 3, 0, 1], "{name} is served");
+        client.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
+    }
+    // Write requests are refused unless allowed.
+    let (packet, _) = request(&client, addr, 2, "new", "octet", &[]);
+    assert_eq!(error_code(&packet), 2);
+    assert!(!root.join("new").exists());
+    let refused = server.daemon.wait_for_lines("access lines of refusals", 5, |l| {
+        l.contains("access listener=tftp") && l.contains("result=access-violation")
+    });
+    assert!(refused.iter().all(|l| field(l, "bytes") == Some("0")), "{refused:#?}");
+    server.daemon.wait_for_log("the refused write", |l| l.contains("result=write-refused"));
+}
+
+#[test]
+fn a_client_that_stops_acknowledging_is_dropped_after_the_retries_and_its_count_released() {
+    // One transfer per client at a time, across two workers; retransmit every 100 ms, twice.
+    let server = Server::start(
+        2,
+        "max_connections_per_client = 1",
+        "timeout = \"100ms\"\nretries = 2",
+        &[("file", 4096)],
+    );
+    let addr = server.daemon.addr();
+    let silent = raw_client();
+    let (first, tid) = request(&silent, addr, 1, "file", "octet", &[]);
+    assert_eq!(first[..4], [0, 3, 0, 1]);
+    // A second transfer of the same client is refused while the first runs.
+    let other = raw_client();
+    let (refused, _) = request(&other, addr, 1, "file", "octet", &[]);
+    assert_eq!(error_code(&refused), 0, "over max_connections_per_client");
+    // The silent client gets block 1 twice more, then nothing: the transfer is over.
+    for _ in 0..2 {
+        let (again, from) = receive(&silent);
+        assert_eq!((&again[..4], from), (&[0, 3, 0, 1][..], tid), "a retransmission");
+    }
+    let line = server.daemon.wait_for_log("the abandoned transfer's access line", |l| {
+        l.contains("access listener=tftp") && l.contains("result=timeout")
+    });
+    assert_eq!(field(&line, "retransmissions"), Some("2"), "{line}");
+    // Its count was released: the same client may start a transfer again, and finish it.
+    let (first, tid) = request(&other, addr, 1, "file", "octet", &[("blksize", "8192")]);
+    assert_eq!(first[..2], [0, 6], "an OACK");
+    other.send_to(&[0, 4, 0, 0], tid).unwrap();
+    let (data, _) = receive(&other);
+    assert_eq!(data[4..], server.served("file")[..], "one block of 4096 < 8192: the last");
+    other.send_to(&[0, 4, 0, 1], tid).unwrap();
+    server.daemon.wait_for_log("the completed transfer", |l| {
+        l.contains("access listener=tftp") && l.contains("result=complete")
+    });
+}
+
+#[test]
+fn write_requests_create_new_files_only_within_the_size_limit() {
+    let options = "allow_write = true\ncreate_mode = \"0600\"\nmax_write_size = 100000";
+    let server = Server::start(1, "", options, &[("existing", 10)]);
+    let root = server.root.path();
+    let upload = random_bytes(70_000, 99);
+    std::fs::write(server.out.path().join("upload"), &upload).unwrap();
+    let port = server.port();
+    let put = |remote: &str| {
+        let args = ["-m", "binary", "127.0.0.1", &port, "-c", "put", "upload", remote];
+        run("tftp", &args, server.out.path())
+    };
+    assert!(put("uploaded").status.success());
+    server.daemon.wait_for_log("the upload's access line", |l| {
+        l.contains("file=\"uploaded\"") && l.contains("result=complete")
+    });
+    assert_eq!(std::fs::read(root.join("uploaded")).unwrap(), upload);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join("uploaded")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing file is not replaced.
+    let client = raw_client();
+    let (packet, _) = request(&client, server.daemon.addr(), 2, "existing", "octet", &[]);
+    assert_eq!(error_code(&packet), 6, "file exists");
+    assert_eq!(std::fs::read(root.join("existing")).unwrap().len(), 10);
+    // Over the limit: error 3 (announced size), and nothing is left behind.
+    let (packet, _) =
+        request(&client, server.daemon.addr(), 2, "huge", "octet", &[("tsize", "200000")]);
+    assert_eq!(error_code(&packet), 3);
+    assert!(!root.join("huge").exists());
+}
+
+#[test]
+fn ipv6_clients_are_served_from_an_ipv6_tid() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("note: no IPv6 loopback here; nothing to test");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("file"), random_bytes(100_000, 6)).unwrap();
+    let config = tftp_config(1, "", "")
+        .replace("127.0.0.1:0", "[::1]:0")
+        .replace("@ROOT@", root.path().to_str().unwrap());
+    let daemon = Daemon::start(&config);
+    let addr = daemon.addr();
+    assert!(addr.is_ipv6(), "{addr}");
+    let out = tempfile::tempdir().unwrap();
+    let local = out.path().join("file");
+    let url = format!("tftp://[::1]:{}/file", addr.port());
+    let output = run(
+        "curl",
+        &["-sS", "--tftp-blksize", "1428", "-o", local.to_str().unwrap(), &url],
+        out.path(),
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read(local).unwrap(), std::fs::read(root.path().join("file")).unwrap());
+    let line = daemon.wait_for_log("the transfer's access line", |l| l.contains("result=complete"));
+    assert!(field(&line, "peer").is_some_and(|p| p.starts_with("[::1]:")), "{line}");
+}

@@ -1,0 +1,173 @@
+//! UDP listeners: echo, daytime and time answer datagrams; a flood from one address is held
+//! to its datagram rate exactly, across workers; chargen and discard over UDP are refused
+//! by `check` with the reason.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::harness::*;
+
+fn udp_config(workers: usize, listeners: &[(&str, &str)]) -> String {
+    let mut config = format!(
+        "[daemon]\nworkers = {workers}\nallow_root_workers = true\n[log]\nlevel = \"debug\"\n"
+    );
+    for (service, extra) in listeners {
+        config.push_str(&format!(
+            "[[listener]]\nname = \"{service}-udp\"\naddress = \"127.0.0.1:0\"\nservice = \"{service}\"\ntransport = \"udp\"\n{extra}\n"
+        ));
+    }
+    config
+}
+
+/// A UDP socket on loopback address `source` (127.0.0.x stands for client x).
+fn client_from(source: Ipv4Addr) -> UdpSocket {
+    let socket = UdpSocket::bind(SocketAddrV4::new(source, 0)).expect("bind a client socket");
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket
+}
+
+/// Sends `request` and returns the one reply, checking where it came from.
+fn ask(socket: &UdpSocket, server: SocketAddr, request: &[u8]) -> Vec<u8> {
+    socket.send_to(request, server).unwrap();
+    let mut buffer = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buffer).expect("a reply within the patience");
+    assert_eq!(from, server, "the reply comes from the listener's address");
+    buffer[..n].to_vec()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[test]
+fn echo_daytime_and_time_answer_each_datagram() {
+    let daemon = Daemon::start(&udp_config(2, &[("echo", ""), ("daytime", ""), ("time", "")]));
+    let [echo, daytime, time] = daemon.addrs[..] else { panic!("3 listeners") };
+    let client = client_from(Ipv4Addr::LOCALHOST);
+
+    let payload = random_bytes(1400, 13);
+    assert_eq!(ask(&client, echo, &payload), payload, "echo sends the datagram back as it came");
+    assert_eq!(ask(&client, echo, b""), b"", "an empty datagram gets an empty one");
+
+    let before = now_unix();
+    let line = String::from_utf8(ask(&client, daytime, b"")).unwrap();
+    let stamp = line.strip_suffix("\r\n").expect("CR LF");
+    let at = humantime::parse_rfc3339(stamp).unwrap().duration_since(UNIX_EPOCH).unwrap();
+    assert!((before..=now_unix()).contains(&at.as_secs()), "{stamp} is not now");
+
+    let before = now_unix();
+    let answer = ask(&client, time, b"");
+    let seconds = u32::from_be_bytes(answer.try_into().expect("4 bytes")) as u64;
+    let unix = seconds.wrapping_sub(2_208_988_800) & 0xffff_ffff;
+    assert!((before..=now_unix()).contains(&unix), "{unix} is not now ({before})");
+}
+
+#[test]
+fn a_flood_from_one_address_is_held_to_its_rate_exactly_across_workers() {
+    // 100 per hour: the bucket refills by less than one datagram during the test, so the
+    // flood gets exactly the burst, whichever worker takes each datagram.
+    let rate = "max_datagram_rate_per_client = \"100/h\"";
+    let daemon = Daemon::start(&udp_config(2, &[("echo", rate)]));
+    let echo = daemon.addr();
+    let flooder = client_from(Ipv4Addr::new(127, 0, 0, 2));
+    flooder.set_nonblocking(true).unwrap();
+    let mut answered = 0;
+    let drain = |answered: &mut usize| {
+        let mut buffer = [0u8; 64];
+        while flooder.recv_from(&mut buffer).is_ok() {
+            *answered += 1;
+        }
+    };
+    for i in 0..10_000u32 {
+        // A full socket buffer on either side drops datagrams, as the network may: the
+        // rate is what is checked, not delivery.
+        let _ = flooder.send_to(&i.to_be_bytes(), echo);
+        if i % 256 == 0 {
+            drain(&mut answered);
+        }
+    }
+    // Every reply the daemon sends is queued at the flooder at once (loopback); a probe from
+    // another client, answered after the flood was taken from the queue, bounds the wait.
+    let prober = client_from(Ipv4Addr::new(127, 0, 0, 3));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        assert_eq!(ask(&prober, echo, b"probe"), b"probe", "another client is not limited");
+        drain(&mut answered);
+        if answered >= 100 || Instant::now() >= deadline {
+            break;
+        }
+    }
+    // One more round trip from the prober: no reply beyond the burst may arrive.
+    assert_eq!(ask(&prober, echo, b"probe"), b"probe");
+    drain(&mut answered);
+    assert_eq!(answered, 100, "exactly the burst of 100 is answered, out of 10,000");
+    daemon.wait_for_log("the refusals, logged", |l| {
+        l.contains("dropped datagrams from 127.0.0.2") && l.contains("max_datagram_rate_per_client")
+    });
+}
+
+#[test]
+fn chargen_and_discard_over_udp_are_refused_by_check_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for (service, reason) in [("chargen", "amplifier"), ("discard", "nothing to serve")] {
+        let path = dir.path().join(format!("{service}.toml"));
+        std::fs::write(&path, udp_config(1, &[(service, "")])).unwrap();
+        let (status, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+        assert_eq!(code(status), 78, "{stderr}");
+        let expected = format!("listener[0].transport: service \"{service}\" cannot serve UDP");
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+    }
+}
+
+#[test]
+fn a_udp_socket_is_kept_across_reload_and_handed_to_an_upgraded_master() {
+    // A TCP and a UDP echo listener; the reload must keep each its own socket.
+    let config = |rate: &str| {
+        format!(
+            "{}[[listener]]\nname = \"echo-udp\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"udp\"\nmax_datagram_rate_per_client = \"{rate}\"\n",
+            controlled_config(2, "", "")
+        )
+    };
+    let daemon = Daemon::start(&config("100/s"));
+    let udp = daemon.addrs[1];
+    let client = client_from(Ipv4Addr::LOCALHOST);
+    assert_eq!(ask(&client, udp, b"before"), b"before");
+
+    // A reload that lowers the rate to 1 per hour: the same socket, the new policy. The
+    // bucket is per listener and client, kept across generations, and now refills slowly.
+    daemon.rewrite_config(&config("1/h"));
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    eventually("generation 2 serves", || {
+        let (_, status, _) = daemon.control("status");
+        status.lines().filter(|l| l.contains(" ready ")).count() == 2
+            && status
+                .lines()
+                .all(|l| !l.contains(" ready ") || l.split_whitespace().nth(2) == Some("2"))
+    });
+    let fresh = client_from(Ipv4Addr::new(127, 0, 0, 4));
+    assert_eq!(ask(&fresh, udp, b"after"), b"after", "the reloaded listener answers");
+    // Its second datagram is over "1/h": a probe from another client is answered after it
+    // was taken from the queue, and no answer to it has arrived.
+    fresh.send_to(b"over", udp).unwrap();
+    let probe = client_from(Ipv4Addr::new(127, 0, 0, 6));
+    assert_eq!(ask(&probe, udp, b"probe"), b"probe");
+    fresh.set_nonblocking(true).unwrap();
+    let mut buffer = [0u8; 16];
+    let over = fresh.recv_from(&mut buffer).unwrap_err();
+    assert_eq!(over.kind(), std::io::ErrorKind::WouldBlock, "the new rate applies");
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"tcp", PATIENCE), Outcome::Echoed, "TCP kept its own");
+
+    // Binary upgrade: the new master adopts the UDP socket by name, on the same port.
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    let new = new_master_pid(&stdout);
+    daemon.wait_for_log("the new master adopts the UDP socket", |l| {
+        l.contains(&format!("pid={new}"))
+            && l.contains(&format!("echo-udp (echo) listening on {udp}, udp (inherited"))
+    });
+    let third = client_from(Ipv4Addr::new(127, 0, 0, 5));
+    assert_eq!(ask(&third, udp, b"upgraded"), b"upgraded");
+}
