@@ -363,18 +363,8 @@ impl Limits {
             align_up(records_offset + records * size_of::<Record>(), align_of::<Bucket>());
         let bytes = buckets_offset + buckets_len * size_of::<Bucket>();
         let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { slots, per_slot })?;
-        // SAFETY: a fresh anonymous mapping, not aliasing anything; MAP_SHARED so that forked
-        // workers see one region. Anonymous memory is zeroed: every entry empty, every record
-        // free.
-        let base = unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        }
-        .map_err(|source| LimitsError::Map { bytes, source })?;
+        // Zeroed: every entry empty, every record free.
+        let base = map_shared(length)?;
         let limits = Limits {
             base: base.cast(),
             bytes,
@@ -387,39 +377,14 @@ impl Limits {
             per_slot,
             hasher: RandomState::new(),
         };
-        limits.init_mutex()?;
+        // SAFETY: the header is at the start of the fresh mapping, which no other process
+        // sees yet.
+        unsafe { init_robust_mutex(&raw mut (*limits.header()).mutex)? };
         Ok(limits)
     }
 
     fn header(&self) -> *mut Header {
         self.base.as_ptr().cast()
-    }
-
-    fn init_mutex(&self) -> Result<(), LimitsError> {
-        let check = |rc: i32| {
-            if rc == 0 { Ok(()) } else { Err(LimitsError::Lock(Errno::from_raw(rc))) }
-        };
-        // SAFETY: the attribute object lives on this stack frame and is initialised before use;
-        // the mutex lives in the mapping created above, which no other process sees yet.
-        unsafe {
-            let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
-            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
-            let result = check(libc::pthread_mutexattr_setpshared(
-                attr.as_mut_ptr(),
-                libc::PTHREAD_PROCESS_SHARED,
-            ))
-            .and_then(|()| {
-                check(libc::pthread_mutexattr_setrobust(
-                    attr.as_mut_ptr(),
-                    libc::PTHREAD_MUTEX_ROBUST,
-                ))
-            })
-            .and_then(|()| {
-                check(libc::pthread_mutex_init(&raw mut (*self.header()).mutex, attr.as_ptr()))
-            });
-            libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
-            result
-        }
     }
 
     /// Takes the lock; rebuilds the entries if the previous owner died holding it.
@@ -850,6 +815,57 @@ impl Table<'_> {
                 }
             }
         }
+    }
+}
+
+/// A zeroed anonymous `MAP_SHARED` region of `length` bytes: created before fork, it is the
+/// same memory in the master and every worker.
+///
+/// # Errors
+/// [`LimitsError::Map`] when mmap(2) fails.
+pub(crate) fn map_shared(length: NonZeroUsize) -> Result<NonNull<libc::c_void>, LimitsError> {
+    // SAFETY: a fresh anonymous mapping, aliasing nothing; MAP_SHARED so that forked workers
+    // see one region. Anonymous memory is zeroed.
+    unsafe {
+        mmap_anonymous(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }
+    .map_err(|source| LimitsError::Map { bytes: length.get(), source })
+}
+
+/// Initialises a process-shared, robust pthread mutex (pthread_mutexattr_setrobust(3)): a
+/// process that dies holding it hands the next locker `EOWNERDEAD` instead of a deadlock.
+///
+/// # Safety
+/// `mutex` points to writable memory for a `pthread_mutex_t` (in a shared mapping) that no
+/// other process or thread uses yet.
+///
+/// # Errors
+/// [`LimitsError::Lock`] with the pthread error.
+pub(crate) unsafe fn init_robust_mutex(
+    mutex: *mut libc::pthread_mutex_t,
+) -> Result<(), LimitsError> {
+    let check =
+        |rc: i32| if rc == 0 { Ok(()) } else { Err(LimitsError::Lock(Errno::from_raw(rc))) };
+    // SAFETY: the attribute object lives on this stack frame and is initialised before use;
+    // the caller guarantees `mutex` is ours alone.
+    unsafe {
+        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+        let result = check(libc::pthread_mutexattr_setpshared(
+            attr.as_mut_ptr(),
+            libc::PTHREAD_PROCESS_SHARED,
+        ))
+        .and_then(|()| {
+            check(libc::pthread_mutexattr_setrobust(attr.as_mut_ptr(), libc::PTHREAD_MUTEX_ROBUST))
+        })
+        .and_then(|()| check(libc::pthread_mutex_init(mutex, attr.as_ptr())));
+        libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
+        result
     }
 }
 

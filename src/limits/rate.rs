@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+use nix::sys::mman::munmap;
 use nix::time::{ClockId, clock_gettime};
 
 use super::{ClientKey, LimitsError};
@@ -86,51 +86,17 @@ impl Rates {
         let bytes = buckets_offset + BUCKETS * size_of::<Bucket>();
         let length = NonZeroUsize::new(bytes)
             .ok_or(LimitsError::TooLarge { slots: 1, per_slot: BUCKETS })?;
-        // SAFETY: a fresh anonymous shared mapping, aliasing nothing; zeroed, so every bucket
-        // is unused.
-        let base = unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        }
-        .map_err(|source| LimitsError::Map { bytes, source })?;
+        // Zeroed: every bucket unused.
+        let base = super::map_shared(length)?;
         let rates = Rates { base: base.cast(), bytes, buckets_offset, hasher: RandomState::new() };
-        rates.init_mutex()?;
+        // SAFETY: the header is at the start of the fresh mapping, which no other process
+        // sees yet.
+        unsafe { super::init_robust_mutex(&raw mut (*rates.header()).mutex)? };
         Ok(rates)
     }
 
     fn header(&self) -> *mut Header {
         self.base.as_ptr().cast()
-    }
-
-    fn init_mutex(&self) -> Result<(), LimitsError> {
-        let check = |rc: i32| {
-            if rc == 0 { Ok(()) } else { Err(LimitsError::Lock(Errno::from_raw(rc))) }
-        };
-        // SAFETY: the attribute lives on this frame and is initialised before use; the mutex
-        // lives in the mapping, which no other process sees yet.
-        unsafe {
-            let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
-            check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
-            let result = check(libc::pthread_mutexattr_setpshared(
-                attr.as_mut_ptr(),
-                libc::PTHREAD_PROCESS_SHARED,
-            ))
-            .and_then(|()| {
-                check(libc::pthread_mutexattr_setrobust(
-                    attr.as_mut_ptr(),
-                    libc::PTHREAD_MUTEX_ROBUST,
-                ))
-            })
-            .and_then(|()| {
-                check(libc::pthread_mutex_init(&raw mut (*self.header()).mutex, attr.as_ptr()))
-            });
-            libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
-            result
-        }
     }
 
     /// Takes one token of `key`'s bucket at `rate`, now.
