@@ -19,7 +19,10 @@ impl Master {
     /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
-        self.scoreboard.slot(slot).claim(0, self.generation);
+        // The names first: the child counts per listener id at once.
+        let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str()));
+        self.scoreboard.name_listeners(names);
+        self.scoreboard.claim(slot, self.generation);
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the worker and then exits.

@@ -22,7 +22,7 @@ use nix::unistd::{ForkResult, execv, fork};
 
 use super::Master;
 use super::table::WorkerExit;
-use crate::scoreboard;
+use crate::scoreboard::{self, UpgradeState};
 use crate::signals::{self, MASTER_SIGNALS};
 
 /// Environment variable carrying inherited listening sockets to a new master.
@@ -94,6 +94,7 @@ impl Master {
                     self.invocation.exe.display()
                 );
                 self.upgrade = Some(child);
+                self.scoreboard.header().set_upgrade_state(UpgradeState::NewMasterRunning);
             }
             Err(error) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
@@ -135,6 +136,7 @@ impl Master {
     /// The new master of an upgrade exited while we live: take the pid file back.
     pub(super) fn upgrade_exited(&mut self, exit: WorkerExit) {
         let Some(pid) = self.upgrade.take() else { return };
+        self.scoreboard.header().set_upgrade_state(UpgradeState::None);
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
