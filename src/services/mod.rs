@@ -46,7 +46,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time, exec, relay);
+builtins!(echo, discard, chargen, daytime, time, exec, relay, metrics);
 
 mod test_only;
 
@@ -55,6 +55,7 @@ pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
 pub use exec::{Exec, StderrTo};
+pub use metrics::Metrics;
 pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
 
@@ -316,7 +317,7 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay.
+    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay, metrics.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -469,7 +470,10 @@ mod tests {
     fn builtins_are_listed_in_order_and_names_are_checked() {
         let mut registry = Registry::builtin();
         let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["echo", "discard", "chargen", "daytime", "time", "exec", "relay"]);
+        assert_eq!(
+            names,
+            ["echo", "discard", "chargen", "daytime", "time", "exec", "relay", "metrics"]
+        );
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));
         let bad = registry.register("Echo2", |_| Ok(Echo::new())).unwrap_err();
