@@ -180,6 +180,16 @@ fn metrics_count_known_traffic_per_listener() {
     let closed =
         "preforkd_listener_closed_connections_total{listener=\"other\",reason=\"client-close\"}";
     expect_sample(metrics, closed, 1.0);
+    // status --json reads the same rows.
+    let config = daemon.config_path.to_str().unwrap();
+    let (status, stdout, stderr) = run_cli(&["status", "--json", "-c", config]);
+    assert_eq!(code(status), 0, "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let listeners = document["listeners"].as_array().expect("listeners");
+    let echo = listeners.iter().find(|l| l["name"] == "echo").expect("the echo listener");
+    assert_eq!((&echo["accepted"], &echo["bytes_in"]), (&3.into(), &15.into()), "{echo}");
+    assert_eq!(echo["closed"]["client-close"], 3, "{echo}");
+    assert_eq!(echo["refused"]["denied"], 0, "{echo}");
 }
 
 #[test]
