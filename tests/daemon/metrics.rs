@@ -352,3 +352,42 @@ fn a_real_prometheus_scrapes_the_metrics_listener() {
     prometheus.expect("preforkd_listener_accepted_connections_total{listener=\"echo\"}", 2.0);
     prometheus.expect("preforkd_generation", 1.0);
 }
+
+#[test]
+fn counters_survive_killed_workers_and_restarts_are_counted() {
+    let daemon = start(&config(&[("echo", "echo", ""), ("metrics", "metrics", "")]));
+    let (echo, metrics) = (daemon.addrs[0], daemon.addrs[1]);
+    for _ in 0..2 {
+        let mut stream = connect(echo);
+        assert_eq!(exchange(&mut stream, b"hello", QUICK), Outcome::Echoed);
+    }
+    let accepted = "preforkd_listener_accepted_connections_total{listener=\"echo\"}";
+    expect_sample(metrics, accepted, 2.0);
+    let (status, stdout, stderr) =
+        run_cli(&["status", "--json", "-c", daemon.config_path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let pids: Vec<i32> = document["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    for pid in &pids {
+        // Our daemon's worker (its pid comes from the daemon's own scoreboard).
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+    }
+    // Never below 2 on the way: a dead worker's counts are kept.
+    expect_sample(metrics, "preforkd_worker_restarts_total", 2.0);
+    eventually("2 new workers ready", || {
+        let text = scrape(metrics);
+        assert_eq!(sample(&text, accepted), Some(2.0), "{text}");
+        let ready = text.lines().filter(|l| l.contains("state=\"ready\"} 1")).count();
+        ready == 2 && pids.iter().all(|pid| !is_running(*pid))
+    });
+    let mut stream = connect(echo);
+    assert_eq!(exchange(&mut stream, b"hello", QUICK), Outcome::Echoed);
+    expect_sample(metrics, accepted, 3.0);
+}
