@@ -24,11 +24,19 @@ use thiserror::Error;
 
 use crate::files;
 
-/// Version 4: when the master became ready (`ready_unix_ms`); version 3: the master's start
-/// time in the header (control commands check it before they signal), and [`WorkerScore::refused`] and [`WorkerScore::full`] in what was padding of
-/// the 128-byte slot. Another version is refused: a control command cannot verify the master
-/// of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb4");
+mod listeners;
+
+pub use listeners::{
+    CLOSES, Close, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore, ListenerTotals, kept_name,
+};
+
+/// Version 5: when the master became ready (`ready_unix_ms`). Version 4: per-listener
+/// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
+/// per worker slot after the slots), worker restarts and the upgrade state in the header.
+/// Version 3 added the master's start time (control commands check it before they signal),
+/// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
+/// command cannot verify the master of an older layout.
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb5");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -172,8 +180,53 @@ pub struct Header {
     /// upgrade` waits for it, so an old master stopped right after cannot leave systemd
     /// without a main process.
     pub ready_unix_ms: AtomicU64,
+    /// Workers that exited without being asked to (crash, kill, stale heartbeat) while their
+    /// generation served, each then forked again (version 4).
+    pub worker_restarts: AtomicU64,
+    upgrade_state: AtomicU32,
     message_len: AtomicU64,
     message: [AtomicU32; MESSAGE_BYTES / 4],
+    /// Listener names and the counters of workers that are gone (version 4).
+    listeners: listeners::ListenerTable,
+}
+
+/// Where a binary upgrade (SIGUSR2) stands, from this master's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum UpgradeState {
+    /// No upgrade under way.
+    None = 0,
+    /// This master started a new master, which runs: this is the old master, waiting for
+    /// WINCH and QUIT (or a rollback).
+    NewMasterRunning = 1,
+}
+
+impl UpgradeState {
+    /// Every state, in value order.
+    pub const ALL: [UpgradeState; 2] = [UpgradeState::None, UpgradeState::NewMasterRunning];
+
+    /// Lower-case name, as the metrics print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpgradeState::None => "none",
+            UpgradeState::NewMasterRunning => "new-master-running",
+        }
+    }
+}
+
+impl Header {
+    /// Where a binary upgrade stands.
+    pub fn upgrade_state(&self) -> UpgradeState {
+        match self.upgrade_state.load(Ordering::Acquire) {
+            1 => UpgradeState::NewMasterRunning,
+            _ => UpgradeState::None,
+        }
+    }
+
+    /// Records where a binary upgrade stands (by the master).
+    pub fn set_upgrade_state(&self, state: UpgradeState) {
+        self.upgrade_state.store(state as u32, Ordering::Release);
+    }
 }
 
 /// One worker's part, on cache lines of its own.
@@ -272,12 +325,17 @@ pub struct Scoreboard {
     owner: Option<u32>,
 }
 
-/// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`].
+/// Bytes of one slot: its [`WorkerScore`] and its [`LISTENER_ROWS`] listener rows.
+const SLOT_BYTES: usize =
+    std::mem::size_of::<WorkerScore>() + LISTENER_ROWS * std::mem::size_of::<ListenerScore>();
+
+/// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, then
+/// every [`WorkerScore`], then every slot's listener rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
     }
-    Some(std::mem::size_of::<Header>() + capacity * std::mem::size_of::<WorkerScore>())
+    Some(std::mem::size_of::<Header>() + capacity * SLOT_BYTES)
 }
 
 impl Scoreboard {
@@ -420,6 +478,30 @@ impl Scoreboard {
             let first = self.base.as_ptr().add(std::mem::size_of::<Header>()).cast::<WorkerScore>();
             std::slice::from_raw_parts(first, self.capacity)
         }
+    }
+
+    /// Every slot's listener rows, slot by slot.
+    fn all_listener_rows(&self) -> &[ListenerScore] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the rows follow the slots, at an offset
+        // that is a multiple of 128 (header and slots are), so aligned for `ListenerScore`
+        // (8); all fields are atomics.
+        unsafe {
+            let offset =
+                std::mem::size_of::<Header>() + self.capacity * std::mem::size_of::<WorkerScore>();
+            let first = self.base.as_ptr().add(offset).cast::<ListenerScore>();
+            std::slice::from_raw_parts(first, self.capacity * LISTENER_ROWS)
+        }
+    }
+
+    /// Claims `slot` for a new worker of `generation` (by the master, before the fork): the
+    /// last worker's listener counters go to the retired totals, then the slot is cleared
+    /// ([`WorkerScore::claim`], pid 0 until the fork returns).
+    ///
+    /// # Panics
+    /// If `slot` is not below the capacity (a caller bug).
+    pub fn claim(&self, slot: usize, generation: u64) {
+        self.retire_listener_rows(slot);
+        self.slot(slot).claim(0, generation);
     }
 
     /// One worker slot.

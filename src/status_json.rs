@@ -11,11 +11,12 @@
 //! one instant: a connection accepted during the read may show in `accepted` and not yet in
 //! `open`. Counters are monotonic for a worker's lifetime and start again at 0 for a new pid.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::scoreboard::{Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, monotonic_ms, unix_ms};
 
 /// Version of the document's schema, its `"schema"` field. Raised only for a change that
 /// would break a reader of the previous version.
@@ -33,6 +34,30 @@ pub struct Snapshot {
     /// Every worker with a process (booting, ready or draining), by slot number. Empty
     /// slots are left out.
     pub workers: Vec<Worker>,
+    /// Every listener the master has named since it started (the first 64), by listener
+    /// id: counters over every worker, those gone included (added in schema 1).
+    pub listeners: Vec<Listener>,
+}
+
+/// One listener of a [`Snapshot`]: its counters since the master started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listener {
+    /// The listener's `name` (cut to 64 bytes, ending in `~ID`, if longer).
+    pub name: String,
+    /// Connections open now, over live workers.
+    pub open: u64,
+    /// Connections accepted and served.
+    pub accepted: u64,
+    /// Bytes read from clients.
+    pub bytes_in: u64,
+    /// Bytes written to clients.
+    pub bytes_out: u64,
+    /// Connections refused or shed, by reason (`denied`, `rate`, `limit`, `listener-full`,
+    /// `shed`, `proxy-header`; every reason is present).
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Connections closed, by reason (`client-close`, `server-close`, `idle-short`,
+    /// `idle-long`, `long-limit`, `error`, `shutdown`, `service`; every reason is present).
+    pub closed: BTreeMap<&'static str, u64>,
 }
 
 /// The master's part of a [`Snapshot`].
@@ -56,6 +81,12 @@ pub struct Master {
     pub log_reopens: u64,
     /// Binary upgrades (USR2) whose new master did not come up.
     pub upgrades_failed: u64,
+    /// Workers that exited without being asked to while their generation served, each then
+    /// forked again (added in schema 1).
+    pub worker_restarts: u64,
+    /// `"none"`, or `"new-master-running"` while a new master this one started runs (added
+    /// in schema 1).
+    pub upgrade_state: &'static str,
     /// The message of the last failed reload, upgrade or log reopen; `null` when there is
     /// none, or once a reload was applied after it.
     pub last_error: Option<String>,
@@ -108,6 +139,8 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
         reloads_rejected: header.reloads_failed.load(Ordering::Relaxed),
         log_reopens: header.reopens.load(Ordering::Relaxed),
         upgrades_failed: header.upgrades_failed.load(Ordering::Relaxed),
+        worker_restarts: header.worker_restarts.load(Ordering::Relaxed),
+        upgrade_state: header.upgrade_state().name(),
         last_error: (!message.is_empty()).then_some(message),
     };
     let workers = board
@@ -137,13 +170,26 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             })
         })
         .collect();
-    Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers }
+    let listeners = board
+        .listener_totals()
+        .into_iter()
+        .map(|totals| Listener {
+            refused: Refusal::ALL.iter().map(|&r| (r.name(), totals.refused(r))).collect(),
+            closed: Close::ALL.iter().map(|&c| (c.name(), totals.closed[c as usize])).collect(),
+            name: totals.name,
+            open: totals.open,
+            accepted: totals.accepted,
+            bytes_in: totals.bytes_in,
+            bytes_out: totals.bytes_out,
+        })
+        .collect();
+    Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers, listeners }
 }
 
 /// The JSON document of `board` now, on one line without a trailing newline.
 pub fn render(board: &Scoreboard) -> String {
     let snapshot = snapshot(board, unix_ms(), monotonic_ms());
-    serde_json::to_string(&snapshot).expect("a Snapshot has string keys and no maps")
+    serde_json::to_string(&snapshot).expect("a Snapshot's maps have string keys")
 }
 
 #[cfg(test)]
@@ -188,7 +234,8 @@ mod tests {
                 "master": {
                     "pid": 100, "generation": 2, "started_unix_ms": 1_000, "uptime_ms": 9_000,
                     "target_workers": 2, "reloads_applied": 1, "reloads_rejected": 3,
-                    "log_reopens": 0, "upgrades_failed": 0,
+                    "log_reopens": 0, "upgrades_failed": 0, "worker_restarts": 0,
+                    "upgrade_state": "none",
                     "last_error": "could not bind 127.0.0.1:80: Permission denied"
                 },
                 "workers": [
@@ -202,7 +249,8 @@ mod tests {
                         "accepted": 0, "bytes_in": 0, "bytes_out": 0,
                         "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100
                     }
-                ]
+                ],
+                "listeners": []
             })
         );
     }
@@ -231,5 +279,28 @@ mod tests {
         let parsed: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["schema"], 1);
         assert_eq!(parsed["workers"], json!([]));
+    }
+
+    #[test]
+    fn listeners_carry_their_counters_by_reason() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        board.name_listeners([(0, "echo")]);
+        board.claim(0, 1);
+        board.slot(0).set_state(SlotState::Ready);
+        let row = &board.listener_rows(0)[0];
+        row.accepted.store(4, Ordering::Relaxed);
+        row.open.store(1, Ordering::Relaxed);
+        row.refused[Refusal::Shed as usize].store(2, Ordering::Relaxed);
+        row.closed[Close::IdleShort as usize].store(3, Ordering::Relaxed);
+        let parsed: Value = serde_json::from_str(&render(&board)).unwrap();
+        let echo = &parsed["listeners"][0];
+        assert_eq!(
+            (&echo["name"], &echo["accepted"], &echo["open"]),
+            (&json!("echo"), &json!(4), &json!(1))
+        );
+        assert_eq!(echo["refused"]["shed"], 2);
+        assert_eq!(echo["refused"]["denied"], 0);
+        assert_eq!(echo["closed"]["idle-short"], 3);
+        assert_eq!(echo["closed"].as_object().unwrap().len(), 8);
     }
 }

@@ -733,6 +733,9 @@ impl Master {
                 log::error!("worker {slot} (pid {pid}) was killed by {signal}")
             }
         }
+        if self.respawns(&self.slots[slot]) {
+            self.scoreboard.header().worker_restarts.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.respawns(&self.slots[slot]) {
             self.slots[slot].respawn_at = None;
         } else if delay.is_zero() {

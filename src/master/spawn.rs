@@ -19,8 +19,11 @@ impl Master {
     /// # Errors
     /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
+        // The listener names first: the child counts per listener id at once.
+        let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str()));
+        self.scoreboard.name_listeners(names);
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
-        self.scoreboard.slot(slot).claim(0, self.generation);
+        self.scoreboard.claim(slot, self.generation);
         // The hand-off channel; without one the worker only never hands off or adopts.
         let (master_end, worker_end) = match Channel::pair() {
             Ok((master_end, worker_end)) => (Some(master_end), Some(worker_end)),

@@ -22,7 +22,7 @@ use nix::unistd::{ForkResult, execv, fork};
 
 use super::Master;
 use super::table::WorkerExit;
-use crate::scoreboard;
+use crate::scoreboard::{self, UpgradeState};
 use crate::signals::{self, MASTER_SIGNALS};
 
 /// Environment variable carrying inherited listening sockets to a new master.
@@ -90,6 +90,7 @@ impl Master {
                     self.invocation.exe.display()
                 );
                 self.supervisor.upgrade_started(child);
+                self.scoreboard.header().set_upgrade_state(UpgradeState::NewMasterRunning);
             }
             Err(error) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
@@ -131,6 +132,7 @@ impl Master {
     /// The new master of an upgrade (`pid`) exited while we live: take the pid file back.
     /// (The supervisor resumes the pool if WINCH had stopped it.)
     pub(super) fn upgrade_exited(&mut self, pid: nix::unistd::Pid, exit: WorkerExit) {
+        self.scoreboard.header().set_upgrade_state(UpgradeState::None);
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use super::{CloseReason, Interest, Transport};
 use crate::poller::Poller;
+use crate::scoreboard::Scoreboard;
 
 /// What a session may ask of the worker loop during a callback: its client socket, extra
 /// descriptors to watch, a timer, and the end of the conversation.
@@ -18,6 +19,7 @@ pub struct Context<'a> {
     socket: Option<BorrowedFd<'a>>,
     now: Instant,
     extras: Option<Extras<'a>>,
+    scoreboard: Option<&'a Scoreboard>,
     pub(crate) close: Option<(CloseReason, Ending)>,
     pub(crate) timer: Option<Option<Instant>>,
     pub(crate) shutdown_write: bool,
@@ -57,6 +59,7 @@ impl<'a> Context<'a> {
             socket: None,
             now,
             extras: None,
+            scoreboard: None,
             close: None,
             timer: None,
             shutdown_write: false,
@@ -74,10 +77,26 @@ impl<'a> Context<'a> {
             socket: Some(socket),
             now,
             extras: Some(extras),
+            scoreboard: None,
             close: None,
             timer: None,
             shutdown_write: false,
         }
+    }
+
+    /// Gives the session read access to `board` ([`Context::scoreboard`]); the worker loop
+    /// passes its scoreboard, a test may pass one of its own.
+    pub fn with_scoreboard(mut self, board: &'a Scoreboard) -> Self {
+        self.scoreboard = Some(board);
+        self
+    }
+
+    /// The daemon's scoreboard (the master's and every worker's published state), for a
+    /// service that reports on the daemon itself, such as `metrics`. Read it, never write
+    /// it: the slots belong to the master and the workers. `None` outside the daemon unless
+    /// given with [`Context::with_scoreboard`].
+    pub fn scoreboard(&self) -> Option<&'a Scoreboard> {
+        self.scoreboard
     }
 
     /// The client's socket as a descriptor (in the daemon; `None` in a [`Context::new`]), for

@@ -53,7 +53,7 @@ macro_rules! builtins {
     };
 }
 
-builtins!(echo, discard, chargen, daytime, time, exec, relay, tftp);
+builtins!(echo, discard, chargen, daytime, time, exec, relay, tftp, metrics);
 
 mod test_only;
 
@@ -62,6 +62,7 @@ pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
 pub use exec::{Exec, StderrTo};
+pub use metrics::Metrics;
 pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
 
@@ -365,7 +366,8 @@ pub enum RegisterError {
 }
 
 impl Registry {
-    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay, tftp.
+    /// The built-in services: echo, discard, chargen, daytime, time, exec, relay, tftp,
+    /// metrics.
     pub fn builtin() -> Self {
         let entries =
             BUILTINS.iter().map(|&(name, build)| (name.to_owned(), Arc::new(build) as DynBuild));
@@ -520,7 +522,7 @@ mod tests {
         let names: Vec<_> = registry.names().collect();
         assert_eq!(
             names,
-            ["echo", "discard", "chargen", "daytime", "time", "exec", "relay", "tftp"]
+            ["echo", "discard", "chargen", "daytime", "time", "exec", "relay", "tftp", "metrics"]
         );
         let taken = registry.register("echo", |_| Ok(Echo::new())).unwrap_err();
         assert_eq!(taken, RegisterError::Taken("echo".into()));

@@ -27,6 +27,7 @@
 //! watched on its own socket with its own deadline, and counts as a connection.
 
 pub mod conn;
+mod counters;
 mod datagram;
 mod handoff;
 pub mod refusals;
@@ -57,6 +58,7 @@ use crate::scoreboard::{REFUSALS, Refusal, Scoreboard, SlotState, WorkerScore};
 use crate::services::{self, ConnInfo, Context, Ending, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use conn::{CloseReason, Conn, ConnKind, HandOff, idle_deadline, idle_reason};
+use counters::ListenerTallies;
 use refusals::Summaries;
 
 /// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
@@ -214,6 +216,8 @@ struct Worker<'a> {
     /// Counters not yet published on the scoreboard (published at most every
     /// [`PUBLISH_INTERVAL`], so the hot path writes no shared memory).
     unpublished: Unpublished,
+    /// Per-listener counters not yet published (with `unpublished`).
+    listener_tallies: ListenerTallies,
     last_published: Instant,
 }
 
@@ -285,6 +289,7 @@ impl<'a> Worker<'a> {
             context.config.daemon.event_backend.name()
         );
         let listener_ids = context.listeners.iter().map(|l| l.id).collect();
+        let listener_tallies = ListenerTallies::new(context.listeners.len());
         Ok(Worker {
             context,
             signals,
@@ -315,6 +320,7 @@ impl<'a> Worker<'a> {
             pending_open: 0,
             pending_deadlines: VecDeque::new(),
             unpublished: Unpublished::default(),
+            listener_tallies,
             last_published: Instant::now(),
         })
     }
@@ -416,6 +422,8 @@ impl<'a> Worker<'a> {
             (self.open + self.pending_open + self.datagrams.flows()) as u64,
             Ordering::Relaxed,
         );
+        let rows = self.context.scoreboard.listener_rows(self.context.slot);
+        self.listener_tallies.publish(rows, &self.listener_ids);
         self.last_published = now;
         self.summarize_datagrams(now, false);
     }
@@ -865,6 +873,7 @@ impl<'a> Worker<'a> {
         self.open += 1;
         self.unpublished.accepted += 1;
         self.unpublished.dirty = true;
+        self.listener_tallies.accepted(index);
         if interest.write {
             // The server speaks first: a new socket is writable, so write now rather than
             // after one more turn of the loop.
@@ -895,6 +904,8 @@ impl<'a> Worker<'a> {
     /// Accounts for a closed connection: a refusal is counted and summarized (see
     /// [`refusals`]), anything else gets its access line.
     fn closed(&mut self, record: Closed<'_>) {
+        self.listener_tallies.ended(record.listener, record.reason);
+        self.unpublished.dirty = true;
         let Some(refusal) = refusal_of(record.reason) else {
             return self.access_line(&record);
         };
@@ -1030,6 +1041,7 @@ impl<'a> Worker<'a> {
     /// the session asked for (close, timer) and the loop's policy (promotion, drain, interest).
     fn dispatch(&mut self, fd: usize, callback: Callback, now: Instant) {
         let room = self.room();
+        let board = self.context.scoreboard;
         let Worker { conns, poller, extra_owners, extra_fds, .. } = self;
         let Some(conn) = conns.get_mut(fd).and_then(Option::as_mut) else {
             return;
@@ -1045,7 +1057,8 @@ impl<'a> Worker<'a> {
         // SAFETY: the descriptor is `conn.stream`'s, which stays open for the whole call: the
         // context (and so this borrow) is dropped before the connection can be finished.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
-        let mut cx = Context::with_extras(&mut conn.stream, socket, now, extras);
+        let mut cx =
+            Context::with_extras(&mut conn.stream, socket, now, extras).with_scoreboard(board);
         let result = match callback {
             Callback::Readable => conn.session.on_readable(&mut cx),
             Callback::Writable => conn.session.on_writable(&mut cx),
@@ -1068,6 +1081,7 @@ impl<'a> Worker<'a> {
         self.unpublished.bytes_in += progress.bytes_in;
         self.unpublished.bytes_out += progress.bytes_out;
         self.unpublished.dirty = true;
+        self.listener_tallies.moved(conn.listener, progress);
         if shutdown_write && let Err(error) = conn.stream.shutdown(std::net::Shutdown::Write) {
             log::debug!("connection from {}: shutdown(SHUT_WR) failed: {error}", conn.peer);
         }
@@ -1246,6 +1260,7 @@ impl<'a> Worker<'a> {
         let mut extras = conn.extras;
         self.unwatch_extras(&mut extras);
         self.open -= 1;
+        self.listener_tallies.finished(conn.listener);
         if let Some(ticket) = conn.ticket
             && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
         {

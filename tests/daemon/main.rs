@@ -13,6 +13,7 @@ mod hardening;
 mod idle;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod relay;
 mod resources;
 mod services;

@@ -1,0 +1,343 @@
+//! Per-listener counters of the scoreboard (version 4): one row per (worker slot, listener),
+//! the listener names, and the totals of workers that are gone.
+//!
+//! Written by the master (names, at each fork; the retired totals, when it claims a slot for
+//! a new worker) and by each worker (its own rows, with its other counters, at most every
+//! 100 ms: the hot path writes no shared memory). Read by anyone who maps the scoreboard
+//! (the `metrics` service, `preforkd status`).
+//!
+//! Invariants:
+//! - a listener's row index is its stable id (the same name keeps its id across reloads; a
+//!   new name gets the next one), so rows never change meaning; listeners with an id at or
+//!   above [`LISTENER_ROWS`] have no per-listener counters;
+//! - a name, once written for an id, never changes (rewriting it writes the same bytes);
+//! - every counter except `open` only grows for the life of the master: when the master
+//!   claims a slot for a new worker, it first adds the slot's rows to the retired totals,
+//!   under a sequence count that readers check ([`Scoreboard::listener_totals`]), so a reader
+//!   never sees a counter go back;
+//! - `open` is summed over live slots only (a dead worker has no connections).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::{Scoreboard, SlotState};
+use crate::scoreboard::{REFUSALS, Refusal};
+
+/// Listener rows per worker slot, and names kept: listeners whose id is at or above it (the
+/// 65th distinct name in the master's life) are served but not counted per listener.
+pub const LISTENER_ROWS: usize = 64;
+/// Bytes of a listener name kept; a longer name is cut and ends in `~ID` (a character no
+/// listener name may contain), so names stay distinct.
+pub const LISTENER_NAME_BYTES: usize = 64;
+
+/// Why a served connection was closed: the per-listener close counters, in this order.
+/// Refusals are counted apart ([`Refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Close {
+    /// The client closed its side and every answer was sent.
+    ClientClose = 0,
+    /// The service ended the conversation.
+    ServerClose = 1,
+    /// `short_idle_timeout`.
+    IdleShort = 2,
+    /// `long_idle_timeout`.
+    IdleLong = 3,
+    /// `max_long_connections_per_client`: closed after its exchange.
+    LongLimit = 4,
+    /// A socket error or an internal failure.
+    Error = 5,
+    /// The worker stopped (graceful or fast).
+    Shutdown = 6,
+    /// A reason of the service's own (`line-too-long`, `backend-unavailable` ...).
+    Service = 7,
+}
+
+/// Number of [`Close`] reasons.
+pub const CLOSES: usize = 8;
+
+impl Close {
+    /// Every reason, in counter order.
+    pub const ALL: [Close; CLOSES] = [
+        Close::ClientClose,
+        Close::ServerClose,
+        Close::IdleShort,
+        Close::IdleLong,
+        Close::LongLimit,
+        Close::Error,
+        Close::Shutdown,
+        Close::Service,
+    ];
+
+    /// The access-log spelling (`service` for every reason of a service's own).
+    pub fn name(self) -> &'static str {
+        match self {
+            Close::ClientClose => "client-close",
+            Close::ServerClose => "server-close",
+            Close::IdleShort => "idle-short",
+            Close::IdleLong => "idle-long",
+            Close::LongLimit => "long-limit",
+            Close::Error => "error",
+            Close::Shutdown => "shutdown",
+            Close::Service => "service",
+        }
+    }
+}
+
+/// One listener's counters in one worker slot (or in the retired totals).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ListenerScore {
+    /// Connections open now (accepted, not yet closed).
+    pub open: AtomicU64,
+    /// Connections accepted and served (refused ones are not).
+    pub accepted: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+    /// Connections refused or shed, by [`Refusal`].
+    pub refused: [AtomicU64; REFUSALS],
+    /// Connections closed, by [`Close`].
+    pub closed: [AtomicU64; CLOSES],
+}
+
+/// A slot's rows take whole 128-byte lines, so workers never share a line.
+const _: () = assert!((std::mem::size_of::<ListenerScore>() * LISTENER_ROWS).is_multiple_of(128));
+
+impl ListenerScore {
+    /// Every counter that only grows, with `open` left out.
+    fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
+        [&self.accepted, &self.bytes_in, &self.bytes_out]
+            .into_iter()
+            .chain(&self.refused)
+            .chain(&self.closed)
+    }
+}
+
+/// The master's listener names and retired totals, part of the header.
+#[repr(C)]
+pub struct ListenerTable {
+    /// Ids named so far: rows at or above it hold nothing.
+    count: AtomicU64,
+    /// Odd while the master folds a slot into `retired` (a sequence count for readers).
+    folding: AtomicU64,
+    name_len: [AtomicU32; LISTENER_ROWS],
+    names: [[AtomicU64; LISTENER_NAME_BYTES / 8]; LISTENER_ROWS],
+    /// Counters of workers that are gone, per listener id.
+    retired: [ListenerScore; LISTENER_ROWS],
+}
+
+/// A listener's counters summed over every worker the master started: a plain value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerTotals {
+    /// The listener's name.
+    pub name: String,
+    /// Connections open now, over live workers.
+    pub open: u64,
+    /// Connections accepted and served since the master started.
+    pub accepted: u64,
+    /// Bytes read from clients.
+    pub bytes_in: u64,
+    /// Bytes written to clients.
+    pub bytes_out: u64,
+    /// Refusals by [`Refusal`].
+    pub refused: [u64; REFUSALS],
+    /// Closes by [`Close`].
+    pub closed: [u64; CLOSES],
+}
+
+impl ListenerTotals {
+    fn add(&mut self, row: &ListenerScore) {
+        self.accepted += row.accepted.load(Ordering::Relaxed);
+        self.bytes_in += row.bytes_in.load(Ordering::Relaxed);
+        self.bytes_out += row.bytes_out.load(Ordering::Relaxed);
+        for (total, counter) in self.refused.iter_mut().zip(&row.refused) {
+            *total += counter.load(Ordering::Relaxed);
+        }
+        for (total, counter) in self.closed.iter_mut().zip(&row.closed) {
+            *total += counter.load(Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals for `reason`.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason as usize]
+    }
+}
+
+/// The name kept for listener `id` called `name`: at most [`LISTENER_NAME_BYTES`] bytes.
+pub fn kept_name(id: u16, name: &str) -> String {
+    if name.len() <= LISTENER_NAME_BYTES {
+        return name.to_owned();
+    }
+    let suffix = format!("~{id}");
+    let mut cut = LISTENER_NAME_BYTES - suffix.len();
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &name[..cut])
+}
+
+/// How many times a reader retries while the master folds, before it takes what it read.
+const READ_RETRIES: usize = 1000;
+
+impl Scoreboard {
+    fn listener_table(&self) -> &ListenerTable {
+        &self.header().listeners
+    }
+
+    /// Ids named so far, at most [`LISTENER_ROWS`] (a forged file cannot claim more).
+    fn listener_count(&self) -> usize {
+        (self.listener_table().count.load(Ordering::Acquire) as usize).min(LISTENER_ROWS)
+    }
+
+    /// Publishes the names of the serving listeners, `(id, name)` (by the master, before it
+    /// forks a worker). Ids at or above [`LISTENER_ROWS`] are skipped.
+    pub fn name_listeners<'n>(&self, listeners: impl IntoIterator<Item = (u16, &'n str)>) {
+        let table = self.listener_table();
+        for (id, name) in listeners {
+            let index = usize::from(id);
+            if index >= LISTENER_ROWS {
+                continue;
+            }
+            let kept = kept_name(id, name);
+            let mut bytes = [0u8; LISTENER_NAME_BYTES];
+            bytes[..kept.len()].copy_from_slice(kept.as_bytes());
+            for (word, chunk) in table.names[index].iter().zip(bytes.chunks_exact(8)) {
+                word.store(
+                    u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
+                    Ordering::Relaxed,
+                );
+            }
+            table.name_len[index].store(kept.len() as u32, Ordering::Release);
+            table.count.fetch_max(index as u64 + 1, Ordering::AcqRel);
+        }
+    }
+
+    /// The name of listener `id`, if it was published (lossy: the file is not trusted).
+    pub fn listener_name(&self, id: usize) -> Option<String> {
+        let table = self.listener_table();
+        let len =
+            (table.name_len.get(id)?.load(Ordering::Acquire) as usize).min(LISTENER_NAME_BYTES);
+        if len == 0 {
+            return None;
+        }
+        let bytes: Vec<u8> =
+            table.names[id].iter().flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes()).collect();
+        Some(String::from_utf8_lossy(&bytes[..len]).into_owned())
+    }
+
+    /// The rows of worker slot `slot`, by listener id.
+    ///
+    /// # Panics
+    /// If `slot` is not below the capacity (a caller bug).
+    pub fn listener_rows(&self, slot: usize) -> &[ListenerScore] {
+        &self.all_listener_rows()[slot * LISTENER_ROWS..(slot + 1) * LISTENER_ROWS]
+    }
+
+    /// Adds the counters of `slot`'s last worker to the retired totals and clears its rows
+    /// (by the master, when it claims the slot for a new worker).
+    pub(super) fn retire_listener_rows(&self, slot: usize) {
+        let table = self.listener_table();
+        let count = self.listener_count();
+        table.folding.fetch_add(1, Ordering::AcqRel);
+        for (row, retired) in self.listener_rows(slot).iter().zip(&table.retired).take(count) {
+            for (from, to) in row.counters().zip(retired.counters()) {
+                let n = from.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    to.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            row.open.store(0, Ordering::Relaxed);
+        }
+        table.folding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every named listener's counters, summed over the retired totals and every slot, by
+    /// listener id. Consistent with respect to the master's folds: a reader that overlaps
+    /// one reads again.
+    pub fn listener_totals(&self) -> Vec<ListenerTotals> {
+        let table = self.listener_table();
+        let count = self.listener_count();
+        let mut totals = Vec::new();
+        for _ in 0..READ_RETRIES {
+            let before = table.folding.load(Ordering::Acquire);
+            totals = (0..count)
+                .map(|id| {
+                    let mut total = ListenerTotals {
+                        name: self.listener_name(id).unwrap_or_else(|| format!("~{id}")),
+                        ..ListenerTotals::default()
+                    };
+                    total.add(&table.retired[id]);
+                    for (slot, score) in self.slots().iter().enumerate() {
+                        let row = &self.listener_rows(slot)[id];
+                        total.add(row);
+                        if score.state() != SlotState::Empty {
+                            total.open += row.open.load(Ordering::Relaxed);
+                        }
+                    }
+                    total
+                })
+                .collect();
+            let after = table.folding.load(Ordering::Acquire);
+            if before.is_multiple_of(2) && before == after {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_slots_and_survive_a_new_worker_in_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.pid.scoreboard");
+        let board = Scoreboard::create(Some(&path), 2).unwrap();
+        board.name_listeners([(0, "echo"), (1, "metrics")]);
+        board.claim(0, 1);
+        board.claim(1, 1);
+        board.slot(0).set_state(SlotState::Ready);
+        board.slot(1).set_state(SlotState::Ready);
+        let row = &board.listener_rows(0)[0];
+        row.accepted.fetch_add(3, Ordering::Relaxed);
+        row.open.store(2, Ordering::Relaxed);
+        row.closed[Close::ClientClose as usize].fetch_add(1, Ordering::Relaxed);
+        board.listener_rows(1)[0].refused[Refusal::Rate as usize].fetch_add(4, Ordering::Relaxed);
+        let reader = Scoreboard::open(&path).unwrap();
+        let totals = reader.listener_totals();
+        assert_eq!(totals.len(), 2);
+        assert_eq!((totals[0].name.as_str(), totals[1].name.as_str()), ("echo", "metrics"));
+        assert_eq!((totals[0].accepted, totals[0].open), (3, 2));
+        assert_eq!(totals[0].refused(Refusal::Rate), 4);
+        // The worker of slot 0 dies and a new one takes the slot: its counters are kept,
+        // its open connections are not.
+        board.slot(0).release();
+        assert_eq!(reader.listener_totals()[0].open, 0);
+        assert_eq!(reader.listener_totals()[0].accepted, 3, "a dead worker's counters stay");
+        board.claim(0, 2);
+        board.listener_rows(0)[0].accepted.fetch_add(1, Ordering::Relaxed);
+        let totals = reader.listener_totals();
+        assert_eq!(totals[0].accepted, 4);
+        assert_eq!(totals[0].closed[Close::ClientClose as usize], 1);
+        assert_eq!(totals[0].refused(Refusal::Rate), 4);
+    }
+
+    #[test]
+    fn long_names_stay_distinct_and_forged_counts_stay_in_bounds() {
+        let long = "a".repeat(100);
+        let kept = [kept_name(3, &long), kept_name(4, &long)];
+        assert!(kept.iter().all(|k| k.len() == LISTENER_NAME_BYTES), "{kept:?}");
+        assert_ne!(kept[0], kept[1]);
+        assert_eq!(kept_name(3, "echo"), "echo");
+        let board = Scoreboard::create(None, 1).unwrap();
+        board.name_listeners([(0, long.as_str()), (LISTENER_ROWS as u16, "over")]);
+        assert_eq!(board.listener_totals().len(), 1, "an id past the rows is not named");
+        board.listener_table().count.store(u64::MAX, Ordering::Release);
+        assert_eq!(board.listener_totals().len(), LISTENER_ROWS);
+    }
+}
