@@ -21,6 +21,7 @@
 //! generation serves), or retiring (told to stop; freed when reaped).
 
 mod handoff;
+mod inherit;
 mod orphans;
 mod reload;
 mod spawn;
@@ -28,6 +29,7 @@ pub mod supervisor;
 pub mod table;
 mod upgrade;
 
+pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
 pub use upgrade::INHERITED_LISTENERS_ENV;
 
 use std::collections::HashMap;
@@ -151,6 +153,9 @@ pub struct Master {
     listeners: Vec<Listener>,
     listener_ids: HashMap<String, u16>,
     limits: Limits,
+    /// When to look whether the other master of a binary upgrade and its workers are gone,
+    /// to release what they counted in the shared table (`None`: nothing to look for).
+    probe_other_at: Option<Instant>,
     /// Records per slot in the limits table: the most `max_connections_per_worker` can be.
     per_slot: usize,
     scoreboard: Scoreboard,
@@ -298,14 +303,19 @@ impl Master {
             Some(_) => Origin::Upgrade,
             None => Origin::Fresh,
         };
-        let mut listener_ids = HashMap::new();
+        // The old master's listener ids first, so that both masters key clients alike.
+        let inherited = inherit::take_inherited_limits();
+        let mut listener_ids = match &inherited {
+            Some(Ok(inherited)) => inherited.ids.clone(),
+            _ => HashMap::new(),
+        };
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
         let workers = config.daemon.workers.get();
         let capacity =
             crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
-        let limits = Limits::new(capacity, per_slot)?;
+        let (limits, adopted) = inherit::open_limits(inherited, capacity, per_slot)?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,
@@ -330,6 +340,7 @@ impl Master {
             listeners,
             listener_ids,
             limits,
+            probe_other_at: adopted.then(Instant::now),
             per_slot,
             scoreboard,
             pidfile,
@@ -570,6 +581,7 @@ impl Master {
         let mut deadlines: Vec<Instant> = Vec::new();
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         deadlines.extend(self.supervisor.deadline(now));
+        deadlines.extend(self.probe_other_at);
         match self.supervisor.lifecycle() {
             Lifecycle::Stopping { .. } => {}
             _ => {
@@ -849,6 +861,7 @@ impl Master {
     /// Respawns due workers, completes or rolls back a reload, escalates stops, and checks
     /// heartbeats.
     fn tick(&mut self, now: Instant) {
+        self.probe_other_range(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool_ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

@@ -6,7 +6,8 @@
 //! `NAME=FD` pairs separated by `;`, NAME being the listener's name. The old master renames
 //! its pid file and scoreboard to `*.oldbin` and keeps serving; the new master adopts the
 //! socket of each listener whose name and configured address match, binds the others, and
-//! writes the pid file. The operator then sends WINCH and QUIT to the old master (or, to
+//! writes the pid file. The per-client table goes along (see `inherit.rs`), so that limits
+//! hold across both masters while they run. The operator then sends WINCH and QUIT to the old master (or, to
 //! roll back, HUP to the old master and QUIT to the new one). If the new master exits while
 //! the old one lives, the old one takes its pid file back and goes on as before.
 
@@ -108,9 +109,17 @@ impl Master {
             }
             handover.push_str(&format!("{}={};", listener.config.name, listener.as_raw_fd()));
         }
+        // The per-client table: without it the new master counts on its own.
+        let limits = super::inherit::limits_handover(&self.limits, &self.listener_ids);
+        if let Err(error) = &limits {
+            log::warn!("binary upgrade: cannot hand over the per-client table: {error}");
+        }
         // SAFETY: this forked child is single-threaded and about to exec.
         unsafe {
             std::env::set_var(INHERITED_LISTENERS_ENV, &handover);
+            if let Ok(limits) = &limits {
+                std::env::set_var(super::INHERITED_LIMITS_ENV, limits);
+            }
             // The systemd watchdog, if any, now watches the new master (which must send
             // MAINPID=; see NotifyAccess in the unit).
             if std::env::var_os("WATCHDOG_USEC").is_some() {
@@ -133,6 +142,8 @@ impl Master {
     pub(super) fn upgrade_exited(&mut self, pid: nix::unistd::Pid, exit: WorkerExit) {
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
+        // What it and its workers counted in the shared table, once they are all gone.
+        self.probe_other_at = Some(std::time::Instant::now());
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);

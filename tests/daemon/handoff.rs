@@ -374,12 +374,18 @@ fn after_an_upgrade_the_old_master_never_sends_stopping() {
     daemon.signal(Signal::SIGWINCH);
     daemon.signal(Signal::SIGQUIT);
     assert_eq!(code(daemon.wait_master_exit(PATIENCE).expect("the old master exits")), 0);
-    // Everything the old master sent is queued by now.
-    notify.set_nonblocking(true).unwrap();
+    // Everything the old master sent is queued by now; the new master announces itself
+    // once its pool is ready, which `upgrade` may report a moment before.
+    notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut buffer = [0u8; 4096];
     let mut messages = Vec::new();
-    while let Ok(n) = notify.recv(&mut buffer) {
-        messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match notify.recv(&mut buffer) {
+            Ok(n) => messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+            Err(_) if messages.iter().any(|m| m.contains(&format!("MAINPID={new}"))) => break,
+            Err(_) => {}
+        }
     }
     assert!(
         messages.iter().any(|m| m.contains(&format!("MAINPID={new}"))),
@@ -392,4 +398,56 @@ fn after_an_upgrade_the_old_master_never_sends_stopping() {
     // The new master serves.
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"new", QUICK), Outcome::Echoed);
+}
+
+#[test]
+fn the_per_client_limit_stays_exact_while_both_masters_of_an_upgrade_run() {
+    let daemon = Daemon::start(&controlled_config(
+        2,
+        "",
+        "max_connections_per_client = 5\nmax_long_connections_per_client = 0",
+    ));
+    let old = daemon.pid();
+    let client = Ipv4Addr::new(127, 0, 0, 8);
+    let mut held = fill_quota(daemon.addr(), client, 3);
+    assert_eq!(held.len(), 4, "four below the limit");
+    held.pop();
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    new_master_pid(&stdout);
+    daemon.wait_for_log("the new master adopts the table", |l| {
+        l.contains("adopted the old master's per-client table")
+    });
+    // Both masters' workers accept on the one socket: whichever takes them, two more fit
+    // and the sixth is refused (without a shared table, the new master would admit five).
+    held.extend(fill_quota(daemon.addr(), client, 5 - held.len()));
+    assert_eq!(held.len(), 5, "exactly the quota");
+    for round in 0..3 {
+        let mut sixth = connect_from(client, daemon.addr());
+        assert_eq!(exchange(&mut sixth, b"6th", QUICK), Outcome::Closed, "round {round}");
+        assert!(is_running(old.as_raw()), "both masters run");
+        for stream in &mut held {
+            assert_eq!(exchange(stream, b"kept", QUICK), Outcome::Echoed, "round {round}");
+        }
+        drop(held.drain(..2));
+        eventually("two counts are released", || {
+            let mut stream = connect_from(client, daemon.addr());
+            if exchange(&mut stream, b"again", QUICK) == Outcome::Echoed {
+                held.push(stream);
+            }
+            held.len() == 5
+        });
+    }
+    // Only the new master accepts once the old one's workers stop: the quota still holds.
+    daemon.signal(Signal::SIGWINCH);
+    daemon.wait_for_log("the old workers stop", |l| l.contains("SIGWINCH: stopping 2 workers"));
+    drop(held.pop());
+    eventually("the count is released", || {
+        let mut stream = connect_from(client, daemon.addr());
+        if exchange(&mut stream, b"again", QUICK) == Outcome::Echoed {
+            held.push(stream);
+        }
+        held.len() == 5
+    });
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never six");
 }
