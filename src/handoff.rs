@@ -299,7 +299,9 @@ impl Channel {
         Ok((Channel::from_fd(a), Channel::from_fd(b)))
     }
 
-    fn from_fd(socket: OwnedFd) -> Channel {
+    /// A channel on `socket`, a connected `SOCK_SEQPACKET` Unix socket that the caller
+    /// checked and made non-blocking (the end a binary upgrade's new master inherits).
+    pub fn from_fd(socket: OwnedFd) -> Channel {
         Channel { socket, queue: VecDeque::new() }
     }
 

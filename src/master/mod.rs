@@ -23,6 +23,7 @@
 mod handoff;
 mod inherit;
 mod orphans;
+mod peer;
 mod reload;
 mod spawn;
 pub mod supervisor;
@@ -30,6 +31,7 @@ pub mod table;
 mod upgrade;
 
 pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
+pub use peer::UPGRADE_CHANNEL_ENV;
 pub use upgrade::INHERITED_LISTENERS_ENV;
 
 use std::collections::HashMap;
@@ -305,6 +307,7 @@ impl Master {
         };
         // The old master's listener ids first, so that both masters key clients alike.
         let inherited = inherit::take_inherited_limits();
+        let predecessor = peer::take_upgrade_channel();
         let mut listener_ids = match &inherited {
             Some(Ok(inherited)) => inherited.ids.clone(),
             _ => HashMap::new(),
@@ -316,6 +319,7 @@ impl Master {
             crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
         let (limits, adopted) = inherit::open_limits(inherited, capacity, per_slot)?;
+        let predecessor = peer::keep_predecessor(predecessor, adopted);
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,
@@ -356,6 +360,7 @@ impl Master {
             ready_pipe: ready_pipe.take(),
             dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
         };
+        master.routing.predecessor = predecessor;
         let now = Instant::now();
         for slot in 0..workers {
             master.slots[slot].role = Role::Serving;
@@ -561,7 +566,7 @@ impl Master {
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         fds.extend(relay.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
-        for channel in self.routing.channels.iter().flatten() {
+        for channel in self.routing.all() {
             let events = if channel.backlogged() {
                 PollFlags::POLLIN | PollFlags::POLLOUT
             } else {

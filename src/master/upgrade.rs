@@ -23,6 +23,7 @@ use nix::unistd::{ForkResult, execv, fork};
 
 use super::Master;
 use super::table::WorkerExit;
+use crate::handoff::Channel;
 use crate::scoreboard;
 use crate::signals::{self, MASTER_SIGNALS};
 
@@ -76,6 +77,15 @@ impl Master {
     /// SIGUSR2.
     pub(super) fn handle_upgrade(&mut self) {
         let renamed = self.rename_state_files(true);
+        // The hand-off channel to the new master, created before the fork so that its peer
+        // is known by construction.
+        let channel = match Channel::pair() {
+            Ok(pair) => Some(pair),
+            Err(error) => {
+                log::warn!("binary upgrade: no hand-off channel to the new master: {error}");
+                None
+            }
+        };
         if let Err(error) = signals::block(MASTER_SIGNALS) {
             log::error!("binary upgrade failed: {error}");
             return self.restore_after_upgrade(renamed);
@@ -83,9 +93,10 @@ impl Master {
         // SAFETY: the master is single-threaded; the child only prepares descriptors and the
         // environment, then executes the binary (or exits).
         match unsafe { fork() } {
-            Ok(ForkResult::Child) => self.exec_new_master(),
+            Ok(ForkResult::Child) => self.exec_new_master(channel.map(|(_, theirs)| theirs)),
             Ok(ForkResult::Parent { child }) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
+                self.routing.successor = channel.map(|(ours, _)| ours);
                 log::info!(
                     "binary upgrade: new master pid {child} started from {}",
                     self.invocation.exe.display()
@@ -100,7 +111,14 @@ impl Master {
         }
     }
 
-    fn exec_new_master(&mut self) -> ! {
+    fn exec_new_master(&mut self, channel: Option<Channel>) -> ! {
+        let channel = channel.and_then(|channel| match super::peer::inheritable(&channel) {
+            Ok(fd) => Some((channel, fd)),
+            Err(error) => {
+                log::warn!("binary upgrade: cannot pass the hand-off channel: {error}");
+                None
+            }
+        });
         let mut handover = String::new();
         for listener in &self.listeners {
             if let Err(error) = listener.set_inheritable() {
@@ -119,6 +137,9 @@ impl Master {
             std::env::set_var(INHERITED_LISTENERS_ENV, &handover);
             if let Ok(limits) = &limits {
                 std::env::set_var(super::INHERITED_LIMITS_ENV, limits);
+            }
+            if let Some((_, fd)) = &channel {
+                std::env::set_var(super::UPGRADE_CHANNEL_ENV, fd.to_string());
             }
             // The systemd watchdog, if any, now watches the new master (which must send
             // MAINPID=; see NotifyAccess in the unit).
@@ -144,6 +165,7 @@ impl Master {
         self.restore_after_upgrade(true);
         // What it and its workers counted in the shared table, once they are all gone.
         self.probe_other_at = Some(std::time::Instant::now());
+        self.handoff_successor_gone();
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);

@@ -451,3 +451,91 @@ fn the_per_client_limit_stays_exact_while_both_masters_of_an_upgrade_run() {
     });
     assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never six");
 }
+
+#[test]
+fn long_clients_survive_usr2_winch_quit_and_end_up_with_the_new_master() {
+    let mut daemon = Daemon::start(&controlled_config(
+        2,
+        "",
+        "max_connections_per_client = 0\nmax_long_connections_per_client = 0",
+    ));
+    let old = daemon.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = long_clients(daemon.addr(), &stop);
+    let ports: Vec<u16> = clients.iter().map(|c| c.port).collect();
+    let short = Load::start(daemon.addr(), 2, 0, Duration::ZERO);
+    each_exchanges(&clients, 1);
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    let new = new_master_pid(&stdout);
+    // `status` reads the new master's scoreboard now.
+    let new_workers: Vec<i32> = workers(&daemon).iter().map(|w| w.0).collect();
+    assert_eq!(new_workers.len(), 2, "the new master's workers");
+    daemon.signal(Signal::SIGWINCH);
+    daemon.signal(Signal::SIGQUIT);
+    // The old workers hand every connection to the new master's and exit, long before
+    // graceful_timeout (10 s) would have cut the busy clients.
+    let status = daemon.wait_master_exit(PATIENCE).expect("the old master exits");
+    assert_eq!(code(status), 0);
+    each_exchanges(&clients, 1);
+    stop.store(true, Ordering::SeqCst);
+    let short = short.finish();
+    assert_no_loss(clients, short);
+    let (_, status, _) = daemon.control("status");
+    assert!(status.starts_with(&format!("master pid {new},")), "{status}");
+    // Each long client was served by a worker of the new master at the end.
+    for port in ports {
+        let peer = format!("peer=127.0.0.1:{port} ");
+        let line = daemon.wait_for_log("a long client's access line", |l| l.contains(&peer));
+        assert!(new_workers.contains(&pid_of(&line)), "not closed by the new master: {line}");
+        assert_eq!(field(&line, "reason"), Some("client-close"), "{line}");
+    }
+    assert!(!is_running(old.as_raw()));
+}
+
+#[test]
+fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
+    const QUOTA: usize = 500;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, (QUOTA as u64 * 2 + 200).max(soft), hard).unwrap();
+    let config = controlled_config(
+        1,
+        "event_backend = \"epoll\"\nmax_connections_per_worker = 1000",
+        &format!("max_connections_per_client = {QUOTA}\nmax_long_connections_per_client = 0"),
+    );
+    let mut daemon = Daemon::start_with_nofile(&config, Some(8192));
+    let old = daemon.pid();
+    let old_worker = daemon.worker_pids()[0];
+    let client = Ipv4Addr::new(127, 0, 0, 10);
+    let mut held = fill_quota(daemon.addr(), client, QUOTA);
+    assert_eq!(held.len(), QUOTA);
+    let (status, _, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "the quota spans both masters");
+    // WINCH starts the hand-off to the new master; kill the old master in its middle.
+    daemon.signal(Signal::SIGWINCH);
+    let sender = format!("pid={old_worker}:");
+    daemon.wait_for_log("the hand-off starts", |l| {
+        l.contains(&sender) && l.contains("handed off (Adopted)")
+    });
+    kill(old, Signal::SIGKILL).unwrap();
+    daemon.wait_master_exit(PATIENCE).expect("the old master is gone");
+    // Its worker follows it (parent-death signal).
+    eventually("the old worker is gone", || !is_running(old_worker));
+    let mut alive = 0;
+    held.retain_mut(|stream| {
+        let ok = exchange(stream, b"alive?", QUICK) == Outcome::Echoed;
+        alive += usize::from(ok);
+        ok
+    });
+    // The new master releases what the old range still counted once nobody uses it.
+    let mut extra = Vec::new();
+    eventually("the client can fill its quota again", || {
+        extra.extend(fill_quota(daemon.addr(), client, QUOTA - alive - extra.len()));
+        alive + extra.len() == QUOTA
+    });
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never more than the quota");
+    eprintln!(
+        "kill -9 of the old master during an upgrade hand-off of {QUOTA}: {alive} connections kept by the new master, quota exact"
+    );
+}
