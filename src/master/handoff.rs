@@ -65,7 +65,31 @@ pub(super) struct Routing {
     /// per-client table.
     pub predecessor: Option<Channel>,
     /// The channel to the new master of a binary upgrade, while it lives.
-    pub successor: Option<Channel>,
+    pub successor: Option<Successor>,
+}
+
+/// The channel to the new master of a binary upgrade.
+#[derive(Debug)]
+pub(super) enum Successor {
+    /// It has not said [`Message::Taking`] yet (it may be an older binary, or may not share
+    /// the per-client table): offers are not forwarded.
+    Waiting(Channel),
+    /// It takes offers.
+    Taking(Channel),
+}
+
+impl Successor {
+    fn channel(&self) -> &Channel {
+        match self {
+            Successor::Waiting(channel) | Successor::Taking(channel) => channel,
+        }
+    }
+
+    fn channel_mut(&mut self) -> &mut Channel {
+        match self {
+            Successor::Waiting(channel) | Successor::Taking(channel) => channel,
+        }
+    }
 }
 
 impl Routing {
@@ -84,7 +108,7 @@ impl Routing {
         match end {
             Endpoint::Worker(slot) => self.channels[slot].as_mut(),
             Endpoint::Predecessor => self.predecessor.as_mut(),
-            Endpoint::Successor => self.successor.as_mut(),
+            Endpoint::Successor => self.successor.as_mut().map(Successor::channel_mut),
         }
     }
 
@@ -98,7 +122,8 @@ impl Routing {
 
     /// Every open channel, to poll.
     pub fn all(&self) -> impl Iterator<Item = &Channel> {
-        self.channels.iter().flatten().chain(&self.predecessor).chain(&self.successor)
+        let successor = self.successor.as_ref().map(Successor::channel);
+        self.channels.iter().flatten().chain(&self.predecessor).chain(successor)
     }
 
     /// In a forked worker: every channel is the master's, none is the worker's.
@@ -135,6 +160,7 @@ impl Master {
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.pass_answer(end, token, outcome)
                 }
+                Ok(Some((Message::Taking, _))) => self.successor_takes(end),
                 Ok(Some((Message::Offer(_), None))) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel of {}: {error}; dropped", name(end));
@@ -204,7 +230,7 @@ impl Master {
         if !self.supervisor.keeps_pool() {
             // Stopping, or paused by WINCH: the new master of an upgrade serves on.
             return match (from, &self.routing.successor) {
-                (Endpoint::Worker(_), Some(_)) => Ok(Endpoint::Successor),
+                (Endpoint::Worker(_), Some(Successor::Taking(_))) => Ok(Endpoint::Successor),
                 _ => Err(Outcome::Refused),
             };
         }
@@ -251,6 +277,19 @@ impl Master {
     pub(super) fn handoff_slot_gone(&mut self, slot: usize) {
         self.routing.channels[slot] = None;
         self.routes_gone(Endpoint::Worker(slot));
+    }
+
+    /// The new master said it takes offers.
+    fn successor_takes(&mut self, end: Endpoint) {
+        if end != Endpoint::Successor {
+            return;
+        }
+        if let Some(Successor::Waiting(channel)) = self.routing.successor.take() {
+            log::info!(
+                "binary upgrade: the new master shares the per-client table: connections go to it when this master stops"
+            );
+            self.routing.successor = Some(Successor::Taking(channel));
+        }
     }
 
     /// The new master of an upgrade exited: offers forwarded to it are lost.

@@ -99,16 +99,19 @@ pub(super) fn limits_handover(
 }
 
 /// The table for a new master of `slots` workers of `per_slot` connections: the inherited
-/// one if it can be adopted, else a new one. Returns whether it was adopted.
+/// one if it can be adopted, else a new one. Returns whether it was adopted. `upgrade`: this
+/// master was executed by an old master (which, without the variable, is an older binary).
 ///
 /// # Errors
 /// [`LimitsError`] when a new table cannot be created.
 pub(super) fn open_limits(
     inherited: Option<Result<InheritedLimits, String>>,
+    upgrade: bool,
     slots: usize,
     per_slot: usize,
 ) -> Result<(Limits, bool), LimitsError> {
     let why = match inherited {
+        None if upgrade => "the old master passed none (a binary older than this one)".into(),
         None => return Ok((Limits::new(slots, per_slot)?, false)),
         Some(Err(why)) => format!("{INHERITED_LIMITS_ENV}: {why}"),
         Some(Ok(inherited)) => {

@@ -318,7 +318,8 @@ impl Master {
         let capacity =
             crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
-        let (limits, adopted) = inherit::open_limits(inherited, capacity, per_slot)?;
+        let (limits, adopted) =
+            inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
         let predecessor = peer::keep_predecessor(predecessor, adopted);
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),

@@ -5,7 +5,9 @@
 //! and names it in [`UPGRADE_CHANNEL_ENV`]. The new master takes it only if it is a connected
 //! Unix `SOCK_SEQPACKET` socket whose peer (`SO_PEERCRED`, unix(7)) is its parent, the old
 //! master; it keeps it only if it adopted the old master's per-client table (an offer names
-//! a record in it). Then, when the old master stops gracefully (WINCH, QUIT) while the new
+//! a record in it), and then says so ([`Message::Taking`]): the old master forwards nothing
+//! before, so a new master of an older binary, which ignores the channel, is never sent
+//! offers it would not answer. Then, when the old master stops gracefully (WINCH, QUIT) while the new
 //! one lives, its draining workers' offers go to the new master, which routes them to its
 //! ready workers as for a reload (see `handoff.rs`). Invariants:
 //! - the channel is close-on-exec in both masters, and no worker keeps a copy, so either
@@ -19,7 +21,7 @@ use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, UnixAddr, getsockn
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::sys::stat::{SFlag, fstat};
 
-use crate::handoff::Channel;
+use crate::handoff::{Channel, Message};
 
 /// Environment variable carrying the hand-off channel to a new master: a descriptor number.
 pub const UPGRADE_CHANNEL_ENV: &str = "PREFORKD_UPGRADE_CHANNEL";
@@ -75,7 +77,12 @@ pub(super) fn keep_predecessor(
     adopted: bool,
 ) -> Option<Channel> {
     match channel? {
-        Ok(channel) if adopted => {
+        Ok(mut channel) if adopted => {
+            // Tells the old master that offers are welcome.
+            if let Err(error) = channel.send(&Message::Taking, None) {
+                log::warn!("binary upgrade: hand-off channel to the old master: {error}");
+                return None;
+            }
             log::info!(
                 "binary upgrade: hand-off channel from the old master open: its connections come here when it stops"
             );

@@ -96,7 +96,8 @@ impl Master {
             Ok(ForkResult::Child) => self.exec_new_master(channel.map(|(_, theirs)| theirs)),
             Ok(ForkResult::Parent { child }) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
-                self.routing.successor = channel.map(|(ours, _)| ours);
+                self.routing.successor =
+                    channel.map(|(ours, _)| super::handoff::Successor::Waiting(ours));
                 log::info!(
                     "binary upgrade: new master pid {child} started from {}",
                     self.invocation.exe.display()
