@@ -45,6 +45,7 @@ pub const MAX_QUEUED: usize = 4096;
 
 const KIND_OFFER: u8 = 1;
 const KIND_RESOLVED: u8 = 2;
+const KIND_TAKING: u8 = 3;
 
 /// A connection offered for hand-off, with everything the receiving worker needs to go on
 /// serving it: its policy state and its session's state.
@@ -104,6 +105,10 @@ pub enum Message {
         /// How it ended.
         outcome: Outcome,
     },
+    /// From the new master of a binary upgrade to the old one, once: it shares the
+    /// per-client table and takes offers (an older binary never sends it, so the old master
+    /// never forwards offers that nobody would answer).
+    Taking,
 }
 
 struct Writer(Vec<u8>);
@@ -205,6 +210,7 @@ impl Message {
                     Outcome::Lost => 3,
                 });
             }
+            Message::Taking => w.u8(KIND_TAKING),
         }
         w.0
     }
@@ -272,6 +278,7 @@ impl Message {
                 };
                 Message::Resolved { token, outcome }
             }
+            KIND_TAKING => Message::Taking,
             other => return Err(invalid(&format!("kind {other}"))),
         };
         if !r.0.is_empty() {
@@ -299,7 +306,9 @@ impl Channel {
         Ok((Channel::from_fd(a), Channel::from_fd(b)))
     }
 
-    fn from_fd(socket: OwnedFd) -> Channel {
+    /// A channel on `socket`, a connected `SOCK_SEQPACKET` Unix socket that the caller
+    /// checked and made non-blocking (the end a binary upgrade's new master inherits).
+    pub fn from_fd(socket: OwnedFd) -> Channel {
         Channel { socket, queue: VecDeque::new() }
     }
 
@@ -432,6 +441,7 @@ mod tests {
             Message::Offer(offer()),
             Message::Offer(v6),
             Message::Resolved { token: 3, outcome: Outcome::Lost },
+            Message::Taking,
         ] {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);
         }

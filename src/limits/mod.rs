@@ -1,14 +1,16 @@
 //! Per-client connection accounting in shared memory, exact across all workers.
 //!
-//! The master creates one anonymous `MAP_SHARED` region before forking; every worker inherits
-//! it. It holds:
+//! The master creates one `MAP_SHARED` region (a sealed memfd, see `region.rs`) before
+//! forking; every worker inherits it. It holds:
+//! - a header: magic, layout version and lengths, the hash keys;
 //! - a process-shared, *robust* pthread mutex (pthread_mutexattr_setrobust(3));
 //! - a table of entries keyed by (listener, client key): open and long (kept-alive) counts,
 //!   and one entry per listener with its open connections (`max_connections`). Open
 //!   addressing with linear probing and backward-shift deletion; sized to four times the
 //!   number of records, so it can never fill up: each live entry is backed by a record, and
 //!   a record backs at most two (its client's and its listener's);
-//! - per worker slot, one record per possible connection, and one spare: which key it
+//! - [`RANGES`] ranges of records, one per master that may run at once; in its range, per
+//!   worker slot, one record per possible connection, and one spare: which key it
 //!   counts and whether it is long. (A full worker admits a new client before it sheds an
 //!   older one for it: the spare holds the newcomer's count meanwhile.) Records are the source of truth; entries are the index that makes checks O(1);
 //! - a table of token buckets keyed by client key, for `max_connection_rate_per_client`. A
@@ -38,6 +40,14 @@
 //! first, its slot is reclaimed and the move finds nothing to take: no count is ever held
 //! twice or leaked.
 //!
+//! Binary upgrade ([`Limits::adopt`]): the old master passes the memfd to the new one, which
+//! checks the layout before trusting anything in it and counts in the other range, so both
+//! masters' workers share one table and a limit of N admits N across both. Each process that
+//! counts in a range holds a record lock on it; when the other master and all its workers
+//! are gone (no lock left), the survivor releases what that range still holds
+//! ([`Limits::reclaim_other`]). Entries are keyed by a keyed SipHash whose keys are in the
+//! header, so both masters find the same entries.
+//!
 //! A client is its address reduced to a prefix ([`ClientKey::new`]): by default an IPv4
 //! address counts as itself (/32) and an IPv6 address by its /64, the block one host or one
 //! customer usually gets (RFC 6177); an IPv4-mapped IPv6 address counts as the IPv4 address.
@@ -47,17 +57,23 @@ use std::hash::BuildHasher;
 use std::mem::{align_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::ptr::NonNull;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+use siphasher::sip::SipHasher13;
 use thiserror::Error;
 
-/// Most records (connections of all worker slots together) the shared table holds:
-/// 4,194,304, about 400 MiB of shared memory at most. The configuration check refuses a
+mod region;
+
+use region::Mapping;
+pub use region::{AdoptError, RANGES};
+
+/// Most records (connections of all worker slots together) one master counts in:
+/// 4,194,304. The region holds [`RANGES`] such ranges (one per master during a binary
+/// upgrade), about 800 MiB of shared memory at most, of which only what is touched is used. The configuration check refuses a
 /// configuration that needs more (see `config::worker_slots`).
 pub const MAX_RECORDS: usize = 1 << 22;
 
@@ -66,7 +82,7 @@ pub mod rate;
 /// The shared limits table could not be created or used.
 #[derive(Debug, Error)]
 pub enum LimitsError {
-    /// mmap(2) of the shared region failed.
+    /// memfd_create(2), ftruncate(2), sealing or mmap(2) of the shared region failed.
     #[error("could not map {bytes} bytes of shared memory for per-client limits: {source}")]
     Map {
         /// Region size.
@@ -90,6 +106,9 @@ pub enum LimitsError {
     /// A worker asked for more records than its slot has (a budget bug, not a client's doing).
     #[error("worker slot {0} has no free per-client record")]
     SlotFull(usize),
+    /// Whether another master's processes still use their range could not be told.
+    #[error("per-client limits: could not probe the other master's slot range: {0}")]
+    Probe(Errno),
 }
 
 /// A client as counted: listener id and the client's address reduced to its prefix.
@@ -262,8 +281,27 @@ struct Record {
     state: AtomicU8,
 }
 
+/// The region's first bytes: "what this is" before anything else is read.
+const MAGIC: [u8; 8] = *b"PFDLIMIT";
+
+/// Layout of the region; bumped by any change to [`Header`], [`Entry`], [`Record`],
+/// [`Bucket`], [`ClientKey`] or how the offsets are computed. A new master refuses to adopt a
+/// region of another version.
+const LAYOUT_VERSION: u64 = 1;
+
 #[repr(C)]
 struct Header {
+    magic: [u8; 8],
+    version: u64,
+    /// `size_of` of [`Header`], [`Entry`], [`Record`] and [`Bucket`] in the binary that made
+    /// the region (a build for another target never matches).
+    sizes: [u64; 4],
+    entries_len: u64,
+    /// Records in one range.
+    range_len: u64,
+    buckets_len: u64,
+    /// SipHash keys of the entry and bucket hashes.
+    hash_keys: [u64; 2],
     mutex: libc::pthread_mutex_t,
     /// How often a dead lock owner forced a rebuild.
     repairs: AtomicU64,
@@ -291,6 +329,9 @@ impl Ticket {
 #[derive(Debug)]
 pub struct SlotLedger {
     slot: usize,
+    /// The slot's records: `first..first + len`.
+    first: u32,
+    len: u32,
     free: Vec<u32>,
 }
 
@@ -320,71 +361,271 @@ pub enum Admission {
     RateLimited,
 }
 
-/// Handle to the shared region. Created by the master; workers use the copy `fork(2)` gave
-/// them. Not `Send`/`Sync`: each process is single-threaded.
-#[derive(Debug)]
-pub struct Limits {
-    base: NonNull<u8>,
-    bytes: usize,
-    entries_offset: usize,
-    entries_len: usize,
-    records_offset: usize,
-    buckets_offset: usize,
-    buckets_len: usize,
-    slots: usize,
-    per_slot: usize,
-    hasher: RandomState,
+/// The hash of entries and buckets: SipHash-1-3 under keys kept in the header, so that every
+/// process mapping the region (also a new master after an upgrade) hashes alike.
+#[derive(Debug, Clone, Copy)]
+struct SipKeys([u64; 2]);
+
+impl BuildHasher for SipKeys {
+    type Hasher = SipHasher13;
+    fn build_hasher(&self) -> SipHasher13 {
+        SipHasher13::new_with_keys(self.0[0], self.0[1])
+    }
 }
 
-fn align_up(n: usize, align: usize) -> usize {
-    n.div_ceil(align) * align
+/// Where things lie in the region, computed from three lengths with checked arithmetic
+/// (the lengths may come from a region made by another process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    entries_len: usize,
+    range_len: usize,
+    buckets_len: usize,
+    entries_offset: usize,
+    records_offset: usize,
+    buckets_offset: usize,
+    bytes: usize,
+}
+
+impl Layout {
+    /// `None` unless the lengths make a sound table: powers of two for the hashed parts,
+    /// entries at least four times the records (so the index never fills up), and no
+    /// overflow.
+    fn new(entries_len: usize, range_len: usize, buckets_len: usize) -> Option<Layout> {
+        let records = range_len.checked_mul(RANGES)?;
+        let sound = range_len > 0
+            && entries_len.is_power_of_two()
+            && entries_len >= records.checked_mul(4)?
+            && buckets_len.is_power_of_two()
+            && buckets_len >= BUCKET_PROBE;
+        if !sound {
+            return None;
+        }
+        let align_up = |n: usize, align: usize| n.checked_next_multiple_of(align);
+        let entries_offset = align_up(size_of::<Header>(), align_of::<Entry>())?;
+        let records_offset = align_up(
+            entries_offset.checked_add(entries_len.checked_mul(size_of::<Entry>())?)?,
+            align_of::<Record>(),
+        )?;
+        let buckets_offset = align_up(
+            records_offset.checked_add(records.checked_mul(size_of::<Record>())?)?,
+            align_of::<Bucket>(),
+        )?;
+        let bytes = buckets_offset.checked_add(buckets_len.checked_mul(size_of::<Bucket>())?)?;
+        Some(Layout {
+            entries_len,
+            range_len,
+            buckets_len,
+            entries_offset,
+            records_offset,
+            buckets_offset,
+            bytes,
+        })
+    }
+
+    fn records(&self) -> usize {
+        self.range_len * RANGES
+    }
+}
+
+fn type_sizes() -> [u64; 4] {
+    [size_of::<Header>(), size_of::<Entry>(), size_of::<Record>(), size_of::<Bucket>()]
+        .map(|n| n as u64)
+}
+
+/// Handle to the shared region. Created by the master (or adopted from the old master after
+/// a binary upgrade); workers use the copy `fork(2)` gave them. Not `Send`/`Sync`: each
+/// process is single-threaded.
+#[derive(Debug)]
+pub struct Limits {
+    map: Mapping,
+    memfd: OwnedFd,
+    layout: Layout,
+    /// This master's range of records.
+    range: usize,
+    slots: usize,
+    per_slot: usize,
+    hasher: SipKeys,
 }
 
 impl Limits {
-    /// Maps and initialises a region for `slots` workers of `per_slot` connections each (and
-    /// one spare record per slot, see the module documentation).
+    /// Creates, maps and initialises a region for `slots` workers of `per_slot` connections
+    /// each (and one spare record per slot, see the module documentation), in each of
+    /// [`RANGES`] ranges; this master counts in range 0.
     ///
     /// # Errors
-    /// [`LimitsError::Map`] when mmap(2) fails, [`LimitsError::Lock`] when the robust,
-    /// process-shared mutex cannot be initialised, [`LimitsError::TooLarge`] on overflow.
+    /// [`LimitsError::Map`] when the memfd cannot be created or mapped, [`LimitsError::Lock`]
+    /// when the robust, process-shared mutex cannot be initialised,
+    /// [`LimitsError::TooLarge`] on overflow.
     pub fn new(slots: usize, per_slot: usize) -> Result<Self, LimitsError> {
         // One spare record per slot: a full worker counts a new client before the connection
         // it sheds is closed (see `worker::shed`).
         let with_spare = per_slot + 1;
+        let too_large = LimitsError::TooLarge { slots, per_slot };
         let records = slots.checked_mul(with_spare).filter(|&n| n <= MAX_RECORDS + slots);
-        let records = records.ok_or(LimitsError::TooLarge { slots, per_slot })?;
-        let per_slot = with_spare;
-        let entries_len = (records * 4).next_power_of_two().max(16);
+        let range_len = records.ok_or(too_large)?.max(1);
+        let entries_len = (range_len * RANGES * 4).next_power_of_two().max(16);
         let buckets_len = entries_len.max(1024);
-        let entries_offset = align_up(size_of::<Header>(), align_of::<Entry>());
-        let records_offset =
-            align_up(entries_offset + entries_len * size_of::<Entry>(), align_of::<Record>());
-        let buckets_offset =
-            align_up(records_offset + records * size_of::<Record>(), align_of::<Bucket>());
-        let bytes = buckets_offset + buckets_len * size_of::<Bucket>();
-        let length = NonZeroUsize::new(bytes).ok_or(LimitsError::TooLarge { slots, per_slot })?;
-        // Zeroed: every entry empty, every record free.
-        let base = map_shared(length)?;
-        let limits = Limits {
-            base: base.cast(),
-            bytes,
-            entries_offset,
-            entries_len,
-            records_offset,
-            buckets_offset,
-            buckets_len,
-            slots,
-            per_slot,
-            hasher: RandomState::new(),
-        };
+        let layout = Layout::new(entries_len, range_len, buckets_len)
+            .ok_or(LimitsError::TooLarge { slots, per_slot })?;
+        let length =
+            NonZeroUsize::new(layout.bytes).ok_or(LimitsError::TooLarge { slots, per_slot })?;
+        let bytes = layout.bytes;
+        // A fresh memfd is zeroed: every entry empty, every record free.
+        let (memfd, map) =
+            region::create(length).map_err(|source| LimitsError::Map { bytes, source })?;
+        let random = RandomState::new();
+        let hasher = SipKeys([random.hash_one(1u8), random.hash_one(2u8)]);
+        let limits = Limits { map, memfd, layout, range: 0, slots, per_slot: with_spare, hasher };
+        // SAFETY: the mapping is new and no other process sees it yet; the header lies at
+        // its start and `layout.bytes` covers it.
+        unsafe {
+            let header = limits.header();
+            (*header).magic = MAGIC;
+            (*header).version = LAYOUT_VERSION;
+            (*header).sizes = type_sizes();
+            (*header).entries_len = entries_len as u64;
+            (*header).range_len = range_len as u64;
+            (*header).buckets_len = buckets_len as u64;
+            (*header).hash_keys = hasher.0;
+        }
         // SAFETY: the header is at the start of the fresh mapping, which no other process
         // sees yet.
         unsafe { init_robust_mutex(&raw mut (*limits.header()).mutex)? };
+        if let Err(error) = region::occupy(&limits.memfd, 0) {
+            log::warn!("per-client limits: cannot mark slot range 0 as used: {error}");
+        }
         Ok(limits)
     }
 
+    /// Binary upgrade: maps the region the old master passed as `memfd` (it counts in range
+    /// `predecessor`) and counts in the other range, for `slots` workers of `per_slot`
+    /// connections. Validates the file (sealed, regular), the header (magic, version, type
+    /// sizes) and the lengths against the file's size before reading anything else; then,
+    /// under the lock, checks that no process still uses the range, releases what it holds
+    /// (an earlier master's leftovers), rebuilds the index from the records and marks the
+    /// range as this master's.
+    ///
+    /// # Errors
+    /// [`AdoptError`]: why the region is not adopted. The caller then creates its own table
+    /// with [`Limits::new`] (counts separate from the old master's until it exits).
+    pub fn adopt(
+        memfd: OwnedFd,
+        predecessor: usize,
+        slots: usize,
+        per_slot: usize,
+    ) -> Result<Self, AdoptError> {
+        if predecessor >= RANGES {
+            return Err(AdoptError::Range(predecessor));
+        }
+        let map = region::inspect(&memfd)?;
+        let bytes = map.bytes;
+        if bytes < size_of::<Header>() {
+            return Err(AdoptError::Corrupt { bytes });
+        }
+        // SAFETY: the mapping holds at least a header; every field is an integer (any bit
+        // pattern is a value), and these are written once by the creator before it shares
+        // the region. Read by copy, never trusted until checked below.
+        let (magic, version, sizes, lengths, hash_keys) = unsafe {
+            let header = map.base.as_ptr().cast::<Header>();
+            (
+                std::ptr::read_volatile(&raw const (*header).magic),
+                std::ptr::read_volatile(&raw const (*header).version),
+                std::ptr::read_volatile(&raw const (*header).sizes),
+                [
+                    std::ptr::read_volatile(&raw const (*header).entries_len),
+                    std::ptr::read_volatile(&raw const (*header).range_len),
+                    std::ptr::read_volatile(&raw const (*header).buckets_len),
+                ],
+                std::ptr::read_volatile(&raw const (*header).hash_keys),
+            )
+        };
+        if magic != MAGIC {
+            let found = "none (no preforkd table header)".to_owned();
+            return Err(AdoptError::Layout { found, ours: LAYOUT_VERSION });
+        }
+        if version != LAYOUT_VERSION || sizes != type_sizes() {
+            let found = format!("{version}, type sizes {sizes:?}");
+            return Err(AdoptError::Layout { found, ours: LAYOUT_VERSION });
+        }
+        let [entries_len, range_len, buckets_len] = lengths.map(|n| usize::try_from(n).ok());
+        let layout = match (entries_len, range_len, buckets_len) {
+            (Some(e), Some(r), Some(b)) => Layout::new(e, r, b),
+            _ => None,
+        };
+        let layout = layout.filter(|l| l.bytes == bytes).ok_or(AdoptError::Corrupt { bytes })?;
+        let need = slots.saturating_mul(per_slot.saturating_add(1));
+        if need > layout.range_len {
+            return Err(AdoptError::TooSmall { need, have: layout.range_len });
+        }
+        let range = (predecessor + 1) % RANGES;
+        let limits = Limits {
+            map,
+            memfd,
+            layout,
+            range,
+            slots,
+            per_slot: per_slot + 1,
+            hasher: SipKeys(hash_keys),
+        };
+        let system = |step| move |source| AdoptError::System { step, source };
+        let mut table = limits.lock().map_err(|e| match e {
+            LimitsError::Lock(errno) => AdoptError::System { step: "lock", source: errno },
+            other => AdoptError::NotRegion { fd: -1, why: other.to_string() },
+        })?;
+        if let Some(pid) = region::occupant(&limits.memfd, range).map_err(system("F_GETLK"))? {
+            return Err(AdoptError::Occupied { range, pid });
+        }
+        let first = range * layout.range_len;
+        for index in first..first + layout.range_len {
+            table.free_record(index);
+        }
+        table.rebuild();
+        region::occupy(&limits.memfd, range).map_err(system("F_SETLK"))?;
+        drop(table);
+        Ok(limits)
+    }
+
+    /// The range of records this master counts in (0 or 1), for the next upgrade.
+    pub fn range(&self) -> usize {
+        self.range
+    }
+
+    /// The region's descriptor made inheritable, for the exec of a new master: call only in
+    /// the child forked for it.
+    ///
+    /// # Errors
+    /// fcntl(2) failed.
+    pub fn inheritable_fd(&self) -> Result<RawFd, Errno> {
+        region::inheritable(&self.memfd)
+    }
+
+    /// Releases every record of the other range if no process uses it any more: the other
+    /// master of a binary upgrade and all its workers are gone. Returns how many were held,
+    /// or `None` while some process of that range lives.
+    ///
+    /// # Errors
+    /// [`LimitsError::Lock`]; [`LimitsError::Probe`] when fcntl(2) fails.
+    pub fn reclaim_other(&self) -> Result<Option<usize>, LimitsError> {
+        let other = (self.range + 1) % RANGES;
+        let mut table = self.lock()?;
+        // Probed under the lock: a process of that range takes its record lock before it
+        // counts anything, so whatever it counts after this probe waits for our release.
+        if region::occupant(&self.memfd, other).map_err(LimitsError::Probe)?.is_some() {
+            return Ok(None);
+        }
+        let first = other * self.layout.range_len;
+        let mut held = 0;
+        for index in first..first + self.layout.range_len {
+            if table.records[index].state.load(Ordering::Acquire) == RECORD_HELD {
+                table.free_record(index);
+                held += 1;
+            }
+        }
+        Ok(Some(held))
+    }
+
     fn header(&self) -> *mut Header {
-        self.base.as_ptr().cast()
+        self.map.base.as_ptr().cast()
     }
 
     /// Takes the lock; rebuilds the entries if the previous owner died holding it.
@@ -398,21 +639,25 @@ impl Limits {
         }
         // SAFETY: we hold the process-shared mutex, which serialises every access to entries
         // and records across processes; each process is single-threaded and holds the lock at
-        // most once, so these are the only live references into the table. Offsets and
-        // lengths were computed in `new` to lie inside the mapping.
+        // most once, so these are the only live references into the table. `Layout::new`
+        // computed offsets and lengths with checked arithmetic, and the mapping is
+        // `layout.bytes` long (checked against the file's size when adopted). Every field of
+        // the table's types is an integer or an atomic integer: any content is a value.
+        let layout = &self.layout;
+        let base = self.map.base.as_ptr();
         let mut table = unsafe {
             Table {
                 entries: std::slice::from_raw_parts_mut(
-                    self.base.as_ptr().add(self.entries_offset).cast::<Entry>(),
-                    self.entries_len,
+                    base.add(layout.entries_offset).cast::<Entry>(),
+                    layout.entries_len,
                 ),
                 records: std::slice::from_raw_parts_mut(
-                    self.base.as_ptr().add(self.records_offset).cast::<Record>(),
-                    self.slots * self.per_slot,
+                    base.add(layout.records_offset).cast::<Record>(),
+                    layout.records(),
                 ),
                 buckets: std::slice::from_raw_parts_mut(
-                    self.base.as_ptr().add(self.buckets_offset).cast::<Bucket>(),
-                    self.buckets_len,
+                    base.add(layout.buckets_offset).cast::<Bucket>(),
+                    layout.buckets_len,
                 ),
                 hasher: &self.hasher,
                 mutex,
@@ -432,15 +677,25 @@ impl Limits {
         Ok(table)
     }
 
-    /// A ledger of all records of `slot`, for the worker that runs in it.
+    /// The first record of `slot`, in this master's range.
+    fn first_record(&self, slot: usize) -> usize {
+        self.range * self.layout.range_len + slot * self.per_slot
+    }
+
+    /// A ledger of all records of `slot`, for the worker that runs in it. Also marks the
+    /// calling process as a user of this master's range (see [`Limits::reclaim_other`]).
     ///
     /// # Panics
     /// If `slot` is out of range (a caller bug).
     pub fn ledger(&self, slot: usize) -> SlotLedger {
         assert!(slot < self.slots, "worker slot {slot} out of range");
-        let first = (slot * self.per_slot) as u32;
-        let free = (first..first + self.per_slot as u32).rev().collect();
-        SlotLedger { slot, free }
+        if let Err(error) = region::occupy(&self.memfd, self.range) {
+            log::warn!("per-client limits: cannot mark slot range {} as used: {error}", self.range);
+        }
+        let first = self.first_record(slot) as u32;
+        let len = self.per_slot as u32;
+        let free = (first..first + len).rev().collect();
+        SlotLedger { slot, first, len, free }
     }
 
     /// Counts a new connection of `key` unless the client already has `max` open ones
@@ -520,7 +775,7 @@ impl Limits {
         let own = *ledger.free.last().ok_or(LimitsError::SlotFull(ledger.slot))?;
         let mut table = self.lock()?;
         let Some(from) = table.records.get(record as usize) else { return Ok(None) };
-        let mine = record as usize / self.per_slot == ledger.slot;
+        let mine = (ledger.first..ledger.first + ledger.len).contains(&record);
         if mine || from.state.load(Ordering::Acquire) != RECORD_HELD || from.tag != tag {
             return Ok(None);
         }
@@ -609,7 +864,7 @@ impl Limits {
     /// [`LimitsError::Lock`].
     pub fn reclaim(&self, slot: usize) -> Result<usize, LimitsError> {
         let mut table = self.lock()?;
-        let first = slot * self.per_slot;
+        let first = self.first_record(slot);
         let mut held = 0;
         for index in first..first + self.per_slot {
             if table.records[index].state.load(Ordering::Acquire) == RECORD_HELD {
@@ -643,20 +898,12 @@ impl Limits {
     }
 }
 
-impl Drop for Limits {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this size and nothing borrows it past
-        // `self` (tables borrow `self`).
-        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
-    }
-}
-
 /// The table while the lock is held; unlocks on drop.
 struct Table<'a> {
     entries: &'a mut [Entry],
     records: &'a mut [Record],
     buckets: &'a mut [Bucket],
-    hasher: &'a RandomState,
+    hasher: &'a SipKeys,
     mutex: *mut libc::pthread_mutex_t,
 }
 
@@ -823,7 +1070,10 @@ impl Table<'_> {
 ///
 /// # Errors
 /// [`LimitsError::Map`] when mmap(2) fails.
-pub(crate) fn map_shared(length: NonZeroUsize) -> Result<NonNull<libc::c_void>, LimitsError> {
+pub(crate) fn map_shared(
+    length: NonZeroUsize,
+) -> Result<std::ptr::NonNull<libc::c_void>, LimitsError> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
     // SAFETY: a fresh anonymous mapping, aliasing nothing; MAP_SHARED so that forked workers
     // see one region. Anonymous memory is zeroed.
     unsafe {

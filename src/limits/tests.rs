@@ -321,3 +321,75 @@ fn a_transfer_to_a_renumbered_listener_moves_the_entry() {
     limits.release(&mut receiver, moved).unwrap();
     assert_eq!(limits.counts(key(3, 1)).unwrap(), (0, 0));
 }
+
+/// A second handle on the same region, as a new master gets it after an upgrade.
+fn successor_of(limits: &Limits, slots: usize, per_slot: usize) -> Result<Limits, AdoptError> {
+    let fd = limits.memfd.try_clone().unwrap();
+    Limits::adopt(fd, limits.range(), slots, per_slot)
+}
+
+#[test]
+fn an_adopting_master_shares_the_counts_in_its_own_range() {
+    let old = Limits::new(2, 4).unwrap();
+    let new = successor_of(&old, 3, 2).unwrap();
+    assert_eq!((old.range(), new.range()), (0, 1));
+    let (mut a, mut b) = (old.ledger(0), new.ledger(0));
+    for i in 0..5 {
+        let (limits, ledger) = if i % 2 == 0 { (&old, &mut a) } else { (&new, &mut b) };
+        admitted(limits.admit(ledger, key(0, 1), limit(5)).unwrap());
+    }
+    assert_eq!(old.admit(&mut a, key(0, 1), limit(5)).unwrap(), Admission::Refused { open: 5 });
+    assert_eq!(new.admit(&mut b, key(0, 1), limit(5)).unwrap(), Admission::Refused { open: 5 });
+    assert_eq!(new.counts(key(0, 1)).unwrap(), (5, 0));
+    // A hand-off across masters moves the count from the old range into the new one.
+    let old_ticket = admitted(old.admit(&mut a, key(0, 2), None).unwrap());
+    let moved = new.transfer(&mut b, old_ticket.handed(), key(0, 2)).unwrap().expect("moved");
+    assert_eq!(old.settle(&mut a, old_ticket).unwrap(), None, "the sender holds it no more");
+    assert_eq!(new.counts(key(0, 2)).unwrap(), (1, 0));
+    new.release(&mut b, moved).unwrap();
+    assert_eq!(old.counts(key(0, 2)).unwrap(), (0, 0));
+    // Slot 0 of each master is its own: reclaiming the new master's slot 0 leaves the old
+    // master's three counts.
+    assert_eq!(new.reclaim(0).unwrap(), 2);
+    assert_eq!(old.counts(key(0, 1)).unwrap(), (3, 0));
+}
+
+#[test]
+fn the_survivor_reclaims_the_other_range_once_nobody_uses_it() {
+    let old = Limits::new(1, 4).unwrap();
+    let new = successor_of(&old, 1, 4).unwrap();
+    let mut ledger = old.ledger(0);
+    for _ in 0..3 {
+        admitted(old.admit(&mut ledger, key(0, 7), limit(3)).unwrap());
+    }
+    // Record locks never conflict within one process, so here the old range reads as
+    // unused: the new master releases its three counts (the daemon test covers a live
+    // old master).
+    assert_eq!(new.reclaim_other().unwrap(), Some(3));
+    assert_eq!(new.counts(key(0, 7)).unwrap(), (0, 0));
+    assert_eq!(new.reclaim_other().unwrap(), Some(0));
+}
+
+#[test]
+fn a_region_of_another_layout_or_size_is_refused() {
+    let old = Limits::new(1, 4).unwrap();
+    assert!(matches!(successor_of(&old, 1, 100), Err(AdoptError::TooSmall { need: 101, .. })));
+    assert!(matches!(
+        Limits::adopt(old.memfd.try_clone().unwrap(), 2, 1, 4),
+        Err(AdoptError::Range(2))
+    ));
+    // SAFETY: test-only writes to the header of a region nobody else maps.
+    unsafe { (*old.header()).version = LAYOUT_VERSION + 1 };
+    assert!(matches!(successor_of(&old, 1, 4), Err(AdoptError::Layout { .. })));
+    unsafe {
+        (*old.header()).version = LAYOUT_VERSION;
+        (*old.header()).range_len = u64::MAX / 2;
+    }
+    assert!(matches!(successor_of(&old, 1, 4), Err(AdoptError::Corrupt { .. })));
+    unsafe { (*old.header()).magic = *b"NOTATABL" };
+    assert!(matches!(successor_of(&old, 1, 4), Err(AdoptError::Layout { .. })));
+    // Not a sealed memfd: a plain file.
+    let file = tempfile::tempfile().unwrap();
+    let fd = OwnedFd::from(file);
+    assert!(matches!(Limits::adopt(fd, 0, 1, 4), Err(AdoptError::NotRegion { .. })));
+}

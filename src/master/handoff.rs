@@ -9,7 +9,11 @@
 //!   the master itself; or `Lost` when the receiver dies first;
 //! - a connection goes only to a ready worker of the newest serving generation that has
 //!   its listener (by name): a listener removed by a reload is refused, so its connections
-//!   finish in the old worker, as before hand-off existed.
+//!   finish in the old worker, as before hand-off existed;
+//! - after a binary upgrade, a master that no longer keeps a pool (WINCH, QUIT) forwards its
+//!   workers' offers to the new master over the upgrade channel (see `peer.rs`), which
+//!   routes them as its own; the new master takes offers from the old one only if it shares
+//!   its per-client table, since the offer names a record in it.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,14 +29,25 @@ use crate::scoreboard::SlotState;
 /// a flood of offers cannot delay signals.
 const BATCH: usize = 1024;
 
+/// One end of a route: a worker of this master, or the other master of a binary upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    /// The worker in this slot.
+    Worker(usize),
+    /// The old master that executed this one (its draining workers offer).
+    Predecessor,
+    /// The new master this one executed (its ready workers adopt).
+    Successor,
+}
+
 /// An offer the master forwarded and awaits the answer to.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Route {
-    /// The sender's slot and its token for the offer.
-    from: usize,
+    /// The sender and its token for the offer.
+    from: Endpoint,
     token: u64,
-    /// The receiver's slot.
-    to: usize,
+    /// The receiver.
+    to: Endpoint,
 }
 
 /// The master's hand-off state: the channels by worker slot, the offers in flight.
@@ -46,6 +61,35 @@ pub(super) struct Routing {
     in_flight: Vec<usize>,
     /// Connections handed over since start.
     pub adopted: u64,
+    /// The channel to the old master of a binary upgrade, while it lives and shares the
+    /// per-client table.
+    pub predecessor: Option<Channel>,
+    /// The channel to the new master of a binary upgrade, while it lives.
+    pub successor: Option<Successor>,
+}
+
+/// The channel to the new master of a binary upgrade.
+#[derive(Debug)]
+pub(super) enum Successor {
+    /// It has not said [`Message::Taking`] yet (it may be an older binary, or may not share
+    /// the per-client table): offers are not forwarded.
+    Waiting(Channel),
+    /// It takes offers.
+    Taking(Channel),
+}
+
+impl Successor {
+    fn channel(&self) -> &Channel {
+        match self {
+            Successor::Waiting(channel) | Successor::Taking(channel) => channel,
+        }
+    }
+
+    fn channel_mut(&mut self) -> &mut Channel {
+        match self {
+            Successor::Waiting(channel) | Successor::Taking(channel) => channel,
+        }
+    }
 }
 
 impl Routing {
@@ -59,58 +103,102 @@ impl Routing {
     }
 }
 
+impl Routing {
+    fn channel(&mut self, end: Endpoint) -> Option<&mut Channel> {
+        match end {
+            Endpoint::Worker(slot) => self.channels[slot].as_mut(),
+            Endpoint::Predecessor => self.predecessor.as_mut(),
+            Endpoint::Successor => self.successor.as_mut().map(Successor::channel_mut),
+        }
+    }
+
+    fn close(&mut self, end: Endpoint) {
+        match end {
+            Endpoint::Worker(slot) => self.channels[slot] = None,
+            Endpoint::Predecessor => self.predecessor = None,
+            Endpoint::Successor => self.successor = None,
+        }
+    }
+
+    /// Every open channel, to poll.
+    pub fn all(&self) -> impl Iterator<Item = &Channel> {
+        let successor = self.successor.as_ref().map(Successor::channel);
+        self.channels.iter().flatten().chain(&self.predecessor).chain(successor)
+    }
+
+    /// In a forked worker: every channel is the master's, none is the worker's.
+    pub fn forget(&mut self) {
+        self.channels.clear();
+        self.predecessor = None;
+        self.successor = None;
+    }
+}
+
 impl Master {
-    /// Reads every worker's channel: routes offers, passes answers on, sends what waits.
+    /// Reads every channel (the workers', and the other master's of an upgrade): routes
+    /// offers, passes answers on, sends what waits.
     pub(super) fn pump_channels(&mut self) {
         for slot in 0..self.routing.channels.len() {
-            for _ in 0..BATCH {
-                let Some(channel) = self.routing.channels[slot].as_mut() else { break };
-                if channel.backlogged()
-                    && let Err(error) = channel.flush()
-                {
-                    self.channel_failed(slot, &error);
-                    break;
+            self.pump(Endpoint::Worker(slot));
+        }
+        self.pump(Endpoint::Predecessor);
+        self.pump(Endpoint::Successor);
+    }
+
+    fn pump(&mut self, end: Endpoint) {
+        for _ in 0..BATCH {
+            let Some(channel) = self.routing.channel(end) else { break };
+            if channel.backlogged()
+                && let Err(error) = channel.flush()
+            {
+                self.channel_failed(end, &error);
+                break;
+            }
+            match channel.recv() {
+                Ok(None) => break,
+                Ok(Some((Message::Offer(offer), Some(fd)))) => self.route(end, offer, fd),
+                Ok(Some((Message::Resolved { token, outcome }, _))) => {
+                    self.pass_answer(end, token, outcome)
                 }
-                match channel.recv() {
-                    Ok(None) => break,
-                    Ok(Some((Message::Offer(offer), Some(fd)))) => self.route(slot, offer, fd),
-                    Ok(Some((Message::Resolved { token, outcome }, _))) => {
-                        self.pass_answer(slot, token, outcome)
-                    }
-                    Ok(Some((Message::Offer(_), None))) => {}
-                    Err(error) if error.kind() == io::ErrorKind::InvalidData => {
-                        log::error!("hand-off channel of worker {slot}: {error}; dropped");
-                    }
-                    Err(error) => {
-                        self.channel_failed(slot, &error);
-                        break;
-                    }
+                Ok(Some((Message::Taking, _))) => self.successor_takes(end),
+                Ok(Some((Message::Offer(_), None))) => {}
+                Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                    log::error!("hand-off channel of {}: {error}; dropped", name(end));
+                }
+                Err(error) => {
+                    self.channel_failed(end, &error);
+                    break;
                 }
             }
         }
     }
 
-    fn channel_failed(&mut self, slot: usize, error: &io::Error) {
+    fn channel_failed(&mut self, end: Endpoint, error: &io::Error) {
         if error.kind() != io::ErrorKind::UnexpectedEof {
-            log::warn!("hand-off channel of worker {slot}: {error}; closed");
+            log::warn!("hand-off channel of {}: {error}; closed", name(end));
         }
-        self.routing.channels[slot] = None;
+        self.routing.close(end);
+        if end == Endpoint::Successor {
+            // Offers forwarded to the new master get no answer now.
+            self.routes_gone(end);
+        }
     }
 
-    fn send_to(&mut self, slot: usize, message: &Message, fd: Option<OwnedFd>) -> bool {
-        let Some(channel) = self.routing.channels[slot].as_mut() else { return false };
+    fn send_to(&mut self, end: Endpoint, message: &Message, fd: Option<OwnedFd>) -> bool {
+        let Some(channel) = self.routing.channel(end) else { return false };
         match channel.send(message, fd) {
             Ok(()) => true,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => false,
             Err(error) => {
-                self.channel_failed(slot, &error);
+                self.channel_failed(end, &error);
                 false
             }
         }
     }
 
-    /// Forwards an offer from the worker of slot `from` to a serving worker, or answers it.
-    fn route(&mut self, from: usize, mut offer: Offer, fd: OwnedFd) {
+    /// Forwards an offer from `from` (a worker, or the old master) to a serving worker (or
+    /// the new master), or answers it.
+    fn route(&mut self, from: Endpoint, mut offer: Offer, fd: OwnedFd) {
         let token = offer.token;
         let to = match self.handoff_target(from, &offer.listener) {
             Ok(to) => to,
@@ -124,24 +212,34 @@ impl Master {
         offer.token = route;
         if self.send_to(to, &Message::Offer(offer), Some(fd)) {
             self.routing.routes.insert(route, Route { from, token, to });
-            self.routing.in_flight[to] += 1;
+            if let Endpoint::Worker(to) = to {
+                self.routing.in_flight[to] += 1;
+            }
         } else {
             self.send_to(from, &Message::Resolved { token, outcome: Outcome::Busy }, None);
         }
     }
 
-    /// Where a connection of `listener` offered by slot `from` goes: a ready worker of the
-    /// newest serving generation, the least busy; or why none.
-    fn handoff_target(&self, from: usize, listener: &str) -> Result<usize, Outcome> {
+    /// Where a connection of `listener` offered by `from` goes: a ready worker of the
+    /// newest serving generation, the least busy; the new master of an upgrade when this
+    /// master keeps no pool; or why none.
+    fn handoff_target(&self, from: Endpoint, listener: &str) -> Result<Endpoint, Outcome> {
+        if from == Endpoint::Successor {
+            return Err(Outcome::Refused); // the new master's workers never hand back
+        }
         if !self.supervisor.keeps_pool() {
-            return Err(Outcome::Refused); // stopping, or paused by WINCH
+            // Stopping, or paused by WINCH: the new master of an upgrade serves on.
+            return match (from, &self.routing.successor) {
+                (Endpoint::Worker(_), Some(Successor::Taking(_))) => Ok(Endpoint::Successor),
+                _ => Err(Outcome::Refused),
+            };
         }
         if !self.config.listeners.iter().any(|l| l.name == listener) {
             return Err(Outcome::Refused); // removed by the reload: finishes where it is
         }
         let candidates = (0..self.slots.len()).filter(|&i| {
             let slot = &self.slots[i];
-            i != from
+            from != Endpoint::Worker(i)
                 && slot.role == Role::Serving
                 && slot.pid.is_some()
                 && self.routing.channels[i].is_some()
@@ -153,17 +251,20 @@ impl Master {
         };
         candidates
             .max_by_key(|&i| (self.slots[i].generation, std::cmp::Reverse(load(i))))
+            .map(Endpoint::Worker)
             .ok_or(Outcome::Busy)
     }
 
-    /// The receiver in slot `slot` answered the offer routed as `route`.
-    fn pass_answer(&mut self, slot: usize, route: u64, outcome: Outcome) {
+    /// The receiver `end` answered the offer routed as `route`.
+    fn pass_answer(&mut self, end: Endpoint, route: u64, outcome: Outcome) {
         let Some(entry) = self.routing.routes.get(&route).copied() else { return };
-        if entry.to != slot {
-            return; // not this worker's to answer
+        if entry.to != end {
+            return; // not this receiver's to answer
         }
         self.routing.routes.remove(&route);
-        self.routing.in_flight[slot] -= 1;
+        if let Endpoint::Worker(slot) = end {
+            self.routing.in_flight[slot] -= 1;
+        }
         if outcome == Outcome::Adopted {
             self.routing.adopted += 1;
         }
@@ -175,20 +276,55 @@ impl Master {
     /// its own offers have nobody to go to.
     pub(super) fn handoff_slot_gone(&mut self, slot: usize) {
         self.routing.channels[slot] = None;
+        self.routes_gone(Endpoint::Worker(slot));
+    }
+
+    /// The new master said it takes offers.
+    fn successor_takes(&mut self, end: Endpoint) {
+        if end != Endpoint::Successor {
+            return;
+        }
+        if let Some(Successor::Waiting(channel)) = self.routing.successor.take() {
+            log::info!(
+                "binary upgrade: the new master shares the per-client table: connections go to it when this master stops"
+            );
+            self.routing.successor = Some(Successor::Taking(channel));
+        }
+    }
+
+    /// The new master of an upgrade exited: offers forwarded to it are lost.
+    pub(super) fn handoff_successor_gone(&mut self) {
+        self.routing.successor = None;
+        self.routes_gone(Endpoint::Successor);
+    }
+
+    /// `end` is gone: offers it was to answer are lost, answers to its own offers have
+    /// nobody to go to.
+    fn routes_gone(&mut self, end: Endpoint) {
         let gone: Vec<(u64, Route)> = self
             .routing
             .routes
             .iter()
-            .filter(|(_, r)| r.to == slot || r.from == slot)
+            .filter(|(_, r)| r.to == end || r.from == end)
             .map(|(&id, &r)| (id, r))
             .collect();
         for (id, route) in gone {
             self.routing.routes.remove(&id);
-            self.routing.in_flight[route.to] -= 1;
-            if route.to == slot {
+            if let Endpoint::Worker(to) = route.to {
+                self.routing.in_flight[to] -= 1;
+            }
+            if route.to == end {
                 let lost = Message::Resolved { token: route.token, outcome: Outcome::Lost };
                 self.send_to(route.from, &lost, None);
             }
         }
+    }
+}
+
+fn name(end: Endpoint) -> String {
+    match end {
+        Endpoint::Worker(slot) => format!("worker {slot}"),
+        Endpoint::Predecessor => "the old master".into(),
+        Endpoint::Successor => "the new master".into(),
     }
 }

@@ -21,13 +21,17 @@
 //! generation serves), or retiring (told to stop; freed when reaped).
 
 mod handoff;
+mod inherit;
 mod orphans;
+mod peer;
 mod reload;
 mod spawn;
 pub mod supervisor;
 pub mod table;
 mod upgrade;
 
+pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
+pub use peer::UPGRADE_CHANNEL_ENV;
 pub use upgrade::INHERITED_LISTENERS_ENV;
 
 use std::collections::HashMap;
@@ -154,6 +158,9 @@ pub struct Master {
     limits: Limits,
     /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
     rates: Rates,
+    /// When to look whether the other master of a binary upgrade and its workers are gone,
+    /// to release what they counted in the shared table (`None`: nothing to look for).
+    probe_other_at: Option<Instant>,
     /// Records per slot in the limits table: the most `max_connections_per_worker` can be.
     per_slot: usize,
     scoreboard: Scoreboard,
@@ -317,14 +324,22 @@ impl Master {
             Some(_) => Origin::Upgrade,
             None => Origin::Fresh,
         };
-        let mut listener_ids = HashMap::new();
+        // The old master's listener ids first, so that both masters key clients alike.
+        let inherited = inherit::take_inherited_limits();
+        let predecessor = peer::take_upgrade_channel();
+        let mut listener_ids = match &inherited {
+            Some(Ok(inherited)) => inherited.ids.clone(),
+            _ => HashMap::new(),
+        };
         let listeners = open_listeners(&config, &mut listener_ids)?;
         let notifier = Notifier::from_env();
         let workers = config.daemon.workers.get();
         let capacity =
             crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
         let per_slot = config.daemon.max_connections_per_worker.get();
-        let limits = Limits::new(capacity, per_slot)?;
+        let (limits, adopted) =
+            inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
+        let predecessor = peer::keep_predecessor(predecessor, adopted);
         let rates = Rates::new()?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
@@ -351,6 +366,7 @@ impl Master {
             listener_ids,
             limits,
             rates,
+            probe_other_at: adopted.then(Instant::now),
             per_slot,
             scoreboard,
             pidfile,
@@ -366,6 +382,7 @@ impl Master {
             ready_pipe: ready_pipe.take(),
             dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
         };
+        master.routing.predecessor = predecessor;
         let now = Instant::now();
         for slot in 0..workers {
             master.slots[slot].role = Role::Serving;
@@ -574,7 +591,7 @@ impl Master {
         });
         let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         fds.extend(relay.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
-        for channel in self.routing.channels.iter().flatten() {
+        for channel in self.routing.all() {
             let events = if channel.backlogged() {
                 PollFlags::POLLIN | PollFlags::POLLOUT
             } else {
@@ -594,6 +611,7 @@ impl Master {
         let mut deadlines: Vec<Instant> = Vec::new();
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         deadlines.extend(self.supervisor.deadline(now));
+        deadlines.extend(self.probe_other_at);
         match self.supervisor.lifecycle() {
             Lifecycle::Stopping { .. } => {}
             _ => {
@@ -876,6 +894,7 @@ impl Master {
     /// Respawns due workers, completes or rolls back a reload, escalates stops, and checks
     /// heartbeats.
     fn tick(&mut self, now: Instant) {
+        self.probe_other_range(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool_ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

@@ -44,8 +44,9 @@ impl Master {
                 self.previous = None;
                 self.pidfile = None;
                 self.ready_pipe = None;
-                // The other workers' channels are the master's, not this worker's.
-                self.routing.channels.clear();
+                // The other workers' channels (and the other master's of an upgrade) are the
+                // master's, not this worker's.
+                self.routing.forget();
                 drop(master_end);
                 let context = WorkerContext {
                     slot,

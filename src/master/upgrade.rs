@@ -6,7 +6,8 @@
 //! `NAME=FD` pairs separated by `;`, NAME being the listener's name. The old master renames
 //! its pid file and scoreboard to `*.oldbin` and keeps serving; the new master adopts the
 //! socket of each listener whose name and configured address match, binds the others, and
-//! writes the pid file. The operator then sends WINCH and QUIT to the old master (or, to
+//! writes the pid file. The per-client table goes along (see `inherit.rs`), so that limits
+//! hold across both masters while they run. The operator then sends WINCH and QUIT to the old master (or, to
 //! roll back, HUP to the old master and QUIT to the new one). If the new master exits while
 //! the old one lives, the old one takes its pid file back and goes on as before.
 
@@ -22,6 +23,7 @@ use nix::unistd::{ForkResult, execv, fork};
 
 use super::Master;
 use super::table::WorkerExit;
+use crate::handoff::Channel;
 use crate::scoreboard::{self, UpgradeState};
 use crate::signals::{self, MASTER_SIGNALS};
 
@@ -75,6 +77,15 @@ impl Master {
     /// SIGUSR2.
     pub(super) fn handle_upgrade(&mut self) {
         let renamed = self.rename_state_files(true);
+        // The hand-off channel to the new master, created before the fork so that its peer
+        // is known by construction.
+        let channel = match Channel::pair() {
+            Ok(pair) => Some(pair),
+            Err(error) => {
+                log::warn!("binary upgrade: no hand-off channel to the new master: {error}");
+                None
+            }
+        };
         if let Err(error) = signals::block(MASTER_SIGNALS) {
             log::error!("binary upgrade failed: {error}");
             return self.restore_after_upgrade(renamed);
@@ -82,9 +93,11 @@ impl Master {
         // SAFETY: the master is single-threaded; the child only prepares descriptors and the
         // environment, then executes the binary (or exits).
         match unsafe { fork() } {
-            Ok(ForkResult::Child) => self.exec_new_master(),
+            Ok(ForkResult::Child) => self.exec_new_master(channel.map(|(_, theirs)| theirs)),
             Ok(ForkResult::Parent { child }) => {
                 let _ = signals::unblock(MASTER_SIGNALS);
+                self.routing.successor =
+                    channel.map(|(ours, _)| super::handoff::Successor::Waiting(ours));
                 log::info!(
                     "binary upgrade: new master pid {child} started from {}",
                     self.invocation.exe.display()
@@ -100,7 +113,14 @@ impl Master {
         }
     }
 
-    fn exec_new_master(&mut self) -> ! {
+    fn exec_new_master(&mut self, channel: Option<Channel>) -> ! {
+        let channel = channel.and_then(|channel| match super::peer::inheritable(&channel) {
+            Ok(fd) => Some((channel, fd)),
+            Err(error) => {
+                log::warn!("binary upgrade: cannot pass the hand-off channel: {error}");
+                None
+            }
+        });
         let mut handover = String::new();
         for listener in &self.listeners {
             if let Err(error) = listener.set_inheritable() {
@@ -109,9 +129,20 @@ impl Master {
             }
             handover.push_str(&format!("{}={};", listener.config.name, listener.as_raw_fd()));
         }
+        // The per-client table: without it the new master counts on its own.
+        let limits = super::inherit::limits_handover(&self.limits, &self.listener_ids);
+        if let Err(error) = &limits {
+            log::warn!("binary upgrade: cannot hand over the per-client table: {error}");
+        }
         // SAFETY: this forked child is single-threaded and about to exec.
         unsafe {
             std::env::set_var(INHERITED_LISTENERS_ENV, &handover);
+            if let Ok(limits) = &limits {
+                std::env::set_var(super::INHERITED_LIMITS_ENV, limits);
+            }
+            if let Some((_, fd)) = &channel {
+                std::env::set_var(super::UPGRADE_CHANNEL_ENV, fd.to_string());
+            }
             // The systemd watchdog, if any, now watches the new master (which must send
             // MAINPID=; see NotifyAccess in the unit).
             if std::env::var_os("WATCHDOG_USEC").is_some() {
@@ -135,6 +166,9 @@ impl Master {
         self.scoreboard.header().set_upgrade_state(UpgradeState::None);
         let reason = format!("new master pid {pid} exited ({exit:?})");
         self.restore_after_upgrade(true);
+        // What it and its workers counted in the shared table, once they are all gone.
+        self.probe_other_at = Some(std::time::Instant::now());
+        self.handoff_successor_gone();
         log::error!("binary upgrade failed or rolled back: {reason}; this master keeps serving");
         self.scoreboard.set_message(&format!("binary upgrade failed: {reason}"));
         self.scoreboard.header().upgrades_failed.fetch_add(1, Ordering::Release);

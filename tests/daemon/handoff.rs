@@ -374,12 +374,18 @@ fn after_an_upgrade_the_old_master_never_sends_stopping() {
     daemon.signal(Signal::SIGWINCH);
     daemon.signal(Signal::SIGQUIT);
     assert_eq!(code(daemon.wait_master_exit(PATIENCE).expect("the old master exits")), 0);
-    // Everything the old master sent is queued by now.
-    notify.set_nonblocking(true).unwrap();
+    // Everything the old master sent is queued by now; the new master announces itself
+    // once its pool is ready, which `upgrade` may report a moment before.
+    notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut buffer = [0u8; 4096];
     let mut messages = Vec::new();
-    while let Ok(n) = notify.recv(&mut buffer) {
-        messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match notify.recv(&mut buffer) {
+            Ok(n) => messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+            Err(_) if messages.iter().any(|m| m.contains(&format!("MAINPID={new}"))) => break,
+            Err(_) => {}
+        }
     }
     assert!(
         messages.iter().any(|m| m.contains(&format!("MAINPID={new}"))),
@@ -392,4 +398,144 @@ fn after_an_upgrade_the_old_master_never_sends_stopping() {
     // The new master serves.
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"new", QUICK), Outcome::Echoed);
+}
+
+#[test]
+fn the_per_client_limit_stays_exact_while_both_masters_of_an_upgrade_run() {
+    let daemon = Daemon::start(&controlled_config(
+        2,
+        "",
+        "max_connections_per_client = 5\nmax_long_connections_per_client = 0",
+    ));
+    let old = daemon.pid();
+    let client = Ipv4Addr::new(127, 0, 0, 8);
+    let mut held = fill_quota(daemon.addr(), client, 3);
+    assert_eq!(held.len(), 4, "four below the limit");
+    held.pop();
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    new_master_pid(&stdout);
+    daemon.wait_for_log("the new master adopts the table", |l| {
+        l.contains("adopted the old master's per-client table")
+    });
+    // Both masters' workers accept on the one socket: whichever takes them, two more fit
+    // and the sixth is refused (without a shared table, the new master would admit five).
+    held.extend(fill_quota(daemon.addr(), client, 5 - held.len()));
+    assert_eq!(held.len(), 5, "exactly the quota");
+    for round in 0..3 {
+        let mut sixth = connect_from(client, daemon.addr());
+        assert_eq!(exchange(&mut sixth, b"6th", QUICK), Outcome::Closed, "round {round}");
+        assert!(is_running(old.as_raw()), "both masters run");
+        for stream in &mut held {
+            assert_eq!(exchange(stream, b"kept", QUICK), Outcome::Echoed, "round {round}");
+        }
+        drop(held.drain(..2));
+        eventually("two counts are released", || {
+            let mut stream = connect_from(client, daemon.addr());
+            if exchange(&mut stream, b"again", QUICK) == Outcome::Echoed {
+                held.push(stream);
+            }
+            held.len() == 5
+        });
+    }
+    // Only the new master accepts once the old one's workers stop: the quota still holds.
+    daemon.signal(Signal::SIGWINCH);
+    daemon.wait_for_log("the old workers stop", |l| l.contains("SIGWINCH: stopping 2 workers"));
+    drop(held.pop());
+    eventually("the count is released", || {
+        let mut stream = connect_from(client, daemon.addr());
+        if exchange(&mut stream, b"again", QUICK) == Outcome::Echoed {
+            held.push(stream);
+        }
+        held.len() == 5
+    });
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never six");
+}
+
+#[test]
+fn long_clients_survive_usr2_winch_quit_and_end_up_with_the_new_master() {
+    let mut daemon = Daemon::start(&controlled_config(
+        2,
+        "",
+        "max_connections_per_client = 0\nmax_long_connections_per_client = 0",
+    ));
+    let old = daemon.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = long_clients(daemon.addr(), &stop);
+    let ports: Vec<u16> = clients.iter().map(|c| c.port).collect();
+    let short = Load::start(daemon.addr(), 2, 0, Duration::ZERO);
+    each_exchanges(&clients, 1);
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    let new = new_master_pid(&stdout);
+    // `status` reads the new master's scoreboard now.
+    let new_workers: Vec<i32> = workers(&daemon).iter().map(|w| w.0).collect();
+    assert_eq!(new_workers.len(), 2, "the new master's workers");
+    daemon.signal(Signal::SIGWINCH);
+    daemon.signal(Signal::SIGQUIT);
+    // The old workers hand every connection to the new master's and exit, long before
+    // graceful_timeout (10 s) would have cut the busy clients.
+    let status = daemon.wait_master_exit(PATIENCE).expect("the old master exits");
+    assert_eq!(code(status), 0);
+    each_exchanges(&clients, 1);
+    stop.store(true, Ordering::SeqCst);
+    let short = short.finish();
+    assert_no_loss(clients, short);
+    let (_, status, _) = daemon.control("status");
+    assert!(status.starts_with(&format!("master pid {new},")), "{status}");
+    // Each long client was served by a worker of the new master at the end.
+    for port in ports {
+        let peer = format!("peer=127.0.0.1:{port} ");
+        let line = daemon.wait_for_log("a long client's access line", |l| l.contains(&peer));
+        assert!(new_workers.contains(&pid_of(&line)), "not closed by the new master: {line}");
+        assert_eq!(field(&line, "reason"), Some("client-close"), "{line}");
+    }
+    assert!(!is_running(old.as_raw()));
+}
+
+#[test]
+fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
+    const QUOTA: usize = 500;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, (QUOTA as u64 * 2 + 200).max(soft), hard).unwrap();
+    let config = controlled_config(
+        1,
+        "event_backend = \"epoll\"\nmax_connections_per_worker = 1000",
+        &format!("max_connections_per_client = {QUOTA}\nmax_long_connections_per_client = 0"),
+    );
+    let mut daemon = Daemon::start_with_nofile(&config, Some(8192));
+    let old = daemon.pid();
+    let old_worker = daemon.worker_pids()[0];
+    let client = Ipv4Addr::new(127, 0, 0, 10);
+    let mut held = fill_quota(daemon.addr(), client, QUOTA);
+    assert_eq!(held.len(), QUOTA);
+    let (status, _, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stderr}");
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "the quota spans both masters");
+    // WINCH starts the hand-off to the new master; kill the old master in its middle.
+    daemon.signal(Signal::SIGWINCH);
+    let sender = format!("pid={old_worker}:");
+    daemon.wait_for_log("the hand-off starts", |l| {
+        l.contains(&sender) && l.contains("handed off (Adopted)")
+    });
+    kill(old, Signal::SIGKILL).unwrap();
+    daemon.wait_master_exit(PATIENCE).expect("the old master is gone");
+    // Its worker follows it (parent-death signal).
+    eventually("the old worker is gone", || !is_running(old_worker));
+    let mut alive = 0;
+    held.retain_mut(|stream| {
+        let ok = exchange(stream, b"alive?", QUICK) == Outcome::Echoed;
+        alive += usize::from(ok);
+        ok
+    });
+    // The new master releases what the old range still counted once nobody uses it.
+    let mut extra = Vec::new();
+    eventually("the client can fill its quota again", || {
+        extra.extend(fill_quota(daemon.addr(), client, QUOTA - alive - extra.len()));
+        alive + extra.len() == QUOTA
+    });
+    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never more than the quota");
+    eprintln!(
+        "kill -9 of the old master during an upgrade hand-off of {QUOTA}: {alive} connections kept by the new master, quota exact"
+    );
 }
