@@ -38,8 +38,10 @@ fn a_kept_alive_connection_outlives_short_idle_timeout_and_closes_after_long() {
     assert_eq!(exchange(&mut stream, b"ping", PATIENCE), Outcome::Echoed);
     // Three short timeouts of silence: a long connection must still be open.
     assert!(!closed_within(&mut stream, SHORT * 3), "a long connection was closed as short");
-    assert_eq!(exchange(&mut stream, b"again", PATIENCE), Outcome::Echoed);
+    // Taken before the exchange: the server's last activity is later still, so a stall of
+    // this thread after the echo cannot make the wait look shorter than it was.
     let last = Instant::now();
+    assert_eq!(exchange(&mut stream, b"again", PATIENCE), Outcome::Echoed);
     assert!(closed_within(&mut stream, PATIENCE), "an idle long connection must be closed");
     let waited = last.elapsed();
     assert!(waited >= LONG, "closed after {waited:?}, before long_idle_timeout");
