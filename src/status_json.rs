@@ -58,6 +58,11 @@ pub struct Listener {
     /// Connections closed, by reason (`client-close`, `server-close`, `idle-short`,
     /// `idle-long`, `long-limit`, `error`, `shutdown`, `service`; every reason is present).
     pub closed: BTreeMap<&'static str, u64>,
+    /// Connections handed off at rest by retiring workers to the serving generation (or,
+    /// after an upgrade, the new master); not closes.
+    pub handed_off: u64,
+    /// Connections adopted from retiring workers.
+    pub adopted: u64,
 }
 
 /// The master's part of a [`Snapshot`].
@@ -181,6 +186,8 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             accepted: totals.accepted,
             bytes_in: totals.bytes_in,
             bytes_out: totals.bytes_out,
+            handed_off: totals.handed_off,
+            adopted: totals.adopted,
         })
         .collect();
     Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers, listeners }

@@ -99,6 +99,11 @@ pub struct ListenerScore {
     pub refused: [AtomicU64; REFUSALS],
     /// Connections closed, by [`Close`].
     pub closed: [AtomicU64; CLOSES],
+    /// Connections handed to a worker of a newer generation (or master) at rest, by the
+    /// retiring worker that held them: not closed (see preforkd(8), HAND-OFF).
+    pub handed_off: AtomicU64,
+    /// Connections adopted from a retiring worker.
+    pub adopted: AtomicU64,
 }
 
 /// A slot's rows take whole 128-byte lines, so workers never share a line.
@@ -107,7 +112,7 @@ const _: () = assert!((std::mem::size_of::<ListenerScore>() * LISTENER_ROWS).is_
 impl ListenerScore {
     /// Every counter that only grows, with `open` left out.
     fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
-        [&self.accepted, &self.bytes_in, &self.bytes_out]
+        [&self.accepted, &self.bytes_in, &self.bytes_out, &self.handed_off, &self.adopted]
             .into_iter()
             .chain(&self.refused)
             .chain(&self.closed)
@@ -144,11 +149,17 @@ pub struct ListenerTotals {
     pub refused: [u64; REFUSALS],
     /// Closes by [`Close`].
     pub closed: [u64; CLOSES],
+    /// Connections handed off to a newer generation (or master) by retiring workers.
+    pub handed_off: u64,
+    /// Connections adopted from retiring workers.
+    pub adopted: u64,
 }
 
 impl ListenerTotals {
     fn add(&mut self, row: &ListenerScore) {
         self.accepted += row.accepted.load(Ordering::Relaxed);
+        self.handed_off += row.handed_off.load(Ordering::Relaxed);
+        self.adopted += row.adopted.load(Ordering::Relaxed);
         self.bytes_in += row.bytes_in.load(Ordering::Relaxed);
         self.bytes_out += row.bytes_out.load(Ordering::Relaxed);
         for (total, counter) in self.refused.iter_mut().zip(&row.refused) {

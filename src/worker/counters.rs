@@ -21,6 +21,8 @@ struct Tally {
     bytes_out: u64,
     refused: [u64; REFUSALS],
     closed: [u64; CLOSES],
+    handed_off: u64,
+    adopted: u64,
 }
 
 /// Per-listener counters not yet on the scoreboard.
@@ -76,6 +78,23 @@ impl ListenerTallies {
         }
     }
 
+    /// A connection of `listener` was handed to a worker of the serving generation (it is
+    /// no longer open here).
+    pub(super) fn handed_off(&mut self, listener: usize) {
+        if let Some(tally) = self.tally(listener) {
+            tally.handed_off += 1;
+            tally.open = tally.open.saturating_sub(1);
+        }
+    }
+
+    /// A connection a retiring worker handed off was adopted on `listener` (open here now).
+    pub(super) fn adopted(&mut self, listener: usize) {
+        if let Some(tally) = self.tally(listener) {
+            tally.adopted += 1;
+            tally.open += 1;
+        }
+    }
+
     /// A connection of `listener` ended with `reason`: a refusal, or a close.
     pub(super) fn ended(&mut self, listener: usize, reason: CloseReason) {
         let Some(tally) = self.tally(listener) else { return };
@@ -109,6 +128,8 @@ impl ListenerTallies {
             add(&row.accepted, counts.accepted);
             add(&row.bytes_in, counts.bytes_in);
             add(&row.bytes_out, counts.bytes_out);
+            add(&row.handed_off, counts.handed_off);
+            add(&row.adopted, counts.adopted);
             for (counter, n) in row.refused.iter().zip(counts.refused) {
                 add(counter, n);
             }

@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::conn::{Conn, ConnKind, HandOff};
+use super::conn::{CloseReason, Conn, ConnKind, HandOff};
 use super::{Intake, Worker, at_rest};
 use crate::handoff::{Message, Offer, Outcome};
 use crate::limits::Admission;
@@ -205,6 +205,13 @@ impl Worker<'_> {
     fn handed_over(&mut self, fd: usize, outcome: Outcome) {
         let Some(mut conn) = self.conns[fd].take() else { return };
         self.open -= 1;
+        if outcome == Outcome::Adopted {
+            self.listener_tallies.handed_off(conn.listener);
+        } else {
+            // Lost with a receiver that died after taking its count: gone for us.
+            self.listener_tallies.finished(conn.listener);
+            self.listener_tallies.ended(conn.listener, CloseReason::Error);
+        }
         self.unpublished.dirty = true;
         if let Some(ticket) = conn.ticket.take() {
             // Moved by the receiver: the record is ours to reuse.
@@ -317,6 +324,7 @@ impl Worker<'_> {
         });
         self.next_serial += 1;
         self.open += 1;
+        self.listener_tallies.adopted(index);
         self.unpublished.dirty = true;
         self.update_interest(slot);
         self.schedule(slot);

@@ -395,6 +395,9 @@ impl<'a> Worker<'a> {
                 self.summarize_datagrams(now, true);
                 log::info!("graceful stop complete: no connection left");
                 self.log_summaries(Instant::now(), true);
+                // The last counts (closes, hand-offs) reach the scoreboard before the master
+                // folds this slot into the retired totals.
+                self.publish(Instant::now());
                 return WORKER_EXIT_OK;
             }
         }

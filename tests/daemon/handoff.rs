@@ -539,3 +539,21 @@ fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
         "kill -9 of the old master during an upgrade hand-off of {QUOTA}: {alive} connections kept by the new master, quota exact"
     );
 }
+
+#[test]
+fn hand_offs_are_counted_per_listener_in_status() {
+    let daemon = Daemon::start(&controlled_config(1, "", ""));
+    let mut stream = connect(daemon.addr());
+    assert_eq!(exchange(&mut stream, b"before", QUICK), Outcome::Echoed);
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    // The connection moves to the new generation at its first rest: once out, once in.
+    let counts = |document: &serde_json::Value| {
+        let echo = &document["listeners"][0];
+        (echo["handed_off"].as_u64(), echo["adopted"].as_u64(), echo["open"].as_u64())
+    };
+    eventually("the hand-off is counted", || {
+        counts(&crate::status::status_json(&daemon)) == (Some(1), Some(1), Some(1))
+    });
+    assert_eq!(exchange(&mut stream, b"after", QUICK), Outcome::Echoed, "still served");
+}

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::harness::*;
 
 /// `status --json` of `daemon`, parsed; panics unless the command succeeds.
-fn status_json(daemon: &Daemon) -> Value {
+pub fn status_json(daemon: &Daemon) -> Value {
     let config = daemon.config_path.to_str().unwrap();
     let (status, stdout, stderr) = run_cli(&["status", "--json", "-c", config]);
     assert_eq!(code(status), 0, "{stderr}");

@@ -116,6 +116,12 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
     let closed = counters(r, "listener_closed_connections", "Connections closed, by listener and reason", None);
     let received = counters(r, "listener_received", "Bytes read from clients, by listener", Some(Unit::Bytes));
     let sent = counters(r, "listener_sent", "Bytes written to clients, by listener", Some(Unit::Bytes));
+    let handoffs = counters(
+        r,
+        "listener_handoffs",
+        "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
+        None,
+    );
     for totals in board.listener_totals() {
         let name = || vec![("listener", totals.name.clone())];
         let with_reason = |reason: &str| vec![("listener", totals.name.clone()), ("reason", reason.to_owned())];
@@ -123,6 +129,9 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         accepted.get_or_create(&name()).inc_by(totals.accepted);
         received.get_or_create(&name()).inc_by(totals.bytes_in);
         sent.get_or_create(&name()).inc_by(totals.bytes_out);
+        let direction = |way: &str| vec![("listener", totals.name.clone()), ("direction", way.to_owned())];
+        handoffs.get_or_create(&direction("out")).inc_by(totals.handed_off);
+        handoffs.get_or_create(&direction("in")).inc_by(totals.adopted);
         for reason in Refusal::ALL {
             refused.get_or_create(&with_reason(reason.name())).inc_by(totals.refused(reason));
         }
