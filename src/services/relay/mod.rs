@@ -6,8 +6,8 @@
 //! accepted client gets a [`session::RelaySession`]: it picks a backend by the `balance` mode,
 //! connects without blocking (a timer for `connect_timeout`), fails over to the next backend
 //! on refusal or timeout at most `retries` times, then relays bytes both ways, each direction
-//! through one bounded carrier ([`pump`]): a pipe moved with splice(2) ([`splice`], the
-//! default) or a 16 KiB buffer moved with read(2) and write(2) (`splice = false`). Backend
+//! through one bounded carrier ([`pump`]): a 16 KiB buffer moved with read(2) and write(2)
+//! (the default) or, with `splice = true`, a pipe moved with splice(2) ([`splice`]). Backend
 //! health (failed connects in a row, `down_time`) and the connection counts
 //! `least-connections` needs live in a small shared table ([`shared::Table`]) that every
 //! worker of the generation sees. The first bytes to the backend may be a PROXY protocol
@@ -40,8 +40,9 @@ pub const DEFAULT_RETRIES: u32 = 3;
 pub const DEFAULT_FAIL_THRESHOLD: u32 = 3;
 /// Default `down_time`.
 pub const DEFAULT_DOWN_TIME: Duration = Duration::from_secs(10);
-/// Default `splice`: whichever pump measured faster (BENCHMARKS.md, relay).
-pub const DEFAULT_SPLICE: bool = true;
+/// Default `splice`: off, as read/write measured faster than splice(2) in every relay
+/// scenario on loopback (BENCHMARKS.md, relay).
+pub const DEFAULT_SPLICE: bool = false;
 /// Most backends one relay listener takes (a session marks those it tried in a 64-bit mask).
 pub const MAX_BACKENDS: usize = 64;
 /// Longest `connect_timeout` and `down_time`.
@@ -97,7 +98,7 @@ pub struct RelayConfig {
     /// The PROXY protocol header sent first, if any.
     pub send_proxy_protocol: Option<ProxyVersion>,
     /// Relay through a pipe per direction with splice(2) (`true`) or through a 16 KiB buffer
-    /// per direction with read(2) and write(2) (`false`). Default: `true`.
+    /// per direction with read(2) and write(2) (`false`). Default: `false`.
     pub splice: bool,
 }
 
@@ -355,6 +356,15 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(Plan::new(&shared, peer).next(&shared, 0), Some(1));
         }
+    }
+
+    #[test]
+    fn splice_is_off_unless_written() {
+        let parse = |extra: &str| toml::from_str::<RelayOptions>(&format!("backends = []\n{extra}"));
+        assert!(!parse("").unwrap().splice.unwrap_or(DEFAULT_SPLICE));
+        assert_eq!(parse("splice = true").unwrap().splice, Some(true));
+        assert_eq!(parse("splice = false").unwrap().splice, Some(false));
+        assert!(parse("splice = \"yes\"").is_err(), "a boolean, not a word");
     }
 
     #[test]
