@@ -378,6 +378,27 @@ mod tests {
     }
 
     #[test]
+    fn without_pipes_a_splicing_pump_relays_through_its_buffer() {
+        let (mut client, source) = pair();
+        let (mut backend, sink) = pair();
+        let now = Instant::now();
+        splice::exhaust(now);
+        let mut pump = Pump::new(true);
+        assert!(!pump.takes_pipe(now), "no pipe to be had (EMFILE)");
+        client.write_all(b"still relayed").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut moved = 0;
+        while moved < 13 {
+            assert!(Instant::now() < deadline, "the pump got stuck");
+            moved += pump.copy(&mut &source, &mut &sink).unwrap();
+        }
+        let mut got = [0; 13];
+        backend.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still relayed");
+        assert!(pump.takes_pipe(now + splice::RETRY_AFTER), "pipes again after RETRY_AFTER");
+    }
+
+    #[test]
     fn a_pipe_dropped_with_bytes_in_it_is_not_pooled() {
         let (mut client, source) = pair();
         let (_backend, sink) = pair();

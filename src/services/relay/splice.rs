@@ -169,6 +169,17 @@ pub(super) fn pooled() -> usize {
     POOL.with(|pool| pool.borrow().idle.len())
 }
 
+/// Empties this thread's pool and makes its next attempt at `now` fail with EMFILE, as when
+/// the worker is out of descriptors.
+#[cfg(test)]
+pub(super) fn exhaust(now: Instant) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        pool.idle.clear();
+        let _ = pool.take(now, || Err(io::Error::from_raw_os_error(nix::libc::EMFILE)));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
