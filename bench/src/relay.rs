@@ -1,6 +1,7 @@
 //! The relay scenario: preforkd's relay, HAProxy (`mode tcp`) and nginx's stream module, each
 //! with 2 workers or threads, in front of the same tokio echo backend, plus the direct path
-//! (client to backend) as the ceiling. The servers take turns each round.
+//! (client to backend) as the ceiling. preforkd runs twice, once per pump (`splice = true`,
+//! `splice = false`). The servers take turns each round.
 
 use std::time::Duration;
 
@@ -8,9 +9,15 @@ use crate::load::{self, Report};
 use crate::servers::{Kind, PreforkdOptions, Server};
 use crate::{Row, binaries, installed, ms};
 
+/// One scenario's median rows, by proxy (`None`: the direct path).
+type Rows = Vec<(Option<Kind>, Row)>;
+
+const SPLICE: Kind = Kind::PreforkdRelay { splice: true };
+const READ_WRITE: Kind = Kind::PreforkdRelay { splice: false };
+
 /// The proxies measured, in order; `None` is the direct path.
 fn proxies(only: Option<&str>) -> Vec<Option<Kind>> {
-    let mut kinds = vec![None, Some(Kind::PreforkdRelay)];
+    let mut kinds = vec![None, Some(SPLICE), Some(READ_WRITE)];
     for (kind, program) in [(Kind::Haproxy, "haproxy"), (Kind::NginxStream, "nginx")] {
         if installed(program) || std::path::Path::new(&format!("/usr/sbin/{program}")).is_file() {
             kinds.push(Some(kind));
@@ -55,6 +62,7 @@ pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds:
         ("long", "msg/s", 50, 64),
         ("long", "msg/s", 50, 16 * 1024),
     ];
+    let mut summary = Vec::new();
     for (name, unit, clients, size) in scenarios {
         eprintln!("relay {name}: {clients} clients, {size} B");
         let mut rows: Vec<(Option<Kind>, Row)> = Vec::new();
@@ -86,7 +94,9 @@ pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds:
             }
         }
         print_table(name, unit, clients, size, &rows);
+        summary.push((format!("{name} {size} B"), rows));
     }
+    print_summary(&summary);
     backend.stop();
 }
 
@@ -110,48 +120,75 @@ fn measure_proxy(
     Some(Row { kind, report, cores, extra: String::new() })
 }
 
+fn cpu_per_op(row: &Row) -> f64 {
+    let ops = row.report.rate();
+    if ops > 0.0 { row.cores / ops * 1e6 } else { 0.0 }
+}
+
+fn find(rows: &[(Option<Kind>, Row)], kind: Option<Kind>) -> Option<&Row> {
+    rows.iter().find(|(k, _)| *k == kind).map(|(_, row)| row).filter(|row| row.report.rate() > 0.0)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
 fn print_table(name: &str, unit: &str, clients: usize, size: usize, rows: &[(Option<Kind>, Row)]) {
-    let rate = |kind: Option<Kind>| {
-        rows.iter().find(|(k, _)| *k == kind).map(|(_, r)| r.report.rate()).filter(|r| *r > 0.0)
-    };
+    let rate = |kind| find(rows, kind).map(|row| row.report.rate());
     let direct = rate(None);
-    let relay = rate(Some(Kind::PreforkdRelay));
-    let cpu_per_op = |row: &Row| {
-        let ops = row.report.rate();
-        if ops > 0.0 { row.cores / ops * 1e6 } else { 0.0 }
-    };
-    let haproxy_cpu = rows
-        .iter()
-        .find(|(k, _)| *k == Some(Kind::Haproxy))
-        .map(|(_, row)| cpu_per_op(row))
-        .filter(|c| *c > 0.0);
+    let haproxy_cpu = find(rows, Some(Kind::Haproxy)).map(cpu_per_op).filter(|c| *c > 0.0);
     println!("\n### relay {name}: {clients} clients, {size} B request/response\n");
     println!(
-        "| path | {unit} | MB/s | vs direct | preforkd relay vs this | p50 ms | p99 ms | errors | proxy CPU cores | proxy CPU us/op | CPU vs HAProxy |"
+        "| path | {unit} | MB/s | vs direct | splice vs this | read/write vs this | p50 ms | p99 ms | errors | proxy CPU cores | proxy CPU us/op | CPU vs HAProxy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (kind, row) in rows {
         let r = &row.report;
         let mb = r.bytes as f64 / r.elapsed.as_secs_f64() / 1e6;
-        let vs_direct = direct.map_or("-".into(), |d| format!("{:.2}", r.rate() / d));
-        let relay_vs = match (relay, kind) {
-            (Some(relay), Some(_)) if r.rate() > 0.0 => format!("{:.2}", relay / r.rate()),
-            _ => "-".into(),
-        };
+        let this = Some(r.rate()).filter(|_| kind.is_some());
         let (cores, per_op, vs_haproxy) = if kind.is_some() {
             let per_op = cpu_per_op(row);
-            let vs = haproxy_cpu.map_or("-".into(), |h| format!("{:.2}", per_op / h));
-            (format!("{:.2}", row.cores), format!("{per_op:.1}"), vs)
+            (format!("{:.2}", row.cores), format!("{per_op:.1}"), ratio(Some(per_op), haproxy_cpu))
         } else {
             ("-".into(), "-".into(), "-".into())
         };
         println!(
-            "| {} | {:.0} | {mb:.1} | {vs_direct} | {relay_vs} | {} | {} | {} | {cores} | {per_op} | {vs_haproxy} |",
+            "| {} | {:.0} | {mb:.1} | {} | {} | {} | {} | {} | {} | {cores} | {per_op} | {vs_haproxy} |",
             label(*kind),
             r.rate(),
+            ratio(Some(r.rate()), direct),
+            ratio(rate(Some(SPLICE)), this),
+            ratio(rate(Some(READ_WRITE)), this),
             ms(r.percentile(0.5)),
             ms(r.percentile(0.99)),
             r.errors,
         );
+    }
+}
+
+/// The ratios the targets of issue #10 are stated in, for both pumps, from this run.
+fn print_summary(scenarios: &[(String, Rows)]) {
+    println!("\n### relay: ratios (preforkd / peer, same run)\n");
+    println!(
+        "| scenario | pump | vs HAProxy | vs nginx | vs direct | CPU/op vs HAProxy | CPU/op vs nginx |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (name, rows) in scenarios {
+        let rate = |kind| find(rows, kind).map(|row| row.report.rate());
+        let cpu = |kind| find(rows, kind).map(cpu_per_op);
+        for pump in [SPLICE, READ_WRITE] {
+            println!(
+                "| {name} | {} | {} | {} | {} | {} | {} |",
+                label(Some(pump)),
+                ratio(rate(Some(pump)), rate(Some(Kind::Haproxy))),
+                ratio(rate(Some(pump)), rate(Some(Kind::NginxStream))),
+                ratio(rate(Some(pump)), rate(None)),
+                ratio(cpu(Some(pump)), cpu(Some(Kind::Haproxy))),
+                ratio(cpu(Some(pump)), cpu(Some(Kind::NginxStream))),
+            );
+        }
     }
 }

@@ -29,8 +29,12 @@ pub enum Kind {
     Socat,
     /// The reference tokio echo server (bench/src/bin/tokio-echo.rs).
     Tokio,
-    /// preforkd's relay (epoll) in front of [`PreforkdOptions::backend`].
-    PreforkdRelay,
+    /// preforkd's relay (epoll) in front of [`PreforkdOptions::backend`], with its splice(2)
+    /// pump (`splice = true`) or its read/write pump (`splice = false`).
+    PreforkdRelay {
+        /// The `splice` option.
+        splice: bool,
+    },
     /// HAProxy, `mode tcp`, `nbthread` = workers, in front of the backend.
     Haproxy,
     /// nginx's stream module, `proxy_pass`, `worker_processes` = workers.
@@ -48,7 +52,8 @@ impl Kind {
             Kind::Tcpserver => "tcpserver + cat".into(),
             Kind::Socat => "socat fork".into(),
             Kind::Tokio => "tokio (reference)".into(),
-            Kind::PreforkdRelay => "preforkd relay (epoll)".into(),
+            Kind::PreforkdRelay { splice: true } => "preforkd relay (splice)".into(),
+            Kind::PreforkdRelay { splice: false } => "preforkd relay (read/write)".into(),
             Kind::Haproxy => "HAProxy (mode tcp)".into(),
             Kind::NginxStream => "nginx stream".into(),
         }
@@ -189,7 +194,7 @@ impl Server {
                 command.arg(addr.to_string());
                 command
             }
-            Kind::PreforkdRelay => {
+            Kind::PreforkdRelay { splice } => {
                 let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
@@ -198,7 +203,7 @@ impl Server {
                      [[listener]]\nname = \"relay\"\naddress = \"{addr}\"\nservice = \"relay\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
                      max_connections_per_client = {}\nmax_long_connections_per_client = 0\n\
-                     [listener.options]\nbackends = [\"{backend}\"]\n",
+                     [listener.options]\nbackends = [\"{backend}\"]\nsplice = {splice}\n",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
                     options.per_client

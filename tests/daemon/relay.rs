@@ -18,9 +18,51 @@ use socket2::{Domain, Socket, Type};
 
 use crate::harness::*;
 
+/// How the relay moves bytes: each test that relays runs once with each (see
+/// [`for_both_pumps`]).
+#[derive(Debug, Clone, Copy)]
+enum Pump {
+    /// `splice = false`: read(2) and write(2) through a 16 KiB buffer per direction.
+    ReadWrite,
+    /// `splice = true`: splice(2) through a pipe per direction.
+    Splice,
+}
+
+/// Runs each named test function (taking a [`Pump`]) once per pump, as
+/// `read_write::NAME` and `splice::NAME`.
+macro_rules! for_both_pumps {
+    ($($name:ident),* $(,)?) => {
+        mod read_write {
+            $(#[test] fn $name() { super::$name(super::Pump::ReadWrite) })*
+        }
+        mod splice {
+            $(#[test] fn $name() { super::$name(super::Pump::Splice) })*
+        }
+    };
+}
+
+for_both_pumps!(
+    relays_1_mib_each_way_for_100_concurrent_clients_through_preforkd_echo,
+    fails_over_skips_a_down_backend_and_uses_it_again_after_down_time,
+    all_backends_down_closes_the_client_promptly_with_the_reason_logged,
+    a_backend_that_never_accepts_times_out_and_the_next_serves,
+    a_backend_that_never_answers_leaves_the_idle_timeout_in_charge,
+    half_close_passes_both_ways,
+    a_reset_on_one_side_resets_the_other,
+    proxy_protocol_v1_and_v2_headers_are_byte_exact_for_ipv4_and_ipv6,
+    source_hash_sticks_and_least_connections_spreads_evenly_over_workers,
+    a_reload_that_changes_backends_applies_to_new_connections_only,
+);
+
 /// A config with `workers` workers and relay listeners, each `(name, address, options)`:
-/// `options` are the lines of its `[listener.options]`; `policy` lines go in every listener.
-fn relay_config(workers: usize, policy: &str, listeners: &[(&str, &str, &str)]) -> String {
+/// `options` are the lines of its `[listener.options]` (`splice` is added for `pump`);
+/// `policy` lines go in every listener.
+fn relay_config(
+    pump: Pump,
+    workers: usize,
+    policy: &str,
+    listeners: &[(&str, &str, &str)],
+) -> String {
     let mut config = format!(
         "[daemon]\nworkers = {workers}\nallow_root_workers = true\npid_file = \"@DIR@/preforkd.pid\"\n\
          [log]\nlevel = \"debug\"\naccess_log = true\n"
@@ -28,7 +70,8 @@ fn relay_config(workers: usize, policy: &str, listeners: &[(&str, &str, &str)]) 
     for (name, address, options) in listeners {
         config.push_str(&format!(
             "[[listener]]\nname = \"{name}\"\naddress = \"{address}\"\nservice = \"relay\"\n{policy}\n\
-             [listener.options]\n{options}\n"
+             [listener.options]\n{options}\nsplice = {}\n",
+            matches!(pump, Pump::Splice)
         ));
     }
     config
@@ -98,17 +141,20 @@ fn access_lines(daemon: &Daemon, reason: &str, count: usize) -> Vec<String> {
     })
 }
 
-#[test]
-fn relays_1_mib_each_way_for_100_concurrent_clients_through_preforkd_echo() {
+fn relays_1_mib_each_way_for_100_concurrent_clients_through_preforkd_echo(pump: Pump) {
     // All relayed connections come from 127.0.0.1, as do all the test's clients.
     let quotas = "max_connections_per_client = 200\nmax_long_connections_per_client = 200\n";
     let echo = Daemon::start(&echo_config(2, "", quotas));
     let relay = Daemon::start(&relay_config(
+        pump,
         2,
         quotas,
         &[("relay", "127.0.0.1:0", &backends(&[echo.addr()]))],
     ));
     let addr = relay.addr();
+    eventually("both relay workers started", || relay.worker_pids().len() == 2);
+    let workers = relay.worker_pids();
+    let pipes_before = pipe_ends(&workers);
     const CLIENTS: usize = 100;
     const SIZE: usize = 1 << 20;
     let clients: Vec<_> = (0..CLIENTS)
@@ -138,17 +184,33 @@ fn relays_1_mib_each_way_for_100_concurrent_clients_through_preforkd_echo() {
         assert_eq!(field(line, "backend"), Some(echo.addr().to_string().as_str()), "{line}");
         assert!(field(line, "connect").is_some_and(|c| c.ends_with('s')), "{line}");
     }
+    // The splice pump keeps drained pipes in a pool; the read/write pump makes none.
+    let pipes_after = pipe_ends(&workers);
+    match pump {
+        Pump::Splice => {
+            assert!(pipes_after > pipes_before, "splice(2) pipes: {pipes_before} -> {pipes_after}")
+        }
+        Pump::ReadWrite => assert_eq!(pipes_after, pipes_before, "no pipe made for read/write"),
+    }
 }
 
-#[test]
-fn fails_over_skips_a_down_backend_and_uses_it_again_after_down_time() {
+/// Pipe ends the processes `pids` have open (from /proc/PID/fd).
+fn pipe_ends(pids: &[i32]) -> usize {
+    pids.iter()
+        .flat_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).expect("a worker's fds"))
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+fn fails_over_skips_a_down_backend_and_uses_it_again_after_down_time(pump: Pump) {
     let (socket, first) = refusing();
     let second = Backend::named("second");
     let options = format!(
         "{}balance = \"first\"\nfail_threshold = 1\ndown_time = \"500ms\"\n",
         backends(&[first, second.addr])
     );
-    let relay = Daemon::start(&relay_config(2, "", &[("relay", "127.0.0.1:0", &options)]));
+    let relay = Daemon::start(&relay_config(pump, 2, "", &[("relay", "127.0.0.1:0", &options)]));
 
     let t0 = Instant::now();
     let mut client = connect(relay.addr());
@@ -194,12 +256,11 @@ fn fails_over_skips_a_down_backend_and_uses_it_again_after_down_time() {
     });
 }
 
-#[test]
-fn all_backends_down_closes_the_client_promptly_with_the_reason_logged() {
+fn all_backends_down_closes_the_client_promptly_with_the_reason_logged(pump: Pump) {
     let (_a, first) = refusing();
     let (_b, second) = refusing();
     let options = format!("{}retries = 5\n", backends(&[first, second]));
-    let relay = Daemon::start(&relay_config(1, "", &[("relay", "127.0.0.1:0", &options)]));
+    let relay = Daemon::start(&relay_config(pump, 1, "", &[("relay", "127.0.0.1:0", &options)]));
     let started = Instant::now();
     let mut client = connect(relay.addr());
     assert!(closed_within(&mut client, Duration::from_secs(2)), "closed, not left hanging");
@@ -217,8 +278,7 @@ fn all_backends_down_closes_the_client_promptly_with_the_reason_logged() {
     assert_eq!(field(&line, "tries"), Some("0"), "every backend is down: none is tried");
 }
 
-#[test]
-fn a_backend_that_never_accepts_times_out_and_the_next_serves() {
+fn a_backend_that_never_accepts_times_out_and_the_next_serves(pump: Pump) {
     // Backlog 0: the accept queue holds one connection; fill it, then SYNs are dropped.
     let silent = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     silent.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).unwrap();
@@ -237,7 +297,7 @@ fn a_backend_that_never_accepts_times_out_and_the_next_serves() {
         "{}balance = \"first\"\nconnect_timeout = \"300ms\"\n",
         backends(&[silent_addr, second.addr])
     );
-    let relay = Daemon::start(&relay_config(1, "", &[("relay", "127.0.0.1:0", &options)]));
+    let relay = Daemon::start(&relay_config(pump, 1, "", &[("relay", "127.0.0.1:0", &options)]));
     let started = Instant::now();
     let mut client = connect(relay.addr());
     assert_eq!(served_by(&mut client, 6), "second");
@@ -248,13 +308,13 @@ fn a_backend_that_never_accepts_times_out_and_the_next_serves() {
     relay.wait_for_log("the timeout", |l| l.contains("connect timed out"));
 }
 
-#[test]
-fn a_backend_that_never_answers_leaves_the_idle_timeout_in_charge() {
+fn a_backend_that_never_answers_leaves_the_idle_timeout_in_charge(pump: Pump) {
     let (hold, held) = mpsc::channel::<TcpStream>();
     let held = Arc::new(Mutex::new(held));
     let mute = Backend::start(move |stream| hold.send(stream).unwrap());
     let options = backends(&[mute.addr]);
     let relay = Daemon::start(&relay_config(
+        pump,
         1,
         "short_idle_timeout = \"500ms\"",
         &[("relay", "127.0.0.1:0", &options)],
@@ -273,8 +333,7 @@ fn a_backend_that_never_answers_leaves_the_idle_timeout_in_charge() {
     assert_eq!(backend.read(&mut got).unwrap(), 0, "the backend sees FIN");
 }
 
-#[test]
-fn half_close_passes_both_ways() {
+fn half_close_passes_both_ways(pump: Pump) {
     // Client FIN first: the backend reads to EOF, then answers, then closes.
     let answering = Backend::start(|mut stream| {
         let mut request = Vec::new();
@@ -294,6 +353,7 @@ fn half_close_passes_both_ways() {
         report.lock().unwrap().send(rest).unwrap();
     });
     let relay = Daemon::start(&relay_config(
+        pump,
         1,
         "",
         &[
@@ -322,8 +382,7 @@ fn half_close_passes_both_ways() {
     assert_eq!((field(&line, "in"), field(&line, "out")), (Some("13"), Some("5")), "{line}");
 }
 
-#[test]
-fn a_reset_on_one_side_resets_the_other() {
+fn a_reset_on_one_side_resets_the_other(pump: Pump) {
     // The backend resets after the first bytes.
     let resetting = Backend::start(|mut stream| {
         let mut byte = [0; 1];
@@ -341,6 +400,7 @@ fn a_reset_on_one_side_resets_the_other() {
         report.lock().unwrap().send(outcome).unwrap();
     });
     let relay = Daemon::start(&relay_config(
+        pump,
         1,
         "",
         &[
@@ -416,8 +476,7 @@ fn proxy_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     expected
 }
 
-#[test]
-fn proxy_protocol_v1_and_v2_headers_are_byte_exact_for_ipv4_and_ipv6() {
+fn proxy_protocol_v1_and_v2_headers_are_byte_exact_for_ipv4_and_ipv6(pump: Pump) {
     // The backend answers with the header it read, then echoes the rest.
     let parsing = Backend::start(|mut stream| {
         let header = read_proxy_header(&mut stream);
@@ -429,6 +488,7 @@ fn proxy_protocol_v1_and_v2_headers_are_byte_exact_for_ipv4_and_ipv6() {
     let v1 = format!("{}send_proxy_protocol = \"v1\"\n", backends(&[parsing.addr]));
     let v2 = format!("{}send_proxy_protocol = \"v2\"\n", backends(&[parsing.addr]));
     let relay = Daemon::start(&relay_config(
+        pump,
         1,
         "",
         &[
@@ -471,13 +531,13 @@ fn proxy_protocol_v1_and_v2_headers_are_byte_exact_for_ipv4_and_ipv6() {
     assert!(Ipv6Addr::LOCALHOST.is_loopback());
 }
 
-#[test]
-fn source_hash_sticks_and_least_connections_spreads_evenly_over_workers() {
+fn source_hash_sticks_and_least_connections_spreads_evenly_over_workers(pump: Pump) {
     let a = Backend::named("a");
     let b = Backend::named("b");
     let sticky = format!("{}balance = \"source-hash\"\n", backends(&[a.addr, b.addr]));
     let least = format!("{}balance = \"least-connections\"\n", backends(&[a.addr, b.addr]));
     let relay = Daemon::start(&relay_config(
+        pump,
         2,
         "",
         &[("sticky", "127.0.0.1:0", &sticky), ("least", "127.0.0.1:0", &least)],
@@ -509,8 +569,7 @@ fn source_hash_sticks_and_least_connections_spreads_evenly_over_workers() {
     assert_eq!(b.accepted.load(Ordering::SeqCst) - before.1, 3);
 }
 
-#[test]
-fn a_reload_that_changes_backends_applies_to_new_connections_only() {
+fn a_reload_that_changes_backends_applies_to_new_connections_only(pump: Pump) {
     let echo_backend = || {
         Backend::start(|mut stream| {
             let mut buffer = [0; 1024];
@@ -524,7 +583,7 @@ fn a_reload_that_changes_backends_applies_to_new_connections_only() {
     let old = echo_backend();
     let new = echo_backend();
     let config = |backend: SocketAddr| {
-        relay_config(2, "", &[("relay", "127.0.0.1:0", &backends(&[backend]))])
+        relay_config(pump, 2, "", &[("relay", "127.0.0.1:0", &backends(&[backend]))])
     };
     let relay = Daemon::start(&config(old.addr));
     let mut before = connect(relay.addr());

@@ -5,15 +5,19 @@
 //! Built in the master from `[listener.options]` (see preforkd.toml(5)); runs in workers. Each
 //! accepted client gets a [`session::RelaySession`]: it picks a backend by the `balance` mode,
 //! connects without blocking (a timer for `connect_timeout`), fails over to the next backend
-//! on refusal or timeout at most `retries` times, then relays bytes both ways through two
-//! bounded buffers. Backend health (failed connects in a row, `down_time`) and the
-//! connection counts `least-connections` needs live in a small shared table
-//! ([`shared::Table`]) that every worker of the generation sees. The first bytes to the
-//! backend may be a PROXY protocol header ([`proxy`], HAProxy's specification).
+//! on refusal or timeout at most `retries` times, then relays bytes both ways, each direction
+//! through one bounded carrier ([`pump`]): a 16 KiB buffer moved with read(2) and write(2)
+//! (the default) or, with `splice = true`, a pipe moved with splice(2) ([`splice`]). Backend
+//! health (failed connects in a row, `down_time`) and the connection counts
+//! `least-connections` needs live in a small shared table ([`shared::Table`]) that every
+//! worker of the generation sees. The first bytes to the backend may be a PROXY protocol
+//! header ([`proxy`], HAProxy's specification).
 
 mod proxy;
+mod pump;
 mod session;
 mod shared;
+mod splice;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -36,6 +40,9 @@ pub const DEFAULT_RETRIES: u32 = 3;
 pub const DEFAULT_FAIL_THRESHOLD: u32 = 3;
 /// Default `down_time`.
 pub const DEFAULT_DOWN_TIME: Duration = Duration::from_secs(10);
+/// Default `splice`: off, as read/write measured faster than splice(2) in every relay
+/// scenario on loopback (BENCHMARKS.md, relay).
+pub const DEFAULT_SPLICE: bool = false;
 /// Most backends one relay listener takes (a session marks those it tried in a 64-bit mask).
 pub const MAX_BACKENDS: usize = 64;
 /// Longest `connect_timeout` and `down_time`.
@@ -69,6 +76,7 @@ struct RelayOptions {
     fail_threshold: Option<u32>,
     down_time: Option<String>,
     send_proxy_protocol: Option<proxy::Version>,
+    splice: Option<bool>,
 }
 
 /// A relay's configuration, validated.
@@ -89,6 +97,9 @@ pub struct RelayConfig {
     pub down_time: Duration,
     /// The PROXY protocol header sent first, if any.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// Relay through a pipe per direction with splice(2) (`true`) or through a 16 KiB buffer
+    /// per direction with read(2) and write(2) (`false`). Default: `false`.
+    pub splice: bool,
 }
 
 /// The relay service: its configuration and the shared table of its backends.
@@ -133,6 +144,7 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         fail_threshold: parsed.fail_threshold.unwrap_or(DEFAULT_FAIL_THRESHOLD),
         down_time,
         send_proxy_protocol: parsed.send_proxy_protocol,
+        splice: parsed.splice.unwrap_or(DEFAULT_SPLICE),
     };
     if parsed.retries.is_some_and(|r| r > 1000) {
         options.report("retries", "at most 1000");
@@ -293,6 +305,7 @@ mod tests {
             fail_threshold: 1,
             down_time: Duration::from_secs(1),
             send_proxy_protocol: None,
+            splice: DEFAULT_SPLICE,
         };
         let table = Arc::new(Table::new(backends).unwrap());
         Shared { config, table }
@@ -343,6 +356,15 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(Plan::new(&shared, peer).next(&shared, 0), Some(1));
         }
+    }
+
+    #[test]
+    fn splice_is_off_unless_written() {
+        let parse = |extra: &str| toml::from_str::<RelayOptions>(&format!("backends = []\n{extra}"));
+        assert!(!parse("").unwrap().splice.unwrap_or(DEFAULT_SPLICE));
+        assert_eq!(parse("splice = true").unwrap().splice, Some(true));
+        assert_eq!(parse("splice = false").unwrap().splice, Some(false));
+        assert!(parse("splice = \"yes\"").is_err(), "a boolean, not a word");
     }
 
     #[test]

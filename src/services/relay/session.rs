@@ -5,18 +5,19 @@
 //! timeout the next backend, at most `retries` more times) -> `Open` (relaying) -> `Over`.
 //!
 //! While open, bytes move through two [`Pump`]s: *up* (client to backend) and *down* (backend
-//! to client). Each owns one bounded buffer from the worker's pool ([`pool::BUFFER_SIZE`]) and
-//! its own half-close state ([`Flow`]): when the buffer is full the pump stops reading its
-//! source, so a slow reader on one side holds back the writer on the other through TCP flow
-//! control and a worker's memory never grows with traffic (backpressure both ways). A FIN
-//! read from one side is passed on (shutdown(2) `SHUT_WR`) once the buffered bytes are
-//! written; the connection ends when both directions are shut. An error on one side (a reset)
-//! resets the other: `SO_LINGER` 0 on the backend, [`Context::reset`] for the client.
+//! to client). Each carries its bytes in one bounded buffer or, with `splice = true`, one
+//! pipe (splice(2)), and has its own half-close state ([`Flow`]): when the carrier is full
+//! the pump stops reading its source, so a slow reader on one side holds back the writer on
+//! the other through TCP flow control and a worker's memory never grows with traffic
+//! (backpressure both ways). A FIN read from one side is passed on (shutdown(2) `SHUT_WR`)
+//! once the carried bytes are written; the connection ends when both directions are shut. An
+//! error on one side (a reset) resets the other: `SO_LINGER` 0 on the backend,
+//! [`Context::reset`] for the client.
 //!
 //! The client socket is not read before a backend is connected: what the client sends first
 //! waits in its socket, so a failover replays nothing.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -25,138 +26,10 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use super::Shared;
+use super::pump::{Fault, Flow, Pump};
 use super::shared::{Health, Lease};
 use crate::scoreboard::monotonic_ms;
-use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session, pool};
-
-/// Read/write rounds per pump and callback, so one busy connection cannot starve the others.
-const ROUNDS: usize = 16;
-
-/// How one direction of the relay stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flow {
-    /// Reading the source, writing the sink.
-    Open,
-    /// The source sent FIN; the buffered bytes are still being written.
-    Flushing,
-    /// FIN passed on to the sink: this direction is over.
-    Shut,
-}
-
-/// A failure of one side of a pump.
-#[derive(Debug)]
-enum Fault {
-    /// Reading the source failed.
-    Source(io::Error),
-    /// Writing the sink failed.
-    Sink(io::Error),
-}
-
-/// One direction of the relay: source -> bounded buffer -> sink.
-#[derive(Debug)]
-struct Pump {
-    /// From the pool while bytes are in flight; empty (no allocation) when drained.
-    buffer: Vec<u8>,
-    /// Unsent bytes are `buffer[start..end]`.
-    start: usize,
-    end: usize,
-    flow: Flow,
-}
-
-impl Pump {
-    fn new() -> Pump {
-        Pump { buffer: Vec::new(), start: 0, end: 0, flow: Flow::Open }
-    }
-
-    /// Whether the pump would read its source now (open, and room in the buffer).
-    fn wants_input(&self) -> bool {
-        self.flow == Flow::Open && (self.buffer.is_empty() || self.end < self.buffer.len())
-    }
-
-    /// Whether bytes wait to be written to the sink.
-    fn has_output(&self) -> bool {
-        self.start < self.end
-    }
-
-    /// The source sent FIN and every byte is written: time to shut the sink's write side.
-    fn needs_shutdown(&self) -> bool {
-        self.flow == Flow::Flushing && !self.has_output()
-    }
-
-    /// Puts `bytes` first in the buffer (the PROXY header). The pump is new and empty.
-    fn preload(&mut self, bytes: &[u8]) {
-        self.buffer = pool::take();
-        self.buffer[..bytes.len()].copy_from_slice(bytes);
-        self.start = 0;
-        self.end = bytes.len();
-    }
-
-    /// Moves bytes from `source` to `sink` until one would block, the buffer is full and the
-    /// sink blocks, or [`ROUNDS`] rounds; returns the bytes written to the sink.
-    fn run(&mut self, source: &mut dyn Read, sink: &mut dyn Write) -> Result<u64, Fault> {
-        let mut moved = 0;
-        for _ in 0..ROUNDS {
-            let mut more_input = false;
-            if self.flow == Flow::Open {
-                if self.buffer.is_empty() {
-                    self.buffer = pool::take();
-                } else if self.end == self.buffer.len() && self.start > 0 {
-                    self.buffer.copy_within(self.start..self.end, 0);
-                    self.end -= self.start;
-                    self.start = 0;
-                }
-                if self.end < self.buffer.len() {
-                    match source.read(&mut self.buffer[self.end..]) {
-                        Ok(0) => self.flow = Flow::Flushing,
-                        Ok(n) => {
-                            // A full read means more may be waiting; a short one drained it.
-                            more_input = self.end + n == self.buffer.len();
-                            self.end += n;
-                        }
-                        Err(e) if e.kind() == ErrorKind::Interrupted => more_input = true,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(Fault::Source(e)),
-                    }
-                }
-            }
-            let mut flushed = true;
-            while self.start < self.end {
-                match sink.write(&self.buffer[self.start..self.end]) {
-                    Ok(0) => return Err(Fault::Sink(ErrorKind::WriteZero.into())),
-                    Ok(n) => {
-                        self.start += n;
-                        moved += n as u64;
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        flushed = false;
-                        break;
-                    }
-                    Err(e) => return Err(Fault::Sink(e)),
-                }
-            }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            }
-            if !more_input || !flushed {
-                break;
-            }
-        }
-        if !self.has_output() && !self.buffer.is_empty() {
-            pool::give(std::mem::take(&mut self.buffer));
-        }
-        Ok(moved)
-    }
-}
-
-impl Drop for Pump {
-    fn drop(&mut self) {
-        if !self.buffer.is_empty() {
-            pool::give(std::mem::take(&mut self.buffer));
-        }
-    }
-}
+use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session};
 
 /// The backend connection of a session.
 struct Link {
@@ -211,6 +84,7 @@ pub struct RelaySession {
 
 impl RelaySession {
     pub(super) fn new(shared: Arc<Shared>, peer: SocketAddr, header: Option<Vec<u8>>) -> Self {
+        let splices = shared.config.splice;
         RelaySession {
             shared,
             peer,
@@ -220,8 +94,8 @@ impl RelaySession {
             header_left: 0,
             tries: 0,
             connected: None,
-            up: Pump::new(),
-            down: Pump::new(),
+            up: Pump::new(splices),
+            down: Pump::new(splices),
             first_fin: None,
             delivered: (0, 0),
             done: false,
@@ -297,14 +171,23 @@ impl RelaySession {
     fn relay(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         let State::Open(link) = &mut self.state else { return Ok(Progress::default()) };
         let mut progress = Progress::default();
-        let up = self.up.run(cx.io(), &mut &link.stream);
+        let now = cx.now();
+        // Splice only between two descriptors (always, in the daemon); else read and write.
+        let up = match cx.socket().filter(|_| self.up.takes_pipe(now)) {
+            Some(client) => self.up.splice(client, link.stream.as_fd()),
+            None => self.up.copy(cx.io(), &mut &link.stream),
+        };
         let up = match up {
             Ok(moved) => moved,
             Err(Fault::Source(error)) => return self.client_failed(error, cx),
             Err(Fault::Sink(error)) => return self.backend_failed(error, cx),
         };
         let State::Open(link) = &mut self.state else { unreachable!() };
-        let down = match self.down.run(&mut &link.stream, cx.io()) {
+        let down = match cx.socket().filter(|_| self.down.takes_pipe(now)) {
+            Some(client) => self.down.splice(link.stream.as_fd(), client),
+            None => self.down.copy(&mut &link.stream, cx.io()),
+        };
+        let down = match down {
             Ok(moved) => moved,
             Err(Fault::Source(error)) => return self.backend_failed(error, cx),
             Err(Fault::Sink(error)) => return self.client_failed(error, cx),
