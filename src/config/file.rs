@@ -56,6 +56,12 @@ pub struct DaemonSection {
     pub daemonize: Option<Spanned<bool>>,
     /// Readiness backend: select, poll or epoll.
     pub event_backend: Option<Spanned<String>>,
+    /// Default of every listener's `client_ipv4_prefix`.
+    pub client_ipv4_prefix: Option<Spanned<i64>>,
+    /// Default of every listener's `client_ipv6_prefix`.
+    pub client_ipv6_prefix: Option<Spanned<i64>>,
+    /// Default of every listener's `trusted_proxies`.
+    pub trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[log]` as written in the file.
@@ -144,6 +150,9 @@ pub const KEYS: &[&str] = &[
     "daemon.rlimit_nofile",
     "daemon.daemonize",
     "daemon.event_backend",
+    "daemon.client_ipv4_prefix",
+    "daemon.client_ipv6_prefix",
+    "daemon.trusted_proxies",
     "log.target",
     "log.level",
     "log.access_log",

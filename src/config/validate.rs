@@ -325,6 +325,26 @@ pub fn validate(
     let mut listeners = Vec::with_capacity(file.listener.len());
     let mut names: HashSet<String> = HashSet::new();
     let mut addresses: HashMap<(ListenerTransport, SocketAddr), usize> = HashMap::new();
+    // Daemon-wide defaults of the listener keys that describe the network rather than one
+    // service: how clients are keyed, and which proxies are believed.
+    let network = NetworkDefaults {
+        client_ipv4_prefix: check.integer(
+            daemon_section.client_ipv4_prefix.as_ref(),
+            "daemon.client_ipv4_prefix",
+            0,
+            32,
+            i64::from(DEFAULT_IPV4_PREFIX),
+        ) as u8,
+        client_ipv6_prefix: check.integer(
+            daemon_section.client_ipv6_prefix.as_ref(),
+            "daemon.client_ipv6_prefix",
+            0,
+            128,
+            i64::from(DEFAULT_IPV6_PREFIX),
+        ) as u8,
+        trusted_proxies: check
+            .nets(daemon_section.trusted_proxies.as_ref(), "daemon.trusted_proxies"),
+    };
     let mut options = options.into_iter();
     for (index, section) in file.listener.into_iter().enumerate() {
         let span = section.span();
@@ -346,6 +366,7 @@ pub fn validate(
             section.into_inner(),
             table,
             services,
+            &network,
         ) {
             if listener.address.port() != 0
                 && let Some(first) = addresses.insert((listener.transport, listener.address), index)
@@ -422,6 +443,13 @@ pub fn validate(
     })
 }
 
+/// `[daemon]`'s defaults of listener keys.
+struct NetworkDefaults {
+    client_ipv4_prefix: u8,
+    client_ipv6_prefix: u8,
+    trusted_proxies: Vec<IpNet>,
+}
+
 fn validate_listener(
     check: &mut Checker<'_>,
     index: usize,
@@ -429,6 +457,7 @@ fn validate_listener(
     section: ListenerSection,
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
+    network: &NetworkDefaults,
 ) -> Option<ListenerConfig> {
     let key = |name: &str| format!("listener[{index}].{name}");
     let mut complete = true;
@@ -527,14 +556,14 @@ fn validate_listener(
         &key("client_ipv4_prefix"),
         0,
         32,
-        i64::from(DEFAULT_IPV4_PREFIX),
+        i64::from(network.client_ipv4_prefix),
     ) as u8;
     let client_ipv6_prefix = check.integer(
         section.client_ipv6_prefix.as_ref(),
         &key("client_ipv6_prefix"),
         0,
         128,
-        i64::from(DEFAULT_IPV6_PREFIX),
+        i64::from(network.client_ipv6_prefix),
     ) as u8;
     let burst = check.integer(
         section.connection_rate_burst.as_ref(),
@@ -575,13 +604,16 @@ fn validate_listener(
     );
     let accept_proxy_protocol =
         section.accept_proxy_protocol.as_ref().is_some_and(|v| *v.get_ref());
-    let trusted_proxies = check.nets(section.trusted_proxies.as_ref(), &key("trusted_proxies"));
+    let trusted_proxies = match &section.trusted_proxies {
+        Some(_) => check.nets(section.trusted_proxies.as_ref(), &key("trusted_proxies")),
+        None => network.trusted_proxies.clone(),
+    };
     if accept_proxy_protocol && trusted_proxies.is_empty() {
         let span = section.accept_proxy_protocol.as_ref().map_or(span.clone(), Spanned::span);
         check.report(
             span,
             key("trusted_proxies"),
-            "accept_proxy_protocol = true needs the proxies' prefixes: a header from anyone else is not believed",
+            "accept_proxy_protocol = true needs the proxies' prefixes (here, or daemon.trusted_proxies): a header from anyone else is not believed",
         );
     }
     if !accept_proxy_protocol && let Some(value) = &section.trusted_proxies {
@@ -924,6 +956,25 @@ mod tests {
         let found = issues(source);
         assert!(found.iter().any(|f| f.contains("duplicate listener name \"a\"")), "{found:?}");
         assert!(found.iter().any(|f| f.contains("is not an address")), "{found:?}");
+    }
+
+    #[test]
+    fn the_daemon_sets_network_defaults_a_listener_may_override() {
+        let source = "[daemon]\nclient_ipv4_prefix = 24\nclient_ipv6_prefix = 56\n\
+                      trusted_proxies = [\"10.0.0.2/32\"]\n\
+                      [[listener]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n\
+                      accept_proxy_protocol = true\n\
+                      [[listener]]\nname = \"b\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n\
+                      client_ipv4_prefix = 32\ntrusted_proxies = [\"10.0.0.3/32\"]\n\
+                      accept_proxy_protocol = true\n";
+        let config = parse(Path::new("t.toml"), source, &Registry::builtin()).unwrap();
+        let (a, b) = (&config.listeners[0].admission, &config.listeners[1].admission);
+        assert_eq!((a.client_ipv4_prefix, a.client_ipv6_prefix), (24, 56), "inherited");
+        assert_eq!(a.trusted_proxies, vec!["10.0.0.2/32".parse::<IpNet>().unwrap()]);
+        assert_eq!((b.client_ipv4_prefix, b.client_ipv6_prefix), (32, 56), "overridden, inherited");
+        assert_eq!(b.trusted_proxies, vec!["10.0.0.3/32".parse::<IpNet>().unwrap()]);
+        let found = issues(&format!("[daemon]\nclient_ipv6_prefix = 129\n{MINIMAL}"));
+        assert!(found[0].contains("daemon.client_ipv6_prefix: 129 is out of range"), "{found:?}");
     }
 
     #[test]
