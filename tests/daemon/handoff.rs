@@ -272,7 +272,6 @@ fn the_per_client_limit_stays_exact_through_hand_offs() {
 /// Kills `victim` (sending or receiving worker) while 500 connections of one client are
 /// being handed over; afterwards the client can hold exactly its quota of 500.
 fn kill_during_handoff(victim: &str) {
-    const QUOTA: usize = 500;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, (QUOTA as u64 * 2 + 200).max(soft), hard).unwrap();
     let config = controlled_config(
@@ -282,7 +281,7 @@ fn kill_during_handoff(victim: &str) {
     );
     let daemon = Daemon::start_with_nofile(&config, Some(8192));
     let client = Ipv4Addr::new(127, 0, 0, 9);
-    let mut held = fill_quota(daemon.addr(), client, QUOTA);
+    let held = fill_quota(daemon.addr(), client, QUOTA);
     assert_eq!(held.len(), QUOTA);
     let sender = daemon.worker_pids()[0];
     daemon.signal(Signal::SIGHUP);
@@ -306,23 +305,37 @@ fn kill_during_handoff(victim: &str) {
     eventually("the killed worker is gone", || !is_running(pid));
     only_generation(&daemon, 2);
     // Which connections survived depends on when the kill landed; the count must match.
+    let alive = survivors_then_exactly_the_quota(&daemon, client, held);
+    eprintln!(
+        "kill -9 of the {victim} during a hand-off of {QUOTA}: {alive} connections kept, quota exact"
+    );
+}
+
+/// The per-client limit of the kill tests: 500 connections from one client, so that a kill
+/// lands in the middle of their hand-offs.
+const QUOTA: usize = 500;
+
+/// After a kill during hand-offs: counts the connections of `held` that still echo, then
+/// checks that `client` can open exactly the rest of its quota (waiting until the closed ones'
+/// counts are released), never one more. Returns the survivors.
+fn survivors_then_exactly_the_quota(
+    daemon: &Daemon,
+    client: Ipv4Addr,
+    mut held: Vec<TcpStream>,
+) -> usize {
     let mut alive = 0;
     held.retain_mut(|stream| {
         let ok = exchange(stream, b"alive?", QUICK) == Outcome::Echoed;
         alive += usize::from(ok);
         ok
     });
-    // Closed connections' counts are released as their close is noticed: wait for the quota
-    // to be reachable, then check it is never exceeded.
     let mut extra = Vec::new();
     eventually("the client can fill its quota again", || {
         extra.extend(fill_quota(daemon.addr(), client, QUOTA - alive - extra.len()));
         alive + extra.len() == QUOTA
     });
     assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never more than the quota");
-    eprintln!(
-        "kill -9 of the {victim} during a hand-off of {QUOTA}: {alive} connections kept, quota exact"
-    );
+    alive
 }
 
 #[test]
@@ -495,7 +508,6 @@ fn long_clients_survive_usr2_winch_quit_and_end_up_with_the_new_master() {
 
 #[test]
 fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
-    const QUOTA: usize = 500;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, (QUOTA as u64 * 2 + 200).max(soft), hard).unwrap();
     let config = controlled_config(
@@ -507,7 +519,7 @@ fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
     let old = daemon.pid();
     let old_worker = daemon.worker_pids()[0];
     let client = Ipv4Addr::new(127, 0, 0, 10);
-    let mut held = fill_quota(daemon.addr(), client, QUOTA);
+    let held = fill_quota(daemon.addr(), client, QUOTA);
     assert_eq!(held.len(), QUOTA);
     let (status, _, stderr) = daemon.control("upgrade");
     assert_eq!(code(status), 0, "{stderr}");
@@ -522,19 +534,8 @@ fn kill_9_of_the_old_master_during_an_upgrade_hand_off_keeps_counts_exact() {
     daemon.wait_master_exit(PATIENCE).expect("the old master is gone");
     // Its worker follows it (parent-death signal).
     eventually("the old worker is gone", || !is_running(old_worker));
-    let mut alive = 0;
-    held.retain_mut(|stream| {
-        let ok = exchange(stream, b"alive?", QUICK) == Outcome::Echoed;
-        alive += usize::from(ok);
-        ok
-    });
     // The new master releases what the old range still counted once nobody uses it.
-    let mut extra = Vec::new();
-    eventually("the client can fill its quota again", || {
-        extra.extend(fill_quota(daemon.addr(), client, QUOTA - alive - extra.len()));
-        alive + extra.len() == QUOTA
-    });
-    assert_eq!(fill_quota(daemon.addr(), client, 1).len(), 0, "never more than the quota");
+    let alive = survivors_then_exactly_the_quota(&daemon, client, held);
     eprintln!(
         "kill -9 of the old master during an upgrade hand-off of {QUOTA}: {alive} connections kept by the new master, quota exact"
     );
