@@ -323,7 +323,7 @@ mod tests {
         shared.table.backend(0).failed(1, 0, 1000);
         let mut plan = Plan::new(&shared, peer);
         assert_eq!(plan.next(&shared, 10), Some(1), "down: skipped");
-        assert_eq!(Plan::new(&shared, peer).next(&shared, 1000), Some(0), "back after down_time");
+        assert_eq!(Plan::new(&shared, peer).next(&shared, 1001), Some(0), "back after down_time");
         for i in 0..3 {
             shared.table.backend(i).failed(1, 0, 1000);
         }

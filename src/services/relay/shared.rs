@@ -129,9 +129,13 @@ impl BackendCounters {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Whether the backend may be tried at `now_ms` (`CLOCK_MONOTONIC` milliseconds).
+    /// Whether the backend may be tried at `now_ms` (`CLOCK_MONOTONIC` milliseconds): never
+    /// marked down (0), or strictly after `down_until_ms`. Both are whole milliseconds rounded
+    /// down, so reaching `down_until_ms` itself could end a `down_time` up to a millisecond
+    /// early.
     pub fn is_available(&self, now_ms: u64) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || until < now_ms
     }
 
     /// Counts a connect failure; after `threshold` in a row (0: never) the backend is skipped
@@ -194,9 +198,10 @@ mod tests {
         assert!(b.is_available(1000));
         assert_eq!(b.failed(2, 1000, 500), Health::WentDown);
         assert!(!b.is_available(1499));
-        assert!(b.is_available(1500), "tried again after down_time");
-        assert_eq!(b.failed(2, 1500, 500), Health::StillDown, "one more failure: down again");
-        assert!(!b.is_available(1999));
+        assert!(!b.is_available(1500), "1500 ms may be 1499.x after a failure at 1000.y");
+        assert!(b.is_available(1501), "tried again after down_time");
+        assert_eq!(b.failed(2, 1501, 500), Health::StillDown, "one more failure: down again");
+        assert!(!b.is_available(2001));
         assert!(b.succeeded(), "back up: logged once");
         assert!(!b.succeeded());
         assert!(b.is_available(0));
