@@ -75,6 +75,9 @@ enum Verb {
         /// Only the cells with this windowsize (1 or 16), default both.
         #[arg(long)]
         windowsize: Option<u16>,
+        /// preforkd's `busy_poll` option ("0s" turns it off), default the daemon's.
+        #[arg(long)]
+        busy_poll: Option<String>,
     },
     /// One scenario against a server you started: short or long.
     Load {
@@ -117,8 +120,9 @@ fn main() {
         Verb::Relay { seconds, short_clients, only, rounds } => {
             relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))
         }
-        Verb::Tftp { rounds, backend, blksize, windowsize } => {
-            tftp::run(&binaries().preforkd, &backend, rounds.max(1), blksize, windowsize)
+        Verb::Tftp { rounds, backend, blksize, windowsize, busy_poll } => {
+            let busy_poll = busy_poll.as_deref();
+            tftp::run(&binaries().preforkd, &backend, busy_poll, rounds.max(1), blksize, windowsize)
         }
         Verb::Run { seconds, short_clients, idle, only, rounds } => {
             run(Duration::from_secs(seconds), short_clients, idle, only.as_deref(), rounds.max(1))

@@ -64,6 +64,7 @@ fn start(
     kind: Tftpd,
     preforkd: &Path,
     backend: &str,
+    busy_poll: Option<&str>,
     root: &Path,
     dir: &Path,
 ) -> std::io::Result<Running> {
@@ -79,8 +80,9 @@ fn start(
                      [log]\nlevel = \"warn\"\naccess_log = false\n\
                      [[listener]]\nname = \"tftp\"\naddress = \"{addr}\"\nservice = \"tftp\"\n\
                      transport = \"udp\"\nmax_connections_per_client = 0\n\
-                     [listener.options]\nroot = \"{}\"\n",
+                     [listener.options]\nroot = \"{}\"\n{}",
                     root.display(),
+                    busy_poll.map(|b| format!("busy_poll = \"{b}\"\n")).unwrap_or_default(),
                 ),
             )?;
             let mut command = Command::new(preforkd);
@@ -272,6 +274,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 pub fn run(
     preforkd: &Path,
     backend: &str,
+    busy_poll: Option<&str>,
     rounds: usize,
     only_blksize: Option<usize>,
     only_window: Option<u16>,
@@ -291,7 +294,8 @@ pub fn run(
         std::fs::write(root.join(name), bytes).expect("write a file to serve");
     }
     println!(
-        "\n### TFTP download throughput, MB/s (median of {rounds} rounds; preforkd: {backend}, 2 workers)\n"
+        "\n### TFTP download throughput, MB/s (median of {rounds} rounds; preforkd: {backend}, 2 workers, busy_poll {})\n",
+        busy_poll.unwrap_or("default")
     );
     println!("| scenario | blksize | windowsize | preforkd | tftpd-hpa | ratio |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -309,13 +313,14 @@ pub fn run(
                         [Tftpd::Hpa, Tftpd::Preforkd]
                     };
                     for kind in order {
-                        let server = match start(kind, preforkd, backend, &root, dir.path()) {
-                            Ok(server) => server,
-                            Err(error) => {
-                                eprintln!("{}: {error}", kind.label());
-                                continue;
-                            }
-                        };
+                        let server =
+                            match start(kind, preforkd, backend, busy_poll, &root, dir.path()) {
+                                Ok(server) => server,
+                                Err(error) => {
+                                    eprintln!("{}: {error}", kind.label());
+                                    continue;
+                                }
+                            };
                         let rate = if name == "big" {
                             one(server.addr, name, size, blksize, window)
                         } else {

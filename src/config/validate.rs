@@ -885,6 +885,16 @@ mod tests {
             tftp_over_tcp[0].contains("cannot serve TCP: TFTP is a UDP protocol"),
             "{tftp_over_tcp:?}"
         );
+        let tftp = |options: &str| {
+            issues(&udp("tftp", &format!("[listener.options]\nroot = \"/srv\"\n{options}")))
+        };
+        assert!(tftp("busy_poll = \"0s\"\n").is_empty());
+        assert!(tftp("busy_poll = \"1ms\"\n").is_empty());
+        let too_long = tftp("busy_poll = \"2ms\"\n");
+        assert!(
+            too_long[0].starts_with("8:13: ") && too_long[0].contains("options.busy_poll: must be"),
+            "{too_long:?}"
+        );
         let tcp_keys = issues(&udp("echo", "backlog = 5\ntcp_nodelay = false\n"));
         assert_eq!(tcp_keys.len(), 2, "{tcp_keys:?}");
         assert!(tcp_keys.iter().all(|i| i.contains("applies to TCP only")), "{tcp_keys:?}");

@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Progress;
 
@@ -73,6 +73,15 @@ pub trait Flow {
 
     /// The socket is readable.
     fn on_readable(&mut self, now: Instant) -> Step;
+
+    /// How long the loop may poll the socket for the peer's answer after a
+    /// [`Step::Wait`], instead of sleeping until the poller wakes it, after the model of
+    /// Linux's `SO_BUSY_POLL` (socket(7)). The loop polls only when the flow is its only
+    /// work, and stops polling a peer that does not answer within it (see the worker's
+    /// busy polling). Default zero: never.
+    fn busy_poll(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// The deadline of the last [`Step::Wait`] has passed.
     fn on_timer(&mut self, now: Instant) -> Step;

@@ -13,7 +13,9 @@
 //!   moves later costs nothing until its entry comes due, then it is pushed again; entries
 //!   of flows gone are skipped by serial;
 //! - datagrams are not connections: they get a summary access line per listener at most
-//!   every [`SUMMARY_INTERVAL`], flows get one access line each.
+//!   every [`SUMMARY_INTERVAL`], flows get one access line each;
+//! - a flow that waits for its peer is busy-polled ([`BusyPoll`]) only while it is the
+//!   worker's only work, for at most [`BUSY_POLL_ROUNDS`] answers per turn of the loop.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -40,6 +42,64 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest datagram received (the UDP maximum payload): nothing is ever truncated.
 const DATAGRAM_MAX: usize = 65_535;
 
+/// Answers a busy-polled flow handles in one turn at most, so that signals and timers are
+/// seen within a few milliseconds however fast the peer answers.
+pub const BUSY_POLL_ROUNDS: usize = 64;
+
+/// Busy polling of one flow ([`Flow::busy_poll`]), after the model of Linux's
+/// `SO_BUSY_POLL` (socket(7)): once the flow has sent and waits for its peer, the worker
+/// polls the flow's socket for up to the budget instead of sleeping in the poller. In
+/// lock-step (TFTP's windowsize 1) every packet is answered, and on a near peer (loopback, a
+/// fast LAN) the wake-up of a sleeping worker is most of the round trip.
+///
+/// Adaptive, like an adaptive mutex: a wait the budget did not cover means the peer is
+/// further away than the budget, and the next 16, then 32 ... 1024 waits go straight to
+/// the poller before polling is tried again, so a distant peer costs one budget in about a
+/// thousand packets.
+#[derive(Debug, Default)]
+struct BusyPoll {
+    /// Waits left before polling is tried again.
+    skip: u32,
+    /// Polls in a row the budget did not cover (at most 7).
+    misses: u32,
+}
+
+impl BusyPoll {
+    /// Polls `fd` for up to `budget` until a datagram (or an error) waits: `true` means
+    /// read it now, `false` go back to the poller.
+    fn wait(&mut self, fd: RawFd, budget: Duration) -> bool {
+        if budget.is_zero() {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        let start = Instant::now();
+        let mut probe = [0u8; 1];
+        loop {
+            match nix::sys::socket::recv(
+                fd,
+                &mut probe,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                // A datagram, or an error the flow's own read reports.
+                _ => {
+                    self.misses = 0;
+                    return true;
+                }
+            }
+            if start.elapsed() >= budget {
+                self.misses = (self.misses + 1).min(7);
+                self.skip = 8 << self.misses;
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// One running flow.
 struct FlowEntry {
     flow: Box<dyn Flow>,
@@ -55,6 +115,8 @@ struct FlowEntry {
     /// and pushed again at the deadline then in force, so the heap holds about one entry
     /// per flow instead of one per packet.
     scheduled: Option<Instant>,
+    /// Busy polling for the peer's answers.
+    busy: BusyPoll,
 }
 
 /// Counters of one UDP listener since its last summary line.
@@ -271,6 +333,7 @@ impl Worker<'_> {
             serial,
             deadline: None,
             scheduled: None,
+            busy: BusyPoll::default(),
         });
         self.datagrams.count += 1;
         self.unpublished.accepted += 1;
@@ -310,7 +373,22 @@ impl Worker<'_> {
         let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
             return;
         };
-        let step = entry.flow.on_readable(now);
+        let mut step = entry.flow.on_readable(now);
+        // The only work of this worker: poll for the peer's answer rather than sleep.
+        if self.datagrams.count == 1 && self.open == 0 && self.pending_open == 0 {
+            let budget = entry.flow.busy_poll();
+            let raw = entry.flow.socket().as_raw_fd();
+            for _ in 0..BUSY_POLL_ROUNDS {
+                if !matches!(step, Step::Wait(_)) || !entry.busy.wait(raw, budget) {
+                    break;
+                }
+                match entry.flow.on_readable(Instant::now()) {
+                    // A duplicate or a stray packet: the deadline of the last send stands.
+                    Step::Unchanged => {}
+                    next => step = next,
+                }
+            }
+        }
         self.apply(fd, step, now);
     }
 
@@ -414,5 +492,50 @@ impl Worker<'_> {
                 totals.bytes_out,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.connect(b.local_addr().unwrap()).unwrap();
+        b.connect(a.local_addr().unwrap()).unwrap();
+        a.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn busy_polling_sees_a_waiting_answer_and_backs_off_from_a_silent_peer() {
+        let (ours, peer) = pair();
+        let budget = Duration::from_micros(200);
+        let mut busy = BusyPoll::default();
+        assert!(!busy.wait(ours.as_raw_fd(), Duration::ZERO), "a zero budget never polls");
+        peer.send(b"ack").unwrap();
+        assert!(busy.wait(ours.as_raw_fd(), budget), "a datagram waiting is seen");
+        let mut buffer = [0u8; 8];
+        assert_eq!(ours.recv(&mut buffer).unwrap(), 3, "and left for the flow to read");
+        // Silence: the budget is spent once, then the next 16 waits skip polling...
+        assert!(!busy.wait(ours.as_raw_fd(), budget));
+        peer.send(b"ack").unwrap();
+        for skipped in 0..16 {
+            assert!(!busy.wait(ours.as_raw_fd(), budget), "wait {skipped} polls after a miss");
+        }
+        // ...and the 17th polls again, sees the answer and forgets the misses.
+        assert!(busy.wait(ours.as_raw_fd(), budget));
+        assert_eq!((busy.misses, busy.skip), (0, 0));
+        ours.recv(&mut buffer).unwrap();
+        // Misses in a row double the skip, up to 1024 waits.
+        for _ in 0..10 {
+            assert!(!busy.wait(ours.as_raw_fd(), budget));
+            let skip = busy.skip;
+            busy.skip = 0;
+            assert!(skip <= 1024, "{skip}");
+        }
+        assert_eq!(busy.misses, 7);
     }
 }

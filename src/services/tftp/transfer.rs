@@ -50,6 +50,8 @@ pub struct Common {
     pub retransmissions: u64,
     /// Timeouts in a row.
     pub tries: u32,
+    /// The `busy_poll` option (see [`Flow::busy_poll`]).
+    pub busy_poll: Duration,
 }
 
 impl Common {
@@ -298,6 +300,10 @@ impl Flow for Read {
         self.common.socket.as_fd()
     }
 
+    fn busy_poll(&self) -> Duration {
+        self.common.busy_poll
+    }
+
     fn start(&mut self, now: Instant) -> Step {
         match self.common.oack.clone() {
             Some(oack) => match self.common.send(&oack) {
@@ -458,6 +464,10 @@ impl Flow for Write {
         self.common.socket.as_fd()
     }
 
+    fn busy_poll(&self) -> Duration {
+        self.common.busy_poll
+    }
+
     fn start(&mut self, now: Instant) -> Step {
         let first = self.common.oack.clone().unwrap_or_else(|| packet::ack(0).to_vec());
         match self.common.send(&first) {
@@ -576,6 +586,7 @@ mod tests {
             blocks: 0,
             retransmissions: 0,
             tries: 0,
+            busy_poll: Duration::ZERO,
         }
     }
 
