@@ -74,11 +74,11 @@ pub trait Flow {
     /// The socket is readable.
     fn on_readable(&mut self, now: Instant) -> Step;
 
-    /// How long the loop may poll the socket for the peer's answer after a
-    /// [`Step::Wait`], instead of sleeping until the poller wakes it, after the model of
-    /// Linux's `SO_BUSY_POLL` (socket(7)). The loop polls only when the flow is its only
-    /// work, and stops polling a peer that does not answer within it (see the worker's
-    /// busy polling). Default zero: never.
+    /// How long the loop may poll with a zero timeout for the peer's answer after a
+    /// [`Step::Wait`], instead of sleeping in the poller, after the model of Linux's busy
+    /// polling (`net.core.busy_poll`, socket(7)). The loop polls only while the flow is the
+    /// worker's only work, and polls less and less for a peer that does not answer within
+    /// it. Default zero: never.
     fn busy_poll(&self) -> Duration {
         Duration::ZERO
     }

@@ -14,8 +14,8 @@
 //!   of flows gone are skipped by serial;
 //! - datagrams are not connections: they get a summary access line per listener at most
 //!   every [`SUMMARY_INTERVAL`], flows get one access line each;
-//! - a flow that waits for its peer is busy-polled ([`BusyPoll`]) only while it is the
-//!   worker's only work, for at most [`BUSY_POLL_ROUNDS`] answers per turn of the loop.
+//! - a flow that waits for its peer is busy-polled ([`BusyPoll`]: the loop polls with a zero
+//!   timeout) only while it is the worker's only work, and never past its budget.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -42,62 +42,55 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest datagram received (the UDP maximum payload): nothing is ever truncated.
 const DATAGRAM_MAX: usize = 65_535;
 
-/// Answers a busy-polled flow handles in one turn at most, so that signals and timers are
-/// seen within a few milliseconds however fast the peer answers.
-pub const BUSY_POLL_ROUNDS: usize = 64;
-
-/// Busy polling of one flow ([`Flow::busy_poll`]), after the model of Linux's
-/// `SO_BUSY_POLL` (socket(7)): once the flow has sent and waits for its peer, the worker
-/// polls the flow's socket for up to the budget instead of sleeping in the poller. In
-/// lock-step (TFTP's windowsize 1) every packet is answered, and on a near peer (loopback, a
-/// fast LAN) the wake-up of a sleeping worker is most of the round trip.
+/// Busy polling of one flow ([`Flow::busy_poll`]), after the model of Linux's busy polling
+/// of select and poll (`net.core.busy_poll`, socket(7)): once the flow has sent and waits
+/// for its peer, the worker polls with a zero timeout for up to the budget instead of
+/// sleeping in the poller. In lock-step (TFTP's windowsize 1) every packet is answered, and
+/// on a near peer (loopback, a fast LAN) the wake-up of a sleeping worker is most of the
+/// round trip. The loop turns as usual meanwhile: other sockets, signals and timers are
+/// served as soon as they are ready.
 ///
-/// Adaptive, like an adaptive mutex: a wait the budget did not cover means the peer is
-/// further away than the budget, and the next 16, then 32 ... 1024 waits go straight to
-/// the poller before polling is tried again, so a distant peer costs one budget in about a
-/// thousand packets.
+/// Only the worker's only work is polled for (one flow, no connection), so a busy worker
+/// never burns the CPU its peers need. Adaptive, like an adaptive mutex: a wait the budget
+/// did not cover means the peer is further away than the budget (or was descheduled), and
+/// the next wait sleeps at once; misses in a row skip 3, 7 ... up to 1023 waits before
+/// polling is tried again, so a distant peer costs one budget in about a thousand packets.
 #[derive(Debug, Default)]
 struct BusyPoll {
     /// Waits left before polling is tried again.
     skip: u32,
-    /// Polls in a row the budget did not cover (at most 7).
+    /// Polls in a row the budget did not cover (at most 10).
     misses: u32,
 }
 
 impl BusyPoll {
-    /// Polls `fd` for up to `budget` until a datagram (or an error) waits: `true` means
-    /// read it now, `false` go back to the poller.
-    fn wait(&mut self, fd: RawFd, budget: Duration) -> bool {
-        if budget.is_zero() {
-            return false;
-        }
+    /// Whether to poll for this wait: false while skipping after a miss.
+    fn arm(&mut self) -> bool {
         if self.skip > 0 {
             self.skip -= 1;
             return false;
         }
-        let start = Instant::now();
-        let mut probe = [0u8; 1];
-        loop {
-            match nix::sys::socket::recv(
-                fd,
-                &mut probe,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            ) {
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                // A datagram, or an error the flow's own read reports.
-                _ => {
-                    self.misses = 0;
-                    return true;
-                }
-            }
-            if start.elapsed() >= budget {
-                self.misses = (self.misses + 1).min(7);
-                self.skip = 8 << self.misses;
-                return false;
-            }
-            std::hint::spin_loop();
-        }
+        true
     }
+
+    /// The peer answered within the budget.
+    fn answered(&mut self) {
+        self.misses = 0;
+    }
+
+    /// The budget passed without an answer.
+    fn missed(&mut self) {
+        self.misses = (self.misses + 1).min(10);
+        self.skip = (1 << self.misses) - 1;
+    }
+}
+
+/// The flow being busy-polled for: (descriptor, serial, end of the budget).
+#[derive(Debug, Clone, Copy)]
+struct BusyWait {
+    fd: usize,
+    serial: u64,
+    until: Instant,
 }
 
 /// One running flow.
@@ -142,6 +135,8 @@ pub(super) struct Datagrams {
     reply: Vec<u8>,
     totals: Vec<Totals>,
     last_summary: Instant,
+    /// The flow polled for, if any (see [`BusyPoll`]).
+    busy: Option<BusyWait>,
 }
 
 impl Datagrams {
@@ -155,6 +150,7 @@ impl Datagrams {
             reply: Vec::new(),
             totals: vec![Totals::default(); listeners],
             last_summary: Instant::now(),
+            busy: None,
         }
     }
 
@@ -166,6 +162,22 @@ impl Datagrams {
     /// Whether `fd` is a flow's socket.
     pub(super) fn owns(&self, fd: RawFd) -> bool {
         usize::try_from(fd).ok().and_then(|i| self.flows.get(i)).is_some_and(Option::is_some)
+    }
+
+    /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
+    /// that has passed counts as a miss of its flow and ends the polling.
+    pub(super) fn busy_polling(&mut self, now: Instant) -> bool {
+        let Some(busy) = self.busy else { return false };
+        if now < busy.until {
+            return true;
+        }
+        self.busy = None;
+        if let Some(entry) = self.flows.get_mut(busy.fd).and_then(Option::as_mut) {
+            if entry.serial == busy.serial {
+                entry.busy.missed();
+            }
+        }
+        false
     }
 
     /// The earliest flow deadline (possibly stale: an early wake-up only).
@@ -373,21 +385,21 @@ impl Worker<'_> {
         let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
             return;
         };
-        let mut step = entry.flow.on_readable(now);
-        // The only work of this worker: poll for the peer's answer rather than sleep.
-        if self.datagrams.count == 1 && self.open == 0 && self.pending_open == 0 {
-            let budget = entry.flow.busy_poll();
-            let raw = entry.flow.socket().as_raw_fd();
-            for _ in 0..BUSY_POLL_ROUNDS {
-                if !matches!(step, Step::Wait(_)) || !entry.busy.wait(raw, budget) {
-                    break;
-                }
-                match entry.flow.on_readable(Instant::now()) {
-                    // A duplicate or a stray packet: the deadline of the last send stands.
-                    Step::Unchanged => {}
-                    next => step = next,
-                }
-            }
+        if self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial) {
+            entry.busy.answered();
+            self.datagrams.busy = None;
+        }
+        let step = entry.flow.on_readable(now);
+        // The only work of this worker, waiting for its peer: poll rather than sleep.
+        let budget = entry.flow.busy_poll();
+        if matches!(step, Step::Wait(_))
+            && !budget.is_zero()
+            && self.datagrams.count == 1
+            && self.open == 0
+            && self.pending_open == 0
+            && entry.busy.arm()
+        {
+            self.datagrams.busy = Some(BusyWait { fd, serial: entry.serial, until: now + budget });
         }
         self.apply(fd, step, now);
     }
@@ -498,44 +510,27 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::UdpSocket;
-
-    fn pair() -> (UdpSocket, UdpSocket) {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        a.connect(b.local_addr().unwrap()).unwrap();
-        b.connect(a.local_addr().unwrap()).unwrap();
-        a.set_nonblocking(true).unwrap();
-        (a, b)
-    }
 
     #[test]
-    fn busy_polling_sees_a_waiting_answer_and_backs_off_from_a_silent_peer() {
-        let (ours, peer) = pair();
-        let budget = Duration::from_micros(200);
+    fn busy_polling_backs_off_from_a_silent_peer_and_resumes_when_it_answers() {
         let mut busy = BusyPoll::default();
-        assert!(!busy.wait(ours.as_raw_fd(), Duration::ZERO), "a zero budget never polls");
-        peer.send(b"ack").unwrap();
-        assert!(busy.wait(ours.as_raw_fd(), budget), "a datagram waiting is seen");
-        let mut buffer = [0u8; 8];
-        assert_eq!(ours.recv(&mut buffer).unwrap(), 3, "and left for the flow to read");
-        // Silence: the budget is spent once, then the next 16 waits skip polling...
-        assert!(!busy.wait(ours.as_raw_fd(), budget));
-        peer.send(b"ack").unwrap();
-        for skipped in 0..16 {
-            assert!(!busy.wait(ours.as_raw_fd(), budget), "wait {skipped} polls after a miss");
+        assert!(busy.arm(), "polls from the start");
+        busy.missed();
+        assert!(!busy.arm(), "the wait after a miss sleeps");
+        assert!(busy.arm(), "the next one polls again");
+        busy.missed();
+        for skipped in 0..3 {
+            assert!(!busy.arm(), "wait {skipped} after two misses in a row polls");
         }
-        // ...and the 17th polls again, sees the answer and forgets the misses.
-        assert!(busy.wait(ours.as_raw_fd(), budget));
-        assert_eq!((busy.misses, busy.skip), (0, 0));
-        ours.recv(&mut buffer).unwrap();
-        // Misses in a row double the skip, up to 1024 waits.
-        for _ in 0..10 {
-            assert!(!busy.wait(ours.as_raw_fd(), budget));
-            let skip = busy.skip;
-            busy.skip = 0;
-            assert!(skip <= 1024, "{skip}");
+        assert!(busy.arm());
+        for _ in 0..20 {
+            busy.missed();
         }
-        assert_eq!(busy.misses, 7);
+        assert_eq!((busy.misses, busy.skip), (10, 1023), "up to 1023 waits");
+        busy.answered();
+        busy.skip = 0;
+        assert!(busy.arm());
+        busy.missed();
+        assert_eq!(busy.skip, 1, "an answer forgets the misses");
     }
 }

@@ -346,6 +346,9 @@ impl<'a> Worker<'a> {
                 // Counters from the last burst reach the scoreboard soon after it ends.
                 timeout = Some(timeout.map_or(PUBLISH_INTERVAL, |t| t.min(PUBLISH_INTERVAL)));
             }
+            if self.datagrams.busy_polling(now) {
+                timeout = Some(Duration::ZERO);
+            }
             if let Err(error) = self.poller.wait(timeout, &mut events) {
                 log::error!("waiting for readiness failed: {error}");
                 return WORKER_RUNTIME_FAILURE;

@@ -100,7 +100,7 @@ pub struct Tftp {
     /// How long a worker polls a transfer's socket for the client's answer before going
     /// back to its readiness loop, after the model of Linux's `SO_BUSY_POLL` (socket(7)).
     /// Adaptive: a client that does not answer within it is not polled for again for the
-    /// next 16 to 1024 packets. Default 50 µs; at most 1 ms; 0 never polls.
+    /// next 1 to 1023 packets. Default 50 µs; at most 1 ms; 0 never polls.
     pub busy_poll: Duration,
 }
 
