@@ -172,10 +172,10 @@ impl Datagrams {
             return true;
         }
         self.busy = None;
-        if let Some(entry) = self.flows.get_mut(busy.fd).and_then(Option::as_mut) {
-            if entry.serial == busy.serial {
-                entry.busy.missed();
-            }
+        if let Some(entry) = self.flows.get_mut(busy.fd).and_then(Option::as_mut)
+            && entry.serial == busy.serial
+        {
+            entry.busy.missed();
         }
         false
     }
