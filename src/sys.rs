@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::SockAddr;
 
@@ -101,16 +101,26 @@ pub struct SpawnSetup<'a> {
     pub directory: &'a std::ffi::CStr,
 }
 
-/// posix_spawn(3) of `program` with `argv` and exactly the environment `envp`, the cheap way
-/// (glibc clones with `CLONE_VM | CLONE_VFORK`: nothing of the parent is copied), with: fds
-/// 0 and 1 = `setup.stdio`, 2 = `setup.stderr` or /dev/null, every other descriptor closed
-/// (`posix_spawn_file_actions_addclosefrom_np`), `setup.directory` as working directory
-/// (`addchdir_np`), every signal at its default action (`POSIX_SPAWN_SETSIGDEF` over the full
-/// set) and none blocked, and a process group of its own.
+/// Spawns `program` with `argv` and exactly the environment `envp` the way posix_spawn(3)
+/// does in glibc, by clone(2) with `CLONE_VM | CLONE_VFORK` (nothing of the parent is
+/// copied, and the parent waits until the child has called execve or failed), with: fds 0
+/// and 1 = `setup.stdio`, 2 = `setup.stderr` or /dev/null, every other descriptor closed
+/// (close_range(2)), `setup.directory` as working directory, every signal at its default
+/// action and none blocked, and a process group of its own.
+///
+/// Why not posix_spawn itself: per call, glibc maps and unmaps a fresh stack for the child
+/// (page faults, and a TLB shootdown on the other core when it unmaps), checks every file
+/// action against getrlimit (six prlimit64 calls here), and with `POSIX_SPAWN_SETSIGDEF`
+/// makes 64 sigaction calls in the child. Here the stack is a heap buffer the allocator
+/// reuses; execve(2) already resets every handled signal, so the child resets only the
+/// signals this process ignores (found once, see [`ignored_signals`]); /dev/null is opened
+/// once per process. Measured with `perf record -a` under `preforkd-bench` short
+/// connections to `exec` of /bin/cat: see BENCHMARKS.md.
 ///
 /// # Errors
-/// The posix_spawn(3) error, such as `ENOENT` or `EACCES` for the program (glibc reports
-/// exec failures to the caller), or `EAGAIN`/`ENOMEM`.
+/// `ENOENT`, `EACCES`, `ENOEXEC` ... from execve(2) or an earlier step in the child (the
+/// child reports it through memory it shares with the parent, as glibc does), or
+/// `EAGAIN`/`ENOMEM` from clone(2).
 pub fn spawn(
     program: &std::ffi::CStr,
     argv: &[std::ffi::CString],
@@ -118,68 +128,205 @@ pub fn spawn(
     setup: &SpawnSetup<'_>,
 ) -> io::Result<nix::unistd::Pid> {
     use nix::libc;
-    let check =
-        |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) };
-    let mut argv_p: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
-    argv_p.push(std::ptr::null_mut());
-    let mut envp_p: Vec<*mut libc::c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
-    envp_p.push(std::ptr::null_mut());
-    let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
-    let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
-    // SAFETY: each object is initialised by its *_init before any other use and destroyed
-    // exactly once below; every pointer handed over (program, argv, envp, the directory, the
-    // "/dev/null" literal) points to a NUL-terminated string that outlives the call, and the
-    // argv/envp arrays end with a null pointer. posix_spawn only reads them.
-    unsafe {
-        check(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
-        let attr = attr.assume_init_mut();
-        if let Err(error) = check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr())) {
-            libc::posix_spawnattr_destroy(attr);
-            return Err(error);
+    /// The child's stack: execve's needs are small; glibc gives its spawn child 32 KiB plus
+    /// the size of argv.
+    const STACK: usize = 64 * 1024;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let stderr = match setup.stderr {
+        Some(stderr) => stderr.as_raw_fd(),
+        None => dev_null()?.as_raw_fd(),
+    };
+    let ignored = ignored_signals();
+    let mut child = SpawnChild {
+        program: program.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+        stdio: setup.stdio.as_raw_fd(),
+        stderr,
+        directory: setup.directory.as_ptr(),
+        ignored: ignored.as_ptr(),
+        ignored_len: ignored.len(),
+        error: 0,
+    };
+    let mut stack: Vec<std::mem::MaybeUninit<u128>> = Vec::with_capacity(STACK / 16);
+    // SAFETY: the stack grows down from the end of a live, 16-byte aligned buffer of STACK
+    // bytes; the child only runs `spawn_child` on it, and CLONE_VFORK suspends this thread
+    // until the child has called execve (which replaces its memory) or _exit, so `stack`,
+    // `child` and every pointer in it outlive the child's use of them. All signals are
+    // blocked across the clone so that no handler of this process runs on the child's stack
+    // (the child sets its own mask before execve), and restored after.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(STACK / 16).cast::<libc::c_void>();
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigfillset(all.as_mut_ptr());
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        let pid = libc::clone(
+            spawn_child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw mut child).cast(),
+        );
+        let clone_error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        if pid < 0 {
+            return Err(clone_error);
         }
-        let actions = actions.assume_init_mut();
-        let result = (|| {
-            let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigfillset(all.as_mut_ptr());
-            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            libc::sigemptyset(none.as_mut_ptr());
-            check(libc::posix_spawnattr_setsigdefault(attr, all.as_ptr()))?;
-            check(libc::posix_spawnattr_setsigmask(attr, none.as_ptr()))?;
-            check(libc::posix_spawnattr_setpgroup(attr, 0))?;
-            let flags = libc::POSIX_SPAWN_SETSIGDEF
-                | libc::POSIX_SPAWN_SETSIGMASK
-                | libc::POSIX_SPAWN_SETPGROUP;
-            check(libc::posix_spawnattr_setflags(attr, flags as libc::c_short))?;
-            let stdio = setup.stdio.as_raw_fd();
-            check(libc::posix_spawn_file_actions_adddup2(actions, stdio, 0))?;
-            check(libc::posix_spawn_file_actions_adddup2(actions, stdio, 1))?;
-            match setup.stderr {
-                Some(stderr) => {
-                    check(libc::posix_spawn_file_actions_adddup2(actions, stderr.as_raw_fd(), 2))?
-                }
-                None => check(libc::posix_spawn_file_actions_addopen(
-                    actions,
-                    2,
-                    c"/dev/null".as_ptr(),
-                    libc::O_WRONLY,
-                    0,
-                ))?,
-            }
-            check(libc::posix_spawn_file_actions_addclosefrom_np(actions, 3))?;
-            check(libc::posix_spawn_file_actions_addchdir_np(actions, setup.directory.as_ptr()))?;
-            let mut pid: libc::pid_t = 0;
-            check(libc::posix_spawn(
-                &mut pid,
-                program.as_ptr(),
-                actions,
-                attr,
-                argv_p.as_ptr(),
-                envp_p.as_ptr(),
-            ))?;
-            Ok(nix::unistd::Pid::from_raw(pid))
-        })();
-        libc::posix_spawn_file_actions_destroy(actions);
-        libc::posix_spawnattr_destroy(attr);
-        result
+        pid
+    };
+    drop(stack);
+    let pid = nix::unistd::Pid::from_raw(pid);
+    // SAFETY: the child's stores are visible: it ran in this address space and ended its use
+    // of it (execve or _exit) before clone returned; `child` is still alive here.
+    let error = unsafe { std::ptr::read_volatile(&raw const child.error) };
+    if error != 0 {
+        // It exited with 127 after the failure: reap it so no zombie is left.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(error));
+    }
+    Ok(pid)
+}
+
+/// What the child of [`spawn`] reads, and where it writes its error.
+#[repr(C)]
+struct SpawnChild {
+    program: *const nix::libc::c_char,
+    argv: *const *const nix::libc::c_char,
+    envp: *const *const nix::libc::c_char,
+    stdio: RawFd,
+    stderr: RawFd,
+    directory: *const nix::libc::c_char,
+    ignored: *const nix::libc::c_int,
+    ignored_len: usize,
+    /// errno of the step that failed, 0 if execve succeeded.
+    error: nix::libc::c_int,
+}
+
+/// The child of [`spawn`], on its own stack in the parent's memory: only async-signal-safe
+/// calls, no allocation, no unwinding; on failure it stores errno and exits with 127.
+extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
+    use nix::libc;
+    // SAFETY: `arg` is the `SpawnChild` that `spawn` passed to clone, alive and not touched
+    // by the parent (suspended by CLONE_VFORK) until this child has called execve or _exit;
+    // every pointer in it is valid for the same time. The calls are plain system calls.
+    unsafe {
+        let child = &mut *arg.cast::<SpawnChild>();
+        let fail = |child: &mut SpawnChild| -> ! {
+            std::ptr::write_volatile(&raw mut child.error, *libc::__errno_location());
+            libc::_exit(127)
+        };
+        // A descriptor that is already in place keeps its close-on-exec flag through dup2:
+        // clear it instead.
+        let place = |from: RawFd, to: RawFd| {
+            if from == to { libc::fcntl(to, libc::F_SETFD, 0) } else { libc::dup2(from, to) }
+        };
+        if libc::setpgid(0, 0) < 0
+            || place(child.stdio, 0) < 0
+            || place(child.stdio, 1) < 0
+            || place(child.stderr, 2) < 0
+            || libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) < 0
+            || libc::chdir(child.directory) < 0
+        {
+            fail(child);
+        }
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_DFL;
+        for i in 0..child.ignored_len {
+            libc::sigaction(*child.ignored.add(i), &action, std::ptr::null_mut());
+        }
+        let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(none.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
+        libc::execve(child.program, child.argv, child.envp);
+        fail(child)
+    }
+}
+
+/// The signals this process ignores (`SIG_IGN` survives execve(2), handlers do not), read
+/// once per process with sigaction(2): the worker sets its dispositions before it serves
+/// and never changes them after (Rust's runtime ignores `SIGPIPE`; a daemon started under
+/// nohup(1) ignores `SIGHUP` until it installs its own handler).
+fn ignored_signals() -> &'static [nix::libc::c_int] {
+    use nix::libc;
+    static IGNORED: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    IGNORED.get_or_init(|| {
+        (1..=libc::SIGRTMAX())
+            .filter(|&signal| {
+                let mut action = std::mem::MaybeUninit::<libc::sigaction>::uninit();
+                // SAFETY: a query only (no new action); `action` is written on success.
+                let rc = unsafe { libc::sigaction(signal, std::ptr::null(), action.as_mut_ptr()) };
+                // SAFETY: initialised by the successful call above.
+                rc == 0 && unsafe { action.assume_init() }.sa_sigaction == libc::SIG_IGN
+            })
+            .collect()
+    })
+}
+
+/// /dev/null, opened once per process for writing (close-on-exec): the stderr of programs
+/// whose output is discarded.
+///
+/// # Errors
+/// The open(2) error, such as `ENOENT` in a chroot without /dev/null (not cached: the next
+/// call tries again).
+fn dev_null() -> io::Result<&'static OwnedFd> {
+    static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd);
+    }
+    let file = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    Ok(DEV_NULL.get_or_init(|| file.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    fn c(text: &str) -> CString {
+        CString::new(text).unwrap()
+    }
+
+    /// One test: `waitpid(-1)` below must see only children spawned here.
+    #[test]
+    fn spawn_sets_up_the_child_and_reports_exec_errors_without_leaving_a_child() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let setup = SpawnSetup { stdio: theirs.as_fd(), stderr: None, directory: c"/tmp" };
+        let error = spawn(c"/nonexistent/program", &[c("x")], &[], &setup).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT));
+        let nowhere = SpawnSetup { directory: c"/nonexistent", ..setup };
+        let error = spawn(c"/bin/sh", &[c("sh")], &[], &nowhere).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT), "chdir fails before execve");
+        assert_eq!(
+            nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Err(nix::errno::Errno::ECHILD),
+            "the failed children were reaped"
+        );
+
+        assert!(
+            ignored_signals().contains(&nix::libc::SIGPIPE),
+            "Rust's runtime ignores SIGPIPE here, so the reset below is tested"
+        );
+        let script = "echo \"$FOO\"; ls /proc/self/fd | tr '\\n' ' '; echo; pwd; \
+                      sed -n 's/^SigBlk:\\t//p; s/^SigIgn:\\t//p' /proc/self/status; \
+                      echo oops >&2; exit 3";
+        let argv = [c("sh"), c("-c"), c(script)];
+        let pid = spawn(c"/bin/sh", &argv, &[c("FOO=bar")], &setup).unwrap();
+        drop(theirs);
+        let mut output = String::new();
+        (&ours).read_to_string(&mut output).unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 3));
+        let lines: Vec<&str> = output.lines().collect();
+        assert_eq!(lines[..3], ["bar", "0 1 2 3 ", "/tmp"], "fds 0-2 only (3 is ls's own)");
+        assert_eq!(lines[3], "0000000000000000", "nothing blocked: {output:?}");
+        // Signals 32 and 33 are glibc's own (posix_spawn leaves them ignored too).
+        let ignored = u64::from_str_radix(lines[4], 16).unwrap() & !(0b11 << 31);
+        assert_eq!(ignored, 0, "SIGPIPE and the rest at their defaults: {output:?}");
+        assert_eq!(lines.len(), 5, "stderr went to /dev/null: {output:?}");
     }
 }
