@@ -113,7 +113,7 @@ pub struct SpawnSetup<'a> {
 /// action against getrlimit (six prlimit64 calls here), and with `POSIX_SPAWN_SETSIGDEF`
 /// makes 64 sigaction calls in the child. Here the stack is a heap buffer the allocator
 /// reuses; execve(2) already resets every handled signal, so the child resets only the
-/// signals this process ignores (found once, see [`ignored_signals`]); /dev/null is opened
+/// signals this process ignores (read once per process); /dev/null is opened
 /// once per process. Measured with `perf record -a` under `preforkd-bench` short
 /// connections to `exec` of /bin/cat: see BENCHMARKS.md.
 ///
