@@ -164,18 +164,27 @@ impl RelaySession {
             self.up.preload(&header);
         }
         self.state = State::Open(link);
-        self.relay(cx)
+        self.relay(cx, BOTH)
     }
 
-    /// Runs both pumps, passes FINs on, and watches what each side now waits for.
-    fn relay(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+    /// Runs the pumps `run` names, passes FINs on, and watches what each side now waits for.
+    ///
+    /// Only the pumps a readiness event concerns run: the client readable or the backend
+    /// writable moves bytes up, the backend readable or the client writable moves them down.
+    /// The poller is level-triggered, so a pump not run now runs when its own event comes,
+    /// and the read that would only say `WouldBlock` is never made.
+    fn relay(&mut self, cx: &mut Context<'_>, run: Pumps) -> io::Result<Progress> {
         let State::Open(link) = &mut self.state else { return Ok(Progress::default()) };
         let mut progress = Progress::default();
         let now = cx.now();
         // Splice only between two descriptors (always, in the daemon); else read and write.
-        let up = match cx.socket().filter(|_| self.up.takes_pipe(now)) {
-            Some(client) => self.up.splice(client, link.stream.as_fd()),
-            None => self.up.copy(cx.io(), &mut &link.stream),
+        let up = if !run.up {
+            Ok(0)
+        } else {
+            match cx.socket().filter(|_| self.up.takes_pipe(now)) {
+                Some(client) => self.up.splice(client, link.stream.as_fd()),
+                None => self.up.copy(cx.io(), &mut &link.stream),
+            }
         };
         let up = match up {
             Ok(moved) => moved,
@@ -183,9 +192,13 @@ impl RelaySession {
             Err(Fault::Sink(error)) => return self.backend_failed(error, cx),
         };
         let State::Open(link) = &mut self.state else { unreachable!() };
-        let down = match cx.socket().filter(|_| self.down.takes_pipe(now)) {
-            Some(client) => self.down.splice(link.stream.as_fd(), client),
-            None => self.down.copy(&mut &link.stream, cx.io()),
+        let down = if !run.down {
+            Ok(0)
+        } else {
+            match cx.socket().filter(|_| self.down.takes_pipe(now)) {
+                Some(client) => self.down.splice(link.stream.as_fd(), client),
+                None => self.down.copy(&mut &link.stream, cx.io()),
+            }
         };
         let down = match down {
             Ok(moved) => moved,
@@ -292,6 +305,17 @@ fn failed(shared: &Shared, index: usize, error: &io::Error) {
     }
 }
 
+/// Which pumps [`RelaySession::relay`] runs: `up` (client to backend), `down` (backend to
+/// client).
+#[derive(Debug, Clone, Copy)]
+struct Pumps {
+    up: bool,
+    down: bool,
+}
+
+/// Both pumps: when the backend connection opens.
+const BOTH: Pumps = Pumps { up: true, down: true };
+
 impl Session for RelaySession {
     fn interest(&self) -> Interest {
         match self.state {
@@ -306,20 +330,20 @@ impl Session for RelaySession {
     }
 
     fn on_readable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
-        self.relay(cx)
+        self.relay(cx, Pumps { up: true, down: false })
     }
 
     fn on_writable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
             State::Start => self.connect_next(cx),
-            _ => self.relay(cx),
+            _ => self.relay(cx, Pumps { up: false, down: true }),
         }
     }
 
     fn on_extra(&mut self, _fd: std::os::fd::RawFd, ready: Ready, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
             State::Connecting(..) if ready.writable || ready.readable => self.connect_done(false, cx),
-            State::Open(_) => self.relay(cx),
+            State::Open(_) => self.relay(cx, Pumps { up: ready.writable, down: ready.readable }),
             _ => Ok(Progress::default()),
         }
     }
