@@ -89,6 +89,13 @@ pub trait Poller {
     /// The backend cannot watch this descriptor (for select: `fd >= FD_SETSIZE`).
     fn set(&mut self, fd: RawFd, interest: Interest) -> io::Result<()>;
 
+    /// Whether [`Poller::set`] can ever watch `fd` (for select: `fd < FD_SETSIZE`), so that
+    /// a descriptor can be checked when it is accepted and registered only once something
+    /// is wanted of it. Default: every descriptor.
+    fn can_watch(&self, fd: RawFd) -> bool {
+        fd >= 0
+    }
+
     /// Waits until a watched descriptor is ready or `timeout` passes (`None`: no timeout),
     /// replacing `events` with the ready descriptors. A signal interrupting the wait returns
     /// `Ok` with no events.

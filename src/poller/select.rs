@@ -31,6 +31,10 @@ impl SelectPoller {
 }
 
 impl Poller for SelectPoller {
+    fn can_watch(&self, fd: RawFd) -> bool {
+        usize::try_from(fd).is_ok_and(|index| index < FD_SETSIZE)
+    }
+
     fn set(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let index = usize::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc_ebadf()))?;
         if index >= FD_SETSIZE {

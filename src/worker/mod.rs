@@ -745,7 +745,9 @@ impl<'a> Worker<'a> {
             // Best effort: an error here (the client already left) shows on the first read.
             let _ = stream.set_nodelay(true);
         }
-        if self.poller.set(fd, Interest::READ).is_err() {
+        // Checked now, registered once the session says what it wants (a relay connecting
+        // to its backend, or an exec'd program, wants nothing of the socket at first).
+        if !self.poller.can_watch(fd) {
             if let Some(held_back) = self.accept_error_log.allow(now) {
                 log::warn!(
                     "closing connection from {peer} on {}: descriptor {fd} is over select()'s limit ({held_back} similar not logged)",
@@ -775,6 +777,8 @@ impl<'a> Worker<'a> {
                 // Accepted because something could be shed; who the client is comes later.
                 self.shed_oldest(now);
             }
+            // Cannot fail: `can_watch` said yes.
+            let _ = self.poller.set(fd, Interest::READ);
             self.pending_open += 1;
             self.pending_deadlines.push_back((now + PROXY_HEADER_TIMEOUT, slot, serial));
             self.unpublished.dirty = true;
@@ -855,7 +859,8 @@ impl<'a> Worker<'a> {
             proxy,
             close_at_rest: None,
             lingering: None,
-            interest: Interest::READ,
+            // What the poller has: a header was read through it, else nothing yet.
+            interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },
             serial: self.next_serial,
             scheduled: None,
             timer: None,
@@ -882,9 +887,9 @@ impl<'a> Worker<'a> {
         self.listener_tallies.accepted(index);
         if interest.write {
             // The server speaks first: a new socket is writable, so write now rather than
-            // after one more turn of the loop.
+            // after one more turn of the loop (the dispatch registers what is wanted next).
             self.dispatch(slot, Callback::Writable, now);
-        } else if interest != Interest::READ {
+        } else {
             self.update_interest(slot);
         }
     }
