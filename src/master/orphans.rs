@@ -1,12 +1,13 @@
 //! Children that outlive their worker: what `exec` started, reparented to the master.
 //!
-//! Runs in the master. The master is a child subreaper (`PR_SET_CHILD_SUBREAPER`, prctl(2)),
-//! so when a worker dies the programs it started for its connections become the master's
-//! children instead of init's. Workers start them with posix_spawn(3), which cannot set a
-//! parent-death signal; instead, whenever a worker exits, the master ends every child of its
-//! own that is neither a worker nor the new master of an upgrade: a worker that dies leaves
-//! no child behind. (A daemon that a program double-forked into the background is such an
-//! orphan too, and ends at the next worker exit.)
+//! Runs in the master. The master is a child subreaper (`PR_SET_CHILD_SUBREAPER`,
+//! prctl(2)), so when a worker dies the programs it started for its connections become the
+//! master's children instead of init's. Workers start them by clone(2) with `CLONE_VFORK`,
+//! as posix_spawn(3) does, without a parent-death signal (`PR_SET_PDEATHSIG` would reach
+//! the direct child only, not what it starts); instead, whenever a worker exits, the master
+//! ends every child of its own that is neither a worker nor the new master of an upgrade: a
+//! worker that dies leaves no child behind. (A daemon that a program double-forked into the
+//! background is such an orphan too, and ends at the next worker exit.)
 
 use std::io;
 

@@ -108,7 +108,7 @@ fn the_child_gets_the_connection_and_exactly_the_ucspi_environment() {
     assert!(daemon.worker_pids().contains(&stat[3].parse().unwrap()), "a worker's child");
     assert_eq!(lines[1], "SigBlk:\t0000000000000000");
     // Nothing ignored, but the two real-time signals glibc keeps for itself (32 and 33),
-    // which its posix_spawn leaves ignored in every child it starts.
+    // which its posix_spawn leaves ignored in every child it starts (and so does ours).
     let ignored = u64::from_str_radix(lines[2].trim_start_matches("SigIgn:\t"), 16).unwrap();
     assert_eq!(ignored & !0x1_8000_0000, 0, "{}", lines[2]);
     assert_eq!(lines[3], "/tmp");
