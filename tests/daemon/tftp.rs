@@ -262,6 +262,19 @@ fn missing_files_and_escapes_get_their_errors_and_nothing_is_read() {
 }
 
 #[test]
+fn lock_step_transfers_are_byte_exact_with_busy_polling_off_and_at_its_longest() {
+    // The default (50 us) runs in every other test; these are the two ends of its range.
+    for busy_poll in ["0s", "1ms"] {
+        let server = Server::start(1, "", &format!("busy_poll = \"{busy_poll}\""), &FILES[..4]);
+        for (name, _) in &FILES[..4] {
+            let output = tftp_hpa(&server, "binary", name);
+            assert!(output.status.success(), "busy_poll {busy_poll}, {name}: {output:?}");
+            server.assert_same("tftp", name);
+        }
+    }
+}
+
+#[test]
 fn a_client_that_stops_acknowledging_is_dropped_after_the_retries_and_its_count_released() {
     // One transfer per client at a time, across two workers; retransmit every 100 ms, twice.
     let server = Server::start(
