@@ -112,10 +112,19 @@ pub struct SpawnSetup<'a> {
 /// (page faults, and a TLB shootdown on the other core when it unmaps), checks every file
 /// action against getrlimit (six prlimit64 calls here), and with `POSIX_SPAWN_SETSIGDEF`
 /// makes 64 sigaction calls in the child. Here the stack is a heap buffer the allocator
-/// reuses; execve(2) already resets every handled signal, so the child resets only the
-/// signals this process ignores (read once per process); /dev/null is opened
-/// once per process. Measured with `perf record -a` under `preforkd-bench` short
-/// connections to `exec` of /bin/cat: see BENCHMARKS.md.
+/// reuses; the child resets only the signals whose action is not the default in this
+/// process (read once per process: a dozen, not 64), and it must reset the handled ones
+/// too, not leave them to execve(2): a signal sent to the worker's process group before the
+/// child's setpgid is pending in the child, and unblocking it would run the worker's
+/// handler on the child's stack; /dev/null is opened once per process. Measured with
+/// `perf record -a` under `preforkd-bench` short connections to `exec` of /bin/cat: see
+/// BENCHMARKS.md.
+///
+/// Descriptors 0 to 2 of this process may be closed (a foreground daemon started with them
+/// closed), so `setup.stdio`, `setup.stderr` or /dev/null may themselves be 0, 1 or 2: the
+/// child first moves any such source above 2 (`F_DUPFD`), then places them.
+/// close_range(2) needs Linux 5.9; on older kernels the child closes descriptors one by one
+/// up to the `RLIMIT_NOFILE` of this process.
 ///
 /// # Errors
 /// `ENOENT`, `EACCES`, `ENOEXEC` ... from execve(2) or an earlier step in the child (the
@@ -139,7 +148,7 @@ pub fn spawn(
         Some(stderr) => stderr.as_raw_fd(),
         None => dev_null()?.as_raw_fd(),
     };
-    let ignored = ignored_signals();
+    let reset = non_default_signals();
     let mut child = SpawnChild {
         program: program.as_ptr(),
         argv: argv_p.as_ptr(),
@@ -147,11 +156,15 @@ pub fn spawn(
         stdio: setup.stdio.as_raw_fd(),
         stderr,
         directory: setup.directory.as_ptr(),
-        ignored: ignored.as_ptr(),
-        ignored_len: ignored.len(),
+        reset: reset.as_ptr(),
+        reset_len: reset.len(),
+        max_fd: open_max(),
         error: 0,
     };
-    let mut stack: Vec<std::mem::MaybeUninit<u128>> = Vec::with_capacity(STACK / 16);
+    /// The stack's unit: 16 bytes, aligned as the x86-64 and AArch64 ABIs want a stack.
+    #[repr(C, align(16))]
+    struct Chunk([u8; 16]);
+    let mut stack: Vec<std::mem::MaybeUninit<Chunk>> = Vec::with_capacity(STACK / 16);
     // SAFETY: the stack grows down from the end of a live, 16-byte aligned buffer of STACK
     // bytes; the child only runs `spawn_child` on it, and CLONE_VFORK suspends this thread
     // until the child has called execve (which replaces its memory) or _exit, so `stack`,
@@ -199,8 +212,11 @@ struct SpawnChild {
     stdio: RawFd,
     stderr: RawFd,
     directory: *const nix::libc::c_char,
-    ignored: *const nix::libc::c_int,
-    ignored_len: usize,
+    /// Signals to set to `SIG_DFL` before the mask is cleared.
+    reset: *const nix::libc::c_int,
+    reset_len: usize,
+    /// The descriptor limit, for closing one by one without close_range(2).
+    max_fd: nix::libc::c_int,
     /// errno of the step that failed, 0 if execve succeeded.
     error: nix::libc::c_int,
 }
@@ -214,28 +230,32 @@ extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
     // every pointer in it is valid for the same time. The calls are plain system calls.
     unsafe {
         let child = &mut *arg.cast::<SpawnChild>();
+        // Its own process group first, so that signals to the worker's group stop reaching it.
+        let setpgid_failed = || libc::setpgid(0, 0) < 0;
         let fail = |child: &mut SpawnChild| -> ! {
             std::ptr::write_volatile(&raw mut child.error, *libc::__errno_location());
             libc::_exit(127)
         };
-        // A descriptor that is already in place keeps its close-on-exec flag through dup2:
-        // clear it instead.
-        let place = |from: RawFd, to: RawFd| {
-            if from == to { libc::fcntl(to, libc::F_SETFD, 0) } else { libc::dup2(from, to) }
-        };
-        if libc::setpgid(0, 0) < 0
-            || place(child.stdio, 0) < 0
-            || place(child.stdio, 1) < 0
-            || place(child.stderr, 2) < 0
-            || libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) < 0
+        // A source among 0-2 would be overwritten before it is copied: move it above 2
+        // first (the copy is not close-on-exec; close_range below closes it).
+        let above = |fd: RawFd| if fd < 3 { libc::fcntl(fd, libc::F_DUPFD, 3) } else { fd };
+        let stdio = above(child.stdio);
+        let stderr = if stdio < 0 { stdio } else { above(child.stderr) };
+        if setpgid_failed() || stdio < 0 || stderr < 0 {
+            fail(child);
+        }
+        if libc::dup2(stdio, 0) < 0
+            || libc::dup2(stdio, 1) < 0
+            || libc::dup2(stderr, 2) < 0
+            || close_from_3(child.max_fd) < 0
             || libc::chdir(child.directory) < 0
         {
             fail(child);
         }
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = libc::SIG_DFL;
-        for i in 0..child.ignored_len {
-            libc::sigaction(*child.ignored.add(i), &action, std::ptr::null_mut());
+        for i in 0..child.reset_len {
+            libc::sigaction(*child.reset.add(i), &action, std::ptr::null_mut());
         }
         let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigemptyset(none.as_mut_ptr());
@@ -245,21 +265,52 @@ extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
     }
 }
 
-/// The signals this process ignores (`SIG_IGN` survives execve(2), handlers do not), read
-/// once per process with sigaction(2): the worker sets its dispositions before it serves
-/// and never changes them after (Rust's runtime ignores `SIGPIPE`; a daemon started under
-/// nohup(1) ignores `SIGHUP` until it installs its own handler).
-fn ignored_signals() -> &'static [nix::libc::c_int] {
+/// Closes every descriptor from 3 up: close_range(2), or one by one below `max_fd` where
+/// the kernel lacks it (before Linux 5.9). Async-signal-safe: for [`spawn_child`].
+///
+/// # Safety
+/// Only in a child about to execve: it closes descriptors other code may own.
+unsafe fn close_from_3(max_fd: nix::libc::c_int) -> nix::libc::c_long {
     use nix::libc;
-    static IGNORED: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
-    IGNORED.get_or_init(|| {
+    // SAFETY: the caller's contract; close_range and close take plain integers.
+    unsafe {
+        let rc = libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        if rc == 0 || *libc::__errno_location() != libc::ENOSYS {
+            return rc;
+        }
+        for fd in 3..max_fd {
+            libc::close(fd);
+        }
+    }
+    0
+}
+
+/// The descriptor limit (`RLIMIT_NOFILE`'s soft limit), read once per process: the master
+/// sets it from `rlimit_nofile` before it starts workers. 1024 if it cannot be read.
+fn open_max() -> nix::libc::c_int {
+    static OPEN_MAX: std::sync::OnceLock<nix::libc::c_int> = std::sync::OnceLock::new();
+    *OPEN_MAX.get_or_init(|| {
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft.min(i32::MAX as u64) as nix::libc::c_int)
+    })
+}
+
+/// The signals whose action in this process is not the default: ignored (`SIG_IGN`
+/// survives execve(2)) or handled (see [`spawn`] for why those are reset too). Read once per
+/// process with sigaction(2): the worker installs its handlers before it serves and never
+/// changes them after (Rust's runtime ignores `SIGPIPE`; a daemon started under nohup(1)
+/// ignores `SIGHUP` until it installs its own handler).
+fn non_default_signals() -> &'static [nix::libc::c_int] {
+    use nix::libc;
+    static NON_DEFAULT: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    NON_DEFAULT.get_or_init(|| {
         (1..=libc::SIGRTMAX())
             .filter(|&signal| {
                 let mut action = std::mem::MaybeUninit::<libc::sigaction>::uninit();
                 // SAFETY: a query only (no new action); `action` is written on success.
                 let rc = unsafe { libc::sigaction(signal, std::ptr::null(), action.as_mut_ptr()) };
                 // SAFETY: initialised by the successful call above.
-                rc == 0 && unsafe { action.assume_init() }.sa_sigaction == libc::SIG_IGN
+                rc == 0 && unsafe { action.assume_init() }.sa_sigaction != libc::SIG_DFL
             })
             .collect()
     })
@@ -308,8 +359,12 @@ mod tests {
         );
 
         assert!(
-            ignored_signals().contains(&nix::libc::SIGPIPE),
+            non_default_signals().contains(&nix::libc::SIGPIPE),
             "Rust's runtime ignores SIGPIPE here, so the reset below is tested"
+        );
+        assert!(
+            non_default_signals().contains(&nix::libc::SIGSEGV),
+            "handled signals are reset too (Rust's stack-overflow handler is one)"
         );
         let script = "echo \"$FOO\"; ls /proc/self/fd | tr '\\n' ' '; echo; pwd; \
                       sed -n 's/^SigBlk:\\t//p; s/^SigIgn:\\t//p' /proc/self/status; \
@@ -328,5 +383,29 @@ mod tests {
         let ignored = u64::from_str_radix(lines[4], 16).unwrap() & !(0b11 << 31);
         assert_eq!(ignored, 0, "SIGPIPE and the rest at their defaults: {output:?}");
         assert_eq!(lines.len(), 5, "stderr went to /dev/null: {output:?}");
+
+        // Sources among descriptors 0-2 (a daemon started with them closed): here the stderr
+        // pipe is descriptor 0, which placing the socket at 0 would overwrite first.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (err_read, err_write) = nix::unistd::pipe().unwrap();
+        let stdin = nix::unistd::dup(std::io::stdin().as_fd()).unwrap();
+        nix::unistd::dup2_stdin(&err_write).unwrap();
+        drop(err_write);
+        // SAFETY: descriptor 0 is open (the pipe's write end, just placed there) until it is
+        // restored below; nothing else in this test process reads stdin.
+        let zero = unsafe { BorrowedFd::borrow_raw(0) };
+        let setup = SpawnSetup { stdio: theirs.as_fd(), stderr: Some(zero), directory: c"/" };
+        let argv = [c("sh"), c("-c"), c("echo out; echo err >&2")];
+        let spawned = spawn(c"/bin/sh", &argv, &[], &setup);
+        nix::unistd::dup2_stdin(&stdin).unwrap();
+        drop(theirs);
+        let pid = spawned.unwrap();
+        let mut output = String::new();
+        (&ours).read_to_string(&mut output).unwrap();
+        let mut errors = String::new();
+        std::fs::File::from(err_read).read_to_string(&mut errors).unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+        assert_eq!((output.as_str(), errors.as_str()), ("out\n", "err\n"));
     }
 }
