@@ -170,7 +170,8 @@ pub fn spawn(
     // until the child has called execve (which replaces its memory) or _exit, so `stack`,
     // `child` and every pointer in it outlive the child's use of them. All signals are
     // blocked across the clone so that no handler of this process runs on the child's stack
-    // (the child sets its own mask before execve), and restored after.
+    // (the child sets every handled signal to its default before it clears its mask), and
+    // restored after.
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(STACK / 16).cast::<libc::c_void>();
         let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();

@@ -165,9 +165,15 @@ impl Datagrams {
     }
 
     /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
-    /// that has passed counts as a miss of its flow and ends the polling.
-    pub(super) fn busy_polling(&mut self, now: Instant) -> bool {
+    /// that has passed counts as a miss of its flow and ends the polling; so does other
+    /// work arriving (`alone` false: a connection, a PROXY header, another flow), without
+    /// counting a miss.
+    pub(super) fn busy_polling(&mut self, now: Instant, alone: bool) -> bool {
         let Some(busy) = self.busy else { return false };
+        if !alone || self.count != 1 {
+            self.busy = None;
+            return false;
+        }
         if now < busy.until {
             return true;
         }
@@ -385,11 +391,13 @@ impl Worker<'_> {
         let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
             return;
         };
-        if self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial) {
+        let polled = self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial);
+        let step = entry.flow.on_readable(now);
+        // A duplicate or stray packet (no progress) is not the answer polled for.
+        if polled && step != Step::Unchanged {
             entry.busy.answered();
             self.datagrams.busy = None;
         }
-        let step = entry.flow.on_readable(now);
         // The only work of this worker, waiting for its peer: poll rather than sleep.
         let budget = entry.flow.busy_poll();
         if matches!(step, Step::Wait(_))
@@ -399,7 +407,9 @@ impl Worker<'_> {
             && self.pending_open == 0
             && entry.busy.arm()
         {
-            self.datagrams.busy = Some(BusyWait { fd, serial: entry.serial, until: now + budget });
+            // The budget starts now: after this turn's earlier events and the send just made.
+            let until = Instant::now() + budget;
+            self.datagrams.busy = Some(BusyWait { fd, serial: entry.serial, until });
         }
         self.apply(fd, step, now);
     }
@@ -441,6 +451,9 @@ impl Worker<'_> {
         };
         let _ = self.poller.set(fd as RawFd, Interest::NONE);
         self.datagrams.count -= 1;
+        if self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial) {
+            self.datagrams.busy = None;
+        }
         self.release(entry.ticket, entry.peer);
         let totals = entry.flow.totals();
         self.unpublished.bytes_in += totals.bytes_in;
@@ -510,6 +523,82 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::services::Progress;
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    /// A flow that does nothing: only its busy-poll accounting is under test.
+    struct Quiet(std::net::UdpSocket);
+
+    impl Flow for Quiet {
+        fn socket(&self) -> BorrowedFd<'_> {
+            self.0.as_fd()
+        }
+        fn start(&mut self, now: Instant) -> Step {
+            Step::Wait(now)
+        }
+        fn on_readable(&mut self, _now: Instant) -> Step {
+            Step::Unchanged
+        }
+        fn on_timer(&mut self, _now: Instant) -> Step {
+            Step::Done("timeout")
+        }
+        fn refuse(&mut self, _reason: &str) {}
+        fn totals(&self) -> Progress {
+            Progress::default()
+        }
+        fn describe(&self) -> String {
+            String::new()
+        }
+    }
+
+    fn one_flow() -> Datagrams {
+        let mut datagrams = Datagrams::new(1);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer = socket.local_addr().unwrap();
+        datagrams.flows.resize_with(8, || None);
+        datagrams.flows[5] = Some(FlowEntry {
+            flow: Box::new(Quiet(socket)),
+            listener: 0,
+            peer,
+            opened: Instant::now(),
+            ticket: None,
+            serial: 7,
+            deadline: None,
+            scheduled: None,
+            busy: BusyPoll::default(),
+        });
+        datagrams.count = 1;
+        datagrams
+    }
+
+    #[test]
+    fn a_busy_poll_ends_at_its_budget_with_a_miss_or_at_other_work_without_one() {
+        let now = Instant::now();
+        let budget = Duration::from_micros(50);
+        let mut datagrams = one_flow();
+        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
+        assert!(datagrams.busy_polling(now, true), "within the budget, alone: poll");
+        assert!(!datagrams.busy_polling(now + budget, true), "the budget passed");
+        assert!(datagrams.busy.is_none());
+        let missed = |d: &Datagrams| d.flows[5].as_ref().unwrap().busy.misses;
+        assert_eq!(missed(&datagrams), 1, "counted as a miss");
+
+        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
+        assert!(!datagrams.busy_polling(now, false), "a connection arrived: stop polling");
+        assert!(datagrams.busy.is_none());
+        assert_eq!(missed(&datagrams), 1, "not the peer's fault: no miss");
+
+        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
+        datagrams.count = 2;
+        assert!(!datagrams.busy_polling(now, true), "another flow: stop polling");
+        assert_eq!(missed(&datagrams), 1);
+
+        // A flow gone (its serial differs) is not charged when the budget passes.
+        datagrams.count = 1;
+        datagrams.busy = Some(BusyWait { fd: 5, serial: 6, until: now });
+        assert!(!datagrams.busy_polling(now, true));
+        assert_eq!(missed(&datagrams), 1);
+    }
 
     #[test]
     fn busy_polling_backs_off_from_a_silent_peer_and_resumes_when_it_answers() {
