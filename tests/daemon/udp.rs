@@ -1,4 +1,4 @@
-//! UDP listeners: echo, daytime and time answer datagrams; a flood from one address is held
+//! UDP listeners: echo, daytime and time answer datagrams (also to a Python client); a flood from one address is held
 //! to its datagram rate exactly, across workers; chargen and discard over UDP are refused
 //! by `check` with the reason.
 
@@ -84,6 +84,53 @@ fn echo_daytime_and_time_answer_each_datagram() {
     let seconds = u32::from_be_bytes(answer.try_into().expect("4 bytes")) as u64;
     let unix = seconds.wrapping_sub(2_208_988_800) & 0xffff_ffff;
     assert!((before..=now_unix()).contains(&unix), "{unix} is not now ({before})");
+}
+
+/// The same services asked by a Python client (the documents this project grew from teach
+/// UDP clients in Python): echo, daytime (RFC 867) and time (RFC 868).
+const PYTHON_CLIENT: &str = r#"
+import socket, struct, sys, time
+echo, daytime, stamp = (int(p) for p in sys.argv[1:4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[4]))
+def ask(port, data):
+    s.sendto(data, ("127.0.0.1", port))
+    reply, peer = s.recvfrom(2048)
+    assert peer == ("127.0.0.1", port), peer
+    return reply
+assert ask(echo, b"hello from python") == b"hello from python"
+line = ask(daytime, b"").decode()
+assert line.endswith("\r\n"), repr(line)
+(seconds,) = struct.unpack("!I", ask(stamp, b""))
+print("daytime", line.strip())
+print("time", seconds - 2208988800)
+print("now", int(time.time()))
+"#;
+
+#[test]
+fn a_python_client_gets_echo_daytime_and_time() {
+    let daemon = Daemon::start(&udp_config(2, &[("echo", ""), ("daytime", ""), ("time", "")]));
+    let [echo, daytime, time] = daemon.addrs[..] else { panic!("3 listeners") };
+    let before = now_unix();
+    let output = std::process::Command::new("python3")
+        .args(["-c", PYTHON_CLIENT])
+        .args([echo, daytime, time].map(|a| a.port().to_string()))
+        .arg(PATIENCE.as_secs_f64().to_string())
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).map(str::trim))
+            .unwrap_or_else(|| panic!("{key}: {text}"))
+    };
+    let stamp = humantime::parse_rfc3339(value("daytime ")).unwrap();
+    let at = stamp.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let unix: u64 = value("time ").parse().unwrap();
+    let now: u64 = value("now ").parse().unwrap();
+    assert!((before..=now).contains(&at), "daytime {at} is not between {before} and {now}");
+    assert!((before..=now).contains(&unix), "time {unix} is not between {before} and {now}");
 }
 
 #[test]
