@@ -132,18 +132,21 @@ impl RelaySession {
         }
     }
 
-    /// The connect in flight ended (writable, or the timer): relay, or try the next backend.
-    fn connect_done(&mut self, timed_out: bool, cx: &mut Context<'_>) -> io::Result<Progress> {
+    /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, or
+    /// try the next backend.
+    fn connect_done(&mut self, ready: Option<Ready>, cx: &mut Context<'_>) -> io::Result<Progress> {
         let State::Connecting(link, since) = std::mem::replace(&mut self.state, State::Over) else {
             unreachable!("only called while connecting");
         };
-        let outcome = if timed_out {
-            Err(io::Error::new(ErrorKind::TimedOut, "connect timed out"))
-        } else {
-            match link.stream.take_error() {
+        let outcome = match ready {
+            None => Err(io::Error::new(ErrorKind::TimedOut, "connect timed out")),
+            Some(ready) => match link.stream.take_error() {
                 Ok(Some(error)) | Err(error) => Err(error),
+                // Writable means the connect finished, and SO_ERROR said how (connect(2));
+                // without it, ask whether the socket is connected.
+                Ok(None) if ready.writable => Ok(()),
                 Ok(None) => link.stream.peer_addr().map(drop),
-            }
+            },
         };
         if let Err(error) = outcome {
             cx.unwatch(link.stream.as_fd());
@@ -230,7 +233,12 @@ impl RelaySession {
             self.up.flow = Flow::Shut;
         }
         if self.down.needs_shutdown() {
-            cx.shutdown_write();
+            // After the client's FIN, with all it sent delivered, the session ends here and
+            // the close that follows sends our FIN (nothing unread: no RST); a shutdown(2)
+            // first would only cost a system call.
+            if !(self.up.flow == Flow::Shut && self.first_fin == Some(Side::Client)) {
+                cx.shutdown_write();
+            }
             self.down.flow = Flow::Shut;
         }
         if self.up.flow == Flow::Shut && self.down.flow == Flow::Shut {
@@ -342,7 +350,9 @@ impl Session for RelaySession {
 
     fn on_extra(&mut self, _fd: std::os::fd::RawFd, ready: Ready, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
-            State::Connecting(..) if ready.writable || ready.readable => self.connect_done(false, cx),
+            State::Connecting(..) if ready.writable || ready.readable => {
+                self.connect_done(Some(ready), cx)
+            }
             State::Open(_) => self.relay(cx, Pumps { up: ready.writable, down: ready.readable }),
             _ => Ok(Progress::default()),
         }
@@ -350,7 +360,7 @@ impl Session for RelaySession {
 
     fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
-            State::Connecting(..) => self.connect_done(true, cx),
+            State::Connecting(..) => self.connect_done(None, cx),
             _ => Ok(Progress::default()),
         }
     }
