@@ -18,7 +18,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
 
@@ -355,18 +355,7 @@ impl Scoreboard {
         })?;
         let length = NonZeroUsize::new(bytes).expect("the header is not empty");
         let base = match path {
-            None => {
-                // SAFETY: a fresh anonymous shared mapping that aliases nothing.
-                unsafe {
-                    mmap_anonymous(
-                        None,
-                        length,
-                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                        MapFlags::MAP_SHARED,
-                    )
-                }
-                .map_err(|e| fail(e.into()))?
-            }
+            None => crate::sys::map_shared_zeroed(length).map_err(|e| fail(e.into()))?,
             Some(path) => {
                 let dir =
                     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -90,6 +90,29 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> i
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// A zeroed, readable and writable anonymous `MAP_SHARED` mapping of `length` bytes
+/// (mmap(2)): made before fork, it is the same memory in the master and every worker (the
+/// scoreboard, the per-client tables, the relay's backend health, the log relay's counter).
+/// It is page-aligned; unmapping it (munmap(2)) is the caller's.
+///
+/// # Errors
+/// The mmap(2) error, such as `ENOMEM`.
+pub fn map_shared_zeroed(
+    length: std::num::NonZeroUsize,
+) -> nix::Result<std::ptr::NonNull<nix::libc::c_void>> {
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+    // SAFETY: a new mapping at an address the kernel picks: it aliases nothing. Anonymous
+    // memory is zeroed.
+    unsafe {
+        mmap_anonymous(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }
+}
+
 /// What [`spawn`] sets up in the child besides the program and its arguments.
 #[derive(Debug)]
 pub struct SpawnSetup<'a> {

@@ -1065,28 +1065,6 @@ impl Table<'_> {
     }
 }
 
-/// A zeroed anonymous `MAP_SHARED` region of `length` bytes: created before fork, it is the
-/// same memory in the master and every worker.
-///
-/// # Errors
-/// [`LimitsError::Map`] when mmap(2) fails.
-pub(crate) fn map_shared(
-    length: NonZeroUsize,
-) -> Result<std::ptr::NonNull<libc::c_void>, LimitsError> {
-    use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
-    // SAFETY: a fresh anonymous mapping, aliasing nothing; MAP_SHARED so that forked workers
-    // see one region. Anonymous memory is zeroed.
-    unsafe {
-        mmap_anonymous(
-            None,
-            length,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-        )
-    }
-    .map_err(|source| LimitsError::Map { bytes: length.get(), source })
-}
-
 /// Initialises a process-shared, robust pthread mutex (pthread_mutexattr_setrobust(3)): a
 /// process that dies holding it hands the next locker `EOWNERDEAD` instead of a deadlock.
 ///

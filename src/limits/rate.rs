@@ -87,7 +87,8 @@ impl Rates {
         let length = NonZeroUsize::new(bytes)
             .ok_or(LimitsError::TooLarge { slots: 1, per_slot: BUCKETS })?;
         // Zeroed: every bucket unused.
-        let base = super::map_shared(length)?;
+        let base = crate::sys::map_shared_zeroed(length)
+            .map_err(|source| LimitsError::Map { bytes, source })?;
         let rates = Rates { base: base.cast(), bytes, buckets_offset, hasher: RandomState::new() };
         // SAFETY: the header is at the start of the fresh mapping, which no other process
         // sees yet.

@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::libc;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
 
 /// Pipe capacity asked for (the kernel default is 64 KiB): about 5,000 access lines, so a
 /// burst of workers' lines waits while the master is busy instead of being dropped.
@@ -122,16 +121,9 @@ static DROPPED: OnceLock<&'static AtomicU64> = OnceLock::new();
 pub(super) fn share_counter() {
     DROPPED.get_or_init(|| {
         let length = std::num::NonZeroUsize::new(4096).expect("non-zero");
-        // SAFETY: a fresh anonymous shared mapping that aliases nothing; it is never unmapped,
-        // so the 'static reference below stays valid in this process and in its children.
-        match unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        } {
+        // Never unmapped, so the 'static reference below stays valid in this process and in
+        // its children.
+        match crate::sys::map_shared_zeroed(length) {
             // SAFETY: zeroed memory, page-aligned, is a valid AtomicU64 that lives forever.
             Ok(base) => unsafe { base.cast::<AtomicU64>().as_ref() },
             // Then the counter is this process's own: workers' drops are not seen.

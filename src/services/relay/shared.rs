@@ -22,7 +22,7 @@ use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
+use nix::sys::mman::munmap;
 
 /// One backend's counters, on a cache line of its own so workers updating different backends
 /// do not contend.
@@ -78,17 +78,8 @@ impl Table {
     pub fn new(backends: usize) -> io::Result<Table> {
         let bytes = size_of::<Head>() + backends * size_of::<BackendCounters>();
         let length = NonZeroUsize::new(bytes).expect("the head is never empty");
-        // SAFETY: a fresh anonymous mapping, aliasing nothing; MAP_SHARED so that the workers
-        // forked later see one region. Anonymous memory is zeroed, which is the initial state
-        // of every atomic in it.
-        let base = unsafe {
-            mmap_anonymous(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        }?;
+        // Shared with the workers forked later; zeroed, the initial state of every atomic in it.
+        let base = crate::sys::map_shared_zeroed(length)?;
         Ok(Table { base: base.cast(), bytes, backends })
     }
 
