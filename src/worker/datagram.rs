@@ -164,13 +164,18 @@ impl Datagrams {
         usize::try_from(fd).ok().and_then(|i| self.flows.get(i)).is_some_and(Option::is_some)
     }
 
+    /// Whether one flow is the worker's only work, with `connections` open besides (served
+    /// connections and PROXY headers being read): the condition for busy polling.
+    fn alone(&self, connections: usize) -> bool {
+        self.count == 1 && connections == 0
+    }
+
     /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
     /// that has passed counts as a miss of its flow and ends the polling; so does other
-    /// work arriving (`alone` false: a connection, a PROXY header, another flow), without
-    /// counting a miss.
-    pub(super) fn busy_polling(&mut self, now: Instant, alone: bool) -> bool {
+    /// work arriving (another flow, or `connections` above 0), without counting a miss.
+    pub(super) fn busy_polling(&mut self, now: Instant, connections: usize) -> bool {
         let Some(busy) = self.busy else { return false };
-        if !alone || self.count != 1 {
+        if !self.alone(connections) {
             self.busy = None;
             return false;
         }
@@ -388,6 +393,7 @@ impl Worker<'_> {
     /// A flow's socket is readable.
     pub(super) fn on_flow_ready(&mut self, fd: RawFd, now: Instant) {
         let fd = fd as usize;
+        let alone = self.datagrams.alone(self.open + self.pending_open);
         let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
             return;
         };
@@ -400,13 +406,7 @@ impl Worker<'_> {
         }
         // The only work of this worker, waiting for its peer: poll rather than sleep.
         let budget = entry.flow.busy_poll();
-        if matches!(step, Step::Wait(_))
-            && !budget.is_zero()
-            && self.datagrams.count == 1
-            && self.open == 0
-            && self.pending_open == 0
-            && entry.busy.arm()
-        {
+        if matches!(step, Step::Wait(_)) && !budget.is_zero() && alone && entry.busy.arm() {
             // The budget starts now: after this turn's earlier events and the send just made.
             let until = Instant::now() + budget;
             self.datagrams.busy = Some(BusyWait { fd, serial: entry.serial, until });
@@ -577,26 +577,26 @@ mod tests {
         let budget = Duration::from_micros(50);
         let mut datagrams = one_flow();
         datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
-        assert!(datagrams.busy_polling(now, true), "within the budget, alone: poll");
-        assert!(!datagrams.busy_polling(now + budget, true), "the budget passed");
+        assert!(datagrams.busy_polling(now, 0), "within the budget, alone: poll");
+        assert!(!datagrams.busy_polling(now + budget, 0), "the budget passed");
         assert!(datagrams.busy.is_none());
         let missed = |d: &Datagrams| d.flows[5].as_ref().unwrap().busy.misses;
         assert_eq!(missed(&datagrams), 1, "counted as a miss");
 
         datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
-        assert!(!datagrams.busy_polling(now, false), "a connection arrived: stop polling");
+        assert!(!datagrams.busy_polling(now, 1), "a connection arrived: stop polling");
         assert!(datagrams.busy.is_none());
         assert_eq!(missed(&datagrams), 1, "not the peer's fault: no miss");
 
         datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
         datagrams.count = 2;
-        assert!(!datagrams.busy_polling(now, true), "another flow: stop polling");
+        assert!(!datagrams.busy_polling(now, 0), "another flow: stop polling");
         assert_eq!(missed(&datagrams), 1);
 
         // A flow gone (its serial differs) is not charged when the budget passes.
         datagrams.count = 1;
         datagrams.busy = Some(BusyWait { fd: 5, serial: 6, until: now });
-        assert!(!datagrams.busy_polling(now, true));
+        assert!(!datagrams.busy_polling(now, 0));
         assert_eq!(missed(&datagrams), 1);
     }
 

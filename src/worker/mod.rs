@@ -346,7 +346,7 @@ impl<'a> Worker<'a> {
                 // Counters from the last burst reach the scoreboard soon after it ends.
                 timeout = Some(timeout.map_or(PUBLISH_INTERVAL, |t| t.min(PUBLISH_INTERVAL)));
             }
-            if self.datagrams.busy_polling(now, self.open == 0 && self.pending_open == 0) {
+            if self.datagrams.busy_polling(now, self.open + self.pending_open) {
                 timeout = Some(Duration::ZERO);
             }
             if let Err(error) = self.poller.wait(timeout, &mut events) {

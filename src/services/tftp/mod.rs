@@ -97,10 +97,11 @@ pub struct Tftp {
     pub create_mode: u32,
     /// Largest file a write request may create, in bytes. Default 32 MiB.
     pub max_write_size: u64,
-    /// How long a worker polls a transfer's socket for the client's answer before going
-    /// back to its readiness loop, after the model of Linux's `SO_BUSY_POLL` (socket(7)).
-    /// Adaptive: a client that does not answer within it is not polled for again for the
-    /// next 1 to 1023 packets. Default 50 µs; at most 1 ms; 0 never polls.
+    /// How long a worker whose only work is this transfer polls (waits with a zero timeout)
+    /// for the client's answer instead of sleeping, after the model of Linux's
+    /// `net.core.busy_poll` (socket(7)); see [`Flow::busy_poll`]. Adaptive: a client that
+    /// does not answer within it is not polled for again for the next 1 to 1023 packets.
+    /// Default 50 µs; at most 1 ms; 0 never polls.
     pub busy_poll: Duration,
 }
 
