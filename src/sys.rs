@@ -254,21 +254,24 @@ extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
     // every pointer in it is valid for the same time. The calls are plain system calls.
     unsafe {
         let child = &mut *arg.cast::<SpawnChild>();
-        // Its own process group first, so that signals to the worker's group stop reaching it.
-        let setpgid_failed = || libc::setpgid(0, 0) < 0;
         let fail = |child: &mut SpawnChild| -> ! {
             std::ptr::write_volatile(&raw mut child.error, *libc::__errno_location());
             libc::_exit(127)
         };
+        // Its own process group first, so that signals to the worker's group stop reaching it.
+        if libc::setpgid(0, 0) < 0 {
+            fail(child);
+        }
         // A source among 0-2 would be overwritten before it is copied: move it above 2
         // first (the copy is not close-on-exec; close_range below closes it).
         let above = |fd: RawFd| if fd < 3 { libc::fcntl(fd, libc::F_DUPFD, 3) } else { fd };
         let stdio = above(child.stdio);
-        let stderr = if stdio < 0 { stdio } else { above(child.stderr) };
-        if setpgid_failed() || stdio < 0 || stderr < 0 {
+        if stdio < 0 {
             fail(child);
         }
-        if libc::dup2(stdio, 0) < 0
+        let stderr = above(child.stderr);
+        if stderr < 0
+            || libc::dup2(stdio, 0) < 0
             || libc::dup2(stdio, 1) < 0
             || libc::dup2(stderr, 2) < 0
             || close_from_3(child.max_fd) < 0
