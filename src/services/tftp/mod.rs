@@ -342,6 +342,7 @@ impl Tftp {
                 finished: false,
                 scratch: Vec::new(),
                 discard: Some(Box::new(move || remove_new_file(&root, &name))),
+                packet: Vec::new(),
             })
         } else {
             Box::new(Read::new(common, file_handle, blksize, windowsize, netascii))

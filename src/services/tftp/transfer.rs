@@ -399,6 +399,8 @@ pub struct Write {
     pub scratch: Vec<u8>,
     /// Called with the result when the transfer fails: removes the partial file.
     pub discard: Option<Box<dyn FnOnce()>>,
+    /// One packet as received: header and up to `blksize` bytes (kept between calls).
+    pub packet: Vec<u8>,
 }
 
 impl Write {
@@ -457,30 +459,12 @@ impl Write {
         }
         Some(Step::Wait(now + self.common.timeout))
     }
-}
 
-impl Flow for Write {
-    fn socket(&self) -> BorrowedFd<'_> {
-        self.common.socket.as_fd()
-    }
-
-    fn busy_poll(&self) -> Duration {
-        self.common.busy_poll
-    }
-
-    fn start(&mut self, now: Instant) -> Step {
-        let first = self.common.oack.clone().unwrap_or_else(|| packet::ack(0).to_vec());
-        match self.common.send(&first) {
-            Ok(()) => Step::Wait(now + self.common.timeout),
-            Err(result) => Step::Done(result),
-        }
-    }
-
-    fn on_readable(&mut self, now: Instant) -> Step {
-        let mut buffer = vec![0u8; 4 + self.blksize];
+    /// Reads and handles the DATA packets waiting, into `buffer` (one packet's room).
+    fn receive_data(&mut self, buffer: &mut [u8], now: Instant) -> Step {
         let mut step = Step::Unchanged;
         for _ in 0..PACKETS_PER_CALL {
-            let n = match self.common.receive(&mut buffer) {
+            let n = match self.common.receive(buffer) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(result) => return Step::Done(result),
@@ -503,6 +487,32 @@ impl Flow for Write {
                 _ => {}
             }
         }
+        step
+    }
+}
+
+impl Flow for Write {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.common.socket.as_fd()
+    }
+
+    fn busy_poll(&self) -> Duration {
+        self.common.busy_poll
+    }
+
+    fn start(&mut self, now: Instant) -> Step {
+        let first = self.common.oack.clone().unwrap_or_else(|| packet::ack(0).to_vec());
+        match self.common.send(&first) {
+            Ok(()) => Step::Wait(now + self.common.timeout),
+            Err(result) => Step::Done(result),
+        }
+    }
+
+    fn on_readable(&mut self, now: Instant) -> Step {
+        let mut buffer = std::mem::take(&mut self.packet);
+        buffer.resize(4 + self.blksize, 0);
+        let step = self.receive_data(&mut buffer, now);
+        self.packet = buffer;
         step
     }
 
