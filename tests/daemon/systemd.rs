@@ -127,7 +127,9 @@ fn a_passed_socket_without_a_listener_is_an_error() {
     daemon.wait_for_log("systemd-socket-activate listens", |l| {
         l.contains(&format!("Listening on {listen}"))
     });
-    let _trigger = connect(listen.parse().unwrap());
+    // Only the trigger: the daemon then exits, and the pending connection may be reset
+    // before connect(2) reports it established, so its outcome is not asserted.
+    let _trigger = std::net::TcpStream::connect_timeout(&listen.parse().unwrap(), PATIENCE);
     let status = daemon.wait_exit(PATIENCE).expect("exits");
     assert_eq!(code(status), 78);
     daemon.wait_for_log("the reason", |l| l.contains("matches no [[listener]]"));
