@@ -217,6 +217,13 @@ impl Listener {
         open(self.config.transport, address, true, self.config.backlog.get(), &fail)
     }
 
+    /// [`Listener::local_addr`] when it names one address, so it is every accepted
+    /// connection's local address; `None` for a wildcard (`0.0.0.0`, `[::]`), where each
+    /// connection's comes from getsockname(2).
+    pub fn specific_addr(&self) -> Option<SocketAddr> {
+        Some(self.local_addr).filter(|address| !address.ip().is_unspecified())
+    }
+
     /// The socket: listening TCP or bound UDP.
     pub fn socket(&self) -> &ListenSocket {
         &self.socket

@@ -207,7 +207,7 @@ impl Exec {
     ) -> io::Result<(Pid, Option<OwnedFd>)> {
         // The child's stdin and stdout are the socket, blocking as programs expect. The flag
         // belongs to the shared open file description: the worker does no I/O on the socket
-        // until the child has exited, and makes it non-blocking again then.
+        // until the child has exited, and then only with MSG_DONTWAIT.
         fcntl(socket, FcntlArg::F_SETFL(OFlag::empty()))?;
         let (stderr_read, stderr_write) = match self.stderr {
             StderrTo::Discard => (None, None),
@@ -386,10 +386,8 @@ impl ExecSession {
             cx.unwatch(pipe.as_fd());
         }
         self.state = State::Exited;
-        if let Some(socket) = cx.socket() {
-            // The loop's lingering close reads the socket: non-blocking again.
-            fcntl(socket, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        }
+        // The socket stays in blocking mode: the loop's lingering close reads it with
+        // MSG_DONTWAIT, and no session runs on it any more.
         cx.close(CloseReason::Service("child-exit"));
         Ok(Progress::default())
     }

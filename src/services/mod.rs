@@ -173,15 +173,22 @@ pub struct ConnInfo<'a> {
     /// The accepted socket, for [`ConnInfo::local_addr`] or for a service that hands the
     /// connection to something else (a child process). The worker owns it: do not close it.
     pub socket: BorrowedFd<'a>,
+    /// The local address when the worker knows it without asking the kernel: the listener's
+    /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`). `None`: ask
+    /// [`ConnInfo::local_addr`].
+    pub bound: Option<SocketAddr>,
 }
 
 impl ConnInfo<'_> {
-    /// The local address the client connected to (getsockname(2); one system call, so only
-    /// services that need it pay for it).
+    /// The local address the client connected to: [`ConnInfo::bound`] when known, else
+    /// getsockname(2) (one system call, so only services that need it pay for it).
     ///
     /// # Errors
     /// getsockname(2) failed (the socket is already gone).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        if let Some(bound) = self.bound {
+            return Ok(bound);
+        }
         let address = socket2::SockRef::from(&self.socket).local_addr()?;
         address.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))
     }

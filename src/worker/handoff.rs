@@ -252,7 +252,12 @@ impl Worker<'_> {
             let _ = worker.poller.set(raw, Interest::NONE);
         };
         let policy = &self.context.config.listeners[index];
-        let info = ConnInfo { listener: &policy.name, peer: offer.peer, socket: stream.as_fd() };
+        let info = ConnInfo {
+            listener: &policy.name,
+            peer: offer.peer,
+            socket: stream.as_fd(),
+            bound: self.context.listeners[index].specific_addr(),
+        };
         let Some(session) = policy.service.service.import(&info, &offer.state) else {
             unwatch(self);
             return Outcome::Refused;

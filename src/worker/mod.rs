@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
+use nix::sys::socket::MsgFlags;
 use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
@@ -150,6 +151,10 @@ pub struct WorkerContext<'a> {
 pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
     logging::set_worker(context.slot, context.generation);
     master_signals.uninstall();
+    if let Err(error) = default_sigchld() {
+        log::error!("worker failed to boot: SIGCHLD: {error}");
+        return WORKER_BOOT_FAILURE;
+    }
     let mut worker = match Worker::boot(context) {
         Ok(worker) => worker,
         Err(error) => {
@@ -158,6 +163,22 @@ pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
         }
     };
     worker.serve()
+}
+
+/// Sets SIGCHLD back to its default disposition (ignored, but children are not reaped by
+/// the kernel: signal(7)). Unregistering the master's action leaves signal-hook's handler in
+/// place, so every exit of an exec child would interrupt the worker with a signal that runs
+/// no action; the worker waits for its children through pidfds instead. signal-hook is not
+/// told: no worker code registers SIGCHLD with it.
+///
+/// # Errors
+/// sigaction(2) failed.
+fn default_sigchld() -> nix::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: SIG_DFL installs no handler of ours, so no code runs in signal context; SIGCHLD
+    // stays blocked until `Worker::boot` unblocks the master's signals.
+    unsafe { sigaction(Signal::SIGCHLD, &default) }.map(drop)
 }
 
 struct Worker<'a> {
@@ -838,8 +859,12 @@ impl<'a> Worker<'a> {
             self.shed_oldest(now);
         }
         let policy = &self.context.config.listeners[index];
-        let info =
-            ConnInfo { listener: &policy.name, peer, socket: std::os::fd::AsFd::as_fd(&stream) };
+        let info = ConnInfo {
+            listener: &policy.name,
+            peer,
+            socket: std::os::fd::AsFd::as_fd(&stream),
+            bound: self.context.listeners[index].specific_addr(),
+        };
         let session = policy.service.service.session(&info);
         let interest = session.interest();
         let slot = fd as usize;
@@ -1029,7 +1054,7 @@ impl<'a> Worker<'a> {
                 return; // not ours to touch until the answer
             }
             if let Some((reason, _)) = conn.lingering {
-                if discard_input(&mut conn.stream) {
+                if discard_input(&conn.stream) {
                     self.finish(fd, reason, now);
                 }
                 return;
@@ -1229,9 +1254,11 @@ impl<'a> Worker<'a> {
         let Some(conn) = self.conns[fd].as_mut() else {
             return;
         };
-        if conn.stream.shutdown(std::net::Shutdown::Write).is_err()
-            || discard_input(&mut conn.stream)
-        {
+        // Input first: a client that already ended its side and left nothing unread gets a
+        // plain close, which is as graceful (no unread data, so no RST: RFC 2525 2.17) and
+        // saves the shutdown. Otherwise FIN now and wait for the client's; readiness is
+        // level-triggered, so input that arrives meanwhile is not missed.
+        if discard_input(&conn.stream) || conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
             self.finish(fd, reason, now);
             return;
         }
@@ -1370,30 +1397,31 @@ enum Callback {
 }
 
 /// Whether a connection can be closed without dropping anything: the session has answered
-/// everything it read, and the socket holds no unread input (a peek, which never blocks).
+/// everything it read, and the socket holds no unread input (a peek that never blocks, even
+/// on an exec child's socket, which stays in blocking mode).
 fn at_rest(conn: &Conn) -> bool {
     if !conn.session.is_at_rest() {
         return false;
     }
     let mut byte = [0u8; 1];
-    match conn.stream.peek(&mut byte) {
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(conn.stream.as_raw_fd(), &mut byte, flags) {
         Ok(0) => true,
         Ok(_) => false,
-        Err(e) => e.kind() != ErrorKind::Interrupted,
+        Err(error) => error != Errno::EINTR,
     }
 }
 
 /// Reads and throws away whatever the client sent; true once the client's FIN (or an error)
 /// is seen, i.e. the lingering close may finish.
-fn discard_input(stream: &mut std::net::TcpStream) -> bool {
-    use std::io::Read;
+fn discard_input(stream: &std::net::TcpStream) -> bool {
     let mut sink = [0u8; 4096];
     for _ in 0..16 {
-        match stream.read(&mut sink) {
+        // MSG_DONTWAIT: an exec child's socket is still in blocking mode when it ends.
+        match nix::sys::socket::recv(stream.as_raw_fd(), &mut sink, MsgFlags::MSG_DONTWAIT) {
             Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return e.kind() != ErrorKind::WouldBlock,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(error) => return error != Errno::EAGAIN,
         }
     }
     false

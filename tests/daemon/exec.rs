@@ -187,6 +187,29 @@ fn five_hundred_children_leave_no_zombie_and_no_descriptor() {
     assert_eq!(zombie_children(worker), 0);
     let children = std::fs::read_to_string(format!("/proc/{worker}/task/{worker}/children"));
     assert_eq!(children.unwrap().trim(), "", "no child left");
+    // Children are waited for through pidfds: their exits must not interrupt the worker.
+    let sigchld = 1u64 << (Signal::SIGCHLD as u32 - 1);
+    assert_eq!(signal_mask(worker, "SigCgt") & sigchld, 0, "the worker catches SIGCHLD");
+}
+
+/// A signal mask (`SigCgt`, `SigIgn` ...) of /proc/PID/status.
+fn signal_mask(pid: i32, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap();
+    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+#[test]
+fn a_child_that_never_reads_its_input_still_delivers_its_output() {
+    // head reads one buffer, answers with its first byte and exits. The input is more than
+    // the socket buffers hold, so some is still unread when it exits: a plain close would
+    // send RST, which the client reads as an error after the answer (RFC 2525 2.17).
+    let head = "program = \"/usr/bin/head\"\nargs = [\"-c\", \"1\"]";
+    let daemon = exec_daemon(1, &[("head", head)], &[]);
+    let input = vec![b'y'; 4 << 20];
+    for round in 0..5 {
+        assert_eq!(run(&daemon, 0, &input), b"y", "round {round}");
+    }
 }
 
 #[test]
