@@ -167,7 +167,10 @@ impl RelaySession {
             self.up.preload(&header);
         }
         self.state = State::Open(link);
-        self.relay(cx, BOTH)
+        // Up only: the client may have sent already, while the backend's first bytes (a
+        // greeting) are reported by the poller once the backend is watched for reading, so
+        // the read that would almost always say `WouldBlock` is not made.
+        self.relay(cx, Pumps { up: true, down: false })
     }
 
     /// Runs the pumps `run` names, passes FINs on, and watches what each side now waits for.
@@ -320,9 +323,6 @@ struct Pumps {
     up: bool,
     down: bool,
 }
-
-/// Both pumps: when the backend connection opens.
-const BOTH: Pumps = Pumps { up: true, down: true };
 
 impl Session for RelaySession {
     fn interest(&self) -> Interest {
