@@ -66,12 +66,12 @@ impl AsRawFd for ListenSocket {
 /// Creates, configures and binds a socket of `transport` on `address` (listening, for TCP),
 /// non-blocking and close-on-exec.
 fn open(
-    transport: ListenerTransport,
+    config: &ListenerConfig,
     address: SocketAddr,
     reuseport: bool,
-    backlog: u32,
     fail: &dyn Fn(&'static str, io::Error) -> BindError,
 ) -> Result<ListenSocket, BindError> {
+    let (transport, backlog) = (config.transport, config.backlog.get());
     let (kind, protocol) = match transport {
         ListenerTransport::Tcp => (Type::STREAM, Protocol::TCP),
         ListenerTransport::Udp => (Type::DGRAM, Protocol::UDP),
@@ -88,6 +88,7 @@ fn open(
     }
     socket.bind(&address.into()).map_err(|e| fail("bind", e))?;
     if transport == ListenerTransport::Tcp {
+        set_nodelay(&socket, config).map_err(|e| fail("set TCP_NODELAY on", e))?;
         let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
         socket.listen(backlog).map_err(|e| fail("listen on", e))?;
     }
@@ -96,6 +97,25 @@ fn open(
         ListenerTransport::Tcp => ListenSocket::Stream(socket.into()),
         ListenerTransport::Udp => ListenSocket::Datagram(socket.into()),
     })
+}
+
+/// Sets `TCP_NODELAY` on a listening socket as `tcp_nodelay` says: Linux copies it to every
+/// socket accept(2) returns (tcp(7)), so a worker need not set it per connection (it checks
+/// once, see [`inherits_nodelay`]).
+fn set_nodelay(socket: &Socket, config: &ListenerConfig) -> io::Result<()> {
+    if socket.tcp_nodelay()? == config.tcp_nodelay {
+        return Ok(());
+    }
+    socket.set_tcp_nodelay(config.tcp_nodelay)
+}
+
+/// Whether the TCP listening socket `socket` passes `TCP_NODELAY` = `nodelay` on to the
+/// connections it accepts: true when its own option has that value (Linux copies a listening
+/// socket's options to accepted sockets). False for a datagram socket, or when it cannot be
+/// read: the caller then sets the option on each connection.
+pub fn inherits_nodelay(socket: &ListenSocket, nodelay: bool) -> bool {
+    matches!(socket, ListenSocket::Stream(_))
+        && socket.sock_ref().tcp_nodelay().is_ok_and(|value| value == nodelay)
 }
 
 /// A bound, listening socket and the configuration it serves.
@@ -139,8 +159,7 @@ impl Listener {
             name: config.name.clone(),
             source,
         };
-        let socket =
-            open(config.transport, address, config.reuseport, config.backlog.get(), &fail)?;
+        let socket = open(config, address, config.reuseport, &fail)?;
         let local_addr = local_addr(&socket).map_err(|e| fail("read the bound address of", e))?;
         Ok(Listener { config: config.clone(), local_addr, id, socket })
     }
@@ -160,6 +179,11 @@ impl Listener {
         if config.backlog != self.config.backlog && config.transport == ListenerTransport::Tcp {
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
             socket.sock_ref().listen(backlog).map_err(fail("listen on"))?;
+        }
+        if config.transport == ListenerTransport::Tcp {
+            // A changed value also reaches connections that workers of the old generation
+            // accept until they stop accepting (they check the option once, at start).
+            set_nodelay(&socket.sock_ref(), config).map_err(fail("set TCP_NODELAY on"))?;
         }
         Ok(Listener { config: config.clone(), local_addr: self.local_addr, id, socket })
     }
@@ -194,6 +218,7 @@ impl Listener {
             }
             socket.set_cloexec(true).map_err(fail("set FD_CLOEXEC on"))?;
             socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
+            set_nodelay(&socket, config).map_err(fail("set TCP_NODELAY on"))?;
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
             socket.listen(backlog).map_err(fail("listen on"))?;
             ListenSocket::Stream(socket.into())
@@ -214,7 +239,7 @@ impl Listener {
             let step = if step == "bind" { "bind a worker's own socket to" } else { step };
             BindError { step, address, name: self.config.name.clone(), source }
         };
-        open(self.config.transport, address, true, self.config.backlog.get(), &fail)
+        open(&self.config, address, true, &fail)
     }
 
     /// [`Listener::local_addr`] when it names one address, so it is every accepted
@@ -287,6 +312,35 @@ mod tests {
         assert!(peer.ip().is_loopback());
         let again = crate::sys::accept_nonblocking(&listener).unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    fn accepted_nodelay(listener: &Listener) -> bool {
+        let _client = TcpStream::connect(listener.local_addr).unwrap();
+        let (accepted, _) = crate::sys::accept_nonblocking(listener).unwrap();
+        accepted.nodelay().unwrap()
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay_from_the_listener_through_reloads() {
+        let mut off = config("127.0.0.1:0");
+        off.tcp_nodelay = false;
+        let listener = Listener::bind(&off, 0).unwrap();
+        assert!(!accepted_nodelay(&listener));
+        assert!(inherits_nodelay(listener.socket(), false));
+        assert!(
+            !inherits_nodelay(listener.socket(), true),
+            "the worker then sets it per connection"
+        );
+        let on = config(&listener.local_addr.to_string());
+        let reloaded = listener.reuse(&on, 0).unwrap();
+        assert!(
+            accepted_nodelay(&reloaded),
+            "a reload that turns it on applies to new connections"
+        );
+        assert!(inherits_nodelay(reloaded.socket(), true));
+        let fd = reloaded.socket().as_fd().try_clone_to_owned().unwrap();
+        let adopted = Listener::adopt(&off, 0, fd).unwrap();
+        assert!(!accepted_nodelay(&adopted), "an adopted socket gets the configured value");
     }
 
     #[test]

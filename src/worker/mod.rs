@@ -203,6 +203,10 @@ struct Worker<'a> {
     ready_listeners: Vec<(RawFd, usize)>,
     /// Stable id of each listener (by index), kept after a graceful stop closes the sockets.
     listener_ids: Vec<u16>,
+    /// Whether each listener's accepted sockets already have `TCP_NODELAY` as its
+    /// `tcp_nodelay` says (the master sets it on the listening socket; accept copies it), so
+    /// no setsockopt(2) per connection. Read once, at start.
+    inherits_nodelay: Vec<bool>,
     /// `reuseport`: this worker's own sockets, with their listener index.
     own_listeners: Vec<(crate::listener::ListenSocket, usize)>,
     /// UDP listeners' flows (TFTP transfers) and datagram counters.
@@ -310,6 +314,11 @@ impl<'a> Worker<'a> {
             context.config.daemon.event_backend.name()
         );
         let listener_ids = context.listeners.iter().map(|l| l.id).collect();
+        let inherits_nodelay = context
+            .listeners
+            .iter()
+            .map(|l| crate::listener::inherits_nodelay(l.socket(), l.config.tcp_nodelay))
+            .collect();
         let listener_tallies = ListenerTallies::new(context.listeners.len());
         Ok(Worker {
             context,
@@ -323,6 +332,7 @@ impl<'a> Worker<'a> {
             next_serial: 0,
             ready_listeners: Vec::new(),
             listener_ids,
+            inherits_nodelay,
             own_listeners,
             datagrams: datagram::Datagrams::new(own_count),
             open: 0,
@@ -762,9 +772,9 @@ impl<'a> Worker<'a> {
     fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
         let fd = stream.as_raw_fd();
         let policy = &self.context.config.listeners[index];
-        if policy.tcp_nodelay {
+        if policy.tcp_nodelay != self.inherits_nodelay[index] {
             // Best effort: an error here (the client already left) shows on the first read.
-            let _ = stream.set_nodelay(true);
+            let _ = stream.set_nodelay(policy.tcp_nodelay);
         }
         // Checked now, registered once the session says what it wants (a relay connecting
         // to its backend, or an exec'd program, wants nothing of the socket at first).
