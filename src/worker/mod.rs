@@ -3,7 +3,9 @@
 //!
 //! Runs only in a forked worker; [`run`] never returns into the master's code (the caller
 //! exits with its result). Invariants:
-//! - every socket is non-blocking; accept, read and write go until `WouldBlock`;
+//! - every socket is non-blocking (an exec child's, which is blocking while the child owns
+//!   it, is read afterwards only with `MSG_DONTWAIT`); accept, read and write go until
+//!   `WouldBlock`;
 //! - the wait timeout is the earliest idle deadline (or accept pause), so a worker at rest
 //!   sleeps in `select(2)` without waking;
 //! - a connection's error closes that connection only;
@@ -17,9 +19,10 @@
 //! (`PR_SET_PDEATHSIG`).
 //!
 //! Closes the worker starts while the client may still be sending (keep-alive refused,
-//! graceful stop) are *lingering closes*, as nginx does: FIN first, then the client's late
-//! input is read and discarded until its FIN or [`LINGER_TIMEOUT`]. A plain close with unread
-//! input would make the kernel send RST, and the client could lose answers already sent.
+//! graceful stop) are *lingering closes*, as nginx does: FIN, then the client's late input
+//! is read and discarded until its FIN or [`LINGER_TIMEOUT`]. A plain close with unread input
+//! would make the kernel send RST, and the client could lose answers already sent; so a
+//! plain close is made only once the client's FIN has been read with nothing left unread.
 //!
 //! UDP listeners take a small path of their own (`datagram.rs`): datagrams are received until
 //! `WouldBlock` (at most a batch per turn), each one checked against the client's datagram
@@ -207,6 +210,8 @@ struct Worker<'a> {
     /// `tcp_nodelay` says (the master sets it on the listening socket; accept copies it), so
     /// no setsockopt(2) per connection. Read once, at start.
     inherits_nodelay: Vec<bool>,
+    /// Each listener's [`Listener::specific_addr`], for [`ConnInfo::bound`].
+    bound: Vec<Option<SocketAddr>>,
     /// `reuseport`: this worker's own sockets, with their listener index.
     own_listeners: Vec<(crate::listener::ListenSocket, usize)>,
     /// UDP listeners' flows (TFTP transfers) and datagram counters.
@@ -314,6 +319,9 @@ impl<'a> Worker<'a> {
             context.config.daemon.event_backend.name()
         );
         let listener_ids = context.listeners.iter().map(|l| l.id).collect();
+        // Kept here: a graceful stop empties `context.listeners`, and connections still
+        // reading their PROXY header are admitted after that.
+        let bound = context.listeners.iter().map(Listener::specific_addr).collect();
         let inherits_nodelay = context
             .listeners
             .iter()
@@ -333,6 +341,7 @@ impl<'a> Worker<'a> {
             ready_listeners: Vec::new(),
             listener_ids,
             inherits_nodelay,
+            bound,
             own_listeners,
             datagrams: datagram::Datagrams::new(own_count),
             open: 0,
@@ -873,7 +882,7 @@ impl<'a> Worker<'a> {
             listener: &policy.name,
             peer,
             socket: std::os::fd::AsFd::as_fd(&stream),
-            bound: self.context.listeners[index].specific_addr(),
+            bound: self.bound[index],
         };
         let session = policy.service.service.session(&info);
         let interest = session.interest();
@@ -1252,7 +1261,8 @@ impl<'a> Worker<'a> {
     }
 
     /// Starts a lingering close: sends FIN after everything written, then reads and discards
-    /// until the client's FIN or [`LINGER_TIMEOUT`].
+    /// until the client's FIN or [`LINGER_TIMEOUT`]; or closes at once when the client's FIN
+    /// is already there with nothing unread before it.
     fn linger(&mut self, fd: usize, reason: CloseReason, now: Instant) {
         let Some(conn) = self.conns[fd].as_mut() else {
             return;

@@ -344,6 +344,29 @@ impl Drop for HaProxy {
     }
 }
 
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+#[test]
+fn a_proxy_header_completed_during_a_graceful_stop_is_still_served() {
+    let policy = "accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]";
+    let daemon = Daemon::start(&config(1, "", &[("127.0.0.1:0", policy)]));
+    let worker = daemon.worker_pids()[0];
+    let at_rest = open_fds(worker);
+    let mut a = connect_from(client(0, 1), daemon.addr());
+    a.write_all(b"PROXY TCP4 192.0.2.7 ").unwrap();
+    eventually("the worker accepted it", || open_fds(worker) == at_rest + 1);
+    // A graceful stop: the worker closes its listener, and the connection waits for the
+    // rest of its header.
+    daemon.signal(nix::sys::signal::Signal::SIGQUIT);
+    eventually("the worker closed its listener", || open_fds(worker) == at_rest);
+    a.write_all(b"127.0.0.1 5555 7\r\nhello").unwrap();
+    assert_eq!(expect_bytes(&mut a, b"hello", QUICK), Outcome::Echoed);
+    drop(a);
+    daemon.wait_for_log("its access line", |l| l.contains("peer=192.0.2.7:5555 "));
+}
+
 #[test]
 fn haproxy_in_front_sends_the_client_with_proxy_protocol_v1_and_v2() {
     let policy = "accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]";
