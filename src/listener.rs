@@ -99,9 +99,12 @@ fn open(
     })
 }
 
-/// Sets `TCP_NODELAY` on a listening socket as `tcp_nodelay` says: Linux copies it to every
-/// socket accept(2) returns (tcp(7)), so a worker need not set it per connection (it checks
-/// once, see [`inherits_nodelay`]).
+/// Sets `TCP_NODELAY` on a new listening socket as `tcp_nodelay` says: Linux copies it to
+/// every socket accept(2) returns (as Stevens lists it, UNIX Network Programming 7.4), so a
+/// worker need not set it per connection (it checks once, see [`inherits_nodelay`]). Only
+/// new or adopted sockets: a reload keeps the socket's value (a generation that does not
+/// match it sets the option per connection), so a reload that fails or is rolled back
+/// leaves the serving generation's connections as they were.
 fn set_nodelay(socket: &Socket, config: &ListenerConfig) -> io::Result<()> {
     if socket.tcp_nodelay()? == config.tcp_nodelay {
         return Ok(());
@@ -180,11 +183,6 @@ impl Listener {
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
             socket.sock_ref().listen(backlog).map_err(fail("listen on"))?;
         }
-        if config.transport == ListenerTransport::Tcp {
-            // A changed value also reaches connections that workers of the old generation
-            // accept until they stop accepting (they check the option once, at start).
-            set_nodelay(&socket.sock_ref(), config).map_err(fail("set TCP_NODELAY on"))?;
-        }
         Ok(Listener { config: config.clone(), local_addr: self.local_addr, id, socket })
     }
 
@@ -246,7 +244,7 @@ impl Listener {
     /// connection's local address; `None` for a wildcard (`0.0.0.0`, `[::]`), where each
     /// connection's comes from getsockname(2).
     pub fn specific_addr(&self) -> Option<SocketAddr> {
-        Some(self.local_addr).filter(|address| !address.ip().is_unspecified())
+        Some(self.local_addr).filter(|address| !address.ip().to_canonical().is_unspecified())
     }
 
     /// The socket: listening TCP or bound UDP.
@@ -333,14 +331,14 @@ mod tests {
         );
         let on = config(&listener.local_addr.to_string());
         let reloaded = listener.reuse(&on, 0).unwrap();
-        assert!(
-            accepted_nodelay(&reloaded),
-            "a reload that turns it on applies to new connections"
-        );
-        assert!(inherits_nodelay(reloaded.socket(), true));
+        assert!(!accepted_nodelay(&reloaded), "a reload does not touch the shared socket");
+        assert!(!inherits_nodelay(reloaded.socket(), true), "its workers set it per connection");
         let fd = reloaded.socket().as_fd().try_clone_to_owned().unwrap();
-        let adopted = Listener::adopt(&off, 0, fd).unwrap();
-        assert!(!accepted_nodelay(&adopted), "an adopted socket gets the configured value");
+        let adopted = Listener::adopt(&on, 0, fd).unwrap();
+        assert!(accepted_nodelay(&adopted), "an adopted socket gets the configured value");
+        assert!(inherits_nodelay(adopted.socket(), true));
+        let fresh = Listener::bind(&config("127.0.0.1:0"), 1).unwrap();
+        assert!(accepted_nodelay(&fresh), "a new socket carries the configured value");
     }
 
     #[test]

@@ -386,8 +386,10 @@ impl ExecSession {
             cx.unwatch(pipe.as_fd());
         }
         self.state = State::Exited;
-        // The socket stays in blocking mode: the loop's lingering close reads it with
-        // MSG_DONTWAIT, and no session runs on it any more.
+        // FIN now, even if a process the child left in the background still holds the
+        // socket (a close would then send nothing). The socket stays in blocking mode: the
+        // loop's lingering close reads it with MSG_DONTWAIT, and no session runs on it.
+        cx.shutdown_write();
         cx.close(CloseReason::Service("child-exit"));
         Ok(Progress::default())
     }

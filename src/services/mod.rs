@@ -163,8 +163,10 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// The connection a session is made for.
+/// The connection a session is made for. Made by the worker (non-exhaustive: fields may be
+/// added).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct ConnInfo<'a> {
     /// The listener's `name`.
     pub listener: &'a str,
@@ -202,6 +204,10 @@ impl ConnInfo<'_> {
 /// the workers through fork(2), so each worker holds its own copy: state kept in it with
 /// interior mutability is per worker. Building must have no side effect (no socket, no
 /// thread, no file written): `check` builds every service and throws it away.
+///
+/// Workers leave SIGCHLD at its default disposition and install no handler for it: a
+/// service that starts processes waits for them itself, as exec does (pidfd_open(2), watched
+/// as an extra descriptor, then waitpid(2) with `WNOHANG`).
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;

@@ -256,7 +256,8 @@ impl Worker<'_> {
             listener: &policy.name,
             peer: offer.peer,
             socket: stream.as_fd(),
-            bound: self.context.listeners[index].specific_addr(),
+            // Accepted by another generation, maybe on another address under this name.
+            bound: None,
         };
         let Some(session) = policy.service.service.import(&info, &offer.state) else {
             unwatch(self);
@@ -294,9 +295,8 @@ impl Worker<'_> {
             },
             None => None,
         };
-        if policy.tcp_nodelay {
-            let _ = stream.set_nodelay(true);
-        }
+        // Set by the accepting worker as its generation said; this one's may differ.
+        let _ = stream.set_nodelay(policy.tcp_nodelay);
         if self.conns.len() <= slot {
             self.conns.resize_with(slot + 1, || None);
         }
