@@ -344,10 +344,6 @@ impl Drop for HaProxy {
     }
 }
 
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
-}
-
 #[test]
 fn a_proxy_header_completed_during_a_graceful_stop_is_still_served() {
     let policy = "accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1/32\"]";

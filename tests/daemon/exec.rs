@@ -170,10 +170,6 @@ fn zombie_children(pid: i32) -> usize {
         .count()
 }
 
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
-}
-
 #[test]
 fn five_hundred_children_leave_no_zombie_and_no_descriptor() {
     let daemon = exec_daemon(1, &[("echo", "program = \"/bin/echo\"\nargs = [\"x\"]")], &[]);

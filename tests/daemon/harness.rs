@@ -443,6 +443,11 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// Open descriptors of process `pid` (0 once it is gone).
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
 /// Whether `pid` is a live process: false once it is gone or a zombie (exited, not yet
 /// reaped by whoever adopted it).
 pub fn is_running(pid: i32) -> bool {

@@ -177,11 +177,6 @@ fn real_clients_rdate_and_nc() {
     assert_eq!(&two[72..76], b"\r\n!\"");
 }
 
-/// Descriptors a process has open, from /proc.
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
-}
-
 #[test]
 fn a_session_can_watch_a_descriptor_set_a_timer_and_name_its_close() {
     let config = "[daemon]\nworkers = 1\nallow_root_workers = true\n\
