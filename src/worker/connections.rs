@@ -44,6 +44,18 @@ pub enum Callback {
     Timer,
 }
 
+/// A client to admit: a connection just accepted, or one whose PROXY header is complete.
+pub struct Client {
+    /// Its socket (positioned at the client's first byte).
+    pub stream: TcpStream,
+    /// The listener's index.
+    pub listener: usize,
+    /// The client's address (the one a PROXY header named, if any).
+    pub peer: SocketAddr,
+    /// The proxy it came through, if it sent a PROXY header.
+    pub proxy: Option<SocketAddr>,
+}
+
 /// The worker's TCP connections.
 pub struct Connections {
     table: Table<Conn>,
@@ -106,22 +118,17 @@ impl Connections {
         }
     }
 
-    /// Admits a client just accepted on listener `index` (or whose PROXY header named it:
-    /// `proxy` is then the proxy), whose socket is `stream`: the listener's rules, then a
-    /// session. `others`: descriptors the other tables hold; `draining`: the worker stops
-    /// gracefully.
-    #[allow(clippy::too_many_arguments)]
+    /// Admits `client` under its listener's rules and makes its session. `others`:
+    /// descriptors the other tables hold; `draining`: the worker stops gracefully.
     pub fn admit(
         &mut self,
-        index: usize,
-        stream: TcpStream,
-        peer: SocketAddr,
-        proxy: Option<SocketAddr>,
+        client: Client,
         now: Instant,
         env: &mut Env<'_>,
         others: usize,
         draining: bool,
     ) {
+        let Client { stream, listener: index, peer, proxy } = client;
         let fd = stream.as_raw_fd();
         let room = env.room(self.held() + others);
         let entry = &env.listeners[index];

@@ -277,17 +277,23 @@ impl Datagrams {
                     }
                 }
                 Answer::Ignore => env.listeners[index].datagrams.ignored += 1,
-                Answer::Flow(flow) => {
+                Answer::Flow(mut flow) => {
                     env.listeners[index].datagrams.flows += 1;
-                    let held = held + self.flows.len();
-                    self.start_flow(index, peer, flow, now, env, held, draining);
+                    let full = env.room(held + self.flows.len()) == 0;
+                    if draining || full {
+                        let reason = if draining { "shutdown" } else { "budget" };
+                        flow.refuse(reason);
+                        flow_line(env, index, peer, Duration::ZERO, &*flow, reason);
+                    } else {
+                        self.start_flow(index, peer, flow, now, env);
+                    }
                 }
             }
         }
     }
 
-    /// Admits and starts a flow, or refuses it (budget, per-client limit).
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a flow the budget has room for, or refuses it (per-client limit, or a socket
+    /// the poller cannot watch).
     fn start_flow(
         &mut self,
         index: usize,
@@ -295,15 +301,8 @@ impl Datagrams {
         mut flow: Box<dyn Flow>,
         now: Instant,
         env: &mut Env<'_>,
-        held: usize,
-        draining: bool,
     ) {
         let fd = flow.socket().as_raw_fd();
-        if env.room(held) == 0 || draining {
-            let reason = if draining { "shutdown" } else { "budget" };
-            flow.refuse(reason);
-            return flow_line(env, index, peer, Duration::ZERO, &*flow, reason);
-        }
         let mut ticket = None;
         let policy = &env.listeners[index].policy;
         if let Some(max) = policy.max_connections_per_client {

@@ -21,6 +21,7 @@ use crate::proxy_protocol::{self, Parsed};
 use crate::services::CloseReason;
 
 use super::books::Closed;
+use super::connections::Client;
 use super::env::Env;
 use super::table::Table;
 
@@ -37,18 +38,6 @@ struct Pending {
     proxy: SocketAddr,
     /// Header bytes consumed so far (at most [`proxy_protocol::MAX_HEADER`]).
     header: Vec<u8>,
-}
-
-/// A connection whose header is complete: the client to admit.
-pub struct Completed {
-    /// The socket, positioned at the client's first byte.
-    pub stream: TcpStream,
-    /// The listener's index.
-    pub listener: usize,
-    /// The client the header named (the proxy itself for a `LOCAL` or `UNKNOWN` header).
-    pub client: SocketAddr,
-    /// The proxy.
-    pub proxy: SocketAddr,
 }
 
 /// The connections reading their PROXY header.
@@ -82,7 +71,7 @@ impl Headers {
         proxy: SocketAddr,
         now: Instant,
         env: &mut Env<'_>,
-    ) -> Option<Completed> {
+    ) -> Option<Client> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let pending = Pending { stream, listener: index, proxy, header: Vec::new() };
         if self.table.insert(fd as usize, pending).is_err() {
@@ -99,7 +88,7 @@ impl Headers {
 
     /// Reads what has come of the header of connection `fd`; the client it names once
     /// complete. Closes the connection on a malformed header or end of file.
-    pub fn read(&mut self, fd: RawFd, env: &mut Env<'_>) -> Option<Completed> {
+    pub fn read(&mut self, fd: RawFd, env: &mut Env<'_>) -> Option<Client> {
         let slot = usize::try_from(fd).ok()?;
         let pending = self.table.get_mut(slot)?;
         let mut peeked = [0u8; proxy_protocol::MAX_HEADER];
@@ -131,7 +120,9 @@ impl Headers {
         let Parsed::Complete { source, .. } = parsed else { return None };
         let Pending { stream, listener, proxy, .. } = self.table.remove(slot)?;
         env.books.counters.touch();
-        Some(Completed { stream, listener, client: source.unwrap_or(proxy), proxy })
+        // The proxy itself is the client of a `LOCAL` or `UNKNOWN` header.
+        let peer = source.unwrap_or(proxy);
+        Some(Client { stream, listener, peer, proxy: Some(proxy) })
     }
 
     /// Closes connection `fd`, counting it as `reason` (`None`: a shutdown, not counted).
@@ -140,7 +131,7 @@ impl Headers {
         fd: usize,
         reason: Option<CloseReason>,
         env: &mut Env<'_>,
-    ) -> Option<Completed> {
+    ) -> Option<Client> {
         let pending = self.table.remove(fd)?;
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
         env.books.counters.touch();

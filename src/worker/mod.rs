@@ -75,10 +75,11 @@ use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
 use crate::services::CloseReason;
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use books::Books;
+use connections::Client;
 use connections::Connections;
 use datagram::Datagrams;
 use env::Env;
-use header::{Completed, Headers};
+use header::Headers;
 use intake::{Gate, Watch};
 use listeners::Listeners;
 
@@ -334,8 +335,8 @@ impl<'a> Worker<'a> {
             let connections = self.conns.len() + self.headers.len();
             self.datagrams.on_ready(fd, now, &mut self.env, connections);
         } else if self.headers.contains(fd) {
-            if let Some(completed) = self.headers.read(fd, &mut self.env) {
-                self.admit_completed(completed, now);
+            if let Some(client) = self.headers.read(fd, &mut self.env) {
+                self.admit_client(client, now);
             }
         } else {
             self.conns.on_extra(event, now, &mut self.env, others);
@@ -539,23 +540,19 @@ impl<'a> Worker<'a> {
                 // Accepted because something could be shed; who the client is comes later.
                 self.conns.shed_oldest(now, &mut self.env);
             }
-            if let Some(completed) = self.headers.start(stream, index, peer, now, &mut self.env) {
-                self.admit_completed(completed, now);
+            if let Some(client) = self.headers.start(stream, index, peer, now, &mut self.env) {
+                self.admit_client(client, now);
             }
             return;
         }
-        let others = self.headers.len() + self.datagrams.len();
-        let draining = self.gate.draining();
-        self.conns.admit(index, stream, peer, None, now, &mut self.env, others, draining);
+        self.admit_client(Client { stream, listener: index, peer, proxy: None }, now);
     }
 
-    /// A PROXY header is complete: admits the client it names (even during a graceful stop,
-    /// when the listeners are closed already).
-    fn admit_completed(&mut self, completed: Completed, now: Instant) {
-        let Completed { stream, listener, client, proxy } = completed;
+    /// Admits a client: one just accepted, or the one a complete PROXY header names (even
+    /// during a graceful stop, when the listeners are closed already).
+    fn admit_client(&mut self, client: Client, now: Instant) {
         let others = self.headers.len() + self.datagrams.len();
         let draining = self.gate.draining();
-        let env = &mut self.env;
-        self.conns.admit(listener, stream, client, Some(proxy), now, env, others, draining);
+        self.conns.admit(client, now, &mut self.env, others, draining);
     }
 }
