@@ -1,9 +1,10 @@
 //! The master's lifecycle as one typed state machine: events in, actions out.
 //!
-//! Pure: no system calls, time passed in, so every transition is unit-tested without a
-//! process. The [`super::Master`] owns the sockets, the worker table and the system calls;
-//! it feeds the [`Supervisor`] what happened (a signal, a child's exit, a timer turn with
-//! the facts it observed) and carries out the [`Action`]s it gets back, in order.
+//! Runs in the master. Pure: no system calls, time passed in, so every transition is
+//! unit-tested without a process. The [`super::Master`] owns the sockets and the system
+//! calls (the worker table is `pool.rs`, the other pure half); it feeds the [`Supervisor`]
+//! what happened (a signal, a child's exit, a timer turn with the facts it observed, such as
+//! whether the pool is ready) and carries out the [`Action`]s it gets back, in order.
 //!
 //! Invariants:
 //! - exactly one [`Lifecycle`] at a time; nothing else says whether the master is starting,
