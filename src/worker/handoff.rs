@@ -108,7 +108,7 @@ impl Link {
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.resolved(table, token, outcome, now, env)
                 }
-                Ok(Some((Message::Offer(_), None) | (Message::Taking, _))) => {}
+                Ok(Some((Message::Offer(_), None) | (Message::Taking | Message::Ready, _))) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel: {error}; message dropped");
                 }

@@ -198,7 +198,7 @@ impl<'a> Worker<'a> {
             master,
             credentials,
             heartbeat,
-            channel,
+            mut channel,
         } = context;
         // Before dropping privileges: a port below 1024 needs them.
         let listeners = Listeners::open(listeners, std::mem::take(&mut config.listeners))?;
@@ -227,6 +227,8 @@ impl<'a> Worker<'a> {
             listeners.len(),
             config.daemon.event_backend.name()
         );
+        // After the log line: the master relays it before it acts on the message.
+        crate::handoff::report_ready(channel.as_mut())?;
         let env = Env {
             poller,
             listeners,
