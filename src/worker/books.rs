@@ -129,6 +129,7 @@ impl Books {
     }
 
     /// When the next refusal summary is due.
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.summaries.next_deadline()
     }

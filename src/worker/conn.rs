@@ -44,6 +44,7 @@ pub struct Conn {
 
 impl Conn {
     /// Adds one callback's progress; any byte moved counts as activity.
+    #[inline]
     pub fn record(&mut self, progress: Progress, now: Instant) {
         self.totals.bytes_in += progress.bytes_in;
         self.totals.bytes_out += progress.bytes_out;
@@ -55,6 +56,7 @@ impl Conn {
 
     /// Registers with `poller` what the session now wants the socket (descriptor `fd`)
     /// watched for, if that changed.
+    #[inline]
     pub fn update_interest(&mut self, fd: usize, poller: &mut dyn Poller) {
         let Interest { read, write, .. } = self.session.interest();
         let wanted = Interest { read, write, exclusive: false };

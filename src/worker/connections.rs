@@ -84,17 +84,20 @@ impl Connections {
     }
 
     /// Connections open (offered ones included).
+    #[inline]
     pub fn len(&self) -> usize {
         self.table.len()
     }
 
     /// Descriptors held against the budget: connections and the extra descriptors their
     /// sessions watch.
+    #[inline]
     pub fn held(&self) -> usize {
         self.table.len() + self.extras
     }
 
     /// The earliest connection deadline (possibly stale: an early wake-up only).
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.table.next_deadline()
     }
@@ -211,6 +214,7 @@ impl Connections {
 
     /// A readiness event on a connection's socket; false when `fd` is not one. `others`:
     /// descriptors the other tables hold (for the budget of the session's extra ones).
+    #[inline]
     pub fn on_event(
         &mut self,
         event: Event,

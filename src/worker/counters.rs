@@ -27,16 +27,19 @@ pub struct Counters {
 
 impl Counters {
     /// Whether anything happened since the last publication.
+    #[inline]
     pub fn dirty(&self) -> bool {
         self.dirty
     }
 
     /// Something changed that the scoreboard shows (an open count).
+    #[inline]
     pub fn touch(&mut self) {
         self.dirty = true;
     }
 
     /// Bytes moved.
+    #[inline]
     pub fn moved(&mut self, bytes_in: u64, bytes_out: u64) {
         self.bytes_in += bytes_in;
         self.bytes_out += bytes_out;
@@ -163,6 +166,7 @@ impl Tally {
     }
 
     /// Bytes moved on a connection.
+    #[inline]
     pub fn moved(&mut self, progress: Progress) {
         self.bytes_in += progress.bytes_in;
         self.bytes_out += progress.bytes_out;

@@ -155,17 +155,20 @@ fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
 
 impl Datagrams {
     /// Flows running: each holds a descriptor of the worker's budget.
+    #[inline]
     pub fn len(&self) -> usize {
         self.flows.len()
     }
 
     /// Whether `fd` is a flow's socket.
+    #[inline]
     pub fn owns(&self, fd: RawFd) -> bool {
         usize::try_from(fd).is_ok_and(|fd| self.flows.contains(fd))
     }
 
     /// Whether one flow is the worker's only work, with `connections` open besides (served
     /// connections and PROXY headers being read): the condition for busy polling.
+    #[inline]
     fn alone(&self, connections: usize) -> bool {
         self.flows.len() == 1 && connections == 0
     }
@@ -173,6 +176,7 @@ impl Datagrams {
     /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
     /// that has passed counts as a miss of its flow and ends the polling; so does other
     /// work arriving (another flow, or `connections` above 0), without counting a miss.
+    #[inline]
     pub fn busy_polling(&mut self, now: Instant, connections: usize) -> bool {
         let Some(busy) = self.busy else { return false };
         if !self.alone(connections) {
@@ -190,6 +194,7 @@ impl Datagrams {
     }
 
     /// The earliest flow deadline (possibly stale: an early wake-up only).
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.flows.next_deadline()
     }

@@ -41,6 +41,7 @@ pub struct Env<'a> {
 
 impl Env<'_> {
     /// Descriptors the budget still allows, with `held` held.
+    #[inline]
     pub fn room(&self, held: usize) -> usize {
         self.max_connections.saturating_sub(held)
     }

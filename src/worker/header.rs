@@ -48,16 +48,19 @@ pub struct Headers {
 
 impl Headers {
     /// Connections held.
+    #[inline]
     pub fn len(&self) -> usize {
         self.table.len()
     }
 
     /// Whether `fd` is a connection reading its header.
+    #[inline]
     pub fn contains(&self, fd: RawFd) -> bool {
         usize::try_from(fd).is_ok_and(|fd| self.table.contains(fd))
     }
 
     /// When the next header is late (possibly a stale entry: an early wake-up only).
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.table.next_deadline()
     }

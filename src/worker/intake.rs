@@ -81,17 +81,20 @@ impl Gate {
     }
 
     /// Whether the listeners are watched.
+    #[inline]
     pub fn accepting(&self) -> bool {
         self.intake == Intake::Accepting
     }
 
     /// Whether the worker stops gracefully.
+    #[inline]
     pub fn draining(&self) -> bool {
         self.intake == Intake::Draining
     }
 
     /// The start of a turn at `now`: whether the listeners are to be watched, given whether
     /// the budget has `room` and whether a connection `can_shed` (needed only without room).
+    #[inline]
     pub fn turn(&mut self, now: Instant, room: bool, can_shed: bool) -> Turn {
         let keep = Turn { watch: Watch::Keep, became_full: false };
         match self.intake {
@@ -164,13 +167,16 @@ impl Gate {
     }
 
     /// The end of an accept pause, or of the shed grace, whichever comes first after `now`.
+    #[inline]
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let pause = match self.intake {
             Intake::Held { until } => until,
             Intake::Accepting | Intake::Draining => None,
         };
-        let grace = self.shed_at.filter(|at| *at > now);
-        pause.into_iter().chain(grace).min()
+        match (pause, self.shed_at.filter(|at| *at > now)) {
+            (Some(pause), Some(grace)) => Some(pause.min(grace)),
+            (pause, grace) => pause.or(grace),
+        }
     }
 }
 

@@ -114,6 +114,7 @@ impl Listeners {
     }
 
     /// The listener whose open socket (shared or own) is `fd`.
+    #[inline]
     pub fn find(&self, fd: RawFd) -> Option<usize> {
         self.entries.iter().position(|entry| {
             entry.shared.as_ref().is_some_and(|s| s.as_raw_fd() == fd)

@@ -325,6 +325,7 @@ impl ConnState {
     /// What follows a session callback that returned `Ok`: `close` is what the session asked
     /// for ([`crate::services::Context::close`] or `reset`), `exchanges` the exchanges it
     /// completed. Asks the session whether it is done and, when it matters, at rest.
+    #[inline]
     pub fn after_callback(
         &self,
         close: Option<(CloseReason, Ending)>,

@@ -108,6 +108,7 @@ impl Summaries {
     }
 
     /// When the next window ends.
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.windows.values().map(|w| w.ends).min()
     }

@@ -45,11 +45,13 @@ impl<T> Default for Table<T> {
 
 impl<T> Table<T> {
     /// Entries held.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether descriptor `fd` holds an entry.
+    #[inline]
     pub fn contains(&self, fd: usize) -> bool {
         self.slots.get(fd).is_some_and(Option::is_some)
     }
@@ -74,16 +76,19 @@ impl<T> Table<T> {
     }
 
     /// The entry of descriptor `fd`.
+    #[inline]
     pub fn get(&self, fd: usize) -> Option<&T> {
         self.slots.get(fd)?.as_ref().map(|slot| &slot.value)
     }
 
     /// The entry of descriptor `fd`, to change it.
+    #[inline]
     pub fn get_mut(&mut self, fd: usize) -> Option<&mut T> {
         self.slots.get_mut(fd)?.as_mut().map(|slot| &mut slot.value)
     }
 
     /// The entry of descriptor `fd` with its serial, to change it (one lookup).
+    #[inline]
     pub fn entry_mut(&mut self, fd: usize) -> Option<(u64, &mut T)> {
         self.slots.get_mut(fd)?.as_mut().map(|slot| (slot.serial, &mut slot.value))
     }
@@ -95,6 +100,7 @@ impl<T> Table<T> {
 
     /// The entry of descriptor `fd` if it is the one given `serial` (not a later one on the
     /// reused descriptor).
+    #[inline]
     pub fn live(&self, fd: usize, serial: u64) -> Option<&T> {
         self.slots.get(fd)?.as_ref().filter(|slot| slot.serial == serial).map(|slot| &slot.value)
     }
@@ -130,6 +136,7 @@ impl<T> Table<T> {
     }
 
     /// The earliest heap entry's time: possibly stale, which only means an early wake-up.
+    #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
         self.timers.peek().map(|Reverse((at, _, _))| *at)
     }
