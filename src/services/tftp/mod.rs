@@ -307,9 +307,12 @@ impl Tftp {
                     acked.push((name.clone(), number.to_string()));
                 }
                 // A read's size is the file's in octet mode; netascii's is not known ahead
-                // (tftp-hpa does the same). A write's announced size is checked against the
-                // limit now.
-                "tsize" if !writing && !netascii => acked.push((name.clone(), size.to_string())),
+                // (tftp-hpa does the same). An empty file's is left out: curl rejects
+                // `tsize=0` in an OACK, and RFC 2347 lets a server leave out any option. A
+                // write's announced size is checked against the limit now.
+                "tsize" if !writing && !netascii && size > 0 => {
+                    acked.push((name.clone(), size.to_string()));
+                }
                 "tsize" if writing => {
                     if number > self.max_write_size {
                         let (code, message) = (ErrorCode::DiskFull, "file too large");
