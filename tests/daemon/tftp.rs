@@ -368,3 +368,51 @@ fn ipv6_clients_are_served_from_an_ipv6_tid() {
     let line = daemon.wait_for_log("the transfer's access line", |l| l.contains("result=complete"));
     assert!(field(&line, "peer").is_some_and(|p| p.starts_with("[::1]:")), "{line}");
 }
+
+/// Names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn an_abandoned_upload_leaves_no_file_and_the_name_can_be_uploaded_again() {
+    let options = "allow_write = true\ntimeout = \"200ms\"\nretries = 2";
+    let server = Server::start(1, "", options, &[]);
+    let root = server.root.path();
+    let addr = server.daemon.addr();
+    // Two blocks of a longer file, then the client goes away (its port closes).
+    let quitter = raw_client();
+    let (ack, tid) = request(&quitter, addr, 2, "partial", "octet", &[]);
+    assert_eq!(ack, [0, 4, 0, 0]);
+    for block in 1..=2u8 {
+        let data = [&[0, 3, 0, block][..], &[block; 512]].concat();
+        quitter.send_to(&data, tid).unwrap();
+        let (ack, _) = receive(&quitter);
+        assert_eq!(ack, [0, 4, 0, block]);
+        assert!(entries(root).is_empty(), "nothing under root mid-upload: {:?}", entries(root));
+    }
+    drop(quitter);
+    let line = server.daemon.wait_for_log("the abandoned upload's access line", |l| {
+        l.contains("file=\"partial\"") && l.contains("result=")
+    });
+    assert!(!line.contains("result=complete"), "{line}");
+    assert_eq!(field(&line, "bytes"), Some("1024"), "{line}");
+    assert!(entries(root).is_empty(), "no partial file: {:?}", entries(root));
+    // The name is free: a real client uploads it.
+    let upload = random_bytes(3000, 7);
+    std::fs::write(server.out.path().join("upload"), &upload).unwrap();
+    let port = server.port();
+    let args = ["-m", "binary", "127.0.0.1", &port, "-c", "put", "upload", "partial"];
+    let output = run("tftp", &args, server.out.path());
+    assert!(output.status.success(), "{output:?}");
+    server.daemon.wait_for_log("the new upload's access line", |l| {
+        l.contains("file=\"partial\"") && l.contains("result=complete")
+    });
+    assert_eq!(std::fs::read(root.join("partial")).unwrap(), upload);
+    assert_eq!(entries(root), ["partial"]);
+}

@@ -16,7 +16,8 @@
 //! anything is read. An absolute name is taken relative to `root`; a name with a `..`
 //! component is refused outright; only regular files are served, and a file with more than
 //! one hard link is refused (another name for it may lie outside `root`). openat2 comes from
-//! `nix` (already a dependency); `cap-std` would do the same through more layers.
+//! `nix` (already a dependency); `cap-std` would do the same through more layers. An upload
+//! gets its name only when complete ([`upload`]).
 //!
 //! Options (`[listener.options]`): `root` (required), `timeout`, `retries`, `max_blksize`,
 //! `max_windowsize`, `allow_write`, `create_mode`, `max_write_size`, `busy_poll`.
@@ -24,6 +25,7 @@
 mod packet;
 mod source;
 mod transfer;
+mod upload;
 
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
@@ -278,17 +280,22 @@ impl Tftp {
                 "write-refused",
             );
         }
-        let opened = if writing {
-            open_beneath(&self.root, &request.filename, Some(self.create_mode))
+        let (staged, opened) = if writing {
+            match upload::Upload::create(&self.root, &request.filename, self.create_mode) {
+                Ok(upload) => (Some(upload), None),
+                Err((code, message, result)) => {
+                    return refused(common(None, String::new()), code, message, result);
+                }
+            }
         } else {
-            open_beneath(&self.root, &request.filename, None)
-        };
-        let (file_handle, size) = match opened {
-            Ok(opened) => opened,
-            Err((code, message, result)) => {
-                return refused(common(None, String::new()), code, message, result);
+            match open_beneath(&self.root, &request.filename) {
+                Ok(opened) => (None, Some(opened)),
+                Err((code, message, result)) => {
+                    return refused(common(None, String::new()), code, message, result);
+                }
             }
         };
+        let size = opened.as_ref().map_or(0, |(_, size)| *size);
         // Options (RFC 2347): those understood and in range are acknowledged, possibly with
         // a smaller value; the others are ignored, as the RFC lets a server do.
         let mut blksize = DEFAULT_BLKSIZE;
@@ -316,7 +323,6 @@ impl Tftp {
                 "tsize" if writing => {
                     if number > self.max_write_size {
                         let (code, message) = (ErrorCode::DiskFull, "file too large");
-                        remove_new_file(&self.root, &request.filename);
                         return refused(common(None, String::new()), code, message, "too-large");
                     }
                     acked.push((name.clone(), number.to_string()));
@@ -332,11 +338,10 @@ impl Tftp {
         let oack = (!acked.is_empty()).then(|| packet::oack(&acked));
         let mut common = common(oack, summary.join(","));
         common.timeout = timeout;
-        if writing {
-            let (root, name) = (self.root.clone(), request.filename.clone());
-            Box::new(Write {
+        match (staged, opened) {
+            (Some(upload), _) => Box::new(Write {
                 common,
-                file: file_handle,
+                upload,
                 blksize,
                 netascii: netascii.then_some(false),
                 max_size: self.max_write_size,
@@ -344,11 +349,12 @@ impl Tftp {
                 acked: 0,
                 finished: false,
                 scratch: Vec::new(),
-                discard: Some(Box::new(move || remove_new_file(&root, &name))),
                 packet: Vec::new(),
-            })
-        } else {
-            Box::new(Read::new(common, file_handle, blksize, windowsize, netascii))
+            }),
+            (None, Some((file, _))) => {
+                Box::new(Read::new(common, file, blksize, windowsize, netascii))
+            }
+            (None, None) => unreachable!("a request opens a file or prepares an upload"),
         }
     }
 
@@ -406,38 +412,30 @@ fn how(flags: OFlag, mode: u32) -> OpenHow {
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
 }
 
-/// Opens `name` under `root` for reading (`create: None`) or creates it, new, with mode
-/// `create`. Returns the file and its size.
-fn open_beneath(root: &std::path::Path, name: &[u8], create: Option<u32>) -> Result<(File, u64), OpenError> {
-    const VIOLATION: OpenError = (ErrorCode::AccessViolation, "access violation", "access-violation");
+/// Refusal of a name that leaves `root`, a link, or anything but a regular file.
+const VIOLATION: OpenError = (ErrorCode::AccessViolation, "access violation", "access-violation");
+
+/// Opens `name` under `root` for reading. Returns the file and its size.
+fn open_beneath(root: &std::path::Path, name: &[u8]) -> Result<(File, u64), OpenError> {
     let Some(relative) = relative_name(name) else { return Err(VIOLATION) };
     let root = root_dir(root)?;
     let relative = std::ffi::OsStr::from_bytes(relative);
-    let flags = match create {
-        None => OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
-        Some(_) => OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
-    };
-    let fd: OwnedFd = openat2(&root, relative, how(flags, create.unwrap_or(0))).map_err(|errno| {
-        match errno {
-            Errno::ENOENT if create.is_none() => (ErrorCode::NotFound, "file not found", "not-found"),
-            Errno::ENOENT | Errno::ENOTDIR => (ErrorCode::NotFound, "directory not found", "not-found"),
-            Errno::EEXIST => (ErrorCode::FileExists, "file already exists", "exists"),
-            Errno::ENOSPC | Errno::EDQUOT => (ErrorCode::DiskFull, "disk full", "disk-full"),
-            Errno::ENOSYS => (ErrorCode::Undefined, "server cannot confine paths", "no-openat2"),
-            // EXDEV: the path leaves root; ELOOP: a symlink loop or O_NOFOLLOW; EACCES/EPERM.
-            _ => VIOLATION,
-        }
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let fd: OwnedFd = openat2(&root, relative, how(flags, 0)).map_err(|errno| match errno {
+        Errno::ENOENT => (ErrorCode::NotFound, "file not found", "not-found"),
+        Errno::ENOTDIR => (ErrorCode::NotFound, "directory not found", "not-found"),
+        Errno::ENOSYS => (ErrorCode::Undefined, "server cannot confine paths", "no-openat2"),
+        // EXDEV: the path leaves root; ELOOP: a symlink loop; EACCES/EPERM.
+        _ => VIOLATION,
     })?;
     let stat = fstat(&fd).map_err(|_| VIOLATION)?;
     let regular = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
-    if !regular || (create.is_none() && stat.st_nlink > 1) {
+    if !regular || stat.st_nlink > 1 {
         return Err(VIOLATION);
     }
     let file = File::from(fd);
-    if create.is_none() {
-        // Back to blocking reads (pread on a regular file never waits for a peer).
-        let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
-    }
+    // Back to blocking reads (pread on a regular file never waits for a peer).
+    let _ = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
     Ok((file, stat.st_size as u64))
 }
 
@@ -447,21 +445,6 @@ use std::os::unix::ffi::OsStrExt;
 fn root_dir(root: &std::path::Path) -> Result<OwnedFd, OpenError> {
     nix::fcntl::open(root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|_| (ErrorCode::Undefined, "root directory unavailable", "no-root"))
-}
-
-/// Removes a file a failed write request created (best effort, beneath `root`).
-fn remove_new_file(root: &std::path::Path, name: &[u8]) {
-    let Some(relative) = relative_name(name) else { return };
-    let (parent, base) = match relative.iter().rposition(|&b| b == b'/') {
-        Some(slash) => (&relative[..slash], &relative[slash + 1..]),
-        None => (&b"."[..], relative),
-    };
-    let Ok(root) = root_dir(root) else { return };
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
-    let Ok(dir) = openat2(&root, std::ffi::OsStr::from_bytes(parent), how(flags, 0)) else {
-        return;
-    };
-    let _ = nix::unistd::unlinkat(&dir, std::ffi::OsStr::from_bytes(base), nix::unistd::UnlinkatFlags::NoRemoveDir);
 }
 
 #[cfg(test)]
@@ -488,20 +471,14 @@ mod tests {
         std::os::unix::fs::symlink("ok", root.path().join("in")).unwrap();
         std::fs::hard_link(outside.path().join("secret"), root.path().join("hard")).unwrap();
         let r = root.path();
-        assert_eq!(open_beneath(r, b"ok", None).unwrap().1, 4);
-        assert_eq!(open_beneath(r, b"/ok", None).unwrap().1, 4, "absolute means under root");
-        assert_eq!(open_beneath(r, b"in", None).unwrap().1, 4, "a link inside root is fine");
-        assert_eq!(open_beneath(r, b"out", None).unwrap_err().0, ErrorCode::AccessViolation);
-        assert_eq!(open_beneath(r, b"hard", None).unwrap_err().0, ErrorCode::AccessViolation);
-        assert_eq!(open_beneath(r, b"missing", None).unwrap_err().0, ErrorCode::NotFound);
-        assert_eq!(open_beneath(r, b".", None).unwrap_err().0, ErrorCode::AccessViolation);
+        assert_eq!(open_beneath(r, b"ok").unwrap().1, 4);
+        assert_eq!(open_beneath(r, b"/ok").unwrap().1, 4, "absolute means under root");
+        assert_eq!(open_beneath(r, b"in").unwrap().1, 4, "a link inside root is fine");
+        assert_eq!(open_beneath(r, b"out").unwrap_err().0, ErrorCode::AccessViolation);
+        assert_eq!(open_beneath(r, b"hard").unwrap_err().0, ErrorCode::AccessViolation);
+        assert_eq!(open_beneath(r, b"missing").unwrap_err().0, ErrorCode::NotFound);
+        assert_eq!(open_beneath(r, b".").unwrap_err().0, ErrorCode::AccessViolation);
         let escape = format!("../{}/secret", outside.path().file_name().unwrap().to_str().unwrap());
-        assert_eq!(open_beneath(r, escape.as_bytes(), None).unwrap_err().0, ErrorCode::AccessViolation);
-        // Writes: new files only.
-        assert!(open_beneath(r, b"new", Some(0o600)).is_ok());
-        assert_eq!(open_beneath(r, b"ok", Some(0o600)).unwrap_err().0, ErrorCode::FileExists);
-        assert_eq!(open_beneath(r, b"out", Some(0o600)).unwrap_err().0, ErrorCode::FileExists);
-        remove_new_file(r, b"new");
-        assert!(!r.join("new").exists());
+        assert_eq!(open_beneath(r, escape.as_bytes()).unwrap_err().0, ErrorCode::AccessViolation);
     }
 }

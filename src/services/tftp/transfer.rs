@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::packet::{self, ACK, DATA, ERROR, ErrorCode};
 use super::source::{self, Position};
+use super::upload::Upload;
 use crate::services::{Flow, Progress, Step};
 
 /// What every transfer shares: its socket, timing and access-log facts.
@@ -377,12 +378,13 @@ fn acked_block(base: u64, next: u64, wire: u16) -> Option<u64> {
     (acked != before && acked < next).then_some(acked)
 }
 
-/// A write request being served (`allow_write = true`): lock-step, one ACK per block.
+/// A write request being served (`allow_write = true`): lock-step, one ACK per block. The
+/// data goes to an [`Upload`], named only once the last block is in.
 pub struct Write {
     /// Socket, timing, facts.
     pub common: Common,
-    /// The new file.
-    pub file: File,
+    /// The new file, without a name until the transfer completes.
+    pub upload: Upload,
     /// Data bytes per block.
     pub blksize: usize,
     /// Netascii translation state (`None`: octet): a CR ending the last block.
@@ -397,8 +399,6 @@ pub struct Write {
     pub finished: bool,
     /// Translated data.
     pub scratch: Vec<u8>,
-    /// Called with the result when the transfer fails: removes the partial file.
-    pub discard: Option<Box<dyn FnOnce()>>,
     /// One packet as received: header and up to `blksize` bytes (kept between calls).
     pub packet: Vec<u8>,
 }
@@ -409,11 +409,9 @@ impl Write {
         self.common.send(&ack)
     }
 
+    /// Ends the transfer with an ERROR; the upload is dropped with it, unnamed.
     fn fail(&mut self, code: ErrorCode, message: &str, result: &'static str) -> Step {
         self.common.send_error(code, message);
-        if let Some(discard) = self.discard.take() {
-            discard();
-        }
         Step::Done(result)
     }
 
@@ -439,7 +437,7 @@ impl Write {
         if self.written + bytes.len() as u64 > self.max_size {
             return Some(self.fail(ErrorCode::DiskFull, "file too large", "too-large"));
         }
-        if self.file.write_all(bytes).is_err() {
+        if self.upload.file().write_all(bytes).is_err() {
             return Some(self.fail(ErrorCode::DiskFull, "write error", "write-error"));
         }
         self.written += bytes.len() as u64;
@@ -447,15 +445,18 @@ impl Write {
         self.acked = expected;
         self.common.blocks += 1;
         self.common.tries = 0;
-        if let Err(result) = self.send_ack() {
-            return Some(Step::Done(result));
-        }
         if data.len() < self.blksize {
-            if self.netascii == Some(true) {
-                let _ = self.file.write_all(b"\r");
+            // The last block: the file gets its name before the client hears it is stored.
+            if self.netascii == Some(true) && self.upload.file().write_all(b"\r").is_err() {
+                return Some(self.fail(ErrorCode::DiskFull, "write error", "write-error"));
+            }
+            if let Err((code, message, result)) = self.upload.commit() {
+                return Some(self.fail(code, message, result));
             }
             self.finished = true;
-            self.discard = None;
+        }
+        if let Err(result) = self.send_ack() {
+            return Some(Step::Done(result));
         }
         Some(Step::Wait(now + self.common.timeout))
     }
@@ -478,12 +479,7 @@ impl Write {
                         step = next;
                     }
                 }
-                Some((ERROR, _)) => {
-                    if let Some(discard) = self.discard.take() {
-                        discard();
-                    }
-                    return Step::Done("client-error");
-                }
+                Some((ERROR, _)) => return Step::Done("client-error"),
                 _ => {}
             }
         }
@@ -522,9 +518,6 @@ impl Flow for Write {
             return Step::Done("complete");
         }
         if !self.common.timed_out() {
-            if let Some(discard) = self.discard.take() {
-                discard();
-            }
             return Step::Done("timeout");
         }
         self.common.retransmissions += 1;
@@ -540,9 +533,6 @@ impl Flow for Write {
 
     fn refuse(&mut self, reason: &str) {
         refusal(&mut self.common, reason);
-        if let Some(discard) = self.discard.take() {
-            discard();
-        }
     }
 
     fn totals(&self) -> Progress {
