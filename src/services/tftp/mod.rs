@@ -19,9 +19,17 @@
 //! `nix` (already a dependency); `cap-std` would do the same through more layers. An upload
 //! gets its name only when complete ([`upload`]).
 //!
+//! Reflection: a request's address may be forged. Until its peer answers, a transfer is
+//! unverified ([`transfer::Peer`]): few retransmissions (`unverified_retries`) and a slot of
+//! the listener-wide budget (`max_unverified_transfers`, [`budget`]); a request beyond the
+//! budget is dropped unanswered. A malformed datagram is answered only when the error is no
+//! larger than it.
+//!
 //! Options (`[listener.options]`): `root` (required), `timeout`, `retries`, `max_blksize`,
-//! `max_windowsize`, `allow_write`, `create_mode`, `max_write_size`, `busy_poll`.
+//! `max_windowsize`, `allow_write`, `create_mode`, `max_write_size`, `busy_poll`,
+//! `unverified_retries`, `max_unverified_transfers`.
 
+mod budget;
 mod packet;
 mod source;
 mod transfer;
@@ -42,8 +50,9 @@ use super::{
     Answer, CloseReason, ConnInfo, Context, DatagramService, Flow, Interest, Invalid, Options,
     Progress, Service, Session,
 };
+use budget::{Budget, Claim};
 use packet::{ErrorCode, RRQ};
-use transfer::{Common, Read, Refused, Write};
+use transfer::{Common, Peer, Read, Refused, Write};
 
 /// The name in `service = "..."`.
 pub(super) const NAME: &str = "tftp";
@@ -64,6 +73,13 @@ pub const DEFAULT_MAX_WRITE_SIZE: u64 = 32 << 20;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 /// Largest `busy_poll`: 1 ms.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+/// Default of `unverified_retries`: one retransmission to a peer that has not answered, so a
+/// client that lost the first packet still gets it.
+pub const DEFAULT_UNVERIFIED_RETRIES: u32 = 1;
+/// Default of `max_unverified_transfers`.
+pub const DEFAULT_MAX_UNVERIFIED_TRANSFERS: usize = 32;
+/// Largest `max_unverified_transfers` (each request scans the budget's slots).
+pub const MAX_UNVERIFIED_TRANSFERS: usize = 4096;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +93,8 @@ struct TftpOptions {
     create_mode: Option<String>,
     max_write_size: Option<i64>,
     busy_poll: Option<String>,
+    unverified_retries: Option<i64>,
+    max_unverified_transfers: Option<i64>,
 }
 
 /// The TFTP service: built from `[listener.options]`.
@@ -105,6 +123,14 @@ pub struct Tftp {
     /// does not answer within it is not polled for again for the next 1 to 1023 packets.
     /// Default 50 µs; at most 1 ms; 0 never polls.
     pub busy_poll: Duration,
+    /// Timeouts in a row before a transfer whose peer has never answered is abandoned
+    /// (result `no-answer`): retransmissions to an address that may be forged. Default 1;
+    /// 0 to 100, and never more than `retries`.
+    pub unverified_retries: u32,
+    /// Transfers whose peer has not answered yet, at once, over every worker of the listener
+    /// (the listener-wide budget): a request beyond it is dropped unanswered, counted and
+    /// logged. `None` (written 0): no budget. Default 32; at most 4096.
+    pub budget: Option<Arc<Budget>>,
 }
 
 /// Builds the service from its options.
@@ -148,6 +174,20 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         }
     };
     let retries = integer("retries", parsed.retries, 1, 100, DEFAULT_RETRIES.into()) as u32;
+    let unverified_retries = integer(
+        "unverified_retries",
+        parsed.unverified_retries,
+        0,
+        100,
+        DEFAULT_UNVERIFIED_RETRIES.into(),
+    ) as u32;
+    let max_unverified = integer(
+        "max_unverified_transfers",
+        parsed.max_unverified_transfers,
+        0,
+        MAX_UNVERIFIED_TRANSFERS as i64,
+        DEFAULT_MAX_UNVERIFIED_TRANSFERS as i64,
+    ) as usize;
     let max_blksize =
         integer("max_blksize", parsed.max_blksize, 8, MAX_BLKSIZE as i64, MAX_BLKSIZE as i64);
     let max_windowsize =
@@ -167,6 +207,14 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
             0o644
         }
     };
+    let budget = match std::num::NonZeroUsize::new(max_unverified).map(Budget::new) {
+        None => None,
+        Some(Ok(budget)) => Some(Arc::new(budget)),
+        Some(Err(error)) => {
+            options.report("max_unverified_transfers", format!("could not map its table: {error}"));
+            None
+        }
+    };
     options.finish(Arc::new(Tftp {
         root,
         timeout,
@@ -177,6 +225,8 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         create_mode,
         max_write_size: max_write_size as u64,
         busy_poll,
+        unverified_retries,
+        budget,
     }) as Arc<dyn Service>)
 }
 
@@ -226,9 +276,34 @@ impl DatagramService for Tftp {
         _now: Instant,
         reply: &mut Vec<u8>,
     ) -> Answer {
-        let Some(request) = packet::parse_request(request) else {
-            reply.extend(packet::error(ErrorCode::IllegalOperation, "not a TFTP request"));
+        let Some(parsed) = packet::parse_request(request) else {
+            // Answered only when the answer is no larger than the datagram: a forged one
+            // draws no more than it costs.
+            let error = packet::error(ErrorCode::IllegalOperation, "not a TFTP request");
+            if error.len() > request.len() {
+                return Answer::Ignore;
+            }
+            reply.extend(error);
             return Answer::Reply;
+        };
+        let claim = match &self.budget {
+            None => None,
+            Some(budget) => {
+                let now_ms = crate::scoreboard::monotonic_ms();
+                match budget.claim(now_ms, self.unverified_hold(&parsed)) {
+                    Some(claim) => Some(claim),
+                    None => {
+                        if let Some((recent, total)) = budget.refuse(now_ms) {
+                            log::warn!(
+                                "tftp on {local}: dropped {recent} request(s) unanswered, the last from {}: max_unverified_transfers ({}) transfers wait for their peer's first answer (a spoofed flood?); {total} since the last reload",
+                                peer.ip(),
+                                budget.slots()
+                            );
+                        }
+                        return Answer::Ignore;
+                    }
+                }
+            }
         };
         let socket = match tid_socket(local, peer) {
             Ok(socket) => socket,
@@ -238,7 +313,7 @@ impl DatagramService for Tftp {
                 return Answer::Reply;
             }
         };
-        Answer::Flow(self.transfer(request, socket))
+        Answer::Flow(self.transfer(parsed, socket, claim))
     }
 }
 
@@ -259,19 +334,35 @@ fn tid_socket(local: SocketAddr, peer: SocketAddr) -> std::io::Result<UdpSocket>
 }
 
 impl Tftp {
-    fn transfer(&self, request: packet::Request, socket: UdpSocket) -> Box<dyn Flow> {
+    /// How long a transfer of `request` may stay unverified: its timeouts before it gives up
+    /// (with the timeout it asks for, if any), and one more for a busy worker's lateness.
+    fn unverified_hold(&self, request: &packet::Request) -> Duration {
+        let asked = request.options.iter().find(|(name, _)| name == "timeout");
+        let timeout = asked
+            .and_then(|(_, value)| value.parse::<u64>().ok())
+            .filter(|seconds| (1..=255).contains(seconds))
+            .map_or(self.timeout, Duration::from_secs);
+        timeout * (self.unverified_retries.min(self.retries) + 2)
+    }
+
+    fn transfer(
+        &self,
+        request: packet::Request,
+        socket: UdpSocket,
+        claim: Option<Claim>,
+    ) -> Box<dyn Flow> {
         let file = String::from_utf8_lossy(&request.filename).into_owned();
         let netascii = match request.mode.as_str() {
             "octet" => false,
             "netascii" => true,
             _ => {
-                let common = self.common(socket, file, "octet", String::new(), None);
+                let common = self.common(socket, claim, file, "octet", String::new(), None);
                 return refused(common, ErrorCode::IllegalOperation, "mode not supported", "bad-mode");
             }
         };
         let mode = if netascii { "netascii" } else { "octet" };
         let writing = request.opcode != RRQ;
-        let common = |oack, options| self.common(socket, file.clone(), mode, options, oack);
+        let common = |oack, options| self.common(socket, claim, file.clone(), mode, options, oack);
         if writing && !self.allow_write {
             return refused(
                 common(None, String::new()),
@@ -358,9 +449,11 @@ impl Tftp {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn common(
         &self,
         socket: UdpSocket,
+        claim: Option<Claim>,
         file: String,
         mode: &'static str,
         options: String,
@@ -380,6 +473,7 @@ impl Tftp {
             retransmissions: 0,
             tries: 0,
             busy_poll: self.busy_poll,
+            peer: Peer::Unverified { retries: self.unverified_retries, claim },
         }
     }
 }
