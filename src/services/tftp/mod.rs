@@ -371,22 +371,22 @@ impl Tftp {
                 "write-refused",
             );
         }
-        let (staged, opened) = if writing {
-            match upload::Upload::create(&self.root, &request.filename, self.create_mode) {
-                Ok(upload) => (Some(upload), None),
-                Err((code, message, result)) => {
-                    return refused(common(None, String::new()), code, message, result);
-                }
-            }
+        let target = if writing {
+            upload::Upload::create(&self.root, &request.filename, self.create_mode)
+                .map(Target::Upload)
         } else {
-            match open_beneath(&self.root, &request.filename) {
-                Ok(opened) => (None, Some(opened)),
-                Err((code, message, result)) => {
-                    return refused(common(None, String::new()), code, message, result);
-                }
+            open_beneath(&self.root, &request.filename).map(|(file, size)| Target::Read(file, size))
+        };
+        let target = match target {
+            Ok(target) => target,
+            Err((code, message, result)) => {
+                return refused(common(None, String::new()), code, message, result);
             }
         };
-        let size = opened.as_ref().map_or(0, |(_, size)| *size);
+        let size = match &target {
+            Target::Read(_, size) => *size,
+            Target::Upload(_) => 0,
+        };
         // Options (RFC 2347): those understood and in range are acknowledged, possibly with
         // a smaller value; the others are ignored, as the RFC lets a server do.
         let mut blksize = DEFAULT_BLKSIZE;
@@ -429,8 +429,8 @@ impl Tftp {
         let oack = (!acked.is_empty()).then(|| packet::oack(&acked));
         let mut common = common(oack, summary.join(","));
         common.timeout = timeout;
-        match (staged, opened) {
-            (Some(upload), _) => Box::new(Write {
+        match target {
+            Target::Upload(upload) => Box::new(Write {
                 common,
                 upload,
                 blksize,
@@ -442,14 +442,10 @@ impl Tftp {
                 scratch: Vec::new(),
                 packet: Vec::new(),
             }),
-            (None, Some((file, _))) => {
-                Box::new(Read::new(common, file, blksize, windowsize, netascii))
-            }
-            (None, None) => unreachable!("a request opens a file or prepares an upload"),
+            Target::Read(file, _) => Box::new(Read::new(common, file, blksize, windowsize, netascii)),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn common(
         &self,
         socket: UdpSocket,
@@ -476,6 +472,12 @@ impl Tftp {
             peer: Peer::Unverified { retries: self.unverified_retries, claim },
         }
     }
+}
+
+/// What a request names: a file to read (and its size) or an upload to receive.
+enum Target {
+    Read(File, u64),
+    Upload(upload::Upload),
 }
 
 fn refused(
