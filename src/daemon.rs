@@ -11,9 +11,10 @@ use clap::Parser;
 use clap::error::ErrorKind;
 
 use crate::cli::{Cli, Command};
-use crate::config::{self, LogTarget};
+use crate::config;
 use crate::daemonize::{self, Side};
 use crate::exit::ExitStatus;
+use crate::logging::LogTarget;
 use crate::master::{self, Invocation};
 use crate::services::{Invalid, Options, Registry, Service};
 use crate::{control, logging};

@@ -21,12 +21,12 @@ pub use error::{ConfigError, Issue};
 use ipnet::IpNet;
 
 use crate::files;
+use crate::limits::Rules;
 use crate::limits::access::AccessList;
-use crate::limits::{Rate, Rules};
+use crate::logging::{LogConfig, LogTarget};
+use crate::poller::EventBackend;
+use crate::rate::Rate;
 use crate::services::{Registry, ServiceConfig};
-
-/// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
-pub const FD_SETSIZE: usize = 1024;
 
 /// Descriptors a worker holds besides listeners and connections: stdio, its signal pipe, the
 /// syslog socket, with room to spare. Part of the select budget check.
@@ -67,7 +67,8 @@ pub struct DaemonConfig {
     /// SIGKILL. Default 30 s; 0 kills at once.
     pub graceful_timeout: Duration,
     /// Connections one worker holds at most, all listeners together; a full worker stops
-    /// accepting until one closes. Default 512; must fit `select(2)`'s [`FD_SETSIZE`].
+    /// accepting until one closes. Default 512; must fit `select(2)`'s
+    /// [`FD_SETSIZE`](crate::poller::FD_SETSIZE).
     /// A reload cannot raise it above the value the daemon started with.
     pub max_connections_per_worker: NonZeroUsize,
     /// The master's pid file; also locates the scoreboard (`PID_FILE.scoreboard`) that
@@ -96,69 +97,6 @@ pub struct DaemonConfig {
     /// How workers wait for readiness. Default [`EventBackend::Select`].
     pub event_backend: EventBackend,
 }
-
-/// The readiness system call workers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventBackend {
-    /// select(2): the classic; descriptors must stay below [`FD_SETSIZE`].
-    Select,
-    /// poll(2): no descriptor limit; cost grows with the number of connections.
-    Poll,
-    /// epoll(7): cost grows with activity only; listeners use `EPOLLEXCLUSIVE`, so one
-    /// incoming connection wakes one worker.
-    Epoll,
-}
-
-impl EventBackend {
-    /// The configuration spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventBackend::Select => "select",
-            EventBackend::Poll => "poll",
-            EventBackend::Epoll => "epoll",
-        }
-    }
-}
-
-/// `[log]`: log target and verbosity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// Where lines go. Default [`LogTarget::Stderr`].
-    pub target: LogTarget,
-    /// Most verbose level written. Default `info`.
-    pub level: log::LevelFilter,
-    /// Write one access line per closed connection (at `info`). Default `true`.
-    pub access_log: bool,
-}
-
-/// Where log lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogTarget {
-    /// Standard error, one line per record with time, level, role and pid (systemd's journal
-    /// picks it up as is).
-    Stderr,
-    /// The local syslog daemon (RFC 3164 over a unix datagram socket).
-    Syslog {
-        /// Facility of every message. Default `daemon`.
-        facility: SyslogFacility,
-        /// The syslog socket; `None` (the default) tries `/dev/log`, then `/var/run/syslog`.
-        socket: Option<PathBuf>,
-    },
-    /// A file, opened for appending; reopened on SIGUSR1 (for logrotate).
-    File(PathBuf),
-}
-
-/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.
-#[derive(Debug, Clone, Copy)]
-pub struct SyslogFacility(pub syslog::Facility);
-
-impl PartialEq for SyslogFacility {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 as i32 == other.0 as i32
-    }
-}
-
-impl Eq for SyslogFacility {}
 
 /// One `[[listener]]`: an address, the service behind it and its connection policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +141,7 @@ pub struct ListenerConfig {
     /// are dropped unanswered, so a spoofed flood cannot turn preforkd into an amplifier.
     /// Default 100 per second for UDP; `None` (written `"0"`) is unlimited, and always for
     /// TCP.
-    pub max_datagram_rate_per_client: Option<DatagramRate>,
+    pub max_datagram_rate_per_client: Option<Rate>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
@@ -270,49 +208,6 @@ impl ListenerTransport {
             ListenerTransport::Tcp => "tcp",
             ListenerTransport::Udp => "udp",
         }
-    }
-}
-
-/// A rate written `"COUNT/PERIOD"`: `"100/s"`, `"600/min"`, `"20/10s"`, `"1000/h"`. The
-/// token bucket holds at most `count` tokens (the burst) and gains `count` per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DatagramRate {
-    /// Datagrams per period, and the burst; at least 1.
-    pub count: NonZeroU32,
-    /// The period: from 1 ms to 365 days.
-    pub period: Duration,
-}
-
-impl DatagramRate {
-    /// Parses `"COUNT/PERIOD"` (PERIOD a humane duration; a bare unit such as `s`, `min` or
-    /// `h` means one of it). `Ok(None)` for `"0"` (unlimited).
-    ///
-    /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(text: &str) -> Result<Option<DatagramRate>, String> {
-        let text = text.trim();
-        if text == "0" {
-            return Ok(None);
-        }
-        let Some((count, period)) = text.split_once('/') else {
-            return Err(
-                "write COUNT/PERIOD, such as \"100/s\" or \"600/min\", or \"0\" for no limit"
-                    .into(),
-            );
-        };
-        let count: u32 = count.trim().parse().map_err(|_| format!("{count:?} is not a count"))?;
-        let period = period.trim();
-        let starts_with_digit = period.starts_with(|c: char| c.is_ascii_digit());
-        let spelled = if starts_with_digit { period.to_owned() } else { format!("1{period}") };
-        let period = humantime::parse_duration(&spelled)
-            .map_err(|e| format!("{period:?} is not a period ({e})"))?;
-        let Some(count) = NonZeroU32::new(count) else {
-            return Err("the count must be at least 1 (or write \"0\" for no limit)".into());
-        };
-        if period < Duration::from_millis(1) || period > Duration::from_secs(365 * 24 * 3600) {
-            return Err("the period must be from 1ms to 365 days".into());
-        }
-        Ok(Some(DatagramRate { count, period }))
     }
 }
 

@@ -11,26 +11,27 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::EventBackend;
-use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
+use super::file::{FileConfig, ListenerSection, WorkersValue};
 use super::{
-    AdmissionConfig, Config, DaemonConfig, DatagramRate, FD_SETSIZE, ListenerConfig,
-    ListenerTransport, LogConfig, LogTarget, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM,
-    SyslogFacility, worker_slots,
+    AdmissionConfig, Config, DaemonConfig, ListenerConfig, ListenerTransport, MAX_WORKERS,
+    RESERVED_FDS, SLOT_HEADROOM, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
 
+use crate::duration;
 use crate::limits::access::AccessList;
-use crate::limits::{DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, MAX_RECORDS, Rate};
+use crate::limits::{DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, MAX_RECORDS};
+use crate::logging::{LogConfig, LogTarget, SyslogFacility};
+use crate::poller::{EventBackend, FD_SETSIZE};
+use crate::rate::Rate;
+use crate::schema::RawIssue;
 use crate::services::{Options, Registry, ServiceConfig};
 
 /// Default of `daemon.graceful_timeout`.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `daemon.max_connections_per_worker`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 512;
-/// Longest duration any key accepts (365 days): deadlines stay far from overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Shortest non-zero `daemon.worker_timeout`: shorter would take a busy worker for a hung one.
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default of `daemon.worker_timeout`.
@@ -50,8 +51,8 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 32;
 /// Default of `listener.max_long_connections_per_client`.
 pub const DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT: u32 = 8;
 /// Default of `listener.max_datagram_rate_per_client` (UDP listeners): 100 per second.
-pub const DEFAULT_DATAGRAM_RATE: DatagramRate =
-    DatagramRate { count: NonZeroU32::new(100).unwrap(), period: Duration::from_secs(1) };
+pub const DEFAULT_DATAGRAM_RATE: Rate =
+    Rate::per(NonZeroU32::new(100).unwrap(), Duration::from_secs(1));
 
 struct Checker<'a> {
     issues: &'a mut Vec<RawIssue>,
@@ -69,28 +70,24 @@ impl Checker<'_> {
         default: Duration,
     ) -> Duration {
         let Some(value) = value else { return default };
-        match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) if duration > MAX_DURATION => {
-                self.report(
-                    value.span(),
-                    key,
-                    format!("{:?} is too long: at most 365 days", value.get_ref()),
-                );
-                default
-            }
-            Ok(duration) => duration,
-            Err(error) => {
-                self.report(
-                    value.span(),
-                    key,
-                    format!(
-                        "invalid duration {:?} ({error}); write a number with a unit, such as \"10s\", \"250ms\" or \"5m\"",
-                        value.get_ref()
-                    ),
-                );
-                default
-            }
-        }
+        duration::parse(value.get_ref()).unwrap_or_else(|message| {
+            self.report(value.span(), key, message);
+            default
+        })
+    }
+
+    /// A rate (`"COUNT/PERIOD"`, [`Rate::parse`]); `None` when absent, unlimited or invalid
+    /// (reported).
+    fn rate(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<Rate> {
+        let value = value?;
+        Rate::parse(value.get_ref()).unwrap_or_else(|message| {
+            self.report(
+                value.span(),
+                key,
+                format!("invalid rate {:?}: {message}", value.get_ref()),
+            );
+            None
+        })
     }
 
     /// An integer in `min..=max`, or the default.
@@ -572,19 +569,12 @@ fn validate_listener(
         u32::MAX as i64,
         0,
     ) as u32;
-    let rate = section.max_connection_rate_per_client.as_ref().and_then(|value| {
-        match parse_rate(value.get_ref()) {
-            Ok(rate) => rate.map(|(count, period)| Rate {
-                count,
-                period,
-                burst: NonZeroU32::new(burst).unwrap_or(count),
-            }),
-            Err(message) => {
-                check.report(value.span(), key("max_connection_rate_per_client"), message);
-                None
-            }
-        }
-    });
+    let rate = check
+        .rate(
+            section.max_connection_rate_per_client.as_ref(),
+            &key("max_connection_rate_per_client"),
+        )
+        .map(|rate| NonZeroU32::new(burst).map_or(rate, |burst| rate.with_burst(burst)));
     if let Some(value) = &section.connection_rate_burst
         && rate.is_none()
         && section.max_connection_rate_per_client.is_none()
@@ -651,17 +641,10 @@ fn validate_listener(
             );
         }
     }
-    let mut datagram_rate = Some(DEFAULT_DATAGRAM_RATE);
-    if let Some(value) = &section.max_datagram_rate_per_client {
-        match DatagramRate::parse(value.get_ref()) {
-            Ok(parsed) => datagram_rate = parsed,
-            Err(message) => check.report(
-                value.span(),
-                key("max_datagram_rate_per_client"),
-                format!("invalid rate {:?}: {message}", value.get_ref()),
-            ),
-        }
-    }
+    let mut datagram_rate = match &section.max_datagram_rate_per_client {
+        None => Some(DEFAULT_DATAGRAM_RATE),
+        written => check.rate(written.as_ref(), &key("max_datagram_rate_per_client")),
+    };
     if transport == ListenerTransport::Udp {
         let tcp_only = [
             ("backlog", section.backlog.as_ref().map(Spanned::span)),
@@ -724,29 +707,6 @@ fn validate_listener(
         transport,
         max_datagram_rate_per_client: datagram_rate,
     })
-}
-
-/// `"20/s"`, `"600/m"` or `"1000/h"`: `Some((count, period))`; `"0"` (or `"0/s"`...): `None`,
-/// no limit. `Err` names what is wrong.
-pub fn parse_rate(text: &str) -> Result<Option<(NonZeroU32, Duration)>, String> {
-    let text = text.trim();
-    let expected = "write connections per unit of time, such as \"20/s\", \"600/m\" or \"1000/h\" (\"0\": no limit)";
-    if text == "0" {
-        return Ok(None);
-    }
-    let Some((count, unit)) = text.split_once('/') else {
-        return Err(format!("invalid rate {text:?}: {expected}"));
-    };
-    let period = match unit.trim() {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(format!("invalid unit in {text:?}: {expected}")),
-    };
-    match count.trim().parse::<u32>() {
-        Ok(n) => Ok(NonZeroU32::new(n).map(|n| (n, period))),
-        Err(_) => Err(format!("invalid count in {text:?}: {expected}")),
-    }
 }
 
 /// One worker per CPU available to this process (`sched_getaffinity`), at least 1.
@@ -915,20 +875,19 @@ mod tests {
     fn datagram_rates_parse_and_default() {
         let config = parse(Path::new("t.toml"), &udp("echo", ""), &Registry::builtin()).unwrap();
         assert_eq!(config.listeners[0].max_datagram_rate_per_client, Some(DEFAULT_DATAGRAM_RATE));
-        let rate = |text: &str| DatagramRate::parse(text);
-        let per = |count: u32, secs: u64| {
-            Ok(Some(DatagramRate {
-                count: NonZeroU32::new(count).unwrap(),
-                period: Duration::from_secs(secs),
-            }))
+        // The grammar itself is `Rate::parse`'s, tested in `crate::rate`.
+        let read = |text: &str| {
+            let source = udp("echo", &format!("max_datagram_rate_per_client = \"{text}\"\n"));
+            parse(Path::new("t.toml"), &source, &Registry::builtin())
+                .map(|config| config.listeners[0].max_datagram_rate_per_client)
         };
-        assert_eq!(rate("100/s"), per(100, 1));
-        assert_eq!(rate("600/min"), per(600, 60));
-        assert_eq!(rate("20/10s"), per(20, 10));
-        assert_eq!(rate("0"), Ok(None));
-        for bad in ["100", "0/s", "x/s", "5/fortnight", "5/0s"] {
-            assert!(rate(bad).is_err(), "{bad}");
-        }
+        let per = |count: u32, secs: u64| {
+            Some(Rate::per(NonZeroU32::new(count).unwrap(), Duration::from_secs(secs)))
+        };
+        assert_eq!(read("600/min").unwrap(), per(600, 60));
+        assert_eq!(read("20/10s").unwrap(), per(20, 10));
+        assert_eq!(read("0").unwrap(), None);
+        assert!(read("5/fortnight").is_err());
         let found = issues(&udp("echo", "max_datagram_rate_per_client = \"lots\"\n"));
         assert!(
             found[0].contains("listener[0].max_datagram_rate_per_client: invalid rate"),
@@ -1040,16 +999,18 @@ mod tests {
     }
 
     #[test]
-    fn rates_have_units() {
-        let sec = Duration::from_secs(1);
-        assert_eq!(parse_rate("20/s"), Ok(Some((NonZeroU32::new(20).unwrap(), sec))));
-        assert_eq!(parse_rate(" 5 / m "), Ok(Some((NonZeroU32::new(5).unwrap(), 60 * sec))));
-        assert_eq!(parse_rate("1/h").unwrap().unwrap().1, 3600 * sec);
-        assert_eq!(parse_rate("0"), Ok(None));
-        assert_eq!(parse_rate("0/s"), Ok(None));
-        assert!(parse_rate("20").is_err());
-        assert!(parse_rate("20/d").is_err());
-        assert!(parse_rate("-1/s").is_err());
+    fn both_rates_read_one_grammar() {
+        let source = format!(
+            "{MINIMAL}max_connection_rate_per_client = \"20/10s\"\n{}",
+            udp("echo", "max_datagram_rate_per_client = \"5 / m\"\n").replace("\"u\"", "\"v\"")
+        );
+        let config = parse(Path::new("t.toml"), &source, &Registry::builtin()).unwrap();
+        let connections = config.listeners[0].admission.max_connection_rate_per_client.unwrap();
+        assert_eq!((connections.count.get(), connections.period), (20, Duration::from_secs(10)));
+        let datagrams = config.listeners[1].max_datagram_rate_per_client.unwrap();
+        assert_eq!((datagrams.count.get(), datagrams.period), (5, Duration::from_secs(60)));
+        let found = issues(&format!("{MINIMAL}max_connection_rate_per_client = \"20\"\n"));
+        assert!(found[0].contains("invalid rate \"20\": write COUNT/PERIOD"), "{found:?}");
     }
 
     #[test]

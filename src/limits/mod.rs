@@ -66,6 +66,8 @@ use nix::libc;
 use siphasher::sip::SipHasher13;
 use thiserror::Error;
 
+use crate::rate::Rate;
+
 mod region;
 
 use region::Mapping;
@@ -196,17 +198,6 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
-/// A connection rate: `count` connections per `period`, with bursts of `burst`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// Connections allowed per period.
-    pub count: NonZeroU32,
-    /// The period (1 s, 1 min or 1 h as written).
-    pub period: std::time::Duration,
-    /// Connections a client that has been quiet may open at once (the bucket's size).
-    pub burst: NonZeroU32,
-}
-
 /// The admission rules of one listener that need the shared table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -248,13 +239,6 @@ impl Bucket {
         let refill = elapsed * u128::from(rate.count.get()) * u128::from(TOKEN) / period;
         (u128::from(self.tokens) + refill).min(u128::from(full)) as u64
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the rate buckets, the same in every process.
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 #[repr(C)]
@@ -715,7 +699,7 @@ impl Limits {
     /// Counts a new connection of `key` if `rules` allow it, all checks and the count under
     /// one lock: first the client's rate (a token is spent by every attempt that gets this
     /// far), then its open connections, then the listener's. `now_ns` is
-    /// [`monotonic_ns`] (injected for tests).
+    /// [`crate::clock::monotonic_ns`] (injected for tests).
     ///
     /// # Errors
     /// [`LimitsError::Lock`] if the lock fails, [`LimitsError::SlotFull`] if the ledger has no

@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::mman::munmap;
-use nix::time::{ClockId, clock_gettime};
 
 use super::{ClientKey, LimitsError};
-use crate::config::DatagramRate;
+use crate::clock;
+use crate::rate::Rate;
 
 /// Buckets in the shared table: clients rate-limited at once, all UDP listeners together.
 pub const BUCKETS: usize = 16_384;
@@ -104,22 +104,15 @@ impl Rates {
     ///
     /// # Errors
     /// [`LimitsError::Lock`]; the caller drops the datagram then (fail closed).
-    pub fn take(&self, key: ClientKey, rate: DatagramRate) -> Result<Verdict, LimitsError> {
-        let now = clock_gettime(ClockId::CLOCK_MONOTONIC).map_err(LimitsError::Lock)?;
-        let now = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-        self.take_at(key, rate, now)
+    pub fn take(&self, key: ClientKey, rate: Rate) -> Result<Verdict, LimitsError> {
+        self.take_at(key, rate, clock::monotonic_ns())
     }
 
     /// [`Rates::take`] at `now` (nanoseconds of `CLOCK_MONOTONIC`), for tests.
     ///
     /// # Errors
     /// As for [`Rates::take`].
-    pub fn take_at(
-        &self,
-        key: ClientKey,
-        rate: DatagramRate,
-        now: u64,
-    ) -> Result<Verdict, LimitsError> {
+    pub fn take_at(&self, key: ClientKey, rate: Rate, now: u64) -> Result<Verdict, LimitsError> {
         // SAFETY: initialised in `new`, lives as long as the mapping.
         let mutex = unsafe { &raw mut (*self.header()).mutex };
         // SAFETY: as above.
@@ -153,13 +146,7 @@ impl Rates {
 }
 
 /// The bucket arithmetic, pure: `hash` picks the home entry.
-fn take(
-    buckets: &mut [Bucket],
-    hash: usize,
-    key: ClientKey,
-    rate: DatagramRate,
-    now: u64,
-) -> Verdict {
+fn take(buckets: &mut [Bucket], hash: usize, key: ClientKey, rate: Rate, now: u64) -> Verdict {
     let period = rate.period.as_nanos().max(1);
     let burst = u128::from(rate.count.get()) * period;
     let refill = |bucket: &Bucket| {
@@ -210,8 +197,8 @@ mod tests {
 
     use super::*;
 
-    fn rate(count: u32, period: Duration) -> DatagramRate {
-        DatagramRate { count: NonZeroU32::new(count).unwrap(), period }
+    fn rate(count: u32, period: Duration) -> Rate {
+        Rate::per(NonZeroU32::new(count).unwrap(), period)
     }
 
     fn client(n: u8) -> ClientKey {

@@ -52,15 +52,16 @@ use nix::unistd::{Pid, Uid};
 use thiserror::Error;
 
 use crate::activation;
-use crate::config::{Config, ListenerTransport, LogTarget};
+use crate::clock::{self, unix_ms};
+use crate::config::{Config, ListenerTransport};
 use crate::exit::ExitStatus;
 use crate::limits::rate::Rates;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
-use crate::logging;
+use crate::logging::{self, LogTarget};
 use crate::pidfile::{PidFile, PidFileError};
 use crate::privileges::{self, Credentials, PrivilegeError};
-use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState, unix_ms};
+use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState};
 use crate::sdnotify::Notifier;
 use crate::signals::{MASTER_SIGNALS, Signals};
 use supervisor::{Action, Lifecycle, Notice, Origin, Supervisor};
@@ -427,7 +428,7 @@ impl Master {
     /// Healthy for the watchdog: some worker accepts and no live worker's heartbeat is stale.
     /// (After WINCH the pool is empty on purpose: the master itself is the service then.)
     fn pool_healthy(&self) -> bool {
-        let now = scoreboard::monotonic_ms();
+        let now = clock::monotonic_ms();
         let mut accepting = false;
         for (index, slot) in self.slots.iter().enumerate() {
             let score = self.scoreboard.slot(index);
@@ -945,7 +946,7 @@ impl Master {
     /// A worker whose heartbeat is older than `worker_timeout` is hung: SIGABRT (for a core
     /// dump), then SIGKILL after [`ABORT_GRACE`]; the reap replaces it.
     fn check_heartbeats(&mut self, now: Instant) {
-        let now_ms = scoreboard::monotonic_ms();
+        let now_ms = clock::monotonic_ms();
         for slot in 0..self.slots.len() {
             let Some(pid) = self.slots[slot].pid else { continue };
             // Judged by the timeout the worker was started with.

@@ -16,7 +16,31 @@ pub use epoll::EpollPoller;
 pub use poll::PollPoller;
 pub use select::SelectPoller;
 
-use crate::config::EventBackend;
+/// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
+pub const FD_SETSIZE: usize = 1024;
+
+/// The readiness system call workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventBackend {
+    /// select(2): the classic; descriptors must stay below [`FD_SETSIZE`].
+    Select,
+    /// poll(2): no descriptor limit; cost grows with the number of connections.
+    Poll,
+    /// epoll(7): cost grows with activity only; listeners use `EPOLLEXCLUSIVE`, so one
+    /// incoming connection wakes one worker.
+    Epoll,
+}
+
+impl EventBackend {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventBackend::Select => "select",
+            EventBackend::Poll => "poll",
+            EventBackend::Epoll => "epoll",
+        }
+    }
+}
 
 /// A poller of the configured kind.
 ///
