@@ -55,7 +55,7 @@ use crate::activation;
 use crate::clock::{self, unix_ms};
 use crate::config::{Config, ListenerTransport};
 use crate::exit::ExitStatus;
-use crate::limits::rate::Rates;
+use crate::limits::DatagramRates;
 use crate::limits::{Limits, LimitsError};
 use crate::listener::{BindError, Listener};
 use crate::logging::{self, LogTarget};
@@ -158,7 +158,7 @@ pub struct Master {
     listener_ids: HashMap<String, u16>,
     limits: Limits,
     /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
-    rates: Rates,
+    rates: DatagramRates,
     /// When to look whether the other master of a binary upgrade and its workers are gone,
     /// to release what they counted in the shared table (`None`: nothing to look for).
     probe_other_at: Option<Instant>,
@@ -341,7 +341,7 @@ impl Master {
         let (limits, adopted) =
             inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
         let predecessor = peer::keep_predecessor(predecessor, adopted);
-        let rates = Rates::new()?;
+        let rates = DatagramRates::new()?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,

@@ -5,11 +5,13 @@
 //! Pure. Runs wherever a rate is read (the master's configuration check) or enforced (the
 //! workers, through the shared tables of [`crate::limits`]).
 
+mod bucket;
 mod limit;
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+pub use bucket::TokenBucket;
 pub use limit::RateLimit;
 
 use crate::duration;
