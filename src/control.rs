@@ -115,8 +115,10 @@ fn locate(
         config_path.display(),
         pid_path.display()
     );
-    let graceful_timeout =
-        keys.graceful_timeout.unwrap_or(config::validate::DEFAULT_GRACEFUL_TIMEOUT);
+    let graceful_timeout = keys
+        .graceful_timeout
+        .or_else(|| config::keys::GRACEFUL_TIMEOUT.default_duration())
+        .unwrap_or_default();
     Ok(Located { pid_path, graceful_timeout })
 }
 

@@ -37,11 +37,12 @@ pub use relay::{RELAY_PIPE_BYTES, dropped as dropped_lines};
 /// `[log]`: log target and verbosity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
-    /// Where lines go. Default [`LogTarget::Stderr`].
+    /// Where lines go (`log.target`; its default is in the configuration's key table,
+    /// preforkd.toml(5)).
     pub target: LogTarget,
-    /// Most verbose level written. Default `info`.
+    /// Most verbose level written (`log.level`).
     pub level: log::LevelFilter,
-    /// Write one access line per closed connection (at `info`). Default `true`.
+    /// Write one access line per closed connection, at `info` (`log.access_log`).
     pub access_log: bool,
 }
 
@@ -53,16 +54,17 @@ pub enum LogTarget {
     Stderr,
     /// The local syslog daemon (RFC 3164 over a unix datagram socket).
     Syslog {
-        /// Facility of every message. Default `daemon`.
+        /// Facility of every message (`log.facility`).
         facility: SyslogFacility,
-        /// The syslog socket; `None` (the default) tries `/dev/log`, then `/var/run/syslog`.
+        /// The syslog socket (`log.syslog_socket`); `None` tries `/dev/log`, then
+        /// `/var/run/syslog`.
         socket: Option<PathBuf>,
     },
     /// A file, opened for appending; reopened on SIGUSR1 (for logrotate).
     File(PathBuf),
 }
 
-/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.
+/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...).
 #[derive(Debug, Clone, Copy)]
 pub struct SyslogFacility(pub syslog::Facility);
 

@@ -135,56 +135,6 @@ pub struct ListenerSection {
     pub options: Option<Spanned<toml::Table>>,
 }
 
-/// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
-/// `[[listener]]`. Documentation tests check that the shipped config and the man page name
-/// each of them.
-pub const KEYS: &[&str] = &[
-    "daemon.workers",
-    "daemon.graceful_timeout",
-    "daemon.max_connections_per_worker",
-    "daemon.pid_file",
-    "daemon.worker_timeout",
-    "daemon.max_draining_generations",
-    "daemon.user",
-    "daemon.group",
-    "daemon.allow_root_workers",
-    "daemon.rlimit_nofile",
-    "daemon.daemonize",
-    "daemon.event_backend",
-    "daemon.client_ipv4_prefix",
-    "daemon.client_ipv6_prefix",
-    "daemon.trusted_proxies",
-    "log.target",
-    "log.level",
-    "log.access_log",
-    "log.facility",
-    "log.syslog_socket",
-    "log.path",
-    "listener.name",
-    "listener.address",
-    "listener.service",
-    "listener.backlog",
-    "listener.short_idle_timeout",
-    "listener.long_idle_timeout",
-    "listener.max_connections_per_client",
-    "listener.max_long_connections_per_client",
-    "listener.tcp_nodelay",
-    "listener.reuseport",
-    "listener.allow",
-    "listener.deny",
-    "listener.client_ipv4_prefix",
-    "listener.client_ipv6_prefix",
-    "listener.max_connection_rate_per_client",
-    "listener.connection_rate_burst",
-    "listener.max_connections",
-    "listener.accept_proxy_protocol",
-    "listener.trusted_proxies",
-    "listener.shed_when_full",
-    "listener.transport",
-    "listener.max_datagram_rate_per_client",
-    "listener.options",
-];
-
 /// `workers = 4` or `workers = "auto"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkersValue {
@@ -290,6 +240,31 @@ mod tests {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert_eq!(issues.len(), 5, "{issues:?}");
+    }
+
+    /// The keys serde expects in each section, from its own "unknown field" message.
+    fn mirrored(section: &str) -> Vec<String> {
+        let header = if section == "listener" { "[[listener]]" } else { "[daemon]" };
+        let header = if section == "log" { "[log]" } else { header };
+        let (_, _, issues) = read(&format!("{header}\nno_such_key = 1\n"));
+        let message = &issues.first().expect("an unknown key is reported").message;
+        let (_, expected) = message.split_once("expected one of").expect(message);
+        expected.split(',').map(|k| k.trim().trim_matches('`').to_owned()).collect()
+    }
+
+    #[test]
+    fn the_serde_mirror_holds_exactly_the_keys_of_the_table() {
+        for section in ["daemon", "log", "listener"] {
+            let mut mirrored = mirrored(section);
+            let mut table: Vec<String> = super::super::keys::KEYS
+                .iter()
+                .filter(|k| k.section() == section)
+                .map(|k| k.field().to_owned())
+                .collect();
+            mirrored.sort();
+            table.sort();
+            assert_eq!(mirrored, table, "[{section}]: file.rs and keys.rs differ");
+        }
     }
 
     #[test]

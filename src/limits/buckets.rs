@@ -32,7 +32,8 @@ pub enum Verdict {
     Allowed,
     /// Over the rate: refuse it.
     OverRate,
-    /// No place for the client's bucket near its home ([`Crowded::Refuse`]): refuse it.
+    /// No place for the client's bucket near its home, and the table refuses then (datagram
+    /// rates): refuse it.
     TableFull,
 }
 

@@ -3,8 +3,8 @@
 //! The master creates one `MAP_SHARED` region (a sealed memfd, see `region.rs`) before
 //! forking; every worker inherits it. It holds:
 //! - a header: magic, layout version and lengths, the hash keys;
-//! - a process-shared, *robust* pthread mutex ([`mutex`](self::mutex), the lock-and-repair
-//!   path both shared tables use);
+//! - a process-shared, *robust* pthread mutex (`mutex.rs`, the lock-and-repair path both
+//!   shared tables use);
 //! - a table of entries keyed by (listener, client key): open and long (kept-alive) counts,
 //!   and one entry per listener with its open connections (`max_connections`). Open
 //!   addressing with linear probing and backward-shift deletion; sized to four times the
@@ -15,7 +15,7 @@
 //!   counts and whether it is long. (A full worker admits a new client before it sheds an
 //!   older one for it: the spare holds the newcomer's count meanwhile.) Records are the source of truth; entries are the index that makes checks O(1);
 //! - a table of token buckets keyed by client key, for `max_connection_rate_per_client` (the
-//!   table of [`buckets`](self::buckets), as for datagram rates). A bucket outlives the
+//!   table of `buckets.rs`, as for datagram rates). A bucket outlives the
 //!   client's connections (a client that connects and closes at once still spends its
 //!   tokens). Each key lives in one of [`BUCKET_PROBE`] places from its home; a bucket that
 //!   has refilled to its burst is the same as no bucket and may be taken by another key;
@@ -50,9 +50,10 @@
 //! ([`Limits::reclaim_other`]). Entries are keyed by a keyed SipHash whose keys are in the
 //! header, so both masters find the same entries.
 //!
-//! A client is its address reduced to a prefix ([`ClientKey::new`]): by default an IPv4
-//! address counts as itself (/32) and an IPv6 address by its /64, the block one host or one
-//! customer usually gets (RFC 6177); an IPv4-mapped IPv6 address counts as the IPv4 address.
+//! A client is its address reduced to a prefix ([`ClientKey::with_prefix`]), as long as the
+//! listener's `client_ipv4_prefix` and `client_ipv6_prefix` say (an IPv6 /64 by default, the
+//! block one host or one customer usually gets, RFC 6177); an IPv4-mapped IPv6 address
+//! counts as the IPv4 address.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -131,12 +132,6 @@ pub struct ClientKey {
     /// Prefix length the address was reduced to.
     prefix: u8,
 }
-
-/// Default of `client_ipv4_prefix`: each IPv4 address is a client.
-pub const DEFAULT_IPV4_PREFIX: u8 = 32;
-/// Default of `client_ipv6_prefix`: each IPv6 /64 is a client (RFC 6177: the block one site
-/// usually gets; one host can pick any of its 2^64 addresses).
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// Plain IPv4 for an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), unchanged otherwise.
 pub fn unmap(ip: IpAddr) -> IpAddr {

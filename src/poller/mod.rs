@@ -32,6 +32,10 @@ pub enum EventBackend {
 }
 
 impl EventBackend {
+    /// Every backend, the default first.
+    pub const ALL: [EventBackend; 3] =
+        [EventBackend::Select, EventBackend::Poll, EventBackend::Epoll];
+
     /// The configuration spelling.
     pub fn name(self) -> &'static str {
         match self {

@@ -11,6 +11,7 @@ mod exec;
 mod handoff;
 mod hardening;
 mod idle;
+mod keys;
 mod lifecycle;
 mod limits;
 mod metrics;
