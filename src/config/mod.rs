@@ -69,7 +69,7 @@ pub struct DaemonConfig {
     /// SIGKILL; zero kills at once ([`keys::GRACEFUL_TIMEOUT`]).
     pub graceful_timeout: Duration,
     /// Connections one worker holds at most, all listeners together; a full worker stops
-    /// accepting until one closes. Must fit `select(2)`'s
+    /// accepting until one closes. With the select backend it must fit
     /// [`FD_SETSIZE`](crate::poller::FD_SETSIZE); a reload cannot raise it above the value
     /// the daemon started with ([`keys::MAX_CONNECTIONS_PER_WORKER`]).
     pub max_connections_per_worker: NonZeroUsize,

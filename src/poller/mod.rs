@@ -1,8 +1,10 @@
-//! Readiness backends behind one small trait, so the worker loop does not care which.
+//! Readiness backends behind one small trait, so the worker loop does not care which:
+//! `select(2)` (the default), `poll(2)` and `epoll(7)`, named by [`EventBackend`]
+//! (`daemon.event_backend`).
 //!
 //! Runs in workers. Interest is *registered* per descriptor and kept until changed, the way
-//! epoll works; `select(2)` rebuilds its sets from that table on every wait. Adding an epoll
-//! or poll backend means one more implementation of [`Poller`], nothing else.
+//! epoll works; select and poll rebuild their sets from that table on every wait. Another
+//! backend is one more implementation of [`Poller`] and one more [`EventBackend`].
 
 mod epoll;
 mod poll;

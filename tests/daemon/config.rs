@@ -69,6 +69,17 @@ fn the_shipped_config_is_valid() {
 }
 
 #[test]
+fn help_says_what_preforkd_is_and_names_every_service() {
+    let (status, stdout, _) = run_cli(&["--help"]);
+    assert_eq!(code(status), 0);
+    assert!(stdout.contains("TCP and UDP") && stdout.contains("epoll"), "{stdout}");
+    let services = stdout.lines().find(|l| l.starts_with("Services: ")).unwrap_or_default();
+    for name in preforkd::services::Registry::builtin().names() {
+        assert!(services.contains(name), "--help does not name {name}: {stdout}");
+    }
+}
+
+#[test]
 fn unreadable_config_and_bad_arguments_have_their_own_status() {
     let (status, _, stderr) = run_cli(&["check", "-c", "/nonexistent/preforkd.toml"]);
     assert_eq!(code(status), 66, "{stderr}");
