@@ -305,7 +305,7 @@ impl<'a> Worker<'a> {
         }
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
-        let channel = context.channel.take();
+        let mut channel = context.channel.take();
         if let Some(channel) = &channel {
             poller.set(channel.raw_fd(), Interest::READ)?;
         }
@@ -320,6 +320,8 @@ impl<'a> Worker<'a> {
             context.config.daemon.max_connections_per_worker,
             context.config.daemon.event_backend.name()
         );
+        // After the log line: the master relays it before it acts on the message.
+        crate::handoff::report_ready(channel.as_mut())?;
         let listener_ids = context.listeners.iter().map(|l| l.id).collect();
         // Kept here: a graceful stop empties `context.listeners`, and connections still
         // reading their PROXY header are admitted after that.
