@@ -16,12 +16,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
 
+use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
 mod listeners;
@@ -297,18 +296,6 @@ impl WorkerScore {
         self.open.store(0, Ordering::Relaxed);
         self.pid.store(0, Ordering::Release);
     }
-}
-
-/// `CLOCK_MONOTONIC` in milliseconds.
-pub fn monotonic_ms() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
-}
-
-/// Wall-clock Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The scoreboard file of a master whose pid file is `pid_file`.

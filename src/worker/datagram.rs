@@ -5,7 +5,7 @@
 //! - a ready UDP socket is read until `WouldBlock`, at most [`DATAGRAM_BATCH`] datagrams per
 //!   turn, so one flood cannot starve the worker's connections;
 //! - a datagram over its client's `max_datagram_rate_per_client` is dropped before the
-//!   service sees it (the rate is a token bucket shared by all workers, [`Rates`]);
+//!   service sees it (the rate is a token bucket shared by all workers, [`DatagramRates`]);
 //! - a flow is admitted like a connection: against the worker's descriptor budget and the
 //!   client's `max_connections_per_client` in the shared table, and its record is released
 //!   when it ends, whatever the way;
@@ -27,8 +27,8 @@ use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, SockaddrStorage, recvfrom, sendto};
 
 use super::{Intake, Worker};
-use crate::limits::rate::{Rates, Verdict};
 use crate::limits::{Admission, Ticket};
+use crate::limits::{DatagramRates, Verdict};
 use crate::logging::ACCESS_TARGET;
 use crate::poller::Interest;
 use crate::services::{Answer, Flow, Step};
@@ -216,7 +216,7 @@ impl Worker<'_> {
             Some(listener) => (listener.id, listener.local_addr),
             None => return,
         };
-        let rates: &Rates = self.context.rates;
+        let rates: &DatagramRates = self.context.rates;
         if self.datagrams.buffer.len() < DATAGRAM_MAX {
             self.datagrams.buffer.resize(DATAGRAM_MAX, 0);
         }

@@ -66,7 +66,7 @@ impl Worker<'_> {
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.resolved(token, outcome, now)
                 }
-                Ok(Some((Message::Offer(_), None) | (Message::Taking, _))) => {}
+                Ok(Some((Message::Offer(_), None) | (Message::Taking | Message::Ready, _))) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel: {error}; message dropped");
                 }

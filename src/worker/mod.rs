@@ -48,16 +48,18 @@ use nix::sys::signal::Signal;
 use nix::sys::socket::MsgFlags;
 use nix::unistd::{Pid, getppid};
 
+use crate::clock::monotonic_ns;
 use crate::config::Config;
 use crate::config::ListenerTransport;
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
-use crate::limits::rate::Rates;
-use crate::limits::{Admission, ClientKey, Limits, SlotLedger, access, monotonic_ns};
+use crate::limits::DatagramRates;
+use crate::limits::{Admission, ClientKey, Limits, SlotLedger, access};
 use crate::listener::Listener;
-use crate::logging::{self, ACCESS_TARGET, RateLimit};
+use crate::logging::{self, ACCESS_TARGET};
 use crate::poller::{self, Event, Interest, Poller};
 use crate::privileges::Credentials;
 use crate::proxy_protocol::{self, Parsed};
+use crate::rate::RateLimit;
 use crate::scoreboard::{REFUSALS, Refusal, Scoreboard, SlotState, WorkerScore};
 use crate::services::{self, ConnInfo, Context, Ending, Extras, Progress, Ready};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
@@ -132,7 +134,7 @@ pub struct WorkerContext<'a> {
     /// The shared per-client table.
     pub limits: &'a Limits,
     /// The shared per-client datagram rates (UDP listeners).
-    pub rates: &'a Rates,
+    pub rates: &'a DatagramRates,
     /// The shared scoreboard; this worker writes its own slot.
     pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
@@ -303,7 +305,7 @@ impl<'a> Worker<'a> {
         }
         let mut poller = poller::create(context.config.daemon.event_backend)?;
         poller.set(signals.raw_fd(), Interest::READ)?;
-        let channel = context.channel.take();
+        let mut channel = context.channel.take();
         if let Some(channel) = &channel {
             poller.set(channel.raw_fd(), Interest::READ)?;
         }
@@ -318,6 +320,8 @@ impl<'a> Worker<'a> {
             context.config.daemon.max_connections_per_worker,
             context.config.daemon.event_backend.name()
         );
+        // After the log line: the master relays it before it acts on the message.
+        crate::handoff::report_ready(channel.as_mut())?;
         let listener_ids = context.listeners.iter().map(|l| l.id).collect();
         // Kept here: a graceful stop empties `context.listeners`, and connections still
         // reading their PROXY header are admitted after that.

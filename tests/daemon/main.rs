@@ -12,6 +12,7 @@ mod full_disk;
 mod handoff;
 mod hardening;
 mod idle;
+mod keys;
 mod lifecycle;
 mod limits;
 mod metrics;
