@@ -289,7 +289,7 @@ impl DatagramService for Tftp {
         let claim = match &self.budget {
             None => None,
             Some(budget) => {
-                let now_ms = crate::scoreboard::monotonic_ms();
+                let now_ms = crate::clock::monotonic_ms();
                 match budget.claim(now_ms, self.unverified_hold(&parsed)) {
                     Some(claim) => Some(claim),
                     None => {
