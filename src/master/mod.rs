@@ -58,15 +58,15 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
-use crate::config::{Config, LogTarget};
+use crate::clock::{self, unix_ms};
+use crate::config::Config;
 use crate::exit::ExitStatus;
-use crate::limits::Limits;
-use crate::limits::rate::Rates;
+use crate::limits::{DatagramRates, Limits};
 use crate::listener::Listener;
-use crate::logging;
+use crate::logging::{self, LogTarget};
 use crate::pidfile::PidFile;
 use crate::privileges::Credentials;
-use crate::scoreboard::{self, Scoreboard, SlotState, unix_ms};
+use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::sdnotify::Notifier;
 use crate::signals::Signals;
 use pool::{Fate, Observed, Pool, PoolAction, Resize, Stop, Why};
@@ -105,7 +105,7 @@ pub struct Master {
     listener_ids: HashMap<String, u16>,
     limits: Limits,
     /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
-    rates: Rates,
+    rates: DatagramRates,
     /// When to look whether the other master of a binary upgrade and its workers are gone,
     /// to release what they counted in the shared table (`None`: nothing to look for).
     probe_other_at: Option<Instant>,
@@ -603,7 +603,7 @@ impl Master {
         if self.supervisor.is_stopping() {
             return;
         }
-        let now_ms = scoreboard::monotonic_ms();
+        let now_ms = clock::monotonic_ms();
         if self.supervisor.speaks_to_systemd()
             && self.notifier.next_ping(now).is_some_and(|at| now >= at)
         {

@@ -23,8 +23,8 @@ use super::{
 use crate::activation;
 use crate::config::{Config, ListenerTransport};
 use crate::exit::ExitStatus;
+use crate::limits::DatagramRates;
 use crate::limits::LimitsError;
-use crate::limits::rate::Rates;
 use crate::listener::{BindError, Listener};
 use crate::logging;
 use crate::pidfile::{PidFile, PidFileError};
@@ -218,7 +218,7 @@ impl Master {
         let (limits, adopted) =
             inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
         let predecessor = peer::keep_predecessor(predecessor, adopted);
-        let rates = Rates::new()?;
+        let rates = DatagramRates::new()?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,

@@ -10,7 +10,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::logging::{ACCESS_TARGET, RateLimit};
+use crate::logging::ACCESS_TARGET;
+use crate::rate::RateLimit;
 use crate::services::{CloseReason, Progress};
 
 use super::counters::{Counters, refusal_of};

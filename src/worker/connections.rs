@@ -18,8 +18,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::clock::monotonic_ns;
 use crate::handoff::Channel;
-use crate::limits::monotonic_ns;
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
 

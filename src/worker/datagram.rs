@@ -5,7 +5,7 @@
 //! - a ready UDP socket is read until `WouldBlock`, at most [`DATAGRAM_BATCH`] datagrams per
 //!   turn, so one flood cannot starve the worker's connections;
 //! - a datagram over its client's `max_datagram_rate_per_client` is dropped before the
-//!   service sees it (the rate is a token bucket shared by all workers, [`Rates`]);
+//!   service sees it (the rate is a token bucket shared by all workers, [`DatagramRates`]);
 //! - a flow is admitted like a connection: against the worker's descriptor budget and the
 //!   client's `max_connections_per_client` in the shared table, and its record is released
 //!   when it ends, whatever the way;
@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, SockaddrStorage, recvfrom, sendto};
 
-use crate::limits::rate::{Rates, Verdict};
-use crate::limits::{Admission, Ticket};
+use crate::limits::{Admission, DatagramRates, Ticket, Verdict};
 use crate::logging::ACCESS_TARGET;
 use crate::poller::Interest;
 use crate::services::{Answer, Flow, Step};
@@ -216,7 +215,7 @@ impl Datagrams {
         let service = entry.policy.service.service.clone();
         let Ok(datagram) = service.datagram() else { return };
         let (rate, local) = (entry.policy.max_datagram_rate_per_client, entry.local);
-        let rates: &Rates = env.rates;
+        let rates: &DatagramRates = env.rates;
         if self.buffer.len() < DATAGRAM_MAX {
             self.buffer.resize(DATAGRAM_MAX, 0);
         }

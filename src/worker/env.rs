@@ -9,8 +9,7 @@
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use crate::limits::rate::Rates;
-use crate::limits::{Limits, SlotLedger, Ticket};
+use crate::limits::{DatagramRates, Limits, SlotLedger, Ticket};
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::Scoreboard;
 use crate::services::CloseReason;
@@ -31,7 +30,7 @@ pub struct Env<'a> {
     /// This worker's records in it.
     pub ledger: SlotLedger,
     /// The shared per-client datagram rates (UDP listeners).
-    pub rates: &'a Rates,
+    pub rates: &'a DatagramRates,
     /// The shared scoreboard (sessions may read it: `metrics`).
     pub scoreboard: &'a Scoreboard,
     /// `max_connections_per_worker`: descriptors the worker holds for clients at most

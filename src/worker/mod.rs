@@ -65,7 +65,7 @@ use nix::unistd::{Pid, getppid};
 
 use crate::config::{Config, ListenerTransport};
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
-use crate::limits::rate::Rates;
+use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
 use crate::logging;
@@ -113,7 +113,7 @@ pub struct WorkerContext<'a> {
     /// The shared per-client table.
     pub limits: &'a Limits,
     /// The shared per-client datagram rates (UDP listeners).
-    pub rates: &'a Rates,
+    pub rates: &'a DatagramRates,
     /// The shared scoreboard; this worker writes its own slot.
     pub scoreboard: &'a Scoreboard,
     /// The master, to detect being orphaned.
