@@ -14,6 +14,7 @@ use crate::limits::Ticket;
 use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
+use super::extras::Watched;
 use super::phase::ConnState;
 
 /// One accepted (or adopted) client connection.
@@ -38,8 +39,8 @@ pub struct Conn {
     pub ticket: Option<Ticket>,
     /// The interest registered with the poller.
     pub interest: Interest,
-    /// Descriptors the session watches besides the client socket.
-    pub extras: Vec<RawFd>,
+    /// Descriptors the session watches besides the client socket, with what for.
+    pub extras: Watched,
 }
 
 impl Conn {

@@ -10,7 +10,7 @@
 //! - readiness is level-triggered: a callback that stops early (fairness, backpressure) is
 //!   called again on the next turn, and input that arrives during a lingering close is read;
 //! - every extra descriptor a session watches has its owner `(descriptor, serial)` in
-//!   `extra_owners`, and counts against the budget until unwatched;
+//!   `extras` (`extras.rs`), and counts against the budget until unwatched;
 //! - each connection's count in the shared table is released exactly once, when it closes
 //!   (or moved, when it is handed off: see `handoff.rs`).
 
@@ -21,14 +21,15 @@ use std::time::{Duration, Instant};
 use crate::clock::monotonic_ns;
 use crate::handoff::Channel;
 use crate::poller::{Event, Interest, Poller};
-use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
+use crate::services::{CloseReason, ConnInfo, Context, Ending, Progress, Ready};
 
 use super::admission::{self, ShedQueue, Verdict};
 use super::books::Closed;
 use super::conn::{Conn, discard_input, unread_input};
 use super::env::Env;
+use super::extras::ExtraFds;
 use super::handoff::Link;
-use super::phase::{ConnKind, ConnState, Expiry, Next, Phase, Promotion};
+use super::phase::{ConnKind, ConnState, Drain, Expiry, Next, Phase, Promotion};
 use super::table::Table;
 
 /// A session callback the loop makes.
@@ -59,11 +60,8 @@ pub struct Client {
 /// The worker's TCP connections.
 pub struct Connections {
     table: Table<Conn>,
-    /// The connection owning each extra descriptor a session watches, by descriptor number:
-    /// (client descriptor, connection serial).
-    extra_owners: Vec<Option<(usize, u64)>>,
-    /// Extra descriptors watched by all sessions; they count against the budget.
-    extras: usize,
+    /// The extra descriptors sessions watch; they count against the budget.
+    extras: ExtraFds,
     /// Connections that may be shed when the worker is full.
     shed: ShedQueue,
     /// The hand-off channel to the master, and the offers in flight.
@@ -76,8 +74,7 @@ impl Connections {
     pub fn new(channel: Option<Channel>) -> Self {
         Connections {
             table: Table::default(),
-            extra_owners: Vec::new(),
-            extras: 0,
+            extras: ExtraFds::default(),
             shed: ShedQueue::default(),
             link: Link::new(channel),
         }
@@ -93,7 +90,7 @@ impl Connections {
     /// sessions watch.
     #[inline]
     pub fn held(&self) -> usize {
-        self.table.len() + self.extras
+        self.table.len() + self.extras.len()
     }
 
     /// The earliest connection deadline (possibly stale: an early wake-up only).
@@ -248,8 +245,7 @@ impl Connections {
         env: &mut Env<'_>,
         others: usize,
     ) -> bool {
-        let owner = usize::try_from(event.fd).ok().and_then(|fd| self.extra_owners.get(fd));
-        let Some(&Some((owner, serial))) = owner else { return false };
+        let Some((owner, serial)) = self.extras.owner(event.fd) else { return false };
         let live = self.table.live(owner, serial).is_some_and(|conn| {
             !matches!(conn.state.phase, Phase::Lingering { .. } | Phase::Offered { .. })
         });
@@ -261,16 +257,8 @@ impl Connections {
     }
 
     /// The hand-off channel is ready (see [`Link::on_channel`]).
-    pub fn on_channel(
-        &mut self,
-        event: Event,
-        now: Instant,
-        env: &mut Env<'_>,
-        others: usize,
-        draining: bool,
-    ) {
-        let held_elsewhere = self.extras + others;
-        self.link.on_channel(&mut self.table, event, now, env, held_elsewhere, draining);
+    pub fn on_channel(&mut self, event: Event, now: Instant, env: &mut Env<'_>, others: usize) {
+        self.link.on_channel(&mut self.table, &mut self.extras, event, now, env, others);
     }
 
     /// Runs one session callback for the connection on descriptor `fd`, then carries out
@@ -284,16 +272,9 @@ impl Connections {
         others: usize,
     ) {
         let room = env.room(self.held() + others);
-        let Connections { table, extra_owners, extras, .. } = self;
+        let Connections { table, extras, .. } = self;
         let Some((serial, conn)) = table.entry_mut(fd) else { return };
-        let watch = Extras {
-            poller: &mut *env.poller,
-            owners: extra_owners,
-            watched: &mut conn.extras,
-            in_use: extras,
-            room,
-            owner: (fd, serial),
-        };
+        let watch = extras.lend(&mut *env.poller, &mut conn.extras, room, (fd, serial));
         // SAFETY: the descriptor is `conn.stream`'s, which stays open for the whole call: the
         // context (and so this borrow) is dropped before the connection can be finished.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
@@ -398,7 +379,7 @@ impl Connections {
                 Expiry::Later(Some(at)) => self.table.schedule(fd, at),
                 Expiry::Later(None) => {}
                 Expiry::Offer => {
-                    // Offered again now if at rest, else at its next rest (see `dispatch`).
+                    // Offered again now if it can move, else after a callback (`dispatch`).
                     if !self.link.offer(&mut self.table, fd, now, env) {
                         schedule(&mut self.table, fd, env);
                     }
@@ -417,17 +398,26 @@ impl Connections {
         }
     }
 
-    /// The graceful stop began: every open connection drains; those at rest and movable are
-    /// offered to the serving generation at once, the others close at rest and quiet (the
-    /// quiet ones on the next turn of the loop).
-    pub fn drain(&mut self, now: Instant, env: &mut Env<'_>) {
+    /// The worker began to drain for `why` (or, retiring, was told to stop): every open
+    /// connection drains; those that can move now are offered to the serving generation at
+    /// once, the others when they can, or are kept ([`Drain::kept`]: served on when
+    /// retiring, closed at rest and quiet when stopping, the quiet ones on the next turn of
+    /// the loop).
+    pub fn drain(&mut self, why: Drain, now: Instant, env: &mut Env<'_>) {
+        self.link.drain(why);
         for fd in self.table.fds() {
             let Some(conn) = self.table.get_mut(fd) else { continue };
+            // Open ones too that a retiring worker kept, when it stops: offered once more.
             conn.state.phase.drain();
             if !self.link.offer(&mut self.table, fd, now, env) {
                 schedule(&mut self.table, fd, env);
             }
         }
+    }
+
+    /// Why the worker drains, if it does.
+    pub fn draining(&self) -> Option<Drain> {
+        self.link.draining()
     }
 
     /// Closes every connection (fast stop): lingering ones for their reason, the others as
@@ -450,8 +440,7 @@ impl Connections {
         let Some(conn) = self.table.get_mut(fd) else { return };
         // The conversation is over: the session's own descriptors are no longer watched (a
         // readable backend would otherwise wake the loop for nothing until the close).
-        let poller = &mut *env.poller;
-        unwatch_all(poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        self.extras.unwatch_all(&mut *env.poller, &mut conn.extras);
         // Input first: a client that already ended its side and left nothing unread gets a
         // plain close, which is as graceful (no unread data, so no RST: RFC 2525 2.17) and
         // saves the shutdown. Otherwise FIN now and wait for the client's; readiness is
@@ -482,7 +471,7 @@ impl Connections {
         // Unwatch before the descriptors are closed (the poller's contract): the session's
         // extra ones close when it is dropped, below.
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
-        unwatch_all(&mut *env.poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        self.extras.unwatch_all(&mut *env.poller, &mut conn.extras);
         env.listeners[conn.listener].tally.finished();
         env.release(conn.ticket.take(), conn.peer);
         let mut fields = String::new();
@@ -525,17 +514,5 @@ pub(super) fn schedule(table: &mut Table<Conn>, fd: usize, env: &Env<'_>) {
 pub(super) fn update_interest(table: &mut Table<Conn>, fd: usize, poller: &mut dyn Poller) {
     if let Some(conn) = table.get_mut(fd) {
         conn.update_interest(fd, poller);
-    }
-}
-
-/// Stops watching every extra descriptor in `watched` (before they are closed).
-fn unwatch_all(
-    poller: &mut dyn Poller,
-    owners: &mut [Option<(usize, u64)>],
-    in_use: &mut usize,
-    watched: &mut Vec<RawFd>,
-) {
-    while let Some(&extra) = watched.last() {
-        services::unwatch(poller, owners, watched, in_use, extra);
     }
 }

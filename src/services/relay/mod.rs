@@ -233,6 +233,13 @@ impl Service for Relay {
         });
         Box::new(session::RelaySession::new(Arc::clone(&self.shared), conn.peer, header))
     }
+
+    /// A relayed connection handed over by a retiring worker, at any point of its life but
+    /// a connect (see `session.rs`): its descriptors follow with [`Session::resume`].
+    fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let session = session::RelaySession::import(Arc::clone(&self.shared), conn.peer, state)?;
+        Some(Box::new(session))
+    }
 }
 
 /// The order in which one session tries backends: where it starts, which it tried.

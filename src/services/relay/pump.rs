@@ -15,9 +15,16 @@
 //! - a FIN read from the source ([`Flow::Flushing`]) is passed on by the session only once the
 //!   carrier is empty ([`Pump::needs_shutdown`]);
 //! - the bytes counted are those written to the sink.
+//!
+//! A hand-off moves a pump whole ([`Pump::export`], [`Pump::import`]): its flow, the bytes of
+//! its buffer, or its pipe itself (the descriptors go along; the bytes stay in the kernel, so
+//! no copy is made and no bound is exceeded) with the count it holds. A pump that holds a
+//! pipe between callbacks always has bytes in it (a drained pipe goes back to its pool within
+//! the callback), so the sender, which closes its copies once the receiver took them, never
+//! pools a pipe the receiver uses.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use super::splice::{self, Pipe};
@@ -257,6 +264,111 @@ impl Pump {
             Carrier::Pipe { pipe, pending: 0, .. } => splice::give(pipe),
             Carrier::Pipe { .. } => {}
         }
+    }
+}
+
+/// What a pipe carrier held when its pump was exported: attached to the pipe the descriptors
+/// bring by [`Pump::attach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PipeHeld {
+    pending: usize,
+    full: bool,
+}
+
+impl Pump {
+    /// Appends the pump's state to `out`: its flow (1 byte: 0 open, 1 flushing, 2 shut), then
+    /// its carrier (1 byte: 0 idle; 1 a buffer, followed by a 4-byte little-endian length and
+    /// the unsent bytes; 2 a pipe, followed by the 4-byte count of bytes in it and 1 byte, 1
+    /// if it is full). A pipe's descriptors are [`Pump::pipe_fds`].
+    pub(super) fn export(&self, out: &mut Vec<u8>) {
+        out.push(match self.flow {
+            Flow::Open => 0,
+            Flow::Flushing => 1,
+            Flow::Shut => 2,
+        });
+        match &self.carrier {
+            Carrier::Idle => out.push(0),
+            Carrier::Buffer { buffer, start, end } => {
+                out.push(1);
+                out.extend(((end - start) as u32).to_le_bytes());
+                out.extend(&buffer[*start..*end]);
+            }
+            Carrier::Pipe { pending, full, .. } => {
+                out.push(2);
+                out.extend((*pending as u32).to_le_bytes());
+                out.push(u8::from(*full));
+            }
+        }
+    }
+
+    /// The pipe's descriptors (read end, write end), if the carrier is a pipe.
+    pub(super) fn pipe_fds(&self) -> Option<[BorrowedFd<'_>; 2]> {
+        match &self.carrier {
+            Carrier::Pipe { pipe, .. } => Some([pipe.output(), pipe.input()]),
+            _ => None,
+        }
+    }
+
+    /// A pump from what [`Pump::export`] wrote at the start of `bytes`, which is advanced past
+    /// it; `splices` as for [`Pump::new`]. A pipe carrier comes back empty, to be given its
+    /// pipe with [`Pump::attach`] and the returned count. `None` when malformed.
+    pub(super) fn import(bytes: &mut &[u8], splices: bool) -> Option<(Pump, Option<PipeHeld>)> {
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, rest) = bytes.split_at_checked(n)?;
+            *bytes = rest;
+            Some(head)
+        };
+        let flow = match take(1)?[0] {
+            0 => Flow::Open,
+            1 => Flow::Flushing,
+            2 => Flow::Shut,
+            _ => return None,
+        };
+        let mut pump = Pump::new(splices);
+        pump.flow = flow;
+        let held = match take(1)?[0] {
+            0 => None,
+            1 => {
+                let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                if len == 0 || len > pool::BUFFER_SIZE {
+                    return None;
+                }
+                let mut buffer = pool::take();
+                buffer[..len].copy_from_slice(take(len)?);
+                pump.carrier = Carrier::Buffer { buffer, start: 0, end: len };
+                None
+            }
+            2 => {
+                let pending = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let full = match take(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                // A pipe between callbacks holds bytes (see the module doc).
+                if pending == 0 {
+                    return None;
+                }
+                Some(PipeHeld { pending, full })
+            }
+            _ => return None,
+        };
+        Some((pump, held))
+    }
+
+    /// Gives an imported pump its pipe (`read`, `write`: the descriptors of the exporter's
+    /// pipe), holding what `held` says.
+    ///
+    /// # Errors
+    /// The descriptors are not a pipe that can hold that much (`F_GETPIPE_SZ`).
+    pub(super) fn attach(&mut self, read: OwnedFd, write: OwnedFd, held: PipeHeld) -> io::Result<()> {
+        let pipe = Pipe::adopt(read, write)?;
+        if held.pending > pipe.capacity() {
+            return Err(io::Error::new(ErrorKind::InvalidData, "more bytes than the pipe holds"));
+        }
+        self.release();
+        self.carrier = Carrier::Pipe { pipe, pending: held.pending, full: held.full };
+        Ok(())
     }
 }
 

@@ -16,41 +16,69 @@
 //!
 //! The client socket is not read before a backend is connected: what the client sends first
 //! waits in its socket, so a failover replays nothing.
+//!
+//! Hand-off (a reload, a binary upgrade): an open relay moves to the serving generation at
+//! any point of its life ([`Movable::Now`]), whole: the backend socket and the pipes, the
+//! bytes buffered in each direction, each direction's half-close state, the PROXY header
+//! bytes not yet counted, the backend's address, what the access line will say. The
+//! receiver counts the connection in its own generation's `least-connections` table (a
+//! [`Lease`] on the backend of that address, if its configuration still has it) before it
+//! takes the connection, and the sender's lease is given back when it drops the session
+//! once the receiver has: each generation's table counts exactly the connections its
+//! workers serve. A relay still connecting is not moved ([`Movable::Later`]): it is offered
+//! once connected (a connect is at most `connect_timeout`), so the connect timeout, the
+//! failover plan and the backend's health stay one worker's business.
 
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use super::Shared;
-use super::pump::{Fault, Flow, Pump};
+use super::pump::{Fault, Flow, PipeHeld, Pump};
 use super::shared::{Health, Lease};
 use crate::clock::monotonic_ms;
-use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session};
+use crate::services::{CloseReason, Context, Interest, Movable, Progress, Ready, Session};
+
+/// Version of a relay session's exported state (its first byte).
+const STATE_VERSION: u8 = 1;
 
 /// The backend connection of a session.
 struct Link {
     stream: TcpStream,
-    /// Index in the relay's backends.
-    backend: usize,
+    /// The backend's address.
+    address: SocketAddr,
     /// What the poller watches the stream for.
     watched: Interest,
-    /// Counts this connection in the backend's `active` until dropped.
-    _lease: Lease,
+    /// Counts this connection in the backend's `active` until dropped; `None` for a
+    /// connection handed over to a generation whose configuration no longer names its
+    /// backend (nothing there balances over it).
+    _lease: Option<Lease>,
 }
 
 enum State {
     /// Accepted; the first callback (the client socket is writable at once) connects.
     Start,
-    /// A connect in flight since the instant given.
-    Connecting(Link, Instant),
+    /// A connect to the backend of index `.2` in flight since the instant `.1`.
+    Connecting(Link, Instant, usize),
     /// Relaying.
     Open(Link),
+    /// Handed over and rebuilt from its state, waiting for its descriptors
+    /// ([`Session::resume`]).
+    Arriving(Arriving),
     /// Over: the backend connection is closed (or never was).
     Over,
+}
+
+/// What an imported relay needs besides its state: the backend socket and the pipes.
+struct Arriving {
+    address: SocketAddr,
+    /// Pipes the pumps held (up, down), with their counts.
+    pipes: [Option<PipeHeld>; 2],
+    lease: Option<Lease>,
 }
 
 /// Which side sent FIN first.
@@ -72,7 +100,7 @@ pub struct RelaySession {
     /// Connects started.
     tries: u32,
     /// The backend connected to, and how long the connect took.
-    connected: Option<(usize, Duration)>,
+    connected: Option<(SocketAddr, Duration)>,
     up: Pump,
     down: Pump,
     first_fin: Option<Side>,
@@ -122,9 +150,9 @@ impl RelaySession {
             match start_connect(address) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
-                    let link = Link { stream, backend: index, watched: Interest::WRITE, _lease: lease };
+                    let link = Link { stream, address, watched: Interest::WRITE, _lease: Some(lease) };
                     cx.set_timer(Some(cx.now() + config.connect_timeout));
-                    self.state = State::Connecting(link, cx.now());
+                    self.state = State::Connecting(link, cx.now(), index);
                     return Ok(Progress::default());
                 }
                 Err(error) => failed(&shared, index, &error),
@@ -135,7 +163,7 @@ impl RelaySession {
     /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, or
     /// try the next backend.
     fn connect_done(&mut self, ready: Option<Ready>, cx: &mut Context<'_>) -> io::Result<Progress> {
-        let State::Connecting(link, since) = std::mem::replace(&mut self.state, State::Over) else {
+        let State::Connecting(link, since, backend) = std::mem::replace(&mut self.state, State::Over) else {
             unreachable!("only called while connecting");
         };
         let outcome = match ready {
@@ -150,16 +178,15 @@ impl RelaySession {
         };
         if let Err(error) = outcome {
             cx.unwatch(link.stream.as_fd());
-            failed(&self.shared, link.backend, &error);
+            failed(&self.shared, backend, &error);
             drop(link);
             return self.connect_next(cx);
         }
         cx.set_timer(None);
-        let address = self.shared.config.backends[link.backend];
-        if self.shared.table.backend(link.backend).succeeded() {
-            log::info!("relay backend {address} is up again");
+        if self.shared.table.backend(backend).succeeded() {
+            log::info!("relay backend {} is up again", link.address);
         }
-        self.connected = Some((link.backend, cx.now().saturating_duration_since(since)));
+        self.connected = Some((link.address, cx.now().saturating_duration_since(since)));
         // Best effort, as for clients: a failure shows on the first write.
         let _ = link.stream.set_nodelay(true);
         if let Some(header) = self.header.take() {
@@ -281,8 +308,7 @@ impl RelaySession {
     /// The backend reset (or a write to it failed): reset the client too.
     fn backend_failed(&mut self, error: io::Error, cx: &mut Context<'_>) -> io::Result<Progress> {
         if let State::Open(link) = std::mem::replace(&mut self.state, State::Over) {
-            let address = self.shared.config.backends[link.backend];
-            log::debug!("relay: backend {address} failed for client {}: {error}", self.peer);
+            log::debug!("relay: backend {} failed for client {}: {error}", link.address, self.peer);
             cx.unwatch(link.stream.as_fd());
         }
         cx.reset(CloseReason::Service("backend-reset"));
@@ -328,7 +354,7 @@ impl Session for RelaySession {
     fn interest(&self) -> Interest {
         match self.state {
             State::Start => Interest::WRITE,
-            State::Connecting(..) | State::Over => Interest::NONE,
+            State::Connecting(..) | State::Arriving(_) | State::Over => Interest::NONE,
             State::Open(_) => Interest {
                 read: self.up.wants_input(),
                 write: self.down.has_output(),
@@ -379,14 +405,175 @@ impl Session for RelaySession {
     fn describe(&self, line: &mut String) {
         use std::fmt::Write as _;
         let _ = match self.connected {
-            Some((index, took)) => write!(
+            Some((address, took)) => write!(
                 line,
-                " backend={} connect={:.6}s tries={}",
-                self.shared.config.backends[index],
+                " backend={address} connect={:.6}s tries={}",
                 took.as_secs_f64(),
                 self.tries
             ),
             None => write!(line, " backend=- tries={}", self.tries),
         };
+    }
+
+    fn movable(&self) -> Movable {
+        match self.state {
+            State::Open(_) => Movable::Now,
+            // Connecting: offered once connected. Over: the loop is closing it.
+            State::Start | State::Connecting(..) | State::Arriving(_) | State::Over => Movable::Later,
+        }
+    }
+
+    /// See [`RelaySession::state`].
+    fn export(&self) -> Option<Vec<u8>> {
+        self.state()
+    }
+
+    fn export_descriptors(&self) -> Vec<BorrowedFd<'_>> {
+        let State::Open(link) = &self.state else { return Vec::new() };
+        let mut fds = vec![link.stream.as_fd()];
+        for pump in [&self.up, &self.down] {
+            fds.extend(pump.pipe_fds().into_iter().flatten());
+        }
+        fds
+    }
+
+    fn resume(&mut self, descriptors: Vec<OwnedFd>, cx: &mut Context<'_>) -> io::Result<()> {
+        let State::Arriving(arriving) = std::mem::replace(&mut self.state, State::Over) else {
+            return Err(io::Error::other("not a handed-over relay"));
+        };
+        let expected = 1 + 2 * arriving.pipes.iter().flatten().count();
+        if descriptors.len() != expected {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!("{} descriptors where the state says {expected}", descriptors.len()),
+            ));
+        }
+        let mut fds = descriptors.into_iter();
+        let stream = TcpStream::from(fds.next().expect("counted above"));
+        for (pump, held) in [&mut self.up, &mut self.down].into_iter().zip(arriving.pipes) {
+            if let Some(held) = held {
+                let (read, write) = (fds.next().expect("counted"), fds.next().expect("counted"));
+                pump.attach(read, write, held)?;
+            }
+        }
+        let watched = Interest {
+            read: self.down.wants_input(),
+            write: self.up.has_output(),
+            exclusive: false,
+        };
+        cx.watch(stream.as_fd(), watched)?;
+        let link = Link { stream, address: arriving.address, watched, _lease: arriving.lease };
+        self.state = State::Open(link);
+        Ok(())
+    }
+}
+
+impl RelaySession {
+    /// The state of an open relay as bytes ([`STATE_VERSION`] 1), for a hand-off: the
+    /// backend's address (the family byte, 4 or 6, 16 address bytes, IPv4 mapped, and the
+    /// port), the connect time in microseconds, the connects tried, the PROXY header bytes
+    /// not yet counted, the bytes delivered each way, which side sent FIN first (0 none, 1
+    /// the client, 2 the backend), then the up and the down pump ([`Pump::export`]). Integers
+    /// are little-endian. `None` unless open.
+    fn state(&self) -> Option<Vec<u8>> {
+        let State::Open(link) = &self.state else { return None };
+        let mut out = Vec::with_capacity(128);
+        out.push(STATE_VERSION);
+        let (family, ip) = match link.address.ip() {
+            IpAddr::V4(v4) => (4, v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => (6, v6),
+        };
+        out.push(family);
+        out.extend(ip.octets());
+        out.extend(link.address.port().to_le_bytes());
+        let took = self.connected.map_or(0, |(_, took)| u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+        out.extend(took.to_le_bytes());
+        out.extend(self.tries.to_le_bytes());
+        for value in [self.header_left, self.delivered.0, self.delivered.1] {
+            out.extend(value.to_le_bytes());
+        }
+        out.push(match self.first_fin {
+            None => 0,
+            Some(Side::Client) => 1,
+            Some(Side::Backend) => 2,
+        });
+        self.up.export(&mut out);
+        self.down.export(&mut out);
+        Some(out)
+    }
+
+    /// A session rebuilt from [`RelaySession::state`] (of this or an older generation, or of
+    /// the old master of an upgrade), waiting for its descriptors; it counts in `shared`'s
+    /// table on the backend of the same address, if this configuration has one. `None` when
+    /// the state is of another version or malformed.
+    pub(super) fn import(shared: Arc<Shared>, peer: SocketAddr, state: &[u8]) -> Option<RelaySession> {
+        let mut wire = Wire(state);
+        if wire.u8()? != STATE_VERSION {
+            return None;
+        }
+        let family = wire.u8()?;
+        let ip = Ipv6Addr::from(<[u8; 16]>::try_from(wire.take(16)?).ok()?);
+        let ip = match (family, ip.to_ipv4_mapped()) {
+            (4, Some(v4)) => IpAddr::V4(v4),
+            (6, _) => IpAddr::V6(ip),
+            _ => return None,
+        };
+        let address = SocketAddr::new(ip, u16::from_le_bytes(wire.take(2)?.try_into().ok()?));
+        let took = Duration::from_micros(wire.u64()?);
+        let tries = u32::from_le_bytes(wire.take(4)?.try_into().ok()?);
+        let (header_left, up_bytes, down_bytes) = (wire.u64()?, wire.u64()?, wire.u64()?);
+        let first_fin = match wire.u8()? {
+            0 => None,
+            1 => Some(Side::Client),
+            2 => Some(Side::Backend),
+            _ => return None,
+        };
+        let splices = shared.config.splice;
+        let mut rest = wire.0;
+        let (up, up_pipe) = Pump::import(&mut rest, splices)?;
+        let (down, down_pipe) = Pump::import(&mut rest, splices)?;
+        if !rest.is_empty() {
+            return None;
+        }
+        let lease = shared
+            .config
+            .backends
+            .iter()
+            .position(|&backend| backend == address)
+            .map(|index| Lease::new(Arc::clone(&shared.table), index));
+        Some(RelaySession {
+            shared,
+            peer,
+            plan: None,
+            state: State::Arriving(Arriving { address, pipes: [up_pipe, down_pipe], lease }),
+            header: None,
+            header_left,
+            tries,
+            connected: Some((address, took)),
+            up,
+            down,
+            first_fin,
+            delivered: (up_bytes, down_bytes),
+            done: false,
+        })
+    }
+}
+
+/// A reader of [`RelaySession::state`]'s bytes.
+struct Wire<'a>(&'a [u8]);
+
+impl<'a> Wire<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 }
