@@ -370,8 +370,46 @@ fn status(board: &Scoreboard) -> String {
             age(score.started_unix_ms.load(Ordering::Relaxed)).to_string(),
         ));
     }
+    out.push_str(&children(board, now_unix));
     out.push_str(&refusals(board));
     out.trim_end().to_owned()
+}
+
+/// `children supervised by draining workers:` then one line per child: the exec programs a
+/// retiring worker still serves after a reload or an upgrade (empty when there is none).
+fn children(board: &Scoreboard, now_unix: u64) -> String {
+    let mut out = String::new();
+    for (slot, score) in board.slots().iter().enumerate() {
+        let (pid, total) =
+            (score.pid.load(Ordering::Acquire), score.children.load(Ordering::Relaxed));
+        if pid == 0 || score.state() == SlotState::Empty || total == 0 {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str(
+                "children supervised by draining workers:
+",
+            );
+        }
+        let generation = score.generation.load(Ordering::Relaxed);
+        let listed = board.children(slot);
+        for child in &listed {
+            let listener = board.listener_name(usize::from(child.listener)).unwrap_or_default();
+            let age = Duration::from_secs(now_unix.saturating_sub(child.started_unix_ms) / 1000);
+            out.push_str(&format!(
+                "  child {} on {listener}, up {}: worker slot {slot}, pid {pid}, generation {generation}\n",
+                child.pid,
+                humantime::format_duration(age),
+            ));
+        }
+        if total > listed.len() as u64 {
+            out.push_str(&format!(
+                "  and {} more: worker slot {slot}, pid {pid}, generation {generation}\n",
+                total - listed.len() as u64
+            ));
+        }
+    }
+    out
 }
 
 /// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those

@@ -23,20 +23,23 @@ use thiserror::Error;
 use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
+mod children;
 mod listeners;
 
+pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
     CLOSES, Close, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore, ListenerTotals, kept_name,
 };
 
-/// Version 6: hand-offs per listener ([`ListenerScore::handed_off`], `adopted`). Version 5:
+/// Version 7: the children retiring workers supervise ([`WorkerScore::children`], a few
+/// rows per slot after the listener rows). Version 6: hand-offs per listener ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
 /// per worker slot after the slots), worker restarts and the upgrade state in the header.
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb6");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb7");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -256,9 +259,13 @@ pub struct WorkerScore {
     /// Times the worker became full (its `max_connections_per_worker` reached) since it
     /// started (version 2).
     pub full: AtomicU64,
+    /// Children (exec's programs) a retiring worker still supervises, for connections it
+    /// could not hand off; the first [`CHILD_ROWS`] are listed ([`Scoreboard::children`]).
+    /// 0 in a serving worker (version 7).
+    pub children: AtomicU64,
 }
 
-// The version 2 counters live in what was padding: a slot stays one 128-byte line pair.
+// The version 2 and 7 counters live in what was padding: a slot stays one 128-byte line pair.
 const _: () = assert!(std::mem::size_of::<WorkerScore>() == 128);
 
 impl WorkerScore {
@@ -279,7 +286,14 @@ impl WorkerScore {
 
     /// Clears the slot and claims it for a new worker (called by the master at fork).
     pub fn claim(&self, pid: i32, generation: u64) {
-        let counters = [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out, &self.full];
+        let counters = [
+            &self.open,
+            &self.accepted,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.full,
+            &self.children,
+        ];
         for counter in counters.into_iter().chain(&self.refused) {
             counter.store(0, Ordering::Relaxed);
         }
@@ -294,6 +308,7 @@ impl WorkerScore {
     pub fn release(&self) {
         self.set_state(SlotState::Empty);
         self.open.store(0, Ordering::Relaxed);
+        self.children.store(0, Ordering::Relaxed);
         self.pid.store(0, Ordering::Release);
     }
 }
@@ -315,12 +330,14 @@ pub struct Scoreboard {
     owner: Option<u32>,
 }
 
-/// Bytes of one slot: its [`WorkerScore`] and its [`LISTENER_ROWS`] listener rows.
-const SLOT_BYTES: usize =
-    std::mem::size_of::<WorkerScore>() + LISTENER_ROWS * std::mem::size_of::<ListenerScore>();
+/// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows and its
+/// [`CHILD_ROWS`] child rows.
+const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
+    + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
+    + CHILD_ROWS * std::mem::size_of::<children::ChildScore>();
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, then
-/// every [`WorkerScore`], then every slot's listener rows.
+/// every [`WorkerScore`], then every slot's listener rows, then every slot's child rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
@@ -495,6 +512,21 @@ impl Scoreboard {
         }
     }
 
+    /// Every slot's child rows, slot by slot.
+    fn all_child_rows(&self) -> &[children::ChildScore] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the child rows follow the listener
+        // rows, at an offset that is a multiple of 128 (header, slots and listener rows are),
+        // so aligned for `ChildScore` (8); all fields are atomics.
+        unsafe {
+            let offset = std::mem::size_of::<Header>()
+                + self.capacity
+                    * (std::mem::size_of::<WorkerScore>()
+                        + LISTENER_ROWS * std::mem::size_of::<ListenerScore>());
+            let first = self.base.as_ptr().add(offset).cast::<children::ChildScore>();
+            std::slice::from_raw_parts(first, self.capacity * CHILD_ROWS)
+        }
+    }
+
     /// Claims `slot` for a new worker of `generation` (by the master, before the fork): the
     /// last worker's listener counters go to the retired totals, then the slot is cleared
     /// ([`WorkerScore::claim`], pid 0 until the fork returns).
@@ -503,6 +535,7 @@ impl Scoreboard {
     /// If `slot` is not below the capacity (a caller bug).
     pub fn claim(&self, slot: usize, generation: u64) {
         self.retire_listener_rows(slot);
+        self.clear_children(slot);
         self.slot(slot).claim(0, generation);
     }
 

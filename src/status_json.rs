@@ -126,6 +126,25 @@ pub struct Worker {
     /// Milliseconds since the worker's loop last turned (monotonic clock); a ready worker
     /// beats at least every third of `worker_timeout`.
     pub heartbeat_age_ms: u64,
+    /// Children (exec's programs) a draining worker still supervises, for connections it
+    /// could not hand off: it serves them until they end. 0 for a serving worker (added in
+    /// schema 1).
+    pub children_total: u64,
+    /// The first of them (at most 8), oldest connection first (added in schema 1).
+    pub children: Vec<Child>,
+}
+
+/// A child a draining worker supervises (see [`Worker::children`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Child {
+    /// The child's pid.
+    pub pid: u32,
+    /// Its listener's name (empty if the master never named that listener id).
+    pub listener: String,
+    /// When its connection was accepted: Unix time in milliseconds.
+    pub started_unix_ms: u64,
+    /// Milliseconds since then (wall clock).
+    pub age_ms: u64,
 }
 
 /// Reads `board` into a [`Snapshot`], with the clocks given: `now_unix_ms` (wall clock, Unix
@@ -173,6 +192,19 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
                 uptime_ms: now_unix_ms.saturating_sub(started),
                 heartbeat_age_ms: now_monotonic_ms
                     .saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)),
+                children_total: score.children.load(Ordering::Relaxed),
+                children: board
+                    .children(slot)
+                    .into_iter()
+                    .map(|child| Child {
+                        pid: child.pid,
+                        listener: board
+                            .listener_name(usize::from(child.listener))
+                            .unwrap_or_default(),
+                        started_unix_ms: child.started_unix_ms,
+                        age_ms: now_unix_ms.saturating_sub(child.started_unix_ms),
+                    })
+                    .collect(),
             })
         })
         .collect();

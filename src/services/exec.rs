@@ -483,6 +483,15 @@ impl Session for ExecSession {
         !matches!(self.state, State::Starting { .. } | State::Running { .. })
     }
 
+    fn process(&self) -> Option<u32> {
+        match &self.state {
+            State::Starting { child, .. } | State::Running { child, .. } => {
+                u32::try_from(child.as_raw()).ok()
+            }
+            _ => None,
+        }
+    }
+
     fn describe(&self, line: &mut String) {
         if self.pid != 0 {
             let _ = write!(line, " child={}", self.pid);

@@ -324,6 +324,13 @@ pub trait Session {
         true
     }
 
+    /// The process this session runs for its connection (exec's child), while it runs: a
+    /// worker that retires lists those it keeps serving for `preforkd status`. Default:
+    /// none.
+    fn process(&self) -> Option<u32> {
+        None
+    }
+
     /// Appends `key=value` fields of the service's own to the connection's access line, each
     /// with a leading space (` child=4242 status=exit:0`, a relay's ` backend=... connect=...`).
     /// Called once, when the connection closes, and only when the access log is on.

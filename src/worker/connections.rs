@@ -18,9 +18,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::clock::monotonic_ns;
+use crate::clock::{monotonic_ns, unix_ms};
 use crate::handoff::Channel;
 use crate::poller::{Event, Interest, Poller};
+use crate::scoreboard::Child;
 use crate::services::{CloseReason, ConnInfo, Context, Ending, Progress, Ready};
 
 use super::admission::{self, ShedQueue, Verdict};
@@ -29,6 +30,7 @@ use super::conn::{Conn, discard_input, unread_input};
 use super::env::Env;
 use super::extras::ExtraFds;
 use super::handoff::Link;
+use super::listeners::Listeners;
 use super::phase::{ConnKind, ConnState, Drain, Expiry, Next, Phase, Promotion};
 use super::table::Table;
 
@@ -418,6 +420,27 @@ impl Connections {
     /// Why the worker drains, if it does.
     pub fn draining(&self) -> Option<Drain> {
         self.link.draining()
+    }
+
+    /// The children the sessions run (exec's programs), oldest connection first, for the
+    /// scoreboard: pid, listener id, accept time as Unix milliseconds (from `now`).
+    pub fn children(&self, listeners: &Listeners, now: Instant) -> Vec<Child> {
+        let now_unix = unix_ms();
+        let mut children: Vec<(Instant, Child)> = self
+            .table
+            .fds()
+            .into_iter()
+            .filter_map(|fd| self.table.get(fd))
+            .filter_map(|conn| {
+                let pid = conn.session.process()?;
+                let age = now.saturating_duration_since(conn.opened).as_millis() as u64;
+                let started_unix_ms = now_unix.saturating_sub(age);
+                let listener = listeners[conn.listener].id;
+                Some((conn.opened, Child { pid, listener, started_unix_ms }))
+            })
+            .collect();
+        children.sort_by_key(|(opened, _)| *opened);
+        children.into_iter().map(|(_, child)| child).collect()
     }
 
     /// Closes every connection (fast stop): lingering ones for their reason, the others as

@@ -187,6 +187,9 @@ struct Worker<'a> {
     /// to avoid an allocation per turn).
     ready_listeners: Vec<(RawFd, usize)>,
     last_published: Instant,
+    /// Connections open when the children were last published (a draining worker's set of
+    /// connections only shrinks, so a change in their number is a change in its children).
+    children_published: Option<usize>,
 }
 
 impl<'a> Worker<'a> {
@@ -256,6 +259,7 @@ impl<'a> Worker<'a> {
             datagrams: Datagrams::default(),
             ready_listeners: Vec::new(),
             last_published: Instant::now(),
+            children_published: None,
         })
     }
 
@@ -362,6 +366,12 @@ impl<'a> Worker<'a> {
         let open = self.conns.len() + self.headers.len() + self.datagrams.len();
         score.open.store(open as u64, Ordering::Relaxed);
         self.env.listeners.publish(self.env.scoreboard.listener_rows(self.slot));
+        if self.gate.draining() && self.children_published != Some(self.conns.len()) {
+            // The children a retiring worker keeps, for `preforkd status`.
+            let children = self.conns.children(&self.env.listeners, now);
+            self.env.scoreboard.set_children(self.slot, children.into_iter());
+            self.children_published = Some(self.conns.len());
+        }
         self.last_published = now;
         self.datagrams.summarize(now, false, &mut self.env);
     }
@@ -482,6 +492,7 @@ impl<'a> Worker<'a> {
         // Each connection is handed off, or kept (see `phase.rs`): served until it ends when
         // retiring, closed once at rest and quiet when stopping.
         self.conns.drain(why, now, &mut self.env);
+        self.publish(now);
     }
 
     /// Takes what waits on listening descriptor `fd` of listener `index`: connections, or

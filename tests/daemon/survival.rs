@@ -430,3 +430,317 @@ fn a_session_without_the_hook_is_drained_until_reload_drain_timeout_cuts_it() {
         "a session without hand-off: {exchanges} exchanges over 3 reloads, cut after {cut:?}"
     );
 }
+
+/// Pids of the zombies whose parent is one of `parents`, from /proc.
+fn zombies_of(parents: &[i32]) -> Vec<i32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let mut fields = stat.rsplit(')').next().unwrap().split_whitespace();
+        let (state, parent) = (fields.next(), fields.next().and_then(|p| p.parse().ok()));
+        if state == Some("Z") && parent.is_some_and(|p| parents.contains(&p)) {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// Reads the ticker's lines now waiting (each its child's pid) and checks them all.
+fn ticks(ticker: &mut TcpStream, child: &str, what: &str) {
+    let mut buffer = [0u8; 4096];
+    let n = ticker.read(&mut buffer).unwrap_or_else(|e| panic!("{what}: the ticker: {e}"));
+    assert!(n > 0, "{what}: the ticker's connection ended");
+    let text = String::from_utf8_lossy(&buffer[..n]);
+    for line in text.split_terminator('\n').filter(|l| !l.is_empty()) {
+        assert!(child.starts_with(line), "{what}: another child says {line:?}, not {child}");
+    }
+}
+
+#[test]
+fn exec_children_survive_5_reloads_and_an_upgrade_then_a_graceful_stop_ends_them() {
+    let config = format!(
+        "[daemon]\nworkers = 2\ngraceful_timeout = \"{GRACEFUL}\"\nallow_root_workers = true\n\
+         pid_file = \"@DIR@/preforkd.pid\"\n[log]\nlevel = \"debug\"\naccess_log = true\n\
+         [[listener]]\nname = \"cat\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+         max_connections_per_client = 0\n[listener.options]\nprogram = \"/bin/cat\"\n\
+         max_instances = 2\n\
+         [[listener]]\nname = \"ticker\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+         max_connections_per_client = 0\n[listener.options]\nprogram = \"/bin/sh\"\n\
+         args = [\"-c\", \"while echo $$; do sleep 0.1; done\"]\nmax_instances = 1\n"
+    );
+    let mut daemon = Daemon::start(&config);
+    let (cat, ticker_addr) = (daemon.addrs[0], daemon.addrs[1]);
+    let mut cats: Vec<TcpStream> = (0..2).map(|_| connect(cat)).collect();
+    for stream in &mut cats {
+        assert_eq!(exchange(stream, b"meow\n", PATIENCE), Outcome::Echoed);
+    }
+    let mut over = connect(cat);
+    assert_eq!(exchange(&mut over, b"meow\n", PATIENCE), Outcome::Closed, "max_instances 2");
+    let mut ticker = connect(ticker_addr);
+    ticker.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut first = String::new();
+    let mut byte = [0u8; 1];
+    while !first.ends_with('\n') {
+        ticker.read_exact(&mut byte).unwrap();
+        first.push(byte[0] as char);
+    }
+    let child = first.trim().to_owned();
+    let child_pid: i32 = child.parse().unwrap();
+    let master = daemon.pid();
+    let supervisors = daemon.worker_pids();
+    for reload in 0..5 {
+        let (status, stdout, stderr) = daemon.control("reload");
+        assert_eq!(code(status), 0, "reload {reload}: {stdout}{stderr}");
+        for stream in &mut cats {
+            assert_eq!(exchange(stream, b"meow\n", PATIENCE), Outcome::Echoed, "{reload}");
+        }
+        ticks(&mut ticker, &child, &format!("reload {reload}"));
+    }
+    // The generation-1 workers keep their children, and say so.
+    let document = status_json(&daemon);
+    let kept: Vec<(u64, String, u64)> = document["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| {
+            let generation = w["generation"].as_u64().unwrap();
+            w["children"].as_array().unwrap().iter().map(move |c| {
+                (generation, c["listener"].as_str().unwrap().to_owned(), c["pid"].as_u64().unwrap())
+            })
+        })
+        .collect();
+    assert_eq!(kept.len(), 3, "two cats and the ticker: {document}");
+    assert!(kept.contains(&(1, "ticker".into(), child_pid as u64)), "{document}");
+    assert!(kept.iter().all(|k| k.0 == 1), "kept by generation 1: {document}");
+    let (_, text, _) = daemon.control("status");
+    assert!(text.contains(&format!("child {child_pid} on ticker")), "{text}");
+    // The upgrade: the old master retires its workers, which keep the children.
+    let (status, stdout, stderr) = daemon.control("upgrade");
+    assert_eq!(code(status), 0, "{stdout}{stderr}");
+    let new_master = new_master_pid(&stdout);
+    daemon.signal(Signal::SIGWINCH);
+    daemon.signal(Signal::SIGQUIT);
+    let retired = Instant::now();
+    // Past graceful_timeout and more, everything still runs.
+    let mut round = 0;
+    while retired.elapsed() < Duration::from_secs(3) {
+        for stream in &mut cats {
+            assert_eq!(exchange(stream, b"meow\n", PATIENCE), Outcome::Echoed, "{round}");
+        }
+        ticks(&mut ticker, &child, &format!("after the upgrade, round {round}"));
+        let mut over = connect(cat);
+        assert_eq!(exchange(&mut over, b"x\n", PATIENCE), Outcome::Closed, "still 2 at most");
+        round += 1;
+        thread::sleep(Duration::from_millis(500)); // the clients' own pace
+    }
+    assert!(is_running(master.as_raw()) && is_running(child_pid), "the old master supervises");
+    let mut parents = vec![master.as_raw(), new_master];
+    parents.extend(&supervisors);
+    assert_eq!(zombies_of(&parents), Vec::<i32>::new(), "no zombie");
+    // One cat ends: its max_instances slot comes back once, to a child of the new master.
+    let mut ended = cats.remove(0);
+    ended.shutdown(Shutdown::Write).unwrap();
+    assert!(closed_within(&mut ended, PATIENCE));
+    let mut again = Vec::new();
+    eventually("the slot comes back", || {
+        let mut stream = connect(cat);
+        let ok = exchange(&mut stream, b"again\n", PATIENCE) == Outcome::Echoed;
+        if ok {
+            again.push(stream);
+        }
+        ok
+    });
+    let mut over = connect(cat);
+    assert_eq!(exchange(&mut over, b"x\n", PATIENCE), Outcome::Closed, "never 3");
+    // The old children end: the old master's workers, then the old master, exit.
+    drop(cats);
+    drop(ticker);
+    let exit = daemon.wait_master_exit(PATIENCE).expect("the old master exits");
+    assert_eq!(code(exit), 0);
+    eventually("the ticker child is gone", || !is_running(child_pid));
+    assert_eq!(zombies_of(&parents), Vec::<i32>::new(), "no zombie");
+    // A graceful stop still ends a running child, at graceful_timeout, as documented.
+    let mut ticker = connect(ticker_addr);
+    ticker.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut line = String::new();
+    while !line.ends_with('\n') {
+        ticker.read_exact(&mut byte).unwrap();
+        line.push(byte[0] as char);
+    }
+    let last: i32 = line.trim().parse().unwrap();
+    let stopping = Instant::now();
+    let (status, stdout, stderr) = daemon.control("quit");
+    assert_eq!(code(status), 0, "{stdout}{stderr}");
+    assert!(!is_running(last), "the child ended with the stop");
+    assert!(stopping.elapsed() >= Duration::from_millis(1900), "at graceful_timeout");
+    eprintln!(
+        "exec: 3 children kept over 5 reloads and an upgrade, {round} rounds after QUIT; the stop took {:?}",
+        stopping.elapsed()
+    );
+}
+
+#[test]
+fn a_30_mb_tftp_download_survives_a_reload_byte_exact() {
+    const SIZE: usize = 30_000_000;
+    let root = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let served = random_bytes(SIZE, 21);
+    std::fs::write(root.path().join("big"), &served).unwrap();
+    let config = format!(
+        "[daemon]\nworkers = 1\ngraceful_timeout = \"{GRACEFUL}\"\nallow_root_workers = true\n\
+         pid_file = \"@DIR@/preforkd.pid\"\n[log]\nlevel = \"info\"\naccess_log = true\n\
+         [[listener]]\nname = \"tftp\"\naddress = \"127.0.0.1:0\"\nservice = \"tftp\"\n\
+         transport = \"udp\"\n[listener.options]\nroot = \"{}\"\nretries = 10\n",
+        root.path().display()
+    );
+    let daemon = Daemon::start(&config);
+    let old = daemon.worker_pids()[0];
+    let local = out.path().join("big");
+    let port = daemon.addr().port().to_string();
+    let args = ["-m", "binary", "127.0.0.1", &port, "-c", "get", "big", local.to_str().unwrap()];
+    let mut client = std::process::Command::new("tftp")
+        .args(args)
+        .current_dir(out.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("tftp-hpa's tftp is needed for this test (.ci/run installs it)");
+    let size = || std::fs::metadata(&local).map_or(0, |m| m.len());
+    eventually("the download is under way", || size() >= 1 << 20);
+    let (status, stdout, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stdout}{stderr}");
+    let reloaded = Instant::now();
+    let at = size();
+    assert!(at < SIZE as u64, "the reload came in the middle: {at} bytes were there");
+    // The client stalls past graceful_timeout (the server retransmits meanwhile): the old
+    // worker, draining, keeps the transfer.
+    let client_pid = nix::unistd::Pid::from_raw(client.id() as i32);
+    nix::sys::signal::kill(client_pid, Signal::SIGSTOP).unwrap();
+    thread::sleep(Duration::from_millis(2500)); // past graceful_timeout: what is under test
+    let document = status_json(&daemon);
+    let worker = document["workers"].as_array().unwrap().iter().find(|w| w["pid"] == old);
+    let worker = worker.unwrap_or_else(|| panic!("the old worker is gone: {document}"));
+    assert_eq!((&worker["state"], &worker["open"]), (&"draining".into(), &1.into()), "{document}");
+    nix::sys::signal::kill(client_pid, Signal::SIGCONT).unwrap();
+    // The old worker finishes the transfer.
+    let deadline = Instant::now() + PATIENCE * 2;
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "tftp did not finish");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let drained = reloaded.elapsed();
+    assert!(status.success(), "tftp: {status:?}");
+    let got = std::fs::read(&local).unwrap();
+    assert!(got == served, "{} bytes arrived, {} differ", got.len(), SIZE);
+    let line = daemon.wait_for_log("the transfer's access line", |l| {
+        l.contains("access listener=tftp") && l.contains("big")
+    });
+    assert_eq!(pid_of(&line), old, "finished by the worker that began it: {line}");
+    assert_eq!(field(&line, "result"), Some("complete"), "{line}");
+    eventually("the old worker exits once done", || !is_running(old));
+    eprintln!(
+        "tftp: 30 MB, reload at {at} bytes, the client stalled 2.5 s; the old worker served \
+         the rest for {drained:?} (graceful_timeout {GRACEFUL})"
+    );
+}
+
+/// A redis-server of the test's own: on a free port, in a temporary directory, persisting
+/// nothing; killed (by pid) when dropped.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..10 {
+            // A port the kernel says is free now; another process could take it before
+            // redis binds it, so a failed start tries another.
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .args(["--appendonly", "no", "--dir", dir.path().to_str().unwrap()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is needed for this test (.ci/run installs it)");
+            let deadline = Instant::now() + PATIENCE;
+            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+                let ping = std::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "ping"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&ping.stdout).trim() == "PONG" {
+                    return Redis { child, port, _dir: dir };
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_benchmark_through_the_relay_sees_no_error_across_10_reloads() {
+    let redis = Redis::start();
+    let backend: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let mut config = relay_config(Pump::ReadWrite, &[backend]);
+    config = config.replace("max_connections_per_client = 5", "max_connections_per_client = 0");
+    let daemon = Daemon::start(&config);
+    let port = daemon.addr().port().to_string();
+    let mut benchmark = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port, "-c", "20", "-n", "200000", "-t", "set,get"])
+        .arg("--csv")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-benchmark is needed for this test (.ci/run installs it)");
+    let started = Instant::now();
+    eventually("the benchmark's 20 clients are connected", || open_in(&daemon, 1).0 >= 20);
+    let mut reloads = 0;
+    for reload in 0..10 {
+        let (status, stdout, stderr) = daemon.control("reload");
+        assert_eq!(code(status), 0, "reload {reload}: {stdout}{stderr}");
+        reloads += 1;
+    }
+    let during = started.elapsed();
+    assert!(benchmark.try_wait().unwrap().is_none(), "the reloads came while the benchmark ran");
+    let output = benchmark.wait_with_output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "redis-benchmark failed: {stdout}{stderr}");
+    let everything = format!("{stdout}{stderr}").to_lowercase();
+    for bad in ["error", "reset", "closed", "refused"] {
+        assert!(!everything.contains(bad), "{bad:?} in redis-benchmark's output: {stdout}{stderr}");
+    }
+    let rows: Vec<&str> =
+        stdout.lines().filter(|l| l.starts_with("\"SET\"") || l.starts_with("\"GET\"")).collect();
+    assert_eq!(rows.len(), 2, "both tests ran to the end: {stdout}");
+    let took = started.elapsed();
+    let lines = daemon.matching(|l| l.contains("handed off (Adopted)"));
+    assert!(lines.len() >= 20, "the benchmark's connections moved: {} hand-offs", lines.len());
+    eprintln!(
+        "redis: {reloads} reloads in {during:?} during a {took:?} redis-benchmark -c 20 -n 200000 -t set,get: \
+         0 errors, {} hand-offs\n{stdout}",
+        lines.len()
+    );
+}
