@@ -59,8 +59,8 @@ pub struct Listener {
     /// Connections closed, by reason (`client-close`, `server-close`, `idle-short`,
     /// `idle-long`, `long-limit`, `error`, `shutdown`, `service`; every reason is present).
     pub closed: BTreeMap<&'static str, u64>,
-    /// Connections handed off at rest by retiring workers to the serving generation (or,
-    /// after an upgrade, the new master); not closes.
+    /// Connections handed off by retiring workers to the serving generation (or, after an
+    /// upgrade, the new master); not closes.
     pub handed_off: u64,
     /// Connections adopted from retiring workers.
     pub adopted: u64,

@@ -300,10 +300,11 @@ fn fnv1a(ip: &IpAddr) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn relay(backends: usize, balance: Balance) -> Shared {
+    /// A relay's shared state over `backends` backends at 127.0.0.1:1000 and up.
+    pub(in crate::services::relay) fn relay(backends: usize, balance: Balance) -> Shared {
         let config = RelayConfig {
             backends: (0..backends).map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))).collect(),
             balance,

@@ -382,7 +382,7 @@ impl Drop for Pump {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, OwnedFd};
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -508,6 +508,92 @@ mod tests {
         backend.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"still relayed");
         assert!(pump.takes_pipe(now + splice::RETRY_AFTER), "pipes again after RETRY_AFTER");
+    }
+
+    /// Fills `pump` from a client until it stops reading (its sink never reads), returning
+    /// the client (non-blocking) and how many bytes it sent.
+    fn fill(pump: &mut Pump, source: &TcpStream, sink: &TcpStream, client: &mut TcpStream) -> usize {
+        socket2::SockRef::from(sink).set_send_buffer_size(4096).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut written = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pump.wants_input() || !pump.has_output() {
+            assert!(Instant::now() < deadline, "the pump never filled");
+            match client.write(&pattern(written, 16 * 1024)) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            drive(pump, source, sink);
+        }
+        written
+    }
+
+    /// Moves `pump` as a hand-off does: its state and duplicates of its pipe's descriptors
+    /// into a new pump; the old one is dropped, as the sender drops its session.
+    fn hand_over(pump: Pump, splices: bool) -> Pump {
+        let mut state = Vec::new();
+        pump.export(&mut state);
+        let fds: Option<[OwnedFd; 2]> =
+            pump.pipe_fds().map(|fds| fds.map(|fd| fd.try_clone_to_owned().unwrap()));
+        drop(pump);
+        let mut bytes = &state[..];
+        let (mut moved, held) = Pump::import(&mut bytes, splices).expect("a valid state");
+        assert!(bytes.is_empty(), "the whole state is read");
+        match (fds, held) {
+            (Some([read, write]), Some(held)) => moved.attach(read, write, held).unwrap(),
+            (None, None) => {}
+            _ => panic!("a pipe in the state iff the pump held one"),
+        }
+        moved
+    }
+
+    #[test]
+    fn a_full_pump_moves_whole_and_its_bytes_arrive_once_in_order() {
+        for splices in [false, true] {
+            let (mut client, source) = pair();
+            let (mut backend, sink) = pair();
+            let mut pump = Pump::new(splices);
+            let written = fill(&mut pump, &source, &sink, &mut client);
+            assert_eq!(
+                matches!(pump.carrier, Carrier::Pipe { .. }),
+                splices,
+                "splices through a pipe, or copies through a buffer"
+            );
+            let pooled = splice::pooled();
+            let mut moved = hand_over(pump, splices);
+            assert_eq!(splice::pooled(), pooled, "the sender's copy of a full pipe is not pooled");
+            assert!(moved.has_output() && moved.flow == Flow::Open);
+            // The rest of the stream, then FIN, through the moved pump only.
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                backend.read_to_end(&mut got).unwrap();
+                got
+            });
+            client.set_nonblocking(false).unwrap();
+            client.write_all(&pattern(written, 100_000)).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            drive_until(&mut moved, &source, &sink, |p, _| p.needs_shutdown());
+            sink.shutdown(Shutdown::Write).unwrap();
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), written + 100_000, "splices: {splices}");
+            assert!(got == pattern(0, written + 100_000), "in order, none lost or doubled");
+        }
+    }
+
+    #[test]
+    fn a_flushing_pump_moves_with_its_fin_and_malformed_states_are_refused() {
+        let mut pump = Pump::new(false);
+        pump.flow = Flow::Flushing;
+        let mut state = Vec::new();
+        pump.export(&mut state);
+        assert_eq!(state, [1, 0], "flushing, idle");
+        let moved = hand_over(pump, false);
+        assert!(moved.needs_shutdown(), "the FIN read before the hand-off is passed on after");
+        for bad in [&[][..], &[3, 0], &[0, 9], &[0, 1, 0, 0, 0, 0], &[0, 1, 5, 0, 0, 0, 1], &[0, 2, 0, 0, 0, 0, 0]] {
+            let mut bytes = bad;
+            assert!(Pump::import(&mut bytes, false).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

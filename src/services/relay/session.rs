@@ -393,8 +393,9 @@ impl Session for RelaySession {
 
     fn is_at_rest(&self) -> bool {
         // A relay cannot see its backend protocol's boundaries: an open relay is never at
-        // rest, so a graceful stop (reload) lets it run until either side ends it, or until
-        // `graceful_timeout`, as HAProxy and nginx's stream module do.
+        // rest, so a graceful stop lets it run until either side ends it, or until
+        // `graceful_timeout`, as HAProxy and nginx's stream module do (a reload moves it:
+        // see `movable`).
         matches!(self.state, State::Start | State::Over)
     }
 
@@ -575,5 +576,96 @@ impl<'a> Wire<'a> {
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::services::relay::shared::Table;
+    use crate::services::relay::{Balance, tests::relay};
+
+    /// An open relay to backend `index` of `shared`, in the middle of its life.
+    fn open(shared: &Arc<Shared>, index: usize) -> RelaySession {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let address = shared.config.backends[index];
+        let lease = Lease::new(Arc::clone(&shared.table), index);
+        let peer = "127.0.0.2:4000".parse().unwrap();
+        let mut session = RelaySession::new(Arc::clone(shared), peer, None);
+        session.up.preload(b"in flight");
+        session.header_left = 3;
+        session.tries = 2;
+        session.connected = Some((address, Duration::from_millis(1)));
+        session.delivered = (10, 20);
+        session.first_fin = Some(Side::Client);
+        session.state = State::Open(Link { stream, address, watched: Interest::READ, _lease: Some(lease) });
+        session
+    }
+
+    fn active(shared: &Shared, index: usize) -> u64 {
+        shared.table.backend(index).active()
+    }
+
+    #[test]
+    fn an_open_relay_moves_with_its_state_and_each_table_counts_it_once() {
+        let old = Arc::new(relay(2, Balance::LeastConnections));
+        let sender = open(&old, 1);
+        assert_eq!(sender.movable(), Movable::Now);
+        let state = sender.export().expect("an open relay exports");
+        assert_eq!(sender.export_descriptors().len(), 1, "the backend socket (no pipe)");
+        // The new generation has backend 1's address as its only backend.
+        let mut config = old.config.clone();
+        config.backends = vec![old.config.backends[1]];
+        let new = Arc::new(Shared { config, table: Arc::new(Table::new(1).unwrap()) });
+        let peer = "127.0.0.2:4000".parse().unwrap();
+        let receiver = RelaySession::import(Arc::clone(&new), peer, &state).expect("imported");
+        assert!(matches!(receiver.state, State::Arriving(_)), "waits for its descriptors");
+        assert_eq!((active(&old, 1), active(&new, 0)), (1, 1), "counted in both while it moves");
+        drop(sender);
+        assert_eq!((active(&old, 1), active(&new, 0)), (0, 1), "once the sender drops it: once");
+        assert_eq!(
+            (receiver.header_left, receiver.tries, receiver.delivered, receiver.first_fin),
+            (3, 2, (10, 20), Some(Side::Client))
+        );
+        let mut line = String::new();
+        receiver.describe(&mut line);
+        assert_eq!(line, " backend=127.0.0.1:1001 connect=0.001000s tries=2");
+        assert!(receiver.up.has_output() && !receiver.down.has_output(), "the buffered bytes");
+        drop(receiver);
+        assert_eq!(active(&new, 0), 0);
+        // A generation without that backend serves it without counting it anywhere.
+        let other = Arc::new(relay(1, Balance::LeastConnections));
+        let stray = RelaySession::import(Arc::clone(&other), peer, &state).expect("imported");
+        assert_eq!(active(&other, 0), 0);
+        drop(stray);
+    }
+
+    #[test]
+    fn other_versions_and_malformed_states_are_refused_and_a_connecting_relay_waits() {
+        let shared = Arc::new(relay(1, Balance::RoundRobin));
+        let sender = open(&shared, 0);
+        let state = sender.export().unwrap();
+        let peer = "127.0.0.2:4000".parse().unwrap();
+        let mut other = state.clone();
+        other[0] = STATE_VERSION + 1;
+        assert!(RelaySession::import(Arc::clone(&shared), peer, &other).is_none());
+        for cut in [1, 20, state.len() - 1] {
+            assert!(RelaySession::import(Arc::clone(&shared), peer, &state[..cut]).is_none());
+        }
+        let mut longer = state.clone();
+        longer.push(0);
+        assert!(RelaySession::import(Arc::clone(&shared), peer, &longer).is_none());
+        assert_eq!(active(&shared, 0), 1, "refused imports count nothing");
+        let fresh = RelaySession::new(Arc::clone(&shared), peer, None);
+        assert_eq!((fresh.movable(), fresh.export()), (Movable::Later, None));
+        // Descriptors that do not match the state are refused.
+        let mut receiver = RelaySession::import(Arc::clone(&shared), peer, &state).unwrap();
+        let mut io = std::io::Cursor::new(Vec::new());
+        let mut cx = Context::new(&mut io, Instant::now());
+        let error = receiver.resume(Vec::new(), &mut cx).unwrap_err();
+        assert!(error.to_string().contains("0 descriptors where the state says 1"), "{error}");
     }
 }
