@@ -260,12 +260,18 @@ mod tests {
         board.slot(3).set_state(SlotState::Draining);
         board.slot(3).started_unix_ms.store(2_000, Ordering::Relaxed);
         board.slot(3).heartbeat_ms.store(800, Ordering::Relaxed);
+        board.name_listeners([(0, "git")]);
+        let child = crate::scoreboard::Child { pid: 4242, listener: 0, started_unix_ms: 7_000 };
+        board.set_children(3, [child].into_iter());
         // A released slot keeps its last counters but has no process: left out.
         board.slot(2).claim(98, 1);
         board.slot(2).release();
 
         let text = serde_json::to_string(&snapshot(&board, 10_000, 900)).unwrap();
-        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let mut parsed: Value = serde_json::from_str(&text).unwrap();
+        // The child's listener is named (and so listed): its counters are another test's.
+        let listeners = parsed.as_object_mut().unwrap().insert("listeners".into(), json!([]));
+        assert_eq!(listeners.unwrap()[0]["name"], "git");
         assert_eq!(
             parsed,
             json!({
@@ -282,12 +288,17 @@ mod tests {
                     {
                         "slot": 1, "pid": 101, "generation": 2, "state": "ready", "open": 2,
                         "accepted": 7, "bytes_in": 70, "bytes_out": 69,
-                        "started_unix_ms": 4_000, "uptime_ms": 6_000, "heartbeat_age_ms": 400
+                        "started_unix_ms": 4_000, "uptime_ms": 6_000, "heartbeat_age_ms": 400,
+                        "children_total": 0, "children": []
                     },
                     {
                         "slot": 3, "pid": 99, "generation": 1, "state": "draining", "open": 0,
                         "accepted": 0, "bytes_in": 0, "bytes_out": 0,
-                        "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100
+                        "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100,
+                        "children_total": 1,
+                        "children": [
+                            { "pid": 4242, "listener": "git", "started_unix_ms": 7_000, "age_ms": 3_000 }
+                        ]
                     }
                 ],
                 "listeners": []

@@ -2,6 +2,7 @@
 //! cat, socat fork, a tokio echo server) on loopback, one after the other, through the same
 //! scenarios, and prints one markdown report. See BENCHMARKS.md and bench/run.sh.
 
+mod handoff;
 mod load;
 mod relay;
 mod servers;
@@ -60,6 +61,22 @@ enum Verb {
         /// Rounds per scenario, the proxies taking turns; the median round is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// The hand-off of relayed connections on a reload: one busy connection over many
+    /// reloads, many busy ones, many idle ones (epoll); prints a markdown table.
+    Handoff {
+        /// Reloads for the single busy connection.
+        #[arg(long, default_value_t = 20)]
+        reloads: usize,
+        /// Busy relayed connections handed off by one reload.
+        #[arg(long, default_value_t = 100)]
+        busy: usize,
+        /// Idle relayed connections handed off by one reload.
+        #[arg(long, default_value_t = 1000)]
+        idle: usize,
+        /// The relay's `splice` option.
+        #[arg(long)]
+        splice: bool,
     },
     /// TFTP download throughput: preforkd against tftpd-hpa (`in.tftpd --listen`).
     Tftp {
@@ -149,6 +166,9 @@ fn main() {
         }
         Verb::Relay { seconds, short_clients, only, rounds } => {
             relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))
+        }
+        Verb::Handoff { reloads, busy, idle, splice } => {
+            handoff::run(reloads.max(1), busy.max(1), idle, splice)
         }
         Verb::Tftp { rounds, backend, blksize, windowsize, busy_poll } => {
             let busy_poll = busy_poll.as_deref();
@@ -319,7 +339,7 @@ fn rounds_of(kinds: &[Kind], rounds: usize, mut one: impl FnMut(Kind) -> Option<
 
 fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>, rounds: usize) {
     let kinds = all_servers(only);
-    let plain = PreforkdOptions { workers: 2, per_client: 0, backend: None };
+    let plain = PreforkdOptions { workers: 2, per_client: 0, backend: None, log: None };
     println!("## Results\n");
     println!(
         "{} s per run, {rounds} rounds with the servers taking turns (each server's median round is shown), \
@@ -369,7 +389,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     for &kind in &kinds {
         let scalable = matches!(kind, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
         let count = if scalable { idle } else { idle.min(1000) };
-        let options = PreforkdOptions { workers: 1, per_client: 0, backend: None };
+        let options = PreforkdOptions { workers: 1, per_client: 0, backend: None, log: None };
         let Ok(server) = Server::start(kind, &binaries(), &options) else { continue };
         let before = server.pss_kib();
         let mut during = 0;
@@ -387,7 +407,7 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     if kinds.iter().any(|k| matches!(k, Kind::Preforkd(_))) {
         eprintln!("limit");
         println!("\n### limit: 50 connections from one address, max_connections_per_client = 10\n");
-        let options = PreforkdOptions { workers: 2, per_client: 10, backend: None };
+        let options = PreforkdOptions { workers: 2, per_client: 10, backend: None, log: None };
         if let Ok(server) = Server::start(Kind::Preforkd("select"), &binaries(), &options) {
             let report = load::limit(server.addr, 50);
             server.stop();
@@ -395,7 +415,8 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
         }
 
         eprintln!("limit cost");
-        let limited = PreforkdOptions { workers: 2, per_client: 1_000_000, backend: None };
+        let limited =
+            PreforkdOptions { workers: 2, per_client: 1_000_000, backend: None, log: None };
         let rate = |options: &PreforkdOptions| {
             measure(Kind::Preforkd("select"), options, |s| {
                 (load::short(s.addr, short_clients, 64, duration), String::new())

@@ -69,6 +69,21 @@ pub struct PreforkdOptions {
     pub per_client: u32,
     /// For the proxies: the backend they relay to.
     pub backend: Option<SocketAddr>,
+    /// For preforkd: log at debug level to this file (default: warnings, to stderr).
+    pub log: Option<PathBuf>,
+}
+
+impl PreforkdOptions {
+    /// The `[log]` section for these options.
+    fn log_section(&self) -> String {
+        match &self.log {
+            Some(path) => format!(
+                "[log]\nlevel = \"debug\"\naccess_log = false\ntarget = \"file\"\npath = \"{}\"\n",
+                path.display()
+            ),
+            None => "[log]\nlevel = \"warn\"\naccess_log = false\n".into(),
+        }
+    }
 }
 
 /// Where the binaries are.
@@ -198,14 +213,14 @@ impl Server {
                 let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
-                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
-                     [log]\nlevel = \"warn\"\naccess_log = false\n\
+                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n{}\
                      [[listener]]\nname = \"relay\"\naddress = \"{addr}\"\nservice = \"relay\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
                      max_connections_per_client = {}\nmax_long_connections_per_client = 0\n\
                      [listener.options]\nbackends = [\"{backend}\"]\nsplice = {splice}\n",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
+                    options.log_section(),
                     options.per_client
                 );
                 let path = dir.path().join("preforkd.toml");

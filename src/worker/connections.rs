@@ -22,7 +22,7 @@ use crate::clock::{monotonic_ns, unix_ms};
 use crate::handoff::Channel;
 use crate::poller::{Event, Interest, Poller};
 use crate::scoreboard::Child;
-use crate::services::{CloseReason, ConnInfo, Context, Ending, Progress, Ready};
+use crate::services::{CloseReason, ConnInfo, Context, Ending, Movable, Progress, Ready};
 
 use super::admission::{self, ShedQueue, Verdict};
 use super::books::Closed;
@@ -410,7 +410,8 @@ impl Connections {
         for fd in self.table.fds() {
             let Some(conn) = self.table.get_mut(fd) else { continue };
             // Open ones too that a retiring worker kept, when it stops: offered once more.
-            conn.state.phase.drain();
+            let moves_in_flight = conn.session.movable() != Movable::AtRest;
+            conn.state.phase.drain(moves_in_flight);
             if !self.link.offer(&mut self.table, fd, now, env) {
                 schedule(&mut self.table, fd, env);
             }

@@ -10,6 +10,7 @@
 //! ```text
 //! Open ──first exchange, long quota spent──▶ ClosingAtRest(long-limit)
 //! Open ──the worker retires or stops──▶ Draining(Local)
+//! ClosingAtRest, of a session that moves in flight ──the worker retires or stops──▶ Draining(Local)
 //! Draining(Local | Pending) ──movable now (at rest, or any time), offered to the master──▶ Offered
 //! Offered ──Busy or Lost, still ours, tries left──▶ Draining(Retry) ──its time──▶ Draining(Pending)
 //! Offered ──Refused, or tries spent──▶ kept: Open (retiring) or Draining(Never) (stopping)
@@ -260,10 +261,15 @@ impl Phase {
     }
 
     /// The worker began to drain (or a retiring one to stop): an open connection drains;
-    /// one closing, lingering, offered or already draining keeps its phase.
-    pub fn drain(&mut self) {
-        if *self == Phase::Open {
-            *self = Phase::Draining(HandOff::Local);
+    /// so does one closing at rest whose session moves in flight (`moves_in_flight`: a
+    /// relay, which never rests, so the close it waits for would never come, and it would
+    /// keep the old worker forever); one lingering, offered or already draining keeps its
+    /// phase.
+    pub fn drain(&mut self, moves_in_flight: bool) {
+        match *self {
+            Phase::Open => *self = Phase::Draining(HandOff::Local),
+            Phase::ClosingAtRest(_) if moves_in_flight => *self = Phase::Draining(HandOff::Local),
+            _ => {}
         }
     }
 
@@ -472,7 +478,7 @@ mod tests {
     fn a_connection_kept_by_a_stopping_worker_closes_once_at_rest_and_quiet() {
         let t0 = Instant::now();
         let mut local = state(Phase::Open, ConnKind::Long, t0);
-        local.phase.drain();
+        local.phase.drain(false);
         assert_eq!(local.phase, Phase::Draining(HandOff::Local));
         assert_eq!(
             local.deadline(TIMEOUTS, true, true),
@@ -503,15 +509,23 @@ mod tests {
         // On its way to another worker: not closed by the drain meanwhile.
         let pending = state(Phase::Draining(HandOff::Pending { tries: 1 }), ConnKind::Long, t0);
         assert_eq!(pending.deadline(TIMEOUTS, true, true), Some(t0 + ms(300_000)));
-        // Closing or lingering connections keep their phase when the drain begins.
+        // Closing or lingering connections keep their phase when the drain begins ...
         for mut phase in [
             Phase::ClosingAtRest(CloseReason::LongLimit),
             Phase::Lingering { reason: CloseReason::Error, until: t0 },
+            Phase::Offered { tries: 1 },
         ] {
             let before = phase;
-            phase.drain();
+            phase.drain(false);
             assert_eq!(phase, before);
         }
+        // ... but one closing at rest that never rests (a relay over its long quota) moves.
+        let mut relay = Phase::ClosingAtRest(CloseReason::LongLimit);
+        relay.drain(true);
+        assert_eq!(relay, Phase::Draining(HandOff::Local));
+        let mut lingering = Phase::Lingering { reason: CloseReason::Error, until: t0 };
+        lingering.drain(true);
+        assert!(matches!(lingering, Phase::Lingering { .. }), "the conversation is over");
         assert_eq!(Phase::admitted(true), Phase::Draining(HandOff::Local));
         assert_eq!(Phase::admitted(false), Phase::Open);
     }
