@@ -61,7 +61,7 @@ pub use chargen::Chargen;
 pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
-pub use exec::{Exec, StderrTo};
+pub use exec::{DEFAULT_USER, Exec, Program, StderrTo, set_spawner_link, wire};
 pub use metrics::Metrics;
 pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
@@ -217,6 +217,13 @@ pub trait Service {
     /// connection over it is refused with reason `listener-full`): exec's `max_instances`.
     /// Default: none.
     fn max_connections(&self) -> Option<NonZeroU32> {
+        None
+    }
+
+    /// The program this listener starts per connection, if any (exec's): the exec spawner
+    /// (see `crate::spawner`) starts only programs named this way, for the listener that
+    /// names them, as its user. Default: none.
+    fn program(&self) -> Option<&Program> {
         None
     }
 

@@ -1125,6 +1125,12 @@ impl<'a> Worker<'a> {
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
         let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
+        if cx.uncount
+            && let Some(ticket) = conn.ticket.take()
+            && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
+        {
+            log::error!("could not release the count of {}: {error}", conn.peer);
+        }
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {
