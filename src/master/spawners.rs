@@ -6,8 +6,8 @@
 //! fork and nothing has to be sent or parsed again; each worker of the generation gets a link
 //! to it (`SOCK_SEQPACKET`), whose spawner end the master keeps too: a spawner that dies is
 //! forked again (with backoff, logged) and inherits every link, so workers never need a new
-//! one, and requests made meanwhile wait in the link (a worker gives up on one after
-//! `SPAWN_ANSWER_TIMEOUT`). Children a dead spawner leaves behind become the master's (it is
+//! one, and requests made meanwhile wait in the link, with their descriptors, for the next
+//! spawner. Children a dead spawner leaves behind become the master's (it is
 //! a child subreaper) and are killed, as a dead worker's were. When a generation's last worker
 //! is gone, the master closes the spawner's control link and the spawner exits once its
 //! children have; a stop waits for that, at most [`super::FAST_STOP_GRACE`] after the last

@@ -351,11 +351,13 @@ impl Spawner {
                 return;
             }
         };
-        let read_end = pipe.map(|(read, _write)| read);
-        let fds: Vec<RawFd> = read_end.iter().map(AsRawFd::as_raw_fd).collect();
         let pid = pid.as_raw();
-        if answer(Event::Started(pid), &fds).is_err() || watch(&self.epoll, reply.as_fd()).is_err()
-        {
+        // Started only with the stderr pipe: the worker needs nothing else before the end.
+        let told = match pipe {
+            Some((read, _write)) => answer(Event::Started(pid), &[read.as_raw_fd()]).is_ok(),
+            None => true,
+        };
+        if !told || watch(&self.epoll, reply.as_fd()).is_err() {
             // The worker gave up on it already.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             self.children.insert(pid, Child { reply: None });
@@ -410,7 +412,7 @@ impl Spawner {
             if let Some(reply) = child.reply {
                 self.replies.remove(&reply.as_raw_fd());
                 let _ = self.epoll.delete(&reply);
-                let _ = wire::send(reply.as_fd(), &Event::Exited(status).encode(), &[]);
+                let _ = wire::send(reply.as_fd(), &Event::Exited(pid, status).encode(), &[]);
             }
         }
     }

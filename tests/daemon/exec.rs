@@ -491,3 +491,28 @@ fn stderr_lines_not_logged_are_counted_when_the_child_exits() {
     assert_eq!(logged.len(), 20, "{logged:?}");
     daemon.wait_for_log("the held count", |l| l.contains("80 stderr lines not logged"));
 }
+
+#[test]
+fn a_dead_spawner_is_started_again_and_its_children_do_not_outlive_it() {
+    let daemon = exec_daemon(
+        1,
+        &[
+            ("cat", "program = \"/bin/cat\""),
+            ("sleep", "program = \"/bin/sleep\"\nargs = [\"60\"]"),
+        ],
+        &[],
+    );
+    let spawner = spawner_pids(&daemon)[0];
+    let _held = connect(daemon.addrs[1]);
+    eventually("a child runs", || children_of(spawner).len() == 1);
+    let child = children_of(spawner)[0];
+    kill(Pid::from_raw(spawner), Signal::SIGKILL).unwrap();
+    daemon.wait_for_log("the death", |l| {
+        l.contains("exec spawner of generation 1") && l.contains("died")
+    });
+    eventually("the orphaned child was killed", || !is_running(child));
+    eventually("a new spawner", || spawner_pids(&daemon).first().is_some_and(|&p| p != spawner));
+    // The master is alive and exec serves again.
+    assert!(is_running(daemon.pid().as_raw()));
+    assert_eq!(run(&daemon, 0, b"again"), b"again");
+}

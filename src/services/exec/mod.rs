@@ -68,11 +68,6 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// program could then signal, and they it).
 pub const DEFAULT_USER: &str = "preforkd-exec";
 
-/// How long a worker waits for the spawner's answer to a request before it gives up on the
-/// connection (reason `exec-failed`): the spawner answers at once unless it is down or
-/// overwhelmed.
-pub const SPAWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The environment names tcpserver(1) sets, which `env` may not.
 const UCSPI_NAMES: [&str; 5] = ["PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT"];
 

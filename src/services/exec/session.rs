@@ -18,7 +18,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::wire::{self, EVENT_LEN, Event, MAX_REQUEST, Received, Request};
-use super::{Exec, SPAWN_ANSWER_TIMEOUT};
+use super::Exec;
 use crate::services::{CloseReason, ConnInfo, Context, Interest, Progress, Ready, Session};
 
 /// Longest stderr line logged; the rest of a longer line is dropped.
@@ -175,17 +175,15 @@ impl ExecSession {
                             *stderr = Some(pipe);
                         }
                     }
-                    if let Some(lifetime) = self.max_lifetime {
-                        cx.set_timer(Some(self.started + lifetime));
-                    } else {
-                        cx.set_timer(None);
-                    }
                 }
                 Some(Event::Failed(errno)) => {
                     let error = io::Error::from_raw_os_error(errno);
                     return Ok(self.fail(cx, format!("{}: {error}", self.program.display())));
                 }
-                Some(Event::Exited(raw)) => return self.exited(cx, raw),
+                Some(Event::Exited(pid, raw)) => {
+                    self.pid = pid;
+                    return self.exited(cx, raw);
+                }
                 Some(Event::Signal(_)) | None => {
                     return self.lost(cx, "a malformed message on the reply channel");
                 }
@@ -206,11 +204,7 @@ impl ExecSession {
     /// The spawner is gone before the child's end was known: the connection closes.
     fn lost(&mut self, cx: &mut Context<'_>, why: &str) -> io::Result<Progress> {
         self.unwatch_all(cx);
-        if self.pid == 0 {
-            log::error!("exec: cannot start {}: {why}", self.program.display());
-        } else {
-            log::error!("exec pid={}: {why}; its end is not known", self.pid);
-        }
+        log::error!("exec {}: {why}; the child's end is not known", self.program.display());
         self.state = State::Failed(why.to_owned());
         cx.close(CloseReason::Service("spawner-lost"));
         Ok(Progress::default())
@@ -300,7 +294,9 @@ impl Session for ExecSession {
                     return Ok(self.fail(cx, format!("cannot wait for the spawner: {error}")));
                 }
                 self.state = State::Running { reply, stderr: None };
-                cx.set_timer(Some(self.started + SPAWN_ANSWER_TIMEOUT));
+                if let Some(lifetime) = self.max_lifetime {
+                    cx.set_timer(Some(self.started + lifetime));
+                }
             }
             State::Failed(error) => {
                 log::error!("exec: cannot start {error}");
@@ -338,18 +334,14 @@ impl Session for ExecSession {
     }
 
     fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
-        if self.pid == 0 {
-            let why = format!(
-                "{}: the exec spawner did not answer within {SPAWN_ANSWER_TIMEOUT:?}",
-                self.program.display()
-            );
-            return Ok(self.fail(cx, why));
-        }
         let next = match self.killed {
             None => Signal::SIGTERM,
             Some(_) => Signal::SIGKILL,
         };
-        log::info!("exec pid={}: max_lifetime reached, sending {next}", self.pid);
+        match self.pid {
+            0 => log::info!("exec {}: max_lifetime reached, sending {next}", self.program.display()),
+            pid => log::info!("exec pid={pid}: max_lifetime reached, sending {next}"),
+        }
         self.signal(next);
         if next == Signal::SIGTERM {
             cx.set_timer(Some(cx.now() + self.kill_grace));

@@ -8,9 +8,10 @@
 //!   worker sends one [`Request`] per connection, with two descriptors, the client socket and
 //!   one end of a fresh *reply channel*. Nothing comes back on the link;
 //! - the *reply channel*, one per connection, made by the worker: the spawner sends
-//!   [`Event::Started`] (with the read end of the stderr pipe when stderr is logged) or
-//!   [`Event::Failed`], then [`Event::Exited`] once it has reaped the child, then closes its
-//!   end. The worker may send [`Event::Signal`] (`max_lifetime`); closing its end asks the
+//!   [`Event::Started`] with the read end of the stderr pipe when stderr is logged (only
+//!   then: the worker needs nothing else before the end, and each message would wake it),
+//!   or [`Event::Failed`]; then [`Event::Exited`] with the pid and wait status once it has
+//!   reaped the child, then closes its end. The worker may send [`Event::Signal`] (`max_lifetime`); closing its end asks the
 //!   spawner to kill the child's process group (the connection ended first). Holding the
 //!   channel is what lets a worker act on that one child, and on nothing else.
 //!
@@ -33,7 +34,7 @@ pub const MAX_LISTENER_NAME: usize = 256;
 pub const MAX_REQUEST: usize = REQUEST_HEAD + MAX_LISTENER_NAME;
 
 /// Bytes of an encoded [`Event`].
-pub const EVENT_LEN: usize = 8;
+pub const EVENT_LEN: usize = 12;
 
 /// A worker's request: start the program of `listener` for the connection whose socket
 /// comes with it.
@@ -102,41 +103,44 @@ impl<'a> Request<'a> {
 /// A message on a reply channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// Spawner to worker: the child runs with this pid.
+    /// Spawner to worker: the child runs with this pid (sent with its stderr pipe, when
+    /// stderr is logged).
     Started(i32),
     /// Spawner to worker: it could not be started (an errno); the channel closes.
     Failed(i32),
-    /// Spawner to worker: the child was reaped, with this wait status (waitpid(2)'s raw
-    /// value); the channel closes.
-    Exited(i32),
+    /// Spawner to worker: the child (pid) was reaped, with this wait status (waitpid(2)'s
+    /// raw value); the channel closes.
+    Exited(i32, i32),
     /// Worker to spawner: send this signal to the child's process group.
     Signal(i32),
 }
 
 impl Event {
-    /// Kind (4 bytes), then value (4 bytes), little-endian.
+    /// Kind (4 bytes), then two values (4 bytes each), little-endian.
     pub fn encode(self) -> [u8; EVENT_LEN] {
-        let (kind, value): (u32, i32) = match self {
-            Event::Started(pid) => (1, pid),
-            Event::Failed(errno) => (2, errno),
-            Event::Exited(status) => (3, status),
-            Event::Signal(signal) => (4, signal),
+        let (kind, a, b): (u32, i32, i32) = match self {
+            Event::Started(pid) => (1, pid, 0),
+            Event::Failed(errno) => (2, errno, 0),
+            Event::Exited(pid, status) => (3, pid, status),
+            Event::Signal(signal) => (4, signal, 0),
         };
         let mut bytes = [0u8; EVENT_LEN];
         bytes[..4].copy_from_slice(&kind.to_le_bytes());
-        bytes[4..].copy_from_slice(&value.to_le_bytes());
+        bytes[4..8].copy_from_slice(&a.to_le_bytes());
+        bytes[8..].copy_from_slice(&b.to_le_bytes());
         bytes
     }
 
     /// Reads a message; `None` when it is malformed.
     pub fn decode(bytes: &[u8]) -> Option<Event> {
         let bytes: &[u8; EVENT_LEN] = bytes.try_into().ok()?;
-        let value = i32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        Some(match u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) {
-            1 => Event::Started(value),
-            2 => Event::Failed(value),
-            3 => Event::Exited(value),
-            4 => Event::Signal(value),
+        let word = |at: usize| [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+        let (a, b) = (i32::from_le_bytes(word(4)), i32::from_le_bytes(word(8)));
+        Some(match u32::from_le_bytes(word(0)) {
+            1 => Event::Started(a),
+            2 => Event::Failed(a),
+            3 => Event::Exited(a, b),
+            4 => Event::Signal(a),
             _ => return None,
         })
     }
@@ -353,10 +357,10 @@ mod tests {
         assert_eq!(Request::decode(&[0; 3]), None, "a short request is refused");
         let long = "x".repeat(MAX_LISTENER_NAME + 1);
         assert_eq!(Request { listener: &long, ..request }.encode(&mut bytes), None);
-        for event in [Event::Started(9), Event::Failed(2), Event::Exited(256), Event::Signal(15)] {
+        for event in [Event::Started(9), Event::Failed(2), Event::Exited(77, 256), Event::Signal(15)] {
             assert_eq!(Event::decode(&event.encode()), Some(event));
         }
-        assert_eq!(Event::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(Event::decode(&[9; EVENT_LEN]), None);
     }
 
     #[test]
@@ -364,13 +368,13 @@ mod tests {
         let (a, b) = seqpacket_pair(true).unwrap();
         let (x, y) = seqpacket_pair(true).unwrap();
         send(a.as_fd(), &Event::Started(1).encode(), &[x.as_raw_fd()]).unwrap();
-        send(a.as_fd(), &Event::Exited(0).encode(), &[]).unwrap();
+        send(a.as_fd(), &Event::Exited(1, 0).encode(), &[]).unwrap();
         let mut buffers = [[0u8; EVENT_LEN]; 2];
         let mut received = [Received::default(), Received::default()];
         assert_eq!(receive(b.as_fd(), &mut buffers, &mut received).unwrap(), 2);
         assert_eq!(Event::decode(&buffers[0]), Some(Event::Started(1)));
         assert!(received[0].fds[0].is_some() && received[0].fds[1].is_none());
-        assert_eq!(Event::decode(&buffers[1]), Some(Event::Exited(0)));
+        assert_eq!(Event::decode(&buffers[1]), Some(Event::Exited(1, 0)));
         assert!(received[1].fds[0].is_none());
         // The received descriptor is the same socket: y hears what goes into it.
         send(received[0].fds[0].as_ref().unwrap().as_fd(), b"ping", &[]).unwrap();
