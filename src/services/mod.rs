@@ -205,9 +205,10 @@ impl ConnInfo<'_> {
 /// interior mutability is per worker. Building must have no side effect (no socket, no
 /// thread, no file written): `check` builds every service and throws it away.
 ///
-/// Workers leave SIGCHLD at its default disposition and install no handler for it: a
-/// service that starts processes waits for them itself, as exec does (pidfd_open(2), watched
-/// as an extra descriptor, then waitpid(2) with `WNOHANG`).
+/// Workers leave SIGCHLD at its default disposition and install no handler for it, and
+/// start no process themselves: a service that runs a program per connection describes it
+/// with [`Service::program`], and exec's sessions have the exec spawner start it (see
+/// `crate::spawner`).
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
