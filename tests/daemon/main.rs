@@ -8,6 +8,7 @@ mod config;
 mod echo;
 mod example;
 mod exec;
+mod full_disk;
 mod handoff;
 mod hardening;
 mod idle;
