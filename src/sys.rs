@@ -328,16 +328,21 @@ pub fn spawn(
     // SAFETY: the stack grows down from the end of a live, 16-byte aligned buffer of STACK
     // bytes; the child only runs `spawn_child` on it, and CLONE_VFORK suspends this thread
     // until the child has called execve (which replaces its memory) or _exit, so `stack`,
-    // `child` and every pointer in it outlive the child's use of them. All signals are
-    // blocked across the clone so that no handler of this process runs on the child's stack
-    // (the child sets every handled signal to its default before it clears its mask), and
-    // restored after.
+    // `child` and every pointer in it outlive the child's use of them. When this process
+    // has signal handlers, all signals are blocked across the clone so that no handler runs
+    // on the child's stack (the child sets every handled signal to its default before it
+    // clears its mask), and restored after.
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(STACK / 16).cast::<libc::c_void>();
+        // Without a handler in this process (the exec spawner resets them all), no handler
+        // can run on the child's stack: two system calls saved.
+        let handlers = has_handlers();
         let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigfillset(all.as_mut_ptr());
         let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        if handlers {
+            libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        }
         let pid = libc::clone(
             spawn_child,
             top,
@@ -345,7 +350,9 @@ pub fn spawn(
             (&raw mut child).cast(),
         );
         let clone_error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        if handlers {
+            libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        }
         if pid < 0 {
             return Err(SpawnError { step: Some("clone"), error: clone_error });
         }
@@ -587,6 +594,22 @@ pub fn keep_only_capabilities(keep: &[u32]) -> io::Result<()> {
     // so nothing to clear).
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
     Ok(())
+}
+
+/// Whether any signal has a handler in this process (not `SIG_DFL` nor `SIG_IGN`), read
+/// once per process, as [`non_default_signals`].
+fn has_handlers() -> bool {
+    use nix::libc;
+    static HANDLERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HANDLERS.get_or_init(|| {
+        non_default_signals().iter().any(|&signal| {
+            let mut action = std::mem::MaybeUninit::<libc::sigaction>::uninit();
+            // SAFETY: a query only (no new action); `action` is written on success.
+            let rc = unsafe { libc::sigaction(signal, std::ptr::null(), action.as_mut_ptr()) };
+            // SAFETY: initialised by the successful call above.
+            rc != 0 || unsafe { action.assume_init() }.sa_sigaction != libc::SIG_IGN
+        })
+    })
 }
 
 /// /dev/null, opened once per process for writing (close-on-exec): the stderr of programs

@@ -110,7 +110,8 @@ impl Master {
     }
 
     fn fork_spawner(&mut self, generation: u64, now: Instant) -> std::io::Result<()> {
-        let (ours, theirs) = wire::seqpacket_pair(false)?;
+        // A stream, like the workers' links: a burst of worker forks must not overflow it.
+        let (ours, theirs) = wire::link_pair()?;
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the spawner and then exits.
@@ -173,7 +174,7 @@ impl Master {
     pub(super) fn link_worker(&mut self, slot: usize) -> std::io::Result<Option<OwnedFd>> {
         let generation = self.pool.generation();
         let Some(spawner) = self.spawners.find(generation) else { return Ok(None) };
-        let (worker_end, spawner_end) = wire::seqpacket_pair(false)?;
+        let (worker_end, spawner_end) = wire::link_pair()?;
         if let Some(control) = &spawner.control
             && let Err(error) = wire::send(
                 control.as_fd(),

@@ -271,10 +271,6 @@ impl Spawner {
                 Ok(received) => received,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if error.kind() == io::ErrorKind::InvalidData => {
-                    log::warn!("exec spawner: worker {slot} sent a malformed request");
-                    continue;
-                }
                 Err(error) => {
                     log::debug!("exec spawner: link of worker {slot}: {error}");
                     self.drop_link(fd);
@@ -282,11 +278,18 @@ impl Spawner {
                 }
             };
             if received.len == 0 {
-                // The worker is gone (and the master closed its copy).
+                // The worker is gone.
                 self.drop_link(fd);
                 return;
             }
-            self.start(slot, &bytes[..received.len], received);
+            if !self.start(slot, &bytes[..received.len], received) {
+                // Its framing is lost: nothing more from it can be trusted.
+                log::warn!(
+                    "exec spawner: worker {slot} sent a malformed request; dropping its link"
+                );
+                self.drop_link(fd);
+                return;
+            }
         }
     }
 
@@ -296,16 +299,11 @@ impl Spawner {
         }
     }
 
-    /// One request: start the listener's program, answer on the reply channel.
-    fn start(&mut self, slot: usize, bytes: &[u8], received: wire::Received) {
-        let [Some(client), Some(reply)] = received.fds else {
-            log::warn!("exec spawner: worker {slot} sent a request without its descriptors");
-            return;
-        };
-        let Some(request) = Request::decode(bytes) else {
-            log::warn!("exec spawner: worker {slot} sent a malformed request");
-            return;
-        };
+    /// One request: start the listener's program, answer on the reply channel. False when
+    /// the request is malformed.
+    fn start(&mut self, slot: usize, bytes: &[u8], received: wire::Received) -> bool {
+        let [Some(client), Some(reply)] = received.fds else { return false };
+        let Some(request) = Request::decode(bytes) else { return false };
         let answer = |event: Event, fds: &[RawFd]| wire::send(reply.as_fd(), &event.encode(), fds);
         let Some(program) = self.programs.get(request.listener) else {
             log::warn!(
@@ -314,7 +312,7 @@ impl Spawner {
                 self.generation
             );
             let _ = answer(Event::Failed(libc::EPERM), &[]);
-            return;
+            return true;
         };
         let local = match request.local {
             Some(local) => Ok(local),
@@ -348,7 +346,7 @@ impl Spawner {
             Err(error) => {
                 let errno = error.raw_os_error().unwrap_or(libc::EIO);
                 let _ = answer(Event::Failed(errno), &[]);
-                return;
+                return true;
             }
         };
         let pid = pid.as_raw();
@@ -361,10 +359,11 @@ impl Spawner {
             // The worker gave up on it already.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             self.children.insert(pid, Child { reply: None });
-            return;
+            return true;
         }
         self.replies.insert(reply.as_raw_fd(), pid);
         self.children.insert(pid, Child { reply: Some(reply) });
+        true
     }
 
     /// A worker's message on a reply channel, or its end.

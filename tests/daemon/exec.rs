@@ -522,3 +522,17 @@ fn a_dead_spawner_is_started_again_and_its_children_do_not_outlive_it() {
     assert!(is_running(daemon.pid().as_raw()));
     assert_eq!(run(&daemon, 0, b"again"), b"again");
 }
+
+#[test]
+fn a_burst_of_connections_all_get_their_child() {
+    // 150 clients connect at once, before any exchange: the worker sends 150 requests in a
+    // burst, more than a datagram socket's queue (net.unix.max_dgram_qlen) would hold.
+    let daemon = exec_daemon(1, &[("cat", "program = \"/bin/cat\"")], &[]);
+    let mut streams: Vec<_> = (0..150)
+        .map(|i| connect_from(Ipv4Addr::new(127, 0, 5, 1 + i as u8), daemon.addr()))
+        .collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert_eq!(exchange(stream, b"burst", PATIENCE), Outcome::Echoed, "client {i}");
+    }
+    assert!(daemon.matching(|l| l.contains("exec-failed")).is_empty());
+}

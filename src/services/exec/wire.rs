@@ -1,19 +1,23 @@
 //! The messages between a worker and the exec spawner (`crate::spawner`), and the raw
 //! sendmsg(2) / recvmsg(2) calls that carry descriptors with them (`SCM_RIGHTS`, unix(7)).
 //!
-//! Runs in workers (the exec session) and in the spawner. Two kinds of socket, both
-//! `SOCK_SEQPACKET` (one message per call, boundaries kept, descriptors travel with their
-//! message):
+//! Runs in workers (the exec session) and in the spawner. Two kinds of socket:
 //! - a worker's *link*, one per worker, made by the master when it forks the worker: the
 //!   worker sends one [`Request`] per connection, with two descriptors, the client socket and
-//!   one end of a fresh *reply channel*. Nothing comes back on the link;
+//!   one end of a fresh *reply channel*. Nothing comes back on the link. It is a
+//!   `SOCK_STREAM` pair with a large send buffer ([`link_pair`]): a datagram or seqpacket
+//!   socket would hold only `net.unix.max_dgram_qlen` (often 10) requests, and a burst of
+//!   connections waits there while the spawner works. Each request is one sendmsg(2) that
+//!   carries descriptors, and a unix stream socket never joins such a message with the
+//!   next one in a read, so one recvmsg(2) gets one request, framed by its length;
 //! - the *reply channel*, one per connection, made by the worker: the spawner sends
 //!   [`Event::Started`] with the read end of the stderr pipe when stderr is logged (only
 //!   then: the worker needs nothing else before the end, and each message would wake it),
 //!   or [`Event::Failed`]; then [`Event::Exited`] with the pid and wait status once it has
 //!   reaped the child, then closes its end. The worker may send [`Event::Signal`] (`max_lifetime`); closing its end asks the
 //!   spawner to kill the child's process group (the connection ended first). Holding the
-//!   channel is what lets a worker act on that one child, and on nothing else.
+//!   channel is what lets a worker act on that one child, and on nothing else. It is
+//!   `SOCK_SEQPACKET` (one message per call, descriptors with their message).
 //!
 //! A request names a listener by its index in the worker's generation, never a path or an
 //! argument: the spawner runs only the program the configuration gives that listener.
@@ -24,8 +28,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 
-/// Bytes of an encoded [`Request`] before the listener's name.
-const REQUEST_HEAD: usize = 40;
+/// Bytes of an encoded [`Request`] before the listener's name: its length (2 bytes), then
+/// the addresses.
+const REQUEST_HEAD: usize = 42;
 
 /// Longest listener name a request carries.
 pub const MAX_LISTENER_NAME: usize = 256;
@@ -72,29 +77,35 @@ fn get_addr(bytes: &[u8]) -> Option<Option<SocketAddr>> {
 }
 
 impl<'a> Request<'a> {
-    /// Writes the request as sent into `bytes`: peer and local address (family 0, 4 or 6;
-    /// 16 bytes of address; port, little-endian), 2 bytes of padding, then the listener's
-    /// name. Returns its length; `None` when the name is longer than
-    /// [`MAX_LISTENER_NAME`].
+    /// Writes the request as sent into `bytes`: its whole length (2 bytes), peer and local
+    /// address (family 0, 4 or 6; 16 bytes of address; port), 2 bytes of padding, then the
+    /// listener's name; little-endian. Returns its length; `None` when the name is longer
+    /// than [`MAX_LISTENER_NAME`].
     pub fn encode(&self, bytes: &mut [u8; MAX_REQUEST]) -> Option<usize> {
         let name = self.listener.as_bytes();
         if name.len() > MAX_LISTENER_NAME {
             return None;
         }
-        put_addr(&mut bytes[..19], Some(self.peer));
-        put_addr(&mut bytes[19..38], self.local);
-        bytes[38..REQUEST_HEAD].fill(0);
-        bytes[REQUEST_HEAD..REQUEST_HEAD + name.len()].copy_from_slice(name);
-        Some(REQUEST_HEAD + name.len())
+        let len = REQUEST_HEAD + name.len();
+        bytes[..2].copy_from_slice(&(len as u16).to_le_bytes());
+        put_addr(&mut bytes[2..21], Some(self.peer));
+        put_addr(&mut bytes[21..40], self.local);
+        bytes[40..REQUEST_HEAD].fill(0);
+        bytes[REQUEST_HEAD..len].copy_from_slice(name);
+        Some(len)
     }
 
-    /// Reads a request; `None` when it is malformed (the spawner drops it).
+    /// Reads a request; `None` when it is malformed (the spawner then drops the link: its
+    /// framing cannot be trusted any more).
     pub fn decode(bytes: &'a [u8]) -> Option<Request<'a>> {
         if bytes.len() < REQUEST_HEAD || bytes.len() > MAX_REQUEST {
             return None;
         }
-        let peer = get_addr(&bytes[..19])??;
-        let local = get_addr(&bytes[19..38])?;
+        if usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) != bytes.len() {
+            return None;
+        }
+        let peer = get_addr(&bytes[2..21])??;
+        let local = get_addr(&bytes[21..40])?;
         let listener = std::str::from_utf8(&bytes[REQUEST_HEAD..]).ok()?;
         Some(Request { listener, peer, local })
     }
@@ -317,6 +328,44 @@ pub fn receive_one(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Rece
     received.len = got as usize;
     Ok(received)
 }
+
+/// A worker's link to the spawner: a `SOCK_STREAM` pair, close-on-exec, whose first end
+/// (the worker's) can hold [`LINK_BUFFER`] bytes of requests the spawner has not read (as
+/// root; else as much of it as `net.core.wmem_max` allows).
+///
+/// # Errors
+/// socketpair(2) failed (`EMFILE`, `ENFILE`).
+pub fn link_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: socketpair writes two descriptors into `fds` on success.
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+    if unsafe { libc::socketpair(libc::AF_UNIX, flags, 0, fds.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new descriptors, owned by nothing else.
+    let (worker, spawner) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let size = LINK_BUFFER as libc::c_int;
+    for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt reads one int from `size`.
+        let rc = unsafe {
+            libc::setsockopt(
+                worker.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
+    Ok((worker, spawner))
+}
+
+/// Send buffer of a worker's link, in bytes: each request waiting in it takes about 1 KiB
+/// of kernel memory, so about 4,000 can wait.
+pub const LINK_BUFFER: usize = 4 << 20;
 
 /// A `SOCK_SEQPACKET` socket pair, close-on-exec; non-blocking when asked.
 ///
