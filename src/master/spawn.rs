@@ -20,7 +20,7 @@ impl Master {
     /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
         // The listener names first: the child counts per listener id at once.
-        let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str()));
+        let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr));
         self.scoreboard.name_listeners(names);
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
         self.scoreboard.claim(slot, self.generation);
