@@ -2,18 +2,22 @@
 //!
 //! Runs in the master before anything else. `preforkd -c FILE` runs the daemon in the
 //! foreground (systemd style); `preforkd check -c FILE` or `preforkd -t -c FILE` validates the
-//! configuration and exits, like `nginx -t`.
+//! configuration and exits, like `nginx -t`; the other verbs signal a running master.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// What `--help` says preforkd is; [`Cli::try_parse_serving`] adds the services.
+pub const ABOUT: &str =
+    "A preforking TCP and UDP server daemon: a supervising master, select, poll or epoll workers";
 
 /// Default configuration file, used when `-c` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/preforkd/preforkd.toml";
 
 /// `preforkd [-c FILE] [-t] [COMMAND]`: see preforkd(8).
 #[derive(Debug, Parser)]
-#[command(name = "preforkd", version, about = "A preforking TCP server daemon", long_about = None)]
+#[command(name = "preforkd", version, about = ABOUT, long_about = None)]
 pub struct Cli {
     /// Configuration file (TOML); see preforkd.toml(5).
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG, global = true)]
@@ -65,6 +69,20 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Parses this process's command line, with `--help` naming `services` (the names
+    /// `service = "..."` may use: the built-ins and a library program's own).
+    ///
+    /// # Errors
+    /// clap's: a usage error, or the help or version text to print.
+    pub fn try_parse_serving<'a>(
+        services: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Cli, clap::Error> {
+        let names: Vec<&str> = services.into_iter().collect();
+        let about = format!("{ABOUT}.\nServices: {}.", names.join(", "));
+        let mut matches = Cli::command().about(about).try_get_matches()?;
+        Cli::from_arg_matches_mut(&mut matches)
+    }
+
     /// The command to carry out: `-t` means `check`; no command means `run`.
     pub fn effective_command(&self) -> Command {
         match (self.test, self.command) {

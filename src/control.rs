@@ -17,11 +17,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::cli::Command;
+use crate::clock::{monotonic_ms, unix_ms};
 use crate::config;
 use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
-use crate::scoreboard::{self, Refusal, Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::scoreboard::{self, Refusal, Scoreboard, SlotState};
 use crate::services::Registry;
 use crate::status_json;
 use crate::sys;
@@ -114,8 +115,10 @@ fn locate(
         config_path.display(),
         pid_path.display()
     );
-    let graceful_timeout =
-        keys.graceful_timeout.unwrap_or(config::validate::DEFAULT_GRACEFUL_TIMEOUT);
+    let graceful_timeout = keys
+        .graceful_timeout
+        .or_else(|| config::keys::GRACEFUL_TIMEOUT.default_duration())
+        .unwrap_or_default();
     Ok(Located { pid_path, graceful_timeout })
 }
 

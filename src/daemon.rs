@@ -7,13 +7,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 
 use crate::cli::{Cli, Command};
-use crate::config::{self, LogTarget};
+use crate::config;
 use crate::daemonize::{self, Side};
 use crate::exit::ExitStatus;
+use crate::logging::LogTarget;
 use crate::master::{self, Invocation};
 use crate::services::{Invalid, Options, Registry, Service};
 use crate::{control, logging};
@@ -60,7 +60,7 @@ impl Daemon {
     /// control command. Returns the exit status to end the process with (sysexits(3)); the
     /// master returns only when it stops.
     pub fn main(self) -> ExitCode {
-        let cli = match Cli::try_parse() {
+        let cli = match Cli::try_parse_serving(self.services.names()) {
             Ok(cli) => cli,
             Err(error) => {
                 let _ = error.print();

@@ -39,7 +39,7 @@ impl From<ExitStatus> for ExitCode {
 /// Exit status of a worker that stopped normally (fast or graceful stop, or master gone).
 pub const WORKER_EXIT_OK: i32 = 0;
 
-/// Exit status of a worker whose loop failed after it started (select(2) error): the master
+/// Exit status of a worker whose loop failed after it started (its readiness wait failed): the master
 /// respawns it, with backoff.
 pub const WORKER_RUNTIME_FAILURE: i32 = 4;
 

@@ -1,4 +1,5 @@
-//! Connection hand-off: the messages and their transport between workers and the master.
+//! The channel between each worker and the master: readiness and connection hand-off, the
+//! messages and their transport.
 //!
 //! Runs in the master and in workers. Each worker has one [`Channel`] to the master: a
 //! `SOCK_SEQPACKET` Unix socket pair the master creates before forking the worker, so the
@@ -7,7 +8,11 @@
 //! [`MAX_MESSAGE`] bytes, and an [`Offer`] carries the client socket with `SCM_RIGHTS`
 //! (unix(7)).
 //!
-//! The route is old worker -> master -> new worker:
+//! A worker says [`Message::Ready`] once, when it is booted (privileges dropped, listeners
+//! open, about to accept): see [`report_ready`]. That is how the master learns that a
+//! generation is ready (it wakes on the channel; nothing is polled).
+//!
+//! A hand-off's route is old worker -> master -> new worker:
 //! 1. a retiring worker sends an [`Offer`] for a connection at rest, with its policy state
 //!    and the session's exported state, and stops watching that socket (it still owns it);
 //! 2. the master forwards it to a ready worker of the serving generation, under a route
@@ -46,6 +51,7 @@ pub const MAX_QUEUED: usize = 4096;
 const KIND_OFFER: u8 = 1;
 const KIND_RESOLVED: u8 = 2;
 const KIND_TAKING: u8 = 3;
+const KIND_READY: u8 = 4;
 
 /// A connection offered for hand-off, with everything the receiving worker needs to go on
 /// serving it: its policy state and its session's state.
@@ -109,6 +115,9 @@ pub enum Message {
     /// per-client table and takes offers (an older binary never sends it, so the old master
     /// never forwards offers that nobody would answer).
     Taking,
+    /// From a worker to its master, once: booted, it accepts (see [`report_ready`]). Only
+    /// ever sent by a worker to the master that forked it, so of the same binary.
+    Ready,
 }
 
 struct Writer(Vec<u8>);
@@ -211,6 +220,7 @@ impl Message {
                 });
             }
             Message::Taking => w.u8(KIND_TAKING),
+            Message::Ready => w.u8(KIND_READY),
         }
         w.0
     }
@@ -279,6 +289,7 @@ impl Message {
                 Message::Resolved { token, outcome }
             }
             KIND_TAKING => Message::Taking,
+            KIND_READY => Message::Ready,
             other => return Err(invalid(&format!("kind {other}"))),
         };
         if !r.0.is_empty() {
@@ -286,6 +297,20 @@ impl Message {
         }
         Ok(message)
     }
+}
+
+/// Tells the master that this worker is booted: its privileges dropped, its listeners open,
+/// about to accept. A worker calls it once, at the end of its boot. (The scoreboard's slot
+/// says `ready` too, for `preforkd status`; the master goes by this message.)
+///
+/// # Errors
+/// The send failed: the master is gone, or the channel is missing (the master gives every
+/// worker one); the worker cannot serve under a master that will never count it ready.
+pub fn report_ready(channel: Option<&mut Channel>) -> io::Result<()> {
+    let channel = channel.ok_or_else(|| io::Error::other("no channel to the master"))?;
+    channel.send(&Message::Ready, None).map_err(|error| {
+        io::Error::new(error.kind(), format!("telling the master it is ready: {error}"))
+    })
 }
 
 /// One end of a hand-off channel, with the messages waiting for room in the socket.
@@ -442,6 +467,7 @@ mod tests {
             Message::Offer(v6),
             Message::Resolved { token: 3, outcome: Outcome::Lost },
             Message::Taking,
+            Message::Ready,
         ] {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);
         }
@@ -467,5 +493,18 @@ mod tests {
         assert!(master.recv().unwrap().is_none(), "nothing more");
         drop(worker);
         assert_eq!(master.recv().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_worker_reports_ready_once_over_its_channel() {
+        let (mut master, mut worker) = Channel::pair().unwrap();
+        assert!(master.recv().unwrap().is_none());
+        report_ready(Some(&mut worker)).unwrap();
+        let (message, fd) = master.recv().unwrap().expect("a message");
+        assert_eq!((message, fd.is_none()), (Message::Ready, true));
+        assert!(report_ready(None).is_err(), "a worker without a channel cannot boot");
+        drop(master);
+        let error = report_ready(Some(&mut worker)).unwrap_err();
+        assert!(error.to_string().contains("telling the master it is ready"), "{error}");
     }
 }

@@ -1,11 +1,36 @@
-//! preforkd: a preforking TCP server daemon, and a library to run your own protocol under it.
+//! preforkd: a preforking TCP and UDP server daemon, and a library to run your own protocol
+//! under it.
 //!
 //! A master process reads a TOML configuration, binds every listener, and forks a pool of
-//! worker processes; each runs a readiness loop (`select(2)`, `poll(2)` or `epoll(7)`) over
-//! the shared listening sockets and its connections. The master supervises: signals, reload
-//! by generation, binary upgrade, hung and crashed workers, systemd. Workers apply the
-//! listener's policy (per-client limits exact across workers, short and long idle timeouts,
-//! graceful drain) to every connection, whatever its service.
+//! worker processes; each runs a readiness loop (`select(2)` by default, `poll(2)` or
+//! `epoll(7)`) over the shared listening sockets and its connections or datagrams. The master
+//! supervises: signals, reload by generation, binary upgrade, hung and crashed workers,
+//! systemd. Workers apply the listener's policy (access lists, per-client limits and rates
+//! exact across workers, short and long idle timeouts, graceful drain) to every connection,
+//! whatever its service: echo and the other inetd built-ins (discard, chargen, daytime,
+//! time), `relay` (a TCP proxy), `exec` (a program per connection), `tftp` over UDP,
+//! `metrics` (Prometheus), or one of your own.
+//!
+//! # Layers
+//!
+//! Each module imports only modules of its own layer or of the layers before it, and no
+//! two modules import each other, directly or through others. `cargo test --lib layering`
+//! checks it (and that this list names every module, as `src/layering.rs` holds it):
+//!
+//! 1. foundations: [`clock`], [`duration`], [`exit`], [`files`], [`rate`], [`schema`],
+//!    [`sys`]
+//! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
+//!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
+//!    [`sdnotify`], [`signals`], [`status_json`]
+//! 3. services: [`services`]
+//! 4. configuration: [`config`]
+//! 5. serving: [`listener`], [`worker`]
+//! 6. supervising: [`master`]
+//! 7. entry points: [`cli`], [`control`], [`daemon`]
+//!
+//! So the vocabulary the configuration is written in (durations, rates, event backends, log
+//! targets) lives below it, in the modules that use it; `config` reads the file into those
+//! types and is read by the processes above it.
 //!
 //! # Your own service
 //!
@@ -72,10 +97,12 @@
 
 pub mod activation;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod daemonize;
+pub mod duration;
 pub mod exit;
 pub mod files;
 pub mod handoff;
@@ -87,6 +114,8 @@ pub mod pidfile;
 pub mod poller;
 pub mod privileges;
 pub mod proxy_protocol;
+pub mod rate;
+pub mod schema;
 pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
@@ -94,5 +123,8 @@ pub mod signals;
 pub mod status_json;
 pub mod sys;
 pub mod worker;
+
+#[cfg(test)]
+mod layering;
 
 pub use daemon::Daemon;

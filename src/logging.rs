@@ -30,9 +30,51 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 use syslog::{Formatter3164, LoggerBackend};
 use thiserror::Error;
 
-use crate::config::{LogConfig, LogTarget};
 use crate::files;
+use crate::rate::RateLimit;
 pub use relay::{RELAY_PIPE_BYTES, dropped as dropped_lines};
+
+/// `[log]`: log target and verbosity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Where lines go (`log.target`; its default is in the configuration's key table,
+    /// preforkd.toml(5)).
+    pub target: LogTarget,
+    /// Most verbose level written (`log.level`).
+    pub level: log::LevelFilter,
+    /// Write one access line per closed connection, at `info` (`log.access_log`).
+    pub access_log: bool,
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard error, one line per record with time, level, role and pid (systemd's journal
+    /// picks it up as is).
+    Stderr,
+    /// The local syslog daemon (RFC 3164 over a unix datagram socket).
+    Syslog {
+        /// Facility of every message (`log.facility`).
+        facility: SyslogFacility,
+        /// The syslog socket (`log.syslog_socket`); `None` tries `/dev/log`, then
+        /// `/var/run/syslog`.
+        socket: Option<PathBuf>,
+    },
+    /// A file, opened for appending; reopened on SIGUSR1 (for logrotate).
+    File(PathBuf),
+}
+
+/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...).
+#[derive(Debug, Clone, Copy)]
+pub struct SyslogFacility(pub syslog::Facility);
+
+impl PartialEq for SyslogFacility {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 as i32 == other.0 as i32
+    }
+}
+
+impl Eq for SyslogFacility {}
 
 /// `log` target of access lines (one per closed connection).
 pub const ACCESS_TARGET: &str = "access";
@@ -265,37 +307,6 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-/// Allows one log line per interval and counts the ones it held back, so that a flood of
-/// refusals or accept errors cannot flood the log.
-#[derive(Debug, Clone)]
-pub struct RateLimit {
-    interval: std::time::Duration,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// One line per `interval` at most.
-    pub const fn new(interval: std::time::Duration) -> Self {
-        RateLimit { interval, last: None, suppressed: 0 }
-    }
-
-    /// `Some(n)` if a line may be written at `now`, `n` being how many were held back since
-    /// the last one; `None` if this one is to be held back.
-    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
-        match self.last {
-            Some(last) if now.saturating_duration_since(last) < self.interval => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// Decides when the master reports dropped log lines: at most once per interval, and only
 /// when the count grew. Pure: time and the count are passed in.
 #[derive(Debug, Clone)]
@@ -324,7 +335,7 @@ impl DropReport {
 
     /// When the next report may be made: `now` if one is allowed now.
     fn next(&self, now: std::time::Instant) -> std::time::Instant {
-        self.limit.last.map_or(now, |last| last + self.limit.interval)
+        self.limit.next_allowed(now)
     }
 
     /// When a report of `total` lines will be due, for the master's wait; `None` when every
@@ -338,7 +349,7 @@ impl DropReport {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{DropReport, RateLimit};
+    use super::DropReport;
 
     #[test]
     fn dropped_lines_are_reported_once_per_interval_with_the_new_count() {
@@ -351,15 +362,5 @@ mod tests {
         assert_eq!(report.deadline(t0, 50), Some(t0 + Duration::from_secs(10)));
         assert_eq!(report.due(t0 + Duration::from_secs(10), 50), Some(47));
         assert_eq!(report.due(t0 + Duration::from_secs(30), 50), None, "nothing new");
-    }
-
-    #[test]
-    fn rate_limit_counts_what_it_held_back() {
-        let mut limit = RateLimit::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(limit.allow(t0), Some(0));
-        assert_eq!(limit.allow(t0 + Duration::from_secs(1)), None);
-        assert_eq!(limit.allow(t0 + Duration::from_secs(2)), None);
-        assert_eq!(limit.allow(t0 + Duration::from_secs(11)), Some(2));
     }
 }

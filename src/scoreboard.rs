@@ -16,12 +16,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-use nix::time::{ClockId, clock_gettime};
 use thiserror::Error;
 
+use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
 mod listeners;
@@ -48,11 +47,13 @@ pub const MESSAGE_BYTES: usize = 512;
 /// The scoreboard could not be created or opened.
 #[derive(Debug, Error)]
 pub enum ScoreboardError {
-    /// Creating, sizing, mapping or reading the file failed.
-    #[error("scoreboard {}: {source}", path.display())]
+    /// Creating, allocating, mapping or reading the file failed.
+    #[error("scoreboard {}: {step}: {source}", path.display())]
     File {
         /// The scoreboard file (empty for an anonymous one).
         path: PathBuf,
+        /// What was being done: `could not create it`, `could not allocate N bytes` ...
+        step: String,
         /// The system error.
         source: io::Error,
     },
@@ -298,18 +299,6 @@ impl WorkerScore {
     }
 }
 
-/// `CLOCK_MONOTONIC` in milliseconds.
-pub fn monotonic_ms() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
-}
-
-/// Wall-clock Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The scoreboard file of a master whose pid file is `pid_file`.
 pub fn path_for(pid_file: &Path) -> PathBuf {
     let mut name = pid_file.as_os_str().to_owned();
@@ -344,29 +333,44 @@ impl Scoreboard {
     /// Creates a scoreboard for `capacity` worker slots: at `path` (replacing any file there,
     /// atomically), or anonymous when `path` is `None`.
     ///
+    /// A file is fully allocated before it is mapped ([`crate::sys::allocate`]): a full
+    /// filesystem fails here, at start, with an error naming the file and the step, and
+    /// never later with `SIGBUS` when the master first writes a page (a new worker's slot at
+    /// SIGTTIN, a message at a reload). An anonymous scoreboard is accounted for in full
+    /// when it is mapped, so it cannot fault either.
+    ///
     /// # Errors
-    /// [`ScoreboardError::File`] when the file cannot be created, sized or mapped.
+    /// [`ScoreboardError::File`] when the file cannot be created, allocated (`ENOSPC`,
+    /// `EDQUOT`), mapped or renamed into place; nothing is left behind then.
     pub fn create(path: Option<&Path>, capacity: usize) -> Result<Self, ScoreboardError> {
-        let fail = |source: io::Error| ScoreboardError::File {
-            path: path.map(Path::to_owned).unwrap_or_default(),
-            source,
+        let fail = |step: String| {
+            move |source: io::Error| ScoreboardError::File {
+                path: path.map(Path::to_owned).unwrap_or_default(),
+                step,
+                source,
+            }
         };
         let bytes = layout(capacity).ok_or_else(|| {
-            fail(io::Error::other(format!("{capacity} worker slots, more than {MAX_SLOTS}")))
+            fail("cannot be sized".into())(io::Error::other(format!(
+                "{capacity} worker slots, more than {MAX_SLOTS}"
+            )))
         })?;
         let length = NonZeroUsize::new(bytes).expect("the header is not empty");
         let base = match path {
-            None => crate::sys::map_shared_zeroed(length).map_err(|e| fail(e.into()))?,
+            None => crate::sys::map_shared_zeroed(length)
+                .map_err(|e| fail(format!("could not map {bytes} bytes"))(e.into()))?,
             Some(path) => {
                 let dir =
                     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
                 let file = tempfile::Builder::new()
                     .prefix(".preforkd-scoreboard")
                     .tempfile_in(dir)
-                    .map_err(fail)?;
-                file.as_file().set_len(bytes as u64).map_err(fail)?;
-                // SAFETY: a shared mapping of a file we just created and sized; nothing else
-                // maps it yet. The mapping outlives the descriptor, as mmap(2) allows.
+                    .map_err(fail(format!("could not create a file in {}", dir.display())))?;
+                crate::sys::allocate(file.as_file().as_fd(), bytes as u64)
+                    .map_err(fail(format!("could not allocate {bytes} bytes")))?;
+                // SAFETY: a shared mapping of a file we just created and allocated in full
+                // (so no page of it can fault for want of space); nothing else maps it yet.
+                // The mapping outlives the descriptor, as mmap(2) allows.
                 let base = unsafe {
                     mmap(
                         None,
@@ -377,8 +381,12 @@ impl Scoreboard {
                         0,
                     )
                 }
-                .map_err(|e| fail(e.into()))?;
-                file.persist(path).map_err(|e| fail(e.error))?;
+                .map_err(|e| fail(format!("could not map {bytes} bytes"))(e.into()))?;
+                if let Err(error) = file.persist(path) {
+                    // SAFETY: mapped just above with this length; nothing refers to it yet.
+                    let _ = unsafe { munmap(base, bytes) };
+                    return Err(fail("could not rename it into place".into())(error.error));
+                }
                 base
             }
         };
@@ -400,11 +408,15 @@ impl Scoreboard {
     /// [`ScoreboardError::File`] when it cannot be opened or mapped,
     /// [`ScoreboardError::Invalid`] when it is not a scoreboard or its header is inconsistent.
     pub fn open(path: &Path) -> Result<Self, ScoreboardError> {
-        let fail = |source: io::Error| ScoreboardError::File { path: path.to_owned(), source };
+        let fail = |step: &str| {
+            let step = step.to_owned();
+            move |source: io::Error| ScoreboardError::File { path: path.to_owned(), step, source }
+        };
         let invalid = |reason: String| ScoreboardError::Invalid { path: path.to_owned(), reason };
         let max_bytes = layout(MAX_SLOTS).expect("MAX_SLOTS fits") as u64;
-        let file: File = files::open_regular(path, max_bytes, false).map_err(fail)?;
-        let meta = file.metadata().map_err(fail)?;
+        let file: File =
+            files::open_regular(path, max_bytes, false).map_err(fail("could not open it"))?;
+        let meta = file.metadata().map_err(fail("could not read its size"))?;
         let size = meta.len() as usize;
         let header_bytes = layout(0).expect("no slots fit");
         if size < header_bytes {
@@ -415,7 +427,7 @@ impl Scoreboard {
         let base = unsafe {
             mmap(None, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED, file.as_fd(), 0)
         }
-        .map_err(|e| fail(e.into()))?;
+        .map_err(|e| fail("could not map it")(e.into()))?;
         // From here the mapping is unmapped on every path (Drop), and `capacity` 0 exposes
         // the header only.
         let mut board =

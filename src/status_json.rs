@@ -17,7 +17,8 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, monotonic_ms, unix_ms};
+use crate::clock::{monotonic_ms, unix_ms};
+use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState};
 
 /// Version of the document's schema, its `"schema"` field. Raised only for a change that
 /// would break a reader of the previous version.

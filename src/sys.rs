@@ -93,7 +93,9 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> i
 /// A zeroed, readable and writable anonymous `MAP_SHARED` mapping of `length` bytes
 /// (mmap(2)): made before fork, it is the same memory in the master and every worker (the
 /// scoreboard, the per-client tables, the relay's backend health, the log relay's counter).
-/// It is page-aligned; unmapping it (munmap(2)) is the caller's.
+/// It is page-aligned; unmapping it (munmap(2)) is the caller's. Its memory is accounted for
+/// in full when it is mapped (no `MAP_NORESERVE`), so no page of it faults with `SIGBUS`
+/// when first touched, unlike a file on a full filesystem ([`allocate`]).
 ///
 /// # Errors
 /// The mmap(2) error, such as `ENOMEM`.
@@ -111,6 +113,61 @@ pub fn map_shared_zeroed(
             MapFlags::MAP_SHARED,
         )
     }
+}
+
+/// How [`allocate`] reserved a file's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// fallocate(2) reserved them.
+    Reserved,
+    /// The filesystem has no fallocate(2) (`EOPNOTSUPP`): zeros were written over the whole
+    /// length and synced (fsync(2)), so the blocks exist, or the error came now.
+    Written,
+}
+
+/// Makes `file` `length` bytes long with every block allocated, so that a shared mapping of
+/// it can never fault with `SIGBUS` for want of space: a full filesystem fails here, with an
+/// error, instead of later, when a page of the mapping is first written.
+///
+/// fallocate(2) (mode 0) first; on a filesystem without it (`EOPNOTSUPP`, such as some
+/// FUSE or network filesystems), zeros are written and synced. The file's content becomes
+/// zeros either way, so call it on a new, empty file. On a copy-on-write filesystem (btrfs,
+/// ZFS) a block written again needs new space, which no reservation guarantees: keep such
+/// files on tmpfs (`/run`) or another filesystem that overwrites in place.
+///
+/// # Errors
+/// The fallocate(2), write(2) or fsync(2) error: `ENOSPC` or `EDQUOT` when the space is not
+/// there, `EFBIG` past the file size limit.
+pub fn allocate(file: BorrowedFd<'_>, length: u64) -> io::Result<Allocation> {
+    use nix::errno::Errno;
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use nix::libc::off_t;
+
+    let too_large = || io::Error::from(Errno::EFBIG);
+    let len = off_t::try_from(length).map_err(|_| too_large())?;
+    if len == 0 {
+        return Ok(Allocation::Reserved);
+    }
+    match fallocate(file, FallocateFlags::empty(), 0, len) {
+        Ok(()) => return Ok(Allocation::Reserved),
+        Err(Errno::EOPNOTSUPP) => {}
+        Err(error) => return Err(error.into()),
+    }
+    const CHUNK: usize = 64 << 10;
+    let zeros = [0u8; CHUNK];
+    let mut offset: off_t = 0;
+    while offset < len {
+        let n = (len - offset).min(CHUNK as off_t) as usize;
+        match nix::sys::uio::pwrite(file, &zeros[..n], offset) {
+            // pwrite(2) of a regular file writes something or fails; 0 would loop forever.
+            Ok(0) => return Err(Errno::ENOSPC.into()),
+            Ok(written) => offset += written as off_t,
+            Err(Errno::EINTR) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    nix::unistd::fsync(file)?;
+    Ok(Allocation::Written)
 }
 
 /// What [`spawn`] sets up in the child besides the program and its arguments.
@@ -367,6 +424,24 @@ mod tests {
 
     fn c(text: &str) -> CString {
         CString::new(text).unwrap()
+    }
+
+    #[test]
+    fn allocate_reserves_every_block_of_a_new_file() {
+        use std::os::unix::fs::MetadataExt;
+        let file = tempfile::tempfile().unwrap();
+        let length = 300_000;
+        let how = allocate(file.as_fd(), length).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), length);
+        assert!(meta.blocks() * 512 >= length, "{} blocks, {how:?}: sparse", meta.blocks());
+        let mut content = Vec::new();
+        (&file).read_to_end(&mut content).unwrap();
+        assert!(content.iter().all(|&b| b == 0));
+        assert_eq!(
+            allocate(file.as_fd(), u64::MAX).unwrap_err().raw_os_error(),
+            Some(nix::libc::EFBIG)
+        );
     }
 
     /// One test: `waitpid(-1)` below must see only children spawned here.

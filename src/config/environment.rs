@@ -22,10 +22,12 @@ use nix::unistd::Uid;
 use socket2::{Domain, Protocol, Socket, Type};
 use toml::Spanned;
 
-use super::file::{self, RawIssue};
-use super::{Config, LogTarget};
+use super::Config;
+use super::file;
 use crate::files;
+use crate::logging::LogTarget;
 use crate::privileges::{Credentials, PrivilegeError};
+use crate::schema::RawIssue;
 
 /// Syslog sockets tried when `log.syslog_socket` is not set, in order (as the syslog crate).
 const DEFAULT_SYSLOG_SOCKETS: [&str; 2] = ["/dev/log", "/var/run/syslog"];

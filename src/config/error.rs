@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::file::RawIssue;
 use crate::exit::ExitStatus;
+use crate::schema::RawIssue;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, Error)]

@@ -8,12 +8,13 @@
 //! document and deserializes again, until the document is clean; each round reports one issue.
 
 use std::fmt;
-use std::ops::Range;
 
 use serde::Deserialize;
 use serde::de::{self, Visitor};
 use toml::Spanned;
-use toml::de::{DeTable, DeValue, Deserializer};
+use toml::de::{DeTable, DeValue};
+
+use crate::schema::{RawIssue, deserialize_collecting};
 
 /// The whole configuration file: `[daemon]`, `[log]` and any number of `[[listener]]`.
 #[derive(Debug, Default, Deserialize)]
@@ -134,56 +135,6 @@ pub struct ListenerSection {
     pub options: Option<Spanned<toml::Table>>,
 }
 
-/// Every key the file may hold, as `section.key`; `listener.*` keys belong to each
-/// `[[listener]]`. Documentation tests check that the shipped config and the man page name
-/// each of them.
-pub const KEYS: &[&str] = &[
-    "daemon.workers",
-    "daemon.graceful_timeout",
-    "daemon.max_connections_per_worker",
-    "daemon.pid_file",
-    "daemon.worker_timeout",
-    "daemon.max_draining_generations",
-    "daemon.user",
-    "daemon.group",
-    "daemon.allow_root_workers",
-    "daemon.rlimit_nofile",
-    "daemon.daemonize",
-    "daemon.event_backend",
-    "daemon.client_ipv4_prefix",
-    "daemon.client_ipv6_prefix",
-    "daemon.trusted_proxies",
-    "log.target",
-    "log.level",
-    "log.access_log",
-    "log.facility",
-    "log.syslog_socket",
-    "log.path",
-    "listener.name",
-    "listener.address",
-    "listener.service",
-    "listener.backlog",
-    "listener.short_idle_timeout",
-    "listener.long_idle_timeout",
-    "listener.max_connections_per_client",
-    "listener.max_long_connections_per_client",
-    "listener.tcp_nodelay",
-    "listener.reuseport",
-    "listener.allow",
-    "listener.deny",
-    "listener.client_ipv4_prefix",
-    "listener.client_ipv6_prefix",
-    "listener.max_connection_rate_per_client",
-    "listener.connection_rate_burst",
-    "listener.max_connections",
-    "listener.accept_proxy_protocol",
-    "listener.trusted_proxies",
-    "listener.shed_when_full",
-    "listener.transport",
-    "listener.max_datagram_rate_per_client",
-    "listener.options",
-];
-
 /// `workers = 4` or `workers = "auto"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkersValue {
@@ -213,17 +164,6 @@ impl<'de> Deserialize<'de> for WorkersValue {
         }
         deserializer.deserialize_any(WorkersVisitor)
     }
-}
-
-/// One schema or syntax problem, before it is turned into `line:col`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawIssue {
-    /// Byte range in the source the problem points at.
-    pub span: Range<usize>,
-    /// Dotted key path, such as `listener[1].address`, or `syntax`.
-    pub key: String,
-    /// What is wrong.
-    pub message: String,
 }
 
 /// Parses `source` and deserializes it into a [`FileConfig`], collecting every syntax error,
@@ -268,77 +208,6 @@ pub fn read(
     (config, options, issues)
 }
 
-/// Deserializes `T` from `document`, removing each offending entry and trying again until the
-/// rest deserializes, so that every unknown key and wrongly typed value is reported (serde
-/// stops at the first). Key paths start with `prefix`. `None` when what is left cannot be
-/// deserialized at all (a required field is missing).
-///
-/// Each round removes one entry, so the loop ends; `max_rounds` (the source's length bounds
-/// the number of entries) is a second guard.
-pub(crate) fn deserialize_collecting<T: serde::de::DeserializeOwned>(
-    document: &mut Spanned<DeTable<'_>>,
-    prefix: &str,
-    max_rounds: usize,
-    issues: &mut Vec<RawIssue>,
-) -> Option<T> {
-    for _ in 0..=max_rounds {
-        match T::deserialize(Deserializer::from(document.clone())) {
-            Ok(value) => return Some(value),
-            Err(error) => {
-                let span = error.span().unwrap_or_else(|| document.span());
-                let removed = remove_entry_at(document.get_mut(), &span, prefix);
-                let key = removed.clone().unwrap_or_else(|| {
-                    if prefix.is_empty() { "(document)".to_owned() } else { prefix.to_owned() }
-                });
-                issues.push(RawIssue { span, key, message: error.message().trim().to_owned() });
-                removed.as_ref()?;
-            }
-        }
-    }
-    None
-}
-
-fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
-    outer.start <= inner.start && inner.end <= outer.end.max(inner.start)
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") }
-}
-
-/// Removes the innermost table entry whose key or value covers `span`; returns its key path.
-/// Nested tables are searched first: a `[section]` table's own span may cover only its header.
-fn remove_entry_at(table: &mut DeTable<'_>, span: &Range<usize>, prefix: &str) -> Option<String> {
-    let keys: Vec<_> = table.keys().cloned().collect();
-    for key in keys {
-        let path = join(prefix, key.get_ref());
-        let Some(value) = table.get_mut(&key) else {
-            continue;
-        };
-        let covers = contains(&key.span(), span) || contains(&value.span(), span);
-        let found = match value.get_mut() {
-            DeValue::Table(inner) => remove_entry_at(inner, span, &path),
-            DeValue::Array(items) => {
-                items.iter_mut().enumerate().find_map(|(index, item)| match item.get_mut() {
-                    DeValue::Table(inner) => {
-                        remove_entry_at(inner, span, &format!("{path}[{index}]"))
-                    }
-                    _ => None,
-                })
-            }
-            _ => None,
-        };
-        if found.is_some() {
-            return found;
-        }
-        if covers {
-            table.remove(&key);
-            return Some(path);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +240,31 @@ mod tests {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert_eq!(issues.len(), 5, "{issues:?}");
+    }
+
+    /// The keys serde expects in each section, from its own "unknown field" message.
+    fn mirrored(section: &str) -> Vec<String> {
+        let header = if section == "listener" { "[[listener]]" } else { "[daemon]" };
+        let header = if section == "log" { "[log]" } else { header };
+        let (_, _, issues) = read(&format!("{header}\nno_such_key = 1\n"));
+        let message = &issues.first().expect("an unknown key is reported").message;
+        let (_, expected) = message.split_once("expected one of").expect(message);
+        expected.split(',').map(|k| k.trim().trim_matches('`').to_owned()).collect()
+    }
+
+    #[test]
+    fn the_serde_mirror_holds_exactly_the_keys_of_the_table() {
+        for section in ["daemon", "log", "listener"] {
+            let mut mirrored = mirrored(section);
+            let mut table: Vec<String> = super::super::keys::KEYS
+                .iter()
+                .filter(|k| k.section() == section)
+                .map(|k| k.field().to_owned())
+                .collect();
+            mirrored.sort();
+            table.sort();
+            assert_eq!(mirrored, table, "[{section}]: file.rs and keys.rs differ");
+        }
     }
 
     #[test]

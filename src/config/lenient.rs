@@ -61,7 +61,7 @@ fn parse(source: &str) -> ControlKeys {
             .map(PathBuf::from),
         graceful_timeout: daemon
             .and_then(|d| d.graceful_timeout)
-            .and_then(|t| humantime::parse_duration(t.trim()).ok()),
+            .and_then(|t| crate::duration::parse(&t).ok()),
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod environment;
 mod error;
 pub mod file;
+pub mod keys;
 pub mod lenient;
 pub mod validate;
 
@@ -21,12 +22,12 @@ pub use error::{ConfigError, Issue};
 use ipnet::IpNet;
 
 use crate::files;
+use crate::limits::Rules;
 use crate::limits::access::AccessList;
-use crate::limits::{Rate, Rules};
+use crate::logging::{LogConfig, LogTarget};
+use crate::poller::EventBackend;
+use crate::rate::Rate;
 use crate::services::{Registry, ServiceConfig};
-
-/// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
-pub const FD_SETSIZE: usize = 1024;
 
 /// Descriptors a worker holds besides listeners and connections: stdio, its signal pipe, the
 /// syslog socket, with room to spare. Part of the select budget check.
@@ -47,7 +48,8 @@ pub fn worker_slots(workers: usize, max_draining_generations: usize) -> usize {
     workers.saturating_mul(SLOT_HEADROOM).saturating_mul(1 + max_draining_generations)
 }
 
-/// A validated configuration, with every default applied.
+/// A validated configuration, with every default applied. Each field's default, unit and
+/// reload behaviour are its key's in [`keys`] (linked from each field).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `[daemon]`.
@@ -61,202 +63,149 @@ pub struct Config {
 /// `[daemon]`: the worker pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
-    /// Worker processes to keep running. Default `"auto"`: one per CPU. 0 is an error.
+    /// Worker processes to keep running ([`keys::WORKERS`]; `"auto"` is one per CPU).
     pub workers: NonZeroUsize,
     /// How long a graceful stop (SIGQUIT) lets open exchanges finish before the master sends
-    /// SIGKILL. Default 30 s; 0 kills at once.
+    /// SIGKILL; zero kills at once ([`keys::GRACEFUL_TIMEOUT`]).
     pub graceful_timeout: Duration,
     /// Connections one worker holds at most, all listeners together; a full worker stops
-    /// accepting until one closes. Default 512; must fit `select(2)`'s [`FD_SETSIZE`].
-    /// A reload cannot raise it above the value the daemon started with.
+    /// accepting until one closes. With the select backend it must fit
+    /// [`FD_SETSIZE`](crate::poller::FD_SETSIZE); a reload cannot raise it above the value
+    /// the daemon started with ([`keys::MAX_CONNECTIONS_PER_WORKER`]).
     pub max_connections_per_worker: NonZeroUsize,
     /// The master's pid file; also locates the scoreboard (`PID_FILE.scoreboard`) that
-    /// `preforkd status` and the control commands read. Default: none (no control commands).
+    /// `preforkd status` and the control commands read; `None`: no control commands
+    /// ([`keys::PID_FILE`]).
     pub pid_file: Option<PathBuf>,
     /// A worker whose loop has not turned for this long is sent SIGABRT, then SIGKILL, and
-    /// replaced. Default 30 s; `None` (written `"0s"`) disables the check.
+    /// replaced; `None` (written `"0s"`) disables the check ([`keys::WORKER_TIMEOUT`]).
     pub worker_timeout: Option<Duration>,
     /// Generations that may be draining after reloads at once; a reload beyond it stops the
-    /// oldest draining generation fast. Default 4, from 1 to 16.
+    /// oldest draining generation fast ([`keys::MAX_DRAINING_GENERATIONS`]).
     pub max_draining_generations: NonZeroUsize,
     /// User the workers switch to (setgroups, setgid, setuid) when the master runs as root;
-    /// ignored, with a warning, otherwise. Default: none.
+    /// ignored, with a warning, otherwise ([`keys::USER`]).
     pub user: Option<String>,
-    /// Group the workers switch to; default: the user's primary group.
+    /// Group the workers switch to; `None`: the user's primary group ([`keys::GROUP`]).
     pub group: Option<String>,
     /// Lets workers run as root when the master does and no `user` is set; without it, that
-    /// is a startup error. Default `false`.
+    /// is a startup error ([`keys::ALLOW_ROOT_WORKERS`]).
     pub allow_root_workers: bool,
-    /// RLIMIT_NOFILE (soft and hard) to set at start; `None` (written 0, the default) keeps
-    /// the inherited limit.
+    /// RLIMIT_NOFILE (soft and hard) to set at start; `None` (written 0) keeps the inherited
+    /// limit ([`keys::RLIMIT_NOFILE`]).
     pub rlimit_nofile: Option<u64>,
     /// Detach (double fork, setsid, chdir /, stdio to /dev/null) once ready; the starting
-    /// process exits with the daemon's startup status. Default `false` (foreground).
+    /// process exits with the daemon's startup status ([`keys::DAEMONIZE`]).
     pub daemonize: bool,
-    /// How workers wait for readiness. Default [`EventBackend::Select`].
+    /// How workers wait for readiness ([`keys::EVENT_BACKEND`]).
     pub event_backend: EventBackend,
 }
-
-/// The readiness system call workers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventBackend {
-    /// select(2): the classic; descriptors must stay below [`FD_SETSIZE`].
-    Select,
-    /// poll(2): no descriptor limit; cost grows with the number of connections.
-    Poll,
-    /// epoll(7): cost grows with activity only; listeners use `EPOLLEXCLUSIVE`, so one
-    /// incoming connection wakes one worker.
-    Epoll,
-}
-
-impl EventBackend {
-    /// The configuration spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventBackend::Select => "select",
-            EventBackend::Poll => "poll",
-            EventBackend::Epoll => "epoll",
-        }
-    }
-}
-
-/// `[log]`: log target and verbosity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// Where lines go. Default [`LogTarget::Stderr`].
-    pub target: LogTarget,
-    /// Most verbose level written. Default `info`.
-    pub level: log::LevelFilter,
-    /// Write one access line per closed connection (at `info`). Default `true`.
-    pub access_log: bool,
-}
-
-/// Where log lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogTarget {
-    /// Standard error, one line per record with time, level, role and pid (systemd's journal
-    /// picks it up as is).
-    Stderr,
-    /// The local syslog daemon (RFC 3164 over a unix datagram socket).
-    Syslog {
-        /// Facility of every message. Default `daemon`.
-        facility: SyslogFacility,
-        /// The syslog socket; `None` (the default) tries `/dev/log`, then `/var/run/syslog`.
-        socket: Option<PathBuf>,
-    },
-    /// A file, opened for appending; reopened on SIGUSR1 (for logrotate).
-    File(PathBuf),
-}
-
-/// A syslog(3) facility (`daemon`, `local0` ... `local7`, ...). Default `daemon`.
-#[derive(Debug, Clone, Copy)]
-pub struct SyslogFacility(pub syslog::Facility);
-
-impl PartialEq for SyslogFacility {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 as i32 == other.0 as i32
-    }
-}
-
-impl Eq for SyslogFacility {}
 
 /// One `[[listener]]`: an address, the service behind it and its connection policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
-    /// Unique name, used in logs. Required.
+    /// Unique name, used in logs ([`keys::NAME`], required).
     pub name: String,
-    /// Address to bind; port 0 asks the kernel for a free port. Required.
+    /// Address to bind; port 0 asks the kernel for a free port ([`keys::ADDRESS`],
+    /// required).
     pub address: SocketAddr,
-    /// The service (`service = "NAME"`, required) built from `[listener.options]`.
+    /// The service ([`keys::SERVICE`], required) built from `[listener.options]`
+    /// ([`keys::OPTIONS`]).
     pub service: ServiceConfig,
-    /// listen(2) backlog; the kernel caps it at `net.core.somaxconn`. Default 1024.
+    /// listen(2) backlog; the kernel caps it at `net.core.somaxconn` ([`keys::BACKLOG`]).
     pub backlog: NonZeroU32,
     /// A connection that has not completed an exchange is closed after this long without
-    /// traffic. Default 10 s; `None` (written `"0s"`) disables it.
+    /// traffic; `None` (written `"0s"`) disables it ([`keys::SHORT_IDLE_TIMEOUT`]).
     pub short_idle_timeout: Option<Duration>,
-    /// A kept-alive connection is closed after this long without traffic. Default 5 min;
-    /// `None` (written `"0s"`) disables it.
+    /// A kept-alive connection is closed after this long without traffic; `None` (written
+    /// `"0s"`) disables it ([`keys::LONG_IDLE_TIMEOUT`]).
     pub long_idle_timeout: Option<Duration>,
-    /// Open connections per client IP address on this listener, across all workers.
-    /// Default 32; `None` (written 0) is unlimited.
+    /// Open connections per client IP address on this listener, across all workers; `None`
+    /// (written 0) is unlimited ([`keys::MAX_CONNECTIONS_PER_CLIENT`]).
     pub max_connections_per_client: Option<NonZeroU32>,
     /// Kept-alive connections per client IP address on this listener, across all workers;
-    /// a connection beyond it is closed after its exchange. Default 8; `None` (written 0) is
-    /// unlimited.
+    /// a connection beyond it is closed after its exchange; `None` (written 0) is unlimited
+    /// ([`keys::MAX_LONG_CONNECTIONS_PER_CLIENT`]).
     pub max_long_connections_per_client: Option<NonZeroU32>,
     /// Set `TCP_NODELAY` on accepted connections, so small answers are not held back by
-    /// Nagle's algorithm waiting for the client's delayed ACK. Default `true`.
+    /// Nagle's algorithm waiting for the client's delayed ACK ([`keys::TCP_NODELAY`]).
     pub tcp_nodelay: bool,
     /// Each worker also binds a socket of its own with `SO_REUSEPORT`, and the kernel spreads
     /// new connections over those sockets and the shared one. Trade-off: connections queued
     /// on a worker's own socket when it closes are reset unless `net.ipv4.tcp_migrate_req`
     /// is 1 (the worker accepts what is queued when it stops accepting, but a connection can
-    /// still land in between). Default `false`.
+    /// still land in between) ([`keys::REUSEPORT`]).
     pub reuseport: bool,
     /// Who is served and how often: access lists, client keys, rate, listener cap, PROXY
     /// protocol input, shedding.
     pub admission: AdmissionConfig,
-    /// Stream (TCP, the default) or datagram (UDP) socket (`transport = "tcp" | "udp"`).
+    /// Stream (TCP) or datagram (UDP) socket ([`keys::TRANSPORT`]).
     pub transport: ListenerTransport,
     /// UDP only: datagrams accepted per client IP address on this listener, across all
-    /// workers (a token bucket in shared memory, [`crate::limits::rate`]); datagrams over it
-    /// are dropped unanswered, so a spoofed flood cannot turn preforkd into an amplifier.
-    /// Default 100 per second for UDP; `None` (written `"0"`) is unlimited, and always for
-    /// TCP.
-    pub max_datagram_rate_per_client: Option<DatagramRate>,
+    /// workers (a token bucket in shared memory, [`crate::limits::DatagramRates`]);
+    /// datagrams over it are dropped unanswered, so a spoofed flood cannot turn preforkd into
+    /// an amplifier. `None` (written `"0"`) is unlimited, and always for TCP
+    /// ([`keys::MAX_DATAGRAM_RATE_PER_CLIENT`]).
+    pub max_datagram_rate_per_client: Option<Rate>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
-/// session is made. The default admits everyone, keys clients by /32 and /64, and sheds.
+/// session is made. [`AdmissionConfig::default`] is what a listener that sets none of these
+/// keys gets: everyone admitted, keyed by the default prefixes, shedding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionConfig {
     /// `allow` / `deny`: client prefixes served and refused (reason `denied`), checked before
-    /// anything is counted; the rule is in [`crate::limits::access`]. Default: everyone.
+    /// anything is counted; the rule is in [`crate::limits::access`] ([`keys::ALLOW`],
+    /// [`keys::DENY`]).
     pub access: AccessList,
     /// Per-client counts, rates and refusal logs key on the client address cut to this many
-    /// bits (IPv4, and IPv4-mapped IPv6). Default 32: each address; 0 makes every IPv4
-    /// client one.
+    /// bits (IPv4, and IPv4-mapped IPv6); 0 makes every IPv4 client one
+    /// ([`keys::CLIENT_IPV4_PREFIX`]).
     pub client_ipv4_prefix: u8,
-    /// The same for IPv6 addresses. Default 64: one /64 is one client; 128 counts each
-    /// address.
+    /// The same for IPv6 addresses; 128 counts each address ([`keys::CLIENT_IPV6_PREFIX`]).
     pub client_ipv6_prefix: u8,
-    /// New connections per client (token bucket, exact across workers; reason `rate`).
-    /// Default and `None` (written `"0"`): no rate limit.
+    /// New connections per client (token bucket, exact across workers; reason `rate`);
+    /// `None` (written `"0"`): no rate limit ([`keys::MAX_CONNECTION_RATE_PER_CLIENT`],
+    /// [`keys::CONNECTION_RATE_BURST`]).
     pub max_connection_rate_per_client: Option<Rate>,
     /// Open connections of this listener, all clients and workers together (reason
-    /// `listener-full`). Default `None` (written 0): only the workers' budgets bound it.
+    /// `listener-full`); `None` (written 0): only the workers' budgets bound it
+    /// ([`keys::MAX_CONNECTIONS`]).
     pub max_connections: Option<NonZeroU32>,
     /// Connections from [`AdmissionConfig::trusted_proxies`] must open with a PROXY protocol
-    /// header (v1 or v2), whose source address is the client from then on. Default `false`.
+    /// header (v1 or v2), whose source address is the client from then on
+    /// ([`keys::ACCEPT_PROXY_PROTOCOL`]).
     pub accept_proxy_protocol: bool,
     /// Proxies whose PROXY protocol header is believed; other peers are clients themselves
-    /// and must not send one. Default: none.
+    /// and must not send one ([`keys::TRUSTED_PROXIES`]).
     pub trusted_proxies: Vec<IpNet>,
     /// A full worker closes its oldest connection that has not completed an exchange to admit
-    /// a new one (reason `shed`). Default `true`.
+    /// a new one (reason `shed`) ([`keys::SHED_WHEN_FULL`]).
     pub shed_when_full: bool,
 }
 
 impl Default for AdmissionConfig {
+    /// The defaults of [`keys`], as validation applies them.
     fn default() -> Self {
+        let prefix = |key: &keys::Key| key.default_as::<u8>().unwrap_or_default();
+        let flag = |key: &keys::Key| key.default_as::<bool>().unwrap_or_default();
         AdmissionConfig {
             access: AccessList::default(),
-            client_ipv4_prefix: crate::limits::DEFAULT_IPV4_PREFIX,
-            client_ipv6_prefix: crate::limits::DEFAULT_IPV6_PREFIX,
+            client_ipv4_prefix: prefix(&keys::CLIENT_IPV4_PREFIX),
+            client_ipv6_prefix: prefix(&keys::CLIENT_IPV6_PREFIX),
             max_connection_rate_per_client: None,
             max_connections: None,
-            accept_proxy_protocol: false,
+            accept_proxy_protocol: flag(&keys::ACCEPT_PROXY_PROTOCOL),
             trusted_proxies: Vec::new(),
-            shed_when_full: true,
+            shed_when_full: flag(&keys::SHED_WHEN_FULL),
         }
     }
 }
 
 /// The socket type of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ListenerTransport {
-    /// TCP: connections, accepted by the workers (default).
-    #[default]
+    /// TCP: connections, accepted by the workers.
     Tcp,
     /// UDP: datagrams, received by the workers on the shared socket (or on their own with
     /// `reuseport`).
@@ -270,49 +219,6 @@ impl ListenerTransport {
             ListenerTransport::Tcp => "tcp",
             ListenerTransport::Udp => "udp",
         }
-    }
-}
-
-/// A rate written `"COUNT/PERIOD"`: `"100/s"`, `"600/min"`, `"20/10s"`, `"1000/h"`. The
-/// token bucket holds at most `count` tokens (the burst) and gains `count` per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DatagramRate {
-    /// Datagrams per period, and the burst; at least 1.
-    pub count: NonZeroU32,
-    /// The period: from 1 ms to 365 days.
-    pub period: Duration,
-}
-
-impl DatagramRate {
-    /// Parses `"COUNT/PERIOD"` (PERIOD a humane duration; a bare unit such as `s`, `min` or
-    /// `h` means one of it). `Ok(None)` for `"0"` (unlimited).
-    ///
-    /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(text: &str) -> Result<Option<DatagramRate>, String> {
-        let text = text.trim();
-        if text == "0" {
-            return Ok(None);
-        }
-        let Some((count, period)) = text.split_once('/') else {
-            return Err(
-                "write COUNT/PERIOD, such as \"100/s\" or \"600/min\", or \"0\" for no limit"
-                    .into(),
-            );
-        };
-        let count: u32 = count.trim().parse().map_err(|_| format!("{count:?} is not a count"))?;
-        let period = period.trim();
-        let starts_with_digit = period.starts_with(|c: char| c.is_ascii_digit());
-        let spelled = if starts_with_digit { period.to_owned() } else { format!("1{period}") };
-        let period = humantime::parse_duration(&spelled)
-            .map_err(|e| format!("{period:?} is not a period ({e})"))?;
-        let Some(count) = NonZeroU32::new(count) else {
-            return Err("the count must be at least 1 (or write \"0\" for no limit)".into());
-        };
-        if period < Duration::from_millis(1) || period > Duration::from_secs(365 * 24 * 3600) {
-            return Err("the period must be from 1ms to 365 days".into());
-        }
-        Ok(Some(DatagramRate { count, period }))
     }
 }
 

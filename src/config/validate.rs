@@ -9,52 +9,45 @@ use std::ops::Range;
 use std::str::FromStr;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::EventBackend;
-use super::file::{FileConfig, ListenerSection, RawIssue, WorkersValue};
+use super::file::{FileConfig, ListenerSection, WorkersValue};
+use super::keys::{self, Key, Kind};
 use super::{
-    AdmissionConfig, Config, DaemonConfig, DatagramRate, FD_SETSIZE, ListenerConfig,
-    ListenerTransport, LogConfig, LogTarget, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM,
-    SyslogFacility, worker_slots,
+    AdmissionConfig, Config, DaemonConfig, ListenerConfig, ListenerTransport, MAX_WORKERS,
+    RESERVED_FDS, SLOT_HEADROOM, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
 
+use crate::duration;
+use crate::limits::MAX_RECORDS;
 use crate::limits::access::AccessList;
-use crate::limits::{DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX, MAX_RECORDS, Rate};
+use crate::logging::{LogConfig, LogTarget, SyslogFacility};
+use crate::poller::{EventBackend, FD_SETSIZE};
+use crate::rate::Rate;
+use crate::schema::RawIssue;
 use crate::services::{Options, Registry, ServiceConfig};
 
-/// Default of `daemon.graceful_timeout`.
-pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default of `daemon.max_connections_per_worker`.
-pub const DEFAULT_MAX_CONNECTIONS_PER_WORKER: usize = 512;
-/// Longest duration any key accepts (365 days): deadlines stay far from overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Shortest non-zero `daemon.worker_timeout`: shorter would take a busy worker for a hung one.
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default of `daemon.worker_timeout`.
-pub const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default of `daemon.max_draining_generations`.
-pub const DEFAULT_MAX_DRAINING_GENERATIONS: usize = 4;
-/// Upper bound of `daemon.max_connections_per_worker` with poll and epoll.
-pub const MAX_CONNECTIONS_PER_WORKER: usize = 1 << 20;
-/// Default of `listener.backlog`.
-pub const DEFAULT_BACKLOG: u32 = 1024;
-/// Default of `listener.short_idle_timeout`.
-pub const DEFAULT_SHORT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default of `listener.long_idle_timeout`.
-pub const DEFAULT_LONG_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default of `listener.max_connections_per_client`.
-pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 32;
-/// Default of `listener.max_long_connections_per_client`.
-pub const DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT: u32 = 8;
-/// Default of `listener.max_datagram_rate_per_client` (UDP listeners): 100 per second.
-pub const DEFAULT_DATAGRAM_RATE: DatagramRate =
-    DatagramRate { count: NonZeroU32::new(100).unwrap(), period: Duration::from_secs(1) };
 
+/// Reads values into their types, taking each absent key's default from [`keys`], and
+/// collects every problem.
 struct Checker<'a> {
     issues: &'a mut Vec<RawIssue>,
+    /// The `[[listener]]` being checked: labels `listener.*` keys `listener[N].KEY`.
+    listener: Option<usize>,
+}
+
+/// `"a", "b" or "c"`.
+fn one_of(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
 }
 
 impl Checker<'_> {
@@ -62,70 +55,84 @@ impl Checker<'_> {
         self.issues.push(RawIssue { span, key: key.into(), message: message.into() });
     }
 
-    fn duration(
-        &mut self,
-        value: Option<&Spanned<String>>,
-        key: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(value) = value else { return default };
-        match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) if duration > MAX_DURATION => {
-                self.report(
-                    value.span(),
-                    key,
-                    format!("{:?} is too long: at most 365 days", value.get_ref()),
-                );
-                default
+    /// How problems with `key` are labelled: `daemon.workers`, `listener[2].backlog`.
+    fn label(&self, key: &Key) -> String {
+        match self.listener {
+            Some(index) if key.section() == "listener" => {
+                format!("listener[{index}].{}", key.field())
             }
-            Ok(duration) => duration,
-            Err(error) => {
-                self.report(
-                    value.span(),
-                    key,
-                    format!(
-                        "invalid duration {:?} ({error}); write a number with a unit, such as \"10s\", \"250ms\" or \"5m\"",
-                        value.get_ref()
-                    ),
-                );
-                default
-            }
+            _ => key.name.to_owned(),
         }
     }
 
-    /// An integer in `min..=max`, or the default.
-    fn integer(
+    /// The written `value`, else `key`'s default read the same way (at no position); `None`
+    /// when the key has no default value.
+    fn written_or_default<T: DeserializeOwned + Clone>(
         &mut self,
-        value: Option<&Spanned<i64>>,
-        key: &str,
-        min: i64,
-        max: i64,
-        default: i64,
-    ) -> i64 {
-        let Some(value) = value else { return default };
+        value: Option<&Spanned<T>>,
+        key: &Key,
+    ) -> Option<Spanned<T>> {
+        if let Some(value) = value {
+            return Some(value.clone());
+        }
+        key.default.value()?;
+        let default = key.default_as::<T>().map(|v| Spanned::new(0..0, v));
+        if default.is_none() {
+            self.report(0..0, key.name, "its built-in default does not read (see config/keys.rs)");
+        }
+        default
+    }
+
+    fn duration(&mut self, value: Option<&Spanned<String>>, key: &Key) -> Duration {
+        let default = key.default_duration().unwrap_or_default();
+        let Some(value) = self.written_or_default(value, key) else { return default };
+        duration::parse(value.get_ref()).unwrap_or_else(|message| {
+            self.report(value.span(), self.label(key), message);
+            default
+        })
+    }
+
+    /// An integer in the key's range ([`Kind::Integer`]), or its default.
+    fn integer(&mut self, value: Option<&Spanned<i64>>, key: &Key) -> i64 {
+        let Kind::Integer { min, max } = key.kind else {
+            self.report(0..0, key.name, "is not an integer key (see config/keys.rs)");
+            return 0;
+        };
+        let default = key.default_as::<i64>().unwrap_or(min);
+        let Some(value) = self.written_or_default(value, key) else { return default };
         let n = *value.get_ref();
         if (min..=max).contains(&n) {
             n
         } else {
-            self.report(value.span(), key, format!("{n} is out of range: expected {min} to {max}"));
+            let label = self.label(key);
+            self.report(
+                value.span(),
+                label,
+                format!("{n} is out of range: expected {min} to {max}"),
+            );
             default
         }
     }
 
+    fn boolean(&mut self, value: Option<&Spanned<bool>>, key: &Key) -> bool {
+        self.written_or_default(value, key).is_some_and(Spanned::into_inner)
+    }
+
     /// A non-empty path, or `None` when absent (an empty one is reported).
-    fn path(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<std::path::PathBuf> {
-        let value = value?;
+    fn path(&mut self, value: Option<&Spanned<String>>, key: &Key) -> Option<std::path::PathBuf> {
+        let value = self.written_or_default(value, key)?;
         if value.get_ref().is_empty() {
-            self.report(value.span(), key, "must be a path, not empty");
+            self.report(value.span(), self.label(key), "must be a path, not empty");
             return None;
         }
-        Some(std::path::PathBuf::from(value.get_ref()))
+        Some(std::path::PathBuf::from(value.into_inner()))
     }
 
     /// A list of CIDR prefixes (`"192.0.2.0/24"`, `"2001:db8::/32"`; a bare address is its
     /// own /32 or /128); each bad one is reported.
-    fn nets(&mut self, value: Option<&Spanned<Vec<Spanned<String>>>>, key: &str) -> Vec<IpNet> {
-        let Some(value) = value else { return Vec::new() };
+    fn nets(&mut self, value: Option<&Spanned<Vec<Spanned<String>>>>, key: &Key) -> Vec<IpNet> {
+        let Some(value) = self.written_or_default(value, key) else { return Vec::new() };
+        let label = self.label(key);
         let mut nets = Vec::new();
         for item in value.get_ref() {
             let text = item.get_ref().trim();
@@ -133,7 +140,7 @@ impl Checker<'_> {
             match parsed {
                 Ok(net) if net.trunc() != net => self.report(
                     item.span(),
-                    key,
+                    &label,
                     format!(
                         "{text:?} has host bits set: write {} (or the address alone)",
                         net.trunc()
@@ -142,7 +149,7 @@ impl Checker<'_> {
                 Ok(net) => nets.push(net),
                 Err(_) => self.report(
                     item.span(),
-                    key,
+                    &label,
                     format!(
                         "{text:?} is not a CIDR prefix: write ADDRESS/LENGTH, such as \"192.0.2.0/24\" or \"2001:db8::/32\""
                     ),
@@ -152,26 +159,52 @@ impl Checker<'_> {
         nets
     }
 
+    /// One of the words of a [`Kind::OneOf`] key, read by `parse`.
+    fn choice<T>(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &Key,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let expected = match key.kind {
+            Kind::OneOf(words) => one_of(words),
+            _ => String::new(),
+        };
+        self.string(value, key, &expected, parse)
+    }
+
+    /// A string read by `parse`: the written one, else the default; `None` (reported) when
+    /// it does not read.
     fn string<T>(
         &mut self,
         value: Option<&Spanned<String>>,
-        key: &str,
-        default: T,
+        key: &Key,
         expected: &str,
-        parse: impl FnOnce(&str) -> Option<T>,
-    ) -> T {
-        let Some(value) = value else { return default };
-        match parse(value.get_ref()) {
-            Some(parsed) => parsed,
-            None => {
-                self.report(
-                    value.span(),
-                    key,
-                    format!("unknown value {:?}: expected {expected}", value.get_ref()),
-                );
-                default
-            }
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let value = self.written_or_default(value, key)?;
+        let parsed = parse(value.get_ref());
+        if parsed.is_none() {
+            let label = self.label(key);
+            let message = format!("unknown value {:?}: expected {expected}", value.get_ref());
+            self.report(value.span(), label, message);
         }
+        parsed
+    }
+
+    /// A rate (`"COUNT/PERIOD"`, [`Rate::parse`]); `None` when unlimited or invalid
+    /// (reported).
+    fn rate(&mut self, value: Option<&Spanned<String>>, key: &Key) -> Option<Rate> {
+        let value = self.written_or_default(value, key)?;
+        Rate::parse(value.get_ref()).unwrap_or_else(|message| {
+            let label = self.label(key);
+            self.report(
+                value.span(),
+                label,
+                format!("invalid rate {:?}: {message}", value.get_ref()),
+            );
+            None
+        })
     }
 }
 
@@ -187,18 +220,22 @@ pub fn validate(
     services: &Registry,
     issues: &mut Vec<RawIssue>,
 ) -> Option<Config> {
-    let mut check = Checker { issues };
+    let mut check = Checker { issues, listener: None };
     let daemon_section = file.daemon.unwrap_or_default();
     let log_section = file.log.unwrap_or_default();
 
-    let workers = match daemon_section.workers.as_ref() {
-        None => available_cpus(),
+    let workers_value = match &daemon_section.workers {
+        Some(value) => Some(value.clone()),
+        None => check.written_or_default(None, &keys::WORKERS),
+    };
+    let workers = match workers_value {
+        None => 1,
         Some(value) => match value.get_ref() {
             WorkersValue::Keyword(word) if word == "auto" => available_cpus(),
             WorkersValue::Keyword(word) => {
                 check.report(
                     value.span(),
-                    "daemon.workers",
+                    keys::WORKERS.name,
                     format!("unknown value {word:?}: expected a number or \"auto\""),
                 );
                 1
@@ -207,116 +244,81 @@ pub fn validate(
             WorkersValue::Count(n) => {
                 check.report(
                     value.span(),
-                    "daemon.workers",
+                    keys::WORKERS.name,
                     format!("{n} is out of range: expected 1 to {MAX_WORKERS}, or \"auto\""),
                 );
                 1
             }
         },
     };
-    let graceful_timeout = check.duration(
-        daemon_section.graceful_timeout.as_ref(),
-        "daemon.graceful_timeout",
-        DEFAULT_GRACEFUL_TIMEOUT,
-    );
-    let event_backend = check.string(
-        daemon_section.event_backend.as_ref(),
-        "daemon.event_backend",
-        EventBackend::Select,
-        "\"select\", \"poll\" or \"epoll\"",
-        |s| {
-            [EventBackend::Select, EventBackend::Poll, EventBackend::Epoll]
-                .into_iter()
-                .find(|b| b.name() == s)
-        },
-    );
+    let graceful_timeout =
+        check.duration(daemon_section.graceful_timeout.as_ref(), &keys::GRACEFUL_TIMEOUT);
+    let event_backend =
+        check.choice(daemon_section.event_backend.as_ref(), &keys::EVENT_BACKEND, |s| {
+            EventBackend::ALL.into_iter().find(|b| b.name() == s)
+        });
+    // select's lower bound depends on the listeners: checked below, in one message.
     let max_connections_per_worker = check.integer(
         daemon_section.max_connections_per_worker.as_ref(),
-        "daemon.max_connections_per_worker",
-        1,
-        // select's lower bound depends on the listeners: checked below, in one message.
-        MAX_CONNECTIONS_PER_WORKER as i64,
-        DEFAULT_MAX_CONNECTIONS_PER_WORKER as i64,
+        &keys::MAX_CONNECTIONS_PER_WORKER,
     ) as usize;
 
-    let pid_file = check.path(daemon_section.pid_file.as_ref(), "daemon.pid_file");
-    let worker_timeout = check.duration(
-        daemon_section.worker_timeout.as_ref(),
-        "daemon.worker_timeout",
-        DEFAULT_WORKER_TIMEOUT,
-    );
+    let pid_file = check.path(daemon_section.pid_file.as_ref(), &keys::PID_FILE);
+    let worker_timeout =
+        check.duration(daemon_section.worker_timeout.as_ref(), &keys::WORKER_TIMEOUT);
     if !worker_timeout.is_zero() && worker_timeout < MIN_WORKER_TIMEOUT {
         let span = daemon_section.worker_timeout.as_ref().map_or(0..0, Spanned::span);
         check.report(
             span,
-            "daemon.worker_timeout",
+            keys::WORKER_TIMEOUT.name,
             "must be at least \"1s\", or \"0s\" to disable",
         );
     }
-    let max_draining_generations = check.integer(
-        daemon_section.max_draining_generations.as_ref(),
-        "daemon.max_draining_generations",
-        1,
-        16,
-        DEFAULT_MAX_DRAINING_GENERATIONS as i64,
-    ) as usize;
+    let max_draining_generations = check
+        .integer(daemon_section.max_draining_generations.as_ref(), &keys::MAX_DRAINING_GENERATIONS)
+        as usize;
 
     let user = daemon_section.user.as_ref().map(|u| u.get_ref().clone());
     let group = daemon_section.group.as_ref().map(|g| g.get_ref().clone());
-    for (value, key) in
-        [(&daemon_section.user, "daemon.user"), (&daemon_section.group, "daemon.group")]
+    for (value, key) in [(&daemon_section.user, &keys::USER), (&daemon_section.group, &keys::GROUP)]
     {
         if let Some(value) = value
             && value.get_ref().is_empty()
         {
-            check.report(value.span(), key, "must be a name or number, not empty");
+            check.report(value.span(), key.name, "must be a name or number, not empty");
         }
     }
     let allow_root_workers =
-        daemon_section.allow_root_workers.as_ref().is_some_and(|v| *v.get_ref());
+        check.boolean(daemon_section.allow_root_workers.as_ref(), &keys::ALLOW_ROOT_WORKERS);
     let rlimit_nofile =
-        check.integer(daemon_section.rlimit_nofile.as_ref(), "daemon.rlimit_nofile", 0, 1 << 30, 0)
-            as u64;
-    let daemonize = daemon_section.daemonize.as_ref().is_some_and(|v| *v.get_ref());
+        check.integer(daemon_section.rlimit_nofile.as_ref(), &keys::RLIMIT_NOFILE) as u64;
+    let daemonize = check.boolean(daemon_section.daemonize.as_ref(), &keys::DAEMONIZE);
 
-    let target = check.string(
-        log_section.target.as_ref(),
-        "log.target",
-        "stderr",
-        "\"stderr\", \"syslog\" or \"file\"",
-        |s| ["stderr", "syslog", "file"].into_iter().find(|t| *t == s),
-    );
-    let log_path = check.path(log_section.path.as_ref(), "log.path");
-    if target == "file" && log_path.is_none() && log_section.path.is_none() {
+    let target = check.choice(log_section.target.as_ref(), &keys::TARGET, |s| {
+        ["stderr", "syslog", "file"].into_iter().find(|t| *t == s)
+    });
+    let log_path = check.path(log_section.path.as_ref(), &keys::PATH);
+    if target == Some("file") && log_path.is_none() && log_section.path.is_none() {
         let span = log_section.target.as_ref().map_or(0..0, Spanned::span);
-        check.report(span, "log.path", "target = \"file\" needs a path");
+        check.report(span, keys::PATH.name, "target = \"file\" needs a path");
     }
     let facility = check.string(
         log_section.facility.as_ref(),
-        "log.facility",
-        syslog::Facility::LOG_DAEMON,
+        &keys::FACILITY,
         "a syslog facility such as \"daemon\" or \"local0\"",
         |s| syslog::Facility::from_str(s).ok(),
     );
-    let level = check.string(
-        log_section.level.as_ref(),
-        "log.level",
-        log::LevelFilter::Info,
-        "\"error\", \"warn\", \"info\", \"debug\", \"trace\" or \"off\"",
-        |s| log::LevelFilter::from_str(s).ok(),
-    );
-    let syslog_socket = check.path(log_section.syslog_socket.as_ref(), "log.syslog_socket");
-    let access_log = log_section.access_log.is_none_or(Spanned::into_inner);
-    let log = LogConfig {
-        target: match (target, log_path) {
-            ("syslog", _) => {
-                LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket }
-            }
-            ("file", Some(path)) => LogTarget::File(path),
-            _ => LogTarget::Stderr,
-        },
-        level,
-        access_log,
+    let level = check
+        .choice(log_section.level.as_ref(), &keys::LEVEL, |s| log::LevelFilter::from_str(s).ok());
+    let syslog_socket = check.path(log_section.syslog_socket.as_ref(), &keys::SYSLOG_SOCKET);
+    let access_log = check.boolean(log_section.access_log.as_ref(), &keys::ACCESS_LOG);
+    let log_target = match (target, log_path, facility) {
+        (Some("syslog"), _, Some(facility)) => {
+            Some(LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket })
+        }
+        (Some("file"), Some(path), _) => Some(LogTarget::File(path)),
+        (Some("stderr"), _, _) => Some(LogTarget::Stderr),
+        _ => None,
     };
 
     if file.listener.is_empty() {
@@ -328,22 +330,14 @@ pub fn validate(
     // Daemon-wide defaults of the listener keys that describe the network rather than one
     // service: how clients are keyed, and which proxies are believed.
     let network = NetworkDefaults {
-        client_ipv4_prefix: check.integer(
-            daemon_section.client_ipv4_prefix.as_ref(),
-            "daemon.client_ipv4_prefix",
-            0,
-            32,
-            i64::from(DEFAULT_IPV4_PREFIX),
-        ) as u8,
-        client_ipv6_prefix: check.integer(
-            daemon_section.client_ipv6_prefix.as_ref(),
-            "daemon.client_ipv6_prefix",
-            0,
-            128,
-            i64::from(DEFAULT_IPV6_PREFIX),
-        ) as u8,
+        client_ipv4_prefix: check
+            .integer(daemon_section.client_ipv4_prefix.as_ref(), &keys::DAEMON_CLIENT_IPV4_PREFIX)
+            as u8,
+        client_ipv6_prefix: check
+            .integer(daemon_section.client_ipv6_prefix.as_ref(), &keys::DAEMON_CLIENT_IPV6_PREFIX)
+            as u8,
         trusted_proxies: check
-            .nets(daemon_section.trusted_proxies.as_ref(), "daemon.trusted_proxies"),
+            .nets(daemon_section.trusted_proxies.as_ref(), &keys::DAEMON_TRUSTED_PROXIES),
     };
     let mut options = options.into_iter();
     for (index, section) in file.listener.into_iter().enumerate() {
@@ -382,7 +376,7 @@ pub fn validate(
     }
 
     let fds_needed = max_connections_per_worker + listeners.len() + RESERVED_FDS;
-    if event_backend == EventBackend::Select && fds_needed > FD_SETSIZE {
+    if event_backend == Some(EventBackend::Select) && fds_needed > FD_SETSIZE {
         let span = daemon_section.max_connections_per_worker.as_ref().map_or(0..0, Spanned::span);
         check.report(
             span,
@@ -412,11 +406,11 @@ pub fn validate(
         );
     }
 
-    if daemonize && log.target == LogTarget::Stderr {
+    if daemonize && log_target == Some(LogTarget::Stderr) {
         let span = daemon_section.daemonize.as_ref().map_or(0..0, Spanned::span);
         check.report(
             span,
-            "daemon.daemonize",
+            keys::DAEMONIZE.name,
             "a daemon has no stderr: set log.target to \"syslog\" or \"file\"",
         );
     }
@@ -436,9 +430,9 @@ pub fn validate(
             allow_root_workers,
             rlimit_nofile: Some(rlimit_nofile).filter(|n| *n > 0),
             daemonize,
-            event_backend,
+            event_backend: event_backend?,
         },
-        log,
+        log: LogConfig { target: log_target?, level: level?, access_log },
         listeners,
     })
 }
@@ -459,20 +453,33 @@ fn validate_listener(
     services: &Registry,
     network: &NetworkDefaults,
 ) -> Option<ListenerConfig> {
-    let key = |name: &str| format!("listener[{index}].{name}");
+    check.listener = Some(index);
+    let listener = read_listener(check, span, section, options_table, services, network);
+    check.listener = None;
+    listener
+}
+
+fn read_listener(
+    check: &mut Checker<'_>,
+    span: Range<usize>,
+    section: ListenerSection,
+    options_table: Option<Spanned<DeTable<'_>>>,
+    services: &Registry,
+    network: &NetworkDefaults,
+) -> Option<ListenerConfig> {
     let mut complete = true;
     let mut required =
-        |check: &mut Checker<'_>, value: Option<&Spanned<String>>, name: &str| -> Option<String> {
+        |check: &mut Checker<'_>, value: Option<&Spanned<String>>, key: &Key| -> Option<String> {
             let value = value.map(|v| v.get_ref().clone());
             if value.is_none() {
-                check.report(span.clone(), key(name), "missing: this key is required");
+                check.report(span.clone(), check.label(key), "missing: this key is required");
                 complete = false;
             }
             value
         };
-    let name = required(check, section.name.as_ref(), "name");
-    let address_text = required(check, section.address.as_ref(), "address");
-    let service_text = required(check, section.service.as_ref(), "service");
+    let name = required(check, section.name.as_ref(), &keys::NAME);
+    let address_text = required(check, section.address.as_ref(), &keys::ADDRESS);
+    let service_text = required(check, section.service.as_ref(), &keys::SERVICE);
 
     if let (Some(name), Some(value)) = (&name, &section.name)
         && (name.is_empty()
@@ -480,7 +487,7 @@ fn validate_listener(
     {
         check.report(
             value.span(),
-            key("name"),
+            check.label(&keys::NAME),
             "must be non-empty ASCII letters, digits, '-', '_' or '.' (it names the socket for systemd and upgrades)",
         );
     }
@@ -490,7 +497,7 @@ fn validate_listener(
             Err(_) => {
                 check.report(
                     value.span(),
-                    key("address"),
+                    check.label(&keys::ADDRESS),
                     format!("{text:?} is not an address: write IP:PORT, or [IPv6]:PORT"),
                 );
                 None
@@ -501,8 +508,8 @@ fn validate_listener(
     let service = match (&service_text, &section.service) {
         (Some(text), Some(value)) => {
             let written = section.options.as_ref().map(|o| o.get_ref().clone()).unwrap_or_default();
-            let mut options =
-                Options::new(options_table, &key("options"), span.clone(), check.issues);
+            let prefix = check.label(&keys::OPTIONS);
+            let mut options = Options::new(options_table, &prefix, span.clone(), check.issues);
             match services.build(text, &mut options) {
                 Some(Ok(service)) => {
                     Some(ServiceConfig { name: text.clone(), options: written, service })
@@ -511,7 +518,7 @@ fn validate_listener(
                 None => {
                     check.report(
                         value.span(),
-                        key("service"),
+                        check.label(&keys::SERVICE),
                         format!(
                             "unknown service {text:?}: expected one of {}",
                             services.names().collect::<Vec<_>>().join(", ")
@@ -523,119 +530,74 @@ fn validate_listener(
         }
         _ => None,
     };
-    let backlog =
-        check.integer(section.backlog.as_ref(), &key("backlog"), 1, 65535, DEFAULT_BACKLOG as i64);
-    let short = check.duration(
-        section.short_idle_timeout.as_ref(),
-        &key("short_idle_timeout"),
-        DEFAULT_SHORT_IDLE_TIMEOUT,
-    );
-    let long = check.duration(
-        section.long_idle_timeout.as_ref(),
-        &key("long_idle_timeout"),
-        DEFAULT_LONG_IDLE_TIMEOUT,
-    );
-    let per_client = check.integer(
-        section.max_connections_per_client.as_ref(),
-        &key("max_connections_per_client"),
-        0,
-        u32::MAX as i64,
-        DEFAULT_MAX_CONNECTIONS_PER_CLIENT as i64,
-    );
+    let backlog = check.integer(section.backlog.as_ref(), &keys::BACKLOG);
+    let short = check.duration(section.short_idle_timeout.as_ref(), &keys::SHORT_IDLE_TIMEOUT);
+    let long = check.duration(section.long_idle_timeout.as_ref(), &keys::LONG_IDLE_TIMEOUT);
+    let per_client = check
+        .integer(section.max_connections_per_client.as_ref(), &keys::MAX_CONNECTIONS_PER_CLIENT);
     let long_per_client = check.integer(
         section.max_long_connections_per_client.as_ref(),
-        &key("max_long_connections_per_client"),
-        0,
-        u32::MAX as i64,
-        DEFAULT_MAX_LONG_CONNECTIONS_PER_CLIENT as i64,
+        &keys::MAX_LONG_CONNECTIONS_PER_CLIENT,
     );
-    let allow = check.nets(section.allow.as_ref(), &key("allow"));
-    let deny = check.nets(section.deny.as_ref(), &key("deny"));
-    let client_ipv4_prefix = check.integer(
-        section.client_ipv4_prefix.as_ref(),
-        &key("client_ipv4_prefix"),
-        0,
-        32,
-        i64::from(network.client_ipv4_prefix),
-    ) as u8;
-    let client_ipv6_prefix = check.integer(
-        section.client_ipv6_prefix.as_ref(),
-        &key("client_ipv6_prefix"),
-        0,
-        128,
-        i64::from(network.client_ipv6_prefix),
-    ) as u8;
-    let burst = check.integer(
-        section.connection_rate_burst.as_ref(),
-        &key("connection_rate_burst"),
-        0,
-        u32::MAX as i64,
-        0,
-    ) as u32;
-    let rate = section.max_connection_rate_per_client.as_ref().and_then(|value| {
-        match parse_rate(value.get_ref()) {
-            Ok(rate) => rate.map(|(count, period)| Rate {
-                count,
-                period,
-                burst: NonZeroU32::new(burst).unwrap_or(count),
-            }),
-            Err(message) => {
-                check.report(value.span(), key("max_connection_rate_per_client"), message);
-                None
-            }
-        }
-    });
+    let tcp_nodelay = check.boolean(section.tcp_nodelay.as_ref(), &keys::TCP_NODELAY);
+    let reuseport = check.boolean(section.reuseport.as_ref(), &keys::REUSEPORT);
+    let allow = check.nets(section.allow.as_ref(), &keys::ALLOW);
+    let deny = check.nets(section.deny.as_ref(), &keys::DENY);
+    // Absent, these take the daemon's values (`KeyDefault::Inherit`).
+    let client_ipv4_prefix = match &section.client_ipv4_prefix {
+        None => network.client_ipv4_prefix,
+        written => check.integer(written.as_ref(), &keys::CLIENT_IPV4_PREFIX) as u8,
+    };
+    let client_ipv6_prefix = match &section.client_ipv6_prefix {
+        None => network.client_ipv6_prefix,
+        written => check.integer(written.as_ref(), &keys::CLIENT_IPV6_PREFIX) as u8,
+    };
+    let trusted_proxies = match &section.trusted_proxies {
+        None => network.trusted_proxies.clone(),
+        written => check.nets(written.as_ref(), &keys::TRUSTED_PROXIES),
+    };
+    let burst =
+        check.integer(section.connection_rate_burst.as_ref(), &keys::CONNECTION_RATE_BURST) as u32;
+    let rate = check
+        .rate(
+            section.max_connection_rate_per_client.as_ref(),
+            &keys::MAX_CONNECTION_RATE_PER_CLIENT,
+        )
+        .map(|rate| NonZeroU32::new(burst).map_or(rate, |burst| rate.with_burst(burst)));
     if let Some(value) = &section.connection_rate_burst
         && rate.is_none()
         && section.max_connection_rate_per_client.is_none()
     {
         check.report(
             value.span(),
-            key("connection_rate_burst"),
+            check.label(&keys::CONNECTION_RATE_BURST),
             "has no effect without max_connection_rate_per_client",
         );
     }
-    let max_connections = check.integer(
-        section.max_connections.as_ref(),
-        &key("max_connections"),
-        0,
-        u32::MAX as i64,
-        0,
-    );
+    let max_connections = check.integer(section.max_connections.as_ref(), &keys::MAX_CONNECTIONS);
     let accept_proxy_protocol =
-        section.accept_proxy_protocol.as_ref().is_some_and(|v| *v.get_ref());
-    let trusted_proxies = match &section.trusted_proxies {
-        Some(_) => check.nets(section.trusted_proxies.as_ref(), &key("trusted_proxies")),
-        None => network.trusted_proxies.clone(),
-    };
+        check.boolean(section.accept_proxy_protocol.as_ref(), &keys::ACCEPT_PROXY_PROTOCOL);
     if accept_proxy_protocol && trusted_proxies.is_empty() {
         let span = section.accept_proxy_protocol.as_ref().map_or(span.clone(), Spanned::span);
         check.report(
             span,
-            key("trusted_proxies"),
+            check.label(&keys::TRUSTED_PROXIES),
             "accept_proxy_protocol = true needs the proxies' prefixes (here, or daemon.trusted_proxies): a header from anyone else is not believed",
         );
     }
     if !accept_proxy_protocol && let Some(value) = &section.trusted_proxies {
         check.report(
             value.span(),
-            key("trusted_proxies"),
+            check.label(&keys::TRUSTED_PROXIES),
             "has no effect without accept_proxy_protocol = true",
         );
     }
-    let transport = check.string(
-        section.transport.as_ref(),
-        &key("transport"),
-        ListenerTransport::Tcp,
-        "\"tcp\" or \"udp\"",
-        |s| match s {
-            "tcp" => Some(ListenerTransport::Tcp),
-            "udp" => Some(ListenerTransport::Udp),
-            _ => None,
-        },
-    );
+    let shed_when_full = check.boolean(section.shed_when_full.as_ref(), &keys::SHED_WHEN_FULL);
+    let transport = check.choice(section.transport.as_ref(), &keys::TRANSPORT, |s| {
+        [ListenerTransport::Tcp, ListenerTransport::Udp].into_iter().find(|t| t.name() == s)
+    });
     let transport_span = section.transport.as_ref().map_or(span.clone(), Spanned::span);
-    if let (Some(service), Some(text)) = (&service, &service_text) {
+    if let (Some(service), Some(text), Some(transport)) = (&service, &service_text, transport) {
         let refusal = match transport {
             ListenerTransport::Tcp => service.service.stream().err(),
             ListenerTransport::Udp => service.service.datagram().err(),
@@ -643,7 +605,7 @@ fn validate_listener(
         if let Some(reason) = refusal {
             check.report(
                 transport_span.clone(),
-                key("transport"),
+                check.label(&keys::TRANSPORT),
                 format!(
                     "service {text:?} cannot serve {}: {reason}",
                     transport.name().to_uppercase()
@@ -651,45 +613,39 @@ fn validate_listener(
             );
         }
     }
-    let mut datagram_rate = Some(DEFAULT_DATAGRAM_RATE);
-    if let Some(value) = &section.max_datagram_rate_per_client {
-        match DatagramRate::parse(value.get_ref()) {
-            Ok(parsed) => datagram_rate = parsed,
-            Err(message) => check.report(
-                value.span(),
-                key("max_datagram_rate_per_client"),
-                format!("invalid rate {:?}: {message}", value.get_ref()),
-            ),
-        }
-    }
-    if transport == ListenerTransport::Udp {
-        let tcp_only = [
-            ("backlog", section.backlog.as_ref().map(Spanned::span)),
-            ("tcp_nodelay", section.tcp_nodelay.as_ref().map(Spanned::span)),
-            ("short_idle_timeout", section.short_idle_timeout.as_ref().map(Spanned::span)),
-            ("long_idle_timeout", section.long_idle_timeout.as_ref().map(Spanned::span)),
-            (
-                "max_long_connections_per_client",
-                section.max_long_connections_per_client.as_ref().map(Spanned::span),
-            ),
-        ];
-        for (name, written) in tcp_only {
-            if let Some(written) = written {
-                check.report(
-                    written,
-                    key(name),
-                    "applies to TCP only: remove it, or set transport = \"tcp\"",
-                );
+    let mut datagram_rate = check
+        .rate(section.max_datagram_rate_per_client.as_ref(), &keys::MAX_DATAGRAM_RATE_PER_CLIENT);
+    match transport {
+        Some(ListenerTransport::Udp) => {
+            let tcp_only = [
+                (&keys::BACKLOG, section.backlog.as_ref().map(Spanned::span)),
+                (&keys::TCP_NODELAY, section.tcp_nodelay.as_ref().map(Spanned::span)),
+                (&keys::SHORT_IDLE_TIMEOUT, section.short_idle_timeout.as_ref().map(Spanned::span)),
+                (&keys::LONG_IDLE_TIMEOUT, section.long_idle_timeout.as_ref().map(Spanned::span)),
+                (
+                    &keys::MAX_LONG_CONNECTIONS_PER_CLIENT,
+                    section.max_long_connections_per_client.as_ref().map(Spanned::span),
+                ),
+            ];
+            for (key, written) in tcp_only {
+                if let Some(written) = written {
+                    check.report(
+                        written,
+                        check.label(key),
+                        "applies to TCP only: remove it, or set transport = \"tcp\"",
+                    );
+                }
             }
         }
-    } else {
-        datagram_rate = None;
-        if let Some(value) = &section.max_datagram_rate_per_client {
-            check.report(
-                value.span(),
-                key("max_datagram_rate_per_client"),
-                "applies to UDP only: remove it, or set transport = \"udp\"",
-            );
+        _ => {
+            datagram_rate = None;
+            if let Some(value) = &section.max_datagram_rate_per_client {
+                check.report(
+                    value.span(),
+                    check.label(&keys::MAX_DATAGRAM_RATE_PER_CLIENT),
+                    "applies to UDP only: remove it, or set transport = \"udp\"",
+                );
+            }
         }
     }
     if !complete {
@@ -706,8 +662,8 @@ fn validate_listener(
         long_idle_timeout: Some(long).filter(|d| !d.is_zero()),
         max_connections_per_client: NonZeroU32::new(per_client as u32),
         max_long_connections_per_client: NonZeroU32::new(long_per_client as u32),
-        tcp_nodelay: section.tcp_nodelay.as_ref().is_none_or(|v| *v.get_ref()),
-        reuseport: section.reuseport.as_ref().is_some_and(|v| *v.get_ref()),
+        tcp_nodelay,
+        reuseport,
         admission: AdmissionConfig {
             access: AccessList { allow, deny },
             client_ipv4_prefix,
@@ -719,34 +675,11 @@ fn validate_listener(
                 .min(),
             accept_proxy_protocol,
             trusted_proxies,
-            shed_when_full: section.shed_when_full.as_ref().is_none_or(|v| *v.get_ref()),
+            shed_when_full,
         },
-        transport,
+        transport: transport?,
         max_datagram_rate_per_client: datagram_rate,
     })
-}
-
-/// `"20/s"`, `"600/m"` or `"1000/h"`: `Some((count, period))`; `"0"` (or `"0/s"`...): `None`,
-/// no limit. `Err` names what is wrong.
-pub fn parse_rate(text: &str) -> Result<Option<(NonZeroU32, Duration)>, String> {
-    let text = text.trim();
-    let expected = "write connections per unit of time, such as \"20/s\", \"600/m\" or \"1000/h\" (\"0\": no limit)";
-    if text == "0" {
-        return Ok(None);
-    }
-    let Some((count, unit)) = text.split_once('/') else {
-        return Err(format!("invalid rate {text:?}: {expected}"));
-    };
-    let period = match unit.trim() {
-        "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => return Err(format!("invalid unit in {text:?}: {expected}")),
-    };
-    match count.trim().parse::<u32>() {
-        Ok(n) => Ok(NonZeroU32::new(n).map(|n| (n, period))),
-        Err(_) => Err(format!("invalid count in {text:?}: {expected}")),
-    }
 }
 
 /// One worker per CPU available to this process (`sched_getaffinity`), at least 1.
@@ -778,15 +711,12 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let config = parse(Path::new("t.toml"), MINIMAL, &Registry::builtin()).unwrap();
         let listener = &config.listeners[0];
-        assert_eq!(listener.backlog.get(), DEFAULT_BACKLOG);
-        assert_eq!(listener.short_idle_timeout, Some(DEFAULT_SHORT_IDLE_TIMEOUT));
-        assert_eq!(listener.long_idle_timeout, Some(DEFAULT_LONG_IDLE_TIMEOUT));
+        assert_eq!(listener.backlog.get(), 1024);
+        assert_eq!(listener.short_idle_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(listener.long_idle_timeout, Some(Duration::from_secs(300)));
         assert_eq!(listener.max_connections_per_client.map(NonZeroU32::get), Some(32));
-        assert_eq!(config.daemon.graceful_timeout, DEFAULT_GRACEFUL_TIMEOUT);
-        assert_eq!(
-            config.daemon.max_connections_per_worker.get(),
-            DEFAULT_MAX_CONNECTIONS_PER_WORKER
-        );
+        assert_eq!(config.daemon.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(config.daemon.max_connections_per_worker.get(), 512);
         assert_eq!(config.log.target, LogTarget::Stderr);
         assert!(config.log.access_log);
     }
@@ -914,21 +844,21 @@ mod tests {
     #[test]
     fn datagram_rates_parse_and_default() {
         let config = parse(Path::new("t.toml"), &udp("echo", ""), &Registry::builtin()).unwrap();
-        assert_eq!(config.listeners[0].max_datagram_rate_per_client, Some(DEFAULT_DATAGRAM_RATE));
-        let rate = |text: &str| DatagramRate::parse(text);
-        let per = |count: u32, secs: u64| {
-            Ok(Some(DatagramRate {
-                count: NonZeroU32::new(count).unwrap(),
-                period: Duration::from_secs(secs),
-            }))
+        let hundred_per_second = Rate::per(NonZeroU32::new(100).unwrap(), Duration::from_secs(1));
+        assert_eq!(config.listeners[0].max_datagram_rate_per_client, Some(hundred_per_second));
+        // The grammar itself is `Rate::parse`'s, tested in `crate::rate`.
+        let read = |text: &str| {
+            let source = udp("echo", &format!("max_datagram_rate_per_client = \"{text}\"\n"));
+            parse(Path::new("t.toml"), &source, &Registry::builtin())
+                .map(|config| config.listeners[0].max_datagram_rate_per_client)
         };
-        assert_eq!(rate("100/s"), per(100, 1));
-        assert_eq!(rate("600/min"), per(600, 60));
-        assert_eq!(rate("20/10s"), per(20, 10));
-        assert_eq!(rate("0"), Ok(None));
-        for bad in ["100", "0/s", "x/s", "5/fortnight", "5/0s"] {
-            assert!(rate(bad).is_err(), "{bad}");
-        }
+        let per = |count: u32, secs: u64| {
+            Some(Rate::per(NonZeroU32::new(count).unwrap(), Duration::from_secs(secs)))
+        };
+        assert_eq!(read("600/min").unwrap(), per(600, 60));
+        assert_eq!(read("20/10s").unwrap(), per(20, 10));
+        assert_eq!(read("0").unwrap(), None);
+        assert!(read("5/fortnight").is_err());
         let found = issues(&udp("echo", "max_datagram_rate_per_client = \"lots\"\n"));
         assert!(
             found[0].contains("listener[0].max_datagram_rate_per_client: invalid rate"),
@@ -1040,16 +970,91 @@ mod tests {
     }
 
     #[test]
-    fn rates_have_units() {
-        let sec = Duration::from_secs(1);
-        assert_eq!(parse_rate("20/s"), Ok(Some((NonZeroU32::new(20).unwrap(), sec))));
-        assert_eq!(parse_rate(" 5 / m "), Ok(Some((NonZeroU32::new(5).unwrap(), 60 * sec))));
-        assert_eq!(parse_rate("1/h").unwrap().unwrap().1, 3600 * sec);
-        assert_eq!(parse_rate("0"), Ok(None));
-        assert_eq!(parse_rate("0/s"), Ok(None));
-        assert!(parse_rate("20").is_err());
-        assert!(parse_rate("20/d").is_err());
-        assert!(parse_rate("-1/s").is_err());
+    fn both_rates_read_one_grammar() {
+        let source = format!(
+            "{MINIMAL}max_connection_rate_per_client = \"20/10s\"\n{}",
+            udp("echo", "max_datagram_rate_per_client = \"5 / m\"\n").replace("\"u\"", "\"v\"")
+        );
+        let config = parse(Path::new("t.toml"), &source, &Registry::builtin()).unwrap();
+        let connections = config.listeners[0].admission.max_connection_rate_per_client.unwrap();
+        assert_eq!((connections.count.get(), connections.period), (20, Duration::from_secs(10)));
+        let datagrams = config.listeners[1].max_datagram_rate_per_client.unwrap();
+        assert_eq!((datagrams.count.get(), datagrams.period), (5, Duration::from_secs(60)));
+        let found = issues(&format!("{MINIMAL}max_connection_rate_per_client = \"20\"\n"));
+        assert!(found[0].contains("invalid rate \"20\": write COUNT/PERIOD"), "{found:?}");
+    }
+
+    /// `section.key = <default>` for every key of `section` the table gives a value.
+    fn defaults_written_out(section: &str) -> String {
+        let mut text = String::new();
+        for key in keys::KEYS.iter().filter(|k| k.section() == section) {
+            if let keys::KeyDefault::Value(value) = key.default {
+                text.push_str(&format!("{} = {value}\n", key.field()));
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn writing_every_default_changes_nothing() {
+        let listener = |transport: &str| {
+            format!(
+                "[[listener]]\nname = \"{transport}\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"{transport}\"\n"
+            )
+        };
+        let bare = format!("{}{}", listener("tcp"), listener("udp"));
+        // Every listener key that applies to the transport, at its default.
+        let udp_only = ["max_datagram_rate_per_client"];
+        let tcp_only = [
+            "backlog",
+            "tcp_nodelay",
+            "short_idle_timeout",
+            "long_idle_timeout",
+            "max_long_connections_per_client",
+        ];
+        let defaults = defaults_written_out("listener");
+        let only = |skip: &[&str]| {
+            defaults
+                .lines()
+                .filter(|l| !skip.iter().any(|k| l.starts_with(&format!("{k} ="))))
+                .filter(|l| !l.starts_with("transport ="))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        };
+        let written = format!(
+            "[daemon]\n{}[log]\n{}{}{}{}{}",
+            defaults_written_out("daemon"),
+            defaults_written_out("log"),
+            listener("tcp"),
+            only(&udp_only),
+            listener("udp"),
+            only(&tcp_only),
+        );
+        let parse = |source: &str| parse(Path::new("t.toml"), source, &Registry::builtin());
+        assert_eq!(parse(&written).unwrap(), parse(&bare).unwrap(), "{written}");
+    }
+
+    #[test]
+    fn every_word_of_a_choice_is_accepted() {
+        for key in keys::KEYS {
+            let keys::Kind::OneOf(words) = key.kind else { continue };
+            for word in words {
+                let line = format!("{} = \"{word}\"\n", key.field());
+                let source = match key.section() {
+                    "listener" => format!("{MINIMAL}{line}"),
+                    section => format!("[{section}]\n{line}{MINIMAL}"),
+                };
+                let source = if *word == "file" {
+                    source.replace(
+                        "target = \"file\"\n",
+                        "target = \"file\"\npath = \"/tmp/p.log\"\n",
+                    )
+                } else {
+                    source
+                };
+                assert!(issues(&source).is_empty(), "{}: {word}: {:?}", key.name, issues(&source));
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The master creates one `MAP_SHARED` region (a sealed memfd, see `region.rs`) before
 //! forking; every worker inherits it. It holds:
 //! - a header: magic, layout version and lengths, the hash keys;
-//! - a process-shared, *robust* pthread mutex (pthread_mutexattr_setrobust(3));
+//! - a process-shared, *robust* pthread mutex (`mutex.rs`, the lock-and-repair path both
+//!   shared tables use);
 //! - a table of entries keyed by (listener, client key): open and long (kept-alive) counts,
 //!   and one entry per listener with its open connections (`max_connections`). Open
 //!   addressing with linear probing and backward-shift deletion; sized to four times the
@@ -13,13 +14,14 @@
 //!   worker slot, one record per possible connection, and one spare: which key it
 //!   counts and whether it is long. (A full worker admits a new client before it sheds an
 //!   older one for it: the spare holds the newcomer's count meanwhile.) Records are the source of truth; entries are the index that makes checks O(1);
-//! - a table of token buckets keyed by client key, for `max_connection_rate_per_client`. A
-//!   bucket outlives the client's connections (a client that connects and closes at once
-//!   still spends its tokens). Each key lives in one of [`BUCKET_PROBE`] places from its home;
-//!   a bucket that has refilled to its burst is the same as no bucket and may be taken by
-//!   another key; when all places hold partly spent buckets, the fullest one is taken (that
-//!   client gets a fresh burst: under a flood of distinct keys the rate is approximate, never
-//!   a refusal of a client that has not connected).
+//! - a table of token buckets keyed by client key, for `max_connection_rate_per_client` (the
+//!   table of `buckets.rs`, as for datagram rates). A bucket outlives the
+//!   client's connections (a client that connects and closes at once still spends its
+//!   tokens). Each key lives in one of [`BUCKET_PROBE`] places from its home; a bucket that
+//!   has refilled to its burst is the same as no bucket and may be taken by another key;
+//!   when all places hold partly spent buckets, the fullest one is taken (that client gets a
+//!   fresh burst: under a flood of distinct keys the rate is approximate, never a refusal of
+//!   a client that has not connected).
 //!
 //! Every check-and-update happens under the mutex, so a limit of N admits exactly N
 //! connections whatever the number of workers, and a rate of N per second admits exactly
@@ -48,9 +50,10 @@
 //! ([`Limits::reclaim_other`]). Entries are keyed by a keyed SipHash whose keys are in the
 //! header, so both masters find the same entries.
 //!
-//! A client is its address reduced to a prefix ([`ClientKey::new`]): by default an IPv4
-//! address counts as itself (/32) and an IPv6 address by its /64, the block one host or one
-//! customer usually gets (RFC 6177); an IPv4-mapped IPv6 address counts as the IPv4 address.
+//! A client is its address reduced to a prefix ([`ClientKey::with_prefix`]), as long as the
+//! listener's `client_ipv4_prefix` and `client_ipv6_prefix` say (an IPv6 /64 by default, the
+//! block one host or one customer usually gets, RFC 6177); an IPv4-mapped IPv6 address
+//! counts as the IPv4 address.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -62,12 +65,21 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::errno::Errno;
-use nix::libc;
+
 use siphasher::sip::SipHasher13;
 use thiserror::Error;
 
+use crate::rate::Rate;
+
+mod buckets;
+mod datagram_rates;
+mod mutex;
 mod region;
 
+pub use buckets::Verdict;
+use buckets::{Crowded, Place};
+pub use datagram_rates::DatagramRates;
+use mutex::{Held, RobustMutex};
 use region::Mapping;
 pub use region::{AdoptError, RANGES};
 
@@ -76,8 +88,6 @@ pub use region::{AdoptError, RANGES};
 /// upgrade), about 800 MiB of shared memory at most, of which only what is touched is used. The configuration check refuses a
 /// configuration that needs more (see `config::worker_slots`).
 pub const MAX_RECORDS: usize = 1 << 22;
-
-pub mod rate;
 
 /// The shared limits table could not be created or used.
 #[derive(Debug, Error)]
@@ -122,12 +132,6 @@ pub struct ClientKey {
     /// Prefix length the address was reduced to.
     prefix: u8,
 }
-
-/// Default of `client_ipv4_prefix`: each IPv4 address is a client.
-pub const DEFAULT_IPV4_PREFIX: u8 = 32;
-/// Default of `client_ipv6_prefix`: each IPv6 /64 is a client (RFC 6177: the block one site
-/// usually gets; one host can pick any of its 2^64 addresses).
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 
 /// Plain IPv4 for an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), unchanged otherwise.
 pub fn unmap(ip: IpAddr) -> IpAddr {
@@ -196,17 +200,6 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
-/// A connection rate: `count` connections per `period`, with bursts of `burst`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// Connections allowed per period.
-    pub count: NonZeroU32,
-    /// The period (1 s, 1 min or 1 h as written).
-    pub period: std::time::Duration,
-    /// Connections a client that has been quiet may open at once (the bucket's size).
-    pub burst: NonZeroU32,
-}
-
 /// The admission rules of one listener that need the shared table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -218,44 +211,8 @@ pub struct Rules {
     pub rate: Option<Rate>,
 }
 
-/// Tokens are counted in millionths, so that a refill of a fraction of a token is kept.
-const TOKEN: u64 = 1_000_000;
-
 /// Places a rate bucket may occupy from its home index.
 pub const BUCKET_PROBE: usize = 8;
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    key: ClientKey,
-    /// Tokens left, in millionths.
-    tokens: u64,
-    /// When `tokens` was computed, `CLOCK_MONOTONIC` nanoseconds.
-    updated_ns: u64,
-    /// 0: empty.
-    used: u64,
-}
-
-impl Bucket {
-    /// Tokens at `now_ns` for `rate`, in millionths, capped at the burst.
-    fn tokens_at(&self, rate: &Rate, now_ns: u64) -> u64 {
-        let full = u64::from(rate.burst.get()) * TOKEN;
-        if self.used == 0 {
-            return full;
-        }
-        let elapsed = u128::from(now_ns.saturating_sub(self.updated_ns));
-        let period = rate.period.as_nanos().max(1);
-        let refill = elapsed * u128::from(rate.count.get()) * u128::from(TOKEN) / period;
-        (u128::from(self.tokens) + refill).min(u128::from(full)) as u64
-    }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the rate buckets, the same in every process.
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -285,15 +242,16 @@ struct Record {
 const MAGIC: [u8; 8] = *b"PFDLIMIT";
 
 /// Layout of the region; bumped by any change to [`Header`], [`Entry`], [`Record`],
-/// [`Bucket`], [`ClientKey`] or how the offsets are computed. A new master refuses to adopt a
-/// region of another version.
-const LAYOUT_VERSION: u64 = 1;
+/// [`Place`], [`ClientKey`] or how the offsets are computed. A new master refuses to adopt a
+/// region of another version. 2: one bucket type for both rate tables, the mutex with its
+/// repair count.
+const LAYOUT_VERSION: u64 = 2;
 
 #[repr(C)]
 struct Header {
     magic: [u8; 8],
     version: u64,
-    /// `size_of` of [`Header`], [`Entry`], [`Record`] and [`Bucket`] in the binary that made
+    /// `size_of` of [`Header`], [`Entry`], [`Record`] and [`Place`] in the binary that made
     /// the region (a build for another target never matches).
     sizes: [u64; 4],
     entries_len: u64,
@@ -302,9 +260,8 @@ struct Header {
     buckets_len: u64,
     /// SipHash keys of the entry and bucket hashes.
     hash_keys: [u64; 2],
-    mutex: libc::pthread_mutex_t,
-    /// How often a dead lock owner forced a rebuild.
-    repairs: AtomicU64,
+    /// Also counts how often a dead lock owner forced a rebuild.
+    mutex: RobustMutex,
     /// The next record tag; written under the mutex.
     next_tag: AtomicU64,
 }
@@ -408,9 +365,9 @@ impl Layout {
         )?;
         let buckets_offset = align_up(
             records_offset.checked_add(records.checked_mul(size_of::<Record>())?)?,
-            align_of::<Bucket>(),
+            align_of::<Place>(),
         )?;
-        let bytes = buckets_offset.checked_add(buckets_len.checked_mul(size_of::<Bucket>())?)?;
+        let bytes = buckets_offset.checked_add(buckets_len.checked_mul(size_of::<Place>())?)?;
         Some(Layout {
             entries_len,
             range_len,
@@ -428,7 +385,7 @@ impl Layout {
 }
 
 fn type_sizes() -> [u64; 4] {
-    [size_of::<Header>(), size_of::<Entry>(), size_of::<Record>(), size_of::<Bucket>()]
+    [size_of::<Header>(), size_of::<Entry>(), size_of::<Record>(), size_of::<Place>()]
         .map(|n| n as u64)
 }
 
@@ -490,7 +447,8 @@ impl Limits {
         }
         // SAFETY: the header is at the start of the fresh mapping, which no other process
         // sees yet.
-        unsafe { init_robust_mutex(&raw mut (*limits.header()).mutex)? };
+        unsafe { RobustMutex::init(&raw mut (*limits.header()).mutex) }
+            .map_err(LimitsError::Lock)?;
         if let Err(error) = region::occupy(&limits.memfd, 0) {
             log::warn!("per-client limits: cannot mark slot range 0 as used: {error}");
         }
@@ -629,23 +587,20 @@ impl Limits {
     }
 
     /// Takes the lock; rebuilds the entries if the previous owner died holding it.
-    fn lock(&self) -> Result<Table<'_>, LimitsError> {
-        // SAFETY: the mutex was initialised in `new` and lives as long as the mapping.
-        let mutex = unsafe { &raw mut (*self.header()).mutex };
-        // SAFETY: as above.
-        let rc = unsafe { libc::pthread_mutex_lock(mutex) };
-        if rc != 0 && rc != libc::EOWNERDEAD {
-            return Err(LimitsError::Lock(Errno::from_raw(rc)));
-        }
-        // SAFETY: we hold the process-shared mutex, which serialises every access to entries
-        // and records across processes; each process is single-threaded and holds the lock at
-        // most once, so these are the only live references into the table. `Layout::new`
-        // computed offsets and lengths with checked arithmetic, and the mapping is
-        // `layout.bytes` long (checked against the file's size when adopted). Every field of
-        // the table's types is an integer or an atomic integer: any content is a value.
+    fn lock(&self) -> Result<Held<'_, Table<'_>>, LimitsError> {
+        // SAFETY: the mutex was initialised in `new` (or by the master that made an adopted
+        // region) and lives as long as the mapping `self` owns.
+        let mutex = unsafe { &(*self.header()).mutex };
         let layout = &self.layout;
         let base = self.map.base.as_ptr();
-        let mut table = unsafe {
+        // SAFETY (of the view): we hold the process-shared mutex, which serialises every
+        // access to entries, records and buckets across processes; each process is
+        // single-threaded and holds the lock at most once, so these are the only live
+        // references into the table. `Layout::new` computed offsets and lengths with checked
+        // arithmetic, and the mapping is `layout.bytes` long (checked against the file's size
+        // when adopted). Every field of the table's types is an integer or an atomic
+        // integer: any content is a value.
+        let open = || unsafe {
             Table {
                 entries: std::slice::from_raw_parts_mut(
                     base.add(layout.entries_offset).cast::<Entry>(),
@@ -656,25 +611,19 @@ impl Limits {
                     layout.records(),
                 ),
                 buckets: std::slice::from_raw_parts_mut(
-                    base.add(layout.buckets_offset).cast::<Bucket>(),
+                    base.add(layout.buckets_offset).cast::<Place>(),
                     layout.buckets_len,
                 ),
                 hasher: &self.hasher,
-                mutex,
             }
         };
-        if rc == libc::EOWNERDEAD {
+        let rebuild = |table: &mut Table<'_>| {
             table.rebuild();
-            // SAFETY: we own the mutex (EOWNERDEAD hands it over) and just made it consistent.
-            unsafe {
-                libc::pthread_mutex_consistent(mutex);
-                (*self.header()).repairs.fetch_add(1, Ordering::Relaxed);
-            }
             log::warn!(
                 "a process died holding the per-client limits lock; counts rebuilt from records"
             );
-        }
-        Ok(table)
+        };
+        mutex.lock(open, rebuild).map_err(LimitsError::Lock)
     }
 
     /// The first record of `slot`, in this master's range.
@@ -715,7 +664,7 @@ impl Limits {
     /// Counts a new connection of `key` if `rules` allow it, all checks and the count under
     /// one lock: first the client's rate (a token is spent by every attempt that gets this
     /// far), then its open connections, then the listener's. `now_ns` is
-    /// [`monotonic_ns`] (injected for tests).
+    /// [`crate::clock::monotonic_ns`] (injected for tests).
     ///
     /// # Errors
     /// [`LimitsError::Lock`] if the lock fails, [`LimitsError::SlotFull`] if the ledger has no
@@ -893,8 +842,8 @@ impl Limits {
 
     /// How often a process died holding the lock and the table was rebuilt.
     pub fn repairs(&self) -> u64 {
-        // SAFETY: the header lives as long as the mapping; the field is atomic.
-        unsafe { (*self.header()).repairs.load(Ordering::Relaxed) }
+        // SAFETY: the header lives as long as the mapping; the count is atomic.
+        unsafe { (*self.header()).mutex.repairs() }
     }
 }
 
@@ -902,16 +851,8 @@ impl Limits {
 struct Table<'a> {
     entries: &'a mut [Entry],
     records: &'a mut [Record],
-    buckets: &'a mut [Bucket],
+    buckets: &'a mut [Place],
     hasher: &'a SipKeys,
-    mutex: *mut libc::pthread_mutex_t,
-}
-
-impl Drop for Table<'_> {
-    fn drop(&mut self) {
-        // SAFETY: this table exists only while this process holds the mutex.
-        unsafe { libc::pthread_mutex_unlock(self.mutex) };
-    }
 }
 
 impl Table<'_> {
@@ -997,38 +938,9 @@ impl Table<'_> {
     /// Spends one token of `key`'s bucket at `now_ns`; false if it has none left.
     fn take_token(&mut self, key: ClientKey, rate: &Rate, now_ns: u64) -> bool {
         let home = self.hasher.hash_one(key) as usize;
-        let mask = self.buckets.len() - 1;
-        let places = (0..BUCKET_PROBE).map(|i| (home + i) & mask);
-        let index = places
-            .clone()
-            .find(|&i| self.buckets[i].used != 0 && self.buckets[i].key == key)
-            .unwrap_or_else(|| {
-                // A new bucket: an empty place, else the fullest (a full one is as good as
-                // none).
-                places
-                    .max_by_key(|&i| {
-                        let bucket = &self.buckets[i];
-                        if bucket.used == 0 { u64::MAX } else { bucket.tokens_at(rate, now_ns) }
-                    })
-                    .expect("BUCKET_PROBE > 0")
-            });
-        let bucket = &mut self.buckets[index];
-        if bucket.used == 0 || bucket.key != key {
-            *bucket = Bucket { key, tokens: 0, updated_ns: now_ns, used: 0 };
-        }
-        let tokens = bucket.tokens_at(rate, now_ns);
-        bucket.updated_ns = now_ns;
-        bucket.used = 1;
-        match tokens.checked_sub(TOKEN) {
-            Some(left) => {
-                bucket.tokens = left;
-                true
-            }
-            None => {
-                bucket.tokens = tokens;
-                false
-            }
-        }
+        let crowded = Crowded::TakeFullest;
+        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE, crowded);
+        verdict == Verdict::Allowed
     }
 
     /// Backward-shift deletion: no tombstones, so probe chains never grow with churn.
@@ -1062,38 +974,6 @@ impl Table<'_> {
                 }
             }
         }
-    }
-}
-
-/// Initialises a process-shared, robust pthread mutex (pthread_mutexattr_setrobust(3)): a
-/// process that dies holding it hands the next locker `EOWNERDEAD` instead of a deadlock.
-///
-/// # Safety
-/// `mutex` points to writable memory for a `pthread_mutex_t` (in a shared mapping) that no
-/// other process or thread uses yet.
-///
-/// # Errors
-/// [`LimitsError::Lock`] with the pthread error.
-pub(crate) unsafe fn init_robust_mutex(
-    mutex: *mut libc::pthread_mutex_t,
-) -> Result<(), LimitsError> {
-    let check =
-        |rc: i32| if rc == 0 { Ok(()) } else { Err(LimitsError::Lock(Errno::from_raw(rc))) };
-    // SAFETY: the attribute object lives on this stack frame and is initialised before use;
-    // the caller guarantees `mutex` is ours alone.
-    unsafe {
-        let mut attr = std::mem::MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
-        check(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
-        let result = check(libc::pthread_mutexattr_setpshared(
-            attr.as_mut_ptr(),
-            libc::PTHREAD_PROCESS_SHARED,
-        ))
-        .and_then(|()| {
-            check(libc::pthread_mutexattr_setrobust(attr.as_mut_ptr(), libc::PTHREAD_MUTEX_ROBUST))
-        })
-        .and_then(|()| check(libc::pthread_mutex_init(mutex, attr.as_ptr())));
-        libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
-        result
     }
 }
 

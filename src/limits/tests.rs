@@ -146,7 +146,9 @@ fn v6(text: &str) -> IpAddr {
 
 #[test]
 fn clients_are_keyed_by_prefix() {
-    let (d4, d6) = (DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX);
+    // As configured by default (`client_ipv4_prefix`, `client_ipv6_prefix`): each IPv4
+    // address, each IPv6 /64 (RFC 6177: the block one site usually gets).
+    let (d4, d6) = (32, 64);
     let a = ClientKey::with_prefix(0, v6("2001:db8:1:2::1"), d4, d6);
     let b = ClientKey::with_prefix(0, v6("2001:db8:1:2:ffff:ffff:ffff:fffe"), d4, d6);
     let c = ClientKey::with_prefix(0, v6("2001:db8:1:3::1"), d4, d6);

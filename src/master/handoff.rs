@@ -1,8 +1,10 @@
-//! The master's part of connection hand-off: routing offers from retiring workers to
-//! workers of the serving generation (see `crate::handoff` for the protocol).
+//! The master's end of the workers' channels: each worker's `Ready`, and routing offers
+//! from retiring workers to workers of the serving generation (see `crate::handoff` for the
+//! protocol).
 //!
 //! Runs in the master. The master holds one channel per worker slot, created before the
-//! fork; it reads them when its one poll(2) says they are readable. It never serves a
+//! fork; it reads them when its one poll(2) says they are readable. A worker's `Ready` goes
+//! to the pool (`pool.rs`), which decides when a generation is ready. It never serves a
 //! connection: it holds a client socket only between receiving an offer and forwarding it.
 //! Invariants:
 //! - every offer gets exactly one answer: the receiver's, passed on; `Busy`/`Refused` from
@@ -21,7 +23,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
 use super::Master;
-use super::table::Role;
+use super::table::{Role, Running};
 use crate::handoff::{Channel, Message, Offer, Outcome};
 use crate::scoreboard::SlotState;
 
@@ -161,6 +163,7 @@ impl Master {
                     self.pass_answer(end, token, outcome)
                 }
                 Ok(Some((Message::Taking, _))) => self.successor_takes(end),
+                Ok(Some((Message::Ready, _))) => self.worker_ready(end),
                 Ok(Some((Message::Offer(_), None))) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel of {}: {error}; dropped", name(end));
@@ -237,11 +240,12 @@ impl Master {
         if !self.config.listeners.iter().any(|l| l.name == listener) {
             return Err(Outcome::Refused); // removed by the reload: finishes where it is
         }
-        let candidates = (0..self.slots.len()).filter(|&i| {
-            let slot = &self.slots[i];
+        let slots = self.pool.slots();
+        let candidates = (0..slots.len()).filter(|&i| {
+            let slot = &slots[i];
             from != Endpoint::Worker(i)
                 && slot.role == Role::Serving
-                && slot.pid.is_some()
+                && slot.worker.is_some_and(|worker| Running::is_ready(&worker))
                 && self.routing.channels[i].is_some()
                 && self.scoreboard.slot(i).state() == SlotState::Ready
         });
@@ -250,7 +254,7 @@ impl Master {
                 + self.routing.in_flight[i]
         };
         candidates
-            .max_by_key(|&i| (self.slots[i].generation, std::cmp::Reverse(load(i))))
+            .max_by_key(|&i| (slots[i].generation, std::cmp::Reverse(load(i))))
             .map(Endpoint::Worker)
             .ok_or(Outcome::Busy)
     }
@@ -277,6 +281,15 @@ impl Master {
     pub(super) fn handoff_slot_gone(&mut self, slot: usize) {
         self.routing.channels[slot] = None;
         self.routes_gone(Endpoint::Worker(slot));
+    }
+
+    /// The worker of `end` said it is booted and accepting.
+    fn worker_ready(&mut self, end: Endpoint) {
+        if let Endpoint::Worker(slot) = end
+            && self.pool.worker_ready(slot)
+        {
+            log::debug!("worker {slot} ready");
+        }
     }
 
     /// The new master said it takes offers.

@@ -1,9 +1,11 @@
-//! The master process: binds, forks the pool, then only supervises.
+//! The master process: binds, forks the pool (see `start.rs`), then only supervises.
 //!
 //! Runs in the process started by the user or systemd; single-threaded, so `fork(2)` is
 //! sound. It blocks in exactly one place, `Master::wait`: a poll(2) on the signal
-//! self-pipe whose timeout is the next deadline (respawn backoff, kill escalation, heartbeat
-//! check, reload start-up). Signals become intents, each with one `handle_*` method:
+//! self-pipe, the workers' log relay and their channels (where each worker says `Ready` once
+//! booted, and offers connections for hand-off), whose timeout is the next deadline (respawn
+//! backoff, kill escalation, heartbeat check, a reload's start timeout). Signals become
+//! intents, each with one `handle_*` method:
 //!
 //! | signal | intent |
 //! |---|---|
@@ -18,20 +20,26 @@
 //!
 //! Workers live in slots (the limits records and the scoreboard entry of the same index).
 //! A slot is free, serving a generation (respawned when its worker dies, while that
-//! generation serves), or retiring (told to stop; freed when reaped).
+//! generation serves), or retiring (told to stop; freed when reaped). What happens to them is
+//! decided by two pure state machines, `supervisor.rs` (the master's lifecycle) and `pool.rs`
+//! (the worker table); this file carries out their actions with the system calls.
 
 mod handoff;
 mod inherit;
 mod orphans;
 mod peer;
+pub mod pool;
 mod reload;
 mod spawn;
+mod start;
 pub mod supervisor;
 pub mod table;
 mod upgrade;
 
 pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
 pub use peer::UPGRADE_CHANNEL_ENV;
+pub use pool::ABORT_GRACE;
+pub use start::StartError;
 pub use upgrade::INHERITED_LISTENERS_ENV;
 
 use std::collections::HashMap;
@@ -48,23 +56,22 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
-use nix::unistd::{Pid, Uid};
-use thiserror::Error;
+use nix::unistd::Pid;
 
-use crate::activation;
-use crate::config::{Config, ListenerTransport, LogTarget};
+use crate::clock::{self, unix_ms};
+use crate::config::Config;
 use crate::exit::ExitStatus;
-use crate::limits::rate::Rates;
-use crate::limits::{Limits, LimitsError};
-use crate::listener::{BindError, Listener};
-use crate::logging;
-use crate::pidfile::{PidFile, PidFileError};
-use crate::privileges::{self, Credentials, PrivilegeError};
-use crate::scoreboard::{self, Scoreboard, ScoreboardError, SlotState, unix_ms};
+use crate::limits::{DatagramRates, Limits};
+use crate::listener::Listener;
+use crate::logging::{self, LogTarget};
+use crate::pidfile::PidFile;
+use crate::privileges::Credentials;
+use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::sdnotify::Notifier;
-use crate::signals::{MASTER_SIGNALS, Signals};
-use supervisor::{Action, Lifecycle, Notice, Origin, Supervisor};
-use table::{Role, WorkerExit, WorkerSlot, classify};
+use crate::signals::Signals;
+use pool::{Fate, Observed, Pool, PoolAction, Resize, Stop, Why};
+use supervisor::{Action, Notice, Supervisor};
+use table::{WorkerExit, classify};
 
 /// How long a fast stop waits for workers to exit after SIGTERM before SIGKILL.
 pub const FAST_STOP_GRACE: Duration = Duration::from_millis(500);
@@ -72,65 +79,7 @@ pub const FAST_STOP_GRACE: Duration = Duration::from_millis(500);
 /// Least interval between two reports of log lines that could not be written.
 pub const DROPPED_LINES_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
-pub const ABORT_GRACE: Duration = Duration::from_secs(2);
-
 pub use crate::config::SLOT_HEADROOM;
-
-/// The master could not start.
-#[derive(Debug, Error)]
-pub enum StartError {
-    /// A listener could not be bound.
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    /// The shared per-client table could not be created.
-    #[error(transparent)]
-    Limits(#[from] LimitsError),
-    /// The scoreboard could not be created.
-    #[error(transparent)]
-    Scoreboard(#[from] ScoreboardError),
-    /// The pid file is held by another master, or cannot be written.
-    #[error(transparent)]
-    PidFile(#[from] PidFileError),
-    /// Signal handlers could not be installed.
-    #[error("could not install signal handlers: {0}")]
-    Signals(io::Error),
-    /// The worker user or group cannot be used.
-    #[error(transparent)]
-    Privileges(#[from] PrivilegeError),
-    /// Started as root without `daemon.user` and without `allow_root_workers`.
-    #[error(
-        "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true"
-    )]
-    RootWorkers,
-    /// A socket passed by systemd matches no listener, or the variables are malformed.
-    #[error("socket activation: {0}")]
-    Activation(String),
-    /// The first workers could not be forked.
-    #[error("could not fork worker {slot}: {source}")]
-    Fork {
-        /// Worker slot.
-        slot: usize,
-        /// The system error.
-        source: io::Error,
-    },
-}
-
-impl StartError {
-    /// The exit status for this failure: [`ExitStatus::Unavailable`] for bind errors and a
-    /// pid file held by a running master, [`ExitStatus::OsErr`] otherwise.
-    pub fn exit_status(&self) -> ExitStatus {
-        match self {
-            StartError::Bind(_) | StartError::PidFile(PidFileError::Running { .. }) => {
-                ExitStatus::Unavailable
-            }
-            StartError::Privileges(PrivilegeError::Unknown { .. })
-            | StartError::RootWorkers
-            | StartError::Activation(_) => ExitStatus::Config,
-            _ => ExitStatus::OsErr,
-        }
-    }
-}
 
 /// What the master was started with, to start itself again (binary upgrade).
 #[derive(Debug, Clone)]
@@ -151,13 +100,12 @@ pub struct Master {
     invocation: Invocation,
     /// The serving generation's configuration (the new one while a reload starts).
     config: Config,
-    generation: u64,
     /// The serving generation's listeners (the master's copies).
     listeners: Vec<Listener>,
     listener_ids: HashMap<String, u16>,
     limits: Limits,
     /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
-    rates: Rates,
+    rates: DatagramRates,
     /// When to look whether the other master of a binary upgrade and its workers are gone,
     /// to release what they counted in the shared table (`None`: nothing to look for).
     probe_other_at: Option<Instant>,
@@ -166,7 +114,8 @@ pub struct Master {
     scoreboard: Scoreboard,
     pidfile: Option<PidFile>,
     signals: Signals,
-    slots: Vec<WorkerSlot>,
+    /// The worker table and the serving generation (the starting one during a reload).
+    pool: Pool,
     /// The lifecycle: starting, serving, reloading, paused, stopping; and the successor of
     /// a binary upgrade.
     supervisor: Supervisor,
@@ -210,239 +159,21 @@ pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>)
     }
 }
 
-/// Worker credentials for `config` in a master whose effective user is `euid`.
-fn worker_credentials(config: &Config, euid: Uid) -> Result<Option<Credentials>, StartError> {
-    let daemon = &config.daemon;
-    match (&daemon.user, euid.is_root()) {
-        (Some(user), true) => {
-            let credentials = Credentials::resolve(user, daemon.group.as_deref())?;
-            if credentials.uid.is_root() && !daemon.allow_root_workers {
-                return Err(StartError::RootWorkers);
-            }
-            Ok(Some(credentials))
-        }
-        (None, true) if daemon.allow_root_workers => Ok(None),
-        (None, true) => Err(StartError::RootWorkers),
-        (Some(user), false) => {
-            log::warn!(
-                "not running as root: daemon.user = {user:?} is ignored, workers run as uid {euid}"
-            );
-            Ok(None)
-        }
-        (None, false) => Ok(None),
-    }
-}
-
-/// Binds or adopts every configured listener: a socket handed over by an old master (binary
-/// upgrade, by listener name) or by systemd (by name, else by bound address) is adopted;
-/// the others are bound.
-fn open_listeners(
-    config: &Config,
-    ids: &mut HashMap<String, u16>,
-) -> Result<Vec<Listener>, StartError> {
-    let mut inherited = upgrade::take_inherited_listeners();
-    let mut activated = activation::take().map_err(StartError::Activation)?;
-    let mut listeners = Vec::with_capacity(config.listeners.len());
-    for listener in &config.listeners {
-        let id = listener_id(ids, &listener.name);
-        let by_name = activated.iter().position(|p| p.name.as_deref() == Some(&listener.name));
-        // By address, a TCP and a UDP socket on one port are told apart by their type.
-        let datagram = listener.transport == ListenerTransport::Udp;
-        let by_address = || {
-            activated.iter().position(|p| {
-                let kind = socket2::SockRef::from(&p.fd).r#type().ok();
-                p.address == Some(listener.address)
-                    && kind.is_some_and(|k| (k == socket2::Type::DGRAM) == datagram)
-            })
-        };
-        let (bound, how) = if let Some(fd) = inherited.remove(&listener.name) {
-            let adopted = Listener::adopt(listener, id, fd)?;
-            let moved = listener.address.port() != 0 && adopted.local_addr != listener.address;
-            if moved {
-                // The configuration changed the address since: bind the new one instead.
-                (Listener::bind(listener, id)?, "bound: the inherited socket is on another address")
-            } else {
-                (adopted, "inherited from the old master")
-            }
-        } else if let Some(index) = by_name.or_else(by_address) {
-            let passed = activated.remove(index);
-            (Listener::adopt(listener, id, passed.fd)?, "passed by systemd")
-        } else {
-            (Listener::bind(listener, id)?, "bound")
-        };
-        match bound.config.transport {
-            ListenerTransport::Tcp => log::info!(
-                "listener {} ({}) listening on {}, backlog {} ({how})",
-                bound.config.name,
-                bound.config.service.name,
-                bound.local_addr,
-                bound.config.backlog
-            ),
-            ListenerTransport::Udp => log::info!(
-                "listener {} ({}) listening on {}, udp ({how})",
-                bound.config.name,
-                bound.config.service.name,
-                bound.local_addr,
-            ),
-        }
-        listeners.push(bound);
-    }
-    if let Some(extra) = activated.first() {
-        return Err(StartError::Activation(format!(
-            "a passed socket (name {:?}, address {:?}) matches no [[listener]] by name or address",
-            extra.name.as_deref().unwrap_or("none"),
-            extra.address
-        )));
-    }
-    Ok(listeners)
-}
-
 impl Master {
-    /// Binds (or adopts, after a binary upgrade) every listener, creates the limits table,
-    /// the scoreboard and the pid file, installs the signal handlers and forks the first
-    /// generation of workers.
-    ///
-    /// # Errors
-    /// [`StartError`]; nothing stays bound and no worker stays running.
-    pub fn start(
-        config: Config,
-        invocation: Invocation,
-        ready_pipe: &mut Option<File>,
-    ) -> Result<Self, StartError> {
-        let pid = nix::unistd::getpid();
-        if let Err(error) = orphans::become_subreaper() {
-            log::warn!("cannot adopt the orphans of dead workers: {error}");
-        }
-        if let Some(limit) = config.daemon.rlimit_nofile {
-            match privileges::set_nofile(limit) {
-                Ok(()) => log::info!("RLIMIT_NOFILE set to {limit}"),
-                Err(error) => log::warn!("{error}"),
-            }
-        }
-        let credentials = worker_credentials(&config, nix::unistd::geteuid())?;
-        let origin = match std::env::var_os(INHERITED_LISTENERS_ENV) {
-            Some(_) => Origin::Upgrade,
-            None => Origin::Fresh,
-        };
-        // The old master's listener ids first, so that both masters key clients alike.
-        let inherited = inherit::take_inherited_limits();
-        let predecessor = peer::take_upgrade_channel();
-        let mut listener_ids = match &inherited {
-            Some(Ok(inherited)) => inherited.ids.clone(),
-            _ => HashMap::new(),
-        };
-        let listeners = open_listeners(&config, &mut listener_ids)?;
-        let notifier = Notifier::from_env();
-        let workers = config.daemon.workers.get();
-        let capacity =
-            crate::config::worker_slots(workers, config.daemon.max_draining_generations.get());
-        let per_slot = config.daemon.max_connections_per_worker.get();
-        let (limits, adopted) =
-            inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
-        let predecessor = peer::keep_predecessor(predecessor, adopted);
-        let rates = Rates::new()?;
-        let pidfile = match &config.daemon.pid_file {
-            Some(path) => Some(PidFile::create(path, pid.as_raw())?),
-            None => None,
-        };
-        let board_path = config.daemon.pid_file.as_deref().map(scoreboard::path_for);
-        let scoreboard = Scoreboard::create(board_path.as_deref(), capacity)?;
-        let header = scoreboard.header();
-        header.master_pid.store(pid.as_raw(), Ordering::Relaxed);
-        // Lets the control commands tell this master from a process that reuses its pid.
-        match crate::sys::process_start_ticks(pid.as_raw()) {
-            Ok(ticks) => header.master_start_ticks.store(ticks, Ordering::Relaxed),
-            Err(error) => log::warn!("cannot read this master's start time: {error}"),
-        }
-        header.generation.store(1, Ordering::Relaxed);
-        header.target_workers.store(workers as u64, Ordering::Relaxed);
-        let signals = Signals::install(MASTER_SIGNALS).map_err(StartError::Signals)?;
-        let mut master = Master {
-            pid,
-            invocation,
-            config,
-            generation: 1,
-            listeners,
-            listener_ids,
-            limits,
-            rates,
-            probe_other_at: adopted.then(Instant::now),
-            per_slot,
-            scoreboard,
-            pidfile,
-            signals,
-            slots: vec![WorkerSlot::default(); capacity],
-            supervisor: Supervisor::new(origin),
-            previous: None,
-            routing: handoff::Routing::new(capacity),
-            status: ExitStatus::Ok,
-            random: RandomState::new(),
-            credentials,
-            notifier,
-            ready_pipe: ready_pipe.take(),
-            dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
-        };
-        master.routing.predecessor = predecessor;
-        let now = Instant::now();
-        for slot in 0..workers {
-            master.slots[slot].role = Role::Serving;
-            if let Err(source) = master.spawn(slot, now) {
-                master.handle_stop_fast("startup failed");
-                master.supervise();
-                *ready_pipe = master.ready_pipe.take();
-                return Err(StartError::Fork { slot, source });
-            }
-        }
-        log::info!("master started: {workers} workers, generation {}", master.generation);
-        Ok(master)
-    }
-
     /// One line for systemd's STATUS=: generation, workers, open connections.
     fn status_line(&self) -> String {
         let open: u64 =
             self.scoreboard.slots().iter().map(|s| s.open.load(Ordering::Relaxed)).sum();
         format!(
             "generation {}, {} workers, {open} connections",
-            self.generation,
+            self.pool.generation(),
             self.serving_count()
         )
     }
 
-    /// Ready: every listener bound and every worker of the serving generation accepting.
-    fn pool_ready(&self) -> bool {
-        let generation = self.generation;
-        let mut wanted = 0;
-        let mut ready = 0;
-        for (index, slot) in self.slots.iter().enumerate() {
-            if slot.role == Role::Serving && slot.generation == generation {
-                wanted += 1;
-                if slot.pid.is_some() && self.scoreboard.slot(index).state() == SlotState::Ready {
-                    ready += 1;
-                }
-            }
-        }
-        wanted > 0 && ready == wanted
-    }
-
-    /// Healthy for the watchdog: some worker accepts and no live worker's heartbeat is stale.
-    /// (After WINCH the pool is empty on purpose: the master itself is the service then.)
-    fn pool_healthy(&self) -> bool {
-        let now = scoreboard::monotonic_ms();
-        let mut accepting = false;
-        for (index, slot) in self.slots.iter().enumerate() {
-            let score = self.scoreboard.slot(index);
-            if slot.pid.is_none() || score.state() == SlotState::Booting {
-                continue;
-            }
-            if let Some(beat) = slot.beat {
-                let stale = (beat * 3).max(Duration::from_secs(1)).as_millis() as u64;
-                if now.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)) > stale {
-                    return false;
-                }
-            }
-            accepting |= score.state() == SlotState::Ready;
-        }
-        accepting || self.supervisor.is_paused()
+    /// Workers of the serving generation, running or due for a respawn.
+    fn serving_count(&self) -> usize {
+        self.pool.target(self.supervisor.lifecycle())
     }
 
     /// How often a worker forked now must beat: from the serving `worker_timeout` and the
@@ -612,50 +343,12 @@ impl Master {
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         deadlines.extend(self.supervisor.deadline(now));
         deadlines.extend(self.probe_other_at);
-        match self.supervisor.lifecycle() {
-            Lifecycle::Stopping { .. } => {}
-            _ => {
-                for slot in &self.slots {
-                    match slot.role {
-                        Role::Serving if slot.pid.is_none() && self.respawns(slot) => {
-                            if slot.needs_reclaim {
-                                deadlines.push(now + Duration::from_secs(1));
-                            } else {
-                                deadlines.extend(slot.respawn_at);
-                            }
-                        }
-                        Role::Retiring { kill_at: Some(at), .. } if slot.pid.is_some() => {
-                            deadlines.push(at)
-                        }
-                        _ => {}
-                    }
-                    if let Some(sent) = slot.abort_sent {
-                        deadlines.push(sent + ABORT_GRACE);
-                    }
-                }
-                if self.supervisor.speaks_to_systemd() {
-                    deadlines.extend(self.notifier.next_ping(now));
-                }
-                if let Some(timeout) = self
-                    .slots
-                    .iter()
-                    .filter(|s| s.pid.is_some())
-                    .filter_map(|s| s.hang_timeout)
-                    .min()
-                {
-                    deadlines.push(now + timeout / 4);
-                }
-            }
+        let lifecycle = self.supervisor.lifecycle();
+        deadlines.extend(self.pool.deadline(now, lifecycle));
+        if !lifecycle.is_stopping() && self.supervisor.speaks_to_systemd() {
+            deadlines.extend(self.notifier.next_ping(now));
         }
         deadlines.into_iter().min()
-    }
-
-    /// Whether a serving slot is to be kept running: its generation serves and the pool is
-    /// not paused by WINCH.
-    fn respawns(&self, slot: &WorkerSlot) -> bool {
-        slot.role == Role::Serving
-            && slot.generation == self.generation
-            && self.supervisor.keeps_pool()
     }
 
     /// Hands a signal to the supervisor and carries out its decision.
@@ -697,8 +390,10 @@ impl Master {
         }
     }
 
+    /// A worker was reaped: release what it held, then carry out what the pool says its
+    /// exit means.
     fn worker_exited(&mut self, pid: Pid, exit: WorkerExit) {
-        let Some(slot) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
+        let Some(slot) = self.pool.slot_of(pid) else {
             log::debug!("reaped pid {pid}, not a current worker");
             return;
         };
@@ -707,42 +402,38 @@ impl Master {
         self.reclaim(slot);
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
-        let keep: Vec<Pid> =
-            self.slots.iter().filter_map(|s| s.pid).chain(self.supervisor.successor()).collect();
+        let keep: Vec<Pid> = self.pool.pids().chain(self.supervisor.successor()).collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
             log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
         }
-        let now = Instant::now();
-        let jitter = self.jitter();
-        let generation = self.slots[slot].generation;
-        let delay = self.slots[slot].exited(now, jitter);
-        if let Role::Retiring { .. } = self.slots[slot].role {
-            self.slots[slot].role = Role::Free;
-            self.slots[slot].respawn_at = None;
-            log::debug!("retired worker {slot} (pid {pid}, generation {generation}): {exit:?}");
-            return;
-        }
-        if self.supervisor.is_stopping() {
-            log::debug!("worker {slot} (pid {pid}) exited: {exit:?}");
-            return;
-        }
-        if self.supervisor.reloading() == Some(generation) {
-            self.slots[slot].role = Role::Free;
-            self.rollback(&format!(
-                "worker {slot} (pid {pid}) of generation {generation} exited while starting: {exit:?}"
-            ));
-            return;
-        }
-        match exit {
-            WorkerExit::BootFailure => {
+        let generation = self.pool.slots()[slot].generation;
+        let (now, jitter, lifecycle) = (Instant::now(), self.jitter(), self.supervisor.lifecycle());
+        let fate = self.pool.exited(slot, exit, now, jitter, lifecycle);
+        match fate {
+            Fate::Retired => {
+                log::debug!("retired worker {slot} (pid {pid}, generation {generation}): {exit:?}");
+                return;
+            }
+            Fate::Stopping => {
+                log::debug!("worker {slot} (pid {pid}) exited: {exit:?}");
+                return;
+            }
+            Fate::StartFailed => {
+                return self.rollback(&format!(
+                    "worker {slot} (pid {pid}) of generation {generation} exited while starting: {exit:?}"
+                ));
+            }
+            Fate::BootFailure => {
                 log::error!(
                     "worker {slot} (pid {pid}) could not boot; stopping instead of respawning"
                 );
                 self.status = ExitStatus::Software;
-                self.handle_stop_fast("worker boot failure");
-                return;
+                return self.handle_stop_fast("worker boot failure");
             }
+            Fate::Respawn { .. } | Fate::Dropped => {}
+        }
+        match exit {
             WorkerExit::Clean => log::warn!("worker {slot} (pid {pid}) exited unexpectedly"),
             WorkerExit::Failed(code) => {
                 log::warn!("worker {slot} (pid {pid}) exited with status {code}")
@@ -750,43 +441,44 @@ impl Master {
             WorkerExit::Killed(signal) => {
                 log::error!("worker {slot} (pid {pid}) was killed by {signal}")
             }
+            WorkerExit::BootFailure => {}
         }
-        if self.respawns(&self.slots[slot]) {
+        if let Fate::Respawn { delay, failures } = fate {
             self.scoreboard.header().worker_restarts.fetch_add(1, Ordering::Relaxed);
-        }
-        if !self.respawns(&self.slots[slot]) {
-            self.slots[slot].respawn_at = None;
-        } else if delay.is_zero() {
-            log::info!("respawning worker {slot}");
-        } else {
-            log::warn!(
-                "worker {slot} is crash-looping ({} quick exits): respawning in {delay:.1?}",
-                self.slots[slot].failures
-            );
+            if delay.is_zero() {
+                log::info!("respawning worker {slot}");
+            } else {
+                log::warn!(
+                    "worker {slot} is crash-looping ({failures} quick exits): respawning in {delay:.1?}"
+                );
+            }
         }
     }
 
     /// Releases the per-client records of `slot`'s dead worker; on failure the slot waits,
     /// and [`Master::tick`] tries again.
     fn reclaim(&mut self, slot: usize) {
+        let retrying = self.pool.slots()[slot].needs_reclaim;
         match self.limits.reclaim(slot) {
             Ok(held) => {
                 if held > 0 {
                     log::info!("worker slot {slot} held {held} per-client count(s): released");
                 }
-                self.slots[slot].needs_reclaim = false;
+                self.pool.set_reclaimed(slot, true);
             }
             Err(error) => {
-                if !self.slots[slot].needs_reclaim {
+                if !retrying {
                     log::error!(
                         "could not release the per-client counts of worker slot {slot}: {error}; retrying"
                     );
                 }
-                self.slots[slot].needs_reclaim = true;
+                self.pool.set_reclaimed(slot, false);
             }
         }
     }
 
+    /// A number from 0 to 1 that stretches a crash loop's backoff, so that a pool of
+    /// crashing workers does not retry in lockstep.
     fn jitter(&self) -> f64 {
         let mut hasher = self.random.build_hasher();
         let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -818,172 +510,136 @@ impl Master {
         self.scoreboard.header().reopens.fetch_add(1, Ordering::Release);
     }
 
+    /// How a worker retired now stops: gracefully, within the serving `graceful_timeout`.
+    fn graceful(&self) -> Stop {
+        Stop::Graceful(self.config.daemon.graceful_timeout)
+    }
+
     /// SIGWINCH: gracefully stop every worker but keep the master and its sockets, so that
     /// after a binary upgrade the old master can be kept as a fallback (HUP starts its
     /// workers again).
     fn handle_winch(&mut self) {
-        let now = Instant::now();
-        let serving: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| self.slots[i].role == Role::Serving).collect();
+        let (count, actions) = self.pool.retire_serving(self.graceful(), Instant::now());
         log::info!(
-            "SIGWINCH: stopping {} workers gracefully; listeners stay open, HUP starts workers again",
-            serving.len()
+            "SIGWINCH: stopping {count} workers gracefully; listeners stay open, HUP starts workers again"
         );
-        for slot in serving {
-            self.retire(slot, false, now);
-        }
+        self.perform_pool(actions);
     }
 
     /// SIGTTIN: one more worker in the serving generation.
     fn handle_add_worker(&mut self) {
-        let Some(slot) = self.free_slot() else {
-            log::warn!(
+        let (now, lifecycle) = (Instant::now(), self.supervisor.lifecycle());
+        match self.pool.add_worker(now, lifecycle) {
+            Resize::To { target, actions } => {
+                self.perform_pool(actions);
+                self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
+                log::info!("SIGTTIN: {target} workers");
+            }
+            _ => log::warn!(
                 "SIGTTIN ignored: all {} worker slots are in use (fixed at start: workers x {SLOT_HEADROOM} x (1 + max_draining_generations); a restart with more workers raises it)",
-                self.slots.len()
-            );
-            return;
-        };
-        self.slots[slot].serve(self.generation);
-        self.slots[slot].respawn_at = Some(Instant::now());
-        let target = self.serving_count();
-        self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
-        log::info!("SIGTTIN: {target} workers");
+                self.pool.slots().len()
+            ),
+        }
     }
 
     /// SIGTTOU: one worker fewer (at least one stays).
     fn handle_remove_worker(&mut self) {
-        let serving: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| self.respawns(&self.slots[i])).collect();
-        let Some(&last) = serving.last() else { return };
-        if serving.len() <= 1 {
-            log::warn!("SIGTTOU ignored: one worker is the minimum");
-            return;
-        }
-        self.retire(last, false, Instant::now());
-        let target = serving.len() - 1;
-        self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
-        log::info!("SIGTTOU: {target} workers");
-    }
-
-    /// Workers of the serving generation, running or due for a respawn.
-    fn serving_count(&self) -> usize {
-        self.slots.iter().filter(|slot| self.respawns(slot)).count()
-    }
-
-    fn free_slot(&self) -> Option<usize> {
-        self.slots.iter().position(WorkerSlot::is_free)
-    }
-
-    /// Tells a slot's worker to stop, gracefully (QUIT, KILL after `graceful_timeout`) or
-    /// fast (TERM, KILL after [`FAST_STOP_GRACE`]). A slot without a worker becomes free.
-    fn retire(&mut self, slot: usize, fast: bool, now: Instant) {
-        let grace = if fast { FAST_STOP_GRACE } else { self.config.daemon.graceful_timeout };
-        let entry = &mut self.slots[slot];
-        entry.respawn_at = None;
-        let Some(pid) = entry.pid else {
-            entry.role = Role::Free;
-            return;
-        };
-        entry.role = Role::Retiring { kill_at: Some(now + grace), fast };
-        let signal = if fast { Signal::SIGTERM } else { Signal::SIGQUIT };
-        if let Err(error) = kill(pid, signal) {
-            log::warn!("could not send {signal} to worker {slot} (pid {pid}): {error}");
-        }
-    }
-
-    /// Respawns due workers, completes or rolls back a reload, escalates stops, and checks
-    /// heartbeats.
-    fn tick(&mut self, now: Instant) {
-        self.probe_other_range(now);
-        let pool_ready = !self.supervisor.is_stopping() && self.pool_ready();
-        let actions = self.supervisor.on_tick(now, pool_ready);
-        self.perform(actions);
-        if self.supervisor.is_stopping() {
-            return;
-        }
-        if self.supervisor.speaks_to_systemd()
-            && self.notifier.next_ping(now).is_some_and(|at| now >= at)
-        {
-            let (healthy, status) = (self.pool_healthy(), self.status_line());
-            self.notifier.ping(now, healthy, &status);
-        }
-        self.check_heartbeats(now);
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].needs_reclaim {
-                self.reclaim(slot);
-                if self.slots[slot].needs_reclaim {
-                    continue;
-                }
+        let (now, lifecycle) = (Instant::now(), self.supervisor.lifecycle());
+        match self.pool.remove_worker(self.graceful(), now, lifecycle) {
+            Resize::To { target, actions } => {
+                self.perform_pool(actions);
+                self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);
+                log::info!("SIGTTOU: {target} workers");
             }
-            let entry = &self.slots[slot];
-            match entry.role {
-                Role::Retiring { kill_at: Some(at), fast } if now >= at => {
-                    if let Some(pid) = entry.pid {
-                        log::error!("worker {slot} (pid {pid}) did not stop in time: SIGKILL");
-                        let _ = kill(pid, Signal::SIGKILL);
-                    }
-                    self.slots[slot].role = Role::Retiring { kill_at: None, fast };
-                }
-                Role::Serving
-                    if entry.pid.is_none()
-                        && self.respawns(entry)
-                        && entry.respawn_at.is_some_and(|at| now >= at) =>
-                {
+            Resize::AtMinimum => log::warn!("SIGTTOU ignored: one worker is the minimum"),
+            Resize::NoPool | Resize::NoFreeSlot => {}
+        }
+    }
+
+    /// Carries out the pool's decisions, in order.
+    fn perform_pool(&mut self, actions: Vec<PoolAction>) {
+        for action in actions {
+            match action {
+                PoolAction::Spawn { slot } => {
+                    let now = Instant::now();
                     if let Err(error) = self.spawn(slot, now) {
-                        let jitter = self.jitter();
-                        let delay = self.slots[slot].exited(now, jitter);
+                        let delay = self.pool.spawn_failed(slot, now, self.jitter());
                         log::error!(
                             "could not fork worker {slot}: {error}; retrying in {delay:.1?}"
                         );
                     }
                 }
-                _ => {}
+                PoolAction::Signal { slot, pid, signal, why } => {
+                    match why {
+                        Why::Retire => {}
+                        Why::Overdue => {
+                            log::error!("worker {slot} (pid {pid}) did not stop in time: SIGKILL")
+                        }
+                        Why::Hung { silent, timeout } => log::error!(
+                            "worker {slot} (pid {pid}) is hung: no heartbeat for {} ms (worker_timeout {timeout:?}): SIGABRT",
+                            silent.as_millis()
+                        ),
+                        Why::SurvivedAbort => {
+                            log::error!("worker {slot} (pid {pid}) survived SIGABRT: SIGKILL")
+                        }
+                    }
+                    if let Err(error) = kill(pid, signal)
+                        && why == Why::Retire
+                    {
+                        log::warn!("could not send {signal} to worker {slot} (pid {pid}): {error}");
+                    }
+                }
             }
         }
     }
 
-    /// A worker whose heartbeat is older than `worker_timeout` is hung: SIGABRT (for a core
-    /// dump), then SIGKILL after [`ABORT_GRACE`]; the reap replaces it.
-    fn check_heartbeats(&mut self, now: Instant) {
-        let now_ms = scoreboard::monotonic_ms();
-        for slot in 0..self.slots.len() {
-            let Some(pid) = self.slots[slot].pid else { continue };
-            // Judged by the timeout the worker was started with.
-            let Some(timeout) = self.slots[slot].hang_timeout else { continue };
-            if let Some(sent) = self.slots[slot].abort_sent {
-                if now >= sent + ABORT_GRACE {
-                    log::error!("worker {slot} (pid {pid}) survived SIGABRT: SIGKILL");
-                    let _ = kill(pid, Signal::SIGKILL);
-                    self.slots[slot].abort_sent = Some(now + Duration::from_secs(3600));
-                }
-                continue;
-            }
-            let score = self.scoreboard.slot(slot);
-            if score.state() == SlotState::Booting {
-                continue;
-            }
-            let silent = now_ms.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed));
-            if silent > timeout.as_millis() as u64 {
-                log::error!(
-                    "worker {slot} (pid {pid}) is hung: no heartbeat for {silent} ms (worker_timeout {timeout:?}): SIGABRT"
-                );
-                let _ = kill(pid, Signal::SIGABRT);
-                self.slots[slot].abort_sent = Some(now);
-            }
+    /// Completes or rolls back a reload, escalates stops, checks heartbeats and respawns
+    /// due workers.
+    fn tick(&mut self, now: Instant) {
+        self.probe_other_range(now);
+        let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
+        let actions = self.supervisor.on_tick(now, pool_ready);
+        self.perform(actions);
+        if self.supervisor.is_stopping() {
+            return;
         }
+        let now_ms = clock::monotonic_ms();
+        if self.supervisor.speaks_to_systemd()
+            && self.notifier.next_ping(now).is_some_and(|at| now >= at)
+        {
+            let board = &self.scoreboard;
+            let paused = self.supervisor.is_paused();
+            let healthy = self.pool.healthy(paused, |slot| observe(board, slot, now_ms));
+            let status = self.status_line();
+            self.notifier.ping(now, healthy, &status);
+        }
+        for slot in self.pool.unreclaimed() {
+            self.reclaim(slot);
+        }
+        let board = &self.scoreboard;
+        let lifecycle = self.supervisor.lifecycle();
+        let actions = self.pool.on_tick(now, lifecycle, |slot| observe(board, slot, now_ms).silent);
+        self.perform_pool(actions);
     }
 
     fn live_workers(&self) -> usize {
-        self.slots.iter().filter(|slot| slot.pid.is_some()).count()
+        self.pool.live()
     }
 
     fn signal_workers(&self, signal: Signal) {
-        for pid in self.slots.iter().filter_map(|slot| slot.pid) {
+        for pid in self.pool.pids() {
             if let Err(error) = kill(pid, signal) {
                 log::warn!("could not send {signal} to worker pid {pid}: {error}");
             }
         }
     }
+}
+
+/// What the scoreboard shows of the worker in `slot`, at `now_ms` (`monotonic_ms`).
+fn observe(board: &Scoreboard, slot: usize, now_ms: u64) -> Observed {
+    let score = board.slot(slot);
+    let silent = now_ms.saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed));
+    Observed { silent: Duration::from_millis(silent), accepting: score.state() == SlotState::Ready }
 }
 
 /// How often workers beat: a third of `worker_timeout` and a quarter of the systemd

@@ -1,18 +1,22 @@
 //! Reload (SIGHUP) by generation: build, validate, swap, drain.
 //!
-//! The whole file is read and validated first; on any problem the serving configuration is
-//! left untouched and every problem is logged (and published on the scoreboard for
-//! `preforkd reload`). Otherwise the listeners are prepared (an unchanged address keeps its
-//! socket; a new one is bound; a bind failure rejects the reload), the generation is bumped
-//! and its workers are forked. Only when all of them report ready on the scoreboard is the
-//! old generation told to stop gracefully; if one fails to start, the reload is rolled back
-//! and the old generation never stopped serving.
+//! Runs in the master. The whole file is read and validated first; on any problem the serving
+//! configuration is left untouched and every problem is logged (and published on the
+//! scoreboard for `preforkd reload`). Otherwise the listeners are prepared (an unchanged
+//! address keeps its socket, see [`reuse_plan`]; a new one is bound; a bind failure rejects
+//! the reload), the generation is bumped and its workers are forked. Only when all of them
+//! have said `Ready` on their channels is the old generation told to stop gracefully; if one
+//! fails to start, the reload is rolled back and the old generation never stopped serving.
+//!
+//! The decisions are pure functions ([`restart_needed`], [`reuse_plan`]) and the pool's
+//! (`pool.rs`), unit-tested; the methods here do the binding, forking and logging.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Master, Role, listener_id};
-use crate::config::{self, Config};
+use super::pool::Stop;
+use super::{FAST_STOP_GRACE, Master, listener_id};
+use crate::config::{self, Config, ListenerConfig};
 use crate::listener::Listener;
 use crate::logging;
 
@@ -26,6 +30,57 @@ pub(super) struct Previous {
     generation: u64,
 }
 
+/// Why `new` cannot replace `old` by a reload, if it cannot: settings that size shared
+/// memory (`per_slot`: the per-client records each worker slot got at start), name files or
+/// set process credentials need a restart.
+///
+/// # Errors
+/// The first such setting that changed, as the message a failed reload logs.
+pub fn restart_needed(old: &Config, new: &Config, per_slot: usize) -> Result<(), String> {
+    let restart = |key: &str| Err(format!("daemon.{key} cannot change without a restart"));
+    let (old, fresh) = (&old.daemon, &new.daemon);
+    if (&old.user, &old.group, old.allow_root_workers)
+        != (&fresh.user, &fresh.group, fresh.allow_root_workers)
+    {
+        return restart("user, group or allow_root_workers");
+    }
+    if old.daemonize != fresh.daemonize || old.rlimit_nofile != fresh.rlimit_nofile {
+        return restart("daemonize or rlimit_nofile");
+    }
+    let max = fresh.max_connections_per_worker.get();
+    if max > per_slot {
+        return Err(format!(
+            "daemon.max_connections_per_worker can be at most {per_slot} without a restart (the shared limits table is sized at start), not {max}"
+        ));
+    }
+    if fresh.pid_file != old.pid_file {
+        return restart("pid_file");
+    }
+    Ok(())
+}
+
+/// For each listener of `new`, the index in `old` of the listener whose socket it keeps, or
+/// `None` to bind a new one. The same name, address and transport keeps its socket; so does
+/// a renamed listener on an address nothing else took. A port-0 address only matches by
+/// name: two of them are two different sockets. No old socket is kept twice.
+pub fn reuse_plan(old: &[&ListenerConfig], new: &[ListenerConfig]) -> Vec<Option<usize>> {
+    let mut reused = vec![false; old.len()];
+    let mut plan = Vec::with_capacity(new.len());
+    for config in new {
+        let same = |i: usize| {
+            !reused[i] && old[i].address == config.address && old[i].transport == config.transport
+        };
+        let by_name = (0..old.len()).find(|&i| same(i) && old[i].name == config.name);
+        let by_address = || (0..old.len()).find(|&i| same(i) && config.address.port() != 0);
+        let chosen = by_name.or_else(by_address);
+        if let Some(index) = chosen {
+            reused[index] = true;
+        }
+        plan.push(chosen);
+    }
+    plan
+}
+
 impl Master {
     /// SIGHUP, as the supervisor decided: read, validate and start a new generation.
     pub(super) fn handle_reload(&mut self) {
@@ -33,48 +88,22 @@ impl Master {
         log::info!("reloading {}", path.display());
         let new = match config::load(&path, &self.invocation.services)
             .map_err(|e| e.to_string())
-            .and_then(|c| self.checked(c))
+            .and_then(|new| restart_needed(&self.config, &new, self.per_slot).map(|()| new))
         {
             Ok(new) => new,
             Err(reason) => return self.reload_failed(&reason),
         };
-        let free = self.slots.iter().filter(|s| s.is_free()).count();
         let wanted = new.daemon.workers.get();
-        if wanted > self.slots.len() / super::SLOT_HEADROOM {
-            return self.reload_failed(&format!(
-                "{wanted} workers need a restart: the shared tables were sized at start for {}",
-                self.slots.len() / super::SLOT_HEADROOM
-            ));
+        if let Err(no_room) = self.pool.room_for(wanted) {
+            return self.reload_failed(&no_room.to_string());
         }
-        if free < wanted {
-            return self.reload_failed(&format!(
-                "{wanted} workers need {wanted} free slots, {free} are free while old generations drain; try again shortly"
-            ));
-        }
+        let old: Vec<&ListenerConfig> = self.listeners.iter().map(|l| &l.config).collect();
+        let plan = reuse_plan(&old, &new.listeners);
         let mut listeners = Vec::with_capacity(new.listeners.len());
-        let mut reused = vec![false; self.listeners.len()];
-        for config in &new.listeners {
+        for (config, reuse) in new.listeners.iter().zip(plan) {
             let id = listener_id(&mut self.listener_ids, &config.name);
-            // The same name and address keeps its socket; so does a renamed listener on an
-            // address nothing else took. A port-0 address only matches by name: two of them
-            // are two different sockets.
-            let same = |l: &Listener| {
-                l.config.address == config.address && l.config.transport == config.transport
-            };
-            let by_name = (0..self.listeners.len()).find(|&i| {
-                !reused[i]
-                    && same(&self.listeners[i])
-                    && self.listeners[i].config.name == config.name
-            });
-            let by_address = || {
-                (0..self.listeners.len())
-                    .find(|&i| !reused[i] && same(&self.listeners[i]) && config.address.port() != 0)
-            };
-            let prepared = match by_name.or_else(by_address) {
-                Some(index) => {
-                    reused[index] = true;
-                    self.listeners[index].reuse(config, id)
-                }
+            let prepared = match reuse {
+                Some(index) => self.listeners[index].reuse(config, id),
                 None => Listener::bind(config, id).inspect(|listener| {
                     log::info!("listener {} now listening on {}", config.name, listener.local_addr);
                 }),
@@ -92,77 +121,35 @@ impl Master {
         self.previous = Some(Previous {
             config: std::mem::replace(&mut self.config, new),
             listeners: std::mem::replace(&mut self.listeners, listeners),
-            generation: self.generation,
+            generation: self.pool.generation(),
         });
-        self.generation += 1;
+        let (generation, slots) = self.pool.begin_generation(wanted);
         let now = Instant::now();
-        self.supervisor.reload_started(self.generation, now + START_TIMEOUT);
-        log::info!("generation {} starting: {wanted} workers", self.generation);
-        for _ in 0..wanted {
-            let Some(slot) = self.free_slot() else { break };
-            self.slots[slot].serve(self.generation);
+        self.supervisor.reload_started(generation, now + START_TIMEOUT);
+        log::info!("generation {generation} starting: {wanted} workers");
+        for slot in slots {
             if let Err(error) = self.spawn(slot, now) {
-                self.slots[slot].role = Role::Free;
                 return self.rollback(&format!("could not fork a worker: {error}"));
             }
         }
     }
 
-    /// `new` if it can be applied by a reload: settings that size shared memory, name files or
-    /// set process credentials cannot change without a restart.
-    fn checked(&self, new: Config) -> Result<Config, String> {
-        let restart = |key: &str| Err(format!("daemon.{key} cannot change without a restart"));
-        let (old, fresh) = (&self.config.daemon, &new.daemon);
-        if (&old.user, &old.group, old.allow_root_workers)
-            != (&fresh.user, &fresh.group, fresh.allow_root_workers)
-        {
-            return restart("user, group or allow_root_workers");
-        }
-        if old.daemonize != fresh.daemonize || old.rlimit_nofile != fresh.rlimit_nofile {
-            return restart("daemonize or rlimit_nofile");
-        }
-        self.restart_only_changes(&new)?;
-        Ok(new)
-    }
-
-    /// Settings that size shared memory or name files cannot change without a restart.
-    fn restart_only_changes(&self, new: &Config) -> Result<(), String> {
-        let max = new.daemon.max_connections_per_worker.get();
-        if max > self.per_slot {
-            return Err(format!(
-                "daemon.max_connections_per_worker can be at most {} without a restart (the shared limits table is sized at start), not {max}",
-                self.per_slot
-            ));
-        }
-        if new.daemon.pid_file != self.config.daemon.pid_file {
-            return Err("daemon.pid_file cannot change without a restart".into());
-        }
-        Ok(())
-    }
-
     /// Every worker of the new generation is ready: the old generation is told to stop.
     pub(super) fn complete_transition(&mut self, now: Instant) {
         let Some(previous) = self.previous.take() else { return };
-        let old: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| {
-                self.slots[i].role == Role::Serving && self.slots[i].generation < self.generation
-            })
-            .collect();
-        for &slot in &old {
-            self.retire(slot, false, now);
-        }
+        let (old, actions) = self.pool.retire_older(self.graceful(), now);
+        self.perform_pool(actions);
         // The old generation's listener copies close here; reused sockets stay open through
         // their duplicates, removed ones close once the old workers have drained.
         drop(previous);
         let header = self.scoreboard.header();
-        header.generation.store(self.generation, Ordering::Relaxed);
+        header.generation.store(self.pool.generation(), Ordering::Relaxed);
         header.target_workers.store(self.serving_count() as u64, Ordering::Relaxed);
         header.reloads_ok.fetch_add(1, Ordering::Release);
         self.scoreboard.set_message("");
         log::info!(
-            "reload complete: generation {} serving, {} old workers draining",
-            self.generation,
-            old.len()
+            "reload complete: generation {} serving, {old} old workers draining",
+            self.pool.generation()
         );
         let status = self.status_line();
         self.notifier.ready(&status);
@@ -176,51 +163,31 @@ impl Master {
     pub(super) fn rollback(&mut self, reason: &str) {
         let Some(previous) = self.previous.take() else { return };
         let now = Instant::now();
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].role == Role::Serving
-                && self.slots[slot].generation == self.generation
-            {
-                self.retire(slot, true, now);
-            }
-        }
+        let target = previous.config.daemon.workers.get();
+        let stop = Stop::Fast(FAST_STOP_GRACE);
+        let actions = self.pool.roll_back(previous.generation, target, stop, now);
+        self.perform_pool(actions);
         self.config = previous.config;
         self.listeners = previous.listeners;
-        self.generation = previous.generation;
         if let Err(error) = logging::apply(&self.config.log) {
             log::error!("could not restore the log target: {error}");
         }
-        self.fill_pool(now);
         self.reload_failed(&format!("rolled back: {reason}"));
         // A reload asked for meanwhile may carry the fix: the supervisor runs it now.
         let queued = self.supervisor.reload_ended();
         self.perform(queued);
     }
 
-    /// Respawns, now, every serving slot of the serving generation that has no worker.
+    /// Respawns, now, every serving slot of the serving generation that has no worker, and
+    /// fills it up to `workers`.
     pub(super) fn fill_pool(&mut self, now: Instant) {
-        let target = self.config.daemon.workers.get();
-        let mut serving = 0;
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].role == Role::Serving
-                && self.slots[slot].generation == self.generation
-            {
-                serving += 1;
-                if self.slots[slot].pid.is_none() {
-                    self.slots[slot].respawn_at = Some(now);
-                }
-            }
-        }
-        while serving < target {
-            let Some(slot) = self.free_slot() else { break };
-            self.slots[slot].serve(self.generation);
-            self.slots[slot].respawn_at = Some(now);
-            serving += 1;
-        }
+        self.pool.fill(self.config.daemon.workers.get(), now);
     }
 
     pub(super) fn reload_failed(&mut self, reason: &str) {
+        let generation = self.pool.generation();
         for line in reason.lines() {
-            log::error!("reload failed, still serving generation {}: {line}", self.generation);
+            log::error!("reload failed, still serving generation {generation}: {line}");
         }
         self.scoreboard.set_message(reason);
         self.scoreboard.header().reloads_failed.fetch_add(1, Ordering::Release);
@@ -230,32 +197,97 @@ impl Master {
 
     /// Stops the oldest draining generations fast while more than `max` are draining.
     fn enforce_draining_cap(&mut self, now: Instant, max: usize) {
-        loop {
-            let mut draining: Vec<u64> = self
-                .slots
-                .iter()
-                .filter(|s| matches!(s.role, Role::Retiring { fast: false, .. }) && s.pid.is_some())
-                .filter(|s| s.generation < self.generation)
-                .map(|s| s.generation)
-                .collect();
-            draining.sort_unstable();
-            draining.dedup();
-            if draining.len() <= max || self.supervisor.is_stopping() {
-                return;
-            }
-            let oldest = draining[0];
+        while !self.supervisor.is_stopping()
+            && let Some((draining, oldest)) = self.pool.over_draining_cap(max)
+        {
             log::warn!(
-                "{} generations draining, more than max_draining_generations: stopping generation {oldest} fast",
-                draining.len()
+                "{draining} generations draining, more than max_draining_generations: stopping generation {oldest} fast"
             );
-            for slot in 0..self.slots.len() {
-                let entry = &self.slots[slot];
-                if entry.generation == oldest
-                    && matches!(entry.role, Role::Retiring { fast: false, .. })
-                {
-                    self.retire(slot, true, now);
-                }
-            }
+            let actions = self.pool.hurry(oldest, Stop::Fast(FAST_STOP_GRACE), now);
+            self.perform_pool(actions);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::services::Registry;
+
+    fn parse(source: &str) -> Config {
+        config::parse(Path::new("t.toml"), source, &Registry::builtin()).expect("valid")
+    }
+
+    fn listener(name: &str, address: &str, transport: &str) -> String {
+        format!(
+            "[[listener]]\nname = \"{name}\"\naddress = \"{address}\"\nservice = \"echo\"\ntransport = \"{transport}\"\n"
+        )
+    }
+
+    fn plan(old: &[(&str, &str, &str)], new: &[(&str, &str, &str)]) -> Vec<Option<usize>> {
+        let file = |set: &[(&str, &str, &str)]| {
+            parse(&set.iter().map(|&(n, a, t)| listener(n, a, t)).collect::<String>())
+        };
+        let (old, new) = (file(old), file(new));
+        let old: Vec<&ListenerConfig> = old.listeners.iter().collect();
+        reuse_plan(&old, &new.listeners)
+    }
+
+    #[test]
+    fn a_listener_keeps_its_socket_by_name_then_by_address() {
+        let a = ("a", "127.0.0.1:7001", "tcp");
+        let b = ("b", "127.0.0.1:7002", "tcp");
+        assert_eq!(plan(&[a, b], &[b, a]), vec![Some(1), Some(0)], "by name");
+        let renamed = ("c", "127.0.0.1:7002", "tcp");
+        assert_eq!(plan(&[a, b], &[renamed]), vec![Some(1)], "renamed, same address");
+        let moved = ("a", "127.0.0.1:7003", "tcp");
+        assert_eq!(plan(&[a, b], &[moved]), vec![None], "a new address is bound");
+        let udp = ("a", "127.0.0.1:7001", "udp");
+        assert_eq!(plan(&[a], &[udp]), vec![None], "another transport is another socket");
+        // Names swapped between two addresses: each socket stays on its address.
+        let a2 = ("a", "127.0.0.1:7002", "tcp");
+        let b2 = ("b", "127.0.0.1:7001", "tcp");
+        assert_eq!(plan(&[a, b], &[a2, b2]), vec![Some(1), Some(0)], "by address");
+    }
+
+    #[test]
+    fn port_zero_matches_by_name_only() {
+        let a = ("a", "127.0.0.1:0", "tcp");
+        let b = ("b", "127.0.0.1:0", "tcp");
+        assert_eq!(plan(&[a, b], &[b, a]), vec![Some(1), Some(0)]);
+        let c = ("c", "127.0.0.1:0", "tcp");
+        assert_eq!(plan(&[a], &[c]), vec![None], "two port-0 listeners are two sockets");
+    }
+
+    #[test]
+    fn settings_that_size_memory_name_files_or_set_credentials_need_a_restart() {
+        let base = listener("a", "127.0.0.1:7001", "tcp");
+        let with = |daemon: &str| {
+            let size = if daemon.contains("max_connections") {
+                ""
+            } else {
+                "max_connections_per_worker = 100"
+            };
+            parse(&format!("[daemon]\n{size}\n{daemon}\n{base}"))
+        };
+        let old = with("");
+        let per_slot = 100;
+        assert_eq!(restart_needed(&old, &with("workers = 4"), per_slot), Ok(()));
+        let fewer = with("max_connections_per_worker = 50");
+        assert_eq!(restart_needed(&old, &fewer, per_slot), Ok(()));
+        let more = with("max_connections_per_worker = 101");
+        let error = restart_needed(&old, &more, per_slot).unwrap_err();
+        assert!(error.contains("at most 100 without a restart"), "{error}");
+        for (daemon, key) in [
+            ("user = \"nobody\"", "user, group or allow_root_workers"),
+            ("allow_root_workers = true", "user, group or allow_root_workers"),
+            ("rlimit_nofile = 4096", "daemonize or rlimit_nofile"),
+            ("pid_file = \"/run/p.pid\"", "pid_file"),
+        ] {
+            let error = restart_needed(&old, &with(daemon), per_slot).unwrap_err();
+            assert_eq!(error, format!("daemon.{key} cannot change without a restart"), "{daemon}");
         }
     }
 }

@@ -1,4 +1,9 @@
 //! Forking a worker. The only place that calls into the worker's entry point.
+//!
+//! Runs in the master (and, until it enters the worker, in the forked child). Every worker
+//! gets a channel to the master (see `crate::handoff`): it says `Ready` on it once booted,
+//! which is how the master learns that a generation is ready, and hands connections off on
+//! it. A worker is not forked without one.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -7,6 +12,7 @@ use std::time::Instant;
 use nix::unistd::{ForkResult, fork};
 
 use super::Master;
+use super::table::Watch;
 use crate::handoff::Channel;
 use crate::signals::{self, MASTER_SIGNALS};
 use crate::worker::{self, WorkerContext};
@@ -17,21 +23,19 @@ impl Master {
     /// is handled by the right process's actions once each unblocks.
     ///
     /// # Errors
-    /// sigprocmask(2) or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
+    /// socketpair(2) failed (`EMFILE`, `ENFILE`: no channel, so no worker), sigprocmask(2)
+    /// or fork(2) failed (`EAGAIN`, `ENOMEM`); the slot stays empty.
     pub(super) fn spawn(&mut self, slot: usize, now: Instant) -> io::Result<()> {
+        let generation = self.pool.generation();
+        // The channel first: without it the master would never learn the worker is ready.
+        let (master_end, worker_end) = Channel::pair().map_err(|error| {
+            io::Error::new(error.kind(), format!("no channel to the worker: {error}"))
+        })?;
         // The listener names first: the child counts per listener id at once.
         let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr));
         self.scoreboard.name_listeners(names);
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
-        self.scoreboard.claim(slot, self.generation);
-        // The hand-off channel; without one the worker only never hands off or adopts.
-        let (master_end, worker_end) = match Channel::pair() {
-            Ok((master_end, worker_end)) => (Some(master_end), Some(worker_end)),
-            Err(error) => {
-                log::warn!("worker {slot}: no hand-off channel: {error}");
-                (None, None)
-            }
-        };
+        self.scoreboard.claim(slot, generation);
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the worker and then exits.
@@ -50,7 +54,7 @@ impl Master {
                 drop(master_end);
                 let context = WorkerContext {
                     slot,
-                    generation: self.generation,
+                    generation,
                     config: self.config.clone(),
                     listeners: std::mem::take(&mut self.listeners),
                     limits: &self.limits,
@@ -59,7 +63,7 @@ impl Master {
                     master: self.pid,
                     credentials: self.credentials.clone(),
                     heartbeat: self.heartbeat(),
-                    channel: worker_end,
+                    channel: Some(worker_end),
                 };
                 let status = worker::run(context, &mut self.signals);
                 std::process::exit(status);
@@ -67,21 +71,14 @@ impl Master {
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
                 drop(worker_end);
-                self.routing.channels[slot] = master_end;
+                self.routing.channels[slot] = Some(master_end);
                 self.scoreboard.slot(slot).pid.store(child.as_raw(), Ordering::Release);
-                let (hang_timeout, beat) = (self.config.daemon.worker_timeout, self.heartbeat());
-                let entry = &mut self.slots[slot];
-                entry.pid = Some(child);
-                entry.generation = self.generation;
-                entry.started = Some(now);
-                entry.respawn_at = None;
-                entry.abort_sent = None;
-                entry.hang_timeout = hang_timeout;
-                entry.beat = beat;
-                log::debug!(
-                    "spawned worker {slot} (generation {}) as pid {child}",
-                    self.generation
-                );
+                let watch = Watch {
+                    hang_timeout: self.config.daemon.worker_timeout,
+                    beat: self.heartbeat(),
+                };
+                self.pool.spawned(slot, child, now, watch);
+                log::debug!("spawned worker {slot} (generation {generation}) as pid {child}");
                 Ok(())
             }
             Err(errno) => {

@@ -1,9 +1,10 @@
 //! The master's lifecycle as one typed state machine: events in, actions out.
 //!
-//! Pure: no system calls, time passed in, so every transition is unit-tested without a
-//! process. The [`super::Master`] owns the sockets, the worker table and the system calls;
-//! it feeds the [`Supervisor`] what happened (a signal, a child's exit, a timer turn with
-//! the facts it observed) and carries out the [`Action`]s it gets back, in order.
+//! Runs in the master. Pure: no system calls, time passed in, so every transition is
+//! unit-tested without a process. The [`super::Master`] owns the sockets and the system
+//! calls (the worker table is `pool.rs`, the other pure half); it feeds the [`Supervisor`]
+//! what happened (a signal, a child's exit, a timer turn with the facts it observed, such as
+//! whether the pool is ready) and carries out the [`Action`]s it gets back, in order.
 //!
 //! Invariants:
 //! - exactly one [`Lifecycle`] at a time; nothing else says whether the master is starting,
@@ -20,9 +21,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-
-/// While a generation starts, its readiness is read from the scoreboard this often.
-pub const READINESS_POLL: Duration = Duration::from_millis(20);
 
 /// After SIGKILL was sent to every worker, how often to look for a lost SIGCHLD.
 pub const KILLED_RECHECK: Duration = Duration::from_secs(1);
@@ -61,6 +59,18 @@ pub enum Lifecycle {
         /// SIGKILL was sent.
         killed: bool,
     },
+}
+
+impl Lifecycle {
+    /// Serving workers are respawned when they die: not while paused or stopping.
+    pub fn keeps_pool(self) -> bool {
+        !matches!(self, Lifecycle::Paused | Lifecycle::Stopping { .. })
+    }
+
+    /// Stopping (graceful or fast).
+    pub fn is_stopping(self) -> bool {
+        matches!(self, Lifecycle::Stopping { .. })
+    }
 }
 
 /// How this master came to be.
@@ -152,7 +162,7 @@ impl Supervisor {
 
     /// Stopping (graceful or fast).
     pub fn is_stopping(&self) -> bool {
-        matches!(self.lifecycle, Lifecycle::Stopping { .. })
+        self.lifecycle.is_stopping()
     }
 
     /// Paused by WINCH: no serving worker is kept running.
@@ -181,7 +191,7 @@ impl Supervisor {
 
     /// Serving workers are respawned when they die: not while paused or stopping.
     pub fn keeps_pool(&self) -> bool {
-        !matches!(self.lifecycle, Lifecycle::Paused | Lifecycle::Stopping { .. })
+        self.lifecycle.keeps_pool()
     }
 
     /// A signal arrived (already filtered: a WINCH from a terminal resize never gets here).
@@ -264,8 +274,8 @@ impl Supervisor {
         self.stop(false, now + fast_grace)
     }
 
-    /// A loop turn at `now`. `pool_ready`: every worker of the newest generation reports
-    /// ready on the scoreboard.
+    /// A loop turn at `now`. `pool_ready`: every worker of the newest generation said
+    /// `Ready` on its channel (see `pool.rs`).
     pub fn on_tick(&mut self, now: Instant, pool_ready: bool) -> Vec<Action> {
         match self.lifecycle {
             Lifecycle::Stopping { graceful, kill_at, killed: false } if now >= kill_at => {
@@ -343,10 +353,10 @@ impl Supervisor {
             Lifecycle::Stopping { kill_at, killed: false, .. } => Some(kill_at),
             // Killed: SIGCHLD will come; a periodic check covers a lost one.
             Lifecycle::Stopping { killed: true, .. } => Some(now + KILLED_RECHECK),
-            // Readiness is polled from the scoreboard while a generation starts.
-            Lifecycle::Starting { .. } => Some(now + READINESS_POLL),
-            Lifecycle::Reloading { deadline, .. } => Some(deadline.min(now + READINESS_POLL)),
-            Lifecycle::Serving | Lifecycle::Paused => None,
+            // Readiness arrives on the workers' channels, which wake the master's wait: only
+            // a reload's start timeout is a deadline.
+            Lifecycle::Reloading { deadline, .. } => Some(deadline),
+            Lifecycle::Starting { .. } | Lifecycle::Serving | Lifecycle::Paused => None,
         }
     }
 }
@@ -378,6 +388,7 @@ mod tests {
         let mut supervisor = Supervisor::new(Origin::Upgrade);
         let t0 = Instant::now();
         assert!(!supervisor.speaks_to_systemd(), "no watchdog before READY");
+        assert_eq!(supervisor.deadline(t0), None, "readiness wakes the master, no poll");
         assert!(matches!(signal(&mut supervisor, Signal::SIGHUP, t0)[..], [Action::Ignore(_)]));
         assert_eq!(
             supervisor.on_tick(t0, true),
@@ -402,7 +413,7 @@ mod tests {
         let deadline = t0 + Duration::from_secs(10);
         supervisor.reload_started(2, deadline);
         assert_eq!(supervisor.reloading(), Some(2));
-        assert_eq!(supervisor.deadline(t0), Some(t0 + READINESS_POLL));
+        assert_eq!(supervisor.deadline(t0), Some(deadline), "readiness is not polled");
         assert_eq!(supervisor.on_tick(t0, false), vec![]);
         assert_eq!(supervisor.on_tick(t0, true), vec![Action::CompleteReload]);
         assert_eq!(supervisor.reload_ended(), vec![]);

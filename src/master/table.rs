@@ -1,6 +1,14 @@
-//! The master's worker table: one slot per worker, respawn backoff, exit classification.
+//! The master's worker table, one slot at a time: what a slot holds, respawn backoff, exit
+//! classification.
 //!
-//! Pure: no system calls, time passed in, so the policies are unit-tested.
+//! Runs in the master. Pure: no system calls, time passed in. The policy over the whole
+//! table (which slot to respawn, retire or escalate) is `pool.rs`; this file holds what one
+//! slot is and the transitions that concern it alone. Invariants:
+//! - a slot's [`Running`] worker exists exactly from the fork to the reap;
+//! - a slot with a worker is never [`Role::Free`]; a [`Role::Retiring`] slot always has one
+//!   (retiring a slot without a worker frees it);
+//! - a slot is reused only when [`WorkerSlot::is_free`]: its dead worker's per-client records
+//!   are released first.
 
 use std::time::{Duration, Instant};
 
@@ -35,38 +43,81 @@ pub enum Role {
     },
 }
 
+/// Where a live worker stands with the master: booting, ready, or on the hang ladder
+/// (SIGABRT for a core dump, then SIGKILL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Forked, and has not said `Ready` on its channel yet: its heartbeat is not judged.
+    Booting,
+    /// Said `Ready`: it accepts, and its heartbeat is watched.
+    Ready,
+    /// Hung: it was sent SIGABRT; SIGKILL follows at `kill_at`.
+    Aborted {
+        /// When SIGKILL follows.
+        kill_at: Instant,
+    },
+    /// Hung, and sent SIGKILL after surviving SIGABRT: only the reap is left.
+    Killed,
+}
+
+/// What a worker is judged by, fixed when it is forked (a reload may change them for later
+/// workers only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// No heartbeat for longer than this is a hang (`worker_timeout`; `None`: never).
+    pub hang_timeout: Option<Duration>,
+    /// How often it beats (`None`: only on activity).
+    pub beat: Option<Duration>,
+}
+
+/// The live worker of a slot, from the fork to the reap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Running {
+    /// Its process.
+    pub pid: Pid,
+    /// When it was forked.
+    pub started: Instant,
+    /// Booting, ready, or hung.
+    pub health: Health,
+    /// Its hang timeout and heartbeat interval.
+    pub watch: Watch,
+}
+
+impl Running {
+    /// It said `Ready` on its channel (and may since have hung).
+    pub fn is_ready(&self) -> bool {
+        self.health != Health::Booting
+    }
+}
+
 /// One worker slot. The slot index is also the worker's record range in the limits table and
 /// its entry in the scoreboard.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerSlot {
     /// What the slot is for.
     pub role: Role,
-    /// Configuration generation of the slot's worker.
+    /// Configuration generation of the slot (of its worker, while it has one).
     pub generation: u64,
-    /// The running worker, if any.
-    pub pid: Option<Pid>,
-    /// When it was forked.
-    pub started: Option<Instant>,
+    /// The live worker, if any.
+    pub worker: Option<Running>,
     /// Consecutive exits within [`MIN_HEALTHY_UPTIME`].
     pub failures: u32,
-    /// When to fork a replacement, if one is due.
+    /// When to fork a replacement, if one is due (only without a worker).
     pub respawn_at: Option<Instant>,
-    /// When the master sent SIGABRT to this worker for a stale heartbeat.
-    pub abort_sent: Option<Instant>,
     /// The dead worker's per-client records could not be released yet: the slot is not
     /// reused until they are (a new worker would overwrite records still counted).
     pub needs_reclaim: bool,
-    /// The hang timeout and heartbeat interval the worker was started with (a reload may
-    /// change them for later workers only).
-    pub hang_timeout: Option<Duration>,
-    /// See `hang_timeout`.
-    pub beat: Option<Duration>,
 }
 
 impl WorkerSlot {
+    /// The live worker's pid.
+    pub fn pid(&self) -> Option<Pid> {
+        self.worker.map(|worker| worker.pid)
+    }
+
     /// Unused and reusable: no worker, not serving, no per-client records left to release.
     pub fn is_free(&self) -> bool {
-        self.role == Role::Free && self.pid.is_none() && !self.needs_reclaim
+        self.role == Role::Free && self.worker.is_none() && !self.needs_reclaim
     }
 
     /// Makes the slot part of `generation`'s pool, with a fresh crash-loop count; the caller
@@ -77,14 +128,14 @@ impl WorkerSlot {
         self.failures = 0;
     }
 
-    /// Records an exit at `now` and, while running, schedules the replacement: at once after
-    /// a healthy life, with exponential backoff (and `jitter`, from 0 to 1) in a crash loop.
-    /// Returns the delay chosen.
+    /// Records an exit at `now` and schedules the replacement: at once after a healthy life,
+    /// with exponential backoff (and `jitter`, from 0 to 1) in a crash loop. Returns the
+    /// delay chosen. (Whether the replacement happens is the pool's decision.)
     pub fn exited(&mut self, now: Instant, jitter: f64) -> Duration {
-        let lived = self.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
-        self.pid = None;
-        self.started = None;
-        self.abort_sent = None;
+        let lived = self
+            .worker
+            .take()
+            .map_or(Duration::ZERO, |worker| now.saturating_duration_since(worker.started));
         self.failures =
             if lived < MIN_HEALTHY_UPTIME { self.failures.saturating_add(1) } else { 0 };
         let delay = respawn_delay(self.failures, jitter);
@@ -145,14 +196,19 @@ mod tests {
     #[test]
     fn a_crash_loop_backs_off_and_a_healthy_life_resets_it() {
         let t0 = Instant::now();
-        let mut slot =
-            WorkerSlot { pid: Some(Pid::from_raw(10)), started: Some(t0), ..Default::default() };
+        let running = |started| Running {
+            pid: Pid::from_raw(10),
+            started,
+            health: Health::Ready,
+            watch: Watch::default(),
+        };
+        let mut slot = WorkerSlot { worker: Some(running(t0)), ..Default::default() };
         let mut now = t0;
         let mut delays = Vec::new();
         for _ in 0..5 {
             now += Duration::from_millis(10);
             delays.push(slot.exited(now, 0.0));
-            slot.started = Some(now);
+            slot.worker = Some(running(now));
         }
         assert_eq!(delays, [100, 200, 400, 800, 1600].map(Duration::from_millis));
         // Crashes per second stay bounded: five quick failures took over three seconds.
@@ -160,7 +216,7 @@ mod tests {
         now += MIN_HEALTHY_UPTIME * 2;
         assert_eq!(slot.exited(now, 0.0), Duration::ZERO);
         assert_eq!(slot.failures, 0);
-        assert_eq!(slot.pid, None);
+        assert_eq!(slot.pid(), None);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! hold across both masters while they run. The operator then sends WINCH and QUIT to the old master (or, to
 //! roll back, HUP to the old master and QUIT to the new one). If the new master exits while
 //! the old one lives, the old one takes its pid file back and goes on as before.
+//!
+//! Runs in the master (and in the forked child until it executes the binary). The pure parts,
+//! the variable's format ([`handover_value`], [`parse_handover`]) and where the state files
+//! move ([`state_file_moves`]), are unit-tested; the rest is system calls.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -37,6 +41,36 @@ pub fn oldbin(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The value of [`INHERITED_LISTENERS_ENV`] for listening sockets named by listener:
+/// `NAME=FD;` for each (listener names hold neither `=` nor `;`).
+pub fn handover_value<'a>(sockets: impl IntoIterator<Item = (&'a str, RawFd)>) -> String {
+    sockets.into_iter().map(|(name, fd)| format!("{name}={fd};")).collect()
+}
+
+/// The (listener name, descriptor) pairs of an [`INHERITED_LISTENERS_ENV`] value; entries
+/// without a name or a descriptor number are skipped.
+pub fn parse_handover(value: &str) -> Vec<(&str, RawFd)> {
+    value
+        .split(';')
+        .filter_map(|entry| entry.rsplit_once('='))
+        .filter(|(name, _)| !name.is_empty())
+        .filter_map(|(name, fd)| Some((name, fd.parse().ok()?)))
+        .collect()
+}
+
+/// Where the pid file and the scoreboard go for a binary upgrade, from the pid file's path:
+/// to `*.oldbin` (`aside`) or back. Returns (the pid file's new path, the scoreboard's
+/// path now, its new path).
+pub fn state_file_moves(pid_path: &Path, aside: bool) -> (PathBuf, PathBuf, PathBuf) {
+    let board = scoreboard::path_for(pid_path);
+    let old_board = scoreboard::path_for(&oldbin(pid_path));
+    if aside {
+        (oldbin(pid_path), board, old_board)
+    } else {
+        (pid_path.to_owned(), old_board, board)
+    }
+}
+
 /// Takes the listening sockets handed over by an old master, by listener name, and
 /// removes the variable so that no later child sees it. Entries that do not name an open
 /// socket are ignored (logged).
@@ -46,9 +80,7 @@ pub fn take_inherited_listeners() -> HashMap<String, OwnedFd> {
     // can read the environment concurrently.
     unsafe { std::env::remove_var(INHERITED_LISTENERS_ENV) };
     let mut sockets = HashMap::new();
-    for entry in value.to_string_lossy().split(';').filter(|e| !e.is_empty()) {
-        let Some((name, fd)) = entry.rsplit_once('=') else { continue };
-        let Ok(fd) = fd.parse::<RawFd>() else { continue };
+    for (name, fd) in parse_handover(&value.to_string_lossy()) {
         let is_socket = fd > 2
             && fstat(unsafe_borrow(fd)).is_ok_and(|st| {
                 SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK
@@ -121,14 +153,14 @@ impl Master {
                 None
             }
         });
-        let mut handover = String::new();
         for listener in &self.listeners {
             if let Err(error) = listener.set_inheritable() {
                 log::error!("binary upgrade: cannot hand over {}: {error}", listener.local_addr);
                 std::process::exit(crate::exit::ExitStatus::OsErr as i32);
             }
-            handover.push_str(&format!("{}={};", listener.config.name, listener.as_raw_fd()));
         }
+        let handover =
+            handover_value(self.listeners.iter().map(|l| (l.config.name.as_str(), l.as_raw_fd())));
         // The per-client table: without it the new master counts on its own.
         let limits = super::inherit::limits_handover(&self.limits, &self.listener_ids);
         if let Err(error) = &limits {
@@ -184,12 +216,7 @@ impl Master {
     /// they were moved.
     fn rename_state_files(&mut self, aside: bool) -> bool {
         let Some(pid_path) = self.config.daemon.pid_file.clone() else { return false };
-        let board = scoreboard::path_for(&pid_path);
-        let (pid_to, board_from, board_to) = if aside {
-            (oldbin(&pid_path), board.clone(), scoreboard::path_for(&oldbin(&pid_path)))
-        } else {
-            (pid_path.clone(), scoreboard::path_for(&oldbin(&pid_path)), board)
-        };
+        let (pid_to, board_from, board_to) = state_file_moves(&pid_path, aside);
         let Some(pidfile) = self.pidfile.as_mut() else { return false };
         if !aside && crate::pidfile::running_pid(&pid_to).is_ok() {
             log::warn!(
@@ -212,4 +239,32 @@ impl Master {
 
 fn c_string(text: &OsStr) -> CString {
     CString::new(text.as_bytes()).unwrap_or_else(|_| CString::from(c"preforkd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_handover_round_trips_and_skips_malformed_entries() {
+        let value = handover_value([("echo", 5), ("tftp.v6", 12)]);
+        assert_eq!(value, "echo=5;tftp.v6=12;");
+        assert_eq!(parse_handover(&value), vec![("echo", 5), ("tftp.v6", 12)]);
+        assert_eq!(parse_handover(""), vec![]);
+        assert_eq!(parse_handover("echo;=4;a=x;b=7"), vec![("b", 7)], "the last one lacks ';'");
+    }
+
+    #[test]
+    fn state_files_move_to_oldbin_and_back() {
+        let pid = Path::new("/run/preforkd.pid");
+        assert_eq!(oldbin(pid), Path::new("/run/preforkd.pid.oldbin"));
+        let (pid_to, from, to) = state_file_moves(pid, true);
+        assert_eq!(pid_to, oldbin(pid));
+        assert_eq!(
+            (from.clone(), to.clone()),
+            (scoreboard::path_for(pid), scoreboard::path_for(&oldbin(pid)))
+        );
+        let back = state_file_moves(pid, false);
+        assert_eq!(back, (pid.to_owned(), to, from), "back where they were");
+    }
 }

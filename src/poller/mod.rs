@@ -1,8 +1,10 @@
-//! Readiness backends behind one small trait, so the worker loop does not care which.
+//! Readiness backends behind one small trait, so the worker loop does not care which:
+//! `select(2)` (the default), `poll(2)` and `epoll(7)`, named by [`EventBackend`]
+//! (`daemon.event_backend`).
 //!
 //! Runs in workers. Interest is *registered* per descriptor and kept until changed, the way
-//! epoll works; `select(2)` rebuilds its sets from that table on every wait. Adding an epoll
-//! or poll backend means one more implementation of [`Poller`], nothing else.
+//! epoll works; select and poll rebuild their sets from that table on every wait. Another
+//! backend is one more implementation of [`Poller`] and one more [`EventBackend`].
 
 mod epoll;
 mod poll;
@@ -16,7 +18,35 @@ pub use epoll::EpollPoller;
 pub use poll::PollPoller;
 pub use select::SelectPoller;
 
-use crate::config::EventBackend;
+/// `select(2)` can only watch descriptors below this number (`FD_SETSIZE` in glibc).
+pub const FD_SETSIZE: usize = 1024;
+
+/// The readiness system call workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventBackend {
+    /// select(2): the classic; descriptors must stay below [`FD_SETSIZE`].
+    Select,
+    /// poll(2): no descriptor limit; cost grows with the number of connections.
+    Poll,
+    /// epoll(7): cost grows with activity only; listeners use `EPOLLEXCLUSIVE`, so one
+    /// incoming connection wakes one worker.
+    Epoll,
+}
+
+impl EventBackend {
+    /// Every backend, the default first.
+    pub const ALL: [EventBackend; 3] =
+        [EventBackend::Select, EventBackend::Poll, EventBackend::Epoll];
+
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventBackend::Select => "select",
+            EventBackend::Poll => "poll",
+            EventBackend::Epoll => "epoll",
+        }
+    }
+}
 
 /// A poller of the configured kind.
 ///

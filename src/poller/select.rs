@@ -11,8 +11,7 @@ use nix::errno::Errno;
 use nix::sys::select::{FdSet, select};
 use nix::sys::time::TimeVal;
 
-use super::{Event, Interest, Poller};
-use crate::config::FD_SETSIZE;
+use super::{Event, FD_SETSIZE, Interest, Poller};
 
 /// Longest single wait; a longer timeout simply loops (and keeps `TimeVal` in range).
 const MAX_WAIT: Duration = Duration::from_secs(3600);

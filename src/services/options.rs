@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use crate::config::file::{RawIssue, deserialize_collecting};
-use crate::config::validate::MAX_DURATION;
+use crate::duration;
+use crate::schema::{RawIssue, deserialize_collecting};
 
 /// The options were invalid; every problem was reported through [`Options`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -132,22 +132,10 @@ impl<'a> Options<'a> {
     /// `default` when absent; at most 365 days. A problem is reported under `key`.
     pub fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
         let Some(text) = value else { return default };
-        match humantime::parse_duration(text.trim()) {
-            Ok(duration) if duration > MAX_DURATION => {
-                self.report(key, format!("{text:?} is too long: at most 365 days"));
-                default
-            }
-            Ok(duration) => duration,
-            Err(error) => {
-                self.report(
-                    key,
-                    format!(
-                        "invalid duration {text:?} ({error}); write a number with a unit, such as \"10s\", \"250ms\" or \"5m\""
-                    ),
-                );
-                default
-            }
-        }
+        duration::parse(text).unwrap_or_else(|message| {
+            self.report(key, message);
+            default
+        })
     }
 
     /// Whether a `[listener.options]` table was written at all.

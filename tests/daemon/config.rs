@@ -69,29 +69,13 @@ fn the_shipped_config_is_valid() {
 }
 
 #[test]
-fn the_shipped_config_documents_every_key() {
-    let shipped = std::fs::read_to_string(repo_file("config/preforkd.toml")).unwrap();
-    for key in preforkd::config::file::KEYS {
-        let name = key.rsplit('.').next().unwrap();
-        // Set, or shown commented out where no value suits every host (`group`); a table
-        // by its header.
-        let shown = |l: &str| {
-            let l = l.trim_start().trim_start_matches('#').trim_start();
-            l.starts_with(&format!("{name} =")) || l == format!("[{key}]")
-        };
-        assert!(shipped.lines().any(shown), "config/preforkd.toml does not show {key}");
-    }
-}
-
-#[test]
-fn the_man_page_documents_every_key() {
-    let page = std::fs::read_to_string(repo_file("man/preforkd.toml.5")).unwrap();
-    for key in preforkd::config::file::KEYS {
-        let name = key.rsplit('.').next().unwrap();
-        assert!(
-            page.lines().any(|l| l.starts_with(&format!(".It Ic {name} "))),
-            "man/preforkd.toml.5 does not document {key}"
-        );
+fn help_says_what_preforkd_is_and_names_every_service() {
+    let (status, stdout, _) = run_cli(&["--help"]);
+    assert_eq!(code(status), 0);
+    assert!(stdout.contains("TCP and UDP") && stdout.contains("epoll"), "{stdout}");
+    let services = stdout.lines().find(|l| l.starts_with("Services: ")).unwrap_or_default();
+    for name in preforkd::services::Registry::builtin().names() {
+        assert!(services.contains(name), "--help does not name {name}: {stdout}");
     }
 }
 

@@ -51,7 +51,10 @@ fn sd_notify_ready_reloading_stopping_and_a_watchdog_that_stops_for_wedged_worke
     ];
     let mut daemon = Daemon::spawn(&[], &config, None, &env);
     let ready = wait_notification(&notify, "READY=1");
-    // READY comes only once the workers accept: by then they have said so.
+    // READY comes only once the workers accept: by then they have said so. The log is read
+    // by another thread: up to the master's own line after READY, so that the count below
+    // sees every line written before it.
+    daemon.wait_for_log("the master's ready line", |l| l.contains("ready: generation 1"));
     assert_eq!(
         daemon.matching(|l| l.contains("worker started")).len(),
         1,

@@ -18,7 +18,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, UpgradeState, monotonic_ms};
+use crate::clock::monotonic_ms;
+use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, UpgradeState};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";

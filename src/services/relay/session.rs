@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use super::Shared;
 use super::pump::{Fault, Flow, Pump};
 use super::shared::{Health, Lease};
-use crate::scoreboard::monotonic_ms;
+use crate::clock::monotonic_ms;
 use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session};
 
 /// The backend connection of a session.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
 
-use crate::logging::RateLimit;
+use crate::rate::RateLimit;
 
 /// The capacity asked of each pipe (`F_SETPIPE_SZ`), in bytes: Linux's default pipe size.
 /// The kernel may round it up to a power of two pages, or leave a pipe smaller when the

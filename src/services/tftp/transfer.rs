@@ -13,6 +13,11 @@
 //!
 //! Only a timeout retransmits: the window from the first unacknowledged block, at most
 //! `retries` times in a row, then the transfer ends with result `timeout`.
+//!
+//! Until the peer answers (the first ACK or DATA that moves the transfer), its address may be
+//! forged: the transfer is [`Peer::Unverified`], retransmits at most `unverified_retries`
+//! times, then ends with result `no-answer`, and holds a slot of the listener's budget
+//! ([`super::budget`]) until it is verified or over.
 
 use std::fs::File;
 use std::io::{ErrorKind, Write as _};
@@ -20,9 +25,29 @@ use std::net::UdpSocket;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+use super::budget::Claim;
 use super::packet::{self, ACK, DATA, ERROR, ErrorCode};
 use super::source::{self, Position};
+use super::upload::Upload;
 use crate::services::{Flow, Progress, Step};
+
+/// Whether the peer has answered this transfer yet.
+#[derive(Debug)]
+pub enum Peer {
+    /// Nothing from the peer yet: its address may be forged. At most `retries` timeouts in a
+    /// row (`unverified_retries`, at most the transfer's own), and a slot of the listener's
+    /// budget held (`None` without a budget), given back when this state ends.
+    Unverified {
+        /// Timeouts in a row allowed.
+        retries: u32,
+        /// The budget slot.
+        #[expect(dead_code, reason = "held for its Drop, which gives the slot back")]
+        claim: Option<Claim>,
+    },
+    /// The peer answered (an ACK or DATA that moved the transfer): it receives what it
+    /// asked for, so it is who it claims to be.
+    Verified,
+}
 
 /// What every transfer shares: its socket, timing and access-log facts.
 pub struct Common {
@@ -52,6 +77,8 @@ pub struct Common {
     pub tries: u32,
     /// The `busy_poll` option (see [`Flow::busy_poll`]).
     pub busy_poll: Duration,
+    /// Whether the peer has answered.
+    pub peer: Peer,
 }
 
 impl Common {
@@ -108,10 +135,20 @@ impl Common {
         )
     }
 
-    /// A timeout: false once the retries are spent.
-    fn timed_out(&mut self) -> bool {
+    /// The peer answered: it is verified, and its budget slot is given back.
+    fn answered(&mut self) {
+        self.peer = Peer::Verified;
+    }
+
+    /// A timeout: `Some(result)` once the retries are spent, `timeout` for a verified peer,
+    /// `no-answer` for one that never answered.
+    fn give_up(&mut self) -> Option<&'static str> {
         self.tries += 1;
-        self.tries <= self.retries
+        let (allowed, result) = match self.peer {
+            Peer::Unverified { retries, .. } => (retries.min(self.retries), "no-answer"),
+            Peer::Verified => (self.retries, "timeout"),
+        };
+        (self.tries > allowed).then_some(result)
     }
 }
 
@@ -275,6 +312,7 @@ impl Read {
             }
             self.negotiating = false;
             self.common.tries = 0;
+            self.common.answered();
             return Some(self.send_window(now));
         }
         let before = self.base - 1;
@@ -285,6 +323,7 @@ impl Read {
         }
         self.base = acked + 1;
         self.common.tries = 0;
+        self.common.answered();
         if self.last == Some(acked) {
             return Some(Step::Done("complete"));
         }
@@ -340,8 +379,8 @@ impl Flow for Read {
     }
 
     fn on_timer(&mut self, now: Instant) -> Step {
-        if !self.common.timed_out() {
-            return Step::Done("timeout");
+        if let Some(result) = self.common.give_up() {
+            return Step::Done(result);
         }
         if self.negotiating {
             self.common.retransmissions += 1;
@@ -377,12 +416,13 @@ fn acked_block(base: u64, next: u64, wire: u16) -> Option<u64> {
     (acked != before && acked < next).then_some(acked)
 }
 
-/// A write request being served (`allow_write = true`): lock-step, one ACK per block.
+/// A write request being served (`allow_write = true`): lock-step, one ACK per block. The
+/// data goes to an [`Upload`], named only once the last block is in.
 pub struct Write {
     /// Socket, timing, facts.
     pub common: Common,
-    /// The new file.
-    pub file: File,
+    /// The new file, without a name until the transfer completes.
+    pub upload: Upload,
     /// Data bytes per block.
     pub blksize: usize,
     /// Netascii translation state (`None`: octet): a CR ending the last block.
@@ -397,8 +437,6 @@ pub struct Write {
     pub finished: bool,
     /// Translated data.
     pub scratch: Vec<u8>,
-    /// Called with the result when the transfer fails: removes the partial file.
-    pub discard: Option<Box<dyn FnOnce()>>,
     /// One packet as received: header and up to `blksize` bytes (kept between calls).
     pub packet: Vec<u8>,
 }
@@ -409,11 +447,9 @@ impl Write {
         self.common.send(&ack)
     }
 
+    /// Ends the transfer with an ERROR; the upload is dropped with it, unnamed.
     fn fail(&mut self, code: ErrorCode, message: &str, result: &'static str) -> Step {
         self.common.send_error(code, message);
-        if let Some(discard) = self.discard.take() {
-            discard();
-        }
         Step::Done(result)
     }
 
@@ -429,6 +465,7 @@ impl Write {
         if self.finished || block != expected as u16 {
             return None;
         }
+        self.common.answered();
         let bytes = match self.netascii.as_mut() {
             Some(carry) => {
                 source::from_netascii(data, carry, &mut self.scratch);
@@ -439,7 +476,7 @@ impl Write {
         if self.written + bytes.len() as u64 > self.max_size {
             return Some(self.fail(ErrorCode::DiskFull, "file too large", "too-large"));
         }
-        if self.file.write_all(bytes).is_err() {
+        if self.upload.file().write_all(bytes).is_err() {
             return Some(self.fail(ErrorCode::DiskFull, "write error", "write-error"));
         }
         self.written += bytes.len() as u64;
@@ -447,15 +484,18 @@ impl Write {
         self.acked = expected;
         self.common.blocks += 1;
         self.common.tries = 0;
-        if let Err(result) = self.send_ack() {
-            return Some(Step::Done(result));
-        }
         if data.len() < self.blksize {
-            if self.netascii == Some(true) {
-                let _ = self.file.write_all(b"\r");
+            // The last block: the file gets its name before the client hears it is stored.
+            if self.netascii == Some(true) && self.upload.file().write_all(b"\r").is_err() {
+                return Some(self.fail(ErrorCode::DiskFull, "write error", "write-error"));
+            }
+            if let Err((code, message, result)) = self.upload.commit() {
+                return Some(self.fail(code, message, result));
             }
             self.finished = true;
-            self.discard = None;
+        }
+        if let Err(result) = self.send_ack() {
+            return Some(Step::Done(result));
         }
         Some(Step::Wait(now + self.common.timeout))
     }
@@ -478,12 +518,7 @@ impl Write {
                         step = next;
                     }
                 }
-                Some((ERROR, _)) => {
-                    if let Some(discard) = self.discard.take() {
-                        discard();
-                    }
-                    return Step::Done("client-error");
-                }
+                Some((ERROR, _)) => return Step::Done("client-error"),
                 _ => {}
             }
         }
@@ -521,11 +556,8 @@ impl Flow for Write {
             // Dallied long enough for a lost final ACK to be asked for again.
             return Step::Done("complete");
         }
-        if !self.common.timed_out() {
-            if let Some(discard) = self.discard.take() {
-                discard();
-            }
-            return Step::Done("timeout");
+        if let Some(result) = self.common.give_up() {
+            return Step::Done(result);
         }
         self.common.retransmissions += 1;
         let resend = match (&self.common.oack, self.acked) {
@@ -540,9 +572,6 @@ impl Flow for Write {
 
     fn refuse(&mut self, reason: &str) {
         refusal(&mut self.common, reason);
-        if let Some(discard) = self.discard.take() {
-            discard();
-        }
     }
 
     fn totals(&self) -> Progress {
@@ -597,6 +626,7 @@ mod tests {
             retransmissions: 0,
             tries: 0,
             busy_poll: Duration::ZERO,
+            peer: Peer::Unverified { retries: 1, claim: None },
         }
     }
 
@@ -632,6 +662,43 @@ mod tests {
         assert_eq!(read.on_timer(t0), Step::Done("timeout"));
         assert_eq!(read.common.retransmissions, 2);
         assert!(read.describe().contains("bytes=16 blocks=2 retransmissions=2"), "{}", read.describe());
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_gets_fewer_retransmissions_and_answering_frees_its_slot() {
+        use std::num::NonZeroUsize;
+        use std::sync::Arc;
+
+        use crate::services::tftp::budget::Budget;
+        let budget = Arc::new(Budget::new(NonZeroUsize::new(1).unwrap()).unwrap());
+        let hold = Duration::from_secs(60);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 20]).unwrap();
+        let t0 = Instant::now();
+        // Silent: DATA 1 once more (unverified_retries 1 of retries 2), then `no-answer`.
+        let (client, server) = pair();
+        let mut silent = common(server);
+        silent.peer = Peer::Unverified { retries: 1, claim: budget.claim(0, hold) };
+        assert!(budget.claim(0, hold).is_none(), "the silent transfer holds the only slot");
+        let mut read = Read::new(silent, file.try_clone().unwrap(), 8, 1, false);
+        read.start(t0);
+        assert!(matches!(read.on_timer(t0), Step::Wait(_)));
+        assert_eq!(read.on_timer(t0), Step::Done("no-answer"));
+        assert_eq!(drain(&client).len(), 2, "DATA 1 and one retransmission");
+        drop(read);
+        // Answering: the slot is given back at once, and the full retries apply.
+        let (client, server) = pair();
+        let mut lossy = common(server);
+        lossy.peer = Peer::Unverified { retries: 1, claim: budget.claim(0, hold) };
+        let mut read = Read::new(lossy, file, 8, 1, false);
+        read.start(t0);
+        assert!(matches!(read.on_timer(t0), Step::Wait(_)), "the first DATA 1 was lost");
+        client.send(&packet::ack(1)).unwrap();
+        read.on_readable(t0);
+        assert!(budget.claim(0, hold).is_some(), "verified: its slot is free");
+        assert!(matches!(read.on_timer(t0), Step::Wait(_)));
+        assert!(matches!(read.on_timer(t0), Step::Wait(_)));
+        assert_eq!(read.on_timer(t0), Step::Done("timeout"));
     }
 
     #[test]
