@@ -289,6 +289,9 @@ impl Connections {
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
         let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
+        if cx.uncount {
+            env.release(conn.ticket.take(), conn.peer);
+        }
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {
