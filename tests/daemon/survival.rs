@@ -468,10 +468,11 @@ fn exec_children_survive_5_reloads_and_an_upgrade_then_a_graceful_stop_ends_them
          pid_file = \"@DIR@/preforkd.pid\"\n[log]\nlevel = \"debug\"\naccess_log = true\n\
          [[listener]]\nname = \"cat\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
          max_connections_per_client = 0\n[listener.options]\nprogram = \"/bin/cat\"\n\
-         max_instances = 2\n\
+         user = \"nobody\"\nmax_instances = 2\n\
          [[listener]]\nname = \"ticker\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
          max_connections_per_client = 0\n[listener.options]\nprogram = \"/bin/sh\"\n\
-         args = [\"-c\", \"while echo $$; do sleep 0.1; done\"]\nmax_instances = 1\n"
+         args = [\"-c\", \"while echo $$; do sleep 0.1; done\"]\nuser = \"nobody\"\n\
+         max_instances = 1\n"
     );
     let mut daemon = Daemon::start(&config);
     let (cat, ticker_addr) = (daemon.addrs[0], daemon.addrs[1]);
@@ -539,8 +540,15 @@ fn exec_children_survive_5_reloads_and_an_upgrade_then_a_graceful_stop_ends_them
         thread::sleep(Duration::from_millis(500)); // the clients' own pace
     }
     assert!(is_running(master.as_raw()) && is_running(child_pid), "the old master supervises");
-    let mut parents = vec![master.as_raw(), new_master];
-    parents.extend(&supervisors);
+    // Both masters, their workers and exec spawners (the children's parents).
+    let family = || {
+        let mut family = vec![master.as_raw(), new_master];
+        family.extend(crate::exec::children_of(master.as_raw()));
+        family.extend(crate::exec::children_of(new_master));
+        family
+    };
+    let parents = family();
+    assert!(supervisors.iter().all(|pid| parents.contains(pid)), "the old workers still run");
     assert_eq!(zombies_of(&parents), Vec::<i32>::new(), "no zombie");
     // One cat ends: its max_instances slot comes back once, to a child of the new master.
     let mut ended = cats.remove(0);
@@ -563,7 +571,7 @@ fn exec_children_survive_5_reloads_and_an_upgrade_then_a_graceful_stop_ends_them
     let exit = daemon.wait_master_exit(PATIENCE).expect("the old master exits");
     assert_eq!(code(exit), 0);
     eventually("the ticker child is gone", || !is_running(child_pid));
-    assert_eq!(zombies_of(&parents), Vec::<i32>::new(), "no zombie");
+    assert_eq!(zombies_of(&family()), Vec::<i32>::new(), "no zombie");
     // A graceful stop still ends a running child, at graceful_timeout, as documented.
     let mut ticker = connect(ticker_addr);
     ticker.set_read_timeout(Some(PATIENCE)).unwrap();
