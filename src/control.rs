@@ -136,7 +136,16 @@ fn execute(
         Scoreboard::open(&board_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
     if let Command::Status { json } = command {
         // Reading the scoreboard signals nothing: no master to verify.
-        return Ok(if json { status_json::render(&board) } else { status(&board) });
+        let old = old_master(&pid_path);
+        return Ok(match (json, &old) {
+            (true, _) => status_json::render_with(&board, old.as_ref()),
+            (false, None) => status(&board),
+            (false, Some(old)) => format!(
+                "{}\n\nthe old master of a binary upgrade still runs (its workers retiring):\n{}",
+                status(&board),
+                status(old)
+            ),
+        });
     }
     let master = Target::verify(pid, &board, &board_path)?;
     let header = board.header();
@@ -410,6 +419,14 @@ fn children(board: &Scoreboard, now_unix: u64) -> String {
         }
     }
     out
+}
+
+/// The scoreboard of a binary upgrade's old master (`PID_FILE.oldbin`), while it runs: its
+/// retiring workers may still serve exec children and TFTP transfers.
+fn old_master(pid_path: &Path) -> Option<Scoreboard> {
+    let old = crate::master::oldbin(pid_path);
+    pidfile::running_pid(&old).ok()?;
+    Scoreboard::open(&scoreboard::path_for(&old)).ok()
 }
 
 /// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those

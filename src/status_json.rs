@@ -39,6 +39,10 @@ pub struct Snapshot {
     /// Every listener the master has named since it started (the first 64), by listener
     /// id: counters over every worker, those gone included (added in schema 1).
     pub listeners: Vec<Listener>,
+    /// While a binary upgrade's old master still runs (its workers retiring, serving what
+    /// they could not hand off: exec children, TFTP transfers), the same document for its
+    /// scoreboard, whose `old_master` is null; null otherwise (added in schema 1).
+    pub old_master: Option<Box<Snapshot>>,
 }
 
 /// One listener of a [`Snapshot`]: its counters since the master started.
@@ -230,12 +234,27 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             adopted: totals.adopted,
         })
         .collect();
-    Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers, listeners }
+    Snapshot {
+        schema: SCHEMA,
+        time_unix_ms: now_unix_ms,
+        master,
+        workers,
+        listeners,
+        old_master: None,
+    }
 }
 
 /// The JSON document of `board` now, on one line without a trailing newline.
 pub fn render(board: &Scoreboard) -> String {
-    let snapshot = snapshot(board, unix_ms(), monotonic_ms());
+    render_with(board, None)
+}
+
+/// [`render`], with `old`, the scoreboard of a binary upgrade's old master that still runs,
+/// as [`Snapshot::old_master`].
+pub fn render_with(board: &Scoreboard, old: Option<&Scoreboard>) -> String {
+    let (now_unix, now_monotonic) = (unix_ms(), monotonic_ms());
+    let mut snapshot = snapshot(board, now_unix, now_monotonic);
+    snapshot.old_master = old.map(|old| Box::new(self::snapshot(old, now_unix, now_monotonic)));
     serde_json::to_string(&snapshot).expect("a Snapshot's maps have string keys")
 }
 
@@ -308,7 +327,8 @@ mod tests {
                         ]
                     }
                 ],
-                "listeners": []
+                "listeners": [],
+                "old_master": null
             })
         );
     }
@@ -330,13 +350,23 @@ mod tests {
     }
 
     #[test]
-    fn render_is_one_line_of_json() {
+    fn render_is_one_line_of_json_with_an_old_master_inside_while_it_runs() {
         let board = Scoreboard::create(None, 2).unwrap();
         let text = render(&board);
         assert!(!text.contains('\n'), "{text}");
         let parsed: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["schema"], 1);
         assert_eq!(parsed["workers"], json!([]));
+        assert_eq!(parsed["old_master"], Value::Null);
+        let old = Scoreboard::create(None, 2).unwrap();
+        old.header().master_pid.store(7, Ordering::Relaxed);
+        old.slot(1).claim(8, 3);
+        old.slot(1).set_state(SlotState::Draining);
+        let parsed: Value = serde_json::from_str(&render_with(&board, Some(&old))).unwrap();
+        let inner = &parsed["old_master"];
+        assert_eq!((&inner["master"]["pid"], &inner["workers"][0]["pid"]), (&json!(7), &json!(8)));
+        assert_eq!(inner["workers"][0]["state"], "draining");
+        assert_eq!(inner["old_master"], Value::Null, "one level only");
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
 pub use peer::UPGRADE_CHANNEL_ENV;
 pub use pool::ABORT_GRACE;
 pub use start::StartError;
-pub use upgrade::INHERITED_LISTENERS_ENV;
+pub use upgrade::{INHERITED_LISTENERS_ENV, oldbin};
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;

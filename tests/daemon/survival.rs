@@ -546,6 +546,19 @@ fn exec_children_survive_5_reloads_and_an_upgrade_then_a_graceful_stop_ends_them
         thread::sleep(Duration::from_millis(500)); // the clients' own pace
     }
     assert!(is_running(master.as_raw()) && is_running(child_pid), "the old master supervises");
+    // status (the new master's) shows the old master's workers and the children they keep.
+    let document = status_json(&daemon);
+    let old_children: Vec<u64> = document["old_master"]["workers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no old master in {document}"))
+        .iter()
+        .flat_map(|w| w["children"].as_array().unwrap().iter().map(|c| c["pid"].as_u64().unwrap()))
+        .collect();
+    assert!(old_children.contains(&(child_pid as u64)), "{document}");
+    assert_eq!(document["old_master"]["master"]["pid"], master.as_raw());
+    let (_, text, _) = daemon.control("status");
+    assert!(text.contains("the old master of a binary upgrade still runs"), "{text}");
+    assert!(text.contains(&format!("child {child_pid} on ticker")), "{text}");
     // Both masters, their workers and exec spawners (the children's parents).
     let family = || {
         let mut family = vec![master.as_raw(), new_master];
