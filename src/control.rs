@@ -110,10 +110,10 @@ fn locate(
     };
     let _ = writeln!(
         std::io::stderr(),
-        "preforkd {}: {} is not valid now (`preforkd check -c {0}` lists why); the master is looked up through {}",
-        name(command),
-        config_path.display(),
-        pid_path.display()
+        "preforkd {command}: {config} is not valid now (`preforkd check -c {config}` lists why); the master is looked up through {pid}",
+        command = name(command),
+        config = config_path.display(),
+        pid = pid_path.display()
     );
     let graceful_timeout = keys
         .graceful_timeout
