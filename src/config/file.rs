@@ -20,6 +20,8 @@ use crate::schema::{RawIssue, deserialize_collecting};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// `include = [...]`: files of more `[[listener]]` blocks (read by [`super::include`]).
+    pub include: Option<Spanned<Vec<Spanned<String>>>>,
     /// `[daemon]`: the process pool.
     pub daemon: Option<DaemonSection>,
     /// `[log]`: where log lines go.

@@ -22,7 +22,7 @@ use crate::duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
     /// `section.key`, such as `daemon.workers`; `listener.*` keys belong to each
-    /// `[[listener]]`.
+    /// `[[listener]]`; a name without a section (`include`) is a key of the top level.
     pub name: &'static str,
     /// What the value is.
     pub kind: Kind,
@@ -60,6 +60,8 @@ pub enum Kind {
     Path,
     /// An array of CIDR prefixes.
     Prefixes,
+    /// An array of paths, whose last component may hold the wildcards `*` and `?`.
+    Patterns,
     /// A rate, `"COUNT/PERIOD"` ([`crate::rate::Rate::parse`]).
     Rate,
     /// A table, read by the listener's service.
@@ -108,7 +110,7 @@ impl Key {
         self.name.split_once('.').map_or(self.name, |(_, field)| field)
     }
 
-    /// Its section: `daemon`, `log` or `listener`.
+    /// Its section: `daemon`, `log` or `listener`; empty for a key of the top level.
     pub fn section(&self) -> &'static str {
         self.name.split_once('.').map_or("", |(section, _)| section)
     }
@@ -157,6 +159,9 @@ use Kind::{Boolean, Integer, OneOf, Prefixes, Table};
 const U32: i64 = u32::MAX as i64;
 
 keys! {
+    INCLUDE "include": Kind::Patterns, Value("[]"), "", Applies,
+        "Files of more [[listener]] blocks, read in name order; a reload reads them again.";
+
     WORKERS "daemon.workers": Kind::Workers, Value("\"auto\""), "processes", UpToStart,
         "Worker processes to keep running, or \"auto\" for one per CPU.";
     GRACEFUL_TIMEOUT "daemon.graceful_timeout": Kind::Duration, Value("\"30s\""), "", Applies,
@@ -282,7 +287,7 @@ mod tests {
         let mut seen = HashSet::new();
         for key in KEYS {
             assert!(seen.insert(key.name), "{} twice", key.name);
-            assert!(["daemon", "log", "listener"].contains(&key.section()), "{}", key.name);
+            assert!(["", "daemon", "log", "listener"].contains(&key.section()), "{}", key.name);
             assert!(key.doc.ends_with('.'), "{}: a doc line is a sentence", key.name);
         }
     }
@@ -296,7 +301,7 @@ mod tests {
                     .default_as::<Spanned<i64>>()
                     .is_some_and(|v| (min..=max).contains(v.get_ref())),
                 Kind::Boolean => key.default_as::<bool>().is_some(),
-                Kind::Prefixes => key.default_as::<Vec<String>>().is_some(),
+                Kind::Prefixes | Kind::Patterns => key.default_as::<Vec<String>>().is_some(),
                 Kind::Duration => key.default_duration().is_some(),
                 Kind::OneOf(words) => {
                     key.default_as::<String>().is_some_and(|w| words.contains(&w.as_str()))

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
+use super::environment::{ListenerNeed, Needs};
 use super::file::{FileConfig, ListenerSection, WorkersValue};
 use super::keys::{self, Key, Kind};
 use super::{
@@ -214,13 +215,24 @@ impl Checker<'_> {
 /// found before, by [`super::file::read`]).
 /// `options` holds each listener's `[listener.options]` table (by index), which the
 /// listener's service in `services` reads.
+///
+/// `needs` receives what startup will ask of this machine (users, directories, addresses) as
+/// far as the file says it, even when other keys are invalid, so that `preforkd check` can
+/// report those problems in the same run ([`super::environment::check`]).
 pub fn validate(
     file: FileConfig,
     options: Vec<Option<Spanned<DeTable<'_>>>>,
     services: &Registry,
     issues: &mut Vec<RawIssue>,
+    needs: &mut Needs,
 ) -> Option<Config> {
     let mut check = Checker { issues, listener: None };
+    // The patterns themselves were followed by `include::expand`; only their form is left.
+    for pattern in file.include.as_ref().map(Spanned::get_ref).into_iter().flatten() {
+        if pattern.get_ref().is_empty() {
+            check.report(pattern.span(), keys::INCLUDE.name, "must be a path, not empty");
+        }
+    }
     let daemon_section = file.daemon.unwrap_or_default();
     let log_section = file.log.unwrap_or_default();
 
@@ -293,6 +305,10 @@ pub fn validate(
     let rlimit_nofile =
         check.integer(daemon_section.rlimit_nofile.as_ref(), &keys::RLIMIT_NOFILE) as u64;
     let daemonize = check.boolean(daemon_section.daemonize.as_ref(), &keys::DAEMONIZE);
+    needs.user = user.clone().filter(|u| !u.is_empty());
+    needs.group = group.clone().filter(|g| !g.is_empty());
+    needs.allow_root_workers = allow_root_workers;
+    needs.pid_file.clone_from(&pid_file);
 
     let target = check.choice(log_section.target.as_ref(), &keys::TARGET, |s| {
         ["stderr", "syslog", "file"].into_iter().find(|t| *t == s)
@@ -320,6 +336,7 @@ pub fn validate(
         (Some("stderr"), _, _) => Some(LogTarget::Stderr),
         _ => None,
     };
+    needs.log_target.clone_from(&log_target);
 
     if file.listener.is_empty() {
         check.report(0..0, "listener", "no [[listener]] is configured: at least one is required");
@@ -361,6 +378,7 @@ pub fn validate(
             table,
             services,
             &network,
+            needs,
         ) {
             if listener.address.port() != 0
                 && let Some(first) = addresses.insert((listener.transport, listener.address), index)
@@ -444,6 +462,7 @@ struct NetworkDefaults {
     trusted_proxies: Vec<IpNet>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn validate_listener(
     check: &mut Checker<'_>,
     index: usize,
@@ -452,10 +471,18 @@ fn validate_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
+    needs: &mut Needs,
 ) -> Option<ListenerConfig> {
     check.listener = Some(index);
-    let listener = read_listener(check, span, section, options_table, services, network);
+    let reuseport = section.reuseport.as_ref().is_some_and(|r| *r.get_ref());
+    // Its address, whenever it parses: `check` tries it on this machine in any case.
+    let mut address = None;
+    let listener =
+        read_listener(check, span, section, options_table, services, network, &mut address);
     check.listener = None;
+    if let Some(address) = address {
+        needs.listeners.push(ListenerNeed { index, address, reuseport });
+    }
     listener
 }
 
@@ -466,6 +493,7 @@ fn read_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
+    parsed_address: &mut Option<SocketAddr>,
 ) -> Option<ListenerConfig> {
     let mut complete = true;
     let mut required =
@@ -493,7 +521,10 @@ fn read_listener(
     }
     let address = match (&address_text, &section.address) {
         (Some(text), Some(value)) => match text.parse::<SocketAddr>() {
-            Ok(address) => Some(address),
+            Ok(address) => {
+                *parsed_address = Some(address);
+                Some(address)
+            }
             Err(_) => {
                 check.report(
                     value.span(),
@@ -505,16 +536,23 @@ fn read_listener(
         },
         _ => None,
     };
+    // A built-in whose options are invalid is built once more, leniently, only to learn the
+    // transports it serves, so a wrong `transport` is reported in the same run.
+    let mut probed = None;
     let service = match (&service_text, &section.service) {
         (Some(text), Some(value)) => {
             let written = section.options.as_ref().map(|o| o.get_ref().clone()).unwrap_or_default();
             let prefix = check.label(&keys::OPTIONS);
+            let probe_table = options_table.clone();
             let mut options = Options::new(options_table, &prefix, span.clone(), check.issues);
             match services.build(text, &mut options) {
                 Some(Ok(service)) => {
                     Some(ServiceConfig { name: text.clone(), options: written, service })
                 }
-                Some(Err(_)) => None,
+                Some(Err(_)) => {
+                    probed = services.probe_builtin(text, probe_table, span.clone());
+                    None
+                }
                 None => {
                     check.report(
                         value.span(),
@@ -597,10 +635,11 @@ fn read_listener(
         [ListenerTransport::Tcp, ListenerTransport::Udp].into_iter().find(|t| t.name() == s)
     });
     let transport_span = section.transport.as_ref().map_or(span.clone(), Spanned::span);
-    if let (Some(service), Some(text), Some(transport)) = (&service, &service_text, transport) {
+    let built = service.as_ref().map(|s| &s.service).or(probed.as_ref());
+    if let (Some(service), Some(text), Some(transport)) = (built, &service_text, transport) {
         let refusal = match transport {
-            ListenerTransport::Tcp => service.service.stream().err(),
-            ListenerTransport::Udp => service.service.datagram().err(),
+            ListenerTransport::Tcp => service.stream().err(),
+            ListenerTransport::Udp => service.datagram().err(),
         };
         if let Some(reason) = refusal {
             check.report(

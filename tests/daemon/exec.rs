@@ -245,7 +245,8 @@ fn check_refuses_what_exec_cannot_run() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+        "[daemon]\nallow_root_workers = true\n\
+         [[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
          [listener.options]\nprogram = \"bin/cat\"\nenv = { PROTO = \"UDP\" }\n\
          max_lifetime = \"soon\"\nstderr = \"file\"\ncolour = 1\n\
          [[listener]]\nname = \"y\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
