@@ -223,3 +223,57 @@ pub fn limit(addr: SocketAddr, count: usize) -> Report {
     report.note = format!("{} of {count} from one address served", report.operations);
     report
 }
+
+/// `exchanges`: one client, a fixed amount of work whatever the speed (for instruction counts
+/// under callgrind, where a duration would measure valgrind): `small` exchanges of 64 B on
+/// one connection, `large` of 16 KiB on another, then `short` connections of one 64 B
+/// exchange each. Every echoed byte is verified; each operation times out after 5 s.
+pub fn exchanges(addr: SocketAddr, small: u64, large: u64, short: u64) -> Report {
+    let started = Instant::now();
+    let mut report = Report::default();
+    for (size, count) in [(64, small), (16 * 1024, large)] {
+        let message = pattern(size, count);
+        let mut echoed = vec![0u8; size];
+        let Ok(mut stream) = connect_from(2, addr) else {
+            report.errors += count;
+            continue;
+        };
+        for _ in 0..count {
+            match stream.write_all(&message).and_then(|()| stream.read_exact(&mut echoed)) {
+                Ok(()) if echoed == message => {
+                    report.operations += 1;
+                    report.bytes += size as u64;
+                }
+                _ => {
+                    report.errors += 1;
+                    break;
+                }
+            }
+        }
+    }
+    let message = pattern(64, short);
+    let mut echoed = [0u8; 64];
+    for _ in 0..short {
+        let outcome = connect_from(2, addr).and_then(|mut stream| {
+            stream.write_all(&message)?;
+            stream.read_exact(&mut echoed)?;
+            // Wait for the server's side to end too (our FIN read, its FIN back), so the
+            // next connection's events do not mix with this one's close.
+            stream.shutdown(std::net::Shutdown::Write)?;
+            let mut rest = [0u8; 1];
+            match stream.read(&mut rest)? {
+                0 => Ok(()),
+                _ => Err(ErrorKind::InvalidData.into()),
+            }
+        });
+        match outcome {
+            Ok(()) if echoed[..] == message[..] => {
+                report.operations += 1;
+                report.bytes += 64;
+            }
+            _ => report.errors += 1,
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}

@@ -96,6 +96,23 @@ enum Verb {
         #[arg(short, long, default_value_t = 5)]
         duration: u64,
     },
+    /// A fixed amount of echo work from one client, whatever the speed (bench/callgrind-echo.sh
+    /// counts the worker's instructions under it): exchanges of 64 B and of 16 KiB on two
+    /// connections, then short connections of one 64 B exchange each.
+    Exchanges {
+        /// Server address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Exchanges of 64 B on one connection.
+        #[arg(long, default_value_t = 20_000)]
+        small: u64,
+        /// Exchanges of 16 KiB on one connection.
+        #[arg(long, default_value_t = 2_000)]
+        large: u64,
+        /// Short connections (one 64 B exchange, then both sides close).
+        #[arg(long, default_value_t = 2_000)]
+        short: u64,
+    },
 }
 
 fn main() {
@@ -116,6 +133,19 @@ fn main() {
                 report.percentile(0.999),
                 report.errors
             );
+        }
+        Verb::Exchanges { addr, small, large, short } => {
+            let report = load::exchanges(addr, small, large, short);
+            println!(
+                "{} operations, {} bytes echoed, {} errors, {:.1} s",
+                report.operations,
+                report.bytes,
+                report.errors,
+                report.elapsed.as_secs_f64()
+            );
+            if report.errors > 0 {
+                std::process::exit(1);
+            }
         }
         Verb::Relay { seconds, short_clients, only, rounds } => {
             relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))

@@ -1,155 +1,97 @@
-//! A client connection as the worker loop sees it, and the idle-deadline rules.
+//! A client connection as the worker loop sees it: its socket, its session, its state (see
+//! `phase.rs`) and what it has moved.
 //!
-//! Pure data and pure functions of `now`, so the timeout policy is unit-tested without
-//! sockets or clocks.
+//! Runs in workers. Data only; the connection table (`connections.rs`) owns every `Conn`.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::RawFd;
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 
 use crate::limits::Ticket;
-use crate::poller::Interest;
-pub use crate::services::CloseReason;
+use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
-/// Short until the first completed exchange, long (kept-alive) after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnKind {
-    /// No exchange completed yet: `short_idle_timeout` applies.
-    Short,
-    /// At least one exchange completed and the connection was kept: `long_idle_timeout`.
-    Long,
-}
+use super::phase::ConnState;
 
-/// When a connection of `kind`, last active at `last_activity`, is to be closed as idle;
-/// `None` when the applicable timeout is disabled.
-pub fn idle_deadline(
-    kind: ConnKind,
-    last_activity: Instant,
-    short: Option<Duration>,
-    long: Option<Duration>,
-) -> Option<Instant> {
-    let timeout = match kind {
-        ConnKind::Short => short,
-        ConnKind::Long => long,
-    }?;
-    last_activity.checked_add(timeout)
-}
-
-/// The close reason for an idle connection of `kind`.
-pub fn idle_reason(kind: ConnKind) -> CloseReason {
-    match kind {
-        ConnKind::Short => CloseReason::IdleShort,
-        ConnKind::Long => CloseReason::IdleLong,
-    }
-}
-
-/// Where a connection stands in a hand-off to the serving generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandOff {
-    /// Served here; once the worker retires, offered at its next rest.
-    Local,
-    /// Offered (the `tries`th time): the socket is not watched and not touched until the
-    /// answer.
-    Offered {
-        /// Offers made, this one included.
-        tries: u32,
-    },
-    /// A retry came due: offered again at its next rest. `tries` so far.
-    Pending {
-        /// Offers made.
-        tries: u32,
-    },
-    /// Nobody could take it: offered again at its first rest after `at`. `tries` so far.
-    Retry {
-        /// Not before.
-        at: Instant,
-        /// Offers made.
-        tries: u32,
-    },
-    /// Not to be handed off (refused, or its session cannot be): it finishes here.
-    Never,
-}
-
-/// One accepted client connection.
+/// One accepted (or adopted) client connection.
 pub struct Conn {
-    /// The non-blocking socket.
+    /// The non-blocking socket (blocking while an exec child owns it).
     pub stream: TcpStream,
     /// Index of the listener it came in on.
     pub listener: usize,
     /// The client's address.
     pub peer: SocketAddr,
-    /// The service's per-connection state.
-    pub session: Box<dyn Session>,
-    /// Short or long.
-    pub kind: ConnKind,
-    /// Accept time.
-    pub opened: Instant,
-    /// Last time a byte moved (or accept time).
-    pub last_activity: Instant,
-    /// Bytes and exchanges so far.
-    pub totals: Progress,
-    /// The per-client limits record, when the listener has limits.
-    pub ticket: Option<Ticket>,
     /// The PROXY protocol proxy it came through (`peer` is then the client the header named).
     pub proxy: Option<SocketAddr>,
-    /// Close as soon as no exchange is in flight, for this reason.
-    pub close_at_rest: Option<CloseReason>,
-    /// Lingering close under way: our FIN is sent, the client's remaining input is read and
-    /// discarded until its FIN or the deadline, then the connection is closed for the reason.
-    pub lingering: Option<(CloseReason, Instant)>,
+    /// The service's per-connection state.
+    pub session: Box<dyn Session>,
+    /// Phase, kind, last activity, the session's timer.
+    pub state: ConnState,
+    /// Accept time.
+    pub opened: Instant,
+    /// Bytes and exchanges so far.
+    pub totals: Progress,
+    /// The per-client limits record, when the listener counts connections.
+    pub ticket: Option<Ticket>,
     /// The interest registered with the poller.
     pub interest: Interest,
-    /// Unique among this worker's connections: tells a timer entry for this connection from
-    /// one for an earlier connection on the same descriptor.
-    pub serial: u64,
-    /// The earliest deadline this connection has in the worker's timer heap, if any.
-    pub scheduled: Option<Instant>,
-    /// The session's timer ([`crate::services::Context::set_timer`]).
-    pub timer: Option<Instant>,
     /// Descriptors the session watches besides the client socket.
     pub extras: Vec<RawFd>,
-    /// Hand-off to the serving generation.
-    pub handoff: HandOff,
 }
 
 impl Conn {
     /// Adds one callback's progress; any byte moved counts as activity.
+    #[inline]
     pub fn record(&mut self, progress: Progress, now: Instant) {
         self.totals.bytes_in += progress.bytes_in;
         self.totals.bytes_out += progress.bytes_out;
         self.totals.exchanges += progress.exchanges;
         if progress.moved() {
-            self.last_activity = now;
+            self.state.last_activity = now;
         }
     }
 
-    /// What the poller should watch for this connection now.
-    pub fn wanted_interest(&self) -> Interest {
+    /// Registers with `poller` what the session now wants the socket (descriptor `fd`)
+    /// watched for, if that changed.
+    #[inline]
+    pub fn update_interest(&mut self, fd: usize, poller: &mut dyn Poller) {
         let Interest { read, write, .. } = self.session.interest();
-        Interest { read, write, exclusive: false }
+        let wanted = Interest { read, write, exclusive: false };
+        if wanted != self.interest {
+            self.interest = wanted;
+            // Cannot fail: the descriptor was accepted by this poller's check.
+            let _ = poller.set(fd as RawFd, wanted);
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn short_and_long_connections_get_their_own_timeout() {
-        let t0 = Instant::now();
-        let short = Some(Duration::from_secs(10));
-        let long = Some(Duration::from_secs(300));
-        assert_eq!(
-            idle_deadline(ConnKind::Short, t0, short, long),
-            Some(t0 + Duration::from_secs(10))
-        );
-        assert_eq!(
-            idle_deadline(ConnKind::Long, t0, short, long),
-            Some(t0 + Duration::from_secs(300))
-        );
-        assert_eq!(idle_deadline(ConnKind::Short, t0, None, long), None, "0 disables");
-        assert_eq!(idle_reason(ConnKind::Short), CloseReason::IdleShort);
-        assert_eq!(idle_reason(ConnKind::Long).as_str(), "idle-long");
+/// Whether the client's socket holds unread input: a peek that never blocks, even on an exec
+/// child's socket, which stays in blocking mode. An interrupted peek counts as input (the
+/// connection is not closed on its word).
+pub fn unread_input(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(stream.as_raw_fd(), &mut byte, flags) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(error) => error == Errno::EINTR,
     }
+}
+
+/// Reads and throws away whatever the client sent; true once the client's FIN (or an error)
+/// is seen, i.e. a lingering close may finish.
+pub fn discard_input(stream: &TcpStream) -> bool {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        // MSG_DONTWAIT: an exec child's socket is still in blocking mode when it ends.
+        match nix::sys::socket::recv(stream.as_raw_fd(), &mut sink, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return true,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(error) => return error != Errno::EAGAIN,
+        }
+    }
+    false
 }

@@ -1,19 +1,85 @@
-//! The worker's per-listener counters, gathered in private memory and published on the
-//! scoreboard's listener rows with the worker's other counters (see `Worker::publish`), so
-//! counting a connection, a refusal or a byte writes no shared memory.
+//! The worker's counters not yet on the scoreboard: worker-wide ([`Counters`]) and per
+//! listener ([`Tally`], one in each entry of the listeners table). Gathered in private memory
+//! and published at most every `PUBLISH_INTERVAL` (see `Worker::publish`), so counting a
+//! connection, a refusal or a byte writes no shared memory.
 //!
-//! Runs in workers. Indexed by listener index in the worker's configuration; published under
-//! each listener's stable id (ids past the scoreboard's rows are not published).
+//! Runs in workers. A listener's tally is published under its stable id (ids past the
+//! scoreboard's rows are not published).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::refusal_of;
-use crate::scoreboard::{CLOSES, Close, ListenerScore, REFUSALS};
+use crate::scoreboard::{CLOSES, Close, ListenerScore, REFUSALS, Refusal, WorkerScore};
 use crate::services::{CloseReason, Progress};
+
+/// The worker's counts since the last publication.
+#[derive(Debug, Default)]
+pub struct Counters {
+    bytes_in: u64,
+    bytes_out: u64,
+    accepted: u64,
+    /// Refusals by [`Refusal`].
+    refused: [u64; REFUSALS],
+    /// Times the worker became full.
+    full: u64,
+    /// Anything happened (the open count may have changed too).
+    dirty: bool,
+}
+
+impl Counters {
+    /// Whether anything happened since the last publication.
+    #[inline]
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Something changed that the scoreboard shows (an open count).
+    #[inline]
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Bytes moved.
+    #[inline]
+    pub fn moved(&mut self, bytes_in: u64, bytes_out: u64) {
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+        self.dirty = true;
+    }
+
+    /// A connection or a flow was accepted.
+    pub fn accepted(&mut self) {
+        self.accepted += 1;
+        self.dirty = true;
+    }
+
+    /// A connection was refused.
+    pub fn refused(&mut self, refusal: Refusal) {
+        self.refused[refusal as usize] += 1;
+        self.dirty = true;
+    }
+
+    /// The worker became full.
+    pub fn became_full(&mut self) {
+        self.full += 1;
+        self.dirty = true;
+    }
+
+    /// Adds the counts to the worker's scoreboard slot and starts counting afresh.
+    pub fn publish(&mut self, score: &WorkerScore) {
+        let counts = std::mem::take(self);
+        score.bytes_in.fetch_add(counts.bytes_in, Ordering::Relaxed);
+        score.bytes_out.fetch_add(counts.bytes_out, Ordering::Relaxed);
+        score.accepted.fetch_add(counts.accepted, Ordering::Relaxed);
+        for (counter, n) in score.refused.iter().zip(counts.refused) {
+            add(counter, n);
+        }
+        score.full.fetch_add(counts.full, Ordering::Relaxed);
+    }
+}
 
 /// One listener's counts since the last publication, and its open connections.
 #[derive(Debug, Default, Clone)]
-struct Tally {
+pub struct Tally {
     /// Connections open now (a level, not reset by publishing).
     open: u64,
     accepted: u64,
@@ -25,14 +91,22 @@ struct Tally {
     adopted: u64,
 }
 
-/// Per-listener counters not yet on the scoreboard.
-#[derive(Debug, Default)]
-pub(super) struct ListenerTallies {
-    tallies: Vec<Tally>,
+/// The refusal counter a close reason counts in, if it is a refusal (summarized in the log
+/// instead of one access line each).
+pub fn refusal_of(reason: CloseReason) -> Option<Refusal> {
+    Some(match reason {
+        CloseReason::Denied => Refusal::Denied,
+        CloseReason::Rate => Refusal::Rate,
+        CloseReason::Limit => Refusal::Limit,
+        CloseReason::ListenerFull => Refusal::ListenerFull,
+        CloseReason::Shed => Refusal::Shed,
+        CloseReason::ProxyHeader => Refusal::ProxyHeader,
+        _ => return None,
+    })
 }
 
 /// The close counter of a served connection's `reason`.
-pub(super) fn close_of(reason: CloseReason) -> Close {
+pub fn close_of(reason: CloseReason) -> Close {
     match reason {
         CloseReason::ClientClose => Close::ClientClose,
         CloseReason::ServerClose => Close::ServerClose,
@@ -52,115 +126,96 @@ pub(super) fn close_of(reason: CloseReason) -> Close {
     }
 }
 
-impl ListenerTallies {
-    /// Tallies for `listeners` listeners.
-    pub(super) fn new(listeners: usize) -> Self {
-        ListenerTallies { tallies: vec![Tally::default(); listeners] }
+fn add(counter: &AtomicU64, n: u64) {
+    if n > 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Tally {
+    /// A connection was accepted and is served.
+    pub fn accepted(&mut self) {
+        self.accepted += 1;
+        self.open += 1;
     }
 
-    fn tally(&mut self, listener: usize) -> Option<&mut Tally> {
-        self.tallies.get_mut(listener)
+    /// A served connection is closed (its reason comes through [`Tally::ended`]).
+    pub fn finished(&mut self) {
+        self.open = self.open.saturating_sub(1);
     }
 
-    /// A connection of `listener` was accepted and is served.
-    pub(super) fn accepted(&mut self, listener: usize) {
-        if let Some(tally) = self.tally(listener) {
-            tally.accepted += 1;
-            tally.open += 1;
-        }
+    /// A connection was handed to a worker of the serving generation (it is no longer open
+    /// here).
+    pub fn handed_off(&mut self) {
+        self.handed_off += 1;
+        self.open = self.open.saturating_sub(1);
     }
 
-    /// A served connection of `listener` is closed (its reason comes through
-    /// [`ListenerTallies::ended`]).
-    pub(super) fn finished(&mut self, listener: usize) {
-        if let Some(tally) = self.tally(listener) {
-            tally.open = tally.open.saturating_sub(1);
-        }
+    /// A connection a retiring worker handed off was adopted (open here now).
+    pub fn adopted(&mut self) {
+        self.adopted += 1;
+        self.open += 1;
     }
 
-    /// A connection of `listener` was handed to a worker of the serving generation (it is
-    /// no longer open here).
-    pub(super) fn handed_off(&mut self, listener: usize) {
-        if let Some(tally) = self.tally(listener) {
-            tally.handed_off += 1;
-            tally.open = tally.open.saturating_sub(1);
-        }
-    }
-
-    /// A connection a retiring worker handed off was adopted on `listener` (open here now).
-    pub(super) fn adopted(&mut self, listener: usize) {
-        if let Some(tally) = self.tally(listener) {
-            tally.adopted += 1;
-            tally.open += 1;
-        }
-    }
-
-    /// A connection of `listener` ended with `reason`: a refusal, or a close.
-    pub(super) fn ended(&mut self, listener: usize, reason: CloseReason) {
-        let Some(tally) = self.tally(listener) else { return };
+    /// A connection ended with `reason`: a refusal, or a close.
+    pub fn ended(&mut self, reason: CloseReason) {
         match refusal_of(reason) {
-            Some(refusal) => tally.refused[refusal as usize] += 1,
-            None => tally.closed[close_of(reason) as usize] += 1,
+            Some(refusal) => self.refused[refusal as usize] += 1,
+            None => self.closed[close_of(reason) as usize] += 1,
         }
     }
 
-    /// Bytes moved on a connection of `listener`.
-    pub(super) fn moved(&mut self, listener: usize, progress: Progress) {
-        if let Some(tally) = self.tally(listener) {
-            tally.bytes_in += progress.bytes_in;
-            tally.bytes_out += progress.bytes_out;
-        }
+    /// Bytes moved on a connection.
+    #[inline]
+    pub fn moved(&mut self, progress: Progress) {
+        self.bytes_in += progress.bytes_in;
+        self.bytes_out += progress.bytes_out;
     }
 
-    /// Adds the counts to `rows` (this worker's scoreboard rows, by listener id; `ids` maps
-    /// listener index to id) and starts counting afresh; stores each open count.
-    pub(super) fn publish(&mut self, rows: &[ListenerScore], ids: &[u16]) {
-        for (tally, &id) in self.tallies.iter_mut().zip(ids) {
-            let open = tally.open;
-            let counts = std::mem::replace(tally, Tally { open, ..Tally::default() });
-            // Ids past the table (`LISTENER_ROWS`) have no row.
-            let Some(row) = rows.get(usize::from(id)) else { continue };
-            let add = |counter: &std::sync::atomic::AtomicU64, n: u64| {
-                if n > 0 {
-                    counter.fetch_add(n, Ordering::Relaxed);
-                }
-            };
-            add(&row.accepted, counts.accepted);
-            add(&row.bytes_in, counts.bytes_in);
-            add(&row.bytes_out, counts.bytes_out);
-            add(&row.handed_off, counts.handed_off);
-            add(&row.adopted, counts.adopted);
-            for (counter, n) in row.refused.iter().zip(counts.refused) {
-                add(counter, n);
-            }
-            for (counter, n) in row.closed.iter().zip(counts.closed) {
-                add(counter, n);
-            }
-            row.open.store(open, Ordering::Relaxed);
+    /// Adds the counts to `row` (the listener's row in this worker's scoreboard rows, if it
+    /// has one) and starts counting afresh; stores the open count.
+    pub fn publish(&mut self, row: Option<&ListenerScore>) {
+        let open = self.open;
+        let counts = std::mem::replace(self, Tally { open, ..Tally::default() });
+        // Ids past the table (`LISTENER_ROWS`) have no row.
+        let Some(row) = row else { return };
+        add(&row.accepted, counts.accepted);
+        add(&row.bytes_in, counts.bytes_in);
+        add(&row.bytes_out, counts.bytes_out);
+        add(&row.handed_off, counts.handed_off);
+        add(&row.adopted, counts.adopted);
+        for (counter, n) in row.refused.iter().zip(counts.refused) {
+            add(counter, n);
         }
+        for (counter, n) in row.closed.iter().zip(counts.closed) {
+            add(counter, n);
+        }
+        row.open.store(open, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scoreboard::{Refusal, Scoreboard};
+    use crate::scoreboard::Scoreboard;
 
     #[test]
-    fn counts_reach_the_row_of_the_listener_id_once() {
+    fn a_tally_reaches_its_row_once() {
         let board = Scoreboard::create(None, 1).unwrap();
-        let mut tallies = ListenerTallies::new(2);
-        tallies.accepted(1);
-        tallies.accepted(1);
-        tallies.moved(1, Progress { bytes_in: 5, bytes_out: 7, exchanges: 1 });
-        tallies.finished(1);
-        tallies.ended(1, CloseReason::ClientClose);
-        tallies.ended(0, CloseReason::Rate);
-        tallies.ended(0, CloseReason::Service("line-too-long"));
-        let ids = [3, 9];
-        tallies.publish(board.listener_rows(0), &ids);
-        tallies.publish(board.listener_rows(0), &ids);
-        let (first, second) = (&board.listener_rows(0)[3], &board.listener_rows(0)[9]);
+        let rows = board.listener_rows(0);
+        let (mut first, mut second) = (Tally::default(), Tally::default());
+        second.accepted();
+        second.accepted();
+        second.moved(Progress { bytes_in: 5, bytes_out: 7, exchanges: 1 });
+        second.finished();
+        second.ended(CloseReason::ClientClose);
+        first.ended(CloseReason::Rate);
+        first.ended(CloseReason::Service("line-too-long"));
+        for _ in 0..2 {
+            first.publish(rows.get(3));
+            second.publish(rows.get(9));
+        }
+        let (first, second) = (&rows[3], &rows[9]);
         assert_eq!(second.accepted.load(Ordering::Relaxed), 2, "published once");
         assert_eq!(second.open.load(Ordering::Relaxed), 1);
         assert_eq!(second.bytes_out.load(Ordering::Relaxed), 7);
@@ -168,5 +223,25 @@ mod tests {
         assert_eq!(first.refused[Refusal::Rate as usize].load(Ordering::Relaxed), 1);
         assert_eq!(first.closed[Close::Service as usize].load(Ordering::Relaxed), 1);
         assert_eq!(first.accepted.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn worker_counts_are_published_once() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let mut counters = Counters::default();
+        assert!(!counters.dirty());
+        counters.accepted();
+        counters.moved(3, 4);
+        counters.refused(Refusal::Shed);
+        counters.became_full();
+        assert!(counters.dirty());
+        let score = board.slot(0);
+        counters.publish(score);
+        counters.publish(score);
+        assert!(!counters.dirty());
+        assert_eq!(score.accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(score.bytes_out.load(Ordering::Relaxed), 4);
+        assert_eq!(score.refused[Refusal::Shed as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(score.full.load(Ordering::Relaxed), 1);
     }
 }

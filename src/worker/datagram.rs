@@ -9,7 +9,7 @@
 //! - a flow is admitted like a connection: against the worker's descriptor budget and the
 //!   client's `max_connections_per_client` in the shared table, and its record is released
 //!   when it ends, whatever the way;
-//! - a flow's deadlines sit in their own heap, about one entry per flow: a deadline that
+//! - flows live in the worker's generic table (`table.rs`), by descriptor: a deadline that
 //!   moves later costs nothing until its entry comes due, then it is pushed again; entries
 //!   of flows gone are skipped by serial;
 //! - datagrams are not connections: they get a summary access line per listener at most
@@ -17,8 +17,6 @@
 //! - a flow that waits for its peer is busy-polled ([`BusyPoll`]: the loop polls with a zero
 //!   timeout) only while it is the worker's only work, and never past its budget.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -26,12 +24,13 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, SockaddrStorage, recvfrom, sendto};
 
-use super::{Intake, Worker};
-use crate::limits::{Admission, Ticket};
-use crate::limits::{DatagramRates, Verdict};
+use crate::limits::{Admission, DatagramRates, Ticket, Verdict};
 use crate::logging::ACCESS_TARGET;
 use crate::poller::Interest;
 use crate::services::{Answer, Flow, Step};
+
+use super::env::Env;
+use super::table::Table;
 
 /// Datagrams read from one ready socket per turn at most.
 pub const DATAGRAM_BATCH: usize = 64;
@@ -93,28 +92,26 @@ struct BusyWait {
     until: Instant,
 }
 
-/// One running flow.
+/// One running flow (its serial and timer bookkeeping are the table's).
 struct FlowEntry {
     flow: Box<dyn Flow>,
     listener: usize,
     peer: SocketAddr,
     opened: Instant,
     ticket: Option<Ticket>,
-    serial: u64,
-    /// The deadline in force.
+    /// The deadline in force. A deadline that moves later (every block sent) costs no heap
+    /// operation: the table's entry is checked when it comes due and pushed again at the
+    /// deadline then in force, so the heap holds about one entry per flow instead of one
+    /// per packet.
     deadline: Option<Instant>,
-    /// The earliest entry this flow has in the timer heap. A deadline that moves later
-    /// (every block sent) costs no heap operation: the entry is checked when it comes due
-    /// and pushed again at the deadline then in force, so the heap holds about one entry
-    /// per flow instead of one per packet.
-    scheduled: Option<Instant>,
     /// Busy polling for the peer's answers.
     busy: BusyPoll,
 }
 
-/// Counters of one UDP listener since its last summary line.
+/// Counters of one UDP listener since its last summary line (kept in its entry of the
+/// listeners table).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Totals {
+pub struct Totals {
     received: u64,
     answered: u64,
     over_rate: u64,
@@ -124,76 +121,26 @@ struct Totals {
     bytes_out: u64,
 }
 
-/// The worker's UDP state.
-pub(super) struct Datagrams {
+/// The worker's UDP state: its flows and the buffers of its listeners' datagrams.
+pub struct Datagrams {
     /// Flows by the descriptor of their socket.
-    flows: Vec<Option<FlowEntry>>,
-    count: usize,
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    next_serial: u64,
+    flows: Table<FlowEntry>,
     buffer: Vec<u8>,
     reply: Vec<u8>,
-    totals: Vec<Totals>,
     last_summary: Instant,
     /// The flow polled for, if any (see [`BusyPoll`]).
     busy: Option<BusyWait>,
 }
 
-impl Datagrams {
-    pub(super) fn new(listeners: usize) -> Self {
+impl Default for Datagrams {
+    fn default() -> Self {
         Datagrams {
-            flows: Vec::new(),
-            count: 0,
-            timers: BinaryHeap::new(),
-            next_serial: 0,
+            flows: Table::default(),
             buffer: Vec::new(),
             reply: Vec::new(),
-            totals: vec![Totals::default(); listeners],
             last_summary: Instant::now(),
             busy: None,
         }
-    }
-
-    /// Flows running: each holds a descriptor of the worker's budget.
-    pub(super) fn flows(&self) -> usize {
-        self.count
-    }
-
-    /// Whether `fd` is a flow's socket.
-    pub(super) fn owns(&self, fd: RawFd) -> bool {
-        usize::try_from(fd).ok().and_then(|i| self.flows.get(i)).is_some_and(Option::is_some)
-    }
-
-    /// Whether one flow is the worker's only work, with `connections` open besides (served
-    /// connections and PROXY headers being read): the condition for busy polling.
-    fn alone(&self, connections: usize) -> bool {
-        self.count == 1 && connections == 0
-    }
-
-    /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
-    /// that has passed counts as a miss of its flow and ends the polling; so does other
-    /// work arriving (another flow, or `connections` above 0), without counting a miss.
-    pub(super) fn busy_polling(&mut self, now: Instant, connections: usize) -> bool {
-        let Some(busy) = self.busy else { return false };
-        if !self.alone(connections) {
-            self.busy = None;
-            return false;
-        }
-        if now < busy.until {
-            return true;
-        }
-        self.busy = None;
-        if let Some(entry) = self.flows.get_mut(busy.fd).and_then(Option::as_mut)
-            && entry.serial == busy.serial
-        {
-            entry.busy.missed();
-        }
-        false
-    }
-
-    /// The earliest flow deadline (possibly stale: an early wake-up only).
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _, _))| *at)
     }
 }
 
@@ -205,23 +152,75 @@ fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
     address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
-impl Worker<'_> {
+impl Datagrams {
+    /// Flows running: each holds a descriptor of the worker's budget.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether `fd` is a flow's socket.
+    #[inline]
+    pub fn owns(&self, fd: RawFd) -> bool {
+        usize::try_from(fd).is_ok_and(|fd| self.flows.contains(fd))
+    }
+
+    /// Whether one flow is the worker's only work, with `connections` open besides (served
+    /// connections and PROXY headers being read): the condition for busy polling.
+    #[inline]
+    fn alone(&self, connections: usize) -> bool {
+        self.flows.len() == 1 && connections == 0
+    }
+
+    /// Whether the loop should poll with a zero timeout now (see [`BusyPoll`]). A budget
+    /// that has passed counts as a miss of its flow and ends the polling; so does other
+    /// work arriving (another flow, or `connections` above 0), without counting a miss.
+    #[inline]
+    pub fn busy_polling(&mut self, now: Instant, connections: usize) -> bool {
+        let Some(busy) = self.busy else { return false };
+        if !self.alone(connections) {
+            self.busy = None;
+            return false;
+        }
+        if now < busy.until {
+            return true;
+        }
+        self.busy = None;
+        if let Some(entry) = self.flows.live_mut(busy.fd, busy.serial) {
+            entry.busy.missed();
+        }
+        false
+    }
+
+    /// The earliest flow deadline (possibly stale: an early wake-up only).
+    #[inline]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.flows.next_deadline()
+    }
+
     /// Reads datagrams from UDP listening descriptor `fd` (listener `index`) until
     /// `WouldBlock` or a batch, and hands each within its client's rate to the service.
-    pub(super) fn receive(&mut self, fd: RawFd, index: usize, now: Instant) {
-        let service = self.context.config.listeners[index].service.service.clone();
+    /// `held`: descriptors the worker holds against its budget besides its flows;
+    /// `draining`: the worker stops gracefully (new flows are refused).
+    pub fn receive(
+        &mut self,
+        fd: RawFd,
+        index: usize,
+        now: Instant,
+        env: &mut Env<'_>,
+        held: usize,
+        draining: bool,
+    ) {
+        let entry = &env.listeners[index];
+        let service = entry.policy.service.service.clone();
         let Ok(datagram) = service.datagram() else { return };
-        let rate = self.context.config.listeners[index].max_datagram_rate_per_client;
-        let (_, local) = match self.context.listeners.get(index) {
-            Some(listener) => (listener.id, listener.local_addr),
-            None => return,
-        };
-        let rates: &DatagramRates = self.context.rates;
-        if self.datagrams.buffer.len() < DATAGRAM_MAX {
-            self.datagrams.buffer.resize(DATAGRAM_MAX, 0);
+        let (rate, local) = (entry.policy.max_datagram_rate_per_client, entry.local);
+        let rates: &DatagramRates = env.rates;
+        if self.buffer.len() < DATAGRAM_MAX {
+            self.buffer.resize(DATAGRAM_MAX, 0);
         }
         for _ in 0..DATAGRAM_BATCH {
-            let (n, peer) = match recvfrom::<SockaddrStorage>(fd, &mut self.datagrams.buffer) {
+            let (n, peer) = match recvfrom::<SockaddrStorage>(fd, &mut self.buffer) {
                 Ok((n, Some(from))) => match socket_addr(&from) {
                     Some(peer) => (n, peer),
                     None => continue,
@@ -232,25 +231,24 @@ impl Worker<'_> {
                 // An ICMP error queued for an earlier reply: not this datagram's business.
                 Err(Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH) => continue,
                 Err(error) => {
-                    if let Some(held_back) = self.accept_error_log.allow(now) {
+                    if let Some(held_back) = env.books.accept_error_log.allow(now) {
                         log::error!(
                             "receive on {} failed: {error} ({held_back} similar errors not logged)",
-                            self.context.config.listeners[index].name
+                            env.listeners[index].policy.name
                         );
                     }
                     return;
                 }
             };
-            let totals = &mut self.datagrams.totals[index];
+            let totals = &mut env.listeners[index].datagrams;
             totals.received += 1;
             totals.bytes_in += n as u64;
-            self.unpublished.bytes_in += n as u64;
-            self.unpublished.dirty = true;
+            env.books.counters.moved(n as u64, 0);
             if let Some(rate) = rate {
-                let verdict = rates.take(self.client_key(index, peer), rate);
+                let verdict = rates.take(env.listeners[index].client_key(peer.ip()), rate);
                 if verdict.as_ref().is_ok_and(|v| *v != Verdict::Allowed) || verdict.is_err() {
-                    self.datagrams.totals[index].over_rate += 1;
-                    if let Some(held_back) = self.refusal_log.allow(now) {
+                    env.listeners[index].datagrams.over_rate += 1;
+                    if let Some(held_back) = env.books.refusal_log.allow(now) {
                         let why = match verdict {
                             Ok(Verdict::TableFull) => "the rate table is full".to_owned(),
                             Ok(_) => "max_datagram_rate_per_client reached".to_owned(),
@@ -259,255 +257,206 @@ impl Worker<'_> {
                         log::warn!(
                             "dropped datagrams from {} on {}: {why} ({held_back} refusals not logged)",
                             peer.ip(),
-                            self.context.config.listeners[index].name
+                            env.listeners[index].policy.name
                         );
                     }
                     continue;
                 }
             }
-            self.datagrams.reply.clear();
-            let request = &self.datagrams.buffer[..n];
-            match datagram.on_datagram(request, peer, local, now, &mut self.datagrams.reply) {
+            self.reply.clear();
+            let request = &self.buffer[..n];
+            match datagram.on_datagram(request, peer, local, now, &mut self.reply) {
                 Answer::Reply => {
-                    let reply = &self.datagrams.reply;
-                    let sent = sendto(fd, reply, &SockaddrStorage::from(peer), MsgFlags::empty());
-                    let totals = &mut self.datagrams.totals[index];
+                    let sent =
+                        sendto(fd, &self.reply, &SockaddrStorage::from(peer), MsgFlags::empty());
+                    let totals = &mut env.listeners[index].datagrams;
                     match sent {
                         Ok(sent) => {
                             totals.answered += 1;
                             totals.bytes_out += sent as u64;
-                            self.unpublished.bytes_out += sent as u64;
+                            env.books.counters.moved(0, sent as u64);
                         }
                         // A full send buffer drops the reply as the network could.
                         Err(_) => totals.ignored += 1,
                     }
                 }
-                Answer::Ignore => self.datagrams.totals[index].ignored += 1,
-                Answer::Flow(flow) => {
-                    self.datagrams.totals[index].flows += 1;
-                    self.start_flow(index, peer, flow, now);
+                Answer::Ignore => env.listeners[index].datagrams.ignored += 1,
+                Answer::Flow(mut flow) => {
+                    env.listeners[index].datagrams.flows += 1;
+                    let full = env.room(held + self.flows.len()) == 0;
+                    if draining || full {
+                        let reason = if draining { "shutdown" } else { "budget" };
+                        flow.refuse(reason);
+                        flow_line(env, index, peer, Duration::ZERO, &*flow, reason);
+                    } else {
+                        self.start_flow(index, peer, flow, now, env);
+                    }
                 }
             }
         }
     }
 
-    /// Admits and starts a flow, or refuses it (budget, per-client limit).
+    /// Starts a flow the budget has room for, or refuses it (per-client limit, or a socket
+    /// the poller cannot watch).
     fn start_flow(
         &mut self,
         index: usize,
         peer: SocketAddr,
         mut flow: Box<dyn Flow>,
         now: Instant,
+        env: &mut Env<'_>,
     ) {
         let fd = flow.socket().as_raw_fd();
-        let policy = &self.context.config.listeners[index];
-        if self.room() == 0 || self.intake == Intake::Draining {
-            let reason = if self.intake == Intake::Draining { "shutdown" } else { "budget" };
-            flow.refuse(reason);
-            return self.flow_line(index, peer, Duration::ZERO, &*flow, reason);
-        }
         let mut ticket = None;
+        let policy = &env.listeners[index].policy;
         if let Some(max) = policy.max_connections_per_client {
-            let key = self.client_key(index, peer);
-            match self.context.limits.admit(&mut self.ledger, key, Some(max)) {
+            let key = env.listeners[index].client_key(peer.ip());
+            match env.limits.admit(&mut env.ledger, key, Some(max)) {
                 Ok(Admission::Admitted(t)) => ticket = Some(t),
                 // Only the per-client rule is asked for here.
                 Ok(Admission::Refused { open } | Admission::ListenerFull { open }) => {
-                    if let Some(held_back) = self.refusal_log.allow(now) {
+                    if let Some(held_back) = env.books.refusal_log.allow(now) {
                         log::warn!(
                             "refused a transfer to {} on {}: {open} running, max_connections_per_client reached ({held_back} refusals not logged)",
                             peer.ip(),
-                            policy.name
+                            env.listeners[index].policy.name
                         );
                     }
                     flow.refuse("limit");
-                    return self.flow_line(index, peer, Duration::ZERO, &*flow, "limit");
+                    return flow_line(env, index, peer, Duration::ZERO, &*flow, "limit");
                 }
                 Ok(Admission::RateLimited) => {
                     flow.refuse("rate");
-                    return self.flow_line(index, peer, Duration::ZERO, &*flow, "rate");
+                    return flow_line(env, index, peer, Duration::ZERO, &*flow, "rate");
                 }
                 Err(error) => {
-                    log::error!("refused a transfer to {peer} on {}: {error}", policy.name);
+                    let name = &env.listeners[index].policy.name;
+                    log::error!("refused a transfer to {peer} on {name}: {error}");
                     flow.refuse("error");
-                    return self.flow_line(index, peer, Duration::ZERO, &*flow, "error");
+                    return flow_line(env, index, peer, Duration::ZERO, &*flow, "error");
                 }
             }
         }
-        let slot = fd as usize;
-        if self.poller.set(fd, Interest::READ).is_err() || self.datagrams.owns(fd) {
+        if self.owns(fd) || env.poller.set(fd, Interest::READ).is_err() {
             // Over select()'s FD_SETSIZE: no room after all.
             flow.refuse("budget");
-            self.release(ticket, peer);
-            return self.flow_line(index, peer, Duration::ZERO, &*flow, "budget");
+            env.release(ticket, peer);
+            return flow_line(env, index, peer, Duration::ZERO, &*flow, "budget");
         }
-        if self.datagrams.flows.len() <= slot {
-            self.datagrams.flows.resize_with(slot + 1, || None);
-        }
-        let serial = self.datagrams.next_serial;
-        self.datagrams.next_serial += 1;
         let step = flow.start(now);
-        self.datagrams.flows[slot] = Some(FlowEntry {
+        let entry = FlowEntry {
             flow,
             listener: index,
             peer,
             opened: now,
             ticket,
-            serial,
             deadline: None,
-            scheduled: None,
             busy: BusyPoll::default(),
-        });
-        self.datagrams.count += 1;
-        self.unpublished.accepted += 1;
-        self.unpublished.dirty = true;
-        self.apply(slot, step, now);
-    }
-
-    fn release(&mut self, ticket: Option<Ticket>, peer: SocketAddr) {
-        if let Some(ticket) = ticket
-            && let Err(error) = self.context.limits.release(&mut self.ledger, ticket)
-        {
-            log::error!("could not release the count of {peer}: {error}");
+        };
+        if self.flows.insert(fd as usize, entry).is_err() {
+            return; // cannot happen: checked by `owns` above
         }
+        env.books.counters.accepted();
+        self.apply(fd as usize, step, now, env);
     }
 
     /// Applies what a flow callback returned.
-    fn apply(&mut self, fd: usize, step: Step, now: Instant) {
-        let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
-            return;
-        };
+    fn apply(&mut self, fd: usize, step: Step, now: Instant, env: &mut Env<'_>) {
+        let Some(entry) = self.flows.get_mut(fd) else { return };
         match step {
             Step::Wait(at) => {
                 entry.deadline = Some(at);
-                if entry.scheduled.is_none_or(|scheduled| at < scheduled) {
-                    entry.scheduled = Some(at);
-                    self.datagrams.timers.push(Reverse((at, fd, entry.serial)));
-                }
+                self.flows.schedule(fd, at);
             }
             Step::Unchanged => {}
-            Step::Done(result) => self.finish_flow(fd, result, now),
+            Step::Done(result) => self.finish_flow(fd, result, now, env),
         }
     }
 
-    /// A flow's socket is readable.
-    pub(super) fn on_flow_ready(&mut self, fd: RawFd, now: Instant) {
+    /// A flow's socket is readable; `connections`: served connections and PROXY headers
+    /// open besides (for busy polling).
+    pub fn on_ready(&mut self, fd: RawFd, now: Instant, env: &mut Env<'_>, connections: usize) {
         let fd = fd as usize;
-        let alone = self.datagrams.alone(self.open + self.pending_open);
-        let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
-            return;
-        };
-        let polled = self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial);
+        let alone = self.alone(connections);
+        let Some((serial, entry)) = self.flows.entry_mut(fd) else { return };
+        let polled = self.busy.is_some_and(|b| b.fd == fd && b.serial == serial);
         let step = entry.flow.on_readable(now);
         // A duplicate or stray packet (no progress) is not the answer polled for.
         if polled && step != Step::Unchanged {
             entry.busy.answered();
-            self.datagrams.busy = None;
+            self.busy = None;
         }
         // The only work of this worker, waiting for its peer: poll rather than sleep.
         let budget = entry.flow.busy_poll();
         if matches!(step, Step::Wait(_)) && !budget.is_zero() && alone && entry.busy.arm() {
             // The budget starts now: after this turn's earlier events and the send just made.
             let until = Instant::now() + budget;
-            self.datagrams.busy = Some(BusyWait { fd, serial: entry.serial, until });
+            self.busy = Some(BusyWait { fd, serial, until });
         }
-        self.apply(fd, step, now);
+        self.apply(fd, step, now, env);
     }
 
     /// Runs the flow timers that are due.
-    pub(super) fn expire_flows(&mut self, now: Instant) {
-        while let Some(Reverse((at, fd, serial))) = self.datagrams.timers.peek().copied() {
-            if at > now {
-                return;
-            }
-            self.datagrams.timers.pop();
-            let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::as_mut) else {
-                continue;
-            };
-            if entry.serial != serial || entry.scheduled != Some(at) {
-                continue; // stale: the flow is gone, or an earlier entry replaced this one
-            }
-            entry.scheduled = None;
+    pub fn expire(&mut self, now: Instant, env: &mut Env<'_>) {
+        while let Some(fd) = self.flows.pop_due(now) {
+            let Some(entry) = self.flows.get_mut(fd) else { continue };
             match entry.deadline {
                 Some(deadline) if deadline <= now => {}
                 Some(later) => {
                     // Moved later since (activity): due again then.
-                    entry.scheduled = Some(later);
-                    self.datagrams.timers.push(Reverse((later, fd, serial)));
+                    self.flows.schedule(fd, later);
                     continue;
                 }
                 None => continue,
             }
             entry.deadline = None;
             let step = entry.flow.on_timer(now);
-            self.apply(fd, step, now);
+            self.apply(fd, step, now, env);
         }
     }
 
     /// Ends a flow: unwatches and closes its socket, releases its count, writes its line.
-    fn finish_flow(&mut self, fd: usize, result: &'static str, now: Instant) {
-        let Some(entry) = self.datagrams.flows.get_mut(fd).and_then(Option::take) else {
-            return;
-        };
-        let _ = self.poller.set(fd as RawFd, Interest::NONE);
-        self.datagrams.count -= 1;
-        if self.datagrams.busy.is_some_and(|b| b.fd == fd && b.serial == entry.serial) {
-            self.datagrams.busy = None;
+    fn finish_flow(&mut self, fd: usize, result: &'static str, now: Instant, env: &mut Env<'_>) {
+        let serial = self.flows.serial(fd);
+        let Some(entry) = self.flows.remove(fd) else { return };
+        let _ = env.poller.set(fd as RawFd, Interest::NONE);
+        if self.busy.is_some_and(|b| b.fd == fd && Some(b.serial) == serial) {
+            self.busy = None;
         }
-        self.release(entry.ticket, entry.peer);
+        env.release(entry.ticket, entry.peer);
         let totals = entry.flow.totals();
-        self.unpublished.bytes_in += totals.bytes_in;
-        self.unpublished.bytes_out += totals.bytes_out;
-        self.unpublished.dirty = true;
+        env.books.counters.moved(totals.bytes_in, totals.bytes_out);
         let duration = now.saturating_duration_since(entry.opened);
-        self.flow_line(entry.listener, entry.peer, duration, &*entry.flow, result);
+        flow_line(env, entry.listener, entry.peer, duration, &*entry.flow, result);
     }
 
     /// Ends every flow (fast stop), telling each client.
-    pub(super) fn end_flows(&mut self, now: Instant) {
-        for fd in 0..self.datagrams.flows.len() {
-            if let Some(entry) = self.datagrams.flows[fd].as_mut() {
+    pub fn end_all(&mut self, now: Instant, env: &mut Env<'_>) {
+        for fd in self.flows.fds() {
+            if let Some(entry) = self.flows.get_mut(fd) {
                 entry.flow.refuse("shutdown");
-                self.finish_flow(fd, "shutdown", now);
+                self.finish_flow(fd, "shutdown", now, env);
             }
-        }
-    }
-
-    fn flow_line(
-        &self,
-        index: usize,
-        peer: SocketAddr,
-        duration: Duration,
-        flow: &dyn Flow,
-        result: &str,
-    ) {
-        if self.context.config.log.access_log {
-            log::info!(
-                target: ACCESS_TARGET,
-                "access listener={} peer={peer} duration={:.3}s {} result={result}",
-                self.context.config.listeners[index].name,
-                duration.as_secs_f64(),
-                flow.describe(),
-            );
         }
     }
 
     /// One summary line per UDP listener that saw datagrams, at most every
     /// [`SUMMARY_INTERVAL`] (or now, when `force`d at exit).
-    pub(super) fn summarize_datagrams(&mut self, now: Instant, force: bool) {
-        if !force && now.saturating_duration_since(self.datagrams.last_summary) < SUMMARY_INTERVAL {
+    pub fn summarize(&mut self, now: Instant, force: bool, env: &mut Env<'_>) {
+        if !force && now.saturating_duration_since(self.last_summary) < SUMMARY_INTERVAL {
             return;
         }
-        self.datagrams.last_summary = now;
-        for index in 0..self.datagrams.totals.len() {
-            let totals = std::mem::take(&mut self.datagrams.totals[index]);
-            if totals.received == 0 || !self.context.config.log.access_log {
+        self.last_summary = now;
+        let access_log = env.books.access_log;
+        for entry in env.listeners.iter_mut() {
+            let totals = std::mem::take(&mut entry.datagrams);
+            if totals.received == 0 || !access_log {
                 continue;
             }
             log::info!(
                 target: ACCESS_TARGET,
                 "datagrams listener={} received={} answered={} over_rate={} ignored={} flows={} in={} out={}",
-                self.context.config.listeners[index].name,
+                entry.policy.name,
                 totals.received,
                 totals.answered,
                 totals.over_rate,
@@ -517,6 +466,26 @@ impl Worker<'_> {
                 totals.bytes_out,
             );
         }
+    }
+}
+
+/// A flow's access line (or a refused one's).
+fn flow_line(
+    env: &Env<'_>,
+    index: usize,
+    peer: SocketAddr,
+    duration: Duration,
+    flow: &dyn Flow,
+    result: &str,
+) {
+    if env.books.access_log {
+        log::info!(
+            target: ACCESS_TARGET,
+            "access listener={} peer={peer} duration={:.3}s {} result={result}",
+            env.listeners[index].policy.name,
+            duration.as_secs_f64(),
+            flow.describe(),
+        );
     }
 }
 
@@ -551,51 +520,52 @@ mod tests {
         }
     }
 
-    fn one_flow() -> Datagrams {
-        let mut datagrams = Datagrams::new(1);
+    fn entry() -> FlowEntry {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let peer = socket.local_addr().unwrap();
-        datagrams.flows.resize_with(8, || None);
-        datagrams.flows[5] = Some(FlowEntry {
+        FlowEntry {
             flow: Box::new(Quiet(socket)),
             listener: 0,
             peer,
             opened: Instant::now(),
             ticket: None,
-            serial: 7,
             deadline: None,
-            scheduled: None,
             busy: BusyPoll::default(),
-        });
-        datagrams.count = 1;
-        datagrams
+        }
+    }
+
+    /// One flow on descriptor 5; its serial.
+    fn one_flow() -> (Datagrams, u64) {
+        let mut datagrams = Datagrams::default();
+        let serial = datagrams.flows.insert(5, entry()).unwrap_or_else(|_| unreachable!());
+        (datagrams, serial)
     }
 
     #[test]
     fn a_busy_poll_ends_at_its_budget_with_a_miss_or_at_other_work_without_one() {
         let now = Instant::now();
         let budget = Duration::from_micros(50);
-        let mut datagrams = one_flow();
-        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
+        let (mut datagrams, serial) = one_flow();
+        datagrams.busy = Some(BusyWait { fd: 5, serial, until: now + budget });
         assert!(datagrams.busy_polling(now, 0), "within the budget, alone: poll");
         assert!(!datagrams.busy_polling(now + budget, 0), "the budget passed");
         assert!(datagrams.busy.is_none());
-        let missed = |d: &Datagrams| d.flows[5].as_ref().unwrap().busy.misses;
+        let missed = |d: &Datagrams| d.flows.get(5).unwrap().busy.misses;
         assert_eq!(missed(&datagrams), 1, "counted as a miss");
 
-        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
+        datagrams.busy = Some(BusyWait { fd: 5, serial, until: now + budget });
         assert!(!datagrams.busy_polling(now, 1), "a connection arrived: stop polling");
         assert!(datagrams.busy.is_none());
         assert_eq!(missed(&datagrams), 1, "not the peer's fault: no miss");
 
-        datagrams.busy = Some(BusyWait { fd: 5, serial: 7, until: now + budget });
-        datagrams.count = 2;
+        datagrams.busy = Some(BusyWait { fd: 5, serial, until: now + budget });
+        let _ = datagrams.flows.insert(6, entry());
         assert!(!datagrams.busy_polling(now, 0), "another flow: stop polling");
         assert_eq!(missed(&datagrams), 1);
 
         // A flow gone (its serial differs) is not charged when the budget passes.
-        datagrams.count = 1;
-        datagrams.busy = Some(BusyWait { fd: 5, serial: 6, until: now });
+        datagrams.flows.remove(6);
+        datagrams.busy = Some(BusyWait { fd: 5, serial: serial + 100, until: now });
         assert!(!datagrams.busy_polling(now, 0));
         assert_eq!(missed(&datagrams), 1);
     }

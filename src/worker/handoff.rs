@@ -1,4 +1,6 @@
-//! The worker's side of connection hand-off (see `crate::handoff` for the route).
+//! The worker's side of connection hand-off (see `crate::handoff` for the route): the
+//! channel to the master and the offers in flight ([`Link`]), which the connection table
+//! lends its connections to.
 //!
 //! Runs in workers. A retiring (draining) worker offers each connection at rest whose
 //! session exports its state, and stops watching it; a worker of the serving generation
@@ -12,166 +14,218 @@
 //!   if it still holds the record;
 //! - a receiver that declines has touched neither the socket nor the counts.
 
+use std::collections::HashMap;
+use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::conn::{CloseReason, Conn, ConnKind, HandOff};
-use super::{Intake, Worker, at_rest};
-use crate::handoff::{Message, Offer, Outcome};
+use crate::handoff::{Channel, Message, Offer, Outcome};
 use crate::limits::Admission;
-use crate::poller::{Event, Interest};
-use crate::services::{ConnInfo, MAX_EXPORT, Progress};
+use crate::poller::{Event, Interest, Poller};
+use crate::services::{CloseReason, ConnInfo, MAX_EXPORT, Progress};
 
-/// After a `Busy` answer, how long before the connection is offered again.
-pub const HANDOFF_RETRY: Duration = Duration::from_millis(50);
+use super::conn::{Conn, unread_input};
+use super::connections::{schedule, update_interest};
+use super::env::Env;
+use super::phase::{ConnKind, ConnState, HANDOFF_RETRY, HandOff, Phase, after_answer};
+use super::table::Table;
 
-/// Offers per connection at most; after that many `Busy` answers it finishes here.
-pub const HANDOFF_TRIES: u32 = 40;
+/// Messages handled per readiness of the channel at most, so a flood of offers cannot starve
+/// the clients.
+const CHANNEL_BATCH: usize = 256;
 
-impl Worker<'_> {
-    /// Watches the channel to the master for messages, and for room while messages wait.
-    pub(super) fn watch_channel(&mut self) {
-        let Some(channel) = &self.channel else { return };
-        let wanted = if channel.backlogged() { Interest::BOTH } else { Interest::READ };
-        if wanted != self.channel_interest {
-            let _ = self.poller.set(channel.raw_fd(), wanted);
-            self.channel_interest = wanted;
-        }
+/// The hand-off channel to the master, and the connections offered on it.
+#[derive(Debug)]
+pub struct Link {
+    channel: Option<Channel>,
+    /// What the channel is watched for.
+    interest: Interest,
+    /// Connections offered, by token (their serial): descriptor.
+    offered: HashMap<u64, usize>,
+}
+
+impl Link {
+    /// A link over `channel` (registered with the poller for reading already; `None`:
+    /// connections are never handed off).
+    pub fn new(channel: Option<Channel>) -> Self {
+        Link { channel, interest: Interest::READ, offered: HashMap::new() }
     }
 
     /// Whether `fd` is the channel to the master.
-    pub(super) fn is_channel(&self, fd: RawFd) -> bool {
+    pub fn is_channel(&self, fd: RawFd) -> bool {
         self.channel.as_ref().is_some_and(|c| c.raw_fd() == fd)
     }
 
-    /// The channel is ready: send what waits, handle what came.
-    pub(super) fn on_channel(&mut self, event: Event, now: Instant) {
+    /// Sends what waits, as far as the socket takes it (at the end of a graceful stop).
+    pub fn flush(&mut self) {
+        if let Some(channel) = self.channel.as_mut() {
+            let _ = channel.flush();
+        }
+    }
+
+    /// Watches the channel for messages, and for room while messages wait.
+    fn watch(&mut self, poller: &mut dyn Poller) {
+        let Some(channel) = &self.channel else { return };
+        let wanted = if channel.backlogged() { Interest::BOTH } else { Interest::READ };
+        if wanted != self.interest {
+            let _ = poller.set(channel.raw_fd(), wanted);
+            self.interest = wanted;
+        }
+    }
+
+    /// The channel is ready: sends what waits, handles what came (offers to adopt, answers
+    /// to our offers). `others`: descriptors held outside the connection table and its
+    /// sessions' extra descriptors (for the budget); `draining`: this worker retires.
+    pub fn on_channel(
+        &mut self,
+        table: &mut Table<Conn>,
+        event: Event,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+        draining: bool,
+    ) {
         let Some(channel) = self.channel.as_mut() else { return };
         if event.writable
             && let Err(error) = channel.flush()
         {
-            return self.channel_lost(&error.to_string(), now);
+            return self.lost(table, &error.to_string(), now, env);
         }
-        // A bounded batch, so a flood of offers cannot starve the clients.
-        for _ in 0..256 {
+        for _ in 0..CHANNEL_BATCH {
             let Some(channel) = self.channel.as_mut() else { return };
             match channel.recv() {
                 Ok(None) => break,
                 Ok(Some((Message::Offer(offer), Some(fd)))) => {
                     let token = offer.token;
-                    let outcome = self.adopt(offer, fd, now);
-                    self.answer(token, outcome, now);
+                    let outcome = if draining {
+                        Outcome::Busy
+                    } else {
+                        adopt(table, offer, fd, now, env, others)
+                    };
+                    self.answer(table, token, outcome, now, env);
                 }
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
-                    self.resolved(token, outcome, now)
+                    self.resolved(table, token, outcome, now, env)
                 }
                 Ok(Some((Message::Offer(_), None) | (Message::Taking | Message::Ready, _))) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel: {error}; message dropped");
                 }
-                Err(error) => return self.channel_lost(&error.to_string(), now),
+                Err(error) => return self.lost(table, &error.to_string(), now, env),
             }
         }
-        self.watch_channel();
+        self.watch(&mut *env.poller);
     }
 
-    fn answer(&mut self, token: u64, outcome: Outcome, now: Instant) {
+    fn answer(
+        &mut self,
+        table: &mut Table<Conn>,
+        token: u64,
+        outcome: Outcome,
+        now: Instant,
+        env: &mut Env<'_>,
+    ) {
         let Some(channel) = self.channel.as_mut() else { return };
         if let Err(error) = channel.send(&Message::Resolved { token, outcome }, None) {
-            self.channel_lost(&error.to_string(), now);
+            self.lost(table, &error.to_string(), now, env);
         }
     }
 
     /// The master is gone (or the channel broke): offers in flight are lost.
-    fn channel_lost(&mut self, why: &str, now: Instant) {
+    fn lost(&mut self, table: &mut Table<Conn>, why: &str, now: Instant, env: &mut Env<'_>) {
         if let Some(channel) = self.channel.take() {
-            let _ = self.poller.set(channel.raw_fd(), Interest::NONE);
+            let _ = env.poller.set(channel.raw_fd(), Interest::NONE);
             log::warn!("hand-off channel to the master closed: {why}");
         }
         let tokens: Vec<u64> = self.offered.keys().copied().collect();
         for token in tokens {
-            self.resolved(token, Outcome::Lost, now);
+            self.resolved(table, token, Outcome::Lost, now, env);
         }
     }
 
-    /// Offers the connection on `fd` if this worker retires, the connection is at rest and
-    /// its session can be handed off; true when offered (the caller leaves it alone then).
-    pub(super) fn offer(&mut self, fd: usize, now: Instant) -> bool {
-        if self.intake != Intake::Draining || self.channel.is_none() {
+    /// Offers the connection on `fd` if its phase makes it a candidate, it is at rest and its
+    /// session can be handed off; true when offered (the caller leaves it alone then).
+    pub fn offer(
+        &mut self,
+        table: &mut Table<Conn>,
+        fd: usize,
+        now: Instant,
+        env: &mut Env<'_>,
+    ) -> bool {
+        let Some(channel) = self.channel.as_mut() else { return false };
+        let Some((serial, conn)) = table.entry_mut(fd) else { return false };
+        let Some(tries) = conn.state.phase.offerable() else { return false };
+        if conn.session.is_done() {
             return false;
         }
-        let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) else { return false };
-        let tries = match conn.handoff {
-            HandOff::Local => 0,
-            HandOff::Pending { tries } => tries,
-            HandOff::Retry { .. } | HandOff::Offered { .. } | HandOff::Never => return false,
-        };
-        let closing = conn.close_at_rest.is_some_and(|r| r != super::CloseReason::Shutdown);
-        if conn.lingering.is_some() || closing || conn.session.is_done() {
-            return false;
-        }
+        let never = Phase::Draining(HandOff::Never);
         if !conn.extras.is_empty() {
-            conn.handoff = HandOff::Never;
+            conn.state.phase = never;
             return false;
         }
-        if !at_rest(conn) {
+        if !conn.session.is_at_rest() || unread_input(&conn.stream) {
             return false; // offered at its next rest
         }
         let Some(state) = conn.session.export().filter(|s| s.len() <= MAX_EXPORT) else {
-            conn.handoff = HandOff::Never;
+            conn.state.phase = never;
             return false;
         };
+        let retry = Phase::Draining(HandOff::Retry { at: now + HANDOFF_RETRY, tries: tries + 1 });
         let Ok(copy) = conn.stream.as_fd().try_clone_to_owned() else {
             // Out of descriptors: try again later.
-            conn.handoff = HandOff::Retry { at: now + HANDOFF_RETRY, tries: tries + 1 };
+            conn.state.phase = retry;
+            schedule(table, fd, env);
             return false;
         };
         let offer = Offer {
-            token: conn.serial,
-            listener: self.context.config.listeners[conn.listener].name.clone(),
+            token: serial,
+            listener: env.listeners[conn.listener].policy.name.clone(),
             peer: conn.peer,
-            long: conn.kind == ConnKind::Long,
+            long: conn.state.kind == ConnKind::Long,
             age: now.saturating_duration_since(conn.opened),
-            quiet: now.saturating_duration_since(conn.last_activity),
+            quiet: now.saturating_duration_since(conn.state.last_activity),
             bytes_in: conn.totals.bytes_in,
             bytes_out: conn.totals.bytes_out,
             exchanges: conn.totals.exchanges,
             record: conn.ticket.as_ref().map(|t| t.handed()),
-            timer: conn.timer.map(|t| t.saturating_duration_since(now)),
+            timer: conn.state.timer.map(|t| t.saturating_duration_since(now)),
             state,
         };
-        let channel = self.channel.as_mut().expect("checked above");
         if channel.send(&Message::Offer(offer), Some(copy)).is_err() {
             // The queue is full or the master is gone: serve on, try later.
-            conn.handoff = HandOff::Retry { at: now + HANDOFF_RETRY, tries: tries + 1 };
-            self.schedule(fd);
+            conn.state.phase = retry;
+            schedule(table, fd, env);
             return false;
         }
-        conn.handoff = HandOff::Offered { tries: tries + 1 };
+        conn.state.phase = Phase::Offered { tries: tries + 1 };
         if conn.interest != Interest::NONE {
             conn.interest = Interest::NONE;
-            let _ = self.poller.set(fd as RawFd, Interest::NONE);
+            let _ = env.poller.set(fd as RawFd, Interest::NONE);
         }
-        self.offered.insert(conn.serial, fd);
-        self.watch_channel();
+        self.offered.insert(serial, fd);
+        self.watch(&mut *env.poller);
         true
     }
 
     /// The answer to our offer `token`.
-    fn resolved(&mut self, token: u64, outcome: Outcome, now: Instant) {
+    fn resolved(
+        &mut self,
+        table: &mut Table<Conn>,
+        token: u64,
+        outcome: Outcome,
+        now: Instant,
+        env: &mut Env<'_>,
+    ) {
         let Some(fd) = self.offered.remove(&token) else { return };
-        let Some(conn) = self.conns.get_mut(fd).and_then(Option::as_mut) else { return };
-        let HandOff::Offered { tries } = conn.handoff else { return };
-        if conn.serial != token {
-            return;
-        }
+        let Some(conn) = table.live_mut(fd, token) else { return };
+        let Phase::Offered { tries } = conn.state.phase else { return };
         let ours = match outcome {
             Outcome::Adopted => false,
             Outcome::Busy | Outcome::Refused => true,
             Outcome::Lost => match conn.ticket.take() {
                 // The count tells: still ours if the receiver never moved it.
-                Some(ticket) => match self.context.limits.settle(&mut self.ledger, ticket) {
+                Some(ticket) => match env.limits.settle(&mut env.ledger, ticket) {
                     Ok(kept) => {
                         let ours = kept.is_some();
                         conn.ticket = kept;
@@ -187,152 +241,146 @@ impl Worker<'_> {
             },
         };
         if !ours {
-            return self.handed_over(fd, outcome);
+            return handed_over(table, fd, outcome, env);
         }
-        conn.handoff = match outcome {
-            Outcome::Busy | Outcome::Lost if tries < HANDOFF_TRIES => {
-                HandOff::Retry { at: now + HANDOFF_RETRY, tries }
-            }
-            _ => HandOff::Never,
-        };
+        conn.state.phase = Phase::Draining(after_answer(tries, outcome, now));
         log::debug!("hand-off of {} not done ({outcome:?}): serving it here", conn.peer);
-        self.update_interest(fd);
-        self.schedule(fd);
+        update_interest(table, fd, &mut *env.poller);
+        schedule(table, fd, env);
     }
+}
 
-    /// The connection on `fd` is served elsewhere now: forget it without a close (the
-    /// receiver has the socket; closing our descriptor sends nothing).
-    fn handed_over(&mut self, fd: usize, outcome: Outcome) {
-        let Some(mut conn) = self.conns[fd].take() else { return };
-        self.open -= 1;
-        if outcome == Outcome::Adopted {
-            self.listener_tallies.handed_off(conn.listener);
-        } else {
-            // Lost with a receiver that died after taking its count: gone for us.
-            self.listener_tallies.finished(conn.listener);
-            self.listener_tallies.ended(conn.listener, CloseReason::Error);
-        }
-        self.unpublished.dirty = true;
-        if let Some(ticket) = conn.ticket.take() {
-            // Moved by the receiver: the record is ours to reuse.
-            match self.context.limits.settle(&mut self.ledger, ticket) {
-                Ok(None) => {}
-                Ok(Some(ticket)) => {
-                    let _ = self.context.limits.release(&mut self.ledger, ticket);
-                }
-                Err(error) => log::error!("hand-off of {}: {error}", conn.peer),
+/// The connection on `fd` is served elsewhere now: forget it without a close (the receiver
+/// has the socket; closing our descriptor sends nothing).
+fn handed_over(table: &mut Table<Conn>, fd: usize, outcome: Outcome, env: &mut Env<'_>) {
+    let Some(mut conn) = table.remove(fd) else { return };
+    let tally = &mut env.listeners[conn.listener].tally;
+    if outcome == Outcome::Adopted {
+        tally.handed_off();
+    } else {
+        // Lost with a receiver that died after taking its count: gone for us.
+        tally.finished();
+        tally.ended(CloseReason::Error);
+    }
+    env.books.counters.touch();
+    if let Some(ticket) = conn.ticket.take() {
+        // Moved by the receiver: the record is ours to reuse.
+        match env.limits.settle(&mut env.ledger, ticket) {
+            Ok(None) => {}
+            Ok(Some(ticket)) => {
+                let _ = env.limits.release(&mut env.ledger, ticket);
             }
+            Err(error) => log::error!("hand-off of {}: {error}", conn.peer),
         }
-        log::debug!("connection from {} handed off ({outcome:?})", conn.peer);
-        drop(conn);
     }
+    log::debug!("connection from {} handed off ({outcome:?})", conn.peer);
+}
 
-    /// Adopts a connection a retiring worker offered; the answer for the master.
-    fn adopt(&mut self, offer: Offer, fd: OwnedFd, now: Instant) -> Outcome {
-        if self.intake == Intake::Draining {
-            return Outcome::Busy;
-        }
-        let listeners = &self.context.config.listeners;
-        let Some(index) = listeners.iter().position(|l| l.name == offer.listener) else {
-            return Outcome::Refused;
-        };
-        if self.room() == 0 {
-            return Outcome::Busy;
-        }
-        let stream = TcpStream::from(fd);
-        let raw = stream.as_raw_fd();
-        let slot = raw as usize;
-        if self.conns.get(slot).is_some_and(Option::is_some)
-            || self.poller.set(raw, Interest::READ).is_err()
-        {
-            // Over select()'s limit, or a descriptor we did not expect to be in use.
-            return Outcome::Busy;
-        }
-        let unwatch = |worker: &mut Self| {
-            let _ = worker.poller.set(raw, Interest::NONE);
-        };
-        let policy = &self.context.config.listeners[index];
-        let info = ConnInfo {
-            listener: &policy.name,
-            peer: offer.peer,
-            socket: stream.as_fd(),
-            // Accepted by another generation, maybe on another address under this name.
-            bound: None,
-        };
-        let Some(session) = policy.service.service.import(&info, &offer.state) else {
-            unwatch(self);
-            return Outcome::Refused;
-        };
-        let key = self.client_key(index, offer.peer);
-        let limits = self.context.limits;
-        let ticket = match offer.record {
-            Some(handed) => match limits.transfer(&mut self.ledger, handed, key) {
-                Ok(Some(ticket)) => Some(ticket),
-                // The sender no longer holds it (it died and was reclaimed).
-                Ok(None) => {
-                    unwatch(self);
-                    return Outcome::Refused;
-                }
-                Err(error) => {
-                    log::error!("adopting a connection from {}: {error}", offer.peer);
-                    unwatch(self);
-                    return Outcome::Busy;
-                }
-            },
-            // Not counted by the old policy, counted by ours: count it, without a limit
-            // (it was admitted already).
-            None if policy.has_client_limits() => match limits.admit(&mut self.ledger, key, None) {
-                Ok(Admission::Admitted(ticket)) => {
-                    if offer.long {
-                        let _ = limits.promote(&ticket, None);
-                    }
-                    Some(ticket)
-                }
-                Ok(_) | Err(_) => {
-                    unwatch(self);
-                    return Outcome::Busy;
-                }
-            },
-            None => None,
-        };
-        // Set by the accepting worker as its generation said; this one's may differ.
-        let _ = stream.set_nodelay(policy.tcp_nodelay);
-        if self.conns.len() <= slot {
-            self.conns.resize_with(slot + 1, || None);
-        }
-        let opened = now.checked_sub(offer.age).unwrap_or(now);
-        self.conns[slot] = Some(Conn {
-            stream,
-            listener: index,
-            peer: offer.peer,
-            // The proxy a PROXY header named is not carried over: the access line of a moved
-            // connection names the client only.
-            proxy: None,
-            session,
-            kind: if offer.long { ConnKind::Long } else { ConnKind::Short },
-            opened,
-            last_activity: now.checked_sub(offer.quiet).unwrap_or(opened).max(opened),
-            totals: Progress {
-                bytes_in: offer.bytes_in,
-                bytes_out: offer.bytes_out,
-                exchanges: offer.exchanges,
-            },
-            ticket,
-            close_at_rest: None,
-            lingering: None,
-            interest: Interest::READ,
-            serial: self.next_serial,
-            scheduled: None,
-            timer: offer.timer.map(|left| now + left),
-            extras: Vec::new(),
-            handoff: HandOff::Local,
-        });
-        self.next_serial += 1;
-        self.open += 1;
-        self.listener_tallies.adopted(index);
-        self.unpublished.dirty = true;
-        self.update_interest(slot);
-        self.schedule(slot);
-        Outcome::Adopted
+/// Adopts a connection a retiring worker offered; the answer for the master.
+fn adopt(
+    table: &mut Table<Conn>,
+    offer: Offer,
+    fd: OwnedFd,
+    now: Instant,
+    env: &mut Env<'_>,
+    others: usize,
+) -> Outcome {
+    let Some(index) = env.listeners.by_name(&offer.listener) else {
+        return Outcome::Refused;
+    };
+    if env.room(table.len() + others) == 0 {
+        return Outcome::Busy;
     }
+    let stream = TcpStream::from(fd);
+    let raw = stream.as_raw_fd();
+    let slot = raw as usize;
+    if table.contains(slot) || env.poller.set(raw, Interest::READ).is_err() {
+        // Over select()'s limit, or a descriptor we did not expect to be in use.
+        return Outcome::Busy;
+    }
+    let unwatch = |env: &mut Env<'_>| {
+        let _ = env.poller.set(raw, Interest::NONE);
+    };
+    let entry = &env.listeners[index];
+    let info = ConnInfo {
+        listener: &entry.policy.name,
+        peer: offer.peer,
+        socket: stream.as_fd(),
+        // Accepted by another generation, maybe on another address under this name.
+        bound: None,
+    };
+    let Some(session) = entry.policy.service.service.import(&info, &offer.state) else {
+        unwatch(env);
+        return Outcome::Refused;
+    };
+    let key = entry.client_key(offer.peer.ip());
+    let (limits, counted) = (env.limits, entry.policy.has_client_limits());
+    let tcp_nodelay = entry.policy.tcp_nodelay;
+    let ticket = match offer.record {
+        Some(handed) => match limits.transfer(&mut env.ledger, handed, key) {
+            Ok(Some(ticket)) => Some(ticket),
+            // The sender no longer holds it (it died and was reclaimed).
+            Ok(None) => {
+                unwatch(env);
+                return Outcome::Refused;
+            }
+            Err(error) => {
+                log::error!("adopting a connection from {}: {error}", offer.peer);
+                unwatch(env);
+                return Outcome::Busy;
+            }
+        },
+        // Not counted by the old policy, counted by ours: count it, without a limit (it was
+        // admitted already).
+        None if counted => match limits.admit(&mut env.ledger, key, None) {
+            Ok(Admission::Admitted(ticket)) => {
+                if offer.long {
+                    let _ = limits.promote(&ticket, None);
+                }
+                Some(ticket)
+            }
+            Ok(_) | Err(_) => {
+                unwatch(env);
+                return Outcome::Busy;
+            }
+        },
+        None => None,
+    };
+    // Set by the accepting worker as its generation said; this one's may differ.
+    let _ = stream.set_nodelay(tcp_nodelay);
+    let opened = now.checked_sub(offer.age).unwrap_or(now);
+    let kind = if offer.long { ConnKind::Long } else { ConnKind::Short };
+    let mut state = ConnState::new(Phase::Open, kind, now);
+    state.last_activity = now.checked_sub(offer.quiet).unwrap_or(opened).max(opened);
+    state.timer = offer.timer.map(|left| now + left);
+    let conn = Conn {
+        stream,
+        listener: index,
+        peer: offer.peer,
+        // The proxy a PROXY header named is not carried over: the access line of a moved
+        // connection names the client only.
+        proxy: None,
+        session,
+        state,
+        opened,
+        totals: Progress {
+            bytes_in: offer.bytes_in,
+            bytes_out: offer.bytes_out,
+            exchanges: offer.exchanges,
+        },
+        ticket,
+        interest: Interest::READ,
+        extras: Vec::new(),
+    };
+    if let Err(conn) = table.insert(slot, conn) {
+        // Checked above: the slot is free.
+        unwatch(env);
+        env.release(conn.ticket, conn.peer);
+        return Outcome::Busy;
+    }
+    env.listeners[index].tally.adopted();
+    env.books.counters.touch();
+    update_interest(table, slot, &mut *env.poller);
+    schedule(table, slot, env);
+    Outcome::Adopted
 }

@@ -1,0 +1,541 @@
+//! The worker's TCP connections: their table, and everything that happens to one between
+//! admission and close, carried out as `phase.rs` decides: session callbacks and what follows
+//! them, deadlines, lingering and abortive closes, shedding.
+//!
+//! Runs in workers. Invariants:
+//! - the loop reads, writes and closes a connection only here, and only as its phase allows
+//!   (an `Offered` one is left alone; a `Lingering` one is only drained of input);
+//! - a connection's poller interest is what `Conn::interest` says, and it is unregistered
+//!   (with the session's extra descriptors) before its socket closes;
+//! - readiness is level-triggered: a callback that stops early (fairness, backpressure) is
+//!   called again on the next turn, and input that arrives during a lingering close is read;
+//! - every extra descriptor a session watches has its owner `(descriptor, serial)` in
+//!   `extra_owners`, and counts against the budget until unwatched;
+//! - each connection's count in the shared table is released exactly once, when it closes
+//!   (or moved, when it is handed off: see `handoff.rs`).
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use crate::clock::monotonic_ns;
+use crate::handoff::Channel;
+use crate::poller::{Event, Interest, Poller};
+use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
+
+use super::admission::{self, ShedQueue, Verdict};
+use super::books::Closed;
+use super::conn::{Conn, discard_input, unread_input};
+use super::env::Env;
+use super::handoff::Link;
+use super::phase::{ConnKind, ConnState, Expiry, Next, Phase, Promotion};
+use super::table::Table;
+
+/// A session callback the loop makes.
+#[derive(Debug, Clone, Copy)]
+pub enum Callback {
+    /// The client socket is readable.
+    Readable,
+    /// The client socket is writable.
+    Writable,
+    /// An extra descriptor of the session is ready.
+    Extra(RawFd, Ready),
+    /// The session's timer came due.
+    Timer,
+}
+
+/// A client to admit: a connection just accepted, or one whose PROXY header is complete.
+pub struct Client {
+    /// Its socket (positioned at the client's first byte).
+    pub stream: TcpStream,
+    /// The listener's index.
+    pub listener: usize,
+    /// The client's address (the one a PROXY header named, if any).
+    pub peer: SocketAddr,
+    /// The proxy it came through, if it sent a PROXY header.
+    pub proxy: Option<SocketAddr>,
+}
+
+/// The worker's TCP connections.
+pub struct Connections {
+    table: Table<Conn>,
+    /// The connection owning each extra descriptor a session watches, by descriptor number:
+    /// (client descriptor, connection serial).
+    extra_owners: Vec<Option<(usize, u64)>>,
+    /// Extra descriptors watched by all sessions; they count against the budget.
+    extras: usize,
+    /// Connections that may be shed when the worker is full.
+    shed: ShedQueue,
+    /// The hand-off channel to the master, and the offers in flight.
+    pub link: Link,
+}
+
+impl Connections {
+    /// No connection yet; `channel` is the hand-off channel to the master (registered with
+    /// the poller already).
+    pub fn new(channel: Option<Channel>) -> Self {
+        Connections {
+            table: Table::default(),
+            extra_owners: Vec::new(),
+            extras: 0,
+            shed: ShedQueue::default(),
+            link: Link::new(channel),
+        }
+    }
+
+    /// Connections open (offered ones included).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Descriptors held against the budget: connections and the extra descriptors their
+    /// sessions watch.
+    #[inline]
+    pub fn held(&self) -> usize {
+        self.table.len() + self.extras
+    }
+
+    /// The earliest connection deadline (possibly stale: an early wake-up only).
+    #[inline]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.table.next_deadline()
+    }
+
+    /// Whether some connection may be shed (dropping stale queue entries).
+    pub fn can_shed(&mut self) -> bool {
+        let table = &self.table;
+        self.shed.front(|fd, serial| table.live(fd, serial).is_some_and(sheddable)).is_some()
+    }
+
+    /// Closes the oldest connection that has not completed an exchange (reason `shed`), to
+    /// make room for a new client. False if there is none.
+    pub fn shed_oldest(&mut self, now: Instant, env: &mut Env<'_>) -> bool {
+        let table = &self.table;
+        match self.shed.pop(|fd, serial| table.live(fd, serial).is_some_and(sheddable)) {
+            Some((fd, _)) => {
+                self.finish(fd, CloseReason::Shed, now, env);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Admits `client` under its listener's rules and makes its session. `others`:
+    /// descriptors the other tables hold; `draining`: the worker stops gracefully.
+    pub fn admit(
+        &mut self,
+        client: Client,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+        draining: bool,
+    ) {
+        let Client { stream, listener: index, peer, proxy } = client;
+        let fd = stream.as_raw_fd();
+        let room = env.room(self.held() + others);
+        let entry = &env.listeners[index];
+        let key = entry.client_key(peer.ip());
+        let (limits, ledger) = (env.limits, &mut env.ledger);
+        let verdict = admission::admit(&entry.policy, peer.ip(), room, |rules| {
+            limits.admit_with(ledger, key, rules, monotonic_ns())
+        });
+        let ticket = match verdict {
+            Verdict::Admit { ticket, shed } => {
+                if shed {
+                    self.shed_oldest(now, env);
+                }
+                ticket
+            }
+            Verdict::Refuse { reason, error } => {
+                if let Some(error) = error
+                    && let Some(held_back) = env.books.refusal_log.allow(now)
+                {
+                    log::error!(
+                        "refused {peer} on {}: {error} ({held_back} refusals not logged)",
+                        env.listeners[index].policy.name
+                    );
+                }
+                return env.refuse(fd, index, peer, reason);
+            }
+        };
+        let entry = &env.listeners[index];
+        let info = ConnInfo {
+            listener: &entry.policy.name,
+            peer,
+            socket: stream.as_fd(),
+            bound: entry.bound,
+        };
+        let session = entry.policy.service.service.session(&info);
+        let interest = session.interest();
+        let shed_when_full = entry.policy.admission.shed_when_full;
+        let conn = Conn {
+            stream,
+            listener: index,
+            peer,
+            proxy,
+            session,
+            state: ConnState::new(Phase::admitted(draining), ConnKind::Short, now),
+            opened: now,
+            totals: Progress::default(),
+            ticket,
+            // What the poller has: a header was read through it, else nothing yet.
+            interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },
+            extras: Vec::new(),
+        };
+        let serial = match self.table.insert(fd as usize, conn) {
+            Ok(serial) => serial,
+            Err(conn) => {
+                // Cannot happen: a descriptor just accepted is in no entry.
+                log::error!("connection from {peer}: descriptor {fd} is in use already");
+                return env.release(conn.ticket, peer);
+            }
+        };
+        if shed_when_full {
+            let table = &self.table;
+            let candidate = |fd: usize, serial: u64| {
+                table
+                    .live(fd, serial)
+                    .is_some_and(|c| c.state.kind == ConnKind::Short && c.totals.exchanges == 0)
+            };
+            self.shed.push(fd as usize, serial, self.table.len(), candidate);
+        }
+        schedule(&mut self.table, fd as usize, env);
+        env.books.counters.accepted();
+        env.listeners[index].tally.accepted();
+        if interest.write {
+            // The server speaks first: a new socket is writable, so write now rather than
+            // after one more turn of the loop (the dispatch registers what is wanted next).
+            self.dispatch(fd as usize, Callback::Writable, now, env, others);
+        } else {
+            update_interest(&mut self.table, fd as usize, &mut *env.poller);
+        }
+    }
+
+    /// A readiness event on a connection's socket; false when `fd` is not one. `others`:
+    /// descriptors the other tables hold (for the budget of the session's extra ones).
+    #[inline]
+    pub fn on_event(
+        &mut self,
+        event: Event,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+    ) -> bool {
+        let fd = event.fd as usize;
+        let Some(conn) = self.table.get(fd) else { return false };
+        match conn.state.phase {
+            Phase::Offered { .. } => {} // not ours to touch until the answer
+            Phase::Lingering { reason, .. } => {
+                if discard_input(&conn.stream) {
+                    self.finish(fd, reason, now, env);
+                }
+            }
+            _ => {
+                let callback = if event.readable { Callback::Readable } else { Callback::Writable };
+                self.dispatch(fd, callback, now, env, others);
+            }
+        }
+        true
+    }
+
+    /// A readiness event on an extra descriptor a session watches; false when `fd` is not
+    /// one. Nothing for a session whose conversation is over (lingering).
+    pub fn on_extra(
+        &mut self,
+        event: Event,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+    ) -> bool {
+        let owner = usize::try_from(event.fd).ok().and_then(|fd| self.extra_owners.get(fd));
+        let Some(&Some((owner, serial))) = owner else { return false };
+        let live = self.table.live(owner, serial).is_some_and(|conn| {
+            !matches!(conn.state.phase, Phase::Lingering { .. } | Phase::Offered { .. })
+        });
+        if live {
+            let ready = Ready { readable: event.readable, writable: event.writable };
+            self.dispatch(owner, Callback::Extra(event.fd, ready), now, env, others);
+        }
+        true
+    }
+
+    /// The hand-off channel is ready (see [`Link::on_channel`]).
+    pub fn on_channel(
+        &mut self,
+        event: Event,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+        draining: bool,
+    ) {
+        let held_elsewhere = self.extras + others;
+        self.link.on_channel(&mut self.table, event, now, env, held_elsewhere, draining);
+    }
+
+    /// Runs one session callback for the connection on descriptor `fd`, then carries out
+    /// what follows it ([`ConnState::after_callback`]).
+    fn dispatch(
+        &mut self,
+        fd: usize,
+        callback: Callback,
+        now: Instant,
+        env: &mut Env<'_>,
+        others: usize,
+    ) {
+        let room = env.room(self.held() + others);
+        let Connections { table, extra_owners, extras, .. } = self;
+        let Some((serial, conn)) = table.entry_mut(fd) else { return };
+        let watch = Extras {
+            poller: &mut *env.poller,
+            owners: extra_owners,
+            watched: &mut conn.extras,
+            in_use: extras,
+            room,
+            owner: (fd, serial),
+        };
+        // SAFETY: the descriptor is `conn.stream`'s, which stays open for the whole call: the
+        // context (and so this borrow) is dropped before the connection can be finished.
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
+        let mut cx = Context::with_extras(&mut conn.stream, socket, now, watch)
+            .with_scoreboard(env.scoreboard);
+        let result = match callback {
+            Callback::Readable => conn.session.on_readable(&mut cx),
+            Callback::Writable => conn.session.on_writable(&mut cx),
+            Callback::Extra(extra, ready) => conn.session.on_extra(extra, ready, &mut cx),
+            Callback::Timer => conn.session.on_timer(&mut cx),
+        };
+        let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
+        let progress = match result {
+            Ok(progress) => progress,
+            Err(error) => {
+                log::debug!("connection from {} failed: {error}", conn.peer);
+                return self.finish(fd, CloseReason::Error, now, env);
+            }
+        };
+        conn.record(progress, now);
+        if let Some(timer) = timer {
+            conn.state.timer = timer;
+        }
+        env.books.counters.moved(progress.bytes_in, progress.bytes_out);
+        env.listeners[conn.listener].tally.moved(progress);
+        if shutdown_write && let Err(error) = conn.stream.shutdown(std::net::Shutdown::Write) {
+            log::debug!("connection from {}: shutdown(SHUT_WR) failed: {error}", conn.peer);
+        }
+        let mut next = conn.state.after_callback(close, progress.exchanges, &*conn.session);
+        // At rest now, a draining connection's quiet deadline may be sooner than anything
+        // scheduled; a new session timer may be too.
+        let reschedule = matches!(conn.state.phase, Phase::Draining(_)) || timer.is_some();
+        if next == Next::Serve && !reschedule {
+            // The common case, on the connection at hand.
+            return conn.update_interest(fd, &mut *env.poller);
+        }
+        if next == Next::Promote {
+            self.promote(fd, env);
+            let Some(conn) = self.table.get(fd) else { return };
+            next = conn.state.after_callback(None, progress.exchanges, &*conn.session);
+        }
+        if reschedule {
+            schedule(&mut self.table, fd, env);
+        }
+        match next {
+            Next::Close(reason, Ending::Graceful) => self.linger(fd, reason, now, env),
+            Next::Close(reason, Ending::Reset) => self.reset(fd, reason, now, env),
+            Next::Finish => self.finish(fd, CloseReason::ClientClose, now, env),
+            Next::CloseAtRest(reason) => {
+                if self.table.get(fd).is_some_and(|conn| !unread_input(&conn.stream)) {
+                    self.linger(fd, reason, now, env);
+                } else {
+                    update_interest(&mut self.table, fd, &mut *env.poller);
+                }
+            }
+            Next::Offer => {
+                if !self.link.offer(&mut self.table, fd, now, env) {
+                    update_interest(&mut self.table, fd, &mut *env.poller);
+                }
+            }
+            Next::Serve | Next::Promote => update_interest(&mut self.table, fd, &mut *env.poller),
+        }
+    }
+
+    /// The first exchange completed: keep the connection alive if the client's long quota
+    /// allows, else close it once the exchange is fully answered.
+    fn promote(&mut self, fd: usize, env: &mut Env<'_>) {
+        let Some(conn) = self.table.get_mut(fd) else { return };
+        let promotion = match &conn.ticket {
+            None => Promotion::Long,
+            Some(ticket) => {
+                let max = env.listeners[conn.listener].policy.max_long_connections_per_client;
+                match env.limits.promote(ticket, max) {
+                    Ok(true) => Promotion::Long,
+                    Ok(false) => Promotion::Refused,
+                    Err(error) => {
+                        log::error!("connection from {}: {error}", conn.peer);
+                        Promotion::Failed
+                    }
+                }
+            }
+        };
+        conn.state.promoted(promotion);
+        if promotion == Promotion::Long {
+            // A long timeout shorter than the short one moves the deadline earlier.
+            schedule(&mut self.table, fd, env);
+        }
+    }
+
+    /// Handles every connection deadline due at `now`: idle timeouts, drain quiet periods,
+    /// lingering closes, hand-off retries, session timers.
+    pub fn expire(&mut self, now: Instant, env: &mut Env<'_>, others: usize) {
+        while let Some(fd) = self.table.pop_due(now) {
+            let Some(conn) = self.table.get_mut(fd) else { continue };
+            let timeouts = env.listeners[conn.listener].timeouts();
+            let idle_timeouts = conn.session.idle_timeouts();
+            // The peek only when its answer matters: draining, the session at rest.
+            let at_rest = conn.state.phase.waits_for_quiet()
+                && conn.session.is_at_rest()
+                && !unread_input(&conn.stream);
+            match conn.state.expire(now, timeouts, idle_timeouts, at_rest) {
+                Expiry::Later(Some(at)) => self.table.schedule(fd, at),
+                Expiry::Later(None) => {}
+                Expiry::Offer => {
+                    // Offered again now if at rest, else at its next rest (see `dispatch`).
+                    if !self.link.offer(&mut self.table, fd, now, env) {
+                        schedule(&mut self.table, fd, env);
+                    }
+                }
+                Expiry::Timer => {
+                    self.dispatch(fd, Callback::Timer, now, env, others);
+                    schedule(&mut self.table, fd, env);
+                }
+                Expiry::Finish(reason) => self.finish(fd, reason, now, env),
+                Expiry::Linger(reason) => self.linger(fd, reason, now, env),
+                Expiry::Idle(reason) => {
+                    log::debug!("closing idle connection from {} ({reason})", conn.peer);
+                    self.finish(fd, reason, now, env);
+                }
+            }
+        }
+    }
+
+    /// The graceful stop began: every open connection drains; those at rest and movable are
+    /// offered to the serving generation at once, the others close at rest and quiet (the
+    /// quiet ones on the next turn of the loop).
+    pub fn drain(&mut self, now: Instant, env: &mut Env<'_>) {
+        for fd in self.table.fds() {
+            let Some(conn) = self.table.get_mut(fd) else { continue };
+            conn.state.phase.drain();
+            if !self.link.offer(&mut self.table, fd, now, env) {
+                schedule(&mut self.table, fd, env);
+            }
+        }
+    }
+
+    /// Closes every connection (fast stop): lingering ones for their reason, the others as
+    /// `shutdown`.
+    pub fn close_all(&mut self, now: Instant, env: &mut Env<'_>) {
+        for fd in self.table.fds() {
+            let reason = match self.table.get(fd).map(|conn| conn.state.phase) {
+                Some(Phase::Lingering { reason, .. }) => reason,
+                Some(_) => CloseReason::Shutdown,
+                None => continue,
+            };
+            self.finish(fd, reason, now, env);
+        }
+    }
+
+    /// Starts a lingering close: sends FIN after everything written, then reads and discards
+    /// until the client's FIN or `LINGER_TIMEOUT`; or closes at once when the client's FIN
+    /// is already there with nothing unread before it.
+    fn linger(&mut self, fd: usize, reason: CloseReason, now: Instant, env: &mut Env<'_>) {
+        let Some(conn) = self.table.get_mut(fd) else { return };
+        // The conversation is over: the session's own descriptors are no longer watched (a
+        // readable backend would otherwise wake the loop for nothing until the close).
+        let poller = &mut *env.poller;
+        unwatch_all(poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        // Input first: a client that already ended its side and left nothing unread gets a
+        // plain close, which is as graceful (no unread data, so no RST: RFC 2525 2.17) and
+        // saves the shutdown. Otherwise FIN now and wait for the client's; readiness is
+        // level-triggered, so input that arrives meanwhile is not missed.
+        if discard_input(&conn.stream) || conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
+            return self.finish(fd, reason, now, env);
+        }
+        conn.state.linger(reason, now);
+        if conn.interest != Interest::READ {
+            conn.interest = Interest::READ;
+            let _ = env.poller.set(fd as RawFd, Interest::READ);
+        }
+        schedule(&mut self.table, fd, env);
+    }
+
+    /// Closes the connection abortively: `SO_LINGER` 0, so the close sends RST (tcp(7)).
+    fn reset(&mut self, fd: usize, reason: CloseReason, now: Instant, env: &mut Env<'_>) {
+        if let Some(conn) = self.table.get(fd) {
+            // Best effort: if it fails, the close below sends FIN instead.
+            let _ = socket2::SockRef::from(&conn.stream).set_linger(Some(Duration::ZERO));
+        }
+        self.finish(fd, reason, now, env);
+    }
+
+    /// Closes the connection now: releases its per-client count and writes the access line.
+    fn finish(&mut self, fd: usize, reason: CloseReason, now: Instant, env: &mut Env<'_>) {
+        let Some(mut conn) = self.table.remove(fd) else { return };
+        // Unwatch before the descriptors are closed (the poller's contract): the session's
+        // extra ones close when it is dropped, below.
+        let _ = env.poller.set(fd as RawFd, Interest::NONE);
+        unwatch_all(&mut *env.poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        env.listeners[conn.listener].tally.finished();
+        env.release(conn.ticket.take(), conn.peer);
+        let mut fields = String::new();
+        if env.books.access_log {
+            conn.session.describe(&mut fields);
+        }
+        env.closed(Closed {
+            listener: conn.listener,
+            peer: conn.peer,
+            proxy: conn.proxy,
+            duration: now.saturating_duration_since(conn.opened),
+            totals: conn.totals,
+            reason,
+            fields: &fields,
+        });
+        drop(conn.stream);
+    }
+}
+
+/// Whether a connection may be shed now (see [`admission::sheddable`]).
+fn sheddable(conn: &Conn) -> bool {
+    admission::sheddable(&conn.state, conn.totals.exchanges, conn.session.idle_timeouts())
+}
+
+/// Puts the deadline of the connection on `fd` in the timer heap, unless an entry at least
+/// as early is there already. Called whenever a deadline may have moved *earlier* (accept,
+/// keep-alive, drain, lingering close, a session timer); later moves need nothing. Without
+/// the peek: a session at rest is taken as at rest (an early wake-up at worst).
+pub(super) fn schedule(table: &mut Table<Conn>, fd: usize, env: &Env<'_>) {
+    let Some(conn) = table.get(fd) else { return };
+    let timeouts = env.listeners[conn.listener].timeouts();
+    let at_rest = conn.state.phase.waits_for_quiet() && conn.session.is_at_rest();
+    if let Some(deadline) = conn.state.deadline(timeouts, conn.session.idle_timeouts(), at_rest) {
+        table.schedule(fd, deadline);
+    }
+}
+
+/// Registers what the session of the connection on `fd` now wants its socket watched for,
+/// if that changed.
+pub(super) fn update_interest(table: &mut Table<Conn>, fd: usize, poller: &mut dyn Poller) {
+    if let Some(conn) = table.get_mut(fd) {
+        conn.update_interest(fd, poller);
+    }
+}
+
+/// Stops watching every extra descriptor in `watched` (before they are closed).
+fn unwatch_all(
+    poller: &mut dyn Poller,
+    owners: &mut [Option<(usize, u64)>],
+    in_use: &mut usize,
+    watched: &mut Vec<RawFd>,
+) {
+    while let Some(&extra) = watched.last() {
+        services::unwatch(poller, owners, watched, in_use, extra);
+    }
+}
