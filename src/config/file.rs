@@ -83,6 +83,8 @@ pub struct LogSection {
     pub syslog_socket: Option<Spanned<String>>,
     /// Log file, for `target = "file"`.
     pub path: Option<Spanned<String>>,
+    /// `"text"` or `"json"`.
+    pub format: Option<Spanned<String>>,
 }
 
 /// One `[[listener]]` block as written in the file.

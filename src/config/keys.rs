@@ -206,6 +206,8 @@ keys! {
         "Most verbose level written.";
     ACCESS_LOG "log.access_log": Boolean, Value("true"), "", Applies,
         "One line per closed connection, at level info.";
+    FORMAT "log.format": OneOf(&["text", "json"]), Value("\"text\""), "", Applies,
+        "How each line is written: text, or one JSON object with stable member names.";
     FACILITY "log.facility": Kind::String, Value("\"daemon\""), "", Applies,
         "syslog(3) facility, for target = \"syslog\".";
     SYSLOG_SOCKET "log.syslog_socket": Kind::Path, Absent("/dev/log"), "", Applies,

@@ -25,7 +25,7 @@ use toml::de::DeTable;
 use crate::duration;
 use crate::limits::MAX_RECORDS;
 use crate::limits::access::AccessList;
-use crate::logging::{LogConfig, LogTarget, SyslogFacility};
+use crate::logging::{LogConfig, LogFormat, LogTarget, SyslogFacility};
 use crate::poller::{EventBackend, FD_SETSIZE};
 use crate::rate::Rate;
 use crate::schema::RawIssue;
@@ -328,6 +328,9 @@ pub fn validate(
         .choice(log_section.level.as_ref(), &keys::LEVEL, |s| log::LevelFilter::from_str(s).ok());
     let syslog_socket = check.path(log_section.syslog_socket.as_ref(), &keys::SYSLOG_SOCKET);
     let access_log = check.boolean(log_section.access_log.as_ref(), &keys::ACCESS_LOG);
+    let format = check.choice(log_section.format.as_ref(), &keys::FORMAT, |s| {
+        LogFormat::ALL.into_iter().find(|f| f.name() == s)
+    });
     let log_target = match (target, log_path, facility) {
         (Some("syslog"), _, Some(facility)) => {
             Some(LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket })
@@ -450,7 +453,7 @@ pub fn validate(
             daemonize,
             event_backend: event_backend?,
         },
-        log: LogConfig { target: log_target?, level: level?, access_log },
+        log: LogConfig { target: log_target?, level: level?, access_log, format: format? },
         listeners,
     })
 }

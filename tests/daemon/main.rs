@@ -13,6 +13,7 @@ mod handoff;
 mod hardening;
 mod idle;
 mod include;
+mod json_log;
 mod keys;
 mod lifecycle;
 mod limits;
