@@ -66,6 +66,8 @@ pub enum Kind {
     Rate,
     /// A table, read by the listener's service.
     Table,
+    /// A text, or `{ file = "PATH" }` (at most [`super::MAX_BANNER`] bytes).
+    Banner,
 }
 
 /// What an absent key means.
@@ -241,7 +243,7 @@ keys! {
     REUSEPORT "listener.reuseport": Boolean, Value("false"), "", Applies,
         "A socket of its own per worker, with SO_REUSEPORT.";
     ALLOW "listener.allow": Prefixes, Value("[]"), "", Applies,
-        "Client prefixes served; when empty, every client not denied.";
+        "Client prefixes served, each with variables for their programs if a table; when empty, every client not denied.";
     DENY "listener.deny": Prefixes, Value("[]"), "", Applies,
         "Client prefixes refused; the most specific prefix of either list wins.";
     CLIENT_IPV4_PREFIX "listener.client_ipv4_prefix": Integer { min: 0, max: 32 },
@@ -272,6 +274,10 @@ keys! {
     MAX_DATAGRAM_RATE_PER_CLIENT "listener.max_datagram_rate_per_client": Kind::Rate,
         Value("\"100/s\""), "datagrams per period", Applies,
         "UDP only: datagrams per client, exact across workers; over it, dropped; \"0\" is unlimited.";
+    BANNER "listener.banner": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to an admitted client before its service starts: a text, or { file = PATH }; TCP only.";
+    BANNER_FAIL "listener.banner_fail": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to a refused client before the close, with one non-blocking send; TCP only.";
     OPTIONS "listener.options": Table, Absent("none"), "", Applies,
         "The service's own options, a `[listener.options]` table read by the service.";
 }
@@ -311,7 +317,7 @@ mod tests {
                 Kind::Rate => {
                     key.default_as::<String>().is_some_and(|r| crate::rate::Rate::parse(&r).is_ok())
                 }
-                Kind::Workers | Kind::String | Kind::Path | Kind::Table => {
+                Kind::Workers | Kind::String | Kind::Path | Kind::Table | Kind::Banner => {
                     key.default_as::<toml::Value>().is_some()
                 }
             };

@@ -149,6 +149,32 @@ pub struct ListenerConfig {
     /// an amplifier. `None` (written `"0"`) is unlimited, and always for TCP
     /// ([`keys::MAX_DATAGRAM_RATE_PER_CLIENT`]).
     pub max_datagram_rate_per_client: Option<Rate>,
+    /// What the listener says to a client as it is admitted or refused (TCP only).
+    pub banners: Banners,
+}
+
+/// Largest banner, in bytes: what one non-blocking send into a new connection's empty send
+/// buffer takes whole (Linux's smallest, under memory pressure, is 4 KiB).
+pub const MAX_BANNER: usize = 4096;
+
+/// The banners of a listener ([`keys::BANNER`], [`keys::BANNER_FAIL`]), as xinetd's
+/// `banner_success` and `banner_fail` and tcpserver's `-B`. The worker sends each with one
+/// non-blocking send and never waits: a client that does not read costs nothing more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Banners {
+    /// Sent to an admitted client, before its service starts (`banner`).
+    pub admitted: Option<Banner>,
+    /// Sent to a refused client, for whatever reason, before the close (`banner_fail`).
+    pub refused: Option<Banner>,
+}
+
+/// One banner: bytes, from the configuration or from a file read with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Banner {
+    /// What is sent, at most [`MAX_BANNER`] bytes; for a file, empty until [`load`] reads it.
+    pub bytes: Vec<u8>,
+    /// The file the bytes come from, if any (read at start and at each reload).
+    pub file: Option<PathBuf>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
@@ -315,8 +341,55 @@ fn parse_sources(
     if let Some(config) = config.as_mut() {
         config.resolve_paths(&base);
     }
+    // Whether or not the rest is valid, so that one run reports an unreadable file too.
+    read_banners(config.as_mut(), sources.document(), &mut raw);
     needs.resolve_paths(&base);
     (config, needs, raw)
+}
+
+/// Reads the banner files the listeners of `document` name (regular files of at most
+/// [`MAX_BANNER`] bytes, opened without blocking) into `config`, when it is valid; a file
+/// that cannot be read is a problem of its key.
+fn read_banners(
+    mut config: Option<&mut Config>,
+    document: &str,
+    raw: &mut Vec<crate::schema::RawIssue>,
+) {
+    let written = file::read(document).0.map(|file| file.listener).unwrap_or_default();
+    for (index, section) in written.iter().enumerate() {
+        let section = section.get_ref();
+        for (key, value) in [("banner", &section.banner), ("banner_fail", &section.banner_fail)] {
+            let Some(value) = value else { continue };
+            let file::BannerValue::File(path) = value.get_ref() else { continue };
+            if !path.starts_with('/') {
+                continue; // Reported by validation.
+            }
+            let bytes = match files::read_bounded(Path::new(path), MAX_BANNER as u64) {
+                Ok(bytes) if !bytes.is_empty() => bytes,
+                outcome => {
+                    raw.push(crate::schema::RawIssue {
+                        span: value.span(),
+                        key: format!("listener[{index}].{key}"),
+                        message: match outcome {
+                            Ok(_) => format!("{path} is empty"),
+                            Err(error) => format!("{path}: {error}"),
+                        },
+                    });
+                    continue;
+                }
+            };
+            let listener = config.as_deref_mut().and_then(|c| c.listeners.get_mut(index));
+            if let Some(listener) = listener {
+                let banner = match key {
+                    "banner" => &mut listener.banners.admitted,
+                    _ => &mut listener.banners.refused,
+                };
+                if let Some(banner) = banner {
+                    banner.bytes = bytes;
+                }
+            }
+        }
+    }
 }
 
 /// The text of the configuration file at `path`, read with the bounds of [`load`].

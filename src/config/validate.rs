@@ -13,18 +13,18 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use super::environment::{ListenerNeed, Needs};
-use super::file::{FileConfig, ListenerSection, WorkersValue};
+use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, WorkersValue};
 use super::keys::{self, Key, Kind};
 use super::{
-    AdmissionConfig, Config, DaemonConfig, ListenerConfig, ListenerTransport, MAX_WORKERS,
-    RESERVED_FDS, SLOT_HEADROOM, worker_slots,
+    AdmissionConfig, Banner, Banners, Config, DaemonConfig, ListenerConfig, ListenerTransport,
+    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
 
 use crate::duration;
 use crate::limits::MAX_RECORDS;
-use crate::limits::access::AccessList;
+use crate::limits::access::{AccessList, EnvRule};
 use crate::logging::{LogConfig, LogFormat, LogTarget, SyslogFacility};
 use crate::poller::{EventBackend, FD_SETSIZE};
 use crate::rate::Rate;
@@ -134,30 +134,103 @@ impl Checker<'_> {
     fn nets(&mut self, value: Option<&Spanned<Vec<Spanned<String>>>>, key: &Key) -> Vec<IpNet> {
         let Some(value) = self.written_or_default(value, key) else { return Vec::new() };
         let label = self.label(key);
-        let mut nets = Vec::new();
-        for item in value.get_ref() {
-            let text = item.get_ref().trim();
-            let parsed = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) if net.trunc() != net => self.report(
-                    item.span(),
-                    &label,
+        value
+            .get_ref()
+            .iter()
+            .filter_map(|item| self.net(item.get_ref(), item.span(), &label))
+            .collect()
+    }
+
+    /// One CIDR prefix of a list labelled `label`, written at `span`.
+    fn net(&mut self, text: &str, span: Range<usize>, label: &str) -> Option<IpNet> {
+        let text = text.trim();
+        let parsed = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) if net.trunc() != net => {
+                self.report(
+                    span,
+                    label,
                     format!(
                         "{text:?} has host bits set: write {} (or the address alone)",
                         net.trunc()
                     ),
-                ),
-                Ok(net) => nets.push(net),
-                Err(_) => self.report(
-                    item.span(),
-                    &label,
+                );
+                None
+            }
+            Ok(net) => Some(net),
+            Err(_) => {
+                self.report(
+                    span,
+                    label,
                     format!(
                         "{text:?} is not a CIDR prefix: write ADDRESS/LENGTH, such as \"192.0.2.0/24\" or \"2001:db8::/32\""
                     ),
-                ),
+                );
+                None
             }
         }
-        nets
+    }
+
+    /// `allow`: its prefixes, and the rules in order with their variables when any rule
+    /// carries some (see [`EnvRule`]).
+    fn allow(
+        &mut self,
+        value: Option<&Spanned<Vec<Spanned<AllowEntry>>>>,
+    ) -> (Vec<IpNet>, Vec<EnvRule>) {
+        let Some(value) = value else { return (Vec::new(), Vec::new()) };
+        let label = self.label(&keys::ALLOW);
+        let mut rules = Vec::new();
+        let mut any_env = false;
+        for item in value.get_ref() {
+            let (prefix, env) = match item.get_ref() {
+                AllowEntry::Prefix(prefix) => (prefix, &[][..]),
+                AllowEntry::Rule { prefix, env } => (prefix, env.as_slice()),
+            };
+            for (name, value) in env {
+                if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                    self.report(
+                        item.span(),
+                        &label,
+                        format!("env: {name:?}: a name is not empty and holds no '=' nor NUL, a value no NUL"),
+                    );
+                }
+            }
+            any_env |= !env.is_empty();
+            if let Some(net) = self.net(prefix, item.span(), &label) {
+                rules.push(EnvRule { net, env: env.to_vec() });
+            }
+        }
+        let nets = rules.iter().map(|rule| rule.net).collect();
+        (nets, if any_env { rules } else { Vec::new() })
+    }
+
+    /// A banner: the bytes of a text, or the file to read (absolute, read by
+    /// `config::load`); `None` when absent or invalid (reported).
+    fn banner(&mut self, value: Option<&Spanned<BannerValue>>, key: &Key) -> Option<Banner> {
+        let value = value?;
+        let label = self.label(key);
+        match value.get_ref() {
+            BannerValue::Text(text) if text.len() > MAX_BANNER => {
+                self.report(
+                    value.span(),
+                    label,
+                    format!("{} bytes, more than {MAX_BANNER}", text.len()),
+                );
+                None
+            }
+            BannerValue::Text(text) if text.is_empty() => {
+                self.report(value.span(), label, "empty: leave the key out instead");
+                None
+            }
+            BannerValue::Text(text) => Some(Banner { bytes: text.as_bytes().to_vec(), file: None }),
+            BannerValue::File(path) if !path.starts_with('/') => {
+                self.report(value.span(), label, format!("file {path:?} must be an absolute path"));
+                None
+            }
+            BannerValue::File(path) => {
+                Some(Banner { bytes: Vec::new(), file: Some(std::path::PathBuf::from(path)) })
+            }
+        }
     }
 
     /// One of the words of a [`Kind::OneOf`] key, read by `parse`.
@@ -582,7 +655,7 @@ fn read_listener(
     );
     let tcp_nodelay = check.boolean(section.tcp_nodelay.as_ref(), &keys::TCP_NODELAY);
     let reuseport = check.boolean(section.reuseport.as_ref(), &keys::REUSEPORT);
-    let allow = check.nets(section.allow.as_ref(), &keys::ALLOW);
+    let (allow, env_rules) = check.allow(section.allow.as_ref());
     let deny = check.nets(section.deny.as_ref(), &keys::DENY);
     // Absent, these take the daemon's values (`KeyDefault::Inherit`).
     let client_ipv4_prefix = match &section.client_ipv4_prefix {
@@ -655,6 +728,10 @@ fn read_listener(
             );
         }
     }
+    let banners = Banners {
+        admitted: check.banner(section.banner.as_ref(), &keys::BANNER),
+        refused: check.banner(section.banner_fail.as_ref(), &keys::BANNER_FAIL),
+    };
     let mut datagram_rate = check
         .rate(section.max_datagram_rate_per_client.as_ref(), &keys::MAX_DATAGRAM_RATE_PER_CLIENT);
     match transport {
@@ -668,6 +745,8 @@ fn read_listener(
                     &keys::MAX_LONG_CONNECTIONS_PER_CLIENT,
                     section.max_long_connections_per_client.as_ref().map(Spanned::span),
                 ),
+                (&keys::BANNER, section.banner.as_ref().map(Spanned::span)),
+                (&keys::BANNER_FAIL, section.banner_fail.as_ref().map(Spanned::span)),
             ];
             for (key, written) in tcp_only {
                 if let Some(written) = written {
@@ -707,7 +786,7 @@ fn read_listener(
         tcp_nodelay,
         reuseport,
         admission: AdmissionConfig {
-            access: AccessList { allow, deny },
+            access: AccessList { allow, deny, env_rules },
             client_ipv4_prefix,
             client_ipv6_prefix,
             max_connection_rate_per_client: rate,
@@ -721,6 +800,7 @@ fn read_listener(
         },
         transport: transport?,
         max_datagram_rate_per_client: datagram_rate,
+        banners,
     })
 }
 

@@ -204,6 +204,7 @@ impl Exec {
         socket: BorrowedFd<'_>,
         peer: SocketAddr,
         local: SocketAddr,
+        rule_env: &[(String, String)],
     ) -> io::Result<(Pid, Option<OwnedFd>)> {
         // The child's stdin and stdout are the socket, blocking as programs expect. The flag
         // belongs to the shared open file description: the worker does no I/O on the socket
@@ -234,6 +235,10 @@ impl Exec {
             pair.push(value);
             envp.push(CString::new(pair.into_vec())?);
         }
+        // The client's `allow` rule's variables; never a UCSPI name (those are preforkd's).
+        for (name, value) in rule_env.iter().filter(|(name, _)| !UCSPI_NAMES.contains(&name.as_str())) {
+            envp.push(CString::new(format!("{name}={value}"))?);
+        }
         let setup = crate::sys::SpawnSetup {
             stdio: socket,
             stderr: stderr_write.as_ref().map(AsFd::as_fd),
@@ -253,7 +258,7 @@ impl Service for Exec {
         let started = Instant::now();
         let spawned = conn
             .local_addr()
-            .and_then(|local| self.spawn(conn.socket, conn.peer, local))
+            .and_then(|local| self.spawn(conn.socket, conn.peer, local, conn.env))
             .and_then(|(child, stderr)| match crate::sys::pidfd_open(child.as_raw()) {
                 Ok(pidfd) => Ok((child, pidfd, stderr)),
                 Err(error) => {

@@ -179,6 +179,10 @@ pub struct ConnInfo<'a> {
     /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`). `None`: ask
     /// [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
+    /// The variables the first `allow` rule that matches the client gives the programs run
+    /// for it (tcprules' `127.:allow,RELAYCLIENT=""`), as `(NAME, VALUE)`; empty when that
+    /// rule gives none. exec adds them to its child's environment.
+    pub env: &'a [(String, String)],
 }
 
 impl ConnInfo<'_> {

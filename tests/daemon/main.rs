@@ -4,6 +4,7 @@ mod harness;
 
 mod admission;
 mod backends;
+mod banner;
 mod config;
 mod echo;
 mod example;
