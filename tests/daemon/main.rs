@@ -13,6 +13,7 @@ mod full_disk;
 mod handoff;
 mod hardening;
 mod idle;
+mod import;
 mod include;
 mod json_log;
 mod keys;
