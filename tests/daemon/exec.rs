@@ -228,7 +228,7 @@ fn a_killed_worker_takes_its_children_with_it_and_its_counts_come_back() {
     kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
     eventually("every child ended", || pids.iter().all(|&pid| !is_running(pid)));
     drop(held);
-    daemon.wait_for_lines("a new worker", 2, |l| l.contains("worker started"));
+    daemon.wait_replaced(&[worker]);
     // The dead worker's counts were reclaimed: the client has its five again.
     let again: Vec<_> = (0..5).map(|_| connect_from(client, daemon.addr())).collect();
     let new_worker = *daemon.worker_pids().last().unwrap();
