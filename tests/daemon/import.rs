@@ -93,10 +93,10 @@ fn check_accepts(config: &str) {
     assert_eq!(code(status), 0, "check: {stdout}{stderr}\n{config}");
 }
 
-/// The address the daemon says listener `name` listens on.
+/// The address listener `name` is bound to.
 fn address(daemon: &Daemon, name: &str) -> SocketAddr {
-    let line = daemon.wait_for_log(name, |l| l.contains(&format!("listener {name} (")));
-    line.split(" listening on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap()
+    let status = daemon.status().expect("the daemon answers");
+    status.address(name).unwrap_or_else(|| panic!("no listener {name}: {status:#?}"))
 }
 
 #[test]

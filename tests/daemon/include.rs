@@ -48,14 +48,11 @@ fn a_problem_in_the_second_included_file_is_reported_at_its_own_line_and_column(
     assert_eq!(code(status), 0, "{stdout}{stderr}");
 }
 
-/// The address the log says listener `name` listens on (at start: "listener NAME (SERVICE)
-/// listening on ADDR, ..."; after a reload: "listener NAME now listening on ADDR").
+/// The address listener `name` is bound to, once it is.
 fn listening(daemon: &Daemon, name: &str) -> SocketAddr {
-    let line = daemon.wait_for_log(&format!("listener {name} listening"), |l| {
-        l.contains(&format!("listener {name} ")) && l.contains(" listening on ")
-    });
-    let rest = line.split(" listening on ").nth(1).unwrap();
-    rest.split(',').next().unwrap().trim().parse().unwrap()
+    let status =
+        daemon.wait_until(&format!("listener {name} bound"), |s| s.address(name).is_some());
+    status.address(name).unwrap()
 }
 
 #[test]

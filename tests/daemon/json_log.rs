@@ -120,23 +120,13 @@ fn the_file_target_gets_json_from_every_process() {
         None,
         &[],
     );
-    eventually("both workers ready", || ready_in_status(&daemon.config_path) == 2);
+    let status = daemon.wait_ready();
     let path = daemon.dir().join("preforkd.log");
     let read = || -> Vec<Map<String, Value>> {
         std::fs::read_to_string(&path).unwrap().lines().map(object).collect()
     };
-    // The addresses, from the master's lines (the log is the only place that says them).
-    let address = |objects: &[Map<String, Value>], name: &str| -> SocketAddr {
-        let message = objects
-            .iter()
-            .filter_map(|o| o["message"].as_str())
-            .find(|m| m.starts_with(&format!("listener {name} (")))
-            .expect(name);
-        message.split(" listening on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap()
-    };
-    let started = read();
     let addrs: Vec<SocketAddr> =
-        ["echo", "echo-udp", "cat"].iter().map(|name| address(&started, name)).collect();
+        ["echo", "echo-udp", "cat"].iter().map(|name| status.address(name).expect(name)).collect();
     traffic(&addrs);
     let (status, _, stderr) = daemon.control("quit");
     assert_eq!(code(status), 0, "{stderr}");
