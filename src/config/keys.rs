@@ -162,7 +162,7 @@ const U32: i64 = u32::MAX as i64;
 
 keys! {
     INCLUDE "include": Kind::Patterns, Value("[]"), "", Applies,
-        "Files of more [[listener]] blocks, read in name order; a reload reads them again.";
+        "Files of more `[[listener]]` blocks, read in name order; a reload reads them again.";
 
     WORKERS "daemon.workers": Kind::Workers, Value("\"auto\""), "processes", UpToStart,
         "Worker processes to keep running, or \"auto\" for one per CPU.";

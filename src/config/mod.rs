@@ -275,7 +275,7 @@ impl ListenerConfig {
 }
 
 /// Reads and validates the configuration file at `path`, with the files its `include`
-/// patterns name ([`include`]); `services` are the names `service = "..."` may use.
+/// patterns name ([`mod@include`]); `services` are the names `service = "..."` may use.
 ///
 /// Only regular files of at most [`crate::files::MAX_CONFIG_BYTES`] (1 MiB) each are read; a
 /// FIFO, a device or a larger file is refused with the reason, without blocking.

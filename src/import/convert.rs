@@ -1,4 +1,4 @@
-//! xinetd's services, as read by [`super::xinetd`], mapped onto preforkd listeners: each
+//! xinetd's services, as read by [`mod@super::xinetd`], mapped onto preforkd listeners: each
 //! attribute either becomes keys of the listener or of its `[listener.options]`, or a
 //! [`Note`] saying where it is and why preforkd has no equivalent.
 //!

@@ -8,7 +8,7 @@
 //! commented out; a service or attribute preforkd has no equivalent for is listed on the
 //! standard error as `file:line: attribute: why`, and a skipped service also in a comment.
 //!
-//! - [`xinetd`] reads xinetd.conf(5) syntax, following `includedir` and `includefile`;
+//! - [`mod@xinetd`] reads xinetd.conf(5) syntax, following `includedir` and `includefile`;
 //! - [`convert`] maps services and attributes onto listeners and their options;
 //! - [`etc_services`] finds ports by service name, as xinetd does.
 
