@@ -97,6 +97,16 @@ impl Daemon {
             }
         };
         if command == Command::Check {
+            let exec = crate::spawner::findings(&config, nix::unistd::geteuid());
+            for warning in &exec.warnings {
+                print_stderr(&format!("{}: warning: {warning}", cli.config.display()));
+            }
+            if !exec.errors.is_empty() {
+                for error in &exec.errors {
+                    print_stderr(&format!("{}: {error}", cli.config.display()));
+                }
+                return ExitStatus::Config;
+            }
             println!("{}: configuration OK", cli.config.display());
             return ExitStatus::Ok;
         }

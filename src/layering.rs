@@ -35,7 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("services", &["services"]),
     ("configuration", &["config", "import"]),
-    ("serving", &["listener", "worker"]),
+    ("serving", &["listener", "spawner", "worker"]),
     ("supervising", &["master"]),
     ("entry points", &["cli", "control", "daemon"]),
 ];

@@ -24,7 +24,7 @@
 //!    [`sdnotify`], [`signals`], [`status_json`]
 //! 3. services: [`services`]
 //! 4. configuration: [`config`], [`import`]
-//! 5. serving: [`listener`], [`worker`]
+//! 5. serving: [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
 //! 7. entry points: [`cli`], [`control`], [`daemon`]
 //!
@@ -121,6 +121,7 @@ pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
 pub mod signals;
+pub mod spawner;
 pub mod status_json;
 pub mod sys;
 pub mod worker;

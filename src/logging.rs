@@ -122,6 +122,11 @@ pub enum Role {
         /// Configuration generation, from 1.
         generation: u64,
     },
+    /// The exec spawner of a generation.
+    Spawner {
+        /// Configuration generation, from 1.
+        generation: u64,
+    },
 }
 
 enum Sink {
@@ -272,8 +277,17 @@ pub fn refresh_pid() {
 /// Marks this process as a worker (call right after `fork(2)`, in the child). With a file
 /// target, the worker closes its copy of the file and keeps only the relay pipe's write end.
 pub fn set_worker(slot: usize, generation: u64) {
+    set_role(Role::Worker { slot, generation });
+}
+
+/// Marks this process as the exec spawner of `generation`, as [`set_worker`] does a worker.
+pub fn set_spawner(generation: u64) {
+    set_role(Role::Spawner { generation });
+}
+
+fn set_role(role: Role) {
     if let Some(state) = lock().as_mut() {
-        state.role = Role::Worker { slot, generation };
+        state.role = role;
         state.pid = std::process::id();
         let relay = state.relay.take();
         if let (Sink::File { .. }, Some(relay)) = (&state.sink, relay) {
@@ -323,6 +337,9 @@ fn write_text(state: &mut State, record: &Record<'_>) -> bool {
         Role::Master => line.push_str("master"),
         Role::Worker { slot, generation } => {
             let _ = write!(line, "worker={slot} gen={generation}");
+        }
+        Role::Spawner { generation } => {
+            let _ = write!(line, "spawner gen={generation}");
         }
     }
     let _ = write!(line, " pid={}: {}", state.pid, record.args());

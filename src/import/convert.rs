@@ -549,6 +549,10 @@ impl<'a> Service<'a> {
                     }
                 }
             }
+            "user" if exec && (first == "root" || first == "0") => self.note(
+                merged,
+                "root: preforkd runs no program as root; it runs as exec's default user, preforkd-exec, unless you name another",
+            ),
             "user" | "group" if exec => listener.options.push(entry(name, quote(first), name)),
             // xinetd serves its internal services in its own process, whatever they say;
             // preforkd's workers serve them.

@@ -5,9 +5,10 @@
 //! members, whose names and types are stable (preforkd.toml(5), LOG FORMATS):
 //!
 //! - every line: `time` (RFC 3339, UTC, milliseconds, as the text format), `level`
-//!   (`error`, `warn`, `info`, `debug`, `trace`), `pid`, `role` (`master` or `worker`),
-//!   `slot` and `generation` (workers only), `message` (the text the text format prints
-//!   after `pid=PID: `);
+//!   (`error`, `warn`, `info`, `debug`, `trace`), `pid`, `role` (`master`, `worker` or
+//!   `spawner`, the process that starts exec's programs), `slot` (workers only) and
+//!   `generation` (workers and spawners), `message` (the text the text format prints after
+//!   `pid=PID: `);
 //! - access lines (the `access` target: `access ...` and `datagrams ...`) add `event`
 //!   (`access` or `datagrams`) and their `key=value` pairs: [`TOP_LEVEL`] as members of
 //!   their own (`duration` a number of seconds, `listener`, `peer`, `reason`, `proxy` and
@@ -102,6 +103,10 @@ fn object(record: &Record<'_>, message: &str, with_fields: bool) -> Map<String, 
         Role::Worker { slot, generation } => {
             object.insert("role".into(), "worker".into());
             object.insert("slot".into(), slot.into());
+            object.insert("generation".into(), generation.into());
+        }
+        Role::Spawner { generation } => {
+            object.insert("role".into(), "spawner".into());
             object.insert("generation".into(), generation.into());
         }
     }

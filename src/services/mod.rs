@@ -61,7 +61,7 @@ pub use chargen::Chargen;
 pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
-pub use exec::{Exec, StderrTo};
+pub use exec::{DEFAULT_USER, Exec, Program, StderrTo, set_spawner_link, wire};
 pub use metrics::Metrics;
 pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
@@ -179,10 +179,6 @@ pub struct ConnInfo<'a> {
     /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`). `None`: ask
     /// [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
-    /// The variables the first `allow` rule that matches the client gives the programs run
-    /// for it (tcprules' `127.:allow,RELAYCLIENT=""`), as `(NAME, VALUE)`; empty when that
-    /// rule gives none. exec adds them to its child's environment.
-    pub env: &'a [(String, String)],
 }
 
 impl ConnInfo<'_> {
@@ -209,9 +205,10 @@ impl ConnInfo<'_> {
 /// interior mutability is per worker. Building must have no side effect (no socket, no
 /// thread, no file written): `check` builds every service and throws it away.
 ///
-/// Workers leave SIGCHLD at its default disposition and install no handler for it: a
-/// service that starts processes waits for them itself, as exec does (pidfd_open(2), watched
-/// as an extra descriptor, then waitpid(2) with `WNOHANG`).
+/// Workers leave SIGCHLD at its default disposition and install no handler for it, and
+/// start no process themselves: a service that runs a program per connection describes it
+/// with [`Service::program`], and exec's sessions have the exec spawner start it (see
+/// `crate::spawner`).
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
@@ -221,6 +218,13 @@ pub trait Service {
     /// connection over it is refused with reason `listener-full`): exec's `max_instances`.
     /// Default: none.
     fn max_connections(&self) -> Option<NonZeroU32> {
+        None
+    }
+
+    /// The program this listener starts per connection, if any (exec's): the exec spawner
+    /// (see `crate::spawner`) starts only programs named this way, for the listener that
+    /// names them, as its user. Default: none.
+    fn program(&self) -> Option<&Program> {
         None
     }
 

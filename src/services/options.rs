@@ -114,12 +114,13 @@ impl<'a> Options<'a> {
     }
 
     /// Reports a problem with option `key` (its value's position when present, else the
-    /// table's or the listener's): `listener[N].options.KEY: message`.
+    /// table's or the listener's): `listener[N].options.KEY: message`. A dotted key
+    /// (`rlimits.nofile`) names a value in a nested table.
     pub fn report(&mut self, key: &str, message: impl Into<String>) {
         let span = self
             .table
             .as_ref()
-            .and_then(|table| table.get_ref().get(key).map(Spanned::span))
+            .and_then(|table| value_span(table.get_ref(), key))
             .or_else(|| self.table.as_ref().map(Spanned::span))
             .unwrap_or_else(|| self.listener_span.clone());
         let key =
@@ -173,4 +174,21 @@ impl<'a> Options<'a> {
     pub fn finish<T>(&self, value: T) -> Result<T, Invalid> {
         if self.reported && !self.probing { Err(Invalid) } else { Ok(value) }
     }
+}
+
+/// The span of the value at dotted `key` in `table` (`rlimits.nofile`); the nearest
+/// enclosing value's when a part is missing; `None` when the first part is.
+fn value_span(table: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => match inner.get(part) {
+                Some(next) => value = next,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    Some(value.span())
 }

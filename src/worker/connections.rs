@@ -171,7 +171,6 @@ impl Connections {
             peer,
             socket: stream.as_fd(),
             bound: entry.bound,
-            env: entry.policy.admission.access.env_for(peer.ip()),
         };
         let session = entry.policy.service.service.session(&info);
         let interest = session.interest();
@@ -313,6 +312,9 @@ impl Connections {
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
         let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
+        if cx.uncount {
+            env.release(conn.ticket.take(), conn.peer);
+        }
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {

@@ -308,7 +308,6 @@ fn adopt(
         socket: stream.as_fd(),
         // Accepted by another generation, maybe on another address under this name.
         bound: None,
-        env: entry.policy.admission.access.env_for(offer.peer.ip()),
     };
     let Some(session) = entry.policy.service.service.import(&info, &offer.state) else {
         unwatch(env);

@@ -110,7 +110,7 @@ fn an_allow_rule_gives_its_variables_to_the_programs_of_its_clients_only() {
         [[listener]]\nname = \"env\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
         allow = [{ prefix = \"127.0.0.2/32\", env = { RELAYCLIENT = \"\" } }, \"127.0.0.0/8\", \
                  { prefix = \"127.0.0.4/32\", env = { LATE = \"never\" } }]\n\
-        [listener.options]\nprogram = \"/bin/sh\"\n\
+        [listener.options]\nuser = \"nobody\"\nprogram = \"/bin/sh\"\n\
         args = [\"-c\", \"echo relay=${RELAYCLIENT-unset} late=${LATE-unset}\"]\n";
     let daemon = Daemon::start(config);
     let answer = |last: u8| {

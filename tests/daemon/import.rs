@@ -42,46 +42,20 @@ fn import(path: &Path) -> (String, String) {
     (stdout, stderr)
 }
 
-/// Whether exec takes the process options the conversion writes (`user`, `umask` ...).
-fn exec_has_process_options() -> bool {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("probe.toml");
-    std::fs::write(
-        &path,
-        "[[listener]]\nname = \"p\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
-         [listener.options]\nprogram = \"/bin/cat\"\numask = \"022\"\n",
-    )
-    .unwrap();
-    let (_, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
-    !stderr.contains("unknown field `umask`")
-}
-
-/// The converted file made runnable here: every address on 127.0.0.1:0; as root, the
-/// workers' user created. Without exec's process options (not yet on this branch), their
-/// lines are left out and the workers run as root, as xinetd's `user = root` children did.
+/// The converted file made runnable here: every address on 127.0.0.1:0, two workers and a
+/// pid file; as root, the workers' and exec's default users created as the package would.
 fn runnable(converted: &str) -> String {
     let mut text = String::new();
-    let options = exec_has_process_options();
-    if !options {
-        eprintln!("exec has no user/umask/... options here: those lines are left out");
-    }
     for line in converted.lines() {
-        let key = line.split(" = ").next().unwrap_or_default();
-        if key == "address" {
+        if line.starts_with("address = ") {
             text.push_str("address = \"127.0.0.1:0\"\n");
-        } else if !options && ["user", "group", "groups", "umask", "nice", "rlimits"].contains(&key)
-        {
-            if line == "user = \"preforkd\"" {
-                text.push_str("allow_root_workers = true\n");
-            }
         } else {
             text.push_str(line);
             text.push('\n');
         }
     }
-    if options {
-        ensure_preforkd_user();
-    }
+    ensure_preforkd_user();
+    crate::newcomer::ensure_exec_user();
     text.replace("[daemon]\n", "[daemon]\nworkers = 2\npid_file = \"@DIR@/p.pid\"\n")
 }
 
@@ -209,6 +183,11 @@ fn a_sample_of_real_services_converts_runs_and_answers_their_clients() {
         &["-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "c"],
         &srv.join("demo.git"),
     );
+    // The service's user owns its repositories, as git daemon wants (xinetd's `user`).
+    if nix::unistd::geteuid().is_root() {
+        let chown = Command::new("chown").args(["-R", "nobody"]).arg(&srv).status().unwrap();
+        assert!(chown.success());
+    }
     // An rsync module.
     let files = root.join("files");
     std::fs::create_dir(&files).unwrap();
@@ -216,11 +195,7 @@ fn a_sample_of_real_services_converts_runs_and_answers_their_clients() {
     let rsyncd = root.join("rsyncd.conf");
     std::fs::write(
         &rsyncd,
-        format!(
-            "use chroot = no\nuid = root\ngid = root\nlog file = {}\n[files]\npath = {}\nread only = yes\n",
-            root.join("rsyncd.log").display(),
-            files.display()
-        ),
+        format!("use chroot = no\n[files]\npath = {}\nread only = yes\n", files.display()),
     )
     .unwrap();
     // A TFTP root.
@@ -247,9 +222,9 @@ fn a_sample_of_real_services_converts_runs_and_answers_their_clients() {
     let xinetd = root.join("xinetd.conf");
     let conf = format!(
         "defaults\n{{\n\tinstances = 20\n\tlog_on_success = PID HOST DURATION EXIT\n}}\n\n\
-         service git\n{{\n\tsocket_type = stream\n\tprotocol = tcp\n\twait = no\n\tuser = root\n\
+         service git\n{{\n\tsocket_type = stream\n\tprotocol = tcp\n\twait = no\n\tuser = nobody\n\
          \tserver = {git_path}\n\tserver_args = daemon --inetd --export-all --base-path={srv} {srv}\n}}\n\n\
-         service rsync\n{{\n\tsocket_type = stream\n\twait = no\n\tuser = root\n\
+         service rsync\n{{\n\tsocket_type = stream\n\twait = no\n\tuser = nobody\n\
          \tserver = /usr/bin/rsync\n\tserver_args = --daemon --config={rsyncd}\n}}\n\n\
          service smtp-relay\n{{\n\ttype = UNLISTED\n\tsocket_type = stream\n\twait = no\n\
          \tport = 7001\n\tredirect = 127.0.0.1 {backend_port}\n}}\n\n\
@@ -271,7 +246,7 @@ fn a_sample_of_real_services_converts_runs_and_answers_their_clients() {
     let expected = format!("{}:{access_times}: access_times: no equivalent", xinetd.display());
     assert!(notes.contains(&expected), "{expected:?} missing from:\n{notes}");
     // in.tftpd ran as its `user`; the built-in tftp runs in the workers.
-    let tftp_user = conf.lines().enumerate().filter(|(_, l)| l.contains("user = root")).nth(2);
+    let tftp_user = conf.lines().enumerate().find(|(_, l)| l.contains("user = root"));
     let expected = format!(
         "{}:{}: user: user = root: the service runs in preforkd's workers",
         xinetd.display(),
@@ -282,6 +257,11 @@ fn a_sample_of_real_services_converts_runs_and_answers_their_clients() {
     for origin in ["service git, ", "service rsync, ", "service tftp, ", "service echo, "] {
         assert!(converted.contains(origin), "{origin} in a comment:\n{converted}");
     }
+    let parsed: toml::Table = toml::from_str(&converted).unwrap();
+    let git = &parsed["listener"][0]["options"];
+    assert_eq!(git["user"].as_str(), Some("nobody"), "xinetd's user, exec's: {converted}");
+    assert_eq!(git["groups"].as_array().map(Vec::len), Some(0), "groups = no, xinetd's default");
+    assert_eq!(git["max_instances"].as_integer(), Some(20), "the defaults' instances");
 
     let config = runnable(&converted);
     check_accepts(&config);

@@ -17,7 +17,7 @@ fn listeners() -> &'static str {
     "[[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n\
      [[listener]]\nname = \"echo-udp\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"udp\"\n\
      [[listener]]\nname = \"cat\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
-     [listener.options]\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"cat; echo 'to \\\"stderr\\\"' >&2\"]\n"
+     [listener.options]\nuser = \"nobody\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"cat; echo 'to \\\"stderr\\\"' >&2\"]\n"
 }
 
 fn config(log: &str) -> String {
@@ -41,6 +41,9 @@ fn object(line: &str) -> Map<String, Value> {
         Some("master") => assert!(!object.contains_key("slot"), "{line}"),
         Some("worker") => {
             assert!(object["slot"].is_u64() && object["generation"].as_u64() >= Some(1), "{line}")
+        }
+        Some("spawner") => {
+            assert!(!object.contains_key("slot") && object["generation"].is_u64(), "{line}")
         }
         _ => panic!("no role: {line}"),
     }

@@ -140,6 +140,25 @@ fn a_missing_pid_directory_is_made_as_systemd_would_make_it() {
     assert_eq!(code(daemon.wait_exit(PATIENCE).expect("exited")), 0);
 }
 
+/// As root: makes sure exec's default user (`preforkd-exec`) exists, from the shipped
+/// sysusers.d file, as the package creates it (idempotent).
+pub fn ensure_exec_user() {
+    if nix::unistd::User::from_name("preforkd-exec").unwrap().is_some() {
+        return;
+    }
+    let sysusers = repo_file("systemd/preforkd.sysusers");
+    let made = Command::new("systemd-sysusers").arg(&sysusers).status();
+    if !made.is_ok_and(|s| s.success()) {
+        // Without systemd-sysusers: what the sysusers.d line says, with useradd.
+        let status = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell"])
+            .args(["/usr/sbin/nologin", "--comment", "preforkd exec programs", "preforkd-exec"])
+            .status()
+            .expect("run useradd");
+        assert!(status.success(), "could not create the preforkd-exec user");
+    }
+}
+
 /// The program `name` on the PATH.
 fn on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
@@ -167,7 +186,10 @@ fn the_readme_git_daemon_example_serves_a_root_owned_repository() {
     // As root, the child runs as another user than the repository's owner, the case git
     // refuses without safe.directory.
     let user = match ensure_preforkd_user() {
-        Some(_) => "user = \"preforkd\"\n",
+        Some(_) => {
+            ensure_exec_user();
+            "user = \"preforkd\"\n"
+        }
         None => {
             eprintln!("not root: the child runs as the repository's owner, a weaker test");
             ""
