@@ -215,7 +215,9 @@ impl Program {
     }
 
     /// Starts the program for the connection on `socket` (`peer` -> `local`), with `stderr`
-    /// as its descriptor 2 (`None`: /dev/null); returns its pid. Called in the spawner.
+    /// as its descriptor 2 (`None`: /dev/null) and `rule_env` (the variables of the client's
+    /// `allow` rule, after `env`; a UCSPI name among them is left out) added to its
+    /// environment; returns its pid. Called in the spawner.
     ///
     /// # Errors
     /// The failed step and its errno (see [`crate::sys::spawn`]).
@@ -225,8 +227,9 @@ impl Program {
         peer: SocketAddr,
         local: SocketAddr,
         stderr: Option<BorrowedFd<'_>>,
+        rule_env: &[(String, String)],
     ) -> Result<Pid, SpawnError> {
-        let mut envp = Vec::with_capacity(5 + self.env_c.len());
+        let mut envp = Vec::with_capacity(5 + self.env_c.len() + rule_env.len());
         for (name, value) in [
             ("PROTO", "TCP".to_owned()),
             ("TCPREMOTEIP", peer.ip().to_string()),
@@ -238,6 +241,12 @@ impl Program {
             envp.push(CString::new(format!("{name}={value}")).unwrap_or_default());
         }
         envp.extend(self.env_c.iter().cloned());
+        for (name, value) in rule_env {
+            if !UCSPI_NAMES.contains(&name.as_str()) {
+                // Validated when the configuration was loaded: no NUL byte, no '=' in names.
+                envp.push(CString::new(format!("{name}={value}")).unwrap_or_default());
+            }
+        }
         let setup = crate::sys::SpawnSetup {
             stdio: socket,
             stderr,
