@@ -81,7 +81,8 @@ pub enum SlotState {
     Booting = 1,
     /// Accepting and serving.
     Ready = 2,
-    /// Graceful stop: no longer accepting, finishing its connections.
+    /// Retired or stopping gracefully: no longer accepting; handing off or finishing its
+    /// connections.
     Draining = 3,
 }
 

@@ -119,7 +119,7 @@ pub struct Worker {
     /// after a reload.
     pub generation: u64,
     /// `"booting"` (forked, setting up), `"ready"` (accepting and serving) or `"draining"`
-    /// (graceful stop: no longer accepting, finishing its connections).
+    /// (retired or stopping: no longer accepting; handing off or finishing its connections).
     pub state: &'static str,
     /// Connections open now.
     pub open: u64,
