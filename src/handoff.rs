@@ -99,6 +99,16 @@ pub struct Offer {
     pub descriptors: usize,
 }
 
+impl Offer {
+    /// Whether all of the offer's descriptors arrived with it (`got` of them): when this
+    /// process is out of descriptors the kernel drops some (see [`Channel::recv`]), and the
+    /// offer must be answered [`Outcome::Busy`] rather than dropped, so that the sender, who
+    /// waits for the answer without touching the connection, serves it on.
+    pub fn complete(&self, got: usize) -> bool {
+        got == 1 + self.descriptors
+    }
+}
+
 /// How an offer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -173,6 +183,26 @@ impl Reader<'_> {
     }
     fn millis(&mut self) -> io::Result<Duration> {
         Ok(Duration::from_millis(self.u64()?))
+    }
+}
+
+/// Whether `got` descriptors may come with `message`: exactly those an offer announces (none
+/// for another message), or fewer for an offer when the kernel `dropped` some because this
+/// process is out of descriptors (`MSG_CTRUNC`: unix(7)); the receiver then answers it
+/// [`Outcome::Busy`] (see [`Offer::complete`]), and the sender, which still holds its own
+/// copies, offers it again later.
+///
+/// # Errors
+/// `InvalidData` for any other count.
+fn check_descriptors(message: &Message, got: usize, dropped: bool) -> io::Result<()> {
+    let expected = match message {
+        Message::Offer(offer) => 1 + offer.descriptors,
+        _ => 0,
+    };
+    if got == expected || (dropped && got < expected) {
+        Ok(())
+    } else {
+        Err(invalid(&format!("{got} descriptors where {expected} were announced")))
     }
 }
 
@@ -412,7 +442,8 @@ impl Channel {
     }
 
     /// The next message, with its descriptors (an offer's client socket first); `Ok(None)`
-    /// when nothing is waiting.
+    /// when nothing is waiting. An offer may come with fewer descriptors than it announces
+    /// when this process is out of descriptors: check [`Offer::complete`].
     ///
     /// # Errors
     /// `UnexpectedEof` when the peer closed its end; `InvalidData` for a malformed message
@@ -440,27 +471,15 @@ impl Channel {
                     }
                 }
             }
-            let (bytes, truncated) = (
-                received.bytes,
-                received.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
-            );
+            let (bytes, flags) = (received.bytes, received.flags);
             if bytes == 0 && fds.is_empty() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if truncated || bytes > MAX_MESSAGE || fds.len() > MAX_DESCRIPTORS {
-                return Err(invalid("oversized, or too many descriptors"));
+            if flags.contains(MsgFlags::MSG_TRUNC) || bytes > MAX_MESSAGE {
+                return Err(invalid("oversized"));
             }
             let message = Message::decode(&buffer[..bytes])?;
-            let expected = match &message {
-                Message::Offer(offer) => 1 + offer.descriptors,
-                _ => 0,
-            };
-            if fds.len() != expected {
-                return Err(invalid(&format!(
-                    "{} descriptors where {expected} were announced",
-                    fds.len()
-                )));
-            }
+            check_descriptors(&message, fds.len(), flags.contains(MsgFlags::MSG_CTRUNC))?;
             return Ok(Some((message, fds)));
         }
     }
@@ -551,6 +570,21 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
         drop(worker);
         assert_eq!(master.recv().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_offer_short_of_descriptors_is_kept_for_a_busy_answer_only_if_the_kernel_dropped_them() {
+        let mut two = offer();
+        two.descriptors = 1;
+        let message = Message::Offer(two.clone());
+        assert!(check_descriptors(&message, 2, false).is_ok());
+        assert!(check_descriptors(&message, 1, false).is_err(), "a liar");
+        assert!(check_descriptors(&message, 3, true).is_err(), "more is never right");
+        assert!(check_descriptors(&message, 1, true).is_ok(), "out of descriptors here");
+        assert!(check_descriptors(&message, 0, true).is_ok());
+        assert!((two.complete(2), two.complete(1)) == (true, false));
+        assert!(check_descriptors(&Message::Ready, 0, false).is_ok());
+        assert!(check_descriptors(&Message::Ready, 1, true).is_err());
     }
 
     #[test]

@@ -202,6 +202,12 @@ impl Master {
     /// the new master), or answers it.
     fn route(&mut self, from: Endpoint, mut offer: Offer, fds: Vec<OwnedFd>) {
         let token = offer.token;
+        if !offer.complete(fds.len()) {
+            // Out of descriptors here: the sender keeps the connection and offers it later.
+            let busy = Message::Resolved { token, outcome: Outcome::Busy };
+            self.send_to(from, &busy, Vec::new());
+            return;
+        }
         let to = match self.handoff_target(from, &offer.listener) {
             Ok(to) => to,
             Err(outcome) => {

@@ -118,7 +118,8 @@ impl Link {
                 Ok(None) => break,
                 Ok(Some((Message::Offer(offer), fds))) => {
                     let token = offer.token;
-                    let outcome = if self.drain.is_some() {
+                    let outcome = if self.drain.is_some() || !offer.complete(fds.len()) {
+                        // Retiring, or out of descriptors (some did not arrive).
                         Outcome::Busy
                     } else {
                         adopt(table, extras, offer, fds, now, env, others)
