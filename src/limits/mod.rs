@@ -76,8 +76,8 @@ mod datagram_rates;
 mod mutex;
 mod region;
 
+use buckets::Place;
 pub use buckets::Verdict;
-use buckets::{Crowded, Place};
 pub use datagram_rates::DatagramRates;
 use mutex::{Held, RobustMutex};
 use region::Mapping;
@@ -938,8 +938,7 @@ impl Table<'_> {
     /// Spends one token of `key`'s bucket at `now_ns`; false if it has none left.
     fn take_token(&mut self, key: ClientKey, rate: &Rate, now_ns: u64) -> bool {
         let home = self.hasher.hash_one(key) as usize;
-        let crowded = Crowded::TakeFullest;
-        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE, crowded);
+        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE);
         verdict == Verdict::Allowed
     }
 

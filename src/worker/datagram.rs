@@ -250,7 +250,6 @@ impl Datagrams {
                     env.listeners[index].datagrams.over_rate += 1;
                     if let Some(held_back) = env.books.refusal_log.allow(now) {
                         let why = match verdict {
-                            Ok(Verdict::TableFull) => "the rate table is full".to_owned(),
                             Ok(_) => "max_datagram_rate_per_client reached".to_owned(),
                             Err(error) => error.to_string(),
                         };
