@@ -171,6 +171,17 @@ impl ClientKey {
         ClientKey { address, listener: listener as u16, family, prefix: net.prefix_len() }
     }
 
+    /// The key's 20 bytes: the address, the listener id (little-endian), the family and the
+    /// prefix length. Two keys are equal exactly when their bytes are.
+    pub fn to_bytes(&self) -> [u8; 20] {
+        let mut bytes = [0; 20];
+        bytes[..16].copy_from_slice(&self.address);
+        bytes[16..18].copy_from_slice(&self.listener.to_le_bytes());
+        bytes[18] = self.family;
+        bytes[19] = self.prefix;
+        bytes
+    }
+
     /// The key counting every connection of listener `listener`.
     pub fn listener(listener: usize) -> Self {
         ClientKey { address: [0; 16], listener: listener as u16, family: 0, prefix: 0 }

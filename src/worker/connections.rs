@@ -205,15 +205,19 @@ impl Connections {
         })
     }
 
-    /// Counts the connection on `fd` in its client's share, if it is to be and is not yet.
-    fn seat(&mut self, fd: usize, env: &Env<'_>) {
+    /// Counts the connection on `fd` in its client's share, if it is to be and is not yet;
+    /// `key`: its client, if known already.
+    fn seat(&mut self, fd: usize, key: Option<ClientKey>, env: &Env<'_>) {
         let Some((serial, conn)) = self.table.entry_mut(fd) else { return };
         if conn.share != Share::Unseated {
             return;
         }
         let entry = &env.listeners[conn.listener];
         conn.share = match entry.policy.admission.shed_when_full {
-            true => Share::Seated(self.shares.join(entry.client_key(conn.peer.ip()), fd, serial)),
+            true => {
+                let key = key.unwrap_or_else(|| entry.client_key(conn.peer.ip()));
+                Share::Seated(self.shares.join(key, fd, serial))
+            }
             false => Share::Uncounted,
         };
     }
@@ -316,7 +320,7 @@ impl Connections {
                     .is_some_and(|c| c.state.kind == ConnKind::Short && c.totals.exchanges == 0)
             };
             self.shed.push(fd as usize, serial, self.table.len(), candidate);
-            self.seat(fd as usize, env);
+            self.seat(fd as usize, Some(key), env);
         }
         schedule(&mut self.table, fd as usize, env);
         env.books.counters.accepted();
@@ -344,7 +348,7 @@ impl Connections {
         let Some(conn) = self.table.get(fd) else { return false };
         if conn.share == Share::Unseated {
             // Adopted from a retiring worker: counted from its first event here.
-            self.seat(fd, env);
+            self.seat(fd, None, env);
         }
         let Some(conn) = self.table.get(fd) else { return false };
         match conn.state.phase {

@@ -2,14 +2,18 @@
 //! and the fair-share rule by which a full worker takes a place from that client for a new
 //! one.
 //!
-//! Runs in workers. Pure bookkeeping, kept up to date one connection at a time: joining and
-//! leaving cost a few hash lookups, and finding the client that holds the most costs one
+//! Runs in workers. Pure bookkeeping, kept up to date one connection at a time: joining
+//! costs one hash lookup, leaving none, and finding the client that holds the most is one
 //! look at the top level, so nothing ever goes through all the connections. Invariants:
-//! - a client has a [`Holder`] exactly while it holds at least one counted connection, and
-//!   `members` lists them, each as `(descriptor, serial)` of the connection table;
-//! - `levels[c]` lists exactly the clients holding `c` counted connections, and a holder's
-//!   `at` is its index there; `top` is the highest `c` whose level is not empty (0: none);
-//! - a counted connection's [`Seat`] names its client and its index in `members`.
+//! - a client has a [`Holder`] (in `ids`) while it holds at least one counted connection,
+//!   and `members` lists them, each as `(descriptor, serial)` of the connection table; a
+//!   client whose last connection left keeps its (empty) holder until a purge, which comes
+//!   once more than `idle` of them pile up (so a client that comes back costs no insertion,
+//!   and memory stays bounded); a holder without a client is in `free`;
+//! - `levels[c]` lists exactly the holders of clients holding `c` counted connections, and a
+//!   holder's `at` is its index there; `top` is the highest `c` whose level is not empty
+//!   (0: none);
+//! - a counted connection's [`Seat`] names its holder and its index in `members`.
 //!
 //! The rule ([`Shares::over_share`]): a new client that holds `n` connections here may take
 //! a place from the client that holds the most, if that client holds at least `n + 2`, so
@@ -20,15 +24,9 @@
 //! `max_connections_per_client` (its address reduced to the listener's client prefix).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 use crate::limits::ClientKey;
-
-/// A counted connection's place: its client, and its index in the client's members.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seat {
-    key: ClientKey,
-    index: u32,
-}
 
 /// Whether and where a connection counts in its client's share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,21 +40,57 @@ pub enum Share {
     Seated(Seat),
 }
 
-/// A client's counted connections.
+/// Holders of clients without connections kept at least, before a purge (see the module
+/// documentation).
+const IDLE_HOLDERS: usize = 1024;
+
+/// A counted connection's place: its client's holder, and its index in the holder's
+/// members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seat {
+    holder: u32,
+    index: u32,
+}
+
+/// A client's counted connections (a free holder has none, and keeps its allocation for the
+/// next client).
 #[derive(Debug)]
 struct Holder {
+    key: ClientKey,
     /// `(descriptor, serial)` of each.
     members: Vec<(usize, u64)>,
     /// Index in `levels[members.len()]`.
     at: usize,
 }
 
+/// A client key hashed as its 20 bytes in one write: the map is asked once per connection
+/// opened, and a field-by-field hash costs several times as much. Keyed (SipHash-1-3 under
+/// the process's random keys), since clients choose their addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Client(ClientKey);
+
+impl Hash for Client {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(&self.0.to_bytes());
+    }
+}
+
 /// The clients of a worker, by the number of connections each holds.
 #[derive(Debug, Default)]
 pub struct Shares {
-    holders: HashMap<ClientKey, Holder>,
-    /// `levels[c]`: the clients holding `c` counted connections (`levels[0]` stays empty).
-    levels: Vec<Vec<ClientKey>>,
+    /// Each client's holder.
+    ids: HashMap<Client, u32>,
+    holders: Vec<Holder>,
+    /// Holders without a client.
+    free: Vec<u32>,
+    /// Clients holding at least one counted connection.
+    clients: usize,
+    /// Clients in `ids` holding none (purged when they outnumber [`IDLE_HOLDERS`] and the
+    /// clients holding some).
+    idle: usize,
+    /// `levels[c]`: the holders of clients holding `c` counted connections (`levels[0]`
+    /// stays empty).
+    levels: Vec<Vec<u32>>,
     top: usize,
     /// Counted connections, all clients together.
     connections: usize,
@@ -64,21 +98,43 @@ pub struct Shares {
 
 impl Shares {
     /// Counts connection `(fd, serial)` of client `key`; its seat, to give back with
-    /// [`Shares::leave`].
+    /// [`Shares::leave`]. One hash lookup.
     pub fn join(&mut self, key: ClientKey, fd: usize, serial: u64) -> Seat {
-        let holder = self.holders.entry(key).or_insert(Holder { members: Vec::new(), at: 0 });
+        let Shares { ids, holders, free, .. } = self;
+        let mut known = true;
+        let id = *ids.entry(Client(key)).or_insert_with(|| {
+            known = false;
+            match free.pop() {
+                Some(id) => {
+                    holders[id as usize].key = key;
+                    id
+                }
+                None => {
+                    holders.push(Holder { key, members: Vec::new(), at: 0 });
+                    (holders.len() - 1) as u32
+                }
+            }
+        });
+        let holder = &mut self.holders[id as usize];
         let before = holder.members.len();
         holder.members.push((fd, serial));
-        let index = before as u32;
+        if before == 0 {
+            self.clients += 1;
+            if known {
+                self.idle -= 1; // back while its holder was kept
+            }
+        }
         self.connections += 1;
-        self.relevel(key, before, before + 1);
-        Seat { key, index }
+        self.relevel(id, before, before + 1);
+        Seat { holder: id, index: before as u32 }
     }
 
     /// Stops counting the connection of `seat`. The client's last member moves into its
-    /// place: returned with its new seat, for the caller to record in that connection.
+    /// place: returned with its new seat, for the caller to record in that connection. No
+    /// hash lookup, but to forget a client whose last connection this was.
     pub fn leave(&mut self, seat: Seat) -> Option<((usize, u64), Seat)> {
-        let holder = self.holders.get_mut(&seat.key)?;
+        let id = seat.holder;
+        let holder = self.holders.get_mut(id as usize)?;
         let index = seat.index as usize;
         if index >= holder.members.len() {
             return None; // not a seat of this table (cannot happen)
@@ -87,29 +143,47 @@ impl Shares {
         holder.members.swap_remove(index);
         let moved = holder.members.get(index).map(|&member| (member, seat));
         self.connections -= 1;
-        self.relevel(seat.key, before, before - 1);
+        self.relevel(id, before, before - 1);
+        if before == 1 {
+            self.clients -= 1;
+            self.idle += 1;
+            if self.idle > IDLE_HOLDERS.max(self.clients) {
+                self.purge();
+            }
+        }
         moved
     }
 
-    /// Moves `key` from level `from` to level `to` (0: forgotten).
-    fn relevel(&mut self, key: ClientKey, from: usize, to: usize) {
+    /// Forgets the clients that hold no connection, keeping their holders for others.
+    fn purge(&mut self) {
+        let Shares { ids, holders, free, .. } = self;
+        ids.retain(|_, &mut id| {
+            let idle = holders[id as usize].members.is_empty();
+            if idle {
+                free.push(id);
+            }
+            !idle
+        });
+        self.idle = 0;
+    }
+
+    /// Moves holder `id` from level `from` to level `to` (0: none).
+    fn relevel(&mut self, id: u32, from: usize, to: usize) {
         if from > 0 {
             let level = &mut self.levels[from];
-            let at = self.holders[&key].at;
+            let at = self.holders[id as usize].at;
             level.swap_remove(at);
             if let Some(&other) = level.get(at) {
-                self.holders.get_mut(&other).expect("a levelled client has a holder").at = at;
+                self.holders[other as usize].at = at;
             }
         }
-        if to == 0 {
-            self.holders.remove(&key);
-        } else {
+        if to > 0 {
             if self.levels.len() <= to {
                 self.levels.resize_with(to + 1, Vec::new);
             }
             let level = &mut self.levels[to];
-            self.holders.get_mut(&key).expect("joined").at = level.len();
-            level.push(key);
+            self.holders[id as usize].at = level.len();
+            level.push(id);
         }
         if to > self.top {
             self.top = to;
@@ -121,15 +195,15 @@ impl Shares {
 
     /// Connections `key` holds here.
     pub fn held_by(&self, key: &ClientKey) -> usize {
-        self.holders.get(key).map_or(0, |holder| holder.members.len())
+        self.ids.get(&Client(*key)).map_or(0, |&id| self.holders[id as usize].members.len())
     }
 
     /// The fair share of a new connection's client `newcomer` (`None`: not known yet, taken
     /// as a client without connections here): the connections counted here and the new one,
     /// divided by the clients holding them and the new client, rounded down.
     pub fn fair_share(&self, newcomer: Option<&ClientKey>) -> usize {
-        let known = newcomer.is_some_and(|key| self.holders.contains_key(key));
-        let clients = self.holders.len() + usize::from(!known);
+        let holds = newcomer.is_some_and(|key| self.held_by(key) > 0);
+        let clients = self.clients + usize::from(!holds);
         (self.connections + 1) / clients
     }
 
@@ -145,19 +219,23 @@ impl Shares {
         turn: usize,
     ) -> impl Iterator<Item = &'a [(usize, u64)]> + use<'a> {
         let held = newcomer.map_or(0, |key| self.held_by(key));
-        let level: &[ClientKey] = match self.levels.get(self.top) {
+        let level: &[u32] = match self.levels.get(self.top) {
             Some(level) if self.top >= held + 2 => level,
             _ => &[],
         };
         let start = if level.is_empty() { 0 } else { turn % level.len() };
         let (after, before) = level.split_at(start);
-        before.iter().chain(after).take(limit).map(|key| self.holders[key].members.as_slice())
+        before
+            .iter()
+            .chain(after)
+            .take(limit)
+            .map(|&id| self.holders[id as usize].members.as_slice())
     }
 
     /// Clients holding counted connections.
     #[cfg(test)]
     pub fn clients(&self) -> usize {
-        self.holders.len()
+        self.clients
     }
 }
 
@@ -175,18 +253,24 @@ mod tests {
     fn check(shares: &Shares) {
         let mut top = 0;
         for (count, level) in shares.levels.iter().enumerate() {
-            for (at, key) in level.iter().enumerate() {
-                let holder = &shares.holders[key];
-                assert_eq!((holder.members.len(), holder.at), (count, at), "{key}");
+            for (at, &id) in level.iter().enumerate() {
+                let holder = &shares.holders[id as usize];
+                assert_eq!((holder.members.len(), holder.at), (count, at), "{}", holder.key);
+                assert_eq!(shares.ids.get(&Client(holder.key)), Some(&id));
             }
             if !level.is_empty() {
                 top = count;
             }
         }
         assert_eq!(shares.top, top);
-        let connections: usize = shares.holders.values().map(|h| h.members.len()).sum();
-        assert_eq!(shares.connections, connections);
-        assert!(shares.holders.values().all(|h| !h.members.is_empty()));
+        let live = shares.holders.iter().filter(|h| !h.members.is_empty());
+        assert_eq!(live.clone().count(), shares.clients);
+        assert_eq!(shares.ids.len(), shares.clients + shares.idle);
+        assert_eq!(shares.holders.len(), shares.ids.len() + shares.free.len());
+        assert_eq!(shares.connections, live.map(|h| h.members.len()).sum::<usize>());
+        for &id in &shares.free {
+            assert!(shares.holders[id as usize].members.is_empty());
+        }
     }
 
     #[test]
@@ -202,7 +286,7 @@ mod tests {
         assert_eq!(shares.held_by(&client(1)), 3);
         // Client 1's first connection leaves: its last member (fd 13) takes its seat.
         let moved = shares.leave(seats[0].1);
-        assert_eq!(moved, Some(((13, 113), Seat { key: client(1), index: 0 })));
+        assert_eq!(moved, Some(((13, 113), Seat { holder: 0, index: 0 })));
         check(&shares);
         assert_eq!(shares.top, 2, "clients 1 and 2 hold two each");
         // Client 3's only one leaves: forgotten.
@@ -247,6 +331,28 @@ mod tests {
         assert_eq!(shares.fair_share(None), 2);
         // A client shed from holds more than the newcomer's fair share view of it.
         assert!(shares.held_by(&client(1)) > shares.fair_share(None));
+    }
+
+    #[test]
+    fn clients_gone_are_forgotten_in_bounded_memory() {
+        let mut shares = Shares::default();
+        let key = |n: u32| ClientKey::new(0, IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));
+        let kept = shares.join(client(1), 1, 1);
+        for n in 0..3 * IDLE_HOLDERS as u32 {
+            let seat = shares.join(key(n), 2, u64::from(n));
+            assert_eq!(shares.leave(seat), None);
+            assert!(shares.ids.len() <= IDLE_HOLDERS + 2, "{}", shares.ids.len());
+            assert!(shares.holders.len() <= IDLE_HOLDERS + 2);
+        }
+        check(&shares);
+        // A client that comes back while its holder is kept reuses it.
+        let again = shares.join(key(3 * IDLE_HOLDERS as u32 - 1), 3, 0);
+        check(&shares);
+        assert_eq!((shares.clients(), shares.connections), (2, 2));
+        shares.leave(again);
+        shares.leave(kept);
+        check(&shares);
+        assert_eq!((shares.clients(), shares.top), (0, 0));
     }
 
     #[test]
