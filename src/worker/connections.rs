@@ -74,8 +74,8 @@ pub struct Connections {
     /// Each client's connections here (on listeners with `shed_when_full`), for shedding
     /// by fair share.
     shares: Shares,
-    /// Connections shed by fair share that are still in their lingering close (each holds a
-    /// descriptor beyond the budget): at most [`SHED_LINGER_MAX`].
+    /// Connections shed by fair share that are still in their lingering close, in `table`
+    /// (each holds a descriptor beyond the budget): at most [`SHED_LINGER_MAX`].
     lingering_sheds: usize,
     /// Turns of the search for a connection to shed by fair share (each looks at other
     /// candidates first).
@@ -107,10 +107,11 @@ impl Connections {
     }
 
     /// Descriptors held against the budget: connections and the extra descriptors their
-    /// sessions watch.
+    /// sessions watch, but for the lingering closes of connections shed by fair share (at
+    /// most [`SHED_LINGER_MAX`] beyond the budget: each gave its place to a new client).
     #[inline]
     pub fn held(&self) -> usize {
-        self.table.len() + self.extras
+        self.table.len() + self.extras - self.lingering_sheds
     }
 
     /// The earliest connection deadline (possibly stale: an early wake-up only).
