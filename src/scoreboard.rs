@@ -30,15 +30,17 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
-/// Version 7: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
-/// ([`ListenerScore::datagrams`]). Version 6: hand-offs per listener ([`ListenerScore::handed_off`], `adopted`). Version 5:
+/// Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
+/// ([`ListenerScore::datagrams`]). Version 7: each listener's bound address
+/// ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
+/// ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
 /// per worker slot after the slots), worker restarts and the upgrade state in the header.
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb7");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb8");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;

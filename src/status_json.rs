@@ -12,6 +12,7 @@
 //! `open`. Counters are monotonic for a worker's lifetime and start again at 0 for a new pid.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
@@ -45,6 +46,11 @@ pub struct Snapshot {
 pub struct Listener {
     /// The listener's `name` (cut to 64 bytes, ending in `~ID`, if longer).
     pub name: String,
+    /// Where its socket is bound, `"IP:PORT"` (`"[IPv6]:PORT"`), with the port the kernel
+    /// chose for a configured port 0: the address the master last started workers with (a
+    /// listener a reload removed keeps its last one). `null` before it was published (added
+    /// in schema 1).
+    pub address: Option<SocketAddr>,
     /// Connections open now, over live workers (a UDP listener's flows, such as TFTP
     /// transfers, count as connections).
     pub open: u64,
@@ -189,6 +195,7 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             closed: Close::ALL.iter().map(|&c| (c.name(), totals.closed[c as usize])).collect(),
             datagrams: Datagram::ALL.iter().map(|&d| (d.name(), totals.datagrams(d))).collect(),
             name: totals.name,
+            address: totals.address,
             open: totals.open,
             accepted: totals.accepted,
             bytes_in: totals.bytes_in,
@@ -298,7 +305,7 @@ mod tests {
     #[test]
     fn listeners_carry_their_counters_by_reason() {
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, "echo")]);
+        board.name_listeners([(0, "echo", "[::1]:7007".parse().unwrap())]);
         board.claim(0, 1);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];
@@ -314,6 +321,7 @@ mod tests {
             (&echo["name"], &echo["accepted"], &echo["open"]),
             (&json!("echo"), &json!(4), &json!(1))
         );
+        assert_eq!(echo["address"], "[::1]:7007");
         assert_eq!(echo["refused"]["shed"], 2);
         assert_eq!(echo["refused"]["denied"], 0);
         assert_eq!(echo["closed"]["idle-short"], 3);

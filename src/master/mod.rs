@@ -31,6 +31,7 @@ mod peer;
 pub mod pool;
 mod reload;
 mod spawn;
+mod spawners;
 mod start;
 pub mod supervisor;
 pub mod table;
@@ -132,6 +133,8 @@ pub struct Master {
     ready_pipe: Option<File>,
     /// When to report log lines that could not be written.
     dropped_report: logging::DropReport,
+    /// The exec spawners and the workers' links to them.
+    spawners: spawners::Spawners,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -140,7 +143,7 @@ pub struct Master {
 /// the daemon sees why it did not start.
 ///
 /// `ready_pipe` (daemon mode) gets one byte once the first generation is ready: 0, or the
-/// exit status if startup failed.
+/// exit status and the reason if startup failed (`daemonize::report_failure`).
 pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>) -> ExitStatus {
     let logs_elsewhere = config.log.target != LogTarget::Stderr;
     match Master::start(config, invocation, &mut ready_pipe) {
@@ -152,7 +155,7 @@ pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>)
             }
             let status = error.exit_status();
             if let Some(mut pipe) = ready_pipe {
-                let _ = pipe.write_all(&[status as u8]);
+                crate::daemonize::report_failure(&mut pipe, status, &error.to_string());
             }
             status
         }
@@ -279,7 +282,7 @@ impl Master {
         loop {
             if self.supervisor.is_stopping() {
                 self.handle_reap();
-                if self.live_workers() == 0 {
+                if self.live_workers() == 0 && !self.stop_spawners(Instant::now()) {
                     break;
                 }
             }
@@ -343,6 +346,7 @@ impl Master {
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         deadlines.extend(self.supervisor.deadline(now));
         deadlines.extend(self.probe_other_at);
+        deadlines.extend(self.spawners.deadline());
         let lifecycle = self.supervisor.lifecycle();
         deadlines.extend(self.pool.deadline(now, lifecycle));
         if !lifecycle.is_stopping() && self.supervisor.speaks_to_systemd() {
@@ -380,6 +384,9 @@ impl Master {
                 }
             };
             let Some((pid, exit)) = classify(status) else { return };
+            if self.spawner_exited(pid, exit) {
+                continue;
+            }
             match self.supervisor.successor_exited(pid) {
                 Some(actions) => {
                     self.upgrade_exited(pid, exit);
@@ -402,7 +409,13 @@ impl Master {
         self.reclaim(slot);
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
-        let keep: Vec<Pid> = self.pool.pids().chain(self.supervisor.successor()).collect();
+        self.spawner_link_gone(slot);
+        let keep: Vec<Pid> = self
+            .pool
+            .pids()
+            .chain(self.supervisor.successor())
+            .chain(self.spawners.pids())
+            .collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
             log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
@@ -597,6 +610,7 @@ impl Master {
     /// due workers.
     fn tick(&mut self, now: Instant) {
         self.probe_other_range(now);
+        self.tick_spawners(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

@@ -1,8 +1,9 @@
-//! Per-listener counters of the scoreboard (version 4; datagrams since version 7): one row
-//! per (worker slot, listener), the listener names, and the totals of workers that are gone.
+//! Per-listener counters of the scoreboard (version 4; datagrams since version 8): one row
+//! per (worker slot, listener), the listener names and bound addresses (version 7), and the
+//! totals of workers that are gone.
 //!
-//! Written by the master (names, at each fork; the retired totals, when it claims a slot for
-//! a new worker) and by each worker (its own rows, with its other counters, at most every
+//! Written by the master (names and addresses, at each fork; the retired totals, when it
+//! claims a slot for a new worker) and by each worker (its own rows, with its other counters, at most every
 //! 100 ms: the hot path writes no shared memory). Read by anyone who maps the scoreboard
 //! (the `metrics` service, `preforkd status`).
 //!
@@ -11,12 +12,16 @@
 //!   new name gets the next one), so rows never change meaning; listeners with an id at or
 //!   above [`LISTENER_ROWS`] have no per-listener counters;
 //! - a name, once written for an id, never changes (rewriting it writes the same bytes);
+//! - an id's address is the one the master last started workers with; it changes only when a
+//!   reload binds that name elsewhere, under a sequence count that readers check
+//!   ([`Scoreboard::listener_address`]), so a reader never sees half of two addresses;
 //! - every counter except `open` only grows for the life of the master: when the master
 //!   claims a slot for a new worker, it first adds the slot's rows to the retired totals,
 //!   under a sequence count that readers check ([`Scoreboard::listener_totals`]), so a reader
 //!   never sees a counter go back;
 //! - `open` is summed over live slots only (a dead worker has no connections).
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::{Scoreboard, SlotState};
@@ -182,8 +187,50 @@ pub struct ListenerTable {
     folding: AtomicU64,
     name_len: [AtomicU32; LISTENER_ROWS],
     names: [[AtomicU64; LISTENER_NAME_BYTES / 8]; LISTENER_ROWS],
+    /// Odd while the master rewrites an address (a sequence count for readers; version 7).
+    rebinding: AtomicU64,
+    /// Bound addresses by id, as [`encode_address`] writes them (version 7).
+    addresses: [[AtomicU64; ADDRESS_WORDS]; LISTENER_ROWS],
     /// Counters of workers that are gone, per listener id.
     retired: [ListenerScore; LISTENER_ROWS],
+}
+
+/// Words of one encoded address: the IP's 16 bytes, then family, port and scope id.
+const ADDRESS_WORDS: usize = 3;
+
+/// `address` as [`ListenerTable::addresses`] keeps it: the IP (an IPv4 one in the first 4
+/// bytes), then `family | port << 16 | scope_id << 32` with family 4 or 6 (0: none).
+fn encode_address(address: SocketAddr) -> [u64; ADDRESS_WORDS] {
+    let (ip, family, scope) = match address {
+        SocketAddr::V4(v4) => {
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&v4.ip().octets());
+            (ip, 4u64, 0u64)
+        }
+        SocketAddr::V6(v6) => (v6.ip().octets(), 6, u64::from(v6.scope_id())),
+    };
+    let word = |half: usize| u64::from_le_bytes(ip[half * 8..half * 8 + 8].try_into().unwrap());
+    [word(0), word(1), family | u64::from(address.port()) << 16 | scope << 32]
+}
+
+/// The address [`encode_address`] wrote; `None` for none (or an unknown family: the file is
+/// not trusted).
+fn decode_address(words: [u64; ADDRESS_WORDS]) -> Option<SocketAddr> {
+    let mut ip = [0u8; 16];
+    ip[..8].copy_from_slice(&words[0].to_le_bytes());
+    ip[8..].copy_from_slice(&words[1].to_le_bytes());
+    let port = (words[2] >> 16) as u16;
+    match words[2] & 0xffff {
+        4 => {
+            let v4 = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
+            Some(SocketAddr::V4(SocketAddrV4::new(v4, port)))
+        }
+        6 => {
+            let scope = (words[2] >> 32) as u32;
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, scope)))
+        }
+        _ => None,
+    }
 }
 
 /// A listener's counters summed over every worker the master started: a plain value.
@@ -191,6 +238,9 @@ pub struct ListenerTable {
 pub struct ListenerTotals {
     /// The listener's name.
     pub name: String,
+    /// Where its socket is bound (with the port the kernel chose for port 0); `None` before
+    /// the master published it.
+    pub address: Option<SocketAddr>,
     /// Connections open now, over live workers.
     pub open: u64,
     /// Connections accepted and served since the master started.
@@ -266,11 +316,15 @@ impl Scoreboard {
         (self.listener_table().count.load(Ordering::Acquire) as usize).min(LISTENER_ROWS)
     }
 
-    /// Publishes the names of the serving listeners, `(id, name)` (by the master, before it
-    /// forks a worker). Ids at or above [`LISTENER_ROWS`] are skipped.
-    pub fn name_listeners<'n>(&self, listeners: impl IntoIterator<Item = (u16, &'n str)>) {
+    /// Publishes the names and bound addresses of the serving listeners, `(id, name,
+    /// address)` (by the master, before it forks a worker). Ids at or above [`LISTENER_ROWS`]
+    /// are skipped.
+    pub fn name_listeners<'n>(
+        &self,
+        listeners: impl IntoIterator<Item = (u16, &'n str, SocketAddr)>,
+    ) {
         let table = self.listener_table();
-        for (id, name) in listeners {
+        for (id, name, address) in listeners {
             let index = usize::from(id);
             if index >= LISTENER_ROWS {
                 continue;
@@ -285,8 +339,44 @@ impl Scoreboard {
                 );
             }
             table.name_len[index].store(kept.len() as u32, Ordering::Release);
+            self.publish_address(index, address);
             table.count.fetch_max(index as u64 + 1, Ordering::AcqRel);
         }
+    }
+
+    /// Writes the address of listener `index` if it changed, inside the sequence count.
+    fn publish_address(&self, index: usize, address: SocketAddr) {
+        let table = self.listener_table();
+        let words = encode_address(address);
+        let row = &table.addresses[index];
+        if row.iter().zip(words).all(|(word, value)| word.load(Ordering::Relaxed) == value) {
+            return;
+        }
+        table.rebinding.fetch_add(1, Ordering::AcqRel);
+        for (word, value) in row.iter().zip(words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        table.rebinding.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Where listener `id` is bound, if the master published it. Consistent with respect to
+    /// a rebinding: a reader that overlaps one reads again.
+    pub fn listener_address(&self, id: usize) -> Option<SocketAddr> {
+        let table = self.listener_table();
+        let row = table.addresses.get(id)?;
+        let mut words = [0; ADDRESS_WORDS];
+        for _ in 0..READ_RETRIES {
+            let before = table.rebinding.load(Ordering::Acquire);
+            for (value, word) in words.iter_mut().zip(row) {
+                *value = word.load(Ordering::Relaxed);
+            }
+            let after = table.rebinding.load(Ordering::Acquire);
+            if before.is_multiple_of(2) && before == after {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        decode_address(words)
     }
 
     /// The name of listener `id`, if it was published (lossy: the file is not trusted).
@@ -341,6 +431,7 @@ impl Scoreboard {
                 .map(|id| {
                     let mut total = ListenerTotals {
                         name: self.listener_name(id).unwrap_or_else(|| format!("~{id}")),
+                        address: self.listener_address(id),
                         ..ListenerTotals::default()
                     };
                     total.add(&table.retired[id]);
@@ -373,7 +464,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.pid.scoreboard");
         let board = Scoreboard::create(Some(&path), 2).unwrap();
-        board.name_listeners([(0, "echo"), (1, "metrics")]);
+        let (echo, metrics) = ("127.0.0.1:7".parse().unwrap(), "[::1]:9464".parse().unwrap());
+        board.name_listeners([(0, "echo", echo), (1, "metrics", metrics)]);
         board.claim(0, 1);
         board.claim(1, 1);
         board.slot(0).set_state(SlotState::Ready);
@@ -388,6 +480,7 @@ mod tests {
         let totals = reader.listener_totals();
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].name.as_str(), totals[1].name.as_str()), ("echo", "metrics"));
+        assert_eq!((totals[0].address, totals[1].address), (Some(echo), Some(metrics)));
         assert_eq!((totals[0].accepted, totals[0].open), (3, 2));
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
         // The worker of slot 0 dies and a new one takes the slot: its counters are kept,
@@ -412,9 +505,30 @@ mod tests {
         assert_ne!(kept[0], kept[1]);
         assert_eq!(kept_name(3, "echo"), "echo");
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, long.as_str()), (LISTENER_ROWS as u16, "over")]);
+        let any = "127.0.0.1:0".parse().unwrap();
+        board.name_listeners([(0, long.as_str(), any), (LISTENER_ROWS as u16, "over", any)]);
         assert_eq!(board.listener_totals().len(), 1, "an id past the rows is not named");
         board.listener_table().count.store(u64::MAX, Ordering::Release);
         assert_eq!(board.listener_totals().len(), LISTENER_ROWS);
+    }
+
+    #[test]
+    fn addresses_round_trip_and_a_rebinding_replaces_the_address() {
+        for text in ["127.0.0.1:0", "127.0.0.2:65535", "[::1]:7", "[fe80::1%3]:80", "0.0.0.0:69"] {
+            let address: SocketAddr = text.parse().unwrap();
+            assert_eq!(decode_address(encode_address(address)), Some(address), "{text}");
+        }
+        assert_eq!(decode_address([0; ADDRESS_WORDS]), None, "nothing published");
+        assert_eq!(decode_address([u64::MAX; ADDRESS_WORDS]), None, "a forged family");
+        let board = Scoreboard::create(None, 1).unwrap();
+        assert_eq!(board.listener_address(0), None);
+        let first = "127.0.0.1:4000".parse().unwrap();
+        board.name_listeners([(0, "echo", first)]);
+        board.name_listeners([(0, "echo", first)]);
+        assert_eq!(board.listener_table().rebinding.load(Ordering::Relaxed), 2, "written once");
+        let moved = "[::1]:4001".parse().unwrap();
+        board.name_listeners([(0, "echo", moved)]);
+        assert_eq!(board.listener_address(0), Some(moved));
+        assert_eq!(board.listener_address(LISTENER_ROWS), None, "past the rows");
     }
 }

@@ -33,7 +33,7 @@ fn the_upper_example_runs_under_the_whole_daemon() {
     let program = example("upper");
     let mut daemon =
         Daemon::spawn_program(&program, &[], &upper_config("HI", "max_line = 64\n"), None, &[]);
-    daemon.wait_started();
+    daemon.wait_ready();
 
     // Its protocol: greeting, capitals, QUIT.
     let (mut stream, mut reader) = open(Ipv4Addr::LOCALHOST, &daemon);

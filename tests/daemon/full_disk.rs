@@ -128,12 +128,9 @@ fn a_running_daemon_survives_ttin_and_hup_after_its_filesystem_filled_up() {
     // A new worker's slot and, at the reload, a new generation's slots: pages of the
     // scoreboard the master had not touched before.
     daemon.signal(Signal::SIGTTIN);
-    daemon.wait_for_lines("a second worker", 2, |l| l.contains("worker started"));
+    daemon.wait_until("a second worker", |s| s.master.target_workers == 2 && s.serving());
     daemon.signal(Signal::SIGHUP);
-    daemon.wait_for_log("the reload", |l| l.contains("reload complete: generation 2 serving"));
-    daemon.wait_for_log("generation 2's worker", |l| {
-        l.contains("gen=2") && l.contains("worker started")
-    });
+    daemon.wait_generation(2);
     assert!(is_running(master), "the master lives");
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"still here\n", PATIENCE), Outcome::Echoed);

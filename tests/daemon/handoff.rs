@@ -17,25 +17,11 @@ use crate::harness::*;
 
 const QUICK: Duration = Duration::from_secs(10);
 
-/// A worker line of `preforkd status`: (pid, generation, state, open).
+/// The workers in `preforkd status --json`: (pid, generation, state, open); none while no
+/// master answers.
 fn workers(daemon: &Daemon) -> Vec<(i32, u64, String, u64)> {
-    let (status, stdout, _) = daemon.control("status");
-    if !status.success() {
-        return Vec::new();
-    }
-    stdout
-        .lines()
-        .skip(2)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            Some((
-                f.get(1)?.parse().ok()?,
-                f.get(2)?.parse().ok()?,
-                f.get(3)?.to_string(),
-                f.get(4)?.parse().ok()?,
-            ))
-        })
-        .collect()
+    let Some(status) = daemon.status() else { return Vec::new() };
+    status.workers.into_iter().map(|w| (w.pid, w.generation, w.state, w.open)).collect()
 }
 
 /// Waits until only workers of `generation` are left, all ready; returns their pids.
@@ -453,7 +439,9 @@ fn the_per_client_limit_stays_exact_while_both_masters_of_an_upgrade_run() {
     }
     // Only the new master accepts once the old one's workers stop: the quota still holds.
     daemon.signal(Signal::SIGWINCH);
-    daemon.wait_for_log("the old workers stop", |l| l.contains("SIGWINCH: stopping 2 workers"));
+    daemon.wait_until_old_master("the old workers stop", |s| {
+        s.master.pid == old.as_raw() && s.ready(s.master.generation).is_empty()
+    });
     drop(held.pop());
     eventually("the count is released", || {
         let mut stream = connect_from(client, daemon.addr());

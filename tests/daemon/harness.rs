@@ -1,7 +1,10 @@
 //! Runs the real `preforkd` binary on a temporary config and talks to it over loopback TCP.
 //!
-//! Readiness and addresses come from the daemon's own log (never a sleep); the daemon runs in
-//! its own process group, which is killed on drop; its log is printed when a test fails.
+//! Readiness, generations, worker pids and listener addresses come from the daemon itself,
+//! through the `preforkd status --json` document (the interface scripts use), never from its
+//! log wording nor a sleep: every daemon the harness starts gets a pid file, so its scoreboard
+//! can be found. The daemon runs in its own process group, which is killed on drop; its log
+//! is printed when a test fails.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -15,12 +18,164 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use preforkd::scoreboard::{self, Scoreboard};
+use serde::Deserialize;
 use socket2::{Domain, Socket, Type};
 
 /// Upper bound of every wait in these tests; generous, since CI machines are small.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_preforkd");
+
+/// Longest pause between two reads of the status; a new log line (any) reads it sooner.
+const STATUS_POLL: Duration = Duration::from_millis(10);
+
+/// What `preforkd status --json` says about a daemon: the members the tests wait on (the
+/// document has more; README.md, "Status", lists them all).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub master: MasterStatus,
+    /// Every worker process (booting, ready or draining), by slot.
+    pub workers: Vec<WorkerStatus>,
+    /// Every listener the master named, by id: configuration order at start.
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MasterStatus {
+    pub pid: i32,
+    /// The serving generation: 1 at start, one more per applied reload.
+    pub generation: u64,
+    pub target_workers: u64,
+    /// Binary upgrades whose new master did not come up.
+    pub upgrades_failed: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    pub pid: i32,
+    pub generation: u64,
+    /// `booting`, `ready` or `draining`.
+    pub state: String,
+    pub open: u64,
+    pub started_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    /// Where it is bound, with the port the kernel chose for port 0.
+    pub address: Option<SocketAddr>,
+}
+
+impl Status {
+    /// Pids of the ready workers of `generation`, by slot.
+    pub fn ready(&self, generation: u64) -> Vec<i32> {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == generation && w.state == "ready")
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    /// The serving generation is whole: as many of its workers ready as the master wants.
+    pub fn serving(&self) -> bool {
+        self.ready(self.master.generation).len() as u64 >= self.master.target_workers.max(1)
+    }
+
+    /// The daemon is up: its serving generation is whole and every listener is bound.
+    pub fn up(&self) -> bool {
+        self.serving() && self.addrs().is_some_and(|addrs| !addrs.is_empty())
+    }
+
+    /// Every listener's address, by id; `None` unless every listener has one.
+    pub fn addrs(&self) -> Option<Vec<SocketAddr>> {
+        self.listeners.iter().map(|l| l.address).collect()
+    }
+
+    /// The address of the listener called `name`.
+    pub fn address(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|l| l.name == name)?.address
+    }
+
+    /// Pids of every worker process, the longest running first.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut workers: Vec<&WorkerStatus> = self.workers.iter().collect();
+        workers.sort_by_key(|w| (w.started_unix_ms, w.slot));
+        workers.iter().map(|w| w.pid).collect()
+    }
+}
+
+/// The `status --json` document of the master whose pid file is `pid_file`, parsed; `None`
+/// while no master answers (not started yet, gone, or its pid file being moved by an
+/// upgrade). Panics when the document does not parse: its schema is an interface.
+///
+/// Read in this process, as `preforkd status --json` reads it (the pid file's lock, then the
+/// scoreboard through [`preforkd::status_json::render`]), rather than by running the command
+/// at every poll: each run would be a child whose exit (SIGCHLD, arriving while another test
+/// thread spawns a process with its signals blocked) can wake a test's timed socket read with
+/// `EINTR`, and costs a few milliseconds of CPU.
+fn read_status(pid_file: &Path) -> Option<Status> {
+    let pid = preforkd::pidfile::running_pid(pid_file).ok()?;
+    let board = Scoreboard::open(&scoreboard::path_for(pid_file)).ok()?;
+    let text = preforkd::status_json::render(&board);
+    let status: Status = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status --json: not the documented document ({e}): {text}"));
+    // A scoreboard the master has not stamped yet, or one a killed master left behind.
+    (status.master.pid == pid).then_some(status)
+}
+
+/// The status of the master of the configuration file `config` (through its
+/// `daemon.pid_file`), for a daemon started outside [`Daemon`].
+pub fn status_of(config: &Path) -> Option<Status> {
+    let text = std::fs::read_to_string(config).ok()?;
+    read_status(&configured_pid_file(&text, config.parent()?)?)
+}
+
+/// Polls `probe` until its status satisfies `condition`, and returns that status; `pause`
+/// waits between polls and says whether to go on (false: the daemon is gone). Panics naming
+/// `what`, with the last status seen, after [`PATIENCE`].
+fn poll_status(
+    what: &str,
+    mut probe: impl FnMut() -> Option<Status>,
+    mut condition: impl FnMut(&Status) -> bool,
+    mut pause: impl FnMut(Duration) -> bool,
+) -> Status {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = None;
+    loop {
+        if let Some(status) = probe() {
+            if condition(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out waiting until {what}; last status: {last:#?}");
+        if !pause(left.min(STATUS_POLL)) {
+            // One last look: the daemon may have got there just before it exited.
+            if let Some(status) = probe().filter(|s| condition(s)) {
+                return status;
+            }
+            panic!("the daemon exited while waiting until {what}; last status: {last:#?}");
+        }
+    }
+}
+
+/// Waits until the daemon of the configuration `config`, started outside [`Daemon`], is
+/// [up](Status::up); returns its status.
+pub fn wait_ready_of(config: &Path) -> Status {
+    poll_status(
+        "the daemon is up",
+        || status_of(config),
+        Status::up,
+        |pause| {
+            thread::sleep(pause);
+            true
+        },
+    )
+}
 
 #[derive(Default)]
 struct LogState {
@@ -38,8 +193,50 @@ pub struct Daemon {
     dir: tempfile::TempDir,
     /// The configuration file; rewrite it and reload.
     pub config_path: PathBuf,
-    /// Listener addresses, in configuration order, as the daemon logged them.
+    /// The master's pid file: the configuration's, or one the harness added.
+    pid_file: Option<PathBuf>,
+    /// Whether the harness added the pid file to the configuration (and so to every rewrite).
+    added_pid_file: bool,
+    /// Listener addresses, in configuration order, from `status --json`.
     pub addrs: Vec<SocketAddr>,
+}
+
+/// Where the harness puts the pid file of a configuration that sets none.
+const ADDED_PID_FILE: &str = "preforkd.pid";
+
+/// The `daemon.pid_file` that the configuration `text` sets (relative to `dir`); `None` when
+/// it sets none or is not TOML.
+fn configured_pid_file(text: &str, dir: &Path) -> Option<PathBuf> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let path = table.get("daemon")?.get("pid_file")?.as_str()?;
+    Some(dir.join(path))
+}
+
+/// `text` with `daemon.pid_file = pid_file` added (a line after the `[daemon]` header, or a
+/// `[daemon]` table at the end), when it is TOML that sets no pid file; `None` otherwise.
+/// Deliberately invalid files are left as they are.
+fn add_pid_file(text: &str, pid_file: &Path) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    if table.get("daemon").and_then(|d| d.get("pid_file")).is_some() {
+        return None;
+    }
+    let line = format!("pid_file = {:?}\n", pid_file.to_str()?);
+    let header = text
+        .match_indices("[daemon]")
+        .map(|(at, _)| at)
+        .find(|&at| text[..at].ends_with('\n') || at == 0);
+    let added = match header {
+        Some(at) => {
+            let end = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+            let newline = if end == text.len() && !text.ends_with('\n') { "\n" } else { "" };
+            format!("{}{newline}{line}{}", &text[..end], &text[end..])
+        }
+        None => format!("{text}\n[daemon]\n{line}"),
+    };
+    // The same file with one key more, or nothing.
+    let check: toml::Table = toml::from_str(&added).ok()?;
+    check.get("daemon")?.get("pid_file")?;
+    Some(added)
 }
 
 /// A config with `workers` workers and one echo listener on 127.0.0.1:0 with `policy` lines.
@@ -59,7 +256,7 @@ pub fn controlled_config(workers: usize, daemon_extra: &str, policy: &str) -> St
 }
 
 impl Daemon {
-    /// Starts the daemon and waits until the master reports every worker started.
+    /// Starts the daemon and waits until every worker is ready ([`Daemon::wait_ready`]).
     pub fn start(config: &str) -> Daemon {
         Daemon::start_with_nofile(config, None)
     }
@@ -73,7 +270,7 @@ impl Daemon {
     /// for the daemon's temporary directory (for pid and log files).
     pub fn launch(config: &str, nofile: Option<u64>, env: &[(&str, &str)]) -> Daemon {
         let mut daemon = Daemon::spawn(&[], config, nofile, env);
-        daemon.wait_started();
+        daemon.wait_ready();
         daemon
     }
 
@@ -99,6 +296,16 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("preforkd.toml");
         let config = config.replace("@DIR@", dir.path().to_str().unwrap());
+        let (config, pid_file, added_pid_file) = match configured_pid_file(&config, dir.path()) {
+            Some(configured) => (config, Some(configured), false),
+            None => {
+                let added = dir.path().join(ADDED_PID_FILE);
+                match add_pid_file(&config, &added) {
+                    Some(text) => (text, Some(added), true),
+                    None => (config, None, false),
+                }
+            }
+        };
         std::fs::write(&config_path, config).expect("write config");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
@@ -142,30 +349,95 @@ impl Daemon {
             state.lock().unwrap().closed = true;
             changed.notify_all();
         });
-        Daemon { binary: binary.to_owned(), child, log, dir, config_path, addrs: Vec::new() }
+        Daemon {
+            binary: binary.to_owned(),
+            child,
+            log,
+            dir,
+            config_path,
+            pid_file,
+            added_pid_file,
+            addrs: Vec::new(),
+        }
     }
 
-    /// Waits until the master reports every worker started, and learns the addresses.
-    pub fn wait_started(&mut self) {
-        let daemon = self;
-        let started = daemon.wait_for_log("master started", |l| l.contains("master started:"));
-        let workers: usize = started
-            .split("master started: ")
-            .nth(1)
+    /// Waits until the daemon is [up](Status::up) (every worker the master wants ready, every
+    /// listener bound), then learns the listeners' addresses ([`Daemon::addrs`]).
+    pub fn wait_ready(&mut self) -> Status {
+        let status = self.wait_until("every worker is ready and every listener bound", Status::up);
+        self.addrs = status.addrs().expect("every listener is bound");
+        status
+    }
+
+    /// Waits until the master serves generation `generation` with all its workers ready (a
+    /// reload applied); workers of older generations may still drain.
+    pub fn wait_generation(&self, generation: u64) -> Status {
+        self.wait_until(&format!("generation {generation} serves"), |s| {
+            s.master.generation == generation && s.serving()
+        })
+    }
+
+    /// Waits until none of the workers `gone` is left (they were reaped) and the serving
+    /// generation is whole again: they were replaced. Returns the ready workers' pids.
+    pub fn wait_replaced(&self, gone: &[i32]) -> Vec<i32> {
+        let status = self.wait_until(&format!("workers {gone:?} are replaced"), |s| {
+            s.serving() && s.workers.iter().all(|w| !gone.contains(&w.pid))
+        });
+        status.ready(status.master.generation)
+    }
+
+    /// Polls the status until `condition` holds, and returns that status; panics naming
+    /// `what` after [`PATIENCE`], or as soon as the daemon has exited.
+    pub fn wait_until(&self, what: &str, condition: impl FnMut(&Status) -> bool) -> Status {
+        self.poll(what, self.pid_file(), condition)
+    }
+
+    /// [`Daemon::wait_until`] on the old master of a binary upgrade, whose pid file (and
+    /// scoreboard) moved to `PID_FILE.oldbin` while the new master runs.
+    pub fn wait_until_old_master(
+        &self,
+        what: &str,
+        condition: impl FnMut(&Status) -> bool,
+    ) -> Status {
+        let mut oldbin = self.pid_file().as_os_str().to_owned();
+        oldbin.push(".oldbin");
+        self.poll(what, Path::new(&oldbin), condition)
+    }
+
+    fn poll(&self, what: &str, pid_file: &Path, condition: impl FnMut(&Status) -> bool) -> Status {
+        poll_status(
+            what,
+            || read_status(pid_file),
+            condition,
+            |pause| self.wait_for_activity(pause),
+        )
+    }
+
+    /// Waits up to `timeout` for the daemon to log anything (a hint that its state changed,
+    /// whatever the words). False once every process of the daemon has exited.
+    fn wait_for_activity(&self, timeout: Duration) -> bool {
+        let (state, changed) = &*self.log;
+        let guard = state.lock().unwrap();
+        let seen = guard.lines.len();
+        let guard = changed
+            .wait_timeout_while(guard, timeout, |log| !log.closed && log.lines.len() == seen)
             .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        daemon.wait_for_lines("every worker started", workers, |l| l.contains("worker started"));
-        daemon.addrs = daemon
-            .lines()
-            .iter()
-            .filter_map(|l| l.split(" listening on ").nth(1))
-            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-            .collect();
-        assert!(!daemon.addrs.is_empty(), "no listener address in the log");
+            .0;
+        !guard.closed
+    }
+
+    /// The status of this daemon now (`status --json`, parsed); `None` while no master
+    /// answers.
+    pub fn status(&self) -> Option<Status> {
+        read_status(self.pid_file())
+    }
+
+    /// The master's pid file (the configuration's, or the one the harness added).
+    ///
+    /// # Panics
+    /// When the configuration is not TOML (a daemon that cannot start has none).
+    pub fn pid_file(&self) -> &Path {
+        self.pid_file.as_deref().expect("a configuration with a pid file")
     }
 
     /// The daemon's temporary directory (`@DIR@` in its configuration).
@@ -173,9 +445,15 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// Replaces the configuration file (`@DIR@` expanded), for a reload.
+    /// Replaces the configuration file (`@DIR@` expanded, and the pid file the harness added
+    /// at start added again), for a reload.
     pub fn rewrite_config(&self, config: &str) {
-        let config = config.replace("@DIR@", self.dir.path().to_str().unwrap());
+        let mut config = config.replace("@DIR@", self.dir.path().to_str().unwrap());
+        if self.added_pid_file
+            && let Some(text) = add_pid_file(&config, self.pid_file())
+        {
+            config = text;
+        }
         std::fs::write(&self.config_path, config).expect("rewrite config");
     }
 
@@ -275,8 +553,15 @@ impl Daemon {
         }
     }
 
-    /// Pids of workers from their `worker started` lines, in order.
+    /// Pids of the daemon's worker processes now (every generation, booting, ready or
+    /// draining), the longest running first.
     pub fn worker_pids(&self) -> Vec<i32> {
+        self.wait_until("the daemon answers", |_| true).pids()
+    }
+
+    /// Pids of workers from their `worker started` log lines, in order: for a test of what
+    /// the log says, not to learn which workers run ([`Daemon::worker_pids`]).
+    pub fn logged_worker_pids(&self) -> Vec<i32> {
         self.matching(|l| l.contains("worker started")).iter().map(|l| pid_of(l)).collect()
     }
 }
@@ -362,12 +647,21 @@ pub fn expect_bytes(stream: &mut TcpStream, expected: &[u8], timeout: Duration) 
 
 /// Waits for end-of-file (or a reset) within `timeout`; true if the server closed.
 pub fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
-    stream.set_read_timeout(Some(timeout)).unwrap();
+    let deadline = Instant::now() + timeout;
     let mut byte = [0u8; 1];
-    let closed = match stream.read(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => panic!("unexpected data"),
-        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut byte) {
+            Ok(0) => break true,
+            Ok(_) => panic!("unexpected data"),
+            // A signal (SIGCHLD of another test's child) woke the timed read: not a close.
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        }
     };
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     closed
@@ -736,4 +1030,34 @@ pub fn ensure_preforkd_user() -> Option<u32> {
     }
     let user = nix::unistd::User::from_name("preforkd").unwrap().expect("preforkd was created");
     Some(user.uid.as_raw())
+}
+
+#[test]
+fn the_harness_adds_a_pid_file_only_where_none_is_set() {
+    let pid_file = Path::new("/tmp/x/preforkd.pid");
+    let dir = Path::new("/tmp/x");
+    let with_daemon = "[daemon]\nworkers = 1\n[[listener]]\nname = \"a\"\n";
+    let added = add_pid_file(with_daemon, pid_file).expect("added");
+    assert_eq!(
+        added,
+        "[daemon]\npid_file = \"/tmp/x/preforkd.pid\"\nworkers = 1\n[[listener]]\nname = \"a\"\n"
+    );
+    assert_eq!(configured_pid_file(&added, dir).as_deref(), Some(pid_file));
+    // No [daemon] table: one at the end, after the last array table.
+    let without = "[[listener]]\nname = \"a\"";
+    let added = add_pid_file(without, pid_file).expect("added");
+    assert!(
+        added.starts_with(without)
+            && added.ends_with("[daemon]\npid_file = \"/tmp/x/preforkd.pid\"\n")
+    );
+    let listeners: toml::Table = toml::from_str(&added).unwrap();
+    assert_eq!(listeners["listener"].as_array().unwrap().len(), 1, "{added}");
+    // A file that sets one, or that is not TOML, is left alone.
+    assert_eq!(add_pid_file("[daemon]\npid_file = \"p.pid\"\n", pid_file), None);
+    assert_eq!(
+        configured_pid_file("[daemon]\npid_file = \"p.pid\"\n", dir),
+        Some(dir.join("p.pid"))
+    );
+    assert_eq!(add_pid_file("[daemon\nworkers = \n", pid_file), None);
+    assert_eq!(configured_pid_file("[daemon\n", dir), None);
 }

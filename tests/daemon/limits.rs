@@ -100,10 +100,7 @@ fn a_killed_worker_is_respawned_and_its_counts_released() {
     assert_eq!((before.len(), refused), (5, 0));
     let victim = daemon.worker_pids()[0];
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-    daemon.wait_for_log("master reports the kill", |l| {
-        l.contains(&format!("(pid {victim}) was killed by SIGKILL"))
-    });
-    daemon.wait_for_lines("a replacement worker", 3, |l| l.contains("worker started"));
+    daemon.wait_replaced(&[victim]);
 
     let mut survivors = Vec::new();
     for mut stream in before {

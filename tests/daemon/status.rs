@@ -75,7 +75,7 @@ fn status_json_is_the_scoreboard_of_the_running_daemon() {
     );
     let pids = worker_pids(&document);
     assert_eq!(pids, children_of(master), "the workers are the master's children");
-    let logged: BTreeSet<i64> = daemon.worker_pids().into_iter().map(i64::from).collect();
+    let logged: BTreeSet<i64> = daemon.logged_worker_pids().into_iter().map(i64::from).collect();
     assert_eq!(pids, logged, "the workers are the ones the log announced");
     assert_eq!(total(&document, "accepted"), 0);
 
@@ -126,4 +126,50 @@ fn status_json_without_a_master_prints_nothing_on_stdout() {
     assert_eq!(code(status), 69, "{stderr}");
     assert_eq!(stdout, "", "a script reading stdout sees no document");
     assert!(stderr.contains("preforkd status:"), "{stderr}");
+}
+
+/// The `address` of every listener in `document`, by id.
+fn addresses(document: &Value) -> Vec<(String, std::net::SocketAddr)> {
+    let listeners = document["listeners"].as_array().expect("listeners is an array");
+    listeners
+        .iter()
+        .map(|l| {
+            let address = l["address"].as_str().unwrap_or_else(|| panic!("no address: {l}"));
+            (l["name"].as_str().unwrap().to_owned(), address.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn status_json_names_where_each_listener_is_bound() {
+    let ipv6 = "[[listener]]\nname = \"v6\"\naddress = \"[::1]:0\"\nservice = \"echo\"\n";
+    let daemon = Daemon::start(&format!("{}{ipv6}", controlled_config(1, "", "")));
+    let listed = addresses(&status_json(&daemon));
+    let names: Vec<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["echo", "v6"], "by id: configuration order");
+    let (echo, v6) = (listed[0].1, listed[1].1);
+    // The kernel's view: the master's one IPv4 listening socket is where status says.
+    assert_eq!(listening_addrs(daemon.pid().as_raw()), [echo], "the port chosen for :0");
+    assert!(v6.is_ipv6() && v6.ip().is_loopback() && v6.port() != 0, "{v6}");
+    for address in [echo, v6] {
+        // Not `connect`: it binds an IPv4 source.
+        let mut stream = std::net::TcpStream::connect_timeout(&address, PATIENCE).unwrap();
+        assert_eq!(exchange(&mut stream, b"here", PATIENCE), Outcome::Echoed, "{address}");
+    }
+
+    // A reload binds a new listener: its address is published with generation 2's workers;
+    // the kept ones keep theirs.
+    let third = "[[listener]]\nname = \"third\"\naddress = \"127.0.0.2:0\"\nservice = \"echo\"\n";
+    daemon.rewrite_config(&format!("{}{ipv6}{third}", controlled_config(1, "", "")));
+    let (status, _, stderr) = daemon.control("reload");
+    assert_eq!(code(status), 0, "{stderr}");
+    let listed = addresses(&status_json(&daemon));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!((listed[0].1, listed[1].1), (echo, v6), "kept sockets, kept addresses");
+    let (name, added) = &listed[2];
+    assert_eq!(name, "third");
+    assert_eq!(added.ip().to_string(), "127.0.0.2");
+    assert!(listening_addrs(daemon.pid().as_raw()).contains(added), "{added} is listening");
+    let mut stream = connect(*added);
+    assert_eq!(exchange(&mut stream, b"new", PATIENCE), Outcome::Echoed);
 }

@@ -186,7 +186,7 @@ fn a_hung_worker_is_killed_and_replaced() {
     std::io::Write::write_all(&mut trap, b"x").unwrap();
     let started = Instant::now();
     daemon.wait_for_log("the hang is detected", |l| l.contains(&format!("(pid {wedged}) is hung")));
-    daemon.wait_for_lines("a replacement worker", 2, |l| l.contains("worker started"));
+    daemon.wait_replaced(&[wedged]);
     let took = started.elapsed();
     // worker_timeout, plus the master's check interval (a quarter of it), plus slack.
     assert!(took < timeout + timeout / 4 + Duration::from_secs(3), "replaced after {took:?}");
@@ -204,10 +204,10 @@ fn a_hung_worker_is_killed_and_replaced() {
 fn a_crash_loop_backs_off() {
     let daemon = Daemon::start(&echo_config(1, "", ""));
     let started = Instant::now();
-    for round in 1..=5 {
+    for _ in 1..=5 {
         let pid = *daemon.worker_pids().last().unwrap();
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-        daemon.wait_for_lines("the respawn", round + 1, |l| l.contains("worker started"));
+        daemon.wait_replaced(&[pid]);
     }
     // Five quick deaths: respawns after 0.1, 0.2, 0.4, 0.8 and 1.6 s at least (jitter only
     // adds). A master that respawned at once would be done in a few milliseconds.
@@ -250,7 +250,7 @@ fn reloads_beyond_max_draining_generations_stop_the_oldest_fast() {
     let config =
         controlled_config(1, "max_draining_generations = 1", "max_connections_per_client = 0")
             .replace("service = \"echo\"", "service = \"exec\"")
-            + "[listener.options]\nprogram = \"/bin/cat\"\n";
+            + "[listener.options]\nprogram = \"/bin/cat\"\nuser = \"nobody\"\n";
     let daemon = Daemon::start(&config);
     let busy_on_current_generation = || {
         let mut stream = connect(daemon.addr());
@@ -336,7 +336,7 @@ fn a_reload_that_shortens_worker_timeout_does_not_abort_healthy_workers() {
     assert_eq!(code(status), 0, "{stderr}");
     // Only generation 2 from now on (an old worker may still take a connection just before
     // it stops accepting, and close it as idle while it drains).
-    daemon.wait_for_log("the old worker is gone", |l| l.contains("generation 1): "));
+    daemon.wait_until("the old worker is gone", |s| s.workers.iter().all(|w| w.generation != 1));
     // Three timeouts of idleness: a worker still beating at the old pace would be aborted.
     let mut stream = connect(daemon.addr());
     assert!(!closed_within(&mut stream, Duration::from_secs(3)), "the idle connection survives");

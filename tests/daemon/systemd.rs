@@ -61,7 +61,7 @@ fn sd_notify_ready_reloading_stopping_and_a_watchdog_that_stops_for_wedged_worke
         "READY before the worker started"
     );
     assert!(ready.contains("STATUS=generation 1, 1 workers"), "{ready}");
-    daemon.wait_started();
+    daemon.wait_ready();
     let mut stream = connect(daemon.addr());
     assert_eq!(exchange(&mut stream, b"ready", QUICK), Outcome::Echoed);
     drop(stream);
@@ -112,7 +112,7 @@ fn socket_activation_serves_on_the_inherited_socket() {
     // The wrapper starts the daemon on the first connection, which waits in the backlog.
     let mut first = connect(listen.parse().unwrap());
     std::io::Write::write_all(&mut first, b"first").unwrap();
-    daemon.wait_started();
+    daemon.wait_ready();
     assert_eq!(daemon.addr().port(), port, "serves on the inherited socket, not one of its own");
     let line = daemon.wait_for_log("adoption", |l| l.contains("listening on"));
     assert!(line.contains("(passed by systemd)"), "{line}");
@@ -171,15 +171,13 @@ fn as_root_workers_run_as_nobody_and_root_workers_need_an_opt_in() {
     daemon.rewrite_config(&more);
     let (status, _, stderr) = daemon.control("reload");
     assert_eq!(code(status), 0, "{stderr}");
-    let line =
-        daemon.wait_for_log("the new listener", |l| l.contains("listener more now listening on"));
-    let added: std::net::SocketAddr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let added = daemon.wait_until("the new listener", |s| s.address("more").is_some());
+    let added = added.address("more").unwrap();
     let mut stream = connect(added);
     assert_eq!(exchange(&mut stream, b"new port", QUICK), Outcome::Echoed);
-    let generation_two =
-        daemon.wait_for_lines("generation 2 workers", 4, |l| l.contains("worker started"));
-    for line in &generation_two[2..] {
-        assert_eq!(uid_of(pid_of(line)), nobody, "{line}");
+    let generation_two = daemon.wait_generation(2).ready(2);
+    for worker in generation_two {
+        assert_eq!(uid_of(worker), nobody, "worker {worker}");
     }
 
     // Workers that switched user still die with their master (the switch clears the
@@ -244,8 +242,7 @@ fn daemon_mode_detaches_writes_the_pid_file_and_stops_on_command() {
     // The relative log path was resolved against the config's directory, not "/".
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("ready: generation 1"), "ready was logged before the starter exited");
-    let addr: std::net::SocketAddr =
-        text.split(" listening on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let addr = wait_ready_of(&config_path).addrs().unwrap()[0];
     let mut stream = connect(addr);
     assert_eq!(exchange(&mut stream, b"detached", QUICK), Outcome::Echoed);
     drop(stream);
@@ -284,7 +281,7 @@ fn a_passed_udp_socket_goes_to_the_udp_listener_on_its_port_not_the_tcp_one() {
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     client.set_read_timeout(Some(PATIENCE)).unwrap();
     client.send_to(b"first", &listen).unwrap();
-    daemon.wait_started();
+    daemon.wait_ready();
     let line = daemon.wait_for_log("adoption", |l| l.contains("echo-udp (echo) listening on"));
     assert!(line.contains("(passed by systemd)"), "{line}");
     let mut buffer = [0u8; 16];

@@ -32,7 +32,9 @@ fn usr2_upgrade_under_load_loses_nothing_then_the_old_master_leaves() {
     );
 
     daemon.signal(Signal::SIGWINCH);
-    daemon.wait_for_log("the old workers stop", |l| l.contains("SIGWINCH: stopping 2 workers"));
+    daemon.wait_until_old_master("the old workers stop", |s| {
+        s.master.pid == old.as_raw() && s.ready(s.master.generation).is_empty()
+    });
     daemon.signal(Signal::SIGQUIT);
     let status = daemon.wait_master_exit(PATIENCE).expect("the old master exits");
     assert_eq!(code(status), 0);
@@ -61,9 +63,7 @@ fn a_failed_upgrade_leaves_the_old_master_serving() {
     // The new binary cannot start: its configuration is invalid, so it exits with 78.
     std::fs::write(&daemon.config_path, "[daemon]\nworkers = 0\n").unwrap();
     daemon.signal(Signal::SIGUSR2);
-    daemon.wait_for_log("the failure is noticed", |l| {
-        l.contains("binary upgrade failed or rolled back")
-    });
+    daemon.wait_until("the failure is noticed", |s| s.master.upgrades_failed == 1);
     let pid_file = daemon.dir().join("preforkd.pid");
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), old.to_string());
     assert!(!daemon.dir().join("preforkd.pid.oldbin").exists());
@@ -102,12 +102,7 @@ fn usr1_after_the_log_file_is_moved_writes_a_new_file_and_loses_nothing() {
         .spawn()
         .unwrap();
     let _guard = GroupGuard(child);
-    eventually("two workers started", || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.matches("worker started").count() == 2)
-    });
-    let text = std::fs::read_to_string(&log).unwrap();
-    let addr: std::net::SocketAddr =
-        text.split(" listening on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let addr = wait_ready_of(&config_path).addrs().unwrap()[0];
 
     let mut served = 0;
     let one = |served: &mut usize| {
@@ -150,12 +145,12 @@ fn after_winch_the_old_master_resumes_when_the_new_one_dies_or_on_reload() {
     assert_eq!(code(status), 0, "{stderr}");
     let new = new_master_pid(&stdout);
     daemon.signal(Signal::SIGWINCH);
-    daemon.wait_for_log("old workers stop", |l| l.contains("SIGWINCH: stopping 1 workers"));
+    daemon.wait_until_old_master("old workers stop", |s| {
+        s.master.pid == old.as_raw() && s.ready(s.master.generation).is_empty()
+    });
     // The new master dies badly: the old one takes its pid file back and serves again.
     kill(Pid::from_raw(new), Signal::SIGKILL).unwrap();
-    daemon.wait_for_log("the old master resumes", |l| {
-        l.contains("workers were stopped (WINCH): starting them again")
-    });
+    daemon.wait_until("the old master resumes", |s| s.master.pid == old.as_raw() && s.serving());
     eventually("the pid file names the old master", || {
         std::fs::read_to_string(daemon.dir().join("preforkd.pid"))
             .is_ok_and(|t| t.trim() == old.to_string())
@@ -168,7 +163,7 @@ fn after_winch_the_old_master_resumes_when_the_new_one_dies_or_on_reload() {
     });
     // WINCH, then a reload starts the workers again, and says so at once.
     daemon.signal(Signal::SIGWINCH);
-    daemon.wait_for_lines("stopped again", 2, |l| l.contains("SIGWINCH: stopping 1 workers"));
+    daemon.wait_until("stopped again", |s| s.ready(s.master.generation).is_empty());
     let started = std::time::Instant::now();
     let (status, _, stderr) = daemon.control("reload");
     assert_eq!(code(status), 0, "{stderr}");
