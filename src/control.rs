@@ -392,33 +392,24 @@ fn status(board: &Scoreboard) -> String {
 fn children(board: &Scoreboard, now_unix: u64) -> String {
     let mut out = String::new();
     for (slot, score) in board.slots().iter().enumerate() {
-        let (pid, total) =
-            (score.pid.load(Ordering::Acquire), score.children.load(Ordering::Relaxed));
+        let pid = score.pid.load(Ordering::Acquire);
+        let (total, listed) = board.children(slot);
         if pid == 0 || score.state() == SlotState::Empty || total == 0 {
             continue;
         }
         if out.is_empty() {
-            out.push_str(
-                "children supervised by draining workers:
-",
-            );
+            out.push_str("children supervised by draining workers:\n");
         }
         let generation = score.generation.load(Ordering::Relaxed);
-        let listed = board.children(slot);
+        let worker = format!("worker slot {slot}, pid {pid}, generation {generation}");
         for child in &listed {
             let listener = board.listener_name(usize::from(child.listener)).unwrap_or_default();
             let age = Duration::from_secs(now_unix.saturating_sub(child.started_unix_ms) / 1000);
-            out.push_str(&format!(
-                "  child {} on {listener}, up {}: worker slot {slot}, pid {pid}, generation {generation}\n",
-                child.pid,
-                humantime::format_duration(age),
-            ));
+            let age = humantime::format_duration(age);
+            out.push_str(&format!("  child {} on {listener}, up {age}: {worker}\n", child.pid));
         }
         if total > listed.len() as u64 {
-            out.push_str(&format!(
-                "  and {} more: worker slot {slot}, pid {pid}, generation {generation}\n",
-                total - listed.len() as u64
-            ));
+            out.push_str(&format!("  and {} more: {worker}\n", total - listed.len() as u64));
         }
     }
     out

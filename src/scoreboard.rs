@@ -28,12 +28,14 @@ mod listeners;
 
 pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
-    CLOSES, Close, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore, ListenerTotals, kept_name,
+    CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore,
+    ListenerTotals, kept_name,
 };
 
-/// Version 8: the children retiring workers supervise ([`WorkerScore::children`], a few
-/// rows per slot after the listener rows). Version 7: each listener's bound address
-/// ([`Scoreboard::listener_address`]). Version 6:
+/// Version 9: the children retiring workers supervise (a count and a few rows per slot
+/// after the listener rows: [`Scoreboard::children`]). Version 8: the `over-share` refusal
+/// ([`Refusal::OverShare`]) and datagrams per listener ([`ListenerScore::datagrams`]).
+/// Version 7: each listener's bound address ([`Scoreboard::listener_address`]). Version 6:
 /// hand-offs per listener ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
@@ -41,7 +43,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb8");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb9");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -124,10 +126,14 @@ pub enum Refusal {
     Shed = 4,
     /// A trusted proxy's PROXY protocol header was malformed or late.
     ProxyHeader = 5,
+    /// Closed at rest by a full worker to admit a new client, because its client held more
+    /// than its fair share of the worker; or a new connection refused by a full worker
+    /// because its client would then hold more than its fair share (version 7).
+    OverShare = 6,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 6;
+pub const REFUSALS: usize = 7;
 
 impl Refusal {
     /// Every reason, in counter order.
@@ -138,6 +144,7 @@ impl Refusal {
         Refusal::ListenerFull,
         Refusal::Shed,
         Refusal::ProxyHeader,
+        Refusal::OverShare,
     ];
 
     /// The access-log and `status` spelling.
@@ -149,6 +156,7 @@ impl Refusal {
             Refusal::ListenerFull => "listener-full",
             Refusal::Shed => "shed",
             Refusal::ProxyHeader => "proxy-header",
+            Refusal::OverShare => "over-share",
         }
     }
 }
@@ -262,10 +270,6 @@ pub struct WorkerScore {
     /// Times the worker became full (its `max_connections_per_worker` reached) since it
     /// started (version 2).
     pub full: AtomicU64,
-    /// Children (exec's programs) a retiring worker still supervises, for connections it
-    /// could not hand off; the first [`CHILD_ROWS`] are listed ([`Scoreboard::children`]).
-    /// 0 in a serving worker (version 7).
-    pub children: AtomicU64,
 }
 
 // The version 2 and 7 counters live in what was padding: a slot stays one 128-byte line pair.
@@ -289,14 +293,7 @@ impl WorkerScore {
 
     /// Clears the slot and claims it for a new worker (called by the master at fork).
     pub fn claim(&self, pid: i32, generation: u64) {
-        let counters = [
-            &self.open,
-            &self.accepted,
-            &self.bytes_in,
-            &self.bytes_out,
-            &self.full,
-            &self.children,
-        ];
+        let counters = [&self.open, &self.accepted, &self.bytes_in, &self.bytes_out, &self.full];
         for counter in counters.into_iter().chain(&self.refused) {
             counter.store(0, Ordering::Relaxed);
         }
@@ -311,7 +308,6 @@ impl WorkerScore {
     pub fn release(&self) {
         self.set_state(SlotState::Empty);
         self.open.store(0, Ordering::Relaxed);
-        self.children.store(0, Ordering::Relaxed);
         self.pid.store(0, Ordering::Release);
     }
 }
@@ -334,10 +330,10 @@ pub struct Scoreboard {
 }
 
 /// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows and its
-/// [`CHILD_ROWS`] child rows.
+/// children ([`CHILD_ROWS`] rows and their count).
 const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
     + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
-    + CHILD_ROWS * std::mem::size_of::<children::ChildScore>();
+    + std::mem::size_of::<children::ChildRows>();
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, then
 /// every [`WorkerScore`], then every slot's listener rows, then every slot's child rows.
@@ -515,18 +511,18 @@ impl Scoreboard {
         }
     }
 
-    /// Every slot's child rows, slot by slot.
-    fn all_child_rows(&self) -> &[children::ChildScore] {
-        // SAFETY: `layout(capacity)` bytes are mapped; the child rows follow the listener
-        // rows, at an offset that is a multiple of 128 (header, slots and listener rows are),
-        // so aligned for `ChildScore` (8); all fields are atomics.
+    /// Every slot's children, slot by slot.
+    fn all_child_rows(&self) -> &[children::ChildRows] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the children follow the listener rows,
+        // at an offset that is a multiple of 128 (header, slots and listener rows are), so
+        // aligned for `ChildRows` (8); all fields are atomics.
         unsafe {
             let offset = std::mem::size_of::<Header>()
                 + self.capacity
                     * (std::mem::size_of::<WorkerScore>()
                         + LISTENER_ROWS * std::mem::size_of::<ListenerScore>());
-            let first = self.base.as_ptr().add(offset).cast::<children::ChildScore>();
-            std::slice::from_raw_parts(first, self.capacity * CHILD_ROWS)
+            let first = self.base.as_ptr().add(offset).cast::<children::ChildRows>();
+            std::slice::from_raw_parts(first, self.capacity)
         }
     }
 

@@ -6,8 +6,8 @@
 //! Written by the worker of the slot (when it starts to retire, and whenever the set
 //! changes), cleared by the master when it claims the slot for a new worker; read by anyone.
 //! Invariants:
-//! - [`WorkerScore::children`](super::WorkerScore) counts them all; the first
-//!   [`CHILD_ROWS`] have a row each, the rest only count;
+//! - each slot's count counts them all; the first [`CHILD_ROWS`] have a row each, the rest
+//!   only count;
 //! - a row with pid 0 is empty; a reader may see a row half rewritten (each field is its own
 //!   atomic) while the set changes, never a torn field.
 
@@ -30,7 +30,13 @@ pub struct ChildScore {
     started_unix_ms: AtomicU64,
 }
 
-const _: () = assert!((std::mem::size_of::<ChildScore>() * CHILD_ROWS).is_multiple_of(128));
+/// A slot's children: how many, and the first [`CHILD_ROWS`].
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ChildRows {
+    count: AtomicU64,
+    rows: [ChildScore; CHILD_ROWS],
+}
 
 /// A child as [`Scoreboard::children`] reads it: a plain value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,25 +68,23 @@ impl ChildScore {
 }
 
 impl Scoreboard {
-    /// The child rows of `slot`.
-    fn child_rows(&self, slot: usize) -> &[ChildScore] {
-        &self.all_child_rows()[slot * CHILD_ROWS..(slot + 1) * CHILD_ROWS]
-    }
-
     /// Publishes the children `slot`'s worker supervises: all counted, the first
     /// [`CHILD_ROWS`] listed (by the worker of the slot).
     pub fn set_children(&self, slot: usize, children: impl ExactSizeIterator<Item = Child>) {
-        self.slot(slot).children.store(children.len() as u64, Ordering::Relaxed);
+        let table = &self.all_child_rows()[slot];
+        table.count.store(children.len() as u64, Ordering::Relaxed);
         let mut children = children.fuse();
-        for row in self.child_rows(slot) {
+        for row in &table.rows {
             row.store(children.next());
         }
     }
 
-    /// The children `slot`'s worker supervises, as listed (at most [`CHILD_ROWS`]; the
-    /// slot's `children` counts them all).
-    pub fn children(&self, slot: usize) -> Vec<Child> {
-        self.child_rows(slot).iter().filter_map(ChildScore::load).collect()
+    /// The children `slot`'s worker supervises: how many, and those listed (at most
+    /// [`CHILD_ROWS`]).
+    pub fn children(&self, slot: usize) -> (u64, Vec<Child>) {
+        let table = &self.all_child_rows()[slot];
+        let listed = table.rows.iter().filter_map(ChildScore::load).collect();
+        (table.count.load(Ordering::Relaxed), listed)
     }
 
     /// Clears `slot`'s children (by the master, when it claims the slot).
@@ -98,13 +102,11 @@ mod tests {
         let board = Scoreboard::create(None, 2).unwrap();
         let child = |pid| Child { pid, listener: 3, started_unix_ms: 1000 + u64::from(pid) };
         board.set_children(1, (1..=10).map(child).collect::<Vec<_>>().into_iter());
-        assert_eq!(board.slot(1).children.load(Ordering::Relaxed), 10);
-        assert_eq!(board.children(1), (1..=8).map(child).collect::<Vec<_>>(), "the first 8");
-        assert!(board.children(0).is_empty(), "another slot's rows");
+        assert_eq!(board.children(1), (10, (1..=8).map(child).collect()), "the first 8");
+        assert_eq!(board.children(0), (0, Vec::new()), "another slot's");
         board.set_children(1, [child(42)].into_iter());
-        assert_eq!(board.children(1), [child(42)], "rows left over are emptied");
+        assert_eq!(board.children(1), (1, vec![child(42)]), "rows left over are emptied");
         board.claim(1, 2);
-        assert!(board.children(1).is_empty());
-        assert_eq!(board.slot(1).children.load(Ordering::Relaxed), 0);
+        assert_eq!(board.children(1), (0, Vec::new()));
     }
 }

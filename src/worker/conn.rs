@@ -16,6 +16,7 @@ use crate::services::{Progress, Session};
 
 use super::extras::Watched;
 use super::phase::ConnState;
+use super::shares::Share;
 
 /// One accepted (or adopted) client connection.
 pub struct Conn {
@@ -41,6 +42,8 @@ pub struct Conn {
     pub interest: Interest,
     /// Descriptors the session watches besides the client socket, with what for.
     pub extras: Watched,
+    /// Its place in its client's share of the worker (`shares.rs`).
+    pub share: Share,
 }
 
 impl Conn {

@@ -37,6 +37,7 @@ use super::connections::{schedule, update_interest};
 use super::env::Env;
 use super::extras::{self, ExtraFds};
 use super::phase::{ConnKind, ConnState, Drain, HANDOFF_RETRY, HandOff, Phase, after_answer};
+use super::shares::Share;
 use super::table::Table;
 
 /// Messages handled per readiness of the channel at most, so a flood of offers cannot starve
@@ -401,6 +402,8 @@ fn adopt(
         ticket: None,
         interest: Interest::NONE,
         extras: Vec::new(),
+        // Counted in its client's share at its first event here (`connections.rs`).
+        share: Share::Unseated,
     };
     let Ok(serial) = table.insert(slot, conn) else {
         return Outcome::Busy; // checked above: the slot is free
