@@ -6,10 +6,10 @@
 //! headers, UDP flows) and the intake; a table's operation borrows it whole, so no table
 //! holds a reference to another's state.
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use crate::limits::{DatagramRates, Limits, SlotLedger, Ticket};
+use crate::net::Peer;
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::Scoreboard;
 use crate::services::CloseReason;
@@ -52,13 +52,13 @@ impl Env<'_> {
 
     /// Turns away a connection just accepted on listener `index`, counted as a refusal of
     /// `reason` (its socket closes when the caller drops it).
-    pub fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
+    pub fn refuse(&mut self, fd: RawFd, index: usize, peer: Peer, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
         self.closed(Closed::refused(index, peer, None, reason));
     }
 
     /// Gives a connection's count in the shared table back, if it has one.
-    pub fn release(&mut self, ticket: Option<Ticket>, peer: SocketAddr) {
+    pub fn release(&mut self, ticket: Option<Ticket>, peer: Peer) {
         if let Some(ticket) = ticket
             && let Err(error) = self.limits.release(&mut self.ledger, ticket)
         {

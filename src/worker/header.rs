@@ -9,13 +9,14 @@
 //! - a malformed header, an end of file, or a header not complete within
 //!   [`PROXY_HEADER_TIMEOUT`] closes the connection, counted as a `proxy-header` refusal.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
+use crate::net::{Peer, Stream};
 use crate::poller::Interest;
 use crate::proxy_protocol::{self, Parsed};
 use crate::services::CloseReason;
@@ -32,7 +33,7 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection from a trusted proxy, before its PROXY protocol header is complete.
 struct Pending {
-    stream: TcpStream,
+    stream: Stream,
     listener: usize,
     /// The proxy's address.
     proxy: SocketAddr,
@@ -69,7 +70,7 @@ impl Headers {
     /// the client to admit if the header is complete already.
     pub fn start(
         &mut self,
-        stream: TcpStream,
+        stream: Stream,
         index: usize,
         proxy: SocketAddr,
         now: Instant,
@@ -124,7 +125,7 @@ impl Headers {
         let Pending { stream, listener, proxy, .. } = self.table.remove(slot)?;
         env.books.counters.touch();
         // The proxy itself is the client of a `LOCAL` or `UNKNOWN` header.
-        let peer = source.unwrap_or(proxy);
+        let peer = Peer::Ip(source.unwrap_or(proxy));
         Some(Client { stream, listener, peer, proxy: Some(proxy) })
     }
 
@@ -139,7 +140,7 @@ impl Headers {
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
         env.books.counters.touch();
         if let Some(reason) = reason {
-            env.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
+            env.closed(Closed::refused(pending.listener, Peer::Ip(pending.proxy), None, reason));
         }
         None
     }

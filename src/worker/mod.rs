@@ -54,7 +54,6 @@ pub mod refusals;
 mod table;
 
 use std::io::{self, ErrorKind};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -69,6 +68,7 @@ use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
 use crate::logging;
+use crate::net::{Peer, Stream};
 use crate::poller::{self, Event, Interest};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
@@ -486,7 +486,7 @@ impl<'a> Worker<'a> {
             if !self.gate.take(now, room, can_shed, &mut shedding) {
                 return;
             }
-            match crate::sys::accept_nonblocking(&fd) {
+            match crate::net::accept(&fd) {
                 Ok((stream, peer)) => self.admit(index, stream, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -514,7 +514,7 @@ impl<'a> Worker<'a> {
 
     /// A connection just accepted: served, or its PROXY header read first if it comes from
     /// a trusted proxy.
-    fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
+    fn admit(&mut self, index: usize, stream: Stream, peer: Peer, now: Instant) {
         let fd = stream.as_raw_fd();
         let entry = &self.env.listeners[index];
         let policy = &entry.policy;
@@ -534,15 +534,16 @@ impl<'a> Worker<'a> {
             return self.env.refuse(fd, index, peer, CloseReason::Error);
         }
         let admission = &policy.admission;
-        if admission.accept_proxy_protocol
-            && access::contains(&admission.trusted_proxies, peer.ip())
+        if let Peer::Ip(proxy) = peer
+            && admission.accept_proxy_protocol
+            && access::contains(&admission.trusted_proxies, proxy.ip())
         {
             // The client is whoever the header names: wait for it.
             if self.room() == 0 {
                 // Accepted because something could be shed; who the client is comes later.
                 self.conns.shed_oldest(now, &mut self.env);
             }
-            if let Some(client) = self.headers.start(stream, index, peer, now, &mut self.env) {
+            if let Some(client) = self.headers.start(stream, index, proxy, now, &mut self.env) {
                 self.admit_client(client, now);
             }
             return;
