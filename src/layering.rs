@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("services", &["services"]),
-    ("configuration", &["config"]),
+    ("configuration", &["config", "import"]),
     ("serving", &["listener", "spawner", "worker"]),
     ("supervising", &["master"]),
     ("entry points", &["cli", "control", "daemon"]),

@@ -23,7 +23,7 @@
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`]
 //! 3. services: [`services`]
-//! 4. configuration: [`config`]
+//! 4. configuration: [`config`], [`import`]
 //! 5. serving: [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
 //! 7. entry points: [`cli`], [`control`], [`daemon`]
@@ -106,6 +106,7 @@ pub mod duration;
 pub mod exit;
 pub mod files;
 pub mod handoff;
+pub mod import;
 pub mod limits;
 pub mod listener;
 pub mod logging;

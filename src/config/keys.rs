@@ -22,7 +22,7 @@ use crate::duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
     /// `section.key`, such as `daemon.workers`; `listener.*` keys belong to each
-    /// `[[listener]]`.
+    /// `[[listener]]`; a name without a section (`include`) is a key of the top level.
     pub name: &'static str,
     /// What the value is.
     pub kind: Kind,
@@ -60,10 +60,14 @@ pub enum Kind {
     Path,
     /// An array of CIDR prefixes.
     Prefixes,
+    /// An array of paths, whose last component may hold the wildcards `*` and `?`.
+    Patterns,
     /// A rate, `"COUNT/PERIOD"` ([`crate::rate::Rate::parse`]).
     Rate,
     /// A table, read by the listener's service.
     Table,
+    /// A text, or `{ file = "PATH" }` (at most [`super::MAX_BANNER`] bytes).
+    Banner,
 }
 
 /// What an absent key means.
@@ -108,7 +112,7 @@ impl Key {
         self.name.split_once('.').map_or(self.name, |(_, field)| field)
     }
 
-    /// Its section: `daemon`, `log` or `listener`.
+    /// Its section: `daemon`, `log` or `listener`; empty for a key of the top level.
     pub fn section(&self) -> &'static str {
         self.name.split_once('.').map_or("", |(section, _)| section)
     }
@@ -157,6 +161,9 @@ use Kind::{Boolean, Integer, OneOf, Prefixes, Table};
 const U32: i64 = u32::MAX as i64;
 
 keys! {
+    INCLUDE "include": Kind::Patterns, Value("[]"), "", Applies,
+        "Files of more `[[listener]]` blocks, read in name order; a reload reads them again.";
+
     WORKERS "daemon.workers": Kind::Workers, Value("\"auto\""), "processes", UpToStart,
         "Worker processes to keep running, or \"auto\" for one per CPU.";
     GRACEFUL_TIMEOUT "daemon.graceful_timeout": Kind::Duration, Value("\"30s\""), "", Applies,
@@ -201,6 +208,8 @@ keys! {
         "Most verbose level written.";
     ACCESS_LOG "log.access_log": Boolean, Value("true"), "", Applies,
         "One line per closed connection, at level info.";
+    FORMAT "log.format": OneOf(&["text", "json"]), Value("\"text\""), "", Applies,
+        "How each line is written: text, or one JSON object with stable member names.";
     FACILITY "log.facility": Kind::String, Value("\"daemon\""), "", Applies,
         "syslog(3) facility, for target = \"syslog\".";
     SYSLOG_SOCKET "log.syslog_socket": Kind::Path, Absent("/dev/log"), "", Applies,
@@ -240,7 +249,7 @@ keys! {
     REUSEPORT "listener.reuseport": Boolean, Value("false"), "", Applies,
         "A socket of its own per worker, with SO_REUSEPORT.";
     ALLOW "listener.allow": Prefixes, Value("[]"), "", Applies,
-        "Client prefixes served; when empty, every client not denied.";
+        "Client prefixes served, each with variables for their programs if a table; when empty, every client not denied.";
     DENY "listener.deny": Prefixes, Value("[]"), "", Applies,
         "Client prefixes refused; the most specific prefix of either list wins.";
     CLIENT_IPV4_PREFIX "listener.client_ipv4_prefix": Integer { min: 0, max: 32 },
@@ -271,6 +280,10 @@ keys! {
     MAX_DATAGRAM_RATE_PER_CLIENT "listener.max_datagram_rate_per_client": Kind::Rate,
         Value("\"100/s\""), "datagrams per period", Applies,
         "UDP only: datagrams per client, exact across workers; over it, dropped; \"0\" is unlimited.";
+    BANNER "listener.banner": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to an admitted client before its service starts: a text, or { file = PATH }; TCP only.";
+    BANNER_FAIL "listener.banner_fail": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to a refused client before the close, with one non-blocking send; TCP only.";
     OPTIONS "listener.options": Table, Absent("none"), "", Applies,
         "The service's own options, a `[listener.options]` table read by the service.";
 }
@@ -288,7 +301,7 @@ mod tests {
         let mut seen = HashSet::new();
         for key in KEYS {
             assert!(seen.insert(key.name), "{} twice", key.name);
-            assert!(["daemon", "log", "listener"].contains(&key.section()), "{}", key.name);
+            assert!(["", "daemon", "log", "listener"].contains(&key.section()), "{}", key.name);
             assert!(key.doc.ends_with('.'), "{}: a doc line is a sentence", key.name);
         }
     }
@@ -302,7 +315,7 @@ mod tests {
                     .default_as::<Spanned<i64>>()
                     .is_some_and(|v| (min..=max).contains(v.get_ref())),
                 Kind::Boolean => key.default_as::<bool>().is_some(),
-                Kind::Prefixes => key.default_as::<Vec<String>>().is_some(),
+                Kind::Prefixes | Kind::Patterns => key.default_as::<Vec<String>>().is_some(),
                 Kind::Duration => key.default_duration().is_some(),
                 Kind::OneOf(words) => {
                     key.default_as::<String>().is_some_and(|w| words.contains(&w.as_str()))
@@ -310,7 +323,7 @@ mod tests {
                 Kind::Rate => {
                     key.default_as::<String>().is_some_and(|r| crate::rate::Rate::parse(&r).is_ok())
                 }
-                Kind::Workers | Kind::String | Kind::Path | Kind::Table => {
+                Kind::Workers | Kind::String | Kind::Path | Kind::Table | Kind::Banner => {
                     key.default_as::<toml::Value>().is_some()
                 }
             };

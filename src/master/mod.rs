@@ -143,7 +143,7 @@ pub struct Master {
 /// the daemon sees why it did not start.
 ///
 /// `ready_pipe` (daemon mode) gets one byte once the first generation is ready: 0, or the
-/// exit status if startup failed.
+/// exit status and the reason if startup failed (`daemonize::report_failure`).
 pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>) -> ExitStatus {
     let logs_elsewhere = config.log.target != LogTarget::Stderr;
     match Master::start(config, invocation, &mut ready_pipe) {
@@ -155,7 +155,7 @@ pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>)
             }
             let status = error.exit_status();
             if let Some(mut pipe) = ready_pipe {
-                let _ = pipe.write_all(&[status as u8]);
+                crate::daemonize::report_failure(&mut pipe, status, &error.to_string());
             }
             status
         }

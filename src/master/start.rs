@@ -51,8 +51,9 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("could not install signal handlers: {0}")]
     Signals(io::Error),
-    /// The worker user or group cannot be used.
-    #[error(transparent)]
+    /// The worker user or group cannot be used; the message names the key and, for an
+    /// unknown name, what `preforkd check` says about it.
+    #[error("{}: {}", .0.for_workers().0, .0.for_workers().1)]
     Privileges(#[from] PrivilegeError),
     /// exec children would run as the workers' user or root (the message says which).
     #[error("{0}")]

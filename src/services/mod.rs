@@ -430,6 +430,21 @@ impl Registry {
         self.entries.iter().map(|(name, _)| name.as_str())
     }
 
+    /// The built-in service `name` built leniently from invalid options ([`Options::probe`]),
+    /// only to ask it which transports it serves ([`Service::stream`],
+    /// [`Service::datagram`]); `None` for a service registered by a program (whose build is
+    /// not known to survive invalid values) or when nothing could be built.
+    pub(crate) fn probe_builtin(
+        &self,
+        name: &str,
+        table: Option<toml::Spanned<toml::de::DeTable<'_>>>,
+        listener_span: std::ops::Range<usize>,
+    ) -> Option<Arc<dyn Service>> {
+        let (_, build) = BUILTINS.iter().find(|(builtin, _)| *builtin == name)?;
+        let mut scratch = Vec::new();
+        build(&mut Options::probe(table, listener_span, &mut scratch)).ok()
+    }
+
     /// Builds the service `name` from `options`; `None` when no service has that name.
     pub(crate) fn build(
         &self,

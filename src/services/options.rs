@@ -48,6 +48,9 @@ pub struct Options<'a> {
     listener_span: Range<usize>,
     issues: &'a mut Vec<RawIssue>,
     reported: bool,
+    /// Built only to learn what the service serves ([`Options::probe`]): `finish` succeeds
+    /// whatever was reported.
+    probing: bool,
 }
 
 impl<'a> Options<'a> {
@@ -57,7 +60,26 @@ impl<'a> Options<'a> {
         listener_span: Range<usize>,
         issues: &'a mut Vec<RawIssue>,
     ) -> Self {
-        Options { table, prefix: prefix.to_owned(), listener_span, issues, reported: false }
+        Options {
+            table,
+            prefix: prefix.to_owned(),
+            listener_span,
+            issues,
+            reported: false,
+            probing: false,
+        }
+    }
+
+    /// Options for a second, lenient build of a built-in whose options were invalid, only to
+    /// ask the service which transports it serves: problems go to `scratch` (they were
+    /// reported by the first build), and [`Options::finish`] succeeds whenever a value was
+    /// made.
+    pub(crate) fn probe(
+        table: Option<Spanned<DeTable<'a>>>,
+        listener_span: Range<usize>,
+        scratch: &'a mut Vec<RawIssue>,
+    ) -> Self {
+        Options { probing: true, ..Options::new(table, "", listener_span, scratch) }
     }
 
     /// No `[listener.options]` table.
@@ -150,7 +172,7 @@ impl<'a> Options<'a> {
     /// # Errors
     /// [`Invalid`] when [`Options::report`] or [`Options::parse`] reported a problem.
     pub fn finish<T>(&self, value: T) -> Result<T, Invalid> {
-        if self.reported { Err(Invalid) } else { Ok(value) }
+        if self.reported && !self.probing { Err(Invalid) } else { Ok(value) }
     }
 }
 

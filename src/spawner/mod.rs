@@ -38,6 +38,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{Pid, getppid};
 
 use crate::config::Config;
+use crate::limits::access::AccessList;
 use crate::logging;
 use crate::net::Address;
 use crate::services::wire::{self, EVENT_LEN, Event, MAX_REQUEST, Request};
@@ -104,7 +105,9 @@ struct Child {
 struct Spawner {
     generation: u64,
     /// The programs by listener name.
-    programs: HashMap<String, Program>,
+    /// The programs by listener name, with the listener's access list (whose `allow` rules
+    /// may give a client's program variables of their own).
+    programs: HashMap<String, (Program, AccessList)>,
     epoll: Epoll,
     control: Option<OwnedFd>,
     signals: SignalFd,
@@ -150,15 +153,18 @@ impl Spawner {
         sigprocmask(SigmaskHow::SIG_SETMASK, Some(&child_signal), None)?;
         let signals =
             SignalFd::with_flags(&child_signal, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        let programs: HashMap<String, Program> = context
+        let programs: HashMap<String, (Program, AccessList)> = context
             .config
             .listeners
             .iter()
-            .filter_map(|l| l.service.service.program().map(|p| (l.name.clone(), p.clone())))
+            .filter_map(|l| {
+                let program = l.service.service.program()?.clone();
+                Some((l.name.clone(), (program, l.admission.access.clone())))
+            })
             .collect();
         let root = nix::unistd::geteuid().is_root();
         if root {
-            let mut keep = capabilities_for(programs.values());
+            let mut keep = capabilities_for(programs.values().map(|(program, _)| program));
             if crate::sys::keep_only_capabilities(&keep).is_err() {
                 // Not all of them are permitted here (a systemd unit's CapabilityBoundingSet):
                 // the programs that need the others fail to start, each with its reason.
@@ -306,7 +312,7 @@ impl Spawner {
         let [Some(client), Some(reply)] = received.fds else { return false };
         let Some(request) = Request::decode(bytes) else { return false };
         let answer = |event: Event, fds: &[RawFd]| wire::send(reply.as_fd(), &event.encode(), fds);
-        let Some(program) = self.programs.get(request.listener) else {
+        let Some((program, access)) = self.programs.get(request.listener) else {
             log::warn!(
                 "exec spawner: worker {slot} asked for listener {:?}, which starts no program in generation {}",
                 request.listener,
@@ -331,8 +337,12 @@ impl Spawner {
         let spawned = match pipe {
             Ok(pipe) => {
                 let write_end = pipe.as_ref().map(|(_, write)| write.as_fd());
+                // The variables the client's `allow` rule gives, from this process's own
+                // configuration: a worker names only the listener and the client.
+                // A Unix client is named by no access list.
+                let rule_env = request.peer.ip().map_or(&[][..], |ip| access.env_for(ip));
                 program
-                    .spawn(client.as_fd(), request.peer, local.as_ref(), write_end)
+                    .spawn(client.as_fd(), request.peer, local.as_ref(), write_end, rule_env)
                     .map(|pid| (pid, pipe))
                     .map_err(|error| {
                         if error.step.is_some() {

@@ -115,6 +115,9 @@ impl Connections {
         let table = &self.table;
         match self.shed.pop(|fd, serial| table.live(fd, serial).is_some_and(sheddable)) {
             Some((fd, _)) => {
+                if let Some(conn) = self.table.get(fd) {
+                    env.refusal_banner(fd as RawFd, conn.listener);
+                }
                 self.finish(fd, CloseReason::Shed, now, env);
                 true
             }
@@ -161,6 +164,9 @@ impl Connections {
             }
         };
         let entry = &env.listeners[index];
+        // Said before the service starts, so it comes before anything the service says.
+        let banner = entry.policy.banners.admitted.as_ref();
+        let greeted = banner.map_or(0, |banner| super::env::send_banner(fd, &banner.bytes));
         let info = ConnInfo {
             listener: &entry.policy.name,
             peer,
@@ -178,7 +184,7 @@ impl Connections {
             session,
             state: ConnState::new(Phase::admitted(draining), ConnKind::Short, now),
             opened: now,
-            totals: Progress::default(),
+            totals: Progress { bytes_out: greeted as u64, ..Progress::default() },
             ticket,
             // What the poller has: a header was read through it, else nothing yet.
             interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },

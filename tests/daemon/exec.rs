@@ -254,7 +254,8 @@ fn check_refuses_what_exec_cannot_run() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+        "[daemon]\nallow_root_workers = true\n\
+         [[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
          [listener.options]\nuser = \"nobody\"\nprogram = \"bin/cat\"\nenv = { PROTO = \"UDP\" }\n\
          max_lifetime = \"soon\"\nstderr = \"file\"\ncolour = 1\n\
          [[listener]]\nname = \"y\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
@@ -379,7 +380,8 @@ fn check_reports_bad_process_settings_where_they_are_written() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+        "[daemon]\nallow_root_workers = true\n\
+         [[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
          [listener.options]\nprogram = \"/bin/cat\"\nuser = \"nobody\"\numask = \"099\"\nnice = 40\n\
          rlimits = { nofile = 2, cpu = \"5M\",\n  stack = -1 }\n",
     )
@@ -387,11 +389,11 @@ fn check_reports_bad_process_settings_where_they_are_written() {
     let (status, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
     assert_eq!(code(status), 78, "{stderr}");
     for expected in [
-        ":8:9: listener[0].options.umask: \"099\" is not an umask",
-        ":9:8: listener[0].options.nice: 40 is not a nice value",
-        ":10:22: listener[0].options.rlimits.nofile: 2 is too low",
-        ":10:31: listener[0].options.rlimits.cpu: \"5M\" is not a number of seconds",
-        ":11:11: listener[0].options.rlimits.stack: -1 is negative",
+        ":10:9: listener[0].options.umask: \"099\" is not an umask",
+        ":11:8: listener[0].options.nice: 40 is not a nice value",
+        ":12:22: listener[0].options.rlimits.nofile: 2 is too low",
+        ":12:31: listener[0].options.rlimits.cpu: \"5M\" is not a number of seconds",
+        ":13:11: listener[0].options.rlimits.stack: -1 is negative",
     ] {
         assert!(stderr.contains(expected), "{expected:?} missing from:\n{stderr}");
     }

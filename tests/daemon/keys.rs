@@ -60,7 +60,11 @@ fn reload_problem(text: &str, key: &Key) -> Option<String> {
 /// The man page's entry of `key`: its `.It Ic` line in the key's section and the text that
 /// follows (shared by consecutive `.It` lines), up to the next entry.
 fn man_entry(page: &str, key: &Key) -> Option<String> {
-    let heading = format!(".Sh {}", key.section().to_uppercase());
+    // The top level's one key, `include`, has a section of its own.
+    let heading = match key.section() {
+        "" => ".Sh INCLUDES".to_owned(),
+        section => format!(".Sh {}", section.to_uppercase()),
+    };
     let section: Vec<&str> = page
         .lines()
         .skip_while(|l| *l != heading)
@@ -84,7 +88,11 @@ fn shipped_paragraph(shipped: &str, key: &Key) -> Option<String> {
         "listener" => "[[listener]]".to_owned(),
         section => format!("[{section}]"),
     };
-    let from = lines.iter().position(|l| *l == heading)?;
+    // A key of the top level comes before any table.
+    let from = match key.section() {
+        "" => 0,
+        _ => lines.iter().position(|l| *l == heading)?,
+    };
     let end = lines[from + 1..]
         .iter()
         .position(|l| l.starts_with('[') && key.section() != "listener")

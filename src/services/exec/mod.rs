@@ -227,7 +227,9 @@ impl Program {
     }
 
     /// Starts the program for the connection on `socket` (`peer` -> `local`), with `stderr`
-    /// as its descriptor 2 (`None`: /dev/null); returns its pid. Called in the spawner.
+    /// as its descriptor 2 (`None`: /dev/null) and `rule_env` (the variables of the client's
+    /// `allow` rule, after `env`; a UCSPI name among them is left out) added to its
+    /// environment; returns its pid. Called in the spawner.
     ///
     /// The environment says who connected as the UCSPI tools do: tcpserver(1)'s `PROTO=TCP`,
     /// `TCPREMOTEIP`, `TCPREMOTEPORT`, `TCPLOCALIP`, `TCPLOCALPORT`, or for a Unix client
@@ -242,8 +244,9 @@ impl Program {
         peer: Peer,
         local: Option<&Address>,
         stderr: Option<BorrowedFd<'_>>,
+        rule_env: &[(String, String)],
     ) -> Result<Pid, SpawnError> {
-        let mut envp = Vec::with_capacity(5 + self.env_c.len());
+        let mut envp = Vec::with_capacity(5 + self.env_c.len() + rule_env.len());
         let mut set = |name: &str, value: String| {
             // Addresses, ports and ids hold no NUL byte; a path is checked at parse time.
             envp.push(CString::new(format!("{name}={value}")).unwrap_or_default());
@@ -269,6 +272,12 @@ impl Program {
             }
         }
         envp.extend(self.env_c.iter().cloned());
+        for (name, value) in rule_env {
+            if !UCSPI_NAMES.contains(&name.as_str()) {
+                // Validated when the configuration was loaded: no NUL byte, no '=' in names.
+                envp.push(CString::new(format!("{name}={value}")).unwrap_or_default());
+            }
+        }
         let setup = crate::sys::SpawnSetup {
             stdio: socket,
             stderr,
