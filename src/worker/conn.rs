@@ -16,6 +16,7 @@ use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
 use super::phase::ConnState;
+use super::shares::Share;
 
 /// One accepted (or adopted) client connection.
 pub struct Conn {
@@ -41,6 +42,8 @@ pub struct Conn {
     pub interest: Interest,
     /// Descriptors the session watches besides the client socket.
     pub extras: Vec<RawFd>,
+    /// Its place in its client's share of the worker (`shares.rs`).
+    pub share: Share,
 }
 
 impl Conn {

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::clock::monotonic_ms;
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, UpgradeState};
+use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState, UpgradeState};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";
@@ -123,6 +123,12 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
         None,
     );
+    let datagrams = counters(
+        r,
+        "listener_datagrams",
+        "Datagrams received on a UDP listener's socket, by listener and outcome",
+        None,
+    );
     for totals in board.listener_totals() {
         let name = || vec![("listener", totals.name.clone())];
         let with_reason = |reason: &str| vec![("listener", totals.name.clone()), ("reason", reason.to_owned())];
@@ -138,6 +144,10 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         }
         for reason in Close::ALL {
             closed.get_or_create(&with_reason(reason.name())).inc_by(totals.closed[reason as usize]);
+        }
+        for outcome in Datagram::ALL {
+            let labels = vec![("listener", totals.name.clone()), ("outcome", outcome.name().to_owned())];
+            datagrams.get_or_create(&labels).inc_by(totals.datagrams(outcome));
         }
     }
 
