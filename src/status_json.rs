@@ -293,7 +293,7 @@ mod tests {
         board.slot(3).set_state(SlotState::Draining);
         board.slot(3).started_unix_ms.store(2_000, Ordering::Relaxed);
         board.slot(3).heartbeat_ms.store(800, Ordering::Relaxed);
-        board.name_listeners([(0, "git", "127.0.0.1:9418".parse().unwrap())]);
+        board.name_listeners([(0, "git", Some("127.0.0.1:9418".parse().unwrap()))]);
         let child = crate::scoreboard::Child { pid: 4242, listener: 0, started_unix_ms: 7_000 };
         board.set_children(3, [child].into_iter());
         // A released slot keeps its last counters but has no process: left out.
@@ -379,7 +379,7 @@ mod tests {
     #[test]
     fn listeners_carry_their_counters_by_reason() {
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, "echo", "[::1]:7007".parse().unwrap())]);
+        board.name_listeners([(0, "echo", "[::1]:7007".parse().ok())]);
         board.claim(0, 1);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];

@@ -21,12 +21,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use crate::handoff::{Channel, Message, Offer, Outcome};
 use crate::limits::Admission;
+use crate::net::Stream;
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{
     CloseReason, ConnInfo, Context, MAX_EXPORT, MAX_EXPORT_DESCRIPTORS, Movable, Progress,
@@ -360,7 +360,7 @@ fn adopt(
     if env.room(table.len() + extras.len() + others) < 1 + own.len() {
         return Outcome::Busy;
     }
-    let stream = TcpStream::from(client);
+    let stream = Stream::from(client);
     let raw = stream.as_raw_fd();
     let slot = raw as usize;
     if table.contains(slot) || !env.poller.can_watch(raw) {
@@ -430,7 +430,7 @@ fn adopt(
         return Outcome::Refused;
     }
     let entry = &env.listeners[index];
-    let key = entry.client_key(offer.peer.ip());
+    let key = entry.client_key(&offer.peer);
     let (limits, counted) = (env.limits, entry.policy.has_client_limits());
     let ticket = match offer.record {
         Some(handed) => match limits.transfer(&mut env.ledger, handed, key) {

@@ -31,4 +31,5 @@ mod syslog;
 mod systemd;
 mod tftp;
 mod udp;
+mod unix;
 mod upgrade;

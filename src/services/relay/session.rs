@@ -29,18 +29,20 @@
 //! once connected (a connect is at most `connect_timeout`), so the connect timeout, the
 //! failover plan and the backend's health stay one worker's business.
 
+use std::ffi::OsStr;
 use std::io::{self, ErrorKind};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use super::Shared;
 use super::pump::{Fault, Flow, PipeHeld, Pump};
 use super::shared::{Health, Lease};
 use crate::clock::monotonic_ms;
+use crate::net::{self, Address, Peer, Stream};
 use crate::services::{CloseReason, Context, Interest, Movable, Progress, Ready, Session};
 
 /// Version of a relay session's exported state (its first byte).
@@ -48,9 +50,9 @@ const STATE_VERSION: u8 = 1;
 
 /// The backend connection of a session.
 struct Link {
-    stream: TcpStream,
+    stream: Stream,
     /// The backend's address.
-    address: SocketAddr,
+    address: Address,
     /// What the poller watches the stream for.
     watched: Interest,
     /// Counts this connection in the backend's `active` until dropped; `None` for a
@@ -75,7 +77,7 @@ enum State {
 
 /// What an imported relay needs besides its state: the backend socket and the pipes.
 struct Arriving {
-    address: SocketAddr,
+    address: Address,
     /// Pipes the pumps held (up, down), with their counts.
     pipes: [Option<PipeHeld>; 2],
     lease: Option<Lease>,
@@ -91,7 +93,7 @@ enum Side {
 /// The relay's per-connection state.
 pub struct RelaySession {
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer: Peer,
     plan: Option<super::Plan>,
     state: State,
     /// PROXY header bytes not yet counted out of what the up pump wrote.
@@ -100,7 +102,7 @@ pub struct RelaySession {
     /// Connects started.
     tries: u32,
     /// The backend connected to, and how long the connect took.
-    connected: Option<(SocketAddr, Duration)>,
+    connected: Option<(Address, Duration)>,
     up: Pump,
     down: Pump,
     first_fin: Option<Side>,
@@ -111,7 +113,7 @@ pub struct RelaySession {
 }
 
 impl RelaySession {
-    pub(super) fn new(shared: Arc<Shared>, peer: SocketAddr, header: Option<Vec<u8>>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, peer: Peer, header: Option<Vec<u8>>) -> Self {
         let splices = shared.config.splice;
         RelaySession {
             shared,
@@ -145,9 +147,9 @@ impl RelaySession {
                 return Ok(Progress::default());
             };
             self.tries += 1;
-            let address = config.backends[index];
+            let address = config.backends[index].clone();
             let lease = Lease::new(Arc::clone(&shared.table), index);
-            match start_connect(address) {
+            match net::connect(&address, None) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
                     let link = Link { stream, address, watched: Interest::WRITE, _lease: Some(lease) };
@@ -186,7 +188,7 @@ impl RelaySession {
         if self.shared.table.backend(backend).succeeded() {
             log::info!("relay backend {} is up again", link.address);
         }
-        self.connected = Some((link.address, cx.now().saturating_duration_since(since)));
+        self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
         // Best effort, as for clients: a failure shows on the first write.
         let _ = link.stream.set_nodelay(true);
         if let Some(header) = self.header.take() {
@@ -257,7 +259,7 @@ impl RelaySession {
         }
         let State::Open(link) = &mut self.state else { unreachable!() };
         if self.up.needs_shutdown() {
-            if let Err(error) = link.stream.shutdown(std::net::Shutdown::Write) {
+            if let Err(error) = link.stream.shutdown(Shutdown::Write) {
                 return self.backend_failed(error, cx).map(|_| progress);
             }
             self.up.flow = Flow::Shut;
@@ -299,7 +301,7 @@ impl RelaySession {
         if let State::Open(link) = std::mem::replace(&mut self.state, State::Over) {
             cx.unwatch(link.stream.as_fd());
             // SO_LINGER 0: the close sends RST, as the client did.
-            let _ = SockRef::from(&link.stream).set_linger(Some(Duration::ZERO));
+            let _ = link.stream.socket().set_linger(Some(Duration::ZERO));
         }
         cx.close(CloseReason::Service("client-reset"));
         Ok(Progress::default())
@@ -316,20 +318,9 @@ impl RelaySession {
     }
 }
 
-/// A non-blocking connect to `address` (`EINPROGRESS` is success: the loop reports the end).
-fn start_connect(address: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-    match socket.connect(&address.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
-}
-
 /// Records a failed connect to backend `index` in the shared table and logs it.
 fn failed(shared: &Shared, index: usize, error: &io::Error) {
-    let address = shared.config.backends[index];
+    let address = &shared.config.backends[index];
     log::debug!("relay: connect to backend {address} failed: {error}");
     let down_ms = u64::try_from(shared.config.down_time.as_millis()).unwrap_or(u64::MAX);
     let health = shared.table.backend(index).failed(shared.config.fail_threshold, monotonic_ms(), down_ms);
@@ -405,7 +396,7 @@ impl Session for RelaySession {
 
     fn describe(&self, line: &mut String) {
         use std::fmt::Write as _;
-        let _ = match self.connected {
+        let _ = match &self.connected {
             Some((address, took)) => write!(
                 line,
                 " backend={address} connect={:.6}s tries={}",
@@ -450,7 +441,7 @@ impl Session for RelaySession {
             ));
         }
         let mut fds = descriptors.into_iter();
-        let stream = TcpStream::from(fds.next().expect("counted above"));
+        let stream = Stream::from(fds.next().expect("counted above"));
         for (pump, held) in [&mut self.up, &mut self.down].into_iter().zip(arriving.pipes) {
             if let Some(held) = held {
                 let (read, write) = (fds.next().expect("counted"), fds.next().expect("counted"));
@@ -471,23 +462,16 @@ impl Session for RelaySession {
 
 impl RelaySession {
     /// The state of an open relay as bytes ([`STATE_VERSION`] 1), for a hand-off: the
-    /// backend's address (the family byte, 4 or 6, 16 address bytes, IPv4 mapped, and the
-    /// port), the connect time in microseconds, the connects tried, the PROXY header bytes
-    /// not yet counted, the bytes delivered each way, which side sent FIN first (0 none, 1
-    /// the client, 2 the backend), then the up and the down pump ([`Pump::export`]). Integers
-    /// are little-endian. `None` unless open.
+    /// backend's address ([`put_address`]), the connect time in microseconds, the connects
+    /// tried, the PROXY header bytes not yet counted, the bytes delivered each way, which
+    /// side sent FIN first (0 none, 1 the client, 2 the backend), then the up and the down
+    /// pump ([`Pump::export`]). Integers are little-endian. `None` unless open.
     fn state(&self) -> Option<Vec<u8>> {
         let State::Open(link) = &self.state else { return None };
         let mut out = Vec::with_capacity(128);
         out.push(STATE_VERSION);
-        let (family, ip) = match link.address.ip() {
-            IpAddr::V4(v4) => (4, v4.to_ipv6_mapped()),
-            IpAddr::V6(v6) => (6, v6),
-        };
-        out.push(family);
-        out.extend(ip.octets());
-        out.extend(link.address.port().to_le_bytes());
-        let took = self.connected.map_or(0, |(_, took)| u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+        put_address(&mut out, &link.address);
+        let took = self.connected.as_ref().map_or(0, |(_, took)| u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
         out.extend(took.to_le_bytes());
         out.extend(self.tries.to_le_bytes());
         for value in [self.header_left, self.delivered.0, self.delivered.1] {
@@ -507,19 +491,12 @@ impl RelaySession {
     /// the old master of an upgrade), waiting for its descriptors; it counts in `shared`'s
     /// table on the backend of the same address, if this configuration has one. `None` when
     /// the state is of another version or malformed.
-    pub(super) fn import(shared: Arc<Shared>, peer: SocketAddr, state: &[u8]) -> Option<RelaySession> {
+    pub(super) fn import(shared: Arc<Shared>, peer: Peer, state: &[u8]) -> Option<RelaySession> {
         let mut wire = Wire(state);
         if wire.u8()? != STATE_VERSION {
             return None;
         }
-        let family = wire.u8()?;
-        let ip = Ipv6Addr::from(<[u8; 16]>::try_from(wire.take(16)?).ok()?);
-        let ip = match (family, ip.to_ipv4_mapped()) {
-            (4, Some(v4)) => IpAddr::V4(v4),
-            (6, _) => IpAddr::V6(ip),
-            _ => return None,
-        };
-        let address = SocketAddr::new(ip, u16::from_le_bytes(wire.take(2)?.try_into().ok()?));
+        let address = wire.address()?;
         let took = Duration::from_micros(wire.u64()?);
         let tries = u32::from_le_bytes(wire.take(4)?.try_into().ok()?);
         let (header_left, up_bytes, down_bytes) = (wire.u64()?, wire.u64()?, wire.u64()?);
@@ -540,13 +517,17 @@ impl RelaySession {
             .config
             .backends
             .iter()
-            .position(|&backend| backend == address)
+            .position(|backend| *backend == address)
             .map(|index| Lease::new(Arc::clone(&shared.table), index));
         Some(RelaySession {
             shared,
             peer,
             plan: None,
-            state: State::Arriving(Arriving { address, pipes: [up_pipe, down_pipe], lease }),
+            state: State::Arriving(Arriving {
+                address: address.clone(),
+                pipes: [up_pipe, down_pipe],
+                lease,
+            }),
             header: None,
             header_left,
             tries,
@@ -577,6 +558,67 @@ impl<'a> Wire<'a> {
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    /// What [`put_address`] wrote.
+    fn address(&mut self) -> Option<Address> {
+        let address = match self.u8()? {
+            0 => {
+                let ip: [u8; 4] = self.take(4)?.try_into().ok()?;
+                Address::Ip(SocketAddr::new(IpAddr::from(ip), self.u16()?))
+            }
+            1 => {
+                let ip: [u8; 16] = self.take(16)?.try_into().ok()?;
+                Address::Ip(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), self.u16()?))
+            }
+            kind @ (2 | 3) => {
+                let len = usize::from(self.u16()?);
+                let bytes = self.take(len)?;
+                if bytes.is_empty() || bytes.len() > net::MAX_UNIX_PATH || bytes.contains(&0) {
+                    return None;
+                }
+                if kind == 3 {
+                    return Some(Address::Abstract(bytes.to_vec()));
+                }
+                let path = PathBuf::from(OsStr::from_bytes(bytes));
+                if !path.is_absolute() {
+                    return None;
+                }
+                Address::Unix(path)
+            }
+            _ => return None,
+        };
+        Some(address)
+    }
+}
+
+/// Appends `address` to `out`: a kind byte, then for 0 (IPv4) its 4 address bytes and its
+/// port, for 1 (IPv6) its 16 address bytes and its port, for 2 (a Unix socket file) and 3
+/// (an abstract name) the 2-byte length and the bytes of the path or name. Integers are
+/// little-endian.
+fn put_address(out: &mut Vec<u8>, address: &Address) {
+    let unix = |out: &mut Vec<u8>, kind: u8, bytes: &[u8]| {
+        out.push(kind);
+        out.extend(u16::try_from(bytes.len()).unwrap_or(0).to_le_bytes());
+        out.extend(bytes);
+    };
+    match address {
+        Address::Ip(SocketAddr::V4(v4)) => {
+            out.push(0);
+            out.extend(v4.ip().octets());
+            out.extend(v4.port().to_le_bytes());
+        }
+        Address::Ip(SocketAddr::V6(v6)) => {
+            out.push(1);
+            out.extend(v6.ip().octets());
+            out.extend(v6.port().to_le_bytes());
+        }
+        Address::Unix(path) => unix(out, 2, path.as_os_str().as_bytes()),
+        Address::Abstract(name) => unix(out, 3, name),
+    }
 }
 
 #[cfg(test)]
@@ -590,15 +632,16 @@ mod tests {
     /// An open relay to backend `index` of `shared`, in the middle of its life.
     fn open(shared: &Arc<Shared>, index: usize) -> RelaySession {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let address = shared.config.backends[index];
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let stream = Stream::from(stream);
+        let address = shared.config.backends[index].clone();
         let lease = Lease::new(Arc::clone(&shared.table), index);
-        let peer = "127.0.0.2:4000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
         let mut session = RelaySession::new(Arc::clone(shared), peer, None);
         session.up.preload(b"in flight");
         session.header_left = 3;
         session.tries = 2;
-        session.connected = Some((address, Duration::from_millis(1)));
+        session.connected = Some((address.clone(), Duration::from_millis(1)));
         session.delivered = (10, 20);
         session.first_fin = Some(Side::Client);
         session.state = State::Open(Link { stream, address, watched: Interest::READ, _lease: Some(lease) });
@@ -618,9 +661,9 @@ mod tests {
         assert_eq!(sender.export_descriptors().len(), 1, "the backend socket (no pipe)");
         // The new generation has backend 1's address as its only backend.
         let mut config = old.config.clone();
-        config.backends = vec![old.config.backends[1]];
+        config.backends = vec![old.config.backends[1].clone()];
         let new = Arc::new(Shared { config, table: Arc::new(Table::new(1).unwrap()) });
-        let peer = "127.0.0.2:4000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
         let receiver = RelaySession::import(Arc::clone(&new), peer, &state).expect("imported");
         assert!(matches!(receiver.state, State::Arriving(_)), "waits for its descriptors");
         assert_eq!((active(&old, 1), active(&new, 0)), (1, 1), "counted in both while it moves");
@@ -644,11 +687,27 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_of_backend_address_crosses_byte_exact() {
+        for written in ["127.0.0.1:6379", "[::1]:6379", "unix:/run/redis/redis.sock", "unix:@redis"] {
+            let address: Address = written.parse().unwrap();
+            let mut out = Vec::new();
+            put_address(&mut out, &address);
+            let mut wire = Wire(&out);
+            assert_eq!(wire.address(), Some(address), "{written}");
+            assert!(wire.0.is_empty(), "{written}: read whole");
+        }
+        // Not absolute, empty, too long: refused.
+        for bad in [&[2, 3, 0, b'a', b'/', b'b'][..], &[3, 0, 0], &[2, 200, 0], &[9]] {
+            assert_eq!(Wire(bad).address(), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn other_versions_and_malformed_states_are_refused_and_a_connecting_relay_waits() {
         let shared = Arc::new(relay(1, Balance::RoundRobin));
         let sender = open(&shared, 0);
         let state = sender.export().unwrap();
-        let peer = "127.0.0.2:4000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
         let mut other = state.clone();
         other[0] = STATE_VERSION + 1;
         assert!(RelaySession::import(Arc::clone(&shared), peer, &other).is_none());
