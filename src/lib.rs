@@ -22,7 +22,7 @@
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`]
-//! 3. services: [`services`]
+//! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`]
 //! 5. serving: [`listener`], [`worker`]
 //! 6. supervising: [`master`]
@@ -122,6 +122,7 @@ pub mod services;
 pub mod signals;
 pub mod status_json;
 pub mod sys;
+pub mod tls;
 pub mod worker;
 
 #[cfg(test)]

@@ -147,6 +147,10 @@ pub struct ListenerConfig {
     /// an amplifier. `None` (written `"0"`) is unlimited, and always for TCP
     /// ([`keys::MAX_DATAGRAM_RATE_PER_CLIENT`]).
     pub max_datagram_rate_per_client: Option<Rate>,
+    /// TLS termination in front of the service, every file read and checked; `None`: plain
+    /// TCP ([`keys::TLS`] and the `listener.tls.*` keys). A reload reads the files again:
+    /// new connections get the new certificates, open ones keep theirs.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
@@ -321,7 +325,11 @@ impl Config {
 /// services' own included.
 pub fn parse(path: &Path, source: &str, services: &Registry) -> Result<Config, ConfigError> {
     let (file, options, mut raw) = file::read(source);
-    let config = file.and_then(|file| validate::validate(file, options, services, &mut raw));
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    let config = file.and_then(|file| validate::validate(file, options, services, &base, &mut raw));
     match config {
         Some(config) if raw.is_empty() => Ok(config),
         _ => Err(ConfigError::invalid(path, source, raw)),

@@ -46,6 +46,7 @@ use nix::unistd::Pid;
 
 use super::{
     CloseReason, ConnInfo, Context, Interest, Invalid, Options, Progress, Ready, Service, Session,
+    TlsInfo,
 };
 
 /// The name in `service = "..."`.
@@ -204,6 +205,7 @@ impl Exec {
         socket: BorrowedFd<'_>,
         peer: SocketAddr,
         local: SocketAddr,
+        tls: Option<&TlsInfo>,
     ) -> io::Result<(Pid, Option<OwnedFd>)> {
         // The child's stdin and stdout are the socket, blocking as programs expect. The flag
         // belongs to the shared open file description: the worker does no I/O on the socket
@@ -228,6 +230,10 @@ impl Exec {
         ] {
             envp.push(CString::new(format!("{name}={value}"))?);
         }
+        // Over TLS, what the handshake settled, as sslserver and mod_ssl name it.
+        for (name, value) in tls.map(TlsInfo::environment).unwrap_or_default() {
+            envp.push(CString::new(format!("{name}={value}"))?);
+        }
         for (name, value) in &self.env {
             let mut pair = OsString::from(name);
             pair.push("=");
@@ -249,11 +255,15 @@ impl Service for Exec {
         self.max_instances
     }
 
+    fn passes_socket(&self) -> bool {
+        true
+    }
+
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session> {
         let started = Instant::now();
         let spawned = conn
             .local_addr()
-            .and_then(|local| self.spawn(conn.socket, conn.peer, local))
+            .and_then(|local| self.spawn(conn.socket, conn.peer, local, conn.tls))
             .and_then(|(child, stderr)| match crate::sys::pidfd_open(child.as_raw()) {
                 Ok(pidfd) => Ok((child, pidfd, stderr)),
                 Err(error) => {
