@@ -40,6 +40,8 @@ pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 /// collects every problem.
 struct Checker<'a> {
     issues: &'a mut Vec<RawIssue>,
+    /// The file's directory, which relative paths of `[listener.tls]` are resolved against.
+    base: &'a std::path::Path,
     /// The `[[listener]]` being checked: labels `listener.*` keys `listener[N].KEY`.
     listener: Option<usize>,
 }
@@ -224,7 +226,7 @@ pub fn validate(
     base: &std::path::Path,
     issues: &mut Vec<RawIssue>,
 ) -> Option<Config> {
-    let mut check = Checker { issues, listener: None };
+    let mut check = Checker { issues, base, listener: None };
     let daemon_section = file.daemon.unwrap_or_default();
     let log_section = file.log.unwrap_or_default();
 
@@ -365,7 +367,6 @@ pub fn validate(
             table,
             services,
             &network,
-            base,
         ) {
             if listener.address.port() != 0
                 && let Some(first) = addresses.insert((listener.transport, listener.address), index)
@@ -457,10 +458,9 @@ fn validate_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
-    base: &std::path::Path,
 ) -> Option<ListenerConfig> {
     check.listener = Some(index);
-    let listener = read_listener(check, span, section, options_table, services, network, base);
+    let listener = read_listener(check, span, section, options_table, services, network);
     check.listener = None;
     listener
 }
@@ -472,7 +472,6 @@ fn read_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
-    base: &std::path::Path,
 ) -> Option<ListenerConfig> {
     let mut complete = true;
     let mut required =
@@ -667,7 +666,7 @@ fn read_listener(
         }
         (Some(table), _) => {
             let short = Some(short).filter(|d| !d.is_zero());
-            let tls = read_tls(check, table, short, base);
+            let tls = read_tls(check, table, short);
             complete &= tls.is_some();
             tls
         }
@@ -713,9 +712,9 @@ fn read_tls(
     check: &mut Checker<'_>,
     table: &Spanned<TlsSection>,
     short: Option<Duration>,
-    base: &std::path::Path,
 ) -> Option<TlsConfig> {
     let section = table.get_ref();
+    let base = check.base.to_path_buf();
     let resolve =
         |path: std::path::PathBuf| if path.is_relative() { base.join(path) } else { path };
     let required =

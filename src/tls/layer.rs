@@ -600,14 +600,14 @@ fn facts(conn: &ServerConnection, resumed: bool) -> TlsInfo {
             issuer: rfc4514(certificate.issuer()),
             serial: serial_hex(certificate.raw_serial()),
         });
-    let mut info = TlsInfo::default();
-    info.protocol = protocol;
-    info.cipher = cipher;
-    info.server_name = conn.server_name().map(str::to_owned);
-    info.alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    info.resumed = resumed;
-    info.client_certificate = client_certificate;
-    info
+    TlsInfo {
+        protocol,
+        cipher,
+        server_name: conn.server_name().map(str::to_owned),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        resumed,
+        client_certificate,
+    }
 }
 
 /// A cipher suite's IANA name (rustls names the TLS 1.3 ones `TLS13_...`).

@@ -99,7 +99,8 @@ fn shipped_paragraph(shipped: &str, key: &Key) -> Option<String> {
             .iter()
             .position(|l| {
                 let l = uncommented(l);
-                l.starts_with('[') && (key.section() != "listener" || l.starts_with("[["))
+                l.starts_with('[')
+                    && (key.section() != "listener" || l.starts_with("[["))
                     && (nested || !l.starts_with("[listener."))
             })
             .map_or(lines.len(), |n| from + 1 + n);

@@ -24,5 +24,6 @@ mod supervision;
 mod syslog;
 mod systemd;
 mod tftp;
+mod tls;
 mod udp;
 mod upgrade;
