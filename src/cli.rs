@@ -42,7 +42,7 @@ pub struct Cli {
 }
 
 /// The verbs of `preforkd`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (the default).
     Run,
@@ -66,6 +66,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a preforkd configuration equivalent to another server's on stdout; what has
+    /// no equivalent goes to stderr, each with its file and line.
+    #[command(subcommand)]
+    Import(ImportFrom),
+}
+
+/// The servers `preforkd import` reads the configuration of.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum ImportFrom {
+    /// xinetd.conf(5) files, with what they include (`includedir`, `includefile`).
+    Xinetd {
+        /// Print only the `[[listener]]` blocks, for a file of /etc/preforkd/conf.d.
+        #[arg(long)]
+        listeners_only: bool,
+        /// services(5), where ports are found by service name.
+        #[arg(long, value_name = "FILE", default_value = "/etc/services")]
+        services: PathBuf,
+        /// The configuration files, such as /etc/xinetd.conf.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
 }
 
 impl Cli {
@@ -85,9 +106,9 @@ impl Cli {
 
     /// The command to carry out: `-t` means `check`; no command means `run`.
     pub fn effective_command(&self) -> Command {
-        match (self.test, self.command) {
+        match (self.test, &self.command) {
             (true, _) => Command::Check,
-            (false, Some(command)) => command,
+            (false, Some(command)) => command.clone(),
             (false, None) => Command::Run,
         }
     }

@@ -35,7 +35,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// `pid_file` when given (`--pid-file`); `services` are the `service` names the
 /// configuration may use.
 pub fn run(
-    command: Command,
+    command: &Command,
     config_path: &Path,
     pid_file: Option<&Path>,
     services: &Registry,
@@ -52,7 +52,7 @@ pub fn run(
     }
 }
 
-fn name(command: Command) -> &'static str {
+fn name(command: &Command) -> &'static str {
     match command {
         Command::Run => "run",
         Command::Check => "check",
@@ -62,6 +62,7 @@ fn name(command: Command) -> &'static str {
         Command::Reopen => "reopen",
         Command::Upgrade => "upgrade",
         Command::Status { .. } => "status",
+        Command::Import(_) => "import",
     }
 }
 
@@ -78,7 +79,7 @@ struct Located {
 /// work while the file is invalid (an operator is editing it): they read `daemon.pid_file`
 /// leniently and say so on stderr. The others need a valid file.
 fn locate(
-    command: Command,
+    command: &Command,
     config_path: &Path,
     pid_file: Option<&Path>,
     services: &Registry,
@@ -110,10 +111,10 @@ fn locate(
     };
     let _ = writeln!(
         std::io::stderr(),
-        "preforkd {}: {} is not valid now (`preforkd check -c {0}` lists why); the master is looked up through {}",
-        name(command),
-        config_path.display(),
-        pid_path.display()
+        "preforkd {command}: {config} is not valid now (`preforkd check -c {config}` lists why); the master is looked up through {pid}",
+        command = name(command),
+        config = config_path.display(),
+        pid = pid_path.display()
     );
     let graceful_timeout = keys
         .graceful_timeout
@@ -123,7 +124,7 @@ fn locate(
 }
 
 fn execute(
-    command: Command,
+    command: &Command,
     config_path: &Path,
     pid_file: Option<&Path>,
     services: &Registry,
@@ -134,7 +135,7 @@ fn execute(
     let board_path = scoreboard::path_for(&pid_path);
     let board =
         Scoreboard::open(&board_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
-    if let Command::Status { json } = command {
+    if let &Command::Status { json } = command {
         // Reading the scoreboard signals nothing: no master to verify.
         return Ok(if json { status_json::render(&board) } else { status(&board) });
     }
@@ -181,7 +182,9 @@ fn execute(
             })
         }
         Command::Upgrade => upgrade(&master, &board, &pid_path),
-        Command::Run | Command::Check | Command::Status { .. } => unreachable!("handled above"),
+        Command::Run | Command::Check | Command::Status { .. } | Command::Import(_) => {
+            unreachable!("handled above, or not a control command")
+        }
     }
 }
 

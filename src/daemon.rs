@@ -9,10 +9,11 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ImportFrom};
 use crate::config;
 use crate::daemonize::{self, Side};
 use crate::exit::ExitStatus;
+use crate::import::{self, Output};
 use crate::logging::LogTarget;
 use crate::master::{self, Invocation};
 use crate::services::{Invalid, Options, Registry, Service};
@@ -77,8 +78,11 @@ impl Daemon {
     fn run(self, cli: Cli) -> ExitStatus {
         logging::init();
         let command = cli.effective_command();
+        if let Command::Import(from) = &command {
+            return import(from);
+        }
         if command != Command::Run && command != Command::Check {
-            return control::run(command, &cli.config, cli.pid_file.as_deref(), &self.services);
+            return control::run(&command, &cli.config, cli.pid_file.as_deref(), &self.services);
         }
         // `check` also looks at this machine (users, directories, addresses, syslog), so that
         // it finds everything startup would refuse; startup meets those itself, with their
@@ -93,6 +97,16 @@ impl Daemon {
             }
         };
         if command == Command::Check {
+            let exec = crate::spawner::findings(&config, nix::unistd::geteuid());
+            for warning in &exec.warnings {
+                print_stderr(&format!("{}: warning: {warning}", cli.config.display()));
+            }
+            if !exec.errors.is_empty() {
+                for error in &exec.errors {
+                    print_stderr(&format!("{}: {error}", cli.config.display()));
+                }
+                return ExitStatus::Config;
+            }
             println!("{}: configuration OK", cli.config.display());
             return ExitStatus::Ok;
         }
@@ -134,6 +148,33 @@ impl Daemon {
             }
         }
         master::run(config, invocation, ready_pipe)
+    }
+}
+
+/// `preforkd import`: the configuration on stdout, every note on stderr as
+/// `file:line: attribute: why`; 0 once a configuration is printed, 66 when a file named
+/// cannot be read.
+fn import(from: &ImportFrom) -> ExitStatus {
+    let ImportFrom::Xinetd { listeners_only, services, paths } = from;
+    let output = if *listeners_only { Output::ListenersOnly } else { Output::File };
+    match import::xinetd(paths, services, output) {
+        Ok(conversion) => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(conversion.toml.as_bytes());
+            for note in &conversion.notes {
+                print_stderr(&note.to_string());
+            }
+            if conversion.active == 0 {
+                print_stderr(
+                    "preforkd import: no service is served: each was disabled in xinetd or has no equivalent",
+                );
+            }
+            ExitStatus::Ok
+        }
+        Err(error) => {
+            print_stderr(&format!("preforkd import: {error}"));
+            ExitStatus::NoInput
+        }
     }
 }
 

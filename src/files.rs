@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -236,12 +236,67 @@ pub fn check_log_path(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The directory that holds `path` (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Creates the directory that will hold `path` when it is missing but its own parent is a
+/// directory, as systemd's `RuntimeDirectory=` does for the packaged unit (mode 0755, less
+/// the umask); only that last component is ever created. Returns whether it created it.
+///
+/// # Errors
+/// mkdir(2) failed (a symlink or anything else already at that name is never followed).
+pub fn create_parent_dir(path: &Path) -> io::Result<bool> {
+    let dir = parent_of(path);
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Ok(false);
+    }
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What startup's [`create_parent_dir`] and the file's creation would meet, for `preforkd
+/// check`: the directory that will hold `path` exists, or it is missing and its parent is a
+/// directory this user may write, so startup creates it.
+///
+/// # Errors
+/// A message naming the directory and what is wrong with it.
+pub fn check_creatable_parent_dir(path: &Path) -> Result<(), String> {
+    let dir = parent_of(path);
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let above = parent_of(dir);
+            match std::fs::metadata(above) {
+                Ok(meta) if meta.is_dir() => {
+                    nix::unistd::access(above, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+                        format!(
+                            "directory {} is missing and cannot be created in {}: {e}",
+                            dir.display(),
+                            above.display()
+                        )
+                    })
+                }
+                _ => Err(format!(
+                    "directory {}: {e}, nor does {} exist to create it in",
+                    dir.display(),
+                    above.display()
+                )),
+            }
+        }
+        _ => check_parent_dir(path),
+    }
+}
+
 /// Whether the directory that will hold `path` exists and is a directory.
 ///
 /// # Errors
 /// A message naming the directory and what is wrong with it.
 pub fn check_parent_dir(path: &Path) -> Result<(), String> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = parent_of(path);
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(meta) => Err(format!("{} is {}, not a directory", dir.display(), kind_of(&meta))),
@@ -254,6 +309,23 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    #[test]
+    fn a_missing_last_directory_is_created_and_a_deeper_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("run/preforkd.pid");
+        assert_eq!(check_creatable_parent_dir(&pid), Ok(()));
+        assert!(create_parent_dir(&pid).unwrap());
+        assert!(dir.path().join("run").is_dir());
+        assert!(!create_parent_dir(&pid).unwrap(), "there already");
+        let deeper = dir.path().join("a/b/preforkd.pid");
+        let error = check_creatable_parent_dir(&deeper).unwrap_err();
+        assert!(error.contains("nor does"), "{error}");
+        assert!(create_parent_dir(&deeper).is_err(), "only the last component");
+        symlink(dir.path().join("elsewhere"), dir.path().join("link")).unwrap();
+        assert!(!create_parent_dir(&dir.path().join("link/p.pid")).unwrap(), "not followed");
+        assert!(!dir.path().join("elsewhere").exists());
+    }
 
     #[test]
     fn a_fifo_is_refused_without_blocking() {

@@ -34,8 +34,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("services", &["services", "tls"]),
-    ("configuration", &["config"]),
-    ("serving", &["listener", "worker"]),
+    ("configuration", &["config", "import"]),
+    ("serving", &["listener", "spawner", "worker"]),
     ("supervising", &["master"]),
     ("entry points", &["cli", "control", "daemon"]),
 ];

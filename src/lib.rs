@@ -23,8 +23,8 @@
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`]
 //! 3. services: [`services`], [`tls`]
-//! 4. configuration: [`config`]
-//! 5. serving: [`listener`], [`worker`]
+//! 4. configuration: [`config`], [`import`]
+//! 5. serving: [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
 //! 7. entry points: [`cli`], [`control`], [`daemon`]
 //!
@@ -106,6 +106,7 @@ pub mod duration;
 pub mod exit;
 pub mod files;
 pub mod handoff;
+pub mod import;
 pub mod limits;
 pub mod listener;
 pub mod logging;
@@ -120,6 +121,7 @@ pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
 pub mod signals;
+pub mod spawner;
 pub mod status_json;
 pub mod sys;
 pub mod tls;

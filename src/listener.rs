@@ -299,6 +299,7 @@ mod tests {
             transport: ListenerTransport::Tcp,
             max_datagram_rate_per_client: None,
             tls: None,
+            banners: Default::default(),
         }
     }
 

@@ -15,7 +15,13 @@
 //! A line that cannot be written (full disk, full pipe, syslog gone) is counted
 //! (`dropped_lines`); the master reports the count.
 //! Access lines use the `access` target (see [`ACCESS_TARGET`]).
+//!
+//! With `log.format = "json"` ([`LogFormat::Json`]) every line, access lines included, is
+//! one JSON object instead (`json.rs` names the members): on stderr and in the file one
+//! object per line; to syslog the object is the message, after the RFC 3164 header (with
+//! rsyslog, `mmjsonparse` with `cookie=""` reads it).
 
+mod json;
 mod relay;
 
 use std::fmt::Write as _;
@@ -44,6 +50,31 @@ pub struct LogConfig {
     pub level: log::LevelFilter,
     /// Write one access line per closed connection, at `info` (`log.access_log`).
     pub access_log: bool,
+    /// How each line is written (`log.format`).
+    pub format: LogFormat,
+}
+
+/// How each log line is written (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `TIME LEVEL ROLE pid=PID: MESSAGE`, access lines as `key=value` pairs.
+    #[default]
+    Text,
+    /// One JSON object per line, with stable member names (see preforkd.toml(5)).
+    Json,
+}
+
+impl LogFormat {
+    /// Both formats, as the configuration writes them.
+    pub const ALL: [LogFormat; 2] = [LogFormat::Text, LogFormat::Json];
+
+    /// The configuration spelling: `"text"` or `"json"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Where log lines go.
@@ -91,6 +122,11 @@ pub enum Role {
         /// Configuration generation, from 1.
         generation: u64,
     },
+    /// The exec spawner of a generation.
+    Spawner {
+        /// Configuration generation, from 1.
+        generation: u64,
+    },
 }
 
 enum Sink {
@@ -109,6 +145,7 @@ struct State {
     role: Role,
     pid: u32,
     sink: Sink,
+    format: LogFormat,
     /// The master's relay pipe, created with the first file target and kept for the life
     /// of the master (workers of every generation write to it).
     relay: Option<relay::Relay>,
@@ -159,6 +196,7 @@ pub fn init() {
         role: Role::Master,
         pid: std::process::id(),
         sink: Sink::Stderr,
+        format: LogFormat::Text,
         relay: None,
     });
     // Only fails if a logger is already installed, which leaves that one in place.
@@ -197,6 +235,7 @@ pub fn apply(config: &LogConfig) -> Result<(), LogError> {
             })?);
         }
         state.sink = sink;
+        state.format = config.format;
     }
     log::set_max_level(config.level);
     Ok(())
@@ -238,8 +277,17 @@ pub fn refresh_pid() {
 /// Marks this process as a worker (call right after `fork(2)`, in the child). With a file
 /// target, the worker closes its copy of the file and keeps only the relay pipe's write end.
 pub fn set_worker(slot: usize, generation: u64) {
+    set_role(Role::Worker { slot, generation });
+}
+
+/// Marks this process as the exec spawner of `generation`, as [`set_worker`] does a worker.
+pub fn set_spawner(generation: u64) {
+    set_role(Role::Spawner { generation });
+}
+
+fn set_role(role: Role) {
     if let Some(state) = lock().as_mut() {
-        state.role = Role::Worker { slot, generation };
+        state.role = role;
         state.pid = std::process::id();
         let relay = state.relay.take();
         if let (Sink::File { .. }, Some(relay)) = (&state.sink, relay) {
@@ -269,35 +317,9 @@ impl Log for Logger {
         }
         let mut guard = lock();
         let Some(state) = guard.as_mut() else { return };
-        let mut line = String::with_capacity(160);
-        match state.role {
-            Role::Master => line.push_str("master"),
-            Role::Worker { slot, generation } => {
-                let _ = write!(line, "worker={slot} gen={generation}");
-            }
-        }
-        let _ = write!(line, " pid={}: {}", state.pid, record.args());
-        let stamped = || {
-            let time = humantime::format_rfc3339_millis(SystemTime::now());
-            format!("{time} {} {line}\n", record.level())
-        };
-        // A failed write is counted, never reported here (that would fail too) nor a panic.
-        let written = match &mut state.sink {
-            Sink::Stderr => io::stderr().lock().write_all(stamped().as_bytes()).is_ok(),
-            // O_APPEND: each line lands whole at the end.
-            Sink::File { file, .. } => file.write_all(stamped().as_bytes()).is_ok(),
-            Sink::Relay(pipe) => {
-                // `send` counts a line the pipe cannot take.
-                relay::send(pipe, stamped().as_bytes());
-                true
-            }
-            Sink::Syslog(logger) => match record.level() {
-                Level::Error => logger.err(line),
-                Level::Warn => logger.warning(line),
-                Level::Info => logger.info(line),
-                Level::Debug | Level::Trace => logger.debug(line),
-            }
-            .is_ok(),
+        let written = match state.format {
+            LogFormat::Text => write_text(state, record),
+            LogFormat::Json => write_json(state, record),
         };
         if !written {
             relay::count_dropped(1);
@@ -305,6 +327,69 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// Writes `record` in the text format; whether it was written (a failure is counted, never
+/// reported here, where it would fail too, nor a panic).
+fn write_text(state: &mut State, record: &Record<'_>) -> bool {
+    let mut line = String::with_capacity(160);
+    match state.role {
+        Role::Master => line.push_str("master"),
+        Role::Worker { slot, generation } => {
+            let _ = write!(line, "worker={slot} gen={generation}");
+        }
+        Role::Spawner { generation } => {
+            let _ = write!(line, "spawner gen={generation}");
+        }
+    }
+    let _ = write!(line, " pid={}: {}", state.pid, record.args());
+    let stamped = |line: &str| {
+        let time = humantime::format_rfc3339_millis(SystemTime::now());
+        format!("{time} {} {line}\n", record.level())
+    };
+    emit(&mut state.sink, record.level(), line, stamped)
+}
+
+/// Writes `record` as one JSON object; as [`write_text`].
+fn write_json(state: &mut State, record: &Record<'_>) -> bool {
+    let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let message = record.args().to_string();
+    let fields = json::Record {
+        time: &time,
+        level: record.level(),
+        pid: state.pid,
+        role: state.role,
+        target: record.target(),
+        message: &message,
+    };
+    // The relay pipe takes a line whole only up to PIPE_BUF: the object is cut to fit, so
+    // that it stays one valid object.
+    let max = matches!(state.sink, Sink::Relay(_)).then_some(nix::libc::PIPE_BUF - 1);
+    let object = json::render(&fields, max);
+    emit(&mut state.sink, record.level(), object, |object| format!("{object}\n"))
+}
+
+/// Writes one line to `sink`: `line` as syslog's message (which has a header of its own), or
+/// `stream(line)`, the whole line with its newline, to stderr, the file or the relay pipe.
+/// Whether it was written.
+fn emit(sink: &mut Sink, level: Level, line: String, stream: impl Fn(&str) -> String) -> bool {
+    match sink {
+        Sink::Stderr => io::stderr().lock().write_all(stream(&line).as_bytes()).is_ok(),
+        // O_APPEND: each line lands whole at the end.
+        Sink::File { file, .. } => file.write_all(stream(&line).as_bytes()).is_ok(),
+        Sink::Relay(pipe) => {
+            // `send` counts a line the pipe cannot take.
+            relay::send(pipe, stream(&line).as_bytes());
+            true
+        }
+        Sink::Syslog(logger) => match level {
+            Level::Error => logger.err(line),
+            Level::Warn => logger.warning(line),
+            Level::Info => logger.info(line),
+            Level::Debug | Level::Trace => logger.debug(line),
+        }
+        .is_ok(),
+    }
 }
 
 /// Decides when the master reports dropped log lines: at most once per interval, and only

@@ -54,7 +54,8 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    /// Writes `pid` to `path` atomically and locks it.
+    /// Writes `pid` to `path` atomically and locks it; creates its directory first when
+    /// only that last component is missing ([`files::create_parent_dir`]).
     ///
     /// # Errors
     /// [`PidFileError::Running`] when a live master holds `path`, [`PidFileError::Io`] when the
@@ -69,6 +70,10 @@ impl PidFile {
                 return Err(PidFileError::Running { path: path.to_owned(), pid });
             }
             log::warn!("replacing stale pid file {}", path.display());
+        }
+        // Outside systemd nothing made /run/preforkd (its RuntimeDirectory=) yet.
+        if files::create_parent_dir(path).map_err(io_error)? {
+            log::info!("created the pid file's directory for {}", path.display());
         }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let mut temp = tempfile::Builder::new()

@@ -42,6 +42,27 @@ pub enum PrivilegeError {
     Limit(String),
 }
 
+impl PrivilegeError {
+    /// The configuration key this error is about when it concerns the workers' credentials
+    /// (`daemon.user` or `daemon.group`), and what to say about it: for an unknown name, that
+    /// the workers cannot switch to it and how such a user is created. `preforkd check` and
+    /// startup both print it, so the hint is the same whichever meets the problem first.
+    pub fn for_workers(&self) -> (&'static str, String) {
+        match self {
+            PrivilegeError::Unknown { kind: "group", .. } => {
+                ("daemon.group", format!("{self}: workers cannot switch to it"))
+            }
+            PrivilegeError::Unknown { .. } => (
+                "daemon.user",
+                format!(
+                    "{self}: workers cannot switch to it (create it, e.g. with systemd-sysusers or useradd --system)"
+                ),
+            ),
+            _ => ("daemon.user", self.to_string()),
+        }
+    }
+}
+
 fn system(step: impl Into<String>) -> impl FnOnce(nix::Error) -> PrivilegeError {
     let step = step.into();
     move |e| PrivilegeError::System { step, source: e.into() }

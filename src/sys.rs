@@ -173,13 +173,72 @@ pub fn allocate(file: BorrowedFd<'_>, length: u64) -> io::Result<Allocation> {
 /// What [`spawn`] sets up in the child besides the program and its arguments.
 #[derive(Debug)]
 pub struct SpawnSetup<'a> {
-    /// Becomes descriptors 0 and 1.
+    /// Becomes descriptors 0 and 1 (made blocking: its file status flags are shared with
+    /// every other descriptor of the same open file, so the caller's copy blocks too).
     pub stdio: BorrowedFd<'a>,
     /// Becomes descriptor 2; `None`: `/dev/null`.
     pub stderr: Option<BorrowedFd<'a>>,
-    /// The working directory.
+    /// The working directory, entered after the switch of credentials (so it is checked
+    /// as the program's user).
     pub directory: &'a std::ffi::CStr,
+    /// Resource limits, nice value, umask and credentials of the child.
+    pub process: &'a ProcessSettings,
 }
+
+/// Why [`spawn`] failed: the step (`None`: execve(2) itself) and its error.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{error}", step.map(|s| format!("{s}: ")).unwrap_or_default())]
+pub struct SpawnError {
+    /// The step before execve that failed: `setuid`, `chdir` ...; `None` for execve.
+    pub step: Option<&'static str>,
+    /// Its error (its errno in `raw_os_error`).
+    pub error: io::Error,
+}
+
+/// Process settings [`spawn`] applies in the child before execve(2), in this order:
+/// resource limits and the nice value (while the parent's privileges may still raise
+/// them), the umask, then supplementary groups, group and user (setgroups(2), setgid(2),
+/// setuid(2)). Switching from root to another user clears every capability (capabilities(7)),
+/// so a program that is not set-user-ID runs with none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessSettings {
+    /// `(resource, limit)`: setrlimit(2) with the soft and the hard limit both at `limit`
+    /// (`RLIM_INFINITY` for none), as `RLIMIT_AS`, `RLIMIT_NOFILE` ...
+    pub rlimits: Vec<(nix::libc::c_int, u64)>,
+    /// setpriority(2) of the process: -20 (most favoured) to 19; `None` keeps the parent's.
+    pub nice: Option<i32>,
+    /// umask(2); `None` keeps the parent's.
+    pub umask: Option<u32>,
+    /// The credentials; `None` keeps the parent's (a parent that is not root cannot
+    /// switch).
+    pub ids: Option<Ids>,
+}
+
+/// A user id, group id and supplementary groups for [`ProcessSettings::ids`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ids {
+    /// setuid(2).
+    pub uid: nix::libc::uid_t,
+    /// setgid(2).
+    pub gid: nix::libc::gid_t,
+    /// setgroups(2): every supplementary group (empty: none).
+    pub groups: Vec<nix::libc::gid_t>,
+}
+
+/// The step of [`spawn`]'s child that failed, for the error message.
+const SPAWN_STEPS: [&str; 11] = [
+    "execve",
+    "setpgid",
+    "fcntl",
+    "dup2",
+    "close_range",
+    "setrlimit",
+    "setpriority",
+    "setgroups",
+    "setgid",
+    "setuid",
+    "chdir",
+];
 
 /// Spawns `program` with `argv` and exactly the environment `envp` the way posix_spawn(3)
 /// does in glibc, by clone(2) with `CLONE_VM | CLONE_VFORK` (nothing of the parent is
@@ -208,14 +267,15 @@ pub struct SpawnSetup<'a> {
 ///
 /// # Errors
 /// `ENOENT`, `EACCES`, `ENOEXEC` ... from execve(2) or an earlier step in the child (the
-/// child reports it through memory it shares with the parent, as glibc does), or
-/// `EAGAIN`/`ENOMEM` from clone(2).
+/// child reports it through memory it shares with the parent, as glibc does; the message
+/// names the step, e.g. `setuid: Operation not permitted`), or `EAGAIN`/`ENOMEM` from
+/// clone(2).
 pub fn spawn(
     program: &std::ffi::CStr,
     argv: &[std::ffi::CString],
     envp: &[std::ffi::CString],
     setup: &SpawnSetup<'_>,
-) -> io::Result<nix::unistd::Pid> {
+) -> Result<nix::unistd::Pid, SpawnError> {
     use nix::libc;
     /// The child's stack: execve's needs are small; glibc gives its spawn child 32 KiB plus
     /// the size of argv.
@@ -226,9 +286,17 @@ pub fn spawn(
     envp_p.push(std::ptr::null());
     let stderr = match setup.stderr {
         Some(stderr) => stderr.as_raw_fd(),
-        None => dev_null()?.as_raw_fd(),
+        None => dev_null()
+            .map_err(|error| SpawnError { step: Some("open /dev/null"), error })?
+            .as_raw_fd(),
     };
     let reset = non_default_signals();
+    let process = setup.process;
+    let (ids, uid, gid, groups): (bool, libc::uid_t, libc::gid_t, &[libc::gid_t]) =
+        match &process.ids {
+            Some(ids) => (true, ids.uid, ids.gid, &ids.groups),
+            None => (false, 0, 0, &[]),
+        };
     let mut child = SpawnChild {
         program: program.as_ptr(),
         argv: argv_p.as_ptr(),
@@ -239,7 +307,19 @@ pub fn spawn(
         reset: reset.as_ptr(),
         reset_len: reset.len(),
         max_fd: open_max(),
+        rlimits: process.rlimits.as_ptr(),
+        rlimits_len: process.rlimits.len(),
+        nice: process.nice.unwrap_or(0),
+        set_nice: process.nice.is_some(),
+        umask: process.umask.unwrap_or(0),
+        set_umask: process.umask.is_some(),
+        ids,
+        uid,
+        gid,
+        groups: groups.as_ptr(),
+        groups_len: groups.len(),
         error: 0,
+        step: 0,
     };
     /// The stack's unit: 16 bytes, aligned as the x86-64 and AArch64 ABIs want a stack.
     #[repr(C, align(16))]
@@ -248,16 +328,21 @@ pub fn spawn(
     // SAFETY: the stack grows down from the end of a live, 16-byte aligned buffer of STACK
     // bytes; the child only runs `spawn_child` on it, and CLONE_VFORK suspends this thread
     // until the child has called execve (which replaces its memory) or _exit, so `stack`,
-    // `child` and every pointer in it outlive the child's use of them. All signals are
-    // blocked across the clone so that no handler of this process runs on the child's stack
-    // (the child sets every handled signal to its default before it clears its mask), and
-    // restored after.
+    // `child` and every pointer in it outlive the child's use of them. When this process
+    // has signal handlers, all signals are blocked across the clone so that no handler runs
+    // on the child's stack (the child sets every handled signal to its default before it
+    // clears its mask), and restored after.
     let pid = unsafe {
         let top = stack.as_mut_ptr().add(STACK / 16).cast::<libc::c_void>();
+        // Without a handler in this process (the exec spawner resets them all), no handler
+        // can run on the child's stack: two system calls saved.
+        let handlers = has_handlers();
         let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigfillset(all.as_mut_ptr());
         let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        if handlers {
+            libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        }
         let pid = libc::clone(
             spawn_child,
             top,
@@ -265,9 +350,11 @@ pub fn spawn(
             (&raw mut child).cast(),
         );
         let clone_error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        if handlers {
+            libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        }
         if pid < 0 {
-            return Err(clone_error);
+            return Err(SpawnError { step: Some("clone"), error: clone_error });
         }
         pid
     };
@@ -275,11 +362,17 @@ pub fn spawn(
     let pid = nix::unistd::Pid::from_raw(pid);
     // SAFETY: the child's stores are visible: it ran in this address space and ended its use
     // of it (execve or _exit) before clone returned; `child` is still alive here.
-    let error = unsafe { std::ptr::read_volatile(&raw const child.error) };
+    let (error, step) = unsafe {
+        (
+            std::ptr::read_volatile(&raw const child.error),
+            std::ptr::read_volatile(&raw const child.step),
+        )
+    };
     if error != 0 {
         // It exited with 127 after the failure: reap it so no zombie is left.
         let _ = nix::sys::wait::waitpid(pid, None);
-        return Err(io::Error::from_raw_os_error(error));
+        let step = SPAWN_STEPS.get(step).copied().filter(|&s| s != "execve");
+        return Err(SpawnError { step, error: io::Error::from_raw_os_error(error) });
     }
     Ok(pid)
 }
@@ -298,8 +391,23 @@ struct SpawnChild {
     reset_len: usize,
     /// The descriptor limit, for closing one by one without close_range(2).
     max_fd: nix::libc::c_int,
+    /// [`ProcessSettings::rlimits`].
+    rlimits: *const (nix::libc::c_int, u64),
+    rlimits_len: usize,
+    nice: nix::libc::c_int,
+    set_nice: bool,
+    umask: u32,
+    set_umask: bool,
+    /// Whether to switch to `uid`, `gid` and `groups`.
+    ids: bool,
+    uid: nix::libc::uid_t,
+    gid: nix::libc::gid_t,
+    groups: *const nix::libc::gid_t,
+    groups_len: usize,
     /// errno of the step that failed, 0 if execve succeeded.
     error: nix::libc::c_int,
+    /// Which step failed: an index into [`SPAWN_STEPS`].
+    step: usize,
 }
 
 /// The child of [`spawn`], on its own stack in the parent's memory: only async-signal-safe
@@ -311,30 +419,61 @@ extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
     // every pointer in it is valid for the same time. The calls are plain system calls.
     unsafe {
         let child = &mut *arg.cast::<SpawnChild>();
-        let fail = |child: &mut SpawnChild| -> ! {
+        let fail = |child: &mut SpawnChild, step: usize| -> ! {
             std::ptr::write_volatile(&raw mut child.error, *libc::__errno_location());
+            std::ptr::write_volatile(&raw mut child.step, step);
             libc::_exit(127)
         };
-        // Its own process group first, so that signals to the worker's group stop reaching it.
+        // Its own process group first, so that signals to the parent's group stop reaching it.
         if libc::setpgid(0, 0) < 0 {
-            fail(child);
+            fail(child, 1);
+        }
+        // Programs expect blocking standard input and output.
+        if libc::fcntl(child.stdio, libc::F_SETFL, 0) < 0 {
+            fail(child, 2);
         }
         // A source among 0-2 would be overwritten before it is copied: move it above 2
         // first (the copy is not close-on-exec; close_range below closes it).
         let above = |fd: RawFd| if fd < 3 { libc::fcntl(fd, libc::F_DUPFD, 3) } else { fd };
         let stdio = above(child.stdio);
-        if stdio < 0 {
-            fail(child);
-        }
         let stderr = above(child.stderr);
-        if stderr < 0
-            || libc::dup2(stdio, 0) < 0
-            || libc::dup2(stdio, 1) < 0
-            || libc::dup2(stderr, 2) < 0
-            || close_from_3(child.max_fd) < 0
-            || libc::chdir(child.directory) < 0
-        {
-            fail(child);
+        if stdio < 0 || stderr < 0 {
+            fail(child, 2);
+        }
+        if libc::dup2(stdio, 0) < 0 || libc::dup2(stdio, 1) < 0 || libc::dup2(stderr, 2) < 0 {
+            fail(child, 3);
+        }
+        if close_from_3(child.max_fd) < 0 {
+            fail(child, 4);
+        }
+        for i in 0..child.rlimits_len {
+            let (resource, value) = *child.rlimits.add(i);
+            let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
+            if libc::setrlimit(resource as _, &limit) < 0 {
+                fail(child, 5);
+            }
+        }
+        if child.set_nice && libc::setpriority(libc::PRIO_PROCESS, 0, child.nice) < 0 {
+            fail(child, 6);
+        }
+        if child.set_umask {
+            libc::umask(child.umask as libc::mode_t);
+        }
+        if child.ids {
+            // The raw system calls: glibc's wrappers of setgroups, setgid and setuid signal
+            // every thread of the process, which a CLONE_VM child must not do.
+            if libc::syscall(libc::SYS_setgroups, child.groups_len, child.groups) < 0 {
+                fail(child, 7);
+            }
+            if libc::syscall(libc::SYS_setgid, child.gid) < 0 {
+                fail(child, 8);
+            }
+            if libc::syscall(libc::SYS_setuid, child.uid) < 0 {
+                fail(child, 9);
+            }
+        }
+        if libc::chdir(child.directory) < 0 {
+            fail(child, 10);
         }
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = libc::SIG_DFL;
@@ -345,7 +484,7 @@ extern "C" fn spawn_child(arg: *mut nix::libc::c_void) -> nix::libc::c_int {
         libc::sigemptyset(none.as_mut_ptr());
         libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
         libc::execve(child.program, child.argv, child.envp);
-        fail(child)
+        fail(child, 0)
     }
 }
 
@@ -400,6 +539,79 @@ fn non_default_signals() -> &'static [nix::libc::c_int] {
     })
 }
 
+/// Capabilities by number (capabilities(7), `<linux/capability.h>`).
+pub mod capability {
+    /// Signal any process (`CAP_KILL`).
+    pub const KILL: u32 = 5;
+    /// Set any group id and supplementary groups (`CAP_SETGID`).
+    pub const SETGID: u32 = 6;
+    /// Set any user id (`CAP_SETUID`).
+    pub const SETUID: u32 = 7;
+    /// Lower the nice value below 0 (`CAP_SYS_NICE`).
+    pub const SYS_NICE: u32 = 23;
+    /// Raise a hard resource limit (`CAP_SYS_RESOURCE`).
+    pub const SYS_RESOURCE: u32 = 24;
+}
+
+/// Keeps only the capabilities `keep` (see [`capability`]) in this process's effective and
+/// permitted sets, empties its inheritable and ambient sets (capset(2), prctl(2)
+/// `PR_CAP_AMBIENT_CLEAR_ALL`). What is dropped cannot come back, short of executing a
+/// set-user-ID or file-capability program. The bounding set is left alone, so that such
+/// programs behave in the children as they do elsewhere on the system.
+///
+/// # Errors
+/// capset(2) failed (`EPERM`: asked to keep one this process does not have).
+pub fn keep_only_capabilities(keep: &[u32]) -> io::Result<()> {
+    use nix::libc;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut data = [Data::default(); 2];
+    for &cap in keep {
+        let word = &mut data[(cap / 32) as usize];
+        word.effective |= 1 << (cap % 32);
+        word.permitted |= 1 << (cap % 32);
+    }
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    // SAFETY: capset reads a header and two data words of the layout above; both live for
+    // the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a prctl with integer arguments only. EINVAL before Linux 4.3 (no ambient set,
+    // so nothing to clear).
+    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    Ok(())
+}
+
+/// Whether any signal has a handler in this process (not `SIG_DFL` nor `SIG_IGN`), read
+/// once per process, as [`non_default_signals`].
+fn has_handlers() -> bool {
+    use nix::libc;
+    static HANDLERS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HANDLERS.get_or_init(|| {
+        non_default_signals().iter().any(|&signal| {
+            let mut action = std::mem::MaybeUninit::<libc::sigaction>::uninit();
+            // SAFETY: a query only (no new action); `action` is written on success.
+            let rc = unsafe { libc::sigaction(signal, std::ptr::null(), action.as_mut_ptr()) };
+            // SAFETY: initialised by the successful call above.
+            rc != 0 || unsafe { action.assume_init() }.sa_sigaction != libc::SIG_IGN
+        })
+    })
+}
+
 /// /dev/null, opened once per process for writing (close-on-exec): the stderr of programs
 /// whose output is discarded.
 ///
@@ -448,12 +660,21 @@ mod tests {
     #[test]
     fn spawn_sets_up_the_child_and_reports_exec_errors_without_leaving_a_child() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let setup = SpawnSetup { stdio: theirs.as_fd(), stderr: None, directory: c"/tmp" };
+        let setup = SpawnSetup {
+            stdio: theirs.as_fd(),
+            stderr: None,
+            directory: c"/tmp",
+            process: &ProcessSettings::default(),
+        };
         let error = spawn(c"/nonexistent/program", &[c("x")], &[], &setup).unwrap_err();
-        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT));
+        assert_eq!((error.step, error.error.raw_os_error()), (None, Some(nix::libc::ENOENT)));
         let nowhere = SpawnSetup { directory: c"/nonexistent", ..setup };
         let error = spawn(c"/bin/sh", &[c("sh")], &[], &nowhere).unwrap_err();
-        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT), "chdir fails before execve");
+        assert_eq!(
+            (error.step, error.error.raw_os_error()),
+            (Some("chdir"), Some(nix::libc::ENOENT))
+        );
+        assert!(error.to_string().starts_with("chdir: "), "the step is named: {error}");
         assert_eq!(
             nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
             Err(nix::errno::Errno::ECHILD),
@@ -496,7 +717,12 @@ mod tests {
         // SAFETY: descriptor 0 is open (the pipe's write end, just placed there) until it is
         // restored below; nothing else in this test process reads stdin.
         let zero = unsafe { BorrowedFd::borrow_raw(0) };
-        let setup = SpawnSetup { stdio: theirs.as_fd(), stderr: Some(zero), directory: c"/" };
+        let setup = SpawnSetup {
+            stdio: theirs.as_fd(),
+            stderr: Some(zero),
+            directory: c"/",
+            process: &ProcessSettings::default(),
+        };
         let argv = [c("sh"), c("-c"), c("echo out; echo err >&2")];
         let spawned = spawn(c"/bin/sh", &argv, &[], &setup);
         nix::unistd::dup2_stdin(&stdin).unwrap();

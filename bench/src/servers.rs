@@ -127,7 +127,7 @@ impl Server {
                     dir.path().join("preforkd.pid").display(),
                     options.per_client,
                     if service == "exec" {
-                        "[listener.options]\nprogram = \"/bin/cat\"\nstderr = \"discard\"\n"
+                        "[listener.options]\nprogram = \"/bin/cat\"\nstderr = \"discard\"\nuser = \"nobody\"\n"
                     } else {
                         ""
                     },

@@ -16,56 +16,108 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::unistd::Uid;
 use socket2::{Domain, Protocol, Socket, Type};
 use toml::Spanned;
 
+#[cfg(doc)]
 use super::Config;
 use super::file;
 use crate::files;
 use crate::logging::LogTarget;
-use crate::privileges::{Credentials, PrivilegeError};
+use crate::privileges::Credentials;
 use crate::schema::RawIssue;
 
 /// Syslog sockets tried when `log.syslog_socket` is not set, in order (as the syslog crate).
 const DEFAULT_SYSLOG_SOCKETS: [&str; 2] = ["/dev/log", "/var/run/syslog"];
 
-/// Every problem startup would have with `config` on this machine, run by a user whose
-/// effective id is `euid`. `source` is the file's text, for the locations.
-pub fn check(config: &Config, source: &str, euid: Uid) -> Vec<RawIssue> {
+/// What startup will ask of this machine, as far as the file says it: filled in by
+/// [`super::validate::validate`] from the keys that are valid even when others are not, so
+/// that `preforkd check` reports these problems in the same run as the file's own. Paths are
+/// as written until [`Needs::resolve_paths`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// `daemon.user`, when written and not empty.
+    pub user: Option<String>,
+    /// `daemon.group`, when written and not empty.
+    pub group: Option<String>,
+    /// `daemon.allow_root_workers`.
+    pub allow_root_workers: bool,
+    /// `daemon.pid_file`.
+    pub pid_file: Option<PathBuf>,
+    /// `[log]`'s target, when it is valid.
+    pub log_target: Option<LogTarget>,
+    /// Every listener whose address parsed.
+    pub listeners: Vec<ListenerNeed>,
+}
+
+/// A listener's address, to be tried on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerNeed {
+    /// Its index among the `[[listener]]` blocks.
+    pub index: usize,
+    /// Its address.
+    pub address: SocketAddr,
+    /// Whether it binds with `SO_REUSEPORT`.
+    pub reuseport: bool,
+}
+
+impl Needs {
+    /// Makes the relative paths absolute against `base`, as [`Config::resolve_paths`] does.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        if let Some(path) = self.pid_file.as_mut() {
+            resolve(path);
+        }
+        if let Some(LogTarget::File(path) | LogTarget::Syslog { socket: Some(path), .. }) =
+            &mut self.log_target
+        {
+            resolve(path);
+        }
+    }
+}
+
+/// Every problem startup would have on this machine with what `needs` describes, run by a
+/// user whose effective id is `euid`. `source` is the file's text, for the locations.
+pub fn check(needs: &Needs, source: &str, euid: Uid) -> Vec<RawIssue> {
     let spans = Spans::of(source);
     let mut issues = Vec::new();
     let mut report = |span: &Option<Range<usize>>, key: &str, message: String| {
         issues.push(RawIssue { span: span.clone().unwrap_or(0..0), key: key.into(), message });
     };
     if euid.is_root() {
-        for (key, message) in credentials(config) {
+        for (key, message) in credentials(needs) {
             let span = if key == "daemon.group" { &spans.group } else { &spans.user };
             report(span, key, message);
         }
     }
-    if let Some(path) = &config.daemon.pid_file
-        && let Err(message) = files::check_parent_dir(path)
+    if let Some(path) = &needs.pid_file
+        && let Err(message) = files::check_creatable_parent_dir(path)
     {
         report(&spans.pid_file, "daemon.pid_file", message);
     }
-    match &config.log.target {
-        LogTarget::File(path) => {
+    match &needs.log_target {
+        Some(LogTarget::File(path)) => {
             if let Err(message) = files::check_log_path(path) {
                 report(&spans.log_path, "log.path", format!("{}: {message}", path.display()));
             }
         }
-        LogTarget::Syslog { socket, .. } => {
+        Some(LogTarget::Syslog { socket, .. }) => {
             if let Err(message) = syslog_reachable(socket.as_deref()) {
                 report(&spans.syslog_socket, "log.syslog_socket", message);
             }
         }
-        LogTarget::Stderr => {}
+        Some(LogTarget::Stderr) | None => {}
     }
-    for (index, listener) in config.listeners.iter().enumerate() {
+    for listener in &needs.listeners {
         if let Err(error) = try_bind(listener.address, listener.reuseport) {
+            let index = listener.index;
             report(
                 &spans.addresses.get(index).cloned().flatten(),
                 &format!("listener[{index}].address"),
@@ -77,8 +129,7 @@ pub fn check(config: &Config, source: &str, euid: Uid) -> Vec<RawIssue> {
 }
 
 /// What startup (`master::worker_credentials`) refuses when the master is root.
-fn credentials(config: &Config) -> Vec<(&'static str, String)> {
-    let daemon = &config.daemon;
+fn credentials(daemon: &Needs) -> Vec<(&'static str, String)> {
     let Some(user) = &daemon.user else {
         if daemon.allow_root_workers {
             return Vec::new();
@@ -96,16 +147,7 @@ fn credentials(config: &Config) -> Vec<(&'static str, String)> {
             ),
         )],
         Ok(_) => Vec::new(),
-        Err(PrivilegeError::Unknown { kind: "group", name }) => {
-            vec![("daemon.group", format!("unknown group {name:?}: workers cannot switch to it"))]
-        }
-        Err(PrivilegeError::Unknown { name, .. }) => vec![(
-            "daemon.user",
-            format!(
-                "unknown user {name:?}: workers cannot switch to it (create it, e.g. with systemd-sysusers or useradd --system)"
-            ),
-        )],
-        Err(error) => vec![("daemon.user", error.to_string())],
+        Err(error) => vec![error.for_workers()],
     }
 }
 
@@ -179,15 +221,17 @@ impl Spans {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::config::parse;
+    use crate::config::validate::validate;
 
     fn found(source: &str, euid: u32) -> Vec<String> {
-        let config = parse(Path::new("t.toml"), source, &crate::services::Registry::builtin())
-            .expect("a valid file");
-        check(&config, source, Uid::from_raw(euid)).into_iter().map(|i| i.message).collect()
+        let (file, options, mut issues) = file::read(source);
+        let mut needs = Needs::default();
+        let services = crate::services::Registry::builtin();
+        let config =
+            validate(file.unwrap(), options, &services, Path::new("."), &mut issues, &mut needs);
+        assert!(config.is_some(), "a valid file: {issues:?}");
+        check(&needs, source, Uid::from_raw(euid)).into_iter().map(|i| i.message).collect()
     }
 
     const LISTENER: &str =
@@ -209,7 +253,7 @@ mod tests {
 
     #[test]
     fn missing_directories_and_unbindable_addresses_are_found() {
-        let source = "[daemon]\npid_file = \"/nonexistent-preforkd/p.pid\"\nallow_root_workers = true\n\
+        let source = "[daemon]\npid_file = \"/nonexistent-preforkd/deeper/p.pid\"\nallow_root_workers = true\n\
                       [log]\ntarget = \"file\"\npath = \"/nonexistent-preforkd/p.log\"\n\
                       [[listener]]\nname = \"a\"\naddress = \"192.0.2.1:7\"\nservice = \"echo\"\n";
         let issues = found(source, 0);

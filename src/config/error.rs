@@ -1,11 +1,13 @@
-//! Configuration errors, reported as `path:line:col: key: message`, one per line.
+//! Configuration errors, reported as `path:line:col: key: message`, one per line; `path` is
+//! the main file or the included file the problem is in.
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use thiserror::Error;
 
+use super::include::Sources;
 use crate::exit::ExitStatus;
 use crate::schema::RawIssue;
 
@@ -21,18 +23,20 @@ pub enum ConfigError {
         source: io::Error,
     },
     /// The file was read but is invalid; every problem is listed.
-    #[error("{}", render(path, issues))]
+    #[error("{}", render(issues))]
     Invalid {
-        /// The file.
+        /// The main file.
         path: PathBuf,
-        /// Every problem found, in file order.
+        /// Every problem found, in the order of the files and within each in file order.
         issues: Vec<Issue>,
     },
 }
 
-/// One problem in a configuration file, located by line and column (both from 1).
+/// One problem in a configuration file, located by file, line and column (both from 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Issue {
+    /// The file: the main one, or one it includes.
+    pub path: PathBuf,
     /// Line, from 1.
     pub line: usize,
     /// Column in characters, from 1.
@@ -43,15 +47,16 @@ pub struct Issue {
     pub message: String,
 }
 
+/// `line:col: key: message`; [`ConfigError`] puts the file first.
 impl fmt::Display for Issue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: {}: {}", self.line, self.column, self.key, self.message)
     }
 }
 
-fn render(path: &Path, issues: &[Issue]) -> String {
+fn render(issues: &[Issue]) -> String {
     let lines: Vec<String> =
-        issues.iter().map(|issue| format!("{}:{issue}", path.display())).collect();
+        issues.iter().map(|issue| format!("{}:{issue}", issue.path.display())).collect();
     lines.join("\n")
 }
 
@@ -68,7 +73,7 @@ pub(crate) fn line_column(source: &str, offset: usize) -> (usize, usize) {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(path: &Path, source: &str, mut raw: Vec<RawIssue>) -> Self {
+    pub(crate) fn invalid(sources: &Sources, mut raw: Vec<RawIssue>) -> Self {
         if raw.is_empty() {
             raw.push(RawIssue {
                 span: 0..0,
@@ -80,11 +85,12 @@ impl ConfigError {
         let issues = raw
             .into_iter()
             .map(|issue| {
-                let (line, column) = line_column(source, issue.span.start);
-                Issue { line, column, key: issue.key, message: issue.message }
+                let (path, line, column) = sources.locate(issue.span.start);
+                let path = path.to_owned();
+                Issue { path, line, column, key: issue.key, message: issue.message }
             })
             .collect();
-        ConfigError::Invalid { path: path.to_owned(), issues }
+        ConfigError::Invalid { path: sources.main_path().to_owned(), issues }
     }
 
     /// The process exit status for this error: [`ExitStatus::NoInput`] when the file cannot be

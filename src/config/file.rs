@@ -20,6 +20,8 @@ use crate::schema::{RawIssue, deserialize_collecting};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// `include = [...]`: files of more `[[listener]]` blocks (read by [`super::include`]).
+    pub include: Option<Spanned<Vec<Spanned<String>>>>,
     /// `[daemon]`: the process pool.
     pub daemon: Option<DaemonSection>,
     /// `[log]`: where log lines go.
@@ -81,6 +83,8 @@ pub struct LogSection {
     pub syslog_socket: Option<Spanned<String>>,
     /// Log file, for `target = "file"`.
     pub path: Option<Spanned<String>>,
+    /// `"text"` or `"json"`.
+    pub format: Option<Spanned<String>>,
 }
 
 /// One `[[listener]]` block as written in the file.
@@ -107,8 +111,9 @@ pub struct ListenerSection {
     pub tcp_nodelay: Option<Spanned<bool>>,
     /// One SO_REUSEPORT socket per worker.
     pub reuseport: Option<Spanned<bool>>,
-    /// CIDR prefixes served (when not empty, only these).
-    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    /// CIDR prefixes served (when not empty, only these), each a string or a rule with
+    /// variables for the programs run for its clients.
+    pub allow: Option<Spanned<Vec<Spanned<AllowEntry>>>>,
     /// CIDR prefixes refused.
     pub deny: Option<Spanned<Vec<Spanned<String>>>>,
     /// Prefix length an IPv4 client is counted by.
@@ -131,6 +136,10 @@ pub struct ListenerSection {
     pub transport: Option<Spanned<String>>,
     /// Datagrams per client address and period, across all workers (`"100/s"`), UDP only.
     pub max_datagram_rate_per_client: Option<Spanned<String>>,
+    /// Sent to a client as it is admitted, before the service starts.
+    pub banner: Option<Spanned<BannerValue>>,
+    /// Sent to a client as it is refused, before the close.
+    pub banner_fail: Option<Spanned<BannerValue>>,
     /// `[listener.options]`: the service's own options, read by the service.
     pub options: Option<Spanned<toml::Table>>,
     /// `[listener.tls]`: TLS termination in front of the service.
@@ -173,6 +182,110 @@ pub struct SniSection {
     pub certificate: Option<Spanned<String>>,
     /// Its private key file.
     pub key: Option<Spanned<String>>,
+}
+
+/// One entry of `allow`: `"10.0.0.0/8"`, or `{ prefix = "10.0.0.0/8", env = { K = "V" } }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowEntry {
+    /// A prefix alone.
+    Prefix(String),
+    /// A prefix with the variables its clients' programs get.
+    Rule {
+        /// The prefix.
+        prefix: String,
+        /// `NAME = "VALUE"`, in the order written.
+        env: Vec<(String, String)>,
+    },
+}
+
+/// A banner as written: `"text"` or `{ file = "/path" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BannerValue {
+    /// The bytes of this text.
+    Text(String),
+    /// The contents of this file, read when the configuration is loaded.
+    File(String),
+}
+
+/// Reads a string or a table of exactly `keys` (each a string, or for `env` a table of
+/// strings), for the two keys above whose value is either.
+fn string_or_table<'de, A: de::MapAccess<'de>>(
+    mut map: A,
+    keys: &'static [&'static str],
+) -> Result<Vec<(String, toml::Value)>, A::Error> {
+    let mut found = Vec::new();
+    while let Some(key) = map.next_key::<String>()? {
+        if !keys.contains(&key.as_str()) {
+            return Err(de::Error::unknown_field(&key, keys));
+        }
+        found.push((key, map.next_value::<toml::Value>()?));
+    }
+    Ok(found)
+}
+
+impl<'de> Deserialize<'de> for AllowEntry {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AllowVisitor;
+        impl<'de> Visitor<'de> for AllowVisitor {
+            type Value = AllowEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a CIDR prefix, or { prefix = \"...\", env = { NAME = \"VALUE\" } }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AllowEntry, E> {
+                Ok(AllowEntry::Prefix(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<AllowEntry, A::Error> {
+                let (mut prefix, mut env) = (None, Vec::new());
+                for (key, value) in string_or_table(map, &["prefix", "env"])? {
+                    match (key.as_str(), value) {
+                        ("prefix", toml::Value::String(text)) => prefix = Some(text),
+                        ("env", toml::Value::Table(table)) => {
+                            for (name, value) in table {
+                                let toml::Value::String(value) = value else {
+                                    return Err(de::Error::custom(format!(
+                                        "env.{name}: the value must be a string"
+                                    )));
+                                };
+                                env.push((name, value));
+                            }
+                        }
+                        (key, _) => {
+                            return Err(de::Error::custom(format!(
+                                "{key}: expected {}",
+                                if key == "env" { "a table of strings" } else { "a string" }
+                            )));
+                        }
+                    }
+                }
+                let prefix = prefix.ok_or_else(|| de::Error::missing_field("prefix"))?;
+                Ok(AllowEntry::Rule { prefix, env })
+            }
+        }
+        deserializer.deserialize_any(AllowVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for BannerValue {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BannerVisitor;
+        impl<'de> Visitor<'de> for BannerVisitor {
+            type Value = BannerValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a text, or { file = \"/path\" }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BannerValue, E> {
+                Ok(BannerValue::Text(v.to_owned()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BannerValue, A::Error> {
+                match string_or_table(map, &["file"])?.pop() {
+                    Some((_, toml::Value::String(path))) => Ok(BannerValue::File(path)),
+                    Some(_) => Err(de::Error::custom("file: expected a path")),
+                    None => Err(de::Error::missing_field("file")),
+                }
+            }
+        }
+        deserializer.deserialize_any(BannerVisitor)
+    }
 }
 
 /// `workers = 4` or `workers = "auto"`.

@@ -23,7 +23,8 @@ use crate::duration;
 pub struct Key {
     /// `section.key`, such as `daemon.workers`; `listener.*` keys belong to each
     /// `[[listener]]`, `listener.tls.*` keys to its `[listener.tls]` table and
-    /// `listener.tls.sni.*` to each of its `[[listener.tls.sni]]` entries.
+    /// `listener.tls.sni.*` to each of its `[[listener.tls.sni]]` entries; a name without a
+    /// section (`include`) is a key of the top level.
     pub name: &'static str,
     /// What the value is.
     pub kind: Kind,
@@ -61,10 +62,14 @@ pub enum Kind {
     Path,
     /// An array of CIDR prefixes.
     Prefixes,
+    /// An array of paths, whose last component may hold the wildcards `*` and `?`.
+    Patterns,
     /// A rate, `"COUNT/PERIOD"` ([`crate::rate::Rate::parse`]).
     Rate,
     /// A table: `[listener.options]`, read by the listener's service, or `[listener.tls]`.
     Table,
+    /// A text, or `{ file = "PATH" }` (at most [`super::MAX_BANNER`] bytes).
+    Banner,
     /// An array of tables, such as `[[listener.tls.sni]]`.
     Tables,
     /// An array of strings.
@@ -114,7 +119,8 @@ impl Key {
         self.name.rsplit_once('.').map_or(self.name, |(_, field)| field)
     }
 
-    /// Its section: `daemon`, `log`, `listener`, `listener.tls` or `listener.tls.sni`.
+    /// Its section: `daemon`, `log`, `listener`, `listener.tls` or `listener.tls.sni`; empty
+    /// for a key of the top level.
     pub fn section(&self) -> &'static str {
         self.name.rsplit_once('.').map_or("", |(section, _)| section)
     }
@@ -169,6 +175,9 @@ use Kind::{Boolean, Integer, OneOf, Prefixes, Strings, Table, Tables};
 const U32: i64 = u32::MAX as i64;
 
 keys! {
+    INCLUDE "include": Kind::Patterns, Value("[]"), "", Applies,
+        "Files of more `[[listener]]` blocks, read in name order; a reload reads them again.";
+
     WORKERS "daemon.workers": Kind::Workers, Value("\"auto\""), "processes", UpToStart,
         "Worker processes to keep running, or \"auto\" for one per CPU.";
     GRACEFUL_TIMEOUT "daemon.graceful_timeout": Kind::Duration, Value("\"30s\""), "", Applies,
@@ -213,6 +222,8 @@ keys! {
         "Most verbose level written.";
     ACCESS_LOG "log.access_log": Boolean, Value("true"), "", Applies,
         "One line per closed connection, at level info.";
+    FORMAT "log.format": OneOf(&["text", "json"]), Value("\"text\""), "", Applies,
+        "How each line is written: text, or one JSON object with stable member names.";
     FACILITY "log.facility": Kind::String, Value("\"daemon\""), "", Applies,
         "syslog(3) facility, for target = \"syslog\".";
     SYSLOG_SOCKET "log.syslog_socket": Kind::Path, Absent("/dev/log"), "", Applies,
@@ -246,7 +257,7 @@ keys! {
     REUSEPORT "listener.reuseport": Boolean, Value("false"), "", Applies,
         "A socket of its own per worker, with SO_REUSEPORT.";
     ALLOW "listener.allow": Prefixes, Value("[]"), "", Applies,
-        "Client prefixes served; when empty, every client not denied.";
+        "Client prefixes served, each with variables for their programs if a table; when empty, every client not denied.";
     DENY "listener.deny": Prefixes, Value("[]"), "", Applies,
         "Client prefixes refused; the most specific prefix of either list wins.";
     CLIENT_IPV4_PREFIX "listener.client_ipv4_prefix": Integer { min: 0, max: 32 },
@@ -277,6 +288,10 @@ keys! {
     MAX_DATAGRAM_RATE_PER_CLIENT "listener.max_datagram_rate_per_client": Kind::Rate,
         Value("\"100/s\""), "datagrams per period", Applies,
         "UDP only: datagrams per client, exact across workers; over it, dropped; \"0\" is unlimited.";
+    BANNER "listener.banner": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to an admitted client before its service starts: a text, or { file = PATH }; TCP only.";
+    BANNER_FAIL "listener.banner_fail": Kind::Banner, Absent("none"), "bytes", Applies,
+        "Sent to a refused client before the close, with one non-blocking send; TCP only.";
     OPTIONS "listener.options": Table, Absent("none"), "", Applies,
         "The service's own options, a `[listener.options]` table read by the service.";
     TLS "listener.tls": Table, Absent("none"), "", Applies,
@@ -328,7 +343,7 @@ mod tests {
         let mut seen = HashSet::new();
         for key in KEYS {
             assert!(seen.insert(key.name), "{} twice", key.name);
-            let sections = ["daemon", "log", "listener", "listener.tls", "listener.tls.sni"];
+            let sections = ["", "daemon", "log", "listener", "listener.tls", "listener.tls.sni"];
             assert!(sections.contains(&key.section()), "{}", key.name);
             assert!(key.doc.ends_with('.'), "{}: a doc line is a sentence", key.name);
         }
@@ -343,7 +358,9 @@ mod tests {
                     .default_as::<Spanned<i64>>()
                     .is_some_and(|v| (min..=max).contains(v.get_ref())),
                 Kind::Boolean => key.default_as::<bool>().is_some(),
-                Kind::Prefixes | Kind::Strings => key.default_as::<Vec<String>>().is_some(),
+                Kind::Prefixes | Kind::Patterns | Kind::Strings => {
+                    key.default_as::<Vec<String>>().is_some()
+                }
                 Kind::Tables => key.default_as::<Vec<toml::Table>>().is_some(),
                 Kind::Duration => key.default_duration().is_some(),
                 Kind::OneOf(words) => {
@@ -352,7 +369,7 @@ mod tests {
                 Kind::Rate => {
                     key.default_as::<String>().is_some_and(|r| crate::rate::Rate::parse(&r).is_ok())
                 }
-                Kind::Workers | Kind::String | Kind::Path | Kind::Table => {
+                Kind::Workers | Kind::String | Kind::Path | Kind::Table | Kind::Banner => {
                     key.default_as::<toml::Value>().is_some()
                 }
             };

@@ -8,6 +8,7 @@
 pub mod environment;
 mod error;
 pub mod file;
+pub mod include;
 pub mod keys;
 pub mod lenient;
 pub mod validate;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::{ConfigError, Issue};
+pub use include::Sources;
 
 use ipnet::IpNet;
 
@@ -147,10 +149,36 @@ pub struct ListenerConfig {
     /// an amplifier. `None` (written `"0"`) is unlimited, and always for TCP
     /// ([`keys::MAX_DATAGRAM_RATE_PER_CLIENT`]).
     pub max_datagram_rate_per_client: Option<Rate>,
+    /// What the listener says to a client as it is admitted or refused (TCP only).
+    pub banners: Banners,
     /// TLS termination in front of the service, every file read and checked; `None`: plain
     /// TCP ([`keys::TLS`] and the `listener.tls.*` keys). A reload reads the files again:
     /// new connections get the new certificates, open ones keep theirs.
     pub tls: Option<crate::tls::TlsConfig>,
+}
+
+/// Largest banner, in bytes: what one non-blocking send into a new connection's empty send
+/// buffer takes whole (Linux's smallest, under memory pressure, is 4 KiB).
+pub const MAX_BANNER: usize = 4096;
+
+/// The banners of a listener ([`keys::BANNER`], [`keys::BANNER_FAIL`]), as xinetd's
+/// `banner_success` and `banner_fail` and tcpserver's `-B`. The worker sends each with one
+/// non-blocking send and never waits: a client that does not read costs nothing more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Banners {
+    /// Sent to an admitted client, before its service starts (`banner`).
+    pub admitted: Option<Banner>,
+    /// Sent to a refused client, for whatever reason, before the close (`banner_fail`).
+    pub refused: Option<Banner>,
+}
+
+/// One banner: bytes, from the configuration or from a file read with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Banner {
+    /// What is sent, at most [`MAX_BANNER`] bytes; for a file, empty until [`load`] reads it.
+    pub bytes: Vec<u8>,
+    /// The file the bytes come from, if any (read at start and at each reload).
+    pub file: Option<PathBuf>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its
@@ -250,42 +278,122 @@ impl ListenerConfig {
     }
 }
 
-/// Reads and validates the configuration file at `path`; `services` are the names
-/// `service = "..."` may use.
+/// Reads and validates the configuration file at `path`, with the files its `include`
+/// patterns name ([`mod@include`]); `services` are the names `service = "..."` may use.
 ///
-/// Only a regular file of at most [`crate::files::MAX_CONFIG_BYTES`] (1 MiB) is read; a
+/// Only regular files of at most [`crate::files::MAX_CONFIG_BYTES`] (1 MiB) each are read; a
 /// FIFO, a device or a larger file is refused with the reason, without blocking.
 ///
 /// # Errors
-/// [`ConfigError::Read`] when the file cannot be read (missing, not a regular file, too
-/// large, not UTF-8), [`ConfigError::Invalid`] with every problem found otherwise.
+/// [`ConfigError::Read`] when the main file cannot be read (missing, not a regular file, too
+/// large, not UTF-8), [`ConfigError::Invalid`] with every problem found otherwise, an
+/// included file that cannot be read or trusted among them.
 ///
-/// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`) are resolved
-/// against the directory of the file, so they mean the same after daemon mode's `chdir /`.
+/// Relative paths in the file (`pid_file`, `log.path`, `log.syslog_socket`, `include`) are
+/// resolved against the directory of the main file, so they mean the same after daemon
+/// mode's `chdir /`.
 pub fn load(path: &Path, services: &Registry) -> Result<Config, ConfigError> {
-    load_source(path, services).map(|(config, _)| config)
+    let sources = read_sources(path)?;
+    let (config, _, raw) = parse_sources(&sources, services);
+    match config {
+        Some(config) if raw.is_empty() => Ok(config),
+        _ => Err(ConfigError::invalid(&sources, raw)),
+    }
 }
 
-/// [`load`], then the checks of [`environment::check`] against this machine as the current
-/// user: what `preforkd check` reports, so that it finds everything startup would refuse.
+/// [`load`], with the checks of [`environment::check`] against this machine as the current
+/// user: what `preforkd check` reports, so that it finds everything startup would refuse,
+/// in one run whatever else is wrong in the file.
 ///
 /// # Errors
 /// As [`load`]; [`ConfigError::Invalid`] also lists every problem startup would have here.
 pub fn load_checked(path: &Path, services: &Registry) -> Result<Config, ConfigError> {
-    let (config, source) = load_source(path, services)?;
-    let issues = environment::check(&config, &source, nix::unistd::geteuid());
-    if issues.is_empty() { Ok(config) } else { Err(ConfigError::invalid(path, &source, issues)) }
+    let sources = read_sources(path)?;
+    let (config, needs, mut raw) = parse_sources(&sources, services);
+    raw.extend(environment::check(&needs, sources.document(), nix::unistd::geteuid()));
+    match config {
+        Some(config) if raw.is_empty() => Ok(config),
+        _ => Err(ConfigError::invalid(&sources, raw)),
+    }
 }
 
-fn load_source(path: &Path, services: &Registry) -> Result<(Config, String), ConfigError> {
-    let source = read_source(path)?;
-    let mut config = parse(path, &source, services)?;
-    let base = std::path::absolute(path)
+/// The main file at `path` and the files it includes.
+///
+/// # Errors
+/// [`ConfigError::Read`] when the main file cannot be read; the included files' problems
+/// come out of validation with the others.
+pub fn read_sources(path: &Path) -> Result<Sources, ConfigError> {
+    let main = read_source(path)?;
+    Ok(include::expand(path, main, nix::unistd::geteuid()))
+}
+
+/// Validates `sources`: the configuration when it is valid, what startup needs of this
+/// machine as far as the file says, and every problem (the includes' first).
+fn parse_sources(
+    sources: &Sources,
+    services: &Registry,
+) -> (Option<Config>, environment::Needs, Vec<crate::schema::RawIssue>) {
+    let (file, options, mut raw) = file::read(sources.document());
+    raw.splice(0..0, sources.issues.iter().cloned());
+    let mut needs = environment::Needs::default();
+    let base = std::path::absolute(sources.main_path())
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
-    config.resolve_paths(&base);
-    Ok((config, source))
+    let mut config = file
+        .and_then(|file| validate::validate(file, options, services, &base, &mut raw, &mut needs));
+    if let Some(config) = config.as_mut() {
+        config.resolve_paths(&base);
+    }
+    // Whether or not the rest is valid, so that one run reports an unreadable file too.
+    read_banners(config.as_mut(), sources.document(), &mut raw);
+    needs.resolve_paths(&base);
+    (config, needs, raw)
+}
+
+/// Reads the banner files the listeners of `document` name (regular files of at most
+/// [`MAX_BANNER`] bytes, opened without blocking) into `config`, when it is valid; a file
+/// that cannot be read is a problem of its key.
+fn read_banners(
+    mut config: Option<&mut Config>,
+    document: &str,
+    raw: &mut Vec<crate::schema::RawIssue>,
+) {
+    let written = file::read(document).0.map(|file| file.listener).unwrap_or_default();
+    for (index, section) in written.iter().enumerate() {
+        let section = section.get_ref();
+        for (key, value) in [("banner", &section.banner), ("banner_fail", &section.banner_fail)] {
+            let Some(value) = value else { continue };
+            let file::BannerValue::File(path) = value.get_ref() else { continue };
+            if !path.starts_with('/') {
+                continue; // Reported by validation.
+            }
+            let bytes = match files::read_bounded(Path::new(path), MAX_BANNER as u64) {
+                Ok(bytes) if !bytes.is_empty() => bytes,
+                outcome => {
+                    raw.push(crate::schema::RawIssue {
+                        span: value.span(),
+                        key: format!("listener[{index}].{key}"),
+                        message: match outcome {
+                            Ok(_) => format!("{path} is empty"),
+                            Err(error) => format!("{path}: {error}"),
+                        },
+                    });
+                    continue;
+                }
+            };
+            let listener = config.as_deref_mut().and_then(|c| c.listeners.get_mut(index));
+            if let Some(listener) = listener {
+                let banner = match key {
+                    "banner" => &mut listener.banners.admitted,
+                    _ => &mut listener.banners.refused,
+                };
+                if let Some(banner) = banner {
+                    banner.bytes = bytes;
+                }
+            }
+        }
+    }
 }
 
 /// The text of the configuration file at `path`, read with the bounds of [`load`].
@@ -318,20 +426,24 @@ impl Config {
     }
 }
 
-/// Validates configuration `source` with `services`; `path` only labels the problems.
+/// Validates configuration `source` with `services`; `path` only labels the problems, and
+/// `include` patterns are not followed ([`load`] follows them).
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] listing every syntax, schema and value problem found, the
 /// services' own included.
 pub fn parse(path: &Path, source: &str, services: &Registry) -> Result<Config, ConfigError> {
+    let sources = Sources::single(path, source.to_owned());
     let (file, options, mut raw) = file::read(source);
+    let mut needs = environment::Needs::default();
     let base = std::path::absolute(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
-    let config = file.and_then(|file| validate::validate(file, options, services, &base, &mut raw));
+    let config = file
+        .and_then(|file| validate::validate(file, options, services, &base, &mut raw, &mut needs));
     match config {
         Some(config) if raw.is_empty() => Ok(config),
-        _ => Err(ConfigError::invalid(path, source, raw)),
+        _ => Err(ConfigError::invalid(&sources, raw)),
     }
 }

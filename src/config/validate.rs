@@ -14,19 +14,20 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::file::{FileConfig, ListenerSection, TlsSection, WorkersValue};
+use super::environment::{ListenerNeed, Needs};
+use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, TlsSection, WorkersValue};
 use super::keys::{self, Key, Kind};
 use super::{
-    AdmissionConfig, Config, DaemonConfig, ListenerConfig, ListenerTransport, MAX_WORKERS,
-    RESERVED_FDS, SLOT_HEADROOM, worker_slots,
+    AdmissionConfig, Banner, Banners, Config, DaemonConfig, ListenerConfig, ListenerTransport,
+    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
 
 use crate::duration;
 use crate::limits::MAX_RECORDS;
-use crate::limits::access::AccessList;
-use crate::logging::{LogConfig, LogTarget, SyslogFacility};
+use crate::limits::access::{AccessList, EnvRule};
+use crate::logging::{LogConfig, LogFormat, LogTarget, SyslogFacility};
 use crate::poller::{EventBackend, FD_SETSIZE};
 use crate::rate::Rate;
 use crate::schema::RawIssue;
@@ -137,30 +138,103 @@ impl Checker<'_> {
     fn nets(&mut self, value: Option<&Spanned<Vec<Spanned<String>>>>, key: &Key) -> Vec<IpNet> {
         let Some(value) = self.written_or_default(value, key) else { return Vec::new() };
         let label = self.label(key);
-        let mut nets = Vec::new();
-        for item in value.get_ref() {
-            let text = item.get_ref().trim();
-            let parsed = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) if net.trunc() != net => self.report(
-                    item.span(),
-                    &label,
+        value
+            .get_ref()
+            .iter()
+            .filter_map(|item| self.net(item.get_ref(), item.span(), &label))
+            .collect()
+    }
+
+    /// One CIDR prefix of a list labelled `label`, written at `span`.
+    fn net(&mut self, text: &str, span: Range<usize>, label: &str) -> Option<IpNet> {
+        let text = text.trim();
+        let parsed = text.parse::<IpNet>().or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) if net.trunc() != net => {
+                self.report(
+                    span,
+                    label,
                     format!(
                         "{text:?} has host bits set: write {} (or the address alone)",
                         net.trunc()
                     ),
-                ),
-                Ok(net) => nets.push(net),
-                Err(_) => self.report(
-                    item.span(),
-                    &label,
+                );
+                None
+            }
+            Ok(net) => Some(net),
+            Err(_) => {
+                self.report(
+                    span,
+                    label,
                     format!(
                         "{text:?} is not a CIDR prefix: write ADDRESS/LENGTH, such as \"192.0.2.0/24\" or \"2001:db8::/32\""
                     ),
-                ),
+                );
+                None
             }
         }
-        nets
+    }
+
+    /// `allow`: its prefixes, and the rules in order with their variables when any rule
+    /// carries some (see [`EnvRule`]).
+    fn allow(
+        &mut self,
+        value: Option<&Spanned<Vec<Spanned<AllowEntry>>>>,
+    ) -> (Vec<IpNet>, Vec<EnvRule>) {
+        let Some(value) = value else { return (Vec::new(), Vec::new()) };
+        let label = self.label(&keys::ALLOW);
+        let mut rules = Vec::new();
+        let mut any_env = false;
+        for item in value.get_ref() {
+            let (prefix, env) = match item.get_ref() {
+                AllowEntry::Prefix(prefix) => (prefix, &[][..]),
+                AllowEntry::Rule { prefix, env } => (prefix, env.as_slice()),
+            };
+            for (name, value) in env {
+                if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+                    self.report(
+                        item.span(),
+                        &label,
+                        format!("env: {name:?}: a name is not empty and holds no '=' nor NUL, a value no NUL"),
+                    );
+                }
+            }
+            any_env |= !env.is_empty();
+            if let Some(net) = self.net(prefix, item.span(), &label) {
+                rules.push(EnvRule { net, env: env.to_vec() });
+            }
+        }
+        let nets = rules.iter().map(|rule| rule.net).collect();
+        (nets, if any_env { rules } else { Vec::new() })
+    }
+
+    /// A banner: the bytes of a text, or the file to read (absolute, read by
+    /// `config::load`); `None` when absent or invalid (reported).
+    fn banner(&mut self, value: Option<&Spanned<BannerValue>>, key: &Key) -> Option<Banner> {
+        let value = value?;
+        let label = self.label(key);
+        match value.get_ref() {
+            BannerValue::Text(text) if text.len() > MAX_BANNER => {
+                self.report(
+                    value.span(),
+                    label,
+                    format!("{} bytes, more than {MAX_BANNER}", text.len()),
+                );
+                None
+            }
+            BannerValue::Text(text) if text.is_empty() => {
+                self.report(value.span(), label, "empty: leave the key out instead");
+                None
+            }
+            BannerValue::Text(text) => Some(Banner { bytes: text.as_bytes().to_vec(), file: None }),
+            BannerValue::File(path) if !path.starts_with('/') => {
+                self.report(value.span(), label, format!("file {path:?} must be an absolute path"));
+                None
+            }
+            BannerValue::File(path) => {
+                Some(Banner { bytes: Vec::new(), file: Some(std::path::PathBuf::from(path)) })
+            }
+        }
     }
 
     /// One of the words of a [`Kind::OneOf`] key, read by `parse`.
@@ -218,15 +292,27 @@ impl Checker<'_> {
 /// found before, by [`super::file::read`]).
 /// `options` holds each listener's `[listener.options]` table (by index), which the
 /// listener's service in `services` reads.
-/// Relative paths of `[listener.tls]` are resolved against `base` (the file's directory).
+///
+/// `needs` receives what startup will ask of this machine (users, directories, addresses) as
+/// far as the file says it, even when other keys are invalid, so that `preforkd check` can
+/// report those problems in the same run ([`super::environment::check`]).
+/// Relative paths of `[listener.tls]` are resolved against `base` (the main file's
+/// directory).
 pub fn validate(
     file: FileConfig,
     options: Vec<Option<Spanned<DeTable<'_>>>>,
     services: &Registry,
     base: &std::path::Path,
     issues: &mut Vec<RawIssue>,
+    needs: &mut Needs,
 ) -> Option<Config> {
     let mut check = Checker { issues, base, listener: None };
+    // The patterns themselves were followed by `include::expand`; only their form is left.
+    for pattern in file.include.as_ref().map(Spanned::get_ref).into_iter().flatten() {
+        if pattern.get_ref().is_empty() {
+            check.report(pattern.span(), keys::INCLUDE.name, "must be a path, not empty");
+        }
+    }
     let daemon_section = file.daemon.unwrap_or_default();
     let log_section = file.log.unwrap_or_default();
 
@@ -299,6 +385,10 @@ pub fn validate(
     let rlimit_nofile =
         check.integer(daemon_section.rlimit_nofile.as_ref(), &keys::RLIMIT_NOFILE) as u64;
     let daemonize = check.boolean(daemon_section.daemonize.as_ref(), &keys::DAEMONIZE);
+    needs.user = user.clone().filter(|u| !u.is_empty());
+    needs.group = group.clone().filter(|g| !g.is_empty());
+    needs.allow_root_workers = allow_root_workers;
+    needs.pid_file.clone_from(&pid_file);
 
     let target = check.choice(log_section.target.as_ref(), &keys::TARGET, |s| {
         ["stderr", "syslog", "file"].into_iter().find(|t| *t == s)
@@ -318,6 +408,9 @@ pub fn validate(
         .choice(log_section.level.as_ref(), &keys::LEVEL, |s| log::LevelFilter::from_str(s).ok());
     let syslog_socket = check.path(log_section.syslog_socket.as_ref(), &keys::SYSLOG_SOCKET);
     let access_log = check.boolean(log_section.access_log.as_ref(), &keys::ACCESS_LOG);
+    let format = check.choice(log_section.format.as_ref(), &keys::FORMAT, |s| {
+        LogFormat::ALL.into_iter().find(|f| f.name() == s)
+    });
     let log_target = match (target, log_path, facility) {
         (Some("syslog"), _, Some(facility)) => {
             Some(LogTarget::Syslog { facility: SyslogFacility(facility), socket: syslog_socket })
@@ -326,6 +419,7 @@ pub fn validate(
         (Some("stderr"), _, _) => Some(LogTarget::Stderr),
         _ => None,
     };
+    needs.log_target.clone_from(&log_target);
 
     if file.listener.is_empty() {
         check.report(0..0, "listener", "no [[listener]] is configured: at least one is required");
@@ -367,6 +461,7 @@ pub fn validate(
             table,
             services,
             &network,
+            needs,
         ) {
             if listener.address.port() != 0
                 && let Some(first) = addresses.insert((listener.transport, listener.address), index)
@@ -438,7 +533,7 @@ pub fn validate(
             daemonize,
             event_backend: event_backend?,
         },
-        log: LogConfig { target: log_target?, level: level?, access_log },
+        log: LogConfig { target: log_target?, level: level?, access_log, format: format? },
         listeners,
     })
 }
@@ -450,6 +545,7 @@ struct NetworkDefaults {
     trusted_proxies: Vec<IpNet>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn validate_listener(
     check: &mut Checker<'_>,
     index: usize,
@@ -458,10 +554,18 @@ fn validate_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
+    needs: &mut Needs,
 ) -> Option<ListenerConfig> {
     check.listener = Some(index);
-    let listener = read_listener(check, span, section, options_table, services, network);
+    let reuseport = section.reuseport.as_ref().is_some_and(|r| *r.get_ref());
+    // Its address, whenever it parses: `check` tries it on this machine in any case.
+    let mut address = None;
+    let listener =
+        read_listener(check, span, section, options_table, services, network, &mut address);
     check.listener = None;
+    if let Some(address) = address {
+        needs.listeners.push(ListenerNeed { index, address, reuseport });
+    }
     listener
 }
 
@@ -472,6 +576,7 @@ fn read_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
+    parsed_address: &mut Option<SocketAddr>,
 ) -> Option<ListenerConfig> {
     let mut complete = true;
     let mut required =
@@ -499,7 +604,10 @@ fn read_listener(
     }
     let address = match (&address_text, &section.address) {
         (Some(text), Some(value)) => match text.parse::<SocketAddr>() {
-            Ok(address) => Some(address),
+            Ok(address) => {
+                *parsed_address = Some(address);
+                Some(address)
+            }
             Err(_) => {
                 check.report(
                     value.span(),
@@ -511,16 +619,23 @@ fn read_listener(
         },
         _ => None,
     };
+    // A built-in whose options are invalid is built once more, leniently, only to learn the
+    // transports it serves, so a wrong `transport` is reported in the same run.
+    let mut probed = None;
     let service = match (&service_text, &section.service) {
         (Some(text), Some(value)) => {
             let written = section.options.as_ref().map(|o| o.get_ref().clone()).unwrap_or_default();
             let prefix = check.label(&keys::OPTIONS);
+            let probe_table = options_table.clone();
             let mut options = Options::new(options_table, &prefix, span.clone(), check.issues);
             match services.build(text, &mut options) {
                 Some(Ok(service)) => {
                     Some(ServiceConfig { name: text.clone(), options: written, service })
                 }
-                Some(Err(_)) => None,
+                Some(Err(_)) => {
+                    probed = services.probe_builtin(text, probe_table, span.clone());
+                    None
+                }
                 None => {
                     check.report(
                         value.span(),
@@ -547,7 +662,7 @@ fn read_listener(
     );
     let tcp_nodelay = check.boolean(section.tcp_nodelay.as_ref(), &keys::TCP_NODELAY);
     let reuseport = check.boolean(section.reuseport.as_ref(), &keys::REUSEPORT);
-    let allow = check.nets(section.allow.as_ref(), &keys::ALLOW);
+    let (allow, env_rules) = check.allow(section.allow.as_ref());
     let deny = check.nets(section.deny.as_ref(), &keys::DENY);
     // Absent, these take the daemon's values (`KeyDefault::Inherit`).
     let client_ipv4_prefix = match &section.client_ipv4_prefix {
@@ -603,10 +718,11 @@ fn read_listener(
         [ListenerTransport::Tcp, ListenerTransport::Udp].into_iter().find(|t| t.name() == s)
     });
     let transport_span = section.transport.as_ref().map_or(span.clone(), Spanned::span);
-    if let (Some(service), Some(text), Some(transport)) = (&service, &service_text, transport) {
+    let built = service.as_ref().map(|s| &s.service).or(probed.as_ref());
+    if let (Some(service), Some(text), Some(transport)) = (built, &service_text, transport) {
         let refusal = match transport {
-            ListenerTransport::Tcp => service.service.stream().err(),
-            ListenerTransport::Udp => service.service.datagram().err(),
+            ListenerTransport::Tcp => service.stream().err(),
+            ListenerTransport::Udp => service.datagram().err(),
         };
         if let Some(reason) = refusal {
             check.report(
@@ -619,6 +735,10 @@ fn read_listener(
             );
         }
     }
+    let banners = Banners {
+        admitted: check.banner(section.banner.as_ref(), &keys::BANNER),
+        refused: check.banner(section.banner_fail.as_ref(), &keys::BANNER_FAIL),
+    };
     let mut datagram_rate = check
         .rate(section.max_datagram_rate_per_client.as_ref(), &keys::MAX_DATAGRAM_RATE_PER_CLIENT);
     match transport {
@@ -632,6 +752,8 @@ fn read_listener(
                     &keys::MAX_LONG_CONNECTIONS_PER_CLIENT,
                     section.max_long_connections_per_client.as_ref().map(Spanned::span),
                 ),
+                (&keys::BANNER, section.banner.as_ref().map(Spanned::span)),
+                (&keys::BANNER_FAIL, section.banner_fail.as_ref().map(Spanned::span)),
             ];
             for (key, written) in tcp_only {
                 if let Some(written) = written {
@@ -665,6 +787,18 @@ fn read_listener(
             None
         }
         (Some(table), _) => {
+            // A banner is plain text written before the service: it would break the handshake.
+            for (key, written) in
+                [(&keys::BANNER, &section.banner), (&keys::BANNER_FAIL, &section.banner_fail)]
+            {
+                if let Some(written) = written {
+                    check.report(
+                        written.span(),
+                        check.label(key),
+                        "is plain text before the service, which a TLS client cannot read: remove it, or [listener.tls]",
+                    );
+                }
+            }
             let short = Some(short).filter(|d| !d.is_zero());
             let tls = read_tls(check, table, short);
             complete &= tls.is_some();
@@ -688,7 +822,7 @@ fn read_listener(
         tcp_nodelay,
         reuseport,
         admission: AdmissionConfig {
-            access: AccessList { allow, deny },
+            access: AccessList { allow, deny, env_rules },
             client_ipv4_prefix,
             client_ipv6_prefix,
             max_connection_rate_per_client: rate,
@@ -702,6 +836,7 @@ fn read_listener(
         },
         transport: transport?,
         max_datagram_rate_per_client: datagram_rate,
+        banners,
         tls,
     })
 }

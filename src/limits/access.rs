@@ -24,6 +24,19 @@ pub struct AccessList {
     pub allow: Vec<IpNet>,
     /// `deny`: prefixes refused.
     pub deny: Vec<IpNet>,
+    /// The `allow` rules in their order with the variables each gives the programs run for
+    /// its clients (tcprules' `127.:allow,RELAYCLIENT=""`); empty unless a rule carries
+    /// some. The first rule that matches a client decides, as in tcprules.
+    pub env_rules: Vec<EnvRule>,
+}
+
+/// An `allow` rule and the environment it gives the programs run for its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvRule {
+    /// The rule's prefix.
+    pub net: IpNet,
+    /// `NAME`, `VALUE` pairs, possibly none.
+    pub env: Vec<(String, String)>,
 }
 
 impl AccessList {
@@ -45,6 +58,13 @@ impl AccessList {
     pub fn is_open(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
     }
+
+    /// The variables of the first `allow` rule that matches `ip` (empty when that rule has
+    /// none, or none matches).
+    pub fn env_for(&self, ip: IpAddr) -> &[(String, String)] {
+        let ip = unmap(ip);
+        self.env_rules.iter().find(|rule| rule.net.contains(&ip)).map_or(&[], |r| &r.env)
+    }
 }
 
 /// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in one of `nets`.
@@ -59,7 +79,25 @@ mod tests {
 
     fn list(allow: &[&str], deny: &[&str]) -> AccessList {
         let nets = |l: &[&str]| l.iter().map(|n| n.parse().unwrap()).collect();
-        AccessList { allow: nets(allow), deny: nets(deny) }
+        AccessList { allow: nets(allow), deny: nets(deny), env_rules: Vec::new() }
+    }
+
+    #[test]
+    fn the_first_matching_rule_gives_the_environment() {
+        let rule = |net: &str, env: &[(&str, &str)]| EnvRule {
+            net: net.parse().unwrap(),
+            env: env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        };
+        let mut access = list(&["127.0.0.0/8", "127.0.0.2/32"], &[]);
+        access.env_rules = vec![
+            rule("127.0.0.2/32", &[("RELAYCLIENT", "")]),
+            rule("127.0.0.0/8", &[]),
+            rule("127.0.0.3/32", &[("NEVER", "first one wins")]),
+        ];
+        assert_eq!(access.env_for(ip("127.0.0.2")), [("RELAYCLIENT".into(), String::new())]);
+        assert_eq!(access.env_for(ip("::ffff:127.0.0.2")).len(), 1, "mapped IPv4");
+        assert!(access.env_for(ip("127.0.0.3")).is_empty(), "the /8 comes first");
+        assert!(access.env_for(ip("10.0.0.1")).is_empty());
     }
 
     fn ip(text: &str) -> IpAddr {

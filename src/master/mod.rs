@@ -31,6 +31,7 @@ mod peer;
 pub mod pool;
 mod reload;
 mod spawn;
+mod spawners;
 mod start;
 pub mod supervisor;
 pub mod table;
@@ -135,6 +136,8 @@ pub struct Master {
     ready_pipe: Option<File>,
     /// When to report log lines that could not be written.
     dropped_report: logging::DropReport,
+    /// The exec spawners and the workers' links to them.
+    spawners: spawners::Spawners,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -143,7 +146,7 @@ pub struct Master {
 /// the daemon sees why it did not start.
 ///
 /// `ready_pipe` (daemon mode) gets one byte once the first generation is ready: 0, or the
-/// exit status if startup failed.
+/// exit status and the reason if startup failed (`daemonize::report_failure`).
 pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>) -> ExitStatus {
     let logs_elsewhere = config.log.target != LogTarget::Stderr;
     match Master::start(config, invocation, &mut ready_pipe) {
@@ -155,7 +158,7 @@ pub fn run(config: Config, invocation: Invocation, mut ready_pipe: Option<File>)
             }
             let status = error.exit_status();
             if let Some(mut pipe) = ready_pipe {
-                let _ = pipe.write_all(&[status as u8]);
+                crate::daemonize::report_failure(&mut pipe, status, &error.to_string());
             }
             status
         }
@@ -282,7 +285,7 @@ impl Master {
         loop {
             if self.supervisor.is_stopping() {
                 self.handle_reap();
-                if self.live_workers() == 0 {
+                if self.live_workers() == 0 && !self.stop_spawners(Instant::now()) {
                     break;
                 }
             }
@@ -347,6 +350,7 @@ impl Master {
         deadlines.extend(self.supervisor.deadline(now));
         deadlines.extend(self.probe_other_at);
         deadlines.extend(self.tickets.deadline());
+        deadlines.extend(self.spawners.deadline());
         let lifecycle = self.supervisor.lifecycle();
         deadlines.extend(self.pool.deadline(now, lifecycle));
         if !lifecycle.is_stopping() && self.supervisor.speaks_to_systemd() {
@@ -384,6 +388,9 @@ impl Master {
                 }
             };
             let Some((pid, exit)) = classify(status) else { return };
+            if self.spawner_exited(pid, exit) {
+                continue;
+            }
             match self.supervisor.successor_exited(pid) {
                 Some(actions) => {
                     self.upgrade_exited(pid, exit);
@@ -406,7 +413,13 @@ impl Master {
         self.reclaim(slot);
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
-        let keep: Vec<Pid> = self.pool.pids().chain(self.supervisor.successor()).collect();
+        self.spawner_link_gone(slot);
+        let keep: Vec<Pid> = self
+            .pool
+            .pids()
+            .chain(self.supervisor.successor())
+            .chain(self.spawners.pids())
+            .collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
             log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
@@ -604,6 +617,7 @@ impl Master {
         if let Err(error) = self.tickets.tick(now) {
             log::error!("could not replace a TLS session-ticket key: {error}");
         }
+        self.tick_spawners(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

@@ -1,13 +1,12 @@
-//! Children that outlive their worker: what `exec` started, reparented to the master.
+//! Children that outlive their parent: what `exec` started, reparented to the master.
 //!
 //! Runs in the master. The master is a child subreaper (`PR_SET_CHILD_SUBREAPER`,
-//! prctl(2)), so when a worker dies the programs it started for its connections become the
-//! master's children instead of init's. Workers start them by clone(2) with `CLONE_VFORK`,
-//! as posix_spawn(3) does, without a parent-death signal (`PR_SET_PDEATHSIG` would reach
-//! the direct child only, not what it starts); instead, whenever a worker exits, the master
-//! ends every child of its own that is neither a worker nor the new master of an upgrade: a
-//! worker that dies leaves no child behind. (A daemon that a program double-forked into the
-//! background is such an orphan too, and ends at the next worker exit.)
+//! prctl(2)), so a process whose parent dies becomes the master's child instead of init's:
+//! the children of an exec spawner that died (see `crate::spawner`), and the programs that an
+//! exec child put in the background (a double fork). They get no parent-death signal
+//! (`PR_SET_PDEATHSIG` would reach a direct child only); instead, whenever a worker or a
+//! spawner exits, the master ends every child of its own that is neither a worker, nor a
+//! spawner, nor the new master of an upgrade.
 
 use std::io;
 
@@ -35,7 +34,7 @@ fn children() -> Vec<Pid> {
 }
 
 /// Sends SIGKILL to every child, and its process group, that `keep` does not hold (the
-/// workers, the new master of an upgrade). Returns how many were ended; they are reaped like
+/// workers, the spawners, the new master of an upgrade). Returns how many were ended; they are reaped like
 /// any child.
 pub fn kill_orphans(keep: &[Pid]) -> usize {
     let mut ended = 0;

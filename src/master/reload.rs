@@ -93,6 +93,13 @@ impl Master {
             Ok(new) => new,
             Err(reason) => return self.reload_failed(&reason),
         };
+        let exec = crate::spawner::findings(&new, nix::unistd::geteuid());
+        for warning in &exec.warnings {
+            log::warn!("{warning}");
+        }
+        if !exec.errors.is_empty() {
+            return self.reload_failed(&exec.errors.join("\n"));
+        }
         let wanted = new.daemon.workers.get();
         if let Err(no_room) = self.pool.room_for(wanted) {
             return self.reload_failed(&no_room.to_string());
@@ -133,6 +140,7 @@ impl Master {
         let now = Instant::now();
         self.supervisor.reload_started(generation, now + START_TIMEOUT);
         log::info!("generation {generation} starting: {wanted} workers");
+        self.start_spawner(now);
         for slot in slots {
             if let Err(error) = self.spawn(slot, now) {
                 return self.rollback(&format!("could not fork a worker: {error}"));
@@ -178,6 +186,7 @@ impl Master {
         if let Err(error) = logging::apply(&self.config.log) {
             log::error!("could not restore the log target: {error}");
         }
+        self.retire_spawners();
         self.reload_failed(&format!("rolled back: {reason}"));
         // A reload asked for meanwhile may carry the fix: the supervisor runs it now.
         let queued = self.supervisor.reload_ended();

@@ -36,6 +36,8 @@ impl Master {
         self.scoreboard.name_listeners(names);
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
         self.scoreboard.claim(slot, generation);
+        // Its link to the generation's exec spawner (if the generation starts programs).
+        let link = self.link_worker(slot)?;
         signals::block(MASTER_SIGNALS)?;
         // SAFETY: the master is single-threaded, so no other thread can hold a lock or be
         // mid-allocation at the fork; the child only runs the worker and then exits.
@@ -51,6 +53,12 @@ impl Master {
                 // The other workers' channels (and the other master's of an upgrade) are the
                 // master's, not this worker's.
                 self.routing.forget();
+                // The master's copies of the spawners' links: another worker's link would let
+                // this one read that worker's requests.
+                self.spawners.forget();
+                if let Some(link) = link {
+                    crate::services::set_spawner_link(link);
+                }
                 drop(master_end);
                 let context = WorkerContext {
                     slot,
@@ -72,6 +80,7 @@ impl Master {
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
                 drop(worker_end);
+                drop(link);
                 self.routing.channels[slot] = Some(master_end);
                 self.scoreboard.slot(slot).pid.store(child.as_raw(), Ordering::Release);
                 let watch = Watch {

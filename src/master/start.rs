@@ -52,9 +52,13 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("could not install signal handlers: {0}")]
     Signals(io::Error),
-    /// The worker user or group cannot be used.
-    #[error(transparent)]
+    /// The worker user or group cannot be used; the message names the key and, for an
+    /// unknown name, what `preforkd check` says about it.
+    #[error("{}: {}", .0.for_workers().0, .0.for_workers().1)]
     Privileges(#[from] PrivilegeError),
+    /// exec children would run as the workers' user or root (the message says which).
+    #[error("{0}")]
+    ExecUser(String),
     /// Started as root without `daemon.user` and without `allow_root_workers`.
     #[error(
         "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true"
@@ -85,6 +89,7 @@ impl StartError {
                 ExitStatus::Unavailable
             }
             StartError::Privileges(PrivilegeError::Unknown { .. })
+            | StartError::ExecUser(_)
             | StartError::RootWorkers
             | StartError::Activation(_) => ExitStatus::Config,
             _ => ExitStatus::OsErr,
@@ -202,6 +207,13 @@ impl Master {
             }
         }
         let credentials = worker_credentials(&config, nix::unistd::geteuid())?;
+        let exec = crate::spawner::findings(&config, nix::unistd::geteuid());
+        for warning in &exec.warnings {
+            log::warn!("{warning}");
+        }
+        if !exec.errors.is_empty() {
+            return Err(StartError::ExecUser(exec.errors.join("; ")));
+        }
         let origin = match std::env::var_os(INHERITED_LISTENERS_ENV) {
             Some(_) => Origin::Upgrade,
             None => Origin::Fresh,
@@ -266,9 +278,11 @@ impl Master {
             notifier,
             ready_pipe: ready_pipe.take(),
             dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
+            spawners: Default::default(),
         };
         master.routing.predecessor = predecessor;
         let now = Instant::now();
+        master.start_spawner(now);
         for slot in 0..workers {
             if let Err(source) = master.spawn(slot, now) {
                 master.handle_stop_fast("startup failed");

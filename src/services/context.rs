@@ -23,6 +23,7 @@ pub struct Context<'a> {
     pub(crate) close: Option<(CloseReason, Ending)>,
     pub(crate) timer: Option<Option<Instant>>,
     pub(crate) shutdown_write: bool,
+    pub(crate) uncount: bool,
 }
 
 /// How the loop ends a connection a session closed ([`Context::close`], [`Context::reset`]).
@@ -45,6 +46,8 @@ pub(crate) struct Requests {
     pub timer: Option<Option<Instant>>,
     /// [`Context::shutdown_write`].
     pub shutdown_write: bool,
+    /// [`Context::uncount`].
+    pub uncount: bool,
 }
 
 /// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
@@ -76,6 +79,7 @@ impl<'a> Context<'a> {
             close: None,
             timer: None,
             shutdown_write: false,
+            uncount: false,
         }
     }
 
@@ -94,6 +98,7 @@ impl<'a> Context<'a> {
             close: None,
             timer: None,
             shutdown_write: false,
+            uncount: false,
         }
     }
 
@@ -123,12 +128,14 @@ impl<'a> Context<'a> {
             close: None,
             timer: None,
             shutdown_write: false,
+            uncount: false,
         };
         let result = call(&mut inner);
         let requests = Requests {
             close: inner.close,
             timer: inner.timer,
             shutdown_write: inner.shutdown_write,
+            uncount: inner.uncount,
         };
         let room = inner.extras.as_ref().map(|e| e.room);
         if let (Some(extras), Some(room)) = (self.extras.as_mut(), room) {
@@ -196,6 +203,15 @@ impl<'a> Context<'a> {
     /// [`Context::close`], idle timeouts).
     pub fn shutdown_write(&mut self) {
         self.shutdown_write = true;
+    }
+
+    /// Stops counting the connection against the listener's limits once this callback
+    /// returns: its per-client count and its place under the listener's `max_connections`
+    /// (and [`super::Service::max_connections`]) are released, while the connection itself
+    /// goes on (a lingering close). For a session whose service is over before the socket
+    /// is, as exec's when its child exits: xinetd counts running servers, not sockets.
+    pub fn uncount(&mut self) {
+        self.uncount = true;
     }
 
     /// Calls [`super::Session::on_timer`] once `at` has passed; `None` cancels. One timer

@@ -62,7 +62,7 @@ pub use chargen::Chargen;
 pub use daytime::Daytime;
 pub use discard::Discard;
 pub use echo::Echo;
-pub use exec::{Exec, StderrTo};
+pub use exec::{DEFAULT_USER, Exec, Program, StderrTo, set_spawner_link, wire};
 pub use metrics::Metrics;
 pub use relay::{Balance, ProxyVersion, Relay, RelayConfig};
 pub use time::Time;
@@ -273,9 +273,10 @@ impl ConnInfo<'_> {
 /// interior mutability is per worker. Building must have no side effect (no socket, no
 /// thread, no file written): `check` builds every service and throws it away.
 ///
-/// Workers leave SIGCHLD at its default disposition and install no handler for it: a
-/// service that starts processes waits for them itself, as exec does (pidfd_open(2), watched
-/// as an extra descriptor, then waitpid(2) with `WNOHANG`).
+/// Workers leave SIGCHLD at its default disposition and install no handler for it, and
+/// start no process themselves: a service that runs a program per connection describes it
+/// with [`Service::program`], and exec's sessions have the exec spawner start it (see
+/// `crate::spawner`).
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
@@ -285,6 +286,13 @@ pub trait Service {
     /// connection over it is refused with reason `listener-full`): exec's `max_instances`.
     /// Default: none.
     fn max_connections(&self) -> Option<NonZeroU32> {
+        None
+    }
+
+    /// The program this listener starts per connection, if any (exec's): the exec spawner
+    /// (see `crate::spawner`) starts only programs named this way, for the listener that
+    /// names them, as its user. Default: none.
+    fn program(&self) -> Option<&Program> {
         None
     }
 
@@ -503,6 +511,21 @@ impl Registry {
     /// not listed).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// The built-in service `name` built leniently from invalid options ([`Options::probe`]),
+    /// only to ask it which transports it serves ([`Service::stream`],
+    /// [`Service::datagram`]); `None` for a service registered by a program (whose build is
+    /// not known to survive invalid values) or when nothing could be built.
+    pub(crate) fn probe_builtin(
+        &self,
+        name: &str,
+        table: Option<toml::Spanned<toml::de::DeTable<'_>>>,
+        listener_span: std::ops::Range<usize>,
+    ) -> Option<Arc<dyn Service>> {
+        let (_, build) = BUILTINS.iter().find(|(builtin, _)| *builtin == name)?;
+        let mut scratch = Vec::new();
+        build(&mut Options::probe(table, listener_span, &mut scratch)).ok()
     }
 
     /// Builds the service `name` from `options`; `None` when no service has that name.

@@ -48,6 +48,9 @@ pub struct Options<'a> {
     listener_span: Range<usize>,
     issues: &'a mut Vec<RawIssue>,
     reported: bool,
+    /// Built only to learn what the service serves ([`Options::probe`]): `finish` succeeds
+    /// whatever was reported.
+    probing: bool,
 }
 
 impl<'a> Options<'a> {
@@ -57,7 +60,26 @@ impl<'a> Options<'a> {
         listener_span: Range<usize>,
         issues: &'a mut Vec<RawIssue>,
     ) -> Self {
-        Options { table, prefix: prefix.to_owned(), listener_span, issues, reported: false }
+        Options {
+            table,
+            prefix: prefix.to_owned(),
+            listener_span,
+            issues,
+            reported: false,
+            probing: false,
+        }
+    }
+
+    /// Options for a second, lenient build of a built-in whose options were invalid, only to
+    /// ask the service which transports it serves: problems go to `scratch` (they were
+    /// reported by the first build), and [`Options::finish`] succeeds whenever a value was
+    /// made.
+    pub(crate) fn probe(
+        table: Option<Spanned<DeTable<'a>>>,
+        listener_span: Range<usize>,
+        scratch: &'a mut Vec<RawIssue>,
+    ) -> Self {
+        Options { probing: true, ..Options::new(table, "", listener_span, scratch) }
     }
 
     /// No `[listener.options]` table.
@@ -92,12 +114,13 @@ impl<'a> Options<'a> {
     }
 
     /// Reports a problem with option `key` (its value's position when present, else the
-    /// table's or the listener's): `listener[N].options.KEY: message`.
+    /// table's or the listener's): `listener[N].options.KEY: message`. A dotted key
+    /// (`rlimits.nofile`) names a value in a nested table.
     pub fn report(&mut self, key: &str, message: impl Into<String>) {
         let span = self
             .table
             .as_ref()
-            .and_then(|table| table.get_ref().get(key).map(Spanned::span))
+            .and_then(|table| value_span(table.get_ref(), key))
             .or_else(|| self.table.as_ref().map(Spanned::span))
             .unwrap_or_else(|| self.listener_span.clone());
         let key =
@@ -149,6 +172,23 @@ impl<'a> Options<'a> {
     /// # Errors
     /// [`Invalid`] when [`Options::report`] or [`Options::parse`] reported a problem.
     pub fn finish<T>(&self, value: T) -> Result<T, Invalid> {
-        if self.reported { Err(Invalid) } else { Ok(value) }
+        if self.reported && !self.probing { Err(Invalid) } else { Ok(value) }
     }
+}
+
+/// The span of the value at dotted `key` in `table` (`rlimits.nofile`); the nearest
+/// enclosing value's when a part is missing; `None` when the first part is.
+fn value_span(table: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => match inner.get(part) {
+                Some(next) => value = next,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    Some(value.span())
 }

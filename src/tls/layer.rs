@@ -378,6 +378,9 @@ impl TlsSession {
         if let Some(timer) = requests.timer {
             cx.set_timer(timer);
         }
+        if requests.uncount {
+            cx.uncount();
+        }
         match requests.close {
             Some((reason, Ending::Reset)) => {
                 self.closing = true;
@@ -547,6 +550,7 @@ fn merge(into: &mut Requests, asked: Requests) {
         into.timer = asked.timer;
     }
     into.shutdown_write |= asked.shutdown_write;
+    into.uncount |= asked.uncount;
 }
 
 /// Reads what the child left in its socket pair into rustls (it has exited: all it wrote

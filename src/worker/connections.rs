@@ -114,6 +114,9 @@ impl Connections {
         let table = &self.table;
         match self.shed.pop(|fd, serial| table.live(fd, serial).is_some_and(sheddable)) {
             Some((fd, _)) => {
+                if let Some(conn) = self.table.get(fd) {
+                    env.refusal_banner(fd as RawFd, conn.listener);
+                }
                 self.finish(fd, CloseReason::Shed, now, env);
                 true
             }
@@ -160,6 +163,10 @@ impl Connections {
             }
         };
         let entry = &env.listeners[index];
+        // Said before the service starts, so it comes before anything the service says
+        // (never on a TLS listener: `check` refuses a banner there).
+        let banner = entry.policy.banners.admitted.as_ref();
+        let greeted = banner.map_or(0, |banner| super::env::send_banner(fd, &banner.bytes));
         let session = match &entry.tls {
             // TLS: the layer makes the service's session once the handshake completes.
             Some(acceptor) => match acceptor.session(peer, entry.bound) {
@@ -191,7 +198,7 @@ impl Connections {
             session,
             state: ConnState::new(Phase::admitted(draining), ConnKind::Short, now),
             opened: now,
-            totals: Progress::default(),
+            totals: Progress { bytes_out: greeted as u64, ..Progress::default() },
             ticket,
             // What the poller has: a header was read through it, else nothing yet.
             interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },
@@ -320,6 +327,9 @@ impl Connections {
             Callback::Timer => conn.session.on_timer(&mut cx),
         };
         let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
+        if cx.uncount {
+            env.release(conn.ticket.take(), conn.peer);
+        }
         let progress = match result {
             Ok(progress) => progress,
             Err(error) => {

@@ -9,6 +9,8 @@
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
+use nix::sys::socket::MsgFlags;
+
 use crate::limits::{DatagramRates, Limits, SlotLedger, Ticket};
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::Scoreboard;
@@ -51,10 +53,19 @@ impl Env<'_> {
     }
 
     /// Turns away a connection just accepted on listener `index`, counted as a refusal of
-    /// `reason` (its socket closes when the caller drops it).
+    /// `reason`, after its `banner_fail` (its socket closes when the caller drops it).
     pub fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
+        self.refusal_banner(fd, index);
         self.closed(Closed::refused(index, peer, None, reason));
+    }
+
+    /// Sends listener `index`'s `banner_fail`, if it has one, to the client on `fd`, which
+    /// is being refused.
+    pub fn refusal_banner(&self, fd: RawFd, index: usize) {
+        if let Some(banner) = &self.listeners[index].policy.banners.refused {
+            send_banner(fd, &banner.bytes);
+        }
     }
 
     /// Gives a connection's count in the shared table back, if it has one.
@@ -65,4 +76,13 @@ impl Env<'_> {
             log::error!("could not release the count of {peer}: {error}");
         }
     }
+}
+
+/// Sends `banner` on `fd` with one non-blocking send and never waits: returns how many bytes
+/// the socket took (all of a banner into a new connection's empty send buffer; fewer, or
+/// none, for a client that keeps its window shut). Nothing is kept for later, so a client
+/// that does not read costs one system call.
+pub fn send_banner(fd: RawFd, banner: &[u8]) -> usize {
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    nix::sys::socket::send(fd, banner, flags).unwrap_or(0)
 }

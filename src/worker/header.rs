@@ -139,6 +139,7 @@ impl Headers {
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
         env.books.counters.touch();
         if let Some(reason) = reason {
+            env.refusal_banner(fd as RawFd, pending.listener);
             env.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
         }
         None

@@ -8,6 +8,7 @@ const BROKEN: &str = r#"colour = "blue"
 [daemon]
 workers = 0
 graceful_timeout = "soon"
+allow_root_workers = true
 [[listener]]
 name = "echo"
 address = "127.0.0.1:0"
@@ -23,9 +24,9 @@ const PROBLEMS: &[&str] = &[
     ":1:1: colour: unknown field `colour`",
     ":3:11: daemon.workers: 0 is out of range",
     ":4:20: daemon.graceful_timeout: invalid duration",
-    ":8:11: listener[0].service: unknown service \"gopher\"",
-    ":9:11: listener[0].backlog: -1 is out of range",
-    ":12:11: listener[1].address: \"not-an-address\" is not an address",
+    ":9:11: listener[0].service: unknown service \"gopher\"",
+    ":10:11: listener[0].backlog: -1 is out of range",
+    ":13:11: listener[1].address: \"not-an-address\" is not an address",
 ];
 
 fn assert_lists_every_problem(stderr: &str) {

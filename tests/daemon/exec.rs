@@ -16,13 +16,28 @@ fn exec_daemon(workers: usize, listeners: &[(&str, &str)], env: &[(&str, &str)])
          [log]\nlevel = \"debug\"\n"
     );
     for (name, options) in listeners {
+        // The children's default user (preforkd-exec) may not exist on a test machine.
+        let user = if options.contains("user =") { "" } else { "user = \"nobody\"\n" };
         config.push_str(&format!(
             "[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
              short_idle_timeout = \"200ms\"\nmax_connections_per_client = 5\n\
-             [listener.options]\n{options}\n"
+             [listener.options]\n{user}{options}\n"
         ));
     }
     Daemon::launch(&config, None, env)
+}
+
+/// The daemon's exec spawners: the master's children that are not workers.
+pub fn spawner_pids(daemon: &Daemon) -> Vec<i32> {
+    let workers = daemon.worker_pids();
+    children_of(daemon.pid().as_raw()).into_iter().filter(|p| !workers.contains(p)).collect()
+}
+
+/// The children of process `pid` (proc(5)).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|c| c.split_whitespace().map(|p| p.parse().unwrap()).collect())
+        .unwrap_or_default()
 }
 
 /// Connects to listener `index`, sends `input` then FIN, returns all it gets back.
@@ -105,7 +120,8 @@ fn the_child_gets_the_connection_and_exactly_the_ucspi_environment() {
     assert_eq!(lines.len(), 4, "{output}");
     let stat: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(stat[0], stat[4], "pid = process group: {output}");
-    assert!(daemon.worker_pids().contains(&stat[3].parse().unwrap()), "a worker's child");
+    let parent: i32 = stat[3].parse().unwrap();
+    assert_eq!(spawner_pids(&daemon), [parent], "the spawner's child, not a worker's");
     assert_eq!(lines[1], "SigBlk:\t0000000000000000");
     // Nothing ignored, but the two real-time signals glibc keeps for itself (32 and 33),
     // which its posix_spawn leaves ignored in every child it starts (and so does ours).
@@ -212,13 +228,10 @@ fn a_child_that_never_reads_its_input_still_delivers_its_output() {
 fn a_killed_worker_takes_its_children_with_it_and_its_counts_come_back() {
     let daemon = exec_daemon(1, &[("sleep", "program = \"/bin/sleep\"\nargs = [\"60\"]")], &[]);
     let worker = daemon.worker_pids()[0];
+    let spawner = spawner_pids(&daemon)[0];
     let client = Ipv4Addr::new(127, 0, 0, 7);
     let held: Vec<_> = (0..5).map(|_| connect_from(client, daemon.addr())).collect();
-    let children = || {
-        std::fs::read_to_string(format!("/proc/{worker}/task/{worker}/children"))
-            .map(|c| c.split_whitespace().map(|p| p.parse::<i32>().unwrap()).collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
+    let children = || children_of(spawner);
     eventually("5 children run", || children().len() == 5);
     let pids = children();
     // The quota is spent: a sixth connection from the same client is refused.
@@ -231,11 +244,7 @@ fn a_killed_worker_takes_its_children_with_it_and_its_counts_come_back() {
     daemon.wait_replaced(&[worker]);
     // The dead worker's counts were reclaimed: the client has its five again.
     let again: Vec<_> = (0..5).map(|_| connect_from(client, daemon.addr())).collect();
-    let new_worker = *daemon.worker_pids().last().unwrap();
-    eventually("5 new children run", || {
-        std::fs::read_to_string(format!("/proc/{new_worker}/task/{new_worker}/children"))
-            .is_ok_and(|c| c.split_whitespace().count() == 5)
-    });
+    eventually("5 new children run", || children().len() == 5);
     drop(again);
 }
 
@@ -245,11 +254,12 @@ fn check_refuses_what_exec_cannot_run() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
-         [listener.options]\nprogram = \"bin/cat\"\nenv = { PROTO = \"UDP\" }\n\
+        "[daemon]\nallow_root_workers = true\n\
+         [[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+         [listener.options]\nuser = \"nobody\"\nprogram = \"bin/cat\"\nenv = { PROTO = \"UDP\" }\n\
          max_lifetime = \"soon\"\nstderr = \"file\"\ncolour = 1\n\
          [[listener]]\nname = \"y\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
-         [listener.options]\nprogram = \"@SELF@\"\n"
+         [listener.options]\nuser = \"nobody\"\nprogram = \"@SELF@\"\n"
             .replace("@SELF@", path.to_str().unwrap()),
     )
     .unwrap();
@@ -289,4 +299,242 @@ fn max_instances_caps_the_children_running_at_once_across_workers() {
     assert_eq!(exchange(&mut again, b"again", PATIENCE), Outcome::Echoed);
     let mut over = connect_from(Ipv4Addr::new(127, 0, 3, 31), daemon.addr());
     assert_eq!(exchange(&mut over, b"over", PATIENCE), Outcome::Closed);
+}
+
+/// Whether this test runs as root; else prints why it is skipped.
+fn root_or_skip(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        println!("{test}: skipped: only root can run exec children as another user");
+    }
+    root
+}
+
+/// uid, gid and supplementary groups of `nobody` (the test's unprivileged user).
+fn nobody() -> (u32, u32) {
+    let user = nix::unistd::User::from_name("nobody").unwrap().expect("a nobody user");
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+#[test]
+fn children_run_as_their_user_and_cannot_signal_the_workers() {
+    if !root_or_skip("children_run_as_their_user_and_cannot_signal_the_workers") {
+        return;
+    }
+    // The workers run as root here (allow_root_workers), the children as nobody; the child
+    // reads a worker's pid and tries to stop and kill it.
+    let script = "grep -E '^(Uid|Gid|Groups):' /proc/self/status; read -r pid; \
+                  kill -STOP $pid 2>/dev/null; echo stop=$?; kill -KILL $pid 2>/dev/null; echo kill=$?";
+    let daemon = exec_daemon(
+        1,
+        &[("who", &format!("program = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\ngroups = []"))],
+        &[],
+    );
+    let worker = daemon.worker_pids()[0];
+    let output = text(run(&daemon, 0, format!("{worker}\n").as_bytes()));
+    let (uid, gid) = nobody();
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines[0], format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}"), "{output}");
+    assert_eq!(lines[1], format!("Gid:\t{gid}\t{gid}\t{gid}\t{gid}"), "{output}");
+    assert_eq!(lines[2].trim_end(), "Groups:", "no supplementary group: {output}");
+    assert_eq!(lines[3..], ["stop=1", "kill=1"], "kill(1) got EPERM: {output}");
+    // The worker was neither stopped nor killed: it serves the next connection.
+    assert_eq!(daemon.worker_pids(), [worker]);
+    let state = std::fs::read_to_string(format!("/proc/{worker}/stat")).unwrap();
+    let state = state.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+    assert_ne!(state, 'T', "the worker is not stopped");
+    let again = text(run(&daemon, 0, format!("{worker}\n").as_bytes()));
+    assert!(again.ends_with("stop=1\nkill=1\n"), "{again}");
+}
+
+#[test]
+fn process_settings_reach_the_child_before_it_runs() {
+    if !root_or_skip("process_settings_reach_the_child_before_it_runs") {
+        return;
+    }
+    let script = "umask; cut -d' ' -f19 /proc/self/stat; \
+                  grep -E '^Max (address space|cpu time|data size|stack size|open files|resident set)' /proc/self/limits";
+    let options = format!(
+        "program = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\numask = \"027\"\nnice = 5\n\
+         rlimits = {{ as = \"1G\", cpu = 30, data = \"512M\", rss = 65536, stack = \"8M\", nofile = 64 }}"
+    );
+    let daemon = exec_daemon(1, &[("settings", &options)], &[]);
+    let output = text(run(&daemon, 0, b""));
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines[..2], ["0027", "5"], "umask and nice value: {output}");
+    let limit = |name: &str| -> Vec<&str> {
+        let line = lines.iter().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{output}"));
+        line[name.len()..].split_whitespace().take(2).collect()
+    };
+    assert_eq!(limit("Max cpu time"), ["30", "30"]);
+    assert_eq!(limit("Max address space"), ["1073741824", "1073741824"]);
+    assert_eq!(limit("Max data size"), ["536870912", "536870912"]);
+    assert_eq!(limit("Max stack size"), ["8388608", "8388608"]);
+    assert_eq!(limit("Max resident set"), ["65536", "65536"]);
+    assert_eq!(limit("Max open files"), ["64", "64"]);
+}
+
+#[test]
+fn check_reports_bad_process_settings_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[daemon]\nallow_root_workers = true\n\
+         [[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+         [listener.options]\nprogram = \"/bin/cat\"\nuser = \"nobody\"\numask = \"099\"\nnice = 40\n\
+         rlimits = { nofile = 2, cpu = \"5M\",\n  stack = -1 }\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code(status), 78, "{stderr}");
+    for expected in [
+        ":10:9: listener[0].options.umask: \"099\" is not an umask",
+        ":11:8: listener[0].options.nice: 40 is not a nice value",
+        ":12:22: listener[0].options.rlimits.nofile: 2 is too low",
+        ":12:31: listener[0].options.rlimits.cpu: \"5M\" is not a number of seconds",
+        ":13:11: listener[0].options.rlimits.stack: -1 is negative",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} missing from:\n{stderr}");
+    }
+    assert_eq!(stderr.lines().count(), 5, "{stderr}");
+}
+
+#[test]
+fn check_says_how_to_create_the_default_user_and_warns_of_writable_programs() {
+    if !root_or_skip("check_says_how_to_create_the_default_user_and_warns_of_writable_programs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exec.toml");
+    let write = |options: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[daemon]\nallow_root_workers = true\n[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\n\
+                 service = \"exec\"\n[listener.options]\n{options}\n"
+            ),
+        )
+        .unwrap();
+    };
+    if nix::unistd::User::from_name("preforkd-exec").unwrap().is_none() {
+        write("program = \"/bin/cat\"");
+        let (status, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+        assert_eq!(code(status), 78, "{stderr}");
+        assert!(
+            stderr.contains("listener[0].options.user: the default user \"preforkd-exec\"")
+                && stderr.contains("useradd --system"),
+            "{stderr}"
+        );
+    } else {
+        println!("the default user exists here: its absence is not tested");
+    }
+    // A program in a directory anyone may write: both users could replace it.
+    let bin = tempfile::tempdir().unwrap();
+    let program = bin.path().join("true");
+    std::fs::copy("/bin/true", &program).unwrap();
+    std::fs::set_permissions(bin.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .unwrap();
+    write(&format!("program = \"{}\"\nuser = \"nobody\"", program.display()));
+    let (status, stdout, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code(status), 0, "a warning is not an error: {stderr}");
+    assert!(stdout.contains("configuration OK"));
+    let (uid, _) = nobody();
+    let warning = format!(
+        "warning: listener[0].options.program: {} is writable by uid {uid} (the children's user)",
+        bin.path().display()
+    );
+    assert!(stderr.contains(&warning), "{warning:?} missing from:\n{stderr}");
+    // Children as root could signal the root workers: refused.
+    write("program = \"/bin/cat\"\nuser = \"root\"");
+    let (status, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code(status), 78, "{stderr}");
+    assert!(stderr.contains("exec children would run as root"), "{stderr}");
+}
+
+#[test]
+fn a_child_that_exits_frees_its_instance_at_once() {
+    // max_instances = 1, and the first client keeps its socket open after its child exits
+    // (the worker then waits up to 5 s for its FIN): the second client is served at once.
+    let daemon = exec_daemon(
+        1,
+        &[("once", "program = \"/bin/echo\"\nargs = [\"hi\"]\nmax_instances = 1")],
+        &[],
+    );
+    let mut first = connect_from(Ipv4Addr::new(127, 0, 4, 1), daemon.addr());
+    first.set_read_timeout(Some(PATIENCE)).unwrap();
+    // Up to the worker's FIN, sent when the child exits; our socket stays open, so the
+    // worker lingers (the access line comes only after).
+    let mut output = Vec::new();
+    first.read_to_end(&mut output).unwrap();
+    assert_eq!(output, b"hi\n");
+    assert!(daemon.matching(|l| l.contains("access listener=once")).is_empty(), "still lingering");
+    let started = Instant::now();
+    let mut second = connect_from(Ipv4Addr::new(127, 0, 4, 2), daemon.addr());
+    assert_eq!(
+        expect_bytes(&mut second, b"hi\n", Duration::from_secs(2)),
+        Outcome::Echoed,
+        "refused while the first connection lingers"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    crate::admission::expect_refused(&daemon, "listener-full", 0);
+    assert!(started.elapsed() < Duration::from_secs(2), "before the first linger ended");
+    drop(first);
+}
+
+#[test]
+fn stderr_lines_not_logged_are_counted_when_the_child_exits() {
+    // 100 lines at once: 20 are logged (the rate limit), and the 80 others are said when the
+    // child's stderr ends, with no later line to carry the count.
+    let script = "i=0; while [ $i -lt 100 ]; do echo line$i >&2; i=$((i+1)); done";
+    let daemon = exec_daemon(
+        1,
+        &[("noisy", &format!("program = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]"))],
+        &[],
+    );
+    run(&daemon, 0, b"");
+    let line = access_line(&daemon, "noisy", 1);
+    assert_eq!(field(&line, "stderr_dropped"), Some("80"), "{line}");
+    let logged = daemon.matching(|l| l.contains("exec pid=") && l.contains(": line"));
+    assert_eq!(logged.len(), 20, "{logged:?}");
+    daemon.wait_for_log("the held count", |l| l.contains("80 stderr lines not logged"));
+}
+
+#[test]
+fn a_dead_spawner_is_started_again_and_its_children_do_not_outlive_it() {
+    let daemon = exec_daemon(
+        1,
+        &[
+            ("cat", "program = \"/bin/cat\""),
+            ("sleep", "program = \"/bin/sleep\"\nargs = [\"60\"]"),
+        ],
+        &[],
+    );
+    let spawner = spawner_pids(&daemon)[0];
+    let _held = connect(daemon.addrs[1]);
+    eventually("a child runs", || children_of(spawner).len() == 1);
+    let child = children_of(spawner)[0];
+    kill(Pid::from_raw(spawner), Signal::SIGKILL).unwrap();
+    daemon.wait_for_log("the death", |l| {
+        l.contains("exec spawner of generation 1") && l.contains("died")
+    });
+    eventually("the orphaned child was killed", || !is_running(child));
+    eventually("a new spawner", || spawner_pids(&daemon).first().is_some_and(|&p| p != spawner));
+    // The master is alive and exec serves again.
+    assert!(is_running(daemon.pid().as_raw()));
+    assert_eq!(run(&daemon, 0, b"again"), b"again");
+}
+
+#[test]
+fn a_burst_of_connections_all_get_their_child() {
+    // 150 clients connect at once, before any exchange: the worker sends 150 requests in a
+    // burst, more than a datagram socket's queue (net.unix.max_dgram_qlen) would hold.
+    let daemon = exec_daemon(1, &[("cat", "program = \"/bin/cat\"")], &[]);
+    let mut streams: Vec<_> = (0..150)
+        .map(|i| connect_from(Ipv4Addr::new(127, 0, 5, 1 + i as u8), daemon.addr()))
+        .collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        assert_eq!(exchange(stream, b"burst", PATIENCE), Outcome::Echoed, "client {i}");
+    }
+    assert!(daemon.matching(|l| l.contains("exec-failed")).is_empty());
 }

@@ -362,9 +362,11 @@ const REFUSALS: &[Refusal] = &[
         expected: "daemon.user: \"root\" is root",
     },
     Refusal {
+        // A missing last directory is created at startup (as systemd's RuntimeDirectory=
+        // would), so only a deeper one is a refusal.
         what: "a pid file in a missing directory",
         root_only: false,
-        daemon_extra: "pid_file = \"@DIR@/missing/preforkd.pid\"",
+        daemon_extra: "pid_file = \"@DIR@/missing/deeper/preforkd.pid\"",
         replace: &[],
         setup: nothing,
         expected: "daemon.pid_file: directory",

@@ -60,8 +60,12 @@ fn reload_problem(text: &str, key: &Key) -> Option<String> {
 /// The man page's entry of `key`: its `.It Ic` line in the key's section and the text that
 /// follows (shared by consecutive `.It` lines), up to the next entry.
 fn man_entry(page: &str, key: &Key) -> Option<String> {
-    // `listener.tls` is documented under `.Sh LISTENER TLS`.
-    let heading = format!(".Sh {}", key.section().replace('.', " ").to_uppercase());
+    // The top level's one key, `include`, has a section of its own; `listener.tls` is
+    // documented under `.Sh LISTENER TLS`.
+    let heading = match key.section() {
+        "" => ".Sh INCLUDES".to_owned(),
+        section => format!(".Sh {}", section.replace('.', " ").to_uppercase()),
+    };
     let section: Vec<&str> = page
         .lines()
         .skip_while(|l| *l != heading)
@@ -93,6 +97,15 @@ fn shipped_paragraph(shipped: &str, key: &Key) -> Option<String> {
         let l = uncommented(l);
         l.starts_with(&format!("{} =", key.field())) || l == format!("[{}]", key.name)
     };
+    let paragraph = |at: usize| {
+        let start = lines[..at].iter().rposition(|l| l.trim().is_empty()).map_or(0, |n| n + 1);
+        lines[start..=at].join("\n")
+    };
+    if key.section().is_empty() {
+        // A key of the top level comes before any table.
+        let end = lines.iter().position(|l| l.starts_with('[')).unwrap_or(lines.len());
+        return lines[..end].iter().position(shows).map(paragraph);
+    }
     // The first block under the heading that shows the key.
     for from in (0..lines.len()).filter(|&i| uncommented(lines[i]) == heading) {
         let end = lines[from + 1..]
@@ -105,9 +118,7 @@ fn shipped_paragraph(shipped: &str, key: &Key) -> Option<String> {
             })
             .map_or(lines.len(), |n| from + 1 + n);
         if let Some(n) = lines[from..end].iter().position(shows) {
-            let at = from + n;
-            let start = lines[..at].iter().rposition(|l| l.trim().is_empty()).map_or(0, |n| n + 1);
-            return Some(lines[start..=at].join("\n"));
+            return Some(paragraph(from + n));
         }
     }
     None

@@ -250,7 +250,7 @@ fn reloads_beyond_max_draining_generations_stop_the_oldest_fast() {
     let config =
         controlled_config(1, "max_draining_generations = 1", "max_connections_per_client = 0")
             .replace("service = \"echo\"", "service = \"exec\"")
-            + "[listener.options]\nprogram = \"/bin/cat\"\n";
+            + "[listener.options]\nprogram = \"/bin/cat\"\nuser = \"nobody\"\n";
     let daemon = Daemon::start(&config);
     let busy_on_current_generation = || {
         let mut stream = connect(daemon.addr());
