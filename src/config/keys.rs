@@ -282,7 +282,7 @@ keys! {
         Applies,
         "Prefixes of the proxies whose PROXY protocol header is believed.";
     SHED_WHEN_FULL "listener.shed_when_full": Boolean, Value("true"), "", Applies,
-        "A full worker closes its oldest connection without a completed exchange for a new one.";
+        "A full worker closes a connection for a new client: a late PROXY header, one without an exchange, one over its client's fair share.";
     TRANSPORT "listener.transport": OneOf(&["tcp", "udp"]), Value("\"tcp\""), "", Applies,
         "Stream (TCP) or datagram (UDP) socket.";
     MAX_DATAGRAM_RATE_PER_CLIENT "listener.max_datagram_rate_per_client": Kind::Rate,

@@ -76,8 +76,8 @@ mod datagram_rates;
 mod mutex;
 mod region;
 
+use buckets::Place;
 pub use buckets::Verdict;
-use buckets::{Crowded, Place};
 pub use datagram_rates::DatagramRates;
 use mutex::{Held, RobustMutex};
 use region::Mapping;
@@ -169,6 +169,17 @@ impl ClientKey {
             IpNet::V6(v6) => (6, v6.addr().octets()),
         };
         ClientKey { address, listener: listener as u16, family, prefix: net.prefix_len() }
+    }
+
+    /// The key's 20 bytes: the address, the listener id (little-endian), the family and the
+    /// prefix length. Two keys are equal exactly when their bytes are.
+    pub fn to_bytes(&self) -> [u8; 20] {
+        let mut bytes = [0; 20];
+        bytes[..16].copy_from_slice(&self.address);
+        bytes[16..18].copy_from_slice(&self.listener.to_le_bytes());
+        bytes[18] = self.family;
+        bytes[19] = self.prefix;
+        bytes
     }
 
     /// The key counting every connection of listener `listener`.
@@ -938,8 +949,7 @@ impl Table<'_> {
     /// Spends one token of `key`'s bucket at `now_ns`; false if it has none left.
     fn take_token(&mut self, key: ClientKey, rate: &Rate, now_ns: u64) -> bool {
         let home = self.hasher.hash_one(key) as usize;
-        let crowded = Crowded::TakeFullest;
-        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE, crowded);
+        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE);
         verdict == Verdict::Allowed
     }
 

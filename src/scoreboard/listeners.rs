@@ -1,5 +1,6 @@
-//! Per-listener counters of the scoreboard (version 4): one row per (worker slot, listener),
-//! the listener names and bound addresses (version 7), and the totals of workers that are gone.
+//! Per-listener counters of the scoreboard (version 4; datagrams since version 8): one row
+//! per (worker slot, listener), the listener names and bound addresses (version 7), and the
+//! totals of workers that are gone.
 //!
 //! Written by the master (names and addresses, at each fork; the retired totals, when it
 //! claims a slot for a new worker) and by each worker (its own rows, with its other counters, at most every
@@ -87,17 +88,68 @@ impl Close {
     }
 }
 
+/// What became of a datagram received on a UDP listener's socket: the per-listener datagram
+/// counters, in this order. Each datagram counts under exactly one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Datagram {
+    /// The service answered it with one datagram.
+    Answered = 0,
+    /// Not answered: the service chose not to (malformed, unwanted), or the reply could not
+    /// be sent (a full send buffer drops it, as the network could).
+    Ignored = 1,
+    /// Dropped before the service saw it: over the client's `max_datagram_rate_per_client`
+    /// (or the shared rate table failed: fail closed).
+    OverRate = 2,
+    /// Dropped unanswered: the listener's budget of transfers to peers that have not
+    /// answered yet is spent (TFTP's `max_unverified_transfers`).
+    Unverified = 3,
+    /// Started a flow (a TFTP transfer), which then counts like a connection: `accepted`,
+    /// `open`, and a close.
+    Flow = 4,
+    /// Asked for a flow that was refused (the client's `max_connections_per_client`, the
+    /// worker's descriptor budget, a graceful stop): the peer got an error.
+    FlowRefused = 5,
+}
+
+/// Number of [`Datagram`] outcomes.
+pub const DATAGRAM_OUTCOMES: usize = 6;
+
+impl Datagram {
+    /// Every outcome, in counter order.
+    pub const ALL: [Datagram; DATAGRAM_OUTCOMES] = [
+        Datagram::Answered,
+        Datagram::Ignored,
+        Datagram::OverRate,
+        Datagram::Unverified,
+        Datagram::Flow,
+        Datagram::FlowRefused,
+    ];
+
+    /// The `status --json` and metrics spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Datagram::Answered => "answered",
+            Datagram::Ignored => "ignored",
+            Datagram::OverRate => "over-rate",
+            Datagram::Unverified => "unverified",
+            Datagram::Flow => "flow",
+            Datagram::FlowRefused => "flow-refused",
+        }
+    }
+}
+
 /// One listener's counters in one worker slot (or in the retired totals).
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct ListenerScore {
-    /// Connections open now (accepted, not yet closed).
+    /// Connections (and UDP flows) open now (accepted, not yet closed).
     pub open: AtomicU64,
-    /// Connections accepted and served (refused ones are not).
+    /// Connections accepted and served, and UDP flows started (refused ones are not).
     pub accepted: AtomicU64,
-    /// Bytes read from clients.
+    /// Bytes read from clients (datagrams and flows included).
     pub bytes_in: AtomicU64,
-    /// Bytes written to clients.
+    /// Bytes written to clients (datagrams and flows included).
     pub bytes_out: AtomicU64,
     /// Connections refused or shed, by [`Refusal`].
     pub refused: [AtomicU64; REFUSALS],
@@ -108,7 +160,9 @@ pub struct ListenerScore {
     pub handed_off: AtomicU64,
     /// Connections adopted from a retiring worker.
     pub adopted: AtomicU64,
-    /// TLS handshakes completed (resumed ones included; version 8).
+    /// Datagrams received on the listener's socket, by [`Datagram`] outcome (version 7).
+    pub datagrams: [AtomicU64; DATAGRAM_OUTCOMES],
+    /// TLS handshakes completed (resumed ones included; version 9).
     pub tls_handshakes: AtomicU64,
     /// Of those, resumed from a session ticket.
     pub tls_resumed: AtomicU64,
@@ -134,6 +188,7 @@ impl ListenerScore {
         .into_iter()
         .chain(&self.refused)
         .chain(&self.closed)
+        .chain(&self.datagrams)
         .chain(&self.tls_failed)
     }
 }
@@ -217,6 +272,8 @@ pub struct ListenerTotals {
     pub handed_off: u64,
     /// Connections adopted from retiring workers.
     pub adopted: u64,
+    /// Datagrams by [`Datagram`] outcome.
+    pub datagrams: [u64; DATAGRAM_OUTCOMES],
     /// TLS handshakes completed, resumed ones included.
     pub tls_handshakes: u64,
     /// TLS handshakes that resumed a session.
@@ -238,6 +295,9 @@ impl ListenerTotals {
         for (total, counter) in self.closed.iter_mut().zip(&row.closed) {
             *total += counter.load(Ordering::Relaxed);
         }
+        for (total, counter) in self.datagrams.iter_mut().zip(&row.datagrams) {
+            *total += counter.load(Ordering::Relaxed);
+        }
         self.tls_handshakes += row.tls_handshakes.load(Ordering::Relaxed);
         self.tls_resumed += row.tls_resumed.load(Ordering::Relaxed);
         for (total, counter) in self.tls_failed.iter_mut().zip(&row.tls_failed) {
@@ -253,6 +313,11 @@ impl ListenerTotals {
     /// Refusals for `reason`.
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.refused[reason as usize]
+    }
+
+    /// Datagrams with `outcome`.
+    pub fn datagrams(&self, outcome: Datagram) -> u64 {
+        self.datagrams[outcome as usize]
     }
 }
 
@@ -441,6 +506,7 @@ mod tests {
         row.open.store(2, Ordering::Relaxed);
         row.closed[Close::ClientClose as usize].fetch_add(1, Ordering::Relaxed);
         board.listener_rows(1)[0].refused[Refusal::Rate as usize].fetch_add(4, Ordering::Relaxed);
+        row.datagrams[Datagram::Answered as usize].fetch_add(7, Ordering::Relaxed);
         let reader = Scoreboard::open(&path).unwrap();
         let totals = reader.listener_totals();
         assert_eq!(totals.len(), 2);
@@ -459,6 +525,7 @@ mod tests {
         assert_eq!(totals[0].accepted, 4);
         assert_eq!(totals[0].closed[Close::ClientClose as usize], 1);
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
+        assert_eq!(totals[0].datagrams(Datagram::Answered), 7, "folded with the rest");
     }
 
     #[test]

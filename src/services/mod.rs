@@ -131,6 +131,10 @@ pub enum CloseReason {
     Shed,
     /// A trusted proxy's PROXY protocol header was malformed, or did not come in time.
     ProxyHeader,
+    /// Closed at rest by a full worker to admit a new client, its client holding more than
+    /// its fair share of the worker; or refused by a full worker, its client then holding
+    /// more than its fair share (see preforkd.toml(5), `shed_when_full`).
+    OverShare,
     /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
@@ -156,6 +160,7 @@ impl CloseReason {
             CloseReason::ListenerFull => "listener-full",
             CloseReason::Shed => "shed",
             CloseReason::ProxyHeader => "proxy-header",
+            CloseReason::OverShare => "over-share",
             CloseReason::Service(reason) => reason,
             CloseReason::Handshake(failure) => failure.close_reason(),
         }

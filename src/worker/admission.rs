@@ -6,9 +6,25 @@
 //! only once the access list let the client through, so a denied client spends no token of
 //! its rate. Admission checks, in order: the listener's `allow`/`deny` lists, then the shared
 //! table (the client's rate, its open connections, the listener's cap: one lock, see
-//! [`crate::limits::Limits::admit_with`]), then room in this worker. A worker without room
-//! admits only because it can shed a connection for the new client (its intake decided so,
-//! see `intake.rs`): the oldest connection that completed no exchange.
+//! [`crate::limits::Limits::admit_with`]), then room in this worker.
+//!
+//! A worker without room admits only because it can shed a connection for the new client
+//! (its intake decided so, see `intake.rs`), and only once the client passed the checks
+//! above, so that a refused client never costs anyone a connection. What it sheds, on
+//! listeners with `shed_when_full`, first that can be had:
+//! 1. the oldest connection from a trusted proxy still waiting for its PROXY header (a proxy
+//!    sends it with the connection: one that waits is broken or hostile, and would be closed
+//!    at `PROXY_HEADER_TIMEOUT` anyway) — see `header.rs`;
+//! 2. the oldest connection that has completed no exchange ([`sheddable`]; closed at once:
+//!    it was answered nothing);
+//! 3. a connection at rest ([`over_share_sheddable`], nothing unread) of the client holding
+//!    the most connections in the worker, if it holds at least two more than the new client:
+//!    a lingering close, so that no answer is lost (reason `over-share`; the rule and what
+//!    a *fair share* is are in `shares.rs`). At most [`SHED_LINGER_MAX`] such closes linger
+//!    at once (each holds its descriptor beyond the budget until the client's FIN).
+//!
+//! With none of them, the new client is refused (reason `over-share`): it holds as many
+//! connections in the worker as anyone else, so taking one of theirs would not be fair.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -18,6 +34,18 @@ use crate::limits::{Admission, LimitsError, Rules, Ticket};
 use crate::services::CloseReason;
 
 use super::phase::{ConnKind, ConnState, Phase};
+
+/// Connections shed by fair share (reason `over-share`) that may be in their lingering close
+/// at once, beyond the worker's budget: past it, a full worker sheds by fair share only once
+/// one of them has closed (at the latest `LINGER_TIMEOUT` after it was shed).
+pub const SHED_LINGER_MAX: usize = 16;
+
+/// Clients holding the most connections that one search for a connection to shed by fair
+/// share looks at (ties), and connections of each: the search is bounded whatever the
+/// number of connections.
+pub const SHED_SCAN_CLIENTS: usize = 2;
+/// See [`SHED_SCAN_CLIENTS`].
+pub const SHED_SCAN_MEMBERS: usize = 8;
 
 /// The outcome of [`admit`].
 #[derive(Debug)]
@@ -83,6 +111,14 @@ pub fn admit(
 /// loop cannot see, a child owning the socket, is never idle).
 pub fn sheddable(state: &ConnState, exchanges: u64, idle_timeouts: bool) -> bool {
     state.kind == ConnKind::Short && exchanges == 0 && state.phase == Phase::Open && idle_timeouts
+}
+
+/// Whether a connection of a client over its fair share may be shed now: served with no
+/// close planned, with idle timeouts (a child owning the socket is never shed), and its
+/// session `at_rest` (no exchange in flight: every answer written). The caller also makes
+/// sure nothing unread waits in the socket before it sheds it.
+pub fn over_share_sheddable(state: &ConnState, idle_timeouts: bool, at_rest: bool) -> bool {
+    state.phase == Phase::Open && idle_timeouts && at_rest
 }
 
 /// The connections a full worker may shed, oldest first, as `(descriptor, serial)`.
@@ -236,6 +272,24 @@ mod tests {
             Phase::Lingering { reason: CloseReason::Shed, until: t0 },
         ] {
             assert!(!sheddable(&ConnState { phase, ..open }, 0, true), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn only_open_connections_at_rest_are_shed_by_fair_share() {
+        let t0 = Instant::now();
+        let long = ConnState::new(Phase::Open, ConnKind::Long, t0);
+        assert!(over_share_sheddable(&long, true, true));
+        assert!(!over_share_sheddable(&long, true, false), "an exchange in flight");
+        assert!(!over_share_sheddable(&long, false, true), "a child owns the socket");
+        let short = ConnState { kind: ConnKind::Short, ..long };
+        assert!(over_share_sheddable(&short, true, true), "short or long alike");
+        for phase in [
+            Phase::ClosingAtRest(CloseReason::LongLimit),
+            Phase::Draining(HandOff::Local),
+            Phase::Lingering { reason: CloseReason::OverShare, until: t0 },
+        ] {
+            assert!(!over_share_sheddable(&ConnState { phase, ..long }, true, true), "{phase:?}");
         }
     }
 

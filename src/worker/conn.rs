@@ -15,6 +15,7 @@ use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
 use super::phase::ConnState;
+use super::shares::Share;
 
 /// One accepted (or adopted) client connection.
 pub struct Conn {
@@ -40,6 +41,8 @@ pub struct Conn {
     pub interest: Interest,
     /// Descriptors the session watches besides the client socket.
     pub extras: Vec<RawFd>,
+    /// Its place in its client's share of the worker (`shares.rs`).
+    pub share: Share,
 }
 
 impl Conn {

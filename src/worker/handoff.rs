@@ -29,6 +29,7 @@ use super::conn::{Conn, unread_input};
 use super::connections::{schedule, update_interest};
 use super::env::Env;
 use super::phase::{ConnKind, ConnState, HANDOFF_RETRY, HandOff, Phase, after_answer};
+use super::shares::Share;
 use super::table::Table;
 
 /// Messages handled per readiness of the channel at most, so a flood of offers cannot starve
@@ -372,6 +373,8 @@ fn adopt(
         ticket,
         interest: Interest::READ,
         extras: Vec::new(),
+        // Counted in its client's share at its first event here (`connections.rs`).
+        share: Share::Unseated,
     };
     if let Err(conn) = table.insert(slot, conn) {
         // Checked above: the slot is free.

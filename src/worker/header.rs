@@ -7,7 +7,9 @@
 //! - exactly the header's bytes are consumed (peeked, parsed, then read): the client's own
 //!   data stays in the socket for its session;
 //! - a malformed header, an end of file, or a header not complete within
-//!   [`PROXY_HEADER_TIMEOUT`] closes the connection, counted as a `proxy-header` refusal.
+//!   [`PROXY_HEADER_TIMEOUT`] closes the connection, counted as a `proxy-header` refusal;
+//! - a full worker may shed them, oldest first, before any other connection (see
+//!   `admission.rs`): closed and counted as a `shed` refusal of the proxy.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::RawFd;
@@ -20,6 +22,7 @@ use crate::poller::Interest;
 use crate::proxy_protocol::{self, Parsed};
 use crate::services::CloseReason;
 
+use super::admission::ShedQueue;
 use super::books::Closed;
 use super::connections::Client;
 use super::env::Env;
@@ -38,12 +41,16 @@ struct Pending {
     proxy: SocketAddr,
     /// Header bytes consumed so far (at most [`proxy_protocol::MAX_HEADER`]).
     header: Vec<u8>,
+    /// Accept time.
+    accepted: Instant,
 }
 
 /// The connections reading their PROXY header.
 #[derive(Default)]
 pub struct Headers {
     table: Table<Pending>,
+    /// Every one of them, oldest first, for shedding (entries of those gone are stale).
+    queue: ShedQueue,
 }
 
 impl Headers {
@@ -76,12 +83,15 @@ impl Headers {
         env: &mut Env<'_>,
     ) -> Option<Client> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let pending = Pending { stream, listener: index, proxy, header: Vec::new() };
-        if self.table.insert(fd as usize, pending).is_err() {
+        let pending = Pending { stream, listener: index, proxy, header: Vec::new(), accepted: now };
+        let Ok(serial) = self.table.insert(fd as usize, pending) else {
             // Cannot happen: a descriptor just accepted is in no entry.
             log::error!("connection from proxy {proxy}: descriptor {fd} is in use already");
             return None;
-        }
+        };
+        let table = &self.table;
+        let live = |fd: usize, serial: u64| table.live(fd, serial).is_some();
+        self.queue.push(fd as usize, serial, self.table.len(), live);
         // Cannot fail: the caller checked `can_watch`.
         let _ = env.poller.set(fd, Interest::READ);
         self.table.schedule(fd as usize, now + PROXY_HEADER_TIMEOUT);
@@ -143,6 +153,30 @@ impl Headers {
             env.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
         }
         None
+    }
+
+    /// Whether a connection still reads its header (dropping stale queue entries).
+    pub fn can_shed(&mut self) -> bool {
+        let table = &self.table;
+        self.queue.front(|fd, serial| table.live(fd, serial).is_some()).is_some()
+    }
+
+    /// Closes the oldest connection still reading its header, to make room for a new
+    /// client (a `shed` refusal of the proxy); false if there is none.
+    pub fn shed_oldest(&mut self, now: Instant, env: &mut Env<'_>) -> bool {
+        let table = &self.table;
+        let Some((fd, _)) = self.queue.pop(|fd, serial| table.live(fd, serial).is_some()) else {
+            return false;
+        };
+        if let Some(pending) = self.table.get(fd) {
+            let waited = now.saturating_duration_since(pending.accepted);
+            log::debug!(
+                "shedding a connection from proxy {} waiting {waited:?} for its header",
+                pending.proxy
+            );
+        }
+        self.drop(fd, Some(CloseReason::Shed), env);
+        true
     }
 
     /// Closes the connections whose header is late at `now`.

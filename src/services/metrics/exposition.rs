@@ -19,7 +19,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::clock::monotonic_ms;
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, TlsFailure, UpgradeState};
+use crate::scoreboard::{
+    Close, Datagram, Refusal, Scoreboard, SlotState, TlsFailure, UpgradeState,
+};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";
@@ -123,6 +125,12 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
         None,
     );
+    let datagrams = counters(
+        r,
+        "listener_datagrams",
+        "Datagrams received on a UDP listener's socket, by listener and outcome",
+        None,
+    );
     let handshakes = counters(
         r,
         "listener_tls_handshakes",
@@ -145,6 +153,10 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         }
         for reason in Close::ALL {
             closed.get_or_create(&with_reason(reason.name())).inc_by(totals.closed[reason as usize]);
+        }
+        for outcome in Datagram::ALL {
+            let labels = vec![("listener", totals.name.clone()), ("outcome", outcome.name().to_owned())];
+            datagrams.get_or_create(&labels).inc_by(totals.datagrams(outcome));
         }
         let failures: u64 = totals.tls_failed.iter().sum();
         if totals.tls_handshakes + failures > 0 {
