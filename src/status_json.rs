@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn listeners_carry_their_counters_by_reason() {
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, "echo", "[::1]:7007".parse().unwrap())]);
+        board.name_listeners([(0, "echo", "[::1]:7007".parse().ok())]);
         board.claim(0, 1);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];

@@ -121,13 +121,18 @@ pub enum LimitsError {
     Probe(Errno),
 }
 
-/// A client as counted: listener id and the client's address reduced to its prefix.
+/// [`ClientKey`]'s family of a Unix client, keyed by user id.
+const FAMILY_UID: u8 = 1;
+
+/// A client as counted: listener id and the client's address reduced to its prefix, or a
+/// Unix client's user id.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     address: [u8; 16],
     listener: u16,
-    /// 4 or 6 for a client; 0 for a whole listener's key.
+    /// 4 or 6 for an IP client, [`FAMILY_UID`] for a Unix client's user id; 0 for a whole
+    /// listener's key.
     family: u8,
     /// Prefix length the address was reduced to.
     prefix: u8,
@@ -171,6 +176,21 @@ impl ClientKey {
         ClientKey { address, listener: listener as u16, family, prefix: net.prefix_len() }
     }
 
+    /// The key of the Unix client of user id `uid` on listener `listener`: a Unix socket's
+    /// clients are counted, rate-limited and logged by user (their `SO_PEERCRED`), as an IP
+    /// client is by address.
+    pub fn uid(listener: usize, uid: u32) -> Self {
+        let mut address = [0; 16];
+        address[..4].copy_from_slice(&uid.to_le_bytes());
+        ClientKey { address, listener: listener as u16, family: FAMILY_UID, prefix: 32 }
+    }
+
+    /// The user id of a Unix client's key.
+    pub fn user(&self) -> Option<u32> {
+        (self.family == FAMILY_UID)
+            .then(|| u32::from_le_bytes(self.address[..4].try_into().expect("4 bytes")))
+    }
+
     /// The key's 20 bytes: the address, the listener id (little-endian), the family and the
     /// prefix length. Two keys are equal exactly when their bytes are.
     pub fn to_bytes(&self) -> [u8; 20] {
@@ -206,7 +226,10 @@ impl std::fmt::Display for ClientKey {
         match self.net() {
             Some(net) if net.prefix_len() == net.max_prefix_len() => net.addr().fmt(f),
             Some(net) => net.fmt(f),
-            None => write!(f, "listener #{}", self.listener),
+            None => match self.user() {
+                Some(uid) => write!(f, "uid:{uid}"),
+                None => write!(f, "listener #{}", self.listener),
+            },
         }
     }
 }

@@ -348,11 +348,12 @@ impl Scoreboard {
     }
 
     /// Publishes the names and bound addresses of the serving listeners, `(id, name,
-    /// address)` (by the master, before it forks a worker). Ids at or above [`LISTENER_ROWS`]
+    /// address)` (by the master, before it forks a worker; `None` for a Unix listener, whose
+    /// address is its configured one). Ids at or above [`LISTENER_ROWS`]
     /// are skipped.
     pub fn name_listeners<'n>(
         &self,
-        listeners: impl IntoIterator<Item = (u16, &'n str, SocketAddr)>,
+        listeners: impl IntoIterator<Item = (u16, &'n str, Option<SocketAddr>)>,
     ) {
         let table = self.listener_table();
         for (id, name, address) in listeners {
@@ -376,9 +377,9 @@ impl Scoreboard {
     }
 
     /// Writes the address of listener `index` if it changed, inside the sequence count.
-    fn publish_address(&self, index: usize, address: SocketAddr) {
+    fn publish_address(&self, index: usize, address: Option<SocketAddr>) {
         let table = self.listener_table();
-        let words = encode_address(address);
+        let words = address.map_or([0; ADDRESS_WORDS], encode_address);
         let row = &table.addresses[index];
         if row.iter().zip(words).all(|(word, value)| word.load(Ordering::Relaxed) == value) {
             return;
@@ -495,7 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.pid.scoreboard");
         let board = Scoreboard::create(Some(&path), 2).unwrap();
-        let (echo, metrics) = ("127.0.0.1:7".parse().unwrap(), "[::1]:9464".parse().unwrap());
+        let (echo, metrics) = ("127.0.0.1:7".parse().ok(), "[::1]:9464".parse().ok());
         board.name_listeners([(0, "echo", echo), (1, "metrics", metrics)]);
         board.claim(0, 1);
         board.claim(1, 1);
@@ -511,7 +512,7 @@ mod tests {
         let totals = reader.listener_totals();
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].name.as_str(), totals[1].name.as_str()), ("echo", "metrics"));
-        assert_eq!((totals[0].address, totals[1].address), (Some(echo), Some(metrics)));
+        assert_eq!((totals[0].address, totals[1].address), (echo, metrics));
         assert_eq!((totals[0].accepted, totals[0].open), (3, 2));
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
         // The worker of slot 0 dies and a new one takes the slot: its counters are kept,
@@ -536,7 +537,7 @@ mod tests {
         assert_ne!(kept[0], kept[1]);
         assert_eq!(kept_name(3, "echo"), "echo");
         let board = Scoreboard::create(None, 1).unwrap();
-        let any = "127.0.0.1:0".parse().unwrap();
+        let any = "127.0.0.1:0".parse().ok();
         board.name_listeners([(0, long.as_str(), any), (LISTENER_ROWS as u16, "over", any)]);
         assert_eq!(board.listener_totals().len(), 1, "an id past the rows is not named");
         board.listener_table().count.store(u64::MAX, Ordering::Release);
@@ -553,13 +554,15 @@ mod tests {
         assert_eq!(decode_address([u64::MAX; ADDRESS_WORDS]), None, "a forged family");
         let board = Scoreboard::create(None, 1).unwrap();
         assert_eq!(board.listener_address(0), None);
-        let first = "127.0.0.1:4000".parse().unwrap();
+        let first = "127.0.0.1:4000".parse().ok();
         board.name_listeners([(0, "echo", first)]);
         board.name_listeners([(0, "echo", first)]);
         assert_eq!(board.listener_table().rebinding.load(Ordering::Relaxed), 2, "written once");
-        let moved = "[::1]:4001".parse().unwrap();
+        let moved = "[::1]:4001".parse().ok();
         board.name_listeners([(0, "echo", moved)]);
-        assert_eq!(board.listener_address(0), Some(moved));
+        assert_eq!(board.listener_address(0), moved);
+        board.name_listeners([(0, "echo", None)]);
+        assert_eq!(board.listener_address(0), None, "a Unix listener publishes none");
         assert_eq!(board.listener_address(LISTENER_ROWS), None, "past the rows");
     }
 }

@@ -40,6 +40,7 @@ pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
+pub use crate::net::{Credentials, Peer};
 pub use crate::poller::Interest;
 pub use crate::scoreboard::TlsFailure;
 
@@ -180,14 +181,16 @@ impl fmt::Display for CloseReason {
 pub struct ConnInfo<'a> {
     /// The listener's `name`.
     pub listener: &'a str,
-    /// The client's address.
-    pub peer: SocketAddr,
+    /// Who the client is: [`Peer::Ip`] with its address and port (the one a trusted PROXY
+    /// protocol header named, if any), or [`Peer::Unix`] with its credentials for a client of
+    /// a Unix listener. `peer.ip()` is the address, when there is one.
+    pub peer: Peer,
     /// The accepted socket, for [`ConnInfo::local_addr`] or for a service that hands the
     /// connection to something else (a child process). The worker owns it: do not close it.
     pub socket: BorrowedFd<'a>,
     /// The local address when the worker knows it without asking the kernel: the listener's
-    /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`). `None`: ask
-    /// [`ConnInfo::local_addr`].
+    /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`) or a Unix socket. `None`:
+    /// ask [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
     /// On a TLS listener, what the handshake settled (the session is made once it
     /// completed); `None` on a plain one.
@@ -259,7 +262,8 @@ impl ConnInfo<'_> {
     /// getsockname(2) (one system call, so only services that need it pay for it).
     ///
     /// # Errors
-    /// getsockname(2) failed (the socket is already gone).
+    /// getsockname(2) failed (the socket is already gone), or the connection came in on a
+    /// Unix socket, which has no IP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         if let Some(bound) = self.bound {
             return Ok(bound);

@@ -7,6 +7,8 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+
+use crate::net::Peer;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,7 +101,7 @@ impl Acceptor {
     /// rustls could not start a server connection (it cannot, with a valid configuration).
     pub fn session(
         self: &Rc<Self>,
-        peer: SocketAddr,
+        peer: Peer,
         bound: Option<SocketAddr>,
     ) -> Result<Box<dyn Session>, rustls::Error> {
         Ok(Box::new(TlsSession::new(self.clone(), peer, bound)?))

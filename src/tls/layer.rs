@@ -25,6 +25,8 @@
 use std::fmt::Write as _;
 use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
+
+use crate::net::Peer;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
@@ -52,7 +54,7 @@ const PIPE_CHUNK: usize = 16 * 1024;
 pub struct TlsSession {
     acceptor: Rc<Acceptor>,
     conn: ServerConnection,
-    peer: SocketAddr,
+    peer: Peer,
     bound: Option<SocketAddr>,
     stage: Stage,
     /// The client's TCP end-of-file was read.
@@ -138,7 +140,7 @@ impl Write for Plain<'_> {
 impl TlsSession {
     pub(super) fn new(
         acceptor: Rc<Acceptor>,
-        peer: SocketAddr,
+        peer: Peer,
         bound: Option<SocketAddr>,
     ) -> Result<Self, rustls::Error> {
         let mut conn = ServerConnection::new(acceptor.config.clone())?;

@@ -68,18 +68,19 @@ pub enum Verdict {
     },
 }
 
-/// Whether `client` may open a connection on the listener of `policy`, with `room`
+/// Whether `client` (its IP address; `None` for a Unix client, which no access list names)
+/// may open a connection on the listener of `policy`, with `room`
 /// descriptors left in this worker's budget; `count` asks the shared table to count it under
 /// the listener's [`Rules`] (called only when the listener counts connections and the access
 /// list allows the client).
 pub fn admit(
     policy: &ListenerConfig,
-    client: IpAddr,
+    client: Option<IpAddr>,
     room: usize,
     count: impl FnOnce(&Rules) -> Result<Admission, LimitsError>,
 ) -> Verdict {
     let access = &policy.admission.access;
-    if !access.is_open() && !access.allows(client) {
+    if !access.is_open() && !client.is_some_and(|ip| access.allows(ip)) {
         return Verdict::Refuse { reason: CloseReason::Denied, error: None };
     }
     let mut ticket = None;
@@ -204,7 +205,7 @@ mod tests {
     fn the_access_list_comes_first_and_spends_nothing_of_the_table() {
         let listener = policy("deny = [\"127.0.0.2\"]\nmax_connections_per_client = 1");
         let asked = Cell::new(false);
-        let verdict = admit(&listener, client(2), 5, |_| {
+        let verdict = admit(&listener, Some(client(2)), 5, |_| {
             asked.set(true);
             Ok(Admission::RateLimited)
         });
@@ -220,7 +221,7 @@ mod tests {
             (Admission::ListenerFull { open: 9 }, CloseReason::ListenerFull),
             (Admission::RateLimited, CloseReason::Rate),
         ] {
-            let verdict = admit(&listener, client(3), 5, |rules| {
+            let verdict = admit(&listener, Some(client(3)), 5, |rules| {
                 assert_eq!(rules.per_client.map(|n| n.get()), Some(1));
                 Ok(answer)
             });
@@ -229,7 +230,7 @@ mod tests {
                 "{verdict:?}"
             );
         }
-        let failed = admit(&listener, client(3), 5, |_| Err(LimitsError::SlotFull(0)));
+        let failed = admit(&listener, Some(client(3)), 5, |_| Err(LimitsError::SlotFull(0)));
         assert!(matches!(
             failed,
             Verdict::Refuse { reason: CloseReason::Error, error: Some(LimitsError::SlotFull(0)) }
@@ -238,11 +239,13 @@ mod tests {
         let limits = Limits::new(1, 4).unwrap();
         let mut ledger = limits.ledger(0);
         let key = ClientKey::new(0, client(3));
-        let verdict =
-            admit(&listener, client(3), 0, |rules| limits.admit_with(&mut ledger, key, rules, 0));
+        let verdict = admit(&listener, Some(client(3)), 0, |rules| {
+            limits.admit_with(&mut ledger, key, rules, 0)
+        });
         let Verdict::Admit { ticket: Some(_), shed: true } = verdict else { panic!("{verdict:?}") };
-        let again =
-            admit(&listener, client(3), 1, |rules| limits.admit_with(&mut ledger, key, rules, 0));
+        let again = admit(&listener, Some(client(3)), 1, |rules| {
+            limits.admit_with(&mut ledger, key, rules, 0)
+        });
         assert!(
             matches!(again, Verdict::Refuse { reason: CloseReason::Limit, error: None }),
             "counted: {again:?}"
@@ -253,7 +256,7 @@ mod tests {
     fn a_listener_that_counts_nothing_never_asks_the_table() {
         let listener =
             policy("max_connections_per_client = 0\nmax_long_connections_per_client = 0");
-        let verdict = admit(&listener, client(4), 1, |_| panic!("not asked"));
+        let verdict = admit(&listener, Some(client(4)), 1, |_| panic!("not asked"));
         assert!(matches!(verdict, Verdict::Admit { ticket: None, shed: false }));
     }
 

@@ -14,12 +14,13 @@
 //! - each connection's count in the shared table is released exactly once, when it closes
 //!   (or moved, when it is handed off: see `handoff.rs`).
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::clock::monotonic_ns;
 use crate::handoff::Channel;
+use crate::net::{Peer, Stream};
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
 
@@ -51,11 +52,11 @@ pub enum Callback {
 /// A client to admit: a connection just accepted, or one whose PROXY header is complete.
 pub struct Client {
     /// Its socket (positioned at the client's first byte).
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The listener's index.
     pub listener: usize,
-    /// The client's address (the one a PROXY header named, if any).
-    pub peer: SocketAddr,
+    /// Who the client is (the one a PROXY header named, if any).
+    pub peer: Peer,
     /// The proxy it came through, if it sent a PROXY header.
     pub proxy: Option<SocketAddr>,
 }
@@ -170,7 +171,7 @@ impl Connections {
         log::debug!(
             "shedding a connection at rest from {}: its client holds {} connections here, over its fair share of {}",
             conn.peer,
-            self.shares.held_by(&env.listeners[conn.listener].client_key(conn.peer.ip())),
+            self.shares.held_by(&env.listeners[conn.listener].client_key(&conn.peer)),
             self.shares.fair_share(newcomer)
         );
         // It no longer counts: neither in its client's share nor against its limits.
@@ -220,7 +221,7 @@ impl Connections {
         let entry = &env.listeners[conn.listener];
         conn.share = match entry.policy.admission.shed_when_full {
             true => {
-                let key = key.unwrap_or_else(|| entry.client_key(conn.peer.ip()));
+                let key = key.unwrap_or_else(|| entry.client_key(&conn.peer));
                 Share::Seated(self.shares.join(key, fd, serial))
             }
             false => Share::Uncounted,
@@ -258,7 +259,7 @@ impl Connections {
         let fd = stream.as_raw_fd();
         let room = env.room(self.held() + others);
         let entry = &env.listeners[index];
-        let key = entry.client_key(peer.ip());
+        let key = entry.client_key(&peer);
         let (limits, ledger) = (env.limits, &mut env.ledger);
         let verdict = admission::admit(&entry.policy, peer.ip(), room, |rules| {
             limits.admit_with(ledger, key, rules, monotonic_ns())

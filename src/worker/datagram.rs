@@ -30,6 +30,7 @@ use nix::sys::socket::{MsgFlags, SockaddrStorage, recvfrom, sendto};
 
 use crate::limits::{Admission, DatagramRates, Ticket, Verdict};
 use crate::logging::ACCESS_TARGET;
+use crate::net::Peer;
 use crate::poller::Interest;
 use crate::scoreboard::Datagram;
 use crate::services::{Answer, CloseReason, Flow, Progress, Step};
@@ -235,7 +236,9 @@ impl Datagrams {
         let entry = &env.listeners[index];
         let service = entry.policy.service.service.clone();
         let Ok(datagram) = service.datagram() else { return };
-        let (rate, local) = (entry.policy.max_datagram_rate_per_client, entry.local);
+        // A datagram listener is bound to an IP address (the configuration check says so).
+        let Some(local) = entry.local.ip() else { return };
+        let rate = entry.policy.max_datagram_rate_per_client;
         let rates: &DatagramRates = env.rates;
         if self.buffer.len() < DATAGRAM_MAX {
             self.buffer.resize(DATAGRAM_MAX, 0);
@@ -267,7 +270,7 @@ impl Datagrams {
             entry.tally.moved(Progress { bytes_in: n as u64, ..Progress::default() });
             env.books.counters.moved(n as u64, 0);
             if let Some(rate) = rate {
-                let verdict = rates.take(env.listeners[index].client_key(peer.ip()), rate);
+                let verdict = rates.take(env.listeners[index].client_key(&Peer::Ip(peer)), rate);
                 if verdict.as_ref().is_ok_and(|v| *v != Verdict::Allowed) || verdict.is_err() {
                     count(env, index, Datagram::OverRate);
                     if let Some(held_back) = env.books.refusal_log.allow(now) {
@@ -335,7 +338,7 @@ impl Datagrams {
         let mut ticket = None;
         let policy = &env.listeners[index].policy;
         if let Some(max) = policy.max_connections_per_client {
-            let key = env.listeners[index].client_key(peer.ip());
+            let key = env.listeners[index].client_key(&Peer::Ip(peer));
             match env.limits.admit(&mut env.ledger, key, Some(max)) {
                 Ok(Admission::Admitted(t)) => ticket = Some(t),
                 // Only the per-client rule is asked for here.
@@ -369,7 +372,7 @@ impl Datagrams {
             // Over select()'s FD_SETSIZE: no room after all.
             count(env, index, Datagram::FlowRefused);
             flow.refuse("budget");
-            env.release(ticket, peer);
+            env.release(ticket, Peer::Ip(peer));
             return flow_line(env, index, peer, Duration::ZERO, &*flow, "budget");
         }
         let step = flow.start(now);
@@ -454,7 +457,7 @@ impl Datagrams {
         if self.busy.is_some_and(|b| b.fd == fd && Some(b.serial) == serial) {
             self.busy = None;
         }
-        env.release(entry.ticket, entry.peer);
+        env.release(entry.ticket, Peer::Ip(entry.peer));
         let totals = entry.flow.totals();
         env.books.counters.moved(totals.bytes_in, totals.bytes_out);
         let tally = &mut env.listeners[entry.listener].tally;

@@ -16,12 +16,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use crate::handoff::{Channel, Message, Offer, Outcome};
 use crate::limits::Admission;
+use crate::net::Stream;
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{CloseReason, ConnInfo, MAX_EXPORT, Progress};
 
@@ -292,7 +292,7 @@ fn adopt(
     if env.room(table.len() + others) == 0 {
         return Outcome::Busy;
     }
-    let stream = TcpStream::from(fd);
+    let stream = Stream::from(fd);
     let raw = stream.as_raw_fd();
     let slot = raw as usize;
     if table.contains(slot) || env.poller.set(raw, Interest::READ).is_err() {
@@ -315,7 +315,7 @@ fn adopt(
         unwatch(env);
         return Outcome::Refused;
     };
-    let key = entry.client_key(offer.peer.ip());
+    let key = entry.client_key(&offer.peer);
     let (limits, counted) = (env.limits, entry.policy.has_client_limits());
     let tcp_nodelay = entry.policy.tcp_nodelay;
     let ticket = match offer.record {

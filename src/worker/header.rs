@@ -11,13 +11,14 @@
 //! - a full worker may shed them, oldest first, before any other connection (see
 //!   `admission.rs`): closed and counted as a `shed` refusal of the proxy.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
+use crate::net::{Peer, Stream};
 use crate::poller::Interest;
 use crate::proxy_protocol::{self, Parsed};
 use crate::services::CloseReason;
@@ -35,7 +36,7 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection from a trusted proxy, before its PROXY protocol header is complete.
 struct Pending {
-    stream: TcpStream,
+    stream: Stream,
     listener: usize,
     /// The proxy's address.
     proxy: SocketAddr,
@@ -76,7 +77,7 @@ impl Headers {
     /// the client to admit if the header is complete already.
     pub fn start(
         &mut self,
-        stream: TcpStream,
+        stream: Stream,
         index: usize,
         proxy: SocketAddr,
         now: Instant,
@@ -134,7 +135,7 @@ impl Headers {
         let Pending { stream, listener, proxy, .. } = self.table.remove(slot)?;
         env.books.counters.touch();
         // The proxy itself is the client of a `LOCAL` or `UNKNOWN` header.
-        let peer = source.unwrap_or(proxy);
+        let peer = Peer::Ip(source.unwrap_or(proxy));
         Some(Client { stream, listener, peer, proxy: Some(proxy) })
     }
 
@@ -150,7 +151,7 @@ impl Headers {
         env.books.counters.touch();
         if let Some(reason) = reason {
             env.refusal_banner(fd as RawFd, pending.listener);
-            env.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
+            env.closed(Closed::refused(pending.listener, Peer::Ip(pending.proxy), None, reason));
         }
         None
     }

@@ -56,7 +56,6 @@ mod shares;
 mod table;
 
 use std::io::{self, ErrorKind};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -71,6 +70,7 @@ use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
 use crate::logging;
+use crate::net::{Peer, Stream};
 use crate::poller::{self, Event, Interest};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
@@ -492,7 +492,7 @@ impl<'a> Worker<'a> {
             if !self.gate.take(now, room, can_shed, &mut shedding) {
                 return;
             }
-            match crate::sys::accept_nonblocking(&fd) {
+            match crate::net::accept(&fd) {
                 Ok((stream, peer)) => self.admit(index, stream, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -520,7 +520,7 @@ impl<'a> Worker<'a> {
 
     /// A connection just accepted: served, or its PROXY header read first if it comes from
     /// a trusted proxy.
-    fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
+    fn admit(&mut self, index: usize, stream: Stream, peer: Peer, now: Instant) {
         let fd = stream.as_raw_fd();
         let entry = &self.env.listeners[index];
         let policy = &entry.policy;
@@ -540,8 +540,9 @@ impl<'a> Worker<'a> {
             return self.env.refuse(fd, index, peer, CloseReason::Error);
         }
         let admission = &policy.admission;
-        if admission.accept_proxy_protocol
-            && access::contains(&admission.trusted_proxies, peer.ip())
+        if let Peer::Ip(proxy) = peer
+            && admission.accept_proxy_protocol
+            && access::contains(&admission.trusted_proxies, proxy.ip())
         {
             // The client is whoever the header names: wait for it.
             if self.room() == 0 {
@@ -552,7 +553,7 @@ impl<'a> Worker<'a> {
                 let _ = self.headers.shed_oldest(now, &mut self.env)
                     || self.conns.make_room(None, now, &mut self.env);
             }
-            if let Some(client) = self.headers.start(stream, index, peer, now, &mut self.env) {
+            if let Some(client) = self.headers.start(stream, index, proxy, now, &mut self.env) {
                 self.admit_client(client, now);
             }
             return;

@@ -31,4 +31,5 @@ mod systemd;
 mod tftp;
 mod tls;
 mod udp;
+mod unix;
 mod upgrade;
