@@ -22,7 +22,7 @@ use crate::config;
 use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
-use crate::scoreboard::{self, Refusal, Scoreboard, SlotState};
+use crate::scoreboard::{self, Refusal, Scoreboard, SlotState, TlsFailure};
 use crate::services::Registry;
 use crate::status_json;
 use crate::sys;
@@ -384,6 +384,7 @@ fn status(board: &Scoreboard) -> String {
     }
     out.push_str(&children(board, now_unix));
     out.push_str(&refusals(board));
+    out.push_str(&handshakes(board));
     out.trim_end().to_owned()
 }
 
@@ -411,6 +412,30 @@ fn children(board: &Scoreboard, now_unix: u64) -> String {
         if total > listed.len() as u64 {
             out.push_str(&format!("  and {} more: {worker}\n", total - listed.len() as u64));
         }
+    }
+    out
+}
+
+/// One line per listener that has made or failed a TLS handshake: `tls NAME: handshakes N,
+/// resumed N; failed: timeout N, ...`.
+fn handshakes(board: &Scoreboard) -> String {
+    let mut out = String::new();
+    for totals in board.listener_totals() {
+        let failed: u64 = totals.tls_failed.iter().sum();
+        if totals.tls_handshakes + failed == 0 {
+            continue;
+        }
+        let reasons: Vec<String> = TlsFailure::ALL
+            .iter()
+            .map(|&reason| format!("{} {}", reason.name(), totals.tls_failed(reason)))
+            .collect();
+        out.push_str(&format!(
+            "tls {}: handshakes {}, resumed {}; failed: {}\n",
+            totals.name,
+            totals.tls_handshakes,
+            totals.tls_resumed,
+            reasons.join(", ")
+        ));
     }
     out
 }

@@ -30,6 +30,7 @@ mod survival;
 mod syslog;
 mod systemd;
 mod tftp;
+mod tls;
 mod udp;
 mod unix;
 mod upgrade;
