@@ -100,7 +100,7 @@ fn wait_drains(log_path: &Path, count: usize, each: usize) -> String {
 /// Runs the three measurements and prints a markdown table.
 pub fn run(reloads: usize, busy: usize, idle: usize, splice: bool) {
     let binaries = binaries();
-    let none = PreforkdOptions { workers: 1, per_client: 0, backend: None, log: None };
+    let none = PreforkdOptions { workers: 1, per_client: 0, backend: None, tls: None, log: None };
     let backend = match Server::start(Kind::Tokio, &binaries, &none) {
         Ok(server) => server,
         Err(error) => return eprintln!("tokio backend: {error}"),
@@ -111,6 +111,7 @@ pub fn run(reloads: usize, busy: usize, idle: usize, splice: bool) {
         workers: 1,
         per_client: 0,
         backend: Some(backend.addr),
+        tls: None,
         log: Some(log_path.clone()),
     };
     let relay = match Server::start(Kind::PreforkdRelay { splice }, &binaries, &options) {
