@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "limits",
             "logging",
             "pidfile",
+            "pki",
             "poller",
             "privileges",
             "proxy_protocol",

@@ -20,7 +20,7 @@
 //! 1. foundations: [`clock`], [`duration`], [`exit`], [`files`], [`net`], [`rate`],
 //!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
-//!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
+//!    [`pidfile`], [`pki`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`]
 //! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
@@ -139,6 +139,7 @@ pub mod logging;
 pub mod master;
 pub mod net;
 pub mod pidfile;
+pub mod pki;
 pub mod poller;
 pub mod privileges;
 pub mod proxy_protocol;

@@ -32,7 +32,8 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
-/// Version 10: the children retiring workers supervise (a count and a few rows per slot
+/// Version 11: two more TLS failure reasons ([`TlsFailure::TooLarge`],
+/// [`TlsFailure::UnknownName`]), for a relay that routes by the ClientHello. Version 10: the children retiring workers supervise (a count and a few rows per slot
 /// after the listener rows: [`Scoreboard::children`]). Version 9: TLS handshakes,
 /// resumptions and failures per listener ([`ListenerScore::tls_handshakes`],
 /// [`TlsFailure`]). Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and
@@ -45,7 +46,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc10");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc11");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -164,9 +165,10 @@ impl Refusal {
 }
 
 /// Why a TLS handshake failed: the per-listener TLS failure counters of the scoreboard, in
-/// this order. A connection whose handshake failed never reached its service: it is counted
-/// here, not among the closes, and gets no access line (the log summarizes failures per
-/// client and reason, as it does refusals).
+/// this order. A connection whose handshake failed never reached its service (or, for a relay
+/// that routes by the ClientHello, never reached a backend): it is counted here, not among
+/// the closes, and gets no access line (the log summarizes failures per client and reason,
+/// as it does refusals).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum TlsFailure {
@@ -188,10 +190,16 @@ pub enum TlsFailure {
     ClientAlert = 6,
     /// Malformed or unexpected handshake messages, or another failure.
     Protocol = 7,
+    /// The ClientHello was larger than the relay reads to route by it (see preforkd.toml(5),
+    /// RELAY OPTIONS, `route`).
+    TooLarge = 8,
+    /// The client asked for a server name the listener routes nowhere (or for none), and
+    /// there is no default.
+    UnknownName = 9,
 }
 
 /// Number of [`TlsFailure`] reasons.
-pub const TLS_FAILURES: usize = 8;
+pub const TLS_FAILURES: usize = 10;
 
 impl TlsFailure {
     /// Every reason, in counter order.
@@ -204,6 +212,8 @@ impl TlsFailure {
         TlsFailure::BadClientCertificate,
         TlsFailure::ClientAlert,
         TlsFailure::Protocol,
+        TlsFailure::TooLarge,
+        TlsFailure::UnknownName,
     ];
 
     /// The `status`, metrics and log spelling.
@@ -217,6 +227,8 @@ impl TlsFailure {
             TlsFailure::BadClientCertificate => "bad-client-certificate",
             TlsFailure::ClientAlert => "client-alert",
             TlsFailure::Protocol => "protocol",
+            TlsFailure::TooLarge => "too-large",
+            TlsFailure::UnknownName => "unknown-name",
         }
     }
 
@@ -231,6 +243,8 @@ impl TlsFailure {
             TlsFailure::BadClientCertificate => "tls-bad-client-certificate",
             TlsFailure::ClientAlert => "tls-client-alert",
             TlsFailure::Protocol => "tls-protocol",
+            TlsFailure::TooLarge => "tls-too-large",
+            TlsFailure::UnknownName => "tls-unknown-name",
         }
     }
 }

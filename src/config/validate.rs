@@ -629,7 +629,8 @@ fn read_listener(
             let written = section.options.as_ref().map(|o| o.get_ref().clone()).unwrap_or_default();
             let prefix = check.label(&keys::OPTIONS);
             let probe_table = options_table.clone();
-            let mut options = Options::new(options_table, &prefix, span.clone(), check.issues);
+            let mut options = Options::new(options_table, &prefix, span.clone(), check.issues)
+                .with_base(check.base);
             match services.build(text, &mut options) {
                 Some(Ok(service)) => {
                     Some(ServiceConfig { name: text.clone(), options: written, service })
@@ -888,7 +889,7 @@ fn read_tls(
             }
             Some(value) => {
                 let name = value.get_ref().to_ascii_lowercase();
-                if !valid_server_name(&name) {
+                if !crate::pki::is_server_name(&name) {
                     check.report(
                         value.span(),
                         label(&keys::SNI_NAME),
@@ -1013,22 +1014,6 @@ fn read_tls(
         check.report(span.unwrap_or(table.span()), label, message);
     }
     loaded
-}
-
-/// Whether `name` (lowercase) is a DNS name a client may send in SNI (RFC 6066: no IP
-/// address, no trailing dot), or `*.` and such a name of at least two labels.
-fn valid_server_name(name: &str) -> bool {
-    let host = name.strip_prefix("*.").unwrap_or(name);
-    let label = |l: &str| {
-        (1..=63).contains(&l.len())
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    host.len() <= 253
-        && host.split('.').all(label)
-        && host.parse::<IpAddr>().is_err()
-        && (host.contains('.') || !name.starts_with("*."))
 }
 
 /// `mode`, `owner` and `group`: for a `unix:/path` address only.

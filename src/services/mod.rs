@@ -457,8 +457,8 @@ pub trait Session {
     }
 
     /// When the session can be handed off: [`Movable::AtRest`] (the default), at any moment
-    /// ([`Movable::Now`]: its exported state holds what is in flight), or not at this moment
-    /// ([`Movable::Later`]).
+    /// ([`Movable::Now`]: its exported state holds what is in flight), not at this moment
+    /// ([`Movable::Later`]), or never ([`Movable::Never`]: drained).
     fn movable(&self) -> Movable {
         Movable::AtRest
     }
@@ -505,6 +505,9 @@ pub enum Movable {
     /// Not at this moment (a relay still connecting to its backend): asked again after the
     /// session's next callback.
     Later,
+    /// Never: state lives in this process that cannot be exported (TLS traffic keys, a
+    /// relay's TLS to its backend). The session is drained: served here until it ends.
+    Never,
 }
 
 /// Largest [`Session::export`] state a hand-off carries, in bytes (64 KiB less room for

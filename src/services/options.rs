@@ -5,6 +5,7 @@
 //! all of them are reported at once.
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -51,6 +52,9 @@ pub struct Options<'a> {
     /// Built only to learn what the service serves ([`Options::probe`]): `finish` succeeds
     /// whatever was reported.
     probing: bool,
+    /// The directory relative paths are resolved against (the main configuration file's);
+    /// `None`: the current directory.
+    base: Option<PathBuf>,
 }
 
 impl<'a> Options<'a> {
@@ -67,7 +71,15 @@ impl<'a> Options<'a> {
             issues,
             reported: false,
             probing: false,
+            base: None,
         }
+    }
+
+    /// Resolves relative paths ([`Options::path`]) against `base`, the main configuration
+    /// file's directory.
+    pub(crate) fn with_base(mut self, base: &Path) -> Self {
+        self.base = Some(base.to_path_buf());
+        self
     }
 
     /// Options for a second, lenient build of a built-in whose options were invalid, only to
@@ -127,6 +139,28 @@ impl<'a> Options<'a> {
             if key.is_empty() { self.prefix.clone() } else { format!("{}.{key}", self.prefix) };
         self.issues.push(RawIssue { span, key, message: message.into() });
         self.reported = true;
+    }
+
+    /// How a problem with option `key` is labelled: `listener[N].options.KEY`, for a warning
+    /// the service logs itself.
+    pub fn label(&self, key: &str) -> String {
+        if key.is_empty() { self.prefix.clone() } else { format!("{}.{key}", self.prefix) }
+    }
+
+    /// A file path option (`written`, absent: `None`): a relative path is resolved against
+    /// the main configuration file's directory, as every path of the file is. An empty one is
+    /// reported under `key`, and `None`.
+    pub fn path(&mut self, key: &str, written: Option<&str>) -> Option<PathBuf> {
+        let written = written?;
+        if written.is_empty() {
+            self.report(key, "must be a path, not empty");
+            return None;
+        }
+        let path = PathBuf::from(written);
+        Some(match &self.base {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path,
+        })
     }
 
     /// For a service that takes no options: reports every key written as unknown.

@@ -3,7 +3,9 @@
 //! the handshake counts not yet on the scoreboard.
 //!
 //! Runs in workers, one per TLS listener, shared (`Rc`) by that listener's sessions; counts
-//! are kept in private memory and published with the worker's other counters.
+//! are kept in private memory and published with the worker's other counters. (A failed
+//! handshake is counted by the worker from the connection's close reason,
+//! `CloseReason::Handshake`, like every other end.)
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use rustls::server::{NoServerSessionStorage, ProducesTickets};
 
 use super::layer::TlsSession;
 use super::load::{TlsConfig, TlsVersion, provider};
-use crate::scoreboard::{ListenerScore, TLS_FAILURES, TlsFailure};
+use crate::scoreboard::ListenerScore;
 use crate::services::{Service, Session};
 
 /// Largest TLS output buffered per connection before the session is asked to wait, in
@@ -32,8 +34,6 @@ pub struct Counts {
     pub handshakes: u64,
     /// Of those, resumed.
     pub resumed: u64,
-    /// Failures by [`TlsFailure`].
-    pub failed: [u64; TLS_FAILURES],
 }
 
 /// A worker's side of one TLS listener.
@@ -113,10 +113,6 @@ impl Acceptor {
         counts.resumed += u64::from(resumed);
     }
 
-    pub(super) fn failed(&self, failure: TlsFailure) {
-        self.counts.borrow_mut().failed[failure as usize] += 1;
-    }
-
     /// Adds the counts to `row` (the listener's row in this worker's scoreboard rows, if it
     /// has one) and starts counting afresh.
     pub fn publish(&self, row: Option<&ListenerScore>) {
@@ -129,9 +125,6 @@ impl Acceptor {
         };
         add(&row.tls_handshakes, counts.handshakes);
         add(&row.tls_resumed, counts.resumed);
-        for (counter, n) in row.tls_failed.iter().zip(counts.failed) {
-            add(counter, n);
-        }
     }
 
     /// The counts not yet published (for tests).

@@ -37,8 +37,8 @@ use x509_parser::prelude::{FromDer, X509Certificate, X509Name};
 use super::acceptor::{Acceptor, SEND_BUFFER};
 use crate::scoreboard::TlsFailure;
 use crate::services::{
-    ClientCertificate, CloseReason, ConnInfo, Context, Ending, Interest, Progress, Ready, Requests,
-    Session, TlsInfo, Transport,
+    ClientCertificate, CloseReason, ConnInfo, Context, Ending, Interest, Movable, Progress, Ready,
+    Requests, Session, TlsInfo, Transport,
 };
 
 /// Reads of TLS records from the socket per callback at most, for fairness.
@@ -518,9 +518,8 @@ impl TlsSession {
         }
     }
 
-    /// Ends a failed handshake: counted, then closed with its reason.
+    /// Ends a failed handshake: closed with its reason (the worker counts it by that reason).
     fn fail(&mut self, cx: &mut Context<'_>, failure: TlsFailure, progress: Progress) -> Progress {
-        self.acceptor.failed(failure);
         self.stage = Stage::Over;
         cx.set_timer(None);
         cx.close(CloseReason::Handshake(failure));
@@ -581,6 +580,7 @@ fn classify(error: &rustls::Error) -> TlsFailure {
         Error::InvalidMessage(
             InvalidMessage::InvalidContentType | InvalidMessage::UnknownProtocolVersion,
         ) => TlsFailure::NotTls,
+        Error::InvalidMessage(InvalidMessage::MessageTooLarge) => TlsFailure::TooLarge,
         Error::NoCertificatesPresented => TlsFailure::NoClientCertificate,
         Error::InvalidCertificate(_) => TlsFailure::BadClientCertificate,
         Error::PeerIncompatible(_) | Error::NoApplicationProtocol => TlsFailure::Incompatible,
@@ -765,6 +765,11 @@ impl Session for TlsSession {
             Stage::Serving { session, .. } => session.process(),
             _ => None,
         }
+    }
+
+    /// Its traffic keys live in this process: drained, never handed off.
+    fn movable(&self) -> Movable {
+        Movable::Never
     }
 
     fn closing(&mut self, socket: &mut dyn Transport) {

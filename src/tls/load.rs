@@ -3,37 +3,22 @@
 //!
 //! Runs in the master: at `check`, at start and at each reload, so that a bad certificate or
 //! key is found before any worker of the new generation starts (the serving generation then
-//! goes on, as with any invalid reload). Files are read with [`files::read_trusted`] (bounded,
-//! symbolic links only when root or the master's user owns them). Certificates are parsed by
-//! `x509-parser` and keys loaded by the crypto provider; nothing here parses X.509 itself.
-//!
-//! What is checked, each problem reported against the key that names the file:
-//! - every PEM file holds what it should (a chain with the leaf first, one private key, CA
-//!   certificates);
-//! - the key matches the leaf certificate (`CertifiedKey::keys_match`);
-//! - the chain is in order: each certificate is issued by the next;
-//! - each `[[listener.tls.sni]]` certificate covers its `name`;
-//! - dates: an expired (or not yet valid) certificate is an error; one that expires within
-//!   [`EXPIRY_WARNING`] is a warning, logged by `check`, start and reload.
+//! goes on, as with any invalid reload). Files are read and checked by [`crate::pki`] (key
+//! against certificate, chain order, dates, names), each problem reported against the key
+//! that names the file; each `[[listener.tls.sni]]` certificate must cover its `name`.
+//! Warnings (a certificate about to expire) are logged by `check`, start and reload.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use rustls::RootCertStore;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::sign::CertifiedKey;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use super::resolve::Certificates;
-use crate::files;
+use crate::pki::{self, Pair, certified_key};
 
-/// A certificate that expires sooner than this is reported with a warning.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+pub use crate::pki::{EXPIRY_WARNING, covers, provider};
 
 /// The lowest TLS version a listener accepts (`min_version`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,14 +98,9 @@ pub enum Field {
     SniKey(usize),
 }
 
-/// What loading found: errors (each with the key it is about) and warnings.
-#[derive(Debug, Default)]
-pub struct Findings {
-    /// Problems that make the configuration invalid.
-    pub errors: Vec<(Field, String)>,
-    /// Problems worth a warning (a certificate about to expire).
-    pub warnings: Vec<String>,
-}
+/// What loading found: errors (each with the key of `[listener.tls]` it is about) and
+/// warnings.
+pub type Findings = pki::Findings<Field>;
 
 /// A listener's TLS, every file read and checked: what workers build their rustls
 /// configuration from. Two are equal when their settings and the files' bytes are.
@@ -164,31 +144,17 @@ impl TlsConfig {
     }
 }
 
-/// The crypto provider every TLS listener uses: aws-lc-rs, with its default suites, groups
-/// and key types.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 /// Reads and checks every file of `spec` at time `now`; the configuration when nothing is
 /// wrong. Problems go to `findings`.
 pub fn load(spec: &TlsSpec, now: SystemTime, findings: &mut Findings) -> Option<TlsConfig> {
     let provider = provider();
     let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     digest.update(format!("{spec:?}").as_bytes());
-    let mut file = |path: &Path, field: Field, findings: &mut Findings| match files::read_trusted(
-        path,
-        files::MAX_PEM_BYTES,
-    ) {
-        Ok(bytes) => {
-            digest.update(&(bytes.len() as u64).to_le_bytes());
-            digest.update(&bytes);
-            Some(bytes)
-        }
-        Err(error) => {
-            findings.errors.push((field, format!("{}: {error}", path.display())));
-            None
-        }
+    let mut file = |path: &std::path::Path, field: Field, findings: &mut Findings| {
+        let bytes = pki::read(path, field, findings)?;
+        digest.update(&(bytes.len() as u64).to_le_bytes());
+        digest.update(&bytes);
+        Some(bytes)
     };
     let default = {
         let chain = file(&spec.certificate, Field::Certificate, findings);
@@ -234,256 +200,22 @@ pub fn load(spec: &TlsSpec, now: SystemTime, findings: &mut Findings) -> Option<
     })
 }
 
-/// A certificate file and its key, as named in the configuration.
-struct Pair<'a> {
-    certificate: &'a Path,
-    key: &'a Path,
-    /// The SNI name the certificate must cover, for an `sni` entry.
-    name: Option<&'a str>,
-}
-
-fn certified_key(
-    provider: &CryptoProvider,
-    chain: Option<Vec<u8>>,
-    key: Option<Vec<u8>>,
-    pair: &Pair<'_>,
-    (cert_field, key_field): (Field, Field),
-    now: SystemTime,
-    findings: &mut Findings,
-) -> Option<Arc<CertifiedKey>> {
-    let chain = chain.and_then(|bytes| {
-        let shown = pair.certificate.display();
-        let chain: Result<Vec<CertificateDer<'static>>, _> =
-            CertificateDer::pem_slice_iter(&bytes).collect();
-        match chain {
-            Ok(chain) if chain.is_empty() => {
-                findings.errors.push((cert_field, format!("{shown}: no PEM certificate in it")));
-                None
-            }
-            Ok(chain) => check_chain(&chain, pair, now, findings, cert_field).then_some(chain),
-            Err(error) => {
-                findings.errors.push((cert_field, format!("{shown}: {error}")));
-                None
-            }
-        }
-    });
-    let key = key.and_then(|bytes| {
-        let shown = pair.key.display();
-        match PrivateKeyDer::from_pem_slice(&bytes) {
-            Ok(key) => match provider.key_provider.load_private_key(key) {
-                Ok(key) => Some(key),
-                Err(error) => {
-                    findings.errors.push((key_field, format!("{shown}: unusable key: {error}")));
-                    None
-                }
-            },
-            Err(error) => {
-                findings.errors.push((key_field, format!("{shown}: no private key: {error}")));
-                None
-            }
-        }
-    });
-    let certified = CertifiedKey::new(chain?, key?);
-    match certified.keys_match() {
-        // `Unknown`: the provider cannot tell for this key type; the handshake would.
-        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-            Some(Arc::new(certified))
-        }
-        Err(_) => {
-            findings.errors.push((
-                key_field,
-                format!(
-                    "{} does not match the certificate of {}",
-                    pair.key.display(),
-                    pair.certificate.display()
-                ),
-            ));
-            None
-        }
-    }
-}
-
-/// Checks a chain's parse, order, dates and (for an SNI entry) names; false on an error.
-fn check_chain(
-    chain: &[CertificateDer<'_>],
-    pair: &Pair<'_>,
-    now: SystemTime,
-    findings: &mut Findings,
-    field: Field,
-) -> bool {
-    let shown = pair.certificate.display();
-    let mut parsed = Vec::with_capacity(chain.len());
-    for (index, der) in chain.iter().enumerate() {
-        match X509Certificate::from_der(der) {
-            Ok((_, certificate)) => parsed.push(certificate),
-            Err(error) => {
-                let n = index + 1;
-                findings
-                    .errors
-                    .push((field, format!("{shown}: certificate {n} is not X.509: {error}")));
-                return false;
-            }
-        }
-    }
-    let before = findings.errors.len();
-    for (index, pair_of) in parsed.windows(2).enumerate() {
-        if pair_of[0].issuer().as_raw() != pair_of[1].subject().as_raw() {
-            findings.errors.push((
-                field,
-                format!(
-                    "{shown}: the chain is out of order: certificate {} was issued by \"{}\", not by certificate {} (\"{}\"); write the server's certificate first, then each issuer",
-                    index + 1,
-                    pair_of[0].issuer(),
-                    index + 2,
-                    pair_of[1].subject()
-                ),
-            ));
-        }
-    }
-    let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    for (index, certificate) in parsed.iter().enumerate() {
-        let which = if index == 0 {
-            "the certificate".to_owned()
-        } else {
-            format!("certificate {} of the chain", index + 1)
-        };
-        let validity = certificate.validity();
-        let (from, until) = (validity.not_before.timestamp(), validity.not_after.timestamp());
-        if until < now_secs {
-            findings
-                .errors
-                .push((field, format!("{shown}: {which} expired on {}", validity.not_after)));
-        } else if from > now_secs {
-            findings.errors.push((
-                field,
-                format!("{shown}: {which} is not valid before {}", validity.not_before),
-            ));
-        } else if until - now_secs < EXPIRY_WARNING.as_secs() as i64 {
-            let days = (until - now_secs) / 86_400;
-            findings.warnings.push(format!(
-                "{shown}: {which} expires on {} (in {days} days)",
-                validity.not_after
-            ));
-        }
-    }
-    if let (Some(name), Some(leaf)) = (pair.name, parsed.first()) {
-        let names = dns_names(leaf);
-        if !names.iter().any(|n| covers(n, name)) {
-            findings.errors.push((
-                field,
-                format!(
-                    "{shown}: the certificate does not cover {name:?} (its names: {})",
-                    names.join(", ")
-                ),
-            ));
-        }
-    }
-    findings.errors.len() == before
-}
-
-/// The DNS names a certificate is for: its subjectAltName entries (RFC 6125: clients ignore
-/// the common name when there are any), else its common names.
-fn dns_names(certificate: &X509Certificate<'_>) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = certificate.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
-                names.push(dns.to_ascii_lowercase());
-            }
-        }
-    }
-    if names.is_empty() {
-        names.extend(
-            certificate
-                .subject()
-                .iter_common_name()
-                .filter_map(|cn| cn.as_str().ok())
-                .map(str::to_ascii_lowercase),
-        );
-    }
-    names
-}
-
-/// Whether a certificate name (`www.example.org`, `*.example.org`) covers the configured SNI
-/// name (lowercase; a wildcard entry must be covered by the same wildcard): RFC 6125 6.4.3,
-/// a wildcard stands for exactly one whole label.
-pub fn covers(certificate_name: &str, name: &str) -> bool {
-    if certificate_name.eq_ignore_ascii_case(name) {
-        return true;
-    }
-    match (certificate_name.strip_prefix("*."), name.split_once('.')) {
-        (Some(suffix), Some((label, rest))) => {
-            !label.is_empty() && label != "*" && suffix.eq_ignore_ascii_case(rest)
-        }
-        _ => false,
-    }
-}
-
 fn client_verifier(
-    provider: &Arc<CryptoProvider>,
-    path: &Path,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    path: &std::path::Path,
     bytes: &[u8],
     required: bool,
     now: SystemTime,
     findings: &mut Findings,
 ) -> Option<Arc<dyn ClientCertVerifier>> {
-    let shown = path.display();
-    let mut roots = RootCertStore::empty();
-    let mut count = 0;
-    for (index, certificate) in CertificateDer::pem_slice_iter(bytes).enumerate() {
-        let certificate = match certificate {
-            Ok(certificate) => certificate,
-            Err(error) => {
-                findings.errors.push((Field::ClientCa, format!("{shown}: {error}")));
-                return None;
-            }
-        };
-        if let Ok((_, parsed)) = X509Certificate::from_der(&certificate) {
-            let until = parsed.validity().not_after.timestamp();
-            let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            if until < now_secs {
-                findings.warnings.push(format!(
-                    "{shown}: CA certificate {} expired on {}",
-                    index + 1,
-                    parsed.validity().not_after
-                ));
-            }
-        }
-        if let Err(error) = roots.add(certificate) {
-            findings
-                .errors
-                .push((Field::ClientCa, format!("{shown}: CA certificate {}: {error}", index + 1)));
-            return None;
-        }
-        count += 1;
-    }
-    if count == 0 {
-        findings.errors.push((Field::ClientCa, format!("{shown}: no PEM certificate in it")));
-        return None;
-    }
+    let roots = pki::roots(path, bytes, Field::ClientCa, now, findings)?;
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     let builder = if required { builder } else { builder.allow_unauthenticated() };
     match builder.build() {
         Ok(verifier) => Some(verifier),
         Err(error) => {
-            findings.errors.push((Field::ClientCa, format!("{shown}: {error}")));
+            findings.errors.push((Field::ClientCa, format!("{}: {error}", path.display())));
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcards_stand_for_one_label() {
-        assert!(covers("www.example.org", "www.example.org"));
-        assert!(covers("WWW.example.org", "www.example.org"));
-        assert!(covers("*.example.org", "a.example.org"));
-        assert!(covers("*.example.org", "*.example.org"));
-        assert!(!covers("*.example.org", "a.b.example.org"));
-        assert!(!covers("*.example.org", "example.org"));
-        assert!(!covers("www.example.org", "*.example.org"));
     }
 }

@@ -100,7 +100,8 @@ impl Books {
     pub fn closed(&mut self, listeners: &mut Listeners, record: Closed<'_>) {
         let entry = &mut listeners[record.listener];
         if let CloseReason::Handshake(failure) = record.reason {
-            // Counted by the listener's TLS side; summarized, never an access line each.
+            // Counted and summarized, never an access line each.
+            entry.tally.tls_failed(failure);
             self.counters.touch();
             let key = entry.client_key(&record.peer);
             let now = Instant::now();

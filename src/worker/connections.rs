@@ -578,7 +578,7 @@ impl Connections {
         for fd in self.table.fds() {
             let Some(conn) = self.table.get_mut(fd) else { continue };
             // Open ones too that a retiring worker kept, when it stops: offered once more.
-            let moves_in_flight = conn.session.movable() != Movable::AtRest;
+            let moves_in_flight = matches!(conn.session.movable(), Movable::Now | Movable::Later);
             conn.state.phase.drain(moves_in_flight);
             if !self.offer(fd, now, env) {
                 schedule(&mut self.table, fd, env);

@@ -9,7 +9,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::scoreboard::{
-    CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, ListenerScore, REFUSALS, Refusal, WorkerScore,
+    CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, ListenerScore, REFUSALS, Refusal, TLS_FAILURES,
+    TlsFailure, WorkerScore,
 };
 use crate::services::{CloseReason, Progress};
 
@@ -92,6 +93,7 @@ pub struct Tally {
     handed_off: u64,
     adopted: u64,
     datagrams: [u64; DATAGRAM_OUTCOMES],
+    tls_failed: [u64; TLS_FAILURES],
 }
 
 /// The refusal counter a close reason counts in, if it is a refusal (summarized in the log
@@ -172,6 +174,11 @@ impl Tally {
         }
     }
 
+    /// A TLS handshake failed (or a relay refused a ClientHello) for `failure`.
+    pub fn tls_failed(&mut self, failure: TlsFailure) {
+        self.tls_failed[failure as usize] += 1;
+    }
+
     /// Bytes moved on a connection (or by datagrams, or a flow).
     #[inline]
     pub fn moved(&mut self, progress: Progress) {
@@ -201,6 +208,9 @@ impl Tally {
             add(counter, n);
         }
         for (counter, n) in row.closed.iter().zip(counts.closed) {
+            add(counter, n);
+        }
+        for (counter, n) in row.tls_failed.iter().zip(counts.tls_failed) {
             add(counter, n);
         }
         for (counter, n) in row.datagrams.iter().zip(counts.datagrams) {

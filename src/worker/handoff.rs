@@ -196,6 +196,10 @@ impl Link {
         }
         match conn.session.movable() {
             Movable::Later => return false, // asked again after its next callback
+            Movable::Never => {
+                conn.state.phase = kept;
+                return false;
+            }
             Movable::Now => {}
             Movable::AtRest => {
                 if !conn.extras.is_empty() {

@@ -12,7 +12,15 @@
 //! `least-connections` needs live in a small shared table ([`shared::Table`]) that every
 //! worker of the generation sees. The first bytes to the backend may be a PROXY protocol
 //! header ([`proxy`], HAProxy's specification).
+//!
+//! With `backend_tls`, the relay speaks TLS to its backends ([`backend_tls`]): it verifies
+//! each backend's certificate and relays plaintext between the client and rustls. With
+//! `[[listener.options.route]]` entries, it routes by the server name the client asks for
+//! without decrypting: it reads the client's ClientHello ([`hello`]), picks the backends of
+//! the route that names it ([`Routes`]), and forwards every byte read, unchanged.
 
+mod backend_tls;
+mod hello;
 mod proxy;
 mod pump;
 mod session;
@@ -21,12 +29,16 @@ mod splice;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 
 use super::{ConnInfo, Invalid, Options, Service, Session};
 use crate::net::{Address, Peer};
+use crate::pki::client::{ClientField, ClientSpec};
+use crate::pki::{self, ByName};
+pub use backend_tls::BackendTls;
 pub use proxy::Version as ProxyVersion;
 use shared::Table;
 
@@ -44,8 +56,11 @@ pub const DEFAULT_DOWN_TIME: Duration = Duration::from_secs(10);
 /// Default `splice`: off, as read/write measured faster than splice(2) in every relay
 /// scenario on loopback (BENCHMARKS.md, relay).
 pub const DEFAULT_SPLICE: bool = false;
-/// Most backends one relay listener takes (a session marks those it tried in a 64-bit mask).
+/// Most backends one relay listener takes, routes' backends included (a session marks those
+/// it may use and those it tried in 64-bit masks).
 pub const MAX_BACKENDS: usize = 64;
+/// Default `preread_timeout`: the listener's default short idle timeout.
+pub const DEFAULT_PREREAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `connect_timeout` and `down_time`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -69,7 +84,8 @@ pub enum Balance {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RelayOptions {
-    backends: Vec<String>,
+    /// Required but with `route` entries (then the default route).
+    backends: Option<Vec<String>>,
     #[serde(default)]
     balance: Balance,
     connect_timeout: Option<String>,
@@ -78,14 +94,69 @@ struct RelayOptions {
     down_time: Option<String>,
     send_proxy_protocol: Option<proxy::Version>,
     splice: Option<bool>,
+    backend_tls: Option<BackendTlsOptions>,
+    #[serde(default)]
+    route: Vec<RouteOptions>,
+    preread_timeout: Option<String>,
+}
+
+/// `backend_tls = { ... }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTlsOptions {
+    server_name: Option<String>,
+    ca: Option<String>,
+    certificate: Option<String>,
+    key: Option<String>,
+}
+
+/// One `[[listener.options.route]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteOptions {
+    server_names: Vec<String>,
+    backends: Vec<String>,
+}
+
+/// One backend, as the relay connects to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Its address: IP and port (a host name resolved when the configuration was loaded),
+    /// or a Unix socket.
+    pub address: Address,
+    /// The host as written (a DNS name or an IP address; `None` for a Unix socket): with
+    /// `backend_tls` and no `server_name`, the name sent (SNI, not for an IP address) and
+    /// verified against the backend's certificate.
+    pub host: Option<ServerName<'static>>,
+}
+
+/// Routing by the server name a client asks for (`[[listener.options.route]]`): the
+/// backends each name may use, as masks over the relay's backends (bit `i`: backend `i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    /// The backends of each route, by name (exact, or `*.example.org` for one label).
+    by_name: ByName<u64>,
+    /// The backends for a name no route lists, and for a client that sends none (`backends`);
+    /// 0: such a client is refused.
+    default: u64,
+    /// How long a client may take to send its whole ClientHello.
+    pub preread_timeout: Duration,
+}
+
+impl Routes {
+    /// The backends for server name `name` (`None`: the client sent none), as a mask; 0:
+    /// refused.
+    pub fn backends_for(&self, name: Option<&str>) -> u64 {
+        name.and_then(|name| self.by_name.get(name)).copied().unwrap_or(self.default)
+    }
 }
 
 /// A relay's configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
     /// The backends, in the order written (host names resolved when the configuration is
-    /// loaded or reloaded): IP addresses or Unix sockets.
-    pub backends: Vec<Address>,
+    /// loaded or reloaded): `backends` first, then each route's.
+    pub backends: Vec<Backend>,
     /// How a backend is picked.
     pub balance: Balance,
     /// How long one connect may take before the next backend is tried.
@@ -101,6 +172,10 @@ pub struct RelayConfig {
     /// Relay through a pipe per direction with splice(2) (`true`) or through a 16 KiB buffer
     /// per direction with read(2) and write(2) (`false`). Default: `false`.
     pub splice: bool,
+    /// TLS to the backends (`backend_tls`), if any.
+    pub backend_tls: Option<Arc<BackendTls>>,
+    /// Routing by server name, if any route is written.
+    pub routes: Option<Routes>,
 }
 
 /// The relay service: its configuration and the shared table of its backends.
@@ -122,21 +197,75 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
     }
     let parsed: RelayOptions = options.parse()?;
     let mut backends = Vec::new();
-    for written in &parsed.backends {
-        match resolve(written) {
-            Ok(address) => backends.push(address),
-            Err(message) => options.report("backends", message),
+    let mut add = |options: &mut Options<'_>, key: &str, written: &[String]| -> u64 {
+        let mut mask = 0;
+        for written in written {
+            match resolve(written) {
+                Ok(address) => {
+                    if backends.len() < MAX_BACKENDS {
+                        mask |= 1 << backends.len();
+                    }
+                    backends.push(Backend { address, host: host_of(written) });
+                }
+                Err(message) => options.report(key, message),
+            }
+        }
+        mask
+    };
+    let default = add(options, "backends", parsed.backends.as_deref().unwrap_or_default());
+    let mut named = Vec::new();
+    for (index, route) in parsed.route.iter().enumerate() {
+        let key = format!("route[{index}]");
+        let mask = add(options, &format!("{key}.backends"), &route.backends);
+        if route.backends.is_empty() {
+            options.report(&format!("{key}.backends"), "needs at least one backend");
+        }
+        if route.server_names.is_empty() {
+            options.report(&format!("{key}.server_names"), "needs at least one name, such as \"www.example.org\" or \"*.example.org\"");
+        }
+        for name in &route.server_names {
+            let lower = name.to_ascii_lowercase();
+            if !pki::is_server_name(&lower) {
+                options.report(
+                    &format!("{key}.server_names"),
+                    format!("{name:?} is not a server name: write a DNS name such as \"www.example.org\", or \"*.example.org\""),
+                );
+            } else if named.iter().any(|(taken, _)| *taken == lower) {
+                options.report(&format!("{key}.server_names"), format!("{name:?} is given twice"));
+            } else {
+                named.push((lower, mask));
+            }
         }
     }
-    if parsed.backends.is_empty() {
-        options.report("backends", "needs at least one backend, such as \"127.0.0.1:6379\"");
-    } else if parsed.backends.len() > MAX_BACKENDS {
-        options.report("backends", format!("at most {MAX_BACKENDS} backends"));
+    let written = parsed.backends.as_ref().map_or(0, Vec::len)
+        + parsed.route.iter().map(|r| r.backends.len()).sum::<usize>();
+    match &parsed.backends {
+        None if parsed.route.is_empty() => {
+            options.report("backends", "missing: needs at least one backend, such as \"127.0.0.1:6379\"");
+        }
+        Some(list) if list.is_empty() && parsed.route.is_empty() => {
+            options.report("backends", "needs at least one backend, such as \"127.0.0.1:6379\"");
+        }
+        _ if written > MAX_BACKENDS => {
+            options.report("backends", format!("at most {MAX_BACKENDS} backends, routes' included"));
+        }
+        _ => {}
     }
     let connect_timeout = duration(options, "connect_timeout", parsed.connect_timeout.as_deref())
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let down_time =
         duration(options, "down_time", parsed.down_time.as_deref()).unwrap_or(DEFAULT_DOWN_TIME);
+    let preread_timeout = duration(options, "preread_timeout", parsed.preread_timeout.as_deref())
+        .unwrap_or(DEFAULT_PREREAD_TIMEOUT);
+    if parsed.preread_timeout.is_some() && parsed.route.is_empty() {
+        options.report("preread_timeout", "has no effect without [[listener.options.route]]");
+    }
+    let routes = (!parsed.route.is_empty()).then(|| Routes {
+        by_name: ByName::new(named),
+        default,
+        preread_timeout,
+    });
+    let backend_tls = parsed.backend_tls.as_ref().and_then(|tls| backend_tls(options, tls, &backends));
     let config = RelayConfig {
         backends,
         balance: parsed.balance,
@@ -146,6 +275,8 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         down_time,
         send_proxy_protocol: parsed.send_proxy_protocol,
         splice: parsed.splice.unwrap_or(DEFAULT_SPLICE),
+        backend_tls,
+        routes,
     };
     if parsed.retries.is_some_and(|r| r > 1000) {
         options.report("retries", "at most 1000");
@@ -158,6 +289,80 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
             Err(Invalid)
         }
     }
+}
+
+/// `backend_tls = { ... }`: its files read and checked; `None` (reported) when anything is
+/// wrong, such as a backend with no name to verify.
+fn backend_tls(
+    options: &mut Options<'_>,
+    written: &BackendTlsOptions,
+    backends: &[Backend],
+) -> Option<Arc<BackendTls>> {
+    let mut complete = true;
+    let server_name = match &written.server_name {
+        None => None,
+        Some(name) => match ServerName::try_from(name.to_ascii_lowercase()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                options.report(
+                    "backend_tls.server_name",
+                    format!("{name:?} is neither a DNS name nor an IP address"),
+                );
+                complete = false;
+                None
+            }
+        },
+    };
+    if written.server_name.is_none()
+        && let Some(unnamed) = backends.iter().find(|b| b.host.is_none())
+    {
+        options.report(
+            "backend_tls.server_name",
+            format!(
+                "missing: backend {} has no host name to verify its certificate against; write the name it serves",
+                unnamed.address
+            ),
+        );
+        complete = false;
+    }
+    let mut path = |options: &mut Options<'_>, key: &str, value: &Option<String>| {
+        let path = options.path(&format!("backend_tls.{key}"), value.as_deref());
+        complete &= path.is_some() || value.is_none();
+        path
+    };
+    let spec = ClientSpec {
+        ca: path(options, "ca", &written.ca),
+        certificate: path(options, "certificate", &written.certificate),
+        key: path(options, "key", &written.key),
+    };
+    if !complete {
+        return None;
+    }
+    let mut findings = pki::Findings::default();
+    let loaded = pki::client::load(&spec, SystemTime::now(), &mut findings);
+    for warning in &findings.warnings {
+        log::warn!("{}: {warning}", options.label("backend_tls"));
+    }
+    for (field, message) in findings.errors {
+        let key = match field {
+            ClientField::Ca => "backend_tls.ca",
+            ClientField::Certificate => "backend_tls.certificate",
+            ClientField::Key => "backend_tls.key",
+        };
+        options.report(key, message);
+    }
+    Some(Arc::new(BackendTls::new(loaded?, server_name)))
+}
+
+/// The host of a backend as written, as TLS names it (`None` for a Unix socket, or a host
+/// that is no name).
+fn host_of(written: &str) -> Option<ServerName<'static>> {
+    if written.starts_with("unix:") {
+        return None;
+    }
+    let (host, _port) = written.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    ServerName::try_from(host.to_ascii_lowercase()).ok()
 }
 
 /// `IP:PORT`, `[IPv6]:PORT`, `unix:/path`, `unix:@name` or `HOST:PORT` (resolved now; the
@@ -236,7 +441,17 @@ impl Service for Relay {
         let header = self.shared.config.send_proxy_protocol.map(|version| {
             proxy::header(version, conn.peer, conn.local_addr().ok())
         });
-        Box::new(session::RelaySession::new(Arc::clone(&self.shared), conn.peer, header))
+        let config = &self.shared.config;
+        let backends = match (&config.routes, conn.tls) {
+            (None, _) => Backends::Chosen(every_backend(config.backends.len())),
+            // Behind TLS termination: the name the handshake settled.
+            (Some(routes), Some(tls)) => {
+                Backends::Chosen(routes.backends_for(tls.server_name.as_deref()))
+            }
+            (Some(_), None) => Backends::ByHello,
+        };
+        let shared = Arc::clone(&self.shared);
+        Box::new(session::RelaySession::new(shared, conn.peer, header, backends))
     }
 
     /// A relayed connection handed over by a retiring worker, at any point of its life but
@@ -247,6 +462,20 @@ impl Service for Relay {
     }
 }
 
+/// Which backends a session may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backends {
+    /// These, as a mask (bit `i`: backend `i`); 0: none (the server name is routed nowhere).
+    Chosen(u64),
+    /// Those of the route the client's ClientHello names: read it first.
+    ByHello,
+}
+
+/// The mask of every one of `n` backends.
+fn every_backend(n: usize) -> u64 {
+    if n >= 64 { u64::MAX } else { (1 << n) - 1 }
+}
+
 /// The order in which one session tries backends: where it starts, which it tried.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -254,26 +483,32 @@ struct Plan {
     start: usize,
     /// Backends this session tried, as bits; cleared once every available one was tried.
     tried: u64,
+    /// Backends this session may use (its route's), as bits; not 0.
+    allowed: u64,
 }
 
 impl Plan {
-    fn new(shared: &Shared, peer: Peer) -> Plan {
-        let n = shared.config.backends.len();
-        let start = match shared.config.balance {
+    /// The plan of a client `peer` among the `allowed` backends (a mask, not 0): balanced over
+    /// those only, so each route takes its turns among its own backends.
+    fn new(shared: &Shared, peer: Peer, allowed: u64) -> Plan {
+        let members = allowed.count_ones().max(1) as usize;
+        let nth = match shared.config.balance {
             Balance::First => 0,
-            Balance::RoundRobin | Balance::LeastConnections => shared.table.next_turn() % n,
-            Balance::SourceHash => (source_hash(&peer) % n as u64) as usize,
+            Balance::RoundRobin | Balance::LeastConnections => shared.table.next_turn() % members,
+            Balance::SourceHash => (source_hash(&peer) % members as u64) as usize,
         };
-        Plan { start, tried: 0 }
+        let start = (0..64).filter(|&i| allowed & (1 << i) != 0).nth(nth).unwrap_or(0);
+        Plan { start, tried: 0, allowed }
     }
 
-    /// The next backend to try at `now_ms`, or `None` when every backend is down. Prefers
-    /// one not tried yet by this session; then by the fewest connections
+    /// The next backend to try at `now_ms`, or `None` when every allowed backend is down.
+    /// Prefers one not tried yet by this session; then by the fewest connections
     /// (`least-connections` only); then in order from `start`.
     fn next(&mut self, shared: &Shared, now_ms: u64) -> Option<usize> {
-        let n = shared.config.backends.len();
+        let n = shared.config.backends.len().min(MAX_BACKENDS);
         let least = shared.config.balance == Balance::LeastConnections;
         let pick = (0..n)
+            .filter(|&i| self.allowed & (1 << i) != 0)
             .filter(|&i| shared.table.backend(i).is_available(now_ms))
             .min_by_key(|&i| {
                 let tried = self.tried & (1 << i) != 0;
@@ -315,7 +550,12 @@ pub(super) mod tests {
     /// A relay's shared state over `backends` backends at 127.0.0.1:1000 and up.
     pub(in crate::services::relay) fn relay(backends: usize, balance: Balance) -> Shared {
         let config = RelayConfig {
-            backends: (0..backends).map(|i| Address::Ip(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))).collect(),
+            backends: (0..backends)
+                .map(|i| Backend {
+                    address: Address::Ip(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))),
+                    host: None,
+                })
+                .collect(),
             balance,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retries: DEFAULT_RETRIES,
@@ -323,6 +563,8 @@ pub(super) mod tests {
             down_time: Duration::from_secs(1),
             send_proxy_protocol: None,
             splice: DEFAULT_SPLICE,
+            backend_tls: None,
+            routes: None,
         };
         let table = Arc::new(Table::new(backends).unwrap());
         Shared { config, table }
@@ -332,31 +574,31 @@ pub(super) mod tests {
     fn first_fails_over_in_order_and_skips_down_backends() {
         let shared = relay(3, Balance::First);
         let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
-        let mut plan = Plan::new(&shared, peer);
+        let mut plan = Plan::new(&shared, peer, every_backend(shared.config.backends.len()));
         assert_eq!(plan.next(&shared, 0), Some(0));
         assert_eq!(plan.next(&shared, 0), Some(1));
         assert_eq!(plan.next(&shared, 0), Some(2));
         assert_eq!(plan.next(&shared, 0), Some(0), "retries go round again");
         shared.table.backend(0).failed(1, 0, 1000);
-        let mut plan = Plan::new(&shared, peer);
+        let mut plan = Plan::new(&shared, peer, every_backend(shared.config.backends.len()));
         assert_eq!(plan.next(&shared, 10), Some(1), "down: skipped");
-        assert_eq!(Plan::new(&shared, peer).next(&shared, 1001), Some(0), "back after down_time");
+        assert_eq!(Plan::new(&shared, peer, every_backend(shared.config.backends.len())).next(&shared, 1001), Some(0), "back after down_time");
         for i in 0..3 {
             shared.table.backend(i).failed(1, 0, 1000);
         }
-        assert_eq!(Plan::new(&shared, peer).next(&shared, 10), None, "all down");
+        assert_eq!(Plan::new(&shared, peer, every_backend(shared.config.backends.len())).next(&shared, 10), None, "all down");
     }
 
     #[test]
     fn round_robin_takes_turns_and_source_hash_sticks() {
         let shared = relay(2, Balance::RoundRobin);
         let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
-        let firsts: Vec<_> = (0..4).map(|_| Plan::new(&shared, peer).next(&shared, 0)).collect();
+        let firsts: Vec<_> = (0..4).map(|_| Plan::new(&shared, peer, every_backend(shared.config.backends.len())).next(&shared, 0)).collect();
         assert_eq!(firsts, [Some(0), Some(1), Some(0), Some(1)]);
         let shared = relay(4, Balance::SourceHash);
         let pick = |ip: &str, port| {
             let peer = Peer::Ip(SocketAddr::new(ip.parse().unwrap(), port));
-            Plan::new(&shared, peer).next(&shared, 0)
+            Plan::new(&shared, peer, every_backend(shared.config.backends.len())).next(&shared, 0)
         };
         assert_eq!(pick("127.0.0.2", 1), pick("127.0.0.2", 2), "the port does not matter");
         assert_eq!(pick("::ffff:127.0.0.2", 1), pick("127.0.0.2", 2));
@@ -371,7 +613,7 @@ pub(super) mod tests {
         let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
         let _lease = shared::Lease::new(Arc::clone(&shared.table), 0);
         for _ in 0..3 {
-            assert_eq!(Plan::new(&shared, peer).next(&shared, 0), Some(1));
+            assert_eq!(Plan::new(&shared, peer, every_backend(shared.config.backends.len())).next(&shared, 0), Some(1));
         }
     }
 

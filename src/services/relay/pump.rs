@@ -28,11 +28,17 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use super::splice::{self, Pipe};
+use crate::proxy_protocol;
 use crate::services::pool;
 
 /// Read/write (or splice) rounds per pump and callback, so one busy connection cannot starve
 /// the others.
 const ROUNDS: usize = 16;
+
+/// Most bytes [`Pump::preload`] takes: a PROXY header and a ClientHello read to route by
+/// ([`super::hello::MAX_PREREAD`]). A preload larger than a pooled buffer gets a buffer of
+/// its own, freed once drained.
+pub(super) const MAX_PRELOAD: usize = proxy_protocol::MAX_HEADER + super::hello::MAX_PREREAD;
 
 /// How one direction of the relay stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +114,14 @@ impl Pump {
         self.flow == Flow::Flushing && !self.has_output()
     }
 
-    /// Puts `bytes` (at most [`pool::BUFFER_SIZE`]) first in a buffer: the PROXY header. The
-    /// pump is new and empty.
+    /// Puts `bytes` (at most [`MAX_PRELOAD`]) first in a buffer: the PROXY header, the
+    /// ClientHello read to route by. The pump is new and empty.
     pub(super) fn preload(&mut self, bytes: &[u8]) {
         let mut buffer = pool::take();
+        if bytes.len() > buffer.len() {
+            // Not pooled when given back (`pool::give` keeps its own size only).
+            buffer = vec![0; bytes.len()];
+        }
         buffer[..bytes.len()].copy_from_slice(bytes);
         self.release();
         self.carrier = Carrier::Buffer { buffer, start: 0, end: bytes.len() };
@@ -330,10 +340,13 @@ impl Pump {
             0 => None,
             1 => {
                 let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                if len == 0 || len > pool::BUFFER_SIZE {
+                if len == 0 || len > pool::BUFFER_SIZE.max(MAX_PRELOAD) {
                     return None;
                 }
                 let mut buffer = pool::take();
+                if len > buffer.len() {
+                    buffer = vec![0; len];
+                }
                 buffer[..len].copy_from_slice(take(len)?);
                 pump.carrier = Carrier::Buffer { buffer, start: 0, end: len };
                 None

@@ -1,8 +1,14 @@
-//! One relayed connection: connect to a backend (with failover), then two half-duplex pumps.
+//! One relayed connection: read the ClientHello when routing by server name, connect to a
+//! backend (with failover, and TLS when the relay speaks it to its backends), then two
+//! half-duplex pumps.
 //!
-//! Runs in workers. States ([`State`]): `Start` (accepted; the first callback picks a backend)
-//! -> `Connecting` (a non-blocking connect and a `connect_timeout` timer; on refusal or
-//! timeout the next backend, at most `retries` more times) -> `Open` (relaying) -> `Over`.
+//! Runs in workers. States ([`State`]): `Start` (accepted; the first callback reads the
+//! ClientHello or picks a backend) -> `Preread` (routing by server name: reading the client's
+//! ClientHello, bounded in bytes and by `preread_timeout`) -> `Connecting` (a non-blocking
+//! connect and a `connect_timeout` timer; on refusal or timeout the next backend, at most
+//! `retries` more times) -> `Handshaking` (with `backend_tls`: the TLS handshake with the
+//! backend, within the same `connect_timeout`; a failure is a failed connect) -> `Open`
+//! (relaying) -> `Over`.
 //!
 //! While open, bytes move through two [`Pump`]s: *up* (client to backend) and *down* (backend
 //! to client). Each carries its bytes in one bounded buffer or, with `splice = true`, one
@@ -12,10 +18,14 @@
 //! (backpressure both ways). A FIN read from one side is passed on (shutdown(2) `SHUT_WR`)
 //! once the carried bytes are written; the connection ends when both directions are shut. An
 //! error on one side (a reset) resets the other: `SO_LINGER` 0 on the backend,
-//! [`Context::reset`] for the client.
+//! [`Context::reset`] for the client. With TLS to the backend, the backend's side of each
+//! pump is rustls's plaintext ([`TlsLink`]): the client's FIN goes up as `close_notify`, the
+//! backend's `close_notify` comes down as a FIN, and nothing is spliced.
 //!
-//! The client socket is not read before a backend is connected: what the client sends first
-//! waits in its socket, so a failover replays nothing.
+//! The client socket is not read before a backend is connected, but for the ClientHello of a
+//! relay that routes by it: what the client sends waits in its socket, and the ClientHello
+//! is kept until a backend is connected, so a failover replays nothing and loses nothing.
+//! What was read goes first to the backend, after the PROXY header if any, unchanged.
 //!
 //! Hand-off (a reload, a binary upgrade): an open relay moves to the serving generation at
 //! any point of its life ([`Movable::Now`]), whole: the backend socket and the pipes, the
@@ -25,9 +35,11 @@
 //! [`Lease`] on the backend of that address, if its configuration still has it) before it
 //! takes the connection, and the sender's lease is given back when it drops the session
 //! once the receiver has: each generation's table counts exactly the connections its
-//! workers serve. A relay still connecting is not moved ([`Movable::Later`]): it is offered
-//! once connected (a connect is at most `connect_timeout`), so the connect timeout, the
-//! failover plan and the backend's health stay one worker's business.
+//! workers serve. A relay still reading the ClientHello, connecting or in its backend
+//! handshake is not moved ([`Movable::Later`]): it is offered once open (each is bounded in
+//! time), so the timeouts, the failover plan and the backend's health stay one worker's
+//! business. A relay with TLS to its backend is never moved ([`Movable::Never`]: its keys
+//! live in this process): a reload drains it.
 
 use std::ffi::OsStr;
 use std::io::{self, ErrorKind};
@@ -38,15 +50,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Shared;
+use super::backend_tls::{Fault as TlsFault, TlsLink};
+use super::hello::{Hello, Refusal, Step};
 use super::pump::{Fault, Flow, PipeHeld, Pump};
 use super::shared::{Health, Lease};
+use super::{Backends, Shared};
 use crate::clock::monotonic_ms;
 use crate::net::{self, Address, Peer, Stream};
-use crate::services::{CloseReason, Context, Interest, Movable, Progress, Ready, Session};
+use crate::services::{
+    CloseReason, Context, Interest, Movable, Progress, Ready, Session, TlsFailure,
+};
 
 /// Version of a relay session's exported state (its first byte).
 const STATE_VERSION: u8 = 1;
+
+/// Reads of the client's ClientHello per callback at most, for fairness.
+const HELLO_READS: usize = 8;
 
 /// The backend connection of a session.
 struct Link {
@@ -55,6 +74,8 @@ struct Link {
     address: Address,
     /// What the poller watches the stream for.
     watched: Interest,
+    /// With `backend_tls`, from the handshake on: the connection's TLS.
+    tls: Option<Box<TlsLink>>,
     /// Counts this connection in the backend's `active` until dropped; `None` for a
     /// connection handed over to a generation whose configuration no longer names its
     /// backend (nothing there balances over it).
@@ -62,10 +83,17 @@ struct Link {
 }
 
 enum State {
-    /// Accepted; the first callback (the client socket is writable at once) connects.
+    /// Accepted; the first callback (the client socket is writable at once) reads the
+    /// ClientHello or connects.
     Start,
+    /// Reading the client's ClientHello to route by the server name it asks for; the timer
+    /// is `preread_timeout`'s.
+    Preread(Box<Hello>),
     /// A connect to the backend of index `.2` in flight since the instant `.1`.
     Connecting(Link, Instant, usize),
+    /// The TLS handshake with the backend of index `.2`, whose connect began at `.1` (the
+    /// timer is still `connect_timeout`'s).
+    Handshaking(Link, Instant, usize),
     /// Relaying.
     Open(Link),
     /// Handed over and rebuilt from its state, waiting for its descriptors
@@ -94,33 +122,52 @@ enum Side {
 pub struct RelaySession {
     shared: Arc<Shared>,
     peer: Peer,
+    /// The backends it may use, or that its ClientHello decides them.
+    backends: Backends,
     plan: Option<super::Plan>,
     state: State,
-    /// PROXY header bytes not yet counted out of what the up pump wrote.
+    /// PROXY header to send first, until connected.
     header: Option<Vec<u8>>,
+    /// The client's first bytes, read to route by its ClientHello, until connected.
+    hello: Vec<u8>,
+    /// The server name the ClientHello asked for, for the access line.
+    server_name: Option<String>,
+    /// Bytes at the head of what the up pump writes that are not counted again: the PROXY
+    /// header (never counted) and the ClientHello (counted when read).
     header_left: u64,
     /// Connects started.
     tries: u32,
-    /// The backend connected to, and how long the connect took.
+    /// The backend connected to, and how long the connect took (its TLS handshake included).
     connected: Option<(Address, Duration)>,
     up: Pump,
     down: Pump,
     first_fin: Option<Side>,
     /// Client bytes delivered to the backend, and backend bytes delivered to the client.
     delivered: (u64, u64),
+    /// With TLS to the backend: plaintext (or the backend's end) waits in rustls for the down
+    /// pump, which must be called back (the backend socket's readiness no longer tells).
+    pending: bool,
     /// Both directions shut after the client's FIN: the loop closes as `client-close`.
     done: bool,
 }
 
 impl RelaySession {
-    pub(super) fn new(shared: Arc<Shared>, peer: Peer, header: Option<Vec<u8>>) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        peer: Peer,
+        header: Option<Vec<u8>>,
+        backends: Backends,
+    ) -> Self {
         let splices = shared.config.splice;
         RelaySession {
             shared,
             peer,
+            backends,
             plan: None,
             state: State::Start,
             header,
+            hello: Vec::new(),
+            server_name: None,
             header_left: 0,
             tries: 0,
             connected: None,
@@ -128,8 +175,100 @@ impl RelaySession {
             down: Pump::new(splices),
             first_fin: None,
             delivered: (0, 0),
+            pending: false,
             done: false,
         }
+    }
+
+    /// The first callback: read the ClientHello, or connect to one of the chosen backends.
+    fn start(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        match self.backends {
+            Backends::ByHello => {
+                let timeout = self.shared.config.routes.as_ref().map(|r| r.preread_timeout);
+                if let Some(timeout) = timeout {
+                    cx.set_timer(Some(cx.now() + timeout));
+                }
+                self.state = State::Preread(Box::default());
+                // Whatever the client sent already is read at once.
+                self.preread(cx)
+            }
+            Backends::Chosen(0) => Ok(self.refuse(TlsFailure::UnknownName, cx)),
+            Backends::Chosen(_) => self.connect_next(cx),
+        }
+    }
+
+    /// Reads what the client sent of its ClientHello, at most what the bound leaves; once
+    /// whole, picks the route its server name names and connects.
+    fn preread(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let State::Preread(hello) = &mut self.state else { return Ok(Progress::default()) };
+        let mut progress = Progress::default();
+        let mut chunk = [0u8; 4096];
+        let mut step = Step::More;
+        for _ in 0..HELLO_READS {
+            let room = hello.room().min(chunk.len());
+            match cx.io().read(&mut chunk[..room]) {
+                Ok(0) => return Ok(self.refuse(TlsFailure::Closed, cx)),
+                Ok(n) => {
+                    progress.bytes_in += n as u64;
+                    step = hello.feed(&chunk[..n]);
+                    if step != Step::More {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("relay: client {} failed in its ClientHello: {e}", self.peer);
+                    return Ok(self.refuse(TlsFailure::Closed, cx));
+                }
+            }
+        }
+        let name = match step {
+            Step::More => return Ok(progress),
+            Step::Refused(refusal) => {
+                log::debug!("relay: client {}: {refusal}", self.peer);
+                let failure = match refusal {
+                    Refusal::NotTls => TlsFailure::NotTls,
+                    Refusal::TooLarge => TlsFailure::TooLarge,
+                    Refusal::Malformed => TlsFailure::Protocol,
+                };
+                self.refuse(failure, cx);
+                return Ok(progress);
+            }
+            Step::Done(name) => name,
+        };
+        let State::Preread(hello) = std::mem::replace(&mut self.state, State::Start) else {
+            unreachable!("reading the ClientHello");
+        };
+        cx.set_timer(None);
+        let routes = self.shared.config.routes.as_ref();
+        let mask = routes.map_or(0, |routes| routes.backends_for(name.as_deref()));
+        self.server_name = name;
+        if mask == 0 {
+            log::debug!(
+                "relay: client {} asked for {:?}, which no route serves",
+                self.peer,
+                self.server_name.as_deref().unwrap_or("no name")
+            );
+            self.refuse(TlsFailure::UnknownName, cx);
+            return Ok(progress);
+        }
+        self.backends = Backends::Chosen(mask);
+        self.hello = hello.into_bytes();
+        // Counted now, as read: not again when written to the backend.
+        self.header_left = self.hello.len() as u64;
+        let connecting = self.connect_next(cx)?;
+        progress.exchanges += connecting.exchanges;
+        Ok(progress)
+    }
+
+    /// Ends a connection whose ClientHello cannot be routed: counted and summarized as a
+    /// failed TLS handshake of the listener (no access line).
+    fn refuse(&mut self, failure: TlsFailure, cx: &mut Context<'_>) -> Progress {
+        self.state = State::Over;
+        cx.set_timer(None);
+        cx.close(CloseReason::Handshake(failure));
+        Progress::default()
     }
 
     /// Starts a connect to the next backend the plan gives, skipping those that refuse at
@@ -137,9 +276,18 @@ impl RelaySession {
     fn connect_next(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
-        let plan = self.plan.get_or_insert_with(|| super::Plan::new(&shared, self.peer));
+        let allowed = match self.backends {
+            Backends::Chosen(mask) => mask,
+            Backends::ByHello => 0,
+        };
+        let plan =
+            self.plan.get_or_insert_with(|| super::Plan::new(&shared, self.peer, allowed));
         loop {
-            let next = if self.tries > config.retries { None } else { plan.next(&shared, monotonic_ms()) };
+            let next = if self.tries > config.retries || allowed == 0 {
+                None
+            } else {
+                plan.next(&shared, monotonic_ms())
+            };
             let Some(index) = next else {
                 self.state = State::Over;
                 cx.set_timer(None);
@@ -147,12 +295,18 @@ impl RelaySession {
                 return Ok(Progress::default());
             };
             self.tries += 1;
-            let address = config.backends[index].clone();
+            let address = config.backends[index].address.clone();
             let lease = Lease::new(Arc::clone(&shared.table), index);
             match net::connect(&address, None) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
-                    let link = Link { stream, address, watched: Interest::WRITE, _lease: Some(lease) };
+                    let link = Link {
+                        stream,
+                        address,
+                        watched: Interest::WRITE,
+                        tls: None,
+                        _lease: Some(lease),
+                    };
                     cx.set_timer(Some(cx.now() + config.connect_timeout));
                     self.state = State::Connecting(link, cx.now(), index);
                     return Ok(Progress::default());
@@ -162,10 +316,10 @@ impl RelaySession {
         }
     }
 
-    /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, or
-    /// try the next backend.
+    /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, start
+    /// TLS with the backend, or try the next backend.
     fn connect_done(&mut self, ready: Option<Ready>, cx: &mut Context<'_>) -> io::Result<Progress> {
-        let State::Connecting(link, since, backend) = std::mem::replace(&mut self.state, State::Over) else {
+        let State::Connecting(mut link, since, backend) = std::mem::replace(&mut self.state, State::Over) else {
             unreachable!("only called while connecting");
         };
         let outcome = match ready {
@@ -184,16 +338,72 @@ impl RelaySession {
             drop(link);
             return self.connect_next(cx);
         }
+        // Best effort, as for clients: a failure shows on the first write.
+        let _ = link.stream.set_nodelay(true);
+        let Some(tls) = self.shared.config.backend_tls.clone() else {
+            return self.opened(link, since, backend, cx);
+        };
+        // The PROXY header goes first, in plain text, as HAProxy sends it before TLS.
+        let ahead = self.header.take().unwrap_or_default();
+        let host = self.shared.config.backends[backend].host.as_ref();
+        let Some(name) = tls.name_for(host) else {
+            // The configuration check requires a name for every backend.
+            return Err(io::Error::other("no server name to verify the backend against"));
+        };
+        link.tls = Some(Box::new(tls.link(name, ahead).map_err(io::Error::other)?));
+        self.state = State::Handshaking(link, since, backend);
+        self.handshake(Some(Ready { readable: false, writable: true }), cx)
+    }
+
+    /// Moves the TLS handshake with the backend on (`ready` from the poller, `None`: the
+    /// timer): relay once it completes, or try the next backend when it fails.
+    fn handshake(&mut self, ready: Option<Ready>, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let State::Handshaking(mut link, since, backend) = std::mem::replace(&mut self.state, State::Over) else {
+            unreachable!("only called while handshaking");
+        };
+        let tls = link.tls.as_mut().expect("a handshaking link has TLS");
+        let outcome = match ready {
+            None => Err(TlsFault::Io(io::Error::new(ErrorKind::TimedOut, "TLS handshake timed out"))),
+            Some(_) => tls.handshake(&link.stream),
+        };
+        match outcome {
+            Ok(true) => self.opened(link, since, backend, cx),
+            Ok(false) => {
+                let wanted = tls.interest(true);
+                if wanted != link.watched {
+                    cx.watch(link.stream.as_fd(), wanted)?;
+                    link.watched = wanted;
+                }
+                self.state = State::Handshaking(link, since, backend);
+                Ok(Progress::default())
+            }
+            Err(fault) => {
+                if let Some(backend_tls) = &self.shared.config.backend_tls {
+                    backend_tls.log_failure(&link.address, &fault, cx.now());
+                }
+                // The alert rustls queued, best effort.
+                let _ = tls.flush(&link.stream);
+                cx.unwatch(link.stream.as_fd());
+                failed(&self.shared, backend, &io::Error::other(fault.to_string()));
+                drop(link);
+                self.connect_next(cx)
+            }
+        }
+    }
+
+    /// Connected (and, with TLS, the handshake done): count the backend up, send what waits
+    /// (the PROXY header, the ClientHello read), relay.
+    fn opened(&mut self, link: Link, since: Instant, backend: usize, cx: &mut Context<'_>) -> io::Result<Progress> {
         cx.set_timer(None);
         if self.shared.table.backend(backend).succeeded() {
             log::info!("relay backend {} is up again", link.address);
         }
         self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
-        // Best effort, as for clients: a failure shows on the first write.
-        let _ = link.stream.set_nodelay(true);
-        if let Some(header) = self.header.take() {
-            self.header_left = header.len() as u64;
-            self.up.preload(&header);
+        let mut first = self.header.take().unwrap_or_default();
+        self.header_left += first.len() as u64;
+        first.append(&mut self.hello);
+        if !first.is_empty() {
+            self.up.preload(&first);
         }
         self.state = State::Open(link);
         // Up only: the client may have sent already, while the backend's first bytes (a
@@ -207,14 +417,25 @@ impl RelaySession {
     /// Only the pumps a readiness event concerns run: the client readable or the backend
     /// writable moves bytes up, the backend readable or the client writable moves them down.
     /// The poller is level-triggered, so a pump not run now runs when its own event comes,
-    /// and the read that would only say `WouldBlock` is never made.
+    /// and the read that would only say `WouldBlock` is never made. With TLS to the backend,
+    /// records are read before the down pump runs and written after the up pump did.
     fn relay(&mut self, cx: &mut Context<'_>, run: Pumps) -> io::Result<Progress> {
         let State::Open(link) = &mut self.state else { return Ok(Progress::default()) };
         let mut progress = Progress::default();
         let now = cx.now();
-        // Splice only between two descriptors (always, in the daemon); else read and write.
+        if let Some(tls) = &mut link.tls {
+            let records = if run.down { tls.read_records(&link.stream) } else { Ok(()) };
+            if let Err(fault) = records.and_then(|()| tls.flush(&link.stream).map_err(TlsFault::Io)) {
+                return self.backend_tls_failed(fault, cx);
+            }
+        }
+        let State::Open(link) = &mut self.state else { unreachable!() };
+        // Splice only between two descriptors (always, in the daemon, but to a TLS backend);
+        // else read and write.
         let up = if !run.up {
             Ok(0)
+        } else if let Some(tls) = &mut link.tls {
+            self.up.copy(cx.io(), &mut tls.plain())
         } else {
             match cx.socket().filter(|_| self.up.takes_pipe(now)) {
                 Some(client) => self.up.splice(client, link.stream.as_fd()),
@@ -227,8 +448,15 @@ impl RelaySession {
             Err(Fault::Sink(error)) => return self.backend_failed(error, cx),
         };
         let State::Open(link) = &mut self.state else { unreachable!() };
+        if let Some(tls) = &mut link.tls
+            && let Err(error) = tls.flush(&link.stream)
+        {
+            return self.backend_failed(error, cx);
+        }
         let down = if !run.down {
             Ok(0)
+        } else if let Some(tls) = &mut link.tls {
+            self.down.copy(&mut tls.plain(), cx.io())
         } else {
             match cx.socket().filter(|_| self.down.takes_pipe(now)) {
                 Some(client) => self.down.splice(link.stream.as_fd(), client),
@@ -259,10 +487,22 @@ impl RelaySession {
         }
         let State::Open(link) = &mut self.state else { unreachable!() };
         if self.up.needs_shutdown() {
-            if let Err(error) = link.stream.shutdown(Shutdown::Write) {
-                return self.backend_failed(error, cx).map(|_| progress);
+            let shut = match &mut link.tls {
+                None => link.stream.shutdown(Shutdown::Write).map(|()| true),
+                // close_notify first, then FIN once every record is written.
+                Some(tls) => {
+                    tls.close_notify();
+                    tls.flush(&link.stream).and_then(|()| match tls.wants_write() {
+                        true => Ok(false),
+                        false => link.stream.shutdown(Shutdown::Write).map(|()| true),
+                    })
+                }
+            };
+            match shut {
+                Ok(true) => self.up.flow = Flow::Shut,
+                Ok(false) => {}
+                Err(error) => return self.backend_failed(error, cx).map(|_| progress),
             }
-            self.up.flow = Flow::Shut;
         }
         if self.down.needs_shutdown() {
             // After the client's FIN, with all it sent delivered, the session ends here and
@@ -273,9 +513,11 @@ impl RelaySession {
             }
             self.down.flow = Flow::Shut;
         }
+        let State::Open(link) = &mut self.state else { unreachable!() };
         if self.up.flow == Flow::Shut && self.down.flow == Flow::Shut {
             cx.unwatch(link.stream.as_fd());
             self.state = State::Over;
+            self.pending = false;
             if self.first_fin == Some(Side::Backend) {
                 cx.close(CloseReason::Service("backend-close"));
             } else {
@@ -283,10 +525,16 @@ impl RelaySession {
             }
             return Ok(progress);
         }
-        let wanted = Interest {
-            read: self.down.wants_input(),
-            write: self.up.has_output(),
-            exclusive: false,
+        let wanted = match &mut link.tls {
+            None => Interest {
+                read: self.down.wants_input(),
+                write: self.up.has_output(),
+                exclusive: false,
+            },
+            Some(tls) => {
+                self.pending = self.down.wants_input() && tls.has_input();
+                tls.interest(self.down.wants_input())
+            }
         };
         if wanted != link.watched {
             cx.watch(link.stream.as_fd(), wanted)?;
@@ -316,11 +564,26 @@ impl RelaySession {
         cx.reset(CloseReason::Service("backend-reset"));
         Ok(Progress::default())
     }
+
+    /// The backend's TLS failed while relaying (an alert, such as a refused client
+    /// certificate, which TLS 1.3 sends after the handshake; a bad record): logged in
+    /// summary, the alert rustls queued sent, and the client reset.
+    fn backend_tls_failed(&mut self, fault: TlsFault, cx: &mut Context<'_>) -> io::Result<Progress> {
+        if let State::Open(link) = &mut self.state {
+            if let Some(backend_tls) = &self.shared.config.backend_tls {
+                backend_tls.log_failure(&link.address, &fault, cx.now());
+            }
+            if let Some(tls) = &mut link.tls {
+                let _ = tls.flush(&link.stream);
+            }
+        }
+        self.backend_failed(fault.into(), cx)
+    }
 }
 
 /// Records a failed connect to backend `index` in the shared table and logs it.
 fn failed(shared: &Shared, index: usize, error: &io::Error) {
-    let address = &shared.config.backends[index];
+    let address = &shared.config.backends[index].address;
     log::debug!("relay: connect to backend {address} failed: {error}");
     let down_ms = u64::try_from(shared.config.down_time.as_millis()).unwrap_or(u64::MAX);
     let health = shared.table.backend(index).failed(shared.config.fail_threshold, monotonic_ms(), down_ms);
@@ -345,22 +608,29 @@ impl Session for RelaySession {
     fn interest(&self) -> Interest {
         match self.state {
             State::Start => Interest::WRITE,
-            State::Connecting(..) | State::Arriving(_) | State::Over => Interest::NONE,
+            State::Preread(_) => Interest::READ,
+            State::Connecting(..) | State::Handshaking(..) | State::Arriving(_) | State::Over => {
+                Interest::NONE
+            }
             State::Open(_) => Interest {
                 read: self.up.wants_input(),
-                write: self.down.has_output(),
+                // Plaintext waiting in rustls: called back at once (the client is writable).
+                write: self.down.has_output() || self.pending,
                 exclusive: false,
             },
         }
     }
 
     fn on_readable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
-        self.relay(cx, Pumps { up: true, down: false })
+        match self.state {
+            State::Preread(_) => self.preread(cx),
+            _ => self.relay(cx, Pumps { up: true, down: false }),
+        }
     }
 
     fn on_writable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
-            State::Start => self.connect_next(cx),
+            State::Start => self.start(cx),
             _ => self.relay(cx, Pumps { up: false, down: true }),
         }
     }
@@ -370,6 +640,7 @@ impl Session for RelaySession {
             State::Connecting(..) if ready.writable || ready.readable => {
                 self.connect_done(Some(ready), cx)
             }
+            State::Handshaking(..) => self.handshake(Some(ready), cx),
             State::Open(_) => self.relay(cx, Pumps { up: ready.writable, down: ready.readable }),
             _ => Ok(Progress::default()),
         }
@@ -377,7 +648,9 @@ impl Session for RelaySession {
 
     fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
+            State::Preread(_) => Ok(self.refuse(TlsFailure::Timeout, cx)),
             State::Connecting(..) => self.connect_done(None, cx),
+            State::Handshaking(..) => self.handshake(None, cx),
             _ => Ok(Progress::default()),
         }
     }
@@ -396,6 +669,9 @@ impl Session for RelaySession {
 
     fn describe(&self, line: &mut String) {
         use std::fmt::Write as _;
+        if let Some(name) = &self.server_name {
+            let _ = write!(line, " sni={name}");
+        }
         let _ = match &self.connected {
             Some((address, took)) => write!(
                 line,
@@ -405,13 +681,27 @@ impl Session for RelaySession {
             ),
             None => write!(line, " backend=- tries={}", self.tries),
         };
+        let tls = match &self.state {
+            State::Open(link) => link.tls.as_ref().and_then(|tls| tls.facts()),
+            _ => None,
+        };
+        if let Some((version, resumed)) = tls {
+            let _ = write!(line, " backend_tls={version} backend_resumed={}", u8::from(resumed));
+        }
     }
 
     fn movable(&self) -> Movable {
-        match self.state {
+        match &self.state {
+            State::Open(link) if link.tls.is_some() => Movable::Never,
             State::Open(_) => Movable::Now,
-            // Connecting: offered once connected. Over: the loop is closing it.
-            State::Start | State::Connecting(..) | State::Arriving(_) | State::Over => Movable::Later,
+            // Reading the ClientHello, connecting: offered once open. Over: the loop is
+            // closing it.
+            State::Start
+            | State::Preread(_)
+            | State::Connecting(..)
+            | State::Handshaking(..)
+            | State::Arriving(_)
+            | State::Over => Movable::Later,
         }
     }
 
@@ -454,7 +744,7 @@ impl Session for RelaySession {
             exclusive: false,
         };
         cx.watch(stream.as_fd(), watched)?;
-        let link = Link { stream, address: arriving.address, watched, _lease: arriving.lease };
+        let link = Link { stream, address: arriving.address, watched, tls: None, _lease: arriving.lease };
         self.state = State::Open(link);
         Ok(())
     }
@@ -517,11 +807,12 @@ impl RelaySession {
             .config
             .backends
             .iter()
-            .position(|backend| *backend == address)
+            .position(|backend| backend.address == address)
             .map(|index| Lease::new(Arc::clone(&shared.table), index));
         Some(RelaySession {
             shared,
             peer,
+            backends: Backends::Chosen(0),
             plan: None,
             state: State::Arriving(Arriving {
                 address: address.clone(),
@@ -529,6 +820,8 @@ impl RelaySession {
                 lease,
             }),
             header: None,
+            hello: Vec::new(),
+            server_name: None,
             header_left,
             tries,
             connected: Some((address, took)),
@@ -536,6 +829,7 @@ impl RelaySession {
             down,
             first_fin,
             delivered: (up_bytes, down_bytes),
+            pending: false,
             done: false,
         })
     }
@@ -634,17 +928,18 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let stream = Stream::from(stream);
-        let address = shared.config.backends[index].clone();
+        let address = shared.config.backends[index].address.clone();
         let lease = Lease::new(Arc::clone(&shared.table), index);
         let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
-        let mut session = RelaySession::new(Arc::clone(shared), peer, None);
+        let mut session = RelaySession::new(Arc::clone(shared), peer, None, Backends::Chosen(1));
         session.up.preload(b"in flight");
         session.header_left = 3;
         session.tries = 2;
         session.connected = Some((address.clone(), Duration::from_millis(1)));
         session.delivered = (10, 20);
         session.first_fin = Some(Side::Client);
-        session.state = State::Open(Link { stream, address, watched: Interest::READ, _lease: Some(lease) });
+        session.state =
+            State::Open(Link { stream, address, watched: Interest::READ, tls: None, _lease: Some(lease) });
         session
     }
 
@@ -718,7 +1013,7 @@ mod tests {
         longer.push(0);
         assert!(RelaySession::import(Arc::clone(&shared), peer, &longer).is_none());
         assert_eq!(active(&shared, 0), 1, "refused imports count nothing");
-        let fresh = RelaySession::new(Arc::clone(&shared), peer, None);
+        let fresh = RelaySession::new(Arc::clone(&shared), peer, None, Backends::Chosen(1));
         assert_eq!((fresh.movable(), fresh.export()), (Movable::Later, None));
         // Descriptors that do not match the state are refused.
         let mut receiver = RelaySession::import(Arc::clone(&shared), peer, &state).unwrap();
