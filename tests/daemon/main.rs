@@ -31,6 +31,7 @@ mod syslog;
 mod systemd;
 mod tftp;
 mod tls;
+mod tls_relay;
 mod udp;
 mod unix;
 mod upgrade;

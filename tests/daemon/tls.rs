@@ -11,18 +11,18 @@ use preforkd::scoreboard::{self, ListenerTotals, Refusal, Scoreboard, TlsFailure
 use crate::harness::{Daemon, PATIENCE, random_bytes};
 
 /// Runs `openssl` with `args` in `dir`; panics on failure.
-fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A test PKI: a CA, certificates signed by it, and a CA nobody trusts.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let pki = Pki { dir: tempfile::tempdir().unwrap() };
         for ca in ["ca", "rogue"] {
             let subject = format!("/CN=Test {ca}");
@@ -55,16 +55,16 @@ impl Pki {
         pki
     }
 
-    fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    fn path(&self, file: &str) -> String {
+    pub(crate) fn path(&self, file: &str) -> String {
         self.dir().join(file).to_str().unwrap().to_owned()
     }
 
     /// `NAME.pem` and `NAME.key`, signed by `ca`, with serial `serial` (hex).
-    fn issue(&self, name: &str, ca: &str, subject: &str, dns: &[&str], serial: &str) {
+    pub(crate) fn issue(&self, name: &str, ca: &str, subject: &str, dns: &[&str], serial: &str) {
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
         openssl(
@@ -117,7 +117,7 @@ impl Pki {
     }
 
     /// `[listener.tls]` with the server certificate, and `extra` lines.
-    fn table(&self, extra: &str) -> String {
+    pub(crate) fn table(&self, extra: &str) -> String {
         format!(
             "[listener.tls]\ncertificate = {:?}\nkey = {:?}\n{extra}\n",
             self.path("server.pem"),
@@ -127,13 +127,13 @@ impl Pki {
 }
 
 /// The listener totals of the daemon, by name.
-fn totals(daemon: &Daemon, name: &str) -> ListenerTotals {
+pub(crate) fn totals(daemon: &Daemon, name: &str) -> ListenerTotals {
     let board = Scoreboard::open(&scoreboard::path_for(daemon.pid_file())).expect("scoreboard");
     board.listener_totals().into_iter().find(|t| t.name == name).expect("the listener")
 }
 
 /// Waits until the totals of listener `name` satisfy `condition`.
-fn wait_totals(
+pub(crate) fn wait_totals(
     daemon: &Daemon,
     name: &str,
     condition: impl Fn(&ListenerTotals) -> bool,
@@ -150,7 +150,7 @@ fn wait_totals(
 }
 
 /// `openssl s_client` to `port` with `args`, stdin from `input`; (success, stdout+stderr).
-fn s_client(port: u16, args: &[&str], input: &[u8]) -> (bool, String) {
+pub(crate) fn s_client(port: u16, args: &[&str], input: &[u8]) -> (bool, String) {
     let connect = format!("127.0.0.1:{port}");
     let mut child = Command::new("timeout")
         .args(["10", "openssl", "s_client", "-connect", &connect])
@@ -167,14 +167,14 @@ fn s_client(port: u16, args: &[&str], input: &[u8]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn config(workers: usize, listeners: &str) -> String {
+pub(crate) fn config(workers: usize, listeners: &str) -> String {
     format!(
         "[daemon]\nworkers = {workers}\ngraceful_timeout = \"10s\"\nallow_root_workers = true\n\
          pid_file = \"@DIR@/preforkd.pid\"\n[log]\nlevel = \"debug\"\n{listeners}"
     )
 }
 
-fn listener(name: &str, service: &str, rest: &str) -> String {
+pub(crate) fn listener(name: &str, service: &str, rest: &str) -> String {
     format!(
         "[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\nservice = \"{service}\"\n{rest}\n"
     )

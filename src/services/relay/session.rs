@@ -139,6 +139,8 @@ pub struct RelaySession {
     tries: u32,
     /// The backend connected to, and how long the connect took (its TLS handshake included).
     connected: Option<(Address, Duration)>,
+    /// With TLS to the backend: the version it settled and whether it resumed a session.
+    backend_tls: Option<(&'static str, bool)>,
     up: Pump,
     down: Pump,
     first_fin: Option<Side>,
@@ -171,6 +173,7 @@ impl RelaySession {
             header_left: 0,
             tries: 0,
             connected: None,
+            backend_tls: None,
             up: Pump::new(splices),
             down: Pump::new(splices),
             first_fin: None,
@@ -399,6 +402,7 @@ impl RelaySession {
             log::info!("relay backend {} is up again", link.address);
         }
         self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
+        self.backend_tls = link.tls.as_ref().and_then(|tls| tls.facts());
         let mut first = self.header.take().unwrap_or_default();
         self.header_left += first.len() as u64;
         first.append(&mut self.hello);
@@ -681,11 +685,7 @@ impl Session for RelaySession {
             ),
             None => write!(line, " backend=- tries={}", self.tries),
         };
-        let tls = match &self.state {
-            State::Open(link) => link.tls.as_ref().and_then(|tls| tls.facts()),
-            _ => None,
-        };
-        if let Some((version, resumed)) = tls {
+        if let Some((version, resumed)) = self.backend_tls {
             let _ = write!(line, " backend_tls={version} backend_resumed={}", u8::from(resumed));
         }
     }
@@ -825,6 +825,7 @@ impl RelaySession {
             header_left,
             tries,
             connected: Some((address, took)),
+            backend_tls: None,
             up,
             down,
             first_fin,
