@@ -24,6 +24,7 @@
 //! decided by two pure state machines, `supervisor.rs` (the master's lifecycle) and `pool.rs`
 //! (the worker table); this file carries out their actions with the system calls.
 
+mod checkers;
 mod handoff;
 mod inherit;
 mod orphans;
@@ -135,6 +136,8 @@ pub struct Master {
     dropped_report: logging::DropReport,
     /// The exec spawners and the workers' links to them.
     spawners: spawners::Spawners,
+    /// The health checkers (one, but for the moments of a reload).
+    checkers: checkers::Checkers,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -272,6 +275,7 @@ impl Master {
                 }
                 self.listeners.clear();
                 self.previous = None;
+                self.retire_checkers(None);
                 self.signal_workers(signal);
             }
             Action::KillWorkers => {
@@ -354,6 +358,7 @@ impl Master {
         deadlines.extend(self.supervisor.deadline(now));
         deadlines.extend(self.probe_other_at);
         deadlines.extend(self.spawners.deadline());
+        deadlines.extend(self.checkers.deadline());
         let lifecycle = self.supervisor.lifecycle();
         deadlines.extend(self.pool.deadline(now, lifecycle));
         if !lifecycle.is_stopping() && self.supervisor.speaks_to_systemd() {
@@ -391,7 +396,7 @@ impl Master {
                 }
             };
             let Some((pid, exit)) = classify(status) else { return };
-            if self.spawner_exited(pid, exit) {
+            if self.spawner_exited(pid, exit) || self.checker_exited(pid, exit) {
                 continue;
             }
             match self.supervisor.successor_exited(pid) {
@@ -422,6 +427,7 @@ impl Master {
             .pids()
             .chain(self.supervisor.successor())
             .chain(self.spawners.pids())
+            .chain(self.checkers.pids())
             .collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
@@ -618,6 +624,7 @@ impl Master {
     fn tick(&mut self, now: Instant) {
         self.probe_other_range(now);
         self.tick_spawners(now);
+        self.tick_checkers(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

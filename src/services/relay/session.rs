@@ -23,23 +23,22 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
 use super::Shared;
 use super::pump::{Fault, Flow, Pump};
-use super::shared::{Health, Lease};
+use super::shared::Lease;
 use crate::clock::monotonic_ms;
-use crate::net::{self, Peer, Stream};
+use crate::net::{self, Address, Peer, Stream};
 use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session};
 
 /// The backend connection of a session.
 struct Link {
     stream: Stream,
-    /// Index in the relay's backends.
-    backend: usize,
+    /// The address connected to.
+    address: Address,
     /// What the poller watches the stream for.
     watched: Interest,
-    /// Counts this connection in the backend's `active` until dropped.
-    _lease: Lease,
+    /// Its place on the backend's row (`active`, bytes) until dropped.
+    lease: Lease,
 }
 
 enum State {
@@ -71,8 +70,8 @@ pub struct RelaySession {
     header_left: u64,
     /// Connects started.
     tries: u32,
-    /// The backend connected to, and how long the connect took.
-    connected: Option<(usize, Duration)>,
+    /// The backend address connected to, and how long the connect took.
+    connected: Option<(Address, Duration)>,
     up: Pump,
     down: Pump,
     first_fin: Option<Side>,
@@ -103,33 +102,47 @@ impl RelaySession {
     }
 
     /// Starts a connect to the next backend the plan gives, skipping those that refuse at
-    /// once; closes the client as `backend-unavailable` when the plan or the retries run out.
+    /// once; closes the client as `backend-unavailable` (or `backend-full`, every usable
+    /// backend at its `max_connections`) when the plan or the retries run out.
     fn connect_next(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
+        let candidates = shared.candidates();
+        let Some(placed) = config.upstreams.placed() else {
+            // Outside the daemon nothing placed the rows: no backend to go to.
+            return self.give_up(super::NoBackend::Unavailable, cx);
+        };
         let plan = self.plan.get_or_insert_with(|| super::Plan::new(&shared, self.peer));
         loop {
-            let next = if self.tries > config.retries { None } else { plan.next(&shared, monotonic_ms()) };
-            let Some(index) = next else {
-                self.state = State::Over;
-                cx.set_timer(None);
-                cx.close(CloseReason::Service("backend-unavailable"));
-                return Ok(Progress::default());
+            if self.tries > config.retries {
+                return self.give_up(super::NoBackend::Unavailable, cx);
+            }
+            let lease = match plan.next(&shared, &placed.table, candidates, monotonic_ms()) {
+                Ok(lease) => lease,
+                Err(none) => return self.give_up(none, cx),
             };
             self.tries += 1;
-            let address = &config.backends[index];
-            let lease = Lease::new(Arc::clone(&shared.table), index);
-            match net::connect(address, None) {
+            // A host name's address may have changed since the row was picked: read it now.
+            let Some(address) = lease.row().address() else { continue };
+            match net::connect(&address, config.source) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
-                    let link = Link { stream, backend: index, watched: Interest::WRITE, _lease: lease };
+                    let link = Link { stream, address, watched: Interest::WRITE, lease };
                     cx.set_timer(Some(cx.now() + config.connect_timeout));
                     self.state = State::Connecting(link, cx.now());
                     return Ok(Progress::default());
                 }
-                Err(error) => failed(&shared, index, &error),
+                Err(error) => failed(&shared, &lease, &address, &error),
             }
         }
+    }
+
+    /// No backend to connect to: the client is closed with `why`'s reason.
+    fn give_up(&mut self, why: super::NoBackend, cx: &mut Context<'_>) -> io::Result<Progress> {
+        self.state = State::Over;
+        cx.set_timer(None);
+        cx.close(CloseReason::Service(why.reason()));
+        Ok(Progress::default())
     }
 
     /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, or
@@ -150,16 +163,15 @@ impl RelaySession {
         };
         if let Err(error) = outcome {
             cx.unwatch(link.stream.as_fd());
-            failed(&self.shared, link.backend, &error);
+            failed(&self.shared, &link.lease, &link.address, &error);
             drop(link);
             return self.connect_next(cx);
         }
         cx.set_timer(None);
-        let address = &self.shared.config.backends[link.backend];
-        if self.shared.table.backend(link.backend).succeeded() {
-            log::info!("relay backend {address} is up again");
+        if link.lease.row().succeeded() {
+            log::info!("relay backend {} is up again (a connect succeeded)", link.address);
         }
-        self.connected = Some((link.backend, cx.now().saturating_duration_since(since)));
+        self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
         // Best effort, as for clients: a failure shows on the first write.
         let _ = link.stream.set_nodelay(true);
         if let Some(header) = self.header.take() {
@@ -215,6 +227,9 @@ impl RelaySession {
         self.header_left -= header;
         progress.bytes_in = up - header;
         progress.bytes_out = down;
+        if let State::Open(link) = &mut self.state {
+            link.lease.moved(progress.bytes_in, down);
+        }
         let was_exchanged = self.delivered.0 > 0 && self.delivered.1 > 0;
         self.delivered.0 += progress.bytes_in;
         self.delivered.1 += down;
@@ -281,8 +296,7 @@ impl RelaySession {
     /// The backend reset (or a write to it failed): reset the client too.
     fn backend_failed(&mut self, error: io::Error, cx: &mut Context<'_>) -> io::Result<Progress> {
         if let State::Open(link) = std::mem::replace(&mut self.state, State::Over) {
-            let address = &self.shared.config.backends[link.backend];
-            log::debug!("relay: backend {address} failed for client {}: {error}", self.peer);
+            log::debug!("relay: backend {} failed for client {}: {error}", link.address, self.peer);
             cx.unwatch(link.stream.as_fd());
         }
         cx.reset(CloseReason::Service("backend-reset"));
@@ -290,13 +304,14 @@ impl RelaySession {
     }
 }
 
-/// Records a failed connect to backend `index` in the shared table and logs it.
-fn failed(shared: &Shared, index: usize, error: &io::Error) {
-    let address = &shared.config.backends[index];
+/// Records a failed connect to the backend of `lease` (at `address`) on its row and logs it;
+/// the passive health marks it down after `fail_threshold` in a row (logged once, by the
+/// worker whose failure did it).
+fn failed(shared: &Shared, lease: &Lease, address: &Address, error: &io::Error) {
     log::debug!("relay: connect to backend {address} failed: {error}");
     let down_ms = u64::try_from(shared.config.down_time.as_millis()).unwrap_or(u64::MAX);
-    let health = shared.table.backend(index).failed(shared.config.fail_threshold, monotonic_ms(), down_ms);
-    if health == Health::WentDown {
+    let now = monotonic_ms();
+    if lease.row().failed(shared.config.fail_threshold, now, down_ms) {
         log::warn!(
             "relay backend {address} is down: {} failed connects in a row (last: {error}); skipped for {}",
             shared.config.fail_threshold,
@@ -367,11 +382,10 @@ impl Session for RelaySession {
 
     fn describe(&self, line: &mut String) {
         use std::fmt::Write as _;
-        let _ = match self.connected {
-            Some((index, took)) => write!(
+        let _ = match &self.connected {
+            Some((address, took)) => write!(
                 line,
-                " backend={} connect={:.6}s tries={}",
-                self.shared.config.backends[index],
+                " backend={address} connect={:.6}s tries={}",
                 took.as_secs_f64(),
                 self.tries
             ),
