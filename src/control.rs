@@ -386,8 +386,10 @@ fn backends(board: &Scoreboard) -> String {
         return String::new();
     }
     let names: Vec<String> = board.listener_totals().into_iter().map(|t| t.name).collect();
-    let mut out = String::from("backends:
-");
+    let mut out = String::from(
+        "backends:
+",
+    );
     for view in views {
         let listener = names.get(usize::from(view.listener)).map_or("?", String::as_str);
         let state = if view.up { "up" } else { "DOWN" };

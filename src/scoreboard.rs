@@ -472,8 +472,11 @@ impl Scoreboard {
         .map_err(|e| fail("could not map it")(e.into()))?;
         // From here the mapping is unmapped on every path (Drop), and `capacity` 0 exposes
         // the header only.
-        let mut board =
-            Scoreboard { map: Arc::new(Mapping { base: base.cast(), bytes: size }), capacity: 0, owner: Some(meta.uid()) };
+        let mut board = Scoreboard {
+            map: Arc::new(Mapping { base: base.cast(), bytes: size }),
+            capacity: 0,
+            owner: Some(meta.uid()),
+        };
         let header = board.header();
         if header.magic.load(Ordering::Acquire) != MAGIC {
             return Err(invalid("wrong magic: another program's file or another version".into()));

@@ -163,7 +163,11 @@ pub struct NoRoom {
 
 impl Upstreams {
     /// Upstreams not placed yet.
-    pub fn new(backends: Vec<Backend>, check: Option<HealthCheck>, resolve_interval: Duration) -> Self {
+    pub fn new(
+        backends: Vec<Backend>,
+        check: Option<HealthCheck>,
+        resolve_interval: Duration,
+    ) -> Self {
         Upstreams { backends, check, resolve_interval, placed: OnceLock::new() }
     }
 
@@ -174,7 +178,12 @@ impl Upstreams {
     ///
     /// # Errors
     /// [`NoRoom`] when the table has no free row left.
-    pub fn place(&self, table: &BackendTable, listener: u16, name: &str) -> Result<Vec<usize>, NoRoom> {
+    pub fn place(
+        &self,
+        table: &BackendTable,
+        listener: u16,
+        name: &str,
+    ) -> Result<Vec<usize>, NoRoom> {
         if let Some(placed) = self.placed.get() {
             return Ok(placed.rows.iter().flatten().copied().collect());
         }
@@ -216,7 +225,8 @@ impl Upstreams {
 
     /// Whether the health checker has work here: an active check, or a host name.
     pub fn needs_checker(&self) -> bool {
-        self.check.is_some() || self.backends.iter().any(|b| matches!(b.target, Target::Host { .. }))
+        self.check.is_some()
+            || self.backends.iter().any(|b| matches!(b.target, Target::Host { .. }))
     }
 }
 
@@ -297,7 +307,10 @@ mod tests {
 
     #[test]
     fn targets_are_addresses_or_host_names() {
-        assert_eq!(parse_target("127.0.0.1:80"), Ok(Target::Address("127.0.0.1:80".parse().unwrap())));
+        assert_eq!(
+            parse_target("127.0.0.1:80"),
+            Ok(Target::Address("127.0.0.1:80".parse().unwrap()))
+        );
         assert_eq!(
             parse_target("redis.internal:6379"),
             Ok(Target::Host { name: "redis.internal".into(), port: 6379 })
@@ -312,7 +325,11 @@ mod tests {
     fn placing_keeps_rows_by_listener_and_backend_and_a_host_name_takes_eight() {
         let board = Scoreboard::create(None, 1).unwrap();
         let table = board.backends();
-        let first = Upstreams::new(vec![backend("127.0.0.1:1"), backend("db.local:5432")], None, Duration::from_secs(1));
+        let first = Upstreams::new(
+            vec![backend("127.0.0.1:1"), backend("db.local:5432")],
+            None,
+            Duration::from_secs(1),
+        );
         let rows = first.place(&table, 0, "db").unwrap();
         assert_eq!(rows.len(), 1 + MAX_ADDRESSES_PER_NAME);
         assert_eq!(first.place(&table, 0, "db").unwrap(), rows, "placed once");

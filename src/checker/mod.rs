@@ -62,10 +62,7 @@ pub fn needed(config: &Config) -> bool {
 }
 
 fn upstreams(config: &Config) -> impl Iterator<Item = (&str, &Upstreams)> {
-    config
-        .listeners
-        .iter()
-        .filter_map(|l| Some((l.name.as_str(), l.service.service.upstreams()?)))
+    config.listeners.iter().filter_map(|l| Some((l.name.as_str(), l.service.service.upstreams()?)))
 }
 
 /// One backend address under an active check.
@@ -282,7 +279,13 @@ impl Checker {
         self.verdict(index, outcome, took, &address);
     }
 
-    fn verdict(&mut self, index: usize, outcome: probe::Outcome, took: Duration, address: &Address) {
+    fn verdict(
+        &mut self,
+        index: usize,
+        outcome: probe::Outcome,
+        took: Duration,
+        address: &Address,
+    ) {
         let checked = &self.checked[index];
         let row = self.table.row(checked.row);
         // The address moved meanwhile (a resolution): this verdict is about another one.
@@ -290,13 +293,18 @@ impl Checker {
             return;
         }
         let (listener, backend) = (&checked.listener, &checked.backend);
-        let at = if backend == &address.to_string() { String::new() } else { format!(" ({address})") };
+        let at =
+            if backend == &address.to_string() { String::new() } else { format!(" ({address})") };
         match probe::apply(row, &checked.check, &outcome, took) {
             Some(Change::Up) => {
-                log::info!("backend {backend}{at} of listener {listener} is up: the health check passed")
+                log::info!(
+                    "backend {backend}{at} of listener {listener} is up: the health check passed"
+                )
             }
             Some(Change::Down(reason)) => {
-                log::warn!("backend {backend}{at} of listener {listener} is down: health check failed: {reason}")
+                log::warn!(
+                    "backend {backend}{at} of listener {listener} is down: health check failed: {reason}"
+                )
             }
             None => {}
         }
@@ -329,7 +337,10 @@ impl Checker {
                 }
             };
             if named.failing {
-                log::info!("backend {backend} of listener {listener}: {:?} resolves again", named.name);
+                log::info!(
+                    "backend {backend} of listener {listener}: {:?} resolves again",
+                    named.name
+                );
                 named.failing = false;
             }
             if addresses.len() > named.rows.len() {
@@ -362,7 +373,9 @@ impl Checker {
                 checked.probe = None;
                 checked.next = now;
             }
-            let show = |list: &[Address]| list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let show = |list: &[Address]| {
+                list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
             log::info!(
                 "backend {backend} of listener {listener}: {:?} now resolves to [{}] (was [{}])",
                 named.name,

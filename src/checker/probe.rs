@@ -121,7 +121,9 @@ impl Probe {
                         Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                         Err(error) => return Some(Err(format!("reply: {error}"))),
                     };
-                    if let Some(outcome) = judge(&check.expect, reply, eof || reply.len() >= MAX_REPLY) {
+                    if let Some(outcome) =
+                        judge(&check.expect, reply, eof || reply.len() >= MAX_REPLY)
+                    {
                         return Some(outcome);
                     }
                 }
@@ -174,14 +176,23 @@ pub enum Change {
 
 /// Applies a probe's `outcome` to `row` by `check`'s `rise` and `fall` (the first verdict
 /// of a pending backend decides at once); returns the change to log, once, if any.
-pub fn apply(row: &BackendScore, check: &HealthCheck, outcome: &Outcome, took: Duration) -> Option<Change> {
+pub fn apply(
+    row: &BackendScore,
+    check: &HealthCheck,
+    outcome: &Outcome,
+    took: Duration,
+) -> Option<Change> {
     use std::sync::atomic::Ordering;
     let passed = outcome.is_ok();
-    row.checked(crate::clock::unix_ms(), u64::try_from(took.as_micros()).unwrap_or(u64::MAX), passed);
-    if let Err(reason) = outcome {
-        if row.health() != Health::Up {
-            row.set_reason(reason);
-        }
+    row.checked(
+        crate::clock::unix_ms(),
+        u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        passed,
+    );
+    if let Err(reason) = outcome
+        && row.health() != Health::Up
+    {
+        row.set_reason(reason);
     }
     let against = match (row.health(), passed) {
         (Health::Pending | Health::Unchecked, true) => {
@@ -266,7 +277,10 @@ mod tests {
         let check = check(Expect::Nothing);
         let t = Duration::from_millis(1);
         let bad: Outcome = Err("connect: Connection refused".into());
-        assert_eq!(apply(row, &check, &bad, t), Some(Change::Down("connect: Connection refused".into())));
+        assert_eq!(
+            apply(row, &check, &bad, t),
+            Some(Change::Down("connect: Connection refused".into()))
+        );
         assert_eq!(apply(row, &check, &Ok(()), t), None, "one good probe of rise 2");
         assert_eq!(apply(row, &check, &bad, t), None, "a bad one starts over");
         assert_eq!(apply(row, &check, &Ok(()), t), None);

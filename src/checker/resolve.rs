@@ -91,7 +91,10 @@ fn from_file(path: &std::path::Path, name: &str, port: u16) -> Answer {
     for line in text.lines() {
         let mut words = line.split_whitespace();
         if words.next() == Some(name) {
-            return Ok(words.filter_map(|w| w.parse().ok()).map(|ip| SocketAddr::new(ip, port)).collect());
+            return Ok(words
+                .filter_map(|w| w.parse().ok())
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect());
         }
     }
     Err(format!("{name}: not in {}", path.display()))
@@ -112,6 +115,9 @@ mod tests {
         let (index, addresses) = &answers[0];
         assert_eq!(*index, 3);
         let addresses = addresses.as_ref().unwrap();
-        assert!(addresses.iter().all(|a| a.port() == 6379 && a.ip().is_loopback()), "{addresses:?}");
+        assert!(
+            addresses.iter().all(|a| a.port() == 6379 && a.ip().is_loopback()),
+            "{addresses:?}"
+        );
     }
 }

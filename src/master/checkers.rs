@@ -145,7 +145,9 @@ impl Master {
                 if let Err(error) = signals::unblock(MASTER_SIGNALS) {
                     log::error!("could not unblock signals after fork: {error}");
                 }
-                if let Some(checker) = self.checkers.checkers.iter_mut().find(|c| c.generation == generation) {
+                if let Some(checker) =
+                    self.checkers.checkers.iter_mut().find(|c| c.generation == generation)
+                {
                     checker.pid = Some(child);
                     checker.started = now;
                     checker.restart_at = None;
@@ -186,7 +188,9 @@ impl Master {
         checker.pid = None;
         let generation = checker.generation;
         if checker.retired || self.supervisor.is_stopping() {
-            log::debug!("the health checker of generation {generation} (pid {pid}) exited: {exit:?}");
+            log::debug!(
+                "the health checker of generation {generation} (pid {pid}) exited: {exit:?}"
+            );
             self.checkers.checkers.retain(|c| c.pid.is_some() || !c.retired);
             return true;
         }
@@ -228,7 +232,9 @@ impl Master {
             }
             log::info!("starting the health checker of generation {generation} again");
             if let Err(error) = self.fork_checker(generation, now) {
-                log::error!("could not start the health checker of generation {generation}: {error}");
+                log::error!(
+                    "could not start the health checker of generation {generation}: {error}"
+                );
                 self.checker_failed(generation, now);
             }
         }

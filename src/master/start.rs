@@ -279,7 +279,9 @@ impl Master {
         };
         master.routing.predecessor = predecessor;
         let now = Instant::now();
-        if let Err(error) = super::checkers::place(&master.scoreboard, &master.config, &master.listener_ids) {
+        if let Err(error) =
+            super::checkers::place(&master.scoreboard, &master.config, &master.listener_ids)
+        {
             return Err(StartError::Upstreams(error));
         }
         master.start_spawner(now);

@@ -199,8 +199,7 @@ impl BackendTable {
     pub fn assign(&self, key: u64, settings: &RowSettings) -> Option<usize> {
         let key = key.max(1);
         let rows = self.rows();
-        let (index, fresh) = match rows.iter().position(|r| r.key.load(Ordering::Acquire) == key)
-        {
+        let (index, fresh) = match rows.iter().position(|r| r.key.load(Ordering::Acquire) == key) {
             Some(index) => (index, false),
             None => (
                 rows.iter().position(|r| {
@@ -440,7 +439,7 @@ impl BackendScore {
         loop {
             let before = self.seq.load(Ordering::Acquire);
             let bytes = load_bytes(&self.address);
-            if before % 2 == 0 && self.seq.load(Ordering::Acquire) == before {
+            if before.is_multiple_of(2) && self.seq.load(Ordering::Acquire) == before {
                 return decode_address(&bytes);
             }
             std::hint::spin_loop();
@@ -468,7 +467,7 @@ impl BackendScore {
         loop {
             let before = self.seq.load(Ordering::Acquire);
             let text = load_text(&self.reason);
-            if before % 2 == 0 && self.seq.load(Ordering::Acquire) == before {
+            if before.is_multiple_of(2) && self.seq.load(Ordering::Acquire) == before {
                 return text;
             }
             std::hint::spin_loop();
@@ -567,11 +566,8 @@ impl BackendScore {
         } else if health == Health::Pending {
             reason.push_str("not checked yet");
         } else if passive_down {
-            let _ = write!(
-                reason,
-                "{} failed connects in a row",
-                self.fails.load(Ordering::Relaxed)
-            );
+            let _ =
+                write!(reason, "{} failed connects in a row", self.fails.load(Ordering::Relaxed));
         }
         BackendView {
             row: index,
@@ -632,7 +628,7 @@ mod tests {
         assert!(!row.take(), "max_connections 2: the third is refused");
         assert_eq!(row.active(), 2, "and not counted");
         row.moved(10, 20);
-        assert!(row.succeeded() == false);
+        assert!(!row.succeeded(), "never marked down");
         // A reload keeps the row of the same key, with its counters.
         assert_eq!(table.assign(10, &settings("127.0.0.1:6379", false)), Some(a));
         assert_eq!(table.row(a).active(), 2);

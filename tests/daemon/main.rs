@@ -32,3 +32,4 @@ mod tftp;
 mod udp;
 mod unix;
 mod upgrade;
+mod upstreams;
