@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "upstream",
         ],
     ),
-    ("services", &["services"]),
+    ("services", &["services", "tls"]),
     ("configuration", &["config", "import"]),
     ("serving", &["checker", "listener", "spawner", "worker"]),
     ("supervising", &["master"]),

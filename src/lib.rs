@@ -22,7 +22,7 @@
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`], [`upstream`]
-//! 3. services: [`services`]
+//! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
 //! 5. serving: [`checker`], [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
@@ -71,6 +71,12 @@
 //!     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
 //!         Box::new(Lines::new(Shout, self.max_line))
 //!     }
+//!
+//!     /// The hand-off hook, receiving side: a connection a reload moved here.
+//!     fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+//!         let shout = |own: &[u8]| own.is_empty().then_some(Shout);
+//!         Some(Box::new(Lines::import(state, self.max_line, shout)?))
+//!     }
 //! }
 //!
 //! struct Shout;
@@ -80,6 +86,11 @@
 //!         out.extend(line.to_ascii_uppercase());
 //!         out.extend(b"\r\n");
 //!         LineAction::Continue
+//!     }
+//!
+//!     /// The hand-off hook, sending side: between lines, nothing to carry.
+//!     fn export(&self) -> Option<Vec<u8>> {
+//!         Some(Vec::new())
 //!     }
 //! }
 //!
@@ -91,6 +102,21 @@
 //! `examples/upper.rs` is this program with a greeting and a `QUIT` command, and
 //! `examples/upper.toml` its configuration: `cargo run --example upper -- -c
 //! examples/upper.toml`.
+//!
+//! # Reloads: hand-off or drain
+//!
+//! A reload (or a binary upgrade) retires the old generation's workers. Each offers its
+//! connections to the serving generation; a session moves if it implements the hand-off
+//! hook, two methods for a simple one, as above: [`services::Session::export`] (for a
+//! [`services::Lines`] session, [`services::LineHandler::export`]) gives its state as
+//! versioned bytes when it is at rest, and [`services::Service::import`] rebuilds it in the
+//! receiving worker. Without the hook a session is *drained*: the old worker serves it until
+//! it ends, with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as
+//! nginx and HAProxy keep their old processes. A session that must move with an exchange in
+//! flight, or owns descriptors of its own, says so with [`services::Session::movable`], and
+//! its descriptors travel with [`services::Session::export_descriptors`] and
+//! [`services::Session::resume`], where the receiving worker's session watches them again:
+//! the relay moves that way, with its backend socket, buffers, pipes and half-closes.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -126,6 +152,7 @@ pub mod signals;
 pub mod spawner;
 pub mod status_json;
 pub mod sys;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 

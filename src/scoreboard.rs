@@ -25,21 +25,25 @@ use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
 mod backends;
+mod children;
 mod listeners;
 
 pub use backends::{
     BACKEND_ROWS, BackendScore, BackendTable, BackendView, Health, MAX_BACKEND_NAME, RowSettings,
 };
-
+pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
     CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore,
     ListenerTotals, kept_name,
 };
 
-/// Version 9: the backend rows of relay listeners ([`BackendTable`]), after the header.
-/// Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
-/// ([`ListenerScore::datagrams`]). Version 7: each listener's bound address
-/// ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
+/// Version 11: the backend rows of relay listeners ([`BackendTable`]), after the header.
+/// Version 10: the children retiring workers supervise (a count and a few rows per slot
+/// after the listener rows: [`Scoreboard::children`]). Version 9: TLS handshakes,
+/// resumptions and failures per listener ([`ListenerScore::tls_handshakes`],
+/// [`TlsFailure`]). Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and
+/// datagrams per listener ([`ListenerScore::datagrams`]). Version 7: each listener's bound
+/// address ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
 /// ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
@@ -47,7 +51,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb9");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc11");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -87,7 +91,8 @@ pub enum SlotState {
     Booting = 1,
     /// Accepting and serving.
     Ready = 2,
-    /// Graceful stop: no longer accepting, finishing its connections.
+    /// Retired or stopping gracefully: no longer accepting; handing off or finishing its
+    /// connections.
     Draining = 3,
 }
 
@@ -160,6 +165,78 @@ impl Refusal {
             Refusal::Shed => "shed",
             Refusal::ProxyHeader => "proxy-header",
             Refusal::OverShare => "over-share",
+        }
+    }
+}
+
+/// Why a TLS handshake failed: the per-listener TLS failure counters of the scoreboard, in
+/// this order. A connection whose handshake failed never reached its service: it is counted
+/// here, not among the closes, and gets no access line (the log summarizes failures per
+/// client and reason, as it does refusals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum TlsFailure {
+    /// The handshake did not complete within the listener's `handshake_timeout`.
+    Timeout = 0,
+    /// The client closed or reset the connection during the handshake.
+    Closed = 1,
+    /// The client's first bytes were not a TLS handshake (plain text on a TLS port).
+    NotTls = 2,
+    /// No protocol version, cipher suite, key exchange group, signature scheme or ALPN
+    /// protocol in common.
+    Incompatible = 3,
+    /// `client_auth = "required"` and the client presented no certificate.
+    NoClientCertificate = 4,
+    /// The client's certificate was refused: not issued by `client_ca`, expired, unusable.
+    BadClientCertificate = 5,
+    /// The client aborted with an alert of its own (it did not trust the server's
+    /// certificate, most often).
+    ClientAlert = 6,
+    /// Malformed or unexpected handshake messages, or another failure.
+    Protocol = 7,
+}
+
+/// Number of [`TlsFailure`] reasons.
+pub const TLS_FAILURES: usize = 8;
+
+impl TlsFailure {
+    /// Every reason, in counter order.
+    pub const ALL: [TlsFailure; TLS_FAILURES] = [
+        TlsFailure::Timeout,
+        TlsFailure::Closed,
+        TlsFailure::NotTls,
+        TlsFailure::Incompatible,
+        TlsFailure::NoClientCertificate,
+        TlsFailure::BadClientCertificate,
+        TlsFailure::ClientAlert,
+        TlsFailure::Protocol,
+    ];
+
+    /// The `status`, metrics and log spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Closed => "closed",
+            TlsFailure::NotTls => "not-tls",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::NoClientCertificate => "no-client-certificate",
+            TlsFailure::BadClientCertificate => "bad-client-certificate",
+            TlsFailure::ClientAlert => "client-alert",
+            TlsFailure::Protocol => "protocol",
+        }
+    }
+
+    /// The close reason of a connection that failed this way, `tls-` and [`TlsFailure::name`].
+    pub fn close_reason(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "tls-timeout",
+            TlsFailure::Closed => "tls-closed",
+            TlsFailure::NotTls => "tls-not-tls",
+            TlsFailure::Incompatible => "tls-incompatible",
+            TlsFailure::NoClientCertificate => "tls-no-client-certificate",
+            TlsFailure::BadClientCertificate => "tls-bad-client-certificate",
+            TlsFailure::ClientAlert => "tls-client-alert",
+            TlsFailure::Protocol => "tls-protocol",
         }
     }
 }
@@ -353,13 +430,15 @@ pub struct Scoreboard {
     owner: Option<u32>,
 }
 
-/// Bytes of one slot: its [`WorkerScore`] and its [`LISTENER_ROWS`] listener rows.
-const SLOT_BYTES: usize =
-    std::mem::size_of::<WorkerScore>() + LISTENER_ROWS * std::mem::size_of::<ListenerScore>();
+/// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows and its
+/// children ([`CHILD_ROWS`] rows and their count).
+const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
+    + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
+    + std::mem::size_of::<children::ChildRows>();
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, the
 /// backend rows ([`BACKEND_ROWS`]), then every [`WorkerScore`], then every slot's listener
-/// rows.
+/// rows, then every slot's child rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
@@ -367,7 +446,7 @@ fn layout(capacity: usize) -> Option<usize> {
     Some(SLOTS_OFFSET + capacity * SLOT_BYTES)
 }
 
-/// Where the worker slots start: after the header and the backend rows (version 9).
+/// Where the worker slots start: after the header and the backend rows (version 11).
 const SLOTS_OFFSET: usize = std::mem::size_of::<Header>() + backends::TABLE_BYTES;
 
 impl Scoreboard {
@@ -540,6 +619,21 @@ impl Scoreboard {
         }
     }
 
+    /// Every slot's children, slot by slot.
+    fn all_child_rows(&self) -> &[children::ChildRows] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the children follow the listener rows,
+        // at an offset that is a multiple of 128 (header, slots and listener rows are), so
+        // aligned for `ChildRows` (8); all fields are atomics.
+        unsafe {
+            let offset = SLOTS_OFFSET
+                + self.capacity
+                    * (std::mem::size_of::<WorkerScore>()
+                        + LISTENER_ROWS * std::mem::size_of::<ListenerScore>());
+            let first = self.map.base.as_ptr().add(offset).cast::<children::ChildRows>();
+            std::slice::from_raw_parts(first, self.capacity)
+        }
+    }
+
     /// Claims `slot` for a new worker of `generation` (by the master, before the fork): the
     /// last worker's listener counters go to the retired totals, then the slot is cleared
     /// ([`WorkerScore::claim`], pid 0 until the fork returns).
@@ -548,6 +642,7 @@ impl Scoreboard {
     /// If `slot` is not below the capacity (a caller bug).
     pub fn claim(&self, slot: usize, generation: u64) {
         self.retire_listener_rows(slot);
+        self.clear_children(slot);
         self.slot(slot).claim(0, generation);
     }
 

@@ -13,11 +13,14 @@
 //!   respawn, at once after a healthy life and with jittered exponential backoff in a crash
 //!   loop (see `table.rs`), if its generation serves and the pool is kept; else nothing (an
 //!   old generation, or workers stopped by WINCH);
-//! - retiring is SIGQUIT (graceful) or SIGTERM (fast), then SIGKILL once at the deadline;
+//! - retiring is SIGUSR2 (the service goes on: a reload's old generation, TTOU, WINCH; the
+//!   worker hands off what can move and serves the rest until it ends), SIGQUIT (a graceful
+//!   stop) or SIGTERM (fast), then SIGKILL once at the deadline, if there is one (a
+//!   retirement has none unless `reload_drain_timeout` is set);
 //! - a ready worker whose heartbeat is older than its `worker_timeout` is hung: SIGABRT (for
 //!   a core dump), then SIGKILL once after [`ABORT_GRACE`]; its reap replaces it;
 //! - while more than `max_draining_generations` generations drain, the oldest is stopped
-//!   fast;
+//!   fast (its connections are cut): the bound on what unbounded drains hold;
 //! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker,
 //!   never the only one;
 //! - a generation is ready when each of its slots has a worker that said `Ready` on its
@@ -53,6 +56,10 @@ const HANG_CHECKS_PER_TIMEOUT: u32 = 4;
 /// How to stop a worker, with how long it has before SIGKILL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// SIGUSR2: retire while the service goes on: hand each connection to the serving
+    /// generation when it can move, serve the others until they end, for at most this long
+    /// (`reload_drain_timeout`; `None`: no bound).
+    Retire(Option<Duration>),
     /// SIGQUIT: finish the connections, for at most this long (`graceful_timeout`).
     Graceful(Duration),
     /// SIGTERM: close everything now, for at most this long (`FAST_STOP_GRACE`).
@@ -421,10 +428,11 @@ impl Pool {
             return None;
         };
         let (signal, grace, fast) = match stop {
-            Stop::Graceful(grace) => (Signal::SIGQUIT, grace, false),
-            Stop::Fast(grace) => (Signal::SIGTERM, grace, true),
+            Stop::Retire(bound) => (Signal::SIGUSR2, bound, false),
+            Stop::Graceful(grace) => (Signal::SIGQUIT, Some(grace), false),
+            Stop::Fast(grace) => (Signal::SIGTERM, Some(grace), true),
         };
-        entry.role = Role::Retiring { kill_at: Some(now + grace), fast };
+        entry.role = Role::Retiring { kill_at: grace.map(|grace| now + grace), fast };
         Some(PoolAction::Signal { slot, pid: worker.pid, signal, why: Why::Retire })
     }
 
@@ -565,6 +573,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::master::supervisor::Halt;
     use crate::master::table::{MIN_HEALTHY_UPTIME, respawn_delay};
 
     const GRACE: Duration = Duration::from_secs(10);
@@ -654,7 +663,8 @@ mod tests {
     #[test]
     fn exits_while_stopping_are_not_replaced_and_nothing_else_happens() {
         let (mut pool, t0) = running(4, 2);
-        let stopping = Lifecycle::Stopping { graceful: true, kill_at: t0 + GRACE, killed: false };
+        let stopping =
+            Lifecycle::Stopping { how: Halt::Graceful, kill_at: Some(t0 + GRACE), killed: false };
         assert_eq!(pool.exited(0, WorkerExit::Clean, t0, 0.0, stopping), Fate::Stopping);
         assert_eq!(pool.on_tick(t0 + GRACE * 2, stopping, quiet), vec![]);
         assert_eq!(pool.deadline(t0, stopping), None);

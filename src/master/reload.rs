@@ -133,6 +133,12 @@ impl Master {
             listeners: std::mem::replace(&mut self.listeners, listeners),
             generation: self.pool.generation(),
         });
+        // New ticket keys for the new generation (the previous ones still open what the
+        // old one issued, unless a listener's client certificate policy changed).
+        let tls = self.listeners.iter().map(|l| (l.id, l.config.tls.as_ref()));
+        if let Err(error) = self.tickets.generation(tls, Instant::now()) {
+            log::error!("TLS session-ticket keys: {error}; those listeners issue no tickets");
+        }
         let (generation, slots) = self.pool.begin_generation(wanted);
         let now = Instant::now();
         self.supervisor.reload_started(generation, now + START_TIMEOUT);
@@ -149,7 +155,7 @@ impl Master {
     /// Every worker of the new generation is ready: the old generation is told to stop.
     pub(super) fn complete_transition(&mut self, now: Instant) {
         let Some(previous) = self.previous.take() else { return };
-        let (old, actions) = self.pool.retire_older(self.graceful(), now);
+        let (old, actions) = self.pool.retire_older(self.retire(), now);
         self.perform_pool(actions);
         // The old generation's listener copies close here; reused sockets stay open through
         // their duplicates, removed ones close once the old workers have drained. The socket

@@ -508,6 +508,12 @@ impl BackendScore {
         true
     }
 
+    /// Takes a place whatever the cap (a connection handed over from another worker, which
+    /// gives its own back).
+    pub fn take_anyway(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Gives back a place taken with [`BackendScore::take`].
     pub fn give_back(&self) {
         self.active.fetch_sub(1, Ordering::AcqRel);

@@ -35,14 +35,29 @@ pub(crate) enum Ending {
     Reset,
 }
 
+/// What a session asked of the loop during one callback made through
+/// [`Context::layered`]: the layer below it carries these out (TLS sends `close_notify`
+/// first).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Requests {
+    /// [`Context::close`] or [`Context::reset`].
+    pub close: Option<(CloseReason, Ending)>,
+    /// [`Context::set_timer`].
+    pub timer: Option<Option<Instant>>,
+    /// [`Context::shutdown_write`].
+    pub shutdown_write: bool,
+    /// [`Context::uncount`].
+    pub uncount: bool,
+}
+
 /// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
 /// worker's descriptor budget.
 pub(crate) struct Extras<'a> {
     pub poller: &'a mut dyn Poller,
     /// Owner of each extra descriptor, by descriptor number: (client fd, connection serial).
     pub owners: &'a mut Vec<Option<(usize, u64)>>,
-    /// The descriptors this session watches.
-    pub watched: &'a mut Vec<RawFd>,
+    /// The descriptors this session watches, with what for.
+    pub watched: &'a mut Vec<(RawFd, Interest)>,
     /// Extra descriptors watched by all sessions of the worker.
     pub in_use: &'a mut usize,
     /// How many more descriptors the worker's budget allows.
@@ -85,6 +100,48 @@ impl<'a> Context<'a> {
             shutdown_write: false,
             uncount: false,
         }
+    }
+
+    /// Runs `call` with the context of a session layered above this one (TLS): the same
+    /// time, scoreboard and extra descriptors, but `io` as its byte stream and no socket
+    /// (the layer owns the socket; the session must not bypass it). Returns what `call`
+    /// returned and what the session asked of the loop, for the layer to carry out.
+    pub(crate) fn layered<R>(
+        &mut self,
+        io: &mut dyn Transport,
+        call: impl FnOnce(&mut Context<'_>) -> R,
+    ) -> (R, Requests) {
+        let extras = self.extras.as_mut().map(|e| Extras {
+            poller: &mut *e.poller,
+            owners: &mut *e.owners,
+            watched: &mut *e.watched,
+            in_use: &mut *e.in_use,
+            room: e.room,
+            owner: e.owner,
+        });
+        let mut inner = Context {
+            io,
+            socket: None,
+            now: self.now,
+            extras,
+            scoreboard: self.scoreboard,
+            close: None,
+            timer: None,
+            shutdown_write: false,
+            uncount: false,
+        };
+        let result = call(&mut inner);
+        let requests = Requests {
+            close: inner.close,
+            timer: inner.timer,
+            shutdown_write: inner.shutdown_write,
+            uncount: inner.uncount,
+        };
+        let room = inner.extras.as_ref().map(|e| e.room);
+        if let (Some(extras), Some(room)) = (self.extras.as_mut(), room) {
+            extras.room = room;
+        }
+        (result, requests)
     }
 
     /// Gives the session read access to `board` ([`Context::scoreboard`]); the worker loop
@@ -181,7 +238,8 @@ impl<'a> Context<'a> {
         };
         let raw = fd.as_raw_fd();
         let index = usize::try_from(raw).map_err(|_| io::Error::other("negative descriptor"))?;
-        let new = !extras.watched.contains(&raw);
+        let known = extras.watched.iter().position(|&(w, _)| w == raw);
+        let new = known.is_none();
         if new && extras.room == 0 {
             return Err(io::Error::other(
                 "the worker's descriptor budget (max_connections_per_worker) is spent",
@@ -191,14 +249,17 @@ impl<'a> Context<'a> {
             return Err(io::Error::other(format!("descriptor {raw} is watched already")));
         }
         extras.poller.set(raw, interest)?;
-        if new {
-            if extras.owners.len() <= index {
-                extras.owners.resize(index + 1, None);
+        match known {
+            Some(position) => extras.watched[position].1 = interest,
+            None => {
+                if extras.owners.len() <= index {
+                    extras.owners.resize(index + 1, None);
+                }
+                extras.owners[index] = Some(extras.owner);
+                extras.watched.push((raw, interest));
+                *extras.in_use += 1;
+                extras.room -= 1;
             }
-            extras.owners[index] = Some(extras.owner);
-            extras.watched.push(raw);
-            *extras.in_use += 1;
-            extras.room -= 1;
         }
         Ok(())
     }
@@ -219,11 +280,11 @@ impl<'a> Context<'a> {
 pub(crate) fn unwatch(
     poller: &mut dyn Poller,
     owners: &mut [Option<(usize, u64)>],
-    watched: &mut Vec<RawFd>,
+    watched: &mut Vec<(RawFd, Interest)>,
     in_use: &mut usize,
     raw: RawFd,
 ) -> bool {
-    let Some(position) = watched.iter().position(|&w| w == raw) else { return false };
+    let Some(position) = watched.iter().position(|&(w, _)| w == raw) else { return false };
     watched.swap_remove(position);
     let _ = poller.set(raw, Interest::NONE);
     if let Some(owner) = usize::try_from(raw).ok().and_then(|i| owners.get_mut(i)) {

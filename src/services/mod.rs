@@ -14,12 +14,19 @@
 //! The worker loop keeps every policy: per-client limits, short and long idle timeouts,
 //! graceful drain, hand-off, lingering close and the access log.
 //!
-//! Hand-off: when a generation retires, each connection at rest is moved to a worker of the
-//! serving generation if its session can be: [`Session::export`] gives its state as
-//! versioned bytes, and the receiving worker's [`Service::import`] rebuilds it. A session
-//! that cannot (the default) finishes in the old worker. A new built-in service is one file in
-//! this folder plus one name in the `builtins!` list below. A program that embeds preforkd
-//! registers its own services by name with [`crate::Daemon::service`].
+//! Hand-off: when a generation retires (a reload, an upgrade), each connection is moved to a
+//! worker of the serving generation if its session can be, at a moment its
+//! [`Session::movable`] says: [`Session::export`] gives its state as versioned bytes (and
+//! [`Session::export_descriptors`] the descriptors it owns besides the client socket), the
+//! receiving worker's [`Service::import`] rebuilds it and [`Session::resume`] hands it those
+//! descriptors back to watch. A session that cannot (the default: no `export`) is *drained*:
+//! the old worker serves it until it ends. A simple session moves at rest with two short
+//! methods, as echo, the line services and `examples/upper.rs` do; a relay moves at any point
+//! of its life, buffers, pipes and half-closes included.
+//!
+//! A new built-in service is one file in this folder plus one name in the `builtins!` list
+//! below. A program that embeds preforkd registers its own services by name with
+//! [`crate::Daemon::service`].
 
 mod context;
 mod datagram;
@@ -31,17 +38,18 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 pub use context::Context;
-pub(crate) use context::{Ending, Extras, unwatch};
+pub(crate) use context::{Ending, Extras, Requests, unwatch};
 pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use lines::{LineAction, LineHandler, Lines};
 pub use options::{Invalid, Options};
 
 pub use crate::net::{Credentials, Peer};
 pub use crate::poller::Interest;
+pub use crate::scoreboard::TlsFailure;
 
 /// Declares the built-in services: each name is a module in this folder with a `NAME`
 /// constant, its RFC in the module doc, and `fn build(&mut Options) -> Result<Arc<dyn
@@ -138,6 +146,9 @@ pub enum CloseReason {
     /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
+    /// The TLS handshake failed, for this reason: the service never saw the connection. Not
+    /// an access line: counted per listener and reason, and summarized in the log.
+    Handshake(TlsFailure),
 }
 
 impl CloseReason {
@@ -159,6 +170,7 @@ impl CloseReason {
             CloseReason::ProxyHeader => "proxy-header",
             CloseReason::OverShare => "over-share",
             CloseReason::Service(reason) => reason,
+            CloseReason::Handshake(failure) => failure.close_reason(),
         }
     }
 }
@@ -187,6 +199,69 @@ pub struct ConnInfo<'a> {
     /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`) or a Unix socket. `None`:
     /// ask [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
+    /// On a TLS listener, what the handshake settled (the session is made once it
+    /// completed); `None` on a plain one.
+    pub tls: Option<&'a TlsInfo>,
+}
+
+/// What a TLS handshake settled, for a session made on a TLS listener ([`ConnInfo::tls`]).
+/// Non-exhaustive: fields may be added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsInfo {
+    /// The protocol, as OpenSSL and mod_ssl spell it: `TLSv1.3` or `TLSv1.2`.
+    pub protocol: &'static str,
+    /// The cipher suite's IANA name, such as `TLS_AES_256_GCM_SHA384` or
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
+    /// The server name the client asked for (SNI, RFC 6066), if any.
+    pub server_name: Option<String>,
+    /// The application protocol negotiated (ALPN, RFC 7301), if any.
+    pub alpn: Option<Vec<u8>>,
+    /// Whether the session was resumed from a ticket (no certificate was exchanged).
+    pub resumed: bool,
+    /// The client's certificate, when it presented one (it was verified against the
+    /// listener's `client_ca`: otherwise the handshake fails).
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// A verified client certificate's names, as mod_ssl's `SSL_CLIENT_*` variables give them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientCertificate {
+    /// The subject's distinguished name, RFC 4514 (`CN=alice,O=Example`).
+    pub subject: String,
+    /// The issuer's distinguished name, RFC 4514.
+    pub issuer: String,
+    /// The serial number, hexadecimal, uppercase.
+    pub serial: String,
+}
+
+impl TlsInfo {
+    /// The variables mod_ssl and ucspi-ssl's sslserver give a program: `SSL_PROTOCOL`,
+    /// `SSL_CIPHER`, `SSL_TLS_SNI` (with SNI), `SSL_SESSION_RESUMED` (`Initial` or
+    /// `Resumed`), `SSL_CLIENT_VERIFY` (`SUCCESS` or `NONE`) and, with a client certificate,
+    /// `SSL_CLIENT_S_DN`, `SSL_CLIENT_I_DN` and `SSL_CLIENT_M_SERIAL`.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![
+            ("SSL_PROTOCOL", self.protocol.to_owned()),
+            ("SSL_CIPHER", self.cipher.to_owned()),
+            ("SSL_SESSION_RESUMED", if self.resumed { "Resumed" } else { "Initial" }.to_owned()),
+        ];
+        if let Some(name) = &self.server_name {
+            vars.push(("SSL_TLS_SNI", name.clone()));
+        }
+        match &self.client_certificate {
+            Some(certificate) => {
+                vars.push(("SSL_CLIENT_VERIFY", "SUCCESS".to_owned()));
+                vars.push(("SSL_CLIENT_S_DN", certificate.subject.clone()));
+                vars.push(("SSL_CLIENT_I_DN", certificate.issuer.clone()));
+                vars.push(("SSL_CLIENT_M_SERIAL", certificate.serial.clone()));
+            }
+            None => vars.push(("SSL_CLIENT_VERIFY", "NONE".to_owned())),
+        }
+        vars
+    }
 }
 
 impl ConnInfo<'_> {
@@ -245,10 +320,13 @@ pub trait Service {
         None
     }
 
-    /// Rebuilds a session handed off by a worker of an older generation (or an older
-    /// binary) from what its [`Session::export`] returned. `None` refuses it, and the old
-    /// worker keeps serving the connection: do so for a state version this code does not
-    /// know. Called in the receiving worker; it must not block. Default: `None`.
+    /// Rebuilds a session handed off by a worker of an older generation (or of the old
+    /// master of a binary upgrade) from what its [`Session::export`] returned. `None`
+    /// refuses it, and the old worker keeps serving the connection until it ends: do so for
+    /// a state version this code does not know. The session's own descriptors, if it
+    /// exported any, come next, with [`Session::resume`]. Called in the receiving worker; it
+    /// must not block and must do no I/O on the connection (the hand-off may still be
+    /// declined, and the old worker then serves on). Default: `None`.
     fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
         let _ = (conn, state);
         None
@@ -271,6 +349,17 @@ pub trait Service {
     /// `"it has no datagram form"`.
     fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
         Err("it has no datagram form")
+    }
+
+    /// Whether the service's sessions pass the connection's socket to another process (exec
+    /// gives it to its child as standard input and output) instead of reading and writing
+    /// through [`Context::io`]. On a TLS listener such a session gets, as
+    /// [`ConnInfo::socket`], one end of a socket pair whose other end the TLS layer carries
+    /// to and from the client; the session must have passed it on (spawn, `SCM_RIGHTS`) by the
+    /// time [`Service::session`] returns, since the worker then closes its copy, so that the
+    /// other process's exit shows as end-of-file. Default: `false`.
+    fn passes_socket(&self) -> bool {
+        false
     }
 }
 
@@ -339,6 +428,21 @@ pub trait Session {
         true
     }
 
+    /// The process this session runs for its connection (exec's child), while it runs: a
+    /// worker that retires lists those it keeps serving for `preforkd status`. Default:
+    /// none.
+    fn process(&self) -> Option<u32> {
+        None
+    }
+
+    /// The loop is about to close the connection gracefully on its own account (a graceful
+    /// stop, `max_long_connections_per_client`, after the session's own close): the
+    /// session's last words, written to `socket` before the FIN, best effort (what does not
+    /// fit is dropped). TLS sends its `close_notify` alert here. Default: nothing.
+    fn closing(&mut self, socket: &mut dyn Transport) {
+        let _ = socket;
+    }
+
     /// Appends `key=value` fields of the service's own to the connection's access line, each
     /// with a leading space (` child=4242 status=exit:0`, a relay's ` backend=... connect=...`).
     /// Called once, when the connection closes, and only when the access log is on.
@@ -348,19 +452,77 @@ pub trait Session {
     }
 
     /// The session's state, for a hand-off to a worker of the serving generation, as bytes
-    /// that start with a version of the service's own (at most [`MAX_EXPORT`] bytes). Asked
-    /// only when the connection is at rest ([`Session::is_at_rest`], no unread input, no
-    /// extra descriptor watched); return `None` when the session cannot be moved now or
-    /// ever (a child process owns the socket, a backend connection is open). The session is
+    /// that start with a version of the service's own (at most [`MAX_EXPORT`] bytes); the
+    /// receiving worker's [`Service::import`] reads them. Asked when [`Session::movable`]
+    /// allows: by default only at rest ([`Session::is_at_rest`], no unread input in the client
+    /// socket, no extra descriptor watched), so the state is what lasts between exchanges.
+    /// Return `None` when the session cannot be moved (a child process owns the socket): it
+    /// is then served here until it ends (a reload drains it). Asking must change nothing:
+    /// the hand-off may be declined, and the session then goes on here. The session is
     /// dropped, without a close, once the receiver has taken the connection. Default: `None`.
     fn export(&self) -> Option<Vec<u8>> {
         None
     }
+
+    /// When the session can be handed off: [`Movable::AtRest`] (the default), at any moment
+    /// ([`Movable::Now`]: its exported state holds what is in flight), or not at this moment
+    /// ([`Movable::Later`]).
+    fn movable(&self) -> Movable {
+        Movable::AtRest
+    }
+
+    /// The descriptors the session owns besides the client socket (a backend socket, pipes),
+    /// to move with a hand-off, in the order [`Session::resume`] gets them back. Asked right
+    /// after [`Session::export`] returned state. The loop sends duplicates: the session keeps
+    /// its own until the receiver has taken the connection (then drops them with itself,
+    /// which the peers do not see: the sockets stay open in the receiver). At most
+    /// [`MAX_EXPORT_DESCRIPTORS`]. Default: none.
+    fn export_descriptors(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// In the receiving worker, right after [`Service::import`]: the descriptors
+    /// [`Session::export_descriptors`] gave, in that order, to own and to watch again
+    /// ([`Context::watch`]). The session must do no I/O here: the hand-off may still be
+    /// declined (the loop then unwatches and drops it, and the old worker serves on). The
+    /// loop registers the client socket itself ([`Session::interest`]) and restores the
+    /// session's timer. An `Err` declines the hand-off. Default: accepts no descriptor.
+    ///
+    /// # Errors
+    /// The descriptors are not what the state says, or one cannot be watched (the worker's
+    /// budget is spent; select(2) and a descriptor at or above `FD_SETSIZE`).
+    fn resume(&mut self, descriptors: Vec<OwnedFd>, cx: &mut Context<'_>) -> io::Result<()> {
+        let _ = cx;
+        if descriptors.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::other("this session takes no descriptors"))
+        }
+    }
+}
+
+/// When a session can be handed off ([`Session::movable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movable {
+    /// Only at rest: no exchange in flight, nothing unread in the client socket, no extra
+    /// descriptor watched. Right for a session whose in-flight state is not exported.
+    AtRest,
+    /// Now, whatever is in flight: the exported state holds the bytes the session has
+    /// buffered and its half-close states, and its own descriptors go along (a relay).
+    Now,
+    /// Not at this moment (a relay still connecting to its backend): asked again after the
+    /// session's next callback.
+    Later,
 }
 
 /// Largest [`Session::export`] state a hand-off carries, in bytes (64 KiB less room for
-/// the connection's own state); a larger one is not handed off.
+/// the connection's own state); a larger one is not handed off. A relay's state, with both of
+/// its 16 KiB buffers full, fits.
 pub const MAX_EXPORT: usize = 60 * 1024;
+
+/// Most descriptors [`Session::export_descriptors`] may give (the client socket goes along
+/// besides them); a session with more is not handed off.
+pub const MAX_EXPORT_DESCRIPTORS: usize = crate::handoff::MAX_DESCRIPTORS - 1;
 
 /// Builds a listener's service from its options; problems are reported through the
 /// [`Options`] and the result is then `Err(Invalid)`.

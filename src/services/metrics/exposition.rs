@@ -19,7 +19,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::clock::monotonic_ms;
-use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState, UpgradeState};
+use crate::scoreboard::{
+    Close, Datagram, Refusal, Scoreboard, SlotState, TlsFailure, UpgradeState,
+};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";
@@ -120,7 +122,7 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
     let handoffs = counters(
         r,
         "listener_handoffs",
-        "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
+        "Connections handed between workers on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
         None,
     );
     let datagrams = counters(
@@ -129,6 +131,13 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Datagrams received on a UDP listener's socket, by listener and outcome",
         None,
     );
+    let handshakes = counters(
+        r,
+        "listener_tls_handshakes",
+        "TLS handshakes completed, by listener and kind (full, or resumed from a ticket)",
+        None,
+    );
+    let tls_failed = counters(r, "listener_tls_failures", "TLS handshakes failed, by listener and reason", None);
     for totals in board.listener_totals() {
         let name = || vec![("listener", totals.name.clone())];
         let with_reason = |reason: &str| vec![("listener", totals.name.clone()), ("reason", reason.to_owned())];
@@ -148,6 +157,15 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         for outcome in Datagram::ALL {
             let labels = vec![("listener", totals.name.clone()), ("outcome", outcome.name().to_owned())];
             datagrams.get_or_create(&labels).inc_by(totals.datagrams(outcome));
+        }
+        let failures: u64 = totals.tls_failed.iter().sum();
+        if totals.tls_handshakes + failures > 0 {
+            let kind = |kind: &str| vec![("listener", totals.name.clone()), ("kind", kind.to_owned())];
+            handshakes.get_or_create(&kind("full")).inc_by(totals.tls_handshakes - totals.tls_resumed);
+            handshakes.get_or_create(&kind("resumed")).inc_by(totals.tls_resumed);
+            for reason in TlsFailure::ALL {
+                tls_failed.get_or_create(&with_reason(reason.name())).inc_by(totals.tls_failed(reason));
+            }
         }
     }
 

@@ -390,6 +390,13 @@ impl Service for Relay {
     fn upstreams(&self) -> Option<&Upstreams> {
         Some(&self.shared.config.upstreams)
     }
+
+    /// A relayed connection handed over by a retiring worker, at any point of its life but
+    /// a connect (see `session.rs`): its descriptors follow with [`Session::resume`].
+    fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let session = session::RelaySession::import(Arc::clone(&self.shared), conn.peer, state)?;
+        Some(Box::new(session))
+    }
 }
 
 /// A backend address a session may pick: its row, and where it was written.
@@ -596,7 +603,7 @@ fn source_hash(peer: &Peer) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::SocketAddr;
 
     use super::*;
@@ -604,7 +611,8 @@ mod tests {
 
     /// A relay over `backends` (address, weight, backup, max_connections), placed in
     /// `board`'s backend table.
-    fn relay(board: &Scoreboard, backends: &[(&str, u32, bool, u32)], balance: Balance) -> Shared {
+    pub(in crate::services::relay) fn relay(
+        board: &Scoreboard, backends: &[(&str, u32, bool, u32)], balance: Balance) -> Shared {
         let backends = backends
             .iter()
             .map(|&(address, weight, backup, max)| Backend {

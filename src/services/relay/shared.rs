@@ -77,6 +77,13 @@ impl Lease {
         table.row(row).take().then(|| Lease { table: table.clone(), row, pending: (0, 0) })
     }
 
+    /// Takes a place on row `row` of `table` whatever its `max_connections`: for a
+    /// connection that exists already (a hand-off), whose sender gives its own place back.
+    pub fn adopt(table: &BackendTable, row: usize) -> Lease {
+        table.row(row).take_anyway();
+        Lease { table: table.clone(), row, pending: (0, 0) }
+    }
+
     /// The row.
     pub fn row(&self) -> &BackendScore {
         self.table.row(self.row)
