@@ -20,11 +20,11 @@
 //! 1. foundations: [`clock`], [`duration`], [`exit`], [`files`], [`net`], [`rate`],
 //!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
-//!    [`pidfile`], [`pki`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
-//!    [`sdnotify`], [`signals`], [`status_json`]
+//!    [`pidfile`], [`pki`], [`poller`], [`privileges`], [`proxy_protocol`],
+//!    [`scoreboard`], [`sdnotify`], [`signals`], [`status_json`], [`upstream`]
 //! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
-//! 5. serving: [`listener`], [`spawner`], [`worker`]
+//! 5. serving: [`checker`], [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
 //! 7. entry points: [`cli`], [`control`], [`daemon`]
 //!
@@ -122,6 +122,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod activation;
+pub mod checker;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -153,6 +154,7 @@ pub mod spawner;
 pub mod status_json;
 pub mod sys;
 pub mod tls;
+pub mod upstream;
 pub mod worker;
 
 #[cfg(test)]

@@ -35,3 +35,4 @@ mod tls_relay;
 mod udp;
 mod unix;
 mod upgrade;
+mod upstreams;
