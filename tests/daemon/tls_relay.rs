@@ -372,3 +372,61 @@ fn check_reports_backend_tls_and_route_mistakes_with_their_keys() {
     // The relative CA path is the configuration file's directory's.
     assert!(text.contains(&pki.dir().join("missing.pem").display().to_string()), "{text}");
 }
+
+/// A ClientHello for `name`, as rustls's client sends it.
+fn client_hello(pki: &Pki, name: &str) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(rustls_client(pki), name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    hello
+}
+
+#[test]
+fn each_route_takes_its_turns_among_its_own_backends() {
+    let pki = Pki::new();
+    // Four plain TCP backends that count what reaches them: the ClientHello, unchanged.
+    let listeners: Vec<std::net::TcpListener> =
+        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addresses: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let options = format!(
+        "[listener.options]\n\
+         [[listener.options.route]]\nserver_names = [\"a.example.org\"]\nbackends = [{:?}, {:?}]\n\
+         [[listener.options.route]]\nserver_names = [\"b.example.org\"]\nbackends = [{:?}, {:?}]\n",
+        addresses[0], addresses[1], addresses[2], addresses[3]
+    );
+    let daemon = Daemon::start(&config(2, &listener("routes", "relay", &options)));
+    let (a, b) = (client_hello(&pki, "a.example.org"), client_hello(&pki, "b.example.org"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut first = [0u8; 5];
+                if stream.read_exact(&mut first).is_ok() {
+                    let _ = tx.send((index, first));
+                }
+            }
+        });
+    }
+    // The two routes' clients alternate: each route must still alternate its own backends.
+    let mut clients = Vec::new();
+    for round in 0..8 {
+        let mut client = connect(daemon.addr());
+        client.write_all(if round % 2 == 0 { &a } else { &b }).unwrap();
+        let (backend, first) = rx.recv_timeout(PATIENCE).expect("the hello reached a backend");
+        assert_eq!(&first[..], &(if round % 2 == 0 { &a } else { &b })[..5], "unchanged");
+        assert_eq!(backend / 2, round % 2, "route {}: backend {backend}", round % 2);
+        clients.push((round, backend, client));
+    }
+    for route in 0..2 {
+        let mut used: Vec<usize> =
+            clients.iter().filter(|c| c.0 % 2 == route).map(|c| c.1).collect();
+        used.sort_unstable();
+        assert_eq!(used, [route * 2, route * 2, route * 2 + 1, route * 2 + 1], "route {route}");
+    }
+}
