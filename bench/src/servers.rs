@@ -43,6 +43,12 @@ pub enum Kind {
     PreforkdTls,
     /// preforkd's relay (epoll) behind its `[listener.tls]`, in front of the backend.
     PreforkdTlsRelay,
+    /// preforkd's relay (epoll) routing by the ClientHello's server name (a `route` for
+    /// `localhost`), in front of a TLS backend that terminates: nothing decrypted.
+    PreforkdSniRelay,
+    /// preforkd's relay (epoll) behind its `[listener.tls]` with `backend_tls` to a TLS
+    /// backend: terminated and encrypted again.
+    PreforkdTlsReencrypt,
     /// HAProxy, `bind ... ssl crt`, `mode tcp`, `nbthread` = workers, in front of the backend.
     HaproxyTls,
     /// nginx's stream module with `listen ... ssl`, `worker_processes` = workers, in front of
@@ -69,6 +75,8 @@ impl Kind {
             Kind::NginxStream => "nginx stream".into(),
             Kind::PreforkdTls => "preforkd echo + tls".into(),
             Kind::PreforkdTlsRelay => "preforkd relay + tls".into(),
+            Kind::PreforkdSniRelay => "preforkd relay, SNI route".into(),
+            Kind::PreforkdTlsReencrypt => "preforkd relay + tls + backend_tls".into(),
             Kind::HaproxyTls => "HAProxy 2.6 ssl".into(),
             Kind::NginxTls => "nginx 1.22 stream ssl".into(),
             Kind::Stunnel => "stunnel4".into(),
@@ -249,28 +257,54 @@ impl Server {
                 config = Some(path);
                 command
             }
-            Kind::PreforkdTls | Kind::PreforkdTlsRelay => {
+            Kind::PreforkdTls
+            | Kind::PreforkdTlsRelay
+            | Kind::PreforkdSniRelay
+            | Kind::PreforkdTlsReencrypt => {
                 let tls =
                     options.tls.as_ref().ok_or_else(|| std::io::Error::other("no certificate"))?;
                 let (service, extra) = match (kind, options.backend) {
                     (Kind::PreforkdTls, _) => ("echo", String::new()),
+                    (Kind::PreforkdSniRelay, Some(backend)) => (
+                        "relay",
+                        format!(
+                            "[listener.options]\n[[listener.options.route]]\n\
+                             server_names = [\"localhost\"]\nbackends = [\"{backend}\"]\n"
+                        ),
+                    ),
+                    (Kind::PreforkdTlsReencrypt, Some(backend)) => (
+                        "relay",
+                        format!(
+                            "[listener.options]\nbackends = [\"{backend}\"]\n\
+                             backend_tls = {{ server_name = \"localhost\", ca = \"{}\" }}\n",
+                            tls.join("ca.pem").display()
+                        ),
+                    ),
                     (_, Some(backend)) => {
                         ("relay", format!("[listener.options]\nbackends = [\"{backend}\"]\n"))
                     }
                     (_, None) => return Err(std::io::Error::other("no backend")),
                 };
+                // A relay that routes by the ClientHello terminates nothing itself.
+                let terminates = kind != Kind::PreforkdSniRelay;
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
                      rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
                      [log]\nlevel = \"warn\"\naccess_log = false\n\
                      [[listener]]\nname = \"tls\"\naddress = \"{addr}\"\nservice = \"{service}\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
-                     max_connections_per_client = 0\nmax_long_connections_per_client = 0\n{extra}\
-                     [listener.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nmin_version = \"1.3\"\n",
+                     max_connections_per_client = 0\nmax_long_connections_per_client = 0\n{extra}{}",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
-                    tls.join("chain.pem").display(),
-                    tls.join("key.pem").display(),
+                    if terminates {
+                        format!(
+                            "[listener.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nmin_version = \"1.3\"\n",
+                            tls.join("chain.pem").display(),
+                            tls.join("key.pem").display(),
+                        )
+                    } else {
+                        String::new()
+                    },
                 );
                 let path = dir.path().join("preforkd.toml");
                 std::fs::write(&path, text)?;

@@ -1,7 +1,10 @@
 //! The TLS scenario: TLS 1.3 with an ECDSA P-256 certificate, echo behind each terminator:
 //! preforkd (its echo service, and its relay in front of the tokio echo server), HAProxy
 //! (`bind ... ssl crt`, `nbthread 2`), nginx's stream module (`listen ... ssl`, 2 workers)
-//! and stunnel4, the last three in front of the tokio echo server. The client is rustls
+//! and stunnel4, the last three in front of the tokio echo server; and preforkd's relay in
+//! two more TLS paths, in front of a preforkd echo behind TLS (the TLS backend): routing by
+//! the ClientHello's server name without decrypting (`route`), and terminating then
+//! encrypting again (`[listener.tls]` and `backend_tls`). The client is rustls
 //! (TLS 1.3 only, X25519 only: the group every peer's OpenSSL 3.0 prefers, so that all do
 //! the same key exchange). The servers take turns each round.
 //!
@@ -203,7 +206,12 @@ fn long(addr: SocketAddr, dir: &Path, loops: usize, size: usize, duration: Durat
 }
 
 fn terminators(only: Option<&str>) -> Vec<Kind> {
-    let mut kinds = vec![Kind::PreforkdTls, Kind::PreforkdTlsRelay];
+    let mut kinds = vec![
+        Kind::PreforkdTls,
+        Kind::PreforkdTlsRelay,
+        Kind::PreforkdSniRelay,
+        Kind::PreforkdTlsReencrypt,
+    ];
     for (kind, program) in
         [(Kind::HaproxyTls, "haproxy"), (Kind::NginxTls, "nginx"), (Kind::Stunnel, "stunnel4")]
     {
@@ -253,13 +261,29 @@ pub fn run(
         tls: Some(dir.path().to_path_buf()),
         log: None,
     };
+    // The TLS backend of the relays that pass TLS on or encrypt again: preforkd's echo behind
+    // TLS, one worker, started once.
+    let tls_backend = match Server::start(Kind::PreforkdTls, &binaries, &PreforkdOptions {
+        workers: 1,
+        ..options.clone()
+    }) {
+        Ok(server) => server,
+        Err(error) => return eprintln!("TLS backend: {error}"),
+    };
+    let to_tls = PreforkdOptions { backend: Some(tls_backend.addr), ..options.clone() };
+    let options_of = |kind: Kind| match kind {
+        Kind::PreforkdSniRelay | Kind::PreforkdTlsReencrypt => &to_tls,
+        _ => &options,
+    };
     let kinds = terminators(only);
     println!("## TLS termination: TLS 1.3, ECDSA P-256, X25519\n");
     println!(
         "{} s per run, {rounds} rounds with the servers taking turns (median round shown); 2 workers \
          or threads each (HAProxy `nbthread 2`, nginx `worker_processes 2`, stunnel4 a thread per \
          connection); HAProxy, nginx, stunnel4 and preforkd's relay in front of the tokio echo \
-         server, preforkd's echo in-process; client: rustls, {loops} loops for the handshakes, 50 \
+         server, preforkd's echo in-process, preforkd's relay with an SNI route or with \
+         backend_tls in front of a preforkd echo behind TLS (1 worker); client: rustls, {loops} \
+         loops for the handshakes, 50 \
          connections for request/response; all on 127.0.0.1. CPU: the server's own CPU time (not \
          the backend's, not the client's).",
         duration.as_secs()
@@ -281,7 +305,7 @@ pub fn run(
         let mut runs: Vec<Vec<(Row, u64)>> = kinds.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
             for (index, &kind) in kinds.iter().enumerate() {
-                let server = match Server::start(kind, &binaries, &options) {
+                let server = match Server::start(kind, &binaries, options_of(kind)) {
                     Ok(server) => server,
                     Err(error) => {
                         eprintln!("{}: {error}", kind.label());
@@ -333,5 +357,6 @@ pub fn run(
             );
         }
     }
+    tls_backend.stop();
     backend.stop();
 }
