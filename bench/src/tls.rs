@@ -263,10 +263,11 @@ pub fn run(
     };
     // The TLS backend of the relays that pass TLS on or encrypt again: preforkd's echo behind
     // TLS, one worker, started once.
-    let tls_backend = match Server::start(Kind::PreforkdTls, &binaries, &PreforkdOptions {
-        workers: 1,
-        ..options.clone()
-    }) {
+    let tls_backend = match Server::start(
+        Kind::PreforkdTls,
+        &binaries,
+        &PreforkdOptions { workers: 1, ..options.clone() },
+    ) {
         Ok(server) => server,
         Err(error) => return eprintln!("TLS backend: {error}"),
     };
