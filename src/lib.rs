@@ -34,14 +34,17 @@
 //!
 //! # Your own service
 //!
-//! A service makes a [`services::Session`] per connection; for a line protocol,
-//! [`services::Lines`] does the I/O and a [`services::LineHandler`] says what to answer.
+//! A service makes a [`services::Session`] per connection; for a request/response protocol,
+//! [`services::Framed`] does the I/O (buffers, backpressure, frame limits, hand-off) over the
+//! frames a decoder finds ([`services::framing::lines`], length-prefixed frames, or a
+//! decoder of your own), and a [`services::FrameHandler`] says what to answer to each.
 //! Register it by name and the program is the whole daemon (`run`, `check`, `reload`,
 //! `status` ...) with `service = "upper"` available in `[[listener]]` blocks, and the
 //! listener's `[listener.options]` read by your build function:
 //!
 //! ```no_run
-//! use preforkd::services::{ConnInfo, Invalid, LineAction, LineHandler, Lines, Options};
+//! use preforkd::services::framing::lines;
+//! use preforkd::services::{ConnInfo, FrameAction, FrameHandler, Framed, Invalid, Options};
 //! use preforkd::services::{Service, Session};
 //!
 //! /// `[listener.options]` of an `upper` listener.
@@ -69,17 +72,18 @@
 //!
 //! impl Service for Upper {
 //!     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-//!         Box::new(Lines::new(Shout, self.max_line))
+//!         // A line of at most `max_line` bytes, and its LF.
+//!         Box::new(Framed::new(Shout, lines, self.max_line + 1))
 //!     }
 //! }
 //!
 //! struct Shout;
 //!
-//! impl LineHandler for Shout {
-//!     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+//! impl FrameHandler for Shout {
+//!     fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
 //!         out.extend(line.to_ascii_uppercase());
 //!         out.extend(b"\r\n");
-//!         LineAction::Continue
+//!         FrameAction::Continue
 //!     }
 //! }
 //!

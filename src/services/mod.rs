@@ -23,7 +23,7 @@
 
 mod context;
 mod datagram;
-mod lines;
+pub mod framing;
 mod options;
 pub mod pool;
 
@@ -37,7 +37,7 @@ use std::sync::Arc;
 pub use context::Context;
 pub(crate) use context::{Ending, Extras, unwatch};
 pub use datagram::{Answer, DatagramService, Flow, Step};
-pub use lines::{LineAction, LineHandler, Lines};
+pub use framing::{Decoder, Frame, FrameAction, FrameHandler, Framed};
 pub use options::{Invalid, Options};
 
 pub use crate::poller::Interest;
@@ -130,7 +130,7 @@ pub enum CloseReason {
     Shed,
     /// A trusted proxy's PROXY protocol header was malformed, or did not come in time.
     ProxyHeader,
-    /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
+    /// A reason of the service's own, such as `backend-unavailable` or `frame-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
 }

@@ -10,9 +10,10 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::framing::{FrameAction, FrameHandler, Framed, lines};
 use super::{
-    CloseReason, ConnInfo, Context, Interest, Invalid, LineAction, LineHandler, Lines, Options,
-    Progress, Ready, Service, Session, write_some,
+    CloseReason, ConnInfo, Context, Interest, Invalid, Options, Progress, Ready, Service, Session,
+    write_some,
 };
 
 /// Builds the test-only service `name`, if it is one.
@@ -32,22 +33,22 @@ pub(super) fn build(
     }
 }
 
-/// Echoes lines; never handed off (neither [`LineHandler::export`] nor
+/// Echoes lines; never handed off (neither [`FrameHandler::export`] nor
 /// [`Service::import`]).
 #[derive(Debug)]
 struct Sticky;
 
 impl Service for Sticky {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-        Box::new(Lines::new(Sticky, 4096))
+        Box::new(Framed::new(Sticky, lines, 4096))
     }
 }
 
-impl LineHandler for Sticky {
-    fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+impl FrameHandler for Sticky {
+    fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
         out.extend_from_slice(line);
         out.push(b'\n');
-        LineAction::Continue
+        FrameAction::Continue
     }
 }
 
