@@ -454,7 +454,9 @@ impl Master {
             WorkerExit::Killed(signal) => {
                 log::error!("worker {slot} (pid {pid}) was killed by {signal}")
             }
-            WorkerExit::BootFailure => {}
+            WorkerExit::BootFailure => {
+                log::error!("worker {slot} (pid {pid}) could not boot (its log line says why)")
+            }
         }
         if let Fate::Respawn { delay, failures } = fate {
             self.scoreboard.header().worker_restarts.fetch_add(1, Ordering::Relaxed);

@@ -9,10 +9,13 @@
 //! The rules:
 //! - a worker's exit means, checked in this order: its slot is free (it was retiring);
 //!   nothing (the daemon stops); a rollback (it belonged to the generation a reload starts);
-//!   a stop (it could not boot, [`WorkerExit::BootFailure`]: respawning it would loop); a
+//!   a stop (it could not boot, [`WorkerExit::BootFailure`], while the daemon starts:
+//!   respawning it would loop on a mistake, as gunicorn's `WORKER_BOOT_ERROR` halts); a
 //!   respawn, at once after a healthy life and with jittered exponential backoff in a crash
-//!   loop (see `table.rs`), if its generation serves and the pool is kept; else nothing (an
-//!   old generation, or workers stopped by WINCH);
+//!   loop (see `table.rs`), if its generation serves and the pool is kept (a replacement that
+//!   cannot boot in a generation that did, such as a service hook whose database is down,
+//!   is such a crash: it may come back); else nothing (an old generation, or workers stopped
+//!   by WINCH);
 //! - retiring is SIGQUIT (graceful) or SIGTERM (fast), then SIGKILL once at the deadline;
 //! - a ready worker whose heartbeat is older than its `worker_timeout` is hung: SIGABRT (for
 //!   a core dump), then SIGKILL once after [`ABORT_GRACE`]; its reap replaces it;
@@ -109,7 +112,8 @@ pub enum Fate {
     /// It belonged to the generation a reload starts: roll the reload back (its slot is
     /// free).
     StartFailed,
-    /// It could not boot: stop the daemon rather than respawn it in a loop.
+    /// It could not boot while the daemon starts: stop the daemon rather than respawn it in a
+    /// loop.
     BootFailure,
     /// Replaced after `delay` (zero: at once); `failures` quick exits in a row.
     Respawn {
@@ -306,7 +310,7 @@ impl Pool {
             (_, Lifecycle::Reloading { generation, .. }) if generation == entry.generation => {
                 Fate::StartFailed
             }
-            _ if exit == WorkerExit::BootFailure => Fate::BootFailure,
+            (_, Lifecycle::Starting { .. }) if exit == WorkerExit::BootFailure => Fate::BootFailure,
             _ if keeps => return Fate::Respawn { delay, failures: entry.failures },
             _ => Fate::Dropped,
         };
@@ -684,13 +688,20 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_that_cannot_boot_is_not_respawned() {
+    fn a_worker_that_cannot_boot_at_start_stops_the_daemon_and_later_backs_off() {
         let (mut pool, t0) = running(4, 2);
         let starting = Lifecycle::Starting { queued: false };
         assert_eq!(pool.exited(1, WorkerExit::BootFailure, t0, 0.0, starting), Fate::BootFailure);
         assert_eq!(pool.on_tick(t0 + GRACE, starting, quiet), vec![]);
-        assert_eq!(pool.exited(0, WorkerExit::BootFailure, t0, 0.0, SERVING), Fate::BootFailure);
-        assert_eq!(pool.deadline(t0, SERVING), None);
+        // Once the generation served, a replacement that cannot boot (its service's hook
+        // failed: a database down) is a crash loop: backoff, however long it took to fail.
+        let later = t0 + MIN_HEALTHY_UPTIME * 5;
+        pool.exited(0, WorkerExit::Clean, later, 0.0, SERVING);
+        pool.spawned(0, pid(0), later, watch(None));
+        let failed = later + MIN_HEALTHY_UPTIME * 2;
+        let fate = pool.exited(0, WorkerExit::BootFailure, failed, 0.0, SERVING);
+        assert_eq!(fate, Fate::Respawn { delay: respawn_delay(1, 0.0), failures: 1 });
+        assert_eq!(pool.deadline(failed, SERVING), Some(failed + respawn_delay(1, 0.0)));
     }
 
     #[test]

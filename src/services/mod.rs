@@ -196,14 +196,47 @@ impl ConnInfo<'_> {
     }
 }
 
+/// The worker a [`Service`] hook runs in. Made by the worker (non-exhaustive: fields may be
+/// added).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct WorkerInfo<'a> {
+    /// The worker's slot in the master's table (also its row in `preforkd status`): from 0,
+    /// below the slot count fixed at start; a replacement takes a free slot, perhaps another.
+    pub slot: usize,
+    /// The configuration generation the worker serves (1 at start, one more per reload).
+    pub generation: u64,
+    /// The name of the listener whose service this is.
+    pub listener: &'a str,
+}
+
+/// How a worker ends, as [`Service::before_exit`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStop {
+    /// A graceful stop (SIGQUIT: the daemon's graceful stop, a reload retiring the worker's
+    /// generation, TTOU, WINCH, recycling) has finished: no connection is left.
+    Graceful,
+    /// A fast stop (SIGTERM or SIGINT, or the master died): the connections were just closed.
+    Fast,
+    /// The worker could not go on: its loop failed, or another service's
+    /// [`Service::after_fork`] failed after this one's succeeded.
+    Failed,
+}
+
+/// What a [`Service::after_fork`] hook fails with: any error, whose message the worker logs.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A listener's service: built once from the listener's options, makes one [`Session`] per
 /// accepted connection.
 ///
 /// The value is built in the master (for `preforkd check`, at start and at each reload, where
 /// a changed `[listener.options]` applies to the new generation's connections) and reaches
 /// the workers through fork(2), so each worker holds its own copy: state kept in it with
-/// interior mutability is per worker. Building must have no side effect (no socket, no
-/// thread, no file written): `check` builds every service and throws it away.
+/// interior mutability is per worker (see the crate documentation for a picture, and
+/// [`crate::shared`] for state all workers see). Building must have no side effect (no
+/// socket, no thread, no file written): `check` builds every service and throws it away.
+/// What each worker needs of its own (a database connection, an open file, a client pool)
+/// is made by [`Service::after_fork`] and ended by [`Service::before_exit`].
 ///
 /// Workers leave SIGCHLD at its default disposition and install no handler for it, and
 /// start no process themselves: a service that runs a program per connection describes it
@@ -212,6 +245,37 @@ impl ConnInfo<'_> {
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
+
+    /// Called once in each worker, after fork(2), once the worker has dropped its
+    /// privileges (it runs as `daemon.user`) and before it accepts anything: open what the
+    /// worker needs of its own (a database, a file, a client pool) and keep it in the
+    /// service with interior mutability (a `OnceCell`, a `RefCell`: the worker is
+    /// single-threaded). Hooks run in listener order. It may block, briefly: until every
+    /// worker of a reload's generation has returned from it, the old generation serves
+    /// (and a reload not ready within its start timeout is rolled back).
+    ///
+    /// Default: nothing.
+    ///
+    /// # Errors
+    /// Any error: the worker logs `worker failed to boot: listener NAME: after_fork: ERROR`,
+    /// calls [`Service::before_exit`] ([`WorkerStop::Failed`]) for the services whose hook
+    /// succeeded, and exits as a worker that could not boot. While the daemon starts, that
+    /// stops it (exit status 70, as for any worker that cannot boot); in a reload, the
+    /// reload is rolled back; later (a replacement worker), the worker is respawned with the
+    /// backoff of a crash loop, since what failed (a database down) may come back.
+    fn after_fork(&self, worker: &WorkerInfo<'_>) -> Result<(), HookError> {
+        let _ = worker;
+        Ok(())
+    }
+
+    /// Called once in each worker before it exits, after its connections are closed or
+    /// handed off (`stop` says how it ends): flush and close what [`Service::after_fork`]
+    /// opened. It may block, briefly: a graceful stop's `graceful_timeout` still runs, and
+    /// SIGKILL at its end skips the hook, as do a crash and a kill for a hang. Default:
+    /// nothing.
+    fn before_exit(&self, worker: &WorkerInfo<'_>, stop: WorkerStop) {
+        let _ = (worker, stop);
+    }
 
     /// A cap of the service's own on the listener's open connections, counted exactly across
     /// workers like the listener's `max_connections` (the lower of the two applies; a

@@ -12,6 +12,7 @@ mod exec;
 mod full_disk;
 mod handoff;
 mod hardening;
+mod hooks;
 mod idle;
 mod import;
 mod include;
