@@ -444,7 +444,7 @@ impl Master {
                 self.status = ExitStatus::Software;
                 return self.handle_stop_fast("worker boot failure");
             }
-            Fate::Respawn { .. } | Fate::Dropped => {}
+            Fate::Respawn { .. } | Fate::Dropped | Fate::Replaced => {}
         }
         match exit {
             WorkerExit::Clean => log::warn!("worker {slot} (pid {pid}) exited unexpectedly"),

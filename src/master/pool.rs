@@ -21,8 +21,13 @@
 //!   a core dump), then SIGKILL once after [`ABORT_GRACE`]; its reap replaces it;
 //! - while more than `max_draining_generations` generations drain, the oldest is stopped
 //!   fast;
-//! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker,
-//!   never the only one;
+//! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker
+//!   (one asking to be replaced first), never the only one;
+//! - a serving worker that asks to be replaced (recycling) gets a replacement in a free slot
+//!   of its generation (at the next turn with one free, if none is now); once the
+//!   replacement is ready, the worker is retired gracefully, so the pool never runs short. If
+//!   it dies first, its slot is freed, not respawned: the replacement is on its way; if the
+//!   replacement is retired first, the worker asks again;
 //! - a generation is ready when each of its slots has a worker that said `Ready` on its
 //!   channel.
 //!
@@ -42,7 +47,7 @@ use thiserror::Error;
 
 use super::SLOT_HEADROOM;
 use super::supervisor::Lifecycle;
-use super::table::{Health, Role, Running, Watch, WorkerExit, WorkerSlot};
+use super::table::{Health, Recycling, Role, Running, Watch, WorkerExit, WorkerSlot};
 
 /// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -124,6 +129,21 @@ pub enum Fate {
     },
     /// Not replaced: its generation no longer serves, or WINCH stopped the workers.
     Dropped,
+    /// It asked to be replaced and its replacement was started: not respawned (its slot is
+    /// free).
+    Replaced,
+}
+
+/// The outcome of a worker's request to be replaced ([`Pool::recycle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycled {
+    /// Its replacement is forked into this slot by the next turn of the loop.
+    Replacing(usize),
+    /// No slot is free: a replacement is started at the first turn with one.
+    Waiting,
+    /// Not now: it does not serve the serving generation, the pool is not kept (stopping,
+    /// WINCH), or it asked already.
+    Ignored,
 }
 
 /// The outcome of TTIN or TTOU.
@@ -271,6 +291,7 @@ impl Pool {
         let entry = &mut self.slots[slot];
         entry.generation = self.generation;
         entry.respawn_at = None;
+        entry.recycling = Recycling::No;
         entry.worker = Some(Running { pid, started: now, health: Health::Booting, watch });
     }
 
@@ -304,8 +325,10 @@ impl Pool {
         let keeps = self.keeps(&self.slots[slot], lifecycle);
         let entry = &mut self.slots[slot];
         let delay = entry.exited(now, jitter);
+        let recycling = std::mem::take(&mut entry.recycling);
         let fate = match (entry.role, lifecycle) {
             (Role::Retiring { .. }, _) => Fate::Retired,
+            (Role::Serving, _) if keeps && matches!(recycling, Recycling::By(_)) => Fate::Replaced,
             (_, Lifecycle::Stopping { .. }) => return Fate::Stopping,
             (_, Lifecycle::Reloading { generation, .. }) if generation == entry.generation => {
                 Fate::StartFailed
@@ -314,7 +337,7 @@ impl Pool {
             _ if keeps => return Fate::Respawn { delay, failures: entry.failures },
             _ => Fate::Dropped,
         };
-        if matches!(fate, Fate::Retired | Fate::StartFailed) {
+        if matches!(fate, Fate::Retired | Fate::StartFailed | Fate::Replaced) {
             entry.role = Role::Free;
         }
         entry.respawn_at = None;
@@ -366,6 +389,13 @@ impl Pool {
             actions.push(PoolAction::Signal { slot, pid: worker.pid, signal, why });
         }
         for slot in 0..self.slots.len() {
+            if self.slots[slot].recycling == Recycling::Wanted
+                && self.keeps(&self.slots[slot], lifecycle)
+            {
+                self.start_replacement(slot, now);
+            }
+        }
+        for slot in 0..self.slots.len() {
             let keeps = self.keeps(&self.slots[slot], lifecycle);
             let entry = &mut self.slots[slot];
             if entry.needs_reclaim {
@@ -396,7 +426,10 @@ impl Pool {
         }
         let mut deadlines = Vec::new();
         for slot in &self.slots {
-            if slot.needs_reclaim {
+            if slot.needs_reclaim
+                || (slot.recycling == Recycling::Wanted && self.keeps(slot, lifecycle))
+            {
+                // Records to release, or a replacement waiting for a free slot.
                 deadlines.push(now + RECLAIM_RETRY);
                 continue;
             }
@@ -416,9 +449,54 @@ impl Pool {
         deadlines.into_iter().min()
     }
 
+    /// The worker of `slot` asked at `now` to be replaced (recycling): a free slot of its
+    /// generation gets a replacement, forked by the next [`Pool::on_tick`]; the worker is
+    /// retired when the replacement is ready ([`Pool::replacement_ready`]).
+    pub fn recycle(&mut self, slot: usize, now: Instant, lifecycle: Lifecycle) -> Recycled {
+        let entry = &self.slots[slot];
+        let asking = entry.worker.is_some_and(|worker| worker.is_ready());
+        if !asking || !self.keeps(entry, lifecycle) || entry.recycling != Recycling::No {
+            return Recycled::Ignored;
+        }
+        self.slots[slot].recycling = Recycling::Wanted;
+        match self.start_replacement(slot, now) {
+            Some(by) => Recycled::Replacing(by),
+            None => Recycled::Waiting,
+        }
+    }
+
+    /// Takes a free slot for the replacement of `slot`'s worker, due now.
+    fn start_replacement(&mut self, slot: usize, now: Instant) -> Option<usize> {
+        let by = self.free_slot()?;
+        self.slots[by].serve(self.generation);
+        self.slots[by].respawn_at = Some(now);
+        self.slots[slot].recycling = Recycling::By(by);
+        Some(by)
+    }
+
+    /// The worker of `slot` said `Ready`: if it replaces a worker that asked to be
+    /// replaced, that one is retired now (`stop`). Returns its slot and the action.
+    pub fn replacement_ready(
+        &mut self,
+        slot: usize,
+        stop: Stop,
+        now: Instant,
+    ) -> Option<(usize, PoolAction)> {
+        let old = self.slots.iter().position(|s| s.recycling == Recycling::By(slot))?;
+        let action = self.retire(old, stop, now)?;
+        Some((old, action))
+    }
+
     /// Tells the worker of `slot` to stop; a slot without a worker becomes free.
     pub fn retire(&mut self, slot: usize, stop: Stop, now: Instant) -> Option<PoolAction> {
+        for other in &mut self.slots {
+            if other.recycling == Recycling::By(slot) {
+                // Its replacement is retired: it asks again, in effect.
+                other.recycling = Recycling::Wanted;
+            }
+        }
         let entry = &mut self.slots[slot];
+        entry.recycling = Recycling::No;
         entry.respawn_at = None;
         let Some(worker) = entry.worker else {
             entry.role = Role::Free;
@@ -456,7 +534,8 @@ impl Pool {
         Resize::To { target: self.target(lifecycle), actions: Vec::new() }
     }
 
-    /// TTOU: one worker fewer (the last serving slot), at least one stays.
+    /// TTOU: one worker fewer (the last serving slot, or one that asked to be replaced),
+    /// at least one stays.
     pub fn remove_worker(&mut self, stop: Stop, now: Instant, lifecycle: Lifecycle) -> Resize {
         let kept: Vec<usize> =
             (0..self.slots.len()).filter(|&i| self.keeps(&self.slots[i], lifecycle)).collect();
@@ -464,7 +543,9 @@ impl Pool {
         if kept.len() <= 1 {
             return Resize::AtMinimum;
         }
-        let actions = self.retire(last, stop, now).into_iter().collect();
+        let asking = kept.iter().rev().find(|&&i| self.slots[i].recycling != Recycling::No);
+        let chosen = asking.copied().unwrap_or(last);
+        let actions = self.retire(chosen, stop, now).into_iter().collect();
         Resize::To { target: kept.len() - 1, actions }
     }
 
@@ -915,6 +996,91 @@ mod tests {
         assert!(!pool.slots()[0].is_free());
         assert_eq!(pool.add_worker(t0, SERVING), Resize::To { target: 1, actions: vec![] });
         assert_eq!(pool.add_worker(t0, SERVING), Resize::NoFreeSlot);
+    }
+
+    #[test]
+    fn a_worker_asking_to_be_replaced_drains_once_its_replacement_is_ready() {
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Ignored, "asked already");
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 2 }]);
+        pool.spawned(2, pid(2), t0, watch(None));
+        assert_eq!(pool.target(SERVING), 3, "the pool never runs short meanwhile");
+        assert_eq!(pool.replacement_ready(1, Stop::Graceful(GRACE), t0), None, "not 1's");
+        assert!(pool.worker_ready(2));
+        let retired = pool.replacement_ready(2, Stop::Graceful(GRACE), t0);
+        assert_eq!(retired, Some((0, signal(0, Signal::SIGQUIT, Why::Retire))));
+        assert_eq!(pool.target(SERVING), 2);
+        assert_eq!(pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING), Fate::Retired);
+        assert!(pool.slots()[0].is_free());
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![]);
+        // The replacement is a worker like any other: it may ask in its turn.
+        assert_eq!(pool.recycle(2, t0, SERVING), Recycled::Replacing(0));
+    }
+
+    #[test]
+    fn a_recycling_worker_that_dies_first_is_not_respawned_and_a_retired_replacement_is_redone() {
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        let fate = pool.exited(0, WorkerExit::Killed(Signal::SIGSEGV), t0, 0.0, SERVING);
+        assert_eq!(fate, Fate::Replaced, "its replacement is on its way");
+        assert!(pool.slots()[0].is_free());
+        assert!(pool.worker_ready(2));
+        assert_eq!(pool.replacement_ready(2, Stop::Graceful(GRACE), t0), None);
+        assert_eq!(pool.target(SERVING), 2);
+        // Slot 1 asks and TTOU comes: the worker that asked is the one retired, and its
+        // replacement (slot 0) stays.
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Replacing(0));
+        let resize = pool.remove_worker(Stop::Graceful(GRACE), t0, SERVING);
+        assert_eq!(
+            resize,
+            Resize::To { target: 2, actions: vec![signal(1, Signal::SIGQUIT, Why::Retire)] }
+        );
+        // A replacement retired before it is ready (a reload would): the worker asks again.
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        pool.retire(2, Stop::Fast(FAST), t0);
+        assert_eq!(pool.slots()[0].recycling, Recycling::Wanted);
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 3 }]);
+        assert_eq!(pool.slots()[0].recycling, Recycling::By(3));
+    }
+
+    #[test]
+    fn a_replacement_waits_for_a_free_slot_and_only_serving_ready_workers_are_recycled() {
+        let (mut pool, t0) = running(2, 2);
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Waiting);
+        assert_eq!(pool.deadline(t0, SERVING), Some(t0 + RECLAIM_RETRY), "looked at again");
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![]);
+        assert_eq!(
+            pool.remove_worker(Stop::Graceful(GRACE), t0, SERVING),
+            Resize::To { target: 1, actions: vec![signal(1, Signal::SIGQUIT, Why::Retire)] }
+        );
+        assert_eq!(pool.deadline(t0, SERVING), Some(t0 + GRACE), "only its SIGKILL, if need be");
+        // Not while stopping, paused, in an old generation, or booting.
+        let (mut pool, t0) = running(8, 2);
+        let stopping = Lifecycle::Stopping { graceful: true, kill_at: t0 + GRACE, killed: false };
+        assert_eq!(pool.recycle(0, t0, stopping), Recycled::Ignored);
+        assert_eq!(pool.recycle(0, t0, Lifecycle::Paused), Recycled::Ignored);
+        pool.begin_generation(2);
+        assert_eq!(pool.recycle(0, t0, reloading(2, t0)), Recycled::Ignored, "old generation");
+        let mut pool = Pool::new(4, 1);
+        pool.spawned(0, pid(0), t0, watch(None));
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Ignored, "still booting");
+        // A waiting request goes once a slot is free.
+        let (mut pool, t0) = running(3, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Waiting);
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        pool.worker_ready(2);
+        pool.replacement_ready(2, Stop::Graceful(GRACE), t0);
+        pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING);
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 0 }]);
+        assert_eq!(pool.slots()[1].recycling, Recycling::By(0));
     }
 
     #[test]

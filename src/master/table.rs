@@ -43,6 +43,19 @@ pub enum Role {
     },
 }
 
+/// Whether a slot's worker asked to be replaced (recycling: `daemon.recycle_*`), and how
+/// far that is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recycling {
+    /// Not asked.
+    #[default]
+    No,
+    /// Asked; its replacement waits for a free slot.
+    Wanted,
+    /// Its replacement boots in this slot; the worker is retired once that one is ready.
+    By(usize),
+}
+
 /// Where a live worker stands with the master: booting, ready, or on the hang ladder
 /// (SIGABRT for a core dump, then SIGKILL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +120,8 @@ pub struct WorkerSlot {
     /// The dead worker's per-client records could not be released yet: the slot is not
     /// reused until they are (a new worker would overwrite records still counted).
     pub needs_reclaim: bool,
+    /// Whether its worker asked to be replaced.
+    pub recycling: Recycling,
 }
 
 impl WorkerSlot {

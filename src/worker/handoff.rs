@@ -64,6 +64,18 @@ impl Link {
         }
     }
 
+    /// Sends `message` to the master (queued while the channel is full; the loop sends the
+    /// rest when it has room).
+    ///
+    /// # Errors
+    /// There is no channel, too many messages wait, or the master is gone.
+    pub fn tell(&mut self, message: &Message, poller: &mut dyn Poller) -> io::Result<()> {
+        let channel = self.channel.as_mut().ok_or_else(|| io::Error::other("no channel"))?;
+        channel.send(message, None)?;
+        self.watch(poller);
+        Ok(())
+    }
+
     /// Watches the channel for messages, and for room while messages wait.
     fn watch(&mut self, poller: &mut dyn Poller) {
         let Some(channel) = &self.channel else { return };
@@ -108,7 +120,10 @@ impl Link {
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.resolved(table, token, outcome, now, env)
                 }
-                Ok(Some((Message::Offer(_), None) | (Message::Taking | Message::Ready, _))) => {}
+                Ok(Some(
+                    (Message::Offer(_), None)
+                    | (Message::Taking | Message::Ready | Message::Recycle(_), _),
+                )) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel: {error}; message dropped");
                 }

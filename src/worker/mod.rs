@@ -50,6 +50,7 @@ mod header;
 mod intake;
 mod listeners;
 mod phase;
+mod recycle;
 pub mod refusals;
 mod table;
 
@@ -65,6 +66,7 @@ use nix::unistd::{Pid, getppid};
 
 use crate::config::{Config, ListenerTransport};
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
+use crate::handoff::Message;
 use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
@@ -82,6 +84,7 @@ use env::Env;
 use header::Headers;
 use intake::{Gate, Watch};
 use listeners::{ListenerEntry, Listeners};
+use recycle::Recycler;
 
 pub use header::PROXY_HEADER_TIMEOUT;
 pub use intake::{ACCEPT_PAUSE, SHED_GRACE};
@@ -186,6 +189,17 @@ fn stop_services(listeners: &Listeners, slot: usize, generation: u64, stop: Work
     }
 }
 
+/// A number that differs from one worker to the next (the recycling jitter's pick): the
+/// standard library's random hash keys, with the pid mixed in, since a forked child starts
+/// from its parent's keys.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(crate::clock::monotonic_ns().into());
+    hasher.finish()
+}
+
 /// Sets SIGCHLD back to its default disposition (ignored, but children are not reaped by
 /// the kernel: signal(7)). Unregistering the master's action leaves signal-hook's handler in
 /// place, so every exit of an exec child would interrupt the worker with a signal that runs
@@ -220,6 +234,8 @@ struct Worker<'a> {
     /// to avoid an allocation per turn).
     ready_listeners: Vec<(RawFd, usize)>,
     last_published: Instant,
+    /// When to ask the master for a replacement (`daemon.recycle_*`).
+    recycler: Recycler,
 }
 
 impl<'a> Worker<'a> {
@@ -296,6 +312,7 @@ impl<'a> Worker<'a> {
             datagrams: Datagrams::default(),
             ready_listeners: Vec::new(),
             last_published: Instant::now(),
+            recycler: Recycler::new(config.daemon.recycle, random(), Instant::now()),
         })
     }
 
@@ -350,6 +367,7 @@ impl<'a> Worker<'a> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(Instant::now());
             }
+            self.check_recycling(now);
             if self.gate.draining()
                 && self.conns.len() == 0
                 && self.headers.len() == 0
@@ -406,6 +424,22 @@ impl<'a> Worker<'a> {
         self.env.listeners.publish(self.env.scoreboard.listener_rows(self.slot));
         self.last_published = now;
         self.datagrams.summarize(now, false, &mut self.env);
+    }
+
+    /// Asks the master for a replacement once the recycling rule says so (see
+    /// `recycle.rs`); checked once per turn of the loop.
+    fn check_recycling(&mut self, now: Instant) {
+        if self.gate.draining() {
+            return;
+        }
+        let published = self.score().accepted.load(Ordering::Relaxed);
+        let accepted = published + self.env.books.counters.accepted_since_published();
+        let rss = || crate::sys::resident_bytes().ok();
+        if let Some(why) = self.recycler.due(accepted, now, rss)
+            && let Err(error) = self.conns.link.tell(&Message::Recycle(why), &mut *self.env.poller)
+        {
+            log::warn!("could not ask the master for a replacement ({why}): {error}");
+        }
     }
 
     /// Descriptors the budget (`max_connections_per_worker`) still allows: for connections

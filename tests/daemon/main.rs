@@ -22,6 +22,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod newcomer;
+mod recycling;
 mod relay;
 mod resources;
 mod services;
