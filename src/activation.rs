@@ -6,10 +6,11 @@
 //! match is bound as usual; a passed socket that matches no listener is an error. The
 //! variables are removed so that children do not see them.
 
-use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use socket2::SockRef;
+
+use crate::net::Address;
 
 /// One passed socket.
 #[derive(Debug)]
@@ -17,8 +18,9 @@ pub struct Passed {
     /// Its name from `LISTEN_FDNAMES`, if given (systemd's default name `unknown` counts as
     /// none).
     pub name: Option<String>,
-    /// The address it is bound to.
-    pub address: Option<SocketAddr>,
+    /// The address it is bound to: IP, a Unix socket file or an abstract name (systemd
+    /// passes `ListenStream=/run/app.sock` sockets too).
+    pub address: Option<Address>,
     /// The descriptor.
     pub fd: OwnedFd,
 }
@@ -46,7 +48,8 @@ pub fn take() -> Result<Vec<Passed>, String> {
             // SAFETY: sd_listen_fds(3)'s protocol hands these descriptors to this process;
             // nothing else in it owns them.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let address = SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket());
+            let address =
+                SockRef::from(&fd).local_addr().ok().and_then(|a| Address::from_sockaddr(&a));
             let name = names
                 .get(index)
                 .filter(|n| !n.is_empty() && **n != "unknown")

@@ -30,6 +30,8 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::net::{Credentials, Peer};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -64,8 +66,8 @@ pub struct Offer {
     pub token: u64,
     /// The listener's name: the receiver applies *its* policy for that name.
     pub listener: String,
-    /// The client's address.
-    pub peer: SocketAddr,
+    /// The client: its address, or a Unix client's credentials.
+    pub peer: Peer,
     /// Kept alive (long) rather than short.
     pub long: bool,
     /// Time since accept.
@@ -204,13 +206,24 @@ impl Message {
                 w.u8(KIND_OFFER);
                 w.u64(offer.token);
                 w.bytes(offer.listener.as_bytes());
-                let ip = match offer.peer.ip() {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
+                // The peer: 16 address bytes, the port, flags (1: IPv4, 2: long, 4: Unix,
+                // whose address bytes are its pid, uid and gid).
+                let (bytes, port, family) = match offer.peer {
+                    Peer::Ip(address) => match address.ip() {
+                        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), address.port(), 1),
+                        IpAddr::V6(v6) => (v6.octets(), address.port(), 0),
+                    },
+                    Peer::Unix(Credentials { pid, uid, gid }) => {
+                        let mut bytes = [0; 16];
+                        bytes[..4].copy_from_slice(&pid.to_le_bytes());
+                        bytes[4..8].copy_from_slice(&uid.to_le_bytes());
+                        bytes[8..12].copy_from_slice(&gid.to_le_bytes());
+                        (bytes, 0, 4)
+                    }
                 };
-                w.0.extend(ip.octets());
-                w.0.extend(offer.peer.port().to_le_bytes());
-                w.u8(u8::from(offer.peer.is_ipv4()) | u8::from(offer.long) << 1);
+                w.0.extend(bytes);
+                w.0.extend(port.to_le_bytes());
+                w.u8(family | u8::from(offer.long) << 1);
                 for value in [millis(offer.age), millis(offer.quiet)] {
                     w.u64(value);
                 }
@@ -274,13 +287,21 @@ impl Message {
                 let token = r.u64()?;
                 let listener =
                     String::from_utf8(r.bytes()?).map_err(|_| invalid("listener name"))?;
-                let ip = Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).expect("16 bytes"));
+                let bytes = <[u8; 16]>::try_from(r.take(16)?).expect("16 bytes");
                 let port = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
                 let flags = r.u8()?;
-                let ip = match (flags & 1 == 1, ip.to_ipv4_mapped()) {
-                    (true, Some(v4)) => IpAddr::V4(v4),
-                    (true, None) => return Err(invalid("IPv4 flag on an IPv6 address")),
-                    (false, _) => IpAddr::V6(ip),
+                let ip = Ipv6Addr::from(bytes);
+                let word = |i: usize| <[u8; 4]>::try_from(&bytes[i..i + 4]).expect("4 bytes");
+                let peer = match (flags & 5, ip.to_ipv4_mapped()) {
+                    (4, _) => Peer::Unix(Credentials {
+                        pid: i32::from_le_bytes(word(0)),
+                        uid: u32::from_le_bytes(word(4)),
+                        gid: u32::from_le_bytes(word(8)),
+                    }),
+                    (1, Some(v4)) => Peer::Ip(SocketAddr::new(IpAddr::V4(v4), port)),
+                    (1, None) => return Err(invalid("IPv4 flag on an IPv6 address")),
+                    (0, _) => Peer::Ip(SocketAddr::new(IpAddr::V6(ip), port)),
+                    _ => return Err(invalid("both the IPv4 and the Unix flag")),
                 };
                 let (age, quiet) = (r.millis()?, r.millis()?);
                 let (bytes_in, bytes_out, exchanges) = (r.u64()?, r.u64()?, r.u64()?);
@@ -299,7 +320,7 @@ impl Message {
                 Message::Offer(Offer {
                     token,
                     listener,
-                    peer: SocketAddr::new(ip, port),
+                    peer,
                     long: flags & 2 == 2,
                     age,
                     quiet,
@@ -482,7 +503,7 @@ mod tests {
         Offer {
             token: 7,
             listener: "echo".into(),
-            peer: "127.0.0.2:4242".parse().unwrap(),
+            peer: Peer::Ip("127.0.0.2:4242".parse().unwrap()),
             long: true,
             age: Duration::from_millis(1500),
             quiet: Duration::from_millis(20),
@@ -498,12 +519,15 @@ mod tests {
     #[test]
     fn messages_round_trip_and_other_versions_are_refused() {
         let mut v6 = offer();
-        v6.peer = "[::1]:80".parse().unwrap();
+        v6.peer = Peer::Ip("[::1]:80".parse().unwrap());
         v6.record = None;
         v6.timer = Some(Duration::from_millis(5));
+        let mut unix = offer();
+        unix.peer = Peer::Unix(Credentials { pid: 4242, uid: 1000, gid: 100 });
         for message in [
             Message::Offer(offer()),
             Message::Offer(v6),
+            Message::Offer(unix),
             Message::Resolved { token: 3, outcome: Outcome::Lost },
             Message::Taking,
             Message::Ready,

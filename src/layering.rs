@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first: a module may import modules of its own layer and of the layers
 /// before it. Keep the list in `src/lib.rs` ("# Layers") the same.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("foundations", &["clock", "duration", "exit", "files", "rate", "schema", "sys"]),
+    ("foundations", &["clock", "duration", "exit", "files", "net", "rate", "schema", "sys"]),
     (
         "mechanisms",
         &[

@@ -17,8 +17,8 @@
 //! two modules import each other, directly or through others. `cargo test --lib layering`
 //! checks it (and that this list names every module, as `src/layering.rs` holds it):
 //!
-//! 1. foundations: [`clock`], [`duration`], [`exit`], [`files`], [`rate`], [`schema`],
-//!    [`sys`]
+//! 1. foundations: [`clock`], [`duration`], [`exit`], [`files`], [`net`], [`rate`],
+//!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`signals`], [`status_json`]
@@ -115,6 +115,7 @@ pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod net;
 pub mod pidfile;
 pub mod poller;
 pub mod privileges;

@@ -130,6 +130,32 @@ impl Credentials {
     }
 }
 
+/// The user id of `user`, a name or a number (a number is taken as it is, as chown(1) does).
+///
+/// # Errors
+/// `NotFound` for an unknown name; the lookup's error otherwise.
+pub fn user_id(user: &str) -> io::Result<u32> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    User::from_name(user)?
+        .map(|found| found.uid.as_raw())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("unknown user {user:?}")))
+}
+
+/// The group id of `group`, a name or a number (a number is taken as it is).
+///
+/// # Errors
+/// `NotFound` for an unknown name; the lookup's error otherwise.
+pub fn group_id(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    Group::from_name(group)?
+        .map(|found| found.gid.as_raw())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("unknown group {group:?}")))
+}
+
 /// Raises (or lowers) `RLIMIT_NOFILE` to `limit`, soft and hard. Without privileges the
 /// hard limit cannot grow, so the soft limit is raised as far as the hard one allows and the
 /// shortfall reported.

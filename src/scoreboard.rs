@@ -26,18 +26,21 @@ use crate::files;
 mod listeners;
 
 pub use listeners::{
-    CLOSES, Close, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore, ListenerTotals, kept_name,
+    CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore,
+    ListenerTotals, kept_name,
 };
 
-/// Version 7: each listener's bound address ([`Scoreboard::listener_address`]). Version 6:
-/// hand-offs per listener ([`ListenerScore::handed_off`], `adopted`). Version 5:
+/// Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
+/// ([`ListenerScore::datagrams`]). Version 7: each listener's bound address
+/// ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
+/// ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
 /// per worker slot after the slots), worker restarts and the upgrade state in the header.
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb7");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb8");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -119,10 +122,14 @@ pub enum Refusal {
     Shed = 4,
     /// A trusted proxy's PROXY protocol header was malformed or late.
     ProxyHeader = 5,
+    /// Closed at rest by a full worker to admit a new client, because its client held more
+    /// than its fair share of the worker; or a new connection refused by a full worker
+    /// because its client would then hold more than its fair share (version 7).
+    OverShare = 6,
 }
 
 /// Number of [`Refusal`] reasons.
-pub const REFUSALS: usize = 6;
+pub const REFUSALS: usize = 7;
 
 impl Refusal {
     /// Every reason, in counter order.
@@ -133,6 +140,7 @@ impl Refusal {
         Refusal::ListenerFull,
         Refusal::Shed,
         Refusal::ProxyHeader,
+        Refusal::OverShare,
     ];
 
     /// The access-log and `status` spelling.
@@ -144,6 +152,7 @@ impl Refusal {
             Refusal::ListenerFull => "listener-full",
             Refusal::Shed => "shed",
             Refusal::ProxyHeader => "proxy-header",
+            Refusal::OverShare => "over-share",
         }
     }
 }
@@ -263,7 +272,7 @@ pub struct WorkerScore {
     pub full: AtomicU64,
 }
 
-// The version 2 counters live in what was padding: a slot stays one 128-byte line pair.
+// The version 2 and 7 counters live in what was padding: a slot stays one 128-byte line pair.
 const _: () = assert!(std::mem::size_of::<WorkerScore>() == 128);
 
 impl WorkerScore {

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::clock::{monotonic_ms, unix_ms};
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState};
+use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState};
 
 /// Version of the document's schema, its `"schema"` field. Raised only for a change that
 /// would break a reader of the previous version.
@@ -51,16 +51,17 @@ pub struct Listener {
     /// listener a reload removed keeps its last one). `null` before it was published (added
     /// in schema 1).
     pub address: Option<SocketAddr>,
-    /// Connections open now, over live workers.
+    /// Connections open now, over live workers (a UDP listener's flows, such as TFTP
+    /// transfers, count as connections).
     pub open: u64,
-    /// Connections accepted and served.
+    /// Connections accepted and served (and flows started).
     pub accepted: u64,
-    /// Bytes read from clients.
+    /// Bytes read from clients (datagrams and flows included).
     pub bytes_in: u64,
-    /// Bytes written to clients.
+    /// Bytes written to clients (datagrams and flows included).
     pub bytes_out: u64,
     /// Connections refused or shed, by reason (`denied`, `rate`, `limit`, `listener-full`,
-    /// `shed`, `proxy-header`; every reason is present).
+    /// `shed`, `proxy-header`, `over-share` (added in schema 1); every reason is present).
     pub refused: BTreeMap<&'static str, u64>,
     /// Connections closed, by reason (`client-close`, `server-close`, `idle-short`,
     /// `idle-long`, `long-limit`, `error`, `shutdown`, `service`; every reason is present).
@@ -70,6 +71,10 @@ pub struct Listener {
     pub handed_off: u64,
     /// Connections adopted from retiring workers.
     pub adopted: u64,
+    /// Datagrams received on the listener's socket, by outcome (`answered`, `ignored`,
+    /// `over-rate`, `unverified`, `flow`, `flow-refused`; every outcome is present, 0 for a
+    /// TCP listener; added in schema 1).
+    pub datagrams: BTreeMap<&'static str, u64>,
 }
 
 /// The master's part of a [`Snapshot`].
@@ -192,6 +197,7 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
         .map(|totals| Listener {
             refused: Refusal::ALL.iter().map(|&r| (r.name(), totals.refused(r))).collect(),
             closed: Close::ALL.iter().map(|&c| (c.name(), totals.closed[c as usize])).collect(),
+            datagrams: Datagram::ALL.iter().map(|&d| (d.name(), totals.datagrams(d))).collect(),
             name: totals.name,
             address: totals.address,
             open: totals.open,
@@ -303,7 +309,7 @@ mod tests {
     #[test]
     fn listeners_carry_their_counters_by_reason() {
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, "echo", "[::1]:7007".parse().unwrap())]);
+        board.name_listeners([(0, "echo", "[::1]:7007".parse().ok())]);
         board.claim(0, 1);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];
@@ -311,6 +317,8 @@ mod tests {
         row.open.store(1, Ordering::Relaxed);
         row.refused[Refusal::Shed as usize].store(2, Ordering::Relaxed);
         row.closed[Close::IdleShort as usize].store(3, Ordering::Relaxed);
+        row.refused[Refusal::OverShare as usize].store(5, Ordering::Relaxed);
+        row.datagrams[Datagram::Unverified as usize].store(6, Ordering::Relaxed);
         let parsed: Value = serde_json::from_str(&render(&board)).unwrap();
         let echo = &parsed["listeners"][0];
         assert_eq!(
@@ -322,5 +330,10 @@ mod tests {
         assert_eq!(echo["refused"]["denied"], 0);
         assert_eq!(echo["closed"]["idle-short"], 3);
         assert_eq!(echo["closed"].as_object().unwrap().len(), 8);
+        assert_eq!(echo["refused"]["over-share"], 5);
+        assert_eq!(echo["refused"].as_object().unwrap().len(), 7);
+        assert_eq!(echo["datagrams"]["unverified"], 6);
+        assert_eq!(echo["datagrams"]["answered"], 0);
+        assert_eq!(echo["datagrams"].as_object().unwrap().len(), 6);
     }
 }

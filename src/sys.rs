@@ -1,41 +1,7 @@
 //! The few raw system calls nix does not wrap the way the worker needs them.
 
 use std::io;
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-
-use socket2::SockAddr;
-
-/// accept4(2) with `SOCK_NONBLOCK | SOCK_CLOEXEC`: one system call yields a non-blocking,
-/// close-on-exec client socket and its peer address.
-///
-/// # Errors
-/// The accept4(2) error: `WouldBlock` when no connection is pending, `EMFILE`/`ENFILE` when
-/// out of descriptors, `ECONNABORTED` when the client already gave up.
-pub fn accept_nonblocking(listener: &impl AsRawFd) -> io::Result<(TcpStream, SocketAddr)> {
-    let fd = listener.as_raw_fd();
-    // SAFETY: `try_init` hands us storage for a sockaddr and its length, which accept4 fills
-    // in; `fd` is a listening socket borrowed for the duration of the call.
-    let (client, address) = unsafe {
-        SockAddr::try_init(|storage, len| {
-            let client = nix::libc::accept4(
-                fd,
-                storage.cast(),
-                len,
-                nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC,
-            );
-            if client < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: accept4 returned a new descriptor that nothing else owns.
-            Ok(OwnedFd::from_raw_fd(client))
-        })?
-    };
-    let peer = address
-        .as_socket()
-        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
-    Ok((TcpStream::from(client), peer))
-}
 
 /// The start time of process `pid`, in clock ticks after boot: field 22 of
 /// `/proc/PID/stat` (proc(5)). With the pid it names one process, even after the pid is

@@ -15,6 +15,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -24,9 +25,11 @@ use toml::Spanned;
 
 #[cfg(doc)]
 use super::Config;
+use super::SocketFile;
 use super::file;
 use crate::files;
 use crate::logging::LogTarget;
+use crate::net::Address;
 use crate::privileges::Credentials;
 use crate::schema::RawIssue;
 
@@ -59,9 +62,11 @@ pub struct ListenerNeed {
     /// Its index among the `[[listener]]` blocks.
     pub index: usize,
     /// Its address.
-    pub address: SocketAddr,
+    pub address: Address,
     /// Whether it binds with `SO_REUSEPORT`.
     pub reuseport: bool,
+    /// A `unix:/path` listener's file settings (owner and group must exist).
+    pub socket_file: SocketFile,
 }
 
 impl Needs {
@@ -116,13 +121,17 @@ pub fn check(needs: &Needs, source: &str, euid: Uid) -> Vec<RawIssue> {
         Some(LogTarget::Stderr) | None => {}
     }
     for listener in &needs.listeners {
-        if let Err(error) = try_bind(listener.address, listener.reuseport) {
-            let index = listener.index;
-            report(
-                &spans.addresses.get(index).cloned().flatten(),
-                &format!("listener[{index}].address"),
-                format!("could not bind {}: {error}", listener.address),
-            );
+        let index = listener.index;
+        let span = spans.addresses.get(index).cloned().flatten();
+        let problem = match &listener.address {
+            Address::Ip(address) => try_bind(*address, listener.reuseport)
+                .err()
+                .map(|error| format!("could not bind {address}: {error}")),
+            Address::Unix(path) => socket_path_problem(path, &listener.socket_file),
+            Address::Abstract(_) => None,
+        };
+        if let Some(message) = problem {
+            report(&span, &format!("listener[{index}].address"), message);
         }
     }
     issues
@@ -168,6 +177,38 @@ fn syslog_reachable(socket: Option<&Path>) -> Result<(), String> {
         }
     }
     Err(last.unwrap_or_else(|| "no syslog socket".into()))
+}
+
+/// What would stop startup from binding a Unix socket file at `path` with `file`'s owner
+/// and group: a missing directory, a symlink or a file that is not a socket in its place, an
+/// unknown user or group. A socket file there is fine (startup replaces a stale one, and one
+/// in use is a condition of the moment).
+fn socket_path_problem(path: &Path, file: &SocketFile) -> Option<String> {
+    let shown = path.display();
+    if let Some(dir) = path.parent()
+        && !dir.is_dir()
+    {
+        return Some(format!("{shown}: the directory {} does not exist", dir.display()));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            return Some(format!("{shown} is a symlink: startup neither follows nor removes it"));
+        }
+        if !meta.file_type().is_socket() {
+            return Some(format!("{shown} exists and is not a socket: startup does not remove it"));
+        }
+    }
+    if let Some(owner) = &file.owner
+        && let Err(error) = crate::privileges::user_id(owner)
+    {
+        return Some(format!("{shown}: owner: {error}"));
+    }
+    if let Some(group) = &file.group
+        && let Err(error) = crate::privileges::group_id(group)
+    {
+        return Some(format!("{shown}: group: {error}"));
+    }
+    None
 }
 
 /// Binds `address` as startup would, then closes the socket (no listen(2)). An address in

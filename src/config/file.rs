@@ -99,8 +99,14 @@ pub struct LogSection {
 pub struct ListenerSection {
     /// Unique name, used in logs.
     pub name: Option<Spanned<String>>,
-    /// `IP:PORT` or `[IPv6]:PORT`.
+    /// `IP:PORT`, `[IPv6]:PORT`, `unix:/path` or `unix:@name`.
     pub address: Option<Spanned<String>>,
+    /// Permission bits of a Unix socket file, in octal (`"0660"`).
+    pub mode: Option<Spanned<String>>,
+    /// Owner of a Unix socket file: a user name or number.
+    pub owner: Option<Spanned<String>>,
+    /// Group of a Unix socket file: a group name or number.
+    pub group: Option<Spanned<String>>,
     /// Built-in service name.
     pub service: Option<Spanned<String>>,
     /// listen(2) backlog.

@@ -229,7 +229,13 @@ keys! {
     NAME "listener.name": Kind::String, Required, "", Applies,
         "Unique name of the listener, used in logs and to hand its socket over.";
     ADDRESS "listener.address": Kind::String, Required, "", Applies,
-        "Address to bind, `IP:PORT` or `[IPv6]:PORT`; a changed one is bound anew.";
+        "Address to bind, `IP:PORT`, `[IPv6]:PORT`, `unix:/path` or `unix:@name`; a changed one is bound anew.";
+    SOCKET_MODE "listener.mode": Kind::String, Absent("0777 less the master's umask"), "", Applies,
+        "Permission bits of a unix:/path listener's socket file, in octal, such as \"0660\".";
+    SOCKET_OWNER "listener.owner": Kind::String, Absent("the master's user"), "", Applies,
+        "Owner of a unix:/path listener's socket file: a user name or number.";
+    SOCKET_GROUP "listener.group": Kind::String, Absent("the master's group"), "", Applies,
+        "Group of a unix:/path listener's socket file: a group name or number.";
     SERVICE "listener.service": Kind::String, Required, "", Applies,
         "The service behind the listener: a built-in or a registered one.";
     BACKLOG "listener.backlog": Integer { min: 1, max: 65535 }, Value("1024"), "connections",
@@ -277,7 +283,7 @@ keys! {
         Applies,
         "Prefixes of the proxies whose PROXY protocol header is believed.";
     SHED_WHEN_FULL "listener.shed_when_full": Boolean, Value("true"), "", Applies,
-        "A full worker closes its oldest connection without a completed exchange for a new one.";
+        "A full worker closes a connection for a new client: a late PROXY header, one without an exchange, one over its client's fair share.";
     TRANSPORT "listener.transport": OneOf(&["tcp", "udp"]), Value("\"tcp\""), "", Applies,
         "Stream (TCP) or datagram (UDP) socket.";
     MAX_DATAGRAM_RATE_PER_CLIENT "listener.max_datagram_rate_per_client": Kind::Rate,

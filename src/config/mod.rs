@@ -13,7 +13,6 @@ pub mod keys;
 pub mod lenient;
 pub mod validate;
 
-use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +26,7 @@ use crate::files;
 use crate::limits::Rules;
 use crate::limits::access::AccessList;
 use crate::logging::{LogConfig, LogTarget};
+use crate::net::Address;
 use crate::poller::EventBackend;
 use crate::rate::Rate;
 use crate::services::{Registry, ServiceConfig};
@@ -127,9 +127,12 @@ pub struct Recycle {
 pub struct ListenerConfig {
     /// Unique name, used in logs ([`keys::NAME`], required).
     pub name: String,
-    /// Address to bind; port 0 asks the kernel for a free port ([`keys::ADDRESS`],
-    /// required).
-    pub address: SocketAddr,
+    /// Address to bind: IP and port (port 0 asks the kernel for a free port), a Unix socket
+    /// file or an abstract name ([`keys::ADDRESS`], required).
+    pub address: Address,
+    /// The socket file's mode and ownership, for a `unix:/path` address (all `None`
+    /// otherwise).
+    pub socket_file: SocketFile,
     /// The service ([`keys::SERVICE`], required) built from `[listener.options]`
     /// ([`keys::OPTIONS`]).
     pub service: ServiceConfig,
@@ -194,6 +197,21 @@ pub struct Banner {
     pub bytes: Vec<u8>,
     /// The file the bytes come from, if any (read at start and at each reload).
     pub file: Option<PathBuf>,
+}
+
+/// The socket file of a `unix:/path` listener: its permissions decide who may connect
+/// (unix(7): connecting needs write permission on the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketFile {
+    /// Permission bits set with chmod(2) after bind, before listen; `None`: what the master's
+    /// umask leaves of 0777 ([`keys::SOCKET_MODE`]).
+    pub mode: Option<u32>,
+    /// The file's owner, a user name or number; `None`: the master's user
+    /// ([`keys::SOCKET_OWNER`]).
+    pub owner: Option<String>,
+    /// The file's group, a group name or number; `None`: the master's group
+    /// ([`keys::SOCKET_GROUP`]).
+    pub group: Option<String>,
 }
 
 /// A listener's admission policy, applied by the worker to every connection before its

@@ -3,7 +3,7 @@
 //! Pure: no I/O, so each rule is unit-tested here.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::ops::Range;
 use std::str::FromStr;
@@ -17,7 +17,7 @@ use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, WorkersV
 use super::keys::{self, Key, Kind};
 use super::{
     AdmissionConfig, Banner, Banners, Config, DaemonConfig, ListenerConfig, ListenerTransport,
-    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, Recycle, SLOT_HEADROOM, worker_slots,
+    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, Recycle, SLOT_HEADROOM, SocketFile, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
@@ -26,6 +26,7 @@ use crate::duration;
 use crate::limits::MAX_RECORDS;
 use crate::limits::access::{AccessList, EnvRule};
 use crate::logging::{LogConfig, LogFormat, LogTarget, SyslogFacility};
+use crate::net::Address;
 use crate::poller::{EventBackend, FD_SETSIZE};
 use crate::rate::Rate;
 use crate::schema::RawIssue;
@@ -432,7 +433,7 @@ pub fn validate(
     }
     let mut listeners = Vec::with_capacity(file.listener.len());
     let mut names: HashSet<String> = HashSet::new();
-    let mut addresses: HashMap<(ListenerTransport, SocketAddr), usize> = HashMap::new();
+    let mut addresses: HashMap<(ListenerTransport, Address), usize> = HashMap::new();
     // Daemon-wide defaults of the listener keys that describe the network rather than one
     // service: how clients are keyed, and which proxies are believed.
     let network = NetworkDefaults {
@@ -469,8 +470,9 @@ pub fn validate(
             &network,
             needs,
         ) {
-            if listener.address.port() != 0
-                && let Some(first) = addresses.insert((listener.transport, listener.address), index)
+            if !listener.address.is_ephemeral()
+                && let Some(first) =
+                    addresses.insert((listener.transport, listener.address.clone()), index)
             {
                 check.report(
                     span.clone(),
@@ -570,8 +572,8 @@ fn validate_listener(
     let listener =
         read_listener(check, span, section, options_table, services, network, &mut address);
     check.listener = None;
-    if let Some(address) = address {
-        needs.listeners.push(ListenerNeed { index, address, reuseport });
+    if let Some((address, socket_file)) = address {
+        needs.listeners.push(ListenerNeed { index, address, reuseport, socket_file });
     }
     listener
 }
@@ -583,7 +585,7 @@ fn read_listener(
     options_table: Option<Spanned<DeTable<'_>>>,
     services: &Registry,
     network: &NetworkDefaults,
-    parsed_address: &mut Option<SocketAddr>,
+    parsed_address: &mut Option<(Address, SocketFile)>,
 ) -> Option<ListenerConfig> {
     let mut complete = true;
     let mut required =
@@ -610,22 +612,19 @@ fn read_listener(
         );
     }
     let address = match (&address_text, &section.address) {
-        (Some(text), Some(value)) => match text.parse::<SocketAddr>() {
-            Ok(address) => {
-                *parsed_address = Some(address);
-                Some(address)
-            }
-            Err(_) => {
-                check.report(
-                    value.span(),
-                    check.label(&keys::ADDRESS),
-                    format!("{text:?} is not an address: write IP:PORT, or [IPv6]:PORT"),
-                );
+        (Some(text), Some(value)) => match text.parse::<Address>() {
+            Ok(address) => Some(address),
+            Err(error) => {
+                check.report(value.span(), check.label(&keys::ADDRESS), error.to_string());
                 None
             }
         },
         _ => None,
     };
+    let socket_file = socket_file(check, &section, address.as_ref());
+    if let Some(address) = &address {
+        *parsed_address = Some((address.clone(), socket_file.clone()));
+    }
     // A built-in whose options are invalid is built once more, leniently, only to learn the
     // transports it serves, so a wrong `transport` is reported in the same run.
     let mut probed = None;
@@ -783,6 +782,9 @@ fn read_listener(
             }
         }
     }
+    if let Some(address) = address.as_ref().filter(|a| a.is_unix()) {
+        unix_only_streams(check, &section, address, &span);
+    }
     if !complete {
         return None;
     }
@@ -791,6 +793,7 @@ fn read_listener(
     Some(ListenerConfig {
         name: name?,
         address: address?,
+        socket_file,
         service,
         backlog: NonZeroU32::new(backlog as u32)?,
         short_idle_timeout: Some(short).filter(|d| !d.is_zero()),
@@ -816,6 +819,98 @@ fn read_listener(
         max_datagram_rate_per_client: datagram_rate,
         banners,
     })
+}
+
+/// `mode`, `owner` and `group`: for a `unix:/path` address only.
+fn socket_file(
+    check: &mut Checker<'_>,
+    section: &ListenerSection,
+    address: Option<&Address>,
+) -> SocketFile {
+    let keys = [
+        (&keys::SOCKET_MODE, &section.mode),
+        (&keys::SOCKET_OWNER, &section.owner),
+        (&keys::SOCKET_GROUP, &section.group),
+    ];
+    let has_file = address.is_none_or(|address| address.path().is_some());
+    for (key, written) in keys {
+        if let Some(value) = written
+            && !has_file
+        {
+            check.report(
+                value.span(),
+                check.label(key),
+                "applies to a unix:/path listener only (an IP address or an abstract name has no file)",
+            );
+        }
+    }
+    let mode = section.mode.as_ref().and_then(|value| {
+        let text = value.get_ref().trim();
+        let mode = u32::from_str_radix(text, 8).ok().filter(|m| *m <= 0o777 && !text.is_empty());
+        if mode.is_none() {
+            check.report(
+                value.span(),
+                check.label(&keys::SOCKET_MODE),
+                format!(
+                    "{text:?} is not a file mode: write octal permission bits, such as \"0660\""
+                ),
+            );
+        }
+        mode
+    });
+    let name = |check: &mut Checker<'_>, value: &Option<Spanned<String>>, key: &Key| {
+        let value = value.as_ref()?;
+        if value.get_ref().trim().is_empty() {
+            check.report(value.span(), check.label(key), "must be a name or a number, not empty");
+            return None;
+        }
+        Some(value.get_ref().trim().to_owned())
+    };
+    let owner = name(check, &section.owner, &keys::SOCKET_OWNER);
+    let group = name(check, &section.group, &keys::SOCKET_GROUP);
+    SocketFile { mode, owner, group }
+}
+
+/// Reports the keys a Unix listener cannot have: its clients have no IP address (access
+/// lists and PROXY protocol name IP prefixes), and it is a stream socket of its own.
+fn unix_only_streams(
+    check: &mut Checker<'_>,
+    section: &ListenerSection,
+    address: &Address,
+    span: &Range<usize>,
+) {
+    let span_of = |value: Option<Range<usize>>| value.unwrap_or(span.clone());
+    if section.transport.as_ref().is_some_and(|t| t.get_ref() == "udp") {
+        let at = span_of(section.transport.as_ref().map(Spanned::span));
+        check.report(
+            at,
+            check.label(&keys::TRANSPORT),
+            format!("{address} is a stream socket: transport = \"udp\" needs an IP address"),
+        );
+    }
+    let ip_only = [
+        (&keys::REUSEPORT, section.reuseport.as_ref().map(Spanned::span), "SO_REUSEPORT"),
+        (&keys::ALLOW, section.allow.as_ref().map(Spanned::span), "IP prefixes"),
+        (&keys::DENY, section.deny.as_ref().map(Spanned::span), "IP prefixes"),
+        (
+            &keys::ACCEPT_PROXY_PROTOCOL,
+            section.accept_proxy_protocol.as_ref().map(Spanned::span),
+            "IP proxies",
+        ),
+        (&keys::TRUSTED_PROXIES, section.trusted_proxies.as_ref().map(Spanned::span), "IP proxies"),
+        (&keys::TCP_NODELAY, section.tcp_nodelay.as_ref().map(Spanned::span), "TCP"),
+    ];
+    for (key, written, what) in ip_only {
+        if let Some(at) = written {
+            check.report(
+                at,
+                check.label(key),
+                format!(
+                    "names {what}, which a Unix listener has none of: its clients are counted by user id, and its socket file's mode, owner and group say who may connect"
+                ),
+            );
+        }
+    }
 }
 
 /// One worker per CPU available to this process (`sched_getaffinity`), at least 1.

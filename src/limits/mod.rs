@@ -76,8 +76,8 @@ mod datagram_rates;
 mod mutex;
 mod region;
 
+use buckets::Place;
 pub use buckets::Verdict;
-use buckets::{Crowded, Place};
 pub use datagram_rates::DatagramRates;
 use mutex::{Held, RobustMutex};
 use region::Mapping;
@@ -121,13 +121,18 @@ pub enum LimitsError {
     Probe(Errno),
 }
 
-/// A client as counted: listener id and the client's address reduced to its prefix.
+/// [`ClientKey`]'s family of a Unix client, keyed by user id.
+const FAMILY_UID: u8 = 1;
+
+/// A client as counted: listener id and the client's address reduced to its prefix, or a
+/// Unix client's user id.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     address: [u8; 16],
     listener: u16,
-    /// 4 or 6 for a client; 0 for a whole listener's key.
+    /// 4 or 6 for an IP client, [`FAMILY_UID`] for a Unix client's user id; 0 for a whole
+    /// listener's key.
     family: u8,
     /// Prefix length the address was reduced to.
     prefix: u8,
@@ -171,6 +176,32 @@ impl ClientKey {
         ClientKey { address, listener: listener as u16, family, prefix: net.prefix_len() }
     }
 
+    /// The key of the Unix client of user id `uid` on listener `listener`: a Unix socket's
+    /// clients are counted, rate-limited and logged by user (their `SO_PEERCRED`), as an IP
+    /// client is by address.
+    pub fn uid(listener: usize, uid: u32) -> Self {
+        let mut address = [0; 16];
+        address[..4].copy_from_slice(&uid.to_le_bytes());
+        ClientKey { address, listener: listener as u16, family: FAMILY_UID, prefix: 32 }
+    }
+
+    /// The user id of a Unix client's key.
+    pub fn user(&self) -> Option<u32> {
+        (self.family == FAMILY_UID)
+            .then(|| u32::from_le_bytes(self.address[..4].try_into().expect("4 bytes")))
+    }
+
+    /// The key's 20 bytes: the address, the listener id (little-endian), the family and the
+    /// prefix length. Two keys are equal exactly when their bytes are.
+    pub fn to_bytes(&self) -> [u8; 20] {
+        let mut bytes = [0; 20];
+        bytes[..16].copy_from_slice(&self.address);
+        bytes[16..18].copy_from_slice(&self.listener.to_le_bytes());
+        bytes[18] = self.family;
+        bytes[19] = self.prefix;
+        bytes
+    }
+
     /// The key counting every connection of listener `listener`.
     pub fn listener(listener: usize) -> Self {
         ClientKey { address: [0; 16], listener: listener as u16, family: 0, prefix: 0 }
@@ -195,7 +226,10 @@ impl std::fmt::Display for ClientKey {
         match self.net() {
             Some(net) if net.prefix_len() == net.max_prefix_len() => net.addr().fmt(f),
             Some(net) => net.fmt(f),
-            None => write!(f, "listener #{}", self.listener),
+            None => match self.user() {
+                Some(uid) => write!(f, "uid:{uid}"),
+                None => write!(f, "listener #{}", self.listener),
+            },
         }
     }
 }
@@ -938,8 +972,7 @@ impl Table<'_> {
     /// Spends one token of `key`'s bucket at `now_ns`; false if it has none left.
     fn take_token(&mut self, key: ClientKey, rate: &Rate, now_ns: u64) -> bool {
         let home = self.hasher.hash_one(key) as usize;
-        let crowded = Crowded::TakeFullest;
-        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE, crowded);
+        let verdict = buckets::take(self.buckets, home, key, rate, now_ns, BUCKET_PROBE);
         verdict == Verdict::Allowed
     }
 

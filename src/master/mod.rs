@@ -262,7 +262,14 @@ impl Master {
                     self.live_workers()
                 );
                 // Close the master's listening sockets; workers close theirs as they stop
-                // accepting. A starting reload is dropped with its listeners.
+                // accepting. A starting reload is dropped with its listeners. Socket files go
+                // with them, unless the new master of a binary upgrade serves on them.
+                if self.supervisor.successor().is_none() {
+                    let previous = self.previous.iter().flat_map(|p| &p.listeners);
+                    for listener in self.listeners.iter().chain(previous) {
+                        listener.remove_file();
+                    }
+                }
                 self.listeners.clear();
                 self.previous = None;
                 self.signal_workers(signal);

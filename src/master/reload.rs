@@ -26,7 +26,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a rollback restores, kept while a reload's new generation starts.
 pub(super) struct Previous {
     config: Config,
-    listeners: Vec<Listener>,
+    pub(super) listeners: Vec<Listener>,
     generation: u64,
 }
 
@@ -71,7 +71,7 @@ pub fn reuse_plan(old: &[&ListenerConfig], new: &[ListenerConfig]) -> Vec<Option
             !reused[i] && old[i].address == config.address && old[i].transport == config.transport
         };
         let by_name = (0..old.len()).find(|&i| same(i) && old[i].name == config.name);
-        let by_address = || (0..old.len()).find(|&i| same(i) && config.address.port() != 0);
+        let by_address = || (0..old.len()).find(|&i| same(i) && !config.address.is_ephemeral());
         let chosen = by_name.or_else(by_address);
         if let Some(index) = chosen {
             reused[index] = true;
@@ -148,7 +148,13 @@ impl Master {
         let (old, actions) = self.pool.retire_older(self.graceful(), now);
         self.perform_pool(actions);
         // The old generation's listener copies close here; reused sockets stay open through
-        // their duplicates, removed ones close once the old workers have drained.
+        // their duplicates, removed ones close once the old workers have drained. The socket
+        // file of a Unix listener the reload removed goes now: no new client can reach it.
+        for listener in &previous.listeners {
+            if !self.listeners.iter().any(|kept| kept.local_addr == listener.local_addr) {
+                listener.remove_file();
+            }
+        }
         drop(previous);
         let header = self.scoreboard.header();
         header.generation.store(self.pool.generation(), Ordering::Relaxed);

@@ -32,7 +32,8 @@ impl Master {
             io::Error::new(error.kind(), format!("no channel to the worker: {error}"))
         })?;
         // The listener names first: the child counts per listener id at once.
-        let names = self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr));
+        let names =
+            self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr.ip()));
         self.scoreboard.name_listeners(names);
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
         self.scoreboard.claim(slot, generation);

@@ -134,13 +134,13 @@ fn open_listeners(
         let by_address = || {
             activated.iter().position(|p| {
                 let kind = socket2::SockRef::from(&p.fd).r#type().ok();
-                p.address == Some(listener.address)
+                p.address.as_ref() == Some(&listener.address)
                     && kind.is_some_and(|k| (k == socket2::Type::DGRAM) == datagram)
             })
         };
         let (bound, how) = if let Some(fd) = inherited.remove(&listener.name) {
-            let adopted = Listener::adopt(listener, id, fd)?;
-            let moved = listener.address.port() != 0 && adopted.local_addr != listener.address;
+            let adopted = Listener::adopt(listener, id, fd, true)?;
+            let moved = !listener.address.is_ephemeral() && adopted.local_addr != listener.address;
             if moved {
                 // The configuration changed the address since: bind the new one instead.
                 (Listener::bind(listener, id)?, "bound: the inherited socket is on another address")
@@ -149,7 +149,7 @@ fn open_listeners(
             }
         } else if let Some(index) = by_name.or_else(by_address) {
             let passed = activated.remove(index);
-            (Listener::adopt(listener, id, passed.fd)?, "passed by systemd")
+            (Listener::adopt(listener, id, passed.fd, false)?, "passed by systemd")
         } else {
             (Listener::bind(listener, id)?, "bound")
         };

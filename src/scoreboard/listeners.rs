@@ -1,5 +1,6 @@
-//! Per-listener counters of the scoreboard (version 4): one row per (worker slot, listener),
-//! the listener names and bound addresses (version 7), and the totals of workers that are gone.
+//! Per-listener counters of the scoreboard (version 4; datagrams since version 8): one row
+//! per (worker slot, listener), the listener names and bound addresses (version 7), and the
+//! totals of workers that are gone.
 //!
 //! Written by the master (names and addresses, at each fork; the retired totals, when it
 //! claims a slot for a new worker) and by each worker (its own rows, with its other counters, at most every
@@ -87,17 +88,68 @@ impl Close {
     }
 }
 
+/// What became of a datagram received on a UDP listener's socket: the per-listener datagram
+/// counters, in this order. Each datagram counts under exactly one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Datagram {
+    /// The service answered it with one datagram.
+    Answered = 0,
+    /// Not answered: the service chose not to (malformed, unwanted), or the reply could not
+    /// be sent (a full send buffer drops it, as the network could).
+    Ignored = 1,
+    /// Dropped before the service saw it: over the client's `max_datagram_rate_per_client`
+    /// (or the shared rate table failed: fail closed).
+    OverRate = 2,
+    /// Dropped unanswered: the listener's budget of transfers to peers that have not
+    /// answered yet is spent (TFTP's `max_unverified_transfers`).
+    Unverified = 3,
+    /// Started a flow (a TFTP transfer), which then counts like a connection: `accepted`,
+    /// `open`, and a close.
+    Flow = 4,
+    /// Asked for a flow that was refused (the client's `max_connections_per_client`, the
+    /// worker's descriptor budget, a graceful stop): the peer got an error.
+    FlowRefused = 5,
+}
+
+/// Number of [`Datagram`] outcomes.
+pub const DATAGRAM_OUTCOMES: usize = 6;
+
+impl Datagram {
+    /// Every outcome, in counter order.
+    pub const ALL: [Datagram; DATAGRAM_OUTCOMES] = [
+        Datagram::Answered,
+        Datagram::Ignored,
+        Datagram::OverRate,
+        Datagram::Unverified,
+        Datagram::Flow,
+        Datagram::FlowRefused,
+    ];
+
+    /// The `status --json` and metrics spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Datagram::Answered => "answered",
+            Datagram::Ignored => "ignored",
+            Datagram::OverRate => "over-rate",
+            Datagram::Unverified => "unverified",
+            Datagram::Flow => "flow",
+            Datagram::FlowRefused => "flow-refused",
+        }
+    }
+}
+
 /// One listener's counters in one worker slot (or in the retired totals).
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct ListenerScore {
-    /// Connections open now (accepted, not yet closed).
+    /// Connections (and UDP flows) open now (accepted, not yet closed).
     pub open: AtomicU64,
-    /// Connections accepted and served (refused ones are not).
+    /// Connections accepted and served, and UDP flows started (refused ones are not).
     pub accepted: AtomicU64,
-    /// Bytes read from clients.
+    /// Bytes read from clients (datagrams and flows included).
     pub bytes_in: AtomicU64,
-    /// Bytes written to clients.
+    /// Bytes written to clients (datagrams and flows included).
     pub bytes_out: AtomicU64,
     /// Connections refused or shed, by [`Refusal`].
     pub refused: [AtomicU64; REFUSALS],
@@ -108,6 +160,8 @@ pub struct ListenerScore {
     pub handed_off: AtomicU64,
     /// Connections adopted from a retiring worker.
     pub adopted: AtomicU64,
+    /// Datagrams received on the listener's socket, by [`Datagram`] outcome (version 7).
+    pub datagrams: [AtomicU64; DATAGRAM_OUTCOMES],
 }
 
 /// A slot's rows take whole 128-byte lines, so workers never share a line.
@@ -120,6 +174,7 @@ impl ListenerScore {
             .into_iter()
             .chain(&self.refused)
             .chain(&self.closed)
+            .chain(&self.datagrams)
     }
 }
 
@@ -202,6 +257,8 @@ pub struct ListenerTotals {
     pub handed_off: u64,
     /// Connections adopted from retiring workers.
     pub adopted: u64,
+    /// Datagrams by [`Datagram`] outcome.
+    pub datagrams: [u64; DATAGRAM_OUTCOMES],
 }
 
 impl ListenerTotals {
@@ -217,11 +274,19 @@ impl ListenerTotals {
         for (total, counter) in self.closed.iter_mut().zip(&row.closed) {
             *total += counter.load(Ordering::Relaxed);
         }
+        for (total, counter) in self.datagrams.iter_mut().zip(&row.datagrams) {
+            *total += counter.load(Ordering::Relaxed);
+        }
     }
 
     /// Refusals for `reason`.
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.refused[reason as usize]
+    }
+
+    /// Datagrams with `outcome`.
+    pub fn datagrams(&self, outcome: Datagram) -> u64 {
+        self.datagrams[outcome as usize]
     }
 }
 
@@ -252,11 +317,12 @@ impl Scoreboard {
     }
 
     /// Publishes the names and bound addresses of the serving listeners, `(id, name,
-    /// address)` (by the master, before it forks a worker). Ids at or above [`LISTENER_ROWS`]
+    /// address)` (by the master, before it forks a worker; `None` for a Unix listener, whose
+    /// address is its configured one). Ids at or above [`LISTENER_ROWS`]
     /// are skipped.
     pub fn name_listeners<'n>(
         &self,
-        listeners: impl IntoIterator<Item = (u16, &'n str, SocketAddr)>,
+        listeners: impl IntoIterator<Item = (u16, &'n str, Option<SocketAddr>)>,
     ) {
         let table = self.listener_table();
         for (id, name, address) in listeners {
@@ -280,9 +346,9 @@ impl Scoreboard {
     }
 
     /// Writes the address of listener `index` if it changed, inside the sequence count.
-    fn publish_address(&self, index: usize, address: SocketAddr) {
+    fn publish_address(&self, index: usize, address: Option<SocketAddr>) {
         let table = self.listener_table();
-        let words = encode_address(address);
+        let words = address.map_or([0; ADDRESS_WORDS], encode_address);
         let row = &table.addresses[index];
         if row.iter().zip(words).all(|(word, value)| word.load(Ordering::Relaxed) == value) {
             return;
@@ -399,7 +465,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.pid.scoreboard");
         let board = Scoreboard::create(Some(&path), 2).unwrap();
-        let (echo, metrics) = ("127.0.0.1:7".parse().unwrap(), "[::1]:9464".parse().unwrap());
+        let (echo, metrics) = ("127.0.0.1:7".parse().ok(), "[::1]:9464".parse().ok());
         board.name_listeners([(0, "echo", echo), (1, "metrics", metrics)]);
         board.claim(0, 1);
         board.claim(1, 1);
@@ -410,11 +476,12 @@ mod tests {
         row.open.store(2, Ordering::Relaxed);
         row.closed[Close::ClientClose as usize].fetch_add(1, Ordering::Relaxed);
         board.listener_rows(1)[0].refused[Refusal::Rate as usize].fetch_add(4, Ordering::Relaxed);
+        row.datagrams[Datagram::Answered as usize].fetch_add(7, Ordering::Relaxed);
         let reader = Scoreboard::open(&path).unwrap();
         let totals = reader.listener_totals();
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].name.as_str(), totals[1].name.as_str()), ("echo", "metrics"));
-        assert_eq!((totals[0].address, totals[1].address), (Some(echo), Some(metrics)));
+        assert_eq!((totals[0].address, totals[1].address), (echo, metrics));
         assert_eq!((totals[0].accepted, totals[0].open), (3, 2));
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
         // The worker of slot 0 dies and a new one takes the slot: its counters are kept,
@@ -428,6 +495,7 @@ mod tests {
         assert_eq!(totals[0].accepted, 4);
         assert_eq!(totals[0].closed[Close::ClientClose as usize], 1);
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
+        assert_eq!(totals[0].datagrams(Datagram::Answered), 7, "folded with the rest");
     }
 
     #[test]
@@ -438,7 +506,7 @@ mod tests {
         assert_ne!(kept[0], kept[1]);
         assert_eq!(kept_name(3, "echo"), "echo");
         let board = Scoreboard::create(None, 1).unwrap();
-        let any = "127.0.0.1:0".parse().unwrap();
+        let any = "127.0.0.1:0".parse().ok();
         board.name_listeners([(0, long.as_str(), any), (LISTENER_ROWS as u16, "over", any)]);
         assert_eq!(board.listener_totals().len(), 1, "an id past the rows is not named");
         board.listener_table().count.store(u64::MAX, Ordering::Release);
@@ -455,13 +523,15 @@ mod tests {
         assert_eq!(decode_address([u64::MAX; ADDRESS_WORDS]), None, "a forged family");
         let board = Scoreboard::create(None, 1).unwrap();
         assert_eq!(board.listener_address(0), None);
-        let first = "127.0.0.1:4000".parse().unwrap();
+        let first = "127.0.0.1:4000".parse().ok();
         board.name_listeners([(0, "echo", first)]);
         board.name_listeners([(0, "echo", first)]);
         assert_eq!(board.listener_table().rebinding.load(Ordering::Relaxed), 2, "written once");
-        let moved = "[::1]:4001".parse().unwrap();
+        let moved = "[::1]:4001".parse().ok();
         board.name_listeners([(0, "echo", moved)]);
-        assert_eq!(board.listener_address(0), Some(moved));
+        assert_eq!(board.listener_address(0), moved);
+        board.name_listeners([(0, "echo", None)]);
+        assert_eq!(board.listener_address(0), None, "a Unix listener publishes none");
         assert_eq!(board.listener_address(LISTENER_ROWS), None, "past the rows");
     }
 }

@@ -43,6 +43,10 @@ pub enum Answer {
     Reply,
     /// Nothing to send (malformed or unwanted request); the loop counts it as ignored.
     Ignore,
+    /// Nothing sent because the peer is not verified yet (it has answered nothing, so its
+    /// address may be forged) and the listener's budget for such peers is spent (TFTP's
+    /// `max_unverified_transfers`); the loop counts it apart from ignored ones.
+    Unverified,
     /// Start a conversation on a socket of its own (the loop calls [`Flow::start`] unless
     /// its per-client limit or budget refuses it, then [`Flow::refuse`]).
     Flow(Box<dyn Flow>),

@@ -40,6 +40,7 @@ pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use framing::{Decoder, Frame, FrameAction, FrameHandler, Framed};
 pub use options::{Invalid, Options};
 
+pub use crate::net::{Credentials, Peer};
 pub use crate::poller::Interest;
 
 /// Declares the built-in services: each name is a module in this folder with a `NAME`
@@ -130,6 +131,10 @@ pub enum CloseReason {
     Shed,
     /// A trusted proxy's PROXY protocol header was malformed, or did not come in time.
     ProxyHeader,
+    /// Closed at rest by a full worker to admit a new client, its client holding more than
+    /// its fair share of the worker; or refused by a full worker, its client then holding
+    /// more than its fair share (see preforkd.toml(5), `shed_when_full`).
+    OverShare,
     /// A reason of the service's own, such as `backend-unavailable` or `frame-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
@@ -152,6 +157,7 @@ impl CloseReason {
             CloseReason::ListenerFull => "listener-full",
             CloseReason::Shed => "shed",
             CloseReason::ProxyHeader => "proxy-header",
+            CloseReason::OverShare => "over-share",
             CloseReason::Service(reason) => reason,
         }
     }
@@ -170,14 +176,16 @@ impl fmt::Display for CloseReason {
 pub struct ConnInfo<'a> {
     /// The listener's `name`.
     pub listener: &'a str,
-    /// The client's address.
-    pub peer: SocketAddr,
+    /// Who the client is: [`Peer::Ip`] with its address and port (the one a trusted PROXY
+    /// protocol header named, if any), or [`Peer::Unix`] with its credentials for a client of
+    /// a Unix listener. `peer.ip()` is the address, when there is one.
+    pub peer: Peer,
     /// The accepted socket, for [`ConnInfo::local_addr`] or for a service that hands the
     /// connection to something else (a child process). The worker owns it: do not close it.
     pub socket: BorrowedFd<'a>,
     /// The local address when the worker knows it without asking the kernel: the listener's
-    /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`). `None`: ask
-    /// [`ConnInfo::local_addr`].
+    /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`) or a Unix socket. `None`:
+    /// ask [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
 }
 
@@ -186,7 +194,8 @@ impl ConnInfo<'_> {
     /// getsockname(2) (one system call, so only services that need it pay for it).
     ///
     /// # Errors
-    /// getsockname(2) failed (the socket is already gone).
+    /// getsockname(2) failed (the socket is already gone), or the connection came in on a
+    /// Unix socket, which has no IP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         if let Some(bound) = self.bound {
             return Ok(bound);

@@ -40,6 +40,7 @@ use nix::unistd::{Pid, getppid};
 use crate::config::Config;
 use crate::limits::access::AccessList;
 use crate::logging;
+use crate::net::Address;
 use crate::services::wire::{self, EVENT_LEN, Event, MAX_REQUEST, Request};
 use crate::services::{Program, StderrTo};
 use crate::sys::capability;
@@ -320,24 +321,28 @@ impl Spawner {
             let _ = answer(Event::Failed(libc::EPERM), &[]);
             return true;
         };
+        // Known to the worker for a listener on one IP address; else asked of the socket
+        // (a wildcard address, a Unix socket's path).
         let local = match request.local {
-            Some(local) => Ok(local),
+            Some(local) => Some(Address::Ip(local)),
             None => socket2::SockRef::from(&client)
                 .local_addr()
-                .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))),
+                .ok()
+                .and_then(|a| Address::from_sockaddr(&a)),
         };
         let pipe = match program.stderr {
             StderrTo::Discard => Ok(None),
             StderrTo::Log => stderr_pipe().map(Some),
         };
-        let spawned = match (local, pipe) {
-            (Ok(local), Ok(pipe)) => {
+        let spawned = match pipe {
+            Ok(pipe) => {
                 let write_end = pipe.as_ref().map(|(_, write)| write.as_fd());
                 // The variables the client's `allow` rule gives, from this process's own
                 // configuration: a worker names only the listener and the client.
-                let rule_env = access.env_for(request.peer.ip());
+                // A Unix client is named by no access list.
+                let rule_env = request.peer.ip().map_or(&[][..], |ip| access.env_for(ip));
                 program
-                    .spawn(client.as_fd(), request.peer, local, write_end, rule_env)
+                    .spawn(client.as_fd(), request.peer, local.as_ref(), write_end, rule_env)
                     .map(|pid| (pid, pipe))
                     .map_err(|error| {
                         if error.step.is_some() {
@@ -347,7 +352,7 @@ impl Spawner {
                         error.error
                     })
             }
-            (Err(error), _) | (_, Err(error)) => Err(error),
+            Err(error) => Err(error),
         };
         drop(client);
         let (pid, pipe) = match spawned {

@@ -6,9 +6,25 @@
 //! only once the access list let the client through, so a denied client spends no token of
 //! its rate. Admission checks, in order: the listener's `allow`/`deny` lists, then the shared
 //! table (the client's rate, its open connections, the listener's cap: one lock, see
-//! [`crate::limits::Limits::admit_with`]), then room in this worker. A worker without room
-//! admits only because it can shed a connection for the new client (its intake decided so,
-//! see `intake.rs`): the oldest connection that completed no exchange.
+//! [`crate::limits::Limits::admit_with`]), then room in this worker.
+//!
+//! A worker without room admits only because it can shed a connection for the new client
+//! (its intake decided so, see `intake.rs`), and only once the client passed the checks
+//! above, so that a refused client never costs anyone a connection. What it sheds, on
+//! listeners with `shed_when_full`, first that can be had:
+//! 1. the oldest connection from a trusted proxy still waiting for its PROXY header (a proxy
+//!    sends it with the connection: one that waits is broken or hostile, and would be closed
+//!    at `PROXY_HEADER_TIMEOUT` anyway) — see `header.rs`;
+//! 2. the oldest connection that has completed no exchange ([`sheddable`]; closed at once:
+//!    it was answered nothing);
+//! 3. a connection at rest ([`over_share_sheddable`], nothing unread) of the client holding
+//!    the most connections in the worker, if it holds at least two more than the new client:
+//!    a lingering close, so that no answer is lost (reason `over-share`; the rule and what
+//!    a *fair share* is are in `shares.rs`). At most [`SHED_LINGER_MAX`] such closes linger
+//!    at once (each holds its descriptor beyond the budget until the client's FIN).
+//!
+//! With none of them, the new client is refused (reason `over-share`): it holds as many
+//! connections in the worker as anyone else, so taking one of theirs would not be fair.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -18,6 +34,18 @@ use crate::limits::{Admission, LimitsError, Rules, Ticket};
 use crate::services::CloseReason;
 
 use super::phase::{ConnKind, ConnState, Phase};
+
+/// Connections shed by fair share (reason `over-share`) that may be in their lingering close
+/// at once, beyond the worker's budget: past it, a full worker sheds by fair share only once
+/// one of them has closed (at the latest `LINGER_TIMEOUT` after it was shed).
+pub const SHED_LINGER_MAX: usize = 16;
+
+/// Clients holding the most connections that one search for a connection to shed by fair
+/// share looks at (ties), and connections of each: the search is bounded whatever the
+/// number of connections.
+pub const SHED_SCAN_CLIENTS: usize = 2;
+/// See [`SHED_SCAN_CLIENTS`].
+pub const SHED_SCAN_MEMBERS: usize = 8;
 
 /// The outcome of [`admit`].
 #[derive(Debug)]
@@ -40,18 +68,19 @@ pub enum Verdict {
     },
 }
 
-/// Whether `client` may open a connection on the listener of `policy`, with `room`
+/// Whether `client` (its IP address; `None` for a Unix client, which no access list names)
+/// may open a connection on the listener of `policy`, with `room`
 /// descriptors left in this worker's budget; `count` asks the shared table to count it under
 /// the listener's [`Rules`] (called only when the listener counts connections and the access
 /// list allows the client).
 pub fn admit(
     policy: &ListenerConfig,
-    client: IpAddr,
+    client: Option<IpAddr>,
     room: usize,
     count: impl FnOnce(&Rules) -> Result<Admission, LimitsError>,
 ) -> Verdict {
     let access = &policy.admission.access;
-    if !access.is_open() && !access.allows(client) {
+    if !access.is_open() && !client.is_some_and(|ip| access.allows(ip)) {
         return Verdict::Refuse { reason: CloseReason::Denied, error: None };
     }
     let mut ticket = None;
@@ -83,6 +112,14 @@ pub fn admit(
 /// loop cannot see, a child owning the socket, is never idle).
 pub fn sheddable(state: &ConnState, exchanges: u64, idle_timeouts: bool) -> bool {
     state.kind == ConnKind::Short && exchanges == 0 && state.phase == Phase::Open && idle_timeouts
+}
+
+/// Whether a connection of a client over its fair share may be shed now: served with no
+/// close planned, with idle timeouts (a child owning the socket is never shed), and its
+/// session `at_rest` (no exchange in flight: every answer written). The caller also makes
+/// sure nothing unread waits in the socket before it sheds it.
+pub fn over_share_sheddable(state: &ConnState, idle_timeouts: bool, at_rest: bool) -> bool {
+    state.phase == Phase::Open && idle_timeouts && at_rest
 }
 
 /// The connections a full worker may shed, oldest first, as `(descriptor, serial)`.
@@ -168,7 +205,7 @@ mod tests {
     fn the_access_list_comes_first_and_spends_nothing_of_the_table() {
         let listener = policy("deny = [\"127.0.0.2\"]\nmax_connections_per_client = 1");
         let asked = Cell::new(false);
-        let verdict = admit(&listener, client(2), 5, |_| {
+        let verdict = admit(&listener, Some(client(2)), 5, |_| {
             asked.set(true);
             Ok(Admission::RateLimited)
         });
@@ -184,7 +221,7 @@ mod tests {
             (Admission::ListenerFull { open: 9 }, CloseReason::ListenerFull),
             (Admission::RateLimited, CloseReason::Rate),
         ] {
-            let verdict = admit(&listener, client(3), 5, |rules| {
+            let verdict = admit(&listener, Some(client(3)), 5, |rules| {
                 assert_eq!(rules.per_client.map(|n| n.get()), Some(1));
                 Ok(answer)
             });
@@ -193,7 +230,7 @@ mod tests {
                 "{verdict:?}"
             );
         }
-        let failed = admit(&listener, client(3), 5, |_| Err(LimitsError::SlotFull(0)));
+        let failed = admit(&listener, Some(client(3)), 5, |_| Err(LimitsError::SlotFull(0)));
         assert!(matches!(
             failed,
             Verdict::Refuse { reason: CloseReason::Error, error: Some(LimitsError::SlotFull(0)) }
@@ -202,11 +239,13 @@ mod tests {
         let limits = Limits::new(1, 4).unwrap();
         let mut ledger = limits.ledger(0);
         let key = ClientKey::new(0, client(3));
-        let verdict =
-            admit(&listener, client(3), 0, |rules| limits.admit_with(&mut ledger, key, rules, 0));
+        let verdict = admit(&listener, Some(client(3)), 0, |rules| {
+            limits.admit_with(&mut ledger, key, rules, 0)
+        });
         let Verdict::Admit { ticket: Some(_), shed: true } = verdict else { panic!("{verdict:?}") };
-        let again =
-            admit(&listener, client(3), 1, |rules| limits.admit_with(&mut ledger, key, rules, 0));
+        let again = admit(&listener, Some(client(3)), 1, |rules| {
+            limits.admit_with(&mut ledger, key, rules, 0)
+        });
         assert!(
             matches!(again, Verdict::Refuse { reason: CloseReason::Limit, error: None }),
             "counted: {again:?}"
@@ -217,7 +256,7 @@ mod tests {
     fn a_listener_that_counts_nothing_never_asks_the_table() {
         let listener =
             policy("max_connections_per_client = 0\nmax_long_connections_per_client = 0");
-        let verdict = admit(&listener, client(4), 1, |_| panic!("not asked"));
+        let verdict = admit(&listener, Some(client(4)), 1, |_| panic!("not asked"));
         assert!(matches!(verdict, Verdict::Admit { ticket: None, shed: false }));
     }
 
@@ -236,6 +275,24 @@ mod tests {
             Phase::Lingering { reason: CloseReason::Shed, until: t0 },
         ] {
             assert!(!sheddable(&ConnState { phase, ..open }, 0, true), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn only_open_connections_at_rest_are_shed_by_fair_share() {
+        let t0 = Instant::now();
+        let long = ConnState::new(Phase::Open, ConnKind::Long, t0);
+        assert!(over_share_sheddable(&long, true, true));
+        assert!(!over_share_sheddable(&long, true, false), "an exchange in flight");
+        assert!(!over_share_sheddable(&long, false, true), "a child owns the socket");
+        let short = ConnState { kind: ConnKind::Short, ..long };
+        assert!(over_share_sheddable(&short, true, true), "short or long alike");
+        for phase in [
+            Phase::ClosingAtRest(CloseReason::LongLimit),
+            Phase::Draining(HandOff::Local),
+            Phase::Lingering { reason: CloseReason::OverShare, until: t0 },
+        ] {
+            assert!(!over_share_sheddable(&ConnState { phase, ..long }, true, true), "{phase:?}");
         }
     }
 

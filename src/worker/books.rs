@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::logging::ACCESS_TARGET;
+use crate::net::Peer;
 use crate::rate::RateLimit;
 use crate::services::{CloseReason, Progress};
 
@@ -27,7 +28,7 @@ pub struct Closed<'a> {
     /// Listener index.
     pub listener: usize,
     /// The client (the one a PROXY header named, if any).
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// The proxy it came through, if any.
     pub proxy: Option<SocketAddr>,
     /// Time since accept.
@@ -44,7 +45,7 @@ impl Closed<'_> {
     /// Turned away before any exchange.
     pub fn refused(
         listener: usize,
-        peer: SocketAddr,
+        peer: Peer,
         proxy: Option<SocketAddr>,
         reason: CloseReason,
     ) -> Self {
@@ -100,7 +101,7 @@ impl Books {
             return self.access_line(listeners, &record);
         };
         self.counters.refused(refusal);
-        let key = entry.client_key(record.peer.ip());
+        let key = entry.client_key(&record.peer);
         if let Some(line) = self.summaries.record(record.listener, key, refusal, Instant::now()) {
             log_summary(listeners, &line);
         }

@@ -3,7 +3,7 @@
 //!
 //! Runs in workers. Data only; the connection table (`connections.rs`) owns every `Conn`.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
@@ -11,19 +11,21 @@ use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
 use crate::limits::Ticket;
+use crate::net::{Peer, Stream};
 use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
 use super::phase::ConnState;
+use super::shares::Share;
 
 /// One accepted (or adopted) client connection.
 pub struct Conn {
     /// The non-blocking socket (blocking while an exec child owns it).
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Index of the listener it came in on.
     pub listener: usize,
-    /// The client's address.
-    pub peer: SocketAddr,
+    /// Who the client is: its address, or a Unix client's credentials.
+    pub peer: Peer,
     /// The PROXY protocol proxy it came through (`peer` is then the client the header named).
     pub proxy: Option<SocketAddr>,
     /// The service's per-connection state.
@@ -40,6 +42,8 @@ pub struct Conn {
     pub interest: Interest,
     /// Descriptors the session watches besides the client socket.
     pub extras: Vec<RawFd>,
+    /// Its place in its client's share of the worker (`shares.rs`).
+    pub share: Share,
 }
 
 impl Conn {
@@ -71,7 +75,7 @@ impl Conn {
 /// Whether the client's socket holds unread input: a peek that never blocks, even on an exec
 /// child's socket, which stays in blocking mode. An interrupted peek counts as input (the
 /// connection is not closed on its word).
-pub fn unread_input(stream: &TcpStream) -> bool {
+pub fn unread_input(stream: &Stream) -> bool {
     let mut byte = [0u8; 1];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
     match nix::sys::socket::recv(stream.as_raw_fd(), &mut byte, flags) {
@@ -83,7 +87,7 @@ pub fn unread_input(stream: &TcpStream) -> bool {
 
 /// Reads and throws away whatever the client sent; true once the client's FIN (or an error)
 /// is seen, i.e. a lingering close may finish.
-pub fn discard_input(stream: &TcpStream) -> bool {
+pub fn discard_input(stream: &Stream) -> bool {
     let mut sink = [0u8; 4096];
     for _ in 0..16 {
         // MSG_DONTWAIT: an exec child's socket is still in blocking mode when it ends.

@@ -14,21 +14,26 @@
 //! - each connection's count in the shared table is released exactly once, when it closes
 //!   (or moved, when it is handed off: see `handoff.rs`).
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::clock::monotonic_ns;
 use crate::handoff::Channel;
+use crate::net::{Peer, Stream};
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
 
-use super::admission::{self, ShedQueue, Verdict};
+use crate::limits::ClientKey;
+
+use super::admission::{self, SHED_LINGER_MAX, SHED_SCAN_CLIENTS, SHED_SCAN_MEMBERS};
+use super::admission::{ShedQueue, Verdict};
 use super::books::Closed;
 use super::conn::{Conn, discard_input, unread_input};
 use super::env::Env;
 use super::handoff::Link;
 use super::phase::{ConnKind, ConnState, Expiry, Next, Phase, Promotion};
+use super::shares::{Share, Shares};
 use super::table::Table;
 
 /// A session callback the loop makes.
@@ -47,11 +52,11 @@ pub enum Callback {
 /// A client to admit: a connection just accepted, or one whose PROXY header is complete.
 pub struct Client {
     /// Its socket (positioned at the client's first byte).
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The listener's index.
     pub listener: usize,
-    /// The client's address (the one a PROXY header named, if any).
-    pub peer: SocketAddr,
+    /// Who the client is (the one a PROXY header named, if any).
+    pub peer: Peer,
     /// The proxy it came through, if it sent a PROXY header.
     pub proxy: Option<SocketAddr>,
 }
@@ -64,8 +69,18 @@ pub struct Connections {
     extra_owners: Vec<Option<(usize, u64)>>,
     /// Extra descriptors watched by all sessions; they count against the budget.
     extras: usize,
-    /// Connections that may be shed when the worker is full.
+    /// Connections that may be shed when the worker is full because they completed no
+    /// exchange, oldest first.
     shed: ShedQueue,
+    /// Each client's connections here (on listeners with `shed_when_full`), for shedding
+    /// by fair share.
+    shares: Shares,
+    /// Connections shed by fair share that are still in their lingering close, in `table`
+    /// (each holds a descriptor beyond the budget): at most [`SHED_LINGER_MAX`].
+    lingering_sheds: usize,
+    /// Turns of the search for a connection to shed by fair share (each looks at other
+    /// candidates first).
+    shed_turn: usize,
     /// The hand-off channel to the master, and the offers in flight.
     pub link: Link,
 }
@@ -79,6 +94,9 @@ impl Connections {
             extra_owners: Vec::new(),
             extras: 0,
             shed: ShedQueue::default(),
+            shares: Shares::default(),
+            lingering_sheds: 0,
+            shed_turn: 0,
             link: Link::new(channel),
         }
     }
@@ -90,10 +108,11 @@ impl Connections {
     }
 
     /// Descriptors held against the budget: connections and the extra descriptors their
-    /// sessions watch.
+    /// sessions watch, but for the lingering closes of connections shed by fair share (at
+    /// most [`SHED_LINGER_MAX`] beyond the budget: each gave its place to a new client).
     #[inline]
     pub fn held(&self) -> usize {
-        self.table.len() + self.extras
+        self.table.len() + self.extras - self.lingering_sheds
     }
 
     /// The earliest connection deadline (possibly stale: an early wake-up only).
@@ -102,30 +121,131 @@ impl Connections {
         self.table.next_deadline()
     }
 
-    /// Whether some connection may be shed (dropping stale queue entries).
-    pub fn can_shed(&mut self) -> bool {
+    /// Whether a connection may be shed for a new client `newcomer` (`None`: not known yet,
+    /// taken as a client without connections here), by [`Connections::make_room`]: one
+    /// without a completed exchange, or one at rest of a client over its fair share. Drops
+    /// stale queue entries; looks at a bounded number of connections.
+    pub fn can_shed(&mut self, newcomer: Option<&ClientKey>) -> bool {
         let table = &self.table;
-        self.shed.front(|fd, serial| table.live(fd, serial).is_some_and(sheddable)).is_some()
+        if self.shed.front(|fd, serial| table.live(fd, serial).is_some_and(sheddable)).is_some()
+            || self.over_share_candidates(newcomer).next().is_some()
+        {
+            return true;
+        }
+        // None at rest among those looked at: look at others next time.
+        self.shed_turn = self.shed_turn.wrapping_add(1);
+        false
     }
 
-    /// Closes the oldest connection that has not completed an exchange (reason `shed`), to
-    /// make room for a new client. False if there is none.
-    pub fn shed_oldest(&mut self, now: Instant, env: &mut Env<'_>) -> bool {
+    /// Makes room for a new connection of `newcomer` (`None`: not known yet) in a full
+    /// worker: closes the oldest connection that has not completed an exchange (reason
+    /// `shed`), or else starts a lingering close of a connection at rest of the client
+    /// holding the most connections here, if it holds at least two more than `newcomer`
+    /// (reason `over-share`; see `shares.rs`). False if neither can be had.
+    pub fn make_room(
+        &mut self,
+        newcomer: Option<&ClientKey>,
+        now: Instant,
+        env: &mut Env<'_>,
+    ) -> bool {
         let table = &self.table;
-        match self.shed.pop(|fd, serial| table.live(fd, serial).is_some_and(sheddable)) {
-            Some((fd, _)) => {
-                if let Some(conn) = self.table.get(fd) {
-                    env.refusal_banner(fd as RawFd, conn.listener);
-                }
-                self.finish(fd, CloseReason::Shed, now, env);
-                true
+        if let Some((fd, _)) =
+            self.shed.pop(|fd, serial| table.live(fd, serial).is_some_and(sheddable))
+        {
+            // Answered nothing yet: a refusal, with the listener's `banner_fail`.
+            if let Some(conn) = self.table.get(fd) {
+                env.refusal_banner(fd as RawFd, conn.listener);
             }
-            None => false,
+            self.finish(fd, CloseReason::Shed, now, env);
+            return true;
+        }
+        // At rest, and nothing unread: the client has every answer, and a request it sent
+        // last is not left unanswered (the peek only for the candidate at hand).
+        let table = &self.table;
+        let found = self.over_share_candidates(newcomer).find(|&(fd, serial)| {
+            table.live(fd, serial).is_some_and(|conn| !unread_input(&conn.stream))
+        });
+        self.shed_turn = self.shed_turn.wrapping_add(1);
+        let Some((fd, _)) = found else { return false };
+        let Some(conn) = self.table.get_mut(fd) else { return false };
+        log::debug!(
+            "shedding a connection at rest from {}: its client holds {} connections here, over its fair share of {}",
+            conn.peer,
+            self.shares.held_by(&env.listeners[conn.listener].client_key(&conn.peer)),
+            self.shares.fair_share(newcomer)
+        );
+        // It no longer counts: neither in its client's share nor against its limits.
+        let (ticket, peer) = (conn.ticket.take(), conn.peer);
+        env.release(ticket, peer);
+        self.unseat(fd);
+        self.linger(fd, CloseReason::OverShare, now, env);
+        if self.table.get(fd).is_some_and(|conn| shed_lingering(&conn.state.phase)) {
+            self.lingering_sheds += 1;
+        }
+        true
+    }
+
+    /// The connections that fair-share shedding may close for `newcomer`, as `(descriptor,
+    /// serial)`: at rest, of the clients holding the most (see [`Shares::over_share`]); none
+    /// while [`SHED_LINGER_MAX`] such closes linger. At most [`SHED_SCAN_CLIENTS`] x
+    /// [`SHED_SCAN_MEMBERS`] connections are looked at, starting elsewhere each turn.
+    fn over_share_candidates<'a>(
+        &'a self,
+        newcomer: Option<&ClientKey>,
+    ) -> impl Iterator<Item = (usize, u64)> + use<'a> {
+        let table = &self.table;
+        let turn = self.shed_turn;
+        let clients = if self.lingering_sheds < SHED_LINGER_MAX { SHED_SCAN_CLIENTS } else { 0 };
+        self.shares.over_share(newcomer, clients, turn).flat_map(move |members| {
+            let start = turn % members.len();
+            let (after, before) = members.split_at(start);
+            before.iter().chain(after).take(SHED_SCAN_MEMBERS).copied().filter(|&(fd, serial)| {
+                table.live(fd, serial).is_some_and(|conn| {
+                    admission::over_share_sheddable(
+                        &conn.state,
+                        conn.session.idle_timeouts(),
+                        conn.session.is_at_rest(),
+                    )
+                })
+            })
+        })
+    }
+
+    /// Counts the connection on `fd` in its client's share, if it is to be and is not yet;
+    /// `key`: its client, if known already.
+    fn seat(&mut self, fd: usize, key: Option<ClientKey>, env: &Env<'_>) {
+        let Some((serial, conn)) = self.table.entry_mut(fd) else { return };
+        if conn.share != Share::Unseated {
+            return;
+        }
+        let entry = &env.listeners[conn.listener];
+        conn.share = match entry.policy.admission.shed_when_full {
+            true => {
+                let key = key.unwrap_or_else(|| entry.client_key(&conn.peer));
+                Share::Seated(self.shares.join(key, fd, serial))
+            }
+            false => Share::Uncounted,
+        };
+    }
+
+    /// Stops counting the connection on `fd` in its client's share.
+    fn unseat(&mut self, fd: usize) {
+        let Some(conn) = self.table.get_mut(fd) else { return };
+        let Share::Seated(seat) = std::mem::replace(&mut conn.share, Share::Uncounted) else {
+            return;
+        };
+        if let Some(((moved, serial), seat)) = self.shares.leave(seat)
+            && let Some(conn) = self.table.live_mut(moved, serial)
+        {
+            conn.share = Share::Seated(seat);
         }
     }
 
     /// Admits `client` under its listener's rules and makes its session. `others`:
-    /// descriptors the other tables hold; `draining`: the worker stops gracefully.
+    /// descriptors the other tables hold; `draining`: the worker stops gracefully. A full
+    /// worker makes room first: `shed_header` sheds a connection still reading its PROXY
+    /// header if there is one, else [`Connections::make_room`]; if neither can, the client is
+    /// refused (reason `over-share`: it holds as many connections here as anyone).
     pub fn admit(
         &mut self,
         client: Client,
@@ -133,20 +253,22 @@ impl Connections {
         env: &mut Env<'_>,
         others: usize,
         draining: bool,
+        shed_header: impl FnOnce(&mut Env<'_>) -> bool,
     ) {
         let Client { stream, listener: index, peer, proxy } = client;
         let fd = stream.as_raw_fd();
         let room = env.room(self.held() + others);
         let entry = &env.listeners[index];
-        let key = entry.client_key(peer.ip());
+        let key = entry.client_key(&peer);
         let (limits, ledger) = (env.limits, &mut env.ledger);
         let verdict = admission::admit(&entry.policy, peer.ip(), room, |rules| {
             limits.admit_with(ledger, key, rules, monotonic_ns())
         });
         let ticket = match verdict {
             Verdict::Admit { ticket, shed } => {
-                if shed {
-                    self.shed_oldest(now, env);
+                if shed && !shed_header(env) && !self.make_room(Some(&key), now, env) {
+                    env.release(ticket, peer);
+                    return env.refuse(fd, index, peer, CloseReason::OverShare);
                 }
                 ticket
             }
@@ -175,6 +297,7 @@ impl Connections {
         let session = entry.policy.service.service.session(&info);
         let interest = session.interest();
         let shed_when_full = entry.policy.admission.shed_when_full;
+        let share = if shed_when_full { Share::Unseated } else { Share::Uncounted };
         let conn = Conn {
             stream,
             listener: index,
@@ -188,6 +311,7 @@ impl Connections {
             // What the poller has: a header was read through it, else nothing yet.
             interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },
             extras: Vec::new(),
+            share,
         };
         let serial = match self.table.insert(fd as usize, conn) {
             Ok(serial) => serial,
@@ -205,6 +329,7 @@ impl Connections {
                     .is_some_and(|c| c.state.kind == ConnKind::Short && c.totals.exchanges == 0)
             };
             self.shed.push(fd as usize, serial, self.table.len(), candidate);
+            self.seat(fd as usize, Some(key), env);
         }
         schedule(&mut self.table, fd as usize, env);
         env.books.counters.accepted();
@@ -229,6 +354,11 @@ impl Connections {
         others: usize,
     ) -> bool {
         let fd = event.fd as usize;
+        let Some(conn) = self.table.get(fd) else { return false };
+        if conn.share == Share::Unseated {
+            // Adopted from a retiring worker: counted from its first event here.
+            self.seat(fd, None, env);
+        }
         let Some(conn) = self.table.get(fd) else { return false };
         match conn.state.phase {
             Phase::Offered { .. } => {} // not ours to touch until the answer
@@ -487,7 +617,11 @@ impl Connections {
 
     /// Closes the connection now: releases its per-client count and writes the access line.
     fn finish(&mut self, fd: usize, reason: CloseReason, now: Instant, env: &mut Env<'_>) {
+        self.unseat(fd);
         let Some(mut conn) = self.table.remove(fd) else { return };
+        if shed_lingering(&conn.state.phase) {
+            self.lingering_sheds -= 1;
+        }
         // Unwatch before the descriptors are closed (the poller's contract): the session's
         // extra ones close when it is dropped, below.
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
@@ -514,6 +648,11 @@ impl Connections {
 /// Whether a connection may be shed now (see [`admission::sheddable`]).
 fn sheddable(conn: &Conn) -> bool {
     admission::sheddable(&conn.state, conn.totals.exchanges, conn.session.idle_timeouts())
+}
+
+/// Whether `phase` is the lingering close of a connection shed by fair share.
+fn shed_lingering(phase: &Phase) -> bool {
+    matches!(phase, Phase::Lingering { reason: CloseReason::OverShare, .. })
 }
 
 /// Puts the deadline of the connection on `fd` in the timer heap, unless an entry at least

@@ -8,7 +8,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::scoreboard::{CLOSES, Close, ListenerScore, REFUSALS, Refusal, WorkerScore};
+use crate::scoreboard::{
+    CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, ListenerScore, REFUSALS, Refusal, WorkerScore,
+};
 use crate::services::{CloseReason, Progress};
 
 /// The worker's counts since the last publication.
@@ -83,10 +85,10 @@ impl Counters {
     }
 }
 
-/// One listener's counts since the last publication, and its open connections.
+/// One listener's counts since the last publication, and its open connections (and flows).
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
-    /// Connections open now (a level, not reset by publishing).
+    /// Connections and flows open now (a level, not reset by publishing).
     open: u64,
     accepted: u64,
     bytes_in: u64,
@@ -95,6 +97,7 @@ pub struct Tally {
     closed: [u64; CLOSES],
     handed_off: u64,
     adopted: u64,
+    datagrams: [u64; DATAGRAM_OUTCOMES],
 }
 
 /// The refusal counter a close reason counts in, if it is a refusal (summarized in the log
@@ -107,6 +110,7 @@ pub fn refusal_of(reason: CloseReason) -> Option<Refusal> {
         CloseReason::ListenerFull => Refusal::ListenerFull,
         CloseReason::Shed => Refusal::Shed,
         CloseReason::ProxyHeader => Refusal::ProxyHeader,
+        CloseReason::OverShare => Refusal::OverShare,
         _ => return None,
     })
 }
@@ -128,7 +132,8 @@ pub fn close_of(reason: CloseReason) -> Close {
         | CloseReason::Rate
         | CloseReason::ListenerFull
         | CloseReason::Shed
-        | CloseReason::ProxyHeader => Close::Error,
+        | CloseReason::ProxyHeader
+        | CloseReason::OverShare => Close::Error,
     }
 }
 
@@ -139,7 +144,7 @@ fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Tally {
-    /// A connection was accepted and is served.
+    /// A connection was accepted and is served (or a flow started).
     pub fn accepted(&mut self) {
         self.accepted += 1;
         self.open += 1;
@@ -171,11 +176,17 @@ impl Tally {
         }
     }
 
-    /// Bytes moved on a connection.
+    /// Bytes moved on a connection (or by datagrams, or a flow).
     #[inline]
     pub fn moved(&mut self, progress: Progress) {
         self.bytes_in += progress.bytes_in;
         self.bytes_out += progress.bytes_out;
+    }
+
+    /// A datagram received on the listener's socket came to `outcome`.
+    #[inline]
+    pub fn datagram(&mut self, outcome: Datagram) {
+        self.datagrams[outcome as usize] += 1;
     }
 
     /// Adds the counts to `row` (the listener's row in this worker's scoreboard rows, if it
@@ -194,6 +205,9 @@ impl Tally {
             add(counter, n);
         }
         for (counter, n) in row.closed.iter().zip(counts.closed) {
+            add(counter, n);
+        }
+        for (counter, n) in row.datagrams.iter().zip(counts.datagrams) {
             add(counter, n);
         }
         row.open.store(open, Ordering::Relaxed);
@@ -217,6 +231,9 @@ mod tests {
         second.ended(CloseReason::ClientClose);
         first.ended(CloseReason::Rate);
         first.ended(CloseReason::Service("line-too-long"));
+        first.datagram(Datagram::Unverified);
+        first.datagram(Datagram::Unverified);
+        first.datagram(Datagram::Answered);
         for _ in 0..2 {
             first.publish(rows.get(3));
             second.publish(rows.get(9));
@@ -229,6 +246,9 @@ mod tests {
         assert_eq!(first.refused[Refusal::Rate as usize].load(Ordering::Relaxed), 1);
         assert_eq!(first.closed[Close::Service as usize].load(Ordering::Relaxed), 1);
         assert_eq!(first.accepted.load(Ordering::Relaxed), 0);
+        assert_eq!(first.datagrams[Datagram::Unverified as usize].load(Ordering::Relaxed), 2);
+        assert_eq!(first.datagrams[Datagram::Answered as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(second.datagrams[Datagram::Answered as usize].load(Ordering::Relaxed), 0);
     }
 
     #[test]

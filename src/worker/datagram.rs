@@ -14,6 +14,10 @@
 //!   of flows gone are skipped by serial;
 //! - datagrams are not connections: they get a summary access line per listener at most
 //!   every [`SUMMARY_INTERVAL`], flows get one access line each;
+//! - every datagram received on a listener's socket is counted on the scoreboard under its
+//!   listener with exactly one [`Datagram`] outcome, its bytes with the listener's bytes; a
+//!   flow counts like a connection (accepted, open, closed for `shutdown` or for its
+//!   result as a reason of the service's own, its bytes when it ends);
 //! - a flow that waits for its peer is busy-polled ([`BusyPoll`]: the loop polls with a zero
 //!   timeout) only while it is the worker's only work, and never past its budget.
 
@@ -26,8 +30,10 @@ use nix::sys::socket::{MsgFlags, SockaddrStorage, recvfrom, sendto};
 
 use crate::limits::{Admission, DatagramRates, Ticket, Verdict};
 use crate::logging::ACCESS_TARGET;
+use crate::net::Peer;
 use crate::poller::Interest;
-use crate::services::{Answer, Flow, Step};
+use crate::scoreboard::Datagram;
+use crate::services::{Answer, CloseReason, Flow, Progress, Step};
 
 use super::env::Env;
 use super::table::Table;
@@ -116,9 +122,25 @@ pub struct Totals {
     answered: u64,
     over_rate: u64,
     ignored: u64,
+    unverified: u64,
     flows: u64,
     bytes_in: u64,
     bytes_out: u64,
+}
+
+/// Counts a datagram of listener `index` that came to `outcome`: in the summary line's
+/// totals and in the listener's tally for the scoreboard.
+fn count(env: &mut Env<'_>, index: usize, outcome: Datagram) {
+    let entry = &mut env.listeners[index];
+    entry.tally.datagram(outcome);
+    let totals = &mut entry.datagrams;
+    match outcome {
+        Datagram::Answered => totals.answered += 1,
+        Datagram::Ignored => totals.ignored += 1,
+        Datagram::OverRate => totals.over_rate += 1,
+        Datagram::Unverified => totals.unverified += 1,
+        Datagram::Flow | Datagram::FlowRefused => totals.flows += 1,
+    }
 }
 
 /// The worker's UDP state: its flows and the buffers of its listeners' datagrams.
@@ -214,7 +236,9 @@ impl Datagrams {
         let entry = &env.listeners[index];
         let service = entry.policy.service.service.clone();
         let Ok(datagram) = service.datagram() else { return };
-        let (rate, local) = (entry.policy.max_datagram_rate_per_client, entry.local);
+        // A datagram listener is bound to an IP address (the configuration check says so).
+        let Some(local) = entry.local.ip() else { return };
+        let rate = entry.policy.max_datagram_rate_per_client;
         let rates: &DatagramRates = env.rates;
         if self.buffer.len() < DATAGRAM_MAX {
             self.buffer.resize(DATAGRAM_MAX, 0);
@@ -240,17 +264,17 @@ impl Datagrams {
                     return;
                 }
             };
-            let totals = &mut env.listeners[index].datagrams;
-            totals.received += 1;
-            totals.bytes_in += n as u64;
+            let entry = &mut env.listeners[index];
+            entry.datagrams.received += 1;
+            entry.datagrams.bytes_in += n as u64;
+            entry.tally.moved(Progress { bytes_in: n as u64, ..Progress::default() });
             env.books.counters.moved(n as u64, 0);
             if let Some(rate) = rate {
-                let verdict = rates.take(env.listeners[index].client_key(peer.ip()), rate);
+                let verdict = rates.take(env.listeners[index].client_key(&Peer::Ip(peer)), rate);
                 if verdict.as_ref().is_ok_and(|v| *v != Verdict::Allowed) || verdict.is_err() {
-                    env.listeners[index].datagrams.over_rate += 1;
+                    count(env, index, Datagram::OverRate);
                     if let Some(held_back) = env.books.refusal_log.allow(now) {
                         let why = match verdict {
-                            Ok(Verdict::TableFull) => "the rate table is full".to_owned(),
                             Ok(_) => "max_datagram_rate_per_client reached".to_owned(),
                             Err(error) => error.to_string(),
                         };
@@ -269,23 +293,27 @@ impl Datagrams {
                 Answer::Reply => {
                     let sent =
                         sendto(fd, &self.reply, &SockaddrStorage::from(peer), MsgFlags::empty());
-                    let totals = &mut env.listeners[index].datagrams;
                     match sent {
                         Ok(sent) => {
-                            totals.answered += 1;
-                            totals.bytes_out += sent as u64;
+                            count(env, index, Datagram::Answered);
+                            let entry = &mut env.listeners[index];
+                            entry.datagrams.bytes_out += sent as u64;
+                            entry
+                                .tally
+                                .moved(Progress { bytes_out: sent as u64, ..Progress::default() });
                             env.books.counters.moved(0, sent as u64);
                         }
                         // A full send buffer drops the reply as the network could.
-                        Err(_) => totals.ignored += 1,
+                        Err(_) => count(env, index, Datagram::Ignored),
                     }
                 }
-                Answer::Ignore => env.listeners[index].datagrams.ignored += 1,
+                Answer::Ignore => count(env, index, Datagram::Ignored),
+                Answer::Unverified => count(env, index, Datagram::Unverified),
                 Answer::Flow(mut flow) => {
-                    env.listeners[index].datagrams.flows += 1;
                     let full = env.room(held + self.flows.len()) == 0;
                     if draining || full {
                         let reason = if draining { "shutdown" } else { "budget" };
+                        count(env, index, Datagram::FlowRefused);
                         flow.refuse(reason);
                         flow_line(env, index, peer, Duration::ZERO, &*flow, reason);
                     } else {
@@ -310,7 +338,7 @@ impl Datagrams {
         let mut ticket = None;
         let policy = &env.listeners[index].policy;
         if let Some(max) = policy.max_connections_per_client {
-            let key = env.listeners[index].client_key(peer.ip());
+            let key = env.listeners[index].client_key(&Peer::Ip(peer));
             match env.limits.admit(&mut env.ledger, key, Some(max)) {
                 Ok(Admission::Admitted(t)) => ticket = Some(t),
                 // Only the per-client rule is asked for here.
@@ -322,16 +350,19 @@ impl Datagrams {
                             env.listeners[index].policy.name
                         );
                     }
+                    count(env, index, Datagram::FlowRefused);
                     flow.refuse("limit");
                     return flow_line(env, index, peer, Duration::ZERO, &*flow, "limit");
                 }
                 Ok(Admission::RateLimited) => {
+                    count(env, index, Datagram::FlowRefused);
                     flow.refuse("rate");
                     return flow_line(env, index, peer, Duration::ZERO, &*flow, "rate");
                 }
                 Err(error) => {
                     let name = &env.listeners[index].policy.name;
                     log::error!("refused a transfer to {peer} on {name}: {error}");
+                    count(env, index, Datagram::FlowRefused);
                     flow.refuse("error");
                     return flow_line(env, index, peer, Duration::ZERO, &*flow, "error");
                 }
@@ -339,8 +370,9 @@ impl Datagrams {
         }
         if self.owns(fd) || env.poller.set(fd, Interest::READ).is_err() {
             // Over select()'s FD_SETSIZE: no room after all.
+            count(env, index, Datagram::FlowRefused);
             flow.refuse("budget");
-            env.release(ticket, peer);
+            env.release(ticket, Peer::Ip(peer));
             return flow_line(env, index, peer, Duration::ZERO, &*flow, "budget");
         }
         let step = flow.start(now);
@@ -356,6 +388,8 @@ impl Datagrams {
         if self.flows.insert(fd as usize, entry).is_err() {
             return; // cannot happen: checked by `owns` above
         }
+        count(env, index, Datagram::Flow);
+        env.listeners[index].tally.accepted();
         env.books.counters.accepted();
         self.apply(fd as usize, step, now, env);
     }
@@ -423,9 +457,16 @@ impl Datagrams {
         if self.busy.is_some_and(|b| b.fd == fd && Some(b.serial) == serial) {
             self.busy = None;
         }
-        env.release(entry.ticket, entry.peer);
+        env.release(entry.ticket, Peer::Ip(entry.peer));
         let totals = entry.flow.totals();
         env.books.counters.moved(totals.bytes_in, totals.bytes_out);
+        let tally = &mut env.listeners[entry.listener].tally;
+        tally.moved(totals);
+        tally.finished();
+        // A flow's result is a reason of the service's own, but for the worker's stop.
+        let reason =
+            if result == "shutdown" { CloseReason::Shutdown } else { CloseReason::Service(result) };
+        tally.ended(reason);
         let duration = now.saturating_duration_since(entry.opened);
         flow_line(env, entry.listener, entry.peer, duration, &*entry.flow, result);
     }
@@ -455,12 +496,13 @@ impl Datagrams {
             }
             log::info!(
                 target: ACCESS_TARGET,
-                "datagrams listener={} received={} answered={} over_rate={} ignored={} flows={} in={} out={}",
+                "datagrams listener={} received={} answered={} over_rate={} ignored={} unverified={} flows={} in={} out={}",
                 entry.policy.name,
                 totals.received,
                 totals.answered,
                 totals.over_rate,
                 totals.ignored,
+                totals.unverified,
                 totals.flows,
                 totals.bytes_in,
                 totals.bytes_out,

@@ -6,12 +6,12 @@
 //! headers, UDP flows) and the intake; a table's operation borrows it whole, so no table
 //! holds a reference to another's state.
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use nix::sys::socket::MsgFlags;
 
 use crate::limits::{DatagramRates, Limits, SlotLedger, Ticket};
+use crate::net::Peer;
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::Scoreboard;
 use crate::services::CloseReason;
@@ -54,7 +54,7 @@ impl Env<'_> {
 
     /// Turns away a connection just accepted on listener `index`, counted as a refusal of
     /// `reason`, after its `banner_fail` (its socket closes when the caller drops it).
-    pub fn refuse(&mut self, fd: RawFd, index: usize, peer: SocketAddr, reason: CloseReason) {
+    pub fn refuse(&mut self, fd: RawFd, index: usize, peer: Peer, reason: CloseReason) {
         let _ = self.poller.set(fd, Interest::NONE);
         self.refusal_banner(fd, index);
         self.closed(Closed::refused(index, peer, None, reason));
@@ -69,7 +69,7 @@ impl Env<'_> {
     }
 
     /// Gives a connection's count in the shared table back, if it has one.
-    pub fn release(&mut self, ticket: Option<Ticket>, peer: SocketAddr) {
+    pub fn release(&mut self, ticket: Option<Ticket>, peer: Peer) {
         if let Some(ticket) = ticket
             && let Err(error) = self.limits.release(&mut self.ledger, ticket)
         {

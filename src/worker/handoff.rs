@@ -16,12 +16,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use crate::handoff::{Channel, Message, Offer, Outcome};
 use crate::limits::Admission;
+use crate::net::Stream;
 use crate::poller::{Event, Interest, Poller};
 use crate::services::{CloseReason, ConnInfo, MAX_EXPORT, Progress};
 
@@ -29,6 +29,7 @@ use super::conn::{Conn, unread_input};
 use super::connections::{schedule, update_interest};
 use super::env::Env;
 use super::phase::{ConnKind, ConnState, HANDOFF_RETRY, HandOff, Phase, after_answer};
+use super::shares::Share;
 use super::table::Table;
 
 /// Messages handled per readiness of the channel at most, so a flood of offers cannot starve
@@ -306,7 +307,7 @@ fn adopt(
     if env.room(table.len() + others) == 0 {
         return Outcome::Busy;
     }
-    let stream = TcpStream::from(fd);
+    let stream = Stream::from(fd);
     let raw = stream.as_raw_fd();
     let slot = raw as usize;
     if table.contains(slot) || env.poller.set(raw, Interest::READ).is_err() {
@@ -328,7 +329,7 @@ fn adopt(
         unwatch(env);
         return Outcome::Refused;
     };
-    let key = entry.client_key(offer.peer.ip());
+    let key = entry.client_key(&offer.peer);
     let (limits, counted) = (env.limits, entry.policy.has_client_limits());
     let tcp_nodelay = entry.policy.tcp_nodelay;
     let ticket = match offer.record {
@@ -386,6 +387,8 @@ fn adopt(
         ticket,
         interest: Interest::READ,
         extras: Vec::new(),
+        // Counted in its client's share at its first event here (`connections.rs`).
+        share: Share::Unseated,
     };
     if let Err(conn) = table.insert(slot, conn) {
         // Checked above: the slot is free.

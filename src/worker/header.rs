@@ -7,19 +7,23 @@
 //! - exactly the header's bytes are consumed (peeked, parsed, then read): the client's own
 //!   data stays in the socket for its session;
 //! - a malformed header, an end of file, or a header not complete within
-//!   [`PROXY_HEADER_TIMEOUT`] closes the connection, counted as a `proxy-header` refusal.
+//!   [`PROXY_HEADER_TIMEOUT`] closes the connection, counted as a `proxy-header` refusal;
+//! - a full worker may shed them, oldest first, before any other connection (see
+//!   `admission.rs`): closed and counted as a `shed` refusal of the proxy.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 
+use crate::net::{Peer, Stream};
 use crate::poller::Interest;
 use crate::proxy_protocol::{self, Parsed};
 use crate::services::CloseReason;
 
+use super::admission::ShedQueue;
 use super::books::Closed;
 use super::connections::Client;
 use super::env::Env;
@@ -32,18 +36,22 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection from a trusted proxy, before its PROXY protocol header is complete.
 struct Pending {
-    stream: TcpStream,
+    stream: Stream,
     listener: usize,
     /// The proxy's address.
     proxy: SocketAddr,
     /// Header bytes consumed so far (at most [`proxy_protocol::MAX_HEADER`]).
     header: Vec<u8>,
+    /// Accept time.
+    accepted: Instant,
 }
 
 /// The connections reading their PROXY header.
 #[derive(Default)]
 pub struct Headers {
     table: Table<Pending>,
+    /// Every one of them, oldest first, for shedding (entries of those gone are stale).
+    queue: ShedQueue,
 }
 
 impl Headers {
@@ -69,19 +77,22 @@ impl Headers {
     /// the client to admit if the header is complete already.
     pub fn start(
         &mut self,
-        stream: TcpStream,
+        stream: Stream,
         index: usize,
         proxy: SocketAddr,
         now: Instant,
         env: &mut Env<'_>,
     ) -> Option<Client> {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let pending = Pending { stream, listener: index, proxy, header: Vec::new() };
-        if self.table.insert(fd as usize, pending).is_err() {
+        let pending = Pending { stream, listener: index, proxy, header: Vec::new(), accepted: now };
+        let Ok(serial) = self.table.insert(fd as usize, pending) else {
             // Cannot happen: a descriptor just accepted is in no entry.
             log::error!("connection from proxy {proxy}: descriptor {fd} is in use already");
             return None;
-        }
+        };
+        let table = &self.table;
+        let live = |fd: usize, serial: u64| table.live(fd, serial).is_some();
+        self.queue.push(fd as usize, serial, self.table.len(), live);
         // Cannot fail: the caller checked `can_watch`.
         let _ = env.poller.set(fd, Interest::READ);
         self.table.schedule(fd as usize, now + PROXY_HEADER_TIMEOUT);
@@ -124,7 +135,7 @@ impl Headers {
         let Pending { stream, listener, proxy, .. } = self.table.remove(slot)?;
         env.books.counters.touch();
         // The proxy itself is the client of a `LOCAL` or `UNKNOWN` header.
-        let peer = source.unwrap_or(proxy);
+        let peer = Peer::Ip(source.unwrap_or(proxy));
         Some(Client { stream, listener, peer, proxy: Some(proxy) })
     }
 
@@ -140,9 +151,33 @@ impl Headers {
         env.books.counters.touch();
         if let Some(reason) = reason {
             env.refusal_banner(fd as RawFd, pending.listener);
-            env.closed(Closed::refused(pending.listener, pending.proxy, None, reason));
+            env.closed(Closed::refused(pending.listener, Peer::Ip(pending.proxy), None, reason));
         }
         None
+    }
+
+    /// Whether a connection still reads its header (dropping stale queue entries).
+    pub fn can_shed(&mut self) -> bool {
+        let table = &self.table;
+        self.queue.front(|fd, serial| table.live(fd, serial).is_some()).is_some()
+    }
+
+    /// Closes the oldest connection still reading its header, to make room for a new
+    /// client (a `shed` refusal of the proxy); false if there is none.
+    pub fn shed_oldest(&mut self, now: Instant, env: &mut Env<'_>) -> bool {
+        let table = &self.table;
+        let Some((fd, _)) = self.queue.pop(|fd, serial| table.live(fd, serial).is_some()) else {
+            return false;
+        };
+        if let Some(pending) = self.table.get(fd) {
+            let waited = now.saturating_duration_since(pending.accepted);
+            log::debug!(
+                "shedding a connection from proxy {} waiting {waited:?} for its header",
+                pending.proxy
+            );
+        }
+        self.drop(fd, Some(CloseReason::Shed), env);
+        true
     }
 
     /// Closes the connections whose header is late at `now`.

@@ -11,13 +11,14 @@
 //!   ([`Listeners::find`]).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::config::ListenerConfig;
 use crate::limits::ClientKey;
 use crate::listener::{ListenSocket, Listener};
+use crate::net::{Address, Peer};
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::ListenerScore;
 
@@ -33,7 +34,7 @@ pub struct ListenerEntry {
     /// Stable id across reloads: per-client counts and scoreboard rows are keyed by it.
     pub id: u16,
     /// The address bound (the kernel's port when the configuration says 0).
-    pub local: SocketAddr,
+    pub local: Address,
     /// [`Listener::specific_addr`]: every accepted connection's local address, when known
     /// without asking the kernel ([`crate::services::ConnInfo::bound`]).
     pub bound: Option<SocketAddr>,
@@ -57,11 +58,15 @@ impl ListenerEntry {
         Timeouts { short: self.policy.short_idle_timeout, long: self.policy.long_idle_timeout }
     }
 
-    /// The key `ip` is counted and logged by on this listener (its client prefix applied).
-    pub fn client_key(&self, ip: IpAddr) -> ClientKey {
+    /// The key `peer` is counted and logged by on this listener: its IP address with the
+    /// client prefix applied, or a Unix client's user id.
+    pub fn client_key(&self, peer: &Peer) -> ClientKey {
         let admission = &self.policy.admission;
         let (v4, v6) = (admission.client_ipv4_prefix, admission.client_ipv6_prefix);
-        ClientKey::with_prefix(usize::from(self.id), ip, v4, v6)
+        match peer {
+            Peer::Ip(address) => ClientKey::with_prefix(usize::from(self.id), address.ip(), v4, v6),
+            Peer::Unix(credentials) => ClientKey::uid(usize::from(self.id), credentials.uid),
+        }
     }
 }
 
@@ -87,8 +92,8 @@ impl Listeners {
             };
             entries.push(ListenerEntry {
                 id: listener.id,
-                local: listener.local_addr,
                 bound: listener.specific_addr(),
+                local: listener.local_addr.clone(),
                 inherits_nodelay: crate::listener::inherits_nodelay(
                     listener.socket(),
                     policy.tcp_nodelay,

@@ -34,6 +34,7 @@
 //!   PROXY header (`header.rs`) and UDP flows (`datagram.rs`);
 //! - `phase.rs`, `admission.rs`, `intake.rs`: the pure decisions (a connection's deadlines
 //!   and what follows a callback; who is admitted or shed; whether to accept at all);
+//! - `shares.rs`: each client's connections in the worker, for shedding by fair share;
 //! - `handoff.rs`: the channel to the master and connections on their way to another worker;
 //! - `env.rs`, `books.rs`, `counters.rs`, `refusals.rs`: what the tables share, and the
 //!   accounting of every connection's end.
@@ -52,10 +53,10 @@ mod listeners;
 mod phase;
 mod recycle;
 pub mod refusals;
+mod shares;
 mod table;
 
 use std::io::{self, ErrorKind};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -71,6 +72,7 @@ use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
 use crate::logging;
+use crate::net::{Peer, Stream};
 use crate::poller::{self, Event, Interest};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
@@ -452,14 +454,14 @@ impl<'a> Worker<'a> {
     /// could shed); stops otherwise (see `intake.rs`).
     fn open_intake(&mut self, now: Instant) -> io::Result<()> {
         let room = self.room() > 0;
-        let can_shed = !room && self.conns.can_shed();
+        let can_shed = !room && self.can_shed();
         let turn = self.gate.turn(now, room, can_shed);
         if turn.became_full {
             self.env.books.counters.became_full();
             let max = self.env.max_connections;
             if let Some(held_back) = self.env.books.full_log.allow(now) {
                 let then = if can_shed {
-                    "the oldest connection without a completed exchange is shed for each new client"
+                    "a connection is shed for each new client (a PROXY header late, no exchange completed, or over its client's fair share)"
                 } else {
                     "no connection can be shed: new clients wait in the backlog"
                 };
@@ -563,11 +565,11 @@ impl<'a> Worker<'a> {
         let mut shedding = false;
         for _ in 0..ACCEPT_BATCH {
             let room = self.room();
-            let can_shed = room == 0 && self.conns.can_shed();
+            let can_shed = room == 0 && self.can_shed();
             if !self.gate.take(now, room, can_shed, &mut shedding) {
                 return;
             }
-            match crate::sys::accept_nonblocking(&fd) {
+            match crate::net::accept(&fd) {
                 Ok((stream, peer)) => self.admit(index, stream, peer, now),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -595,7 +597,7 @@ impl<'a> Worker<'a> {
 
     /// A connection just accepted: served, or its PROXY header read first if it comes from
     /// a trusted proxy.
-    fn admit(&mut self, index: usize, stream: std::net::TcpStream, peer: SocketAddr, now: Instant) {
+    fn admit(&mut self, index: usize, stream: Stream, peer: Peer, now: Instant) {
         let fd = stream.as_raw_fd();
         let entry = &self.env.listeners[index];
         let policy = &entry.policy;
@@ -615,15 +617,20 @@ impl<'a> Worker<'a> {
             return self.env.refuse(fd, index, peer, CloseReason::Error);
         }
         let admission = &policy.admission;
-        if admission.accept_proxy_protocol
-            && access::contains(&admission.trusted_proxies, peer.ip())
+        if let Peer::Ip(proxy) = peer
+            && admission.accept_proxy_protocol
+            && access::contains(&admission.trusted_proxies, proxy.ip())
         {
             // The client is whoever the header names: wait for it.
             if self.room() == 0 {
-                // Accepted because something could be shed; who the client is comes later.
-                self.conns.shed_oldest(now, &mut self.env);
+                // Accepted because something could be shed; who the client is comes later
+                // (taken as a client without connections here). Should nothing be
+                // sheddable after all, it is held one over the budget until its header
+                // completes (select()'s budget keeps spare descriptors).
+                let _ = self.headers.shed_oldest(now, &mut self.env)
+                    || self.conns.make_room(None, now, &mut self.env);
             }
-            if let Some(client) = self.headers.start(stream, index, peer, now, &mut self.env) {
+            if let Some(client) = self.headers.start(stream, index, proxy, now, &mut self.env) {
                 self.admit_client(client, now);
             }
             return;
@@ -636,6 +643,14 @@ impl<'a> Worker<'a> {
     fn admit_client(&mut self, client: Client, now: Instant) {
         let others = self.headers.len() + self.datagrams.len();
         let draining = self.gate.draining();
-        self.conns.admit(client, now, &mut self.env, others, draining);
+        let headers = &mut self.headers;
+        let shed_header = |env: &mut Env<'_>| headers.shed_oldest(now, env);
+        self.conns.admit(client, now, &mut self.env, others, draining, shed_header);
+    }
+
+    /// Whether a full worker could shed a connection for a new client (not known yet: see
+    /// `admission.rs` for what is shed, in which order).
+    fn can_shed(&mut self) -> bool {
+        self.headers.can_shed() || self.conns.can_shed(None)
     }
 }

@@ -32,4 +32,5 @@ mod syslog;
 mod systemd;
 mod tftp;
 mod udp;
+mod unix;
 mod upgrade;

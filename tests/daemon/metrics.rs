@@ -52,7 +52,7 @@ fn http(addr: SocketAddr, request: &[u8]) -> (String, Vec<u8>) {
 }
 
 /// The metrics of the daemon whose metrics listener is `addr`, as text 0.0.4.
-fn scrape(addr: SocketAddr) -> String {
+pub fn scrape(addr: SocketAddr) -> String {
     let (head, body) = http(addr, b"GET /metrics HTTP/1.1\r\nHost: preforkd\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     String::from_utf8(body).expect("UTF-8 metrics")
@@ -164,7 +164,8 @@ fn metrics_count_known_traffic_per_listener() {
         expect_sample(metrics, name, value);
     }
     let text = scrape(metrics);
-    for reason in ["denied", "rate", "limit", "listener-full", "shed", "proxy-header"] {
+    for reason in ["denied", "rate", "limit", "listener-full", "shed", "proxy-header", "over-share"]
+    {
         let name = format!(
             "preforkd_listener_refused_connections_total{{listener=\"echo\",reason=\"{reason}\"}}"
         );

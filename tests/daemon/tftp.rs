@@ -497,8 +497,8 @@ fn spoofed_read_requests_from_many_addresses_draw_less_than_ten_times_their_size
     let factor = drawn as f64 / sent as f64;
     eprintln!("{sent} B of requests drew {drawn} B: {factor:.2}x ({flows} transfers)");
     assert!(factor < 10.0, "{sent} B of requests drew {drawn} B: {factor:.1}x");
-    let ignored = summed(&daemon, "ignored");
-    assert!(ignored > 0, "the budget dropped requests");
+    let unverified = summed(&daemon, "unverified");
+    assert!(unverified > 0, "the budget dropped requests");
     let warning = daemon
         .wait_for_log("the budget's warning", |l| l.contains("max_unverified_transfers (32)"));
     assert!(warning.contains("dropped"), "{warning}");
@@ -548,4 +548,80 @@ fn the_bounds_for_unverified_peers_are_checked() {
     assert!(!status.success());
     assert!(stderr.contains("options.unverified_retries: 101 is out of range"), "{stderr}");
     assert!(stderr.contains("options.max_unverified_transfers: 4097 is out of range"), "{stderr}");
+}
+
+#[test]
+fn udp_and_tftp_traffic_reach_the_listener_counters() {
+    // Issue 22, item 8: the scoreboard's per-listener counters (status --json, the metrics)
+    // count datagrams by outcome, their bytes, and each transfer as a connection; requests
+    // the budget of unverified transfers drops are counted, not only logged.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("file"), random_bytes(1300, 5)).unwrap();
+    let config = format!(
+        "{}[[listener]]\nname = \"echo-udp\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"udp\"\nmax_datagram_rate_per_client = \"3/h\"\n\
+         [[listener]]\nname = \"metrics\"\naddress = \"127.0.0.1:0\"\nservice = \"metrics\"\n",
+        tftp_config(1, "", "max_unverified_transfers = 2")
+            .replace("[daemon]\n", "[daemon]\npid_file = \"@DIR@/preforkd.pid\"\n")
+            .replace("@ROOT@", root.path().to_str().unwrap())
+    );
+    let daemon = Daemon::start(&config);
+    let [tftp, echo, metrics] = daemon.addrs[..] else { panic!("3 listeners") };
+    let listener = |document: &serde_json::Value, name: &str| {
+        let listeners = document["listeners"].as_array().expect("listeners");
+        listeners.iter().find(|l| l["name"] == name).cloned().expect(name)
+    };
+
+    // Echo: 5 datagrams of 10 bytes from one client at 3 per hour: 3 answered, 2 over it.
+    let client = raw_client();
+    for i in 0..5u8 {
+        client.send_to(&[i; 10], echo).unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(receive(&client).0.len(), 10);
+    }
+    // A real client downloads a file: one transfer.
+    let out = tempfile::tempdir().unwrap();
+    let local = out.path().join("file");
+    let url = format!("tftp://127.0.0.1:{}/file", tftp.port());
+    let output = run("curl", &["-sS", "-o", local.to_str().unwrap(), &url], out.path());
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(std::fs::read(&local).unwrap().len(), 1300);
+    // Four requests from addresses that never answer: two take the budget of unverified
+    // transfers, the other two are dropped unanswered.
+    let silent: Vec<UdpSocket> = (0..4)
+        .map(|i| UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 8, 10 + i), 0)).unwrap())
+        .collect();
+    for socket in &silent {
+        socket.send_to(b"\x00\x01file\x00octet\x00", tftp).unwrap();
+    }
+    let mut document = serde_json::Value::Null;
+    eventually("the counters are published", || {
+        document = crate::status::status_json(&daemon);
+        let (echo, tftp) = (listener(&document, "echo-udp"), listener(&document, "tftp"));
+        echo["datagrams"]["over-rate"] == 2
+            && tftp["datagrams"]["unverified"] == 2
+            && tftp["closed"]["service"] == 1
+    });
+    let (echo, tftp) = (listener(&document, "echo-udp"), listener(&document, "tftp"));
+    eprintln!("status --json: echo-udp {echo}\ntftp {tftp}");
+    assert_eq!(echo["datagrams"]["answered"], 3);
+    assert_eq!((echo["bytes_in"].as_u64(), echo["bytes_out"].as_u64()), (Some(50), Some(30)));
+    assert_eq!((echo["accepted"].as_u64(), echo["open"].as_u64()), (Some(0), Some(0)));
+    // Three transfers started (one served, two waiting for a silent peer), two dropped.
+    assert_eq!(tftp["datagrams"]["flow"], 3);
+    assert_eq!(tftp["accepted"], 3);
+    assert_eq!(tftp["open"], 2, "the two silent transfers run until they give up");
+    assert!(tftp["bytes_out"].as_u64().unwrap() >= 1300, "{tftp}");
+    for outcome in ["answered", "ignored", "over-rate", "flow-refused"] {
+        assert_eq!(tftp["datagrams"][outcome], 0, "{outcome}");
+    }
+    // The metrics are read from the same rows.
+    let metrics = crate::metrics::scrape(metrics);
+    for sample in [
+        "preforkd_listener_datagrams_total{listener=\"tftp\",outcome=\"unverified\"} 2",
+        "preforkd_listener_datagrams_total{listener=\"echo-udp\",outcome=\"over-rate\"} 2",
+        "preforkd_listener_accepted_connections_total{listener=\"tftp\"} 3",
+    ] {
+        assert!(metrics.contains(sample), "{sample} missing from\n{metrics}");
+    }
 }

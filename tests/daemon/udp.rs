@@ -246,3 +246,137 @@ fn a_udp_socket_is_kept_across_reload_and_handed_to_an_upgraded_master() {
     let third = client_from(Ipv4Addr::new(127, 0, 0, 5));
     assert_eq!(ask(&third, udp, b"upgraded"), b"upgraded");
 }
+
+/// Loopback address number `n` of a flood of forged sources: 127.1.0.1 onwards, skipping
+/// the .0 and .255 of each /24 (never a 127.0.0.x client of the tests).
+fn forged_source(n: u32) -> Ipv4Addr {
+    let (block, host) = (n / 254, n % 254 + 1);
+    Ipv4Addr::from(0x7f01_0000 + block * 256 + host)
+}
+
+/// Sends one datagram to `server` from each of the forged sources `first..first + count`,
+/// [`FLOOD_WINDOW`] sources at a time, each waiting for its answer (at most 200 ms per
+/// window); returns how many were answered. `between` runs after each window (another
+/// client's attempts during the flood).
+fn flood_from_distinct_sources(
+    server: SocketAddr,
+    first: u32,
+    count: u32,
+    mut between: impl FnMut(),
+) -> u32 {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    const FLOOD_WINDOW: u32 = 128;
+    let mut answered = 0;
+    let mut next = first;
+    while next < first + count {
+        let window: Vec<UdpSocket> = (next..(next + FLOOD_WINDOW).min(first + count))
+            .map(|n| {
+                let socket = UdpSocket::bind(SocketAddrV4::new(forged_source(n), 0)).unwrap();
+                socket.set_nonblocking(true).unwrap();
+                socket.send_to(b"forged", server).unwrap();
+                socket
+            })
+            .collect();
+        next += window.len() as u32;
+        let mut waiting: Vec<&UdpSocket> = window.iter().collect();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while !waiting.is_empty() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds: Vec<PollFd> =
+                waiting.iter().map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)).collect();
+            let timeout = PollTimeout::try_from(left.as_millis().max(1) as u64).unwrap();
+            if poll(&mut fds, timeout).unwrap_or(0) == 0 {
+                break;
+            }
+            let ready: Vec<bool> =
+                fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+            let mut buffer = [0u8; 64];
+            let mut still = Vec::with_capacity(waiting.len());
+            for (socket, ready) in waiting.into_iter().zip(ready) {
+                if ready && socket.recv_from(&mut buffer).is_ok() {
+                    answered += 1;
+                } else {
+                    still.push(socket);
+                }
+            }
+            waiting = still;
+        }
+        between();
+    }
+    answered
+}
+
+/// Whether `socket` gets an answer to `request` from `server`: sent, then a probe from a
+/// fresh address on the same listener is answered (one worker reads one socket in order), so
+/// an answer to the request would be queued by then.
+fn answered_before_a_probe(socket: &UdpSocket, server: SocketAddr, probe: Ipv4Addr) -> bool {
+    socket.send_to(b"again", server).unwrap();
+    let prober = client_from(probe);
+    assert_eq!(ask(&prober, server, b"probe"), b"probe", "a new client is answered");
+    socket.set_nonblocking(true).unwrap();
+    let mut buffer = [0u8; 64];
+    let answered = socket.recv_from(&mut buffer).is_ok();
+    socket.set_nonblocking(false).unwrap();
+    answered
+}
+
+#[test]
+fn forged_floods_neither_reset_a_slow_listeners_buckets_nor_lock_new_clients_out() {
+    // Issue 22, item 4. One worker (so that one socket is read in order, for the probes), a
+    // slow listener at 1/m and a fast one at 100/s, each with its own bucket per client in
+    // the one shared table of 16,384 places.
+    let listener = |name: &str, rate: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\ntransport = \"udp\"\nmax_datagram_rate_per_client = \"{rate}\"\n"
+        )
+    };
+    let config = format!(
+        "[daemon]\nworkers = 1\nallow_root_workers = true\n[log]\nlevel = \"info\"\n{}{}",
+        listener("slow", "1/m"),
+        listener("fast", "100/s")
+    );
+    let daemon = Daemon::start(&config);
+    let [slow, fast] = daemon.addrs[..] else { panic!("2 listeners") };
+    let client = client_from(Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(ask(&client, slow, b"first"), b"first", "the first datagram is within 1/m");
+
+    // 20,000 forged sources on the fast listener: each within its rate, each answered. A
+    // bucket is full, and its place free, by its own rate only: the client's spent 1/m
+    // bucket is not taken, so it gets nothing more this minute.
+    let answered = flood_from_distinct_sources(fast, 0, 20_000, || {});
+    assert_eq!(answered, 20_000, "every forged source is within its own rate");
+    let mut extra = 0;
+    for probe in 10..13 {
+        extra +=
+            usize::from(answered_before_a_probe(&client, slow, Ipv4Addr::new(127, 0, 0, probe)));
+    }
+    eprintln!("slow listener's client after a fast flood: {extra} answers of 3 (1/m)");
+    assert_eq!(extra, 0, "the 1/m client got more than its rate");
+
+    // 30,000 forged sources on the slow listener, more than the table holds: every one is
+    // answered (each is within its rate), and so is every new client after them. The
+    // client over its rate keeps trying during the flood: taking over the fullest bucket
+    // when the table is crowded gives it a token again at most once per about 16,384 new
+    // sources.
+    client.set_nonblocking(true).unwrap();
+    let answered = flood_from_distinct_sources(slow, 20_000, 30_000, || {
+        let _ = client.send_to(b"abuse", slow);
+    });
+    let mut buffer = [0u8; 64];
+    let abuser = std::iter::from_fn(|| client.recv_from(&mut buffer).ok()).count();
+    let served = (20..23)
+        .filter(|&n| {
+            let newcomer = client_from(Ipv4Addr::new(127, 0, 0, n));
+            newcomer.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            newcomer.send_to(b"new", slow).unwrap();
+            newcomer.recv_from(&mut buffer).is_ok()
+        })
+        .count();
+    eprintln!(
+        "after 30,000 forged sources on the 1/m listener: {answered} of them answered; new clients served: {served} of 3; the client over its rate got {abuser} answers in 235 tries"
+    );
+    assert_eq!(answered, 30_000, "no source within its rate is refused for want of room");
+    assert_eq!(served, 3, "new clients are served after the flood");
+    assert!(abuser <= 3, "{abuser}: at most about one token per 16,384 new sources");
+}

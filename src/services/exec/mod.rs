@@ -8,7 +8,9 @@
 //! The child gets fd 0 and 1 = the client socket (made blocking, as a program expects), fd 2
 //! = a pipe whose lines the worker logs (or /dev/null), the UCSPI-TCP environment of
 //! tcpserver(1) (`PROTO=TCP`, `TCPREMOTEIP`, `TCPREMOTEPORT`, `TCPLOCALIP`, `TCPLOCALPORT`;
-//! IPv6 addresses under the same names) plus `env` and the `pass_env` names, nothing else;
+//! IPv6 addresses under the same names), or for a client of a Unix listener that of
+//! ucspi-unix's unixserver(1) (`PROTO=UNIX`, `UNIXREMOTEEUID`, `UNIXREMOTEEGID`,
+//! `UNIXREMOTEPID`, `UNIXLOCALPATH`), plus `env` and the `pass_env` names, nothing else;
 //! default signal dispositions (but for the two real-time signals glibc keeps for itself,
 //! which its posix_spawn leaves ignored too) and an empty signal mask, its own process group,
 //! `directory` as its working directory, and no other descriptor. Before execve(2) it takes
@@ -41,7 +43,6 @@ pub mod wire;
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -54,6 +55,7 @@ use nix::libc;
 use nix::unistd::Pid;
 
 use super::{ConnInfo, Invalid, Options, Service, Session};
+use crate::net::{Address, Peer};
 use crate::privileges::{Credentials, PrivilegeError};
 use crate::sys::{Ids, ProcessSettings, SpawnError};
 
@@ -69,7 +71,17 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 pub const DEFAULT_USER: &str = "preforkd-exec";
 
 /// The environment names tcpserver(1) sets, which `env` may not.
-const UCSPI_NAMES: [&str; 5] = ["PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT"];
+const UCSPI_NAMES: [&str; 9] = [
+    "PROTO",
+    "TCPREMOTEIP",
+    "TCPREMOTEPORT",
+    "TCPLOCALIP",
+    "TCPLOCALPORT",
+    "UNIXREMOTEEUID",
+    "UNIXREMOTEEGID",
+    "UNIXREMOTEPID",
+    "UNIXLOCALPATH",
+];
 
 /// `[listener.options]` of an exec listener, as written.
 #[derive(Debug, serde::Deserialize)]
@@ -219,26 +231,45 @@ impl Program {
     /// `allow` rule, after `env`; a UCSPI name among them is left out) added to its
     /// environment; returns its pid. Called in the spawner.
     ///
+    /// The environment says who connected as the UCSPI tools do: tcpserver(1)'s `PROTO=TCP`,
+    /// `TCPREMOTEIP`, `TCPREMOTEPORT`, `TCPLOCALIP`, `TCPLOCALPORT`, or for a Unix client
+    /// ucspi-unix's unixserver(1)'s `PROTO=UNIX`, `UNIXREMOTEEUID`, `UNIXREMOTEEGID`,
+    /// `UNIXREMOTEPID` and `UNIXLOCALPATH` (for a socket file).
+    ///
     /// # Errors
     /// The failed step and its errno (see [`crate::sys::spawn`]).
     pub fn spawn(
         &self,
         socket: BorrowedFd<'_>,
-        peer: SocketAddr,
-        local: SocketAddr,
+        peer: Peer,
+        local: Option<&Address>,
         stderr: Option<BorrowedFd<'_>>,
         rule_env: &[(String, String)],
     ) -> Result<Pid, SpawnError> {
         let mut envp = Vec::with_capacity(5 + self.env_c.len() + rule_env.len());
-        for (name, value) in [
-            ("PROTO", "TCP".to_owned()),
-            ("TCPREMOTEIP", peer.ip().to_string()),
-            ("TCPREMOTEPORT", peer.port().to_string()),
-            ("TCPLOCALIP", local.ip().to_string()),
-            ("TCPLOCALPORT", local.port().to_string()),
-        ] {
-            // Addresses and ports hold no NUL byte.
+        let mut set = |name: &str, value: String| {
+            // Addresses, ports and ids hold no NUL byte; a path is checked at parse time.
             envp.push(CString::new(format!("{name}={value}")).unwrap_or_default());
+        };
+        match (peer, local) {
+            (Peer::Ip(peer), local) => {
+                set("PROTO", "TCP".to_owned());
+                set("TCPREMOTEIP", peer.ip().to_string());
+                set("TCPREMOTEPORT", peer.port().to_string());
+                if let Some(local) = local.and_then(Address::ip) {
+                    set("TCPLOCALIP", local.ip().to_string());
+                    set("TCPLOCALPORT", local.port().to_string());
+                }
+            }
+            (Peer::Unix(credentials), local) => {
+                set("PROTO", "UNIX".to_owned());
+                set("UNIXREMOTEEUID", credentials.uid.to_string());
+                set("UNIXREMOTEEGID", credentials.gid.to_string());
+                set("UNIXREMOTEPID", credentials.pid.to_string());
+                if let Some(path) = local.and_then(Address::path) {
+                    set("UNIXLOCALPATH", path.display().to_string());
+                }
+            }
         }
         envp.extend(self.env_c.iter().cloned());
         for (name, value) in rule_env {
@@ -398,7 +429,7 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         if !valid_env_name(&name) || value.contains('\0') {
             options.report("env", format!("{name:?}: names and values cannot hold '=' or NUL"));
         } else if UCSPI_NAMES.contains(&name.as_str()) {
-            options.report("env", format!("{name} is set by preforkd (UCSPI-TCP)"));
+            options.report("env", format!("{name} is set by preforkd (UCSPI)"));
         } else {
             env.push((name, value.into()));
         }

@@ -28,6 +28,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::libc;
 
+use crate::net::{Credentials, Peer};
+
 /// Bytes of an encoded [`Request`] before the listener's name: its length (2 bytes), then
 /// the addresses.
 const REQUEST_HEAD: usize = 42;
@@ -47,8 +49,9 @@ pub const EVENT_LEN: usize = 12;
 pub struct Request<'a> {
     /// The listener's name (unique in the worker's generation).
     pub listener: &'a str,
-    /// The client (from a PROXY protocol header when the listener trusts one).
-    pub peer: SocketAddr,
+    /// The client (from a PROXY protocol header when the listener trusts one; a Unix
+    /// client's credentials).
+    pub peer: Peer,
     /// The local address when the worker knows it; `None`: the spawner asks the socket.
     pub local: Option<SocketAddr>,
 }
@@ -62,6 +65,33 @@ fn put_addr(bytes: &mut [u8], address: Option<SocketAddr>) {
     bytes[0] = family;
     bytes[1..17].copy_from_slice(&ip);
     bytes[17..19].copy_from_slice(&port.to_le_bytes());
+}
+
+/// The peer as [`put_addr`] writes an address, a Unix client with family 1 and its pid,
+/// uid and gid as the first 12 address bytes.
+fn put_peer(bytes: &mut [u8], peer: Peer) {
+    match peer {
+        Peer::Ip(address) => put_addr(bytes, Some(address)),
+        Peer::Unix(Credentials { pid, uid, gid }) => {
+            bytes.fill(0);
+            bytes[0] = 1;
+            bytes[1..5].copy_from_slice(&pid.to_le_bytes());
+            bytes[5..9].copy_from_slice(&uid.to_le_bytes());
+            bytes[9..13].copy_from_slice(&gid.to_le_bytes());
+        }
+    }
+}
+
+fn get_peer(bytes: &[u8]) -> Option<Peer> {
+    if bytes[0] == 1 {
+        let word = |i: usize| <[u8; 4]>::try_from(&bytes[i..i + 4]).ok();
+        return Some(Peer::Unix(Credentials {
+            pid: i32::from_le_bytes(word(1)?),
+            uid: u32::from_le_bytes(word(5)?),
+            gid: u32::from_le_bytes(word(9)?),
+        }));
+    }
+    get_addr(bytes)?.map(Peer::Ip)
 }
 
 fn get_addr(bytes: &[u8]) -> Option<Option<SocketAddr>> {
@@ -78,7 +108,8 @@ fn get_addr(bytes: &[u8]) -> Option<Option<SocketAddr>> {
 
 impl<'a> Request<'a> {
     /// Writes the request as sent into `bytes`: its whole length (2 bytes), peer and local
-    /// address (family 0, 4 or 6; 16 bytes of address; port), 2 bytes of padding, then the
+    /// address (family 0, 4 or 6; 16 bytes of address; port; a Unix peer is family 1 with its
+    /// pid, uid and gid in the address bytes), 2 bytes of padding, then the
     /// listener's name; little-endian. Returns its length; `None` when the name is longer
     /// than [`MAX_LISTENER_NAME`].
     pub fn encode(&self, bytes: &mut [u8; MAX_REQUEST]) -> Option<usize> {
@@ -88,7 +119,7 @@ impl<'a> Request<'a> {
         }
         let len = REQUEST_HEAD + name.len();
         bytes[..2].copy_from_slice(&(len as u16).to_le_bytes());
-        put_addr(&mut bytes[2..21], Some(self.peer));
+        put_peer(&mut bytes[2..21], self.peer);
         put_addr(&mut bytes[21..40], self.local);
         bytes[40..REQUEST_HEAD].fill(0);
         bytes[REQUEST_HEAD..len].copy_from_slice(name);
@@ -104,7 +135,7 @@ impl<'a> Request<'a> {
         if usize::from(u16::from_le_bytes([bytes[0], bytes[1]])) != bytes.len() {
             return None;
         }
-        let peer = get_addr(&bytes[2..21])??;
+        let peer = get_peer(&bytes[2..21])?;
         let local = get_addr(&bytes[21..40])?;
         let listener = std::str::from_utf8(&bytes[REQUEST_HEAD..]).ok()?;
         Some(Request { listener, peer, local })
@@ -394,9 +425,14 @@ mod tests {
     fn requests_and_events_survive_the_wire() {
         let request = Request {
             listener: "git",
-            peer: "127.0.0.2:4242".parse().unwrap(),
+            peer: Peer::Ip("127.0.0.2:4242".parse().unwrap()),
             local: Some("[::1]:80".parse().unwrap()),
         };
+        let unix = Credentials { pid: 77, uid: 1000, gid: 100 };
+        let from_unix = Request { peer: Peer::Unix(unix), local: None, ..request };
+        let mut bytes = [0u8; MAX_REQUEST];
+        let len = from_unix.encode(&mut bytes).unwrap();
+        assert_eq!(Request::decode(&bytes[..len]), Some(from_unix));
         let mut bytes = [0u8; MAX_REQUEST];
         let len = request.encode(&mut bytes).unwrap();
         assert_eq!(Request::decode(&bytes[..len]), Some(request));

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::clock::monotonic_ms;
-use crate::scoreboard::{Close, Refusal, Scoreboard, SlotState, UpgradeState};
+use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState, UpgradeState};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";
@@ -129,6 +129,12 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
         None,
     );
+    let datagrams = counters(
+        r,
+        "listener_datagrams",
+        "Datagrams received on a UDP listener's socket, by listener and outcome",
+        None,
+    );
     for totals in board.listener_totals() {
         let name = || vec![("listener", totals.name.clone())];
         let with_reason = |reason: &str| vec![("listener", totals.name.clone()), ("reason", reason.to_owned())];
@@ -144,6 +150,10 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         }
         for reason in Close::ALL {
             closed.get_or_create(&with_reason(reason.name())).inc_by(totals.closed[reason as usize]);
+        }
+        for outcome in Datagram::ALL {
+            let labels = vec![("listener", totals.name.clone()), ("outcome", outcome.name().to_owned())];
+            datagrams.get_or_create(&labels).inc_by(totals.datagrams(outcome));
         }
     }
 
@@ -225,7 +235,7 @@ mod tests {
         let board = Scoreboard::create(None, 2).unwrap();
         board.header().generation.store(2, Ordering::Relaxed);
         board.header().reloads_ok.store(1, Ordering::Relaxed);
-        board.name_listeners([(0, "echo", "127.0.0.1:7".parse().unwrap())]);
+        board.name_listeners([(0, "echo", "127.0.0.1:7".parse().ok())]);
         board.claim(0, 2);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];

@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConnInfo, Invalid, Options, Service, Session};
+use crate::net::{Address, Peer};
 pub use proxy::Version as ProxyVersion;
 use shared::Table;
 
@@ -83,8 +84,8 @@ struct RelayOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
     /// The backends, in the order written (host names resolved when the configuration is
-    /// loaded or reloaded).
-    pub backends: Vec<SocketAddr>,
+    /// loaded or reloaded): IP addresses or Unix sockets.
+    pub backends: Vec<Address>,
     /// How a backend is picked.
     pub balance: Balance,
     /// How long one connect may take before the next backend is tried.
@@ -159,16 +160,20 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
     }
 }
 
-/// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (resolved now; the first address is used).
-fn resolve(written: &str) -> Result<SocketAddr, String> {
-    if let Ok(address) = written.parse::<SocketAddr>() {
-        return check_backend(written, address);
+/// `IP:PORT`, `[IPv6]:PORT`, `unix:/path`, `unix:@name` or `HOST:PORT` (resolved now; the
+/// first address is used).
+fn resolve(written: &str) -> Result<Address, String> {
+    match written.parse::<Address>() {
+        Ok(Address::Ip(address)) => return check_backend(written, address),
+        Ok(unix) => return Ok(unix),
+        Err(error) if written.starts_with("unix:") => return Err(error.to_string()),
+        Err(_) => {}
     }
     let Some((host, port)) = written.rsplit_once(':') else {
-        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT or HOST:PORT"));
+        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT, HOST:PORT or unix:/path"));
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT or HOST:PORT"));
+        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT, HOST:PORT or unix:/path"));
     }
     match (host, port.parse::<u16>().unwrap_or(0)).to_socket_addrs() {
         Ok(mut addresses) => match addresses.next() {
@@ -179,7 +184,7 @@ fn resolve(written: &str) -> Result<SocketAddr, String> {
     }
 }
 
-fn check_backend(written: &str, address: SocketAddr) -> Result<SocketAddr, String> {
+fn check_backend(written: &str, address: SocketAddr) -> Result<Address, String> {
     if address.port() == 0 {
         return Err(format!("{written:?}: the port must not be 0"));
     }
@@ -187,7 +192,7 @@ fn check_backend(written: &str, address: SocketAddr) -> Result<SocketAddr, Strin
     {
         return Err(format!("{written:?} is not a host address"));
     }
-    Ok(address)
+    Ok(Address::Ip(address))
 }
 
 /// A humane duration option, more than 0 and at most a day; `None` (and a report) when
@@ -245,12 +250,12 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(shared: &Shared, peer: SocketAddr) -> Plan {
+    fn new(shared: &Shared, peer: Peer) -> Plan {
         let n = shared.config.backends.len();
         let start = match shared.config.balance {
             Balance::First => 0,
             Balance::RoundRobin | Balance::LeastConnections => shared.table.next_turn() % n,
-            Balance::SourceHash => (fnv1a(&peer.ip()) % n as u64) as usize,
+            Balance::SourceHash => (source_hash(&peer) % n as u64) as usize,
         };
         Plan { start, tried: 0 }
     }
@@ -277,15 +282,19 @@ impl Plan {
     }
 }
 
-/// FNV-1a over the address bytes: stable across runs and builds (unlike `DefaultHasher`), so a
-/// client keeps its backend across restarts and reloads with the same backends.
-fn fnv1a(ip: &IpAddr) -> u64 {
-    let bytes: Vec<u8> = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.octets().to_vec(),
-            None => v6.octets().to_vec(),
+/// FNV-1a over the client's address bytes (a Unix client's user id): stable across runs and
+/// builds (unlike `DefaultHasher`), so a client keeps its backend across restarts and reloads
+/// with the same backends.
+fn source_hash(peer: &Peer) -> u64 {
+    let bytes: Vec<u8> = match peer {
+        Peer::Ip(address) => match address.ip() {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.octets().to_vec(),
+                None => v6.octets().to_vec(),
+            },
         },
+        Peer::Unix(credentials) => credentials.uid.to_le_bytes().to_vec(),
     };
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
@@ -298,7 +307,7 @@ mod tests {
 
     fn relay(backends: usize, balance: Balance) -> Shared {
         let config = RelayConfig {
-            backends: (0..backends).map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))).collect(),
+            backends: (0..backends).map(|i| Address::Ip(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))).collect(),
             balance,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retries: DEFAULT_RETRIES,
@@ -314,7 +323,7 @@ mod tests {
     #[test]
     fn first_fails_over_in_order_and_skips_down_backends() {
         let shared = relay(3, Balance::First);
-        let peer: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
         let mut plan = Plan::new(&shared, peer);
         assert_eq!(plan.next(&shared, 0), Some(0));
         assert_eq!(plan.next(&shared, 0), Some(1));
@@ -333,12 +342,12 @@ mod tests {
     #[test]
     fn round_robin_takes_turns_and_source_hash_sticks() {
         let shared = relay(2, Balance::RoundRobin);
-        let peer: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
         let firsts: Vec<_> = (0..4).map(|_| Plan::new(&shared, peer).next(&shared, 0)).collect();
         assert_eq!(firsts, [Some(0), Some(1), Some(0), Some(1)]);
         let shared = relay(4, Balance::SourceHash);
         let pick = |ip: &str, port| {
-            let peer = SocketAddr::new(ip.parse().unwrap(), port);
+            let peer = Peer::Ip(SocketAddr::new(ip.parse().unwrap(), port));
             Plan::new(&shared, peer).next(&shared, 0)
         };
         assert_eq!(pick("127.0.0.2", 1), pick("127.0.0.2", 2), "the port does not matter");
@@ -351,7 +360,7 @@ mod tests {
     #[test]
     fn least_connections_prefers_the_least_loaded() {
         let shared = relay(2, Balance::LeastConnections);
-        let peer: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
         let _lease = shared::Lease::new(Arc::clone(&shared.table), 0);
         for _ in 0..3 {
             assert_eq!(Plan::new(&shared, peer).next(&shared, 0), Some(1));
@@ -373,6 +382,8 @@ mod tests {
         assert!(resolve("0.0.0.0:80").is_err());
         assert!(resolve("nonsense").is_err());
         assert_eq!(resolve("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
-        assert_eq!(resolve("localhost:80").map(|a| a.port()), Ok(80));
+        assert_eq!(resolve("localhost:80").map(|a| a.ip().map(|a| a.port())), Ok(Some(80)));
+        assert_eq!(resolve("unix:/run/redis.sock"), Ok(Address::Unix("/run/redis.sock".into())));
+        assert!(resolve("unix:redis.sock").is_err(), "a relative path");
     }
 }

@@ -6,6 +6,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::net::Peer;
+
 /// Which PROXY protocol header the relay sends (`send_proxy_protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,10 +25,16 @@ pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// unknown: v1 then says `UNKNOWN`, v2 sends the `PROXY` command with `AF_UNSPEC`, which the
 /// specification tells the receiver to treat as "use the real connection's addresses").
 ///
+/// A Unix client gets the same: the specification's v1 `UNKNOWN` ("for other protocols")
+/// and v2 `AF_UNSPEC` ("when dealing with unsupported protocol families"), still with the
+/// `PROXY` command, as the connection is relayed for a client (`LOCAL` is for connections the
+/// proxy makes on its own). Its `AF_UNIX` family would carry two 108-byte paths,
+/// of which a client's is nearly always empty: it would tell the backend nothing.
+///
 /// An IPv4 client on an IPv6 socket (`::ffff:a.b.c.d` on both ends) is written as TCP4, as
 /// the client really is one; a mix of families that cannot be unified is `UNKNOWN`.
-pub fn header(version: Version, client: SocketAddr, local: Option<SocketAddr>) -> Vec<u8> {
-    let pair = local.and_then(|local| same_family(client, local));
+pub fn header(version: Version, client: Peer, local: Option<SocketAddr>) -> Vec<u8> {
+    let pair = local.zip(client.socket_addr()).and_then(|(local, client)| same_family(client, local));
     match version {
         Version::V1 => v1(pair),
         Version::V2 => v2(pair),
@@ -107,16 +115,16 @@ mod tests {
         let client: SocketAddr = "192.0.2.7:56324".parse().unwrap();
         let local: SocketAddr = "198.51.100.1:443".parse().unwrap();
         assert_eq!(
-            header(Version::V1, client, Some(local)),
+            header(Version::V1, Peer::Ip(client), Some(local)),
             b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\r\n"
         );
         let client: SocketAddr = "[2001:db8::1]:1000".parse().unwrap();
         let local: SocketAddr = "[::1]:25".parse().unwrap();
         assert_eq!(
-            header(Version::V1, client, Some(local)),
+            header(Version::V1, Peer::Ip(client), Some(local)),
             b"PROXY TCP6 2001:db8::1 ::1 1000 25\r\n"
         );
-        assert_eq!(header(Version::V1, client, None), b"PROXY UNKNOWN\r\n");
+        assert_eq!(header(Version::V1, Peer::Ip(client), None), b"PROXY UNKNOWN\r\n");
     }
 
     #[test]
@@ -125,17 +133,25 @@ mod tests {
         let local: SocketAddr = "10.0.0.2:80".parse().unwrap();
         let mut expected = V2_SIGNATURE.to_vec();
         expected.extend([0x21, 0x11, 0, 12, 10, 0, 0, 1, 10, 0, 0, 2, 1, 2, 0, 80]);
-        assert_eq!(header(Version::V2, client, Some(local)), expected);
+        assert_eq!(header(Version::V2, Peer::Ip(client), Some(local)), expected);
 
         let client: SocketAddr = "[::1]:1".parse().unwrap();
         let local: SocketAddr = "[::2]:2".parse().unwrap();
-        let v2 = header(Version::V2, client, Some(local));
+        let v2 = header(Version::V2, Peer::Ip(client), Some(local));
         assert_eq!(v2.len(), 16 + 36);
         assert_eq!(&v2[12..16], &[0x21, 0x21, 0, 36]);
         assert_eq!(v2[16 + 15], 1);
         assert_eq!(v2[32 + 15], 2);
         assert_eq!(&v2[48..], &[0, 1, 0, 2]);
-        assert_eq!(&header(Version::V2, client, None)[12..], &[0x21, 0x00, 0, 0]);
+        assert_eq!(&header(Version::V2, Peer::Ip(client), None)[12..], &[0x21, 0x00, 0, 0]);
+    }
+
+    #[test]
+    fn a_unix_client_is_unknown() {
+        let unix = Peer::Unix(crate::net::Credentials { pid: 1, uid: 1000, gid: 1000 });
+        let to: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert_eq!(header(Version::V1, unix, Some(to)), b"PROXY UNKNOWN\r\n");
+        assert_eq!(&header(Version::V2, unix, None)[12..], &[0x21, 0x00, 0, 0], "PROXY, UNSPEC");
     }
 
     #[test]
@@ -143,7 +159,7 @@ mod tests {
         let client: SocketAddr = "[::ffff:127.0.0.2]:5000".parse().unwrap();
         let local: SocketAddr = "[::ffff:127.0.0.1]:7".parse().unwrap();
         assert_eq!(
-            header(Version::V1, client, Some(local)),
+            header(Version::V1, Peer::Ip(client), Some(local)),
             b"PROXY TCP4 127.0.0.2 127.0.0.1 5000 7\r\n"
         );
     }

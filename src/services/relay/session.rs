@@ -18,22 +18,22 @@
 //! waits in its socket, so a failover replays nothing.
 
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use super::Shared;
 use super::pump::{Fault, Flow, Pump};
 use super::shared::{Health, Lease};
 use crate::clock::monotonic_ms;
+use crate::net::{self, Peer, Stream};
 use crate::services::{CloseReason, Context, Interest, Progress, Ready, Session};
 
 /// The backend connection of a session.
 struct Link {
-    stream: TcpStream,
+    stream: Stream,
     /// Index in the relay's backends.
     backend: usize,
     /// What the poller watches the stream for.
@@ -63,7 +63,7 @@ enum Side {
 /// The relay's per-connection state.
 pub struct RelaySession {
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer: Peer,
     plan: Option<super::Plan>,
     state: State,
     /// PROXY header bytes not yet counted out of what the up pump wrote.
@@ -83,7 +83,7 @@ pub struct RelaySession {
 }
 
 impl RelaySession {
-    pub(super) fn new(shared: Arc<Shared>, peer: SocketAddr, header: Option<Vec<u8>>) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, peer: Peer, header: Option<Vec<u8>>) -> Self {
         let splices = shared.config.splice;
         RelaySession {
             shared,
@@ -117,9 +117,9 @@ impl RelaySession {
                 return Ok(Progress::default());
             };
             self.tries += 1;
-            let address = config.backends[index];
+            let address = &config.backends[index];
             let lease = Lease::new(Arc::clone(&shared.table), index);
-            match start_connect(address) {
+            match net::connect(address, None) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
                     let link = Link { stream, backend: index, watched: Interest::WRITE, _lease: lease };
@@ -155,7 +155,7 @@ impl RelaySession {
             return self.connect_next(cx);
         }
         cx.set_timer(None);
-        let address = self.shared.config.backends[link.backend];
+        let address = &self.shared.config.backends[link.backend];
         if self.shared.table.backend(link.backend).succeeded() {
             log::info!("relay backend {address} is up again");
         }
@@ -230,7 +230,7 @@ impl RelaySession {
         }
         let State::Open(link) = &mut self.state else { unreachable!() };
         if self.up.needs_shutdown() {
-            if let Err(error) = link.stream.shutdown(std::net::Shutdown::Write) {
+            if let Err(error) = link.stream.shutdown(Shutdown::Write) {
                 return self.backend_failed(error, cx).map(|_| progress);
             }
             self.up.flow = Flow::Shut;
@@ -272,7 +272,7 @@ impl RelaySession {
         if let State::Open(link) = std::mem::replace(&mut self.state, State::Over) {
             cx.unwatch(link.stream.as_fd());
             // SO_LINGER 0: the close sends RST, as the client did.
-            let _ = SockRef::from(&link.stream).set_linger(Some(Duration::ZERO));
+            let _ = link.stream.socket().set_linger(Some(Duration::ZERO));
         }
         cx.close(CloseReason::Service("client-reset"));
         Ok(Progress::default())
@@ -281,7 +281,7 @@ impl RelaySession {
     /// The backend reset (or a write to it failed): reset the client too.
     fn backend_failed(&mut self, error: io::Error, cx: &mut Context<'_>) -> io::Result<Progress> {
         if let State::Open(link) = std::mem::replace(&mut self.state, State::Over) {
-            let address = self.shared.config.backends[link.backend];
+            let address = &self.shared.config.backends[link.backend];
             log::debug!("relay: backend {address} failed for client {}: {error}", self.peer);
             cx.unwatch(link.stream.as_fd());
         }
@@ -290,20 +290,9 @@ impl RelaySession {
     }
 }
 
-/// A non-blocking connect to `address` (`EINPROGRESS` is success: the loop reports the end).
-fn start_connect(address: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-    match socket.connect(&address.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
-}
-
 /// Records a failed connect to backend `index` in the shared table and logs it.
 fn failed(shared: &Shared, index: usize, error: &io::Error) {
-    let address = shared.config.backends[index];
+    let address = &shared.config.backends[index];
     log::debug!("relay: connect to backend {address} failed: {error}");
     let down_ms = u64::try_from(shared.config.down_time.as_millis()).unwrap_or(u64::MAX);
     let health = shared.table.backend(index).failed(shared.config.fail_threshold, monotonic_ms(), down_ms);

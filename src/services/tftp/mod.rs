@@ -300,7 +300,7 @@ impl DatagramService for Tftp {
                                 budget.slots()
                             );
                         }
-                        return Answer::Ignore;
+                        return Answer::Unverified;
                     }
                 }
             }
