@@ -21,7 +21,7 @@
 //!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
-//!    [`sdnotify`], [`signals`], [`status_json`]
+//!    [`sdnotify`], [`shared`], [`signals`], [`status_json`]
 //! 3. services: [`services`]
 //! 4. configuration: [`config`], [`import`]
 //! 5. serving: [`listener`], [`spawner`], [`worker`]
@@ -92,9 +92,57 @@
 //! }
 //! ```
 //!
-//! `examples/upper.rs` is this program with a greeting and a `QUIT` command, and
-//! `examples/upper.toml` its configuration: `cargo run --example upper -- -c
-//! examples/upper.toml`.
+//! `examples/upper.rs` is this program with a greeting, a `QUIT` command and the hand-off
+//! of its connections across a reload, and `examples/upper.toml` its configuration:
+//! `cargo run --example upper -- -c examples/upper.toml`. `examples/kv.rs` is a
+//! Redis-protocol key-value store (redis-cli and redis-benchmark talk to it), with a
+//! decoder of its own and its keys in a [`shared::SharedMap`].
+//!
+//! ## What runs where, and which state each worker sees
+//!
+//! The service is built in the master and reaches each worker through fork(2): what it holds
+//! when built, every worker holds a copy of; what a worker changes afterwards (through a
+//! `Cell`, `RefCell` or `OnceCell`: each process is single-threaded) only that worker sees.
+//! A value `SET` in one worker's `HashMap` is missing from the others', and a client's next
+//! connection may well be served by another worker.
+//!
+//! ```text
+//!                          master (root, or the user that started it)
+//!   +---------------------------------------------------------------------------+
+//!   | build(&mut Options) -> Service   at start, at each reload, and in `check`:  |
+//!   |                                  no socket, thread or file; may map memory  |
+//!   | SharedMap::new(..)  ---------------------------+   (MAP_SHARED: one copy)   |
+//!   +---------------+--------------------------+-----|----------------------------+
+//!              fork(2)                    fork(2)    |
+//!   +---------------v-----------+  +-----------v-----|-----+
+//!   | worker 0 (daemon.user)    |  | worker 1              |   ... one per `workers`,
+//!   |  Service: its own copy    |  |  Service: its own copy|   and per generation
+//!   |  after_fork(): database   |  |  after_fork(): its own|   during a reload
+//!   |    connection A, caches   |  |    connection B       |
+//!   |  session() per connection |  |  session() ...        |
+//!   |    Session: that client's |  |    (a hand-off moves  |
+//!   |    state, and only its    |  |    it to a new worker)|
+//!   |  before_exit(): close A   |  |  before_exit()        |
+//!   +-------------+-------------+  +-----------+-----------+
+//!                 |                            |
+//!                 +-------> SharedMap <--------+   one table for every worker of every
+//!                           (under a robust,       generation; gone with the master
+//!                            shared lock)          (restart, binary upgrade)
+//! ```
+//!
+//! - State every worker reads and none changes (configuration, a parsed file): fields set
+//!   by the build function.
+//! - State of one worker (a database connection, a client pool, a per-worker cache): made
+//!   by [`services::Service::after_fork`], which runs in each worker as its user before it
+//!   accepts (a failure is a boot failure, logged with the hook's message), and ended by
+//!   [`services::Service::before_exit`].
+//! - State of one connection: the [`services::Session`] (with [`services::Framed`], the
+//!   handler), moved with the connection when a reload hands it off.
+//! - State all workers share: a [`shared::SharedMap`] made in the master (by the build
+//!   function, kept across reloads as `examples/kv.rs` does), or an external store (Redis,
+//!   a database) when it must outlive the daemon or span hosts. The daemon's own shared
+//!   memory (the per-client limits, the datagram rates) is not for services; its
+//!   scoreboard can be read ([`services::Context::scoreboard`]), not written.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -125,6 +173,7 @@ pub mod schema;
 pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
+pub mod shared;
 pub mod signals;
 pub mod spawner;
 pub mod status_json;

@@ -18,6 +18,7 @@ mod import;
 mod include;
 mod json_log;
 mod keys;
+mod kv;
 mod lifecycle;
 mod limits;
 mod metrics;

@@ -24,9 +24,9 @@ use std::ops::Range;
 pub enum Frame {
     /// Not a whole frame yet, of a length not known yet (a line without its LF).
     Incomplete,
-    /// Not a whole frame yet; it will be this many bytes in all (a length-prefixed frame whose
-    /// header has arrived): the helper refuses it at once if that is over its limit, and
-    /// makes room for it.
+    /// Not a whole frame yet; it will be at least this many bytes in all (a length-prefixed
+    /// frame whose header has arrived, or the part of a frame whose lengths are known so
+    /// far): the helper refuses it at once if that is over its limit, and makes room for it.
     Needs(usize),
     /// A whole frame: the first `len` bytes of the input. The handler gets the bytes in
     /// `payload` (the frame without its header or delimiter), and the helper drops all `len`
@@ -50,8 +50,12 @@ impl Frame {
     }
 }
 
-/// Finds the first frame in the buffered input: see the [module documentation](self) for the
-/// contract.
+/// Finds the first frame in the buffered input. Its contract, for input `b`:
+/// [`Frame::Complete`] has `len >= 1`, `len <= b.len()` and `payload` within `..len` (anything
+/// else closes the connection as `bad-frame`); [`Frame::Incomplete`] and [`Frame::Needs`] say
+/// no frame yet; [`Frame::Invalid`] says no more input can make one. It is called again on
+/// the same bytes and more until it finds a frame, so it must be cheap on a short prefix and
+/// keep no state.
 pub type Decoder = fn(&[u8]) -> Frame;
 
 /// Lines ended by LF, as most text protocols send them (SMTP, POP3, memcache, Redis inline
