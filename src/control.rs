@@ -22,7 +22,7 @@ use crate::config;
 use crate::exit::ExitStatus;
 use crate::master::FAST_STOP_GRACE;
 use crate::pidfile;
-use crate::scoreboard::{self, Refusal, Scoreboard, SlotState};
+use crate::scoreboard::{self, Refusal, Scoreboard, SlotState, TlsFailure};
 use crate::services::Registry;
 use crate::status_json;
 use crate::sys;
@@ -374,7 +374,32 @@ fn status(board: &Scoreboard) -> String {
         ));
     }
     out.push_str(&refusals(board));
+    out.push_str(&handshakes(board));
     out.trim_end().to_owned()
+}
+
+/// One line per listener that has made or failed a TLS handshake: `tls NAME: handshakes N,
+/// resumed N; failed: timeout N, ...`.
+fn handshakes(board: &Scoreboard) -> String {
+    let mut out = String::new();
+    for totals in board.listener_totals() {
+        let failed: u64 = totals.tls_failed.iter().sum();
+        if totals.tls_handshakes + failed == 0 {
+            continue;
+        }
+        let reasons: Vec<String> = TlsFailure::ALL
+            .iter()
+            .map(|&reason| format!("{} {}", reason.name(), totals.tls_failed(reason)))
+            .collect();
+        out.push_str(&format!(
+            "tls {}: handshakes {}, resumed {}; failed: {}\n",
+            totals.name,
+            totals.tls_handshakes,
+            totals.tls_resumed,
+            reasons.join(", ")
+        ));
+    }
+    out
 }
 
 /// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those

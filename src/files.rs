@@ -8,7 +8,9 @@
 //!   (`/dev/zero` or a huge file cannot exhaust memory);
 //! - the files the master writes as root (the log file) and the state files the control
 //!   commands trust (pid file, scoreboard) are opened with `O_NOFOLLOW`, so a symlink planted
-//!   at their path is refused rather than followed.
+//!   at their path is refused rather than followed;
+//! - secrets the master reads (TLS keys and certificates, [`read_trusted`]) are reached
+//!   through a symlink only when root or the master's own user owns it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -94,6 +96,65 @@ pub fn read_bounded(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
         return Err(invalid(format!("is more than the limit of {max_bytes} bytes")));
     }
     Ok(bytes)
+}
+
+/// Largest certificate, key or CA file read: 1 MiB (a chain of a few certificates is a few
+/// KiB; a CA bundle such as Debian's is about 200 KiB).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Symbolic links followed at most at the end of a path by [`read_trusted`].
+const MAX_LINKS: usize = 8;
+
+/// Reads the regular file at `path`, at most `max_bytes` of it, as the master reads TLS
+/// certificates and keys (usually as root).
+///
+/// The rule: the last component of `path` may be a symbolic link (certbot's `live/`
+/// directory is made of them), and so may each link's target in turn, but only a link owned
+/// by root or by the user the master runs as is followed. A link owned by anyone else is
+/// refused: its owner could point it at a file only root may read (`/etc/shadow`) and have
+/// the master load it. Each link is examined through a descriptor of the link itself
+/// (`O_PATH | O_NOFOLLOW`), so its owner and target are one link's; the file at the end is
+/// opened with `O_NOFOLLOW`, so a link swapped in meanwhile is refused. Directories on the
+/// way are trusted as for every other file the configuration names.
+///
+/// # Errors
+/// As [`open_regular`]; `InvalidInput` for a link owned by another user or a chain of more
+/// than 8 links.
+pub fn read_trusted(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut at = path.to_path_buf();
+    for _ in 0..=MAX_LINKS {
+        let link = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(&at)?;
+        let meta = link.metadata()?;
+        if !meta.file_type().is_symlink() {
+            let file = open_regular(&at, max_bytes, false)?;
+            let mut bytes = Vec::new();
+            file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > max_bytes {
+                return Err(invalid(format!("is more than the limit of {max_bytes} bytes")));
+            }
+            return Ok(bytes);
+        }
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != euid {
+            return Err(invalid(format!(
+                "{} is a symbolic link owned by uid {}, which is not followed (only links owned by root or by the master's user are)",
+                at.display(),
+                meta.uid()
+            )));
+        }
+        // readlinkat(2) on an O_PATH descriptor of the link, with an empty path, reads that
+        // very link.
+        let target = nix::fcntl::readlinkat(&link, "")?;
+        let target = Path::new(&target);
+        at = match at.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target.to_path_buf(),
+        };
+    }
+    Err(invalid(format!("more than {MAX_LINKS} symbolic links in a row")))
 }
 
 /// Opens the log file at `path` for appending, creating it with [`LOG_FILE_MODE`], as the

@@ -34,7 +34,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "status_json",
         ],
     ),
-    ("services", &["services"]),
+    ("services", &["services", "tls"]),
     ("configuration", &["config", "import"]),
     ("serving", &["listener", "spawner", "worker"]),
     ("supervising", &["master"]),

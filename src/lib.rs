@@ -22,7 +22,7 @@
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
 //!    [`sdnotify`], [`shared`], [`signals`], [`status_json`]
-//! 3. services: [`services`]
+//! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
 //! 5. serving: [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
@@ -178,6 +178,7 @@ pub mod signals;
 pub mod spawner;
 pub mod status_json;
 pub mod sys;
+pub mod tls;
 pub mod worker;
 
 #[cfg(test)]

@@ -493,6 +493,7 @@ mod tests {
             admission: Default::default(),
             transport: ListenerTransport::Tcp,
             max_datagram_rate_per_client: None,
+            tls: None,
             banners: Default::default(),
         }
     }

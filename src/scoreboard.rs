@@ -30,7 +30,8 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
-/// Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
+/// Version 9: TLS handshakes, resumptions and failures per listener
+/// ([`ListenerScore::tls_handshakes`], [`TlsFailure`]). Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
 /// ([`ListenerScore::datagrams`]). Version 7: each listener's bound address
 /// ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
 /// ([`ListenerScore::handed_off`], `adopted`). Version 5:
@@ -40,7 +41,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb8");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb9");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -153,6 +154,78 @@ impl Refusal {
             Refusal::Shed => "shed",
             Refusal::ProxyHeader => "proxy-header",
             Refusal::OverShare => "over-share",
+        }
+    }
+}
+
+/// Why a TLS handshake failed: the per-listener TLS failure counters of the scoreboard, in
+/// this order. A connection whose handshake failed never reached its service: it is counted
+/// here, not among the closes, and gets no access line (the log summarizes failures per
+/// client and reason, as it does refusals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum TlsFailure {
+    /// The handshake did not complete within the listener's `handshake_timeout`.
+    Timeout = 0,
+    /// The client closed or reset the connection during the handshake.
+    Closed = 1,
+    /// The client's first bytes were not a TLS handshake (plain text on a TLS port).
+    NotTls = 2,
+    /// No protocol version, cipher suite, key exchange group, signature scheme or ALPN
+    /// protocol in common.
+    Incompatible = 3,
+    /// `client_auth = "required"` and the client presented no certificate.
+    NoClientCertificate = 4,
+    /// The client's certificate was refused: not issued by `client_ca`, expired, unusable.
+    BadClientCertificate = 5,
+    /// The client aborted with an alert of its own (it did not trust the server's
+    /// certificate, most often).
+    ClientAlert = 6,
+    /// Malformed or unexpected handshake messages, or another failure.
+    Protocol = 7,
+}
+
+/// Number of [`TlsFailure`] reasons.
+pub const TLS_FAILURES: usize = 8;
+
+impl TlsFailure {
+    /// Every reason, in counter order.
+    pub const ALL: [TlsFailure; TLS_FAILURES] = [
+        TlsFailure::Timeout,
+        TlsFailure::Closed,
+        TlsFailure::NotTls,
+        TlsFailure::Incompatible,
+        TlsFailure::NoClientCertificate,
+        TlsFailure::BadClientCertificate,
+        TlsFailure::ClientAlert,
+        TlsFailure::Protocol,
+    ];
+
+    /// The `status`, metrics and log spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Closed => "closed",
+            TlsFailure::NotTls => "not-tls",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::NoClientCertificate => "no-client-certificate",
+            TlsFailure::BadClientCertificate => "bad-client-certificate",
+            TlsFailure::ClientAlert => "client-alert",
+            TlsFailure::Protocol => "protocol",
+        }
+    }
+
+    /// The close reason of a connection that failed this way, `tls-` and [`TlsFailure::name`].
+    pub fn close_reason(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "tls-timeout",
+            TlsFailure::Closed => "tls-closed",
+            TlsFailure::NotTls => "tls-not-tls",
+            TlsFailure::Incompatible => "tls-incompatible",
+            TlsFailure::NoClientCertificate => "tls-no-client-certificate",
+            TlsFailure::BadClientCertificate => "tls-bad-client-certificate",
+            TlsFailure::ClientAlert => "tls-client-alert",
+            TlsFailure::Protocol => "tls-protocol",
         }
     }
 }

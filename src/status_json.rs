@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::clock::{monotonic_ms, unix_ms};
-use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState};
+use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState, TlsFailure};
 
 /// Version of the document's schema, its `"schema"` field. Raised only for a change that
 /// would break a reader of the previous version.
@@ -75,6 +75,15 @@ pub struct Listener {
     /// `over-rate`, `unverified`, `flow`, `flow-refused`; every outcome is present, 0 for a
     /// TCP listener; added in schema 1).
     pub datagrams: BTreeMap<&'static str, u64>,
+    /// TLS handshakes completed (resumed ones included); 0 on a plain listener (added in
+    /// schema 1).
+    pub tls_handshakes: u64,
+    /// TLS handshakes that resumed a session from a ticket.
+    pub tls_resumed: u64,
+    /// TLS handshakes failed, by reason (`timeout`, `closed`, `not-tls`, `incompatible`,
+    /// `no-client-certificate`, `bad-client-certificate`, `client-alert`, `protocol`; every
+    /// reason is present). A failed handshake is not among `closed`.
+    pub tls_failed: BTreeMap<&'static str, u64>,
 }
 
 /// The master's part of a [`Snapshot`].
@@ -206,6 +215,12 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             bytes_out: totals.bytes_out,
             handed_off: totals.handed_off,
             adopted: totals.adopted,
+            tls_handshakes: totals.tls_handshakes,
+            tls_resumed: totals.tls_resumed,
+            tls_failed: TlsFailure::ALL
+                .iter()
+                .map(|&f| (f.name(), totals.tls_failed[f as usize]))
+                .collect(),
         })
         .collect();
     Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers, listeners }

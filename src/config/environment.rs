@@ -269,7 +269,8 @@ mod tests {
         let (file, options, mut issues) = file::read(source);
         let mut needs = Needs::default();
         let services = crate::services::Registry::builtin();
-        let config = validate(file.unwrap(), options, &services, &mut issues, &mut needs);
+        let config =
+            validate(file.unwrap(), options, &services, Path::new("."), &mut issues, &mut needs);
         assert!(config.is_some(), "a valid file: {issues:?}");
         check(&needs, source, Uid::from_raw(euid)).into_iter().map(|i| i.message).collect()
     }

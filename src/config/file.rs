@@ -154,6 +154,46 @@ pub struct ListenerSection {
     pub banner_fail: Option<Spanned<BannerValue>>,
     /// `[listener.options]`: the service's own options, read by the service.
     pub options: Option<Spanned<toml::Table>>,
+    /// `[listener.tls]`: TLS termination in front of the service.
+    pub tls: Option<Spanned<TlsSection>>,
+}
+
+/// `[listener.tls]` as written in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The default certificate chain file.
+    pub certificate: Option<Spanned<String>>,
+    /// Its private key file.
+    pub key: Option<Spanned<String>>,
+    /// `[[listener.tls.sni]]`: certificates by server name.
+    pub sni: Option<Vec<Spanned<SniSection>>>,
+    /// CA file for client certificates.
+    pub client_ca: Option<Spanned<String>>,
+    /// `"required"` or `"optional"`.
+    pub client_auth: Option<Spanned<String>>,
+    /// `"1.2"` or `"1.3"`.
+    pub min_version: Option<Spanned<String>>,
+    /// ALPN protocol names.
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Handshake deadline, a humane duration string.
+    pub handshake_timeout: Option<Spanned<String>>,
+    /// Session tickets on or off.
+    pub session_tickets: Option<Spanned<bool>>,
+    /// Ticket key rotation period, a humane duration string.
+    pub ticket_rotation: Option<Spanned<String>>,
+}
+
+/// One `[[listener.tls.sni]]` entry as written in the file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniSection {
+    /// The server name (or `*.` wildcard).
+    pub name: Option<Spanned<String>>,
+    /// Its certificate chain file.
+    pub certificate: Option<Spanned<String>>,
+    /// Its private key file.
+    pub key: Option<Spanned<String>>,
 }
 
 /// One entry of `allow`: `"10.0.0.0/8"`, or `{ prefix = "10.0.0.0/8", env = { K = "V" } }`.
@@ -369,8 +409,13 @@ mod tests {
 
     /// The keys serde expects in each section, from its own "unknown field" message.
     fn mirrored(section: &str) -> Vec<String> {
-        let header = if section == "listener" { "[[listener]]" } else { "[daemon]" };
-        let header = if section == "log" { "[log]" } else { header };
+        let header = match section {
+            "listener" => "[[listener]]",
+            "listener.tls" => "[[listener]]\n[listener.tls]",
+            "listener.tls.sni" => "[[listener]]\n[[listener.tls.sni]]",
+            "log" => "[log]",
+            _ => "[daemon]",
+        };
         let (_, _, issues) = read(&format!("{header}\nno_such_key = 1\n"));
         let message = &issues.first().expect("an unknown key is reported").message;
         let (_, expected) = message.split_once("expected one of").expect(message);
@@ -379,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_serde_mirror_holds_exactly_the_keys_of_the_table() {
-        for section in ["daemon", "log", "listener"] {
+        for section in ["daemon", "log", "listener", "listener.tls", "listener.tls.sni"] {
             let mut mirrored = mirrored(section);
             let mut table: Vec<String> = super::super::keys::KEYS
                 .iter()

@@ -22,7 +22,9 @@ use crate::duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
     /// `section.key`, such as `daemon.workers`; `listener.*` keys belong to each
-    /// `[[listener]]`; a name without a section (`include`) is a key of the top level.
+    /// `[[listener]]`, `listener.tls.*` keys to its `[listener.tls]` table and
+    /// `listener.tls.sni.*` to each of its `[[listener.tls.sni]]` entries; a name without a
+    /// section (`include`) is a key of the top level.
     pub name: &'static str,
     /// What the value is.
     pub kind: Kind,
@@ -64,10 +66,14 @@ pub enum Kind {
     Patterns,
     /// A rate, `"COUNT/PERIOD"` ([`crate::rate::Rate::parse`]).
     Rate,
-    /// A table, read by the listener's service.
+    /// A table: `[listener.options]`, read by the listener's service, or `[listener.tls]`.
     Table,
     /// A text, or `{ file = "PATH" }` (at most [`super::MAX_BANNER`] bytes).
     Banner,
+    /// An array of tables, such as `[[listener.tls.sni]]`.
+    Tables,
+    /// An array of strings.
+    Strings,
 }
 
 /// What an absent key means.
@@ -107,14 +113,22 @@ impl KeyDefault {
 }
 
 impl Key {
-    /// The key's name within its section: `workers` for `daemon.workers`.
+    /// The key's name within its section: `workers` for `daemon.workers`, `key` for
+    /// `listener.tls.key`.
     pub fn field(&self) -> &'static str {
-        self.name.split_once('.').map_or(self.name, |(_, field)| field)
+        self.name.rsplit_once('.').map_or(self.name, |(_, field)| field)
     }
 
-    /// Its section: `daemon`, `log` or `listener`; empty for a key of the top level.
+    /// Its section: `daemon`, `log`, `listener`, `listener.tls` or `listener.tls.sni`; empty
+    /// for a key of the top level.
     pub fn section(&self) -> &'static str {
-        self.name.split_once('.').map_or("", |(section, _)| section)
+        self.name.rsplit_once('.').map_or("", |(section, _)| section)
+    }
+
+    /// The key's path below `[[listener]]`: `tls.key` for `listener.tls.key`; `None` for a
+    /// `[daemon]` or `[log]` key.
+    pub fn listener_path(&self) -> Option<&'static str> {
+        self.name.strip_prefix("listener.")
     }
 
     /// The default value read as the file's own value would be, into `T` (the field's type
@@ -156,7 +170,7 @@ macro_rules! keys {
 }
 
 use KeyDefault::{Absent, Inherit, Required, Value};
-use Kind::{Boolean, Integer, OneOf, Prefixes, Table};
+use Kind::{Boolean, Integer, OneOf, Prefixes, Strings, Table, Tables};
 
 const U32: i64 = u32::MAX as i64;
 
@@ -295,6 +309,40 @@ keys! {
         "Sent to a refused client before the close, with one non-blocking send; TCP only.";
     OPTIONS "listener.options": Table, Absent("none"), "", Applies,
         "The service's own options, a `[listener.options]` table read by the service.";
+    TLS "listener.tls": Table, Absent("none"), "", Applies,
+        "TLS termination in front of the service, a `[listener.tls]` table; TCP only.";
+
+    TLS_CERTIFICATE "listener.tls.certificate": Kind::Path, Required, "", Applies,
+        "The default certificate chain, PEM, the server's certificate first.";
+    TLS_KEY "listener.tls.key": Kind::Path, Required, "", Applies,
+        "The default certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).";
+    TLS_SNI "listener.tls.sni": Tables, Value("[]"), "", Applies,
+        "Certificates chosen by the server name the client asks for, `[[listener.tls.sni]]` entries.";
+    TLS_CLIENT_CA "listener.tls.client_ca": Kind::Path, Absent("none"), "", Applies,
+        "CA certificates, PEM, that client certificates must chain to (mTLS); none asks for none.";
+    TLS_CLIENT_AUTH "listener.tls.client_auth": OneOf(&["required", "optional"]),
+        Value("\"required\""), "", Applies,
+        "With client_ca: a client without a certificate is refused, or served.";
+    TLS_MIN_VERSION "listener.tls.min_version": OneOf(&["1.2", "1.3"]), Value("\"1.2\""), "",
+        Applies,
+        "The lowest TLS version accepted.";
+    TLS_ALPN "listener.tls.alpn": Strings, Value("[]"), "", Applies,
+        "ALPN protocols offered, most preferred first; a client offering only others is refused.";
+    TLS_HANDSHAKE_TIMEOUT "listener.tls.handshake_timeout": Kind::Duration,
+        Inherit(&SHORT_IDLE_TIMEOUT), "", Applies,
+        "How long a handshake may take from accept; \"0s\" leaves only the idle timeouts.";
+    TLS_SESSION_TICKETS "listener.tls.session_tickets": Boolean, Value("true"), "", Applies,
+        "Session tickets, so that clients resume on any worker without a full handshake.";
+    TLS_TICKET_ROTATION "listener.tls.ticket_rotation": Kind::Duration, Value("\"1h\""), "",
+        Applies,
+        "How often the master replaces the ticket key; a ticket opens for one to two periods.";
+
+    SNI_NAME "listener.tls.sni.name": Kind::String, Required, "", Applies,
+        "The server name, such as `www.example.org`, or `*.example.org` for any one label.";
+    SNI_CERTIFICATE "listener.tls.sni.certificate": Kind::Path, Required, "", Applies,
+        "Its certificate chain, PEM, which must cover the name.";
+    SNI_KEY "listener.tls.sni.key": Kind::Path, Required, "", Applies,
+        "Its private key, PEM.";
 }
 
 #[cfg(test)]
@@ -310,7 +358,8 @@ mod tests {
         let mut seen = HashSet::new();
         for key in KEYS {
             assert!(seen.insert(key.name), "{} twice", key.name);
-            assert!(["", "daemon", "log", "listener"].contains(&key.section()), "{}", key.name);
+            let sections = ["", "daemon", "log", "listener", "listener.tls", "listener.tls.sni"];
+            assert!(sections.contains(&key.section()), "{}", key.name);
             assert!(key.doc.ends_with('.'), "{}: a doc line is a sentence", key.name);
         }
     }
@@ -324,7 +373,10 @@ mod tests {
                     .default_as::<Spanned<i64>>()
                     .is_some_and(|v| (min..=max).contains(v.get_ref())),
                 Kind::Boolean => key.default_as::<bool>().is_some(),
-                Kind::Prefixes | Kind::Patterns => key.default_as::<Vec<String>>().is_some(),
+                Kind::Prefixes | Kind::Patterns | Kind::Strings => {
+                    key.default_as::<Vec<String>>().is_some()
+                }
+                Kind::Tables => key.default_as::<Vec<toml::Table>>().is_some(),
                 Kind::Duration => key.default_duration().is_some(),
                 Kind::OneOf(words) => {
                     key.default_as::<String>().is_some_and(|w| words.contains(&w.as_str()))

@@ -173,6 +173,10 @@ pub struct ListenerConfig {
     pub max_datagram_rate_per_client: Option<Rate>,
     /// What the listener says to a client as it is admitted or refused (TCP only).
     pub banners: Banners,
+    /// TLS termination in front of the service, every file read and checked; `None`: plain
+    /// TCP ([`keys::TLS`] and the `listener.tls.*` keys). A reload reads the files again:
+    /// new connections get the new certificates, open ones keep theirs.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// Largest banner, in bytes: what one non-blocking send into a new connection's empty send
@@ -369,12 +373,12 @@ fn parse_sources(
     let (file, options, mut raw) = file::read(sources.document());
     raw.splice(0..0, sources.issues.iter().cloned());
     let mut needs = environment::Needs::default();
-    let mut config =
-        file.and_then(|file| validate::validate(file, options, services, &mut raw, &mut needs));
     let base = std::path::absolute(sources.main_path())
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
+    let mut config = file
+        .and_then(|file| validate::validate(file, options, services, &base, &mut raw, &mut needs));
     if let Some(config) = config.as_mut() {
         config.resolve_paths(&base);
     }
@@ -469,8 +473,12 @@ pub fn parse(path: &Path, source: &str, services: &Registry) -> Result<Config, C
     let sources = Sources::single(path, source.to_owned());
     let (file, options, mut raw) = file::read(source);
     let mut needs = environment::Needs::default();
-    let config =
-        file.and_then(|file| validate::validate(file, options, services, &mut raw, &mut needs));
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+        .unwrap_or_default();
+    let config = file
+        .and_then(|file| validate::validate(file, options, services, &base, &mut raw, &mut needs));
     match config {
         Some(config) if raw.is_empty() => Ok(config),
         _ => Err(ConfigError::invalid(&sources, raw)),

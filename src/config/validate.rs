@@ -1,6 +1,8 @@
 //! [`FileConfig`] -> [`Config`]: defaults, ranges, cross-key checks. Collects every problem.
 //!
-//! Pure: no I/O, so each rule is unit-tested here.
+//! Pure but for the files `[listener.tls]` names (read and checked by [`crate::tls::load`],
+//! so that `check` and reload find a bad certificate) and what a service's own build
+//! looks at; each rule is unit-tested here.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -13,7 +15,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use super::environment::{ListenerNeed, Needs};
-use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, WorkersValue};
+use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, TlsSection, WorkersValue};
 use super::keys::{self, Key, Kind};
 use super::{
     AdmissionConfig, Banner, Banners, Config, DaemonConfig, ListenerConfig, ListenerTransport,
@@ -31,6 +33,7 @@ use crate::poller::{EventBackend, FD_SETSIZE};
 use crate::rate::Rate;
 use crate::schema::RawIssue;
 use crate::services::{Options, Registry, ServiceConfig};
+use crate::tls::{Field, Findings, SniSpec, TlsConfig, TlsSpec, TlsVersion};
 
 /// Shortest non-zero `daemon.worker_timeout`: shorter would take a busy worker for a hung one.
 pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -39,6 +42,8 @@ pub const MIN_WORKER_TIMEOUT: Duration = Duration::from_secs(1);
 /// collects every problem.
 struct Checker<'a> {
     issues: &'a mut Vec<RawIssue>,
+    /// The file's directory, which relative paths of `[listener.tls]` are resolved against.
+    base: &'a std::path::Path,
     /// The `[[listener]]` being checked: labels `listener.*` keys `listener[N].KEY`.
     listener: Option<usize>,
 }
@@ -57,12 +62,11 @@ impl Checker<'_> {
         self.issues.push(RawIssue { span, key: key.into(), message: message.into() });
     }
 
-    /// How problems with `key` are labelled: `daemon.workers`, `listener[2].backlog`.
+    /// How problems with `key` are labelled: `daemon.workers`, `listener[2].backlog`,
+    /// `listener[2].tls.key`.
     fn label(&self, key: &Key) -> String {
-        match self.listener {
-            Some(index) if key.section() == "listener" => {
-                format!("listener[{index}].{}", key.field())
-            }
+        match (self.listener, key.listener_path()) {
+            (Some(index), Some(path)) => format!("listener[{index}].{path}"),
             _ => key.name.to_owned(),
         }
     }
@@ -293,14 +297,17 @@ impl Checker<'_> {
 /// `needs` receives what startup will ask of this machine (users, directories, addresses) as
 /// far as the file says it, even when other keys are invalid, so that `preforkd check` can
 /// report those problems in the same run ([`super::environment::check`]).
+/// Relative paths of `[listener.tls]` are resolved against `base` (the main file's
+/// directory).
 pub fn validate(
     file: FileConfig,
     options: Vec<Option<Spanned<DeTable<'_>>>>,
     services: &Registry,
+    base: &std::path::Path,
     issues: &mut Vec<RawIssue>,
     needs: &mut Needs,
 ) -> Option<Config> {
-    let mut check = Checker { issues, listener: None };
+    let mut check = Checker { issues, base, listener: None };
     // The patterns themselves were followed by `include::expand`; only their form is left.
     for pattern in file.include.as_ref().map(Spanned::get_ref).into_iter().flatten() {
         if pattern.get_ref().is_empty() {
@@ -785,6 +792,35 @@ fn read_listener(
     if let Some(address) = address.as_ref().filter(|a| a.is_unix()) {
         unix_only_streams(check, &section, address, &span);
     }
+    let tls = match (&section.tls, transport) {
+        (None, _) => None,
+        (Some(table), Some(ListenerTransport::Udp)) => {
+            check.report(
+                table.span(),
+                check.label(&keys::TLS),
+                "applies to TCP only (DTLS is not supported): remove it, or set transport = \"tcp\"",
+            );
+            None
+        }
+        (Some(table), _) => {
+            // A banner is plain text written before the service: it would break the handshake.
+            for (key, written) in
+                [(&keys::BANNER, &section.banner), (&keys::BANNER_FAIL, &section.banner_fail)]
+            {
+                if let Some(written) = written {
+                    check.report(
+                        written.span(),
+                        check.label(key),
+                        "is plain text before the service, which a TLS client cannot read: remove it, or [listener.tls]",
+                    );
+                }
+            }
+            let short = Some(short).filter(|d| !d.is_zero());
+            let tls = read_tls(check, table, short);
+            complete &= tls.is_some();
+            tls
+        }
+    };
     if !complete {
         return None;
     }
@@ -818,7 +854,192 @@ fn read_listener(
         transport: transport?,
         max_datagram_rate_per_client: datagram_rate,
         banners,
+        tls,
     })
+}
+
+/// Reads `[listener.tls]` (`short`: the listener's short idle timeout, the default handshake
+/// timeout) and loads every file it names; `None` when anything is wrong (reported).
+fn read_tls(
+    check: &mut Checker<'_>,
+    table: &Spanned<TlsSection>,
+    short: Option<Duration>,
+) -> Option<TlsConfig> {
+    let section = table.get_ref();
+    let base = check.base.to_path_buf();
+    let resolve =
+        |path: std::path::PathBuf| if path.is_relative() { base.join(path) } else { path };
+    let required =
+        |check: &mut Checker<'_>, value: &Option<Spanned<String>>, key: &Key, label: String| {
+            let path = check.path(value.as_ref(), key).map(resolve);
+            if path.is_none() && value.is_none() {
+                check.report(table.span(), label, "missing: this key is required");
+            }
+            path
+        };
+    let certificate = required(
+        check,
+        &section.certificate,
+        &keys::TLS_CERTIFICATE,
+        check.label(&keys::TLS_CERTIFICATE),
+    );
+    let key = required(check, &section.key, &keys::TLS_KEY, check.label(&keys::TLS_KEY));
+    let mut complete = certificate.is_some() && key.is_some();
+    let mut sni = Vec::new();
+    let mut sni_spans = Vec::new();
+    let mut names = HashSet::new();
+    for (n, entry) in section.sni.iter().flatten().enumerate() {
+        let prefix = format!("{}[{n}]", check.label(&keys::TLS_SNI));
+        let label = |key: &Key| format!("{prefix}.{}", key.field());
+        let fields = entry.get_ref();
+        let name = match &fields.name {
+            None => {
+                check.report(entry.span(), label(&keys::SNI_NAME), "missing: this key is required");
+                None
+            }
+            Some(value) => {
+                let name = value.get_ref().to_ascii_lowercase();
+                if !valid_server_name(&name) {
+                    check.report(
+                        value.span(),
+                        label(&keys::SNI_NAME),
+                        format!("{:?} is not a server name: write a DNS name such as \"www.example.org\", or \"*.example.org\"", value.get_ref()),
+                    );
+                    None
+                } else if !names.insert(name.clone()) {
+                    check.report(
+                        value.span(),
+                        label(&keys::SNI_NAME),
+                        format!("{name:?} is given twice"),
+                    );
+                    None
+                } else {
+                    Some(name)
+                }
+            }
+        };
+        let certificate = required(
+            check,
+            &fields.certificate,
+            &keys::SNI_CERTIFICATE,
+            label(&keys::SNI_CERTIFICATE),
+        );
+        let key = required(check, &fields.key, &keys::SNI_KEY, label(&keys::SNI_KEY));
+        match (name, certificate, key) {
+            (Some(name), Some(certificate), Some(key)) => {
+                sni.push(SniSpec { name, certificate, key });
+                sni_spans.push((
+                    fields.certificate.as_ref().map_or(entry.span(), Spanned::span),
+                    fields.key.as_ref().map_or(entry.span(), Spanned::span),
+                ));
+            }
+            _ => complete = false,
+        }
+    }
+    let client_ca = check.path(section.client_ca.as_ref(), &keys::TLS_CLIENT_CA).map(resolve);
+    let client_auth = check.choice(section.client_auth.as_ref(), &keys::TLS_CLIENT_AUTH, |s| {
+        ["required", "optional"].into_iter().find(|w| *w == s)
+    });
+    if let (Some(value), None) = (&section.client_auth, &section.client_ca) {
+        check.report(
+            value.span(),
+            check.label(&keys::TLS_CLIENT_AUTH),
+            "has no effect without client_ca (the CA file client certificates must chain to)",
+        );
+    }
+    let min_version =
+        check.choice(section.min_version.as_ref(), &keys::TLS_MIN_VERSION, TlsVersion::parse);
+    let mut alpn = Vec::new();
+    for value in section.alpn.iter().flat_map(|list| list.get_ref()) {
+        let protocol = value.get_ref();
+        if protocol.is_empty() || protocol.len() > 255 {
+            check.report(
+                value.span(),
+                check.label(&keys::TLS_ALPN),
+                "a protocol name is 1 to 255 bytes (RFC 7301)",
+            );
+        } else {
+            alpn.push(protocol.clone());
+        }
+    }
+    let handshake_timeout = match &section.handshake_timeout {
+        None => short,
+        written => Some(check.duration(written.as_ref(), &keys::TLS_HANDSHAKE_TIMEOUT))
+            .filter(|d| !d.is_zero()),
+    };
+    let session_tickets =
+        check.boolean(section.session_tickets.as_ref(), &keys::TLS_SESSION_TICKETS);
+    let ticket_rotation =
+        check.duration(section.ticket_rotation.as_ref(), &keys::TLS_TICKET_ROTATION);
+    // TLS 1.3 tickets live at most 7 days (RFC 8446 section 4.6.1); a minute is a floor
+    // against a typo such as "1s".
+    if !(Duration::from_secs(60)..=Duration::from_secs(7 * 24 * 3600)).contains(&ticket_rotation) {
+        let span = section.ticket_rotation.as_ref().map_or(table.span(), Spanned::span);
+        check.report(
+            span,
+            check.label(&keys::TLS_TICKET_ROTATION),
+            "must be from \"1m\" to \"7d\"",
+        );
+        complete = false;
+    }
+    let spec = TlsSpec {
+        certificate: certificate?,
+        key: key?,
+        sni,
+        client_auth_required: client_auth != Some("optional"),
+        client_ca,
+        min_version: min_version?,
+        alpn,
+        handshake_timeout,
+        session_tickets,
+        ticket_rotation,
+    };
+    if !complete || client_auth.is_none() {
+        return None;
+    }
+    let mut findings = Findings::default();
+    let loaded = crate::tls::load::load(&spec, std::time::SystemTime::now(), &mut findings);
+    for warning in &findings.warnings {
+        log::warn!("{}: {warning}", check.label(&keys::TLS));
+    }
+    for (field, message) in findings.errors {
+        let (span, label) = match field {
+            Field::Certificate => (
+                section.certificate.as_ref().map(Spanned::span),
+                check.label(&keys::TLS_CERTIFICATE),
+            ),
+            Field::Key => (section.key.as_ref().map(Spanned::span), check.label(&keys::TLS_KEY)),
+            Field::ClientCa => {
+                (section.client_ca.as_ref().map(Spanned::span), check.label(&keys::TLS_CLIENT_CA))
+            }
+            Field::SniCertificate(n) => (
+                sni_spans.get(n).map(|s| s.0.clone()),
+                format!("{}[{n}].certificate", check.label(&keys::TLS_SNI)),
+            ),
+            Field::SniKey(n) => (
+                sni_spans.get(n).map(|s| s.1.clone()),
+                format!("{}[{n}].key", check.label(&keys::TLS_SNI)),
+            ),
+        };
+        check.report(span.unwrap_or(table.span()), label, message);
+    }
+    loaded
+}
+
+/// Whether `name` (lowercase) is a DNS name a client may send in SNI (RFC 6066: no IP
+/// address, no trailing dot), or `*.` and such a name of at least two labels.
+fn valid_server_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.len() <= 253
+        && host.split('.').all(label)
+        && host.parse::<IpAddr>().is_err()
+        && (host.contains('.') || !name.starts_with("*."))
 }
 
 /// `mode`, `owner` and `group`: for a `unix:/path` address only.
@@ -1272,6 +1493,8 @@ mod tests {
             for word in words {
                 let line = format!("{} = \"{word}\"\n", key.field());
                 let source = match key.section() {
+                    // Needs certificate files: see tls::tests.
+                    "listener.tls" | "listener.tls.sni" => continue,
                     "listener" => format!("{MINIMAL}{line}"),
                     section => format!("[{section}]\n{line}{MINIMAL}"),
                 };

@@ -107,6 +107,9 @@ pub struct Master {
     limits: Limits,
     /// Per-client datagram rates (UDP listeners), shared by every generation's workers.
     rates: DatagramRates,
+    /// The TLS listeners' session-ticket keys (shared with every worker) and when each is
+    /// replaced next.
+    tickets: crate::tls::tickets::Rotation,
     /// When to look whether the other master of a binary upgrade and its workers are gone,
     /// to release what they counted in the shared table (`None`: nothing to look for).
     probe_other_at: Option<Instant>,
@@ -353,6 +356,7 @@ impl Master {
         deadlines.extend(self.dropped_report.deadline(now, logging::dropped_lines()));
         deadlines.extend(self.supervisor.deadline(now));
         deadlines.extend(self.probe_other_at);
+        deadlines.extend(self.tickets.deadline());
         deadlines.extend(self.spawners.deadline());
         let lifecycle = self.supervisor.lifecycle();
         deadlines.extend(self.pool.deadline(now, lifecycle));
@@ -619,6 +623,9 @@ impl Master {
     /// due workers.
     fn tick(&mut self, now: Instant) {
         self.probe_other_range(now);
+        if let Err(error) = self.tickets.tick(now) {
+            log::error!("could not replace a TLS session-ticket key: {error}");
+        }
         self.tick_spawners(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
         let actions = self.supervisor.on_tick(now, pool_ready);

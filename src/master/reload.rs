@@ -130,6 +130,12 @@ impl Master {
             listeners: std::mem::replace(&mut self.listeners, listeners),
             generation: self.pool.generation(),
         });
+        // New ticket keys for the new generation (the previous ones still open what the
+        // old one issued, unless a listener's client certificate policy changed).
+        let tls = self.listeners.iter().map(|l| (l.id, l.config.tls.as_ref()));
+        if let Err(error) = self.tickets.generation(tls, Instant::now()) {
+            log::error!("TLS session-ticket keys: {error}; those listeners issue no tickets");
+        }
         let (generation, slots) = self.pool.begin_generation(wanted);
         let now = Instant::now();
         self.supervisor.reload_started(generation, now + START_TIMEOUT);

@@ -73,6 +73,7 @@ impl Master {
                     credentials: self.credentials.clone(),
                     heartbeat: self.heartbeat(),
                     channel: Some(worker_end),
+                    tickets: Some(self.tickets.keys()),
                 };
                 let status = worker::run(context, &mut self.signals);
                 std::process::exit(status);

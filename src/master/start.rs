@@ -32,6 +32,7 @@ use crate::privileges::{self, Credentials, PrivilegeError};
 use crate::scoreboard::{self, Scoreboard, ScoreboardError};
 use crate::sdnotify::Notifier;
 use crate::signals::{MASTER_SIGNALS, Signals};
+use crate::tls::tickets::{Rotation, TicketKeys};
 
 /// The master could not start.
 #[derive(Debug, Error)]
@@ -66,6 +67,9 @@ pub enum StartError {
     /// A socket passed by systemd matches no listener, or the variables are malformed.
     #[error("socket activation: {0}")]
     Activation(String),
+    /// The TLS session-ticket keys could not be made.
+    #[error("TLS session-ticket keys: {0}")]
+    TicketKeys(io::Error),
     /// The first workers could not be forked.
     #[error("could not fork worker {slot}: {source}")]
     Fork {
@@ -231,6 +235,9 @@ impl Master {
             inherit::open_limits(inherited, origin == Origin::Upgrade, capacity, per_slot)?;
         let predecessor = peer::keep_predecessor(predecessor, adopted);
         let rates = DatagramRates::new()?;
+        let mut tickets = Rotation::new(TicketKeys::create().map_err(StartError::TicketKeys)?);
+        let tls = listeners.iter().map(|l| (l.id, l.config.tls.as_ref()));
+        tickets.generation(tls, Instant::now()).map_err(StartError::TicketKeys)?;
         let pidfile = match &config.daemon.pid_file {
             Some(path) => Some(PidFile::create(path, pid.as_raw())?),
             None => None,
@@ -255,6 +262,7 @@ impl Master {
             listener_ids,
             limits,
             rates,
+            tickets,
             probe_other_at: adopted.then(Instant::now),
             per_slot,
             scoreboard,

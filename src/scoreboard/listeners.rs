@@ -25,7 +25,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::{Scoreboard, SlotState};
-use crate::scoreboard::{REFUSALS, Refusal};
+use crate::scoreboard::{REFUSALS, Refusal, TLS_FAILURES, TlsFailure};
 
 /// Listener rows per worker slot, and names kept: listeners whose id is at or above it (the
 /// 65th distinct name in the master's life) are served but not counted per listener.
@@ -162,6 +162,12 @@ pub struct ListenerScore {
     pub adopted: AtomicU64,
     /// Datagrams received on the listener's socket, by [`Datagram`] outcome (version 7).
     pub datagrams: [AtomicU64; DATAGRAM_OUTCOMES],
+    /// TLS handshakes completed (resumed ones included; version 9).
+    pub tls_handshakes: AtomicU64,
+    /// Of those, resumed from a session ticket.
+    pub tls_resumed: AtomicU64,
+    /// TLS handshakes failed, by [`TlsFailure`].
+    pub tls_failed: [AtomicU64; TLS_FAILURES],
 }
 
 /// A slot's rows take whole 128-byte lines, so workers never share a line.
@@ -170,11 +176,20 @@ const _: () = assert!((std::mem::size_of::<ListenerScore>() * LISTENER_ROWS).is_
 impl ListenerScore {
     /// Every counter that only grows, with `open` left out.
     fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
-        [&self.accepted, &self.bytes_in, &self.bytes_out, &self.handed_off, &self.adopted]
-            .into_iter()
-            .chain(&self.refused)
-            .chain(&self.closed)
-            .chain(&self.datagrams)
+        [
+            &self.accepted,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.handed_off,
+            &self.adopted,
+            &self.tls_handshakes,
+            &self.tls_resumed,
+        ]
+        .into_iter()
+        .chain(&self.refused)
+        .chain(&self.closed)
+        .chain(&self.datagrams)
+        .chain(&self.tls_failed)
     }
 }
 
@@ -259,6 +274,12 @@ pub struct ListenerTotals {
     pub adopted: u64,
     /// Datagrams by [`Datagram`] outcome.
     pub datagrams: [u64; DATAGRAM_OUTCOMES],
+    /// TLS handshakes completed, resumed ones included.
+    pub tls_handshakes: u64,
+    /// TLS handshakes that resumed a session.
+    pub tls_resumed: u64,
+    /// TLS handshake failures by [`TlsFailure`].
+    pub tls_failed: [u64; TLS_FAILURES],
 }
 
 impl ListenerTotals {
@@ -277,6 +298,16 @@ impl ListenerTotals {
         for (total, counter) in self.datagrams.iter_mut().zip(&row.datagrams) {
             *total += counter.load(Ordering::Relaxed);
         }
+        self.tls_handshakes += row.tls_handshakes.load(Ordering::Relaxed);
+        self.tls_resumed += row.tls_resumed.load(Ordering::Relaxed);
+        for (total, counter) in self.tls_failed.iter_mut().zip(&row.tls_failed) {
+            *total += counter.load(Ordering::Relaxed);
+        }
+    }
+
+    /// TLS handshake failures for `reason`.
+    pub fn tls_failed(&self, reason: TlsFailure) -> u64 {
+        self.tls_failed[reason as usize]
     }
 
     /// Refusals for `reason`.

@@ -191,7 +191,7 @@ mod tests {
         let state = session.export().expect("at a line boundary");
         let stdin = std::io::stdin();
         let socket = std::os::fd::AsFd::as_fd(&stdin);
-        let info = ConnInfo { listener: "c", peer: crate::net::Peer::Ip("127.0.0.1:1".parse().unwrap()), socket, bound: None };
+        let info = ConnInfo { listener: "c", peer: crate::net::Peer::Ip("127.0.0.1:1".parse().unwrap()), socket, bound: None, tls: None };
         let mut moved = Chargen.import(&info, &state).expect("version 1");
         io.window = LINE;
         call(&mut io, |cx| moved.on_writable(cx)).unwrap();

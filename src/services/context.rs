@@ -35,6 +35,21 @@ pub(crate) enum Ending {
     Reset,
 }
 
+/// What a session asked of the loop during one callback made through
+/// [`Context::layered`]: the layer below it carries these out (TLS sends `close_notify`
+/// first).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Requests {
+    /// [`Context::close`] or [`Context::reset`].
+    pub close: Option<(CloseReason, Ending)>,
+    /// [`Context::set_timer`].
+    pub timer: Option<Option<Instant>>,
+    /// [`Context::shutdown_write`].
+    pub shutdown_write: bool,
+    /// [`Context::uncount`].
+    pub uncount: bool,
+}
+
 /// The loop's side of [`Context::watch`]: the poller, who owns which descriptor, and the
 /// worker's descriptor budget.
 pub(crate) struct Extras<'a> {
@@ -85,6 +100,48 @@ impl<'a> Context<'a> {
             shutdown_write: false,
             uncount: false,
         }
+    }
+
+    /// Runs `call` with the context of a session layered above this one (TLS): the same
+    /// time, scoreboard and extra descriptors, but `io` as its byte stream and no socket
+    /// (the layer owns the socket; the session must not bypass it). Returns what `call`
+    /// returned and what the session asked of the loop, for the layer to carry out.
+    pub(crate) fn layered<R>(
+        &mut self,
+        io: &mut dyn Transport,
+        call: impl FnOnce(&mut Context<'_>) -> R,
+    ) -> (R, Requests) {
+        let extras = self.extras.as_mut().map(|e| Extras {
+            poller: &mut *e.poller,
+            owners: &mut *e.owners,
+            watched: &mut *e.watched,
+            in_use: &mut *e.in_use,
+            room: e.room,
+            owner: e.owner,
+        });
+        let mut inner = Context {
+            io,
+            socket: None,
+            now: self.now,
+            extras,
+            scoreboard: self.scoreboard,
+            close: None,
+            timer: None,
+            shutdown_write: false,
+            uncount: false,
+        };
+        let result = call(&mut inner);
+        let requests = Requests {
+            close: inner.close,
+            timer: inner.timer,
+            shutdown_write: inner.shutdown_write,
+            uncount: inner.uncount,
+        };
+        let room = inner.extras.as_ref().map(|e| e.room);
+        if let (Some(extras), Some(room)) = (self.extras.as_mut(), room) {
+            extras.room = room;
+        }
+        (result, requests)
     }
 
     /// Gives the session read access to `board` ([`Context::scoreboard`]); the worker loop

@@ -225,7 +225,7 @@ mod tests {
         let state = echo.export().expect("at rest");
         let stdin = std::io::stdin();
         let socket = std::os::fd::AsFd::as_fd(&stdin);
-        let info = ConnInfo { listener: "echo", peer: crate::net::Peer::Ip("127.0.0.1:1".parse().unwrap()), socket, bound: None };
+        let info = ConnInfo { listener: "echo", peer: crate::net::Peer::Ip("127.0.0.1:1".parse().unwrap()), socket, bound: None, tls: None };
         assert!(Echo.import(&info, &state).is_some());
         assert!(Echo.import(&info, &[2]).is_none(), "a newer version is refused");
     }

@@ -35,13 +35,14 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 
 pub use context::Context;
-pub(crate) use context::{Ending, Extras, unwatch};
+pub(crate) use context::{Ending, Extras, Requests, unwatch};
 pub use datagram::{Answer, DatagramService, Flow, Step};
 pub use framing::{Decoder, Frame, FrameAction, FrameHandler, Framed};
 pub use options::{Invalid, Options};
 
 pub use crate::net::{Credentials, Peer};
 pub use crate::poller::Interest;
+pub use crate::scoreboard::TlsFailure;
 
 /// Declares the built-in services: each name is a module in this folder with a `NAME`
 /// constant, its RFC in the module doc, and `fn build(&mut Options) -> Result<Arc<dyn
@@ -138,6 +139,9 @@ pub enum CloseReason {
     /// A reason of the service's own, such as `backend-unavailable` or `frame-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
+    /// The TLS handshake failed, for this reason: the service never saw the connection. Not
+    /// an access line: counted per listener and reason, and summarized in the log.
+    Handshake(TlsFailure),
 }
 
 impl CloseReason {
@@ -159,6 +163,7 @@ impl CloseReason {
             CloseReason::ProxyHeader => "proxy-header",
             CloseReason::OverShare => "over-share",
             CloseReason::Service(reason) => reason,
+            CloseReason::Handshake(failure) => failure.close_reason(),
         }
     }
 }
@@ -187,6 +192,69 @@ pub struct ConnInfo<'a> {
     /// bound address, unless that is a wildcard (`0.0.0.0`, `[::]`) or a Unix socket. `None`:
     /// ask [`ConnInfo::local_addr`].
     pub bound: Option<SocketAddr>,
+    /// On a TLS listener, what the handshake settled (the session is made once it
+    /// completed); `None` on a plain one.
+    pub tls: Option<&'a TlsInfo>,
+}
+
+/// What a TLS handshake settled, for a session made on a TLS listener ([`ConnInfo::tls`]).
+/// Non-exhaustive: fields may be added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsInfo {
+    /// The protocol, as OpenSSL and mod_ssl spell it: `TLSv1.3` or `TLSv1.2`.
+    pub protocol: &'static str,
+    /// The cipher suite's IANA name, such as `TLS_AES_256_GCM_SHA384` or
+    /// `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
+    /// The server name the client asked for (SNI, RFC 6066), if any.
+    pub server_name: Option<String>,
+    /// The application protocol negotiated (ALPN, RFC 7301), if any.
+    pub alpn: Option<Vec<u8>>,
+    /// Whether the session was resumed from a ticket (no certificate was exchanged).
+    pub resumed: bool,
+    /// The client's certificate, when it presented one (it was verified against the
+    /// listener's `client_ca`: otherwise the handshake fails).
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// A verified client certificate's names, as mod_ssl's `SSL_CLIENT_*` variables give them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientCertificate {
+    /// The subject's distinguished name, RFC 4514 (`CN=alice,O=Example`).
+    pub subject: String,
+    /// The issuer's distinguished name, RFC 4514.
+    pub issuer: String,
+    /// The serial number, hexadecimal, uppercase.
+    pub serial: String,
+}
+
+impl TlsInfo {
+    /// The variables mod_ssl and ucspi-ssl's sslserver give a program: `SSL_PROTOCOL`,
+    /// `SSL_CIPHER`, `SSL_TLS_SNI` (with SNI), `SSL_SESSION_RESUMED` (`Initial` or
+    /// `Resumed`), `SSL_CLIENT_VERIFY` (`SUCCESS` or `NONE`) and, with a client certificate,
+    /// `SSL_CLIENT_S_DN`, `SSL_CLIENT_I_DN` and `SSL_CLIENT_M_SERIAL`.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![
+            ("SSL_PROTOCOL", self.protocol.to_owned()),
+            ("SSL_CIPHER", self.cipher.to_owned()),
+            ("SSL_SESSION_RESUMED", if self.resumed { "Resumed" } else { "Initial" }.to_owned()),
+        ];
+        if let Some(name) = &self.server_name {
+            vars.push(("SSL_TLS_SNI", name.clone()));
+        }
+        match &self.client_certificate {
+            Some(certificate) => {
+                vars.push(("SSL_CLIENT_VERIFY", "SUCCESS".to_owned()));
+                vars.push(("SSL_CLIENT_S_DN", certificate.subject.clone()));
+                vars.push(("SSL_CLIENT_I_DN", certificate.issuer.clone()));
+                vars.push(("SSL_CLIENT_M_SERIAL", certificate.serial.clone()));
+            }
+            None => vars.push(("SSL_CLIENT_VERIFY", "NONE".to_owned())),
+        }
+        vars
+    }
 }
 
 impl ConnInfo<'_> {
@@ -328,6 +396,17 @@ pub trait Service {
     fn datagram(&self) -> Result<&dyn DatagramService, &'static str> {
         Err("it has no datagram form")
     }
+
+    /// Whether the service's sessions pass the connection's socket to another process (exec
+    /// gives it to its child as standard input and output) instead of reading and writing
+    /// through [`Context::io`]. On a TLS listener such a session gets, as
+    /// [`ConnInfo::socket`], one end of a socket pair whose other end the TLS layer carries
+    /// to and from the client; the session must have passed it on (spawn, `SCM_RIGHTS`) by the
+    /// time [`Service::session`] returns, since the worker then closes its copy, so that the
+    /// other process's exit shows as end-of-file. Default: `false`.
+    fn passes_socket(&self) -> bool {
+        false
+    }
 }
 
 /// The per-connection state of a service.
@@ -393,6 +472,14 @@ pub trait Session {
     /// socket) returns `false`, and ends the connection itself.
     fn idle_timeouts(&self) -> bool {
         true
+    }
+
+    /// The loop is about to close the connection gracefully on its own account (a graceful
+    /// stop, `max_long_connections_per_client`, after the session's own close): the
+    /// session's last words, written to `socket` before the FIN, best effort (what does not
+    /// fit is dropped). TLS sends its `close_notify` alert here. Default: nothing.
+    fn closing(&mut self, socket: &mut dyn Transport) {
+        let _ = socket;
     }
 
     /// Appends `key=value` fields of the service's own to the connection's access line, each

@@ -341,8 +341,11 @@ impl Spawner {
                 // configuration: a worker names only the listener and the client.
                 // A Unix client is named by no access list.
                 let rule_env = request.peer.ip().map_or(&[][..], |ip| access.env_for(ip));
+                // Over TLS, what the worker's handshake settled (SSL_* names only, checked).
+                let Some(mut env) = request.tls_env() else { return false };
+                env.extend(rule_env.iter().cloned());
                 program
-                    .spawn(client.as_fd(), request.peer, local.as_ref(), write_end, rule_env)
+                    .spawn(client.as_fd(), request.peer, local.as_ref(), write_end, &env)
                     .map(|pid| (pid, pipe))
                     .map_err(|error| {
                         if error.step.is_some() {

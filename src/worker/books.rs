@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::logging::ACCESS_TARGET;
 use crate::net::Peer;
 use crate::rate::RateLimit;
+use crate::scoreboard::TlsFailure;
 use crate::services::{CloseReason, Progress};
 
 use super::counters::{Counters, refusal_of};
@@ -70,6 +71,8 @@ pub struct Books {
     pub access_log: bool,
     /// Refusal summaries per client and reason.
     summaries: Summaries,
+    /// Failed TLS handshakes, summarized the same way.
+    handshakes: Summaries<TlsFailure>,
     /// Refusals logged one by one (the shared table failing, datagrams over their rate).
     pub refusal_log: RateLimit,
     /// Accept and receive errors.
@@ -85,6 +88,7 @@ impl Books {
             counters: Counters::default(),
             access_log,
             summaries: Summaries::default(),
+            handshakes: Summaries::default(),
             refusal_log: RateLimit::new(LOG_INTERVAL),
             accept_error_log: RateLimit::new(LOG_INTERVAL),
             full_log: RateLimit::new(LOG_INTERVAL),
@@ -95,6 +99,16 @@ impl Books {
     /// gets its access line.
     pub fn closed(&mut self, listeners: &mut Listeners, record: Closed<'_>) {
         let entry = &mut listeners[record.listener];
+        if let CloseReason::Handshake(failure) = record.reason {
+            // Counted by the listener's TLS side; summarized, never an access line each.
+            self.counters.touch();
+            let key = entry.client_key(&record.peer);
+            let now = Instant::now();
+            if let Some(line) = self.handshakes.record(record.listener, key, failure, now) {
+                log_handshakes(listeners, &line);
+            }
+            return;
+        }
         entry.tally.ended(record.reason);
         self.counters.touch();
         let Some(refusal) = refusal_of(record.reason) else {
@@ -128,12 +142,35 @@ impl Books {
         for line in self.summaries.flush(now, all) {
             log_summary(listeners, &line);
         }
+        for line in self.handshakes.flush(now, all) {
+            log_handshakes(listeners, &line);
+        }
     }
 
     /// When the next refusal summary is due.
     #[inline]
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.summaries.next_deadline()
+        match (self.summaries.next_deadline(), self.handshakes.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn log_handshakes(listeners: &Listeners, line: &refusals::Line<TlsFailure>) {
+    let listener = &listeners[line.listener].policy.name;
+    let client = line.client.map_or_else(|| "other clients".to_owned(), |c| c.to_string());
+    let reason = line.reason.name();
+    let interval = refusals::SUMMARY_INTERVAL.as_secs();
+    if line.first {
+        log::warn!(
+            "TLS handshake failed with {client} on {listener} ({reason}); more are counted and logged every {interval}s"
+        );
+    } else {
+        log::warn!(
+            "TLS handshakes failed: {} with {client} on {listener} ({reason}) in the last {interval}s",
+            line.count
+        );
     }
 }
 

@@ -285,16 +285,31 @@ impl Connections {
             }
         };
         let entry = &env.listeners[index];
-        // Said before the service starts, so it comes before anything the service says.
+        // Said before the service starts, so it comes before anything the service says
+        // (never on a TLS listener: `check` refuses a banner there).
         let banner = entry.policy.banners.admitted.as_ref();
         let greeted = banner.map_or(0, |banner| super::env::send_banner(fd, &banner.bytes));
-        let info = ConnInfo {
-            listener: &entry.policy.name,
-            peer,
-            socket: stream.as_fd(),
-            bound: entry.bound,
+        let session = match &entry.tls {
+            // TLS: the layer makes the service's session once the handshake completes.
+            Some(acceptor) => match acceptor.session(peer, entry.bound) {
+                Ok(session) => session,
+                Err(error) => {
+                    log::error!("connection from {peer}: cannot start TLS: {error}");
+                    env.release(ticket, peer);
+                    return env.refuse(fd, index, peer, CloseReason::Error);
+                }
+            },
+            None => {
+                let info = ConnInfo {
+                    listener: &entry.policy.name,
+                    peer,
+                    socket: stream.as_fd(),
+                    bound: entry.bound,
+                    tls: None,
+                };
+                entry.policy.service.service.session(&info)
+            }
         };
-        let session = entry.policy.service.service.session(&info);
         let interest = session.interest();
         let shed_when_full = entry.policy.admission.shed_when_full;
         let share = if shed_when_full { Share::Unseated } else { Share::Uncounted };
@@ -595,6 +610,8 @@ impl Connections {
         // plain close, which is as graceful (no unread data, so no RST: RFC 2525 2.17) and
         // saves the shutdown. Otherwise FIN now and wait for the client's; readiness is
         // level-triggered, so input that arrives meanwhile is not missed.
+        // The session's last words first (TLS: close_notify), best effort.
+        conn.session.closing(&mut conn.stream);
         if discard_input(&conn.stream) || conn.stream.shutdown(std::net::Shutdown::Write).is_err() {
             return self.finish(fd, reason, now, env);
         }

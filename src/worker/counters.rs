@@ -125,6 +125,8 @@ pub fn close_of(reason: CloseReason) -> Close {
         CloseReason::LongLimit => Close::LongLimit,
         CloseReason::Shutdown => Close::Shutdown,
         CloseReason::Service(_) => Close::Service,
+        // Counted as TLS failures (`Books::closed`); they never get here either.
+        CloseReason::Handshake(_) => Close::Error,
         // Refusals are counted apart (`refusal_of`); they never get here.
         CloseReason::Error
         | CloseReason::Limit

@@ -324,6 +324,7 @@ fn adopt(
         socket: stream.as_fd(),
         // Accepted by another generation, maybe on another address under this name.
         bound: None,
+        tls: None,
     };
     let Some(session) = entry.policy.service.service.import(&info, &offer.state) else {
         unwatch(env);

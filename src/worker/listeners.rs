@@ -14,6 +14,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::config::ListenerConfig;
 use crate::limits::ClientKey;
@@ -21,6 +23,8 @@ use crate::listener::{ListenSocket, Listener};
 use crate::net::{Address, Peer};
 use crate::poller::{Interest, Poller};
 use crate::scoreboard::ListenerScore;
+use crate::tls::Acceptor;
+use crate::tls::tickets::TicketKeys;
 
 use super::counters::Tally;
 use super::datagram::Totals;
@@ -46,6 +50,8 @@ pub struct ListenerEntry {
     pub tally: Tally,
     /// A UDP listener's datagram counts since its last summary line.
     pub datagrams: Totals,
+    /// A TLS listener's handshakes (its rustls configuration and counts); `None`: plain.
+    pub tls: Option<Rc<Acceptor>>,
     /// The socket every worker shares; `None` once closed.
     shared: Option<Listener>,
     /// `reuseport`: this worker's own socket on the same address.
@@ -79,16 +85,35 @@ pub struct Listeners {
 impl Listeners {
     /// The table for the listening sockets `sockets` inherited from the master and their
     /// configurations `policies` (in the same order), binding the worker's own socket for each
-    /// `reuseport` listener (before privileges are dropped: a port below 1024 needs them).
+    /// `reuseport` listener (before privileges are dropped: a port below 1024 needs them),
+    /// and the TLS side of each TLS listener, whose tickets `tickets` seals.
     ///
     /// # Errors
-    /// A worker's own socket could not be bound.
-    pub fn open(sockets: Vec<Listener>, policies: Vec<ListenerConfig>) -> io::Result<Self> {
+    /// A worker's own socket could not be bound, or rustls refused a TLS configuration.
+    pub fn open(
+        sockets: Vec<Listener>,
+        policies: Vec<ListenerConfig>,
+        tickets: Option<TicketKeys>,
+    ) -> io::Result<Self> {
         let mut entries = Vec::with_capacity(sockets.len());
         for (listener, policy) in sockets.into_iter().zip(policies) {
             let own = match policy.reuseport {
                 true => Some(listener.bind_own().map_err(io::Error::other)?),
                 false => None,
+            };
+            let tls = match &policy.tls {
+                Some(tls) => {
+                    let id = usize::from(listener.id);
+                    let ticketer = tickets
+                        .filter(|_| tls.spec.session_tickets)
+                        .and_then(|keys| keys.ticketer(id, tls.spec.ticket_rotation))
+                        .map(|t| Arc::new(t) as Arc<dyn rustls::server::ProducesTickets>);
+                    let service = policy.service.service.clone();
+                    let acceptor = Acceptor::new(&policy.name, service, tls, ticketer)
+                        .map_err(|e| io::Error::other(format!("TLS on {}: {e}", policy.name)))?;
+                    Some(acceptor)
+                }
+                None => None,
             };
             entries.push(ListenerEntry {
                 id: listener.id,
@@ -100,6 +125,7 @@ impl Listeners {
                 ),
                 tally: Tally::default(),
                 datagrams: Totals::default(),
+                tls,
                 policy,
                 shared: Some(listener),
                 own,
@@ -177,7 +203,11 @@ impl Listeners {
     /// Publishes every listener's tally on `rows` (this worker's rows, by listener id).
     pub fn publish(&mut self, rows: &[ListenerScore]) {
         for entry in &mut self.entries {
-            entry.tally.publish(rows.get(usize::from(entry.id)));
+            let row = rows.get(usize::from(entry.id));
+            entry.tally.publish(row);
+            if let Some(tls) = &entry.tls {
+                tls.publish(row);
+            }
         }
     }
 

@@ -129,6 +129,9 @@ pub struct WorkerContext<'a> {
     pub heartbeat: Option<Duration>,
     /// The hand-off channel to the master (`None`: connections are never handed off).
     pub channel: Option<crate::handoff::Channel>,
+    /// The session-ticket keys the master shares with every worker (`None`: TLS listeners
+    /// issue no tickets).
+    pub tickets: Option<crate::tls::tickets::TicketKeys>,
 }
 
 /// Runs a worker until it stops; returns its exit status ([`WORKER_EXIT_OK`], or
@@ -256,9 +259,10 @@ impl<'a> Worker<'a> {
             credentials,
             heartbeat,
             mut channel,
+            tickets,
         } = context;
         // Before dropping privileges: a port below 1024 needs them.
-        let listeners = Listeners::open(listeners, std::mem::take(&mut config.listeners))?;
+        let listeners = Listeners::open(listeners, std::mem::take(&mut config.listeners), tickets)?;
         if let Some(credentials) = &credentials {
             credentials.apply().map_err(|e| {
                 io::Error::other(format!("switching to user {}: {e}", credentials.user))

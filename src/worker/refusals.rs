@@ -23,11 +23,11 @@ pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 pub const MAX_CLIENTS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Subject {
+struct Subject<R> {
     listener: usize,
     /// `None`: every client beyond [`MAX_CLIENTS`].
     client: Option<ClientKey>,
-    reason: Refusal,
+    reason: R,
 }
 
 #[derive(Debug)]
@@ -37,37 +37,44 @@ struct Window {
     count: u64,
 }
 
-/// The per-worker summary table.
-#[derive(Debug, Default)]
-pub struct Summaries {
-    windows: HashMap<Subject, Window>,
+/// The per-worker summary table, of refusals by [`Refusal`] (or of other outcomes a client
+/// causes by the thousand, such as failed TLS handshakes, by their own reason type `R`).
+#[derive(Debug)]
+pub struct Summaries<R = Refusal> {
+    windows: HashMap<Subject<R>, Window>,
+}
+
+impl<R> Default for Summaries<R> {
+    fn default() -> Self {
+        Summaries { windows: HashMap::new() }
+    }
 }
 
 /// One log line to write: the listener's index, the client and reason, and how many
 /// refusals it reports (1 for the first of a window).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
+pub struct Line<R = Refusal> {
     /// Listener index in the configuration.
     pub listener: usize,
     /// The client (as keyed by prefix); `None` for "other clients".
     pub client: Option<ClientKey>,
     /// Why.
-    pub reason: Refusal,
+    pub reason: R,
     /// Refusals this line reports.
     pub count: u64,
     /// Whether this is the first refusal of a window (else a summary of `count`).
     pub first: bool,
 }
 
-impl Summaries {
+impl<R: Copy + Eq + std::hash::Hash> Summaries<R> {
     /// Counts one refusal at `now`; returns the line to log at once, if any.
     pub fn record(
         &mut self,
         listener: usize,
         client: ClientKey,
-        reason: Refusal,
+        reason: R,
         now: Instant,
-    ) -> Option<Line> {
+    ) -> Option<Line<R>> {
         let mut subject = Subject { listener, client: Some(client), reason };
         if !self.windows.contains_key(&subject) && self.windows.len() >= MAX_CLIENTS {
             subject.client = None;
@@ -85,7 +92,7 @@ impl Summaries {
     }
 
     /// The summaries of every window ended by `now` (all of them with `all`, at exit).
-    pub fn flush(&mut self, now: Instant, all: bool) -> Vec<Line> {
+    pub fn flush(&mut self, now: Instant, all: bool) -> Vec<Line<R>> {
         let mut lines = Vec::new();
         self.windows.retain(|subject, window| {
             if !all && window.ends > now {
@@ -130,7 +137,7 @@ mod tests {
 
     #[test]
     fn one_line_per_client_and_reason_per_interval() {
-        let mut s = Summaries::default();
+        let mut s: Summaries = Summaries::default();
         let t0 = Instant::now();
         let first = s.record(0, client(1), Refusal::Limit, t0).unwrap();
         assert!(first.first && first.count == 1);
@@ -155,7 +162,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_lumping_other_clients() {
-        let mut s = Summaries::default();
+        let mut s: Summaries = Summaries::default();
         let t0 = Instant::now();
         for n in 0..(MAX_CLIENTS as u32 + 500) {
             let key = ClientKey::new(0, IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));

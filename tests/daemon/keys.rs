@@ -60,10 +60,11 @@ fn reload_problem(text: &str, key: &Key) -> Option<String> {
 /// The man page's entry of `key`: its `.It Ic` line in the key's section and the text that
 /// follows (shared by consecutive `.It` lines), up to the next entry.
 fn man_entry(page: &str, key: &Key) -> Option<String> {
-    // The top level's one key, `include`, has a section of its own.
+    // The top level's one key, `include`, has a section of its own; `listener.tls` is
+    // documented under `.Sh LISTENER TLS`.
     let heading = match key.section() {
         "" => ".Sh INCLUDES".to_owned(),
-        section => format!(".Sh {}", section.to_uppercase()),
+        section => format!(".Sh {}", section.replace('.', " ").to_uppercase()),
     };
     let section: Vec<&str> = page
         .lines()
@@ -81,29 +82,46 @@ fn man_entry(page: &str, key: &Key) -> Option<String> {
 }
 
 /// The shipped file's paragraph that shows `key`: from the blank line before its line
-/// (`key =`, or commented out, or `[listener.options]` for a table) to that line.
+/// (`key =`, or commented out, or `[listener.options]` for a table) to that line. A
+/// section's heading may be commented out too (the TLS example).
 fn shipped_paragraph(shipped: &str, key: &Key) -> Option<String> {
     let lines: Vec<&str> = shipped.lines().collect();
+    let uncommented = |l: &str| l.trim_start().trim_start_matches('#').trim_start().to_owned();
     let heading = match key.section() {
         "listener" => "[[listener]]".to_owned(),
+        "listener.tls.sni" => "[[listener.tls.sni]]".to_owned(),
         section => format!("[{section}]"),
     };
-    // A key of the top level comes before any table.
-    let from = match key.section() {
-        "" => 0,
-        _ => lines.iter().position(|l| *l == heading)?,
-    };
-    let end = lines[from + 1..]
-        .iter()
-        .position(|l| l.starts_with('[') && key.section() != "listener")
-        .map_or(lines.len(), |n| from + 1 + n);
+    let nested = key.section().starts_with("listener.");
     let shows = |l: &&str| {
-        let l = l.trim_start().trim_start_matches('#').trim_start();
+        let l = uncommented(l);
         l.starts_with(&format!("{} =", key.field())) || l == format!("[{}]", key.name)
     };
-    let at = from + lines[from..end].iter().position(shows)?;
-    let start = lines[..at].iter().rposition(|l| l.trim().is_empty()).map_or(0, |n| n + 1);
-    Some(lines[start..=at].join("\n"))
+    let paragraph = |at: usize| {
+        let start = lines[..at].iter().rposition(|l| l.trim().is_empty()).map_or(0, |n| n + 1);
+        lines[start..=at].join("\n")
+    };
+    if key.section().is_empty() {
+        // A key of the top level comes before any table.
+        let end = lines.iter().position(|l| l.starts_with('[')).unwrap_or(lines.len());
+        return lines[..end].iter().position(shows).map(paragraph);
+    }
+    // The first block under the heading that shows the key.
+    for from in (0..lines.len()).filter(|&i| uncommented(lines[i]) == heading) {
+        let end = lines[from + 1..]
+            .iter()
+            .position(|l| {
+                let l = uncommented(l);
+                l.starts_with('[')
+                    && (key.section() != "listener" || l.starts_with("[["))
+                    && (nested || !l.starts_with("[listener."))
+            })
+            .map_or(lines.len(), |n| from + 1 + n);
+        if let Some(n) = lines[from..end].iter().position(shows) {
+            return Some(paragraph(from + n));
+        }
+    }
+    None
 }
 
 /// The README configuration table's row naming `key`, as (keys cell, default cell).
@@ -119,7 +137,7 @@ fn readme_row(readme: &str, key: &Key) -> Option<(String, String)> {
         let (Some(keys), Some(default)) = (cells.get(1), cells.get(2)) else { continue };
         // `section.key`, then `other_key` or `.other_key` of the same section.
         let named: Vec<&str> = keys.split('`').skip(1).step_by(2).collect();
-        let section = named.first().and_then(|k| k.trim_start_matches('[').split_once('.'));
+        let section = named.first().and_then(|k| k.trim_start_matches('[').rsplit_once('.'));
         let names = |n: &&str| {
             *n == key.name
                 || *n == format!("[{}]", key.name)

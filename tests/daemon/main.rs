@@ -32,6 +32,7 @@ mod supervision;
 mod syslog;
 mod systemd;
 mod tftp;
+mod tls;
 mod udp;
 mod unix;
 mod upgrade;

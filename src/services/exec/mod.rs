@@ -516,6 +516,10 @@ impl Service for Exec {
         Some(&self.program)
     }
 
+    fn passes_socket(&self) -> bool {
+        true
+    }
+
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session> {
         Box::new(session::ExecSession::start(self, LINK.get(), conn))
     }

@@ -257,7 +257,18 @@ impl ExecSession {
 /// Sends the request for `conn` on `link`; the worker's end of the reply channel.
 fn ask(link: Option<&OwnedFd>, conn: &ConnInfo<'_>) -> io::Result<OwnedFd> {
     let link = link.ok_or_else(|| io::Error::other("this worker has no exec spawner"))?;
-    let request = Request { listener: conn.listener, peer: conn.peer, local: conn.bound };
+    // Over TLS, what the handshake settled, for the child's environment.
+    let tls: Vec<u8> = conn
+        .tls
+        .map(|info| {
+            info.environment()
+                .into_iter()
+                .flat_map(|(name, value)| format!("{name}={value}\0").into_bytes())
+                .collect()
+        })
+        .unwrap_or_default();
+    let request =
+        Request { listener: conn.listener, peer: conn.peer, local: conn.bound, tls: &tls };
     let mut bytes = [0u8; MAX_REQUEST];
     let len = request
         .encode(&mut bytes)

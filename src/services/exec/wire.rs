@@ -37,8 +37,25 @@ const REQUEST_HEAD: usize = 42;
 /// Longest listener name a request carries.
 pub const MAX_LISTENER_NAME: usize = 256;
 
+/// Longest TLS environment a request carries (`NAME=VALUE` pairs, each ended by NUL).
+pub const MAX_TLS_ENV: usize = 4096;
+
+/// The variables a worker may pass for a TLS connection: what the handshake settled
+/// ([`crate::services::TlsInfo::environment`]); the spawner takes no other name from a worker.
+pub const TLS_NAMES: [&str; 9] = [
+    "SSL_PROTOCOL",
+    "SSL_CIPHER",
+    "SSL_SESSION_RESUMED",
+    "SSL_TLS_SNI",
+    "SSL_CLIENT_VERIFY",
+    "SSL_CLIENT_S_DN",
+    "SSL_CLIENT_I_DN",
+    "SSL_CLIENT_M_SERIAL",
+    "SSL_ALPN",
+];
+
 /// Bytes of the longest encoded [`Request`].
-pub const MAX_REQUEST: usize = REQUEST_HEAD + MAX_LISTENER_NAME;
+pub const MAX_REQUEST: usize = REQUEST_HEAD + MAX_LISTENER_NAME + MAX_TLS_ENV;
 
 /// Bytes of an encoded [`Event`].
 pub const EVENT_LEN: usize = 12;
@@ -54,6 +71,26 @@ pub struct Request<'a> {
     pub peer: Peer,
     /// The local address when the worker knows it; `None`: the spawner asks the socket.
     pub local: Option<SocketAddr>,
+    /// On a TLS listener, what the handshake settled, as `NAME=VALUE` pairs each ended by a
+    /// NUL byte, names from [`TLS_NAMES`] only; empty otherwise.
+    pub tls: &'a [u8],
+}
+
+impl Request<'_> {
+    /// The TLS variables, each checked: a name of [`TLS_NAMES`], no NUL byte; `None` when
+    /// one is not.
+    pub fn tls_env(&self) -> Option<Vec<(String, String)>> {
+        let mut vars = Vec::new();
+        for pair in self.tls.split(|&b| b == 0).filter(|p| !p.is_empty()) {
+            let pair = std::str::from_utf8(pair).ok()?;
+            let (name, value) = pair.split_once('=')?;
+            if !TLS_NAMES.contains(&name) {
+                return None;
+            }
+            vars.push((name.to_owned(), value.to_owned()));
+        }
+        Some(vars)
+    }
 }
 
 fn put_addr(bytes: &mut [u8], address: Option<SocketAddr>) {
@@ -109,20 +146,22 @@ fn get_addr(bytes: &[u8]) -> Option<Option<SocketAddr>> {
 impl<'a> Request<'a> {
     /// Writes the request as sent into `bytes`: its whole length (2 bytes), peer and local
     /// address (family 0, 4 or 6; 16 bytes of address; port; a Unix peer is family 1 with its
-    /// pid, uid and gid in the address bytes), 2 bytes of padding, then the
-    /// listener's name; little-endian. Returns its length; `None` when the name is longer
-    /// than [`MAX_LISTENER_NAME`].
+    /// pid, uid and gid in the address bytes), the length of the TLS variables (2 bytes),
+    /// then the listener's name and the TLS variables; little-endian. Returns its length;
+    /// `None` when the name is longer than [`MAX_LISTENER_NAME`] or the variables than
+    /// [`MAX_TLS_ENV`].
     pub fn encode(&self, bytes: &mut [u8; MAX_REQUEST]) -> Option<usize> {
         let name = self.listener.as_bytes();
-        if name.len() > MAX_LISTENER_NAME {
+        if name.len() > MAX_LISTENER_NAME || self.tls.len() > MAX_TLS_ENV {
             return None;
         }
-        let len = REQUEST_HEAD + name.len();
+        let len = REQUEST_HEAD + name.len() + self.tls.len();
         bytes[..2].copy_from_slice(&(len as u16).to_le_bytes());
         put_peer(&mut bytes[2..21], self.peer);
         put_addr(&mut bytes[21..40], self.local);
-        bytes[40..REQUEST_HEAD].fill(0);
-        bytes[REQUEST_HEAD..len].copy_from_slice(name);
+        bytes[40..REQUEST_HEAD].copy_from_slice(&(self.tls.len() as u16).to_le_bytes());
+        bytes[REQUEST_HEAD..REQUEST_HEAD + name.len()].copy_from_slice(name);
+        bytes[REQUEST_HEAD + name.len()..len].copy_from_slice(self.tls);
         Some(len)
     }
 
@@ -137,8 +176,10 @@ impl<'a> Request<'a> {
         }
         let peer = get_peer(&bytes[2..21])?;
         let local = get_addr(&bytes[21..40])?;
-        let listener = std::str::from_utf8(&bytes[REQUEST_HEAD..]).ok()?;
-        Some(Request { listener, peer, local })
+        let tls_len = usize::from(u16::from_le_bytes([bytes[40], bytes[41]]));
+        let name_end = bytes.len().checked_sub(tls_len).filter(|&end| end >= REQUEST_HEAD)?;
+        let listener = std::str::from_utf8(&bytes[REQUEST_HEAD..name_end]).ok()?;
+        Some(Request { listener, peer, local, tls: &bytes[name_end..] })
     }
 }
 
@@ -427,6 +468,7 @@ mod tests {
             listener: "git",
             peer: Peer::Ip("127.0.0.2:4242".parse().unwrap()),
             local: Some("[::1]:80".parse().unwrap()),
+            tls: b"",
         };
         let unix = Credentials { pid: 77, uid: 1000, gid: 100 };
         let from_unix = Request { peer: Peer::Unix(unix), local: None, ..request };
@@ -440,6 +482,13 @@ mod tests {
         let len = unknown.encode(&mut bytes).unwrap();
         assert_eq!(Request::decode(&bytes[..len]), Some(unknown));
         assert_eq!(Request::decode(&[0; 3]), None, "a short request is refused");
+        let tls = Request { tls: b"SSL_PROTOCOL=TLSv1.3\0SSL_CLIENT_S_DN=CN=a,O=b\0", ..request };
+        let len = tls.encode(&mut bytes).unwrap();
+        let decoded = Request::decode(&bytes[..len]).unwrap();
+        assert_eq!((decoded.listener, decoded.tls_env().unwrap().len()), ("git", 2));
+        let forged = Request { tls: b"LD_PRELOAD=/tmp/x.so\0", ..request };
+        let len = forged.encode(&mut bytes).unwrap();
+        assert_eq!(Request::decode(&bytes[..len]).unwrap().tls_env(), None, "only SSL_* names");
         let long = "x".repeat(MAX_LISTENER_NAME + 1);
         assert_eq!(Request { listener: &long, ..request }.encode(&mut bytes), None);
         for event in [Event::Started(9), Event::Failed(2), Event::Exited(77, 256), Event::Signal(15)] {

@@ -19,7 +19,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::clock::monotonic_ms;
-use crate::scoreboard::{Close, Datagram, Refusal, Scoreboard, SlotState, UpgradeState};
+use crate::scoreboard::{
+    Close, Datagram, Refusal, Scoreboard, SlotState, TlsFailure, UpgradeState,
+};
 
 /// Every metric's name starts with this and `_`.
 pub const PREFIX: &str = "preforkd";
@@ -135,6 +137,13 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Datagrams received on a UDP listener's socket, by listener and outcome",
         None,
     );
+    let handshakes = counters(
+        r,
+        "listener_tls_handshakes",
+        "TLS handshakes completed, by listener and kind (full, or resumed from a ticket)",
+        None,
+    );
+    let tls_failed = counters(r, "listener_tls_failures", "TLS handshakes failed, by listener and reason", None);
     for totals in board.listener_totals() {
         let name = || vec![("listener", totals.name.clone())];
         let with_reason = |reason: &str| vec![("listener", totals.name.clone()), ("reason", reason.to_owned())];
@@ -154,6 +163,15 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         for outcome in Datagram::ALL {
             let labels = vec![("listener", totals.name.clone()), ("outcome", outcome.name().to_owned())];
             datagrams.get_or_create(&labels).inc_by(totals.datagrams(outcome));
+        }
+        let failures: u64 = totals.tls_failed.iter().sum();
+        if totals.tls_handshakes + failures > 0 {
+            let kind = |kind: &str| vec![("listener", totals.name.clone()), ("kind", kind.to_owned())];
+            handshakes.get_or_create(&kind("full")).inc_by(totals.tls_handshakes - totals.tls_resumed);
+            handshakes.get_or_create(&kind("resumed")).inc_by(totals.tls_resumed);
+            for reason in TlsFailure::ALL {
+                tls_failed.get_or_create(&with_reason(reason.name())).inc_by(totals.tls_failed(reason));
+            }
         }
     }
 
