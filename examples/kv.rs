@@ -89,8 +89,8 @@ impl Kv {
                 "the store's size (capacity, max_key, max_value) is fixed at start: a restart changes it",
             );
         }
-        // The longest SET there is, and room for its framing.
-        let max_request = max_key + max_value + 64;
+        // The longest SET there is and room for its framing, or a DEL of many keys.
+        let max_request = (max_key + max_value + 64).max(64 * 1024);
         options.finish(Kv { store: map, max_request })
     }
 }

@@ -3,8 +3,11 @@
 //! so that a service written on preforkd's API says only what a frame is and what to answer.
 //!
 //! Runs in workers. The helper owns the connection's two buffers and does all of its I/O:
-//! - input is read into one buffer, and after each read every complete frame in it is given
-//!   to the handler, whose answers are appended to the output buffer and written at once;
+//! - after each read every complete frame is given to the handler, whose answers are
+//!   appended to the output buffer and written at once. A connection with nothing buffered
+//!   reads into the worker's one scratch buffer and handles its frames there, keeping only
+//!   the start of a frame that has not all arrived: a connection at rest holds no input
+//!   memory, and a request that arrives whole is never copied;
 //! - backpressure: while more than the output bound (default [`DEFAULT_OUTPUT_BOUND`]) waits
 //!   unsent, no frame is handled and nothing is read, so a client that sends but never reads
 //!   is held back by TCP flow control and the worker's memory stays bounded (one answer may
@@ -33,15 +36,20 @@ use super::{CloseReason, Context, Interest, Progress, Session, write_some};
 /// unless set with [`Framed::with_output_bound`].
 pub const DEFAULT_OUTPUT_BOUND: usize = 64 * 1024;
 
-/// Bytes the input buffer offers to each read at least.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes of the worker's scratch buffer, the most one read into it takes.
+const SCRATCH: usize = 16 * 1024;
+
+/// Bytes a connection's own input buffer offers to each read at least.
+const READ_CHUNK: usize = 4 * 1024;
 
 /// Reads per callback at most, so one busy client does not hold the worker (fairness).
 const ROUNDS_PER_CALL: usize = 16;
 
-/// An empty input buffer larger than this is given back to the allocator, so an idle
-/// connection that once took a large frame does not keep its memory.
-const KEEP_INPUT_CAPACITY: usize = 64 * 1024;
+thread_local! {
+    /// The worker's read buffer for connections with nothing buffered (each worker is one
+    /// thread; a session runs to the end of its callback, so one buffer serves them all).
+    static SCRATCH_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Hand-off state of [`Framed`], version 1 (see [`Framed::import`]).
 const STATE_V1: u8 = 1;
@@ -119,14 +127,20 @@ impl Inbox {
         self.start == self.end
     }
 
+    /// Drops the first `n` bytes; an emptied buffer is given back to the allocator, so a
+    /// connection at rest holds no input memory.
     fn consume(&mut self, n: usize) {
         self.start += n;
         if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if self.buf.len() > KEEP_INPUT_CAPACITY {
-                self.buf = Vec::new();
-            }
+            *self = Inbox::default();
+        }
+    }
+
+    /// Appends `bytes` (the start of a frame read into the scratch buffer).
+    fn extend(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.spare(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+            self.end += bytes.len();
         }
     }
 
@@ -263,16 +277,26 @@ impl<H: FrameHandler> Framed<H> {
         }
     }
 
-    /// Hands every complete frame in the input to the handler, while [`Framed::handles`].
-    /// Returns how many.
+    /// Hands every complete frame in the buffered input to the handler, while
+    /// [`Framed::handles`]. Returns how many.
     fn handle_frames(&mut self) -> usize {
+        let mut input = std::mem::take(&mut self.input);
+        let (handled, consumed) = self.handle(input.data());
+        input.consume(consumed);
+        self.input = input;
+        handled
+    }
+
+    /// Hands every complete frame at the start of `input` to the handler, while
+    /// [`Framed::handles`]. Returns how many, and the bytes they took.
+    fn handle(&mut self, input: &[u8]) -> (usize, usize) {
         if self.sent > 0 {
             self.output.drain(..self.sent);
             self.sent = 0;
         }
-        let mut handled = 0;
+        let (mut handled, mut consumed) = (0, 0);
         while self.handles() {
-            let data = self.input.data();
+            let data = &input[consumed..];
             let (len, payload) = match (self.decode)(data) {
                 Frame::Complete { len, payload }
                     if len >= 1
@@ -307,14 +331,30 @@ impl<H: FrameHandler> Framed<H> {
             self.expected = 0;
             self.unanswered += 1;
             handled += 1;
-            let frame = &self.input.buf[self.input.start..][payload];
-            let action = self.handler.on_frame(frame, &mut self.output);
-            self.input.consume(len);
+            let action = self.handler.on_frame(&data[payload], &mut self.output);
+            consumed += len;
             if action == FrameAction::Close {
                 self.stage = Stage::Closing(CloseReason::ServerClose);
             }
         }
-        handled
+        (handled, consumed)
+    }
+
+    /// Reads into the worker's scratch buffer (nothing is buffered) and handles the frames
+    /// there; keeps what is left, the start of a frame. Returns the read's result and the
+    /// room it was offered.
+    fn read_scratch(&mut self, cx: &mut Context<'_>) -> (io::Result<usize>, usize) {
+        SCRATCH_BUFFER.with_borrow_mut(|scratch| {
+            if scratch.len() < SCRATCH {
+                scratch.resize(SCRATCH, 0);
+            }
+            let read = cx.io().read(scratch);
+            if let Ok(n) = read {
+                let (_, consumed) = self.handle(&scratch[..n]);
+                self.input.extend(&scratch[consumed..n]);
+            }
+            (read, scratch.len())
+        })
     }
 
     /// The input broke the protocol: the handler's last word, then a close for `reason`.
@@ -370,9 +410,18 @@ impl<H: FrameHandler> Session for Framed<H> {
             if !self.handles() {
                 break;
             }
-            let room = self.input.spare(READ_CHUNK.max(self.expected));
-            let offered = room.len();
-            match cx.io().read(room) {
+            let (read, offered) = if self.input.is_empty() && self.expected == 0 {
+                self.read_scratch(cx)
+            } else {
+                let room = self.input.spare(READ_CHUNK.max(self.expected));
+                let offered = room.len();
+                let read = cx.io().read(room);
+                if let Ok(n) = read {
+                    self.input.end += n;
+                }
+                (read, offered)
+            };
+            match read {
                 Ok(0) => {
                     self.end();
                     self.flush(cx, &mut progress)?;
@@ -380,7 +429,6 @@ impl<H: FrameHandler> Session for Framed<H> {
                 }
                 Ok(n) => {
                     progress.bytes_in += n as u64;
-                    self.input.end += n;
                     self.serve(cx, &mut progress)?;
                     if n < offered {
                         // Most likely all there was: readiness is level-triggered, so more
