@@ -5,6 +5,8 @@
 # Needs the peers installed (Debian: apt-get install xinetd ucspi-tcp socat); missing ones
 # are skipped. Takes about 6 minutes with the defaults.
 # TFTP against tftpd-hpa: target/release/preforkd-bench tftp (see BENCHMARKS.md).
+# Hand-off of relayed connections on a reload: target/release/preforkd-bench handoff [--splice].
+# TLS against HAProxy, nginx stream and stunnel4: target/release/preforkd-bench tls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p preforkd -p preforkd-bench >&2

@@ -137,7 +137,16 @@ fn execute(
         Scoreboard::open(&board_path).map_err(|e| (ExitStatus::Unavailable, e.to_string()))?;
     if let &Command::Status { json } = command {
         // Reading the scoreboard signals nothing: no master to verify.
-        return Ok(if json { status_json::render(&board) } else { status(&board) });
+        let old = old_master(&pid_path);
+        return Ok(match (json, &old) {
+            (true, _) => status_json::render_with(&board, old.as_ref()),
+            (false, None) => status(&board),
+            (false, Some(old)) => format!(
+                "{}\n\nthe old master of a binary upgrade still runs (its workers retiring):\n{}",
+                status(&board),
+                status(old)
+            ),
+        });
     }
     let master = Target::verify(pid, &board, &board_path)?;
     let header = board.header();
@@ -373,9 +382,38 @@ fn status(board: &Scoreboard) -> String {
             age(score.started_unix_ms.load(Ordering::Relaxed)).to_string(),
         ));
     }
+    out.push_str(&children(board, now_unix));
     out.push_str(&refusals(board));
     out.push_str(&handshakes(board));
     out.trim_end().to_owned()
+}
+
+/// `children supervised by draining workers:` then one line per child: the exec programs a
+/// retiring worker still serves after a reload or an upgrade (empty when there is none).
+fn children(board: &Scoreboard, now_unix: u64) -> String {
+    let mut out = String::new();
+    for (slot, score) in board.slots().iter().enumerate() {
+        let pid = score.pid.load(Ordering::Acquire);
+        let (total, listed) = board.children(slot);
+        if pid == 0 || score.state() == SlotState::Empty || total == 0 {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str("children supervised by draining workers:\n");
+        }
+        let generation = score.generation.load(Ordering::Relaxed);
+        let worker = format!("worker slot {slot}, pid {pid}, generation {generation}");
+        for child in &listed {
+            let listener = board.listener_name(usize::from(child.listener)).unwrap_or_default();
+            let age = Duration::from_secs(now_unix.saturating_sub(child.started_unix_ms) / 1000);
+            let age = humantime::format_duration(age);
+            out.push_str(&format!("  child {} on {listener}, up {age}: {worker}\n", child.pid));
+        }
+        if total > listed.len() as u64 {
+            out.push_str(&format!("  and {} more: {worker}\n", total - listed.len() as u64));
+        }
+    }
+    out
 }
 
 /// One line per listener that has made or failed a TLS handshake: `tls NAME: handshakes N,
@@ -400,6 +438,14 @@ fn handshakes(board: &Scoreboard) -> String {
         ));
     }
     out
+}
+
+/// The scoreboard of a binary upgrade's old master (`PID_FILE.oldbin`), while it runs: its
+/// retiring workers may still serve exec children and TFTP transfers.
+fn old_master(pid_path: &Path) -> Option<Scoreboard> {
+    let old = crate::master::oldbin(pid_path);
+    pidfile::running_pid(&old).ok()?;
+    Scoreboard::open(&scoreboard::path_for(&old)).ok()
 }
 
 /// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those

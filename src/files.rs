@@ -351,6 +351,40 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_read_through_links_of_root_or_our_user_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("privkey1.pem");
+        std::fs::write(&key, b"secret\n").unwrap();
+        let link = dir.path().join("privkey.pem");
+        symlink("privkey1.pem", &link).unwrap();
+        assert_eq!(read_trusted(&link, MAX_PEM_BYTES).unwrap(), b"secret\n", "our own link");
+        // A link another user owns (only root can make one here) is not followed.
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(nix::unistd::Uid::from_raw(4242)),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            let error = read_trusted(&link, MAX_PEM_BYTES).unwrap_err().to_string();
+            assert!(error.contains("owned by uid 4242, which is not followed"), "{error}");
+        }
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(read_trusted(&fifo, MAX_PEM_BYTES).unwrap_err().to_string().contains("a FIFO"));
+        let looping = dir.path().join("loop");
+        symlink("loop", &looping).unwrap();
+        assert!(
+            read_trusted(&looping, MAX_PEM_BYTES)
+                .unwrap_err()
+                .to_string()
+                .contains("symbolic links in a row")
+        );
+    }
+
+    #[test]
     fn the_log_file_is_never_reached_through_a_symlink_or_a_hard_link() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");

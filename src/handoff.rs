@@ -5,8 +5,9 @@
 //! `SOCK_SEQPACKET` Unix socket pair the master creates before forking the worker, so the
 //! peer is authenticated by construction (no name to connect to, nothing to check with
 //! `SO_PEERCRED`); both ends are close-on-exec. A message is one datagram of at most
-//! [`MAX_MESSAGE`] bytes, and an [`Offer`] carries the client socket with `SCM_RIGHTS`
-//! (unix(7)).
+//! [`MAX_MESSAGE`] bytes, and an [`Offer`] carries the client socket and the session's own
+//! descriptors (a relay's backend socket and pipes) with `SCM_RIGHTS` (unix(7)): at most
+//! [`MAX_DESCRIPTORS`], the client's first.
 //!
 //! A worker says [`Message::Ready`] once, when it is booted (privileges dropped, listeners
 //! open, about to accept): see [`report_ready`]. That is how the master learns that a
@@ -15,17 +16,23 @@
 //! until the master stops it.
 //!
 //! A hand-off's route is old worker -> master -> new worker:
-//! 1. a retiring worker sends an [`Offer`] for a connection at rest, with its policy state
-//!    and the session's exported state, and stops watching that socket (it still owns it);
+//! 1. a retiring worker sends an [`Offer`] for a connection its session can move now (at
+//!    rest, or at any point for a session whose state holds what is in flight: see
+//!    `services::Movable`), with its policy state, the session's exported state and
+//!    duplicates of its descriptors, and stops watching them (it still owns them);
 //! 2. the master forwards it to a ready worker of the serving generation, under a route
 //!    number of its own, or answers [`Outcome::Busy`] / [`Outcome::Refused`] itself;
-//! 3. the receiver adopts the connection (moving its per-client count, see
-//!    `limits::Limits::transfer`) or declines, and answers; the master passes the answer
-//!    to the sender as [`Message::Resolved`], or [`Outcome::Lost`] if the receiver died.
-//!    The sender then closes its copy of the socket (adopted) or serves it on.
+//! 3. the receiver rebuilds the session, lets it watch its descriptors, moves the per-client
+//!    count (see `limits::Limits::transfer`) and answers, or declines having done no I/O;
+//!    the master passes the answer to the sender as [`Message::Resolved`], or
+//!    [`Outcome::Lost`] if the receiver died. The sender then drops its copies without a
+//!    close being seen by anyone (adopted: the receiver holds the sockets) or serves on.
 //!
 //! The wire format is versioned ([`WIRE_VERSION`]): a message of another version is
-//! refused, so a master and workers of different binaries never misread each other.
+//! refused, so a master and workers of different binaries never misread each other. Across
+//! a binary upgrade the new master announces itself with [`Message::Taking`] in its own
+//! version: a master of another version cannot read it, never forwards offers, and its
+//! workers drain their connections instead of handing them off.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -41,8 +48,14 @@ use nix::sys::socket::{
     sendmsg, socketpair,
 };
 
-/// Version of the message format; the first byte of every message.
-pub const WIRE_VERSION: u8 = 1;
+/// Version of the message format; the first byte of every message. Version 2: an offer
+/// carries the session's descriptors besides the client socket ([`Offer::descriptors`]),
+/// and its client may be a Unix-domain one (its credentials).
+pub const WIRE_VERSION: u8 = 2;
+
+/// Descriptors one message carries at most: the client socket and up to 7 of the session's
+/// (a relay splicing both ways has 5: its backend socket and two pipes).
+pub const MAX_DESCRIPTORS: usize = 8;
 
 /// Largest message, in bytes: the connection's state and the session's (see
 /// `services::MAX_EXPORT`).
@@ -87,6 +100,19 @@ pub struct Offer {
     pub timer: Option<Duration>,
     /// What `Session::export` returned.
     pub state: Vec<u8>,
+    /// How many of the session's own descriptors follow the client socket in the message's
+    /// `SCM_RIGHTS` (what `Session::export_descriptors` gave, in that order).
+    pub descriptors: usize,
+}
+
+impl Offer {
+    /// Whether all of the offer's descriptors arrived with it (`got` of them): when this
+    /// process is out of descriptors the kernel drops some (see [`Channel::recv`]), and the
+    /// offer must be answered [`Outcome::Busy`] rather than dropped, so that the sender, who
+    /// waits for the answer without touching the connection, serves it on.
+    pub fn complete(&self, got: usize) -> bool {
+        got == 1 + self.descriptors
+    }
 }
 
 /// How an offer ended.
@@ -107,7 +133,7 @@ pub enum Outcome {
 /// One message on a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// A connection, with its socket as `SCM_RIGHTS`.
+    /// A connection, with its socket and then [`Offer::descriptors`] more as `SCM_RIGHTS`.
     Offer(Offer),
     /// The answer to the offer named `token`.
     Resolved {
@@ -188,6 +214,26 @@ impl Reader<'_> {
     }
 }
 
+/// Whether `got` descriptors may come with `message`: exactly those an offer announces (none
+/// for another message), or fewer for an offer when the kernel `dropped` some because this
+/// process is out of descriptors (`MSG_CTRUNC`: unix(7)); the receiver then answers it
+/// [`Outcome::Busy`] (see [`Offer::complete`]), and the sender, which still holds its own
+/// copies, offers it again later.
+///
+/// # Errors
+/// `InvalidData` for any other count.
+fn check_descriptors(message: &Message, got: usize, dropped: bool) -> io::Result<()> {
+    let expected = match message {
+        Message::Offer(offer) => 1 + offer.descriptors,
+        _ => 0,
+    };
+    if got == expected || (dropped && got < expected) {
+        Ok(())
+    } else {
+        Err(invalid(&format!("{got} descriptors where {expected} were announced")))
+    }
+}
+
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("hand-off message: {what}"))
 }
@@ -246,6 +292,7 @@ impl Message {
                     None => w.u8(0),
                 }
                 w.bytes(&offer.state);
+                w.u8(u8::try_from(offer.descriptors).unwrap_or(u8::MAX));
             }
             Message::Resolved { token, outcome } => {
                 w.u8(KIND_RESOLVED);
@@ -317,6 +364,10 @@ impl Message {
                     _ => Some(r.millis()?),
                 };
                 let state = r.bytes()?;
+                let descriptors = usize::from(r.u8()?);
+                if descriptors >= MAX_DESCRIPTORS {
+                    return Err(invalid("too many descriptors"));
+                }
                 Message::Offer(Offer {
                     token,
                     listener,
@@ -330,6 +381,7 @@ impl Message {
                     record,
                     timer,
                     state,
+                    descriptors,
                 })
             }
             KIND_RESOLVED => {
@@ -368,7 +420,7 @@ impl Message {
 /// worker one); the worker cannot serve under a master that will never count it ready.
 pub fn report_ready(channel: Option<&mut Channel>) -> io::Result<()> {
     let channel = channel.ok_or_else(|| io::Error::other("no channel to the master"))?;
-    channel.send(&Message::Ready, None).map_err(|error| {
+    channel.send(&Message::Ready, Vec::new()).map_err(|error| {
         io::Error::new(error.kind(), format!("telling the master it is ready: {error}"))
     })
 }
@@ -377,7 +429,7 @@ pub fn report_ready(channel: Option<&mut Channel>) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Channel {
     socket: OwnedFd,
-    queue: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
+    queue: VecDeque<(Vec<u8>, Vec<OwnedFd>)>,
 }
 
 impl Channel {
@@ -407,16 +459,21 @@ impl Channel {
         !self.queue.is_empty()
     }
 
-    /// Queues `message` (with `fd` as `SCM_RIGHTS`) and sends what the socket takes.
+    /// Queues `message` (with `fds`, at most [`MAX_DESCRIPTORS`], as `SCM_RIGHTS`) and sends
+    /// what the socket takes.
     ///
     /// # Errors
-    /// `WouldBlock` when [`MAX_QUEUED`] messages wait already (nothing queued); a send
-    /// error other than `WouldBlock` (the peer is gone).
-    pub fn send(&mut self, message: &Message, fd: Option<OwnedFd>) -> io::Result<()> {
+    /// `WouldBlock` when [`MAX_QUEUED`] messages wait already (nothing queued);
+    /// `InvalidInput` for more than [`MAX_DESCRIPTORS`] descriptors; a send error other than
+    /// `WouldBlock` (the peer is gone).
+    pub fn send(&mut self, message: &Message, fds: Vec<OwnedFd>) -> io::Result<()> {
+        if fds.len() > MAX_DESCRIPTORS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"));
+        }
         if self.queue.len() >= MAX_QUEUED {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        self.queue.push_back((message.encode(), fd));
+        self.queue.push_back((message.encode(), fds));
         self.flush()
     }
 
@@ -426,16 +483,15 @@ impl Channel {
     /// A send error other than `WouldBlock`/`EINTR`; too many descriptors in flight
     /// (`ETOOMANYREFS`) counts as full.
     pub fn flush(&mut self) -> io::Result<()> {
-        while let Some((bytes, fd)) = self.queue.front() {
-            let raw = fd.as_ref().map(AsRawFd::as_raw_fd);
-            let fds = raw.as_slice();
-            let rights = [ControlMessage::ScmRights(fds)];
-            let cmsgs: &[ControlMessage<'_>] = if raw.is_some() { &rights } else { &[] };
+        while let Some((bytes, fds)) = self.queue.front() {
+            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            let rights = [ControlMessage::ScmRights(&raw)];
+            let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
             let iov = [IoSlice::new(bytes)];
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
             match sendmsg::<()>(self.socket.as_raw_fd(), &iov, cmsgs, flags, None) {
                 Ok(_) => {
-                    // Our copy of the descriptor closes here; the peer has its own now.
+                    // Our copies of the descriptors close here; the peer has its own now.
                     self.queue.pop_front();
                 }
                 Err(Errno::EINTR) => {}
@@ -446,14 +502,16 @@ impl Channel {
         Ok(())
     }
 
-    /// The next message, with its descriptor; `Ok(None)` when nothing is waiting.
+    /// The next message, with its descriptors (an offer's client socket first); `Ok(None)`
+    /// when nothing is waiting. An offer may come with fewer descriptors than it announces
+    /// when this process is out of descriptors: check [`Offer::complete`].
     ///
     /// # Errors
     /// `UnexpectedEof` when the peer closed its end; `InvalidData` for a malformed message
-    /// (its descriptor, if any, is closed); another receive error.
-    pub fn recv(&mut self) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
+    /// (its descriptors, if any, are closed); another receive error.
+    pub fn recv(&mut self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
         let mut buffer = vec![0u8; MAX_MESSAGE + 1];
-        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut space = nix::cmsg_space!([RawFd; MAX_DESCRIPTORS + 1]);
         loop {
             let mut iov = [IoSliceMut::new(&mut buffer)];
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
@@ -474,22 +532,16 @@ impl Channel {
                     }
                 }
             }
-            let (bytes, truncated) = (
-                received.bytes,
-                received.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
-            );
+            let (bytes, flags) = (received.bytes, received.flags);
             if bytes == 0 && fds.is_empty() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if truncated || bytes > MAX_MESSAGE || fds.len() > 1 {
-                return Err(invalid("oversized, or more than one descriptor"));
+            if flags.contains(MsgFlags::MSG_TRUNC) || bytes > MAX_MESSAGE {
+                return Err(invalid("oversized"));
             }
             let message = Message::decode(&buffer[..bytes])?;
-            let fd = fds.pop();
-            if matches!(message, Message::Offer(_)) != fd.is_some() {
-                return Err(invalid("an offer comes with exactly one descriptor"));
-            }
-            return Ok(Some((message, fd)));
+            check_descriptors(&message, fds.len(), flags.contains(MsgFlags::MSG_CTRUNC))?;
+            return Ok(Some((message, fds)));
         }
     }
 }
@@ -513,6 +565,7 @@ mod tests {
             record: Some((12, 99)),
             timer: None,
             state: vec![1],
+            descriptors: 0,
         }
     }
 
@@ -522,6 +575,7 @@ mod tests {
         v6.peer = Peer::Ip("[::1]:80".parse().unwrap());
         v6.record = None;
         v6.timer = Some(Duration::from_millis(5));
+        v6.descriptors = 5;
         let mut unix = offer();
         unix.peer = Peer::Unix(Credentials { pid: 4242, uid: 1000, gid: 100 });
         for message in [
@@ -541,23 +595,62 @@ mod tests {
         assert!(Message::decode(&bytes).is_err());
         let bytes = Message::Offer(offer()).encode();
         assert!(Message::decode(&bytes[..bytes.len() - 1]).is_err(), "truncated");
+        let mut many = offer();
+        many.descriptors = MAX_DESCRIPTORS;
+        assert!(Message::decode(&Message::Offer(many).encode()).is_err(), "too many");
+        // Version 1 (one descriptor per offer, no count) is another format: refused whole.
+        let mut older = Message::Taking.encode();
+        older[0] = 1;
+        let error = Message::decode(&older).unwrap_err();
+        assert!(error.to_string().contains("version 1, this binary speaks 2"), "{error}");
     }
 
     #[test]
-    fn a_socket_crosses_the_channel_and_keeps_working() {
+    fn sockets_cross_the_channel_in_order_and_keep_working() {
+        use std::os::unix::net::UnixStream;
         let (mut master, mut worker) = Channel::pair().unwrap();
-        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        worker.send(&Message::Offer(offer()), Some(OwnedFd::from(theirs))).unwrap();
-        let (message, fd) = master.recv().unwrap().expect("a message");
-        assert_eq!(message, Message::Offer(offer()));
-        let mut moved = std::os::unix::net::UnixStream::from(fd.expect("the socket"));
-        moved.write_all(b"hi").unwrap();
-        let mut got = [0u8; 2];
-        ours.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hi");
+        let (mut client, theirs) = UnixStream::pair().unwrap();
+        let (mut backend, backends) = UnixStream::pair().unwrap();
+        let mut two = offer();
+        two.descriptors = 1;
+        let fds = vec![OwnedFd::from(theirs), OwnedFd::from(backends)];
+        worker.send(&Message::Offer(two.clone()), fds).unwrap();
+        let (message, fds) = master.recv().unwrap().expect("a message");
+        assert_eq!((message, fds.len()), (Message::Offer(two), 2));
+        let mut fds = fds.into_iter().map(UnixStream::from);
+        for (peer, mut moved) in [&mut client, &mut backend].into_iter().zip(&mut fds) {
+            moved.write_all(b"hi").unwrap();
+            let mut got = [0u8; 2];
+            peer.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"hi", "the client socket first, then the session's");
+        }
         assert!(master.recv().unwrap().is_none(), "nothing more");
+        // An offer whose descriptors do not match its count is refused, descriptors closed.
+        let (_, lone) = UnixStream::pair().unwrap();
+        let mut liar = offer();
+        liar.descriptors = 2;
+        worker.send(&Message::Offer(liar), vec![OwnedFd::from(lone)]).unwrap();
+        assert_eq!(master.recv().unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let too_many = (0..=MAX_DESCRIPTORS).map(|_| OwnedFd::from(UnixStream::pair().unwrap().0));
+        let error = worker.send(&Message::Ready, too_many.collect()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
         drop(worker);
         assert_eq!(master.recv().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_offer_short_of_descriptors_is_kept_for_a_busy_answer_only_if_the_kernel_dropped_them() {
+        let mut two = offer();
+        two.descriptors = 1;
+        let message = Message::Offer(two.clone());
+        assert!(check_descriptors(&message, 2, false).is_ok());
+        assert!(check_descriptors(&message, 1, false).is_err(), "a liar");
+        assert!(check_descriptors(&message, 3, true).is_err(), "more is never right");
+        assert!(check_descriptors(&message, 1, true).is_ok(), "out of descriptors here");
+        assert!(check_descriptors(&message, 0, true).is_ok());
+        assert!((two.complete(2), two.complete(1)) == (true, false));
+        assert!(check_descriptors(&Message::Ready, 0, false).is_ok());
+        assert!(check_descriptors(&Message::Ready, 1, true).is_err());
     }
 
     #[test]
@@ -565,8 +658,8 @@ mod tests {
         let (mut master, mut worker) = Channel::pair().unwrap();
         assert!(master.recv().unwrap().is_none());
         report_ready(Some(&mut worker)).unwrap();
-        let (message, fd) = master.recv().unwrap().expect("a message");
-        assert_eq!((message, fd.is_none()), (Message::Ready, true));
+        let (message, fds) = master.recv().unwrap().expect("a message");
+        assert_eq!((message, fds.is_empty()), (Message::Ready, true));
         assert!(report_ready(None).is_err(), "a worker without a channel cannot boot");
         drop(master);
         let error = report_ready(Some(&mut worker)).unwrap_err();

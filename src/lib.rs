@@ -75,6 +75,12 @@
 //!         // A line of at most `max_line` bytes, and its LF.
 //!         Box::new(Framed::new(Shout, lines, self.max_line + 1))
 //!     }
+//!
+//!     /// The hand-off hook, receiving side: a connection a reload moved here.
+//!     fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+//!         let shout = |own: &[u8]| own.is_empty().then_some(Shout);
+//!         Some(Box::new(Framed::import(state, lines, self.max_line + 1, shout)?))
+//!     }
 //! }
 //!
 //! struct Shout;
@@ -85,6 +91,11 @@
 //!         out.extend(b"\r\n");
 //!         FrameAction::Continue
 //!     }
+//!
+//!     /// The hand-off hook, sending side: between lines, nothing to carry.
+//!     fn export(&self) -> Option<Vec<u8>> {
+//!         Some(Vec::new())
+//!     }
 //! }
 //!
 //! fn main() -> std::process::ExitCode {
@@ -92,8 +103,8 @@
 //! }
 //! ```
 //!
-//! `examples/upper.rs` is this program with a greeting, a `QUIT` command and the hand-off
-//! of its connections across a reload, and `examples/upper.toml` its configuration:
+//! `examples/upper.rs` is this program with a greeting and a `QUIT` command, and
+//! `examples/upper.toml` its configuration:
 //! `cargo run --example upper -- -c examples/upper.toml`. `examples/kv.rs` is a
 //! Redis-protocol key-value store (redis-cli and redis-benchmark talk to it), with a
 //! decoder of its own and its keys in a [`shared::SharedMap`].
@@ -143,6 +154,21 @@
 //!   a database) when it must outlive the daemon or span hosts. The daemon's own shared
 //!   memory (the per-client limits, the datagram rates) is not for services; its
 //!   scoreboard can be read ([`services::Context::scoreboard`]), not written.
+//!
+//! # Reloads: hand-off or drain
+//!
+//! A reload (or a binary upgrade) retires the old generation's workers. Each offers its
+//! connections to the serving generation; a session moves if it implements the hand-off
+//! hook, two methods for a simple one, as above: [`services::Session::export`] (for a
+//! [`services::Framed`] session, which carries its buffers itself,
+//! [`services::FrameHandler::export`]) gives its state as versioned bytes, and
+//! [`services::Service::import`] rebuilds it in the receiving worker. Without the hook a session is *drained*: the old worker serves it until
+//! it ends, with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as
+//! nginx and HAProxy keep their old processes. A session that must move with an exchange in
+//! flight, or owns descriptors of its own, says so with [`services::Session::movable`], and
+//! its descriptors travel with [`services::Session::export_descriptors`] and
+//! [`services::Session::resume`], where the receiving worker's session watches them again:
+//! the relay moves that way, with its backend socket, buffers, pipes and half-closes.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -23,17 +23,21 @@ use thiserror::Error;
 use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
+mod children;
 mod listeners;
 
+pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
     CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore,
     ListenerTotals, kept_name,
 };
 
-/// Version 9: TLS handshakes, resumptions and failures per listener
-/// ([`ListenerScore::tls_handshakes`], [`TlsFailure`]). Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and datagrams per listener
-/// ([`ListenerScore::datagrams`]). Version 7: each listener's bound address
-/// ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
+/// Version 10: the children retiring workers supervise (a count and a few rows per slot
+/// after the listener rows: [`Scoreboard::children`]). Version 9: TLS handshakes,
+/// resumptions and failures per listener ([`ListenerScore::tls_handshakes`],
+/// [`TlsFailure`]). Version 8: the `over-share` refusal ([`Refusal::OverShare`]) and
+/// datagrams per listener ([`ListenerScore::datagrams`]). Version 7: each listener's bound
+/// address ([`Scoreboard::listener_address`]). Version 6: hand-offs per listener
 /// ([`ListenerScore::handed_off`], `adopted`). Version 5:
 /// when the master became ready (`ready_unix_ms`). Version 4: per-listener
 /// counters ([`listeners`]: names and retired totals in the header, [`LISTENER_ROWS`] rows
@@ -41,7 +45,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdscb9");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc10");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -81,7 +85,8 @@ pub enum SlotState {
     Booting = 1,
     /// Accepting and serving.
     Ready = 2,
-    /// Graceful stop: no longer accepting, finishing its connections.
+    /// Retired or stopping gracefully: no longer accepting; handing off or finishing its
+    /// connections.
     Draining = 3,
 }
 
@@ -402,12 +407,14 @@ pub struct Scoreboard {
     owner: Option<u32>,
 }
 
-/// Bytes of one slot: its [`WorkerScore`] and its [`LISTENER_ROWS`] listener rows.
-const SLOT_BYTES: usize =
-    std::mem::size_of::<WorkerScore>() + LISTENER_ROWS * std::mem::size_of::<ListenerScore>();
+/// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows and its
+/// children ([`CHILD_ROWS`] rows and their count).
+const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
+    + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
+    + std::mem::size_of::<children::ChildRows>();
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, then
-/// every [`WorkerScore`], then every slot's listener rows.
+/// every [`WorkerScore`], then every slot's listener rows, then every slot's child rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
@@ -582,6 +589,21 @@ impl Scoreboard {
         }
     }
 
+    /// Every slot's children, slot by slot.
+    fn all_child_rows(&self) -> &[children::ChildRows] {
+        // SAFETY: `layout(capacity)` bytes are mapped; the children follow the listener rows,
+        // at an offset that is a multiple of 128 (header, slots and listener rows are), so
+        // aligned for `ChildRows` (8); all fields are atomics.
+        unsafe {
+            let offset = std::mem::size_of::<Header>()
+                + self.capacity
+                    * (std::mem::size_of::<WorkerScore>()
+                        + LISTENER_ROWS * std::mem::size_of::<ListenerScore>());
+            let first = self.base.as_ptr().add(offset).cast::<children::ChildRows>();
+            std::slice::from_raw_parts(first, self.capacity)
+        }
+    }
+
     /// Claims `slot` for a new worker of `generation` (by the master, before the fork): the
     /// last worker's listener counters go to the retired totals, then the slot is cleared
     /// ([`WorkerScore::claim`], pid 0 until the fork returns).
@@ -590,6 +612,7 @@ impl Scoreboard {
     /// If `slot` is not below the capacity (a caller bug).
     pub fn claim(&self, slot: usize, generation: u64) {
         self.retire_listener_rows(slot);
+        self.clear_children(slot);
         self.slot(slot).claim(0, generation);
     }
 

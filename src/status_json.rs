@@ -39,6 +39,10 @@ pub struct Snapshot {
     /// Every listener the master has named since it started (the first 64), by listener
     /// id: counters over every worker, those gone included (added in schema 1).
     pub listeners: Vec<Listener>,
+    /// While a binary upgrade's old master still runs (its workers retiring, serving what
+    /// they could not hand off: exec children, TFTP transfers), the same document for its
+    /// scoreboard, whose `old_master` is null; null otherwise (added in schema 1).
+    pub old_master: Option<Box<Snapshot>>,
 }
 
 /// One listener of a [`Snapshot`]: its counters since the master started.
@@ -66,8 +70,8 @@ pub struct Listener {
     /// Connections closed, by reason (`client-close`, `server-close`, `idle-short`,
     /// `idle-long`, `long-limit`, `error`, `shutdown`, `service`; every reason is present).
     pub closed: BTreeMap<&'static str, u64>,
-    /// Connections handed off at rest by retiring workers to the serving generation (or,
-    /// after an upgrade, the new master); not closes.
+    /// Connections handed off by retiring workers to the serving generation (or, after an
+    /// upgrade, the new master); not closes.
     pub handed_off: u64,
     /// Connections adopted from retiring workers.
     pub adopted: u64,
@@ -132,7 +136,7 @@ pub struct Worker {
     /// after a reload.
     pub generation: u64,
     /// `"booting"` (forked, setting up), `"ready"` (accepting and serving) or `"draining"`
-    /// (graceful stop: no longer accepting, finishing its connections).
+    /// (retired or stopping: no longer accepting; handing off or finishing its connections).
     pub state: &'static str,
     /// Connections open now.
     pub open: u64,
@@ -149,6 +153,25 @@ pub struct Worker {
     /// Milliseconds since the worker's loop last turned (monotonic clock); a ready worker
     /// beats at least every third of `worker_timeout`.
     pub heartbeat_age_ms: u64,
+    /// Children (exec's programs) a draining worker still supervises, for connections it
+    /// could not hand off: it serves them until they end. 0 for a serving worker (added in
+    /// schema 1).
+    pub children_total: u64,
+    /// The first of them (at most 8), oldest connection first (added in schema 1).
+    pub children: Vec<Child>,
+}
+
+/// A child a draining worker supervises (see [`Worker::children`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Child {
+    /// The child's pid.
+    pub pid: u32,
+    /// Its listener's name (empty if the master never named that listener id).
+    pub listener: String,
+    /// When its connection was accepted: Unix time in milliseconds.
+    pub started_unix_ms: u64,
+    /// Milliseconds since then (wall clock).
+    pub age_ms: u64,
 }
 
 /// Reads `board` into a [`Snapshot`], with the clocks given: `now_unix_ms` (wall clock, Unix
@@ -197,6 +220,20 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
                 uptime_ms: now_unix_ms.saturating_sub(started),
                 heartbeat_age_ms: now_monotonic_ms
                     .saturating_sub(score.heartbeat_ms.load(Ordering::Relaxed)),
+                children_total: board.children(slot).0,
+                children: board
+                    .children(slot)
+                    .1
+                    .into_iter()
+                    .map(|child| Child {
+                        pid: child.pid,
+                        listener: board
+                            .listener_name(usize::from(child.listener))
+                            .unwrap_or_default(),
+                        started_unix_ms: child.started_unix_ms,
+                        age_ms: now_unix_ms.saturating_sub(child.started_unix_ms),
+                    })
+                    .collect(),
             })
         })
         .collect();
@@ -223,12 +260,27 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
                 .collect(),
         })
         .collect();
-    Snapshot { schema: SCHEMA, time_unix_ms: now_unix_ms, master, workers, listeners }
+    Snapshot {
+        schema: SCHEMA,
+        time_unix_ms: now_unix_ms,
+        master,
+        workers,
+        listeners,
+        old_master: None,
+    }
 }
 
 /// The JSON document of `board` now, on one line without a trailing newline.
 pub fn render(board: &Scoreboard) -> String {
-    let snapshot = snapshot(board, unix_ms(), monotonic_ms());
+    render_with(board, None)
+}
+
+/// [`render`], with `old`, the scoreboard of a binary upgrade's old master that still runs,
+/// as [`Snapshot::old_master`].
+pub fn render_with(board: &Scoreboard, old: Option<&Scoreboard>) -> String {
+    let (now_unix, now_monotonic) = (unix_ms(), monotonic_ms());
+    let mut snapshot = snapshot(board, now_unix, now_monotonic);
+    snapshot.old_master = old.map(|old| Box::new(self::snapshot(old, now_unix, now_monotonic)));
     serde_json::to_string(&snapshot).expect("a Snapshot's maps have string keys")
 }
 
@@ -260,12 +312,18 @@ mod tests {
         board.slot(3).set_state(SlotState::Draining);
         board.slot(3).started_unix_ms.store(2_000, Ordering::Relaxed);
         board.slot(3).heartbeat_ms.store(800, Ordering::Relaxed);
+        board.name_listeners([(0, "git", Some("127.0.0.1:9418".parse().unwrap()))]);
+        let child = crate::scoreboard::Child { pid: 4242, listener: 0, started_unix_ms: 7_000 };
+        board.set_children(3, [child].into_iter());
         // A released slot keeps its last counters but has no process: left out.
         board.slot(2).claim(98, 1);
         board.slot(2).release();
 
         let text = serde_json::to_string(&snapshot(&board, 10_000, 900)).unwrap();
-        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let mut parsed: Value = serde_json::from_str(&text).unwrap();
+        // The child's listener is named (and so listed): its counters are another test's.
+        let listeners = parsed.as_object_mut().unwrap().insert("listeners".into(), json!([]));
+        assert_eq!(listeners.unwrap()[0]["name"], "git");
         assert_eq!(
             parsed,
             json!({
@@ -282,15 +340,21 @@ mod tests {
                     {
                         "slot": 1, "pid": 101, "generation": 2, "state": "ready", "open": 2,
                         "accepted": 7, "bytes_in": 70, "bytes_out": 69,
-                        "started_unix_ms": 4_000, "uptime_ms": 6_000, "heartbeat_age_ms": 400
+                        "started_unix_ms": 4_000, "uptime_ms": 6_000, "heartbeat_age_ms": 400,
+                        "children_total": 0, "children": []
                     },
                     {
                         "slot": 3, "pid": 99, "generation": 1, "state": "draining", "open": 0,
                         "accepted": 0, "bytes_in": 0, "bytes_out": 0,
-                        "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100
+                        "started_unix_ms": 2_000, "uptime_ms": 8_000, "heartbeat_age_ms": 100,
+                        "children_total": 1,
+                        "children": [
+                            { "pid": 4242, "listener": "git", "started_unix_ms": 7_000, "age_ms": 3_000 }
+                        ]
                     }
                 ],
-                "listeners": []
+                "listeners": [],
+                "old_master": null
             })
         );
     }
@@ -312,13 +376,23 @@ mod tests {
     }
 
     #[test]
-    fn render_is_one_line_of_json() {
+    fn render_is_one_line_of_json_with_an_old_master_inside_while_it_runs() {
         let board = Scoreboard::create(None, 2).unwrap();
         let text = render(&board);
         assert!(!text.contains('\n'), "{text}");
         let parsed: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["schema"], 1);
         assert_eq!(parsed["workers"], json!([]));
+        assert_eq!(parsed["old_master"], Value::Null);
+        let old = Scoreboard::create(None, 2).unwrap();
+        old.header().master_pid.store(7, Ordering::Relaxed);
+        old.slot(1).claim(8, 3);
+        old.slot(1).set_state(SlotState::Draining);
+        let parsed: Value = serde_json::from_str(&render_with(&board, Some(&old))).unwrap();
+        let inner = &parsed["old_master"];
+        assert_eq!((&inner["master"]["pid"], &inner["workers"][0]["pid"]), (&json!(7), &json!(8)));
+        assert_eq!(inner["workers"][0]["state"], "draining");
+        assert_eq!(inner["old_master"], Value::Null, "one level only");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 /// Iterations per client loop at most, whatever the duration.
-const MAX_ITERATIONS: u64 = 10_000_000;
+pub(crate) const MAX_ITERATIONS: u64 = 10_000_000;
 
 /// What a scenario measured.
 #[derive(Debug, Default, Clone)]
@@ -67,11 +67,11 @@ pub fn connect_from(source: u8, addr: SocketAddr) -> std::io::Result<TcpStream> 
     Ok(stream)
 }
 
-fn source_of(client: usize) -> u8 {
+pub(crate) fn source_of(client: usize) -> u8 {
     (2 + client % 200) as u8
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -84,7 +84,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Runs `loops` client threads for `duration`, each calling `body` until time is up.
-fn run_loops(
+pub(crate) fn run_loops(
     loops: usize,
     duration: Duration,
     body: impl Fn(usize, &AtomicBool) -> Report + Send + Sync + 'static,

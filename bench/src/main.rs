@@ -2,10 +2,12 @@
 //! cat, socat fork, a tokio echo server) on loopback, one after the other, through the same
 //! scenarios, and prints one markdown report. See BENCHMARKS.md and bench/run.sh.
 
+mod handoff;
 mod load;
 mod relay;
 mod servers;
 mod tftp;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +62,41 @@ enum Verb {
         /// Rounds per scenario, the proxies taking turns; the median round is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// The hand-off of relayed connections on a reload: one busy connection over many
+    /// reloads, many busy ones, many idle ones (epoll); prints a markdown table.
+    Handoff {
+        /// Reloads for the single busy connection.
+        #[arg(long, default_value_t = 20)]
+        reloads: usize,
+        /// Busy relayed connections handed off by one reload.
+        #[arg(long, default_value_t = 100)]
+        busy: usize,
+        /// Idle relayed connections handed off by one reload.
+        #[arg(long, default_value_t = 1000)]
+        idle: usize,
+        /// The relay's `splice` option.
+        #[arg(long)]
+        splice: bool,
+    },
+    /// TLS termination: preforkd against HAProxy, nginx stream and stunnel4 (TLS 1.3, ECDSA
+    /// P-256): full and resumed handshakes/s, request/response; prints a markdown report.
+    Tls {
+        /// Seconds per measured run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client loops for the handshake scenarios.
+        #[arg(long, default_value_t = 32)]
+        loops: usize,
+        /// Only these servers (labels as printed, comma-separated prefixes), default all.
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds per scenario, the servers taking turns; the median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Only these scenarios (comma-separated: full, resumed, small, large), default all.
+        #[arg(long)]
+        scenarios: Option<String>,
     },
     /// TFTP download throughput: preforkd against tftpd-hpa (`in.tftpd --listen`).
     Tftp {
@@ -150,6 +187,16 @@ fn main() {
         Verb::Relay { seconds, short_clients, only, rounds } => {
             relay::run(Duration::from_secs(seconds), short_clients, only.as_deref(), rounds.max(1))
         }
+        Verb::Handoff { reloads, busy, idle, splice } => {
+            handoff::run(reloads.max(1), busy.max(1), idle, splice)
+        }
+        Verb::Tls { seconds, loops, only, rounds, scenarios } => tls::run(
+            Duration::from_secs(seconds),
+            loops,
+            only.as_deref(),
+            rounds.max(1),
+            scenarios.as_deref(),
+        ),
         Verb::Tftp { rounds, backend, blksize, windowsize, busy_poll } => {
             let busy_poll = busy_poll.as_deref();
             tftp::run(&binaries().preforkd, &backend, busy_poll, rounds.max(1), blksize, windowsize)
@@ -319,7 +366,7 @@ fn rounds_of(kinds: &[Kind], rounds: usize, mut one: impl FnMut(Kind) -> Option<
 
 fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>, rounds: usize) {
     let kinds = all_servers(only);
-    let plain = PreforkdOptions { workers: 2, per_client: 0, backend: None };
+    let plain = PreforkdOptions { workers: 2, per_client: 0, backend: None, tls: None, log: None };
     println!("## Results\n");
     println!(
         "{} s per run, {rounds} rounds with the servers taking turns (each server's median round is shown), \
@@ -369,7 +416,8 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     for &kind in &kinds {
         let scalable = matches!(kind, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
         let count = if scalable { idle } else { idle.min(1000) };
-        let options = PreforkdOptions { workers: 1, per_client: 0, backend: None };
+        let options =
+            PreforkdOptions { workers: 1, per_client: 0, backend: None, tls: None, log: None };
         let Ok(server) = Server::start(kind, &binaries(), &options) else { continue };
         let before = server.pss_kib();
         let mut during = 0;
@@ -387,7 +435,8 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     if kinds.iter().any(|k| matches!(k, Kind::Preforkd(_))) {
         eprintln!("limit");
         println!("\n### limit: 50 connections from one address, max_connections_per_client = 10\n");
-        let options = PreforkdOptions { workers: 2, per_client: 10, backend: None };
+        let options =
+            PreforkdOptions { workers: 2, per_client: 10, backend: None, tls: None, log: None };
         if let Ok(server) = Server::start(Kind::Preforkd("select"), &binaries(), &options) {
             let report = load::limit(server.addr, 50);
             server.stop();
@@ -395,7 +444,13 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
         }
 
         eprintln!("limit cost");
-        let limited = PreforkdOptions { workers: 2, per_client: 1_000_000, backend: None };
+        let limited = PreforkdOptions {
+            workers: 2,
+            per_client: 1_000_000,
+            backend: None,
+            tls: None,
+            log: None,
+        };
         let rate = |options: &PreforkdOptions| {
             measure(Kind::Preforkd("select"), options, |s| {
                 (load::short(s.addr, short_clients, 64, duration), String::new())

@@ -41,12 +41,18 @@ fn label(kind: Option<Kind>) -> String {
 /// Runs the relay scenarios and prints their tables.
 pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds: usize) {
     let binaries = binaries();
-    let none = PreforkdOptions { workers: 1, per_client: 0, backend: None };
+    let none = PreforkdOptions { workers: 1, per_client: 0, backend: None, tls: None, log: None };
     let backend = match Server::start(Kind::Tokio, &binaries, &none) {
         Ok(server) => server,
         Err(error) => return eprintln!("tokio backend: {error}"),
     };
-    let options = PreforkdOptions { workers: 2, per_client: 0, backend: Some(backend.addr) };
+    let options = PreforkdOptions {
+        workers: 2,
+        per_client: 0,
+        backend: Some(backend.addr),
+        tls: None,
+        log: None,
+    };
     let kinds = proxies(only);
     println!("## Relay: proxies in front of the tokio echo server\n");
     println!(

@@ -39,6 +39,17 @@ pub enum Kind {
     Haproxy,
     /// nginx's stream module, `proxy_pass`, `worker_processes` = workers.
     NginxStream,
+    /// preforkd's echo (epoll) behind its `[listener.tls]`.
+    PreforkdTls,
+    /// preforkd's relay (epoll) behind its `[listener.tls]`, in front of the backend.
+    PreforkdTlsRelay,
+    /// HAProxy, `bind ... ssl crt`, `mode tcp`, `nbthread` = workers, in front of the backend.
+    HaproxyTls,
+    /// nginx's stream module with `listen ... ssl`, `worker_processes` = workers, in front of
+    /// the backend.
+    NginxTls,
+    /// stunnel4 (a thread per connection) in front of the backend.
+    Stunnel,
 }
 
 impl Kind {
@@ -56,6 +67,11 @@ impl Kind {
             Kind::PreforkdRelay { splice: false } => "preforkd relay (read/write)".into(),
             Kind::Haproxy => "HAProxy (mode tcp)".into(),
             Kind::NginxStream => "nginx stream".into(),
+            Kind::PreforkdTls => "preforkd echo + tls".into(),
+            Kind::PreforkdTlsRelay => "preforkd relay + tls".into(),
+            Kind::HaproxyTls => "HAProxy 2.6 ssl".into(),
+            Kind::NginxTls => "nginx 1.22 stream ssl".into(),
+            Kind::Stunnel => "stunnel4".into(),
         }
     }
 }
@@ -69,6 +85,24 @@ pub struct PreforkdOptions {
     pub per_client: u32,
     /// For the proxies: the backend they relay to.
     pub backend: Option<SocketAddr>,
+    /// For the TLS servers: the directory with `chain.pem`, `key.pem` and `combined.pem`
+    /// (both, for HAProxy).
+    pub tls: Option<PathBuf>,
+    /// For preforkd: log at debug level to this file (default: warnings, to stderr).
+    pub log: Option<PathBuf>,
+}
+
+impl PreforkdOptions {
+    /// The `[log]` section for these options.
+    fn log_section(&self) -> String {
+        match &self.log {
+            Some(path) => format!(
+                "[log]\nlevel = \"debug\"\naccess_log = false\ntarget = \"file\"\npath = \"{}\"\n",
+                path.display()
+            ),
+            None => "[log]\nlevel = \"warn\"\naccess_log = false\n".into(),
+        }
+    }
 }
 
 /// Where the binaries are.
@@ -198,14 +232,14 @@ impl Server {
                 let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
-                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
-                     [log]\nlevel = \"warn\"\naccess_log = false\n\
+                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n{}\
                      [[listener]]\nname = \"relay\"\naddress = \"{addr}\"\nservice = \"relay\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
                      max_connections_per_client = {}\nmax_long_connections_per_client = 0\n\
                      [listener.options]\nbackends = [\"{backend}\"]\nsplice = {splice}\n",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
+                    options.log_section(),
                     options.per_client
                 );
                 let path = dir.path().join("preforkd.toml");
@@ -213,6 +247,99 @@ impl Server {
                 let mut command = Command::new(&binaries.preforkd);
                 command.arg("-c").arg(&path);
                 config = Some(path);
+                command
+            }
+            Kind::PreforkdTls | Kind::PreforkdTlsRelay => {
+                let tls =
+                    options.tls.as_ref().ok_or_else(|| std::io::Error::other("no certificate"))?;
+                let (service, extra) = match (kind, options.backend) {
+                    (Kind::PreforkdTls, _) => ("echo", String::new()),
+                    (_, Some(backend)) => {
+                        ("relay", format!("[listener.options]\nbackends = [\"{backend}\"]\n"))
+                    }
+                    (_, None) => return Err(std::io::Error::other("no backend")),
+                };
+                let text = format!(
+                    "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
+                     rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n\
+                     [log]\nlevel = \"warn\"\naccess_log = false\n\
+                     [[listener]]\nname = \"tls\"\naddress = \"{addr}\"\nservice = \"{service}\"\nbacklog = 4096\n\
+                     short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
+                     max_connections_per_client = 0\nmax_long_connections_per_client = 0\n{extra}\
+                     [listener.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nmin_version = \"1.3\"\n",
+                    options.workers,
+                    dir.path().join("preforkd.pid").display(),
+                    tls.join("chain.pem").display(),
+                    tls.join("key.pem").display(),
+                );
+                let path = dir.path().join("preforkd.toml");
+                std::fs::write(&path, text)?;
+                let mut command = Command::new(&binaries.preforkd);
+                command.arg("-c").arg(&path);
+                config = Some(path);
+                command
+            }
+            Kind::HaproxyTls => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let tls =
+                    options.tls.as_ref().ok_or_else(|| std::io::Error::other("no certificate"))?;
+                let path = dir.path().join("haproxy.cfg");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "global\n nbthread {}\n maxconn 8000\n ssl-default-bind-options ssl-min-ver TLSv1.3\n\
+                         defaults\n mode tcp\n timeout connect 5s\n timeout client 5m\n timeout server 5m\n\
+                         listen tls\n bind {addr} ssl crt {}\n server backend {backend}\n",
+                        options.workers,
+                        tls.join("combined.pem").display()
+                    ),
+                )?;
+                let mut command = Command::new("haproxy");
+                command.arg("-db").arg("-f").arg(&path);
+                command
+            }
+            Kind::NginxTls => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let tls =
+                    options.tls.as_ref().ok_or_else(|| std::io::Error::other("no certificate"))?;
+                let path = dir.path().join("nginx.conf");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                         daemon off;\nworker_processes {};\nworker_rlimit_nofile 65536;\n\
+                         pid {}/nginx.pid;\nerror_log {}/error.log;\n\
+                         events {{ worker_connections 30000; }}\n\
+                         stream {{ server {{ listen {addr} ssl backlog=4096; ssl_protocols TLSv1.3;\n\
+                         ssl_certificate {}; ssl_certificate_key {}; ssl_session_tickets on;\n\
+                         proxy_pass {backend}; }} }}\n",
+                        options.workers,
+                        dir.path().display(),
+                        dir.path().display(),
+                        tls.join("chain.pem").display(),
+                        tls.join("key.pem").display(),
+                    ),
+                )?;
+                let mut command = Command::new("nginx");
+                command.arg("-p").arg(dir.path()).arg("-c").arg(&path);
+                command
+            }
+            Kind::Stunnel => {
+                let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let tls =
+                    options.tls.as_ref().ok_or_else(|| std::io::Error::other("no certificate"))?;
+                let path = dir.path().join("stunnel.conf");
+                std::fs::write(
+                    &path,
+                    format!(
+                        "foreground = yes\npid =\ndebug = err\n[tls]\naccept = {addr}\nconnect = {backend}\n\
+                         cert = {}\nkey = {}\nsslVersionMin = TLSv1.3\n",
+                        tls.join("chain.pem").display(),
+                        tls.join("key.pem").display(),
+                    ),
+                )?;
+                let mut command = Command::new("stunnel4");
+                command.arg(&path);
                 command
             }
             Kind::Haproxy => {

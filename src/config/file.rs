@@ -39,6 +39,8 @@ pub struct DaemonSection {
     pub workers: Option<Spanned<WorkersValue>>,
     /// Graceful stop deadline, a humane duration string.
     pub graceful_timeout: Option<Spanned<String>>,
+    /// Bound on a retired generation's drain, a humane duration string.
+    pub reload_drain_timeout: Option<Spanned<String>>,
     /// Connection budget of one worker, all listeners together.
     pub max_connections_per_worker: Option<Spanned<i64>>,
     /// Pid file path.

@@ -182,6 +182,9 @@ keys! {
         "Worker processes to keep running, or \"auto\" for one per CPU.";
     GRACEFUL_TIMEOUT "daemon.graceful_timeout": Kind::Duration, Value("\"30s\""), "", Applies,
         "How long a graceful stop lets open exchanges finish before SIGKILL; \"0s\" kills at once.";
+    RELOAD_DRAIN_TIMEOUT "daemon.reload_drain_timeout": Kind::Duration, Value("\"0s\""), "",
+        Applies,
+        "How long a retired generation may serve the connections it could not hand off; \"0s\": until they end.";
     MAX_CONNECTIONS_PER_WORKER "daemon.max_connections_per_worker":
         Integer { min: 1, max: 1 << 20 }, Value("512"), "connections", UpToStart,
         "Connections one worker holds at most, all listeners together; select's FD_SETSIZE bounds it.";

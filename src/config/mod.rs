@@ -70,6 +70,12 @@ pub struct DaemonConfig {
     /// How long a graceful stop (SIGQUIT) lets open exchanges finish before the master sends
     /// SIGKILL; zero kills at once ([`keys::GRACEFUL_TIMEOUT`]).
     pub graceful_timeout: Duration,
+    /// How long a worker retired while the service goes on (a reload's old generation,
+    /// TTOU, WINCH, the old master of a binary upgrade) may serve the connections it could
+    /// not hand off before the master sends SIGKILL; `None` (written `"0s"`, the default):
+    /// until they end ([`keys::RELOAD_DRAIN_TIMEOUT`]). `graceful_timeout` still bounds a
+    /// graceful stop, and `max_draining_generations` how many generations drain at once.
+    pub reload_drain_timeout: Option<Duration>,
     /// Connections one worker holds at most, all listeners together; a full worker stops
     /// accepting until one closes. With the select backend it must fit
     /// [`FD_SETSIZE`](crate::poller::FD_SETSIZE); a reload cannot raise it above the value

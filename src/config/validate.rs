@@ -346,6 +346,8 @@ pub fn validate(
     };
     let graceful_timeout =
         check.duration(daemon_section.graceful_timeout.as_ref(), &keys::GRACEFUL_TIMEOUT);
+    let reload_drain_timeout =
+        check.duration(daemon_section.reload_drain_timeout.as_ref(), &keys::RELOAD_DRAIN_TIMEOUT);
     let event_backend =
         check.choice(daemon_section.event_backend.as_ref(), &keys::EVENT_BACKEND, |s| {
             EventBackend::ALL.into_iter().find(|b| b.name() == s)
@@ -537,6 +539,7 @@ pub fn validate(
         daemon: DaemonConfig {
             workers: NonZeroUsize::new(workers)?,
             graceful_timeout,
+            reload_drain_timeout: Some(reload_drain_timeout).filter(|d| !d.is_zero()),
             max_connections_per_worker: NonZeroUsize::new(max_connections_per_worker)?,
             pid_file,
             worker_timeout: Some(worker_timeout).filter(|d| !d.is_zero()),

@@ -5,7 +5,7 @@
 //! Runs in the master. The master holds one channel per worker slot, created before the
 //! fork; it reads them when its one poll(2) says they are readable. A worker's `Ready` goes
 //! to the pool (`pool.rs`), which decides when a generation is ready. It never serves a
-//! connection: it holds a client socket only between receiving an offer and forwarding it.
+//! connection: it holds an offer's descriptors only between receiving it and forwarding it.
 //! Invariants:
 //! - every offer gets exactly one answer: the receiver's, passed on; `Busy`/`Refused` from
 //!   the master itself; or `Lost` when the receiver dies first;
@@ -162,14 +162,13 @@ impl Master {
             }
             match channel.recv() {
                 Ok(None) => break,
-                Ok(Some((Message::Offer(offer), Some(fd)))) => self.route(end, offer, fd),
+                Ok(Some((Message::Offer(offer), fds))) => self.route(end, offer, fds),
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.pass_answer(end, token, outcome)
                 }
                 Ok(Some((Message::Taking, _))) => self.successor_takes(end),
                 Ok(Some((Message::Ready, _))) => self.worker_ready(end),
                 Ok(Some((Message::Recycle(why), _))) => self.worker_recycle(end, why),
-                Ok(Some((Message::Offer(_), None))) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel of {}: {error}; dropped", name(end));
                 }
@@ -192,9 +191,9 @@ impl Master {
         }
     }
 
-    fn send_to(&mut self, end: Endpoint, message: &Message, fd: Option<OwnedFd>) -> bool {
+    fn send_to(&mut self, end: Endpoint, message: &Message, fds: Vec<OwnedFd>) -> bool {
         let Some(channel) = self.routing.channel(end) else { return false };
-        match channel.send(message, fd) {
+        match channel.send(message, fds) {
             Ok(()) => true,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => false,
             Err(error) => {
@@ -206,25 +205,32 @@ impl Master {
 
     /// Forwards an offer from `from` (a worker, or the old master) to a serving worker (or
     /// the new master), or answers it.
-    fn route(&mut self, from: Endpoint, mut offer: Offer, fd: OwnedFd) {
+    fn route(&mut self, from: Endpoint, mut offer: Offer, fds: Vec<OwnedFd>) {
         let token = offer.token;
+        if !offer.complete(fds.len()) {
+            // Out of descriptors here: the sender keeps the connection and offers it later.
+            let busy = Message::Resolved { token, outcome: Outcome::Busy };
+            self.send_to(from, &busy, Vec::new());
+            return;
+        }
         let to = match self.handoff_target(from, &offer.listener) {
             Ok(to) => to,
             Err(outcome) => {
-                self.send_to(from, &Message::Resolved { token, outcome }, None);
+                self.send_to(from, &Message::Resolved { token, outcome }, Vec::new());
                 return;
             }
         };
         let route = self.routing.next_route;
         self.routing.next_route += 1;
         offer.token = route;
-        if self.send_to(to, &Message::Offer(offer), Some(fd)) {
+        if self.send_to(to, &Message::Offer(offer), fds) {
             self.routing.routes.insert(route, Route { from, token, to });
             if let Endpoint::Worker(to) = to {
                 self.routing.in_flight[to] += 1;
             }
         } else {
-            self.send_to(from, &Message::Resolved { token, outcome: Outcome::Busy }, None);
+            let busy = Message::Resolved { token, outcome: Outcome::Busy };
+            self.send_to(from, &busy, Vec::new());
         }
     }
 
@@ -278,7 +284,7 @@ impl Master {
             self.routing.adopted += 1;
         }
         let answer = Message::Resolved { token: entry.token, outcome };
-        self.send_to(entry.from, &answer, None);
+        self.send_to(entry.from, &answer, Vec::new());
     }
 
     /// The worker of `slot` is gone (reaped): offers it was to answer are lost, answers to
@@ -296,7 +302,7 @@ impl Master {
             return;
         }
         log::debug!("worker {slot} ready");
-        let stop = self.graceful();
+        let stop = self.retire();
         if let Some((old, action)) = self.pool.replacement_ready(slot, stop, Instant::now()) {
             log::debug!("worker {slot} replaces worker {old}, which now drains");
             self.perform_pool(vec![action]);
@@ -357,7 +363,7 @@ impl Master {
             }
             if route.to == end {
                 let lost = Message::Resolved { token: route.token, outcome: Outcome::Lost };
-                self.send_to(route.from, &lost, None);
+                self.send_to(route.from, &lost, Vec::new());
             }
         }
     }

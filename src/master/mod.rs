@@ -11,12 +11,17 @@
 //! |---|---|
 //! | CHLD | reap: reclaim the worker's per-client counts, respawn with backoff |
 //! | TERM, INT | fast stop: workers get TERM, then KILL after [`FAST_STOP_GRACE`] |
-//! | QUIT | graceful stop: workers get QUIT, then KILL after `graceful_timeout`; a second QUIT or a TERM goes fast |
-//! | HUP | reload the configuration as a new generation (see `reload.rs`) |
+//! | QUIT | graceful stop: workers get QUIT, then KILL after `graceful_timeout`; a second QUIT or a TERM goes fast; the old master of an upgrade whose new master serves retires its workers instead (USR2, as a reload) |
+//! | HUP | reload the configuration as a new generation (see `reload.rs`); the old one retires |
 //! | USR1 | reopen the log file, and have every worker reopen its own |
 //! | USR2 | binary upgrade: exec the binary again on the same listening sockets |
-//! | WINCH | gracefully stop every worker, keep the master and its sockets |
-//! | TTIN, TTOU | one worker more, one fewer |
+//! | WINCH | retire every worker, keep the master and its sockets |
+//! | TTIN, TTOU | one worker more, one fewer (retired) |
+//!
+//! A retired worker (SIGUSR2; see `worker::run`) hands its connections to the serving
+//! generation when they can move and serves the others until they end, bounded only by
+//! `reload_drain_timeout` if set; `max_draining_generations` bounds how many generations
+//! drain at once.
 //!
 //! Workers live in slots (the limits records and the scoreboard entry of the same index).
 //! A slot is free, serving a generation (respawned when its worker dies, while that
@@ -41,7 +46,7 @@ pub use inherit::{INHERITED_LIMITS_ENV, RECLAIM_PROBE};
 pub use peer::UPGRADE_CHANNEL_ENV;
 pub use pool::ABORT_GRACE;
 pub use start::StartError;
-pub use upgrade::INHERITED_LISTENERS_ENV;
+pub use upgrade::{INHERITED_LISTENERS_ENV, oldbin};
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -71,7 +76,7 @@ use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::sdnotify::Notifier;
 use crate::signals::Signals;
 use pool::{Fate, Observed, Pool, PoolAction, Resize, Stop, Why};
-use supervisor::{Action, Notice, Supervisor};
+use supervisor::{Action, Grace, Notice, Supervisor};
 use table::{WorkerExit, classify};
 
 /// How long a fast stop waits for workers to exit after SIGTERM before SIGKILL.
@@ -255,13 +260,16 @@ impl Master {
             Action::RollBack(reason) => self.rollback(&reason),
             Action::CompleteReload => self.complete_transition(now),
             Action::StopWorkers { signal } => {
-                let (how, timeout) = if signal == Signal::SIGQUIT {
-                    ("graceful", self.config.daemon.graceful_timeout)
-                } else {
-                    ("fast", FAST_STOP_GRACE)
+                let (how, timeout) = match signal {
+                    Signal::SIGUSR2 => ("retiring", self.config.daemon.reload_drain_timeout),
+                    Signal::SIGQUIT => ("graceful", Some(self.config.daemon.graceful_timeout)),
+                    _ => ("fast", Some(FAST_STOP_GRACE)),
                 };
+                let bound = timeout.map_or("until their connections end".into(), |t| {
+                    format!("{} at most", humantime::format_duration(t))
+                });
                 log::info!(
-                    "{how} stop ({signal}): stopping {} workers, {timeout:?} at most",
+                    "{how} stop ({signal}): stopping {} workers, {bound}",
                     self.live_workers()
                 );
                 // Close the master's listening sockets; workers close theirs as they stop
@@ -377,9 +385,18 @@ impl Master {
             log::info!("SIGWINCH ignored: running in a terminal, where a resize sends it");
             return;
         }
-        let (graceful, now) = (self.config.daemon.graceful_timeout, Instant::now());
-        let actions = self.supervisor.on_signal(signal, now, graceful, FAST_STOP_GRACE);
+        let actions = self.supervisor.on_signal(signal, Instant::now(), self.grace());
         self.perform(actions);
+    }
+
+    /// How long each way of stopping lets workers run, under the serving configuration.
+    fn grace(&self) -> Grace {
+        let daemon = &self.config.daemon;
+        Grace {
+            graceful: daemon.graceful_timeout,
+            fast: FAST_STOP_GRACE,
+            drain: daemon.reload_drain_timeout,
+        }
     }
 
     /// Reaps every exited child: workers, and the new master of a binary upgrade.
@@ -398,7 +415,7 @@ impl Master {
             if self.spawner_exited(pid, exit) {
                 continue;
             }
-            match self.supervisor.successor_exited(pid) {
+            match self.supervisor.successor_exited(pid, Instant::now(), self.grace()) {
                 Some(actions) => {
                     self.upgrade_exited(pid, exit);
                     self.perform(actions);
@@ -536,18 +553,20 @@ impl Master {
         self.scoreboard.header().reopens.fetch_add(1, Ordering::Release);
     }
 
-    /// How a worker retired now stops: gracefully, within the serving `graceful_timeout`.
-    fn graceful(&self) -> Stop {
-        Stop::Graceful(self.config.daemon.graceful_timeout)
+    /// How a worker is retired while the service goes on (a reload, TTOU, WINCH): it hands
+    /// off or serves its connections until they end, within the serving
+    /// `reload_drain_timeout` if set.
+    fn retire(&self) -> Stop {
+        Stop::Retire(self.config.daemon.reload_drain_timeout)
     }
 
-    /// SIGWINCH: gracefully stop every worker but keep the master and its sockets, so that
-    /// after a binary upgrade the old master can be kept as a fallback (HUP starts its
-    /// workers again).
+    /// SIGWINCH: retire every worker but keep the master and its sockets, so that after a
+    /// binary upgrade the old master can be kept as a fallback (HUP starts its workers
+    /// again); their connections go to the new master's workers (those that can move).
     fn handle_winch(&mut self) {
-        let (count, actions) = self.pool.retire_serving(self.graceful(), Instant::now());
+        let (count, actions) = self.pool.retire_serving(self.retire(), Instant::now());
         log::info!(
-            "SIGWINCH: stopping {count} workers gracefully; listeners stay open, HUP starts workers again"
+            "SIGWINCH: stopping {count} workers (retiring); listeners stay open, HUP starts workers again"
         );
         self.perform_pool(actions);
     }
@@ -571,7 +590,7 @@ impl Master {
     /// SIGTTOU: one worker fewer (at least one stays).
     fn handle_remove_worker(&mut self) {
         let (now, lifecycle) = (Instant::now(), self.supervisor.lifecycle());
-        match self.pool.remove_worker(self.graceful(), now, lifecycle) {
+        match self.pool.remove_worker(self.retire(), now, lifecycle) {
             Resize::To { target, actions } => {
                 self.perform_pool(actions);
                 self.scoreboard.header().target_workers.store(target as u64, Ordering::Relaxed);

@@ -79,7 +79,7 @@ pub(super) fn keep_predecessor(
     match channel? {
         Ok(mut channel) if adopted => {
             // Tells the old master that offers are welcome.
-            if let Err(error) = channel.send(&Message::Taking, None) {
+            if let Err(error) = channel.send(&Message::Taking, Vec::new()) {
                 log::warn!("binary upgrade: hand-off channel to the old master: {error}");
                 return None;
             }

@@ -16,17 +16,20 @@
 //!   cannot boot in a generation that did, such as a service hook whose database is down,
 //!   is such a crash: it may come back); else nothing (an old generation, or workers stopped
 //!   by WINCH);
-//! - retiring is SIGQUIT (graceful) or SIGTERM (fast), then SIGKILL once at the deadline;
+//! - retiring is SIGUSR2 (the service goes on: a reload's old generation, TTOU, WINCH,
+//!   recycling; the worker hands off what can move and serves the rest until it ends),
+//!   SIGQUIT (a graceful stop) or SIGTERM (fast), then SIGKILL once at the deadline, if there
+//!   is one (a retirement has none unless `reload_drain_timeout` is set);
 //! - a ready worker whose heartbeat is older than its `worker_timeout` is hung: SIGABRT (for
 //!   a core dump), then SIGKILL once after [`ABORT_GRACE`]; its reap replaces it;
 //! - while more than `max_draining_generations` generations drain, the oldest is stopped
-//!   fast;
+//!   fast (its connections are cut): the bound on what unbounded drains hold;
 //! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker
 //!   (one asking to be replaced first), never the only one;
 //! - a serving worker that asks to be replaced (recycling) gets a replacement in a free slot
 //!   of its generation (at the next turn with one free, if none is now); once the
-//!   replacement is ready, the worker is retired gracefully, so the pool never runs short. If
-//!   it dies first, its slot is freed, not respawned: the replacement is on its way; if the
+//!   replacement is ready, the worker is retired, so the pool never runs short. If it dies
+//!   first, its slot is freed, not respawned: the replacement is on its way; if the
 //!   replacement is retired first, the worker asks again;
 //! - a generation is ready when each of its slots has a worker that said `Ready` on its
 //!   channel.
@@ -61,6 +64,10 @@ const HANG_CHECKS_PER_TIMEOUT: u32 = 4;
 /// How to stop a worker, with how long it has before SIGKILL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
+    /// SIGUSR2: retire while the service goes on: hand each connection to the serving
+    /// generation when it can move, serve the others until they end, for at most this long
+    /// (`reload_drain_timeout`; `None`: no bound).
+    Retire(Option<Duration>),
     /// SIGQUIT: finish the connections, for at most this long (`graceful_timeout`).
     Graceful(Duration),
     /// SIGTERM: close everything now, for at most this long (`FAST_STOP_GRACE`).
@@ -503,10 +510,11 @@ impl Pool {
             return None;
         };
         let (signal, grace, fast) = match stop {
-            Stop::Graceful(grace) => (Signal::SIGQUIT, grace, false),
-            Stop::Fast(grace) => (Signal::SIGTERM, grace, true),
+            Stop::Retire(bound) => (Signal::SIGUSR2, bound, false),
+            Stop::Graceful(grace) => (Signal::SIGQUIT, Some(grace), false),
+            Stop::Fast(grace) => (Signal::SIGTERM, Some(grace), true),
         };
-        entry.role = Role::Retiring { kill_at: Some(now + grace), fast };
+        entry.role = Role::Retiring { kill_at: grace.map(|grace| now + grace), fast };
         Some(PoolAction::Signal { slot, pid: worker.pid, signal, why: Why::Retire })
     }
 
@@ -650,10 +658,12 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::master::supervisor::Halt;
     use crate::master::table::{MIN_HEALTHY_UPTIME, respawn_delay};
 
     const GRACE: Duration = Duration::from_secs(10);
     const FAST: Duration = Duration::from_millis(500);
+    const RETIRE: Stop = Stop::Retire(None);
     const SERVING: Lifecycle = Lifecycle::Serving;
 
     fn watch(timeout: Option<Duration>) -> Watch {
@@ -739,7 +749,8 @@ mod tests {
     #[test]
     fn exits_while_stopping_are_not_replaced_and_nothing_else_happens() {
         let (mut pool, t0) = running(4, 2);
-        let stopping = Lifecycle::Stopping { graceful: true, kill_at: t0 + GRACE, killed: false };
+        let stopping =
+            Lifecycle::Stopping { how: Halt::Graceful, kill_at: Some(t0 + GRACE), killed: false };
         assert_eq!(pool.exited(0, WorkerExit::Clean, t0, 0.0, stopping), Fate::Stopping);
         assert_eq!(pool.on_tick(t0 + GRACE * 2, stopping, quiet), vec![]);
         assert_eq!(pool.deadline(t0, stopping), None);
@@ -1006,10 +1017,10 @@ mod tests {
         assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 2 }]);
         pool.spawned(2, pid(2), t0, watch(None));
         assert_eq!(pool.target(SERVING), 3, "the pool never runs short meanwhile");
-        assert_eq!(pool.replacement_ready(1, Stop::Graceful(GRACE), t0), None, "not 1's");
+        assert_eq!(pool.replacement_ready(1, RETIRE, t0), None, "not 1's");
         assert!(pool.worker_ready(2));
-        let retired = pool.replacement_ready(2, Stop::Graceful(GRACE), t0);
-        assert_eq!(retired, Some((0, signal(0, Signal::SIGQUIT, Why::Retire))));
+        let retired = pool.replacement_ready(2, RETIRE, t0);
+        assert_eq!(retired, Some((0, signal(0, Signal::SIGUSR2, Why::Retire))));
         assert_eq!(pool.target(SERVING), 2);
         assert_eq!(pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING), Fate::Retired);
         assert!(pool.slots()[0].is_free());
@@ -1028,15 +1039,15 @@ mod tests {
         assert_eq!(fate, Fate::Replaced, "its replacement is on its way");
         assert!(pool.slots()[0].is_free());
         assert!(pool.worker_ready(2));
-        assert_eq!(pool.replacement_ready(2, Stop::Graceful(GRACE), t0), None);
+        assert_eq!(pool.replacement_ready(2, RETIRE, t0), None);
         assert_eq!(pool.target(SERVING), 2);
         // Slot 1 asks and TTOU comes: the worker that asked is the one retired, and its
         // replacement (slot 0) stays.
         assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Replacing(0));
-        let resize = pool.remove_worker(Stop::Graceful(GRACE), t0, SERVING);
+        let resize = pool.remove_worker(RETIRE, t0, SERVING);
         assert_eq!(
             resize,
-            Resize::To { target: 2, actions: vec![signal(1, Signal::SIGQUIT, Why::Retire)] }
+            Resize::To { target: 2, actions: vec![signal(1, Signal::SIGUSR2, Why::Retire)] }
         );
         // A replacement retired before it is ready (a reload would): the worker asks again.
         let (mut pool, t0) = running(8, 2);
@@ -1056,13 +1067,14 @@ mod tests {
         assert_eq!(pool.deadline(t0, SERVING), Some(t0 + RECLAIM_RETRY), "looked at again");
         assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![]);
         assert_eq!(
-            pool.remove_worker(Stop::Graceful(GRACE), t0, SERVING),
-            Resize::To { target: 1, actions: vec![signal(1, Signal::SIGQUIT, Why::Retire)] }
+            pool.remove_worker(RETIRE, t0, SERVING),
+            Resize::To { target: 1, actions: vec![signal(1, Signal::SIGUSR2, Why::Retire)] }
         );
-        assert_eq!(pool.deadline(t0, SERVING), Some(t0 + GRACE), "only its SIGKILL, if need be");
+        assert_eq!(pool.deadline(t0, SERVING), None, "retired without a bound: nothing is due");
         // Not while stopping, paused, in an old generation, or booting.
         let (mut pool, t0) = running(8, 2);
-        let stopping = Lifecycle::Stopping { graceful: true, kill_at: t0 + GRACE, killed: false };
+        let stopping =
+            Lifecycle::Stopping { how: Halt::Graceful, kill_at: Some(t0 + GRACE), killed: false };
         assert_eq!(pool.recycle(0, t0, stopping), Recycled::Ignored);
         assert_eq!(pool.recycle(0, t0, Lifecycle::Paused), Recycled::Ignored);
         pool.begin_generation(2);
@@ -1077,7 +1089,7 @@ mod tests {
         pool.on_tick(t0, SERVING, quiet);
         pool.spawned(2, pid(2), t0, watch(None));
         pool.worker_ready(2);
-        pool.replacement_ready(2, Stop::Graceful(GRACE), t0);
+        pool.replacement_ready(2, RETIRE, t0);
         pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING);
         assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 0 }]);
         assert_eq!(pool.slots()[1].recycling, Recycling::By(0));

@@ -151,7 +151,7 @@ impl Master {
     /// Every worker of the new generation is ready: the old generation is told to stop.
     pub(super) fn complete_transition(&mut self, now: Instant) {
         let Some(previous) = self.previous.take() else { return };
-        let (old, actions) = self.pool.retire_older(self.graceful(), now);
+        let (old, actions) = self.pool.retire_older(self.retire(), now);
         self.perform_pool(actions);
         // The old generation's listener copies close here; reused sockets stay open through
         // their duplicates, removed ones close once the old workers have drained. The socket

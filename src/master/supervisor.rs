@@ -25,6 +25,42 @@ use nix::unistd::Pid;
 /// After SIGKILL was sent to every worker, how often to look for a lost SIGCHLD.
 pub const KILLED_RECHECK: Duration = Duration::from_secs(1);
 
+/// How long each way of stopping lets workers run before SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grace {
+    /// A graceful stop: `graceful_timeout`.
+    pub graceful: Duration,
+    /// A fast stop: `FAST_STOP_GRACE`.
+    pub fast: Duration,
+    /// Workers retiring while the service goes on (a reload's old generation, an upgrade's
+    /// old master): `reload_drain_timeout`, `None` for no bound.
+    pub drain: Option<Duration>,
+}
+
+/// How a stopping master stops its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
+    /// QUIT to the old master of a binary upgrade whose new master serves: the service goes
+    /// on, so the workers retire (SIGUSR2) as a reload's old generation does, handing their
+    /// connections to the new master and serving the others until they end.
+    Retire,
+    /// QUIT: the workers stop gracefully (SIGQUIT).
+    Graceful,
+    /// TERM, INT, or a second QUIT: the workers stop at once (SIGTERM).
+    Fast,
+}
+
+impl Halt {
+    /// The signal the workers get.
+    pub fn signal(self) -> Signal {
+        match self {
+            Halt::Retire => Signal::SIGUSR2,
+            Halt::Graceful => Signal::SIGQUIT,
+            Halt::Fast => Signal::SIGTERM,
+        }
+    }
+}
+
 /// Where the master is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
@@ -49,13 +85,13 @@ pub enum Lifecycle {
     /// WINCH: every worker was told to stop, the listeners stay open; HUP (or the failure of
     /// the upgrade that WINCH made room for) starts workers again.
     Paused,
-    /// Stopping: workers were told to stop (`graceful`: QUIT, else TERM); at `kill_at` the
-    /// survivors get SIGKILL (`killed` once sent).
+    /// Stopping: workers were told to stop (see [`Halt`]); at `kill_at` the survivors get
+    /// SIGKILL (`killed` once sent).
     Stopping {
-        /// QUIT rather than TERM.
-        graceful: bool,
-        /// When SIGKILL follows.
-        kill_at: Instant,
+        /// How.
+        how: Halt,
+        /// When SIGKILL follows; `None`: never (workers retiring without a bound).
+        kill_at: Option<Instant>,
         /// SIGKILL was sent.
         killed: bool,
     },
@@ -195,22 +231,19 @@ impl Supervisor {
     }
 
     /// A signal arrived (already filtered: a WINCH from a terminal resize never gets here).
-    /// `graceful_timeout` bounds a graceful stop, `fast_grace` a fast one.
-    pub fn on_signal(
-        &mut self,
-        signal: Signal,
-        now: Instant,
-        graceful_timeout: Duration,
-        fast_grace: Duration,
-    ) -> Vec<Action> {
+    /// `grace` bounds each way of stopping.
+    pub fn on_signal(&mut self, signal: Signal, now: Instant, grace: Grace) -> Vec<Action> {
         match (signal, self.lifecycle) {
             (Signal::SIGCHLD, _) => vec![Action::Reap],
-            (Signal::SIGTERM | Signal::SIGINT, _) => self.stop(false, now + fast_grace),
-            (Signal::SIGQUIT, Lifecycle::Stopping { graceful: true, .. }) => {
-                self.stop(false, now + fast_grace)
+            (Signal::SIGTERM | Signal::SIGINT, _) => self.stop(Halt::Fast, Some(now + grace.fast)),
+            (Signal::SIGQUIT, Lifecycle::Stopping { how: Halt::Fast, .. }) => vec![],
+            (Signal::SIGQUIT, Lifecycle::Stopping { .. }) => {
+                self.stop(Halt::Fast, Some(now + grace.fast))
             }
-            (Signal::SIGQUIT, Lifecycle::Stopping { graceful: false, .. }) => vec![],
-            (Signal::SIGQUIT, _) => self.stop(true, now + graceful_timeout),
+            (Signal::SIGQUIT, _) if self.successor.is_some() => {
+                self.stop(Halt::Retire, grace.drain.map(|drain| now + drain))
+            }
+            (Signal::SIGQUIT, _) => self.stop(Halt::Graceful, Some(now + grace.graceful)),
             (_, Lifecycle::Stopping { .. }) => {
                 vec![Action::Ignore(format!("{signal} ignored: stopping"))]
             }
@@ -254,32 +287,33 @@ impl Supervisor {
         }
     }
 
-    fn stop(&mut self, graceful: bool, kill_at: Instant) -> Vec<Action> {
+    fn stop(&mut self, how: Halt, kill_at: Option<Instant>) -> Vec<Action> {
         let kill_at = match self.lifecycle {
-            Lifecycle::Stopping { kill_at: earlier, .. } => earlier.min(kill_at),
+            Lifecycle::Stopping { kill_at: Some(earlier), .. } => {
+                Some(kill_at.map_or(earlier, |at| at.min(earlier)))
+            }
             _ => kill_at,
         };
-        self.lifecycle = Lifecycle::Stopping { graceful, kill_at, killed: false };
+        self.lifecycle = Lifecycle::Stopping { how, kill_at, killed: false };
         let mut actions = Vec::new();
         if self.successor.is_none() {
             actions.push(Action::Notify(Notice::Stopping));
         }
-        let signal = if graceful { Signal::SIGQUIT } else { Signal::SIGTERM };
-        actions.push(Action::StopWorkers { signal });
+        actions.push(Action::StopWorkers { signal: how.signal() });
         actions
     }
 
     /// A fast stop the master decides itself (a worker that cannot boot, a failed start).
     pub fn stop_fast(&mut self, now: Instant, fast_grace: Duration) -> Vec<Action> {
-        self.stop(false, now + fast_grace)
+        self.stop(Halt::Fast, Some(now + fast_grace))
     }
 
     /// A loop turn at `now`. `pool_ready`: every worker of the newest generation said
     /// `Ready` on its channel (see `pool.rs`).
     pub fn on_tick(&mut self, now: Instant, pool_ready: bool) -> Vec<Action> {
         match self.lifecycle {
-            Lifecycle::Stopping { graceful, kill_at, killed: false } if now >= kill_at => {
-                self.lifecycle = Lifecycle::Stopping { graceful, kill_at, killed: true };
+            Lifecycle::Stopping { how, kill_at: Some(at), killed: false } if now >= at => {
+                self.lifecycle = Lifecycle::Stopping { how, kill_at: Some(at), killed: true };
                 vec![Action::KillWorkers]
             }
             Lifecycle::Starting { queued } if pool_ready => {
@@ -334,23 +368,35 @@ impl Supervisor {
     }
 
     /// The upgrade's new master exited while we live: we serve again, and resume the pool
-    /// if WINCH had stopped it. Returns `None` when `pid` is not the successor.
-    pub fn successor_exited(&mut self, pid: Pid) -> Option<Vec<Action>> {
+    /// if WINCH had stopped it; if we were retiring our workers for it (QUIT), the service
+    /// is over and that becomes a graceful stop (bounded by `grace.graceful`). Returns `None`
+    /// when `pid` is not the successor.
+    pub fn successor_exited(
+        &mut self,
+        pid: Pid,
+        now: Instant,
+        grace: Grace,
+    ) -> Option<Vec<Action>> {
         if self.successor != Some(pid) {
             return None;
         }
         self.successor = None;
-        if self.lifecycle == Lifecycle::Paused {
-            self.lifecycle = Lifecycle::Serving;
-            return Some(vec![Action::Resume { reload: false }]);
+        match self.lifecycle {
+            Lifecycle::Paused => {
+                self.lifecycle = Lifecycle::Serving;
+                Some(vec![Action::Resume { reload: false }])
+            }
+            Lifecycle::Stopping { how: Halt::Retire, .. } => {
+                Some(self.stop(Halt::Graceful, Some(now + grace.graceful)))
+            }
+            _ => Some(vec![]),
         }
-        Some(vec![])
     }
 
     /// The earliest time the lifecycle needs a turn of the loop, if any.
     pub fn deadline(&self, now: Instant) -> Option<Instant> {
         match self.lifecycle {
-            Lifecycle::Stopping { kill_at, killed: false, .. } => Some(kill_at),
+            Lifecycle::Stopping { kill_at, killed: false, .. } => kill_at,
             // Killed: SIGCHLD will come; a periodic check covers a lost one.
             Lifecycle::Stopping { killed: true, .. } => Some(now + KILLED_RECHECK),
             // Readiness arrives on the workers' channels, which wake the master's wait: only
@@ -367,6 +413,8 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(10);
     const FAST: Duration = Duration::from_millis(500);
+    const DRAIN: Duration = Duration::from_secs(60);
+    const TIMES: Grace = Grace { graceful: GRACE, fast: FAST, drain: None };
 
     fn serving() -> (Supervisor, Instant) {
         let mut supervisor = Supervisor::new(Origin::Fresh);
@@ -380,7 +428,7 @@ mod tests {
     }
 
     fn signal(supervisor: &mut Supervisor, signal: Signal, now: Instant) -> Vec<Action> {
-        supervisor.on_signal(signal, now, GRACE, FAST)
+        supervisor.on_signal(signal, now, TIMES)
     }
 
     #[test]
@@ -490,13 +538,40 @@ mod tests {
         assert_eq!(signal(&mut supervisor, Signal::SIGWINCH, t0), vec![Action::RetireServing]);
         assert_eq!(
             signal(&mut supervisor, Signal::SIGQUIT, t0),
-            vec![Action::StopWorkers { signal: Signal::SIGQUIT }],
-            "no STOPPING=1 while the new master serves"
+            vec![Action::StopWorkers { signal: Signal::SIGUSR2 }],
+            "no STOPPING=1 while the new master serves; the workers retire"
         );
+        assert_eq!(supervisor.deadline(t0), None, "no reload_drain_timeout: no kill");
+        assert_eq!(supervisor.on_tick(t0 + GRACE * 100, true), vec![]);
         assert_eq!(
             signal(&mut supervisor, Signal::SIGTERM, t0),
             vec![Action::StopWorkers { signal: Signal::SIGTERM }]
         );
+        assert_eq!(supervisor.deadline(t0), Some(t0 + FAST));
+        // With a bound, the retirement ends in SIGKILL at it.
+        let mut bounded = serving().0;
+        bounded.upgrade_started(Pid::from_raw(4243));
+        let grace = Grace { drain: Some(DRAIN), ..TIMES };
+        bounded.on_signal(Signal::SIGQUIT, t0, grace);
+        assert_eq!(bounded.deadline(t0), Some(t0 + DRAIN));
+        assert_eq!(bounded.on_tick(t0 + DRAIN, true), vec![Action::KillWorkers]);
+    }
+
+    #[test]
+    fn a_new_master_that_dies_while_the_old_retires_turns_it_into_a_graceful_stop() {
+        let (mut supervisor, t0) = serving();
+        let new = Pid::from_raw(4242);
+        supervisor.upgrade_started(new);
+        signal(&mut supervisor, Signal::SIGQUIT, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(
+            supervisor.successor_exited(new, t1, TIMES),
+            Some(vec![
+                Action::Notify(Notice::Stopping),
+                Action::StopWorkers { signal: Signal::SIGQUIT }
+            ])
+        );
+        assert_eq!(supervisor.deadline(t1), Some(t1 + GRACE), "graceful_timeout from then");
     }
 
     #[test]
@@ -505,12 +580,13 @@ mod tests {
         let new = Pid::from_raw(4242);
         supervisor.upgrade_started(new);
         signal(&mut supervisor, Signal::SIGWINCH, t0);
-        assert_eq!(supervisor.successor_exited(Pid::from_raw(1)), None, "not the successor");
-        assert_eq!(supervisor.successor_exited(new), Some(vec![Action::Resume { reload: false }]));
+        let gone = |supervisor: &mut Supervisor, pid| supervisor.successor_exited(pid, t0, TIMES);
+        assert_eq!(gone(&mut supervisor, Pid::from_raw(1)), None, "not the successor");
+        assert_eq!(gone(&mut supervisor, new), Some(vec![Action::Resume { reload: false }]));
         assert_eq!(supervisor.lifecycle(), Lifecycle::Serving);
         assert!(supervisor.speaks_to_systemd());
         // Without WINCH, nothing to resume.
         supervisor.upgrade_started(new);
-        assert_eq!(supervisor.successor_exited(new), Some(vec![]));
+        assert_eq!(gone(&mut supervisor, new), Some(vec![]));
     }
 }

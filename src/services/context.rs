@@ -56,8 +56,8 @@ pub(crate) struct Extras<'a> {
     pub poller: &'a mut dyn Poller,
     /// Owner of each extra descriptor, by descriptor number: (client fd, connection serial).
     pub owners: &'a mut Vec<Option<(usize, u64)>>,
-    /// The descriptors this session watches.
-    pub watched: &'a mut Vec<RawFd>,
+    /// The descriptors this session watches, with what for.
+    pub watched: &'a mut Vec<(RawFd, Interest)>,
     /// Extra descriptors watched by all sessions of the worker.
     pub in_use: &'a mut usize,
     /// How many more descriptors the worker's budget allows.
@@ -238,7 +238,8 @@ impl<'a> Context<'a> {
         };
         let raw = fd.as_raw_fd();
         let index = usize::try_from(raw).map_err(|_| io::Error::other("negative descriptor"))?;
-        let new = !extras.watched.contains(&raw);
+        let known = extras.watched.iter().position(|&(w, _)| w == raw);
+        let new = known.is_none();
         if new && extras.room == 0 {
             return Err(io::Error::other(
                 "the worker's descriptor budget (max_connections_per_worker) is spent",
@@ -248,14 +249,17 @@ impl<'a> Context<'a> {
             return Err(io::Error::other(format!("descriptor {raw} is watched already")));
         }
         extras.poller.set(raw, interest)?;
-        if new {
-            if extras.owners.len() <= index {
-                extras.owners.resize(index + 1, None);
+        match known {
+            Some(position) => extras.watched[position].1 = interest,
+            None => {
+                if extras.owners.len() <= index {
+                    extras.owners.resize(index + 1, None);
+                }
+                extras.owners[index] = Some(extras.owner);
+                extras.watched.push((raw, interest));
+                *extras.in_use += 1;
+                extras.room -= 1;
             }
-            extras.owners[index] = Some(extras.owner);
-            extras.watched.push(raw);
-            *extras.in_use += 1;
-            extras.room -= 1;
         }
         Ok(())
     }
@@ -276,11 +280,11 @@ impl<'a> Context<'a> {
 pub(crate) fn unwatch(
     poller: &mut dyn Poller,
     owners: &mut [Option<(usize, u64)>],
-    watched: &mut Vec<RawFd>,
+    watched: &mut Vec<(RawFd, Interest)>,
     in_use: &mut usize,
     raw: RawFd,
 ) -> bool {
-    let Some(position) = watched.iter().position(|&w| w == raw) else { return false };
+    let Some(position) = watched.iter().position(|&(w, _)| w == raw) else { return false };
     watched.swap_remove(position);
     let _ = poller.set(raw, Interest::NONE);
     if let Some(owner) = usize::try_from(raw).ok().and_then(|i| owners.get_mut(i)) {

@@ -14,12 +14,19 @@
 //! The worker loop keeps every policy: per-client limits, short and long idle timeouts,
 //! graceful drain, hand-off, lingering close and the access log.
 //!
-//! Hand-off: when a generation retires, each connection at rest is moved to a worker of the
-//! serving generation if its session can be: [`Session::export`] gives its state as
-//! versioned bytes, and the receiving worker's [`Service::import`] rebuilds it. A session
-//! that cannot (the default) finishes in the old worker. A new built-in service is one file in
-//! this folder plus one name in the `builtins!` list below. A program that embeds preforkd
-//! registers its own services by name with [`crate::Daemon::service`].
+//! Hand-off: when a generation retires (a reload, an upgrade), each connection is moved to a
+//! worker of the serving generation if its session can be, at a moment its
+//! [`Session::movable`] says: [`Session::export`] gives its state as versioned bytes (and
+//! [`Session::export_descriptors`] the descriptors it owns besides the client socket), the
+//! receiving worker's [`Service::import`] rebuilds it and [`Session::resume`] hands it those
+//! descriptors back to watch. A session that cannot (the default: no `export`) is *drained*:
+//! the old worker serves it until it ends. A simple session moves at rest with two short
+//! methods, as echo, the line services and `examples/upper.rs` do; a relay moves at any point
+//! of its life, buffers, pipes and half-closes included.
+//!
+//! A new built-in service is one file in this folder plus one name in the `builtins!` list
+//! below. A program that embeds preforkd registers its own services by name with
+//! [`crate::Daemon::service`].
 
 mod context;
 mod datagram;
@@ -31,7 +38,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 pub use context::Context;
@@ -290,8 +297,9 @@ pub struct WorkerInfo<'a> {
 /// How a worker ends, as [`Service::before_exit`] is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerStop {
-    /// A graceful stop (SIGQUIT: the daemon's graceful stop, a reload retiring the worker's
-    /// generation, TTOU, WINCH, recycling) has finished: no connection is left.
+    /// The worker ended with no connection left: its graceful stop (SIGQUIT) finished, or it
+    /// was retired (a reload's old generation, TTOU, WINCH, recycling) and every connection
+    /// has moved to another worker or ended.
     Graceful,
     /// A fast stop (SIGTERM or SIGINT, or the master died): the connections were just closed.
     Fast,
@@ -369,10 +377,13 @@ pub trait Service {
         None
     }
 
-    /// Rebuilds a session handed off by a worker of an older generation (or an older
-    /// binary) from what its [`Session::export`] returned. `None` refuses it, and the old
-    /// worker keeps serving the connection: do so for a state version this code does not
-    /// know. Called in the receiving worker; it must not block. Default: `None`.
+    /// Rebuilds a session handed off by a worker of an older generation (or of the old
+    /// master of a binary upgrade) from what its [`Session::export`] returned. `None`
+    /// refuses it, and the old worker keeps serving the connection until it ends: do so for
+    /// a state version this code does not know. The session's own descriptors, if it
+    /// exported any, come next, with [`Session::resume`]. Called in the receiving worker; it
+    /// must not block and must do no I/O on the connection (the hand-off may still be
+    /// declined, and the old worker then serves on). Default: `None`.
     fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
         let _ = (conn, state);
         None
@@ -474,6 +485,13 @@ pub trait Session {
         true
     }
 
+    /// The process this session runs for its connection (exec's child), while it runs: a
+    /// worker that retires lists those it keeps serving for `preforkd status`. Default:
+    /// none.
+    fn process(&self) -> Option<u32> {
+        None
+    }
+
     /// The loop is about to close the connection gracefully on its own account (a graceful
     /// stop, `max_long_connections_per_client`, after the session's own close): the
     /// session's last words, written to `socket` before the FIN, best effort (what does not
@@ -491,19 +509,77 @@ pub trait Session {
     }
 
     /// The session's state, for a hand-off to a worker of the serving generation, as bytes
-    /// that start with a version of the service's own (at most [`MAX_EXPORT`] bytes). Asked
-    /// only when the connection is at rest ([`Session::is_at_rest`], no unread input, no
-    /// extra descriptor watched); return `None` when the session cannot be moved now or
-    /// ever (a child process owns the socket, a backend connection is open). The session is
+    /// that start with a version of the service's own (at most [`MAX_EXPORT`] bytes); the
+    /// receiving worker's [`Service::import`] reads them. Asked when [`Session::movable`]
+    /// allows: by default only at rest ([`Session::is_at_rest`], no unread input in the client
+    /// socket, no extra descriptor watched), so the state is what lasts between exchanges.
+    /// Return `None` when the session cannot be moved (a child process owns the socket): it
+    /// is then served here until it ends (a reload drains it). Asking must change nothing:
+    /// the hand-off may be declined, and the session then goes on here. The session is
     /// dropped, without a close, once the receiver has taken the connection. Default: `None`.
     fn export(&self) -> Option<Vec<u8>> {
         None
     }
+
+    /// When the session can be handed off: [`Movable::AtRest`] (the default), at any moment
+    /// ([`Movable::Now`]: its exported state holds what is in flight), or not at this moment
+    /// ([`Movable::Later`]).
+    fn movable(&self) -> Movable {
+        Movable::AtRest
+    }
+
+    /// The descriptors the session owns besides the client socket (a backend socket, pipes),
+    /// to move with a hand-off, in the order [`Session::resume`] gets them back. Asked right
+    /// after [`Session::export`] returned state. The loop sends duplicates: the session keeps
+    /// its own until the receiver has taken the connection (then drops them with itself,
+    /// which the peers do not see: the sockets stay open in the receiver). At most
+    /// [`MAX_EXPORT_DESCRIPTORS`]. Default: none.
+    fn export_descriptors(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// In the receiving worker, right after [`Service::import`]: the descriptors
+    /// [`Session::export_descriptors`] gave, in that order, to own and to watch again
+    /// ([`Context::watch`]). The session must do no I/O here: the hand-off may still be
+    /// declined (the loop then unwatches and drops it, and the old worker serves on). The
+    /// loop registers the client socket itself ([`Session::interest`]) and restores the
+    /// session's timer. An `Err` declines the hand-off. Default: accepts no descriptor.
+    ///
+    /// # Errors
+    /// The descriptors are not what the state says, or one cannot be watched (the worker's
+    /// budget is spent; select(2) and a descriptor at or above `FD_SETSIZE`).
+    fn resume(&mut self, descriptors: Vec<OwnedFd>, cx: &mut Context<'_>) -> io::Result<()> {
+        let _ = cx;
+        if descriptors.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::other("this session takes no descriptors"))
+        }
+    }
+}
+
+/// When a session can be handed off ([`Session::movable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Movable {
+    /// Only at rest: no exchange in flight, nothing unread in the client socket, no extra
+    /// descriptor watched. Right for a session whose in-flight state is not exported.
+    AtRest,
+    /// Now, whatever is in flight: the exported state holds the bytes the session has
+    /// buffered and its half-close states, and its own descriptors go along (a relay).
+    Now,
+    /// Not at this moment (a relay still connecting to its backend): asked again after the
+    /// session's next callback.
+    Later,
 }
 
 /// Largest [`Session::export`] state a hand-off carries, in bytes (64 KiB less room for
-/// the connection's own state); a larger one is not handed off.
+/// the connection's own state); a larger one is not handed off. A relay's state, with both of
+/// its 16 KiB buffers full, fits.
 pub const MAX_EXPORT: usize = 60 * 1024;
+
+/// Most descriptors [`Session::export_descriptors`] may give (the client socket goes along
+/// besides them); a session with more is not handed off.
+pub const MAX_EXPORT_DESCRIPTORS: usize = crate::handoff::MAX_DESCRIPTORS - 1;
 
 /// Builds a listener's service from its options; problems are reported through the
 /// [`Options`] and the result is then `Err(Invalid)`.

@@ -760,6 +760,13 @@ impl Session for TlsSession {
         }
     }
 
+    fn process(&self) -> Option<u32> {
+        match &self.stage {
+            Stage::Serving { session, .. } => session.process(),
+            _ => None,
+        }
+    }
+
     fn closing(&mut self, socket: &mut dyn Transport) {
         if matches!(self.stage, Stage::Serving { .. }) {
             self.conn.send_close_notify();

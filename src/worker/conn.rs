@@ -15,6 +15,7 @@ use crate::net::{Peer, Stream};
 use crate::poller::{Interest, Poller};
 use crate::services::{Progress, Session};
 
+use super::extras::Watched;
 use super::phase::ConnState;
 use super::shares::Share;
 
@@ -40,8 +41,8 @@ pub struct Conn {
     pub ticket: Option<Ticket>,
     /// The interest registered with the poller.
     pub interest: Interest,
-    /// Descriptors the session watches besides the client socket.
-    pub extras: Vec<RawFd>,
+    /// Descriptors the session watches besides the client socket, with what for.
+    pub extras: Watched,
     /// Its place in its client's share of the worker (`shares.rs`).
     pub share: Share,
 }

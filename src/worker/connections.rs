@@ -10,7 +10,7 @@
 //! - readiness is level-triggered: a callback that stops early (fairness, backpressure) is
 //!   called again on the next turn, and input that arrives during a lingering close is read;
 //! - every extra descriptor a session watches has its owner `(descriptor, serial)` in
-//!   `extra_owners`, and counts against the budget until unwatched;
+//!   `extras` (`extras.rs`), and counts against the budget until unwatched;
 //! - each connection's count in the shared table is released exactly once, when it closes
 //!   (or moved, when it is handed off: see `handoff.rs`).
 
@@ -18,11 +18,12 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::clock::monotonic_ns;
+use crate::clock::{monotonic_ns, unix_ms};
 use crate::handoff::Channel;
 use crate::net::{Peer, Stream};
 use crate::poller::{Event, Interest, Poller};
-use crate::services::{self, CloseReason, ConnInfo, Context, Ending, Extras, Progress, Ready};
+use crate::scoreboard::Child;
+use crate::services::{CloseReason, ConnInfo, Context, Ending, Movable, Progress, Ready};
 
 use crate::limits::ClientKey;
 
@@ -31,8 +32,10 @@ use super::admission::{ShedQueue, Verdict};
 use super::books::Closed;
 use super::conn::{Conn, discard_input, unread_input};
 use super::env::Env;
+use super::extras::ExtraFds;
 use super::handoff::Link;
-use super::phase::{ConnKind, ConnState, Expiry, Next, Phase, Promotion};
+use super::listeners::Listeners;
+use super::phase::{ConnKind, ConnState, Drain, Expiry, Next, Phase, Promotion};
 use super::shares::{Share, Shares};
 use super::table::Table;
 
@@ -64,11 +67,8 @@ pub struct Client {
 /// The worker's TCP connections.
 pub struct Connections {
     table: Table<Conn>,
-    /// The connection owning each extra descriptor a session watches, by descriptor number:
-    /// (client descriptor, connection serial).
-    extra_owners: Vec<Option<(usize, u64)>>,
-    /// Extra descriptors watched by all sessions; they count against the budget.
-    extras: usize,
+    /// The extra descriptors sessions watch; they count against the budget.
+    extras: ExtraFds,
     /// Connections that may be shed when the worker is full because they completed no
     /// exchange, oldest first.
     shed: ShedQueue,
@@ -91,8 +91,7 @@ impl Connections {
     pub fn new(channel: Option<Channel>) -> Self {
         Connections {
             table: Table::default(),
-            extra_owners: Vec::new(),
-            extras: 0,
+            extras: ExtraFds::default(),
             shed: ShedQueue::default(),
             shares: Shares::default(),
             lingering_sheds: 0,
@@ -112,7 +111,7 @@ impl Connections {
     /// most [`SHED_LINGER_MAX`] beyond the budget: each gave its place to a new client).
     #[inline]
     pub fn held(&self) -> usize {
-        self.table.len() + self.extras - self.lingering_sheds
+        self.table.len() + self.extras.len() - self.lingering_sheds
     }
 
     /// The earliest connection deadline (possibly stale: an early wake-up only).
@@ -226,6 +225,20 @@ impl Connections {
             }
             false => Share::Uncounted,
         };
+    }
+
+    /// Offers the connection on `fd` for hand-off if it can move now (see [`Link::offer`]);
+    /// true when offered. An offered connection leaves its client's share here (it is
+    /// counted again at its next event if it stays).
+    fn offer(&mut self, fd: usize, now: Instant, env: &mut Env<'_>) -> bool {
+        if !self.link.offer(&mut self.table, fd, now, env) {
+            return false;
+        }
+        self.unseat(fd);
+        if let Some(conn) = self.table.get_mut(fd) {
+            conn.share = Share::Unseated;
+        }
+        true
     }
 
     /// Stops counting the connection on `fd` in its client's share.
@@ -371,7 +384,7 @@ impl Connections {
         let fd = event.fd as usize;
         let Some(conn) = self.table.get(fd) else { return false };
         if conn.share == Share::Unseated {
-            // Adopted from a retiring worker: counted from its first event here.
+            // Adopted from a retiring worker, or offered and kept: counted from its next event.
             self.seat(fd, None, env);
         }
         let Some(conn) = self.table.get(fd) else { return false };
@@ -399,8 +412,7 @@ impl Connections {
         env: &mut Env<'_>,
         others: usize,
     ) -> bool {
-        let owner = usize::try_from(event.fd).ok().and_then(|fd| self.extra_owners.get(fd));
-        let Some(&Some((owner, serial))) = owner else { return false };
+        let Some((owner, serial)) = self.extras.owner(event.fd) else { return false };
         let live = self.table.live(owner, serial).is_some_and(|conn| {
             !matches!(conn.state.phase, Phase::Lingering { .. } | Phase::Offered { .. })
         });
@@ -412,16 +424,8 @@ impl Connections {
     }
 
     /// The hand-off channel is ready (see [`Link::on_channel`]).
-    pub fn on_channel(
-        &mut self,
-        event: Event,
-        now: Instant,
-        env: &mut Env<'_>,
-        others: usize,
-        draining: bool,
-    ) {
-        let held_elsewhere = self.extras + others;
-        self.link.on_channel(&mut self.table, event, now, env, held_elsewhere, draining);
+    pub fn on_channel(&mut self, event: Event, now: Instant, env: &mut Env<'_>, others: usize) {
+        self.link.on_channel(&mut self.table, &mut self.extras, event, now, env, others);
     }
 
     /// Runs one session callback for the connection on descriptor `fd`, then carries out
@@ -435,16 +439,9 @@ impl Connections {
         others: usize,
     ) {
         let room = env.room(self.held() + others);
-        let Connections { table, extra_owners, extras, .. } = self;
+        let Connections { table, extras, .. } = self;
         let Some((serial, conn)) = table.entry_mut(fd) else { return };
-        let watch = Extras {
-            poller: &mut *env.poller,
-            owners: extra_owners,
-            watched: &mut conn.extras,
-            in_use: extras,
-            room,
-            owner: (fd, serial),
-        };
+        let watch = extras.lend(&mut *env.poller, &mut conn.extras, room, (fd, serial));
         // SAFETY: the descriptor is `conn.stream`'s, which stays open for the whole call: the
         // context (and so this borrow) is dropped before the connection can be finished.
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
@@ -504,7 +501,7 @@ impl Connections {
                 }
             }
             Next::Offer => {
-                if !self.link.offer(&mut self.table, fd, now, env) {
+                if !self.offer(fd, now, env) {
                     update_interest(&mut self.table, fd, &mut *env.poller);
                 }
             }
@@ -552,8 +549,8 @@ impl Connections {
                 Expiry::Later(Some(at)) => self.table.schedule(fd, at),
                 Expiry::Later(None) => {}
                 Expiry::Offer => {
-                    // Offered again now if at rest, else at its next rest (see `dispatch`).
-                    if !self.link.offer(&mut self.table, fd, now, env) {
+                    // Offered again now if it can move, else after a callback (`dispatch`).
+                    if !self.offer(fd, now, env) {
                         schedule(&mut self.table, fd, env);
                     }
                 }
@@ -571,17 +568,48 @@ impl Connections {
         }
     }
 
-    /// The graceful stop began: every open connection drains; those at rest and movable are
-    /// offered to the serving generation at once, the others close at rest and quiet (the
-    /// quiet ones on the next turn of the loop).
-    pub fn drain(&mut self, now: Instant, env: &mut Env<'_>) {
+    /// The worker began to drain for `why` (or, retiring, was told to stop): every open
+    /// connection drains; those that can move now are offered to the serving generation at
+    /// once, the others when they can, or are kept ([`Drain::kept`]: served on when
+    /// retiring, closed at rest and quiet when stopping, the quiet ones on the next turn of
+    /// the loop).
+    pub fn drain(&mut self, why: Drain, now: Instant, env: &mut Env<'_>) {
+        self.link.drain(why);
         for fd in self.table.fds() {
             let Some(conn) = self.table.get_mut(fd) else { continue };
-            conn.state.phase.drain();
-            if !self.link.offer(&mut self.table, fd, now, env) {
+            // Open ones too that a retiring worker kept, when it stops: offered once more.
+            let moves_in_flight = conn.session.movable() != Movable::AtRest;
+            conn.state.phase.drain(moves_in_flight);
+            if !self.offer(fd, now, env) {
                 schedule(&mut self.table, fd, env);
             }
         }
+    }
+
+    /// Why the worker drains, if it does.
+    pub fn draining(&self) -> Option<Drain> {
+        self.link.draining()
+    }
+
+    /// The children the sessions run (exec's programs), oldest connection first, for the
+    /// scoreboard: pid, listener id, accept time as Unix milliseconds (from `now`).
+    pub fn children(&self, listeners: &Listeners, now: Instant) -> Vec<Child> {
+        let now_unix = unix_ms();
+        let mut children: Vec<(Instant, Child)> = self
+            .table
+            .fds()
+            .into_iter()
+            .filter_map(|fd| self.table.get(fd))
+            .filter_map(|conn| {
+                let pid = conn.session.process()?;
+                let age = now.saturating_duration_since(conn.opened).as_millis() as u64;
+                let started_unix_ms = now_unix.saturating_sub(age);
+                let listener = listeners[conn.listener].id;
+                Some((conn.opened, Child { pid, listener, started_unix_ms }))
+            })
+            .collect();
+        children.sort_by_key(|(opened, _)| *opened);
+        children.into_iter().map(|(_, child)| child).collect()
     }
 
     /// Closes every connection (fast stop): lingering ones for their reason, the others as
@@ -604,8 +632,7 @@ impl Connections {
         let Some(conn) = self.table.get_mut(fd) else { return };
         // The conversation is over: the session's own descriptors are no longer watched (a
         // readable backend would otherwise wake the loop for nothing until the close).
-        let poller = &mut *env.poller;
-        unwatch_all(poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        self.extras.unwatch_all(&mut *env.poller, &mut conn.extras);
         // Input first: a client that already ended its side and left nothing unread gets a
         // plain close, which is as graceful (no unread data, so no RST: RFC 2525 2.17) and
         // saves the shutdown. Otherwise FIN now and wait for the client's; readiness is
@@ -642,7 +669,7 @@ impl Connections {
         // Unwatch before the descriptors are closed (the poller's contract): the session's
         // extra ones close when it is dropped, below.
         let _ = env.poller.set(fd as RawFd, Interest::NONE);
-        unwatch_all(&mut *env.poller, &mut self.extra_owners, &mut self.extras, &mut conn.extras);
+        self.extras.unwatch_all(&mut *env.poller, &mut conn.extras);
         env.listeners[conn.listener].tally.finished();
         env.release(conn.ticket.take(), conn.peer);
         let mut fields = String::new();
@@ -690,17 +717,5 @@ pub(super) fn schedule(table: &mut Table<Conn>, fd: usize, env: &Env<'_>) {
 pub(super) fn update_interest(table: &mut Table<Conn>, fd: usize, poller: &mut dyn Poller) {
     if let Some(conn) = table.get_mut(fd) {
         conn.update_interest(fd, poller);
-    }
-}
-
-/// Stops watching every extra descriptor in `watched` (before they are closed).
-fn unwatch_all(
-    poller: &mut dyn Poller,
-    owners: &mut [Option<(usize, u64)>],
-    in_use: &mut usize,
-    watched: &mut Vec<RawFd>,
-) {
-    while let Some(&extra) = watched.last() {
-        services::unwatch(poller, owners, watched, in_use, extra);
     }
 }

@@ -16,10 +16,13 @@
 //! - out of descriptors (`EMFILE`/`ENFILE`), accepting pauses for [`ACCEPT_PAUSE`] instead of
 //!   spinning, and the error is logged at a bounded rate.
 //!
-//! Signals: TERM/INT stop fast (close everything, exit), QUIT stops gracefully: stop
-//! accepting, close each connection once no exchange is in flight and the client has been
-//! quiet for [`DRAIN_QUIET`] (or hand it to the serving generation), exit when none is left.
-//! The worker dies with its master (`PR_SET_PDEATHSIG`).
+//! Signals: TERM/INT stop fast (close everything, exit). USR2 retires the worker (the master
+//! sends it to a reload's old generation, on TTOU and on WINCH): stop accepting, hand each
+//! connection to the serving generation when its session can move, serve the others until
+//! they end, exit when none is left. QUIT stops gracefully (the daemon stops): the same, but
+//! a connection not handed off is closed once no exchange is in flight and the client has
+//! been quiet for [`DRAIN_QUIET`]; QUIT to a retiring worker makes it stop so. The worker
+//! dies with its master (`PR_SET_PDEATHSIG`).
 //!
 //! Closes the worker starts while the client may still be sending (keep-alive refused,
 //! graceful stop) are *lingering closes*, as nginx does: FIN, then the client's late input
@@ -46,6 +49,7 @@ mod connections;
 mod counters;
 mod datagram;
 mod env;
+mod extras;
 mod handoff;
 mod header;
 mod intake;
@@ -86,16 +90,18 @@ use env::Env;
 use header::Headers;
 use intake::{Gate, Watch};
 use listeners::{ListenerEntry, Listeners};
+use phase::Drain;
 use recycle::Recycler;
 
 pub use header::PROXY_HEADER_TIMEOUT;
 pub use intake::{ACCEPT_PAUSE, SHED_GRACE};
 pub use phase::{DRAIN_QUIET, HANDOFF_RETRY, HANDOFF_TRIES, LINGER_TIMEOUT};
 
-/// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR1 reopens
-/// the log file.
+/// Signals a worker handles: TERM and INT stop fast, QUIT stops gracefully, USR2 retires
+/// (drains for a reload: connections not handed off are served until they end), USR1
+/// reopens the log file.
 pub const WORKER_SIGNALS: &[Signal] =
-    &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGUSR1];
+    &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT, Signal::SIGUSR2, Signal::SIGUSR1];
 
 /// Connections accepted per readiness event at most, so one worker does not take a whole
 /// burst while the others sleep.
@@ -241,6 +247,9 @@ struct Worker<'a> {
     last_published: Instant,
     /// When to ask the master for a replacement (`daemon.recycle_*`).
     recycler: Recycler,
+    /// Connections open when the children were last published (a draining worker's set of
+    /// connections only shrinks, so a change in their number is a change in its children).
+    children_published: Option<usize>,
 }
 
 impl<'a> Worker<'a> {
@@ -319,6 +328,7 @@ impl<'a> Worker<'a> {
             ready_listeners: Vec::new(),
             last_published: Instant::now(),
             recycler: Recycler::new(config.daemon.recycle, random(), Instant::now()),
+            children_published: None,
         })
     }
 
@@ -402,8 +412,7 @@ impl<'a> Worker<'a> {
         if let Some(index) = self.env.listeners.find(fd) {
             self.ready_listeners.push((fd, index));
         } else if self.conns.link.is_channel(fd) {
-            let draining = self.gate.draining();
-            self.conns.on_channel(event, now, &mut self.env, others, draining);
+            self.conns.on_channel(event, now, &mut self.env, others);
         } else if self.datagrams.owns(fd) {
             let connections = self.conns.len() + self.headers.len();
             self.datagrams.on_ready(fd, now, &mut self.env, connections);
@@ -428,6 +437,12 @@ impl<'a> Worker<'a> {
         let open = self.conns.len() + self.headers.len() + self.datagrams.len();
         score.open.store(open as u64, Ordering::Relaxed);
         self.env.listeners.publish(self.env.scoreboard.listener_rows(self.slot));
+        if self.gate.draining() && self.children_published != Some(self.conns.len()) {
+            // The children a retiring worker keeps, for `preforkd status`.
+            let children = self.conns.children(&self.env.listeners, now);
+            self.env.scoreboard.set_children(self.slot, children.into_iter());
+            self.children_published = Some(self.conns.len());
+        }
         self.last_published = now;
         self.datagrams.summarize(now, false, &mut self.env);
     }
@@ -524,17 +539,28 @@ impl<'a> Worker<'a> {
                         log::error!("{error}");
                     }
                 }
-                Signal::SIGQUIT if !self.gate.draining() => self.start_drain(),
+                Signal::SIGUSR2 => self.start_drain(Drain::Retire),
+                Signal::SIGQUIT => self.start_drain(Drain::Stop),
                 _ => {}
             }
         }
         None
     }
 
-    fn start_drain(&mut self) {
-        // Connections queued on this worker's own sockets would be lost with them: take them
-        // in first (they are served, then closed like the others).
+    /// Starts draining for `why`; a retiring worker told to stop stops (its kept connections
+    /// drain again, to be closed at rest). Nothing else changes a drain.
+    fn start_drain(&mut self, why: Drain) {
         let now = Instant::now();
+        match self.conns.draining() {
+            None => {}
+            Some(Drain::Retire) if why == Drain::Stop => {
+                log::info!("graceful stop while retiring: {} connection(s) open", self.conns.len());
+                return self.conns.drain(why, now, &mut self.env);
+            }
+            Some(_) => return,
+        }
+        // Connections queued on this worker's own sockets would be lost with them: take them
+        // in first (they are served, then handed off or kept like the others).
         for (fd, index) in self.env.listeners.own_sockets() {
             self.take(fd, index, now);
         }
@@ -545,10 +571,15 @@ impl<'a> Worker<'a> {
         // Close this worker's copies: once every process has, clients are refused at once
         // instead of waiting in a backlog nobody accepts from.
         self.env.listeners.close();
-        log::info!("graceful stop: no longer accepting; {} connection(s) open", self.conns.len());
-        // Each connection closes once at rest and quiet (see `phase.rs`), or is handed off;
-        // those already quiet go on the next turn of the loop.
-        self.conns.drain(now, &mut self.env);
+        let what = match why {
+            Drain::Retire => "retiring",
+            Drain::Stop => "graceful stop",
+        };
+        log::info!("{what}: no longer accepting; {} connection(s) open", self.conns.len());
+        // Each connection is handed off, or kept (see `phase.rs`): served until it ends when
+        // retiring, closed once at rest and quiet when stopping.
+        self.conns.drain(why, now, &mut self.env);
+        self.publish(now);
     }
 
     /// Takes what waits on listening descriptor `fd` of listener `index`: connections, or

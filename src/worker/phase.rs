@@ -9,22 +9,34 @@
 //!
 //! ```text
 //! Open ──first exchange, long quota spent──▶ ClosingAtRest(long-limit)
-//! Open ──graceful stop──▶ Draining(Local)
-//! Draining(Local | Pending) ──at rest, offered to the master──▶ Offered
+//! Open ──the worker retires or stops──▶ Draining(Local)
+//! ClosingAtRest, of a session that moves in flight ──the worker retires or stops──▶ Draining(Local)
+//! Draining(Local | Pending) ──movable now (at rest, or any time), offered to the master──▶ Offered
 //! Offered ──Busy or Lost, still ours, tries left──▶ Draining(Retry) ──its time──▶ Draining(Pending)
-//! Offered ──Refused, or tries spent──▶ Draining(Never)
+//! Offered ──Refused, or tries spent──▶ kept: Open (retiring) or Draining(Never) (stopping)
+//! Draining(Local | Pending) ──the session cannot be moved──▶ kept, as above
 //! Offered ──Adopted (or Lost, no longer ours)──▶ handed over: gone, without a close
-//! Draining(Local | Never) ──at rest and quiet for DRAIN_QUIET──▶ Lingering(shutdown)
+//! Draining(Never) ──at rest and quiet for DRAIN_QUIET──▶ Lingering(shutdown)
+//! Open (kept by a retiring worker) ──the worker stops──▶ Draining(Local)
 //! ClosingAtRest(reason) ──at rest, nothing unread──▶ Lingering(reason)
 //! Open | ClosingAtRest | Draining ──the session closes──▶ Lingering(reason), or closed at once
 //! Lingering ──the client's FIN, or LINGER_TIMEOUT──▶ closed
 //! any but Offered ──error, reset, done, idle timeout──▶ closed
 //! ```
 //!
+//! A worker drains for one of two reasons ([`Drain`]): it *retires* (a reload, TTOU, a binary
+//! upgrade: the daemon goes on), and a connection it cannot hand off is kept and served
+//! until it ends, as nginx's stream module and HAProxy do; or the daemon *stops*
+//! gracefully, and such a connection is closed once at rest and quiet. A retiring worker told
+//! to stop (a graceful stop during a drain) stops: its kept connections drain again.
+//!
 //! Invariants:
 //! - `Draining` and `Offered` exist only in a draining worker, and every connection of a
-//!   draining worker is `Draining`, `Offered`, `ClosingAtRest` or `Lingering` (one admitted
-//!   while the worker drains, its PROXY header completing late, starts `Draining`);
+//!   stopping worker is `Draining`, `Offered`, `ClosingAtRest` or `Lingering` (one admitted
+//!   while the worker drains, its PROXY header completing late, starts `Draining`); a
+//!   retiring worker also serves `Open` connections, those it keeps;
+//! - a `Draining(Local | Pending | Retry)` connection is never closed by the drain itself:
+//!   it is on its way to the serving generation, or kept;
 //! - an `Offered` connection has no deadline and is not watched: it is not the worker's to
 //!   read, write, time out or close until the answer;
 //! - a `Lingering` connection's only deadline is its `until`; only its client socket is
@@ -57,6 +69,28 @@ pub const HANDOFF_RETRY: Duration = Duration::from_millis(50);
 /// Offers per connection at most; after that many `Busy` answers it finishes here.
 pub const HANDOFF_TRIES: u32 = 40;
 
+/// Why a worker drains, and so what becomes of a connection it does not hand off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Retired while the daemon goes on (SIGUSR2 from the master: a reload's old generation,
+    /// TTOU, WINCH, an upgrade's old master): such a connection is served until it ends.
+    Retire,
+    /// The daemon stops gracefully (SIGQUIT): such a connection is closed once at rest and
+    /// quiet for [`DRAIN_QUIET`].
+    Stop,
+}
+
+impl Drain {
+    /// The phase of a connection that stays in this worker (not handed off): served as any
+    /// other until it ends when retiring, closed at rest when stopping.
+    pub fn kept(self) -> Phase {
+        match self {
+            Drain::Retire => Phase::Open,
+            Drain::Stop => Phase::Draining(HandOff::Never),
+        }
+    }
+}
+
 /// Short until the first completed exchange, long (kept-alive) after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnKind {
@@ -74,9 +108,8 @@ pub enum Phase {
     /// Keep-alive refused (its client's long quota is spent, or the count failed): closed
     /// with this reason once no exchange is in flight and nothing unread waits.
     ClosingAtRest(CloseReason),
-    /// The worker stops gracefully: the connection is offered to the serving generation at
-    /// rest (see [`HandOff`]), or closed (reason `shutdown`) once at rest and quiet for
-    /// [`DRAIN_QUIET`].
+    /// The worker retires or stops: the connection is offered to the serving generation when
+    /// its session can move (see [`HandOff`]); if it cannot, it is kept ([`Drain::kept`]).
     Draining(HandOff),
     /// Offered for hand-off (the `tries`th time): not watched, not timed, not touched until
     /// the answer.
@@ -97,7 +130,7 @@ pub enum Phase {
 /// A draining connection's way to the serving generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandOff {
-    /// Not offered yet: offered at its next rest; closed by the drain if it cannot be.
+    /// Not offered yet: offered when its session can move.
     Local,
     /// A retry came due: offered again at its next rest (not closed by the drain
     /// meanwhile). `tries` so far.
@@ -112,7 +145,8 @@ pub enum HandOff {
         /// Offers made.
         tries: u32,
     },
-    /// Not to be handed off (refused, or its session cannot be): it finishes here.
+    /// Not to be handed off (refused, or its session cannot be) by a stopping worker: closed
+    /// once at rest and quiet.
     Never,
 }
 
@@ -211,10 +245,10 @@ pub fn idle_reason(kind: ConnKind) -> CloseReason {
 }
 
 impl Phase {
-    /// Whether the drain closes this connection once it is at rest and quiet: draining, and
-    /// not on its way to another worker.
+    /// Whether the drain closes this connection once it is at rest and quiet: kept by a
+    /// stopping worker.
     pub fn waits_for_quiet(self) -> bool {
-        matches!(self, Phase::Draining(HandOff::Local | HandOff::Never))
+        self == Phase::Draining(HandOff::Never)
     }
 
     /// Offers made so far, if the connection is to be offered at its next rest.
@@ -226,11 +260,16 @@ impl Phase {
         }
     }
 
-    /// The graceful stop began: an open connection drains; one closing, lingering or
-    /// already draining keeps its phase.
-    pub fn drain(&mut self) {
-        if *self == Phase::Open {
-            *self = Phase::Draining(HandOff::Local);
+    /// The worker began to drain (or a retiring one to stop): an open connection drains;
+    /// so does one closing at rest whose session moves in flight (`moves_in_flight`: a
+    /// relay, which never rests, so the close it waits for would never come, and it would
+    /// keep the old worker forever); one lingering, offered or already draining keeps its
+    /// phase.
+    pub fn drain(&mut self, moves_in_flight: bool) {
+        match *self {
+            Phase::Open => *self = Phase::Draining(HandOff::Local),
+            Phase::ClosingAtRest(_) if moves_in_flight => *self = Phase::Draining(HandOff::Local),
+            _ => {}
         }
     }
 
@@ -241,13 +280,13 @@ impl Phase {
 }
 
 /// After an offer made `tries` times was answered `outcome` and the connection is still
-/// ours: when to offer it again, if ever.
-pub fn after_answer(tries: u32, outcome: Outcome, now: Instant) -> HandOff {
+/// ours: its phase, offered again later or kept as `drain` keeps connections.
+pub fn after_answer(tries: u32, outcome: Outcome, now: Instant, drain: Drain) -> Phase {
     match outcome {
         Outcome::Busy | Outcome::Lost if tries < HANDOFF_TRIES => {
-            HandOff::Retry { at: now + HANDOFF_RETRY, tries }
+            Phase::Draining(HandOff::Retry { at: now + HANDOFF_RETRY, tries })
         }
-        _ => HandOff::Never,
+        _ => drain.kept(),
     }
 }
 
@@ -436,11 +475,17 @@ mod tests {
     }
 
     #[test]
-    fn a_draining_connection_closes_once_at_rest_and_quiet() {
+    fn a_connection_kept_by_a_stopping_worker_closes_once_at_rest_and_quiet() {
         let t0 = Instant::now();
-        let mut s = state(Phase::Open, ConnKind::Long, t0);
-        s.phase.drain();
-        assert_eq!(s.phase, Phase::Draining(HandOff::Local));
+        let mut local = state(Phase::Open, ConnKind::Long, t0);
+        local.phase.drain(false);
+        assert_eq!(local.phase, Phase::Draining(HandOff::Local));
+        assert_eq!(
+            local.deadline(TIMEOUTS, true, true),
+            Some(t0 + ms(300_000)),
+            "on its way to the serving generation: not closed by the drain"
+        );
+        let mut s = state(Drain::Stop.kept(), ConnKind::Long, t0);
         assert_eq!(
             s.deadline(TIMEOUTS, true, true),
             Some(t0 + DRAIN_QUIET),
@@ -457,21 +502,30 @@ mod tests {
             s.expire(t0 + DRAIN_QUIET, TIMEOUTS, true, true),
             Expiry::Linger(CloseReason::Shutdown)
         );
-        // Refused by every worker: the drain closes it too.
-        let never = state(Phase::Draining(HandOff::Never), ConnKind::Long, t0);
-        assert_eq!(never.deadline(TIMEOUTS, true, true), Some(t0 + DRAIN_QUIET));
+        // Kept by a retiring worker: served as an open connection, until it ends.
+        let kept = state(Drain::Retire.kept(), ConnKind::Long, t0);
+        assert_eq!(kept.phase, Phase::Open);
+        assert_eq!(kept.deadline(TIMEOUTS, true, true), Some(t0 + ms(300_000)), "idle only");
         // On its way to another worker: not closed by the drain meanwhile.
         let pending = state(Phase::Draining(HandOff::Pending { tries: 1 }), ConnKind::Long, t0);
         assert_eq!(pending.deadline(TIMEOUTS, true, true), Some(t0 + ms(300_000)));
-        // Closing or lingering connections keep their phase when the drain begins.
+        // Closing or lingering connections keep their phase when the drain begins ...
         for mut phase in [
             Phase::ClosingAtRest(CloseReason::LongLimit),
             Phase::Lingering { reason: CloseReason::Error, until: t0 },
+            Phase::Offered { tries: 1 },
         ] {
             let before = phase;
-            phase.drain();
+            phase.drain(false);
             assert_eq!(phase, before);
         }
+        // ... but one closing at rest that never rests (a relay over its long quota) moves.
+        let mut relay = Phase::ClosingAtRest(CloseReason::LongLimit);
+        relay.drain(true);
+        assert_eq!(relay, Phase::Draining(HandOff::Local));
+        let mut lingering = Phase::Lingering { reason: CloseReason::Error, until: t0 };
+        lingering.drain(true);
+        assert!(matches!(lingering, Phase::Lingering { .. }), "the conversation is over");
         assert_eq!(Phase::admitted(true), Phase::Draining(HandOff::Local));
         assert_eq!(Phase::admitted(false), Phase::Open);
     }
@@ -499,11 +553,22 @@ mod tests {
     #[test]
     fn a_hand_off_retry_comes_due_and_is_offered_again() {
         let t0 = Instant::now();
-        let retry = after_answer(3, Outcome::Busy, t0);
-        assert_eq!(retry, HandOff::Retry { at: t0 + HANDOFF_RETRY, tries: 3 });
-        assert_eq!(after_answer(HANDOFF_TRIES, Outcome::Busy, t0), HandOff::Never, "tries spent");
-        assert_eq!(after_answer(1, Outcome::Refused, t0), HandOff::Never);
-        assert!(matches!(after_answer(1, Outcome::Lost, t0), HandOff::Retry { .. }));
+        let retry = HandOff::Retry { at: t0 + HANDOFF_RETRY, tries: 3 };
+        assert_eq!(after_answer(3, Outcome::Busy, t0, Drain::Stop), Phase::Draining(retry));
+        assert_eq!(
+            after_answer(HANDOFF_TRIES, Outcome::Busy, t0, Drain::Stop),
+            Phase::Draining(HandOff::Never),
+            "tries spent: closed at rest by a stopping worker"
+        );
+        assert_eq!(
+            after_answer(1, Outcome::Refused, t0, Drain::Retire),
+            Phase::Open,
+            "refused: served on by a retiring worker"
+        );
+        assert!(matches!(
+            after_answer(1, Outcome::Lost, t0, Drain::Retire),
+            Phase::Draining(HandOff::Retry { .. })
+        ));
         let mut s = state(Phase::Draining(retry), ConnKind::Long, t0);
         // Not closed by the drain while it waits; the retry is the earliest deadline.
         assert_eq!(s.deadline(TIMEOUTS, true, true), Some(t0 + HANDOFF_RETRY));

@@ -335,31 +335,6 @@ fn kill_9_of_the_sending_worker_during_a_hand_off_keeps_counts_exact() {
 }
 
 #[test]
-fn a_session_that_refuses_hand_off_finishes_in_the_old_worker() {
-    let config = format!(
-        "{}\n[[listener]]\nname = \"sticky\"\naddress = \"127.0.0.1:0\"\nservice = \"test-sticky\"\nmax_connections_per_client = 0\n",
-        controlled_config(1, "", "max_connections_per_client = 0")
-    );
-    let daemon = Daemon::launch(&config, None, &[("PREFORKD_TEST_SERVICES", "1")]);
-    let mut sticky = connect(daemon.addrs[1]);
-    assert_eq!(exchange(&mut sticky, b"line\n", QUICK), Outcome::Echoed);
-    let mut echo = connect(daemon.addr());
-    assert_eq!(exchange(&mut echo, b"moves", QUICK), Outcome::Echoed);
-    let old = daemon.worker_pids()[0];
-    // (`preforkd reload` would check the file without the test services.)
-    daemon.signal(Signal::SIGHUP);
-    // The old worker closes the sticky connection as a graceful stop does (FIN at rest)...
-    assert!(closed_within(&mut sticky, QUICK), "the old worker ends the sticky connection");
-    let line =
-        daemon.wait_for_log("the sticky access line", |l| l.contains("access listener=sticky"));
-    assert_eq!(pid_of(&line), old, "closed by the worker that accepted it: {line}");
-    assert_eq!(field(&line, "reason"), Some("shutdown"), "{line}");
-    // ... while the echo connection was handed over and lives on.
-    eventually("the old worker exits", || !is_running(old));
-    assert_eq!(exchange(&mut echo, b"still", QUICK), Outcome::Echoed);
-}
-
-#[test]
 fn after_an_upgrade_the_old_master_never_sends_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");

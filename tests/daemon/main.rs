@@ -29,6 +29,7 @@ mod resources;
 mod services;
 mod status;
 mod supervision;
+mod survival;
 mod syslog;
 mod systemd;
 mod tftp;

@@ -373,6 +373,11 @@ impl Session for ExecSession {
         !matches!(self.state, State::Asked { .. } | State::Running { .. })
     }
 
+    fn process(&self) -> Option<u32> {
+        let running = matches!(self.state, State::Running { .. });
+        u32::try_from(self.pid).ok().filter(|&pid| running && pid != 0)
+    }
+
     fn describe(&self, line: &mut String) {
         if self.pid != 0 {
             let _ = write!(line, " child={}", self.pid);

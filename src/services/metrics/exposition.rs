@@ -128,7 +128,7 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
     let handoffs = counters(
         r,
         "listener_handoffs",
-        "Connections handed between workers at rest on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
+        "Connections handed between workers on reload or upgrade, by listener and direction (out: handed off by a retiring worker; in: adopted)",
         None,
     );
     let datagrams = counters(

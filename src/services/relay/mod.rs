@@ -238,6 +238,13 @@ impl Service for Relay {
         });
         Box::new(session::RelaySession::new(Arc::clone(&self.shared), conn.peer, header))
     }
+
+    /// A relayed connection handed over by a retiring worker, at any point of its life but
+    /// a connect (see `session.rs`): its descriptors follow with [`Session::resume`].
+    fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
+        let session = session::RelaySession::import(Arc::clone(&self.shared), conn.peer, state)?;
+        Some(Box::new(session))
+    }
 }
 
 /// The order in which one session tries backends: where it starts, which it tried.
@@ -302,10 +309,11 @@ fn source_hash(peer: &Peer) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn relay(backends: usize, balance: Balance) -> Shared {
+    /// A relay's shared state over `backends` backends at 127.0.0.1:1000 and up.
+    pub(in crate::services::relay) fn relay(backends: usize, balance: Balance) -> Shared {
         let config = RelayConfig {
             backends: (0..backends).map(|i| Address::Ip(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))).collect(),
             balance,

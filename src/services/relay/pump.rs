@@ -15,9 +15,16 @@
 //! - a FIN read from the source ([`Flow::Flushing`]) is passed on by the session only once the
 //!   carrier is empty ([`Pump::needs_shutdown`]);
 //! - the bytes counted are those written to the sink.
+//!
+//! A hand-off moves a pump whole ([`Pump::export`], [`Pump::import`]): its flow, the bytes of
+//! its buffer, or its pipe itself (the descriptors go along; the bytes stay in the kernel, so
+//! no copy is made and no bound is exceeded) with the count it holds. A pump that holds a
+//! pipe between callbacks always has bytes in it (a drained pipe goes back to its pool within
+//! the callback), so the sender, which closes its copies once the receiver took them, never
+//! pools a pipe the receiver uses.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 use super::splice::{self, Pipe};
@@ -260,6 +267,111 @@ impl Pump {
     }
 }
 
+/// What a pipe carrier held when its pump was exported: attached to the pipe the descriptors
+/// bring by [`Pump::attach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PipeHeld {
+    pending: usize,
+    full: bool,
+}
+
+impl Pump {
+    /// Appends the pump's state to `out`: its flow (1 byte: 0 open, 1 flushing, 2 shut), then
+    /// its carrier (1 byte: 0 idle; 1 a buffer, followed by a 4-byte little-endian length and
+    /// the unsent bytes; 2 a pipe, followed by the 4-byte count of bytes in it and 1 byte, 1
+    /// if it is full). A pipe's descriptors are [`Pump::pipe_fds`].
+    pub(super) fn export(&self, out: &mut Vec<u8>) {
+        out.push(match self.flow {
+            Flow::Open => 0,
+            Flow::Flushing => 1,
+            Flow::Shut => 2,
+        });
+        match &self.carrier {
+            Carrier::Idle => out.push(0),
+            Carrier::Buffer { buffer, start, end } => {
+                out.push(1);
+                out.extend(((end - start) as u32).to_le_bytes());
+                out.extend(&buffer[*start..*end]);
+            }
+            Carrier::Pipe { pending, full, .. } => {
+                out.push(2);
+                out.extend((*pending as u32).to_le_bytes());
+                out.push(u8::from(*full));
+            }
+        }
+    }
+
+    /// The pipe's descriptors (read end, write end), if the carrier is a pipe.
+    pub(super) fn pipe_fds(&self) -> Option<[BorrowedFd<'_>; 2]> {
+        match &self.carrier {
+            Carrier::Pipe { pipe, .. } => Some([pipe.output(), pipe.input()]),
+            _ => None,
+        }
+    }
+
+    /// A pump from what [`Pump::export`] wrote at the start of `bytes`, which is advanced past
+    /// it; `splices` as for [`Pump::new`]. A pipe carrier comes back empty, to be given its
+    /// pipe with [`Pump::attach`] and the returned count. `None` when malformed.
+    pub(super) fn import(bytes: &mut &[u8], splices: bool) -> Option<(Pump, Option<PipeHeld>)> {
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (head, rest) = bytes.split_at_checked(n)?;
+            *bytes = rest;
+            Some(head)
+        };
+        let flow = match take(1)?[0] {
+            0 => Flow::Open,
+            1 => Flow::Flushing,
+            2 => Flow::Shut,
+            _ => return None,
+        };
+        let mut pump = Pump::new(splices);
+        pump.flow = flow;
+        let held = match take(1)?[0] {
+            0 => None,
+            1 => {
+                let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                if len == 0 || len > pool::BUFFER_SIZE {
+                    return None;
+                }
+                let mut buffer = pool::take();
+                buffer[..len].copy_from_slice(take(len)?);
+                pump.carrier = Carrier::Buffer { buffer, start: 0, end: len };
+                None
+            }
+            2 => {
+                let pending = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                let full = match take(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                // A pipe between callbacks holds bytes (see the module doc).
+                if pending == 0 {
+                    return None;
+                }
+                Some(PipeHeld { pending, full })
+            }
+            _ => return None,
+        };
+        Some((pump, held))
+    }
+
+    /// Gives an imported pump its pipe (`read`, `write`: the descriptors of the exporter's
+    /// pipe), holding what `held` says.
+    ///
+    /// # Errors
+    /// The descriptors are not a pipe that can hold that much (`F_GETPIPE_SZ`).
+    pub(super) fn attach(&mut self, read: OwnedFd, write: OwnedFd, held: PipeHeld) -> io::Result<()> {
+        let pipe = Pipe::adopt(read, write)?;
+        if held.pending > pipe.capacity() {
+            return Err(io::Error::new(ErrorKind::InvalidData, "more bytes than the pipe holds"));
+        }
+        self.release();
+        self.carrier = Carrier::Pipe { pipe, pending: held.pending, full: held.full };
+        Ok(())
+    }
+}
+
 impl Drop for Pump {
     fn drop(&mut self) {
         self.release();
@@ -270,7 +382,7 @@ impl Drop for Pump {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, OwnedFd};
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -396,6 +508,92 @@ mod tests {
         backend.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"still relayed");
         assert!(pump.takes_pipe(now + splice::RETRY_AFTER), "pipes again after RETRY_AFTER");
+    }
+
+    /// Fills `pump` from a client until it stops reading (its sink never reads), returning
+    /// the client (non-blocking) and how many bytes it sent.
+    fn fill(pump: &mut Pump, source: &TcpStream, sink: &TcpStream, client: &mut TcpStream) -> usize {
+        socket2::SockRef::from(sink).set_send_buffer_size(4096).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut written = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pump.wants_input() || !pump.has_output() {
+            assert!(Instant::now() < deadline, "the pump never filled");
+            match client.write(&pattern(written, 16 * 1024)) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            drive(pump, source, sink);
+        }
+        written
+    }
+
+    /// Moves `pump` as a hand-off does: its state and duplicates of its pipe's descriptors
+    /// into a new pump; the old one is dropped, as the sender drops its session.
+    fn hand_over(pump: Pump, splices: bool) -> Pump {
+        let mut state = Vec::new();
+        pump.export(&mut state);
+        let fds: Option<[OwnedFd; 2]> =
+            pump.pipe_fds().map(|fds| fds.map(|fd| fd.try_clone_to_owned().unwrap()));
+        drop(pump);
+        let mut bytes = &state[..];
+        let (mut moved, held) = Pump::import(&mut bytes, splices).expect("a valid state");
+        assert!(bytes.is_empty(), "the whole state is read");
+        match (fds, held) {
+            (Some([read, write]), Some(held)) => moved.attach(read, write, held).unwrap(),
+            (None, None) => {}
+            _ => panic!("a pipe in the state iff the pump held one"),
+        }
+        moved
+    }
+
+    #[test]
+    fn a_full_pump_moves_whole_and_its_bytes_arrive_once_in_order() {
+        for splices in [false, true] {
+            let (mut client, source) = pair();
+            let (mut backend, sink) = pair();
+            let mut pump = Pump::new(splices);
+            let written = fill(&mut pump, &source, &sink, &mut client);
+            assert_eq!(
+                matches!(pump.carrier, Carrier::Pipe { .. }),
+                splices,
+                "splices through a pipe, or copies through a buffer"
+            );
+            let pooled = splice::pooled();
+            let mut moved = hand_over(pump, splices);
+            assert_eq!(splice::pooled(), pooled, "the sender's copy of a full pipe is not pooled");
+            assert!(moved.has_output() && moved.flow == Flow::Open);
+            // The rest of the stream, then FIN, through the moved pump only.
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                backend.read_to_end(&mut got).unwrap();
+                got
+            });
+            client.set_nonblocking(false).unwrap();
+            client.write_all(&pattern(written, 100_000)).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            drive_until(&mut moved, &source, &sink, |p, _| p.needs_shutdown());
+            sink.shutdown(Shutdown::Write).unwrap();
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), written + 100_000, "splices: {splices}");
+            assert!(got == pattern(0, written + 100_000), "in order, none lost or doubled");
+        }
+    }
+
+    #[test]
+    fn a_flushing_pump_moves_with_its_fin_and_malformed_states_are_refused() {
+        let mut pump = Pump::new(false);
+        pump.flow = Flow::Flushing;
+        let mut state = Vec::new();
+        pump.export(&mut state);
+        assert_eq!(state, [1, 0], "flushing, idle");
+        let moved = hand_over(pump, false);
+        assert!(moved.needs_shutdown(), "the FIN read before the hand-off is passed on after");
+        for bad in [&[][..], &[3, 0], &[0, 9], &[0, 1, 0, 0, 0, 0], &[0, 1, 5, 0, 0, 0, 1], &[0, 2, 0, 0, 0, 0, 0]] {
+            let mut bytes = bad;
+            assert!(Pump::import(&mut bytes, false).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

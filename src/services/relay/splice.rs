@@ -67,6 +67,17 @@ impl Pipe {
         Ok(Pipe { read, write, capacity })
     }
 
+    /// The pipe whose ends are `read` and `write`, passed from another worker with a relayed
+    /// connection (non-blocking already: the flag belongs to the pipe, not the descriptor).
+    ///
+    /// # Errors
+    /// They are not a pipe (`F_GETPIPE_SZ` fails).
+    pub(super) fn adopt(read: OwnedFd, write: OwnedFd) -> io::Result<Pipe> {
+        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_err(io::Error::from)?;
+        let capacity = usize::try_from(capacity).unwrap_or(0).max(1);
+        Ok(Pipe { read, write, capacity })
+    }
+
     /// The bytes the pipe holds at most (what the pump counts against; the kernel may take
     /// fewer when the bytes come in many small pieces, and then says `EAGAIN`).
     pub(super) fn capacity(&self) -> usize {
