@@ -1,5 +1,6 @@
 //! `upper`: a line protocol run by the whole preforkd daemon. Each line comes back in
-//! capitals; `QUIT` ends the conversation. Options, in `[listener.options]`:
+//! capitals; `QUIT` ends the conversation, and so does a graceful stop of the daemon, with a
+//! goodbye (a reload moves the connection instead). Options, in `[listener.options]`:
 //! `greeting` (sent on connect; default none) and `max_line` (bytes, without the LF; default
 //! 1024). It is built on [`Framed`] with the [`lines`] decoder: the helper does the
 //! buffering, backpressure, the line limit and the hand-off.
@@ -85,6 +86,13 @@ impl FrameHandler for Shout {
         if !rest.is_empty() {
             self.on_frame(rest, out);
         }
+    }
+
+    /// Told when the worker keeps this connection while it drains: the daemon stops
+    /// gracefully (a reload hands the connection off instead). Say so, and end.
+    fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+        out.extend(b"BYE server going away\r\n");
+        FrameAction::Close
     }
 
     /// Between lines there is nothing to carry: the connection can be handed off.

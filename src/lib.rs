@@ -157,18 +157,24 @@
 //!
 //! # Reloads: hand-off or drain
 //!
-//! A reload (or a binary upgrade) retires the old generation's workers. Each offers its
-//! connections to the serving generation; a session moves if it implements the hand-off
-//! hook, two methods for a simple one, as above: [`services::Session::export`] (for a
-//! [`services::Framed`] session, which carries its buffers itself,
-//! [`services::FrameHandler::export`]) gives its state as versioned bytes, and
-//! [`services::Service::import`] rebuilds it in the receiving worker. Without the hook a session is *drained*: the old worker serves it until
-//! it ends, with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as
-//! nginx and HAProxy keep their old processes. A session that must move with an exchange in
-//! flight, or owns descriptors of its own, says so with [`services::Session::movable`], and
-//! its descriptors travel with [`services::Session::export_descriptors`] and
+//! A reload (or a binary upgrade, TTOU, worker recycling) retires the old generation's
+//! workers. Each offers its connections to the serving generation; a session moves if it
+//! implements the hand-off hook, two methods for a simple one, as above:
+//! [`services::Session::export`] (for a [`services::Framed`] session, which carries its
+//! buffers itself and so moves at any moment, [`services::FrameHandler::export`]) gives its
+//! state as versioned bytes, and [`services::Service::import`] rebuilds it in the receiving
+//! worker. Without the hook a session is *drained*: the old worker serves it until it ends,
+//! with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as nginx and
+//! HAProxy keep their old processes. A session that must move with an exchange in flight, or
+//! owns descriptors of its own, says so with [`services::Session::movable`], and its
+//! descriptors travel with [`services::Session::export_descriptors`] and
 //! [`services::Session::resume`], where the receiving worker's session watches them again:
 //! the relay moves that way, with its backend socket, buffers, pipes and half-closes.
+//!
+//! A session the worker keeps (drained by a retirement, or any session at a graceful stop)
+//! is told once, [`services::Session::on_drain`] ([`services::FrameHandler::on_drain`]), so
+//! it can say goodbye in its protocol: `examples/upper.rs` answers a graceful stop with
+//! `BYE server going away`. A session that moves is never told: its client sees nothing.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]

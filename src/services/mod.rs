@@ -468,6 +468,24 @@ pub trait Session {
         Ok(Progress::default())
     }
 
+    /// The drain notice, called at most once in the connection's life: its worker drains and
+    /// keeps this connection rather than handing it off. That is, the daemon stops
+    /// gracefully (the connection is then closed once at rest and quiet for
+    /// `DRAIN_QUIET`, 100 ms, and killed at `graceful_timeout`), or the worker's generation
+    /// retires (a reload, TTOU, recycling, an upgrade) and this session cannot move (no
+    /// [`Session::export`], or no worker took it): it is then served until it ends, or until
+    /// `reload_drain_timeout`. A connection that is handed off is never told: its client
+    /// sees nothing. Say goodbye if the protocol has a word for it (a line protocol's "server
+    /// going away", an HTTP/2 GOAWAY), and close ([`Context::close`]) or go on. Default:
+    /// nothing.
+    ///
+    /// # Errors
+    /// As for [`Session::on_readable`].
+    fn on_drain(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let _ = cx;
+        Ok(Progress::default())
+    }
+
     /// No exchange is in flight: every request received has been answered. The loop also
     /// checks that the socket holds no unread input before it closes an at-rest connection
     /// (keep-alive limit, graceful stop), so nothing the client sent is dropped.

@@ -7,7 +7,9 @@
 //! - `test-hooks` echoes lines and records its worker hooks: in `[listener.options]`, `dir`
 //!   gets a file `after_fork-PID` (`slot=S generation=G listener=NAME uid=U`) from
 //!   [`Service::after_fork`] and `before_exit-PID` (`graceful`, `fast` or `failed`) from
-//!   [`Service::before_exit`]; `after_fork` fails while the file `fail_if` exists.
+//!   [`Service::before_exit`]; `after_fork` fails while the file `fail_if` exists. Its
+//!   sessions are never handed off, and answer the drain notice ([`Session::on_drain`]) with
+//!   the line `draining`.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -60,7 +62,7 @@ impl Hooks {
 
 impl Service for Hooks {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-        Box::new(Framed::new(Sticky, lines, 4096))
+        Box::new(Framed::new(Goodbye, lines, 4096))
     }
 
     fn after_fork(&self, worker: &WorkerInfo<'_>) -> Result<(), HookError> {
@@ -98,6 +100,20 @@ impl FrameHandler for Sticky {
     fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
         out.extend_from_slice(line);
         out.push(b'\n');
+        FrameAction::Continue
+    }
+}
+
+/// Echoes lines, and says `draining` when told the worker keeps it while draining.
+struct Goodbye;
+
+impl FrameHandler for Goodbye {
+    fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
+        Sticky.on_frame(line, out)
+    }
+
+    fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+        out.extend_from_slice(b"draining\n");
         FrameAction::Continue
     }
 }

@@ -383,6 +383,9 @@ impl<'a> Worker<'a> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(Instant::now());
             }
+            // Connections kept by a drain this turn (not handed off) hear of it.
+            let others = self.headers.len() + self.datagrams.len();
+            self.conns.tell_kept(now, &mut self.env, others);
             self.check_recycling(now);
             if self.gate.draining()
                 && self.conns.len() == 0

@@ -133,3 +133,40 @@ fn a_failing_after_fork_stops_the_start_and_later_backs_off_until_it_succeeds() 
     let replaced = daemon.wait_replaced(&[victim]);
     assert_eq!(replaced.len(), 2);
 }
+
+#[test]
+fn a_connection_a_drain_keeps_hears_of_it_once_and_one_handed_off_never() {
+    let dir = hooks_dir();
+    let config = hooks_config(dir.path(), "").replace("workers = 2", "workers = 1")
+        + "[[listener]]\nname = \"echo\"\naddress = \"127.0.0.1:0\"\nservice = \"echo\"\n";
+    let mut daemon = Daemon::launch(&config, None, TEST_SERVICES);
+    let status = daemon.wait_ready();
+    let (hooked, echo) = (status.address("hooked").unwrap(), status.address("echo").unwrap());
+    let mut kept = connect(hooked);
+    assert_eq!(exchange(&mut kept, b"one\n", PATIENCE), Outcome::Echoed);
+    let mut moved = connect(echo);
+    assert_eq!(exchange(&mut moved, b"one\n", PATIENCE), Outcome::Echoed);
+
+    // A reload: test-hooks cannot move, so the old worker keeps it and tells it, once; it is
+    // served on. The echo connection moves and is told nothing.
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_generation(2);
+    assert_eq!(expect_bytes(&mut kept, b"draining\n", PATIENCE), Outcome::Echoed);
+    assert_eq!(exchange(&mut kept, b"two\n", PATIENCE), Outcome::Echoed, "served on");
+    assert_eq!(exchange(&mut moved, b"two\n", PATIENCE), Outcome::Echoed, "no notice");
+    let mut late = connect(hooked);
+    assert_eq!(exchange(&mut late, b"new\n", PATIENCE), Outcome::Echoed);
+
+    // A graceful stop: the connection already told is not told again, and is closed at rest;
+    // the one the new generation serves is told, then closed.
+    daemon.signal(Signal::SIGQUIT);
+    let mut rest = Vec::new();
+    kept.set_read_timeout(Some(PATIENCE)).unwrap();
+    std::io::Read::read_to_end(&mut kept, &mut rest).unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "", "told once, then closed");
+    let mut rest = Vec::new();
+    late.set_read_timeout(Some(PATIENCE)).unwrap();
+    std::io::Read::read_to_end(&mut late, &mut rest).unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "draining\n", "told, then closed at rest");
+    assert_eq!(daemon.wait_exit(PATIENCE).map(code), Some(0));
+}

@@ -18,7 +18,11 @@
 //!   answered before it is written, and after [`FrameHandler::on_error`] had its say;
 //! - one *exchange* per frame, counted when its answer is fully written;
 //! - hand-off: the session's state is its buffers, which the helper exports and imports
-//!   itself; the handler adds its own state between frames ([`FrameHandler::export`]).
+//!   itself; the handler adds its own state between frames ([`FrameHandler::export`]). So
+//!   the connection moves at any moment, a request half read or an answer half written
+//!   ([`Movable::Now`]), as long as its buffers fit a hand-off ([`super::MAX_EXPORT`]);
+//! - the drain notice goes to the handler ([`FrameHandler::on_drain`]), whose goodbye is
+//!   written like any answer.
 //!
 //! Invariants: `sent <= output.len()`; the input buffer holds no complete frame while the
 //! session is open and under the output bound (each read handles all it can); a closing
@@ -30,7 +34,7 @@ use std::io::{self, ErrorKind};
 
 pub use frame::{Decoder, Frame, lines, u16_prefixed, u32_prefixed};
 
-use super::{CloseReason, Context, Interest, Progress, Session, write_some};
+use super::{CloseReason, Context, Interest, MAX_EXPORT, Movable, Progress, Session, write_some};
 
 /// Unsent output above which [`Framed`] stops handling frames and reading, in bytes (64 KiB),
 /// unless set with [`Framed::with_output_bound`].
@@ -53,6 +57,10 @@ thread_local! {
 
 /// Hand-off state of [`Framed`], version 1 (see [`Framed::import`]).
 const STATE_V1: u8 = 1;
+
+/// Bytes of [`Framed`]'s own hand-off state besides the buffers and the handler's bytes
+/// (version, unanswered count, two lengths), and room left for the handler's.
+const STATE_OVERHEAD: usize = 1 + 8 + 4 + 4 + 1024;
 
 /// What to do after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +96,16 @@ pub trait FrameHandler {
     /// one (Redis says `-ERR Protocol error`). Default: nothing.
     fn on_error(&mut self, reason: &'static str, out: &mut Vec<u8>) {
         let _ = (reason, out);
+    }
+
+    /// The drain notice ([`Session::on_drain`]): the worker keeps this connection while it
+    /// drains (a graceful stop, or a retirement this connection cannot move in). Appends a
+    /// goodbye if the protocol has one; [`FrameAction::Close`] ends the conversation once
+    /// what was answered and this are written. Called once at most, between frames.
+    /// Default: nothing, and go on.
+    fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+        let _ = out;
+        FrameAction::Continue
     }
 
     /// The handler's state between frames, for a hand-off (see [`Session::export`]);
@@ -460,6 +478,28 @@ impl<H: FrameHandler> Session for Framed<H> {
         self.stage == Stage::PeerClosed && self.sent == self.output.len()
     }
 
+    fn on_drain(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let mut progress = Progress::default();
+        if self.stage == Stage::Open
+            && self.handler.on_drain(&mut self.output) == FrameAction::Close
+        {
+            self.stage = Stage::Closing(CloseReason::ServerClose);
+        }
+        self.flush(cx, &mut progress)?;
+        Ok(progress)
+    }
+
+    /// At any moment while open, its buffers travelling with it, unless they are too large
+    /// for a hand-off just now (then after a later callback, once they have drained).
+    fn movable(&self) -> Movable {
+        let buffered = self.input.data().len() + self.unsent();
+        if self.stage == Stage::Open && buffered + STATE_OVERHEAD <= MAX_EXPORT {
+            Movable::Now
+        } else {
+            Movable::Later
+        }
+    }
+
     /// Version 1: the version byte, the unanswered frames (8 bytes), the buffered input and
     /// the unsent output (each a 4-byte length and the bytes, little-endian), then the
     /// handler's own bytes. Only while open: a closing session finishes where it is.
@@ -478,7 +518,7 @@ impl<H: FrameHandler> Session for Framed<H> {
             state.extend(part);
         }
         state.extend(own);
-        (state.len() <= super::MAX_EXPORT).then_some(state)
+        (state.len() <= MAX_EXPORT).then_some(state)
     }
 }
 
@@ -639,6 +679,47 @@ mod tests {
         assert!(session.is_done());
         assert_eq!(io.output, b"hi\r\nAB\r\nCD\r\n");
         assert!(!session.interest().read);
+    }
+
+    #[test]
+    fn the_drain_notice_is_the_handlers_goodbye_written_like_an_answer() {
+        struct Polite;
+        impl FrameHandler for Polite {
+            fn on_frame(&mut self, _frame: &[u8], out: &mut Vec<u8>) -> FrameAction {
+                out.extend_from_slice(b"ok\n");
+                FrameAction::Continue
+            }
+            fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+                out.extend_from_slice(b"going away\n");
+                FrameAction::Close
+            }
+        }
+        let mut session = Framed::new(Polite, lines, 64);
+        let mut io = Fake::new(b"a\n", false, usize::MAX);
+        call(&mut io, |cx| session.on_readable(cx)).unwrap();
+        let (progress, close) = call(&mut io, |cx| session.on_drain(cx)).unwrap();
+        assert_eq!((progress.bytes_out, close), (11, Some(CloseReason::ServerClose)));
+        assert_eq!(io.output, b"ok\ngoing away\n");
+        assert!(!session.interest().read, "nothing more is read");
+        // The default: nothing said, the conversation goes on.
+        let mut session = Framed::new(Shout, lines, 64);
+        let mut io = Fake::new(b"", false, usize::MAX);
+        call(&mut io, |cx| session.on_writable(cx)).unwrap();
+        assert_eq!(call(&mut io, |cx| session.on_drain(cx)).unwrap(), (Progress::default(), None));
+        assert!(session.interest().read);
+    }
+
+    #[test]
+    fn it_moves_at_any_moment_while_open_and_its_buffers_fit() {
+        let mut session = Framed::new(Shout, lines, MAX_EXPORT * 2);
+        assert_eq!(session.movable(), Movable::Now, "a greeting unsent is carried along");
+        let mut io = Fake::new(&vec![b'x'; MAX_EXPORT], false, usize::MAX);
+        call(&mut io, |cx| session.on_readable(cx)).unwrap();
+        assert_eq!(session.movable(), Movable::Later, "a request too large to carry now");
+        let mut closed = Framed::new(Shout, lines, 64);
+        let mut io = Fake::new(b"QUIT\n", false, 0);
+        call(&mut io, |cx| closed.on_readable(cx)).unwrap();
+        assert_eq!(closed.movable(), Movable::Later, "closing: it finishes here");
     }
 
     #[test]
