@@ -91,6 +91,9 @@ fn the_kv_example_answers_redis_cli_from_every_worker_and_keeps_its_keys_across_
     let mut open = connect(daemon.addr());
     let mut reader = BufReader::new(open.try_clone().unwrap());
     assert_eq!(request(&mut open, &mut reader, &["SET", "across", "reload"]), "+OK\r\n");
+    // Another client is in the middle of a request: it moves with the half it sent.
+    let mut halfway = connect(daemon.addr());
+    halfway.write_all(b"*2\r\n$4\r\nECHO\r\n$12\r\nhalf").unwrap();
     let (status, _, stderr) = daemon.control("reload");
     assert_eq!(code(status), 0, "{stderr}");
     daemon.wait_generation(2);
@@ -100,6 +103,10 @@ fn the_kv_example_answers_redis_cli_from_every_worker_and_keeps_its_keys_across_
     let mut rest = String::new();
     reader.read_line(&mut rest).unwrap();
     assert_eq!(rest, "reload\r\n");
+    halfway.write_all(b" a frame\r\n").unwrap();
+    let mut answer = [0u8; 19];
+    halfway.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"$12\r\nhalf a frame\r\n", "its first half came along");
     assert_eq!(redis_cli(&daemon, &["GET", "greeting"]), "hi there");
     assert_eq!(redis_cli(&daemon, &["DBSIZE"]), "3");
 
