@@ -2,7 +2,9 @@
 # Compares examples/kv (a Redis-protocol store on the preforkd library, two workers) with a
 # real redis-server (one thread) on loopback, with redis-benchmark, the servers taking turns
 # round by round so drift hits both alike; prints a markdown table of each one's median
-# requests per second and the ratio (see BENCHMARKS.md).
+# requests per second and the ratio, and each one's CPU time per request (user + system,
+# every process of the server, from /proc: less sensitive to a busy machine than the rates)
+# (see BENCHMARKS.md).
 #
 # Usage: bench/redis.sh [ROUNDS]        (default 3)
 # Environment: REQUESTS (default 200000), CLIENTS (50), TESTS (ping,set,get), WORKERS (2),
@@ -92,15 +94,39 @@ run() {
         | tr -d '"' | awk -F, 'NR > 1 { print $1, $2 }'
 }
 
+# CPU time (user + system, clock ticks) of the processes PIDS..., threads included.
+ticks() {
+    local total=0 pid fields
+    for pid in "$@"; do
+        fields=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+        total=$((total + $(awk '{ print $12 + $13 }' <<<"$fields")))
+    done
+    echo "$total"
+}
+hz=$(getconf CLK_TCK)
+
 echo "redis-benchmark -t $tests -c $clients -n $requests, $rounds rounds;" \
     "kv: $workers workers ($backend), redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'): one thread" >&2
 for round in $(seq "$rounds"); do
     order="kv redis"
     [ $((round % 2)) = 0 ] && order="redis kv"
     for server in $order; do
-        port=$kv_port
-        [ "$server" = redis ] && port=$redis_port
-        run "$port" | sed "s/^/$server /" >>"$dir/results"
+        if [ "$server" = redis ]; then
+            port=$redis_port
+            pids=$redis_pid
+        else
+            port=$kv_port
+            pids="$kv_pid $("$kv" status --json -c "$dir/kv.toml" | jq -r '.workers[].pid' | tr '\n' ' ')"
+        fi
+        # shellcheck disable=SC2086 # one pid per word
+        before=$(ticks $pids)
+        run "$port" | sed "s/^/$server /" >"$dir/run"
+        # shellcheck disable=SC2086
+        after=$(ticks $pids)
+        cat "$dir/run" >>"$dir/results"
+        # Microseconds of CPU per request, over every test of the run.
+        awk -v s="$server" -v t=$((after - before)) -v hz="$hz" -v n="$requests" \
+            'END { printf "%s cpu %.2f\n", s, t * 1e6 / hz / (n * NR) }' "$dir/run" >>"$dir/results"
         echo "round $round: $server done" >&2
     done
 done
@@ -108,16 +134,21 @@ done
 # Median of each (server, test) over the rounds, and kv / redis.
 echo "| test | kv (req/s) | redis-server (req/s) | kv / redis |"
 echo "|---|---:|---:|---:|"
-for test in $(awk '{ print $2 }' "$dir/results" | awk '!seen[$0]++'); do
-    median() {
-        awk -v s="$1" -v t="$test" '$1 == s && $2 == t { print $3 }' "$dir/results" | sort -g \
-            | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-    }
+# The median of SERVER's figures for $test over the rounds.
+median() {
+    awk -v s="$1" -v t="$test" '$1 == s && $2 == t { print $3 }' "$dir/results" | sort -g \
+        | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+for test in $(awk '$2 != "cpu" { print $2 }' "$dir/results" | awk '!seen[$0]++'); do
     kv_rps=$(median kv)
     redis_rps=$(median redis)
     ratio=$(awk -v a="$kv_rps" -v b="$redis_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
     printf '| %s | %.0f | %.0f | %sx |\n' "$test" "$kv_rps" "$redis_rps" "$ratio"
 done
+test=cpu
+echo
+echo "CPU per request (median of the rounds, every test together): kv $(median kv) µs" \
+    "(master and $workers workers), redis-server $(median redis) µs"
 
 if [ "${SYSCALLS:-0}" = 1 ]; then
     # System calls per request: every process of each server (kv's master and workers,
