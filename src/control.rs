@@ -385,6 +385,7 @@ fn status(board: &Scoreboard) -> String {
     out.push_str(&children(board, now_unix));
     out.push_str(&refusals(board));
     out.push_str(&handshakes(board));
+    out.push_str(&backends(board));
     out.trim_end().to_owned()
 }
 
@@ -446,6 +447,47 @@ fn old_master(pid_path: &Path) -> Option<Scoreboard> {
     let old = crate::master::oldbin(pid_path);
     pidfile::running_pid(&old).ok()?;
     Scoreboard::open(&scoreboard::path_for(&old)).ok()
+}
+
+/// One line per backend address of the relay listeners: up or down and why, connections
+/// open, connects, failures, bytes, the last check.
+fn backends(board: &Scoreboard) -> String {
+    let views = board.backends().views();
+    if views.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = board.listener_totals().into_iter().map(|t| t.name).collect();
+    let mut out = String::from("backends:\n");
+    for view in views {
+        let listener = names.get(usize::from(view.listener)).map_or("?", String::as_str);
+        let state = if view.up { "up" } else { "DOWN" };
+        let address = match &view.address {
+            Some(address) if address.to_string() != view.name => format!(" ({address})"),
+            Some(_) => String::new(),
+            None => " (no address)".to_owned(),
+        };
+        let why = if view.reason.is_empty() { String::new() } else { format!(": {}", view.reason) };
+        let checked = match view.last_check_unix_ms {
+            0 => String::new(),
+            at => format!(
+                ", checked {}s ago in {:.1}ms",
+                unix_ms().saturating_sub(at) / 1000,
+                view.check_us as f64 / 1000.0
+            ),
+        };
+        out.push_str(&format!(
+            "  {listener} {}{address} {state}{why}; weight {}{}, active {}, connects {}, failures {}, bytes in {} out {}{checked}\n",
+            view.name,
+            view.weight,
+            if view.backup { " backup" } else { "" },
+            view.active,
+            view.connects,
+            view.failures,
+            view.bytes_in,
+            view.bytes_out,
+        ));
+    }
+    out
 }
 
 /// `refused: denied N, rate N, ...; full N times`: the live workers' refusal counters (those

@@ -32,11 +32,12 @@ const LAYERS: &[(&str, &[&str])] = &[
             "shared",
             "signals",
             "status_json",
+            "upstream",
         ],
     ),
     ("services", &["services", "tls"]),
     ("configuration", &["config", "import"]),
-    ("serving", &["listener", "spawner", "worker"]),
+    ("serving", &["checker", "listener", "spawner", "worker"]),
     ("supervising", &["master"]),
     ("entry points", &["cli", "control", "daemon"]),
 ];

@@ -21,10 +21,10 @@
 //!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`poller`], [`privileges`], [`proxy_protocol`], [`scoreboard`],
-//!    [`sdnotify`], [`shared`], [`signals`], [`status_json`]
+//!    [`sdnotify`], [`shared`], [`signals`], [`status_json`], [`upstream`]
 //! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
-//! 5. serving: [`listener`], [`spawner`], [`worker`]
+//! 5. serving: [`checker`], [`listener`], [`spawner`], [`worker`]
 //! 6. supervising: [`master`]
 //! 7. entry points: [`cli`], [`control`], [`daemon`]
 //!
@@ -180,6 +180,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod activation;
+pub mod checker;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -211,6 +212,7 @@ pub mod spawner;
 pub mod status_json;
 pub mod sys;
 pub mod tls;
+pub mod upstream;
 pub mod worker;
 
 #[cfg(test)]

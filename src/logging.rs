@@ -127,6 +127,11 @@ pub enum Role {
         /// Configuration generation, from 1.
         generation: u64,
     },
+    /// The health checker of a generation (backend probes and name resolution).
+    Checker {
+        /// Configuration generation, from 1.
+        generation: u64,
+    },
 }
 
 enum Sink {
@@ -285,6 +290,12 @@ pub fn set_spawner(generation: u64) {
     set_role(Role::Spawner { generation });
 }
 
+/// Marks this process as the health checker of `generation`, as [`set_worker`] does a
+/// worker.
+pub fn set_checker(generation: u64) {
+    set_role(Role::Checker { generation });
+}
+
 fn set_role(role: Role) {
     if let Some(state) = lock().as_mut() {
         state.role = role;
@@ -340,6 +351,9 @@ fn write_text(state: &mut State, record: &Record<'_>) -> bool {
         }
         Role::Spawner { generation } => {
             let _ = write!(line, "spawner gen={generation}");
+        }
+        Role::Checker { generation } => {
+            let _ = write!(line, "checker gen={generation}");
         }
     }
     let _ = write!(line, " pid={}: {}", state.pid, record.args());

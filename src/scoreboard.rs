@@ -15,6 +15,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
@@ -23,15 +24,20 @@ use thiserror::Error;
 use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
+mod backends;
 mod children;
 mod listeners;
 
+pub use backends::{
+    BACKEND_ROWS, BackendScore, BackendTable, BackendView, Health, MAX_BACKEND_NAME, RowSettings,
+};
 pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
     CLOSES, Close, DATAGRAM_OUTCOMES, Datagram, LISTENER_NAME_BYTES, LISTENER_ROWS, ListenerScore,
     ListenerTotals, kept_name,
 };
 
+/// Version 11: the backend rows of relay listeners ([`BackendTable`]), after the header.
 /// Version 10: the children retiring workers supervise (a count and a few rows per slot
 /// after the listener rows: [`Scoreboard::children`]). Version 9: TLS handshakes,
 /// resumptions and failures per listener ([`ListenerScore::tls_handshakes`],
@@ -45,7 +51,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc10");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc11");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -397,11 +403,32 @@ pub fn path_for(pid_file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A mapping of the scoreboard, unmapped when the last handle to it is dropped: the
+/// scoreboard itself, and the [`BackendTable`]s taken from it, which relay sessions keep.
+#[derive(Debug)]
+struct Mapping {
+    base: NonNull<u8>,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is only reached through atomics, which any thread may use; the pointer
+// itself is never written after creation.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created with this length and nothing refers to it any more
+        // (every handle holds this `Mapping` alive).
+        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
+    }
+}
+
 /// A mapped scoreboard.
 #[derive(Debug)]
 pub struct Scoreboard {
-    base: NonNull<u8>,
-    bytes: usize,
+    map: Arc<Mapping>,
     capacity: usize,
     /// The file's owner, for a scoreboard opened with [`Scoreboard::open`].
     owner: Option<u32>,
@@ -413,14 +440,18 @@ const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
     + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
     + std::mem::size_of::<children::ChildRows>();
 
-/// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, then
-/// every [`WorkerScore`], then every slot's listener rows, then every slot's child rows.
+/// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, the
+/// backend rows ([`BACKEND_ROWS`]), then every [`WorkerScore`], then every slot's listener
+/// rows, then every slot's child rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
     }
-    Some(std::mem::size_of::<Header>() + capacity * SLOT_BYTES)
+    Some(SLOTS_OFFSET + capacity * SLOT_BYTES)
 }
+
+/// Where the worker slots start: after the header and the backend rows (version 11).
+const SLOTS_OFFSET: usize = std::mem::size_of::<Header>() + backends::TABLE_BYTES;
 
 impl Scoreboard {
     /// Creates a scoreboard for `capacity` worker slots: at `path` (replacing any file there,
@@ -483,7 +514,8 @@ impl Scoreboard {
                 base
             }
         };
-        let board = Scoreboard { base: base.cast(), bytes, capacity, owner: None };
+        let map = Arc::new(Mapping { base: base.cast(), bytes });
+        let board = Scoreboard { map, capacity, owner: None };
         let header = board.header();
         header.capacity.store(capacity as u64, Ordering::Relaxed);
         header.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
@@ -523,8 +555,11 @@ impl Scoreboard {
         .map_err(|e| fail("could not map it")(e.into()))?;
         // From here the mapping is unmapped on every path (Drop), and `capacity` 0 exposes
         // the header only.
-        let mut board =
-            Scoreboard { base: base.cast(), bytes: size, capacity: 0, owner: Some(meta.uid()) };
+        let mut board = Scoreboard {
+            map: Arc::new(Mapping { base: base.cast(), bytes: size }),
+            capacity: 0,
+            owner: Some(meta.uid()),
+        };
         let header = board.header();
         if header.magic.load(Ordering::Acquire) != MAGIC {
             return Err(invalid("wrong magic: another program's file or another version".into()));
@@ -562,7 +597,7 @@ impl Scoreboard {
     pub fn header(&self) -> &Header {
         // SAFETY: the mapping is at least `layout(0)` bytes, page-aligned, and lives as long
         // as `self`; every field is an atomic, so shared references across processes are sound.
-        unsafe { self.base.cast::<Header>().as_ref() }
+        unsafe { self.map.base.cast::<Header>().as_ref() }
     }
 
     /// Every worker slot.
@@ -571,7 +606,7 @@ impl Scoreboard {
         // size is a multiple of its 128-byte alignment, so the slots that follow it are
         // aligned for `WorkerScore`; all fields are atomics.
         unsafe {
-            let first = self.base.as_ptr().add(std::mem::size_of::<Header>()).cast::<WorkerScore>();
+            let first = self.map.base.as_ptr().add(SLOTS_OFFSET).cast::<WorkerScore>();
             std::slice::from_raw_parts(first, self.capacity)
         }
     }
@@ -582,9 +617,8 @@ impl Scoreboard {
         // that is a multiple of 128 (header and slots are), so aligned for `ListenerScore`
         // (8); all fields are atomics.
         unsafe {
-            let offset =
-                std::mem::size_of::<Header>() + self.capacity * std::mem::size_of::<WorkerScore>();
-            let first = self.base.as_ptr().add(offset).cast::<ListenerScore>();
+            let offset = SLOTS_OFFSET + self.capacity * std::mem::size_of::<WorkerScore>();
+            let first = self.map.base.as_ptr().add(offset).cast::<ListenerScore>();
             std::slice::from_raw_parts(first, self.capacity * LISTENER_ROWS)
         }
     }
@@ -595,11 +629,11 @@ impl Scoreboard {
         // at an offset that is a multiple of 128 (header, slots and listener rows are), so
         // aligned for `ChildRows` (8); all fields are atomics.
         unsafe {
-            let offset = std::mem::size_of::<Header>()
+            let offset = SLOTS_OFFSET
                 + self.capacity
                     * (std::mem::size_of::<WorkerScore>()
                         + LISTENER_ROWS * std::mem::size_of::<ListenerScore>());
-            let first = self.base.as_ptr().add(offset).cast::<children::ChildRows>();
+            let first = self.map.base.as_ptr().add(offset).cast::<children::ChildRows>();
             std::slice::from_raw_parts(first, self.capacity)
         }
     }
@@ -650,13 +684,6 @@ impl Scoreboard {
             .take(len)
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-impl Drop for Scoreboard {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created with this length and is not used after drop.
-        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
     }
 }
 

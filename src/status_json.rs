@@ -39,10 +39,58 @@ pub struct Snapshot {
     /// Every listener the master has named since it started (the first 64), by listener
     /// id: counters over every worker, those gone included (added in schema 1).
     pub listeners: Vec<Listener>,
+    /// Every backend address of the relay listeners the serving configuration names, by row
+    /// (added in schema 1).
+    pub backends: Vec<Backend>,
     /// While a binary upgrade's old master still runs (its workers retiring, serving what
     /// they could not hand off: exec children, TFTP transfers), the same document for its
     /// scoreboard, whose `old_master` is null; null otherwise (added in schema 1).
     pub old_master: Option<Box<Snapshot>>,
+}
+
+/// One backend address of a relay listener: its health and its counters (counted over every
+/// worker and generation since the backend was first configured).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    /// Its listener's name.
+    pub listener: String,
+    /// The backend as written (`"10.0.0.11:6379"`, `"redis.internal:6379"`,
+    /// `"unix:/run/redis.sock"`).
+    pub name: String,
+    /// The address connects go to now (a host name's resolved address), `null` while a host
+    /// name has none.
+    pub address: Option<String>,
+    /// Whether new connections may go to it: it has an address and neither the active check
+    /// nor the passive health says it is down.
+    pub up: bool,
+    /// The active check's verdict: `"unchecked"` (no check), `"pending"` (no verdict yet),
+    /// `"up"` or `"down"`.
+    pub check: &'static str,
+    /// Why it is not up (`"check failed: expected \"+PONG\", got \"-ERR\""`, `"3 failed
+    /// connects in a row"`, `"resolution: no address"`, `"not checked yet"`); empty when up.
+    pub reason: String,
+    /// Its weight.
+    pub weight: u32,
+    /// A backup, used only while every other backend is down.
+    pub backup: bool,
+    /// Its `max_connections` (0: no cap).
+    pub max_connections: u32,
+    /// Connections to it open now, over every worker.
+    pub active: u64,
+    /// Connects that succeeded.
+    pub connects: u64,
+    /// Connects that failed (refused, timed out).
+    pub failures: u64,
+    /// Bytes relayed from clients to it (added up at least every MiB and at each close).
+    pub bytes_in: u64,
+    /// Bytes relayed from it to clients.
+    pub bytes_out: u64,
+    /// Active checks that failed.
+    pub checks_failed: u64,
+    /// When the last check ended, Unix milliseconds; 0: never checked.
+    pub last_check_unix_ms: u64,
+    /// How long the last check took, in microseconds.
+    pub check_duration_us: u64,
 }
 
 /// One listener of a [`Snapshot`]: its counters since the master started.
@@ -260,12 +308,43 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
                 .collect(),
         })
         .collect();
+    let names: BTreeMap<usize, String> = board
+        .listener_totals()
+        .into_iter()
+        .enumerate()
+        .map(|(id, totals)| (id, totals.name))
+        .collect();
+    let backends = board
+        .backends()
+        .views()
+        .into_iter()
+        .map(|view| Backend {
+            listener: names.get(&usize::from(view.listener)).cloned().unwrap_or_default(),
+            name: view.name,
+            address: view.address.map(|a| a.to_string()),
+            up: view.up,
+            check: view.health.name(),
+            reason: view.reason,
+            weight: view.weight,
+            backup: view.backup,
+            max_connections: view.max_connections,
+            active: view.active,
+            connects: view.connects,
+            failures: view.failures,
+            bytes_in: view.bytes_in,
+            bytes_out: view.bytes_out,
+            checks_failed: view.checks_failed,
+            last_check_unix_ms: view.last_check_unix_ms,
+            check_duration_us: view.check_us,
+        })
+        .collect();
     Snapshot {
         schema: SCHEMA,
         time_unix_ms: now_unix_ms,
         master,
         workers,
         listeners,
+        backends,
         old_master: None,
     }
 }
@@ -354,6 +433,7 @@ mod tests {
                     }
                 ],
                 "listeners": [],
+                "backends": [],
                 "old_master": null
             })
         );

@@ -109,6 +109,10 @@ fn object(record: &Record<'_>, message: &str, with_fields: bool) -> Map<String, 
             object.insert("role".into(), "spawner".into());
             object.insert("generation".into(), generation.into());
         }
+        Role::Checker { generation } => {
+            object.insert("role".into(), "checker".into());
+            object.insert("generation".into(), generation.into());
+        }
     }
     object.insert("message".into(), message.into());
     if record.target == super::ACCESS_TARGET

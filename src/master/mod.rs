@@ -29,6 +29,7 @@
 //! decided by two pure state machines, `supervisor.rs` (the master's lifecycle) and `pool.rs`
 //! (the worker table); this file carries out their actions with the system calls.
 
+mod checkers;
 mod handoff;
 mod inherit;
 mod orphans;
@@ -143,6 +144,8 @@ pub struct Master {
     dropped_report: logging::DropReport,
     /// The exec spawners and the workers' links to them.
     spawners: spawners::Spawners,
+    /// The health checkers (one, but for the moments of a reload).
+    checkers: checkers::Checkers,
 }
 
 /// Binds, forks the workers and supervises them until stopped; returns the exit status.
@@ -283,6 +286,7 @@ impl Master {
                 }
                 self.listeners.clear();
                 self.previous = None;
+                self.retire_checkers(None);
                 self.signal_workers(signal);
             }
             Action::KillWorkers => {
@@ -366,6 +370,7 @@ impl Master {
         deadlines.extend(self.probe_other_at);
         deadlines.extend(self.tickets.deadline());
         deadlines.extend(self.spawners.deadline());
+        deadlines.extend(self.checkers.deadline());
         let lifecycle = self.supervisor.lifecycle();
         deadlines.extend(self.pool.deadline(now, lifecycle));
         if !lifecycle.is_stopping() && self.supervisor.speaks_to_systemd() {
@@ -412,7 +417,7 @@ impl Master {
                 }
             };
             let Some((pid, exit)) = classify(status) else { return };
-            if self.spawner_exited(pid, exit) {
+            if self.spawner_exited(pid, exit) || self.checker_exited(pid, exit) {
                 continue;
             }
             match self.supervisor.successor_exited(pid, Instant::now(), self.grace()) {
@@ -443,6 +448,7 @@ impl Master {
             .pids()
             .chain(self.supervisor.successor())
             .chain(self.spawners.pids())
+            .chain(self.checkers.pids())
             .collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {
@@ -646,6 +652,7 @@ impl Master {
             log::error!("could not replace a TLS session-ticket key: {error}");
         }
         self.tick_spawners(now);
+        self.tick_checkers(now);
         let pool_ready = !self.supervisor.is_stopping() && self.pool.ready();
         let actions = self.supervisor.on_tick(now, pool_ready);
         self.perform(actions);

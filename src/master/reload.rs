@@ -120,6 +120,9 @@ impl Master {
                 Err(error) => return self.reload_failed(&error.to_string()),
             }
         }
+        if let Err(error) = super::checkers::place(&self.scoreboard, &new, &self.listener_ids) {
+            return self.reload_failed(&error.to_string());
+        }
         if new.log != self.config.log
             && let Err(error) = logging::apply(&new.log)
         {
@@ -141,6 +144,7 @@ impl Master {
         self.supervisor.reload_started(generation, now + START_TIMEOUT);
         log::info!("generation {generation} starting: {wanted} workers");
         self.start_spawner(now);
+        self.start_checker(now);
         for slot in slots {
             if let Err(error) = self.spawn(slot, now) {
                 return self.rollback(&format!("could not fork a worker: {error}"));
@@ -162,6 +166,8 @@ impl Master {
             }
         }
         drop(previous);
+        self.retire_checkers(Some(self.pool.generation()));
+        self.retire_rows();
         let header = self.scoreboard.header();
         header.generation.store(self.pool.generation(), Ordering::Relaxed);
         header.target_workers.store(self.serving_count() as u64, Ordering::Relaxed);
@@ -189,6 +195,7 @@ impl Master {
         self.perform_pool(actions);
         self.config = previous.config;
         self.listeners = previous.listeners;
+        self.retire_checkers(Some(self.pool.generation()));
         if let Err(error) = logging::apply(&self.config.log) {
             log::error!("could not restore the log target: {error}");
         }

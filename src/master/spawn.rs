@@ -57,6 +57,7 @@ impl Master {
                 // The master's copies of the spawners' links: another worker's link would let
                 // this one read that worker's requests.
                 self.spawners.forget();
+                self.checkers.forget();
                 if let Some(link) = link {
                     crate::services::set_spawner_link(link);
                 }

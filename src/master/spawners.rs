@@ -135,6 +135,7 @@ impl Master {
                     })
                     .collect();
                 self.spawners.forget();
+                self.checkers.forget();
                 self.signals.uninstall();
                 let context = SpawnerContext {
                     generation,
@@ -239,6 +240,7 @@ impl Master {
             .pids()
             .chain(self.supervisor.successor())
             .chain(self.spawners.pids())
+            .chain(self.checkers.pids())
             .collect();
         let ended = orphans::kill_orphans(&keep);
         if ended > 0 {

@@ -64,6 +64,9 @@ pub enum StartError {
         "the master runs as root and workers would too: set daemon.user (e.g. \"preforkd\"), or allow_root_workers = true"
     )]
     RootWorkers,
+    /// The backends of the relay listeners need more rows than the backend table has.
+    #[error(transparent)]
+    Upstreams(#[from] crate::upstream::NoRoom),
     /// A socket passed by systemd matches no listener, or the variables are malformed.
     #[error("socket activation: {0}")]
     Activation(String),
@@ -91,6 +94,7 @@ impl StartError {
             StartError::Privileges(PrivilegeError::Unknown { .. })
             | StartError::ExecUser(_)
             | StartError::RootWorkers
+            | StartError::Upstreams(_)
             | StartError::Activation(_) => ExitStatus::Config,
             _ => ExitStatus::OsErr,
         }
@@ -279,10 +283,17 @@ impl Master {
             ready_pipe: ready_pipe.take(),
             dropped_report: logging::DropReport::new(DROPPED_LINES_REPORT_INTERVAL),
             spawners: Default::default(),
+            checkers: Default::default(),
         };
         master.routing.predecessor = predecessor;
         let now = Instant::now();
+        if let Err(error) =
+            super::checkers::place(&master.scoreboard, &master.config, &master.listener_ids)
+        {
+            return Err(StartError::Upstreams(error));
+        }
         master.start_spawner(now);
+        master.start_checker(now);
         for slot in 0..workers {
             if let Err(source) = master.spawn(slot, now) {
                 master.handle_stop_fast("startup failed");

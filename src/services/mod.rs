@@ -377,6 +377,14 @@ pub trait Service {
         None
     }
 
+    /// The backends this service connects to, if any (relay's): the master places their
+    /// rows in the scoreboard's backend table before it forks the workers, the health
+    /// checker probes them and resolves their host names, and `status` and the metrics show
+    /// them. Default: none.
+    fn upstreams(&self) -> Option<&crate::upstream::Upstreams> {
+        None
+    }
+
     /// Rebuilds a session handed off by a worker of an older generation (or of the old
     /// master of a binary upgrade) from what its [`Session::export`] returned. `None`
     /// refuses it, and the old worker keeps serving the connection until it ends: do so for

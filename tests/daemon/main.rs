@@ -37,3 +37,4 @@ mod tls;
 mod udp;
 mod unix;
 mod upgrade;
+mod upstreams;

@@ -175,6 +175,55 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         }
     }
 
+    // Each backend address of the relay listeners, named as HAProxy's exporter names its
+    // servers (haproxy_server_*).
+    let names: Vec<String> = board.listener_totals().into_iter().map(|t| t.name).collect();
+    let status = gauges(r, "backend_status", "Backend state: 1 for the current state (UP: new connections may go to it; DOWN), 0 for the other");
+    let current = gauges(r, "backend_current_sessions", "Connections to the backend open now, over every worker");
+    let limit = gauges(r, "backend_limit_sessions", "The backend's max_connections; 0 for no cap");
+    let weight = gauges(r, "backend_weight", "The backend's weight");
+    let sessions = counters(r, "backend_sessions", "Connects to the backend that succeeded", None);
+    let errors = counters(r, "backend_connection_errors", "Connects to the backend that failed (refused, timed out)", None);
+    let bytes_in = counters(r, "backend_bytes_in", "Bytes relayed from clients to the backend", None);
+    let bytes_out = counters(r, "backend_bytes_out", "Bytes relayed from the backend to clients", None);
+    let check_failures = counters(r, "backend_check_failures", "Active health checks of the backend that failed", None);
+    let check_duration = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    r.register_with_unit(
+        "backend_check_duration",
+        "How long the backend's last health check took",
+        Unit::Seconds,
+        check_duration.clone(),
+    );
+    let last_check = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    r.register_with_unit(
+        "backend_last_check_time",
+        "When the backend's last health check ended, Unix time; 0 if never",
+        Unit::Seconds,
+        last_check.clone(),
+    );
+    for view in board.backends().views() {
+        let listener = names.get(usize::from(view.listener)).cloned().unwrap_or_default();
+        let address = view.address.as_ref().map(ToString::to_string).unwrap_or_default();
+        let labels = || {
+            vec![("listener", listener.clone()), ("backend", view.name.clone()), ("address", address.clone())]
+        };
+        for (state, on) in [("UP", view.up), ("DOWN", !view.up)] {
+            let mut with_state = labels();
+            with_state.push(("state", state.to_owned()));
+            status.get_or_create(&with_state).set(i64::from(on));
+        }
+        current.get_or_create(&labels()).set(saturating(view.active));
+        limit.get_or_create(&labels()).set(i64::from(view.max_connections));
+        weight.get_or_create(&labels()).set(i64::from(view.weight));
+        sessions.get_or_create(&labels()).inc_by(view.connects);
+        errors.get_or_create(&labels()).inc_by(view.failures);
+        bytes_in.get_or_create(&labels()).inc_by(view.bytes_in);
+        bytes_out.get_or_create(&labels()).inc_by(view.bytes_out);
+        check_failures.get_or_create(&labels()).inc_by(view.checks_failed);
+        check_duration.get_or_create(&labels()).set(view.check_us as f64 / 1e6);
+        last_check.get_or_create(&labels()).set(view.last_check_unix_ms as f64 / 1000.0);
+    }
+
     // Each live worker, by slot.
     let age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     r.register_with_unit(

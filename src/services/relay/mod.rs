@@ -3,15 +3,20 @@
 //! front of it.
 //!
 //! Built in the master from `[listener.options]` (see preforkd.toml(5)); runs in workers. Each
-//! accepted client gets a [`session::RelaySession`]: it picks a backend by the `balance` mode,
-//! connects without blocking (a timer for `connect_timeout`), fails over to the next backend
-//! on refusal or timeout at most `retries` times, then relays bytes both ways, each direction
-//! through one bounded carrier ([`pump`]): a 16 KiB buffer moved with read(2) and write(2)
-//! (the default) or, with `splice = true`, a pipe moved with splice(2) ([`splice`]). Backend
-//! health (failed connects in a row, `down_time`) and the connection counts
-//! `least-connections` needs live in a small shared table ([`shared::Table`]) that every
-//! worker of the generation sees. The first bytes to the backend may be a PROXY protocol
-//! header ([`proxy`], HAProxy's specification).
+//! accepted client gets a [`session::RelaySession`]: it picks a backend address by the
+//! `balance` mode and the weights ([`Plan`]: backups only while every other backend is down,
+//! a backend at its `max_connections` skipped), connects without blocking (a timer for
+//! `connect_timeout`), fails over to the next backend on refusal or timeout at most `retries`
+//! times, then relays bytes both ways, each direction through one bounded carrier
+//! ([`pump`]): a 16 KiB buffer moved with read(2) and write(2) (the default) or, with
+//! `splice = true`, a pipe moved with splice(2) ([`splice`]).
+//!
+//! What is known of each backend address lives in its row of the scoreboard's backend table
+//! (see [`crate::scoreboard::BackendTable`] and [`crate::upstream`]): the active check's
+//! verdict and a host name's addresses (written by the health checker process), the
+//! passive health (failed connects in a row, `down_time`) and the connection counts
+//! (written by the workers). A backend is used while both healths say up. The first bytes
+//! to the backend may be a PROXY protocol header ([`proxy`], HAProxy's specification).
 
 mod proxy;
 mod pump;
@@ -19,16 +24,19 @@ mod session;
 mod shared;
 mod splice;
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{ConnInfo, Invalid, Options, Service, Session};
-use crate::net::{Address, Peer};
+use crate::net::Peer;
+use crate::scoreboard::BackendTable;
+use crate::upstream::{self, Backend, Expect, HealthCheck, MAX_WEIGHT, Upstreams};
 pub use proxy::Version as ProxyVersion;
-use shared::Table;
+use shared::Turn;
 
 /// The name in `service = "..."`.
 pub(super) const NAME: &str = "relay";
@@ -44,32 +52,78 @@ pub const DEFAULT_DOWN_TIME: Duration = Duration::from_secs(10);
 /// Default `splice`: off, as read/write measured faster than splice(2) in every relay
 /// scenario on loopback (BENCHMARKS.md, relay).
 pub const DEFAULT_SPLICE: bool = false;
-/// Most backends one relay listener takes (a session marks those it tried in a 64-bit mask).
+/// Default `health_check.interval`: HAProxy's `inter 2s`.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Default `health_check.rise`: HAProxy's `rise 2`.
+pub const DEFAULT_RISE: u32 = 2;
+/// Default `health_check.fall`: HAProxy's `fall 3`.
+pub const DEFAULT_FALL: u32 = 3;
+/// Default `health_check.timeout`.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default `resolve_interval`.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Most backend addresses one relay listener takes (a session marks those it tried in a
+/// 64-bit mask); a host name counts for [`upstream::MAX_ADDRESSES_PER_NAME`].
 pub const MAX_BACKENDS: usize = 64;
 /// Longest `connect_timeout` and `down_time`.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `send` and `expect` of a health check, in bytes.
+pub const MAX_PROBE_BYTES: usize = 1024;
 
 /// How a relay picks a backend for a new client (`balance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balance {
-    /// Each new connection goes to the next backend, in turn over all workers.
+    /// Each new connection goes to the next backend by smooth weighted round-robin (nginx's
+    /// algorithm), in turn over all workers.
     #[default]
     RoundRobin,
     /// The first available backend in the order written: failover, not balance.
     First,
-    /// A hash of the client's IP address picks the backend, so a client sticks to one
-    /// while the set of available backends does not change.
+    /// A hash of the client's IP address (a Unix client's user id) picks the backend,
+    /// weighted, so a client sticks to one while the set of available backends does not
+    /// change.
     SourceHash,
-    /// The backend with the fewest connections open over all workers (ties in turn).
+    /// The backend with the fewest connections open over all workers for its weight (ties
+    /// in turn).
     LeastConnections,
+}
+
+/// A backend as written: `"10.0.0.11:6379"`, or a table with the address and its settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BackendOptions {
+    Written(String),
+    Table(BackendTableOptions),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTableOptions {
+    address: String,
+    weight: Option<u32>,
+    backup: Option<bool>,
+    max_connections: Option<u32>,
+}
+
+/// `health_check = { ... }` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckOptions {
+    interval: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    timeout: Option<String>,
+    send: Option<String>,
+    expect: Option<String>,
+    expect_regex: Option<String>,
 }
 
 /// `[listener.options]` of a relay listener, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RelayOptions {
-    backends: Vec<String>,
+    backends: Vec<BackendOptions>,
     #[serde(default)]
     balance: Balance,
     connect_timeout: Option<String>,
@@ -78,14 +132,16 @@ struct RelayOptions {
     down_time: Option<String>,
     send_proxy_protocol: Option<proxy::Version>,
     splice: Option<bool>,
+    health_check: Option<CheckOptions>,
+    resolve_interval: Option<String>,
+    source: Option<String>,
 }
 
 /// A relay's configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// The backends, in the order written (host names resolved when the configuration is
-    /// loaded or reloaded): IP addresses or Unix sockets.
-    pub backends: Vec<Address>,
+    /// The backends (in the order written), their health check and their rows.
+    pub upstreams: Arc<Upstreams>,
     /// How a backend is picked.
     pub balance: Balance,
     /// How long one connect may take before the next backend is tried.
@@ -101,9 +157,12 @@ pub struct RelayConfig {
     /// Relay through a pipe per direction with splice(2) (`true`) or through a 16 KiB buffer
     /// per direction with read(2) and write(2) (`false`). Default: `false`.
     pub splice: bool,
+    /// The local address backend connects are made from (bound before connect); `None`: the
+    /// kernel's choice.
+    pub source: Option<IpAddr>,
 }
 
-/// The relay service: its configuration and the shared table of its backends.
+/// The relay service: its configuration and what its workers share.
 pub struct Relay {
     shared: Arc<Shared>,
 }
@@ -111,7 +170,22 @@ pub struct Relay {
 /// What every session of a relay reads.
 struct Shared {
     config: RelayConfig,
-    table: Arc<Table>,
+    turn: Turn,
+    /// The last smooth weighted round-robin schedule this worker computed, by the pool it
+    /// was computed for (per worker: each has its copy after fork).
+    schedule: Mutex<Schedule>,
+    /// Every backend address, by row, once the rows are placed.
+    candidates: OnceLock<Vec<Candidate>>,
+}
+
+impl Shared {
+    /// Every backend address of the relay (none before the rows are placed).
+    fn candidates(&self) -> &[Candidate] {
+        if self.config.upstreams.placed().is_none() {
+            return &[];
+        }
+        self.candidates.get_or_init(|| candidates(&self.config.upstreams))
+    }
 }
 
 /// Builds the service from `[listener.options]`.
@@ -121,24 +195,72 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         return Err(Invalid);
     }
     let parsed: RelayOptions = options.parse()?;
+    let written_count = parsed.backends.len();
     let mut backends = Vec::new();
-    for written in &parsed.backends {
-        match resolve(written) {
-            Ok(address) => backends.push(address),
+    let mut addresses = 0;
+    for written in parsed.backends {
+        let (address, weight, backup, max_connections) = match written {
+            BackendOptions::Written(address) => (address, None, None, None),
+            BackendOptions::Table(t) => (t.address, t.weight, t.backup, t.max_connections),
+        };
+        let weight = weight.unwrap_or(1);
+        if weight == 0 || weight > MAX_WEIGHT {
+            options.report("backends", format!("{address:?}: weight {weight}: expected 1 to {MAX_WEIGHT}"));
+        }
+        if max_connections == Some(0) {
+            options.report("backends", format!("{address:?}: max_connections 0: leave it out for no cap"));
+        }
+        match upstream::parse_target(&address) {
+            Ok(target) => {
+                let backend = Backend {
+                    written: address,
+                    target,
+                    weight: weight.clamp(1, MAX_WEIGHT),
+                    backup: backup.unwrap_or(false),
+                    max_connections: max_connections.and_then(NonZeroU32::new),
+                };
+                addresses += backend.slots();
+                backends.push(backend);
+            }
             Err(message) => options.report("backends", message),
         }
     }
-    if parsed.backends.is_empty() {
+    if written_count == 0 {
         options.report("backends", "needs at least one backend, such as \"127.0.0.1:6379\"");
-    } else if parsed.backends.len() > MAX_BACKENDS {
-        options.report("backends", format!("at most {MAX_BACKENDS} backends"));
+    } else if addresses > MAX_BACKENDS {
+        options.report(
+            "backends",
+            format!(
+                "{addresses} backend addresses, at most {MAX_BACKENDS} (a host name counts for {})",
+                upstream::MAX_ADDRESSES_PER_NAME
+            ),
+        );
+    } else if !backends.is_empty() && backends.iter().all(|b| b.backup) {
+        options.report("backends", "every backend is a backup: at least one must not be");
     }
     let connect_timeout = duration(options, "connect_timeout", parsed.connect_timeout.as_deref())
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let down_time =
         duration(options, "down_time", parsed.down_time.as_deref()).unwrap_or(DEFAULT_DOWN_TIME);
+    let resolve_interval =
+        duration(options, "resolve_interval", parsed.resolve_interval.as_deref())
+            .unwrap_or(DEFAULT_RESOLVE_INTERVAL);
+    let check = parsed
+        .health_check
+        .map(|check| health_check(options, check, parsed.send_proxy_protocol));
+    let source = parsed.source.as_deref().and_then(|text| match text.parse::<IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => Some(ip),
+        _ => {
+            options.report("source", format!("{text:?} is not an IP address of this host"));
+            None
+        }
+    });
+    if parsed.retries.is_some_and(|r| r > 1000) {
+        options.report("retries", "at most 1000");
+    }
+    let upstreams = Upstreams::new(backends, check.flatten(), resolve_interval);
     let config = RelayConfig {
-        backends,
+        upstreams: Arc::new(upstreams),
         balance: parsed.balance,
         connect_timeout,
         retries: parsed.retries.unwrap_or(DEFAULT_RETRIES).min(1000),
@@ -146,53 +268,78 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         down_time,
         send_proxy_protocol: parsed.send_proxy_protocol,
         splice: parsed.splice.unwrap_or(DEFAULT_SPLICE),
+        source,
     };
-    if parsed.retries.is_some_and(|r| r > 1000) {
-        options.report("retries", "at most 1000");
-    }
     options.finish(())?;
     match Relay::new(config) {
         Ok(relay) => Ok(Arc::new(relay)),
         Err(error) => {
-            options.report("", format!("could not map the relay's shared table: {error}"));
+            options.report("", format!("could not map the relay's shared turn: {error}"));
             Err(Invalid)
         }
     }
 }
 
-/// `IP:PORT`, `[IPv6]:PORT`, `unix:/path`, `unix:@name` or `HOST:PORT` (resolved now; the
-/// first address is used).
-fn resolve(written: &str) -> Result<Address, String> {
-    match written.parse::<Address>() {
-        Ok(Address::Ip(address)) => return check_backend(written, address),
-        Ok(unix) => return Ok(unix),
-        Err(error) if written.starts_with("unix:") => return Err(error.to_string()),
-        Err(_) => {}
-    }
-    let Some((host, port)) = written.rsplit_once(':') else {
-        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT, HOST:PORT or unix:/path"));
+/// `health_check = { ... }`, validated; `None` (reported) when invalid. A relay that sends
+/// the PROXY protocol sends its checks a `LOCAL` header first, as HAProxy's
+/// `check-send-proxy` does, so a backend that requires the header accepts the probe.
+fn health_check(
+    options: &mut Options<'_>,
+    written: CheckOptions,
+    proxy: Option<ProxyVersion>,
+) -> Option<HealthCheck> {
+    let interval = duration(options, "health_check.interval", written.interval.as_deref())
+        .unwrap_or(DEFAULT_CHECK_INTERVAL);
+    let timeout = duration(options, "health_check.timeout", written.timeout.as_deref())
+        .unwrap_or(DEFAULT_CHECK_TIMEOUT.min(interval));
+    let mut valid = true;
+    let mut count = |options: &mut Options<'_>, key: &str, value: Option<u32>, default: u32| {
+        let value = value.unwrap_or(default);
+        if !(1..=1000).contains(&value) {
+            options.report(key, format!("{value}: expected 1 to 1000"));
+            valid = false;
+        }
+        value
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!("{written:?} is not IP:PORT, [IPv6]:PORT, HOST:PORT or unix:/path"));
-    }
-    match (host, port.parse::<u16>().unwrap_or(0)).to_socket_addrs() {
-        Ok(mut addresses) => match addresses.next() {
-            Some(address) => check_backend(written, address),
-            None => Err(format!("host name {host:?} has no address")),
+    let rise = count(options, "health_check.rise", written.rise, DEFAULT_RISE);
+    let fall = count(options, "health_check.fall", written.fall, DEFAULT_FALL);
+    let mut send = proxy.map(proxy::local).unwrap_or_default();
+    send.extend(written.send.unwrap_or_default().into_bytes());
+    let expect = match (written.expect, written.expect_regex) {
+        (Some(_), Some(_)) => {
+            options.report("health_check.expect_regex", "expect or expect_regex, not both");
+            valid = false;
+            Expect::Nothing
+        }
+        (Some(prefix), None) if prefix.is_empty() => {
+            options.report("health_check.expect", "must not be empty (leave it out to expect nothing)");
+            valid = false;
+            Expect::Nothing
+        }
+        (Some(prefix), None) => Expect::Prefix(prefix.into_bytes()),
+        (None, Some(pattern)) => match regex::bytes::RegexBuilder::new(&pattern).size_limit(1 << 20).build() {
+            Ok(regex) => Expect::Pattern(regex),
+            Err(error) => {
+                options.report("health_check.expect_regex", format!("{pattern:?}: {error}"));
+                valid = false;
+                Expect::Nothing
+            }
         },
-        Err(error) => Err(format!("could not resolve {host:?}: {error}")),
+        (None, None) => Expect::Nothing,
+    };
+    let expect_len = match &expect {
+        Expect::Prefix(prefix) => prefix.len(),
+        _ => 0,
+    };
+    if send.len() > MAX_PROBE_BYTES || expect_len > MAX_PROBE_BYTES {
+        options.report("health_check", format!("send and expect: at most {MAX_PROBE_BYTES} bytes"));
+        valid = false;
     }
-}
-
-fn check_backend(written: &str, address: SocketAddr) -> Result<Address, String> {
-    if address.port() == 0 {
-        return Err(format!("{written:?}: the port must not be 0"));
+    if timeout > interval {
+        options.report("health_check.timeout", "must not be longer than interval");
+        valid = false;
     }
-    if address.ip().is_unspecified() || matches!(address.ip(), IpAddr::V4(v4) if v4.is_broadcast())
-    {
-        return Err(format!("{written:?} is not a host address"));
-    }
-    Ok(Address::Ip(address))
+    valid.then_some(HealthCheck { interval, rise, fall, timeout, send, expect })
 }
 
 /// A humane duration option, more than 0 and at most a day; `None` (and a report) when
@@ -214,14 +361,15 @@ fn duration(options: &mut Options<'_>, key: &str, written: Option<&str>) -> Opti
 }
 
 impl Relay {
-    /// A relay over `config` and a new shared table for its backends (mapped now: build the
-    /// service before forking the workers that are to share it).
+    /// A relay over `config` and a new shared turn (mapped now: build the service before
+    /// forking the workers that are to share it).
     ///
     /// # Errors
     /// mmap(2) failed.
     pub fn new(config: RelayConfig) -> std::io::Result<Relay> {
-        let table = Arc::new(Table::new(config.backends.len())?);
-        Ok(Relay { shared: Arc::new(Shared { config, table }) })
+        let turn = Turn::new()?;
+        let candidates = OnceLock::new();
+        Ok(Relay { shared: Arc::new(Shared { config, turn, schedule: Mutex::default(), candidates }) })
     }
 
     /// The validated configuration.
@@ -239,6 +387,10 @@ impl Service for Relay {
         Box::new(session::RelaySession::new(Arc::clone(&self.shared), conn.peer, header))
     }
 
+    fn upstreams(&self) -> Option<&Upstreams> {
+        Some(&self.shared.config.upstreams)
+    }
+
     /// A relayed connection handed over by a retiring worker, at any point of its life but
     /// a connect (see `session.rs`): its descriptors follow with [`Session::resume`].
     fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
@@ -247,46 +399,188 @@ impl Service for Relay {
     }
 }
 
-/// The order in which one session tries backends: where it starts, which it tried.
+/// A backend address a session may pick: its row, and where it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidate {
+    row: usize,
+    /// The backend's index in the order written.
+    entry: usize,
+    weight: u32,
+    backup: bool,
+}
+
+/// The smooth weighted round-robin order of one pool of candidates (by row): one cycle of
+/// nginx's algorithm (each turn, every peer's current weight grows by its weight, the
+/// largest is picked and loses the total), which spreads each backend's turns evenly over
+/// the cycle. The cycle is as long as the weights' sum, and the shared turn indexes it, so
+/// the split is exact over all workers together, not only within each.
+#[derive(Debug, Default)]
+struct Schedule {
+    pool: Vec<(usize, u32)>,
+    order: Vec<usize>,
+}
+
+impl Schedule {
+    /// The schedule of `pool` (row, weight), computed again only when the pool changed.
+    fn of(&mut self, pool: &[(usize, u32)]) -> &[usize] {
+        if self.pool != pool {
+            self.pool = pool.to_vec();
+            self.order = smooth_order(pool);
+        }
+        &self.order
+    }
+}
+
+/// One cycle of smooth weighted round-robin over `pool` (row, weight): rows, each as often
+/// as its weight.
+fn smooth_order(pool: &[(usize, u32)]) -> Vec<usize> {
+    let total: i64 = pool.iter().map(|&(_, w)| i64::from(w)).sum();
+    let mut current = vec![0i64; pool.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &(_, weight)) in pool.iter().enumerate() {
+            current[i] += i64::from(weight);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        order.push(pool[best].0);
+    }
+    order
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoBackend {
+    /// Every backend is down (or has no address).
+    Unavailable,
+    /// Backends are up but every one is at its `max_connections`.
+    Full,
+}
+
+impl NoBackend {
+    /// The access log's reason.
+    fn reason(self) -> &'static str {
+        match self {
+            NoBackend::Unavailable => "backend-unavailable",
+            NoBackend::Full => "backend-full",
+        }
+    }
+}
+
+/// The order in which one session tries backends.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
-    /// The backend tried first, unless unavailable (for `least-connections`, the tie-breaker).
-    start: usize,
-    /// Backends this session tried, as bits; cleared once every available one was tried.
+    /// The shared turn taken for this session (round-robin, least-connections ties), or the
+    /// client's hash (source-hash).
+    turn: u64,
+    /// Picks made so far.
+    picks: u64,
+    /// Candidates this session tried, as bits by candidate index; cleared once every
+    /// available one was tried.
     tried: u64,
 }
 
 impl Plan {
     fn new(shared: &Shared, peer: Peer) -> Plan {
-        let n = shared.config.backends.len();
-        let start = match shared.config.balance {
+        let turn = match shared.config.balance {
             Balance::First => 0,
-            Balance::RoundRobin | Balance::LeastConnections => shared.table.next_turn() % n,
-            Balance::SourceHash => (source_hash(&peer) % n as u64) as usize,
+            Balance::RoundRobin | Balance::LeastConnections => shared.turn.next(),
+            Balance::SourceHash => source_hash(&peer),
         };
-        Plan { start, tried: 0 }
+        Plan { turn, picks: 0, tried: 0 }
     }
 
-    /// The next backend to try at `now_ms`, or `None` when every backend is down. Prefers
-    /// one not tried yet by this session; then by the fewest connections
-    /// (`least-connections` only); then in order from `start`.
-    fn next(&mut self, shared: &Shared, now_ms: u64) -> Option<usize> {
-        let n = shared.config.backends.len();
-        let least = shared.config.balance == Balance::LeastConnections;
-        let pick = (0..n)
-            .filter(|&i| shared.table.backend(i).is_available(now_ms))
-            .min_by_key(|&i| {
-                let tried = self.tried & (1 << i) != 0;
-                let load = if least { shared.table.backend(i).active() } else { 0 };
-                (tried, load, (i + n - self.start) % n)
-            })?;
-        if self.tried & (1 << pick) != 0 {
-            // Every available backend was tried: a new round.
-            self.tried = 0;
+    /// The next backend to connect to at `now_ms`, with its place taken: the row and its
+    /// lease. Backups only while no other backend is usable; a backend at its
+    /// `max_connections` is skipped.
+    ///
+    /// # Errors
+    /// [`NoBackend`] when none is left.
+    fn next(
+        &mut self,
+        shared: &Shared,
+        table: &BackendTable,
+        candidates: &[Candidate],
+        now_ms: u64,
+    ) -> Result<shared::Lease, NoBackend> {
+        let usable: Vec<bool> = candidates.iter().map(|c| table.row(c.row).usable(now_ms)).collect();
+        let primaries = candidates.iter().zip(&usable).any(|(c, &u)| u && !c.backup);
+        let mut full = false;
+        loop {
+            let open = |i: usize, tried: u64| {
+                usable[i] && candidates[i].backup != primaries && tried & (1 << i) == 0
+            };
+            if !(0..candidates.len()).any(|i| open(i, self.tried)) {
+                // Every usable backend was tried by earlier connects of this session: a new
+                // round (unless this call found them all full).
+                if full || self.tried == 0 || !(0..candidates.len()).any(|i| open(i, 0)) {
+                    return Err(if full { NoBackend::Full } else { NoBackend::Unavailable });
+                }
+                self.tried = 0;
+            }
+            let tried = self.tried;
+            let pool: Vec<usize> = (0..candidates.len()).filter(|&i| open(i, tried)).collect();
+            let pick = self.choose(shared, table, candidates, &pool);
+            self.tried |= 1 << pick;
+            self.picks += 1;
+            match shared::Lease::take(table, candidates[pick].row) {
+                Some(lease) => return Ok(lease),
+                None => full = true,
+            }
         }
-        self.tried |= 1 << pick;
-        Some(pick)
     }
+
+    /// The candidate of `pool` (indices into `candidates`, not empty) the balance picks.
+    fn choose(&self, shared: &Shared, table: &BackendTable, candidates: &[Candidate], pool: &[usize]) -> usize {
+        let weighted: Vec<(usize, u32)> =
+            pool.iter().map(|&i| (candidates[i].row, candidates[i].weight)).collect();
+        let by_row = |row: usize| pool.iter().copied().find(|&i| candidates[i].row == row);
+        match shared.config.balance {
+            Balance::First => pool[0],
+            Balance::RoundRobin | Balance::SourceHash => {
+                let mut schedule = shared.schedule.lock().unwrap_or_else(|e| e.into_inner());
+                let order = schedule.of(&weighted);
+                let at = (self.turn.wrapping_add(self.picks) % order.len() as u64) as usize;
+                by_row(order[at]).unwrap_or(pool[0])
+            }
+            Balance::LeastConnections => {
+                let mut schedule = shared.schedule.lock().unwrap_or_else(|e| e.into_inner());
+                let order = schedule.of(&weighted);
+                let len = order.len() as u64;
+                let place = |row: usize| {
+                    let first = order.iter().position(|&r| r == row).unwrap_or(0) as u64;
+                    (first + len - self.turn % len) % len
+                };
+                // Fewest connections for the weight: active / weight, compared crosswise.
+                *pool
+                    .iter()
+                    .min_by(|&&a, &&b| {
+                        let (ca, cb) = (&candidates[a], &candidates[b]);
+                        let load_a = u128::from(table.row(ca.row).active()) * u128::from(cb.weight);
+                        let load_b = u128::from(table.row(cb.row).active()) * u128::from(ca.weight);
+                        load_a.cmp(&load_b).then(place(ca.row).cmp(&place(cb.row)))
+                    })
+                    .expect("the pool is not empty")
+            }
+        }
+    }
+}
+
+/// Every backend address of the relay, by row (empty until the master placed them: outside
+/// the daemon).
+fn candidates(upstreams: &Upstreams) -> Vec<Candidate> {
+    let Some(placed) = upstreams.placed() else { return Vec::new() };
+    let mut all = Vec::new();
+    for (entry, (backend, rows)) in upstreams.backends.iter().zip(&placed.rows).enumerate() {
+        for &row in rows {
+            all.push(Candidate { row, entry, weight: backend.weight, backup: backend.backup });
+        }
+    }
+    all.truncate(MAX_BACKENDS);
+    all
 }
 
 /// FNV-1a over the client's address bytes (a Unix client's user id): stable across runs and
@@ -310,12 +604,29 @@ fn source_hash(peer: &Peer) -> u64 {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::*;
+    use std::net::SocketAddr;
 
-    /// A relay's shared state over `backends` backends at 127.0.0.1:1000 and up.
-    pub(in crate::services::relay) fn relay(backends: usize, balance: Balance) -> Shared {
+    use super::*;
+    use crate::scoreboard::Scoreboard;
+
+    /// A relay over `backends` (address, weight, backup, max_connections), placed in
+    /// `board`'s backend table.
+    pub(in crate::services::relay) fn relay(
+        board: &Scoreboard, backends: &[(&str, u32, bool, u32)], balance: Balance) -> Shared {
+        let backends = backends
+            .iter()
+            .map(|&(address, weight, backup, max)| Backend {
+                written: address.into(),
+                target: upstream::parse_target(address).unwrap(),
+                weight,
+                backup,
+                max_connections: NonZeroU32::new(max),
+            })
+            .collect();
+        let upstreams = Upstreams::new(backends, None, DEFAULT_RESOLVE_INTERVAL);
+        upstreams.place(&board.backends(), 0, "relay").unwrap();
         let config = RelayConfig {
-            backends: (0..backends).map(|i| Address::Ip(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)))).collect(),
+            upstreams: Arc::new(upstreams),
             balance,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retries: DEFAULT_RETRIES,
@@ -323,75 +634,135 @@ pub(super) mod tests {
             down_time: Duration::from_secs(1),
             send_proxy_protocol: None,
             splice: DEFAULT_SPLICE,
+            source: None,
         };
-        let table = Arc::new(Table::new(backends).unwrap());
-        Shared { config, table }
+        Shared { config, turn: Turn::new().unwrap(), schedule: Mutex::default(), candidates: OnceLock::new() }
+    }
+
+    fn plain(n: usize) -> Vec<(String, u32, bool, u32)> {
+        (0..n).map(|i| (format!("127.0.0.1:{}", 1000 + i), 1, false, 0)).collect()
+    }
+
+    fn with(list: &[(String, u32, bool, u32)]) -> Vec<(&str, u32, bool, u32)> {
+        list.iter().map(|(a, w, b, m)| (a.as_str(), *w, *b, *m)).collect()
+    }
+
+    /// The entry (backend index) each new session's first pick lands on; the lease is
+    /// dropped at once.
+    fn first_pick(shared: &Shared, peer: Peer) -> Result<usize, NoBackend> {
+        let table = shared.config.upstreams.placed().unwrap().table.clone();
+        let all = candidates(&shared.config.upstreams);
+        let lease = Plan::new(shared, peer).next(shared, &table, &all, 10)?;
+        Ok(all.iter().find(|c| c.row == lease.index()).unwrap().entry)
+    }
+
+    fn peer() -> Peer {
+        Peer::Ip("127.0.0.2:5000".parse().unwrap())
+    }
+
+    fn mark_down(shared: &Shared, entry: usize) {
+        let placed = shared.config.upstreams.placed().unwrap();
+        placed.table.row(placed.rows[entry][0]).failed(1, 0, 1_000_000);
     }
 
     #[test]
-    fn first_fails_over_in_order_and_skips_down_backends() {
-        let shared = relay(3, Balance::First);
-        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
-        let mut plan = Plan::new(&shared, peer);
-        assert_eq!(plan.next(&shared, 0), Some(0));
-        assert_eq!(plan.next(&shared, 0), Some(1));
-        assert_eq!(plan.next(&shared, 0), Some(2));
-        assert_eq!(plan.next(&shared, 0), Some(0), "retries go round again");
-        shared.table.backend(0).failed(1, 0, 1000);
-        let mut plan = Plan::new(&shared, peer);
-        assert_eq!(plan.next(&shared, 10), Some(1), "down: skipped");
-        assert_eq!(Plan::new(&shared, peer).next(&shared, 1001), Some(0), "back after down_time");
-        for i in 0..3 {
-            shared.table.backend(i).failed(1, 0, 1000);
+    fn smooth_weighted_round_robin_splits_exactly_and_interleaves() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let shared = relay(&board, &[("127.0.0.1:1", 3, false, 0), ("127.0.0.1:2", 1, false, 0)], Balance::RoundRobin);
+        let picks: Vec<usize> = (0..400).map(|_| first_pick(&shared, peer()).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&e| e == 0).count(), 300, "3:1 exactly");
+        for window in picks.windows(4) {
+            assert_eq!(window.iter().filter(|&&e| e == 0).count(), 3, "smooth: {window:?}");
         }
-        assert_eq!(Plan::new(&shared, peer).next(&shared, 10), None, "all down");
+        assert_eq!(smooth_order(&[(7, 5), (8, 1), (9, 1)]), [7, 7, 8, 7, 9, 7, 7], "nginx's example");
     }
 
     #[test]
-    fn round_robin_takes_turns_and_source_hash_sticks() {
-        let shared = relay(2, Balance::RoundRobin);
-        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
-        let firsts: Vec<_> = (0..4).map(|_| Plan::new(&shared, peer).next(&shared, 0)).collect();
-        assert_eq!(firsts, [Some(0), Some(1), Some(0), Some(1)]);
-        let shared = relay(4, Balance::SourceHash);
+    fn backups_serve_only_while_every_primary_is_down() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let list = [("127.0.0.1:1", 1, false, 0), ("127.0.0.1:2", 1, false, 0), ("127.0.0.1:3", 1, true, 0)];
+        let shared = relay(&board, &list, Balance::RoundRobin);
+        let picks: Vec<usize> = (0..10).map(|_| first_pick(&shared, peer()).unwrap()).collect();
+        assert!(!picks.contains(&2), "the backup is idle while primaries serve: {picks:?}");
+        mark_down(&shared, 0);
+        assert!((0..10).all(|_| first_pick(&shared, peer()) == Ok(1)), "one primary is enough");
+        mark_down(&shared, 1);
+        assert!((0..10).all(|_| first_pick(&shared, peer()) == Ok(2)), "the backup takes over");
+        let placed = shared.config.upstreams.placed().unwrap();
+        assert!(placed.table.row(placed.rows[1][0]).succeeded());
+        assert!((0..10).all(|_| first_pick(&shared, peer()) == Ok(1)), "and hands back");
+    }
+
+    #[test]
+    fn a_full_backend_is_skipped_and_all_full_is_told_apart_from_all_down() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let shared = relay(&board, &[("127.0.0.1:1", 1, false, 1), ("127.0.0.1:2", 1, false, 1)], Balance::First);
+        let table = shared.config.upstreams.placed().unwrap().table.clone();
+        let all = candidates(&shared.config.upstreams);
+        let first = Plan::new(&shared, peer()).next(&shared, &table, &all, 10).unwrap();
+        let second = Plan::new(&shared, peer()).next(&shared, &table, &all, 10).unwrap();
+        assert_ne!(first.index(), second.index(), "the first is full: the second serves");
+        let third = Plan::new(&shared, peer()).next(&shared, &table, &all, 10);
+        assert_eq!(third.err(), Some(NoBackend::Full));
+        drop(first);
+        assert!(Plan::new(&shared, peer()).next(&shared, &table, &all, 10).is_ok());
+        mark_down(&shared, 0);
+        mark_down(&shared, 1);
+        let none = Plan::new(&shared, peer()).next(&shared, &table, &all, 10);
+        assert_eq!(none.err(), Some(NoBackend::Unavailable));
+    }
+
+    #[test]
+    fn first_fails_over_in_order_and_retries_go_round_again() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let list = plain(3);
+        let shared = relay(&board, &with(&list), Balance::First);
+        let table = shared.config.upstreams.placed().unwrap().table.clone();
+        let all = candidates(&shared.config.upstreams);
+        let mut plan = Plan::new(&shared, peer());
+        let order: Vec<usize> = (0..4)
+            .map(|_| {
+                let lease = plan.next(&shared, &table, &all, 10).unwrap();
+                all.iter().find(|c| c.row == lease.index()).unwrap().entry
+            })
+            .collect();
+        assert_eq!(order, [0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn source_hash_sticks_and_least_connections_weighs_the_load() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let list = plain(4);
+        let shared = relay(&board, &with(&list), Balance::SourceHash);
         let pick = |ip: &str, port| {
-            let peer = Peer::Ip(SocketAddr::new(ip.parse().unwrap(), port));
-            Plan::new(&shared, peer).next(&shared, 0)
+            first_pick(&shared, Peer::Ip(SocketAddr::new(ip.parse().unwrap(), port))).unwrap()
         };
         assert_eq!(pick("127.0.0.2", 1), pick("127.0.0.2", 2), "the port does not matter");
         assert_eq!(pick("::ffff:127.0.0.2", 1), pick("127.0.0.2", 2));
         let spread: std::collections::HashSet<_> =
             (1..=32).map(|i| pick(&format!("127.0.0.{i}"), 1)).collect();
         assert!(spread.len() > 1, "different clients reach different backends");
-    }
 
-    #[test]
-    fn least_connections_prefers_the_least_loaded() {
-        let shared = relay(2, Balance::LeastConnections);
-        let peer = Peer::Ip("127.0.0.2:5000".parse().unwrap());
-        let _lease = shared::Lease::new(Arc::clone(&shared.table), 0);
-        for _ in 0..3 {
-            assert_eq!(Plan::new(&shared, peer).next(&shared, 0), Some(1));
-        }
-    }
-
-    #[test]
-    fn splice_is_off_unless_written() {
-        let parse = |extra: &str| toml::from_str::<RelayOptions>(&format!("backends = []\n{extra}"));
-        assert!(!parse("").unwrap().splice.unwrap_or(DEFAULT_SPLICE));
-        assert_eq!(parse("splice = true").unwrap().splice, Some(true));
-        assert_eq!(parse("splice = false").unwrap().splice, Some(false));
-        assert!(parse("splice = \"yes\"").is_err(), "a boolean, not a word");
+        let board = Scoreboard::create(None, 1).unwrap();
+        let shared = relay(&board, &[("127.0.0.1:1", 2, false, 0), ("127.0.0.1:2", 1, false, 0)], Balance::LeastConnections);
+        let table = shared.config.upstreams.placed().unwrap().table.clone();
+        let all = candidates(&shared.config.upstreams);
+        let held: Vec<_> = (0..6).map(|_| Plan::new(&shared, peer()).next(&shared, &table, &all, 10).unwrap()).collect();
+        let on_first = held.iter().filter(|l| l.index() == all[0].row).count();
+        assert_eq!(on_first, 4, "weight 2:1 holds connections 4:2");
     }
 
     #[test]
     fn options_are_checked() {
-        assert!(resolve("127.0.0.1:0").is_err());
-        assert!(resolve("0.0.0.0:80").is_err());
-        assert!(resolve("nonsense").is_err());
-        assert_eq!(resolve("[::1]:80"), Ok("[::1]:80".parse().unwrap()));
-        assert_eq!(resolve("localhost:80").map(|a| a.ip().map(|a| a.port())), Ok(Some(80)));
-        assert_eq!(resolve("unix:/run/redis.sock"), Ok(Address::Unix("/run/redis.sock".into())));
-        assert!(resolve("unix:redis.sock").is_err(), "a relative path");
+        let parse = |extra: &str| toml::from_str::<RelayOptions>(&format!("backends = []\n{extra}"));
+        assert!(!parse("").unwrap().splice.unwrap_or(DEFAULT_SPLICE));
+        assert_eq!(parse("splice = true").unwrap().splice, Some(true));
+        assert!(parse("splice = \"yes\"").is_err(), "a boolean, not a word");
+        let table = toml::from_str::<RelayOptions>(
+            "backends = [\"127.0.0.1:1\", { address = \"unix:/run/r.sock\", weight = 3, backup = true, max_connections = 100 }]",
+        )
+        .unwrap();
+        assert!(matches!(&table.backends[1], BackendOptions::Table(t) if t.weight == Some(3)));
+        assert!(toml::from_str::<RelayOptions>("backends = [{ address = \"x:1\", wieght = 3 }]").is_err());
     }
 }

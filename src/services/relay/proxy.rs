@@ -28,7 +28,7 @@ pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// A Unix client gets the same: the specification's v1 `UNKNOWN` ("for other protocols")
 /// and v2 `AF_UNSPEC` ("when dealing with unsupported protocol families"), still with the
 /// `PROXY` command, as the connection is relayed for a client (`LOCAL` is for connections the
-/// proxy makes on its own). Its `AF_UNIX` family would carry two 108-byte paths,
+/// proxy makes on its own, [`local`]). Its `AF_UNIX` family would carry two 108-byte paths,
 /// of which a client's is nearly always empty: it would tell the backend nothing.
 ///
 /// An IPv4 client on an IPv6 socket (`::ffff:a.b.c.d` on both ends) is written as TCP4, as
@@ -57,6 +57,22 @@ fn same_family(a: SocketAddr, b: SocketAddr) -> Option<(SocketAddr, SocketAddr)>
         Some((a, b))
     } else {
         None
+    }
+}
+
+/// The header of a connection the proxy makes on its own, not for a client (a health check
+/// of a backend that expects the PROXY protocol): v2's `LOCAL` command (`AF_UNSPEC`, no
+/// address), which the receiver must accept and answer as a direct connection; v1 has no
+/// such command, and says `UNKNOWN`.
+pub fn local(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => v1(None),
+        Version::V2 => {
+            let mut out = V2_SIGNATURE.to_vec();
+            // Version 2, command LOCAL; AF_UNSPEC; no address block.
+            out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+            out
+        }
     }
 }
 
@@ -152,6 +168,9 @@ mod tests {
         let to: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert_eq!(header(Version::V1, unix, Some(to)), b"PROXY UNKNOWN\r\n");
         assert_eq!(&header(Version::V2, unix, None)[12..], &[0x21, 0x00, 0, 0], "PROXY, UNSPEC");
+        assert_eq!(&local(Version::V2)[..12], &V2_SIGNATURE);
+        assert_eq!(&local(Version::V2)[12..], &[0x20, 0x00, 0, 0], "LOCAL, UNSPEC");
+        assert_eq!(local(Version::V1), b"PROXY UNKNOWN\r\n");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use super::Shared;
 use super::pump::{Fault, Flow, PipeHeld, Pump};
-use super::shared::{Health, Lease};
+use super::shared::Lease;
 use crate::clock::monotonic_ms;
 use crate::net::{self, Address, Peer, Stream};
 use crate::services::{CloseReason, Context, Interest, Movable, Progress, Ready, Session};
@@ -55,17 +55,17 @@ struct Link {
     address: Address,
     /// What the poller watches the stream for.
     watched: Interest,
-    /// Counts this connection in the backend's `active` until dropped; `None` for a
+    /// Its place on the backend's row (`active`, bytes) until dropped; `None` for a
     /// connection handed over to a generation whose configuration no longer names its
     /// backend (nothing there balances over it).
-    _lease: Option<Lease>,
+    lease: Option<Lease>,
 }
 
 enum State {
     /// Accepted; the first callback (the client socket is writable at once) connects.
     Start,
-    /// A connect to the backend of index `.2` in flight since the instant `.1`.
-    Connecting(Link, Instant, usize),
+    /// A connect in flight since the instant given.
+    Connecting(Link, Instant),
     /// Relaying.
     Open(Link),
     /// Handed over and rebuilt from its state, waiting for its descriptors
@@ -133,39 +133,53 @@ impl RelaySession {
     }
 
     /// Starts a connect to the next backend the plan gives, skipping those that refuse at
-    /// once; closes the client as `backend-unavailable` when the plan or the retries run out.
+    /// once; closes the client as `backend-unavailable` (or `backend-full`, every usable
+    /// backend at its `max_connections`) when the plan or the retries run out.
     fn connect_next(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config;
+        let candidates = shared.candidates();
+        let Some(placed) = config.upstreams.placed() else {
+            // Outside the daemon nothing placed the rows: no backend to go to.
+            return self.give_up(super::NoBackend::Unavailable, cx);
+        };
         let plan = self.plan.get_or_insert_with(|| super::Plan::new(&shared, self.peer));
         loop {
-            let next = if self.tries > config.retries { None } else { plan.next(&shared, monotonic_ms()) };
-            let Some(index) = next else {
-                self.state = State::Over;
-                cx.set_timer(None);
-                cx.close(CloseReason::Service("backend-unavailable"));
-                return Ok(Progress::default());
+            if self.tries > config.retries {
+                return self.give_up(super::NoBackend::Unavailable, cx);
+            }
+            let lease = match plan.next(&shared, &placed.table, candidates, monotonic_ms()) {
+                Ok(lease) => lease,
+                Err(none) => return self.give_up(none, cx),
             };
             self.tries += 1;
-            let address = config.backends[index].clone();
-            let lease = Lease::new(Arc::clone(&shared.table), index);
-            match net::connect(&address, None) {
+            // A host name's address may have changed since the row was picked: read it now.
+            let Some(address) = lease.row().address() else { continue };
+            match net::connect(&address, config.source) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
-                    let link = Link { stream, address, watched: Interest::WRITE, _lease: Some(lease) };
+                    let link = Link { stream, address, watched: Interest::WRITE, lease: Some(lease) };
                     cx.set_timer(Some(cx.now() + config.connect_timeout));
-                    self.state = State::Connecting(link, cx.now(), index);
+                    self.state = State::Connecting(link, cx.now());
                     return Ok(Progress::default());
                 }
-                Err(error) => failed(&shared, index, &error),
+                Err(error) => failed(&shared, &lease, &address, &error),
             }
         }
+    }
+
+    /// No backend to connect to: the client is closed with `why`'s reason.
+    fn give_up(&mut self, why: super::NoBackend, cx: &mut Context<'_>) -> io::Result<Progress> {
+        self.state = State::Over;
+        cx.set_timer(None);
+        cx.close(CloseReason::Service(why.reason()));
+        Ok(Progress::default())
     }
 
     /// The connect in flight ended (`ready` from the poller, `None`: the timer): relay, or
     /// try the next backend.
     fn connect_done(&mut self, ready: Option<Ready>, cx: &mut Context<'_>) -> io::Result<Progress> {
-        let State::Connecting(link, since, backend) = std::mem::replace(&mut self.state, State::Over) else {
+        let State::Connecting(link, since) = std::mem::replace(&mut self.state, State::Over) else {
             unreachable!("only called while connecting");
         };
         let outcome = match ready {
@@ -180,13 +194,15 @@ impl RelaySession {
         };
         if let Err(error) = outcome {
             cx.unwatch(link.stream.as_fd());
-            failed(&self.shared, backend, &error);
+            if let Some(lease) = &link.lease {
+                failed(&self.shared, lease, &link.address, &error);
+            }
             drop(link);
             return self.connect_next(cx);
         }
         cx.set_timer(None);
-        if self.shared.table.backend(backend).succeeded() {
-            log::info!("relay backend {} is up again", link.address);
+        if link.lease.as_ref().is_some_and(|lease| lease.row().succeeded()) {
+            log::info!("relay backend {} is up again (a connect succeeded)", link.address);
         }
         self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
         // Best effort, as for clients: a failure shows on the first write.
@@ -244,6 +260,9 @@ impl RelaySession {
         self.header_left -= header;
         progress.bytes_in = up - header;
         progress.bytes_out = down;
+        if let State::Open(Link { lease: Some(lease), .. }) = &mut self.state {
+            lease.moved(progress.bytes_in, down);
+        }
         let was_exchanged = self.delivered.0 > 0 && self.delivered.1 > 0;
         self.delivered.0 += progress.bytes_in;
         self.delivered.1 += down;
@@ -318,13 +337,13 @@ impl RelaySession {
     }
 }
 
-/// Records a failed connect to backend `index` in the shared table and logs it.
-fn failed(shared: &Shared, index: usize, error: &io::Error) {
-    let address = &shared.config.backends[index];
+/// Records a failed connect to the backend of `lease` (at `address`) on its row and logs it;
+/// the passive health marks it down after `fail_threshold` in a row (logged once, by the
+/// worker whose failure did it).
+fn failed(shared: &Shared, lease: &Lease, address: &Address, error: &io::Error) {
     log::debug!("relay: connect to backend {address} failed: {error}");
     let down_ms = u64::try_from(shared.config.down_time.as_millis()).unwrap_or(u64::MAX);
-    let health = shared.table.backend(index).failed(shared.config.fail_threshold, monotonic_ms(), down_ms);
-    if health == Health::WentDown {
+    if lease.row().failed(shared.config.fail_threshold, monotonic_ms(), down_ms) {
         log::warn!(
             "relay backend {address} is down: {} failed connects in a row (last: {error}); skipped for {}",
             shared.config.fail_threshold,
@@ -454,7 +473,7 @@ impl Session for RelaySession {
             exclusive: false,
         };
         cx.watch(stream.as_fd(), watched)?;
-        let link = Link { stream, address: arriving.address, watched, _lease: arriving.lease };
+        let link = Link { stream, address: arriving.address, watched, lease: arriving.lease };
         self.state = State::Open(link);
         Ok(())
     }
@@ -488,9 +507,11 @@ impl RelaySession {
     }
 
     /// A session rebuilt from [`RelaySession::state`] (of this or an older generation, or of
-    /// the old master of an upgrade), waiting for its descriptors; it counts in `shared`'s
-    /// table on the backend of the same address, if this configuration has one. `None` when
-    /// the state is of another version or malformed.
+    /// the old master of an upgrade), waiting for its descriptors; it takes a place on the
+    /// row of the backend of the same address, if this configuration has one (beyond its
+    /// `max_connections` if need be: the connection exists already, and the sender gives its
+    /// place back once the receiver has it). `None` when the state is of another version or
+    /// malformed.
     pub(super) fn import(shared: Arc<Shared>, peer: Peer, state: &[u8]) -> Option<RelaySession> {
         let mut wire = Wire(state);
         if wire.u8()? != STATE_VERSION {
@@ -513,12 +534,14 @@ impl RelaySession {
         if !rest.is_empty() {
             return None;
         }
-        let lease = shared
-            .config
-            .backends
-            .iter()
-            .position(|backend| *backend == address)
-            .map(|index| Lease::new(Arc::clone(&shared.table), index));
+        let lease = shared.config.upstreams.placed().and_then(|placed| {
+            let row = shared
+                .candidates()
+                .iter()
+                .find(|c| placed.table.row(c.row).address().as_ref() == Some(&address))?
+                .row;
+            Some(Lease::adopt(&placed.table, row))
+        });
         Some(RelaySession {
             shared,
             peer,
@@ -626,16 +649,24 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
-    use crate::services::relay::shared::Table;
+    use crate::scoreboard::Scoreboard;
     use crate::services::relay::{Balance, tests::relay};
+
+    const BACKENDS: [(&str, u32, bool, u32); 2] =
+        [("127.0.0.1:1000", 1, false, 0), ("127.0.0.1:1001", 1, false, 0)];
+
+    fn row(shared: &Shared, index: usize) -> usize {
+        shared.config.upstreams.placed().unwrap().rows[index][0]
+    }
 
     /// An open relay to backend `index` of `shared`, in the middle of its life.
     fn open(shared: &Arc<Shared>, index: usize) -> RelaySession {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let stream = Stream::from(stream);
-        let address = shared.config.backends[index].clone();
-        let lease = Lease::new(Arc::clone(&shared.table), index);
+        let table = &shared.config.upstreams.placed().unwrap().table;
+        let address = table.row(row(shared, index)).address().unwrap();
+        let lease = Lease::take(table, row(shared, index)).unwrap();
         let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
         let mut session = RelaySession::new(Arc::clone(shared), peer, None);
         session.up.preload(b"in flight");
@@ -644,31 +675,31 @@ mod tests {
         session.connected = Some((address.clone(), Duration::from_millis(1)));
         session.delivered = (10, 20);
         session.first_fin = Some(Side::Client);
-        session.state = State::Open(Link { stream, address, watched: Interest::READ, _lease: Some(lease) });
+        session.state = State::Open(Link { stream, address, watched: Interest::READ, lease: Some(lease) });
         session
     }
 
     fn active(shared: &Shared, index: usize) -> u64 {
-        shared.table.backend(index).active()
+        shared.config.upstreams.placed().unwrap().table.row(row(shared, index)).active()
     }
 
     #[test]
-    fn an_open_relay_moves_with_its_state_and_each_table_counts_it_once() {
-        let old = Arc::new(relay(2, Balance::LeastConnections));
+    fn an_open_relay_moves_with_its_state_and_its_backend_counts_it_once() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let old = Arc::new(relay(&board, &BACKENDS, Balance::LeastConnections));
         let sender = open(&old, 1);
         assert_eq!(sender.movable(), Movable::Now);
         let state = sender.export().expect("an open relay exports");
         assert_eq!(sender.export_descriptors().len(), 1, "the backend socket (no pipe)");
-        // The new generation has backend 1's address as its only backend.
-        let mut config = old.config.clone();
-        config.backends = vec![old.config.backends[1].clone()];
-        let new = Arc::new(Shared { config, table: Arc::new(Table::new(1).unwrap()) });
+        // The new generation has backend 1 as its only backend: the same row.
+        let new = Arc::new(relay(&board, &BACKENDS[1..], Balance::LeastConnections));
+        assert_eq!(row(&new, 0), row(&old, 1), "a reload keeps the backend's row");
         let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());
         let receiver = RelaySession::import(Arc::clone(&new), peer, &state).expect("imported");
         assert!(matches!(receiver.state, State::Arriving(_)), "waits for its descriptors");
-        assert_eq!((active(&old, 1), active(&new, 0)), (1, 1), "counted in both while it moves");
+        assert_eq!(active(&new, 0), 2, "counted by both while it moves");
         drop(sender);
-        assert_eq!((active(&old, 1), active(&new, 0)), (0, 1), "once the sender drops it: once");
+        assert_eq!(active(&new, 0), 1, "once the sender drops it: once");
         assert_eq!(
             (receiver.header_left, receiver.tries, receiver.delivered, receiver.first_fin),
             (3, 2, (10, 20), Some(Side::Client))
@@ -680,7 +711,7 @@ mod tests {
         drop(receiver);
         assert_eq!(active(&new, 0), 0);
         // A generation without that backend serves it without counting it anywhere.
-        let other = Arc::new(relay(1, Balance::LeastConnections));
+        let other = Arc::new(relay(&board, &[("127.0.0.1:2000", 1, false, 0)], Balance::RoundRobin));
         let stray = RelaySession::import(Arc::clone(&other), peer, &state).expect("imported");
         assert_eq!(active(&other, 0), 0);
         drop(stray);
@@ -704,7 +735,8 @@ mod tests {
 
     #[test]
     fn other_versions_and_malformed_states_are_refused_and_a_connecting_relay_waits() {
-        let shared = Arc::new(relay(1, Balance::RoundRobin));
+        let board = Scoreboard::create(None, 1).unwrap();
+        let shared = Arc::new(relay(&board, &BACKENDS[..1], Balance::RoundRobin));
         let sender = open(&shared, 0);
         let state = sender.export().unwrap();
         let peer = Peer::Ip("127.0.0.2:4000".parse().unwrap());

@@ -1,218 +1,168 @@
-//! The relay's shared table: per-backend counters every worker of a generation sees.
+//! What the workers of a relay share besides the backend rows: the round-robin turn, and a
+//! connection's place on its backend's row ([`Lease`]).
 //!
-//! Created in the master when the service is built (so before fork: workers inherit one
-//! `MAP_SHARED` anonymous mapping), unmapped when the last copy of the service is dropped in
-//! each process. `preforkd check` builds it too and drops it at once: no file, no lasting
-//! effect. Each reload builds a new service and so a new table; the old generation's workers
-//! keep theirs until they exit.
+//! The turn lives in a small anonymous `MAP_SHARED` mapping made in the master when the
+//! service is built (so before fork: every worker of the generation inherits it, and they
+//! take turns from one counter); `preforkd check` maps it too and drops it at once. The
+//! per-backend facts (health, counts, bytes) are the scoreboard's backend rows
+//! ([`crate::scoreboard::BackendTable`]), which outlive generations.
 //!
-//! Invariants:
-//! - every field is an atomic, so no lock is ever held across processes, and a worker that
-//!   dies mid-update leaves nothing locked;
-//! - `active` counts relay attempts and connections in flight to the backend (for
-//!   `least-connections`); a worker decrements what it incremented when the connection ends
-//!   ([`Lease`]). A worker killed with connections open leaks its increments until the next
-//!   reload (its connections were cut anyway; the skew only steers balance);
-//! - `fails` counts connect failures in a row; `down_until_ms` is the `CLOCK_MONOTONIC`
-//!   millisecond until which the backend is skipped (0: never down). Times are comparable
-//!   across processes.
+//! Invariants: the turn is an atomic, so no lock is held across processes; a lease gives its
+//! place back exactly once, when dropped, and flushes the bytes it counted. A worker killed
+//! with connections open leaks its places until the row is retired and taken again (its
+//! connections were cut anyway): a `max_connections` cap then admits fewer, never more.
 
 use std::io;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::mman::munmap;
 
-/// One backend's counters, on a cache line of its own so workers updating different backends
-/// do not contend.
-#[repr(C, align(64))]
-#[derive(Default)]
-pub struct BackendCounters {
-    /// Connections (and connect attempts) in flight, over all workers.
-    active: AtomicU64,
-    /// Failed connects in a row.
-    fails: AtomicU32,
-    /// 1 while marked down (until a connect succeeds), 0 otherwise: tells the worker that
-    /// marks it down, or sees it back, to log it, once.
-    down: AtomicU32,
-    /// Skipped until this `CLOCK_MONOTONIC` millisecond.
-    down_until_ms: AtomicU64,
+use crate::scoreboard::{BackendScore, BackendTable};
+
+/// Bytes a lease counts locally before it adds them to its row (and at its end): the row is
+/// a cache line every worker writes, so not at every read.
+const FLUSH_BYTES: u64 = 1 << 20;
+
+/// The shared round-robin turn of one relay.
+pub struct Turn {
+    base: NonNull<AtomicU64>,
 }
 
-/// The table's first line: the shared round-robin cursor.
-#[repr(C, align(64))]
-struct Head {
-    next: AtomicU64,
-}
+// SAFETY: the mapping is only reached through an atomic, which any thread or process may use;
+// the pointer itself is never written after creation.
+unsafe impl Send for Turn {}
+// SAFETY: as above.
+unsafe impl Sync for Turn {}
 
-/// What a failed connect did to the backend's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// Still up (fewer than `fail_threshold` failures in a row), or health checks are off.
-    Up,
-    /// This failure marked it down: log it.
-    WentDown,
-    /// Down already (a retry after `down_time` failed again): it stays down.
-    StillDown,
-}
-
-/// A shared-memory table of [`BackendCounters`], one per backend.
-pub struct Table {
-    base: NonNull<u8>,
-    bytes: usize,
-    backends: usize,
-}
-
-// SAFETY: the mapping is only reached through atomics (`&AtomicU64`/`&AtomicU32`), which are
-// safe to use from any thread or process; the pointer itself is never written after creation.
-unsafe impl Send for Table {}
-// SAFETY: as above: all access is through atomics.
-unsafe impl Sync for Table {}
-
-impl Table {
-    /// A zeroed table for `backends` backends: none active, none failed, none down.
+impl Turn {
+    /// A counter at 0, in a new shared mapping.
     ///
     /// # Errors
-    /// mmap(2) failed (out of memory or address space).
-    pub fn new(backends: usize) -> io::Result<Table> {
-        let bytes = size_of::<Head>() + backends * size_of::<BackendCounters>();
-        let length = NonZeroUsize::new(bytes).expect("the head is never empty");
-        // Shared with the workers forked later; zeroed, the initial state of every atomic in it.
+    /// mmap(2) failed.
+    pub fn new() -> io::Result<Turn> {
+        let length = NonZeroUsize::new(size_of::<AtomicU64>()).expect("not empty");
         let base = crate::sys::map_shared_zeroed(length)?;
-        Ok(Table { base: base.cast(), bytes, backends })
+        Ok(Turn { base: base.cast() })
     }
 
-    fn head(&self) -> &Head {
-        // SAFETY: the mapping starts with a `Head`, is page-aligned (so aligned for it), zeroed
-        // (a valid `Head`), and lives as long as `self`.
-        unsafe { self.base.cast::<Head>().as_ref() }
-    }
-
-    /// The counters of backend `index` (< the number of backends).
-    pub fn backend(&self, index: usize) -> &BackendCounters {
-        assert!(index < self.backends, "backend index out of range");
-        // SAFETY: in bounds (checked above); the slots follow the 64-byte `Head`, so each is
-        // 64-byte aligned; zeroed memory is a valid `BackendCounters`; lives as long as `self`.
-        unsafe {
-            let slots = self.base.as_ptr().add(size_of::<Head>()).cast::<BackendCounters>();
-            &*slots.add(index)
-        }
-    }
-
-    /// The next round-robin position (shared by all workers, so they take turns).
-    pub fn next_turn(&self) -> usize {
-        self.head().next.fetch_add(1, Ordering::Relaxed) as usize
+    /// The next turn (shared by all workers, so they take turns).
+    pub fn next(&self) -> u64 {
+        // SAFETY: the mapping holds one zero-initialised (valid) `AtomicU64`, page-aligned,
+        // and lives as long as `self`.
+        unsafe { self.base.as_ref() }.fetch_add(1, Ordering::Relaxed)
     }
 }
 
-impl Drop for Table {
+impl Drop for Turn {
     fn drop(&mut self) {
-        // SAFETY: mapped by `Table::new` with this length, unmapped once; no reference into
-        // it outlives `self`.
-        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
+        // SAFETY: mapped by `Turn::new` with this length, unmapped once; no reference into it
+        // outlives `self`.
+        let _ = unsafe { munmap(self.base.cast(), size_of::<AtomicU64>()) };
     }
 }
 
-impl BackendCounters {
-    /// Connections in flight to this backend, over all workers.
-    pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// Whether the backend may be tried at `now_ms` (`CLOCK_MONOTONIC` milliseconds): never
-    /// marked down (0), or strictly after `down_until_ms`. Both are whole milliseconds rounded
-    /// down, so reaching `down_until_ms` itself could end a `down_time` up to a millisecond
-    /// early.
-    pub fn is_available(&self, now_ms: u64) -> bool {
-        let until = self.down_until_ms.load(Ordering::Relaxed);
-        until == 0 || until < now_ms
-    }
-
-    /// Counts a connect failure; after `threshold` in a row (0: never) the backend is skipped
-    /// until `now_ms + down_ms`.
-    pub fn failed(&self, threshold: u32, now_ms: u64, down_ms: u64) -> Health {
-        let fails = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if threshold == 0 || fails < threshold {
-            return Health::Up;
-        }
-        self.down_until_ms.fetch_max(now_ms.saturating_add(down_ms), Ordering::Relaxed);
-        if self.down.swap(1, Ordering::Relaxed) == 0 { Health::WentDown } else { Health::StillDown }
-    }
-
-    /// Counts a successful connect; true when this brought the backend back up (log it).
-    pub fn succeeded(&self) -> bool {
-        self.fails.store(0, Ordering::Relaxed);
-        if self.down.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        self.down_until_ms.store(0, Ordering::Relaxed);
-        self.down.swap(0, Ordering::Relaxed) == 1
-    }
-}
-
-/// One connection's claim on a backend's `active` count, given back on drop.
+/// One connection's place on a backend row, given back on drop.
 pub struct Lease {
-    table: std::sync::Arc<Table>,
-    index: usize,
+    table: BackendTable,
+    row: usize,
+    /// Bytes up (to the backend) and down not yet added to the row.
+    pending: (u64, u64),
 }
 
 impl Lease {
-    /// Counts one more connection to backend `index`.
-    pub fn new(table: std::sync::Arc<Table>, index: usize) -> Lease {
-        table.backend(index).active.fetch_add(1, Ordering::Relaxed);
-        Lease { table, index }
+    /// Takes a place on row `row` of `table`, unless its `max_connections` is reached.
+    pub fn take(table: &BackendTable, row: usize) -> Option<Lease> {
+        table.row(row).take().then(|| Lease { table: table.clone(), row, pending: (0, 0) })
+    }
+
+    /// Takes a place on row `row` of `table` whatever its `max_connections`: for a
+    /// connection that exists already (a hand-off), whose sender gives its own place back.
+    pub fn adopt(table: &BackendTable, row: usize) -> Lease {
+        table.row(row).take_anyway();
+        Lease { table: table.clone(), row, pending: (0, 0) }
+    }
+
+    /// The row.
+    pub fn row(&self) -> &BackendScore {
+        self.table.row(self.row)
+    }
+
+    /// The row's index.
+    #[cfg(test)]
+    pub fn index(&self) -> usize {
+        self.row
+    }
+
+    /// Counts bytes relayed to the backend (`up`) and from it (`down`).
+    #[inline]
+    pub fn moved(&mut self, up: u64, down: u64) {
+        self.pending.0 += up;
+        self.pending.1 += down;
+        if self.pending.0 + self.pending.1 >= FLUSH_BYTES {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let (up, down) = std::mem::take(&mut self.pending);
+        self.table.row(self.row).moved(up, down);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.table.backend(self.index).active.fetch_sub(1, Ordering::Relaxed);
+        self.flush();
+        self.table.row(self.row).give_back();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::scoreboard::{RowSettings, Scoreboard};
 
     #[test]
-    fn leases_count_and_failures_mark_down_then_up() {
-        let table = Arc::new(Table::new(2).unwrap());
-        let lease = Lease::new(Arc::clone(&table), 1);
-        assert_eq!((table.backend(0).active(), table.backend(1).active()), (0, 1));
-        drop(lease);
-        assert_eq!(table.backend(1).active(), 0);
-
-        let b = table.backend(0);
-        assert_eq!(b.failed(2, 1000, 500), Health::Up);
-        assert!(b.is_available(1000));
-        assert_eq!(b.failed(2, 1000, 500), Health::WentDown);
-        assert!(!b.is_available(1499));
-        assert!(!b.is_available(1500), "1500 ms may be 1499.x after a failure at 1000.y");
-        assert!(b.is_available(1501), "tried again after down_time");
-        assert_eq!(b.failed(2, 1501, 500), Health::StillDown, "one more failure: down again");
-        assert!(!b.is_available(2001));
-        assert!(b.succeeded(), "back up: logged once");
-        assert!(!b.succeeded());
-        assert!(b.is_available(0));
-        assert_eq!(table.backend(1).failed(0, 0, 500), Health::Up, "threshold 0: never down");
-    }
-
-    #[test]
-    fn the_table_is_shared_with_a_forked_child() {
-        let table = Table::new(1).unwrap();
+    fn the_turn_is_shared_with_a_forked_child() {
+        let turn = Turn::new().unwrap();
+        assert_eq!(turn.next(), 0);
         // SAFETY: the child only does an atomic add and _exit(2), both async-signal-safe.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                table.backend(0).active.fetch_add(5, Ordering::Relaxed);
+                turn.next();
                 // SAFETY: _exit(2) ends the child without running the parent's destructors.
                 unsafe { nix::libc::_exit(0) }
             }
             nix::unistd::ForkResult::Parent { child } => {
                 nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(table.backend(0).active(), 5);
+                assert_eq!(turn.next(), 2);
             }
         }
+    }
+
+    #[test]
+    fn a_lease_counts_its_place_and_bytes_until_dropped() {
+        let board = Scoreboard::create(None, 1).unwrap();
+        let table = board.backends();
+        let settings = RowSettings {
+            listener: 0,
+            name: "127.0.0.1:1".into(),
+            weight: 1,
+            backup: false,
+            max_connections: 1,
+            checked: false,
+            address: "127.0.0.1:1".parse().ok(),
+            slot: 0,
+        };
+        let row = table.assign(1, &settings).unwrap();
+        let mut lease = Lease::take(&table, row).expect("a place");
+        assert!(Lease::take(&table, row).is_none(), "max_connections 1");
+        lease.moved(10, 20);
+        assert_eq!(table.views()[0].bytes_in, 0, "counted locally first");
+        drop(lease);
+        let view = &table.views()[0];
+        assert_eq!((view.active, view.bytes_in, view.bytes_out), (0, 10, 20));
+        assert!(Lease::take(&table, row).is_some(), "the place is back");
     }
 }
