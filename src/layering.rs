@@ -29,6 +29,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "proxy_protocol",
             "scoreboard",
             "sdnotify",
+            "shared",
             "signals",
             "status_json",
             "upstream",

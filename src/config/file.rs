@@ -49,6 +49,12 @@ pub struct DaemonSection {
     pub worker_timeout: Option<Spanned<String>>,
     /// Draining generations allowed at once.
     pub max_draining_generations: Option<Spanned<i64>>,
+    /// Accepted connections after which a worker is replaced.
+    pub recycle_after_connections: Option<Spanned<i64>>,
+    /// Most connections added to that count per worker.
+    pub recycle_jitter: Option<Spanned<i64>>,
+    /// Resident memory in MiB above which a worker is replaced.
+    pub recycle_above_rss: Option<Spanned<i64>>,
     /// User the workers run as (when started as root).
     pub user: Option<Spanned<String>>,
     /// Group the workers run as (when started as root).

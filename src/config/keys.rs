@@ -195,6 +195,15 @@ keys! {
     MAX_DRAINING_GENERATIONS "daemon.max_draining_generations":
         Integer { min: 1, max: 16 }, Value("4"), "generations", Applies,
         "Generations that may drain at once after reloads; beyond it the oldest stops fast.";
+    RECYCLE_AFTER_CONNECTIONS "daemon.recycle_after_connections":
+        Integer { min: 0, max: U32 }, Value("0"), "connections", Applies,
+        "A worker that has accepted this many connections is replaced gracefully; 0 never.";
+    RECYCLE_JITTER "daemon.recycle_jitter": Integer { min: 0, max: U32 }, Value("0"),
+        "connections", Applies,
+        "Up to this many more, chosen per worker, so workers are not replaced together.";
+    RECYCLE_ABOVE_RSS "daemon.recycle_above_rss": Integer { min: 0, max: 1 << 30 }, Value("0"),
+        "MiB", Applies,
+        "A worker whose resident memory exceeds this is replaced gracefully; 0 never.";
     USER "daemon.user": Kind::String, Absent("none"), "", Restart,
         "User the workers switch to when the master runs as root.";
     GROUP "daemon.group": Kind::String, Absent("the user's primary group"), "", Restart,

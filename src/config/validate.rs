@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::ops::Range;
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use super::file::{AllowEntry, BannerValue, FileConfig, ListenerSection, TlsSecti
 use super::keys::{self, Key, Kind};
 use super::{
     AdmissionConfig, Banner, Banners, Config, DaemonConfig, ListenerConfig, ListenerTransport,
-    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, SLOT_HEADROOM, SocketFile, worker_slots,
+    MAX_BANNER, MAX_WORKERS, RESERVED_FDS, Recycle, SLOT_HEADROOM, SocketFile, worker_slots,
 };
 use ipnet::IpNet;
 use toml::de::DeTable;
@@ -373,6 +373,19 @@ pub fn validate(
         .integer(daemon_section.max_draining_generations.as_ref(), &keys::MAX_DRAINING_GENERATIONS)
         as usize;
 
+    let recycle = Recycle {
+        after_connections: NonZeroU64::new(check.integer(
+            daemon_section.recycle_after_connections.as_ref(),
+            &keys::RECYCLE_AFTER_CONNECTIONS,
+        ) as u64),
+        jitter: check.integer(daemon_section.recycle_jitter.as_ref(), &keys::RECYCLE_JITTER) as u64,
+        above_rss: NonZeroU64::new(
+            (check.integer(daemon_section.recycle_above_rss.as_ref(), &keys::RECYCLE_ABOVE_RSS)
+                as u64)
+                << 20,
+        ),
+    };
+
     let user = daemon_section.user.as_ref().map(|u| u.get_ref().clone());
     let group = daemon_section.group.as_ref().map(|g| g.get_ref().clone());
     for (value, key) in [(&daemon_section.user, &keys::USER), (&daemon_section.group, &keys::GROUP)]
@@ -531,6 +544,7 @@ pub fn validate(
             pid_file,
             worker_timeout: Some(worker_timeout).filter(|d| !d.is_zero()),
             max_draining_generations: NonZeroUsize::new(max_draining_generations)?,
+            recycle,
             user,
             group,
             allow_root_workers,
