@@ -63,7 +63,9 @@ pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds:
         Err(error) => return eprintln!("tokio backend on {}: {error}", unix.display()),
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&unix).is_err() && std::time::Instant::now() < deadline {
+    while std::os::unix::net::UnixStream::connect(&unix).is_err()
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     let options = PreforkdOptions {
