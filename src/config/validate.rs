@@ -1086,7 +1086,9 @@ fn keepalive(
         && section.transport.as_ref().is_none_or(|t| t.get_ref() == "tcp");
     for (key, span) in written {
         let Some(span) = span else { continue };
-        if !tcp {
+        // "0s" (the default: off) is fine anywhere.
+        let off = key.name == keys::TCP_KEEPALIVE_IDLE.name && idle.is_zero();
+        if !tcp && !off {
             check.report(span, check.label(key), "applies to a TCP listener only");
         } else if idle.is_zero() && key.name != keys::TCP_KEEPALIVE_IDLE.name {
             check.report(span, check.label(key), "has no effect without tcp_keepalive_idle");

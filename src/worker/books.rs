@@ -43,12 +43,14 @@ pub struct Closed<'a> {
 }
 
 impl Closed<'_> {
-    /// Whether the client connected and went away without sending a byte, by a FIN or a
-    /// reset (`client-close` or `error`): a load balancer's health check, as HAProxy's
-    /// `check` makes one (connect, then RST). Its access line is `reason=empty` at debug
-    /// level, not an error at info level once per probe, and it counts as a client close.
+    /// Whether the client connected and went away, by a FIN or a reset (`client-close` or
+    /// `error`), with not a byte moved either way: a load balancer's health check, as
+    /// HAProxy's `check` makes one (connect, then RST). Its access line is `reason=empty`
+    /// at debug level, not an error at info level once per probe, and it counts as a
+    /// client close.
     pub fn is_empty(&self) -> bool {
         self.totals.bytes_in == 0
+            && self.totals.bytes_out == 0
             && self.totals.exchanges == 0
             && matches!(self.reason, CloseReason::ClientClose | CloseReason::Error)
     }
