@@ -1,6 +1,9 @@
 //! `upper`: a line protocol run by the whole preforkd daemon. Each line comes back in
-//! capitals; `QUIT` ends the conversation. Options, in `[listener.options]`:
-//! `greeting` (sent on connect; default none) and `max_line` (bytes; default 1024).
+//! capitals; `QUIT` ends the conversation, and so does a graceful stop of the daemon, with a
+//! goodbye (a reload moves the connection instead). Options, in `[listener.options]`:
+//! `greeting` (sent on connect; default none) and `max_line` (bytes, without the LF; default
+//! 1024). It is built on [`Framed`] with the [`lines`] decoder: the helper does the
+//! buffering, backpressure, the line limit and the hand-off.
 //!
 //! ```sh
 //! cargo run --example upper -- -c examples/upper.toml
@@ -9,7 +12,8 @@
 
 use std::process::ExitCode;
 
-use preforkd::services::{ConnInfo, Invalid, LineAction, LineHandler, Lines, Options};
+use preforkd::services::framing::lines;
+use preforkd::services::{ConnInfo, FrameAction, FrameHandler, Framed, Invalid, Options};
 use preforkd::services::{Service, Session};
 
 /// `[listener.options]` as written; unknown keys are errors in `preforkd check`.
@@ -39,13 +43,15 @@ impl Upper {
 
 impl Service for Upper {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-        Box::new(Lines::new(Shout { greeting: self.greeting.clone() }, self.max_line))
+        // A line is at most `max_line` bytes and its LF.
+        let shout = Shout { greeting: self.greeting.clone() };
+        Box::new(Framed::new(shout, lines, self.max_line + 1))
     }
 
-    /// A connection handed over by a reload or an upgrade: Shout keeps no state between
-    /// lines (the greeting was sent already), so any handler state is empty.
+    /// A connection handed over by a reload or an upgrade: `Framed` brings its buffers,
+    /// and Shout keeps no state between lines (the greeting was sent already).
     fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
-        let session = Lines::import(state, self.max_line, |own| {
+        let session = Framed::import(state, lines, self.max_line + 1, |own| {
             own.is_empty().then_some(Shout { greeting: None })
         })?;
         Some(Box::new(session))
@@ -57,7 +63,7 @@ struct Shout {
     greeting: Option<String>,
 }
 
-impl LineHandler for Shout {
+impl FrameHandler for Shout {
     fn greeting(&mut self, out: &mut Vec<u8>) {
         if let Some(greeting) = self.greeting.take() {
             out.extend(greeting.into_bytes());
@@ -65,14 +71,28 @@ impl LineHandler for Shout {
         }
     }
 
-    fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+    fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
         if line == b"QUIT" {
             out.extend(b"BYE\r\n");
-            return LineAction::Close;
+            return FrameAction::Close;
         }
         out.extend(line.to_ascii_uppercase());
         out.extend(b"\r\n");
-        LineAction::Continue
+        FrameAction::Continue
+    }
+
+    /// A last line the client ends with its FIN rather than an LF is answered too.
+    fn on_end(&mut self, rest: &[u8], out: &mut Vec<u8>) {
+        if !rest.is_empty() {
+            self.on_frame(rest, out);
+        }
+    }
+
+    /// Told when the worker keeps this connection while it drains: the daemon stops
+    /// gracefully (a reload hands the connection off instead). Say so, and end.
+    fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+        out.extend(b"BYE server going away\r\n");
+        FrameAction::Close
     }
 
     /// Between lines there is nothing to carry: the connection can be handed off.

@@ -43,8 +43,11 @@ pub const WORKER_EXIT_OK: i32 = 0;
 /// respawns it, with backoff.
 pub const WORKER_RUNTIME_FAILURE: i32 = 4;
 
-/// Exit status of a worker that could not set itself up (signals, poller, privileges).
+/// Exit status of a worker that could not set itself up (signals, poller, privileges, a
+/// service's `after_fork` hook).
 ///
-/// The master does not respawn a worker that exits with this status: it stops the daemon with
-/// [`ExitStatus::Software`] instead of looping forever (gunicorn's `WORKER_BOOT_ERROR`).
+/// While the daemon starts, the master does not respawn a worker that exits with this status:
+/// it stops the daemon with [`ExitStatus::Software`] instead of looping forever (gunicorn's
+/// `WORKER_BOOT_ERROR`); a reload whose worker does is rolled back. Later, a replacement
+/// worker that cannot boot is respawned with a crash loop's backoff.
 pub const WORKER_BOOT_FAILURE: i32 = 3;

@@ -11,7 +11,9 @@
 //!
 //! A worker says [`Message::Ready`] once, when it is booted (privileges dropped, listeners
 //! open, about to accept): see [`report_ready`]. That is how the master learns that a
-//! generation is ready (it wakes on the channel; nothing is polled).
+//! generation is ready (it wakes on the channel; nothing is polled). A worker that wants to
+//! be replaced (recycling: `daemon.recycle_*`) says [`Message::Recycle`] once, and serves on
+//! until the master stops it.
 //!
 //! A hand-off's route is old worker -> master -> new worker:
 //! 1. a retiring worker sends an [`Offer`] for a connection its session can move now (at
@@ -67,6 +69,7 @@ const KIND_OFFER: u8 = 1;
 const KIND_RESOLVED: u8 = 2;
 const KIND_TAKING: u8 = 3;
 const KIND_READY: u8 = 4;
+const KIND_RECYCLE: u8 = 5;
 
 /// A connection offered for hand-off, with everything the receiving worker needs to go on
 /// serving it: its policy state and its session's state.
@@ -146,6 +149,28 @@ pub enum Message {
     /// From a worker to its master, once: booted, it accepts (see [`report_ready`]). Only
     /// ever sent by a worker to the master that forked it, so of the same binary.
     Ready,
+    /// From a worker to its master, at most once: replace me (recycling), for this reason.
+    /// The worker serves on until the master stops it gracefully.
+    Recycle(Recycle),
+}
+
+/// Why a worker asks to be replaced ([`Message::Recycle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycle {
+    /// It accepted this many connections (and UDP flows), reaching its
+    /// `daemon.recycle_after_connections` (with its jitter).
+    Connections(u64),
+    /// Its resident memory reached this many bytes, over `daemon.recycle_above_rss`.
+    Memory(u64),
+}
+
+impl std::fmt::Display for Recycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recycle::Connections(n) => write!(f, "accepted {n} connections"),
+            Recycle::Memory(bytes) => write!(f, "resident memory {} MiB", bytes >> 20),
+        }
+    }
 }
 
 struct Writer(Vec<u8>);
@@ -281,6 +306,15 @@ impl Message {
             }
             Message::Taking => w.u8(KIND_TAKING),
             Message::Ready => w.u8(KIND_READY),
+            Message::Recycle(why) => {
+                w.u8(KIND_RECYCLE);
+                let (kind, value) = match why {
+                    Recycle::Connections(n) => (1, n),
+                    Recycle::Memory(bytes) => (2, bytes),
+                };
+                w.u8(kind);
+                w.u64(*value);
+            }
         }
         w.0
     }
@@ -363,6 +397,11 @@ impl Message {
             }
             KIND_TAKING => Message::Taking,
             KIND_READY => Message::Ready,
+            KIND_RECYCLE => match (r.u8()?, r.u64()?) {
+                (1, n) => Message::Recycle(Recycle::Connections(n)),
+                (2, bytes) => Message::Recycle(Recycle::Memory(bytes)),
+                (other, _) => return Err(invalid(&format!("recycling reason {other}"))),
+            },
             other => return Err(invalid(&format!("kind {other}"))),
         };
         if !r.0.is_empty() {
@@ -546,6 +585,8 @@ mod tests {
             Message::Resolved { token: 3, outcome: Outcome::Lost },
             Message::Taking,
             Message::Ready,
+            Message::Recycle(Recycle::Connections(1000)),
+            Message::Recycle(Recycle::Memory(512 << 20)),
         ] {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);
         }

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "proxy_protocol",
             "scoreboard",
             "sdnotify",
+            "shared",
             "signals",
             "status_json",
             "upstream",

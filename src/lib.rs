@@ -21,7 +21,7 @@
 //!    [`schema`], [`sys`]
 //! 2. mechanisms: [`activation`], [`daemonize`], [`handoff`], [`limits`], [`logging`],
 //!    [`pidfile`], [`pki`], [`poller`], [`privileges`], [`proxy_protocol`],
-//!    [`scoreboard`], [`sdnotify`], [`signals`], [`status_json`], [`upstream`]
+//!    [`scoreboard`], [`sdnotify`], [`shared`], [`signals`], [`status_json`], [`upstream`]
 //! 3. services: [`services`], [`tls`]
 //! 4. configuration: [`config`], [`import`]
 //! 5. serving: [`checker`], [`listener`], [`spawner`], [`worker`]
@@ -34,14 +34,17 @@
 //!
 //! # Your own service
 //!
-//! A service makes a [`services::Session`] per connection; for a line protocol,
-//! [`services::Lines`] does the I/O and a [`services::LineHandler`] says what to answer.
+//! A service makes a [`services::Session`] per connection; for a request/response protocol,
+//! [`services::Framed`] does the I/O (buffers, backpressure, frame limits, hand-off) over the
+//! frames a decoder finds ([`services::framing::lines`], length-prefixed frames, or a
+//! decoder of your own), and a [`services::FrameHandler`] says what to answer to each.
 //! Register it by name and the program is the whole daemon (`run`, `check`, `reload`,
 //! `status` ...) with `service = "upper"` available in `[[listener]]` blocks, and the
 //! listener's `[listener.options]` read by your build function:
 //!
 //! ```no_run
-//! use preforkd::services::{ConnInfo, Invalid, LineAction, LineHandler, Lines, Options};
+//! use preforkd::services::framing::lines;
+//! use preforkd::services::{ConnInfo, FrameAction, FrameHandler, Framed, Invalid, Options};
 //! use preforkd::services::{Service, Session};
 //!
 //! /// `[listener.options]` of an `upper` listener.
@@ -69,23 +72,24 @@
 //!
 //! impl Service for Upper {
 //!     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-//!         Box::new(Lines::new(Shout, self.max_line))
+//!         // A line of at most `max_line` bytes, and its LF.
+//!         Box::new(Framed::new(Shout, lines, self.max_line + 1))
 //!     }
 //!
 //!     /// The hand-off hook, receiving side: a connection a reload moved here.
 //!     fn import(&self, _conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {
 //!         let shout = |own: &[u8]| own.is_empty().then_some(Shout);
-//!         Some(Box::new(Lines::import(state, self.max_line, shout)?))
+//!         Some(Box::new(Framed::import(state, lines, self.max_line + 1, shout)?))
 //!     }
 //! }
 //!
 //! struct Shout;
 //!
-//! impl LineHandler for Shout {
-//!     fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+//! impl FrameHandler for Shout {
+//!     fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
 //!         out.extend(line.to_ascii_uppercase());
 //!         out.extend(b"\r\n");
-//!         LineAction::Continue
+//!         FrameAction::Continue
 //!     }
 //!
 //!     /// The hand-off hook, sending side: between lines, nothing to carry.
@@ -100,23 +104,77 @@
 //! ```
 //!
 //! `examples/upper.rs` is this program with a greeting and a `QUIT` command, and
-//! `examples/upper.toml` its configuration: `cargo run --example upper -- -c
-//! examples/upper.toml`.
+//! `examples/upper.toml` its configuration:
+//! `cargo run --example upper -- -c examples/upper.toml`. `examples/kv.rs` is a
+//! Redis-protocol key-value store (redis-cli and redis-benchmark talk to it), with a
+//! decoder of its own and its keys in a [`shared::SharedMap`].
+//!
+//! ## What runs where, and which state each worker sees
+//!
+//! The service is built in the master and reaches each worker through fork(2): what it holds
+//! when built, every worker holds a copy of; what a worker changes afterwards (through a
+//! `Cell`, `RefCell` or `OnceCell`: each process is single-threaded) only that worker sees.
+//! A value `SET` in one worker's `HashMap` is missing from the others', and a client's next
+//! connection may well be served by another worker.
+//!
+//! ```text
+//!                          master (root, or the user that started it)
+//!   +---------------------------------------------------------------------------+
+//!   | build(&mut Options) -> Service   at start, at each reload, and in `check`:  |
+//!   |                                  no socket, thread or file; may map memory  |
+//!   | SharedMap::new(..)  ---------------------------+   (MAP_SHARED: one copy)   |
+//!   +---------------+--------------------------+-----|----------------------------+
+//!              fork(2)                    fork(2)    |
+//!   +---------------v-----------+  +-----------v-----|-----+
+//!   | worker 0 (daemon.user)    |  | worker 1              |   ... one per `workers`,
+//!   |  Service: its own copy    |  |  Service: its own copy|   and per generation
+//!   |  after_fork(): database   |  |  after_fork(): its own|   during a reload
+//!   |    connection A, caches   |  |    connection B       |
+//!   |  session() per connection |  |  session() ...        |
+//!   |    Session: that client's |  |    (a hand-off moves  |
+//!   |    state, and only its    |  |    it to a new worker)|
+//!   |  before_exit(): close A   |  |  before_exit()        |
+//!   +-------------+-------------+  +-----------+-----------+
+//!                 |                            |
+//!                 +-------> SharedMap <--------+   one table for every worker of every
+//!                           (under a robust,       generation; gone with the master
+//!                            shared lock)          (restart, binary upgrade)
+//! ```
+//!
+//! - State every worker reads and none changes (configuration, a parsed file): fields set
+//!   by the build function.
+//! - State of one worker (a database connection, a client pool, a per-worker cache): made
+//!   by [`services::Service::after_fork`], which runs in each worker as its user before it
+//!   accepts (a failure is a boot failure, logged with the hook's message), and ended by
+//!   [`services::Service::before_exit`].
+//! - State of one connection: the [`services::Session`] (with [`services::Framed`], the
+//!   handler), moved with the connection when a reload hands it off.
+//! - State all workers share: a [`shared::SharedMap`] made in the master (by the build
+//!   function, kept across reloads as `examples/kv.rs` does), or an external store (Redis,
+//!   a database) when it must outlive the daemon or span hosts. The daemon's own shared
+//!   memory (the per-client limits, the datagram rates) is not for services; its
+//!   scoreboard can be read ([`services::Context::scoreboard`]), not written.
 //!
 //! # Reloads: hand-off or drain
 //!
-//! A reload (or a binary upgrade) retires the old generation's workers. Each offers its
-//! connections to the serving generation; a session moves if it implements the hand-off
-//! hook, two methods for a simple one, as above: [`services::Session::export`] (for a
-//! [`services::Lines`] session, [`services::LineHandler::export`]) gives its state as
-//! versioned bytes when it is at rest, and [`services::Service::import`] rebuilds it in the
-//! receiving worker. Without the hook a session is *drained*: the old worker serves it until
-//! it ends, with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as
-//! nginx and HAProxy keep their old processes. A session that must move with an exchange in
-//! flight, or owns descriptors of its own, says so with [`services::Session::movable`], and
-//! its descriptors travel with [`services::Session::export_descriptors`] and
+//! A reload (or a binary upgrade, TTOU, worker recycling) retires the old generation's
+//! workers. Each offers its connections to the serving generation; a session moves if it
+//! implements the hand-off hook, two methods for a simple one, as above:
+//! [`services::Session::export`] (for a [`services::Framed`] session, which carries its
+//! buffers itself and so moves at any moment, [`services::FrameHandler::export`]) gives its
+//! state as versioned bytes, and [`services::Service::import`] rebuilds it in the receiving
+//! worker. Without the hook a session is *drained*: the old worker serves it until it ends,
+//! with no deadline unless `reload_drain_timeout` sets one (preforkd.toml(5)), as nginx and
+//! HAProxy keep their old processes. A session that must move with an exchange in flight, or
+//! owns descriptors of its own, says so with [`services::Session::movable`], and its
+//! descriptors travel with [`services::Session::export_descriptors`] and
 //! [`services::Session::resume`], where the receiving worker's session watches them again:
 //! the relay moves that way, with its backend socket, buffers, pipes and half-closes.
+//!
+//! A session the worker keeps (drained by a retirement, or any session at a graceful stop)
+//! is told once, [`services::Session::on_drain`] ([`services::FrameHandler::on_drain`]), so
+//! it can say goodbye in its protocol: `examples/upper.rs` answers a graceful stop with
+//! `BYE server going away`. A session that moves is never told: its client sees nothing.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -149,6 +207,7 @@ pub mod schema;
 pub mod scoreboard;
 pub mod sdnotify;
 pub mod services;
+pub mod shared;
 pub mod signals;
 pub mod spawner;
 pub mod status_json;

@@ -295,6 +295,10 @@ pub struct Header {
     /// generation served, each then forked again (version 4).
     pub worker_restarts: AtomicU64,
     upgrade_state: AtomicU32,
+    /// Workers replaced because they asked to be (recycling: `daemon.recycle_*`). In what
+    /// was padding before `message_len`, so the layout is unchanged: an older master's
+    /// scoreboard reads 0.
+    pub worker_recycles: AtomicU32,
     message_len: AtomicU64,
     message: [AtomicU32; MESSAGE_BYTES / 4],
     /// Listener names and the counters of workers that are gone (version 4).

@@ -162,6 +162,9 @@ pub struct Master {
     /// Workers that exited without being asked to while their generation served, each then
     /// forked again (added in schema 1).
     pub worker_restarts: u64,
+    /// Workers replaced because they asked to be (recycling: `daemon.recycle_*`; added in
+    /// schema 1).
+    pub worker_recycles: u64,
     /// `"none"`, or `"new-master-running"` while a new master this one started runs (added
     /// in schema 1).
     pub upgrade_state: &'static str,
@@ -237,6 +240,7 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
         log_reopens: header.reopens.load(Ordering::Relaxed),
         upgrades_failed: header.upgrades_failed.load(Ordering::Relaxed),
         worker_restarts: header.worker_restarts.load(Ordering::Relaxed),
+        worker_recycles: u64::from(header.worker_recycles.load(Ordering::Relaxed)),
         upgrade_state: header.upgrade_state().name(),
         last_error: (!message.is_empty()).then_some(message),
     };
@@ -408,7 +412,7 @@ mod tests {
                     "pid": 100, "generation": 2, "started_unix_ms": 1_000, "uptime_ms": 9_000,
                     "target_workers": 2, "reloads_applied": 1, "reloads_rejected": 3,
                     "log_reopens": 0, "upgrades_failed": 0, "worker_restarts": 0,
-                    "upgrade_state": "none",
+                    "worker_recycles": 0, "upgrade_state": "none",
                     "last_error": "could not bind 127.0.0.1:80: Permission denied"
                 },
                 "workers": [

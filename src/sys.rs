@@ -81,6 +81,23 @@ pub fn map_shared_zeroed(
     }
 }
 
+/// This process's resident memory (RSS) in bytes: the second field of `/proc/self/statm`,
+/// in pages (proc(5)), times the page size. One open(2), read(2) and close(2): call it at a
+/// bounded rate.
+///
+/// # Errors
+/// `/proc` is not mounted or not readable, or the file is not as proc(5) describes it.
+pub fn resident_bytes() -> std::io::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages = statm
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse::<u64>().ok())
+        .ok_or_else(|| std::io::Error::other("/proc/self/statm: no resident page count"))?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?.unwrap_or(4096);
+    Ok(pages.saturating_mul(u64::try_from(page).unwrap_or(4096)))
+}
+
 /// How [`allocate`] reserved a file's blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocation {
@@ -597,6 +614,16 @@ fn dev_null() -> io::Result<&'static OwnedFd> {
 mod tests {
     use super::*;
     use std::ffi::CString;
+
+    #[test]
+    fn resident_memory_grows_with_the_pages_touched() {
+        let before = resident_bytes().unwrap();
+        assert!(before > 0);
+        let touched = vec![1u8; 32 << 20];
+        let after = resident_bytes().unwrap();
+        assert!(after >= before + (16 << 20), "{before} then {after}");
+        drop(std::hint::black_box(touched));
+    }
     use std::io::Read;
     use std::os::fd::AsFd;
 

@@ -49,6 +49,12 @@ pub struct DaemonSection {
     pub worker_timeout: Option<Spanned<String>>,
     /// Draining generations allowed at once.
     pub max_draining_generations: Option<Spanned<i64>>,
+    /// Accepted connections after which a worker is replaced.
+    pub recycle_after_connections: Option<Spanned<i64>>,
+    /// Most connections added to that count per worker.
+    pub recycle_jitter: Option<Spanned<i64>>,
+    /// Resident memory in MiB above which a worker is replaced.
+    pub recycle_above_rss: Option<Spanned<i64>>,
     /// User the workers run as (when started as root).
     pub user: Option<Spanned<String>>,
     /// Group the workers run as (when started as root).
@@ -103,6 +109,14 @@ pub struct ListenerSection {
     pub owner: Option<Spanned<String>>,
     /// Group of a Unix socket file: a group name or number.
     pub group: Option<Spanned<String>>,
+    /// Silence before the first TCP keepalive probe; "0s": off.
+    pub tcp_keepalive_idle: Option<Spanned<String>>,
+    /// Between TCP keepalive probes.
+    pub tcp_keepalive_interval: Option<Spanned<String>>,
+    /// Unanswered TCP keepalive probes before the connection is dropped.
+    pub tcp_keepalive_count: Option<Spanned<i64>>,
+    /// Network interface to bind to (SO_BINDTODEVICE).
+    pub interface: Option<Spanned<String>>,
     /// Built-in service name.
     pub service: Option<Spanned<String>>,
     /// listen(2) backlog.

@@ -195,6 +195,15 @@ keys! {
     MAX_DRAINING_GENERATIONS "daemon.max_draining_generations":
         Integer { min: 1, max: 16 }, Value("4"), "generations", Applies,
         "Generations that may drain at once after reloads; beyond it the oldest stops fast.";
+    RECYCLE_AFTER_CONNECTIONS "daemon.recycle_after_connections":
+        Integer { min: 0, max: U32 }, Value("0"), "connections", Applies,
+        "A worker that has accepted this many connections is replaced gracefully; 0 never.";
+    RECYCLE_JITTER "daemon.recycle_jitter": Integer { min: 0, max: U32 }, Value("0"),
+        "connections", Applies,
+        "Up to this many more, chosen per worker, so workers are not replaced together.";
+    RECYCLE_ABOVE_RSS "daemon.recycle_above_rss": Integer { min: 0, max: 1 << 30 }, Value("0"),
+        "MiB", Applies,
+        "A worker whose resident memory exceeds this is replaced gracefully; 0 never.";
     USER "daemon.user": Kind::String, Absent("none"), "", Restart,
         "User the workers switch to when the master runs as root.";
     GROUP "daemon.group": Kind::String, Absent("the user's primary group"), "", Restart,
@@ -242,6 +251,17 @@ keys! {
         "Permission bits of a unix:/path listener's socket file, in octal, such as \"0660\".";
     SOCKET_OWNER "listener.owner": Kind::String, Absent("the master's user"), "", Applies,
         "Owner of a unix:/path listener's socket file: a user name or number.";
+    TCP_KEEPALIVE_IDLE "listener.tcp_keepalive_idle": Kind::Duration, Value("\"0s\""), "",
+        Applies,
+        "TCP keepalive on accepted connections: silence before the first probe; \"0s\" leaves it off.";
+    TCP_KEEPALIVE_INTERVAL "listener.tcp_keepalive_interval": Kind::Duration,
+        Absent("the system's, net.ipv4.tcp_keepalive_intvl"), "", Applies,
+        "Between TCP keepalive probes.";
+    TCP_KEEPALIVE_COUNT "listener.tcp_keepalive_count": Integer { min: 1, max: 127 },
+        Absent("the system's, net.ipv4.tcp_keepalive_probes"), "probes", Applies,
+        "Unanswered TCP keepalive probes before the connection is dropped.";
+    INTERFACE "listener.interface": Kind::String, Absent("none"), "", Applies,
+        "Bind the listening socket to this network interface (SO_BINDTODEVICE).";
     SOCKET_GROUP "listener.group": Kind::String, Absent("the master's group"), "", Applies,
         "Group of a unix:/path listener's socket file: a group name or number.";
     SERVICE "listener.service": Kind::String, Required, "", Applies,

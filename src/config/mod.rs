@@ -13,7 +13,7 @@ pub mod keys;
 pub mod lenient;
 pub mod validate;
 
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -91,6 +91,8 @@ pub struct DaemonConfig {
     /// Generations that may be draining after reloads at once; a reload beyond it stops the
     /// oldest draining generation fast ([`keys::MAX_DRAINING_GENERATIONS`]).
     pub max_draining_generations: NonZeroUsize,
+    /// When a worker is replaced gracefully, to bound what a leaking service costs.
+    pub recycle: Recycle,
     /// User the workers switch to (setgroups, setgid, setuid) when the master runs as root;
     /// ignored, with a warning, otherwise ([`keys::USER`]).
     pub user: Option<String>,
@@ -109,6 +111,23 @@ pub struct DaemonConfig {
     pub event_backend: EventBackend,
 }
 
+/// `[daemon]`'s recycling keys: when a worker asks to be replaced. The master then starts a
+/// replacement and, once it is ready, stops the worker gracefully (its connections are
+/// handed off where their sessions can be, the others finish there). A reload applies them to
+/// the workers it starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recycle {
+    /// After this many accepted connections (and UDP flows); `None` (written 0): never
+    /// ([`keys::RECYCLE_AFTER_CONNECTIONS`]).
+    pub after_connections: Option<NonZeroU64>,
+    /// Up to this many more connections, chosen at random by each worker, so that workers
+    /// started together are not replaced together ([`keys::RECYCLE_JITTER`]).
+    pub jitter: u64,
+    /// Once its resident memory (RSS) is over this many bytes; `None` (written 0): never
+    /// ([`keys::RECYCLE_ABOVE_RSS`], written in MiB).
+    pub above_rss: Option<NonZeroU64>,
+}
+
 /// One `[[listener]]`: an address, the service behind it and its connection policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -120,6 +139,13 @@ pub struct ListenerConfig {
     /// The socket file's mode and ownership, for a `unix:/path` address (all `None`
     /// otherwise).
     pub socket_file: SocketFile,
+    /// TCP keepalive on accepted connections, set on the listening socket (which passes it
+    /// on); `None` (written `"0s"`): the system's default, off ([`keys::TCP_KEEPALIVE_IDLE`],
+    /// [`keys::TCP_KEEPALIVE_INTERVAL`], [`keys::TCP_KEEPALIVE_COUNT`]).
+    pub tcp_keepalive: Option<crate::net::Keepalive>,
+    /// The network interface the socket is bound to (`SO_BINDTODEVICE`): only packets
+    /// through it reach the listener ([`keys::INTERFACE`]).
+    pub interface: Option<String>,
     /// The service ([`keys::SERVICE`], required) built from `[listener.options]`
     /// ([`keys::OPTIONS`]).
     pub service: ServiceConfig,

@@ -79,7 +79,7 @@ mod region;
 use buckets::Place;
 pub use buckets::Verdict;
 pub use datagram_rates::DatagramRates;
-use mutex::{Held, RobustMutex};
+pub(crate) use mutex::{Held, RobustMutex};
 use region::Mapping;
 pub use region::{AdoptError, RANGES};
 

@@ -2,6 +2,7 @@
 //! and the one way to take it, repairing the table when its last owner died holding it.
 //!
 //! Runs in the master (initialisation, reclaiming) and in workers (every check-and-update).
+//! Also the lock of [`crate::shared::SharedMap`], the shared table library services use.
 //! Invariants:
 //! - the mutex lives in a `MAP_SHARED` region, initialised once by the process that made the
 //!   region, before any other process sees it (`PTHREAD_PROCESS_SHARED`,
@@ -22,14 +23,14 @@ use nix::libc;
 
 /// A robust, process-shared mutex and the count of repairs it forced. Lives in shared memory.
 #[repr(C)]
-pub(super) struct RobustMutex {
+pub(crate) struct RobustMutex {
     raw: UnsafeCell<libc::pthread_mutex_t>,
     /// How often a dead owner forced a repair.
     repairs: AtomicU64,
 }
 
 /// The data a [`RobustMutex`] guards, while this process holds it; unlocks on drop.
-pub(super) struct Held<'a, T> {
+pub(crate) struct Held<'a, T> {
     data: T,
     mutex: &'a RobustMutex,
 }
@@ -43,7 +44,7 @@ impl RobustMutex {
     ///
     /// # Errors
     /// The pthread error.
-    pub(super) unsafe fn init(this: *mut RobustMutex) -> Result<(), Errno> {
+    pub(crate) unsafe fn init(this: *mut RobustMutex) -> Result<(), Errno> {
         let check = |rc: i32| if rc == 0 { Ok(()) } else { Err(Errno::from_raw(rc)) };
         // SAFETY: the attribute object lives on this stack frame and is initialised before
         // use; the caller guarantees `this` is ours alone.
@@ -78,7 +79,7 @@ impl RobustMutex {
     ///
     /// # Errors
     /// The pthread error when the lock cannot be taken (nothing was opened then).
-    pub(super) fn lock<T>(
+    pub(crate) fn lock<T>(
         &self,
         open: impl FnOnce() -> T,
         repair: impl FnOnce(&mut T),
@@ -100,7 +101,7 @@ impl RobustMutex {
     }
 
     /// How often a process died holding the lock and the data was repaired.
-    pub(super) fn repairs(&self) -> u64 {
+    pub(crate) fn repairs(&self) -> u64 {
         self.repairs.load(Ordering::Relaxed)
     }
 }

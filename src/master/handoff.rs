@@ -21,10 +21,14 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use nix::unistd::Pid;
 
 use super::Master;
+use super::pool::Recycled;
 use super::table::{Role, Running};
-use crate::handoff::{Channel, Message, Offer, Outcome};
+use crate::handoff::{Channel, Message, Offer, Outcome, Recycle};
 use crate::scoreboard::SlotState;
 
 /// Messages read from one worker's channel per turn of the master's loop at most, so that
@@ -164,6 +168,7 @@ impl Master {
                 }
                 Ok(Some((Message::Taking, _))) => self.successor_takes(end),
                 Ok(Some((Message::Ready, _))) => self.worker_ready(end),
+                Ok(Some((Message::Recycle(why), _))) => self.worker_recycle(end, why),
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel of {}: {error}; dropped", name(end));
                 }
@@ -289,13 +294,37 @@ impl Master {
         self.routes_gone(Endpoint::Worker(slot));
     }
 
-    /// The worker of `end` said it is booted and accepting.
+    /// The worker of `end` said it is booted and accepting; if it replaces one that asked to
+    /// be, that one drains now.
     fn worker_ready(&mut self, end: Endpoint) {
-        if let Endpoint::Worker(slot) = end
-            && self.pool.worker_ready(slot)
-        {
-            log::debug!("worker {slot} ready");
+        let Endpoint::Worker(slot) = end else { return };
+        if !self.pool.worker_ready(slot) {
+            return;
         }
+        log::debug!("worker {slot} ready");
+        let stop = self.retire();
+        if let Some((old, action)) = self.pool.replacement_ready(slot, stop, Instant::now()) {
+            log::debug!("worker {slot} replaces worker {old}, which now drains");
+            self.perform_pool(vec![action]);
+        }
+    }
+
+    /// The worker of `end` asks to be replaced (recycling): the pool starts its replacement
+    /// (see `pool.rs`). Logged once, counted in the scoreboard.
+    fn worker_recycle(&mut self, end: Endpoint, why: Recycle) {
+        let Endpoint::Worker(slot) = end else { return };
+        let pid = self.pool.slots()[slot].pid().map_or(0, Pid::as_raw);
+        let (now, lifecycle) = (Instant::now(), self.supervisor.lifecycle());
+        let then = match self.pool.recycle(slot, now, lifecycle) {
+            Recycled::Replacing(by) => format!("starting worker {by} to replace it"),
+            Recycled::Waiting => "its replacement waits for a free worker slot".to_owned(),
+            Recycled::Ignored => {
+                log::debug!("worker {slot} (pid {pid}) asks to be replaced ({why}): not now");
+                return;
+            }
+        };
+        self.scoreboard.header().worker_recycles.fetch_add(1, Ordering::Relaxed);
+        log::info!("recycling worker {slot} (pid {pid}): {why}; {then}, then it drains");
     }
 
     /// The new master said it takes offers.

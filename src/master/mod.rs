@@ -478,7 +478,7 @@ impl Master {
                 self.status = ExitStatus::Software;
                 return self.handle_stop_fast("worker boot failure");
             }
-            Fate::Respawn { .. } | Fate::Dropped => {}
+            Fate::Respawn { .. } | Fate::Dropped | Fate::Replaced => {}
         }
         match exit {
             WorkerExit::Clean => log::warn!("worker {slot} (pid {pid}) exited unexpectedly"),
@@ -488,7 +488,9 @@ impl Master {
             WorkerExit::Killed(signal) => {
                 log::error!("worker {slot} (pid {pid}) was killed by {signal}")
             }
-            WorkerExit::BootFailure => {}
+            WorkerExit::BootFailure => {
+                log::error!("worker {slot} (pid {pid}) could not boot (its log line says why)")
+            }
         }
         if let Fate::Respawn { delay, failures } = fate {
             self.scoreboard.header().worker_restarts.fetch_add(1, Ordering::Relaxed);

@@ -9,20 +9,28 @@
 //! The rules:
 //! - a worker's exit means, checked in this order: its slot is free (it was retiring);
 //!   nothing (the daemon stops); a rollback (it belonged to the generation a reload starts);
-//!   a stop (it could not boot, [`WorkerExit::BootFailure`]: respawning it would loop); a
+//!   a stop (it could not boot, [`WorkerExit::BootFailure`], while the daemon starts:
+//!   respawning it would loop on a mistake, as gunicorn's `WORKER_BOOT_ERROR` halts); a
 //!   respawn, at once after a healthy life and with jittered exponential backoff in a crash
-//!   loop (see `table.rs`), if its generation serves and the pool is kept; else nothing (an
-//!   old generation, or workers stopped by WINCH);
-//! - retiring is SIGUSR2 (the service goes on: a reload's old generation, TTOU, WINCH; the
-//!   worker hands off what can move and serves the rest until it ends), SIGQUIT (a graceful
-//!   stop) or SIGTERM (fast), then SIGKILL once at the deadline, if there is one (a
-//!   retirement has none unless `reload_drain_timeout` is set);
+//!   loop (see `table.rs`), if its generation serves and the pool is kept (a replacement that
+//!   cannot boot in a generation that did, such as a service hook whose database is down,
+//!   is such a crash: it may come back); else nothing (an old generation, or workers stopped
+//!   by WINCH);
+//! - retiring is SIGUSR2 (the service goes on: a reload's old generation, TTOU, WINCH,
+//!   recycling; the worker hands off what can move and serves the rest until it ends),
+//!   SIGQUIT (a graceful stop) or SIGTERM (fast), then SIGKILL once at the deadline, if there
+//!   is one (a retirement has none unless `reload_drain_timeout` is set);
 //! - a ready worker whose heartbeat is older than its `worker_timeout` is hung: SIGABRT (for
 //!   a core dump), then SIGKILL once after [`ABORT_GRACE`]; its reap replaces it;
 //! - while more than `max_draining_generations` generations drain, the oldest is stopped
 //!   fast (its connections are cut): the bound on what unbounded drains hold;
-//! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker,
-//!   never the only one;
+//! - TTIN takes a free slot for the serving generation; TTOU retires the last serving worker
+//!   (one asking to be replaced first), never the only one;
+//! - a serving worker that asks to be replaced (recycling) gets a replacement in a free slot
+//!   of its generation (at the next turn with one free, if none is now); once the
+//!   replacement is ready, the worker is retired, so the pool never runs short. If it dies
+//!   first, its slot is freed, not respawned: the replacement is on its way; if the
+//!   replacement is retired first, the worker asks again;
 //! - a generation is ready when each of its slots has a worker that said `Ready` on its
 //!   channel.
 //!
@@ -42,7 +50,7 @@ use thiserror::Error;
 
 use super::SLOT_HEADROOM;
 use super::supervisor::Lifecycle;
-use super::table::{Health, Role, Running, Watch, WorkerExit, WorkerSlot};
+use super::table::{Health, Recycling, Role, Running, Watch, WorkerExit, WorkerSlot};
 
 /// How long a worker that got SIGABRT for a stale heartbeat has before SIGKILL.
 pub const ABORT_GRACE: Duration = Duration::from_secs(2);
@@ -116,7 +124,8 @@ pub enum Fate {
     /// It belonged to the generation a reload starts: roll the reload back (its slot is
     /// free).
     StartFailed,
-    /// It could not boot: stop the daemon rather than respawn it in a loop.
+    /// It could not boot while the daemon starts: stop the daemon rather than respawn it in a
+    /// loop.
     BootFailure,
     /// Replaced after `delay` (zero: at once); `failures` quick exits in a row.
     Respawn {
@@ -127,6 +136,21 @@ pub enum Fate {
     },
     /// Not replaced: its generation no longer serves, or WINCH stopped the workers.
     Dropped,
+    /// It asked to be replaced and its replacement was started: not respawned (its slot is
+    /// free).
+    Replaced,
+}
+
+/// The outcome of a worker's request to be replaced ([`Pool::recycle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recycled {
+    /// Its replacement is forked into this slot by the next turn of the loop.
+    Replacing(usize),
+    /// No slot is free: a replacement is started at the first turn with one.
+    Waiting,
+    /// Not now: it does not serve the serving generation, the pool is not kept (stopping,
+    /// WINCH), or it asked already.
+    Ignored,
 }
 
 /// The outcome of TTIN or TTOU.
@@ -274,6 +298,7 @@ impl Pool {
         let entry = &mut self.slots[slot];
         entry.generation = self.generation;
         entry.respawn_at = None;
+        entry.recycling = Recycling::No;
         entry.worker = Some(Running { pid, started: now, health: Health::Booting, watch });
     }
 
@@ -307,17 +332,19 @@ impl Pool {
         let keeps = self.keeps(&self.slots[slot], lifecycle);
         let entry = &mut self.slots[slot];
         let delay = entry.exited(now, jitter);
+        let recycling = std::mem::take(&mut entry.recycling);
         let fate = match (entry.role, lifecycle) {
             (Role::Retiring { .. }, _) => Fate::Retired,
+            (Role::Serving, _) if keeps && matches!(recycling, Recycling::By(_)) => Fate::Replaced,
             (_, Lifecycle::Stopping { .. }) => return Fate::Stopping,
             (_, Lifecycle::Reloading { generation, .. }) if generation == entry.generation => {
                 Fate::StartFailed
             }
-            _ if exit == WorkerExit::BootFailure => Fate::BootFailure,
+            (_, Lifecycle::Starting { .. }) if exit == WorkerExit::BootFailure => Fate::BootFailure,
             _ if keeps => return Fate::Respawn { delay, failures: entry.failures },
             _ => Fate::Dropped,
         };
-        if matches!(fate, Fate::Retired | Fate::StartFailed) {
+        if matches!(fate, Fate::Retired | Fate::StartFailed | Fate::Replaced) {
             entry.role = Role::Free;
         }
         entry.respawn_at = None;
@@ -369,6 +396,13 @@ impl Pool {
             actions.push(PoolAction::Signal { slot, pid: worker.pid, signal, why });
         }
         for slot in 0..self.slots.len() {
+            if self.slots[slot].recycling == Recycling::Wanted
+                && self.keeps(&self.slots[slot], lifecycle)
+            {
+                self.start_replacement(slot, now);
+            }
+        }
+        for slot in 0..self.slots.len() {
             let keeps = self.keeps(&self.slots[slot], lifecycle);
             let entry = &mut self.slots[slot];
             if entry.needs_reclaim {
@@ -399,7 +433,10 @@ impl Pool {
         }
         let mut deadlines = Vec::new();
         for slot in &self.slots {
-            if slot.needs_reclaim {
+            if slot.needs_reclaim
+                || (slot.recycling == Recycling::Wanted && self.keeps(slot, lifecycle))
+            {
+                // Records to release, or a replacement waiting for a free slot.
                 deadlines.push(now + RECLAIM_RETRY);
                 continue;
             }
@@ -419,9 +456,54 @@ impl Pool {
         deadlines.into_iter().min()
     }
 
+    /// The worker of `slot` asked at `now` to be replaced (recycling): a free slot of its
+    /// generation gets a replacement, forked by the next [`Pool::on_tick`]; the worker is
+    /// retired when the replacement is ready ([`Pool::replacement_ready`]).
+    pub fn recycle(&mut self, slot: usize, now: Instant, lifecycle: Lifecycle) -> Recycled {
+        let entry = &self.slots[slot];
+        let asking = entry.worker.is_some_and(|worker| worker.is_ready());
+        if !asking || !self.keeps(entry, lifecycle) || entry.recycling != Recycling::No {
+            return Recycled::Ignored;
+        }
+        self.slots[slot].recycling = Recycling::Wanted;
+        match self.start_replacement(slot, now) {
+            Some(by) => Recycled::Replacing(by),
+            None => Recycled::Waiting,
+        }
+    }
+
+    /// Takes a free slot for the replacement of `slot`'s worker, due now.
+    fn start_replacement(&mut self, slot: usize, now: Instant) -> Option<usize> {
+        let by = self.free_slot()?;
+        self.slots[by].serve(self.generation);
+        self.slots[by].respawn_at = Some(now);
+        self.slots[slot].recycling = Recycling::By(by);
+        Some(by)
+    }
+
+    /// The worker of `slot` said `Ready`: if it replaces a worker that asked to be
+    /// replaced, that one is retired now (`stop`). Returns its slot and the action.
+    pub fn replacement_ready(
+        &mut self,
+        slot: usize,
+        stop: Stop,
+        now: Instant,
+    ) -> Option<(usize, PoolAction)> {
+        let old = self.slots.iter().position(|s| s.recycling == Recycling::By(slot))?;
+        let action = self.retire(old, stop, now)?;
+        Some((old, action))
+    }
+
     /// Tells the worker of `slot` to stop; a slot without a worker becomes free.
     pub fn retire(&mut self, slot: usize, stop: Stop, now: Instant) -> Option<PoolAction> {
+        for other in &mut self.slots {
+            if other.recycling == Recycling::By(slot) {
+                // Its replacement is retired: it asks again, in effect.
+                other.recycling = Recycling::Wanted;
+            }
+        }
         let entry = &mut self.slots[slot];
+        entry.recycling = Recycling::No;
         entry.respawn_at = None;
         let Some(worker) = entry.worker else {
             entry.role = Role::Free;
@@ -460,7 +542,8 @@ impl Pool {
         Resize::To { target: self.target(lifecycle), actions: Vec::new() }
     }
 
-    /// TTOU: one worker fewer (the last serving slot), at least one stays.
+    /// TTOU: one worker fewer (the last serving slot, or one that asked to be replaced),
+    /// at least one stays.
     pub fn remove_worker(&mut self, stop: Stop, now: Instant, lifecycle: Lifecycle) -> Resize {
         let kept: Vec<usize> =
             (0..self.slots.len()).filter(|&i| self.keeps(&self.slots[i], lifecycle)).collect();
@@ -468,7 +551,9 @@ impl Pool {
         if kept.len() <= 1 {
             return Resize::AtMinimum;
         }
-        let actions = self.retire(last, stop, now).into_iter().collect();
+        let asking = kept.iter().rev().find(|&&i| self.slots[i].recycling != Recycling::No);
+        let chosen = asking.copied().unwrap_or(last);
+        let actions = self.retire(chosen, stop, now).into_iter().collect();
         Resize::To { target: kept.len() - 1, actions }
     }
 
@@ -578,6 +663,7 @@ mod tests {
 
     const GRACE: Duration = Duration::from_secs(10);
     const FAST: Duration = Duration::from_millis(500);
+    const RETIRE: Stop = Stop::Retire(None);
     const SERVING: Lifecycle = Lifecycle::Serving;
 
     fn watch(timeout: Option<Duration>) -> Watch {
@@ -694,13 +780,20 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_that_cannot_boot_is_not_respawned() {
+    fn a_worker_that_cannot_boot_at_start_stops_the_daemon_and_later_backs_off() {
         let (mut pool, t0) = running(4, 2);
         let starting = Lifecycle::Starting { queued: false };
         assert_eq!(pool.exited(1, WorkerExit::BootFailure, t0, 0.0, starting), Fate::BootFailure);
         assert_eq!(pool.on_tick(t0 + GRACE, starting, quiet), vec![]);
-        assert_eq!(pool.exited(0, WorkerExit::BootFailure, t0, 0.0, SERVING), Fate::BootFailure);
-        assert_eq!(pool.deadline(t0, SERVING), None);
+        // Once the generation served, a replacement that cannot boot (its service's hook
+        // failed: a database down) is a crash loop: backoff, however long it took to fail.
+        let later = t0 + MIN_HEALTHY_UPTIME * 5;
+        pool.exited(0, WorkerExit::Clean, later, 0.0, SERVING);
+        pool.spawned(0, pid(0), later, watch(None));
+        let failed = later + MIN_HEALTHY_UPTIME * 2;
+        let fate = pool.exited(0, WorkerExit::BootFailure, failed, 0.0, SERVING);
+        assert_eq!(fate, Fate::Respawn { delay: respawn_delay(1, 0.0), failures: 1 });
+        assert_eq!(pool.deadline(failed, SERVING), Some(failed + respawn_delay(1, 0.0)));
     }
 
     #[test]
@@ -914,6 +1007,92 @@ mod tests {
         assert!(!pool.slots()[0].is_free());
         assert_eq!(pool.add_worker(t0, SERVING), Resize::To { target: 1, actions: vec![] });
         assert_eq!(pool.add_worker(t0, SERVING), Resize::NoFreeSlot);
+    }
+
+    #[test]
+    fn a_worker_asking_to_be_replaced_drains_once_its_replacement_is_ready() {
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Ignored, "asked already");
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 2 }]);
+        pool.spawned(2, pid(2), t0, watch(None));
+        assert_eq!(pool.target(SERVING), 3, "the pool never runs short meanwhile");
+        assert_eq!(pool.replacement_ready(1, RETIRE, t0), None, "not 1's");
+        assert!(pool.worker_ready(2));
+        let retired = pool.replacement_ready(2, RETIRE, t0);
+        assert_eq!(retired, Some((0, signal(0, Signal::SIGUSR2, Why::Retire))));
+        assert_eq!(pool.target(SERVING), 2);
+        assert_eq!(pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING), Fate::Retired);
+        assert!(pool.slots()[0].is_free());
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![]);
+        // The replacement is a worker like any other: it may ask in its turn.
+        assert_eq!(pool.recycle(2, t0, SERVING), Recycled::Replacing(0));
+    }
+
+    #[test]
+    fn a_recycling_worker_that_dies_first_is_not_respawned_and_a_retired_replacement_is_redone() {
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        let fate = pool.exited(0, WorkerExit::Killed(Signal::SIGSEGV), t0, 0.0, SERVING);
+        assert_eq!(fate, Fate::Replaced, "its replacement is on its way");
+        assert!(pool.slots()[0].is_free());
+        assert!(pool.worker_ready(2));
+        assert_eq!(pool.replacement_ready(2, RETIRE, t0), None);
+        assert_eq!(pool.target(SERVING), 2);
+        // Slot 1 asks and TTOU comes: the worker that asked is the one retired, and its
+        // replacement (slot 0) stays.
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Replacing(0));
+        let resize = pool.remove_worker(RETIRE, t0, SERVING);
+        assert_eq!(
+            resize,
+            Resize::To { target: 2, actions: vec![signal(1, Signal::SIGUSR2, Why::Retire)] }
+        );
+        // A replacement retired before it is ready (a reload would): the worker asks again.
+        let (mut pool, t0) = running(8, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        pool.retire(2, Stop::Fast(FAST), t0);
+        assert_eq!(pool.slots()[0].recycling, Recycling::Wanted);
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 3 }]);
+        assert_eq!(pool.slots()[0].recycling, Recycling::By(3));
+    }
+
+    #[test]
+    fn a_replacement_waits_for_a_free_slot_and_only_serving_ready_workers_are_recycled() {
+        let (mut pool, t0) = running(2, 2);
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Waiting);
+        assert_eq!(pool.deadline(t0, SERVING), Some(t0 + RECLAIM_RETRY), "looked at again");
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![]);
+        assert_eq!(
+            pool.remove_worker(RETIRE, t0, SERVING),
+            Resize::To { target: 1, actions: vec![signal(1, Signal::SIGUSR2, Why::Retire)] }
+        );
+        assert_eq!(pool.deadline(t0, SERVING), None, "retired without a bound: nothing is due");
+        // Not while stopping, paused, in an old generation, or booting.
+        let (mut pool, t0) = running(8, 2);
+        let stopping =
+            Lifecycle::Stopping { how: Halt::Graceful, kill_at: Some(t0 + GRACE), killed: false };
+        assert_eq!(pool.recycle(0, t0, stopping), Recycled::Ignored);
+        assert_eq!(pool.recycle(0, t0, Lifecycle::Paused), Recycled::Ignored);
+        pool.begin_generation(2);
+        assert_eq!(pool.recycle(0, t0, reloading(2, t0)), Recycled::Ignored, "old generation");
+        let mut pool = Pool::new(4, 1);
+        pool.spawned(0, pid(0), t0, watch(None));
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Ignored, "still booting");
+        // A waiting request goes once a slot is free.
+        let (mut pool, t0) = running(3, 2);
+        assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Replacing(2));
+        assert_eq!(pool.recycle(1, t0, SERVING), Recycled::Waiting);
+        pool.on_tick(t0, SERVING, quiet);
+        pool.spawned(2, pid(2), t0, watch(None));
+        pool.worker_ready(2);
+        pool.replacement_ready(2, RETIRE, t0);
+        pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING);
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 0 }]);
+        assert_eq!(pool.slots()[1].recycling, Recycling::By(0));
     }
 
     #[test]

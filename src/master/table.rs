@@ -43,6 +43,19 @@ pub enum Role {
     },
 }
 
+/// Whether a slot's worker asked to be replaced (recycling: `daemon.recycle_*`), and how
+/// far that is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recycling {
+    /// Not asked.
+    #[default]
+    No,
+    /// Asked; its replacement waits for a free slot.
+    Wanted,
+    /// Its replacement boots in this slot; the worker is retired once that one is ready.
+    By(usize),
+}
+
 /// Where a live worker stands with the master: booting, ready, or on the hang ladder
 /// (SIGABRT for a core dump, then SIGKILL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +120,8 @@ pub struct WorkerSlot {
     /// The dead worker's per-client records could not be released yet: the slot is not
     /// reused until they are (a new worker would overwrite records still counted).
     pub needs_reclaim: bool,
+    /// Whether its worker asked to be replaced.
+    pub recycling: Recycling,
 }
 
 impl WorkerSlot {
@@ -129,15 +144,16 @@ impl WorkerSlot {
     }
 
     /// Records an exit at `now` and schedules the replacement: at once after a healthy life,
-    /// with exponential backoff (and `jitter`, from 0 to 1) in a crash loop. Returns the
-    /// delay chosen. (Whether the replacement happens is the pool's decision.)
+    /// with exponential backoff (and `jitter`, from 0 to 1) in a crash loop. A life is
+    /// healthy when the worker said `Ready` and lived [`MIN_HEALTHY_UPTIME`]: one that never
+    /// booted (a service's `after_fork` hook that took long to fail) is a quick exit however
+    /// long it took. Returns the delay chosen. (Whether the replacement happens is the
+    /// pool's decision.)
     pub fn exited(&mut self, now: Instant, jitter: f64) -> Duration {
-        let lived = self
-            .worker
-            .take()
-            .map_or(Duration::ZERO, |worker| now.saturating_duration_since(worker.started));
-        self.failures =
-            if lived < MIN_HEALTHY_UPTIME { self.failures.saturating_add(1) } else { 0 };
+        let healthy = self.worker.take().is_some_and(|worker| {
+            worker.is_ready() && now.saturating_duration_since(worker.started) >= MIN_HEALTHY_UPTIME
+        });
+        self.failures = if healthy { 0 } else { self.failures.saturating_add(1) };
         let delay = respawn_delay(self.failures, jitter);
         self.respawn_at = Some(now + delay);
         delay
@@ -217,6 +233,11 @@ mod tests {
         assert_eq!(slot.exited(now, 0.0), Duration::ZERO);
         assert_eq!(slot.failures, 0);
         assert_eq!(slot.pid(), None);
+        // A worker that never said Ready failed to boot, however long that took.
+        slot.worker = Some(Running { health: Health::Booting, ..running(now) });
+        now += MIN_HEALTHY_UPTIME * 2;
+        assert_eq!(slot.exited(now, 0.0), Duration::from_millis(100));
+        assert_eq!(slot.failures, 1);
     }
 
     #[test]

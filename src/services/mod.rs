@@ -30,7 +30,7 @@
 
 mod context;
 mod datagram;
-mod lines;
+pub mod framing;
 mod options;
 pub mod pool;
 
@@ -44,7 +44,7 @@ use std::sync::Arc;
 pub use context::Context;
 pub(crate) use context::{Ending, Extras, Requests, unwatch};
 pub use datagram::{Answer, DatagramService, Flow, Step};
-pub use lines::{LineAction, LineHandler, Lines};
+pub use framing::{Decoder, Frame, FrameAction, FrameHandler, Framed};
 pub use options::{Invalid, Options};
 
 pub use crate::net::{Credentials, Peer};
@@ -143,7 +143,7 @@ pub enum CloseReason {
     /// its fair share of the worker; or refused by a full worker, its client then holding
     /// more than its fair share (see preforkd.toml(5), `shed_when_full`).
     OverShare,
-    /// A reason of the service's own, such as `backend-unavailable` or `line-too-long`:
+    /// A reason of the service's own, such as `backend-unavailable` or `frame-too-long`:
     /// lowercase words joined by `-`, as the access log prints it.
     Service(&'static str),
     /// The TLS handshake failed, for this reason: the service never saw the connection. Not
@@ -280,14 +280,48 @@ impl ConnInfo<'_> {
     }
 }
 
+/// The worker a [`Service`] hook runs in. Made by the worker (non-exhaustive: fields may be
+/// added).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct WorkerInfo<'a> {
+    /// The worker's slot in the master's table (also its row in `preforkd status`): from 0,
+    /// below the slot count fixed at start; a replacement takes a free slot, perhaps another.
+    pub slot: usize,
+    /// The configuration generation the worker serves (1 at start, one more per reload).
+    pub generation: u64,
+    /// The name of the listener whose service this is.
+    pub listener: &'a str,
+}
+
+/// How a worker ends, as [`Service::before_exit`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStop {
+    /// The worker ended with no connection left: its graceful stop (SIGQUIT) finished, or it
+    /// was retired (a reload's old generation, TTOU, WINCH, recycling) and every connection
+    /// has moved to another worker or ended.
+    Graceful,
+    /// A fast stop (SIGTERM or SIGINT, or the master died): the connections were just closed.
+    Fast,
+    /// The worker could not go on: its loop failed, or another service's
+    /// [`Service::after_fork`] failed after this one's succeeded.
+    Failed,
+}
+
+/// What a [`Service::after_fork`] hook fails with: any error, whose message the worker logs.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A listener's service: built once from the listener's options, makes one [`Session`] per
 /// accepted connection.
 ///
 /// The value is built in the master (for `preforkd check`, at start and at each reload, where
 /// a changed `[listener.options]` applies to the new generation's connections) and reaches
 /// the workers through fork(2), so each worker holds its own copy: state kept in it with
-/// interior mutability is per worker. Building must have no side effect (no socket, no
-/// thread, no file written): `check` builds every service and throws it away.
+/// interior mutability is per worker (see the crate documentation for a picture, and
+/// [`crate::shared`] for state all workers see). Building must have no side effect (no
+/// socket, no thread, no file written): `check` builds every service and throws it away.
+/// What each worker needs of its own (a database connection, an open file, a client pool)
+/// is made by [`Service::after_fork`] and ended by [`Service::before_exit`].
 ///
 /// Workers leave SIGCHLD at its default disposition and install no handler for it, and
 /// start no process themselves: a service that runs a program per connection describes it
@@ -296,6 +330,37 @@ impl ConnInfo<'_> {
 pub trait Service {
     /// A session for a newly accepted connection. Called in the worker; it must not block.
     fn session(&self, conn: &ConnInfo<'_>) -> Box<dyn Session>;
+
+    /// Called once in each worker, after fork(2), once the worker has dropped its
+    /// privileges (it runs as `daemon.user`) and before it accepts anything: open what the
+    /// worker needs of its own (a database, a file, a client pool) and keep it in the
+    /// service with interior mutability (a `OnceCell`, a `RefCell`: the worker is
+    /// single-threaded). Hooks run in listener order. It may block, briefly: until every
+    /// worker of a reload's generation has returned from it, the old generation serves
+    /// (and a reload not ready within its start timeout is rolled back).
+    ///
+    /// Default: nothing.
+    ///
+    /// # Errors
+    /// Any error: the worker logs `worker failed to boot: listener NAME: after_fork: ERROR`,
+    /// calls [`Service::before_exit`] ([`WorkerStop::Failed`]) for the services whose hook
+    /// succeeded, and exits as a worker that could not boot. While the daemon starts, that
+    /// stops it (exit status 70, as for any worker that cannot boot); in a reload, the
+    /// reload is rolled back; later (a replacement worker), the worker is respawned with the
+    /// backoff of a crash loop, since what failed (a database down) may come back.
+    fn after_fork(&self, worker: &WorkerInfo<'_>) -> Result<(), HookError> {
+        let _ = worker;
+        Ok(())
+    }
+
+    /// Called once in each worker before it exits, after its connections are closed or
+    /// handed off (`stop` says how it ends): flush and close what [`Service::after_fork`]
+    /// opened. It may block, briefly: a graceful stop's `graceful_timeout` still runs, and
+    /// SIGKILL at its end skips the hook, as do a crash and a kill for a hang. Default:
+    /// nothing.
+    fn before_exit(&self, worker: &WorkerInfo<'_>, stop: WorkerStop) {
+        let _ = (worker, stop);
+    }
 
     /// A cap of the service's own on the listener's open connections, counted exactly across
     /// workers like the listener's `max_connections` (the lower of the two applies; a
@@ -407,6 +472,24 @@ pub trait Session {
     /// # Errors
     /// As for [`Session::on_readable`].
     fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let _ = cx;
+        Ok(Progress::default())
+    }
+
+    /// The drain notice, called at most once in the connection's life: its worker drains and
+    /// keeps this connection rather than handing it off. That is, the daemon stops
+    /// gracefully (the connection is then closed once at rest and quiet for
+    /// `DRAIN_QUIET`, 100 ms, and killed at `graceful_timeout`), or the worker's generation
+    /// retires (a reload, TTOU, recycling, an upgrade) and this session cannot move (no
+    /// [`Session::export`], or no worker took it): it is then served until it ends, or until
+    /// `reload_drain_timeout`. A connection that is handed off is never told: its client
+    /// sees nothing. Say goodbye if the protocol has a word for it (a line protocol's "server
+    /// going away", an HTTP/2 GOAWAY), and close ([`Context::close`]) or go on. Default:
+    /// nothing.
+    ///
+    /// # Errors
+    /// As for [`Session::on_readable`].
+    fn on_drain(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         let _ = cx;
         Ok(Progress::default())
     }

@@ -3,16 +3,24 @@
 //! - `test-probe` uses every part of the session API a built-in does not: an extra
 //!   descriptor (a pipe) watched through the loop, a timer, and a close reason of its own;
 //! - `test-sticky` echoes each line but refuses hand-off (its session keeps the default
-//!   [`Session::export`]), so its connections finish in the worker that accepted them.
+//!   [`Session::export`]), so its connections finish in the worker that accepted them;
+//! - `test-hooks` echoes lines and records its worker hooks: in `[listener.options]`, `dir`
+//!   gets a file `after_fork-PID` (`slot=S generation=G listener=NAME uid=U`) from
+//!   [`Service::after_fork`] and `before_exit-PID` (`graceful`, `fast` or `failed`) from
+//!   [`Service::before_exit`]; `after_fork` fails while the file `fail_if` exists. Its
+//!   sessions are never handed off, and answer the drain notice ([`Session::on_drain`]) with
+//!   the line `draining`.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::framing::{FrameAction, FrameHandler, Framed, lines};
 use super::{
-    CloseReason, ConnInfo, Context, Interest, Invalid, LineAction, LineHandler, Lines, Options,
-    Progress, Ready, Service, Session, write_some,
+    CloseReason, ConnInfo, Context, HookError, Interest, Invalid, Options, Progress, Ready,
+    Service, Session, WorkerInfo, WorkerStop, write_some,
 };
 
 /// Builds the test-only service `name`, if it is one.
@@ -28,26 +36,85 @@ pub(super) fn build(
         "test-sticky" => {
             Some(options.expect_none(name).map(|()| Arc::new(Sticky) as Arc<dyn Service>))
         }
+        "test-hooks" => Some(Hooks::build(options).map(|h| Arc::new(h) as Arc<dyn Service>)),
         _ => None,
     }
 }
 
-/// Echoes lines; never handed off (neither [`LineHandler::export`] nor
+/// Echoes lines and records its worker hooks in files (see the module documentation).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hooks {
+    dir: PathBuf,
+    fail_if: Option<PathBuf>,
+}
+
+impl Hooks {
+    fn build(options: &mut Options<'_>) -> Result<Hooks, Invalid> {
+        let hooks = options.parse::<Hooks>()?;
+        options.finish(hooks)
+    }
+
+    fn record(&self, hook: &str, text: &str) -> io::Result<()> {
+        std::fs::write(self.dir.join(format!("{hook}-{}", std::process::id())), text)
+    }
+}
+
+impl Service for Hooks {
+    fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
+        Box::new(Framed::new(Goodbye, lines, 4096))
+    }
+
+    fn after_fork(&self, worker: &WorkerInfo<'_>) -> Result<(), HookError> {
+        if let Some(fail_if) = self.fail_if.as_ref().filter(|path| path.exists()) {
+            return Err(format!("{} exists", fail_if.display()).into());
+        }
+        let WorkerInfo { slot, generation, listener, .. } = *worker;
+        let uid = nix::unistd::geteuid();
+        let text = format!("slot={slot} generation={generation} listener={listener} uid={uid}");
+        Ok(self.record("after_fork", &text)?)
+    }
+
+    fn before_exit(&self, _worker: &WorkerInfo<'_>, stop: WorkerStop) {
+        let word = match stop {
+            WorkerStop::Graceful => "graceful",
+            WorkerStop::Fast => "fast",
+            WorkerStop::Failed => "failed",
+        };
+        let _ = self.record("before_exit", word);
+    }
+}
+
+/// Echoes lines; never handed off (neither [`FrameHandler::export`] nor
 /// [`Service::import`]).
 #[derive(Debug)]
 struct Sticky;
 
 impl Service for Sticky {
     fn session(&self, _conn: &ConnInfo<'_>) -> Box<dyn Session> {
-        Box::new(Lines::new(Sticky, 4096))
+        Box::new(Framed::new(Sticky, lines, 4096))
     }
 }
 
-impl LineHandler for Sticky {
-    fn on_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> LineAction {
+impl FrameHandler for Sticky {
+    fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
         out.extend_from_slice(line);
         out.push(b'\n');
-        LineAction::Continue
+        FrameAction::Continue
+    }
+}
+
+/// Echoes lines, and says `draining` when told the worker keeps it while draining.
+struct Goodbye;
+
+impl FrameHandler for Goodbye {
+    fn on_frame(&mut self, line: &[u8], out: &mut Vec<u8>) -> FrameAction {
+        Sticky.on_frame(line, out)
+    }
+
+    fn on_drain(&mut self, out: &mut Vec<u8>) -> FrameAction {
+        out.extend_from_slice(b"draining\n");
+        FrameAction::Continue
     }
 }
 

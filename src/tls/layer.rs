@@ -112,6 +112,8 @@ enum Call {
     Writable,
     Extra(RawFd, Ready),
     Timer,
+    /// The drain notice (`Session::on_drain`), passed to the service's session.
+    Drain,
 }
 
 /// rustls's plaintext side as the session's byte stream.
@@ -303,9 +305,14 @@ impl TlsSession {
                 progress.exchanges += result?.exchanges;
                 return self.carry_out(cx, requests);
             }
-            if let Call::Timer = call {
-                let (result, requests) =
-                    cx.layered(&mut Plain(&mut self.conn), |inner| session.on_timer(inner));
+            if let Call::Timer | Call::Drain = call {
+                let (result, requests) = cx.layered(&mut Plain(&mut self.conn), |inner| {
+                    if let Call::Drain = call {
+                        session.on_drain(inner)
+                    } else {
+                        session.on_timer(inner)
+                    }
+                });
                 progress.exchanges += result?.exchanges;
                 return self.carry_out(cx, requests);
             }
@@ -330,6 +337,12 @@ impl TlsSession {
             Call::Timer => {
                 let (result, asked) =
                     cx.layered(&mut Plain(&mut self.conn), |inner| session.on_timer(inner));
+                progress.exchanges += result?.exchanges;
+                merge(&mut requests, asked);
+            }
+            Call::Drain => {
+                let (result, asked) =
+                    cx.layered(&mut Plain(&mut self.conn), |inner| session.on_drain(inner));
                 progress.exchanges += result?.exchanges;
                 merge(&mut requests, asked);
             }
@@ -731,6 +744,12 @@ impl Session for TlsSession {
 
     fn on_timer(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         self.turn(cx, Call::Timer)
+    }
+
+    /// Passed to the service's session once the handshake is done (before, there is none
+    /// to tell).
+    fn on_drain(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
+        self.turn(cx, Call::Drain)
     }
 
     fn is_at_rest(&self) -> bool {

@@ -45,6 +45,8 @@ pub struct Conn {
     pub extras: Watched,
     /// Its place in its client's share of the worker (`shares.rs`).
     pub share: Share,
+    /// Its session got the drain notice (`Session::on_drain`), which comes once.
+    pub told_drain: bool,
 }
 
 impl Conn {

@@ -50,6 +50,8 @@ pub enum Callback {
     Extra(RawFd, Ready),
     /// The session's timer came due.
     Timer,
+    /// The worker drains and keeps the connection (`Session::on_drain`).
+    Drain,
 }
 
 /// A client to admit: a connection just accepted, or one whose PROXY header is complete.
@@ -340,6 +342,7 @@ impl Connections {
             interest: if proxy.is_some() { Interest::READ } else { Interest::NONE },
             extras: Vec::new(),
             share,
+            told_drain: false,
         };
         let serial = match self.table.insert(fd as usize, conn) {
             Ok(serial) => serial,
@@ -452,6 +455,7 @@ impl Connections {
             Callback::Writable => conn.session.on_writable(&mut cx),
             Callback::Extra(extra, ready) => conn.session.on_extra(extra, ready, &mut cx),
             Callback::Timer => conn.session.on_timer(&mut cx),
+            Callback::Drain => conn.session.on_drain(&mut cx),
         };
         let (close, timer, shutdown_write) = (cx.close, cx.timer, cx.shutdown_write);
         if cx.uncount {
@@ -589,6 +593,22 @@ impl Connections {
     /// Why the worker drains, if it does.
     pub fn draining(&self) -> Option<Drain> {
         self.link.draining()
+    }
+
+    /// Gives the drain notice (`Session::on_drain`) to the sessions of the connections the
+    /// worker kept since the last call rather than handing them off, each once in its life:
+    /// they may say goodbye in their protocol, or close. `others`: as for
+    /// [`Connections::on_event`].
+    pub fn tell_kept(&mut self, now: Instant, env: &mut Env<'_>, others: usize) {
+        for (fd, serial) in self.link.take_kept() {
+            let Some(conn) = self.table.live_mut(fd, serial) else { continue };
+            let live = !matches!(conn.state.phase, Phase::Lingering { .. } | Phase::Offered { .. });
+            if conn.told_drain || !live {
+                continue;
+            }
+            conn.told_drain = true;
+            self.dispatch(fd, Callback::Drain, now, env, others);
+        }
     }
 
     /// The children the sessions run (exec's programs), oldest connection first, for the

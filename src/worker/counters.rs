@@ -55,6 +55,12 @@ impl Counters {
         self.dirty = true;
     }
 
+    /// Connections and flows accepted since the last publication.
+    #[inline]
+    pub fn accepted_since_published(&self) -> u64 {
+        self.accepted
+    }
+
     /// A connection was refused.
     pub fn refused(&mut self, refusal: Refusal) {
         self.refused[refusal as usize] += 1;

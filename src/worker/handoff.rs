@@ -54,13 +54,22 @@ pub struct Link {
     offered: HashMap<u64, usize>,
     /// Why this worker drains, once it does (it then offers, and declines offers).
     drain: Option<Drain>,
+    /// Connections kept here (not handed off) since the loop last told their sessions
+    /// (`Session::on_drain`): descriptor and serial.
+    kept: Vec<(usize, u64)>,
 }
 
 impl Link {
     /// A link over `channel` (registered with the poller for reading already; `None`:
     /// connections are never handed off).
     pub fn new(channel: Option<Channel>) -> Self {
-        Link { channel, interest: Interest::READ, offered: HashMap::new(), drain: None }
+        Link {
+            channel,
+            interest: Interest::READ,
+            offered: HashMap::new(),
+            drain: None,
+            kept: Vec::new(),
+        }
     }
 
     /// The worker drains for `why` from now on (a stop replaces a retirement).
@@ -73,6 +82,12 @@ impl Link {
         self.drain
     }
 
+    /// The connections kept here since the last call, whose sessions get the drain notice
+    /// (those never told before).
+    pub fn take_kept(&mut self) -> Vec<(usize, u64)> {
+        std::mem::take(&mut self.kept)
+    }
+
     /// Whether `fd` is the channel to the master.
     pub fn is_channel(&self, fd: RawFd) -> bool {
         self.channel.as_ref().is_some_and(|c| c.raw_fd() == fd)
@@ -83,6 +98,18 @@ impl Link {
         if let Some(channel) = self.channel.as_mut() {
             let _ = channel.flush();
         }
+    }
+
+    /// Sends `message` to the master (queued while the channel is full; the loop sends the
+    /// rest when it has room).
+    ///
+    /// # Errors
+    /// There is no channel, too many messages wait, or the master is gone.
+    pub fn tell(&mut self, message: &Message, poller: &mut dyn Poller) -> io::Result<()> {
+        let channel = self.channel.as_mut().ok_or_else(|| io::Error::other("no channel"))?;
+        channel.send(message, Vec::new())?;
+        self.watch(poller);
+        Ok(())
     }
 
     /// Watches the channel for messages, and for room while messages wait.
@@ -130,7 +157,7 @@ impl Link {
                 Ok(Some((Message::Resolved { token, outcome }, _))) => {
                     self.resolved(table, extras, token, outcome, now, env)
                 }
-                Ok(Some((Message::Taking | Message::Ready, _))) => {}
+                Ok(Some((Message::Taking | Message::Ready | Message::Recycle(_), _))) => {}
                 Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                     log::error!("hand-off channel: {error}; message dropped");
                 }
@@ -187,8 +214,12 @@ impl Link {
         let Some((serial, conn)) = table.entry_mut(fd) else { return false };
         let Some(tries) = conn.state.phase.offerable() else { return false };
         let kept = self.drain.unwrap_or(Drain::Stop).kept();
-        let Some(channel) = self.channel.as_mut() else {
+        let mut keep = |conn: &mut Conn| {
             conn.state.phase = kept;
+            self.kept.push((fd, serial));
+        };
+        let Some(channel) = self.channel.as_mut() else {
+            keep(conn);
             return false;
         };
         if conn.session.is_done() {
@@ -203,7 +234,7 @@ impl Link {
             Movable::Now => {}
             Movable::AtRest => {
                 if !conn.extras.is_empty() {
-                    conn.state.phase = kept;
+                    keep(conn);
                     return false;
                 }
                 if !conn.session.is_at_rest() || unread_input(&conn.stream) {
@@ -212,12 +243,13 @@ impl Link {
             }
         }
         let Some(state) = conn.session.export().filter(|s| s.len() <= MAX_EXPORT) else {
-            conn.state.phase = kept;
+            keep(conn);
             return false;
         };
         let own = conn.session.export_descriptors();
         if own.len() > MAX_EXPORT_DESCRIPTORS {
-            conn.state.phase = kept;
+            drop(own);
+            keep(conn);
             return false;
         }
         let descriptors = own.len();
@@ -302,6 +334,9 @@ impl Link {
         }
         let drain = self.drain.unwrap_or(Drain::Stop);
         conn.state.phase = after_answer(tries, outcome, now, drain);
+        if conn.state.phase == drain.kept() {
+            self.kept.push((fd, token));
+        }
         log::debug!("hand-off of {} not done ({outcome:?}): serving it here", conn.peer);
         extras::restore(&mut *env.poller, &conn.extras);
         update_interest(table, fd, &mut *env.poller);
@@ -409,6 +444,8 @@ fn adopt(
         extras: Vec::new(),
         // Counted in its client's share at its first event here (`connections.rs`).
         share: Share::Unseated,
+        // Handed off, so never told: told here if this worker keeps it when it drains.
+        told_drain: false,
     };
     let Ok(serial) = table.insert(slot, conn) else {
         return Outcome::Busy; // checked above: the slot is free

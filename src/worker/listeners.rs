@@ -212,6 +212,11 @@ impl Listeners {
     }
 
     /// The entries, by index.
+    pub fn iter(&self) -> impl Iterator<Item = &ListenerEntry> {
+        self.entries.iter()
+    }
+
+    /// The entries, by index.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut ListenerEntry> {
         self.entries.iter_mut()
     }

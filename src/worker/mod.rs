@@ -55,6 +55,7 @@ mod header;
 mod intake;
 mod listeners;
 mod phase;
+mod recycle;
 pub mod refusals;
 mod shares;
 mod table;
@@ -70,6 +71,7 @@ use nix::unistd::{Pid, getppid};
 
 use crate::config::{Config, ListenerTransport};
 use crate::exit::{WORKER_BOOT_FAILURE, WORKER_EXIT_OK, WORKER_RUNTIME_FAILURE};
+use crate::handoff::Message;
 use crate::limits::DatagramRates;
 use crate::limits::{Limits, access};
 use crate::listener::Listener;
@@ -78,7 +80,7 @@ use crate::net::{Peer, Stream};
 use crate::poller::{self, Event, Interest};
 use crate::privileges::Credentials;
 use crate::scoreboard::{Scoreboard, SlotState, WorkerScore};
-use crate::services::CloseReason;
+use crate::services::{CloseReason, WorkerInfo, WorkerStop};
 use crate::signals::{self, MASTER_SIGNALS, Signals};
 use books::Books;
 use connections::Client;
@@ -87,8 +89,9 @@ use datagram::Datagrams;
 use env::Env;
 use header::Headers;
 use intake::{Gate, Watch};
-use listeners::Listeners;
+use listeners::{ListenerEntry, Listeners};
 use phase::Drain;
+use recycle::Recycler;
 
 pub use header::PROXY_HEADER_TIMEOUT;
 pub use intake::{ACCEPT_PAUSE, SHED_GRACE};
@@ -157,7 +160,55 @@ pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
             return WORKER_BOOT_FAILURE;
         }
     };
-    worker.serve()
+    let stop = worker.serve();
+    stop_services(&worker.env.listeners, worker.slot, worker.generation, stop);
+    match stop {
+        WorkerStop::Graceful | WorkerStop::Fast => WORKER_EXIT_OK,
+        WorkerStop::Failed => WORKER_RUNTIME_FAILURE,
+    }
+}
+
+/// Runs each listener's [`crate::services::Service::after_fork`] hook, in listener order.
+/// When one fails, the hooks that succeeded get `before_exit` ([`WorkerStop::Failed`]), in
+/// reverse order, and the error names the listener.
+///
+/// # Errors
+/// The first hook that failed, as `listener NAME: after_fork: ERROR`.
+fn start_services(listeners: &Listeners, slot: usize, generation: u64) -> io::Result<()> {
+    let info = |listener| WorkerInfo { slot, generation, listener };
+    for (started, entry) in listeners.iter().enumerate() {
+        let name = entry.policy.name.as_str();
+        if let Err(error) = entry.policy.service.service.after_fork(&info(name)) {
+            let done: Vec<&ListenerEntry> = listeners.iter().take(started).collect();
+            for entry in done.into_iter().rev() {
+                let info = info(&entry.policy.name);
+                entry.policy.service.service.before_exit(&info, WorkerStop::Failed);
+            }
+            return Err(io::Error::other(format!("listener {name}: after_fork: {error}")));
+        }
+    }
+    Ok(())
+}
+
+/// Runs each listener's [`crate::services::Service::before_exit`] hook, in reverse listener
+/// order (the last started ends first).
+fn stop_services(listeners: &Listeners, slot: usize, generation: u64, stop: WorkerStop) {
+    let entries: Vec<&ListenerEntry> = listeners.iter().collect();
+    for entry in entries.into_iter().rev() {
+        let info = WorkerInfo { slot, generation, listener: &entry.policy.name };
+        entry.policy.service.service.before_exit(&info, stop);
+    }
+}
+
+/// A number that differs from one worker to the next (the recycling jitter's pick): the
+/// standard library's random hash keys, with the pid mixed in, since a forked child starts
+/// from its parent's keys.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(crate::clock::monotonic_ns().into());
+    hasher.finish()
 }
 
 /// Sets SIGCHLD back to its default disposition (ignored, but children are not reaped by
@@ -182,6 +233,8 @@ struct Worker<'a> {
     signals: Signals,
     /// Its slot on the scoreboard.
     slot: usize,
+    /// The configuration generation it serves.
+    generation: u64,
     /// How often to beat the heartbeat even when idle.
     heartbeat: Option<Duration>,
     gate: Gate,
@@ -192,6 +245,8 @@ struct Worker<'a> {
     /// to avoid an allocation per turn).
     ready_listeners: Vec<(RawFd, usize)>,
     last_published: Instant,
+    /// When to ask the master for a replacement (`daemon.recycle_*`).
+    recycler: Recycler,
     /// Connections open when the children were last published (a draining worker's set of
     /// connections only shrinks, so a change in their number is a change in its children).
     children_published: Option<usize>,
@@ -203,7 +258,7 @@ impl<'a> Worker<'a> {
         signals::unblock(MASTER_SIGNALS)?;
         let WorkerContext {
             slot,
-            generation: _,
+            generation,
             mut config,
             listeners,
             limits,
@@ -233,6 +288,9 @@ impl<'a> Worker<'a> {
         if let Some(channel) = &channel {
             poller.set(channel.raw_fd(), Interest::READ)?;
         }
+        // As the worker's user (the service's files are that user's), last of the set-up;
+        // before `Ready`, so the master never counts a worker ready whose hooks failed.
+        start_services(&listeners, slot, generation)?;
         let score = scoreboard.slot(slot);
         score.beat();
         score.set_state(SlotState::Ready);
@@ -243,7 +301,10 @@ impl<'a> Worker<'a> {
             config.daemon.event_backend.name()
         );
         // After the log line: the master relays it before it acts on the message.
-        crate::handoff::report_ready(channel.as_mut())?;
+        if let Err(error) = crate::handoff::report_ready(channel.as_mut()) {
+            stop_services(&listeners, slot, generation, WorkerStop::Failed);
+            return Err(error);
+        }
         let env = Env {
             poller,
             listeners,
@@ -258,6 +319,7 @@ impl<'a> Worker<'a> {
             env,
             signals,
             slot,
+            generation,
             heartbeat,
             gate: Gate::default(),
             conns: Connections::new(channel),
@@ -265,17 +327,19 @@ impl<'a> Worker<'a> {
             datagrams: Datagrams::default(),
             ready_listeners: Vec::new(),
             last_published: Instant::now(),
+            recycler: Recycler::new(config.daemon.recycle, random(), Instant::now()),
             children_published: None,
         })
     }
 
-    fn serve(&mut self) -> i32 {
+    /// The loop, until the worker stops; returns how.
+    fn serve(&mut self) -> WorkerStop {
         let mut events = Vec::new();
         loop {
             let now = Instant::now();
             if let Err(error) = self.open_intake(now) {
                 log::error!("cannot watch the listeners: {error}");
-                return WORKER_RUNTIME_FAILURE;
+                return WorkerStop::Failed;
             }
             if now.saturating_duration_since(self.last_published) >= PUBLISH_INTERVAL {
                 self.publish(now);
@@ -296,14 +360,14 @@ impl<'a> Worker<'a> {
             }
             if let Err(error) = self.env.poller.wait(timeout, &mut events) {
                 log::error!("waiting for readiness failed: {error}");
-                return WORKER_RUNTIME_FAILURE;
+                return WorkerStop::Failed;
             }
             let now = Instant::now();
             self.ready_listeners.clear();
             for event in &events {
                 if event.fd == self.signals.raw_fd() {
-                    if let Some(status) = self.handle_signals(now) {
-                        return status;
+                    if let Some(stop) = self.handle_signals(now) {
+                        return stop;
                     }
                 } else {
                     self.route(*event, now);
@@ -319,6 +383,10 @@ impl<'a> Worker<'a> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.expire(Instant::now());
             }
+            // Connections kept by a drain this turn (not handed off) hear of it.
+            let others = self.headers.len() + self.datagrams.len();
+            self.conns.tell_kept(now, &mut self.env, others);
+            self.check_recycling(now);
             if self.gate.draining()
                 && self.conns.len() == 0
                 && self.headers.len() == 0
@@ -331,7 +399,7 @@ impl<'a> Worker<'a> {
                 // The last counts (closes, hand-offs) reach the scoreboard before the master
                 // folds this slot into the retired totals.
                 self.publish(Instant::now());
-                return WORKER_EXIT_OK;
+                return WorkerStop::Graceful;
             }
         }
     }
@@ -380,6 +448,22 @@ impl<'a> Worker<'a> {
         }
         self.last_published = now;
         self.datagrams.summarize(now, false, &mut self.env);
+    }
+
+    /// Asks the master for a replacement once the recycling rule says so (see
+    /// `recycle.rs`); checked once per turn of the loop.
+    fn check_recycling(&mut self, now: Instant) {
+        if self.gate.draining() {
+            return;
+        }
+        let published = self.score().accepted.load(Ordering::Relaxed);
+        let accepted = published + self.env.books.counters.accepted_since_published();
+        let rss = || crate::sys::resident_bytes().ok();
+        if let Some(why) = self.recycler.due(accepted, now, rss)
+            && let Err(error) = self.conns.link.tell(&Message::Recycle(why), &mut *self.env.poller)
+        {
+            log::warn!("could not ask the master for a replacement ({why}): {error}");
+        }
     }
 
     /// Descriptors the budget (`max_connections_per_worker`) still allows: for connections
@@ -441,7 +525,7 @@ impl<'a> Worker<'a> {
         self.env.books.log_summaries(&self.env.listeners, now, false);
     }
 
-    fn handle_signals(&mut self, now: Instant) -> Option<i32> {
+    fn handle_signals(&mut self, now: Instant) -> Option<WorkerStop> {
         for signal in self.signals.drain() {
             match signal {
                 Signal::SIGTERM | Signal::SIGINT => {
@@ -451,7 +535,7 @@ impl<'a> Worker<'a> {
                     self.env.books.log_summaries(&self.env.listeners, now, true);
                     self.datagrams.end_all(now, &mut self.env);
                     self.datagrams.summarize(now, true, &mut self.env);
-                    return Some(WORKER_EXIT_OK);
+                    return Some(WorkerStop::Fast);
                 }
                 Signal::SIGUSR1 => {
                     if let Err(error) = logging::reopen() {

@@ -28,7 +28,10 @@
 //! upgrade: the daemon goes on), and a connection it cannot hand off is kept and served
 //! until it ends, as nginx's stream module and HAProxy do; or the daemon *stops*
 //! gracefully, and such a connection is closed once at rest and quiet. A retiring worker told
-//! to stop (a graceful stop during a drain) stops: its kept connections drain again.
+//! to stop (a graceful stop during a drain) stops: its kept connections drain again. A kept
+//! connection's session is told once in the connection's life (`Session::on_drain`, at the
+//! end of the loop's turn: `Connections::tell_kept`), so it can say goodbye; one handed off
+//! is never told.
 //!
 //! Invariants:
 //! - `Draining` and `Offered` exist only in a draining worker, and every connection of a

@@ -81,4 +81,10 @@ fn the_upper_example_runs_under_the_whole_daemon() {
         ),
         "{stderr}"
     );
+
+    // A graceful stop: the drain notice reaches the session, which says goodbye and ends.
+    daemon.signal(nix::sys::signal::Signal::SIGQUIT);
+    assert_eq!(line(&mut reader), "BYE server going away\r\n");
+    assert_eq!(line(&mut reader), "", "closed after the goodbye");
+    assert_eq!(daemon.wait_exit(PATIENCE).map(code), Some(0));
 }

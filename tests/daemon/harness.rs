@@ -49,6 +49,8 @@ pub struct MasterStatus {
     pub target_workers: u64,
     /// Binary upgrades whose new master did not come up.
     pub upgrades_failed: u64,
+    /// Workers replaced because they asked to be (`daemon.recycle_*`).
+    pub worker_recycles: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

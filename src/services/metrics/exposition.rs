@@ -94,6 +94,12 @@ fn collect(board: &Scoreboard, now_ms: u64) -> Registry {
         "Workers that exited without being asked to while their generation served, then forked again",
         load(&header.worker_restarts),
     );
+    counter(
+        r,
+        "worker_recycles",
+        "Workers replaced because they asked to be (recycle_after_connections, recycle_above_rss)",
+        u64::from(header.worker_recycles.load(Ordering::Relaxed)),
+    );
     let upgrade = gauges(r, "upgrade_state", "Binary upgrade state: 1 for the current state, 0 for the others");
     let current = header.upgrade_state();
     for state in UpgradeState::ALL {

@@ -372,6 +372,9 @@ impl RelaySession {
         }
         // Best effort, as for clients: a failure shows on the first write.
         let _ = link.stream.set_nodelay(true);
+        if let (Some(keepalive), Address::Ip(_)) = (&self.shared.config.tcp_keepalive, &link.address) {
+            let _ = keepalive.apply(link.stream.socket());
+        }
         if link.tls.is_none() {
             return self.opened(link, since, cx);
         }
