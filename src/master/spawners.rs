@@ -4,7 +4,7 @@
 //! Runs in the master. A spawner is forked when its generation starts (at start, at each
 //! reload, before the generation's workers), so it has that generation's configuration by
 //! fork and nothing has to be sent or parsed again; each worker of the generation gets a link
-//! to it (`SOCK_SEQPACKET`), whose spawner end the master keeps too: a spawner that dies is
+//! to it (`SOCK_STREAM`, see [`crate::services::wire`]), whose spawner end the master keeps too: a spawner that dies is
 //! forked again (with backoff, logged) and inherits every link, so workers never need a new
 //! one, and requests made meanwhile wait in the link, with their descriptors, for the next
 //! spawner. Children a dead spawner leaves behind become the master's (it is
