@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use thiserror::Error;
 
 use crate::config::{ListenerConfig, ListenerTransport, SocketFile};
@@ -89,6 +89,11 @@ fn open(
     let socket = Socket::new(address.domain(), kind, protocol)
         .map_err(|e| fail("create a socket for", e))?;
     if let Address::Ip(ip) = address {
+        if let Some(interface) = &config.interface {
+            socket
+                .bind_device(Some(interface.as_bytes()))
+                .map_err(|e| fail("bind to the interface (SO_BINDTODEVICE) of", e))?;
+        }
         socket.set_reuse_address(true).map_err(|e| fail("set SO_REUSEADDR on", e))?;
         if reuseport {
             socket.set_reuse_port(true).map_err(|e| fail("set SO_REUSEPORT on", e))?;
@@ -109,6 +114,11 @@ fn open(
     if transport == ListenerTransport::Tcp {
         if !address.is_unix() {
             set_nodelay(&socket, config).map_err(|e| fail("set TCP_NODELAY on", e))?;
+            if let Some(keepalive) = &config.tcp_keepalive {
+                keepalive
+                    .apply(SockRef::from(&socket))
+                    .map_err(|e| fail("set TCP keepalive on", e))?;
+            }
         }
         let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
         socket.listen(backlog).map_err(|e| fail("listen on", e))?;
@@ -331,6 +341,18 @@ impl Listener {
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
             socket.sock_ref().listen(backlog).map_err(fail("listen on"))?;
         }
+        if config.tcp_keepalive != self.config.tcp_keepalive {
+            // New connections get it at once; accepted ones keep what they had.
+            match &config.tcp_keepalive {
+                Some(keepalive) => keepalive.apply(socket.sock_ref()),
+                None => socket.sock_ref().set_keepalive(false),
+            }
+            .map_err(fail("set TCP keepalive on"))?;
+        }
+        if config.interface != self.config.interface && !self.local_addr.is_unix() {
+            let device = config.interface.as_deref().map(str::as_bytes);
+            socket.sock_ref().bind_device(device).map_err(fail("bind to the interface of"))?;
+        }
         if let (Some(file), true) = (&self.file, config.socket_file != self.config.socket_file) {
             set_file(&file.path, &config.socket_file)
                 .map_err(fail("set the mode or owner of the socket file of"))?;
@@ -390,6 +412,11 @@ impl Listener {
             socket.set_nonblocking(true).map_err(fail("set O_NONBLOCK on"))?;
             if !unix {
                 set_nodelay(&socket, config).map_err(fail("set TCP_NODELAY on"))?;
+                if let Some(keepalive) = &config.tcp_keepalive {
+                    keepalive
+                        .apply(SockRef::from(&socket))
+                        .map_err(fail("set TCP keepalive on"))?;
+                }
             }
             let backlog = i32::try_from(config.backlog.get()).unwrap_or(i32::MAX);
             socket.listen(backlog).map_err(fail("listen on"))?;
@@ -482,6 +509,8 @@ mod tests {
             name: "t".into(),
             address: address.parse().unwrap(),
             socket_file: SocketFile::default(),
+            tcp_keepalive: None,
+            interface: None,
             service: crate::services::ServiceConfig::builtin("echo").unwrap(),
             backlog: NonZeroU32::new(16).unwrap(),
             short_idle_timeout: None,
@@ -670,5 +699,34 @@ mod tests {
         let fd = listener.socket().as_fd().try_clone_to_owned().unwrap();
         let adopted = Listener::adopt(&listener.config, 0, fd, true).unwrap();
         assert_eq!(adopted.local_addr, listener.local_addr);
+    }
+
+    #[test]
+    fn keepalive_passes_to_accepted_connections_and_an_interface_binds_the_socket() {
+        let mut wanted = config("127.0.0.1:0");
+        wanted.tcp_keepalive = Some(crate::net::Keepalive {
+            idle: std::time::Duration::from_secs(75),
+            interval: Some(std::time::Duration::from_secs(9)),
+            count: Some(4),
+        });
+        wanted.interface = Some("lo".into());
+        let listener = match Listener::bind(&wanted, 0) {
+            Ok(listener) => listener,
+            // SO_BINDTODEVICE needs CAP_NET_RAW before Linux 5.7.
+            Err(error) if error.source.kind() == io::ErrorKind::PermissionDenied => return,
+            Err(error) => panic!("{error}"),
+        };
+        let _client = TcpStream::connect(ip(&listener)).unwrap();
+        let (accepted, _) = crate::net::accept(&listener).unwrap();
+        let socket = accepted.socket();
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap().as_secs(), 75);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap().as_secs(), 9);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(listener.socket().sock_ref().device().unwrap().as_deref(), Some(&b"lo"[..]));
+        let mut none = wanted.clone();
+        none.interface = Some("nosuchif0".into());
+        let error = Listener::bind(&none, 1).unwrap_err().to_string();
+        assert!(error.contains("SO_BINDTODEVICE"), "{error}");
     }
 }

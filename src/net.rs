@@ -184,6 +184,37 @@ impl Address {
     }
 }
 
+/// TCP keepalive (tcp(7)): after `idle` without traffic the kernel sends a probe, then one
+/// every `interval`, and gives the connection up after `count` unanswered ones; `None`
+/// keeps the system's value (`net.ipv4.tcp_keepalive_intvl`, `tcp_keepalive_probes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe (`TCP_KEEPIDLE`), at least a second.
+    pub idle: std::time::Duration,
+    /// Between probes (`TCP_KEEPINTVL`).
+    pub interval: Option<std::time::Duration>,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub count: Option<u32>,
+}
+
+impl Keepalive {
+    /// Sets `SO_KEEPALIVE` and the times on `socket` (a listening socket passes them on to
+    /// the connections it accepts, as Linux copies a listener's options).
+    ///
+    /// # Errors
+    /// setsockopt(2) failed.
+    pub fn apply(&self, socket: SockRef<'_>) -> io::Result<()> {
+        let mut params = socket2::TcpKeepalive::new().with_time(self.idle);
+        if let Some(interval) = self.interval {
+            params = params.with_interval(interval);
+        }
+        if let Some(count) = self.count {
+            params = params.with_retries(count);
+        }
+        socket.set_tcp_keepalive(&params)
+    }
+}
+
 /// A Unix client's credentials when it connected (`SO_PEERCRED`, unix(7)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Credentials {

@@ -17,7 +17,13 @@ const READ_WRITE: Kind = Kind::PreforkdRelay { splice: false };
 
 /// The proxies measured, in order; `None` is the direct path.
 fn proxies(only: Option<&str>) -> Vec<Option<Kind>> {
-    let mut kinds = vec![None, Some(SPLICE), Some(READ_WRITE)];
+    let mut kinds = vec![
+        None,
+        Some(SPLICE),
+        Some(READ_WRITE),
+        Some(Kind::PreforkdRelayChecked),
+        Some(Kind::PreforkdRelayUnix),
+    ];
     for (kind, program) in [(Kind::Haproxy, "haproxy"), (Kind::NginxStream, "nginx")] {
         if installed(program) || std::path::Path::new(&format!("/usr/sbin/{program}")).is_file() {
             kinds.push(Some(kind));
@@ -46,6 +52,22 @@ pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds:
         Ok(server) => server,
         Err(error) => return eprintln!("tokio backend: {error}"),
     };
+    // The same echo server on a Unix socket, for the relay's Unix backend.
+    let unix = crate::servers::unix_backend(backend.addr.port());
+    let unix_backend = std::process::Command::new(&binaries.tokio)
+        .arg(format!("unix:{}", unix.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let mut unix_backend = match unix_backend {
+        Ok(child) => child,
+        Err(error) => return eprintln!("tokio backend on {}: {error}", unix.display()),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&unix).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let options = PreforkdOptions {
         workers: 2,
         per_client: 0,
@@ -104,6 +126,9 @@ pub fn run(duration: Duration, short_clients: usize, only: Option<&str>, rounds:
     }
     print_summary(&summary);
     backend.stop();
+    let _ = unix_backend.kill();
+    let _ = unix_backend.wait();
+    let _ = std::fs::remove_file(&unix);
 }
 
 fn measure_proxy(
@@ -185,7 +210,7 @@ fn print_summary(scenarios: &[(String, Rows)]) {
     for (name, rows) in scenarios {
         let rate = |kind| find(rows, kind).map(|row| row.report.rate());
         let cpu = |kind| find(rows, kind).map(cpu_per_op);
-        for pump in [SPLICE, READ_WRITE] {
+        for pump in [SPLICE, READ_WRITE, Kind::PreforkdRelayChecked, Kind::PreforkdRelayUnix] {
             println!(
                 "| {name} | {} | {} | {} | {} | {} | {} |",
                 label(Some(pump)),

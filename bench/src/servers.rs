@@ -35,6 +35,13 @@ pub enum Kind {
         /// The `splice` option.
         splice: bool,
     },
+    /// preforkd's relay (read/write) with an active health check (every second) and two
+    /// weighted backend entries (3:1) that are the same backend, by its IPv4 and its
+    /// IPv4-mapped IPv6 address: the cost of the checks and of weighted selection.
+    PreforkdRelayChecked,
+    /// preforkd's relay (read/write) to the same echo server on a Unix-domain socket
+    /// ([`unix_backend`]).
+    PreforkdRelayUnix,
     /// HAProxy, `mode tcp`, `nbthread` = workers, in front of the backend.
     Haproxy,
     /// nginx's stream module, `proxy_pass`, `worker_processes` = workers.
@@ -65,6 +72,8 @@ impl Kind {
             Kind::Tokio => "tokio (reference)".into(),
             Kind::PreforkdRelay { splice: true } => "preforkd relay (splice)".into(),
             Kind::PreforkdRelay { splice: false } => "preforkd relay (read/write)".into(),
+            Kind::PreforkdRelayChecked => "preforkd relay (checks, weights)".into(),
+            Kind::PreforkdRelayUnix => "preforkd relay (unix backend)".into(),
             Kind::Haproxy => "HAProxy (mode tcp)".into(),
             Kind::NginxStream => "nginx stream".into(),
             Kind::PreforkdTls => "preforkd echo + tls".into(),
@@ -122,6 +131,12 @@ pub struct Server {
     /// For preforkd: its configuration (status needs it).
     pub config: Option<PathBuf>,
     _dir: tempfile::TempDir,
+}
+
+/// The Unix socket the relay scenario's echo backend also listens on, for the backend on
+/// `port` (the tokio echo server, started a second time with `unix:PATH`).
+pub fn unix_backend(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("preforkd-bench-echo-{port}.sock"))
 }
 
 fn free_port() -> u16 {
@@ -228,15 +243,28 @@ impl Server {
                 command.arg(addr.to_string());
                 command
             }
-            Kind::PreforkdRelay { splice } => {
+            Kind::PreforkdRelay { .. } | Kind::PreforkdRelayChecked | Kind::PreforkdRelayUnix => {
                 let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
+                let port = backend.port();
+                let (splice, backends) = match kind {
+                    Kind::PreforkdRelay { splice } => (splice, format!("[\"{backend}\"]")),
+                    Kind::PreforkdRelayChecked => (
+                        false,
+                        format!(
+                            "[{{ address = \"127.0.0.1:{port}\", weight = 3 }}, \
+                             {{ address = \"[::ffff:127.0.0.1]:{port}\", weight = 1 }}]\n\
+                             health_check = {{ interval = \"1s\" }}"
+                        ),
+                    ),
+                    _ => (false, format!("[\"unix:{}\"]", unix_backend(port).display())),
+                };
                 let text = format!(
                     "[daemon]\nworkers = {}\nevent_backend = \"epoll\"\nmax_connections_per_worker = 30000\n\
                      rlimit_nofile = 65536\nallow_root_workers = true\npid_file = \"{}\"\n{}\
                      [[listener]]\nname = \"relay\"\naddress = \"{addr}\"\nservice = \"relay\"\nbacklog = 4096\n\
                      short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n\
                      max_connections_per_client = {}\nmax_long_connections_per_client = 0\n\
-                     [listener.options]\nbackends = [\"{backend}\"]\nsplice = {splice}\n",
+                     [listener.options]\nbackends = {backends}\nsplice = {splice}\n",
                     options.workers,
                     dir.path().join("preforkd.pid").display(),
                     options.log_section(),

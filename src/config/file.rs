@@ -109,6 +109,14 @@ pub struct ListenerSection {
     pub owner: Option<Spanned<String>>,
     /// Group of a Unix socket file: a group name or number.
     pub group: Option<Spanned<String>>,
+    /// Silence before the first TCP keepalive probe; "0s": off.
+    pub tcp_keepalive_idle: Option<Spanned<String>>,
+    /// Between TCP keepalive probes.
+    pub tcp_keepalive_interval: Option<Spanned<String>>,
+    /// Unanswered TCP keepalive probes before the connection is dropped.
+    pub tcp_keepalive_count: Option<Spanned<i64>>,
+    /// Network interface to bind to (SO_BINDTODEVICE).
+    pub interface: Option<Spanned<String>>,
     /// Built-in service name.
     pub service: Option<Spanned<String>>,
     /// listen(2) backlog.

@@ -251,6 +251,17 @@ keys! {
         "Permission bits of a unix:/path listener's socket file, in octal, such as \"0660\".";
     SOCKET_OWNER "listener.owner": Kind::String, Absent("the master's user"), "", Applies,
         "Owner of a unix:/path listener's socket file: a user name or number.";
+    TCP_KEEPALIVE_IDLE "listener.tcp_keepalive_idle": Kind::Duration, Value("\"0s\""), "",
+        Applies,
+        "TCP keepalive on accepted connections: silence before the first probe; \"0s\" leaves it off.";
+    TCP_KEEPALIVE_INTERVAL "listener.tcp_keepalive_interval": Kind::Duration,
+        Absent("the system's, net.ipv4.tcp_keepalive_intvl"), "", Applies,
+        "Between TCP keepalive probes.";
+    TCP_KEEPALIVE_COUNT "listener.tcp_keepalive_count": Integer { min: 1, max: 127 },
+        Absent("the system's, net.ipv4.tcp_keepalive_probes"), "probes", Applies,
+        "Unanswered TCP keepalive probes before the connection is dropped.";
+    INTERFACE "listener.interface": Kind::String, Absent("none"), "", Applies,
+        "Bind the listening socket to this network interface (SO_BINDTODEVICE).";
     SOCKET_GROUP "listener.group": Kind::String, Absent("the master's group"), "", Applies,
         "Group of a unix:/path listener's socket file: a group name or number.";
     SERVICE "listener.service": Kind::String, Required, "", Applies,

@@ -139,6 +139,13 @@ pub struct ListenerConfig {
     /// The socket file's mode and ownership, for a `unix:/path` address (all `None`
     /// otherwise).
     pub socket_file: SocketFile,
+    /// TCP keepalive on accepted connections, set on the listening socket (which passes it
+    /// on); `None` (written `"0s"`): the system's default, off ([`keys::TCP_KEEPALIVE_IDLE`],
+    /// [`keys::TCP_KEEPALIVE_INTERVAL`], [`keys::TCP_KEEPALIVE_COUNT`]).
+    pub tcp_keepalive: Option<crate::net::Keepalive>,
+    /// The network interface the socket is bound to (`SO_BINDTODEVICE`): only packets
+    /// through it reach the listener ([`keys::INTERFACE`]).
+    pub interface: Option<String>,
     /// The service ([`keys::SERVICE`], required) built from `[listener.options]`
     /// ([`keys::OPTIONS`]).
     pub service: ServiceConfig,

@@ -632,6 +632,20 @@ fn read_listener(
         _ => None,
     };
     let socket_file = socket_file(check, &section, address.as_ref());
+    let tcp_keepalive = keepalive(check, &section, address.as_ref());
+    let interface = section.interface.as_ref().and_then(|value| {
+        let name = value.get_ref();
+        let ip = address.as_ref().is_none_or(|a| !a.is_unix());
+        let message = if !ip {
+            "applies to an IP listener only"
+        } else if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            "must be an interface name of 1 to 15 bytes, such as \"eth0\" or \"lo\""
+        } else {
+            return Some(name.clone());
+        };
+        check.report(value.span(), check.label(&keys::INTERFACE), message);
+        None
+    });
     if let Some(address) = &address {
         *parsed_address = Some((address.clone(), socket_file.clone()));
     }
@@ -833,6 +847,8 @@ fn read_listener(
         name: name?,
         address: address?,
         socket_file,
+        tcp_keepalive,
+        interface,
         service,
         backlog: NonZeroU32::new(backlog as u32)?,
         short_idle_timeout: Some(short).filter(|d| !d.is_zero()),
@@ -1043,6 +1059,51 @@ fn valid_server_name(name: &str) -> bool {
         && host.split('.').all(label)
         && host.parse::<IpAddr>().is_err()
         && (host.contains('.') || !name.starts_with("*."))
+}
+
+/// `tcp_keepalive_idle`, `_interval` and `_count`: on when idle is more than 0; for a TCP
+/// listener.
+fn keepalive(
+    check: &mut Checker<'_>,
+    section: &ListenerSection,
+    address: Option<&Address>,
+) -> Option<crate::net::Keepalive> {
+    let idle = check.duration(section.tcp_keepalive_idle.as_ref(), &keys::TCP_KEEPALIVE_IDLE);
+    let interval = section
+        .tcp_keepalive_interval
+        .as_ref()
+        .map(|value| check.duration(Some(value), &keys::TCP_KEEPALIVE_INTERVAL));
+    let count = section
+        .tcp_keepalive_count
+        .as_ref()
+        .map(|value| check.integer(Some(value), &keys::TCP_KEEPALIVE_COUNT) as u32);
+    let written = [
+        (&keys::TCP_KEEPALIVE_IDLE, section.tcp_keepalive_idle.as_ref().map(Spanned::span)),
+        (&keys::TCP_KEEPALIVE_INTERVAL, section.tcp_keepalive_interval.as_ref().map(Spanned::span)),
+        (&keys::TCP_KEEPALIVE_COUNT, section.tcp_keepalive_count.as_ref().map(Spanned::span)),
+    ];
+    let tcp = address.is_none_or(|a| !a.is_unix())
+        && section.transport.as_ref().is_none_or(|t| t.get_ref() == "tcp");
+    for (key, span) in written {
+        let Some(span) = span else { continue };
+        // "0s" (the default: off) is fine anywhere.
+        let off = key.name == keys::TCP_KEEPALIVE_IDLE.name && idle.is_zero();
+        if !tcp && !off {
+            check.report(span, check.label(key), "applies to a TCP listener only");
+        } else if idle.is_zero() && key.name != keys::TCP_KEEPALIVE_IDLE.name {
+            check.report(span, check.label(key), "has no effect without tcp_keepalive_idle");
+        }
+    }
+    let too_short = |d: Duration| d < Duration::from_secs(1);
+    if !idle.is_zero() && (too_short(idle) || interval.is_some_and(too_short)) {
+        let span = section.tcp_keepalive_idle.as_ref().map_or(0..0, Spanned::span);
+        check.report(
+            span,
+            check.label(&keys::TCP_KEEPALIVE_IDLE),
+            "keepalive times are whole seconds: at least \"1s\"",
+        );
+    }
+    (tcp && !idle.is_zero()).then_some(crate::net::Keepalive { idle, interval, count })
 }
 
 /// `mode`, `owner` and `group`: for a `unix:/path` address only.

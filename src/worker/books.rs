@@ -43,6 +43,18 @@ pub struct Closed<'a> {
 }
 
 impl Closed<'_> {
+    /// Whether the client connected and went away, by a FIN or a reset (`client-close` or
+    /// `error`), with not a byte moved either way: a load balancer's health check, as
+    /// HAProxy's `check` makes one (connect, then RST). Its access line is `reason=empty`
+    /// at debug level, not an error at info level once per probe, and it counts as a
+    /// client close.
+    pub fn is_empty(&self) -> bool {
+        self.totals.bytes_in == 0
+            && self.totals.bytes_out == 0
+            && self.totals.exchanges == 0
+            && matches!(self.reason, CloseReason::ClientClose | CloseReason::Error)
+    }
+
     /// Turned away before any exchange.
     pub fn refused(
         listener: usize,
@@ -109,7 +121,8 @@ impl Books {
             }
             return;
         }
-        entry.tally.ended(record.reason);
+        // A probe that connects and closes is the client's close, not an error.
+        entry.tally.ended(if record.is_empty() { CloseReason::ClientClose } else { record.reason });
         self.counters.touch();
         let Some(refusal) = refusal_of(record.reason) else {
             return self.access_line(listeners, &record);
@@ -126,8 +139,13 @@ impl Books {
             let Closed { listener, peer, proxy, duration, totals, reason, fields } = *record;
             let listener = &listeners[listener].policy.name;
             let via = proxy.map(|p| format!(" proxy={p}")).unwrap_or_default();
-            log::info!(
+            let (level, reason) = match record.is_empty() {
+                true => (log::Level::Debug, "empty"),
+                false => (log::Level::Info, reason.as_str()),
+            };
+            log::log!(
                 target: ACCESS_TARGET,
+                level,
                 "access listener={listener} peer={peer} duration={:.3}s in={} out={} exchanges={} reason={reason}{via}{fields}",
                 duration.as_secs_f64(),
                 totals.bytes_in,

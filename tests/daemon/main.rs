@@ -9,6 +9,7 @@ mod config;
 mod echo;
 mod example;
 mod exec;
+mod fleet;
 mod full_disk;
 mod handoff;
 mod hardening;

@@ -332,3 +332,42 @@ fn a_host_name_that_moves_takes_new_connections_to_its_new_address_without_a_rel
         "a reload keeps the row and its address"
     );
 }
+
+#[test]
+fn backend_connects_come_from_the_source_address_with_keepalive() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let options = format!(
+        "backends = [\"{backend}\"]\nsource = \"127.0.0.5\"\ntcp_keepalive_idle = \"30s\"\ntcp_keepalive_count = 3"
+    );
+    let daemon = relay_daemon(1, &options, &[]);
+    let mut client = connect(daemon.addr());
+    client.write_all(b"hello").unwrap();
+    let (mut accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), "127.0.0.5", "connected from the source address");
+    let mut got = [0u8; 5];
+    accepted.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    // The relay's end of this connection is the socket whose local address is `peer`.
+    assert_keepalive(peer);
+}
+
+/// Asserts that the TCP socket bound to `local` runs its keepalive timer: /proc/net/tcp's
+/// `tr` field (proc(5)) is 2 for it.
+fn assert_keepalive(local: SocketAddr) {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let hex = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => {
+            format!("{:08X}:{:04X}", u32::from_le_bytes(v4.octets()), a.port())
+        }
+        std::net::IpAddr::V6(_) => String::new(),
+    };
+    let wanted = hex(local);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(wanted.as_str()))
+        .expect("the relay's backend socket");
+    // Field 5 is "tr:tm->when": timer 2 is the keepalive timer.
+    let timer = line.split_whitespace().nth(5).unwrap();
+    assert!(timer.starts_with("02:"), "keepalive timer on the backend connection: {line}");
+}

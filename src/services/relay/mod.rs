@@ -135,6 +135,9 @@ struct RelayOptions {
     health_check: Option<CheckOptions>,
     resolve_interval: Option<String>,
     source: Option<String>,
+    tcp_keepalive_idle: Option<String>,
+    tcp_keepalive_interval: Option<String>,
+    tcp_keepalive_count: Option<u32>,
 }
 
 /// A relay's configuration, validated.
@@ -160,6 +163,8 @@ pub struct RelayConfig {
     /// The local address backend connects are made from (bound before connect); `None`: the
     /// kernel's choice.
     pub source: Option<IpAddr>,
+    /// TCP keepalive on backend connections; `None`: off.
+    pub tcp_keepalive: Option<crate::net::Keepalive>,
 }
 
 /// The relay service: its configuration and what its workers share.
@@ -255,6 +260,24 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
             None
         }
     });
+    let keepalive_idle = duration(options, "tcp_keepalive_idle", parsed.tcp_keepalive_idle.as_deref());
+    let keepalive_interval =
+        duration(options, "tcp_keepalive_interval", parsed.tcp_keepalive_interval.as_deref());
+    if parsed.tcp_keepalive_count.is_some_and(|c| !(1..=127).contains(&c)) {
+        options.report("tcp_keepalive_count", "expected 1 to 127");
+    }
+    if keepalive_idle.is_none() && (keepalive_interval.is_some() || parsed.tcp_keepalive_count.is_some()) {
+        options.report("tcp_keepalive_idle", "needed by tcp_keepalive_interval and tcp_keepalive_count");
+    }
+    let too_short = |d: Duration| d < Duration::from_secs(1);
+    if keepalive_idle.is_some_and(too_short) || keepalive_interval.is_some_and(too_short) {
+        options.report("tcp_keepalive_idle", "keepalive times are whole seconds: at least \"1s\"");
+    }
+    let tcp_keepalive = keepalive_idle.map(|idle| crate::net::Keepalive {
+        idle,
+        interval: keepalive_interval,
+        count: parsed.tcp_keepalive_count,
+    });
     if parsed.retries.is_some_and(|r| r > 1000) {
         options.report("retries", "at most 1000");
     }
@@ -269,6 +292,7 @@ pub(super) fn build(options: &mut Options<'_>) -> Result<Arc<dyn Service>, Inval
         send_proxy_protocol: parsed.send_proxy_protocol,
         splice: parsed.splice.unwrap_or(DEFAULT_SPLICE),
         source,
+        tcp_keepalive,
     };
     options.finish(())?;
     match Relay::new(config) {
@@ -635,6 +659,7 @@ pub(super) mod tests {
             send_proxy_protocol: None,
             splice: DEFAULT_SPLICE,
             source: None,
+            tcp_keepalive: None,
         };
         Shared { config, turn: Turn::new().unwrap(), schedule: Mutex::default(), candidates: OnceLock::new() }
     }

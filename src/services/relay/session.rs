@@ -207,6 +207,9 @@ impl RelaySession {
         self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
         // Best effort, as for clients: a failure shows on the first write.
         let _ = link.stream.set_nodelay(true);
+        if let (Some(keepalive), Address::Ip(_)) = (&self.shared.config.tcp_keepalive, &link.address) {
+            let _ = keepalive.apply(link.stream.socket());
+        }
         if let Some(header) = self.header.take() {
             self.header_left = header.len() as u64;
             self.up.preload(&header);
