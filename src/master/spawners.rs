@@ -20,7 +20,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use super::table::WorkerExit;
-use super::{FAST_STOP_GRACE, Master, orphans};
+use super::{FAST_STOP_GRACE, Master};
 use crate::services::wire;
 use crate::signals::{self, MASTER_SIGNALS};
 use crate::spawner::{SpawnerContext, run};
@@ -119,13 +119,8 @@ impl Master {
         match forked {
             Ok(ForkResult::Child) => {
                 drop(ours);
-                // What the spawner must not hold: listening sockets, the pid file, the
-                // workers' channels, other generations' links and spawners.
-                self.listeners.clear();
-                self.previous = None;
-                self.pidfile = None;
-                self.ready_pipe = None;
-                self.routing.forget();
+                // Its generation's links; nothing else of the master's: no listening socket,
+                // no channel, no other generation's link.
                 let links = std::mem::take(&mut self.spawners.links)
                     .into_iter()
                     .enumerate()
@@ -134,8 +129,8 @@ impl Master {
                         _ => None,
                     })
                     .collect();
-                self.spawners.forget();
-                self.checkers.forget();
+                self.listeners.clear();
+                self.forget_in_child();
                 self.signals.uninstall();
                 let context = SpawnerContext {
                     generation,
@@ -147,9 +142,7 @@ impl Master {
                 std::process::exit(run(context));
             }
             Ok(ForkResult::Parent { child }) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 drop(theirs);
                 if let Some(spawner) = self.spawners.find(generation) {
                     spawner.pid = Some(child);
@@ -161,9 +154,7 @@ impl Master {
                 Ok(())
             }
             Err(errno) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 Err(errno.into())
             }
         }
@@ -235,14 +226,7 @@ impl Master {
             "the exec spawner of generation {generation} (pid {pid}) died ({exit:?}); exec connections wait until it is back"
         );
         spawner.control = None;
-        let keep: Vec<Pid> = self
-            .pool
-            .pids()
-            .chain(self.supervisor.successor())
-            .chain(self.spawners.pids())
-            .chain(self.checkers.pids())
-            .collect();
-        let ended = orphans::kill_orphans(&keep);
+        let ended = self.end_orphans();
         if ended > 0 {
             log::info!("the exec spawner left {ended} program(s) running: killed");
         }
