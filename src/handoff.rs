@@ -62,7 +62,10 @@ pub const MAX_DESCRIPTORS: usize = 8;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Messages queued on a channel at most; beyond, [`Channel::send`] refuses (the caller
-/// serves the connection on instead of growing memory).
+/// serves the connection on instead of growing memory), but for answers
+/// ([`Message::Resolved`]): every offer gets exactly one, so their number is bounded by the
+/// offers received, and one dropped would leave its connection offered, untouched by
+/// anyone, for good.
 pub const MAX_QUEUED: usize = 4096;
 
 const KIND_OFFER: u8 = 1;
@@ -463,14 +466,15 @@ impl Channel {
     /// what the socket takes.
     ///
     /// # Errors
-    /// `WouldBlock` when [`MAX_QUEUED`] messages wait already (nothing queued);
-    /// `InvalidInput` for more than [`MAX_DESCRIPTORS`] descriptors; a send error other than
-    /// `WouldBlock` (the peer is gone).
+    /// `WouldBlock` when [`MAX_QUEUED`] messages wait already (nothing queued; an answer is
+    /// queued whatever waits); `InvalidInput` for more than [`MAX_DESCRIPTORS`] descriptors;
+    /// a send error other than `WouldBlock` (the peer is gone).
     pub fn send(&mut self, message: &Message, fds: Vec<OwnedFd>) -> io::Result<()> {
         if fds.len() > MAX_DESCRIPTORS {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"));
         }
-        if self.queue.len() >= MAX_QUEUED {
+        let answer = matches!(message, Message::Resolved { .. });
+        if self.queue.len() >= MAX_QUEUED && !answer {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.queue.push_back((message.encode(), fds));
@@ -651,6 +655,26 @@ mod tests {
         assert!((two.complete(2), two.complete(1)) == (true, false));
         assert!(check_descriptors(&Message::Ready, 0, false).is_ok());
         assert!(check_descriptors(&Message::Ready, 1, true).is_err());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_offers_but_never_an_answer() {
+        let (mut master, _worker) = Channel::pair().unwrap();
+        // Nobody reads the worker's end: the socket fills, then the queue.
+        while !master.backlogged() {
+            master.send(&Message::Taking, Vec::new()).unwrap();
+        }
+        while master.queue.len() < MAX_QUEUED {
+            master.send(&Message::Taking, Vec::new()).unwrap();
+        }
+        let refused = master.send(&Message::Taking, Vec::new()).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::WouldBlock, "bounded");
+        let answer = Message::Resolved { token: 7, outcome: Outcome::Adopted };
+        master.send(&answer, Vec::new()).expect("an answer is never dropped");
+        assert_eq!(
+            master.queue.back().map(|(bytes, _)| Message::decode(bytes).unwrap()),
+            Some(answer)
+        );
     }
 
     #[test]

@@ -127,12 +127,7 @@ impl Master {
                 // What the checker must not hold: listening sockets, the pid file, the
                 // workers' channels and links.
                 self.listeners.clear();
-                self.previous = None;
-                self.pidfile = None;
-                self.ready_pipe = None;
-                self.routing.forget();
-                self.spawners.forget();
-                self.checkers.forget();
+                self.forget_in_child();
                 let context = CheckerContext {
                     generation,
                     config: self.config.clone(),
@@ -142,9 +137,7 @@ impl Master {
                 std::process::exit(run(context, &mut self.signals));
             }
             Ok(ForkResult::Parent { child }) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 if let Some(checker) =
                     self.checkers.checkers.iter_mut().find(|c| c.generation == generation)
                 {
@@ -156,9 +149,7 @@ impl Master {
                 Ok(())
             }
             Err(errno) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 Err(errno.into())
             }
         }

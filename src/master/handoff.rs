@@ -318,6 +318,12 @@ impl Master {
         let then = match self.pool.recycle(slot, now, lifecycle) {
             Recycled::Replacing(by) => format!("starting worker {by} to replace it"),
             Recycled::Waiting => "its replacement waits for a free worker slot".to_owned(),
+            Recycled::Deferred => {
+                log::info!(
+                    "worker {slot} (pid {pid}) asks to be replaced ({why}) while a reload starts: it retires with its generation, or is replaced if the reload is rolled back"
+                );
+                return;
+            }
             Recycled::Ignored => {
                 log::debug!("worker {slot} (pid {pid}) asks to be replaced ({why}): not now");
                 return;

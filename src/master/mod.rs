@@ -75,7 +75,7 @@ use crate::pidfile::PidFile;
 use crate::privileges::Credentials;
 use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::sdnotify::Notifier;
-use crate::signals::Signals;
+use crate::signals::{self, MASTER_SIGNALS, Signals};
 use pool::{Fate, Observed, Pool, PoolAction, Resize, Stop, Why};
 use supervisor::{Action, Grace, Notice, Supervisor};
 use table::{WorkerExit, classify};
@@ -443,14 +443,7 @@ impl Master {
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
         self.spawner_link_gone(slot);
-        let keep: Vec<Pid> = self
-            .pool
-            .pids()
-            .chain(self.supervisor.successor())
-            .chain(self.spawners.pids())
-            .chain(self.checkers.pids())
-            .collect();
-        let ended = orphans::kill_orphans(&keep);
+        let ended = self.end_orphans();
         if ended > 0 {
             log::info!("worker {slot} (pid {pid}) left {ended} program(s) running: killed");
         }
@@ -501,6 +494,42 @@ impl Master {
                     "worker {slot} is crash-looping ({failures} quick exits): respawning in {delay:.1?}"
                 );
             }
+        }
+    }
+
+    /// Kills the master's children that are none of its own processes (workers, spawners,
+    /// checkers, the new master of an upgrade): programs orphaned by a dead spawner or put
+    /// in the background by an exec child (see `orphans.rs`). Returns how many.
+    fn end_orphans(&self) -> usize {
+        let keep: Vec<Pid> = self
+            .pool
+            .pids()
+            .chain(self.supervisor.successor())
+            .chain(self.spawners.pids())
+            .chain(self.checkers.pids())
+            .collect();
+        orphans::kill_orphans(&keep)
+    }
+
+    /// In a process just forked from the master (a worker, a spawner, a checker): drops
+    /// what only the master holds, the previous generation's listeners, the pid file (the
+    /// copy only: the file stays), the ready pipe, the channels to the workers and to the
+    /// other master of an upgrade, the spawners' links and control links, the checkers. The
+    /// serving listeners are the caller's to take or drop.
+    fn forget_in_child(&mut self) {
+        self.previous = None;
+        self.pidfile = None;
+        self.ready_pipe = None;
+        self.routing.forget();
+        self.spawners.forget();
+        self.checkers.forget();
+    }
+
+    /// Unblocks the master's signals after a fork (see [`signals::block`]); a failure is
+    /// logged.
+    fn unblock_signals(&self) {
+        if let Err(error) = signals::unblock(MASTER_SIGNALS) {
+            log::error!("could not unblock signals after fork: {error}");
         }
     }
 

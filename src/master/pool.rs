@@ -148,8 +148,11 @@ pub enum Recycled {
     Replacing(usize),
     /// No slot is free: a replacement is started at the first turn with one.
     Waiting,
-    /// Not now: it does not serve the serving generation, the pool is not kept (stopping,
-    /// WINCH), or it asked already.
+    /// A reload is starting the next generation: the worker retires if it completes, and
+    /// is replaced once its generation serves again if the reload is rolled back.
+    Deferred,
+    /// Not now: it does not serve, the pool is not kept (stopping, WINCH), or it asked
+    /// already.
     Ignored,
 }
 
@@ -458,14 +461,23 @@ impl Pool {
 
     /// The worker of `slot` asked at `now` to be replaced (recycling): a free slot of its
     /// generation gets a replacement, forked by the next [`Pool::on_tick`]; the worker is
-    /// retired when the replacement is ready ([`Pool::replacement_ready`]).
+    /// retired when the replacement is ready ([`Pool::replacement_ready`]). A worker asks
+    /// once: the request of one whose generation a starting reload replaces is kept, for
+    /// the case that the reload is rolled back.
     pub fn recycle(&mut self, slot: usize, now: Instant, lifecycle: Lifecycle) -> Recycled {
         let entry = &self.slots[slot];
         let asking = entry.worker.is_some_and(|worker| worker.is_ready());
-        if !asking || !self.keeps(entry, lifecycle) || entry.recycling != Recycling::No {
+        if !asking
+            || entry.role != Role::Serving
+            || !lifecycle.keeps_pool()
+            || entry.recycling != Recycling::No
+        {
             return Recycled::Ignored;
         }
         self.slots[slot].recycling = Recycling::Wanted;
+        if !self.keeps(&self.slots[slot], lifecycle) {
+            return Recycled::Deferred;
+        }
         match self.start_replacement(slot, now) {
             Some(by) => Recycled::Replacing(by),
             None => Recycled::Waiting,
@@ -1078,7 +1090,10 @@ mod tests {
         assert_eq!(pool.recycle(0, t0, stopping), Recycled::Ignored);
         assert_eq!(pool.recycle(0, t0, Lifecycle::Paused), Recycled::Ignored);
         pool.begin_generation(2);
-        assert_eq!(pool.recycle(0, t0, reloading(2, t0)), Recycled::Ignored, "old generation");
+        assert_eq!(pool.recycle(0, t0, reloading(2, t0)), Recycled::Deferred, "old generation");
+        assert_eq!(pool.on_tick(t0, reloading(2, t0), quiet), vec![], "while the reload starts");
+        pool.retire_older(RETIRE, t0);
+        assert_eq!(pool.slots()[0].recycling, Recycling::No, "retired: nothing more to do");
         let mut pool = Pool::new(4, 1);
         pool.spawned(0, pid(0), t0, watch(None));
         assert_eq!(pool.recycle(0, t0, SERVING), Recycled::Ignored, "still booting");
@@ -1093,6 +1108,19 @@ mod tests {
         pool.exited(0, WorkerExit::Clean, t0, 0.0, SERVING);
         assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 0 }]);
         assert_eq!(pool.slots()[1].recycling, Recycling::By(0));
+    }
+
+    #[test]
+    fn a_request_made_while_a_reload_starts_is_kept_if_the_reload_is_rolled_back() {
+        let (mut pool, t0) = running(8, 2);
+        let (generation, _) = pool.begin_generation(2);
+        let lifecycle = reloading(generation, t0);
+        assert_eq!(pool.recycle(1, t0, lifecycle), Recycled::Deferred);
+        assert_eq!(pool.recycle(1, t0, lifecycle), Recycled::Ignored, "asked already");
+        pool.roll_back(1, 2, Stop::Fast(FAST), t0);
+        // Generation 1 serves again: the worker, which asks only once, is replaced.
+        assert_eq!(pool.on_tick(t0, SERVING, quiet), vec![PoolAction::Spawn { slot: 2 }]);
+        assert_eq!(pool.slots()[1].recycling, Recycling::By(2));
     }
 
     #[test]

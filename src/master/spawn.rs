@@ -46,18 +46,10 @@ impl Master {
         match forked {
             Ok(ForkResult::Child) => {
                 // Descriptors the worker must not keep: the previous generation's listeners
-                // (a removed address must close once its own workers are gone) and the pid
-                // file (dropping our copy in the child leaves the file alone).
-                self.previous = None;
-                self.pidfile = None;
-                self.ready_pipe = None;
-                // The other workers' channels (and the other master's of an upgrade) are the
-                // master's, not this worker's.
-                self.routing.forget();
-                // The master's copies of the spawners' links: another worker's link would let
-                // this one read that worker's requests.
-                self.spawners.forget();
-                self.checkers.forget();
+                // (a removed address must close once its own workers are gone), the other
+                // workers' channels, and the master's copies of the spawners' links (another
+                // worker's link would let this one read that worker's requests).
+                self.forget_in_child();
                 if let Some(link) = link {
                     crate::services::set_spawner_link(link);
                 }
@@ -97,12 +89,6 @@ impl Master {
                 self.unblock_signals();
                 Err(errno.into())
             }
-        }
-    }
-
-    fn unblock_signals(&self) {
-        if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-            log::error!("could not unblock signals after fork: {error}");
         }
     }
 }

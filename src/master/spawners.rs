@@ -4,7 +4,7 @@
 //! Runs in the master. A spawner is forked when its generation starts (at start, at each
 //! reload, before the generation's workers), so it has that generation's configuration by
 //! fork and nothing has to be sent or parsed again; each worker of the generation gets a link
-//! to it (`SOCK_SEQPACKET`), whose spawner end the master keeps too: a spawner that dies is
+//! to it (`SOCK_STREAM`, see [`crate::services::wire`]), whose spawner end the master keeps too: a spawner that dies is
 //! forked again (with backoff, logged) and inherits every link, so workers never need a new
 //! one, and requests made meanwhile wait in the link, with their descriptors, for the next
 //! spawner. Children a dead spawner leaves behind become the master's (it is
@@ -20,7 +20,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use super::table::WorkerExit;
-use super::{FAST_STOP_GRACE, Master, orphans};
+use super::{FAST_STOP_GRACE, Master};
 use crate::services::wire;
 use crate::signals::{self, MASTER_SIGNALS};
 use crate::spawner::{SpawnerContext, run};
@@ -119,13 +119,8 @@ impl Master {
         match forked {
             Ok(ForkResult::Child) => {
                 drop(ours);
-                // What the spawner must not hold: listening sockets, the pid file, the
-                // workers' channels, other generations' links and spawners.
-                self.listeners.clear();
-                self.previous = None;
-                self.pidfile = None;
-                self.ready_pipe = None;
-                self.routing.forget();
+                // Its generation's links; nothing else of the master's: no listening socket,
+                // no channel, no other generation's link.
                 let links = std::mem::take(&mut self.spawners.links)
                     .into_iter()
                     .enumerate()
@@ -134,8 +129,8 @@ impl Master {
                         _ => None,
                     })
                     .collect();
-                self.spawners.forget();
-                self.checkers.forget();
+                self.listeners.clear();
+                self.forget_in_child();
                 self.signals.uninstall();
                 let context = SpawnerContext {
                     generation,
@@ -147,9 +142,7 @@ impl Master {
                 std::process::exit(run(context));
             }
             Ok(ForkResult::Parent { child }) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 drop(theirs);
                 if let Some(spawner) = self.spawners.find(generation) {
                     spawner.pid = Some(child);
@@ -161,9 +154,7 @@ impl Master {
                 Ok(())
             }
             Err(errno) => {
-                if let Err(error) = signals::unblock(MASTER_SIGNALS) {
-                    log::error!("could not unblock signals after fork: {error}");
-                }
+                self.unblock_signals();
                 Err(errno.into())
             }
         }
@@ -235,14 +226,7 @@ impl Master {
             "the exec spawner of generation {generation} (pid {pid}) died ({exit:?}); exec connections wait until it is back"
         );
         spawner.control = None;
-        let keep: Vec<Pid> = self
-            .pool
-            .pids()
-            .chain(self.supervisor.successor())
-            .chain(self.spawners.pids())
-            .chain(self.checkers.pids())
-            .collect();
-        let ended = orphans::kill_orphans(&keep);
+        let ended = self.end_orphans();
         if ended > 0 {
             log::info!("the exec spawner left {ended} program(s) running: killed");
         }

@@ -48,14 +48,19 @@ pub fn handover_value<'a>(sockets: impl IntoIterator<Item = (&'a str, RawFd)>) -
 }
 
 /// The (listener name, descriptor) pairs of an [`INHERITED_LISTENERS_ENV`] value; entries
-/// without a name or a descriptor number are skipped.
+/// without a name or a descriptor number are skipped, and so is a name or a descriptor
+/// named before: each descriptor is owned once (two owners would close it twice, the
+/// second time perhaps another file that took its number).
 pub fn parse_handover(value: &str) -> Vec<(&str, RawFd)> {
-    value
-        .split(';')
-        .filter_map(|entry| entry.rsplit_once('='))
-        .filter(|(name, _)| !name.is_empty())
-        .filter_map(|(name, fd)| Some((name, fd.parse().ok()?)))
-        .collect()
+    let mut pairs: Vec<(&str, RawFd)> = Vec::new();
+    let entries = value.split(';').filter_map(|entry| entry.rsplit_once('='));
+    for (name, fd) in entries.filter(|(name, _)| !name.is_empty()) {
+        let Ok(fd) = fd.parse() else { continue };
+        if !pairs.iter().any(|&(seen, taken)| seen == name || taken == fd) {
+            pairs.push((name, fd));
+        }
+    }
+    pairs
 }
 
 /// Where the pid file and the scoreboard go for a binary upgrade, from the pid file's path:
@@ -252,6 +257,8 @@ mod tests {
         assert_eq!(parse_handover(&value), vec![("echo", 5), ("tftp.v6", 12)]);
         assert_eq!(parse_handover(""), vec![]);
         assert_eq!(parse_handover("echo;=4;a=x;b=7"), vec![("b", 7)], "the last one lacks ';'");
+        // A descriptor or a name given twice is taken once: one owner closes it.
+        assert_eq!(parse_handover("a=5;b=5;a=6;c=7;"), vec![("a", 5), ("c", 7)]);
     }
 
     #[test]

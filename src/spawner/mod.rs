@@ -10,20 +10,23 @@
 //!   dropped for good (capset(2)). It keeps uid 0, so no child, and no worker, can signal or
 //!   trace it. `PR_SET_NO_NEW_PRIVS` is *not* set: it would pass to the children, where a
 //!   set-user-ID program (su, sendmail ...) must work as it does anywhere else;
-//! - it listens only to the links of its generation's workers (one `SOCK_SEQPACKET` pair
-//!   per worker, made by the master) and to the master. A worker's request names a listener
-//!   of the generation, never a path or an argument, and comes with the client socket and a
+//! - it listens only to the links of its generation's workers (one `SOCK_STREAM` pair per
+//!   worker, made by the master) and to the master. A worker's request names a listener of
+//!   the generation, never a path or an argument, and comes with the client socket and a
 //!   reply channel (see [`crate::services::wire`]); the spawner starts that listener's
 //!   program and nothing else, answers on the reply channel, reaps the child (it is the
 //!   parent; SIGCHLD through a signalfd(2)) and reports its wait status there;
 //! - a closed reply channel (the connection ended first, or its worker died) kills the
 //!   child's process group; a `Signal` message on it (`max_lifetime`) signals that group.
 //!
-//! Invariants: it blocks only in epoll_wait(2); it dies with the master (`PR_SET_PDEATHSIG`,
-//! SIGKILL), its children keep running until they end on their own; it exits by itself once
-//! the master has closed its control link and every worker link and child is gone (a
-//! retired generation). When the master is not root, nothing can switch users: the spawner
-//! runs as the master's user, and so do the children (`check` and startup warn).
+//! Invariants: it blocks only in epoll_wait(2); out of descriptors, it refuses the request
+//! whose descriptors did not all arrive and goes on, and a worker's link always finds a
+//! place (a spare descriptor is closed just before one is read); it dies with the master
+//! (`PR_SET_PDEATHSIG`, SIGKILL), its children keep running until they end on their own; it
+//! exits by itself once the master has closed its control link and every worker link and
+//! child is gone (a retired generation). When the master is not root, nothing can switch
+//! users: the spawner runs as the master's user, and so do the children (`check` and startup
+//! warn).
 
 use std::collections::HashMap;
 use std::io;
@@ -41,6 +44,7 @@ use crate::config::Config;
 use crate::limits::access::AccessList;
 use crate::logging;
 use crate::net::Address;
+use crate::rate::RateLimit;
 use crate::services::wire::{self, EVENT_LEN, Event, MAX_REQUEST, Request};
 use crate::services::{Program, StderrTo};
 use crate::sys::capability;
@@ -117,6 +121,15 @@ struct Spawner {
     children: HashMap<i32, Child>,
     /// The pid of each child by its reply channel's descriptor.
     replies: HashMap<RawFd, i32>,
+    /// A descriptor held in reserve (a duplicate of `epoll`), closed just before a worker
+    /// link is read from the master so that the link always finds a place, however many the
+    /// children take: a link the kernel cannot install is closed, and that worker's requests
+    /// would wait for nobody. `None` while it cannot be opened again (out of descriptors);
+    /// the control link is then not read until it can be.
+    spare: Option<OwnedFd>,
+    /// Requests answered `EMFILE` because their descriptors did not all arrive, and when
+    /// to say so next.
+    dropped_log: RateLimit,
 }
 
 fn watch(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -199,6 +212,7 @@ impl Spawner {
             watch(&epoll, link.as_fd())?;
             links.insert(link.as_raw_fd(), (slot, link));
         }
+        let spare = epoll.0.try_clone()?;
         Ok(Spawner {
             generation: context.generation,
             programs,
@@ -208,6 +222,8 @@ impl Spawner {
             links,
             children: HashMap::new(),
             replies: HashMap::new(),
+            spare: Some(spare),
+            dropped_log: RateLimit::new(DROPPED_LOG_INTERVAL),
         })
     }
 
@@ -217,6 +233,16 @@ impl Spawner {
             if self.control.is_none() && self.links.is_empty() && self.children.is_empty() {
                 log::debug!("exec spawner of generation {} done", self.generation);
                 return 0;
+            }
+            if self.spare.is_none() {
+                // Descriptors were freed meanwhile, perhaps: read the master again.
+                self.spare = self.epoll.0.try_clone().ok();
+                if self.spare.is_some()
+                    && let Some(control) = &self.control
+                    && let Err(error) = watch(&self.epoll, control.as_fd())
+                {
+                    log::error!("exec spawner: cannot watch the link to the master: {error}");
+                }
             }
             let count = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(count) => count,
@@ -244,15 +270,29 @@ impl Spawner {
     /// A new worker link from the master, or the end of the control link.
     fn on_control(&mut self) {
         let Some(control) = &self.control else { return };
+        // The spare's place, for the link (the control link is watched only with a spare).
+        self.spare = None;
         let mut slot = [0u8; 4];
-        match wire::receive_one(control.as_fd(), &mut slot) {
+        let received = wire::receive_one(control.as_fd(), &mut slot);
+        self.spare = self.epoll.0.try_clone().ok();
+        if self.spare.is_none() {
+            // Out of descriptors: the next link waits in the control link until one is free.
+            let _ = self.epoll.delete(control);
+        }
+        match received {
             Ok(received) if received.len == 0 => {
                 // The generation retired: no worker will come; finish what runs.
-                let control = self.control.take().expect("checked above");
-                let _ = self.epoll.delete(&control);
+                if let Some(control) = self.control.take() {
+                    let _ = self.epoll.delete(&control);
+                }
             }
             Ok(mut received) => {
                 let slot = u32::from_le_bytes(slot) as usize;
+                if received.truncated {
+                    log::error!(
+                        "exec spawner: the link of worker {slot} was lost (out of descriptors): its programs cannot start until this spawner is replaced"
+                    );
+                }
                 if let Some(link) = received.fds[0].take() {
                     if let Err(error) = watch(&self.epoll, link.as_fd()) {
                         log::error!(
@@ -289,6 +329,11 @@ impl Spawner {
                 self.drop_link(fd);
                 return;
             }
+            if received.truncated {
+                // Out of descriptors here: this request cannot be served, the next ones may.
+                self.refuse_truncated(slot, received);
+                continue;
+            }
             if !self.start(slot, &bytes[..received.len], received) {
                 // Its framing is lost: nothing more from it can be trusted.
                 log::warn!(
@@ -297,6 +342,23 @@ impl Spawner {
                 self.drop_link(fd);
                 return;
             }
+        }
+    }
+
+    /// A request whose descriptors did not all arrive (this process is out of them): its
+    /// worker hears `EMFILE` on the reply channel if that came, else sees the channel close
+    /// (the kernel closed the spawner's end); either way the connection ends there, and
+    /// the link goes on.
+    fn refuse_truncated(&mut self, slot: usize, received: wire::Received) {
+        let [client, reply] = received.fds;
+        drop(client);
+        if let Some(reply) = reply {
+            let _ = wire::send(reply.as_fd(), &Event::Failed(libc::EMFILE).encode(), &[]);
+        }
+        if let Some(held_back) = self.dropped_log.allow(std::time::Instant::now()) {
+            log::warn!(
+                "exec spawner: out of descriptors: a request of worker {slot} is refused ({held_back} similar not logged)"
+            );
         }
     }
 
@@ -433,6 +495,9 @@ impl Spawner {
         }
     }
 }
+
+/// Least interval between two logs of requests refused for want of descriptors.
+const DROPPED_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The child's stderr pipe: the write end blocks (as a program expects), the read end does
 /// not (the worker reads it in its loop). Both close-on-exec.

@@ -12,11 +12,20 @@
 //!   entry's earliest heap entry (its `scheduled` time); a deadline that moves later (activity)
 //!   costs nothing until its entry comes due, and [`Table::pop_due`] hands it to the caller,
 //!   who computes the deadline in force and acts or schedules again. Heap entries of removed
-//!   or reused entries, and those superseded by an earlier one, are stale and skipped.
+//!   or reused entries, and those superseded by an earlier one, are stale and skipped;
+//! - stale heap entries are bounded: when the heap holds more than twice the entries (and
+//!   [`COMPACT_SLACK`]), it is rebuilt from the live entries' `scheduled` times. Without it,
+//!   each short connection would leave its idle deadline in the heap until that time came:
+//!   a rate of connections times the timeout (an hour's `short_idle_timeout` at 10,000
+//!   connections a second is 36 million entries), whatever the connections open.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
+
+/// Heap entries allowed beyond twice the table's entries before the heap is rebuilt
+/// without its stale ones.
+pub const COMPACT_SLACK: usize = 64;
 
 /// An entry and its table bookkeeping.
 #[derive(Debug)]
@@ -132,7 +141,20 @@ impl<T> Table<T> {
         if slot.scheduled.is_none_or(|scheduled| at < scheduled) {
             slot.scheduled = Some(at);
             self.timers.push(Reverse((at, fd, slot.serial)));
+            if self.timers.len() > 2 * self.len + COMPACT_SLACK {
+                self.compact();
+            }
         }
+    }
+
+    /// Rebuilds the heap from the live entries' earliest times: one heap entry each, at
+    /// most, so at least `len + COMPACT_SLACK` pushes come before the next rebuild.
+    fn compact(&mut self) {
+        let live = self.slots.iter().enumerate().filter_map(|(fd, slot)| {
+            let slot = slot.as_ref()?;
+            Some(Reverse((slot.scheduled?, fd, slot.serial)))
+        });
+        self.timers = live.collect();
     }
 
     /// The earliest heap entry's time: possibly stale, which only means an early wake-up.
@@ -243,6 +265,27 @@ mod tests {
         assert_eq!(table.pop_due(t0 + secs(10)), Some(2), "only the new entry's own timer");
         assert_eq!(table.pop_due(t0 + secs(10)), None);
         assert_eq!(table.heap_len(), 0);
+    }
+
+    #[test]
+    fn stale_timers_stay_bounded_by_the_entries_held() {
+        let t0 = Instant::now();
+        let mut table = Table::default();
+        table.insert(3, ()).unwrap();
+        table.schedule(3, t0 + secs(7200));
+        // Many short connections on one descriptor, each gone long before its deadline.
+        for n in 0..10_000 {
+            table.insert(4, ()).unwrap();
+            table.schedule(4, t0 + secs(3600) + Duration::from_millis(n));
+            table.remove(4);
+            // Two entries were held at most.
+            assert!(table.heap_len() <= 2 * 2 + COMPACT_SLACK, "{}", table.heap_len());
+        }
+        // The live entry's deadline survives the rebuilds.
+        table.insert(4, ()).unwrap();
+        table.schedule(4, t0 + secs(1));
+        let due: Vec<_> = std::iter::from_fn(|| table.pop_due(t0 + secs(9000))).collect();
+        assert_eq!(due, [4, 3]);
     }
 
     #[test]

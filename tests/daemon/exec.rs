@@ -538,3 +538,72 @@ fn a_burst_of_connections_all_get_their_child() {
     }
     assert!(daemon.matching(|l| l.contains("exec-failed")).is_empty());
 }
+
+/// One worker (`workers`) per exec connection: the connection's socket and the reply channel
+/// fill a budget of two; the children discard their stderr.
+fn one_connection_per_worker(workers: usize) -> Daemon {
+    let config = format!(
+        "[daemon]\nworkers = {workers}\nmax_connections_per_worker = 2\nallow_root_workers = true\n\
+         pid_file = \"@DIR@/p.pid\"\n[log]\nlevel = \"debug\"\n\
+         [[listener]]\nname = \"cat\"\naddress = \"127.0.0.1:0\"\nservice = \"exec\"\n\
+         [listener.options]\nuser = \"nobody\"\nprogram = \"/bin/cat\"\nstderr = \"discard\"\n"
+    );
+    Daemon::launch(&config, None, &[])
+}
+
+/// The lowest descriptor number process `pid` has free: an `RLIMIT_NOFILE` of that leaves it
+/// no room for one more (the limit bounds descriptor numbers).
+fn lowest_free_fd(pid: i32) -> usize {
+    let open: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|fd| !open.contains(fd)).unwrap()
+}
+
+/// Sets the soft `RLIMIT_NOFILE` of process `pid` (prlimit(1)).
+fn limit_descriptors(pid: i32, soft: usize) {
+    let (status, _, stderr) = run_program(
+        std::path::Path::new("prlimit"),
+        &["--pid", &pid.to_string(), &format!("--nofile={soft}:")],
+    );
+    assert!(status.success(), "prlimit: {stderr}");
+}
+
+#[test]
+fn a_spawner_out_of_descriptors_refuses_that_request_and_keeps_serving_the_worker() {
+    let daemon = one_connection_per_worker(1);
+    let spawner = spawner_pids(&daemon)[0];
+    assert_eq!(run(&daemon, 0, b"warm"), b"warm", "the worker's link reached the spawner");
+    eventually("the child is reaped", || children_of(spawner).is_empty());
+    // The kernel cannot give the spawner the two descriptors a request brings (it closes
+    // them): that connection ends.
+    limit_descriptors(spawner, lowest_free_fd(spawner));
+    let mut refused = connect(daemon.addr());
+    assert!(closed_within(&mut refused, PATIENCE), "a request that cannot be served ends");
+    drop(refused);
+    daemon.wait_until("its close is over", |s| s.workers.iter().all(|w| w.open == 0));
+    // Room again: the worker's next request is read (its link was not given up).
+    limit_descriptors(spawner, lowest_free_fd(spawner) + 64);
+    let mut served = connect(daemon.addr());
+    assert_eq!(exchange(&mut served, b"ping", PATIENCE), Outcome::Echoed, "served again");
+    assert!(is_running(spawner), "the same spawner");
+}
+
+#[test]
+fn a_new_workers_link_reaches_a_spawner_out_of_descriptors() {
+    let daemon = one_connection_per_worker(1);
+    let spawner = spawner_pids(&daemon)[0];
+    // The first worker is full with one running child: the next client goes to the next one.
+    let mut held = connect(daemon.addr());
+    assert_eq!(exchange(&mut held, b"held", PATIENCE), Outcome::Echoed);
+    // No room in the spawner when the master passes it the link of a new worker.
+    limit_descriptors(spawner, lowest_free_fd(spawner));
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_until("two workers ready", |s| s.ready(1).len() == 2);
+    limit_descriptors(spawner, lowest_free_fd(spawner) + 64);
+    let mut second = connect(daemon.addr());
+    assert_eq!(exchange(&mut second, b"ping", PATIENCE), Outcome::Echoed, "the new worker's link");
+    assert_eq!(exchange(&mut held, b"still", PATIENCE), Outcome::Echoed);
+    assert!(is_running(spawner), "the same spawner");
+}

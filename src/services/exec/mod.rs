@@ -149,13 +149,17 @@ const RLIMITS: [(&str, libc::c_int, Unit); 6] = [
 fn parse_limit(limit: &Limit, unit: Unit) -> Result<u64, String> {
     let number = match limit {
         Limit::Number(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative"))?,
-        Limit::Text(text) if text.eq_ignore_ascii_case("unlimited") => return Ok(libc::RLIM_INFINITY),
-        Limit::Text(text) => {
-            let (digits, scale) = match text.trim().char_indices().last() {
+        Limit::Text(text) if text.trim().eq_ignore_ascii_case("unlimited") => {
+            return Ok(libc::RLIM_INFINITY);
+        }
+        Limit::Text(written) => {
+            // The suffix's index is into the trimmed text, and so is every slice taken.
+            let text = written.trim();
+            let (digits, scale) = match text.char_indices().last() {
                 Some((i, 'k' | 'K')) if unit == Unit::Bytes => (&text[..i], 1 << 10),
                 Some((i, 'm' | 'M')) if unit == Unit::Bytes => (&text[..i], 1 << 20),
                 Some((i, 'g' | 'G')) if unit == Unit::Bytes => (&text[..i], 1 << 30),
-                _ => (text.as_str(), 1),
+                _ => (text, 1),
             };
             let expected = match unit {
                 Unit::Bytes => "a number of bytes (K, M or G may follow) or \"unlimited\"",
@@ -167,7 +171,7 @@ fn parse_limit(limit: &Limit, unit: Unit) -> Result<u64, String> {
                 .parse::<u64>()
                 .ok()
                 .and_then(|n| n.checked_mul(scale))
-                .ok_or_else(|| format!("{text:?} is not {expected}"))?
+                .ok_or_else(|| format!("{written:?} is not {expected}"))?
         }
     };
     Ok(number)
@@ -538,6 +542,11 @@ mod tests {
         assert!(parse_limit(&Limit::Text("8M".into()), Unit::Seconds).is_err(), "no suffix for seconds");
         assert!(parse_limit(&Limit::Number(-1), Unit::Count).is_err());
         assert!(parse_limit(&Limit::Text("lots".into()), Unit::Count).is_err());
+        // White space around the number is the number's: the suffix is found in the trimmed
+        // text, never at a byte index of the untrimmed one (inside a character, a panic).
+        assert_eq!(parse_limit(&Limit::Text(" 64M".into()), Unit::Bytes), Ok(64 << 20));
+        assert_eq!(parse_limit(&Limit::Text("\u{3000}1M ".into()), Unit::Bytes), Ok(1 << 20));
+        assert!(parse_limit(&Limit::Text("\u{3000}M".into()), Unit::Bytes).is_err());
         assert_eq!(parse_umask("027"), Ok(0o027));
         assert_eq!(parse_umask("0"), Ok(0));
         assert!(parse_umask("8").is_err() && parse_umask("1777").is_err() && parse_umask("").is_err());

@@ -290,6 +290,10 @@ pub struct Received {
     pub len: usize,
     /// Its descriptors, in order (more than [`MAX_FDS`] are closed).
     pub fds: [Option<OwnedFd>; MAX_FDS],
+    /// Some of its descriptors could not be installed (`MSG_CTRUNC`: this process is out of
+    /// descriptors, unix(7)): the kernel closed those, and `fds` holds the ones before them.
+    /// The message's bytes are whole.
+    pub truncated: bool,
 }
 
 fn collect_fds(message: &libc::msghdr, fds: &mut [Option<OwnedFd>; MAX_FDS]) {
@@ -352,6 +356,7 @@ pub fn receive(
             for (i, slot) in received.iter_mut().take(got as usize).enumerate() {
                 slot.len = headers[i].msg_len as usize;
                 slot.fds = [None, None];
+                slot.truncated = headers[i].msg_hdr.msg_flags & libc::MSG_CTRUNC != 0;
                 collect_fds(&headers[i].msg_hdr, &mut slot.fds);
             }
         }
@@ -365,11 +370,12 @@ pub fn receive(
 
 /// Receives one message of at most `buffer.len()` bytes with its descriptors (recvmsg(2),
 /// non-blocking, `MSG_CMSG_CLOEXEC`). A message longer than the buffer is reported as
-/// `InvalidData` (its descriptors are closed).
+/// `InvalidData` (its descriptors are closed); one whose descriptors did not all fit in
+/// this process is not an error: see [`Received::truncated`].
 ///
 /// # Errors
-/// `WouldBlock` when nothing is waiting; `InvalidData` for a truncated message; other
-/// socket errors.
+/// `WouldBlock` when nothing is waiting; `InvalidData` for a message longer than `buffer`;
+/// other socket errors.
 pub fn receive_one(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Received> {
     let mut control = ControlBuffer([0; 64]);
     let mut iov = libc::iovec { iov_base: buffer.as_mut_ptr().cast(), iov_len: buffer.len() };
@@ -394,9 +400,10 @@ pub fn receive_one(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<Rece
     if got < 0 {
         return Err(io::Error::last_os_error());
     }
-    if flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+    if flags & libc::MSG_TRUNC != 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "message truncated"));
     }
+    received.truncated = flags & libc::MSG_CTRUNC != 0;
     received.len = got as usize;
     Ok(received)
 }
