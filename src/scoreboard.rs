@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
+mod address;
 mod backends;
 mod children;
 mod listeners;
@@ -37,6 +38,8 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
+/// Version 13: a listener's bound address may be a Unix socket path or an abstract name
+/// ([`Scoreboard::listener_address`]; 14 words, the backend rows' encoding).
 /// Version 12: two more TLS failure reasons ([`TlsFailure::TooLarge`],
 /// [`TlsFailure::UnknownName`]), for a relay that routes by the ClientHello.
 /// Version 11: the backend rows of relay listeners ([`BackendTable`]), after the header.
@@ -53,7 +56,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc12");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc13");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;

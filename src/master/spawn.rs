@@ -22,7 +22,7 @@ impl Master {
     /// `status`): before each fork, and when a rollback brings the previous listeners back.
     pub(super) fn publish_listeners(&self) {
         let names =
-            self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr.ip()));
+            self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), Some(&l.local_addr)));
         self.scoreboard.name_listeners(names);
     }
 
