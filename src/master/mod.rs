@@ -440,6 +440,12 @@ impl Master {
         // Its counts first: a sender told its receiver died learns from them whether the
         // connection is still its own.
         self.reclaim(slot);
+        // A `Ready` still unread in its channel (the exit is handled first in a turn, and
+        // the channel goes with the worker): the scoreboard tells, the worker marks itself
+        // ready there just before it says so.
+        if matches!(self.scoreboard.slot(slot).state(), SlotState::Ready | SlotState::Draining) {
+            self.pool.worker_ready(slot);
+        }
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
         self.spawner_link_gone(slot);
