@@ -57,7 +57,9 @@ const FLAG_FIRST: u32 = 4;
 pub enum Health {
     /// No active check: up, as far as the passive health (failed connects) allows.
     Unchecked = 0,
-    /// Checked, no verdict yet: not used until the first probe says up.
+    /// Checked, no verdict yet: used as if up until the first probe decides (as HAProxy's
+    /// servers start up), so that clients arriving before the first check are served; the
+    /// first probe that fails marks it down at once.
     Pending = 1,
     /// The last `rise` probes passed (or the first did).
     Up = 2,
@@ -156,7 +158,8 @@ pub struct RowSettings {
     pub backup: bool,
     /// Connections at most, over all workers; 0: no cap.
     pub max_connections: u32,
-    /// An active health check watches it: [`Health::Pending`] until its first verdict.
+    /// An active health check watches it: [`Health::Pending`] (used as if up) until its
+    /// first verdict.
     pub checked: bool,
     /// Its address, when the file gives one (not a host name).
     pub address: Option<Address>,
@@ -295,7 +298,8 @@ pub struct BackendView {
     pub passive_down: bool,
     /// Whether new connections may go to it: an address, not down by either health.
     pub up: bool,
-    /// Why it is down (the last failed check, the failed connects, no address), or empty.
+    /// Why it is down (the last failed check, the failed connects, no address), `not checked
+    /// yet` while it is used pending its first verdict, or empty.
     pub reason: String,
     /// Weight.
     pub weight: u32,
@@ -481,11 +485,12 @@ impl BackendScore {
         until == 0 || until < now_ms
     }
 
-    /// Whether a new connection may go to it at `now_ms`: assigned, with an address, up by
-    /// the active check (or unchecked) and by the passive health. Down if either says down.
+    /// Whether a new connection may go to it at `now_ms`: assigned, with an address, not
+    /// down by the active check (up, unchecked, or pending its first verdict) nor by the
+    /// passive health. Down if either says down.
     pub fn usable(&self, now_ms: u64) -> bool {
         self.assigned()
-            && matches!(self.health(), Health::Unchecked | Health::Up)
+            && self.health() != Health::Down
             && self.passively_available(now_ms)
             && self.address[0].load(Ordering::Relaxed) & 0xff != 0
     }
@@ -569,11 +574,12 @@ impl BackendScore {
             reason.push_str("resolution: no address");
         } else if health == Health::Down {
             let _ = write!(reason, "check failed: {}", self.reason());
-        } else if health == Health::Pending {
-            reason.push_str("not checked yet");
         } else if passive_down {
             let _ =
                 write!(reason, "{} failed connects in a row", self.fails.load(Ordering::Relaxed));
+        } else if health == Health::Pending {
+            // Up meanwhile: said so that `status` tells it from a verdict.
+            reason.push_str("not checked yet");
         }
         BackendView {
             row: index,
@@ -629,7 +635,7 @@ mod tests {
         assert_ne!(a, b);
         let row = table.row(a);
         assert!(row.usable(1));
-        assert!(!table.row(b).usable(1), "a checked backend waits for its first verdict");
+        assert!(table.row(b).usable(1), "a checked backend is tried until its first verdict");
         assert!(row.take() && row.take());
         assert!(!row.take(), "max_connections 2: the third is refused");
         assert_eq!(row.active(), 2, "and not counted");
@@ -649,9 +655,10 @@ mod tests {
         let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["unix:/run/redis.sock", "[::1]:80"]);
         assert_eq!(views[0].address, Some(Address::Unix("/run/redis.sock".into())));
-        assert_eq!((views[0].health, views[0].up), (Health::Pending, false));
+        assert_eq!((views[0].health, views[0].up), (Health::Pending, true));
         assert_eq!(views[0].reason, "not checked yet");
         table.row(b).set_health(Health::Down);
+        assert!(!table.row(b).usable(1), "down once a verdict says so");
         table.row(b).set_reason("expected \"+PONG\", got \"-ERR\"");
         let view = &reader.backends().views()[0];
         assert_eq!(view.reason, "check failed: expected \"+PONG\", got \"-ERR\"");
