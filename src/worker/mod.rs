@@ -148,6 +148,9 @@ pub struct WorkerContext<'a> {
 /// `fork(2)`; they are unblocked once the worker's actions are in place.
 pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
     logging::set_worker(context.slot, context.generation);
+    // The places its relays take on backend rows count in its slot's column, which the
+    // master gives back when it reaps it, however it ends.
+    crate::scoreboard::hold_places_for(context.slot);
     master_signals.uninstall();
     if let Err(error) = default_sigchld() {
         log::error!("worker failed to boot: SIGCHLD: {error}");

@@ -312,6 +312,33 @@ fn a_backend_cap_holds_exactly_across_workers_and_the_rest_are_told_why() {
 }
 
 #[test]
+fn a_killed_workers_place_on_a_capped_backend_is_given_back() {
+    let capped = Backend::start("capped", "127.0.0.1:0");
+    capped.hold.store(true, Ordering::Relaxed);
+    let options =
+        format!("backends = [{{ address = \"{}\", max_connections = 1 }}]", capped.address);
+    let daemon = relay_daemon(2, &options, &[]);
+    let held = connect(daemon.addr());
+    (&held).write_all(b"WHO\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&held).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "capped");
+    // The worker relaying it (the only connection yet).
+    let status = daemon
+        .wait_until("the held connection is counted", |s| s.workers.iter().any(|w| w.open > 0));
+    let holder = status.workers.iter().find(|w| w.open > 0).unwrap().pid;
+    assert_eq!(who(daemon.addr()), None, "max_connections 1: its one place is taken");
+    // Killed mid-connection, it gives nothing back itself.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    daemon.wait_replaced(&[holder]);
+    let released = daemon.wait_for_log("the release", |l| l.contains("place(s) on relay backends"));
+    assert!(released.contains(&format!("(pid {holder}) held 1 place(s)")), "{released}");
+    assert_eq!(who(daemon.addr()).as_deref(), Some("capped"), "the place is free again");
+    drop(held);
+}
+
+#[test]
 fn a_checked_backend_is_used_before_its_first_verdict() {
     let slow = Backend::start("slow", "127.0.0.1:0");
     // Probes get no answer: the first verdict waits for the check's timeout, long after the
