@@ -194,11 +194,14 @@ fn start_services(listeners: &Listeners, slot: usize, generation: u64) -> io::Re
 }
 
 /// Runs each listener's [`crate::services::Service::before_exit`] hook, in reverse listener
-/// order (the last started ends first).
+/// order (the last started ends first), after its last housekeeping (everything pending).
 fn stop_services(listeners: &Listeners, slot: usize, generation: u64, stop: WorkerStop) {
     let entries: Vec<&ListenerEntry> = listeners.iter().collect();
+    let now = Instant::now();
     for entry in entries.into_iter().rev() {
         let info = WorkerInfo { slot, generation, listener: &entry.policy.name };
+        // What the service held back (a summary of failures) is written before it goes.
+        entry.policy.service.service.housekeeping(now, true);
         entry.policy.service.service.before_exit(&info, stop);
     }
 }
@@ -516,7 +519,9 @@ impl<'a> Worker<'a> {
             self.env.books.next_deadline(),
             self.datagrams.next_deadline(),
         ];
-        deadlines.into_iter().flatten().min()
+        let services =
+            self.env.listeners.iter().filter_map(|l| l.policy.service.service.next_deadline());
+        deadlines.into_iter().flatten().chain(services).min()
     }
 
     /// Runs everything due at `now`.
@@ -526,6 +531,12 @@ impl<'a> Worker<'a> {
         self.headers.expire(now, &mut self.env);
         self.datagrams.expire(now, &mut self.env);
         self.env.books.log_summaries(&self.env.listeners, now, false);
+        for entry in self.env.listeners.iter() {
+            let service = &entry.policy.service.service;
+            if service.next_deadline().is_some_and(|at| at <= now) {
+                service.housekeeping(now, false);
+            }
+        }
     }
 
     fn handle_signals(&mut self, now: Instant) -> Option<WorkerStop> {

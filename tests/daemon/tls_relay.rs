@@ -165,6 +165,11 @@ fn a_backend_with_a_wrong_name_or_an_untrusted_ca_is_refused_and_logged_in_summa
     // 2 x 4 clients, 2 connects each: 16 failures, logged in a line or two.
     let lines = daemon.matching(|l| l.contains("relay: TLS with backend"));
     assert!(lines.len() < 2 * tries, "a line per failure: {lines:?}");
+    // The ones held back are reported at the end of the interval, without a failure more.
+    let report = daemon.wait_for_log("the held-back failures", |l| {
+        l.contains("relay: TLS with this relay's backends failed") && l.contains("more time(s)")
+    });
+    assert!(report.contains("(the last: backend 127.0.0.1:"), "{report}");
     daemon.wait_for_log("passive health", |l| {
         l.contains("relay backend 127.0.0.1:") && l.contains("is down")
     });

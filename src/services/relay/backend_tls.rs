@@ -9,7 +9,8 @@
 //! - the handshake is part of the connect: `connect_timeout` covers both, and a handshake that
 //!   fails (a certificate that does not chain to the trusted roots or is not valid for the
 //!   expected name, a backend that refuses us, a reset) is a failed connect: counted in the
-//!   backend's passive health, logged in summary ([`BackendTls::log_failure`]), followed by
+//!   backend's passive health, logged in summary ([`BackendTls::log_failure`]: the first at
+//!   once, the others counted and reported at the end of each interval), followed by
 //!   the next backend while the client's bytes wait unread;
 //! - buffers are rustls's: at most [`SEND_BUFFER`] of records are queued for the backend
 //!   before the up pump is told `WouldBlock`, and rustls reads no record while plaintext
@@ -52,7 +53,15 @@ pub struct BackendTls {
     /// host as written.
     server_name: Option<ServerName<'static>>,
     /// Failures logged at most once per [`LOG_INTERVAL`] (per worker: each has its copy).
-    log: Mutex<RateLimit>,
+    log: Mutex<FailureLog>,
+}
+
+/// The summary of failed TLS with a relay's backends, in one worker.
+#[derive(Debug)]
+struct FailureLog {
+    limit: RateLimit,
+    /// The last failure held back: `backend ADDRESS: WHY`.
+    last: String,
 }
 
 impl std::fmt::Debug for BackendTls {
@@ -73,7 +82,8 @@ impl BackendTls {
     /// TLS with `client`'s configuration, verifying `server_name` (`None`: each backend's
     /// host).
     pub fn new(client: ClientTls, server_name: Option<ServerName<'static>>) -> Self {
-        BackendTls { client, server_name, log: Mutex::new(RateLimit::new(LOG_INTERVAL)) }
+        let log = FailureLog { limit: RateLimit::new(LOG_INTERVAL), last: String::new() };
+        BackendTls { client, server_name, log: Mutex::new(log) }
     }
 
     /// The name to send and verify for a backend whose own is `host` (from its address as
@@ -92,17 +102,40 @@ impl BackendTls {
     }
 
     /// Logs that TLS with backend `address` failed (`why`), in summary: the first failure at
-    /// once, then at most one line per [`LOG_INTERVAL`] with the count of the others.
+    /// once, then at most one line per [`LOG_INTERVAL`]; the failures held back meanwhile are
+    /// counted and reported by [`BackendTls::flush_log`] at the end of the interval, whether
+    /// another failure comes or not.
     pub fn log_failure(&self, address: &Address, why: &dyn Display, now: Instant) {
         let Ok(mut log) = self.log.lock() else { return };
-        if let Some(held_back) = log.allow(now) {
-            let more = match held_back {
-                0 => String::new(),
-                n => format!(" ({n} more failures with this relay's backends since the last line)"),
-            };
+        match log.limit.allow(now) {
+            Some(held_back) => {
+                let more = match held_back {
+                    0 => String::new(),
+                    n => format!(" ({n} more failures with this relay's backends since the last line)"),
+                };
+                log::warn!(
+                    "relay: TLS with backend {address} failed: {why}{more}; further failures are counted and logged every {}s",
+                    LOG_INTERVAL.as_secs()
+                );
+            }
+            None => log.last = format!("backend {address}: {why}"),
+        }
+    }
+
+    /// When failures held back are due to be reported (`None`: none is).
+    pub fn log_deadline(&self) -> Option<Instant> {
+        self.log.lock().ok()?.limit.report_due()
+    }
+
+    /// Reports the failures held back, if due at `now` (any time with `all`: the worker
+    /// stops), in one line with the last of them.
+    pub fn flush_log(&self, now: Instant, all: bool) {
+        let Ok(mut log) = self.log.lock() else { return };
+        if let Some(held_back) = log.limit.report(now, all) {
             log::warn!(
-                "relay: TLS with backend {address} failed: {why}{more}; further failures are counted and logged every {}s",
-                LOG_INTERVAL.as_secs()
+                "relay: TLS with this relay's backends failed {held_back} more time(s) in the last {}s (the last: {})",
+                LOG_INTERVAL.as_secs(),
+                log.last
             );
         }
     }
