@@ -332,9 +332,9 @@ fn a_killed_workers_place_on_a_capped_backend_is_given_back() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     daemon.wait_replaced(&[holder]);
+    assert_eq!(who(daemon.addr()).as_deref(), Some("capped"), "the place is free again");
     let released = daemon.wait_for_log("the release", |l| l.contains("place(s) on relay backends"));
     assert!(released.contains(&format!("(pid {holder}) held 1 place(s)")), "{released}");
-    assert_eq!(who(daemon.addr()).as_deref(), Some("capped"), "the place is free again");
     drop(held);
 }
 
