@@ -390,8 +390,10 @@ impl<'a> Worker<'a> {
                 self.expire(Instant::now());
             }
             // Connections kept by a drain this turn (not handed off) hear of it.
-            let others = self.headers.len() + self.datagrams.len();
-            self.conns.tell_kept(now, &mut self.env, others);
+            if self.conns.link.has_kept() {
+                let others = self.headers.len() + self.datagrams.len();
+                self.conns.tell_kept(now, &mut self.env, others);
+            }
             self.check_recycling(now);
             if self.gate.draining()
                 && self.conns.len() == 0
@@ -459,7 +461,7 @@ impl<'a> Worker<'a> {
     /// Asks the master for a replacement once the recycling rule says so (see
     /// `recycle.rs`); checked once per turn of the loop.
     fn check_recycling(&mut self, now: Instant) {
-        if self.gate.draining() {
+        if self.gate.draining() || !self.recycler.armed() {
             return;
         }
         let published = self.score().accepted.load(Ordering::Relaxed);
