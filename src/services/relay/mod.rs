@@ -635,6 +635,10 @@ impl Service for Relay {
     }
 
     /// When the failures of TLS with the backends held back are due to be logged.
+    fn keeps_house(&self) -> bool {
+        self.shared.config.backend_tls.is_some()
+    }
+
     fn next_deadline(&self) -> Option<std::time::Instant> {
         self.shared.config.backend_tls.as_ref()?.log_deadline()
     }
