@@ -245,6 +245,7 @@ fn all_servers(only: Option<&str>) -> Vec<Kind> {
         }
     }
     kinds.push(Kind::Tokio);
+    let kinds = servers::with_before(kinds);
     match only {
         None => kinds,
         Some(list) => kinds
@@ -414,7 +415,11 @@ fn run(duration: Duration, short_clients: usize, idle: usize, only: Option<&str>
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for &kind in &kinds {
-        let scalable = matches!(kind, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
+        let plain = match kind {
+            Kind::Before(inner) => *inner,
+            kind => kind,
+        };
+        let scalable = matches!(plain, Kind::Preforkd(b) if b != "select") || kind == Kind::Tokio;
         let count = if scalable { idle } else { idle.min(1000) };
         let options =
             PreforkdOptions { workers: 1, per_client: 0, backend: None, tls: None, log: None };

@@ -17,24 +17,23 @@ const READ_WRITE: Kind = Kind::PreforkdRelay { splice: false };
 
 /// The proxies measured, in order; `None` is the direct path.
 fn proxies(only: Option<&str>) -> Vec<Option<Kind>> {
-    let mut kinds = vec![
-        None,
-        Some(SPLICE),
-        Some(READ_WRITE),
-        Some(Kind::PreforkdRelayChecked),
-        Some(Kind::PreforkdRelayUnix),
-    ];
+    let mut kinds = crate::servers::with_before(vec![
+        SPLICE,
+        READ_WRITE,
+        Kind::PreforkdRelayChecked,
+        Kind::PreforkdRelayUnix,
+    ]);
     for (kind, program) in [(Kind::Haproxy, "haproxy"), (Kind::NginxStream, "nginx")] {
         if installed(program) || std::path::Path::new(&format!("/usr/sbin/{program}")).is_file() {
-            kinds.push(Some(kind));
+            kinds.push(kind);
         } else {
             eprintln!("note: {program} is not installed; skipped");
         }
     }
+    let kinds = std::iter::once(None).chain(kinds.into_iter().map(Some));
     match only {
-        None => kinds,
+        None => kinds.collect(),
         Some(list) => kinds
-            .into_iter()
             .filter(|k| k.is_none() || list.split(',').any(|p| k.unwrap().label().starts_with(p)))
             .collect(),
     }

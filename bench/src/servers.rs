@@ -63,6 +63,33 @@ pub enum Kind {
     NginxTls,
     /// stunnel4 (a thread per connection) in front of the backend.
     Stunnel,
+    /// The same preforkd scenario run by the binary [`before_binary`] names (an earlier
+    /// build, so that before and after are measured in one run, taking turns).
+    Before(&'static Kind),
+}
+
+/// The earlier preforkd binary that `PREFORKD_BENCH_BEFORE` names, if it is set and is a
+/// file: its rows are labelled `[before]`.
+pub fn before_binary() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("PREFORKD_BENCH_BEFORE")?);
+    path.is_file().then_some(path)
+}
+
+/// For each of `kinds` that the earlier binary can run (plain echo and relay: their
+/// configurations use only keys it knows), a [`Kind::Before`] row, when
+/// `PREFORKD_BENCH_BEFORE` is set.
+pub fn with_before(kinds: Vec<Kind>) -> Vec<Kind> {
+    if before_binary().is_none() {
+        return kinds;
+    }
+    let mut all = Vec::with_capacity(kinds.len() * 2);
+    for kind in kinds {
+        all.push(kind);
+        if matches!(kind, Kind::Preforkd(_) | Kind::PreforkdRelay { .. }) {
+            all.push(Kind::Before(Box::leak(Box::new(kind))));
+        }
+    }
+    all
 }
 
 impl Kind {
@@ -89,6 +116,7 @@ impl Kind {
             Kind::HaproxyTls => "HAProxy 2.6 ssl".into(),
             Kind::NginxTls => "nginx 1.22 stream ssl".into(),
             Kind::Stunnel => "stunnel4".into(),
+            Kind::Before(kind) => format!("{} [before]", kind.label()),
         }
     }
 }
@@ -158,6 +186,11 @@ impl Server {
         binaries: &Binaries,
         options: &PreforkdOptions,
     ) -> std::io::Result<Server> {
+        if let Kind::Before(kind) = kind {
+            let preforkd = before_binary()
+                .ok_or_else(|| std::io::Error::other("PREFORKD_BENCH_BEFORE is not a file"))?;
+            return Server::start(*kind, &Binaries { preforkd, ..binaries.clone() }, options);
+        }
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
@@ -386,6 +419,8 @@ impl Server {
                 command.arg("-p").arg(dir.path()).arg("-c").arg(&path);
                 command
             }
+            // Started above, with the earlier binary.
+            Kind::Before(_) => return Err(std::io::Error::other("a [before] row, started above")),
             Kind::Stunnel => {
                 let backend = options.backend.ok_or_else(|| std::io::Error::other("no backend"))?;
                 let tls =

@@ -1,5 +1,5 @@
 //! How the scoreboard keeps an [`Address`]: in [`ADDRESS_WORDS`] words, for the listeners'
-//! bound addresses (version 13) and the backend rows (version 11), one encoding for both.
+//! bound addresses (version 14) and the backend rows (version 11), one encoding for both.
 //!
 //! Runs wherever the scoreboard is mapped. The bytes, little-endian in the words: a family
 //! byte (0: none; 4 or 6: an IP address, `b'u'`: a Unix socket path, `b'a'`: an abstract

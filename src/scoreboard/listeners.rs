@@ -1,6 +1,6 @@
 //! Per-listener counters of the scoreboard (version 4; datagrams since version 8): one row
 //! per (worker slot, listener), the listener names and bound addresses (version 7; Unix
-//! socket paths and abstract names too since version 13), and the totals of workers that
+//! socket paths and abstract names too since version 14), and the totals of workers that
 //! are gone.
 //!
 //! Written by the master (names and addresses, at each fork; the retired totals, when it
@@ -207,7 +207,7 @@ pub struct ListenerTable {
     /// Odd while the master rewrites an address (a sequence count for readers; version 7).
     rebinding: AtomicU64,
     /// Bound addresses by id, as `address::encode` writes them (version 7; of every kind
-    /// since version 13).
+    /// since version 14).
     addresses: [[AtomicU64; ADDRESS_WORDS]; LISTENER_ROWS],
     /// Counters of workers that are gone, per listener id.
     retired: [ListenerScore; LISTENER_ROWS],

@@ -82,6 +82,13 @@ impl Link {
         self.drain
     }
 
+    /// Whether connections were kept since the last [`take_kept`](Self::take_kept): asked
+    /// once per turn of the loop, which is almost always told no.
+    #[inline]
+    pub fn has_kept(&self) -> bool {
+        !self.kept.is_empty()
+    }
+
     /// The connections kept here since the last call, whose sessions get the drain notice
     /// (those never told before).
     pub fn take_kept(&mut self) -> Vec<(usize, u64)> {

@@ -40,6 +40,14 @@ impl Recycler {
         Recycler { after, above_rss: recycle.above_rss, next_rss_check: now, asked: false }
     }
 
+    /// Whether the rule may still ask: false when neither a count nor a memory ceiling is
+    /// set (the default), or once the worker asked. The loop skips the check then, and so
+    /// the scoreboard read it needs: it runs once per turn.
+    #[inline]
+    pub fn armed(&self) -> bool {
+        !self.asked && (self.after.is_some() || self.above_rss.is_some())
+    }
+
     /// Whether to ask now, having accepted `accepted` connections so far, at `now`; `rss`
     /// reads the resident memory in bytes (asked only when that rule is on and its interval
     /// has passed; `None`: unknown). Says so once.
@@ -92,6 +100,17 @@ mod tests {
         assert_eq!(Recycler::new(rule(100, 0, 0), 12345, t0).after, Some(100));
         let mut never = Recycler::new(rule(0, 10, 0), 3, t0);
         assert_eq!(never.due(u64::MAX, t0, || Some(u64::MAX)), None, "0 is never");
+    }
+
+    #[test]
+    fn is_armed_only_while_a_rule_is_set_and_it_has_not_asked() {
+        let t0 = Instant::now();
+        assert!(!Recycler::new(rule(0, 10, 0), 3, t0).armed(), "the default: no rule");
+        assert!(Recycler::new(rule(0, 0, 64), 0, t0).armed(), "a memory ceiling");
+        let mut counted = Recycler::new(rule(5, 0, 0), 0, t0);
+        assert!(counted.armed());
+        assert_eq!(counted.due(5, t0, || None), Some(Why::Connections(5)));
+        assert!(!counted.armed(), "asked once: the loop stops checking");
     }
 
     #[test]
