@@ -14,9 +14,11 @@ use crate::harness::*;
 fn sigquit_lets_an_in_flight_exchange_finish_then_exits_0_and_frees_the_port() {
     let mut daemon = Daemon::start(&echo_config(1, "", ""));
     let addr = daemon.addr();
+    // Made before the connection: 32 MiB take a debug build a second or more, ten on a
+    // loaded machine, and a connection silent that long is closed as idle (idle-short).
+    let data = random_bytes(32 * 1024 * 1024, 7);
     let mut stream = connect(addr);
     // Put an exchange in flight: write until the server stops taking data.
-    let data = random_bytes(32 * 1024 * 1024, 7);
     stream.set_nonblocking(true).unwrap();
     let mut written = 0;
     loop {
