@@ -98,7 +98,8 @@ impl EchoBackend {
 /// A relay daemon's configuration: two workers, one relay listener with `backends`,
 /// `least-connections`, five connections per client of which two kept alive as long (the
 /// others are over the long quota: a relay never rests, so they stay open, and must move
-/// too).
+/// too). Over the quota, a connection keeps short_idle_timeout: 5 minutes, like the long one,
+/// so that a test held up on a loaded machine does not see its quiet connections cut.
 fn relay_config(pump: Pump, backends: &[SocketAddr]) -> String {
     let quoted: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
@@ -106,7 +107,7 @@ fn relay_config(pump: Pump, backends: &[SocketAddr]) -> String {
          pid_file = \"@DIR@/preforkd.pid\"\n[log]\nlevel = \"debug\"\naccess_log = true\n\
          [[listener]]\nname = \"relay\"\naddress = \"127.0.0.1:0\"\nservice = \"relay\"\n\
          max_connections_per_client = 5\nmax_long_connections_per_client = 2\n\
-         long_idle_timeout = \"5m\"\n[listener.options]\nbackends = [{}]\n\
+         short_idle_timeout = \"5m\"\nlong_idle_timeout = \"5m\"\n[listener.options]\nbackends = [{}]\n\
          balance = \"least-connections\"\nsplice = {}\n",
         quoted.join(", "),
         matches!(pump, Pump::Splice)
