@@ -10,7 +10,7 @@
 //! spawners are the only processes besides the master that may switch users, and each
 //! holds no more than that takes:
 //! - as root, it keeps `CAP_SETUID`, `CAP_SETGID` and `CAP_KILL` (its children run as other
-//!   users) and, only when a listener needs them, `CAP_SYS_NICE` (a negative `nice`) and
+//!   users) and, only when a listener needs them, `CAP_SYS_NICE` (a `nice` below its own, as a negative one is for a daemon at 0) and
 //!   `CAP_SYS_RESOURCE` (a limit above its own hard limit); every other capability is
 //!   dropped for good (capset(2)). It keeps uid 0, so no child, and no worker, can signal or
 //!   trace it. `PR_SET_NO_NEW_PRIVS` is *not* set: it would pass to the children, where a
@@ -89,9 +89,12 @@ pub fn count(workers: usize, cpus: usize) -> usize {
 /// The capabilities the spawner keeps for `programs` (see the module doc).
 pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<u32> {
     let mut keep = vec![capability::SETUID, capability::SETGID, capability::KILL];
+    // Lowering the nice value takes CAP_SYS_NICE (setpriority(2)): below this process's own,
+    // not only below 0 (a daemon started under nice(1) runs above 0).
+    let own = own_nice();
     for program in programs {
         let process = &program.process;
-        if process.nice.is_some_and(|n| n < 0) && !keep.contains(&capability::SYS_NICE) {
+        if process.nice.is_some_and(|n| n < own) && !keep.contains(&capability::SYS_NICE) {
             keep.push(capability::SYS_NICE);
         }
         let above_hard = process.rlimits.iter().any(|&(resource, value)| {
@@ -105,6 +108,15 @@ pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<
         }
     }
     keep
+}
+
+/// This process's nice value (getpriority(2)); 0 if it cannot be read.
+fn own_nice() -> i32 {
+    Errno::clear();
+    // SAFETY: getpriority reads this process's nice value; -1 is a valid value too, told
+    // apart from a failure by errno.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice == -1 && Errno::last_raw() != 0 { 0 } else { nice }
 }
 
 /// Runs the spawner until its generation is gone; returns its exit status.
@@ -214,7 +226,7 @@ impl Spawner {
                     keep.iter().copied().filter(|c| optional.contains(c)).collect();
                 keep.retain(|c| !optional.contains(c));
                 log::warn!(
-                    "exec spawner: {} not permitted: a negative nice or a limit above the hard limit will fail",
+                    "exec spawner: {} not permitted: a nice value below the spawner's own or a limit above the hard limit will fail",
                     capability_names(&missing)
                 );
                 crate::sys::keep_only_capabilities(&keep)
