@@ -48,6 +48,7 @@ pub const WORKER_RUNTIME_FAILURE: i32 = 4;
 ///
 /// While the daemon starts, the master does not respawn a worker that exits with this status:
 /// it stops the daemon with [`ExitStatus::Software`] instead of looping forever (gunicorn's
-/// `WORKER_BOOT_ERROR`); a reload whose worker does is rolled back. Later, a replacement
-/// worker that cannot boot is respawned with a crash loop's backoff.
+/// `WORKER_BOOT_ERROR`); a reload whose worker does is rolled back. A replacement worker
+/// that cannot boot (later, or while the daemon starts, in the slot of a worker that had
+/// booted) is respawned with a crash loop's backoff.
 pub const WORKER_BOOT_FAILURE: i32 = 3;

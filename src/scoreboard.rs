@@ -30,6 +30,7 @@ mod listeners;
 
 pub use backends::{
     BACKEND_ROWS, BackendScore, BackendTable, BackendView, Health, MAX_BACKEND_NAME, RowSettings,
+    hold_places_for,
 };
 pub use children::{CHILD_ROWS, Child};
 pub use listeners::{
@@ -37,6 +38,8 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
+/// Version 13: each worker slot's places on the backend rows ([`BackendTable::reclaim`]),
+/// after every slot's children, so that the master gives back what a killed worker held.
 /// Version 12: two more TLS failure reasons ([`TlsFailure::TooLarge`],
 /// [`TlsFailure::UnknownName`]), for a relay that routes by the ClientHello.
 /// Version 11: the backend rows of relay listeners ([`BackendTable`]), after the header.
@@ -53,7 +56,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc12");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc13");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;
@@ -449,15 +452,17 @@ pub struct Scoreboard {
     owner: Option<u32>,
 }
 
-/// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows and its
-/// children ([`CHILD_ROWS`] rows and their count).
+/// Bytes of one slot: its [`WorkerScore`], its [`LISTENER_ROWS`] listener rows, its
+/// children ([`CHILD_ROWS`] rows and their count) and its places on the backend rows (one
+/// count per row, [`BACKEND_ROWS`]).
 const SLOT_BYTES: usize = std::mem::size_of::<WorkerScore>()
     + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
-    + std::mem::size_of::<children::ChildRows>();
+    + std::mem::size_of::<children::ChildRows>()
+    + std::mem::size_of::<backends::Places>();
 
 /// Bytes of a scoreboard of `capacity` slots; `None` beyond [`MAX_SLOTS`]. The header, the
 /// backend rows ([`BACKEND_ROWS`]), then every [`WorkerScore`], then every slot's listener
-/// rows, then every slot's child rows.
+/// rows, then every slot's child rows, then every slot's places on the backend rows.
 fn layout(capacity: usize) -> Option<usize> {
     if capacity > MAX_SLOTS {
         return None;
@@ -467,6 +472,16 @@ fn layout(capacity: usize) -> Option<usize> {
 
 /// Where the worker slots start: after the header and the backend rows (version 11).
 const SLOTS_OFFSET: usize = std::mem::size_of::<Header>() + backends::TABLE_BYTES;
+
+/// Where the slots' places on the backend rows start in a scoreboard of `capacity` slots:
+/// after every slot's children (version 13).
+fn places_offset(capacity: usize) -> usize {
+    SLOTS_OFFSET
+        + capacity
+            * (std::mem::size_of::<WorkerScore>()
+                + LISTENER_ROWS * std::mem::size_of::<ListenerScore>()
+                + std::mem::size_of::<children::ChildRows>())
+}
 
 impl Scoreboard {
     /// Creates a scoreboard for `capacity` worker slots: at `path` (replacing any file there,

@@ -63,11 +63,12 @@ pub struct Backend {
     /// Whether new connections may go to it: it has an address and neither the active check
     /// nor the passive health says it is down.
     pub up: bool,
-    /// The active check's verdict: `"unchecked"` (no check), `"pending"` (no verdict yet),
-    /// `"up"` or `"down"`.
+    /// The active check's verdict: `"unchecked"` (no check), `"pending"` (no verdict yet:
+    /// used as if up), `"up"` or `"down"`.
     pub check: &'static str,
     /// Why it is not up (`"check failed: expected \"+PONG\", got \"-ERR\""`, `"3 failed
-    /// connects in a row"`, `"resolution: no address"`, `"not checked yet"`); empty when up.
+    /// connects in a row"`, `"resolution: no address"`); `"not checked yet"` while it is
+    /// used pending its first verdict; else empty.
     pub reason: String,
     /// Its weight.
     pub weight: u32,

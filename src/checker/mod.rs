@@ -364,7 +364,8 @@ impl Checker {
                 if row_score.address().as_ref() != address {
                     row_score.write_address(address);
                     if row_score.health() != crate::scoreboard::Health::Unchecked {
-                        // A new address is probed before any client goes there.
+                        // A new address gets a verdict of its own (tried meanwhile, as a
+                        // backend is at start).
                         row_score.set_health(crate::scoreboard::Health::Pending);
                     }
                 }

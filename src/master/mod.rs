@@ -9,7 +9,7 @@
 //!
 //! | signal | intent |
 //! |---|---|
-//! | CHLD | reap: reclaim the worker's per-client counts, respawn with backoff |
+//! | CHLD | reap: reclaim the worker's per-client counts and its places on relay backends, respawn with backoff |
 //! | TERM, INT | fast stop: workers get TERM, then KILL after [`FAST_STOP_GRACE`] |
 //! | QUIT | graceful stop: workers get QUIT, then KILL after `graceful_timeout`; a second QUIT or a TERM goes fast; the old master of an upgrade whose new master serves retires its workers instead (USR2, as a reload) |
 //! | HUP | reload the configuration as a new generation (see `reload.rs`); the old one retires |
@@ -440,6 +440,18 @@ impl Master {
         // Its counts first: a sender told its receiver died learns from them whether the
         // connection is still its own.
         self.reclaim(slot);
+        let places = self.scoreboard.backends().reclaim(slot);
+        if places > 0 {
+            log::info!(
+                "worker {slot} (pid {pid}) held {places} place(s) on relay backends: released"
+            );
+        }
+        // A `Ready` still unread in its channel (the exit is handled first in a turn, and
+        // the channel goes with the worker): the scoreboard tells, the worker marks itself
+        // ready there just before it says so.
+        if matches!(self.scoreboard.slot(slot).state(), SlotState::Ready | SlotState::Draining) {
+            self.pool.worker_ready(slot);
+        }
         self.handoff_slot_gone(slot);
         self.scoreboard.slot(slot).release();
         self.spawner_link_gone(slot);

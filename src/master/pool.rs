@@ -9,8 +9,9 @@
 //! The rules:
 //! - a worker's exit means, checked in this order: its slot is free (it was retiring);
 //!   nothing (the daemon stops); a rollback (it belonged to the generation a reload starts);
-//!   a stop (it could not boot, [`WorkerExit::BootFailure`], while the daemon starts:
-//!   respawning it would loop on a mistake, as gunicorn's `WORKER_BOOT_ERROR` halts); a
+//!   a stop (it could not boot, [`WorkerExit::BootFailure`], while the daemon starts, and
+//!   no worker had booted in its slot: respawning it would loop on a mistake, as gunicorn's
+//!   `WORKER_BOOT_ERROR` halts; the replacement of a worker that had booted is a crash); a
 //!   respawn, at once after a healthy life and with jittered exponential backoff in a crash
 //!   loop (see `table.rs`), if its generation serves and the pool is kept (a replacement that
 //!   cannot boot in a generation that did, such as a service hook whose database is down,
@@ -334,6 +335,9 @@ impl Pool {
     ) -> Fate {
         let keeps = self.keeps(&self.slots[slot], lifecycle);
         let entry = &mut self.slots[slot];
+        // A replacement: an earlier worker of the slot's generation booted in it.
+        let replacement = entry.booted;
+        entry.booted |= entry.worker.is_some_and(|worker| worker.is_ready());
         let delay = entry.exited(now, jitter);
         let recycling = std::mem::take(&mut entry.recycling);
         let fate = match (entry.role, lifecycle) {
@@ -343,7 +347,11 @@ impl Pool {
             (_, Lifecycle::Reloading { generation, .. }) if generation == entry.generation => {
                 Fate::StartFailed
             }
-            (_, Lifecycle::Starting { .. }) if exit == WorkerExit::BootFailure => Fate::BootFailure,
+            // Only a slot's first worker: once one booted there, its replacement failing to
+            // boot is a crash, even before the master marked itself serving.
+            (_, Lifecycle::Starting { .. }) if exit == WorkerExit::BootFailure && !replacement => {
+                Fate::BootFailure
+            }
             _ if keeps => return Fate::Respawn { delay, failures: entry.failures },
             _ => Fate::Dropped,
         };
@@ -806,6 +814,27 @@ mod tests {
         let fate = pool.exited(0, WorkerExit::BootFailure, failed, 0.0, SERVING);
         assert_eq!(fate, Fate::Respawn { delay: respawn_delay(1, 0.0), failures: 1 });
         assert_eq!(pool.deadline(failed, SERVING), Some(failed + respawn_delay(1, 0.0)));
+    }
+
+    #[test]
+    fn a_replacement_that_cannot_boot_while_the_daemon_starts_is_a_crash() {
+        let starting = Lifecycle::Starting { queued: false };
+        let mut pool = Pool::new(4, 2);
+        let t0 = Instant::now();
+        for slot in 0..2 {
+            pool.spawned(slot, pid(slot), t0, watch(None));
+        }
+        // Slot 0 booted, then died (killed) before slot 1 was ready: the master is still
+        // starting, and respawns it.
+        assert!(pool.worker_ready(0));
+        let killed = WorkerExit::Killed(Signal::SIGKILL);
+        assert!(matches!(pool.exited(0, killed, t0, 0.0, starting), Fate::Respawn { .. }));
+        pool.spawned(0, pid(10), t0, watch(None));
+        // Its replacement cannot boot: a crash loop's backoff, not a stop.
+        let fate = pool.exited(0, WorkerExit::BootFailure, t0, 0.0, starting);
+        assert_eq!(fate, Fate::Respawn { delay: respawn_delay(2, 0.0), failures: 2 });
+        // Slot 1's first worker cannot boot: the daemon's start failed.
+        assert_eq!(pool.exited(1, WorkerExit::BootFailure, t0, 0.0, starting), Fate::BootFailure);
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub struct WorkerSlot {
     pub needs_reclaim: bool,
     /// Whether its worker asked to be replaced.
     pub recycling: Recycling,
+    /// A worker of this slot's generation said `Ready` in it and has since exited: the next
+    /// one is a replacement, and if it cannot boot that is a crash, not the daemon's start
+    /// failing.
+    pub booted: bool,
 }
 
 impl WorkerSlot {
@@ -141,6 +145,7 @@ impl WorkerSlot {
         self.role = Role::Serving;
         self.generation = generation;
         self.failures = 0;
+        self.booted = false;
     }
 
     /// Records an exit at `now` and schedules the replacement: at once after a healthy life,

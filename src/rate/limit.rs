@@ -41,6 +41,28 @@ impl RateLimit {
     pub fn next_allowed(&self, now: Instant) -> Instant {
         self.last.map_or(now, |last| last + self.interval)
     }
+
+    /// When the lines held back are due to be reported (one interval after the last line
+    /// written, when [`RateLimit::allow`] lets the report through); `None` while none is held
+    /// back. For a caller that reports them at that deadline rather than with the next line.
+    pub fn report_due(&self) -> Option<Instant> {
+        match (self.suppressed, self.last) {
+            (0, _) | (_, None) => None,
+            (_, Some(last)) => Some(last + self.interval),
+        }
+    }
+
+    /// `Some(n)`, the lines held back, when their report is due at `now` (at any time with
+    /// `force`, for a last report): the report counts as a line written, so the next
+    /// interval starts. `None` when none is held back, or before [`RateLimit::report_due`].
+    pub fn report(&mut self, now: Instant, force: bool) -> Option<u64> {
+        let due = self.report_due()?;
+        if !force && now < due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 #[cfg(test)]
@@ -55,5 +77,13 @@ mod tests {
         assert_eq!(limit.allow(t0 + Duration::from_secs(1)), None);
         assert_eq!(limit.allow(t0 + Duration::from_secs(2)), None);
         assert_eq!(limit.allow(t0 + Duration::from_secs(11)), Some(2));
+        assert_eq!(limit.report_due(), None, "nothing held back");
+        assert_eq!(limit.allow(t0 + Duration::from_secs(12)), None);
+        assert_eq!(limit.report_due(), Some(t0 + Duration::from_secs(21)));
+        assert_eq!(limit.report(t0 + Duration::from_secs(20), false), None, "not yet due");
+        assert_eq!(limit.report(t0 + Duration::from_secs(21), false), Some(1));
+        assert_eq!(limit.report(t0 + Duration::from_secs(40), false), None, "reported once");
+        assert_eq!(limit.allow(t0 + Duration::from_secs(22)), None, "a report counts as a line");
+        assert_eq!(limit.report(t0 + Duration::from_secs(23), true), Some(1), "forced");
     }
 }

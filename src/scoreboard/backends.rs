@@ -11,8 +11,12 @@
 //! - the health checker writes the active check's verdict, its reason and times, and the
 //!   addresses a host name resolves to;
 //! - workers count connections (`active`, exact across workers: a connect takes a place
-//!   with [`BackendScore::take`], which never goes over `max_connections`), connects,
+//!   with [`BackendTable::take`], which never goes over `max_connections`), connects,
 //!   failures and bytes, and the passive health (failed connects in a row, `down_time`).
+//!   Each place is also counted in the worker slot's own column ([`Places`], after the
+//!   slots), so that the master, when it reaps a worker (killed, crashed or not), gives back
+//!   what that slot still held ([`BackendTable::reclaim`]): a killed worker leaks no place,
+//!   and a `max_connections` cap admits again at once.
 //!
 //! Every field is an atomic: no lock is held across processes, and a process that dies
 //! mid-update leaves nothing locked. The texts (the backend's name, its address, the reason
@@ -26,10 +30,28 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::{Mapping, Scoreboard};
 use crate::net::Address;
+
+/// One worker slot's places on the backend rows: how many connections (and connects) of
+/// the slot's worker count on each row. Written by that worker only, next to the row's
+/// `active`; read and cleared by the master once it reaped the worker.
+pub(super) type Places = [AtomicU32; BACKEND_ROWS];
+
+/// No worker slot: places taken by this process are counted on the rows only.
+const NO_SLOT: usize = usize::MAX;
+
+/// The worker slot whose column counts the places this process takes ([`NO_SLOT`] in the
+/// master, the checker and tests): set once by a worker as it boots.
+static HOLDER: AtomicUsize = AtomicUsize::new(NO_SLOT);
+
+/// Makes this process count the places it takes on the backend rows in worker slot `slot`'s
+/// column, for [`BackendTable::reclaim`]: called by a worker at boot, before any connection.
+pub fn hold_places_for(slot: usize) {
+    HOLDER.store(slot, Ordering::Relaxed);
+}
 
 /// Backend addresses over all relay listeners (a host name counts for as many rows as it may
 /// resolve to addresses). A configuration that needs more is refused by a reload, and by
@@ -57,7 +79,9 @@ const FLAG_FIRST: u32 = 4;
 pub enum Health {
     /// No active check: up, as far as the passive health (failed connects) allows.
     Unchecked = 0,
-    /// Checked, no verdict yet: not used until the first probe says up.
+    /// Checked, no verdict yet: used as if up until the first probe decides (as HAProxy's
+    /// servers start up), so that clients arriving before the first check are served; the
+    /// first probe that fails marks it down at once.
     Pending = 1,
     /// The last `rise` probes passed (or the first did).
     Up = 2,
@@ -141,6 +165,8 @@ const _: () = assert!(TABLE_BYTES.is_multiple_of(128), "the slots after it stay 
 #[derive(Debug, Clone)]
 pub struct BackendTable {
     map: Arc<Mapping>,
+    /// Worker slots of the scoreboard: the columns of places.
+    slots: usize,
 }
 
 /// The settings of a backend row, written by the master.
@@ -156,7 +182,8 @@ pub struct RowSettings {
     pub backup: bool,
     /// Connections at most, over all workers; 0: no cap.
     pub max_connections: u32,
-    /// An active health check watches it: [`Health::Pending`] until its first verdict.
+    /// An active health check watches it: [`Health::Pending`] (used as if up) until its
+    /// first verdict.
     pub checked: bool,
     /// Its address, when the file gives one (not a host name).
     pub address: Option<Address>,
@@ -167,7 +194,7 @@ pub struct RowSettings {
 impl Scoreboard {
     /// The backend rows.
     pub fn backends(&self) -> BackendTable {
-        BackendTable { map: Arc::clone(&self.map) }
+        BackendTable { map: Arc::clone(&self.map), slots: self.capacity }
     }
 }
 
@@ -189,6 +216,88 @@ impl BackendTable {
     /// If `index` is not below [`BACKEND_ROWS`] (a caller bug).
     pub fn row(&self, index: usize) -> &BackendScore {
         &self.rows()[index]
+    }
+
+    /// Worker slot `slot`'s places, `None` past the slots.
+    fn places(&self, slot: usize) -> Option<&Places> {
+        if slot >= self.slots {
+            return None;
+        }
+        // SAFETY: a scoreboard of `slots` slots maps `layout(slots)` bytes, which end with
+        // every slot's `Places` from `places_offset(slots)`, a multiple of 8 (so aligned for
+        // `AtomicU32`); zeroed memory is valid, every element is an atomic, and `self.map`
+        // keeps the mapping alive; `slot` is below `slots`.
+        unsafe {
+            let first = self.map.base.as_ptr().add(super::places_offset(self.slots));
+            Some(&*first.cast::<Places>().add(slot))
+        }
+    }
+
+    /// This process's count of places on row `index` (a worker's; `None` elsewhere).
+    fn held(&self, index: usize) -> Option<&AtomicU32> {
+        self.places(HOLDER.load(Ordering::Relaxed)).map(|places| &places[index])
+    }
+
+    /// Takes a place on row `index` for one more connection, unless that would go over its
+    /// `max_connections` (exact across workers: the count never exceeds the cap); give it
+    /// back with [`BackendTable::give_back`]. Counted in this worker's column first, so that
+    /// a worker killed at any instant is never found holding less than it counts on the row
+    /// (at worst one more: the master's release saturates at 0).
+    ///
+    /// # Panics
+    /// If `index` is not below [`BACKEND_ROWS`] (a caller bug).
+    pub fn take(&self, index: usize) -> bool {
+        let held = self.held(index);
+        if let Some(held) = held {
+            held.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.row(index).take() {
+            return true;
+        }
+        if let Some(held) = held {
+            saturating_sub32(held, 1);
+        }
+        false
+    }
+
+    /// Takes a place on row `index` whatever its cap (a connection handed over from another
+    /// worker, which gives its own back).
+    ///
+    /// # Panics
+    /// If `index` is not below [`BACKEND_ROWS`] (a caller bug).
+    pub fn take_anyway(&self, index: usize) {
+        if let Some(held) = self.held(index) {
+            held.fetch_add(1, Ordering::AcqRel);
+        }
+        self.row(index).take_anyway();
+    }
+
+    /// Gives back a place taken on row `index` with [`BackendTable::take`] or
+    /// [`BackendTable::take_anyway`]: from the row first, then from this worker's column.
+    ///
+    /// # Panics
+    /// If `index` is not below [`BACKEND_ROWS`] (a caller bug).
+    pub fn give_back(&self, index: usize) {
+        self.row(index).give_back(1);
+        if let Some(held) = self.held(index) {
+            saturating_sub32(held, 1);
+        }
+    }
+
+    /// Gives back every place worker slot `slot` still holds, and clears its column; returns
+    /// how many. By the master, once it reaped the slot's worker (whatever its exit: a worker
+    /// that ended cleanly holds none), before the slot is claimed again.
+    pub fn reclaim(&self, slot: usize) -> u64 {
+        let Some(places) = self.places(slot) else { return 0 };
+        let mut released = 0;
+        for (index, held) in places.iter().enumerate() {
+            let count = held.swap(0, Ordering::AcqRel);
+            if count > 0 {
+                self.row(index).give_back(u64::from(count));
+                released += u64::from(count);
+            }
+        }
+        released
     }
 
     /// The row keyed `key` (taken anew when none is, from a free one: no key and no
@@ -295,7 +404,8 @@ pub struct BackendView {
     pub passive_down: bool,
     /// Whether new connections may go to it: an address, not down by either health.
     pub up: bool,
-    /// Why it is down (the last failed check, the failed connects, no address), or empty.
+    /// Why it is down (the last failed check, the failed connects, no address), `not checked
+    /// yet` while it is used pending its first verdict, or empty.
     pub reason: String,
     /// Weight.
     pub weight: u32,
@@ -321,6 +431,13 @@ pub struct BackendView {
     pub check_us: u64,
     /// When the health last changed, Unix milliseconds.
     pub changed_unix_ms: u64,
+}
+
+/// Subtracts `count` from `counter`, never below 0.
+fn saturating_sub32(counter: &AtomicU32, count: u32) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |value| {
+        Some(value.saturating_sub(count))
+    });
 }
 
 fn store_text(words: &[AtomicU64], text: &str) {
@@ -481,11 +598,12 @@ impl BackendScore {
         until == 0 || until < now_ms
     }
 
-    /// Whether a new connection may go to it at `now_ms`: assigned, with an address, up by
-    /// the active check (or unchecked) and by the passive health. Down if either says down.
+    /// Whether a new connection may go to it at `now_ms`: assigned, with an address, not
+    /// down by the active check (up, unchecked, or pending its first verdict) nor by the
+    /// passive health. Down if either says down.
     pub fn usable(&self, now_ms: u64) -> bool {
         self.assigned()
-            && matches!(self.health(), Health::Unchecked | Health::Up)
+            && self.health() != Health::Down
             && self.passively_available(now_ms)
             && self.address[0].load(Ordering::Relaxed) & 0xff != 0
     }
@@ -495,28 +613,27 @@ impl BackendScore {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Takes a place for one more connection, unless that would go over `max_connections`
-    /// (exact across workers: the count never exceeds the cap); give it back with
-    /// [`BackendScore::give_back`].
-    pub fn take(&self) -> bool {
+    /// Takes a place on the row only (see [`BackendTable::take`], which counts it in the
+    /// worker's column too).
+    fn take(&self) -> bool {
         let max = u64::from(self.max_connections.load(Ordering::Relaxed));
         let before = self.active.fetch_add(1, Ordering::AcqRel);
         if max != 0 && before >= max {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.give_back(1);
             return false;
         }
         true
     }
 
-    /// Takes a place whatever the cap (a connection handed over from another worker, which
-    /// gives its own back).
-    pub fn take_anyway(&self) {
+    fn take_anyway(&self) {
         self.active.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Gives back a place taken with [`BackendScore::take`].
-    pub fn give_back(&self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
+    /// Gives back `count` places, never below 0.
+    fn give_back(&self, count: u64) {
+        let _ = self.active.fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+            Some(active.saturating_sub(count))
+        });
     }
 
     /// Whether it has a place left (`max_connections` not reached).
@@ -569,11 +686,12 @@ impl BackendScore {
             reason.push_str("resolution: no address");
         } else if health == Health::Down {
             let _ = write!(reason, "check failed: {}", self.reason());
-        } else if health == Health::Pending {
-            reason.push_str("not checked yet");
         } else if passive_down {
             let _ =
                 write!(reason, "{} failed connects in a row", self.fails.load(Ordering::Relaxed));
+        } else if health == Health::Pending {
+            // Up meanwhile: said so that `status` tells it from a verdict.
+            reason.push_str("not checked yet");
         }
         BackendView {
             row: index,
@@ -629,9 +747,9 @@ mod tests {
         assert_ne!(a, b);
         let row = table.row(a);
         assert!(row.usable(1));
-        assert!(!table.row(b).usable(1), "a checked backend waits for its first verdict");
-        assert!(row.take() && row.take());
-        assert!(!row.take(), "max_connections 2: the third is refused");
+        assert!(table.row(b).usable(1), "a checked backend is tried until its first verdict");
+        assert!(table.take(a) && table.take(a));
+        assert!(!table.take(a), "max_connections 2: the third is refused");
         assert_eq!(row.active(), 2, "and not counted");
         row.moved(10, 20);
         assert!(!row.succeeded(), "never marked down");
@@ -642,20 +760,54 @@ mod tests {
         table.retire(&[b]);
         let c = table.assign(12, &settings("[::1]:80", false)).unwrap();
         assert_ne!(c, a, "a row with connections is not reused");
-        row.give_back();
-        row.give_back();
+        table.give_back(a);
+        table.give_back(a);
         let reader = Scoreboard::open(&path).unwrap();
         let views = reader.backends().views();
         let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["unix:/run/redis.sock", "[::1]:80"]);
         assert_eq!(views[0].address, Some(Address::Unix("/run/redis.sock".into())));
-        assert_eq!((views[0].health, views[0].up), (Health::Pending, false));
+        assert_eq!((views[0].health, views[0].up), (Health::Pending, true));
         assert_eq!(views[0].reason, "not checked yet");
         table.row(b).set_health(Health::Down);
+        assert!(!table.row(b).usable(1), "down once a verdict says so");
         table.row(b).set_reason("expected \"+PONG\", got \"-ERR\"");
         let view = &reader.backends().views()[0];
         assert_eq!(view.reason, "check failed: expected \"+PONG\", got \"-ERR\"");
         assert_eq!(table.assign(13, &settings("127.0.0.2:1", false)), Some(a), "free again");
+    }
+
+    #[test]
+    fn a_dead_workers_places_are_given_back_by_its_slot() {
+        let board = Scoreboard::create(None, 3).unwrap();
+        let table = board.backends();
+        let mut capped = settings("127.0.0.1:1", false);
+        capped.max_connections = 1;
+        let a = table.assign(1, &capped).unwrap();
+        let mut open = settings("127.0.0.1:2", false);
+        open.max_connections = 0;
+        let b = table.assign(2, &open).unwrap();
+        // The worker of slot 2 (this process, for the test) holds a's only place and two of b.
+        hold_places_for(2);
+        assert!(table.take(a) && table.take(b) && table.take(b));
+        assert!(!table.take(a), "max_connections 1");
+        // Slot 1's worker took one of b and gave it back: nothing left to reclaim there.
+        hold_places_for(1);
+        assert!(table.take(b));
+        table.give_back(b);
+        hold_places_for(NO_SLOT);
+        assert_eq!(table.reclaim(1), 0);
+        assert_eq!((table.row(a).active(), table.row(b).active()), (1, 2));
+        // Slot 2's worker is killed: its places come back, and the cap admits again.
+        assert_eq!(table.reclaim(2), 3);
+        assert_eq!((table.row(a).active(), table.row(b).active()), (0, 0));
+        assert!(table.take(a), "the cap admits again");
+        assert_eq!(table.reclaim(2), 0, "reclaim is idempotent");
+        assert_eq!(table.reclaim(3), 0, "past the slots: nothing");
+        // Never below 0, whatever a column says.
+        table.places(0).unwrap()[b].store(5, Ordering::Relaxed);
+        assert_eq!(table.reclaim(0), 5);
+        assert_eq!(table.row(b).active(), 0);
     }
 
     #[test]

@@ -385,6 +385,21 @@ pub trait Service {
         None
     }
 
+    /// When the service next has work of its own due in this worker, outside any session
+    /// (a summary of log lines it held back, such as relay's failures of TLS with its
+    /// backends); the worker wakes by then and calls [`Service::housekeeping`]. Asked at
+    /// every turn of the worker's loop: keep it cheap. Default: never.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    /// Does what [`Service::next_deadline`] said was due, at `now` (monotonic; the worker
+    /// may call it early or late, and with `all` when it stops: then do everything pending).
+    /// Must not block. Default: nothing.
+    fn housekeeping(&self, now: std::time::Instant, all: bool) {
+        let _ = (now, all);
+    }
+
     /// Rebuilds a session handed off by a worker of an older generation (or of the old
     /// master of a binary upgrade) from what its [`Session::export`] returned. `None`
     /// refuses it, and the old worker keeps serving the connection until it ends: do so for

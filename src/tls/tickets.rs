@@ -10,7 +10,10 @@
 //!
 //! Rows are indexed by the listener's stable id (as the scoreboard's are), so listeners never
 //! share keys: a ticket issued on one listener (after its client certificate check) cannot
-//! resume on another. Each row is written under a sequence count (odd while the master
+//! resume on another. There is a row for every id a listener can have ([`TICKET_ROWS`], the
+//! whole `u16` range; the scoreboard's per-listener counters stop at its `LISTENER_ROWS`, the
+//! keys do not): the region is reserved, not committed, so only the rows of listeners that
+//! issue tickets take memory. Each row is written under a sequence count (odd while the master
 //! writes), and readers copy a key only from a stable, even count.
 //!
 //! A ticket is `key name (16) | nonce (12) | AES-256-GCM(state) | tag (16)`, the key name as
@@ -28,7 +31,8 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous};
 use rustls::server::ProducesTickets;
 
-use crate::scoreboard::LISTENER_ROWS;
+/// Rows of the region: one per possible listener id (ids are `u16`).
+pub const TICKET_ROWS: usize = 1 << 16;
 
 /// Bytes of a key's name, the first bytes of every ticket it seals.
 const NAME_LEN: usize = 16;
@@ -110,15 +114,17 @@ impl TicketKeys {
     /// # Errors
     /// mmap(2) failed.
     pub fn create() -> io::Result<TicketKeys> {
-        let len = NonZeroUsize::new(std::mem::size_of::<Row>() * LISTENER_ROWS)
-            .expect("rows have a size");
+        let len =
+            NonZeroUsize::new(std::mem::size_of::<Row>() * TICKET_ROWS).expect("rows have a size");
         // SAFETY: a fresh anonymous mapping, zero-filled (all-zero atomics are valid rows).
+        // No swap is reserved for it (a few MiB, of which only the rows of TLS listeners are
+        // ever touched).
         let region = unsafe {
             mmap_anonymous(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
             )
         }?;
         // SAFETY: the range is the mapping just made. Best effort: a core dump of the master
@@ -129,13 +135,13 @@ impl TicketKeys {
 
     fn row(&self, id: usize) -> Option<&Row> {
         // SAFETY: in bounds of the mapping, which lives as long as the process.
-        (id < LISTENER_ROWS).then(|| unsafe { &*self.rows.as_ptr().add(id) })
+        (id < TICKET_ROWS).then(|| unsafe { &*self.rows.as_ptr().add(id) })
     }
 
     /// Gives listener `id` a new current key from the OS random generator (by the master):
     /// the old current key becomes the previous one with `keep_previous`, else both are
-    /// replaced (no ticket sealed before opens any more). Ids past [`LISTENER_ROWS`] have no
-    /// row and are ignored.
+    /// replaced (no ticket sealed before opens any more). Ids past [`TICKET_ROWS`] (none a
+    /// listener can have) have no row and are ignored.
     ///
     /// # Errors
     /// The random generator failed (the row is left as it was).
@@ -190,7 +196,8 @@ impl TicketKeys {
 
     /// The ticketer of listener `id` for rustls, which seals with the row's current key and
     /// opens with the current or previous one; `lifetime` is the validity a client is told
-    /// (one rotation period). `None` for an id past [`LISTENER_ROWS`].
+    /// (one rotation period). `None` for an id past [`TICKET_ROWS`] (none a listener can
+    /// have).
     pub fn ticketer(&self, id: usize, lifetime: Duration) -> Option<SharedTicketer> {
         self.row(id)?;
         let lifetime = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
@@ -379,7 +386,14 @@ mod tests {
         assert_eq!(ticketer.decrypt(&forged[..20]), None, "a short one");
         keys.clear(3);
         assert_eq!(ticketer.encrypt(b"x"), None);
-        assert!(keys.ticketer(LISTENER_ROWS, hour).is_none());
+        // Every listener id has its row, past the scoreboard's 64 per-listener rows too.
+        for id in [crate::scoreboard::LISTENER_ROWS, usize::from(u16::MAX)] {
+            keys.rotate(id, false).unwrap();
+            let sealed = keys.ticketer(id, hour).unwrap().encrypt(b"far").unwrap();
+            let other_worker = keys.ticketer(id, hour).unwrap();
+            assert_eq!(other_worker.decrypt(&sealed).unwrap(), b"far", "listener {id}");
+        }
+        assert!(keys.ticketer(TICKET_ROWS, hour).is_none());
         assert_eq!(ticketer.lifetime(), 3600);
     }
 }

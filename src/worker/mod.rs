@@ -148,6 +148,9 @@ pub struct WorkerContext<'a> {
 /// `fork(2)`; they are unblocked once the worker's actions are in place.
 pub fn run(context: WorkerContext<'_>, master_signals: &mut Signals) -> i32 {
     logging::set_worker(context.slot, context.generation);
+    // The places its relays take on backend rows count in its slot's column, which the
+    // master gives back when it reaps it, however it ends.
+    crate::scoreboard::hold_places_for(context.slot);
     master_signals.uninstall();
     if let Err(error) = default_sigchld() {
         log::error!("worker failed to boot: SIGCHLD: {error}");
@@ -191,11 +194,14 @@ fn start_services(listeners: &Listeners, slot: usize, generation: u64) -> io::Re
 }
 
 /// Runs each listener's [`crate::services::Service::before_exit`] hook, in reverse listener
-/// order (the last started ends first).
+/// order (the last started ends first), after its last housekeeping (everything pending).
 fn stop_services(listeners: &Listeners, slot: usize, generation: u64, stop: WorkerStop) {
     let entries: Vec<&ListenerEntry> = listeners.iter().collect();
+    let now = Instant::now();
     for entry in entries.into_iter().rev() {
         let info = WorkerInfo { slot, generation, listener: &entry.policy.name };
+        // What the service held back (a summary of failures) is written before it goes.
+        entry.policy.service.service.housekeeping(now, true);
         entry.policy.service.service.before_exit(&info, stop);
     }
 }
@@ -515,7 +521,9 @@ impl<'a> Worker<'a> {
             self.env.books.next_deadline(),
             self.datagrams.next_deadline(),
         ];
-        deadlines.into_iter().flatten().min()
+        let services =
+            self.env.listeners.iter().filter_map(|l| l.policy.service.service.next_deadline());
+        deadlines.into_iter().flatten().chain(services).min()
     }
 
     /// Runs everything due at `now`.
@@ -525,6 +533,12 @@ impl<'a> Worker<'a> {
         self.headers.expire(now, &mut self.env);
         self.datagrams.expire(now, &mut self.env);
         self.env.books.log_summaries(&self.env.listeners, now, false);
+        for entry in self.env.listeners.iter() {
+            let service = &entry.policy.service.service;
+            if service.next_deadline().is_some_and(|at| at <= now) {
+                service.housekeeping(now, false);
+            }
+        }
     }
 
     fn handle_signals(&mut self, now: Instant) -> Option<WorkerStop> {

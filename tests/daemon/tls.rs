@@ -326,7 +326,31 @@ fn mtls_refuses_without_a_certificate_and_an_exec_child_sees_the_client() {
 fn a_ticket_resumes_on_another_worker() {
     let pki = Pki::new();
     let daemon = Daemon::start(&config(2, &listener("daytime", "daytime", &pki.table(""))));
-    let port = daemon.addr().port();
+    resumes_on_another_worker(&pki, &daemon, daemon.addr().port());
+    let daytime = wait_totals(&daemon, "daytime", |t| t.tls_resumed >= 1);
+    assert_eq!(daytime.tls_failed.iter().sum::<u64>(), 0, "{daytime:?}");
+}
+
+#[test]
+fn a_ticket_resumes_on_another_worker_past_the_64th_listener() {
+    let pki = Pki::new();
+    // Listener ids 0 to 63 are plain; the TLS one is id 64, past the scoreboard's per-listener
+    // rows: its ticket keys are shared all the same.
+    let fillers: String = (0..64).map(|i| listener(&format!("filler{i}"), "discard", "")).collect();
+    let tls = listener("daytime", "daytime", &pki.table(""));
+    let daemon = Daemon::start(&config(2, &format!("{fillers}{tls}")));
+    // Its address is not in the status (no row): the master's one socket not listed there.
+    let listed = &daemon.addrs;
+    assert_eq!(listed.len(), 64, "{listed:?}");
+    let bound = crate::harness::listening_addrs(daemon.pid().as_raw());
+    let unlisted: Vec<_> = bound.iter().filter(|a| !listed.contains(a)).collect();
+    assert_eq!(unlisted.len(), 1, "{bound:?}");
+    resumes_on_another_worker(&pki, &daemon, unlisted[0].port());
+}
+
+/// Gets a ticket from the TLS listener at `port` and resumes with it until a worker other
+/// than the issuer does; panics if none does in 60 tries.
+fn resumes_on_another_worker(pki: &Pki, daemon: &Daemon, port: u16) {
     let session = pki.path("session.pem");
     let ca_file = pki.path("ca.pem");
     let trust = ["-CAfile", &ca_file, "-quiet"];
@@ -348,8 +372,6 @@ fn a_ticket_resumes_on_another_worker() {
         "no resumption on the other worker: {:?}",
         daemon.matching(|l| l.contains("access "))
     );
-    let daytime = wait_totals(&daemon, "daytime", |t| t.tls_resumed >= 1);
-    assert_eq!(daytime.tls_failed.iter().sum::<u64>(), 0, "{daytime:?}");
 }
 
 /// The serial of the certificate a new connection to `port` gets.

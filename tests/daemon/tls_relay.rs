@@ -165,6 +165,11 @@ fn a_backend_with_a_wrong_name_or_an_untrusted_ca_is_refused_and_logged_in_summa
     // 2 x 4 clients, 2 connects each: 16 failures, logged in a line or two.
     let lines = daemon.matching(|l| l.contains("relay: TLS with backend"));
     assert!(lines.len() < 2 * tries, "a line per failure: {lines:?}");
+    // The ones held back are reported at the end of the interval, without a failure more.
+    let report = daemon.wait_for_log("the held-back failures", |l| {
+        l.contains("relay: TLS with this relay's backends failed") && l.contains("more time(s)")
+    });
+    assert!(report.contains("(the last: backend 127.0.0.1:"), "{report}");
     daemon.wait_for_log("passive health", |l| {
         l.contains("relay backend 127.0.0.1:") && l.contains("is down")
     });
@@ -195,6 +200,56 @@ fn backend_mtls_serves_with_the_client_certificate_and_fails_without() {
     daemon.wait_for_log("the backend's refusal", |l| {
         l.contains("relay: TLS with backend") && l.contains("CertificateRequired")
     });
+}
+
+#[test]
+fn a_tls_1_3_backend_refusing_our_certificate_is_a_failed_connect_and_the_next_one_serves() {
+    let pki = Pki::new();
+    let ca = pki.path("ca.pem");
+    // It asks for a client certificate and refuses us, who have none, with an alert that
+    // comes after our side of the TLS 1.3 handshake is complete.
+    let refusing = Backend::start(&pki, "server", &["-Verify", "1", "-CAfile", &ca]);
+    let serving = Backend::start(&pki, "server", &[]);
+    let options = format!(
+        "balance = \"first\"\nbackend_tls = {{ server_name = \"localhost\", ca = {ca:?} }}\n"
+    );
+    let backends = [refusing.address(), serving.address()];
+    let daemon = Daemon::start(&config(1, &relay("first", &backends, &options)));
+    // The client says nothing until the relay is connected: the refusal comes while the
+    // relay waits for the backend's verdict, and the next backend serves it.
+    let mut client = connect(daemon.addr());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let rows = backend_rows(&daemon);
+        let row = |address: &str| rows.iter().find(|r| r["address"] == address).cloned();
+        let (refused, served) = (row(&refusing.address()), row(&serving.address()));
+        if let (Some(refused), Some(served)) = (&refused, &served)
+            && refused["failures"] == 1
+            && served["active"] == 1
+        {
+            assert_eq!(refused["connects"], 0, "a refusal is no successful connect: {rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay never reached the second backend: {rows:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(exchange_reversed(&mut client, "after a refusal\n"), Outcome::Echoed);
+    drop(client);
+    let line = daemon.wait_for_log("the access line", |l| l.contains("access "));
+    let served = format!("backend={} ", serving.address());
+    assert!(line.contains(&served) && line.contains("tries=2"), "{line}");
+    daemon.wait_for_log("the backend's refusal", |l| {
+        l.contains("relay: TLS with backend") && l.contains("CertificateRequired")
+    });
+}
+
+/// The backend rows of `status --json`.
+fn backend_rows(daemon: &Daemon) -> Vec<serde_json::Value> {
+    let config = daemon.config_path.to_str().unwrap();
+    let (status, json, stderr) = crate::harness::run_cli(&["status", "--json", "-c", config]);
+    assert!(status.success(), "{stderr}");
+    let document: serde_json::Value = serde_json::from_str(&json).unwrap();
+    document["backends"].as_array().cloned().unwrap_or_default()
 }
 
 /// A rustls client configuration that trusts `pki`'s CA.

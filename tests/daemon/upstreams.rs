@@ -27,6 +27,8 @@ struct Backend {
     open: Arc<Mutex<(usize, usize)>>,
     /// Hold clients open until told (for caps).
     hold: Arc<AtomicBool>,
+    /// Leave probes unanswered (the check waits for its timeout).
+    mute_probes: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
@@ -41,14 +43,16 @@ impl Backend {
             healthy: Arc::new(AtomicBool::new(true)),
             open: Arc::default(),
             hold: Arc::default(),
+            mute_probes: Arc::default(),
             stop: Arc::default(),
         };
-        let (probes, clients, healthy, open, hold, stop) = (
+        let (probes, clients, healthy, open, hold, mute, stop) = (
             Arc::clone(&backend.probes),
             Arc::clone(&backend.clients),
             Arc::clone(&backend.healthy),
             Arc::clone(&backend.open),
             Arc::clone(&backend.hold),
+            Arc::clone(&backend.mute_probes),
             Arc::clone(&backend.stop),
         );
         thread::spawn(move || {
@@ -57,12 +61,13 @@ impl Backend {
                     return;
                 }
                 let Ok(mut stream) = stream else { continue };
-                let (probes, clients, healthy, open, hold) = (
+                let (probes, clients, healthy, open, hold, mute) = (
                     Arc::clone(&probes),
                     Arc::clone(&clients),
                     Arc::clone(&healthy),
                     Arc::clone(&open),
                     Arc::clone(&hold),
+                    Arc::clone(&mute),
                 );
                 thread::spawn(move || {
                     stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -73,6 +78,11 @@ impl Backend {
                     }
                     if line == "PING\r\n" {
                         probes.fetch_add(1, Ordering::Relaxed);
+                        if mute.load(Ordering::Relaxed) {
+                            let mut rest = Vec::new();
+                            let _ = reader.read_to_end(&mut rest);
+                            return;
+                        }
                         let answer: &[u8] = if healthy.load(Ordering::Relaxed) {
                             b"+PONG\r\n"
                         } else {
@@ -152,8 +162,8 @@ fn wait_backend(daemon: &Daemon, backend: &Backend, up: bool) -> String {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let all = backends(daemon);
-        // Down means a verdict: not the wait for a first one.
-        let decided = |reason: &str| up || reason != "not checked yet";
+        // A verdict either way: a backend pending its first one is up, but not yet checked.
+        let decided = |reason: &str| reason != "not checked yet";
         if let Some((_, _, reason)) =
             all.iter().find(|(n, u, r)| n.contains(&needle) && *u == up && decided(r))
         {
@@ -299,6 +309,51 @@ fn a_backend_cap_holds_exactly_across_workers_and_the_rest_are_told_why() {
         .wait_for_lines("the refused clients' lines", 5, |l| l.contains("reason=backend-full"));
     assert_eq!(full.len(), 5);
     drop(results);
+}
+
+#[test]
+fn a_killed_workers_place_on_a_capped_backend_is_given_back() {
+    let capped = Backend::start("capped", "127.0.0.1:0");
+    capped.hold.store(true, Ordering::Relaxed);
+    let options =
+        format!("backends = [{{ address = \"{}\", max_connections = 1 }}]", capped.address);
+    let daemon = relay_daemon(2, &options, &[]);
+    let held = connect(daemon.addr());
+    (&held).write_all(b"WHO\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&held).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "capped");
+    // The worker relaying it (the only connection yet).
+    let status = daemon
+        .wait_until("the held connection is counted", |s| s.workers.iter().any(|w| w.open > 0));
+    let holder = status.workers.iter().find(|w| w.open > 0).unwrap().pid;
+    assert_eq!(who(daemon.addr()), None, "max_connections 1: its one place is taken");
+    // Killed mid-connection, it gives nothing back itself.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    daemon.wait_replaced(&[holder]);
+    assert_eq!(who(daemon.addr()).as_deref(), Some("capped"), "the place is free again");
+    let released = daemon.wait_for_log("the release", |l| l.contains("place(s) on relay backends"));
+    assert!(released.contains(&format!("(pid {holder}) held 1 place(s)")), "{released}");
+    drop(held);
+}
+
+#[test]
+fn a_checked_backend_is_used_before_its_first_verdict() {
+    let slow = Backend::start("slow", "127.0.0.1:0");
+    // Probes get no answer: the first verdict waits for the check's timeout, long after the
+    // daemon is ready.
+    slow.mute_probes.store(true, Ordering::Relaxed);
+    let check = "health_check = { interval = \"60s\", timeout = \"60s\", send = \"PING\\r\\n\", expect = \"+PONG\" }";
+    let options = format!("backends = [\"{}\"]\n{check}", slow.address);
+    let daemon = relay_daemon(1, &options, &[]);
+    let pending = |daemon: &Daemon| {
+        backends(daemon).iter().any(|(_, up, reason)| *up && reason == "not checked yet")
+    };
+    assert!(pending(&daemon), "no verdict yet, and up: {:?}", backends(&daemon));
+    assert_eq!(who(daemon.addr()).as_deref(), Some("slow"), "served before the first check");
+    assert!(pending(&daemon), "still no verdict: {:?}", backends(&daemon));
+    assert_eq!(slow.clients.load(Ordering::Relaxed), 1);
 }
 
 #[test]

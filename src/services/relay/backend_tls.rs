@@ -9,8 +9,14 @@
 //! - the handshake is part of the connect: `connect_timeout` covers both, and a handshake that
 //!   fails (a certificate that does not chain to the trusted roots or is not valid for the
 //!   expected name, a backend that refuses us, a reset) is a failed connect: counted in the
-//!   backend's passive health, logged in summary ([`BackendTls::log_failure`]), followed by
-//!   the next backend while the client's bytes wait unread;
+//!   backend's passive health, logged in summary ([`BackendTls::log_failure`]: the first at
+//!   once, the others counted and reported at the end of each interval), followed by
+//!   the next backend while the client's bytes wait unread. With TLS 1.3 the backend reads
+//!   our certificate (or sees we sent none) only after our side of the handshake is
+//!   complete, and refuses with an alert: the session waits for the backend's first record
+//!   ([`TlsLink::accepted`]) before it reads the client, unless the client speaks first, so
+//!   such a refusal is a failed connect too; one that comes after the client spoke is still
+//!   counted as a failed connect, and the client is reset;
 //! - buffers are rustls's: at most [`SEND_BUFFER`] of records are queued for the backend
 //!   before the up pump is told `WouldBlock`, and rustls reads no record while plaintext
 //!   waits for the down pump ([`TlsLink::interest`]), so backpressure holds both ways;
@@ -52,7 +58,15 @@ pub struct BackendTls {
     /// host as written.
     server_name: Option<ServerName<'static>>,
     /// Failures logged at most once per [`LOG_INTERVAL`] (per worker: each has its copy).
-    log: Mutex<RateLimit>,
+    log: Mutex<FailureLog>,
+}
+
+/// The summary of failed TLS with a relay's backends, in one worker.
+#[derive(Debug)]
+struct FailureLog {
+    limit: RateLimit,
+    /// The last failure held back: `backend ADDRESS: WHY`.
+    last: String,
 }
 
 impl std::fmt::Debug for BackendTls {
@@ -73,7 +87,8 @@ impl BackendTls {
     /// TLS with `client`'s configuration, verifying `server_name` (`None`: each backend's
     /// host).
     pub fn new(client: ClientTls, server_name: Option<ServerName<'static>>) -> Self {
-        BackendTls { client, server_name, log: Mutex::new(RateLimit::new(LOG_INTERVAL)) }
+        let log = FailureLog { limit: RateLimit::new(LOG_INTERVAL), last: String::new() };
+        BackendTls { client, server_name, log: Mutex::new(log) }
     }
 
     /// The name to send and verify for a backend whose own is `host` (from its address as
@@ -92,17 +107,40 @@ impl BackendTls {
     }
 
     /// Logs that TLS with backend `address` failed (`why`), in summary: the first failure at
-    /// once, then at most one line per [`LOG_INTERVAL`] with the count of the others.
+    /// once, then at most one line per [`LOG_INTERVAL`]; the failures held back meanwhile are
+    /// counted and reported by [`BackendTls::flush_log`] at the end of the interval, whether
+    /// another failure comes or not.
     pub fn log_failure(&self, address: &Address, why: &dyn Display, now: Instant) {
         let Ok(mut log) = self.log.lock() else { return };
-        if let Some(held_back) = log.allow(now) {
-            let more = match held_back {
-                0 => String::new(),
-                n => format!(" ({n} more failures with this relay's backends since the last line)"),
-            };
+        match log.limit.allow(now) {
+            Some(held_back) => {
+                let more = match held_back {
+                    0 => String::new(),
+                    n => format!(" ({n} more failures with this relay's backends since the last line)"),
+                };
+                log::warn!(
+                    "relay: TLS with backend {address} failed: {why}{more}; further failures are counted and logged every {}s",
+                    LOG_INTERVAL.as_secs()
+                );
+            }
+            None => log.last = format!("backend {address}: {why}"),
+        }
+    }
+
+    /// When failures held back are due to be reported (`None`: none is).
+    pub fn log_deadline(&self) -> Option<Instant> {
+        self.log.lock().ok()?.limit.report_due()
+    }
+
+    /// Reports the failures held back, if due at `now` (any time with `all`: the worker
+    /// stops), in one line with the last of them.
+    pub fn flush_log(&self, now: Instant, all: bool) {
+        let Ok(mut log) = self.log.lock() else { return };
+        if let Some(held_back) = log.limit.report(now, all) {
             log::warn!(
-                "relay: TLS with backend {address} failed: {why}{more}; further failures are counted and logged every {}s",
-                LOG_INTERVAL.as_secs()
+                "relay: TLS with this relay's backends failed {held_back} more time(s) in the last {}s (the last: {})",
+                LOG_INTERVAL.as_secs(),
+                log.last
             );
         }
     }
@@ -146,6 +184,86 @@ pub struct TlsLink {
     ahead: Vec<u8>,
     /// The backend's TCP end-of-file was read.
     eof: bool,
+    /// The records read from the backend so far.
+    records: Records,
+    /// Whether the backend accepted us: see [`TlsLink::accepted`].
+    verdict: Verdict,
+}
+
+/// Whether the backend accepted the relay as its client. In TLS 1.2 its Finished says so,
+/// within the handshake. In TLS 1.3 our side of the handshake completes before the backend
+/// has read our certificate (or our lack of one): it refuses with an alert after, so only a
+/// record it sends after our Finished (a session ticket, which servers send at once, or
+/// data) tells that it accepted us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The handshake is not complete.
+    Handshaking,
+    /// TLS 1.3, complete on our side when `records` records had been read: accepted once
+    /// one more is read and processed without error.
+    Awaited {
+        /// Records read when the handshake completed.
+        records: u64,
+    },
+    /// Accepted: TLS 1.2, a resumed session (the backend accepted us when it made it), or
+    /// a record came after our Finished.
+    Given,
+}
+
+/// Counts whole TLS records in the bytes read from the backend, by the record layer's
+/// framing (RFC 8446 section 5.1: a 5-byte header whose last two bytes are the length of the
+/// fragment that follows), so that "a record came" does not mistake the first bytes of one
+/// for all of it.
+#[derive(Debug, Default)]
+struct Records {
+    /// The current record's header bytes read, up to 5.
+    header: [u8; 5],
+    have: usize,
+    /// Bytes of the current record's fragment still to come.
+    left: usize,
+    /// Whole records read.
+    whole: u64,
+}
+
+impl Records {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                self.left -= n;
+                bytes = &bytes[n..];
+                if self.left == 0 {
+                    self.whole += 1;
+                }
+                continue;
+            }
+            let n = (self.header.len() - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == self.header.len() {
+                self.have = 0;
+                self.left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                if self.left == 0 {
+                    self.whole += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The backend socket as rustls reads it, with every byte read counted into [`Records`].
+struct Tap<'a> {
+    stream: &'a Stream,
+    records: &'a mut Records,
+}
+
+impl Read for Tap<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (&*self.stream).read(buf)?;
+        self.records.feed(&buf[..n]);
+        Ok(n)
+    }
 }
 
 impl TlsLink {
@@ -156,7 +274,47 @@ impl TlsLink {
     ) -> Result<TlsLink, rustls::Error> {
         let mut conn = ClientConnection::new(Arc::clone(config), name)?;
         conn.set_buffer_limit(Some(SEND_BUFFER));
-        Ok(TlsLink { conn, ahead, eof: false })
+        Ok(TlsLink {
+            conn,
+            ahead,
+            eof: false,
+            records: Records::default(),
+            verdict: Verdict::Handshaking,
+        })
+    }
+
+    /// Reads what the backend sent into rustls, counting its records.
+    fn read_tls(&mut self, stream: &Stream) -> io::Result<usize> {
+        self.conn.read_tls(&mut Tap { stream, records: &mut self.records })
+    }
+
+    /// Whether the backend accepted us as its client: with TLS 1.3, only once it sent a
+    /// record after the handshake (see [`Verdict`]); `false` before the handshake completes.
+    pub fn accepted(&mut self) -> bool {
+        if let Verdict::Awaited { records } = self.verdict
+            && self.records.whole > records
+        {
+            self.verdict = Verdict::Given;
+        }
+        self.verdict == Verdict::Given
+    }
+
+    /// The handshake just completed on our side: what is known of the backend's verdict.
+    fn completed(&mut self) {
+        if self.verdict != Verdict::Handshaking {
+            return;
+        }
+        let tls13 = self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        let resumed = self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        self.verdict = match tls13 && !resumed {
+            true => Verdict::Awaited { records: self.records.whole },
+            false => Verdict::Given,
+        };
+    }
+
+    /// Whether the backend ended the connection (TCP end-of-file, or `close_notify`).
+    pub fn ended(&mut self) -> bool {
+        self.eof || self.conn.process_new_packets().is_ok_and(|state| state.peer_has_closed())
     }
 
     /// Moves the handshake on over `stream` as far as it goes without blocking; `true` once
@@ -169,12 +327,13 @@ impl TlsLink {
         loop {
             self.flush(stream).map_err(Fault::Io)?;
             if !self.conn.is_handshaking() {
+                self.completed();
                 return Ok(true);
             }
             if self.eof || !self.conn.wants_read() {
                 return Ok(false);
             }
-            match self.conn.read_tls(&mut &*stream) {
+            match self.read_tls(stream) {
                 Ok(0) => return Err(Fault::Closed),
                 Ok(_) => {
                     self.conn.process_new_packets().map_err(Fault::Tls)?;
@@ -197,7 +356,7 @@ impl TlsLink {
             if self.eof || !self.conn.wants_read() {
                 break;
             }
-            match self.conn.read_tls(&mut &*stream) {
+            match self.read_tls(stream) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -306,5 +465,33 @@ impl Write for Plain<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_counted_whole_however_the_bytes_are_cut() {
+        let record = |len: u16| {
+            let mut bytes = vec![0x17, 3, 3];
+            bytes.extend(len.to_be_bytes());
+            bytes.extend(vec![0xab; usize::from(len)]);
+            bytes
+        };
+        let bytes: Vec<u8> = [record(3), record(0), record(300)].concat();
+        for cut in 1..=bytes.len() {
+            let mut records = Records::default();
+            for chunk in bytes.chunks(cut) {
+                records.feed(chunk);
+            }
+            assert_eq!(records.whole, 3, "in chunks of {cut}");
+        }
+        let mut partial = Records::default();
+        partial.feed(&bytes[..bytes.len() - 1]);
+        assert_eq!(partial.whole, 2, "the last one is not whole yet");
+        partial.feed(&bytes[..4]);
+        assert_eq!(partial.whole, 3, "its last byte, then a header begun");
     }
 }

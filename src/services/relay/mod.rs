@@ -634,6 +634,17 @@ impl Service for Relay {
         Some(&self.shared.config.upstreams)
     }
 
+    /// When the failures of TLS with the backends held back are due to be logged.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.shared.config.backend_tls.as_ref()?.log_deadline()
+    }
+
+    fn housekeeping(&self, now: std::time::Instant, all: bool) {
+        if let Some(backend_tls) = &self.shared.config.backend_tls {
+            backend_tls.flush_log(now, all);
+        }
+    }
+
     /// A relayed connection handed over by a retiring worker, at any point of its life but
     /// a connect (see `session.rs`): its descriptors follow with [`Session::resume`].
     fn import(&self, conn: &ConnInfo<'_>, state: &[u8]) -> Option<Box<dyn Session>> {

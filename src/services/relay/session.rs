@@ -7,8 +7,10 @@
 //! ClientHello, bounded in bytes and by `preread_timeout`) -> `Connecting` (a non-blocking
 //! connect and a `connect_timeout` timer; on refusal or timeout the next backend, at most
 //! `retries` more times) -> `Handshaking` (with `backend_tls`: the TLS handshake with the
-//! backend, within the same `connect_timeout`; a failure is a failed connect) -> `Open`
-//! (relaying) -> `Over`.
+//! backend, within the same `connect_timeout`; a failure is a failed connect) ->
+//! `Confirming` (TLS 1.3: the backend's verdict on our certificate, which comes after our
+//! side of the handshake is done, as its first record or an alert; a refusal is a failed
+//! connect) -> `Open` (relaying) -> `Over`.
 //!
 //! While open, bytes move through two [`Pump`]s: *up* (client to backend) and *down* (backend
 //! to client). Each carries its bytes in one bounded buffer or, with `splice = true`, one
@@ -81,6 +83,33 @@ struct Link {
     /// connection handed over to a generation whose configuration no longer names its
     /// backend (nothing there balances over it).
     lease: Option<Lease>,
+    /// The connect was counted as a success on the row: once connected (with TLS, once the
+    /// backend accepted us: [`TlsLink::accepted`]). Until then a TLS failure is a failed
+    /// connect.
+    counted: bool,
+}
+
+impl Link {
+    /// Counts the connect as a success on the backend's row, once.
+    fn count_success(&mut self) {
+        if std::mem::replace(&mut self.counted, true) {
+            return;
+        }
+        if self.lease.as_ref().is_some_and(|lease| lease.row().succeeded()) {
+            log::info!("relay backend {} is up again (a connect succeeded)", self.address);
+        }
+    }
+}
+
+/// What ends the wait for a TLS 1.3 backend's verdict ([`State::Confirming`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Confirm {
+    /// The backend's socket is ready: a record, an alert or its end.
+    Backend,
+    /// The client's socket is readable: it speaks first, and waits for nothing.
+    Client,
+    /// `connect_timeout` passed and the backend said nothing: no refusal came.
+    Timer,
 }
 
 enum State {
@@ -95,6 +124,13 @@ enum State {
     /// The TLS handshake with the backend, whose connect began at the instant given (the
     /// timer is still `connect_timeout`'s).
     Handshaking(Link, Instant),
+    /// TLS 1.3, the handshake complete on our side: waiting for the backend's first record,
+    /// which says it accepted our certificate (or our lack of one), before the client is
+    /// read, so that a refusal (an alert) is a failed connect followed by the next backend.
+    /// Ended as well by the client speaking first and by the timer (still
+    /// `connect_timeout`'s): then relaying, and a refusal that comes later is still counted
+    /// as a failed connect (the client is reset).
+    Confirming(Link, Instant),
     /// Relaying.
     Open(Link),
     /// Handed over and rebuilt from its state, waiting for its descriptors
@@ -328,7 +364,14 @@ impl RelaySession {
             match net::connect(&address, config.source) {
                 Ok(stream) => {
                     cx.watch(stream.as_fd(), Interest::WRITE)?;
-                    let link = Link { stream, address, watched: Interest::WRITE, tls, lease: Some(lease) };
+                    let link = Link {
+                        stream,
+                        address,
+                        watched: Interest::WRITE,
+                        tls,
+                        lease: Some(lease),
+                        counted: false,
+                    };
                     cx.set_timer(Some(cx.now() + config.connect_timeout));
                     self.state = State::Connecting(link, cx.now());
                     return Ok(Progress::default());
@@ -394,38 +437,75 @@ impl RelaySession {
             Some(_) => tls.handshake(&link.stream),
         };
         match outcome {
+            // TLS 1.3 leaves the backend's verdict to come: wait for it, unless the client's
+            // ClientHello, read already, waits to go up (then relay at once; a refusal still
+            // counts as a failed connect).
+            Ok(true) if !tls.accepted() && self.hello.is_empty() => {
+                rewatch(&mut link, cx)?;
+                self.state = State::Confirming(link, since);
+                Ok(Progress::default())
+            }
             Ok(true) => self.opened(link, since, cx),
             Ok(false) => {
-                let wanted = tls.interest(true);
-                if wanted != link.watched {
-                    cx.watch(link.stream.as_fd(), wanted)?;
-                    link.watched = wanted;
-                }
+                rewatch(&mut link, cx)?;
                 self.state = State::Handshaking(link, since);
                 Ok(Progress::default())
             }
-            Err(fault) => {
-                if let Some(backend_tls) = &self.shared.config.backend_tls {
-                    backend_tls.log_failure(&link.address, &fault, cx.now());
-                }
-                // The alert rustls queued, best effort.
-                let _ = tls.flush(&link.stream);
-                cx.unwatch(link.stream.as_fd());
-                if let Some(lease) = &link.lease {
-                    failed(&self.shared, lease, &link.address, &io::Error::other(fault.to_string()));
-                }
-                drop(link);
-                self.connect_next(cx)
-            }
+            Err(fault) => self.tls_connect_failed(link, fault, cx),
         }
+    }
+
+    /// The wait for a TLS 1.3 backend's verdict ended by `event`: relay once the backend
+    /// accepted us (or the client speaks first, or the timer says no refusal came), or try
+    /// the next backend when it refused us.
+    fn confirm(&mut self, event: Confirm, cx: &mut Context<'_>) -> io::Result<Progress> {
+        let State::Confirming(mut link, since) = std::mem::replace(&mut self.state, State::Over) else {
+            unreachable!("only called while confirming");
+        };
+        if event != Confirm::Backend {
+            return self.opened(link, since, cx);
+        }
+        let tls = link.tls.as_mut().expect("a confirming link has TLS");
+        let read = tls.read_records(&link.stream);
+        let outcome = read.and_then(|()| tls.flush(&link.stream).map_err(TlsFault::Io));
+        match outcome {
+            Ok(()) if tls.accepted() => self.opened(link, since, cx),
+            Ok(()) if tls.ended() => self.tls_connect_failed(link, TlsFault::Closed, cx),
+            Ok(()) => {
+                rewatch(&mut link, cx)?;
+                self.state = State::Confirming(link, since);
+                Ok(Progress::default())
+            }
+            Err(fault) => self.tls_connect_failed(link, fault, cx),
+        }
+    }
+
+    /// TLS with the backend of `link` failed before the relay began (in the handshake, or
+    /// by a refusal of our certificate): a failed connect, logged in summary; the alert
+    /// rustls queued is sent, and the next backend is tried.
+    fn tls_connect_failed(&mut self, mut link: Link, fault: TlsFault, cx: &mut Context<'_>) -> io::Result<Progress> {
+        if let Some(backend_tls) = &self.shared.config.backend_tls {
+            backend_tls.log_failure(&link.address, &fault, cx.now());
+        }
+        if let Some(tls) = &mut link.tls {
+            // The alert rustls queued, best effort.
+            let _ = tls.flush(&link.stream);
+        }
+        cx.unwatch(link.stream.as_fd());
+        if let Some(lease) = &link.lease {
+            failed(&self.shared, lease, &link.address, &io::Error::other(fault.to_string()));
+        }
+        drop(link);
+        self.connect_next(cx)
     }
 
     /// Connected (and, with TLS, the handshake done): count the backend up, send what waits
     /// (the PROXY header, the ClientHello read), relay.
-    fn opened(&mut self, link: Link, since: Instant, cx: &mut Context<'_>) -> io::Result<Progress> {
+    fn opened(&mut self, mut link: Link, since: Instant, cx: &mut Context<'_>) -> io::Result<Progress> {
         cx.set_timer(None);
-        if link.lease.as_ref().is_some_and(|lease| lease.row().succeeded()) {
-            log::info!("relay backend {} is up again (a connect succeeded)", link.address);
+        // With TLS 1.3, counted once the backend accepted us (see `State::Confirming`).
+        if link.tls.as_mut().is_none_or(|tls| tls.accepted()) {
+            link.count_success();
         }
         self.connected = Some((link.address.clone(), cx.now().saturating_duration_since(since)));
         self.backend_tls = link.tls.as_ref().and_then(|tls| tls.facts());
@@ -458,6 +538,9 @@ impl RelaySession {
             let records = if run.down { tls.read_records(&link.stream) } else { Ok(()) };
             if let Err(fault) = records.and_then(|()| tls.flush(&link.stream).map_err(TlsFault::Io)) {
                 return self.backend_tls_failed(fault, cx);
+            }
+            if !link.counted && tls.accepted() {
+                link.count_success();
             }
         }
         let State::Open(link) = &mut self.state else { unreachable!() };
@@ -601,7 +684,8 @@ impl RelaySession {
 
     /// The backend's TLS failed while relaying (an alert, such as a refused client
     /// certificate, which TLS 1.3 sends after the handshake; a bad record): logged in
-    /// summary, the alert rustls queued sent, and the client reset.
+    /// summary, the alert rustls queued sent, and the client reset. Before the backend
+    /// accepted us (a refusal after the client spoke first), it is a failed connect too.
     fn backend_tls_failed(&mut self, fault: TlsFault, cx: &mut Context<'_>) -> io::Result<Progress> {
         if let State::Open(link) = &mut self.state {
             if let Some(backend_tls) = &self.shared.config.backend_tls {
@@ -609,6 +693,11 @@ impl RelaySession {
             }
             if let Some(tls) = &mut link.tls {
                 let _ = tls.flush(&link.stream);
+            }
+            if !link.counted
+                && let Some(lease) = &link.lease
+            {
+                failed(&self.shared, lease, &link.address, &io::Error::other(fault.to_string()));
             }
         }
         self.backend_failed(fault.into(), cx)
@@ -630,6 +719,17 @@ fn failed(shared: &Shared, lease: &Lease, address: &Address, error: &io::Error) 
     }
 }
 
+/// Watches the backend socket of a TLS `link` for what rustls now waits for.
+fn rewatch(link: &mut Link, cx: &mut Context<'_>) -> io::Result<()> {
+    let Some(tls) = &link.tls else { return Ok(()) };
+    let wanted = tls.interest(true);
+    if wanted != link.watched {
+        cx.watch(link.stream.as_fd(), wanted)?;
+        link.watched = wanted;
+    }
+    Ok(())
+}
+
 /// Which pumps [`RelaySession::relay`] runs: `up` (client to backend), `down` (backend to
 /// client).
 #[derive(Debug, Clone, Copy)]
@@ -642,7 +742,8 @@ impl Session for RelaySession {
     fn interest(&self) -> Interest {
         match self.state {
             State::Start => Interest::WRITE,
-            State::Preread(_) => Interest::READ,
+            // The client speaking first ends the wait for the backend's verdict.
+            State::Preread(_) | State::Confirming(..) => Interest::READ,
             State::Connecting(..) | State::Handshaking(..) | State::Arriving(_) | State::Over => {
                 Interest::NONE
             }
@@ -658,6 +759,7 @@ impl Session for RelaySession {
     fn on_readable(&mut self, cx: &mut Context<'_>) -> io::Result<Progress> {
         match self.state {
             State::Preread(_) => self.preread(cx),
+            State::Confirming(..) => self.confirm(Confirm::Client, cx),
             _ => self.relay(cx, Pumps { up: true, down: false }),
         }
     }
@@ -675,6 +777,7 @@ impl Session for RelaySession {
                 self.connect_done(Some(ready), cx)
             }
             State::Handshaking(..) => self.handshake(Some(ready), cx),
+            State::Confirming(..) => self.confirm(Confirm::Backend, cx),
             State::Open(_) => self.relay(cx, Pumps { up: ready.writable, down: ready.readable }),
             _ => Ok(Progress::default()),
         }
@@ -685,6 +788,7 @@ impl Session for RelaySession {
             State::Preread(_) => Ok(self.refuse(TlsFailure::Timeout, cx)),
             State::Connecting(..) => self.connect_done(None, cx),
             State::Handshaking(..) => self.handshake(None, cx),
+            State::Confirming(..) => self.confirm(Confirm::Timer, cx),
             _ => Ok(Progress::default()),
         }
     }
@@ -730,6 +834,7 @@ impl Session for RelaySession {
             | State::Preread(_)
             | State::Connecting(..)
             | State::Handshaking(..)
+            | State::Confirming(..)
             | State::Arriving(_)
             | State::Over => Movable::Later,
         }
@@ -774,7 +879,14 @@ impl Session for RelaySession {
             exclusive: false,
         };
         cx.watch(stream.as_fd(), watched)?;
-        let link = Link { stream, address: arriving.address, watched, tls: None, lease: arriving.lease };
+        let link = Link {
+            stream,
+            address: arriving.address,
+            watched,
+            tls: None,
+            lease: arriving.lease,
+            counted: true,
+        };
         self.state = State::Open(link);
         Ok(())
     }
@@ -982,7 +1094,7 @@ mod tests {
         session.delivered = (10, 20);
         session.first_fin = Some(Side::Client);
         session.state =
-            State::Open(Link { stream, address, watched: Interest::READ, tls: None, lease: Some(lease) });
+            State::Open(Link { stream, address, watched: Interest::READ, tls: None, lease: Some(lease), counted: true });
         session
     }
 

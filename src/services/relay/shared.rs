@@ -9,8 +9,9 @@
 //!
 //! Invariants: the turn is an atomic, so no lock is held across processes; a lease gives its
 //! place back exactly once, when dropped, and flushes the bytes it counted. A worker killed
-//! with connections open leaks its places until the row is retired and taken again (its
-//! connections were cut anyway): a `max_connections` cap then admits fewer, never more.
+//! with connections open cannot drop its leases: its places are counted in its worker
+//! slot's column too, and the master gives them back when it reaps it
+//! ([`BackendTable::reclaim`]), so a `max_connections` cap admits again at once.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -78,13 +79,13 @@ pub struct Lease {
 impl Lease {
     /// Takes a place on row `row` of `table`, unless its `max_connections` is reached.
     pub fn take(table: &BackendTable, row: usize) -> Option<Lease> {
-        table.row(row).take().then(|| Lease { table: table.clone(), row, pending: (0, 0) })
+        table.take(row).then(|| Lease { table: table.clone(), row, pending: (0, 0) })
     }
 
     /// Takes a place on row `row` of `table` whatever its `max_connections`: for a
     /// connection that exists already (a hand-off), whose sender gives its own place back.
     pub fn adopt(table: &BackendTable, row: usize) -> Lease {
-        table.row(row).take_anyway();
+        table.take_anyway(row);
         Lease { table: table.clone(), row, pending: (0, 0) }
     }
 
@@ -117,7 +118,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.flush();
-        self.table.row(self.row).give_back();
+        self.table.give_back(self.row);
     }
 }
 
