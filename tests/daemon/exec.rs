@@ -125,7 +125,10 @@ fn the_child_gets_the_connection_and_exactly_the_ucspi_environment() {
     let spawners = spawner_pids(&daemon);
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     assert_eq!(spawners.len(), cpus.min(2), "{spawners:?}");
-    assert!(spawners.contains(&parent), "the spawner's child, not a worker's: {parent}, {spawners:?}");
+    assert!(
+        spawners.contains(&parent),
+        "the spawner's child, not a worker's: {parent}, {spawners:?}"
+    );
     assert_eq!(lines[1], "SigBlk:\t0000000000000000");
     // Nothing ignored, but the two real-time signals glibc keeps for itself (32 and 33),
     // which its posix_spawn leaves ignored in every child it starts (and so does ours).
