@@ -428,6 +428,13 @@ pub fn report_ready(channel: Option<&mut Channel>) -> io::Result<()> {
     })
 }
 
+thread_local! {
+    /// What [`Channel::recv`] receives into: one buffer of `MAX_MESSAGE + 1` bytes per
+    /// thread (the master and each worker have one), allocated at the first receive and
+    /// reused, since a message is decoded into owned values before the next receive.
+    static RECEIVE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One end of a hand-off channel, with the messages waiting for room in the socket.
 #[derive(Debug)]
 pub struct Channel {
@@ -514,10 +521,16 @@ impl Channel {
     /// `UnexpectedEof` when the peer closed its end; `InvalidData` for a malformed message
     /// (its descriptors, if any, are closed); another receive error.
     pub fn recv(&mut self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
-        let mut buffer = vec![0u8; MAX_MESSAGE + 1];
+        RECEIVE_BUFFER.with_borrow_mut(|buffer| self.recv_into(buffer))
+    }
+
+    /// [`Channel::recv`] with `buffer` to receive into: resized to `MAX_MESSAGE + 1` bytes
+    /// (so an oversized message shows as truncated) the first time, reused after.
+    fn recv_into(&mut self, buffer: &mut Vec<u8>) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
+        buffer.resize(MAX_MESSAGE + 1, 0);
         let mut space = nix::cmsg_space!([RawFd; MAX_DESCRIPTORS + 1]);
         loop {
-            let mut iov = [IoSliceMut::new(&mut buffer)];
+            let mut iov = [IoSliceMut::new(buffer)];
             let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
             let received =
                 match recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut space), flags) {
@@ -688,5 +701,24 @@ mod tests {
         drop(master);
         let error = report_ready(Some(&mut worker)).unwrap_err();
         assert!(error.to_string().contains("telling the master it is ready"), "{error}");
+    }
+
+    #[test]
+    fn receives_reuse_one_buffer_and_refuse_an_oversized_message() {
+        let (mut master, mut worker) = Channel::pair().unwrap();
+        let buffer = || RECEIVE_BUFFER.with_borrow(|b| (b.as_ptr(), b.len()));
+        worker.send(&Message::Ready, Vec::new()).unwrap();
+        assert_eq!(master.recv().unwrap().map(|(m, _)| m), Some(Message::Ready));
+        let first = buffer();
+        assert_eq!(first.1, MAX_MESSAGE + 1);
+        // One byte too many: refused whole (and the channel goes on).
+        worker.queue.push_back((vec![WIRE_VERSION; MAX_MESSAGE + 1], Vec::new()));
+        worker.flush().unwrap();
+        let error = master.recv().unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        let answer = Message::Resolved { token: 9, outcome: Outcome::Busy };
+        worker.send(&answer, Vec::new()).unwrap();
+        assert_eq!(master.recv().unwrap().map(|(m, _)| m), Some(answer));
+        assert_eq!(buffer(), first, "the same buffer, not one per call");
     }
 }

@@ -24,6 +24,7 @@ use thiserror::Error;
 use crate::clock::{monotonic_ms, unix_ms};
 use crate::files;
 
+mod address;
 mod backends;
 mod children;
 mod listeners;
@@ -38,6 +39,8 @@ pub use listeners::{
     ListenerTotals, kept_name,
 };
 
+/// Version 14: a listener's bound address may be a Unix socket path or an abstract name
+/// ([`Scoreboard::listener_address`]; 14 words, the backend rows' encoding).
 /// Version 13: each worker slot's places on the backend rows ([`BackendTable::reclaim`]),
 /// after every slot's children, so that the master gives back what a killed worker held.
 /// Version 12: two more TLS failure reasons ([`TlsFailure::TooLarge`],
@@ -56,7 +59,7 @@ pub use listeners::{
 /// Version 3 added the master's start time (control commands check it before they signal),
 /// [`WorkerScore::refused`] and [`WorkerScore::full`]. Another version is refused: a control
 /// command cannot verify the master of an older layout.
-const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc13");
+const MAGIC: u64 = u64::from_le_bytes(*b"pfkdsc14");
 /// Most worker slots a scoreboard may claim: far above what any configuration needs
 /// (512 workers x 2 x 17 generations), far below what could overflow a size computation.
 pub const MAX_SLOTS: usize = 1 << 16;

@@ -12,7 +12,6 @@
 //! `open`. Counters are monotonic for a worker's lifetime and start again at 0 for a new pid.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
@@ -100,10 +99,11 @@ pub struct Listener {
     /// The listener's `name` (cut to 64 bytes, ending in `~ID`, if longer).
     pub name: String,
     /// Where its socket is bound, `"IP:PORT"` (`"[IPv6]:PORT"`), with the port the kernel
-    /// chose for a configured port 0: the address the master last started workers with (a
+    /// chose for a configured port 0, or as configured for a Unix-domain listener,
+    /// `"unix:/path"` or `"unix:@name"`: the address the master last started workers with (a
     /// listener a reload removed keeps its last one). `null` before it was published (added
     /// in schema 1).
-    pub address: Option<SocketAddr>,
+    pub address: Option<String>,
     /// Connections open now, over live workers (a UDP listener's flows, such as TFTP
     /// transfers, count as connections).
     pub open: u64,
@@ -294,7 +294,7 @@ pub fn snapshot(board: &Scoreboard, now_unix_ms: u64, now_monotonic_ms: u64) -> 
             closed: Close::ALL.iter().map(|&c| (c.name(), totals.closed[c as usize])).collect(),
             datagrams: Datagram::ALL.iter().map(|&d| (d.name(), totals.datagrams(d))).collect(),
             name: totals.name,
-            address: totals.address,
+            address: totals.address.as_ref().map(ToString::to_string),
             open: totals.open,
             accepted: totals.accepted,
             bytes_in: totals.bytes_in,
@@ -392,7 +392,8 @@ mod tests {
         board.slot(3).set_state(SlotState::Draining);
         board.slot(3).started_unix_ms.store(2_000, Ordering::Relaxed);
         board.slot(3).heartbeat_ms.store(800, Ordering::Relaxed);
-        board.name_listeners([(0, "git", Some("127.0.0.1:9418".parse().unwrap()))]);
+        let git = "127.0.0.1:9418".parse().unwrap();
+        board.name_listeners([(0, "git", Some(&git))]);
         let child = crate::scoreboard::Child { pid: 4242, listener: 0, started_unix_ms: 7_000 };
         board.set_children(3, [child].into_iter());
         // A released slot keeps its last counters but has no process: left out.
@@ -479,7 +480,8 @@ mod tests {
     #[test]
     fn listeners_carry_their_counters_by_reason() {
         let board = Scoreboard::create(None, 1).unwrap();
-        board.name_listeners([(0, "echo", "[::1]:7007".parse().ok())]);
+        let echo = "[::1]:7007".parse().unwrap();
+        board.name_listeners([(0, "echo", Some(&echo))]);
         board.claim(0, 1);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];

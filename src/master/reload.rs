@@ -195,6 +195,9 @@ impl Master {
         self.perform_pool(actions);
         self.config = previous.config;
         self.listeners = previous.listeners;
+        // The failed generation published its listeners' addresses when it forked: the
+        // serving ones are where `status` must point again (a listener it moved is back).
+        self.publish_listeners();
         self.retire_checkers(Some(self.pool.generation()));
         if let Err(error) = logging::apply(&self.config.log) {
             log::error!("could not restore the log target: {error}");

@@ -18,6 +18,14 @@ use crate::signals::{self, MASTER_SIGNALS};
 use crate::worker::{self, WorkerContext};
 
 impl Master {
+    /// Publishes the serving listeners' names and bound addresses on the scoreboard (for
+    /// `status`): before each fork, and when a rollback brings the previous listeners back.
+    pub(super) fn publish_listeners(&self) {
+        let names =
+            self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), Some(&l.local_addr)));
+        self.scoreboard.name_listeners(names);
+    }
+
     /// Forks the worker of `slot`. The child runs the worker loop and exits; it never
     /// returns here. Signals stay blocked across `fork(2)`, so a signal that arrives meanwhile
     /// is handled by the right process's actions once each unblocks.
@@ -32,9 +40,7 @@ impl Master {
             io::Error::new(error.kind(), format!("no channel to the worker: {error}"))
         })?;
         // The listener names first: the child counts per listener id at once.
-        let names =
-            self.listeners.iter().map(|l| (l.id, l.config.name.as_str(), l.local_addr.ip()));
-        self.scoreboard.name_listeners(names);
+        self.publish_listeners();
         // Claimed before the fork: the child marks itself ready, and must not be overwritten.
         self.scoreboard.claim(slot, generation);
         // Its link to the generation's exec spawner (if the generation starts programs).

@@ -1,6 +1,7 @@
 //! Per-listener counters of the scoreboard (version 4; datagrams since version 8): one row
-//! per (worker slot, listener), the listener names and bound addresses (version 7), and the
-//! totals of workers that are gone.
+//! per (worker slot, listener), the listener names and bound addresses (version 7; Unix
+//! socket paths and abstract names too since version 14), and the totals of workers that
+//! are gone.
 //!
 //! Written by the master (names and addresses, at each fork; the retired totals, when it
 //! claims a slot for a new worker) and by each worker (its own rows, with its other counters, at most every
@@ -21,10 +22,11 @@
 //!   never sees a counter go back;
 //! - `open` is summed over live slots only (a dead worker has no connections).
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use super::address::{self, ADDRESS_WORDS};
 use super::{Scoreboard, SlotState};
+use crate::net::Address;
 use crate::scoreboard::{REFUSALS, Refusal, TLS_FAILURES, TlsFailure};
 
 /// Listener rows per worker slot, and names kept: listeners whose id is at or above it (the
@@ -204,48 +206,11 @@ pub struct ListenerTable {
     names: [[AtomicU64; LISTENER_NAME_BYTES / 8]; LISTENER_ROWS],
     /// Odd while the master rewrites an address (a sequence count for readers; version 7).
     rebinding: AtomicU64,
-    /// Bound addresses by id, as [`encode_address`] writes them (version 7).
+    /// Bound addresses by id, as `address::encode` writes them (version 7; of every kind
+    /// since version 14).
     addresses: [[AtomicU64; ADDRESS_WORDS]; LISTENER_ROWS],
     /// Counters of workers that are gone, per listener id.
     retired: [ListenerScore; LISTENER_ROWS],
-}
-
-/// Words of one encoded address: the IP's 16 bytes, then family, port and scope id.
-const ADDRESS_WORDS: usize = 3;
-
-/// `address` as [`ListenerTable::addresses`] keeps it: the IP (an IPv4 one in the first 4
-/// bytes), then `family | port << 16 | scope_id << 32` with family 4 or 6 (0: none).
-fn encode_address(address: SocketAddr) -> [u64; ADDRESS_WORDS] {
-    let (ip, family, scope) = match address {
-        SocketAddr::V4(v4) => {
-            let mut ip = [0u8; 16];
-            ip[..4].copy_from_slice(&v4.ip().octets());
-            (ip, 4u64, 0u64)
-        }
-        SocketAddr::V6(v6) => (v6.ip().octets(), 6, u64::from(v6.scope_id())),
-    };
-    let word = |half: usize| u64::from_le_bytes(ip[half * 8..half * 8 + 8].try_into().unwrap());
-    [word(0), word(1), family | u64::from(address.port()) << 16 | scope << 32]
-}
-
-/// The address [`encode_address`] wrote; `None` for none (or an unknown family: the file is
-/// not trusted).
-fn decode_address(words: [u64; ADDRESS_WORDS]) -> Option<SocketAddr> {
-    let mut ip = [0u8; 16];
-    ip[..8].copy_from_slice(&words[0].to_le_bytes());
-    ip[8..].copy_from_slice(&words[1].to_le_bytes());
-    let port = (words[2] >> 16) as u16;
-    match words[2] & 0xffff {
-        4 => {
-            let v4 = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
-            Some(SocketAddr::V4(SocketAddrV4::new(v4, port)))
-        }
-        6 => {
-            let scope = (words[2] >> 32) as u32;
-            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, scope)))
-        }
-        _ => None,
-    }
 }
 
 /// A listener's counters summed over every worker the master started: a plain value.
@@ -253,9 +218,9 @@ fn decode_address(words: [u64; ADDRESS_WORDS]) -> Option<SocketAddr> {
 pub struct ListenerTotals {
     /// The listener's name.
     pub name: String,
-    /// Where its socket is bound (with the port the kernel chose for port 0); `None` before
-    /// the master published it.
-    pub address: Option<SocketAddr>,
+    /// Where its socket is bound (with the port the kernel chose for port 0; a Unix socket's
+    /// path or abstract name); `None` before the master published it.
+    pub address: Option<Address>,
     /// Connections open now, over live workers.
     pub open: u64,
     /// Connections accepted and served since the master started.
@@ -348,12 +313,11 @@ impl Scoreboard {
     }
 
     /// Publishes the names and bound addresses of the serving listeners, `(id, name,
-    /// address)` (by the master, before it forks a worker; `None` for a Unix listener, whose
-    /// address is its configured one). Ids at or above [`LISTENER_ROWS`]
-    /// are skipped.
+    /// address)` (by the master, before it forks a worker, and when a rollback brings the
+    /// previous listeners back). Ids at or above [`LISTENER_ROWS`] are skipped.
     pub fn name_listeners<'n>(
         &self,
-        listeners: impl IntoIterator<Item = (u16, &'n str, Option<SocketAddr>)>,
+        listeners: impl IntoIterator<Item = (u16, &'n str, Option<&'n Address>)>,
     ) {
         let table = self.listener_table();
         for (id, name, address) in listeners {
@@ -377,9 +341,9 @@ impl Scoreboard {
     }
 
     /// Writes the address of listener `index` if it changed, inside the sequence count.
-    fn publish_address(&self, index: usize, address: Option<SocketAddr>) {
+    fn publish_address(&self, index: usize, address: Option<&Address>) {
         let table = self.listener_table();
-        let words = address.map_or([0; ADDRESS_WORDS], encode_address);
+        let words = address::encode(address);
         let row = &table.addresses[index];
         if row.iter().zip(words).all(|(word, value)| word.load(Ordering::Relaxed) == value) {
             return;
@@ -393,7 +357,7 @@ impl Scoreboard {
 
     /// Where listener `id` is bound, if the master published it. Consistent with respect to
     /// a rebinding: a reader that overlaps one reads again.
-    pub fn listener_address(&self, id: usize) -> Option<SocketAddr> {
+    pub fn listener_address(&self, id: usize) -> Option<Address> {
         let table = self.listener_table();
         let row = table.addresses.get(id)?;
         let mut words = [0; ADDRESS_WORDS];
@@ -408,7 +372,7 @@ impl Scoreboard {
             }
             std::hint::spin_loop();
         }
-        decode_address(words)
+        address::decode(&words)
     }
 
     /// The name of listener `id`, if it was published (lossy: the file is not trusted).
@@ -496,8 +460,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.pid.scoreboard");
         let board = Scoreboard::create(Some(&path), 2).unwrap();
-        let (echo, metrics) = ("127.0.0.1:7".parse().ok(), "[::1]:9464".parse().ok());
-        board.name_listeners([(0, "echo", echo), (1, "metrics", metrics)]);
+        let (echo, metrics): (Option<Address>, Option<Address>) =
+            ("127.0.0.1:7".parse().ok(), "[::1]:9464".parse().ok());
+        board.name_listeners([(0, "echo", echo.as_ref()), (1, "metrics", metrics.as_ref())]);
         board.claim(0, 1);
         board.claim(1, 1);
         board.slot(0).set_state(SlotState::Ready);
@@ -512,7 +477,7 @@ mod tests {
         let totals = reader.listener_totals();
         assert_eq!(totals.len(), 2);
         assert_eq!((totals[0].name.as_str(), totals[1].name.as_str()), ("echo", "metrics"));
-        assert_eq!((totals[0].address, totals[1].address), (echo, metrics));
+        assert_eq!((&totals[0].address, &totals[1].address), (&echo, &metrics));
         assert_eq!((totals[0].accepted, totals[0].open), (3, 2));
         assert_eq!(totals[0].refused(Refusal::Rate), 4);
         // The worker of slot 0 dies and a new one takes the slot: its counters are kept,
@@ -537,32 +502,31 @@ mod tests {
         assert_ne!(kept[0], kept[1]);
         assert_eq!(kept_name(3, "echo"), "echo");
         let board = Scoreboard::create(None, 1).unwrap();
-        let any = "127.0.0.1:0".parse().ok();
-        board.name_listeners([(0, long.as_str(), any), (LISTENER_ROWS as u16, "over", any)]);
+        let any: Option<Address> = "127.0.0.1:0".parse().ok();
+        board.name_listeners([
+            (0, long.as_str(), any.as_ref()),
+            (LISTENER_ROWS as u16, "over", any.as_ref()),
+        ]);
         assert_eq!(board.listener_totals().len(), 1, "an id past the rows is not named");
         board.listener_table().count.store(u64::MAX, Ordering::Release);
         assert_eq!(board.listener_totals().len(), LISTENER_ROWS);
     }
 
     #[test]
-    fn addresses_round_trip_and_a_rebinding_replaces_the_address() {
-        for text in ["127.0.0.1:0", "127.0.0.2:65535", "[::1]:7", "[fe80::1%3]:80", "0.0.0.0:69"] {
-            let address: SocketAddr = text.parse().unwrap();
-            assert_eq!(decode_address(encode_address(address)), Some(address), "{text}");
-        }
-        assert_eq!(decode_address([0; ADDRESS_WORDS]), None, "nothing published");
-        assert_eq!(decode_address([u64::MAX; ADDRESS_WORDS]), None, "a forged family");
+    fn a_rebinding_replaces_the_address_of_whatever_kind() {
         let board = Scoreboard::create(None, 1).unwrap();
         assert_eq!(board.listener_address(0), None);
-        let first = "127.0.0.1:4000".parse().ok();
-        board.name_listeners([(0, "echo", first)]);
-        board.name_listeners([(0, "echo", first)]);
+        let first: Option<Address> = "127.0.0.1:4000".parse().ok();
+        board.name_listeners([(0, "echo", first.as_ref())]);
+        board.name_listeners([(0, "echo", first.as_ref())]);
         assert_eq!(board.listener_table().rebinding.load(Ordering::Relaxed), 2, "written once");
-        let moved = "[::1]:4001".parse().ok();
-        board.name_listeners([(0, "echo", moved)]);
-        assert_eq!(board.listener_address(0), moved);
+        for text in ["[::1]:4001", "unix:/run/preforkd/echo.sock", "unix:@echo", "127.0.0.1:9"] {
+            let moved: Option<Address> = text.parse().ok();
+            board.name_listeners([(0, "echo", moved.as_ref())]);
+            assert_eq!(board.listener_address(0), moved, "{text}");
+        }
         board.name_listeners([(0, "echo", None)]);
-        assert_eq!(board.listener_address(0), None, "a Unix listener publishes none");
+        assert_eq!(board.listener_address(0), None);
         assert_eq!(board.listener_address(LISTENER_ROWS), None, "past the rows");
     }
 }

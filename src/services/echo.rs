@@ -1,7 +1,8 @@
 //! Echo, RFC 862: everything received is sent back, byte for byte, until the client closes.
 //!
-//! One bounded buffer per connection ([`BUFFER_SIZE`]), taken from the worker's pool when
-//! bytes arrive and given back once everything is echoed, so an idle connection holds none.
+//! One bounded buffer per connection ([`pool::BUFFER_SIZE`]), taken from the worker's pool
+//! when bytes arrive and given back once everything is echoed, so an idle connection holds
+//! none.
 //! When it is full the session stops reading, so a client that sends but never reads is held
 //! back by TCP flow control instead of growing the worker's memory. After the client's FIN,
 //! what is buffered is still sent, then the session is done (half-close).

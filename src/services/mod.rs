@@ -385,10 +385,19 @@ pub trait Service {
         None
     }
 
+    /// Whether the service may have work of its own due in a worker, outside any session
+    /// ([`Service::next_deadline`]). Asked once, when the worker boots: only such services
+    /// are asked for their deadline at each turn of its loop, so that the others cost that
+    /// loop nothing. Default: false.
+    fn keeps_house(&self) -> bool {
+        false
+    }
+
     /// When the service next has work of its own due in this worker, outside any session
     /// (a summary of log lines it held back, such as relay's failures of TLS with its
     /// backends); the worker wakes by then and calls [`Service::housekeeping`]. Asked at
-    /// every turn of the worker's loop: keep it cheap. Default: never.
+    /// every turn of the worker's loop, and only if [`Service::keeps_house`] said so: keep
+    /// it cheap. Default: never.
     fn next_deadline(&self) -> Option<std::time::Instant> {
         None
     }

@@ -17,9 +17,10 @@
 //!   close or a half-close is carried out once every record is written; a reset is at once;
 //! - a handshake that fails is counted by reason and ends the connection with
 //!   [`CloseReason::Handshake`], after the alert rustls queued;
-//! - for a service that passes its socket to a child ([`Service::passes_socket`], exec),
-//!   the session gets one end of a socket pair, and this layer moves plaintext between the
-//!   other end (an extra descriptor it watches) and rustls;
+//! - for a service that passes its socket to a child
+//!   ([`crate::services::Service::passes_socket`], exec), the session gets one end of a
+//!   socket pair, and this layer moves plaintext between the other end (an extra descriptor
+//!   it watches) and rustls;
 //! - it is never handed off (its keys live in this process): a reload drains it.
 
 use std::fmt::Write as _;

@@ -256,6 +256,9 @@ struct Worker<'a> {
     /// Connections open when the children were last published (a draining worker's set of
     /// connections only shrinks, so a change in their number is a change in its children).
     children_published: Option<usize>,
+    /// The listeners whose services keep house (`Service::keeps_house`), by index: the only
+    /// ones asked for a deadline of their own at each turn.
+    housekeepers: Vec<usize>,
 }
 
 impl<'a> Worker<'a> {
@@ -321,6 +324,10 @@ impl<'a> Worker<'a> {
             scoreboard,
             max_connections: max.get(),
         };
+        let housekeepers = (env.listeners.iter().enumerate())
+            .filter(|(_, entry)| entry.policy.service.service.keeps_house())
+            .map(|(index, _)| index)
+            .collect();
         Ok(Worker {
             env,
             signals,
@@ -335,6 +342,7 @@ impl<'a> Worker<'a> {
             last_published: Instant::now(),
             recycler: Recycler::new(config.daemon.recycle, random(), Instant::now()),
             children_published: None,
+            housekeepers,
         })
     }
 
@@ -521,9 +529,16 @@ impl<'a> Worker<'a> {
             self.env.books.next_deadline(),
             self.datagrams.next_deadline(),
         ];
-        let services =
-            self.env.listeners.iter().filter_map(|l| l.policy.service.service.next_deadline());
-        deadlines.into_iter().flatten().chain(services).min()
+        let mut next = deadlines.into_iter().flatten().min();
+        // A plain loop over the few services that keep house: asked every turn, where an
+        // iterator chain over every listener cost about 80 instructions per readiness event
+        // of the echo hot path.
+        for &index in &self.housekeepers {
+            if let Some(at) = self.env.listeners[index].policy.service.service.next_deadline() {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next
     }
 
     /// Runs everything due at `now`.
@@ -533,8 +548,8 @@ impl<'a> Worker<'a> {
         self.headers.expire(now, &mut self.env);
         self.datagrams.expire(now, &mut self.env);
         self.env.books.log_summaries(&self.env.listeners, now, false);
-        for entry in self.env.listeners.iter() {
-            let service = &entry.policy.service.service;
+        for &index in &self.housekeepers {
+            let service = &self.env.listeners[index].policy.service.service;
             if service.next_deadline().is_some_and(|at| at <= now) {
                 service.housekeeping(now, false);
             }

@@ -47,6 +47,8 @@ pub struct MasterStatus {
     /// The serving generation: 1 at start, one more per applied reload.
     pub generation: u64,
     pub target_workers: u64,
+    /// Reloads rejected (invalid file, bind failure) or rolled back.
+    pub reloads_rejected: u64,
     /// Binary upgrades whose new master did not come up.
     pub upgrades_failed: u64,
     /// Workers replaced because they asked to be (`daemon.recycle_*`).
@@ -67,8 +69,20 @@ pub struct WorkerStatus {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ListenerStatus {
     pub name: String,
-    /// Where it is bound, with the port the kernel chose for port 0.
-    pub address: Option<SocketAddr>,
+    /// Where it is bound, as configured: `IP:PORT` with the port the kernel chose for port 0,
+    /// `unix:/path` or `unix:@name`.
+    pub address: Option<String>,
+    /// Connections its retiring workers handed off.
+    pub handed_off: u64,
+    /// Connections its workers adopted from retiring ones.
+    pub adopted: u64,
+}
+
+impl ListenerStatus {
+    /// Its IP address; `None` for a Unix-domain listener or before it is published.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        self.address.as_deref()?.parse().ok()
+    }
 }
 
 impl Status {
@@ -91,14 +105,19 @@ impl Status {
         self.serving() && self.addrs().is_some_and(|addrs| !addrs.is_empty())
     }
 
-    /// Every listener's address, by id; `None` unless every listener has one.
+    /// Every listener's IP address, by id; `None` unless every listener has one.
     pub fn addrs(&self) -> Option<Vec<SocketAddr>> {
-        self.listeners.iter().map(|l| l.address).collect()
+        self.listeners.iter().map(ListenerStatus::ip).collect()
     }
 
-    /// The address of the listener called `name`.
+    /// The IP address of the listener called `name`.
     pub fn address(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|l| l.name == name)?.address
+        self.listener(name)?.ip()
+    }
+
+    /// The listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerStatus> {
+        self.listeners.iter().find(|l| l.name == name)
     }
 
     /// Pids of every worker process, the longest running first.
@@ -647,6 +666,19 @@ pub fn expect_bytes(stream: &mut TcpStream, expected: &[u8], timeout: Duration) 
     outcome
 }
 
+/// Runs `call` (a blocking read or receive) again while it fails with `EINTR`. A socket with
+/// a timeout (`SO_RCVTIMEO`) is not restarted by the kernel after a signal, not even after a
+/// stop and continue with no handler at all (signal(7)), so a timed wait for a datagram can
+/// end with `Interrupted` and nothing received.
+pub fn uninterrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
 /// Waits for end-of-file (or a reset) within `timeout`; true if the server closed.
 pub fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -660,7 +692,7 @@ pub fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
         match stream.read(&mut byte) {
             Ok(0) => break true,
             Ok(_) => panic!("unexpected data"),
-            // A signal (SIGCHLD of another test's child) woke the timed read: not a close.
+            // A signal (or a stop and continue) woke the timed read: not a close.
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => break !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
         }

@@ -170,3 +170,24 @@ fn a_connection_a_drain_keeps_hears_of_it_once_and_one_handed_off_never() {
     assert_eq!(String::from_utf8_lossy(&rest), "draining\n", "told, then closed at rest");
     assert_eq!(daemon.wait_exit(PATIENCE).map(code), Some(0));
 }
+
+#[test]
+fn a_rolled_back_reload_leaves_status_naming_the_serving_address() {
+    let dir = hooks_dir();
+    let flag = dir.path().join("database-down");
+    let options = format!("fail_if = \"{}\"\n", flag.display());
+    let config = hooks_config(dir.path(), &options);
+    let mut daemon = Daemon::launch(&config, None, TEST_SERVICES);
+    let serving = daemon.wait_ready().address("hooked").expect("bound");
+
+    // A reload that moves the listener to 127.0.0.2, whose workers cannot boot: the master
+    // forks them (publishing the new address), then rolls back to generation 1.
+    std::fs::write(&flag, "").unwrap();
+    daemon.rewrite_config(&config.replace("127.0.0.1:0", "127.0.0.2:0"));
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon.wait_until("the reload is rolled back", |s| s.master.reloads_rejected > 0);
+    assert_eq!((status.master.generation, status.master.reloads_rejected), (1, 1));
+    assert_eq!(status.address("hooked"), Some(serving), "status names where generation 1 serves");
+    let mut stream = connect(serving);
+    assert_eq!(exchange(&mut stream, b"still here\n", PATIENCE), Outcome::Echoed);
+}

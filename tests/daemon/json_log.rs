@@ -60,7 +60,7 @@ fn traffic(addrs: &[SocketAddr]) {
     udp.set_read_timeout(Some(PATIENCE)).unwrap();
     udp.send_to(b"datagram", addrs[1]).unwrap();
     let mut buf = [0u8; 64];
-    let n = udp.recv(&mut buf).unwrap();
+    let n = uninterrupted(|| udp.recv(&mut buf)).unwrap();
     assert_eq!(&buf[..n], b"datagram");
     let mut child = connect(addrs[2]);
     child.write_all(b"through cat").unwrap();
@@ -170,7 +170,7 @@ fn syslog_gets_the_object_as_its_message() {
         < 2
     {
         assert!(Instant::now() < deadline, "no worker start in syslog");
-        let n = syslog.recv(&mut buf).expect("a syslog datagram");
+        let n = uninterrupted(|| syslog.recv(&mut buf)).expect("a syslog datagram");
         let datagram = String::from_utf8_lossy(&buf[..n]).into_owned();
         // RFC 3164: <PRI>TIMESTAMP HOST TAG[PID]: then the object.
         let (header, json) = datagram.split_once(": {").expect(&datagram);

@@ -64,8 +64,15 @@ fn long_connection_limit_closes_after_the_exchange() {
     let mut first = connect_from(client(3), daemon.addr());
     let mut second = connect_from(client(3), daemon.addr());
     let mut third = connect_from(client(3), daemon.addr());
+    // A worker counts a connection as long right after it wrote the first answer, so an
+    // echo alone does not say the count is taken: the second exchange on the same
+    // connection does (its worker reads it only in a later callback). Without it, the
+    // third's promotion could overtake the first's in another worker, and the first would
+    // be the one closed.
     assert_eq!(exchange(&mut first, b"one", QUICK), Outcome::Echoed);
+    assert_eq!(exchange(&mut first, b"one, kept", QUICK), Outcome::Echoed);
     assert_eq!(exchange(&mut second, b"two", QUICK), Outcome::Echoed);
+    assert_eq!(exchange(&mut second, b"two, kept", QUICK), Outcome::Echoed);
     // The third gets its answer, then is closed instead of kept alive.
     assert_eq!(exchange(&mut third, b"three", QUICK), Outcome::Echoed);
     assert!(closed_within(&mut third, QUICK), "the third long connection must be closed");

@@ -45,7 +45,7 @@ fn syslog_target_sends_rfc3164_with_facility_and_each_process_pid() {
     };
     while !complete(&messages) {
         assert!(Instant::now() < deadline, "no worker start in syslog: {messages:#?}");
-        let n = syslog.recv(&mut buf).expect("a syslog datagram");
+        let n = uninterrupted(|| syslog.recv(&mut buf)).expect("a syslog datagram");
         messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     // local3 (19) * 8 + info (6) = 158; debug is 159.

@@ -17,7 +17,9 @@ const QUICK: Duration = Duration::from_secs(10);
 fn next_notification(socket: &UnixDatagram, timeout: Duration) -> Option<String> {
     socket.set_read_timeout(Some(timeout)).unwrap();
     let mut buf = vec![0u8; 4096];
-    socket.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    uninterrupted(|| socket.recv(&mut buf))
+        .ok()
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Reads notifications until one contains `state` (skipping watchdog pings).
@@ -285,7 +287,8 @@ fn a_passed_udp_socket_goes_to_the_udp_listener_on_its_port_not_the_tcp_one() {
     let line = daemon.wait_for_log("adoption", |l| l.contains("echo-udp (echo) listening on"));
     assert!(line.contains("(passed by systemd)"), "{line}");
     let mut buffer = [0u8; 16];
-    let (n, _) = client.recv_from(&mut buffer).expect("the queued datagram is echoed");
+    let (n, _) =
+        uninterrupted(|| client.recv_from(&mut buffer)).expect("the queued datagram is echoed");
     assert_eq!(&buffer[..n], b"first");
     let mut stream = connect(listen.parse().unwrap());
     assert_eq!(exchange(&mut stream, b"tcp", QUICK), Outcome::Echoed, "TCP bound its own");

@@ -206,7 +206,8 @@ fn request(
 
 fn receive(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buffer = vec![0u8; 70_000];
-    let (n, from) = socket.recv_from(&mut buffer).expect("an answer within the patience");
+    let (n, from) =
+        uninterrupted(|| socket.recv_from(&mut buffer)).expect("an answer within the patience");
     buffer.truncate(n);
     (buffer, from)
 }

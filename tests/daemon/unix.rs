@@ -317,3 +317,28 @@ fn check_refuses_what_a_unix_listener_cannot_have() {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
 }
+
+#[test]
+fn status_json_names_a_unix_listeners_path_and_abstract_name() {
+    let abstract_name = format!("preforkd-status-{}", std::process::id());
+    let daemon = unix_daemon(
+        1,
+        &[
+            ("file", "unix:@DIR@/echo.sock", "echo", ""),
+            ("hidden", &format!("unix:@{abstract_name}"), "echo", ""),
+            ("tcp", "127.0.0.1:0", "echo", ""),
+        ],
+    );
+    // Published before the workers were forked, so there by the time they serve.
+    let status = daemon.status().expect("the master answers");
+    let addresses: Vec<(&str, Option<&str>)> =
+        status.listeners.iter().map(|l| (l.name.as_str(), l.address.as_deref())).collect();
+    let file = format!("unix:{}", daemon.dir().join("echo.sock").display());
+    let hidden = format!("unix:@{abstract_name}");
+    assert_eq!(addresses[..2], [("file", Some(file.as_str())), ("hidden", Some(hidden.as_str()))]);
+    let tcp = status.address("tcp").expect("an IP address with its port");
+    assert_ne!(tcp.port(), 0);
+    // The path is the one clients reach.
+    let mut stream = unix_connect(&daemon.dir().join("echo.sock"));
+    assert!(echoes(&mut stream, b"where?"), "the published path serves");
+}

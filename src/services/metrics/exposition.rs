@@ -302,7 +302,7 @@ mod tests {
         let board = Scoreboard::create(None, 2).unwrap();
         board.header().generation.store(2, Ordering::Relaxed);
         board.header().reloads_ok.store(1, Ordering::Relaxed);
-        board.name_listeners([(0, "echo", "127.0.0.1:7".parse().ok())]);
+        board.name_listeners([(0, "echo", "127.0.0.1:7".parse().ok().as_ref())]);
         board.claim(0, 2);
         board.slot(0).set_state(SlotState::Ready);
         let row = &board.listener_rows(0)[0];

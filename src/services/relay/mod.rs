@@ -18,7 +18,7 @@
 //! (written by the workers). A backend is used while both healths say up. The first bytes
 //! to the backend may be a PROXY protocol header ([`proxy`], HAProxy's specification).
 //!
-//! With `backend_tls`, the relay speaks TLS to its backends ([`backend_tls`]): it verifies
+//! With `backend_tls`, the relay speaks TLS to its backends ([`mod@backend_tls`]): it verifies
 //! each backend's certificate and relays plaintext between the client and rustls. With
 //! `[[listener.options.route]]` entries, it routes by the server name the client asks for
 //! without decrypting: it reads the client's ClientHello ([`hello`]), picks the backends of
@@ -635,6 +635,10 @@ impl Service for Relay {
     }
 
     /// When the failures of TLS with the backends held back are due to be logged.
+    fn keeps_house(&self) -> bool {
+        self.shared.config.backend_tls.is_some()
+    }
+
     fn next_deadline(&self) -> Option<std::time::Instant> {
         self.shared.config.backend_tls.as_ref()?.log_deadline()
     }
