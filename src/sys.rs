@@ -530,7 +530,7 @@ pub mod capability {
     pub const SETGID: u32 = 6;
     /// Set any user id (`CAP_SETUID`).
     pub const SETUID: u32 = 7;
-    /// Lower the nice value below 0 (`CAP_SYS_NICE`).
+    /// Lower the nice value below the process's own (`CAP_SYS_NICE`).
     pub const SYS_NICE: u32 = 23;
     /// Raise a hard resource limit (`CAP_SYS_RESOURCE`).
     pub const SYS_RESOURCE: u32 = 24;

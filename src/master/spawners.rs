@@ -1,17 +1,22 @@
-//! The exec spawners the master supervises: one per generation whose configuration has
-//! exec listeners (see [`crate::spawner`] for what a spawner is and holds).
+//! The exec spawners the master supervises: for each generation whose configuration has
+//! exec listeners, [`crate::spawner::count`] of them, min(workers, CPUs) (see
+//! [`crate::spawner`] for what a spawner is and holds).
 //!
-//! Runs in the master. A spawner is forked when its generation starts (at start, at each
-//! reload, before the generation's workers), so it has that generation's configuration by
-//! fork and nothing has to be sent or parsed again; each worker of the generation gets a link
-//! to it (`SOCK_STREAM`, see [`crate::services::wire`]), whose spawner end the master keeps too: a spawner that dies is
-//! forked again (with backoff, logged) and inherits every link, so workers never need a new
-//! one, and requests made meanwhile wait in the link, with their descriptors, for the next
-//! spawner. Children a dead spawner leaves behind become the master's (it is
-//! a child subreaper) and are killed, as a dead worker's were. When a generation's last worker
-//! is gone, the master closes the spawner's control link and the spawner exits once its
-//! children have; a stop waits for that, at most [`super::FAST_STOP_GRACE`] after the last
-//! worker, then kills it.
+//! Runs in the master. The spawners are forked when their generation starts (at start, at
+//! each reload, before the generation's workers), so they have that generation's
+//! configuration by fork and nothing has to be sent or parsed again. Each worker of the
+//! generation gets one link (`SOCK_STREAM`, see [`crate::services::wire`]), whose spawner
+//! end goes to *every* spawner of the generation: whichever is free reads the next request,
+//! so the spawns of all workers run in parallel on as many CPUs, however unevenly the
+//! workers share the clients (one spawn blocks its spawner until the child's execve, see
+//! [`crate::sys::spawn`]). The master keeps the spawner ends too: a spawner that dies is
+//! forked again (with backoff, logged) and inherits every link of its generation, so
+//! workers never need a new one; requests made meanwhile are served by the others, or wait
+//! in the link, with their descriptors, for the next spawner. Children a dead spawner leaves
+//! behind become the master's (it is a child subreaper) and are killed, as a dead worker's
+//! were. When a generation's last worker is gone, the master closes its spawners' control
+//! links and each exits once its children have; a stop waits for that, at most
+//! [`super::FAST_STOP_GRACE`] after the last worker, then kills them.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -34,9 +39,11 @@ pub const MAX_RESPAWN_BACKOFF: Duration = Duration::from_secs(10);
 /// A spawner that lived this long before dying is forked again at once.
 const STABLE: Duration = Duration::from_secs(10);
 
-/// One generation's spawner.
+/// One spawner of a generation.
 struct Spawner {
     generation: u64,
+    /// Its place among its generation's spawners, from 0 (for logs and restarts).
+    index: usize,
     /// Its pid while it runs.
     pid: Option<Pid>,
     /// The master's end of its control link; `None` once the generation retired.
@@ -75,8 +82,8 @@ impl Spawners {
         self.spawners.iter().filter_map(|s| s.restart_at).chain(self.kill_at).min()
     }
 
-    fn find(&mut self, generation: u64) -> Option<&mut Spawner> {
-        self.spawners.iter_mut().find(|s| s.generation == generation)
+    fn find(&mut self, generation: u64, index: usize) -> Option<&mut Spawner> {
+        self.spawners.iter_mut().find(|s| s.generation == generation && s.index == index)
     }
 }
 
@@ -86,30 +93,38 @@ impl Master {
         self.config.listeners.iter().any(|l| l.service.service.program().is_some())
     }
 
-    /// Forks the spawner of the serving generation if its configuration has exec listeners;
-    /// a failure is logged and retried like a death.
+    /// Forks the spawners of the serving generation if its configuration has exec
+    /// listeners: [`crate::spawner::count`] of them for its number of workers and the CPUs
+    /// this process may run on. A failure is logged and retried like a death.
     pub(super) fn start_spawner(&mut self, now: Instant) {
         if !self.has_programs() {
             return;
         }
         let generation = self.pool.generation();
-        if self.spawners.find(generation).is_none() {
-            self.spawners.spawners.push(Spawner {
-                generation,
-                pid: None,
-                control: None,
-                started: now,
-                failures: 0,
-                restart_at: None,
-            });
-        }
-        if let Err(error) = self.fork_spawner(generation, now) {
-            log::error!("could not start the exec spawner of generation {generation}: {error}");
-            self.spawner_failed(generation, now);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let count = crate::spawner::count(self.config.daemon.workers.get(), cpus);
+        for index in 0..count {
+            if self.spawners.find(generation, index).is_none() {
+                self.spawners.spawners.push(Spawner {
+                    generation,
+                    index,
+                    pid: None,
+                    control: None,
+                    started: now,
+                    failures: 0,
+                    restart_at: None,
+                });
+            }
+            if let Err(error) = self.fork_spawner(generation, index, now) {
+                log::error!(
+                    "could not start exec spawner {index} of generation {generation}: {error}"
+                );
+                self.spawner_failed(generation, index, now);
+            }
         }
     }
 
-    fn fork_spawner(&mut self, generation: u64, now: Instant) -> std::io::Result<()> {
+    fn fork_spawner(&mut self, generation: u64, index: usize, now: Instant) -> std::io::Result<()> {
         // A stream, like the workers' links: a burst of worker forks must not overflow it.
         let (ours, theirs) = wire::link_pair()?;
         signals::block(MASTER_SIGNALS)?;
@@ -119,8 +134,8 @@ impl Master {
         match forked {
             Ok(ForkResult::Child) => {
                 drop(ours);
-                // Its generation's links; nothing else of the master's: no listening socket,
-                // no channel, no other generation's link.
+                // Its generation's links (all of them: see the module doc); nothing else of
+                // the master's: no listening socket, no channel, no other generation's link.
                 let links = std::mem::take(&mut self.spawners.links)
                     .into_iter()
                     .enumerate()
@@ -144,13 +159,15 @@ impl Master {
             Ok(ForkResult::Parent { child }) => {
                 self.unblock_signals();
                 drop(theirs);
-                if let Some(spawner) = self.spawners.find(generation) {
+                if let Some(spawner) = self.spawners.find(generation, index) {
                     spawner.pid = Some(child);
                     spawner.control = Some(ours);
                     spawner.started = now;
                     spawner.restart_at = None;
                 }
-                log::debug!("started the exec spawner of generation {generation} as pid {child}");
+                log::debug!(
+                    "started exec spawner {index} of generation {generation} as pid {child}"
+                );
                 Ok(())
             }
             Err(errno) => {
@@ -161,21 +178,30 @@ impl Master {
     }
 
     /// A link for the worker about to be forked in `slot`: the worker's end, or `None` when
-    /// the serving generation starts no program. The spawner's end goes to the spawner now
-    /// if it runs, and is kept for the next one in any case.
+    /// the serving generation starts no program. The spawner's end goes now to each spawner
+    /// of the generation that runs, and is kept for the next ones in any case.
     pub(super) fn link_worker(&mut self, slot: usize) -> std::io::Result<Option<OwnedFd>> {
         let generation = self.pool.generation();
-        let Some(spawner) = self.spawners.find(generation) else { return Ok(None) };
+        let mut spawners =
+            self.spawners.spawners.iter().filter(|s| s.generation == generation).peekable();
+        if spawners.peek().is_none() {
+            return Ok(None);
+        }
         let (worker_end, spawner_end) = wire::link_pair()?;
-        if let Some(control) = &spawner.control
-            && let Err(error) = wire::send(
-                control.as_fd(),
-                &(slot as u32).to_le_bytes(),
-                &[spawner_end.as_raw_fd()],
-            )
-        {
-            // It is dead or stuck: its successor inherits the link.
-            log::warn!("could not pass worker {slot}'s link to the exec spawner: {error}");
+        for spawner in spawners {
+            if let Some(control) = &spawner.control
+                && let Err(error) = wire::send(
+                    control.as_fd(),
+                    &(slot as u32).to_le_bytes(),
+                    &[spawner_end.as_raw_fd()],
+                )
+            {
+                // It is dead or stuck: its successor inherits the link; the others serve it.
+                log::warn!(
+                    "could not pass worker {slot}'s link to exec spawner {}: {error}",
+                    spawner.index
+                );
+            }
         }
         if self.spawners.links.len() <= slot {
             self.spawners.links.resize_with(slot + 1, || None);
@@ -216,27 +242,29 @@ impl Master {
             return false;
         };
         spawner.pid = None;
-        let generation = spawner.generation;
+        let (generation, index) = (spawner.generation, spawner.index);
         if spawner.control.is_none() {
-            log::debug!("the exec spawner of generation {generation} (pid {pid}) exited: {exit:?}");
+            log::debug!(
+                "exec spawner {index} of generation {generation} (pid {pid}) exited: {exit:?}"
+            );
             self.retire_spawners();
             return true;
         }
         log::error!(
-            "the exec spawner of generation {generation} (pid {pid}) died ({exit:?}); exec connections wait until it is back"
+            "the exec spawner of generation {generation} (number {index}, pid {pid}) died ({exit:?}); its generation's other spawners serve exec connections, or they wait until it is back"
         );
         spawner.control = None;
         let ended = self.end_orphans();
         if ended > 0 {
             log::info!("the exec spawner left {ended} program(s) running: killed");
         }
-        self.spawner_failed(generation, std::time::Instant::now());
+        self.spawner_failed(generation, index, std::time::Instant::now());
         true
     }
 
-    /// Schedules the spawner of `generation` to be forked again, with backoff.
-    fn spawner_failed(&mut self, generation: u64, now: Instant) {
-        let Some(spawner) = self.spawners.find(generation) else { return };
+    /// Schedules spawner `index` of `generation` to be forked again, with backoff.
+    fn spawner_failed(&mut self, generation: u64, index: usize, now: Instant) {
+        let Some(spawner) = self.spawners.find(generation, index) else { return };
         if now.saturating_duration_since(spawner.started) >= STABLE {
             spawner.failures = 0;
         }
@@ -244,7 +272,7 @@ impl Master {
             RESPAWN_BACKOFF.saturating_mul(1 << spawner.failures.min(10)).min(MAX_RESPAWN_BACKOFF);
         spawner.failures += 1;
         spawner.restart_at = Some(now + delay);
-        log::warn!("the exec spawner of generation {generation} starts again in {delay:.1?}");
+        log::warn!("exec spawner {index} of generation {generation} starts again in {delay:.1?}");
         self.retire_spawners();
     }
 
@@ -262,25 +290,27 @@ impl Master {
             self.spawners.kill_at = None;
         }
         let serving = self.pool.generation();
-        let due: Vec<u64> = self
+        let due: Vec<(u64, usize)> = self
             .spawners
             .spawners
             .iter()
             .filter(|s| s.restart_at.is_some_and(|at| now >= at))
-            .map(|s| s.generation)
+            .map(|s| (s.generation, s.index))
             .collect();
-        for generation in due {
+        for (generation, index) in due {
             if generation != serving || self.supervisor.is_stopping() {
-                if let Some(spawner) = self.spawners.find(generation) {
+                if let Some(spawner) = self.spawners.find(generation, index) {
                     spawner.restart_at = None;
                 }
                 self.retire_spawners();
                 continue;
             }
-            log::info!("starting the exec spawner of generation {generation} again");
-            if let Err(error) = self.fork_spawner(generation, now) {
-                log::error!("could not start the exec spawner of generation {generation}: {error}");
-                self.spawner_failed(generation, now);
+            log::info!("starting exec spawner {index} of generation {generation} again");
+            if let Err(error) = self.fork_spawner(generation, index, now) {
+                log::error!(
+                    "could not start exec spawner {index} of generation {generation}: {error}"
+                );
+                self.spawner_failed(generation, index, now);
             }
         }
     }

@@ -1,21 +1,30 @@
-//! The exec spawner: the one process that starts `exec` programs, as their configured users.
+//! The exec spawner: the process that starts `exec` programs, as their configured users.
 //!
 //! Runs in its own process, forked by the master for each generation whose configuration
 //! has exec listeners (at start, at each reload, and again if it dies), before anything of
-//! the master is dropped; [`run`] never returns into the master's code. It is the only
-//! process besides the master that may switch users, and holds no more than that takes:
+//! the master is dropped; [`run`] never returns into the master's code. A generation has
+//! [`count`] of them, min(workers, CPUs), alike but for their children: each serves every
+//! worker link of the generation, and whichever is free reads a link's next request, so
+//! that spawns run in parallel (each spawn blocks its spawner until the child's execve:
+//! `CLONE_VFORK`, see [`crate::sys::spawn`]) whichever workers the clients reach. The
+//! spawners are the only processes besides the master that may switch users, and each
+//! holds no more than that takes:
 //! - as root, it keeps `CAP_SETUID`, `CAP_SETGID` and `CAP_KILL` (its children run as other
-//!   users) and, only when a listener needs them, `CAP_SYS_NICE` (a negative `nice`) and
+//!   users) and, only when a listener needs them, `CAP_SYS_NICE` (a `nice` below its own, as a negative one is for a daemon at 0) and
 //!   `CAP_SYS_RESOURCE` (a limit above its own hard limit); every other capability is
 //!   dropped for good (capset(2)). It keeps uid 0, so no child, and no worker, can signal or
 //!   trace it. `PR_SET_NO_NEW_PRIVS` is *not* set: it would pass to the children, where a
 //!   set-user-ID program (su, sendmail ...) must work as it does anywhere else;
 //! - it listens only to the links of its generation's workers (one `SOCK_STREAM` pair per
-//!   worker, made by the master) and to the master. A worker's request names a listener of
+//!   worker, made by the master, whose spawner end each spawner of the generation holds and
+//!   watches with `EPOLLEXCLUSIVE`, so that a request wakes one idle spawner, not all; one
+//!   recvmsg(2) takes one whole request, whoever calls it) and to the master. A worker's
+//!   request names a listener of
 //!   the generation, never a path or an argument, and comes with the client socket and a
 //!   reply channel (see [`crate::services::wire`]); the spawner starts that listener's
-//!   program and nothing else, answers on the reply channel, reaps the child (it is the
-//!   parent; SIGCHLD through a signalfd(2)) and reports its wait status there;
+//!   program and nothing else, answers on the reply channel, reaps the child (the spawner
+//!   that started it is its parent; SIGCHLD through a signalfd(2)) and reports its wait
+//!   status there;
 //! - a closed reply channel (the connection ended first, or its worker died) kills the
 //!   child's process group; a `Signal` message on it (`max_lifetime`) signals that group.
 //!
@@ -58,7 +67,8 @@ pub struct SpawnerContext {
     /// The master's end: it sends each new worker link of the generation here (a 4-byte
     /// slot number with the link); it closes it when the generation retires.
     pub control: OwnedFd,
-    /// The links of the generation's workers already running: (slot, spawner's end).
+    /// The links of the generation's workers already running: (slot, spawner's end), the
+    /// same links as the generation's other spawners hold.
     pub links: Vec<(usize, OwnedFd)>,
     /// The master, to detect being orphaned.
     pub master: Pid,
@@ -67,12 +77,24 @@ pub struct SpawnerContext {
 /// Exit status of a spawner that could not set itself up.
 pub const SPAWNER_BOOT_FAILURE: i32 = 3;
 
+/// How many spawners a generation of `workers` workers gets on a machine where this process
+/// may run on `cpus` CPUs (std::thread::available_parallelism): one per worker, at most one
+/// per CPU, at least one. More would only take turns on the CPUs; fewer would make the
+/// workers' spawns wait for each other (each blocks its spawner until the child's execve).
+/// Workers added later (SIGTTIN) share the generation's spawners.
+pub fn count(workers: usize, cpus: usize) -> usize {
+    workers.min(cpus).max(1)
+}
+
 /// The capabilities the spawner keeps for `programs` (see the module doc).
 pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<u32> {
     let mut keep = vec![capability::SETUID, capability::SETGID, capability::KILL];
+    // Lowering the nice value takes CAP_SYS_NICE (setpriority(2)): below this process's own,
+    // not only below 0 (a daemon started under nice(1) runs above 0).
+    let own = own_nice();
     for program in programs {
         let process = &program.process;
-        if process.nice.is_some_and(|n| n < 0) && !keep.contains(&capability::SYS_NICE) {
+        if process.nice.is_some_and(|n| n < own) && !keep.contains(&capability::SYS_NICE) {
             keep.push(capability::SYS_NICE);
         }
         let above_hard = process.rlimits.iter().any(|&(resource, value)| {
@@ -86,6 +108,15 @@ pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<
         }
     }
     keep
+}
+
+/// This process's nice value (getpriority(2)); 0 if it cannot be read.
+fn own_nice() -> i32 {
+    Errno::clear();
+    // SAFETY: getpriority reads this process's nice value; -1 is a valid value too, told
+    // apart from a failure by errno.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice == -1 && Errno::last_raw() != 0 { 0 } else { nice }
 }
 
 /// Runs the spawner until its generation is gone; returns its exit status.
@@ -134,6 +165,15 @@ struct Spawner {
 
 fn watch(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<()> {
     let event = EpollEvent::new(EpollFlags::EPOLLIN, fd.as_raw_fd() as u64);
+    epoll.add(fd, event).map_err(io::Error::from)
+}
+
+/// Watches a worker link, which the generation's other spawners watch too: a request wakes
+/// one of those waiting in epoll_wait(2) (`EPOLLEXCLUSIVE`; a busy one still finds the link
+/// ready at its next wait, level-triggered).
+fn watch_link(epoll: &Epoll, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+    let event = EpollEvent::new(flags, fd.as_raw_fd() as u64);
     epoll.add(fd, event).map_err(io::Error::from)
 }
 
@@ -186,7 +226,7 @@ impl Spawner {
                     keep.iter().copied().filter(|c| optional.contains(c)).collect();
                 keep.retain(|c| !optional.contains(c));
                 log::warn!(
-                    "exec spawner: {} not permitted: a negative nice or a limit above the hard limit will fail",
+                    "exec spawner: {} not permitted: a nice value below the spawner's own or a limit above the hard limit will fail",
                     capability_names(&missing)
                 );
                 crate::sys::keep_only_capabilities(&keep)
@@ -209,7 +249,7 @@ impl Spawner {
         watch(&epoll, context.control.as_fd())?;
         let mut links = HashMap::new();
         for (slot, link) in context.links {
-            watch(&epoll, link.as_fd())?;
+            watch_link(&epoll, link.as_fd())?;
             links.insert(link.as_raw_fd(), (slot, link));
         }
         let spare = epoll.0.try_clone()?;
@@ -294,7 +334,7 @@ impl Spawner {
                     );
                 }
                 if let Some(link) = received.fds[0].take() {
-                    if let Err(error) = watch(&self.epoll, link.as_fd()) {
+                    if let Err(error) = watch_link(&self.epoll, link.as_fd()) {
                         log::error!(
                             "exec spawner: cannot watch the link of worker {slot}: {error}"
                         );
@@ -623,4 +663,18 @@ fn writable_by(path: &std::path::Path, uid: u32, gid: u32, groups: &[u32]) -> bo
         return mode & 0o020 != 0;
     }
     mode & 0o002 != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn a_generation_gets_a_spawner_per_worker_up_to_one_per_cpu() {
+        assert_eq!(count(2, 2), 2);
+        assert_eq!(count(1, 8), 1, "one worker never waits for another's spawns");
+        assert_eq!(count(16, 4), 4, "more would only take turns on the CPUs");
+        assert_eq!(count(4, 1), 1);
+        assert_eq!(count(0, 0), 1, "at least one");
+    }
 }

@@ -121,7 +121,14 @@ fn the_child_gets_the_connection_and_exactly_the_ucspi_environment() {
     let stat: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(stat[0], stat[4], "pid = process group: {output}");
     let parent: i32 = stat[3].parse().unwrap();
-    assert_eq!(spawner_pids(&daemon), [parent], "the spawner's child, not a worker's");
+    // Two workers get one spawner each where they can run in parallel (one per CPU at most).
+    let spawners = spawner_pids(&daemon);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert_eq!(spawners.len(), cpus.min(2), "{spawners:?}");
+    assert!(
+        spawners.contains(&parent),
+        "the spawner's child, not a worker's: {parent}, {spawners:?}"
+    );
     assert_eq!(lines[1], "SigBlk:\t0000000000000000");
     // Nothing ignored, but the two real-time signals glibc keeps for itself (32 and 33),
     // which its posix_spawn leaves ignored in every child it starts (and so does ours).
@@ -617,4 +624,46 @@ fn a_new_workers_link_reaches_a_spawner_out_of_descriptors() {
     assert_eq!(exchange(&mut second, b"ping", PATIENCE), Outcome::Echoed, "the new worker's link");
     assert_eq!(exchange(&mut held, b"still", PATIENCE), Outcome::Echoed);
     assert!(is_running(spawner), "the same spawner");
+}
+
+/// The state letter of process `pid` (proc(5): `R`, `S`, `T` ...).
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().next()?.chars().next()
+}
+
+#[test]
+fn every_spawner_of_a_generation_serves_every_worker() {
+    // Two workers, each full with one running child; one spawner per worker where they
+    // have a CPU each (`spawner::count`).
+    let daemon = one_connection_per_worker(2);
+    let spawners = spawner_pids(&daemon);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert_eq!(spawners.len(), cpus.min(2), "{spawners:?}");
+    if spawners.len() < 2 {
+        // One CPU: one spawner serves both workers; nothing more to show.
+        return;
+    }
+    // One spawner cannot run: the other serves both workers' links, not only "its own".
+    let (stopped, serving) = (spawners[0], spawners[1]);
+    kill(Pid::from_raw(stopped), Signal::SIGSTOP).unwrap();
+    eventually("the spawner is stopped", || process_state(stopped) == Some('T'));
+    let mut first = connect(daemon.addr());
+    assert_eq!(exchange(&mut first, b"one", PATIENCE), Outcome::Echoed, "first worker");
+    // The first worker is full: the next client goes to the other one.
+    let mut second = connect(daemon.addr());
+    assert_eq!(exchange(&mut second, b"two", PATIENCE), Outcome::Echoed, "second worker");
+    let status = daemon.wait_until("both workers hold one", |s| {
+        s.workers.len() == 2 && s.workers.iter().all(|w| w.open == 1)
+    });
+    assert_eq!(children_of(serving).len(), 2, "{status:?}");
+    assert!(children_of(stopped).is_empty());
+    kill(Pid::from_raw(stopped), Signal::SIGCONT).unwrap();
+    // The children's ends reach their workers (from the spawner that started them), and the
+    // workers serve again.
+    drop((first, second));
+    daemon.wait_until("the connections are over", |s| s.workers.iter().all(|w| w.open == 0));
+    assert!(is_running(stopped) && is_running(serving), "both spawners run on");
+    let mut again = connect(daemon.addr());
+    assert_eq!(exchange(&mut again, b"again", PATIENCE), Outcome::Echoed);
 }

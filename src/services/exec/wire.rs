@@ -1,4 +1,4 @@
-//! The messages between a worker and the exec spawner (`crate::spawner`), and the raw
+//! The messages between a worker and the exec spawners (`crate::spawner`), and the raw
 //! sendmsg(2) / recvmsg(2) calls that carry descriptors with them (`SCM_RIGHTS`, unix(7)).
 //!
 //! Runs in workers (the exec session) and in the spawner. Two kinds of socket:
@@ -9,10 +9,12 @@
 //!   socket would hold only `net.unix.max_dgram_qlen` (often 10) requests, and a burst of
 //!   connections waits there while the spawner works. Each request is one sendmsg(2) that
 //!   carries descriptors, and a unix stream socket never joins such a message with the
-//!   next one in a read, so one recvmsg(2) gets one request, framed by its length;
-//! - the *reply channel*, one per connection, made by the worker: the spawner sends
-//!   [`Event::Started`] with the read end of the stderr pipe when stderr is logged (only
-//!   then: the worker needs nothing else before the end, and each message would wake it),
+//!   next one in a read, so one recvmsg(2) gets one request, framed by its length, even
+//!   with several readers: each spawner of the generation reads every link;
+//! - the *reply channel*, one per connection, made by the worker: the spawner that read the
+//!   request sends [`Event::Started`] with the read end of the stderr pipe when stderr is
+//!   logged (only then: the worker needs nothing else before the end, and each message would
+//!   wake it),
 //!   or [`Event::Failed`]; then [`Event::Exited`] with the pid and wait status once it has
 //!   reaped the child, then closes its end. The worker may send [`Event::Signal`] (`max_lifetime`); closing its end asks the
 //!   spawner to kill the child's process group (the connection ended first). Holding the
