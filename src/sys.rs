@@ -81,6 +81,16 @@ pub fn map_shared_zeroed(
     }
 }
 
+/// This process's nice value, getpriority(2) of `PRIO_PROCESS` 0: -20 (most favoured) to
+/// 19; 0 if it cannot be read.
+pub fn nice() -> i32 {
+    nix::errno::Errno::clear();
+    // SAFETY: getpriority reads this process's nice value; -1 is a valid value too, told
+    // apart from a failure by errno.
+    let nice = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+    if nice == -1 && nix::errno::Errno::last_raw() != 0 { 0 } else { nice }
+}
+
 /// This process's resident memory (RSS) in bytes: the second field of `/proc/self/statm`,
 /// in pages (proc(5)), times the page size. One open(2), read(2) and close(2): call it at a
 /// bounded rate.

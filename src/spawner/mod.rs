@@ -91,7 +91,7 @@ pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<
     let mut keep = vec![capability::SETUID, capability::SETGID, capability::KILL];
     // Lowering the nice value takes CAP_SYS_NICE (setpriority(2)): below this process's own,
     // not only below 0 (a daemon started under nice(1) runs above 0).
-    let own = own_nice();
+    let own = crate::sys::nice();
     for program in programs {
         let process = &program.process;
         if process.nice.is_some_and(|n| n < own) && !keep.contains(&capability::SYS_NICE) {
@@ -108,15 +108,6 @@ pub fn capabilities_for<'a>(programs: impl Iterator<Item = &'a Program>) -> Vec<
         }
     }
     keep
-}
-
-/// This process's nice value (getpriority(2)); 0 if it cannot be read.
-fn own_nice() -> i32 {
-    Errno::clear();
-    // SAFETY: getpriority reads this process's nice value; -1 is a valid value too, told
-    // apart from a failure by errno.
-    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if nice == -1 && Errno::last_raw() != 0 { 0 } else { nice }
 }
 
 /// Runs the spawner until its generation is gone; returns its exit status.
