@@ -115,12 +115,16 @@ impl Master {
                     restart_at: None,
                 });
             }
-            if let Err(error) = self.fork_spawner(generation, index, now) {
-                log::error!(
-                    "could not start exec spawner {index} of generation {generation}: {error}"
-                );
-                self.spawner_failed(generation, index, now);
-            }
+            self.fork_or_retry(generation, index, now);
+        }
+    }
+
+    /// Forks spawner `index` of `generation`; a failure is logged and retried with backoff,
+    /// like a death.
+    fn fork_or_retry(&mut self, generation: u64, index: usize, now: Instant) {
+        if let Err(error) = self.fork_spawner(generation, index, now) {
+            log::error!("could not start exec spawner {index} of generation {generation}: {error}");
+            self.spawner_failed(generation, index, now);
         }
     }
 
@@ -306,12 +310,7 @@ impl Master {
                 continue;
             }
             log::info!("starting exec spawner {index} of generation {generation} again");
-            if let Err(error) = self.fork_spawner(generation, index, now) {
-                log::error!(
-                    "could not start exec spawner {index} of generation {generation}: {error}"
-                );
-                self.spawner_failed(generation, index, now);
-            }
+            self.fork_or_retry(generation, index, now);
         }
     }
 
