@@ -389,7 +389,7 @@ fn forged_floods_neither_reset_a_slow_listeners_buckets_nor_lock_new_clients_out
         .count();
     // Counted after the newcomers' answers: the one worker reads the slow listener's socket
     // in order, so every answer to the abuser's earlier datagrams is queued by then.
-    let abuser = std::iter::from_fn(|| client.recv_from(&mut buffer).ok()).count();
+    let abuser = std::iter::from_fn(|| receive(&client, &mut buffer).ok()).count();
     eprintln!(
         "after 30,000 forged sources on the 1/m listener: {answered} of them answered; new clients served: {served} of 3; the client over its rate got {abuser} answers in 235 tries"
     );

@@ -281,13 +281,22 @@ fn weights_split_three_to_one_and_a_backup_serves_only_while_both_primaries_are_
     assert!((0..10).all(|_| who(daemon.addr()).as_deref() == Some("first-again")));
 }
 
-#[test]
-fn a_backend_cap_holds_exactly_across_workers_and_the_rest_are_told_why() {
+/// A backend called `capped` that holds every connection open, with `max_connections`
+/// set, behind a relay of `workers` workers.
+fn capped_relay(max_connections: u32, workers: usize) -> (Backend, Daemon) {
     let capped = Backend::start("capped", "127.0.0.1:0");
     capped.hold.store(true, Ordering::Relaxed);
-    let options =
-        format!("backends = [{{ address = \"{}\", max_connections = 3 }}]", capped.address);
-    let daemon = relay_daemon(4, &options, &[]);
+    let options = format!(
+        "backends = [{{ address = \"{}\", max_connections = {max_connections} }}]",
+        capped.address
+    );
+    let daemon = relay_daemon(workers, &options, &[]);
+    (capped, daemon)
+}
+
+#[test]
+fn a_backend_cap_holds_exactly_across_workers_and_the_rest_are_told_why() {
+    let (capped, daemon) = capped_relay(3, 4);
     let clients: Vec<_> = (0..8)
         .map(|_| {
             let addr = daemon.addr();
@@ -313,11 +322,7 @@ fn a_backend_cap_holds_exactly_across_workers_and_the_rest_are_told_why() {
 
 #[test]
 fn a_killed_workers_place_on_a_capped_backend_is_given_back() {
-    let capped = Backend::start("capped", "127.0.0.1:0");
-    capped.hold.store(true, Ordering::Relaxed);
-    let options =
-        format!("backends = [{{ address = \"{}\", max_connections = 1 }}]", capped.address);
-    let daemon = relay_daemon(2, &options, &[]);
+    let (_capped, daemon) = capped_relay(1, 2);
     let held = connect(daemon.addr());
     (&held).write_all(b"WHO\n").unwrap();
     let mut line = String::new();
